@@ -1,0 +1,286 @@
+//! devcluster: a local shardline cluster in one directory — one etcd and N
+//! Postgres 15 servers on free loopback ports — for `shardctl dev up`, the
+//! quickstart and the integration tests.
+//!
+//! It installs nothing: [`Tools::discover`] finds `etcd`, `initdb`, `pg_ctl`
+//! and says what to install when something is missing. Postgres refuses to
+//! run as root, so when we are root every Postgres command runs as the
+//! `postgres` user through `runuser`, and the cluster directory is handed to it.
+//!
+//! The directory holds `cluster.json` (ports, pids, data directories), which
+//! lets another process (`shardctl dev down`) find and stop what this one started.
+
+mod process;
+mod tools;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+pub use process::{EtcdProcess, PgServer};
+pub use tools::Tools;
+
+/// Name of the state file in a cluster directory.
+pub const STATE_FILE: &str = "cluster.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    #[error("{0}")]
+    Missing(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl DevError {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DevError {
+        let what = what.into();
+        move |source| DevError::Io { what, source }
+    }
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    pub dir: PathBuf,
+    /// Number of Postgres servers.
+    pub servers: usize,
+    /// Postgres `fsync`: off makes tests faster; data is disposable anyway.
+    pub fsync: bool,
+}
+
+/// What was started, as written to `cluster.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub dir: PathBuf,
+    pub etcd: EtcdState,
+    pub servers: Vec<PgState>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EtcdState {
+    pub pid: u32,
+    pub client_port: u16,
+    pub peer_port: u16,
+    pub data_dir: PathBuf,
+}
+
+impl EtcdState {
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PgState {
+    pub name: String,
+    pub port: u16,
+    pub data_dir: PathBuf,
+}
+
+impl PgState {
+    /// URL without password (the dev cluster trusts loopback connections).
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+    /// libpq key=value connection string.
+    pub fn conninfo(&self) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
+    }
+}
+
+/// A running local cluster. Dropping it stops everything only when it was
+/// started with [`LocalCluster::start_owned`] (tests); `shardctl dev up` leaves
+/// the processes running for `dev down`.
+pub struct LocalCluster {
+    pub etcd: EtcdProcess,
+    pub servers: Vec<PgServer>,
+    dir: PathBuf,
+    stop_on_drop: bool,
+}
+
+impl LocalCluster {
+    /// Starts etcd and the Postgres servers; they outlive this process.
+    pub fn start(options: &DevOptions) -> Result<LocalCluster, DevError> {
+        LocalCluster::start_inner(options, false, &mut |_| {})
+    }
+
+    /// Like [`LocalCluster::start`], reporting each step to `progress`.
+    pub fn start_with_progress(
+        options: &DevOptions,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<LocalCluster, DevError> {
+        LocalCluster::start_inner(options, false, progress)
+    }
+
+    /// Starts a cluster that is stopped when the value is dropped (tests).
+    pub fn start_owned(options: &DevOptions) -> Result<LocalCluster, DevError> {
+        LocalCluster::start_inner(options, true, &mut |_| {})
+    }
+
+    fn start_inner(
+        options: &DevOptions,
+        stop_on_drop: bool,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<LocalCluster, DevError> {
+        let tools = Tools::discover()?;
+        let dir = &options.dir;
+        if let Ok(state) = read_state(dir) {
+            if process::etcd_alive(&state.etcd) {
+                return Err(DevError::Failed(format!(
+                    "a dev cluster is already running in {}: run `shardctl dev down --dir {}` first",
+                    dir.display(),
+                    dir.display()
+                )));
+            }
+        }
+        fs::create_dir_all(dir).map_err(DevError::io(format!("cannot create {}", dir.display())))?;
+        tools.hand_to_postgres(dir)?;
+
+        progress("starting etcd");
+        let etcd = EtcdProcess::start(&tools, &dir.join("etcd"))?;
+        let mut cluster = LocalCluster {
+            etcd,
+            servers: Vec::new(),
+            dir: dir.clone(),
+            stop_on_drop: true, // until fully started, so a failure cleans up
+        };
+        progress("initdb (template)");
+        let template = dir.join("template");
+        if !template.join("PG_VERSION").exists() {
+            tools.initdb(&template)?;
+        }
+        for i in 1..=options.servers {
+            let name = format!("pg{i}");
+            progress(&format!("starting Postgres {name}"));
+            let server = PgServer::start(&tools, &template, &dir.join(&name), &name, options.fsync)?;
+            cluster.servers.push(server);
+        }
+        cluster.write_state()?;
+        cluster.stop_on_drop = stop_on_drop;
+        Ok(cluster)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn etcd_endpoint(&self) -> String {
+        self.etcd.state().endpoint()
+    }
+
+    pub fn state(&self) -> ClusterState {
+        ClusterState {
+            dir: self.dir.clone(),
+            etcd: self.etcd.state(),
+            servers: self.servers.iter().map(|s| s.state()).collect(),
+        }
+    }
+
+    /// Rewrites `cluster.json` (after an etcd restart changed its pid).
+    pub fn write_state(&self) -> Result<(), DevError> {
+        let json = serde_json::to_vec_pretty(&self.state())
+            .map_err(|e| DevError::Failed(format!("cannot encode cluster state: {e}")))?;
+        let path = self.dir.join(STATE_FILE);
+        fs::write(&path, json).map_err(DevError::io(format!("cannot write {}", path.display())))
+    }
+
+    /// Stops everything this cluster runs.
+    pub fn stop(mut self) -> Result<(), DevError> {
+        self.stop_on_drop = false;
+        self.stop_all()
+    }
+
+    fn stop_all(&mut self) -> Result<(), DevError> {
+        let mut errors = Vec::new();
+        for server in &mut self.servers {
+            if let Err(e) = server.stop() {
+                errors.push(e.to_string());
+            }
+        }
+        if let Err(e) = self.etcd.stop() {
+            errors.push(e.to_string());
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(DevError::Failed(errors.join("; ")))
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        if self.stop_on_drop {
+            if let Err(e) = self.stop_all() {
+                tracing::warn!(error = %e, "stopping the local cluster left something behind");
+            }
+        }
+    }
+}
+
+/// Reads `cluster.json` from a cluster directory.
+pub fn read_state(dir: &Path) -> Result<ClusterState, DevError> {
+    let path = dir.join(STATE_FILE);
+    let bytes = fs::read(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            DevError::Failed(format!(
+                "no dev cluster in {} (no {STATE_FILE}): start one with `shardctl dev up`",
+                dir.display()
+            ))
+        } else {
+            DevError::Io {
+                what: format!("cannot read {}", path.display()),
+                source: e,
+            }
+        }
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| DevError::Failed(format!("{} is not a valid cluster state file: {e}", path.display())))
+}
+
+/// Stops the cluster described by `dir/cluster.json` (started by another
+/// process) and, unless `keep_data`, removes the directory.
+pub fn stop_dir(dir: &Path, keep_data: bool) -> Result<ClusterState, DevError> {
+    let tools = Tools::discover()?;
+    let state = read_state(dir)?;
+    let mut errors = Vec::new();
+    for server in &state.servers {
+        if let Err(e) = process::stop_postgres(&tools, &server.data_dir) {
+            errors.push(e.to_string());
+        }
+    }
+    if let Err(e) = process::stop_etcd_pid(&state.etcd) {
+        errors.push(e.to_string());
+    }
+    if !errors.is_empty() {
+        return Err(DevError::Failed(errors.join("; ")));
+    }
+    if keep_data {
+        let _ = fs::remove_file(dir.join(STATE_FILE));
+    } else {
+        fs::remove_dir_all(dir).map_err(DevError::io(format!("cannot remove {}", dir.display())))?;
+    }
+    Ok(state)
+}
+
+/// Polls `check` every 20 ms until it holds or `timeout` passes.
+pub(crate) fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

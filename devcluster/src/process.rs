@@ -1,0 +1,353 @@
+//! The processes of a local cluster: etcd and Postgres servers, each on free
+//! loopback ports, started detached (their own session, output to a log file)
+//! so that `shardctl dev up` can exit and leave them running.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::tools::{run, Tools};
+use crate::{wait_until, DevError, EtcdState, PgState};
+
+/// Ports handed out by this process, so two clusters started side by side in
+/// one test binary never get the same one.
+static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> Result<u16, DevError> {
+    for _ in 0..100 {
+        let listener =
+            TcpListener::bind("127.0.0.1:0").map_err(DevError::io("cannot bind a loopback port"))?;
+        let port = listener
+            .local_addr()
+            .map_err(DevError::io("cannot read a bound port"))?
+            .port();
+        let mut guard = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.get_or_insert_with(HashSet::new).insert(port) {
+            return Ok(port);
+        }
+    }
+    Err(DevError::Failed("no free loopback port found".into()))
+}
+
+fn log_file(path: &Path) -> Result<File, DevError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(DevError::io(format!("cannot open log {}", path.display())))
+}
+
+fn tail(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: sending a signal to a pid has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// An etcd server with its data in one directory.
+pub struct EtcdProcess {
+    child: Option<Child>,
+    pid: u32,
+    client_port: u16,
+    peer_port: u16,
+    data_dir: PathBuf,
+    etcd_bin: PathBuf,
+}
+
+impl EtcdProcess {
+    /// Starts etcd on two free ports with its data in `data_dir`.
+    pub fn start(tools: &Tools, data_dir: &Path) -> Result<EtcdProcess, DevError> {
+        let mut etcd = EtcdProcess {
+            child: None,
+            pid: 0,
+            client_port: free_port()?,
+            peer_port: free_port()?,
+            data_dir: data_dir.to_path_buf(),
+            etcd_bin: tools.etcd.clone(),
+        };
+        etcd.launch()?;
+        Ok(etcd)
+    }
+
+    fn launch(&mut self) -> Result<(), DevError> {
+        fs::create_dir_all(&self.data_dir)
+            .map_err(DevError::io(format!("cannot create {}", self.data_dir.display())))?;
+        let log_path = self.data_dir.with_extension("log");
+        let log = log_file(&log_path)?;
+        let err_log = log.try_clone().map_err(DevError::io("cannot clone log handle"))?;
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut command = Command::new(&self.etcd_bin);
+        command
+            .arg("--name=shardline-dev")
+            .arg(format!("--data-dir={}", self.data_dir.join("data").display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=shardline-dev={peer}"))
+            .arg("--logger=zap")
+            .arg("--log-level=warn")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err_log);
+        // SAFETY: setsid is async-signal-safe; it detaches etcd from our
+        // terminal's process group so Ctrl-C on shardctl does not kill it.
+        unsafe {
+            command.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let child = command
+            .spawn()
+            .map_err(DevError::io(format!("cannot start {}", self.etcd_bin.display())))?;
+        self.pid = child.id();
+        self.child = Some(child);
+        let state = self.state();
+        if !wait_until(Duration::from_secs(20), || etcd_healthy(state.client_port)) {
+            let _ = self.kill();
+            return Err(DevError::Failed(format!(
+                "etcd did not become healthy on port {}; its log says:\n{}",
+                state.client_port,
+                tail(&log_path)
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn state(&self) -> EtcdState {
+        EtcdState {
+            pid: self.pid,
+            client_port: self.client_port,
+            peer_port: self.peer_port,
+            data_dir: self.data_dir.clone(),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        self.state().endpoint()
+    }
+
+    /// Kills etcd at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) -> Result<(), DevError> {
+        self.terminate(libc::SIGKILL)
+    }
+
+    /// Stops etcd cleanly (SIGTERM, then SIGKILL after 10 s).
+    pub fn stop(&mut self) -> Result<(), DevError> {
+        self.terminate(libc::SIGTERM)
+    }
+
+    fn terminate(&mut self, sig: libc::c_int) -> Result<(), DevError> {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), sig);
+            let exited = wait_until(Duration::from_secs(10), || matches!(child.try_wait(), Ok(Some(_))));
+            if !exited {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Ok(())
+        } else {
+            stop_etcd_pid(&self.state())
+        }
+    }
+
+    /// Starts etcd again on the same ports with the same data (after `kill`/`stop`).
+    pub fn restart(&mut self) -> Result<(), DevError> {
+        self.launch()
+    }
+}
+
+/// Asks etcd's `/health` endpoint whether it is serving.
+fn etcd_healthy(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream
+        .write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    body.contains("\"health\":\"true\"")
+}
+
+/// Whether the etcd recorded in `state` still runs (the pid is alive and is
+/// an etcd using that data directory, not a recycled pid).
+pub fn etcd_alive(state: &EtcdState) -> bool {
+    if !pid_alive(state.pid) {
+        return false;
+    }
+    let cmdline = fs::read(format!("/proc/{}/cmdline", state.pid)).unwrap_or_default();
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    cmdline.contains("etcd") && cmdline.contains(&*state.data_dir.to_string_lossy())
+}
+
+/// Stops an etcd this process did not start.
+pub fn stop_etcd_pid(state: &EtcdState) -> Result<(), DevError> {
+    if !etcd_alive(state) {
+        return Ok(());
+    }
+    signal(state.pid, libc::SIGTERM);
+    if !wait_until(Duration::from_secs(10), || !etcd_alive(state)) {
+        signal(state.pid, libc::SIGKILL);
+        if !wait_until(Duration::from_secs(5), || !etcd_alive(state)) {
+            return Err(DevError::Failed(format!("etcd (pid {}) did not stop", state.pid)));
+        }
+    }
+    Ok(())
+}
+
+/// A Postgres server with its own data directory.
+pub struct PgServer {
+    name: String,
+    port: u16,
+    data_dir: PathBuf,
+    tools: Tools,
+    running: bool,
+}
+
+impl PgServer {
+    /// Copies the `template` data directory to `data_dir`, configures it for
+    /// logical replication on a free port, and starts it.
+    pub fn start(tools: &Tools, template: &Path, data_dir: &Path, name: &str, fsync: bool) -> Result<PgServer, DevError> {
+        let port = free_port()?;
+        if !data_dir.join("PG_VERSION").exists() {
+            let mut copy = tools.as_pg_user("cp");
+            copy.arg("-a").arg(template).arg(data_dir);
+            run(&mut copy, "copying the template data directory")?;
+        }
+        let settings = format!(
+            "\n# shardline dev cluster\n\
+             port = {port}\n\
+             listen_addresses = '127.0.0.1'\n\
+             unix_socket_directories = '{socket}'\n\
+             wal_level = logical\n\
+             max_wal_senders = 32\n\
+             max_replication_slots = 32\n\
+             max_logical_replication_workers = 16\n\
+             max_worker_processes = 24\n\
+             max_connections = 300\n\
+             shared_buffers = 64MB\n\
+             fsync = {fsync}\n\
+             synchronous_commit = {fsync}\n\
+             full_page_writes = {fsync}\n\
+             log_min_messages = warning\n",
+            socket = data_dir.display(),
+            fsync = if fsync { "on" } else { "off" },
+        );
+        let mut append = tools.as_pg_user("tee");
+        append
+            .arg("-a")
+            .arg(data_dir.join("postgresql.auto.conf"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null());
+        let mut child = append.spawn().map_err(DevError::io("cannot run tee"))?;
+        if let Some(stdin) = child.stdin.as_mut() {
+            stdin
+                .write_all(settings.as_bytes())
+                .map_err(DevError::io("cannot write postgresql.auto.conf"))?;
+        }
+        drop(child.stdin.take());
+        let status = child.wait().map_err(DevError::io("cannot wait for tee"))?;
+        if !status.success() {
+            return Err(DevError::Failed(format!("cannot configure {}", data_dir.display())));
+        }
+        let mut server = PgServer {
+            name: name.to_string(),
+            port,
+            data_dir: data_dir.to_path_buf(),
+            tools: tools.clone(),
+            running: false,
+        };
+        server.launch()?;
+        Ok(server)
+    }
+
+    fn launch(&mut self) -> Result<(), DevError> {
+        let log = self.data_dir.with_extension("log");
+        let mut command = self.tools.pg_command("pg_ctl");
+        command
+            .arg("start")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .arg("-l")
+            .arg(&log)
+            .args(["-w", "-t", "60"])
+            .stdin(Stdio::null());
+        run(&mut command, &format!("starting Postgres {}", self.name))
+            .map_err(|e| DevError::Failed(format!("{e}\nits log says:\n{}", tail(&log))))?;
+        self.running = true;
+        Ok(())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state(&self) -> PgState {
+        PgState {
+            name: self.name.clone(),
+            port: self.port,
+            data_dir: self.data_dir.clone(),
+        }
+    }
+
+    /// Stops the server (fast shutdown: running transactions are rolled back).
+    pub fn stop(&mut self) -> Result<(), DevError> {
+        if !self.running {
+            return Ok(());
+        }
+        self.running = false;
+        stop_postgres(&self.tools, &self.data_dir)
+    }
+
+    /// Kills the server abruptly (immediate shutdown, crash recovery on restart).
+    pub fn kill(&mut self) -> Result<(), DevError> {
+        self.running = false;
+        let mut command = self.tools.pg_command("pg_ctl");
+        command.arg("stop").arg("-D").arg(&self.data_dir).args(["-m", "immediate", "-w"]);
+        run(&mut command, &format!("killing Postgres {}", self.name))
+    }
+
+    /// Starts the server again after `stop` or `kill`.
+    pub fn restart(&mut self) -> Result<(), DevError> {
+        self.launch()
+    }
+}
+
+/// Stops the Postgres server of `data_dir` if it runs.
+pub fn stop_postgres(tools: &Tools, data_dir: &Path) -> Result<(), DevError> {
+    if !data_dir.join("postmaster.pid").exists() {
+        return Ok(());
+    }
+    let mut command = tools.pg_command("pg_ctl");
+    command.arg("stop").arg("-D").arg(data_dir).args(["-m", "fast", "-w", "-t", "60"]);
+    run(&mut command, &format!("stopping Postgres in {}", data_dir.display()))
+}

@@ -1,0 +1,248 @@
+//! An in-memory copy of the map that follows etcd's watch.
+//!
+//! The cache loads the map once, then applies watch events from the revision
+//! after the one it loaded. When the watch breaks (etcd restarted, network
+//! cut) it reconnects and resumes from the last revision it applied, so no
+//! change is skipped; if etcd compacted that revision away, it reloads the
+//! whole map instead. Readers get the newest map without waiting:
+//! [`MapCache::current`] is a cheap `Arc` clone.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{EventType, WatchOptions};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::store::{connect, decode_map, Keys, StoreError, Versioned};
+
+/// The map as last seen, or `None` before the first load (or after the map
+/// key was deleted).
+pub type Snapshot = Option<Arc<Versioned>>;
+
+/// Connection state of the cache, for health checks and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheHealth {
+    /// True while a watch stream is established.
+    pub watching: bool,
+    /// The etcd revision up to which every change has been applied.
+    pub synced_revision: i64,
+}
+
+/// Follows one cluster's map in etcd. Dropping it stops the watch task.
+pub struct MapCache {
+    snapshot: watch::Receiver<Snapshot>,
+    health: watch::Receiver<CacheHealth>,
+    task: JoinHandle<()>,
+}
+
+impl MapCache {
+    /// Starts following the map of `cluster` at `endpoints`.
+    pub fn spawn(endpoints: Vec<String>, cluster: &str) -> MapCache {
+        MapCache::spawn_observed(endpoints, cluster, None)
+    }
+
+    /// Like [`MapCache::spawn`], and also sends every map it applies, in order,
+    /// to `observer` (used to measure propagation and to prove no update is lost).
+    pub fn spawn_observed(
+        endpoints: Vec<String>,
+        cluster: &str,
+        observer: Option<mpsc::UnboundedSender<Arc<Versioned>>>,
+    ) -> MapCache {
+        let (snapshot_tx, snapshot) = watch::channel(None);
+        let (health_tx, health) = watch::channel(CacheHealth {
+            watching: false,
+            synced_revision: 0,
+        });
+        let follower = Follower {
+            endpoints,
+            cluster: cluster.to_string(),
+            keys: Keys::new(cluster),
+            snapshot: snapshot_tx,
+            health: health_tx,
+            observer,
+            synced_revision: 0,
+        };
+        MapCache {
+            snapshot,
+            health,
+            task: tokio::spawn(follower.run()),
+        }
+    }
+
+    /// The newest map applied.
+    pub fn current(&self) -> Snapshot {
+        self.snapshot.borrow().clone()
+    }
+
+    /// A receiver that wakes on every applied change.
+    pub fn subscribe(&self) -> watch::Receiver<Snapshot> {
+        self.snapshot.clone()
+    }
+
+    pub fn health(&self) -> CacheHealth {
+        *self.health.borrow()
+    }
+
+    /// Waits until the cache holds map version `version` or newer.
+    pub async fn wait_for_version(&self, version: u64, timeout: Duration) -> Option<Arc<Versioned>> {
+        let mut rx = self.snapshot.clone();
+        let wait = async {
+            rx.wait_for(|s| s.as_ref().is_some_and(|v| v.map.version >= version))
+                .await
+                .ok()
+                .and_then(|snapshot| snapshot.clone())
+        };
+        tokio::time::timeout(timeout, wait).await.ok().flatten()
+    }
+}
+
+impl Drop for MapCache {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Follower {
+    endpoints: Vec<String>,
+    cluster: String,
+    keys: Keys,
+    snapshot: watch::Sender<Snapshot>,
+    health: watch::Sender<CacheHealth>,
+    observer: Option<mpsc::UnboundedSender<Arc<Versioned>>>,
+    /// Every change up to this etcd revision has been applied; 0 = never loaded.
+    synced_revision: i64,
+}
+
+/// Why a watch session ended.
+enum SessionEnd {
+    /// Connection trouble: reconnect and resume.
+    Disconnected(String),
+    /// The revision to resume from was compacted: reload the whole map.
+    Compacted,
+}
+
+impl Follower {
+    async fn run(mut self) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let end = self.session().await;
+            self.set_health(false);
+            match end {
+                SessionEnd::Compacted => {
+                    info!(cluster = %self.cluster, "watch revision was compacted; reloading the whole map");
+                    self.synced_revision = 0;
+                    backoff = Duration::from_millis(50);
+                }
+                SessionEnd::Disconnected(why) => {
+                    debug!(cluster = %self.cluster, %why, ?backoff, "map watch interrupted; reconnecting");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// One connection: (re)load if needed, then apply watch events until the stream ends.
+    async fn session(&mut self) -> SessionEnd {
+        let client = match connect(&self.endpoints).await {
+            Ok(client) => client,
+            Err(e) => return SessionEnd::Disconnected(e.to_string()),
+        };
+        if self.synced_revision == 0 {
+            if let Err(e) = self.reload(&client).await {
+                return SessionEnd::Disconnected(e.to_string());
+            }
+        }
+        let options = WatchOptions::new()
+            .with_start_revision(self.synced_revision + 1)
+            .with_progress_notify();
+        let mut watch_client = client.watch_client();
+        let mut stream = match watch_client.watch(self.keys.map(), Some(options)).await {
+            Ok(stream) => stream,
+            Err(e) => return SessionEnd::Disconnected(e.to_string()),
+        };
+        loop {
+            let response = match stream.message().await {
+                Ok(Some(response)) => response,
+                Ok(None) => return SessionEnd::Disconnected("watch stream closed".into()),
+                Err(e) => return SessionEnd::Disconnected(e.to_string()),
+            };
+            if response.compact_revision() > 0 {
+                return SessionEnd::Compacted;
+            }
+            if response.canceled() {
+                return SessionEnd::Disconnected(format!("watch canceled: {}", response.cancel_reason()));
+            }
+            if response.created() {
+                self.set_health(true);
+                continue;
+            }
+            if response.events().is_empty() {
+                // A progress notification: nothing changed up to this revision.
+                if let Some(header) = response.header() {
+                    self.synced_revision = self.synced_revision.max(header.revision());
+                    self.set_health(true);
+                }
+                continue;
+            }
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                match event.event_type() {
+                    EventType::Put => match decode_map(&self.cluster, kv.value()) {
+                        Ok(map) => self.publish(Some(Arc::new(Versioned {
+                            map,
+                            revision: kv.mod_revision(),
+                        }))),
+                        Err(e) => warn!(cluster = %self.cluster, error = %e, "ignoring undecodable map update"),
+                    },
+                    EventType::Delete => self.publish(None),
+                }
+                self.synced_revision = self.synced_revision.max(kv.mod_revision());
+            }
+            self.set_health(true);
+        }
+    }
+
+    async fn reload(&mut self, client: &etcd_client::Client) -> Result<(), StoreError> {
+        let mut kv = client.kv_client();
+        let response = kv.get(self.keys.map(), None).await?;
+        let store_revision = response.header().map(|h| h.revision()).unwrap_or(0);
+        match response.kvs().first() {
+            None => self.publish(None),
+            Some(kv) => {
+                let map = decode_map(&self.cluster, kv.value())?;
+                self.publish(Some(Arc::new(Versioned {
+                    map,
+                    revision: kv.mod_revision(),
+                })));
+            }
+        }
+        // Resume watching after the revision this read saw; never go backwards.
+        self.synced_revision = self.synced_revision.max(store_revision);
+        Ok(())
+    }
+
+    fn publish(&self, snapshot: Snapshot) {
+        let is_newer = match (&*self.snapshot.borrow(), &snapshot) {
+            (Some(old), Some(new)) => new.revision > old.revision,
+            (None, None) => false,
+            _ => true,
+        };
+        if !is_newer {
+            return;
+        }
+        if let (Some(observer), Some(versioned)) = (&self.observer, &snapshot) {
+            let _ = observer.send(versioned.clone());
+        }
+        self.snapshot.send_replace(snapshot);
+    }
+
+    fn set_health(&self, watching: bool) {
+        self.health.send_replace(CacheHealth {
+            watching,
+            synced_revision: self.synced_revision,
+        });
+    }
+}

@@ -1,0 +1,325 @@
+//! The map's home in etcd: load, initialise, and change it with
+//! compare-and-swap transactions that also append to the history.
+//!
+//! Key layout under `/shardline/<cluster>/`:
+//! - `map`: the whole [`ClusterMap`] as JSON. Every change is one etcd
+//!   transaction that succeeds only if `map` still has the mod-revision the
+//!   writer read, so two writers can never both win from the same revision.
+//! - `history/<version, 20 digits>`: one [`HistoryEntry`] per map version,
+//!   written in the same transaction as the map (append-only: never rewritten).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, SortOrder, SortTarget, Txn, TxnOp};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{ClusterMap, InvalidMap};
+
+/// etcd keys of one cluster.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(cluster: &str) -> Keys {
+        Keys {
+            prefix: format!("/shardline/{cluster}/"),
+        }
+    }
+    /// Everything of this cluster.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    pub fn map(&self) -> String {
+        format!("{}map", self.prefix)
+    }
+    pub fn history_prefix(&self) -> String {
+        format!("{}history/", self.prefix)
+    }
+    pub fn history(&self, version: u64) -> String {
+        format!("{}history/{version:020}", self.prefix)
+    }
+}
+
+/// A map together with the etcd mod-revision it was read at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned {
+    pub map: ClusterMap,
+    /// etcd mod-revision of the `map` key: the compare-and-swap guard.
+    pub revision: i64,
+}
+
+/// One change of the map: what, by whom, when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// The map version this change produced.
+    pub version: u64,
+    pub at_unix_ms: u64,
+    pub actor: String,
+    /// Short verb, e.g. `init`, `server add`, `table add`.
+    pub action: String,
+    /// Human-readable detail of the change.
+    pub detail: String,
+}
+
+/// A description of a change a caller wants recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub action: String,
+    pub detail: String,
+}
+
+impl Change {
+    pub fn new(action: impl Into<String>, detail: impl Into<String>) -> Change {
+        Change {
+            action: action.into(),
+            detail: detail.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("etcd request failed: {0} (is etcd running at the configured endpoints?)")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("etcd did not answer within {0:?}: check that etcd is running and reachable")]
+    Timeout(Duration),
+    #[error("cluster {0:?} is not initialised in etcd: run `shardctl init` first")]
+    NotInitialized(String),
+    #[error("cluster {0:?} is already initialised in etcd")]
+    AlreadyInitialized(String),
+    #[error("the map changed concurrently (read at revision {expected}): re-read it and retry")]
+    Conflict { expected: i64 },
+    #[error(transparent)]
+    Invalid(#[from] InvalidMap),
+    #[error("the stored map for cluster {cluster:?} cannot be decoded: {why}")]
+    Corrupt { cluster: String, why: String },
+    #[error("{0}")]
+    Rejected(String),
+}
+
+/// How long one etcd request may take before the store gives up.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to etcd with keep-alives, so that a dead etcd is noticed on idle
+/// watch streams too.
+pub async fn connect(endpoints: &[String]) -> Result<Client, StoreError> {
+    let options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(3))
+        .with_keep_alive_while_idle(true);
+    with_timeout(Client::connect(endpoints, Some(options))).await
+}
+
+async fn with_timeout<T>(
+    future: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, future).await {
+        Ok(result) => result.map_err(StoreError::from),
+        Err(_) => Err(StoreError::Timeout(REQUEST_TIMEOUT)),
+    }
+}
+
+/// Milliseconds since the Unix epoch, for history timestamps.
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Reads and writes one cluster's map in etcd.
+#[derive(Clone)]
+pub struct MapStore {
+    client: Client,
+    cluster: String,
+    keys: Keys,
+}
+
+impl MapStore {
+    pub async fn connect(endpoints: &[String], cluster: &str) -> Result<MapStore, StoreError> {
+        Ok(MapStore::with_client(connect(endpoints).await?, cluster))
+    }
+
+    pub fn with_client(client: Client, cluster: &str) -> MapStore {
+        MapStore {
+            client,
+            cluster: cluster.to_string(),
+            keys: Keys::new(cluster),
+        }
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    /// The current map, or `None` if the cluster was never initialised.
+    pub async fn try_load(&self) -> Result<Option<Versioned>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let response = with_timeout(kv.get(self.keys.map(), None)).await?;
+        match response.kvs().first() {
+            None => Ok(None),
+            Some(kv) => Ok(Some(Versioned {
+                map: decode_map(&self.cluster, kv.value())?,
+                revision: kv.mod_revision(),
+            })),
+        }
+    }
+
+    /// The current map; an error if the cluster was never initialised.
+    pub async fn load(&self) -> Result<Versioned, StoreError> {
+        self.try_load()
+            .await?
+            .ok_or_else(|| StoreError::NotInitialized(self.cluster.clone()))
+    }
+
+    /// Stores the first version of the map; fails if one exists already.
+    pub async fn initialize(&self, mut map: ClusterMap, actor: &str) -> Result<Versioned, StoreError> {
+        if map.cluster != self.cluster {
+            return Err(StoreError::Rejected(format!(
+                "map is for cluster {:?} but this store manages {:?}",
+                map.cluster, self.cluster
+            )));
+        }
+        map.version = 1;
+        map.validate()?;
+        let change = Change::new(
+            "init",
+            format!("{} partitions over {} servers", map.partitions, map.servers.len()),
+        );
+        let guard = Compare::create_revision(self.keys.map(), CompareOp::Equal, 0);
+        match self.commit(guard, &map, actor, &change).await? {
+            Some(revision) => Ok(Versioned { map, revision }),
+            None => Err(StoreError::AlreadyInitialized(self.cluster.clone())),
+        }
+    }
+
+    /// Writes `next` as the successor of `current`, only if the stored map is
+    /// still exactly `current` (same mod-revision). Validates `next` first.
+    pub async fn compare_and_swap(
+        &self,
+        current: &Versioned,
+        mut next: ClusterMap,
+        actor: &str,
+        change: &Change,
+    ) -> Result<Versioned, StoreError> {
+        if next.cluster != current.map.cluster || next.partitions != current.map.partitions {
+            return Err(StoreError::Rejected(
+                "a change may not rename the cluster or change its partition count".into(),
+            ));
+        }
+        next.version = current.map.version + 1;
+        next.validate()?;
+        let guard = Compare::mod_revision(self.keys.map(), CompareOp::Equal, current.revision);
+        match self.commit(guard, &next, actor, change).await? {
+            Some(revision) => Ok(Versioned { map: next, revision }),
+            None => Err(StoreError::Conflict {
+                expected: current.revision,
+            }),
+        }
+    }
+
+    /// Reads the map, applies `edit`, and writes it back; on a concurrent
+    /// change, re-reads and applies `edit` again (up to a few times).
+    /// `edit` returns the description of the change, or a refusal.
+    pub async fn update<F>(&self, actor: &str, mut edit: F) -> Result<Versioned, StoreError>
+    where
+        F: FnMut(&mut ClusterMap) -> Result<Change, String>,
+    {
+        const ATTEMPTS: usize = 8;
+        let mut last_conflict = None;
+        for _ in 0..ATTEMPTS {
+            let current = self.load().await?;
+            let mut next = current.map.clone();
+            let change = edit(&mut next).map_err(StoreError::Rejected)?;
+            match self.compare_and_swap(&current, next, actor, &change).await {
+                Err(conflict @ StoreError::Conflict { .. }) => last_conflict = Some(conflict),
+                other => return other,
+            }
+        }
+        Err(last_conflict.unwrap_or(StoreError::Conflict { expected: 0 }))
+    }
+
+    /// Runs the guarded transaction; `None` when the guard failed.
+    async fn commit(
+        &self,
+        guard: Compare,
+        map: &ClusterMap,
+        actor: &str,
+        change: &Change,
+    ) -> Result<Option<i64>, StoreError> {
+        let entry = HistoryEntry {
+            version: map.version,
+            at_unix_ms: now_unix_ms(),
+            actor: actor.to_string(),
+            action: change.action.clone(),
+            detail: change.detail.clone(),
+        };
+        let map_json = serde_json::to_vec(map).map_err(|e| StoreError::Rejected(e.to_string()))?;
+        let entry_json = serde_json::to_vec(&entry).map_err(|e| StoreError::Rejected(e.to_string()))?;
+        let history_key = self.keys.history(map.version);
+        let txn = Txn::new()
+            .when([
+                guard,
+                // Append-only: never overwrite an existing history entry.
+                Compare::create_revision(history_key.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then([
+                TxnOp::put(self.keys.map(), map_json, None),
+                TxnOp::put(history_key, entry_json, None),
+            ]);
+        let mut kv = self.client.kv_client();
+        let response = with_timeout(kv.txn(txn)).await?;
+        if !response.succeeded() {
+            return Ok(None);
+        }
+        let revision = response.header().map(|h| h.revision()).ok_or_else(|| {
+            StoreError::Rejected("etcd answered a transaction without a header".into())
+        })?;
+        Ok(Some(revision))
+    }
+
+    /// History entries, oldest first; with `limit`, only the newest `limit`.
+    pub async fn history(&self, limit: Option<usize>) -> Result<Vec<HistoryEntry>, StoreError> {
+        let mut options = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Key, SortOrder::Descend);
+        if let Some(limit) = limit {
+            options = options.with_limit(limit as i64);
+        }
+        let mut kv = self.client.kv_client();
+        let response = with_timeout(kv.get(self.keys.history_prefix(), Some(options))).await?;
+        let mut entries = response
+            .kvs()
+            .iter()
+            .map(|kv| {
+                serde_json::from_slice::<HistoryEntry>(kv.value()).map_err(|e| StoreError::Corrupt {
+                    cluster: self.cluster.clone(),
+                    why: format!("history entry {}: {e}", String::from_utf8_lossy(kv.key())),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        entries.reverse();
+        Ok(entries)
+    }
+}
+
+/// Decodes a stored map and checks it belongs to `cluster`.
+pub fn decode_map(cluster: &str, bytes: &[u8]) -> Result<ClusterMap, StoreError> {
+    let map: ClusterMap = serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        cluster: cluster.to_string(),
+        why: e.to_string(),
+    })?;
+    if map.cluster != cluster {
+        return Err(StoreError::Corrupt {
+            cluster: cluster.to_string(),
+            why: format!("it names cluster {:?}", map.cluster),
+        });
+    }
+    Ok(map)
+}
