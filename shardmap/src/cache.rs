@@ -50,10 +50,20 @@ impl MapCache {
         cluster: &str,
         observer: Option<mpsc::UnboundedSender<Arc<Versioned>>>,
     ) -> MapCache {
-        let (snapshot_tx, snapshot) = watch::channel(None);
+        MapCache::spawn_inner(endpoints, cluster, observer, None, 0)
+    }
+
+    fn spawn_inner(
+        endpoints: Vec<String>,
+        cluster: &str,
+        observer: Option<mpsc::UnboundedSender<Arc<Versioned>>>,
+        known: Snapshot,
+        synced_revision: i64,
+    ) -> MapCache {
+        let (snapshot_tx, snapshot) = watch::channel(known);
         let (health_tx, health) = watch::channel(CacheHealth {
             watching: false,
-            synced_revision: 0,
+            synced_revision,
         });
         let follower = Follower {
             endpoints,
@@ -62,13 +72,21 @@ impl MapCache {
             snapshot: snapshot_tx,
             health: health_tx,
             observer,
-            synced_revision: 0,
+            synced_revision,
         };
         MapCache {
             snapshot,
             health,
             task: tokio::spawn(follower.run()),
         }
+    }
+
+    /// Starts following as if `known` had already been applied and every
+    /// change up to etcd revision `synced_revision` seen: the watch resumes
+    /// after it (or reloads if etcd compacted it). Used to resume from a saved
+    /// state, and by tests of the compaction path.
+    pub fn spawn_resuming(endpoints: Vec<String>, cluster: &str, known: Arc<Versioned>, synced_revision: i64) -> MapCache {
+        MapCache::spawn_inner(endpoints, cluster, None, Some(known), synced_revision)
     }
 
     /// The newest map applied.

@@ -250,8 +250,8 @@ fn valid_identifier(name: &str) -> bool {
 }
 
 impl ClusterMap {
-    /// A new map with `partitions` partitions spread round-robin over `servers`
-    /// (in the order given). Validated.
+    /// A new map with `partitions` partitions split into contiguous, equal
+    /// blocks over `servers` (in the order given). Validated.
     pub fn new(cluster: &str, partitions: u32, servers: Vec<Server>) -> Result<ClusterMap, InvalidMap> {
         let names: Vec<String> = servers.iter().map(|s| s.name.clone()).collect();
         let assignments = if names.is_empty() {
@@ -259,7 +259,7 @@ impl ClusterMap {
         } else {
             (0..partitions as usize)
                 .map(|p| Assignment {
-                    owner: names[p % names.len()].clone(),
+                    owner: names[p * names.len() / partitions as usize].clone(),
                     state: PartitionState::Serving,
                     region: None,
                 })
@@ -664,11 +664,15 @@ mod tests {
     }
 
     #[test]
-    fn new_map_spreads_partitions_round_robin() {
+    fn new_map_splits_partitions_into_blocks() {
         let map = two_server_map();
         let by_server = map.partitions_by_server();
-        assert_eq!(by_server["a"], vec![0, 2, 4, 6]);
-        assert_eq!(by_server["b"], vec![1, 3, 5, 7]);
+        assert_eq!(by_server["a"], vec![0, 1, 2, 3]);
+        assert_eq!(by_server["b"], vec![4, 5, 6, 7]);
+        let three = ClusterMap::new("t", 64, vec![server("a", None), server("b", None), server("c", None)])
+            .expect("valid");
+        let counts: Vec<usize> = three.partitions_by_server().values().map(Vec::len).collect();
+        assert_eq!(counts, vec![22, 21, 21]);
     }
 
     #[test]
@@ -690,9 +694,9 @@ mod tests {
     #[test]
     fn region_pins_are_enforced() {
         let mut map = two_server_map();
-        map.assignments[1].region = Some("eu".into()); // owned by b, in us
+        map.assignments[5].region = Some("eu".into()); // owned by b, in us
         let err = map.validate().expect_err("invalid");
-        assert!(err.to_string().contains("partition 1 must stay in region \"eu\""), "{err}");
+        assert!(err.to_string().contains("partition 5 must stay in region \"eu\""), "{err}");
     }
 
     #[test]

@@ -1,0 +1,169 @@
+//! `shardctl dev`: a local cluster (etcd + N Postgres servers) for the
+//! quickstart and for trying shardline on one machine.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use clap::Subcommand;
+use devcluster::{DevOptions, LocalCluster};
+use indicatif::{ProgressBar, ProgressStyle};
+use shardmap::{ClusterMap, Endpoint, MapStore, Server, ServerState};
+
+use crate::commands::Context;
+use crate::config::{default_dev_dir, EtcdConfig, FileConfig};
+use crate::output::{print_json, table};
+
+#[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Start etcd and N Postgres 15 servers on free ports, and initialise the map.
+    Up {
+        /// Directory for data, logs and cluster.json (default: $TMPDIR/shardline-dev).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Number of Postgres servers.
+        #[arg(long, default_value_t = 3)]
+        servers: usize,
+        /// Logical partitions in the map.
+        #[arg(long, default_value_t = 64)]
+        partitions: u32,
+        /// Run Postgres with fsync on (off by default: dev data is disposable).
+        #[arg(long)]
+        fsync: bool,
+    },
+    /// Stop everything `dev up` started, and delete its directory.
+    Down {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Keep the data directory (only stop the processes).
+        #[arg(long)]
+        keep_data: bool,
+    },
+    /// Show the addresses of the running dev cluster.
+    Status {
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+pub async fn run(context: &Context, command: DevCommand) -> Result<()> {
+    match command {
+        DevCommand::Up {
+            dir,
+            servers,
+            partitions,
+            fsync,
+        } => up(context, dir.unwrap_or_else(default_dev_dir), servers, partitions, fsync).await,
+        DevCommand::Down { dir, keep_data } => {
+            let dir = dir.unwrap_or_else(default_dev_dir);
+            let state = tokio::task::spawn_blocking(move || devcluster::stop_dir(&dir, keep_data)).await??;
+            if context.json {
+                print_json(&state)
+            } else {
+                println!(
+                    "stopped etcd and {} Postgres servers{}",
+                    state.servers.len(),
+                    if keep_data { "" } else { "; removed the cluster directory" }
+                );
+                Ok(())
+            }
+        }
+        DevCommand::Status { dir } => {
+            let dir = dir.unwrap_or_else(default_dev_dir);
+            let state = devcluster::read_state(&dir)?;
+            print_state(context, &state, None)
+        }
+    }
+}
+
+async fn up(context: &Context, dir: PathBuf, servers: usize, partitions: u32, fsync: bool) -> Result<()> {
+    anyhow::ensure!(servers >= 1, "--servers must be at least 1");
+    let started = Instant::now();
+    let bar = ProgressBar::new(servers as u64 + 3);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed}] {bar:30} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(100));
+    let options = DevOptions {
+        dir: dir.clone(),
+        servers,
+        fsync,
+    };
+    let progress_bar = bar.clone();
+    let cluster = tokio::task::spawn_blocking(move || {
+        LocalCluster::start_with_progress(&options, &mut |step| {
+            progress_bar.set_message(step.to_string());
+            progress_bar.inc(1);
+        })
+    })
+    .await??;
+    bar.set_message("initialising the map");
+    let state = cluster.state();
+    let cluster_name = context.cluster_name();
+    let members = state
+        .servers
+        .iter()
+        .map(|s| {
+            Ok(Server {
+                name: s.name.clone(),
+                primary: Endpoint::parse(&s.url()).map_err(anyhow::Error::msg)?,
+                replicas: Vec::new(),
+                region: None,
+                state: ServerState::Active,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let map = ClusterMap::new(&cluster_name, partitions, members)?;
+    let store = MapStore::connect(&[state.etcd.endpoint()], &cluster_name).await?;
+    store.initialize(map, &context.actor).await?;
+    let config = FileConfig {
+        cluster: Some(cluster_name),
+        etcd: EtcdConfig {
+            endpoints: vec![state.etcd.endpoint()],
+        },
+    };
+    let config_path = dir.join("shardline.toml");
+    config.write(&config_path).context("cannot write the dev cluster's config")?;
+    bar.inc(1);
+    bar.finish_and_clear();
+    // Leave the processes running: `dev down` stops them.
+    std::mem::forget(cluster);
+    print_state(context, &state, Some((started.elapsed(), &config_path)))
+}
+
+fn print_state(
+    context: &Context,
+    state: &devcluster::ClusterState,
+    started: Option<(Duration, &PathBuf)>,
+) -> Result<()> {
+    if context.json {
+        let mut value = serde_json::to_value(state)?;
+        if let Some((elapsed, config)) = started {
+            value["startup_seconds"] = serde_json::json!(elapsed.as_secs_f64());
+            value["config"] = serde_json::json!(config);
+        }
+        return print_json(&value);
+    }
+    let mut out = table(&["component", "address", "data"]);
+    out.add_row(vec![
+        "etcd".to_string(),
+        state.etcd.endpoint(),
+        state.etcd.data_dir.display().to_string(),
+    ]);
+    for server in &state.servers {
+        out.add_row(vec![
+            format!("postgres {}", server.name),
+            server.url(),
+            server.data_dir.display().to_string(),
+        ]);
+    }
+    println!("{out}");
+    if let Some((elapsed, config)) = started {
+        println!("dev cluster up in {:.1}s", elapsed.as_secs_f64());
+        println!("shardctl finds it on its own; other tools can use:");
+        println!("  export SHARDLINE_CONFIG={}", config.display());
+        println!("stop it with: shardctl dev down --dir {}", state.dir.display());
+    }
+    Ok(())
+}
