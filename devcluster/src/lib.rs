@@ -152,9 +152,9 @@ impl LocalCluster {
             dir: dir.clone(),
             stop_on_drop: true, // until fully started, so a failure cleans up
         };
-        progress("initdb (template)");
         let template = dir.join("template");
-        if !template.join("PG_VERSION").exists() {
+        if options.servers > 0 && !template.join("PG_VERSION").exists() {
+            progress("initdb (template)");
             tools.initdb(&template)?;
         }
         for i in 1..=options.servers {
