@@ -6,8 +6,8 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use shardmap::{
-    Change, ClusterMap, Endpoint, Group, KeyType, ListRule, MapStore, Method, RangeRule, Server, ServerState,
-    Table, TableKind,
+    Change, ClusterMap, Endpoint, Group, KeyType, ListRule, MapStore, Method, RangeRule, Server,
+    ServerState, Table, TableKind,
 };
 
 use crate::config::{self, Settings};
@@ -39,7 +39,9 @@ impl Context {
     }
 
     pub fn cluster_name(&self) -> String {
-        self.cluster.clone().unwrap_or_else(|| config::DEFAULT_CLUSTER.to_string())
+        self.cluster
+            .clone()
+            .unwrap_or_else(|| config::DEFAULT_CLUSTER.to_string())
     }
 
     pub async fn store(&self) -> Result<MapStore> {
@@ -57,7 +59,9 @@ impl Context {
         let store = self.store().await?;
         let saved = store.update(&self.actor, edit).await?;
         if self.json {
-            print_json(&serde_json::json!({ "version": saved.map.version, "revision": saved.revision }))
+            print_json(
+                &serde_json::json!({ "version": saved.map.version, "revision": saved.revision }),
+            )
         } else {
             println!("map version {} saved", saved.map.version);
             Ok(())
@@ -81,9 +85,9 @@ pub struct InitArgs {
 }
 
 pub fn parse_server(spec: &str, regions: &[String]) -> Result<Server> {
-    let (name, url) = spec
-        .split_once('=')
-        .ok_or_else(|| anyhow!("--server {spec:?}: expected NAME=postgres://user@host:port/dbname"))?;
+    let (name, url) = spec.split_once('=').ok_or_else(|| {
+        anyhow!("--server {spec:?}: expected NAME=postgres://user@host:port/dbname")
+    })?;
     let mut region = None;
     for entry in regions {
         let (server, value) = entry
@@ -265,7 +269,11 @@ async fn set_server_state(context: &Context, name: String, state: ServerState) -
                 return Err(format!("server {name:?} is already {state}"));
             }
             server.state = state;
-            let action = if state == ServerState::Draining { "server drain" } else { "server activate" };
+            let action = if state == ServerState::Draining {
+                "server drain"
+            } else {
+                "server activate"
+            };
             Ok(Change::new(action, name.clone()))
         })
         .await
@@ -299,16 +307,25 @@ impl GroupSpec {
 
     fn build(&self, name: &str) -> Result<Group> {
         let key_type_name = self.key_type.as_deref().unwrap_or("bigint");
-        let key_type = KeyType::parse(key_type_name)
-            .ok_or_else(|| anyhow!("unknown key type {key_type_name:?}: use smallint, int, bigint, text or uuid"))?;
+        let key_type = KeyType::parse(key_type_name).ok_or_else(|| {
+            anyhow!("unknown key type {key_type_name:?}: use smallint, int, bigint, text or uuid")
+        })?;
         let method = match self.method.as_deref().unwrap_or("hash") {
             "hash" => Method::Hash,
             "embedded" => Method::Embedded,
             "range" => Method::Range {
-                ranges: self.ranges.iter().map(|r| parse_range(r)).collect::<Result<_>>()?,
+                ranges: self
+                    .ranges
+                    .iter()
+                    .map(|r| parse_range(r))
+                    .collect::<Result<_>>()?,
             },
             "list" => Method::List {
-                lists: self.lists.iter().map(|l| parse_list(l)).collect::<Result<_>>()?,
+                lists: self
+                    .lists
+                    .iter()
+                    .map(|l| parse_list(l))
+                    .collect::<Result<_>>()?,
                 default: self.default_partition,
             },
             other => bail!("unknown method {other:?}: use hash, range, list or embedded"),
@@ -316,7 +333,9 @@ impl GroupSpec {
         if !self.ranges.is_empty() && !matches!(method, Method::Range { .. }) {
             bail!("--range is only for --method range");
         }
-        if (!self.lists.is_empty() || self.default_partition.is_some()) && !matches!(method, Method::List { .. }) {
+        if (!self.lists.is_empty() || self.default_partition.is_some())
+            && !matches!(method, Method::List { .. })
+        {
             bail!("--list and --default-partition are only for --method list");
         }
         Ok(Group {
@@ -408,8 +427,10 @@ pub async fn group(context: &Context, command: GroupCommand) -> Result<()> {
                         .collect::<Vec<_>>()
                         .join(" "),
                     Method::List { lists, default } => {
-                        let mut parts: Vec<String> =
-                            lists.iter().map(|l| format!("{}→{}", l.values.join(","), l.partition)).collect();
+                        let mut parts: Vec<String> = lists
+                            .iter()
+                            .map(|l| format!("{}→{}", l.values.join(","), l.partition))
+                            .collect();
                         if let Some(d) = default {
                             parts.push(format!("default→{d}"));
                         }
@@ -428,7 +449,11 @@ pub async fn group(context: &Context, command: GroupCommand) -> Result<()> {
                     group.key_type.to_string(),
                     group.method.name().to_string(),
                     rules,
-                    if tables.is_empty() { "-".into() } else { tables.join(", ") },
+                    if tables.is_empty() {
+                        "-".into()
+                    } else {
+                        tables.join(", ")
+                    },
                 ]);
             }
             println!("{out}");
@@ -540,7 +565,9 @@ pub async fn table(context: &Context, command: TableCommand) -> Result<()> {
                 TableKind::Unsharded { home }
             } else {
                 let key_column = key.ok_or_else(|| {
-                    anyhow!("give --key COLUMN for a sharded table (or --reference, or --home SERVER)")
+                    anyhow!(
+                        "give --key COLUMN for a sharded table (or --reference, or --home SERVER)"
+                    )
                 })?;
                 TableKind::Sharded {
                     group: group.unwrap_or_else(|| name.clone()),
@@ -602,7 +629,9 @@ pub async fn table(context: &Context, command: TableCommand) -> Result<()> {
             if context.json {
                 return print_json(&rows);
             }
-            let mut out = new_table(&["table", "kind", "group", "key", "key type", "method", "home"]);
+            let mut out = new_table(&[
+                "table", "kind", "group", "key", "key type", "method", "home",
+            ]);
             let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
             for row in &rows {
                 out.add_row(vec![
@@ -621,9 +650,9 @@ pub async fn table(context: &Context, command: TableCommand) -> Result<()> {
         TableCommand::Remove { name } => {
             context
                 .change(|map| {
-                    map.tables
-                        .remove(&name)
-                        .ok_or_else(|| format!("no table named {name:?}: see `shardctl table list`"))?;
+                    map.tables.remove(&name).ok_or_else(|| {
+                        format!("no table named {name:?}: see `shardctl table list`")
+                    })?;
                     Ok(Change::new("table remove", name.clone()))
                 })
                 .await
@@ -675,10 +704,18 @@ pub async fn partition(context: &Context, command: PartitionCommand) -> Result<(
             for p in &set {
                 map.assignments[*p as usize].region = region.clone();
             }
-            let action = if region.is_some() { "partition pin" } else { "partition unpin" };
+            let action = if region.is_some() {
+                "partition pin"
+            } else {
+                "partition unpin"
+            };
             Ok(Change::new(
                 action,
-                format!("{} → {}", ranges(&set), region.as_deref().unwrap_or("any region")),
+                format!(
+                    "{} → {}",
+                    ranges(&set),
+                    region.as_deref().unwrap_or("any region")
+                ),
             ))
         })
         .await
@@ -726,10 +763,15 @@ pub async fn map(context: &Context, args: MapArgs) -> Result<()> {
         let server = map.servers.get(name);
         out.add_row(vec![
             name.to_string(),
-            server.and_then(|s| s.region.clone()).unwrap_or_else(|| "-".into()),
+            server
+                .and_then(|s| s.region.clone())
+                .unwrap_or_else(|| "-".into()),
             server.map_or("unknown".into(), |s| s.state.to_string()),
             partitions.len().to_string(),
-            format!("{:.1}%", 100.0 * partitions.len() as f64 / f64::from(map.partitions.max(1))),
+            format!(
+                "{:.1}%",
+                100.0 * partitions.len() as f64 / f64::from(map.partitions.max(1))
+            ),
             ranges_short(&partitions, 60),
         ]);
     }
@@ -755,18 +797,27 @@ pub struct LookupArgs {
 
 pub async fn lookup(context: &Context, args: LookupArgs) -> Result<()> {
     let map = context.store().await?.load().await?.map;
-    let table = map
-        .tables
-        .get(&args.table)
-        .ok_or_else(|| anyhow!("table {:?} is not in the shard map: see `shardctl table list`", args.table))?;
-    let TableKind::Sharded { group, embedded_id, .. } = &table.kind else {
+    let table = map.tables.get(&args.table).ok_or_else(|| {
+        anyhow!(
+            "table {:?} is not in the shard map: see `shardctl table list`",
+            args.table
+        )
+    })?;
+    let TableKind::Sharded {
+        group, embedded_id, ..
+    } = &table.kind
+    else {
         bail!("table {:?} is not sharded", args.table);
     };
     let group_def = map
         .groups
         .get(group)
         .ok_or_else(|| anyhow!("group {group:?} is missing from the map"))?;
-    let key_type = if *embedded_id { KeyType::Bigint } else { group_def.key_type };
+    let key_type = if *embedded_id {
+        KeyType::Bigint
+    } else {
+        group_def.key_type
+    };
     let key = key_type.parse_value(&args.key)?;
     let partition = map.partition_of(&args.table, &key)?;
     let owner = map
@@ -826,7 +877,10 @@ mod tests {
     #[test]
     fn range_and_list_specs_parse() {
         let r = parse_range("..100=3").expect("parses");
-        assert_eq!((r.from, r.to.as_deref(), r.partition), (None, Some("100"), 3));
+        assert_eq!(
+            (r.from, r.to.as_deref(), r.partition),
+            (None, Some("100"), 3)
+        );
         let l = parse_list("DE,FR=2").expect("parses");
         assert_eq!(l.values, vec!["DE", "FR"]);
         assert!(parse_range("0-100=1").is_err());
@@ -835,14 +889,21 @@ mod tests {
 
     #[test]
     fn partition_sets_parse_and_check_bounds() {
-        assert_eq!(parse_partition_set("0-2,5", 8).expect("parses"), vec![0, 1, 2, 5]);
+        assert_eq!(
+            parse_partition_set("0-2,5", 8).expect("parses"),
+            vec![0, 1, 2, 5]
+        );
         assert!(parse_partition_set("6-9", 8).is_err());
         assert!(parse_partition_set("3-1", 8).is_err());
     }
 
     #[test]
     fn server_specs_parse_with_region() {
-        let s = parse_server("eu1=postgres://app@10.0.0.5:5433/photos", &["eu1=eu".into()]).expect("parses");
+        let s = parse_server(
+            "eu1=postgres://app@10.0.0.5:5433/photos",
+            &["eu1=eu".into()],
+        )
+        .expect("parses");
         assert_eq!((s.primary.port, s.region.as_deref()), (5433, Some("eu")));
         assert!(parse_server("noequals", &[]).is_err());
     }

@@ -30,7 +30,8 @@ pub struct EtcdConfig {
 
 impl FileConfig {
     pub fn read(path: &Path) -> Result<FileConfig> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("config {} is not valid", path.display()))
     }
 
@@ -53,7 +54,11 @@ pub struct Settings {
 }
 
 /// Resolves settings from flags/env (`flag_*`) and the config files.
-pub fn resolve(flag_endpoints: &[String], flag_cluster: Option<&str>, config: Option<&Path>) -> Result<Settings> {
+pub fn resolve(
+    flag_endpoints: &[String],
+    flag_cluster: Option<&str>,
+    config: Option<&Path>,
+) -> Result<Settings> {
     let file = match config {
         Some(path) => FileConfig::read(path)?,
         None => {
@@ -108,11 +113,19 @@ mod tests {
     fn flags_win_over_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("c.toml");
-        std::fs::write(&path, "cluster = \"prod\"\n[etcd]\nendpoints = [\"http://10.0.0.1:2379\"]\n").expect("write");
+        std::fs::write(
+            &path,
+            "cluster = \"prod\"\n[etcd]\nendpoints = [\"http://10.0.0.1:2379\"]\n",
+        )
+        .expect("write");
         let from_file = resolve(&[], None, Some(&path)).expect("resolves");
         assert_eq!(from_file.cluster, "prod");
-        assert_eq!(from_file.endpoints, vec!["http://10.0.0.1:2379".to_string()]);
-        let flags = resolve(&["http://127.0.0.1:1".into()], Some("x"), Some(&path)).expect("resolves");
+        assert_eq!(
+            from_file.endpoints,
+            vec!["http://10.0.0.1:2379".to_string()]
+        );
+        let flags =
+            resolve(&["http://127.0.0.1:1".into()], Some("x"), Some(&path)).expect("resolves");
         assert_eq!(flags.cluster, "x");
         assert_eq!(flags.endpoints, vec!["http://127.0.0.1:1".to_string()]);
     }

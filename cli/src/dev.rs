@@ -53,17 +53,31 @@ pub async fn run(context: &Context, command: DevCommand) -> Result<()> {
             servers,
             partitions,
             fsync,
-        } => up(context, dir.unwrap_or_else(default_dev_dir), servers, partitions, fsync).await,
+        } => {
+            up(
+                context,
+                dir.unwrap_or_else(default_dev_dir),
+                servers,
+                partitions,
+                fsync,
+            )
+            .await
+        }
         DevCommand::Down { dir, keep_data } => {
             let dir = dir.unwrap_or_else(default_dev_dir);
-            let state = tokio::task::spawn_blocking(move || devcluster::stop_dir(&dir, keep_data)).await??;
+            let state = tokio::task::spawn_blocking(move || devcluster::stop_dir(&dir, keep_data))
+                .await??;
             if context.json {
                 print_json(&state)
             } else {
                 println!(
                     "stopped etcd and {} Postgres servers{}",
                     state.servers.len(),
-                    if keep_data { "" } else { "; removed the cluster directory" }
+                    if keep_data {
+                        ""
+                    } else {
+                        "; removed the cluster directory"
+                    }
                 );
                 Ok(())
             }
@@ -76,7 +90,13 @@ pub async fn run(context: &Context, command: DevCommand) -> Result<()> {
     }
 }
 
-async fn up(context: &Context, dir: PathBuf, servers: usize, partitions: u32, fsync: bool) -> Result<()> {
+async fn up(
+    context: &Context,
+    dir: PathBuf,
+    servers: usize,
+    partitions: u32,
+    fsync: bool,
+) -> Result<()> {
     anyhow::ensure!(servers >= 1, "--servers must be at least 1");
     let started = Instant::now();
     let bar = ProgressBar::new(servers as u64 + 3);
@@ -124,7 +144,9 @@ async fn up(context: &Context, dir: PathBuf, servers: usize, partitions: u32, fs
         },
     };
     let config_path = dir.join("shardline.toml");
-    config.write(&config_path).context("cannot write the dev cluster's config")?;
+    config
+        .write(&config_path)
+        .context("cannot write the dev cluster's config")?;
     bar.inc(1);
     bar.finish_and_clear();
     // Leave the processes running: `dev down` stops them.
@@ -163,7 +185,10 @@ fn print_state(
         println!("dev cluster up in {:.1}s", elapsed.as_secs_f64());
         println!("shardctl finds it on its own; other tools can use:");
         println!("  export SHARDLINE_CONFIG={}", config.display());
-        println!("stop it with: shardctl dev down --dir {}", state.dir.display());
+        println!(
+            "stop it with: shardctl dev down --dir {}",
+            state.dir.display()
+        );
     }
     Ok(())
 }

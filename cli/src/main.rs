@@ -14,7 +14,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "shardctl", version, about = "Manage a shardline cluster: map, servers, tables, history, local dev cluster")]
+#[command(
+    name = "shardctl",
+    version,
+    about = "Manage a shardline cluster: map, servers, tables, history, local dev cluster"
+)]
 pub struct Cli {
     /// TOML config file (cluster name, etcd endpoints).
     #[arg(long, env = "SHARDLINE_CONFIG", global = true)]
@@ -66,11 +70,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SHARDLINE_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("SHARDLINE_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

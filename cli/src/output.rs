@@ -28,7 +28,11 @@ pub fn ranges(partitions: &[u32]) -> String {
             end += 1;
             iter.next();
         }
-        out.push(if start == end { start.to_string() } else { format!("{start}-{end}") });
+        out.push(if start == end {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
     }
     if out.is_empty() {
         "-".into()
@@ -55,6 +59,9 @@ mod tests {
     fn ranges_compress_runs() {
         assert_eq!(ranges(&[0, 1, 2, 3, 8, 10, 11]), "0-3,8,10-11");
         assert_eq!(ranges(&[]), "-");
-        assert_eq!(ranges_short(&[0, 2, 4, 6, 8, 10, 12], 7), "0,2,4,… (--json for all)");
+        assert_eq!(
+            ranges_short(&[0, 2, 4, 6, 8, 10, 12], 7),
+            "0,2,4,… (--json for all)"
+        );
     }
 }

@@ -26,7 +26,10 @@ fn ok(dir: &Path, args: &[&str]) -> String {
 
 fn fails(dir: &Path, args: &[&str]) -> String {
     let output = shardctl(dir, args);
-    assert!(!output.status.success(), "shardctl {args:?} should have failed");
+    assert!(
+        !output.status.success(),
+        "shardctl {args:?} should have failed"
+    );
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
@@ -37,11 +40,27 @@ fn pid_alive(pid: u64) -> bool {
 
 #[test]
 fn dev_cluster_and_map_commands_end_to_end() {
-    let temp = tempfile::Builder::new().prefix("shardctl-test-").tempdir().expect("tempdir");
+    let temp = tempfile::Builder::new()
+        .prefix("shardctl-test-")
+        .tempdir()
+        .expect("tempdir");
     let dir = temp.path().join("cluster");
     let dir_arg = dir.to_str().expect("utf-8 temp path");
 
-    let up = ok(&dir, &["dev", "up", "--dir", dir_arg, "--servers", "2", "--partitions", "16", "--json"]);
+    let up = ok(
+        &dir,
+        &[
+            "dev",
+            "up",
+            "--dir",
+            dir_arg,
+            "--servers",
+            "2",
+            "--partitions",
+            "16",
+            "--json",
+        ],
+    );
     let state: serde_json::Value = serde_json::from_str(&up).expect("dev up --json is JSON");
     assert_eq!(state["servers"].as_array().map(Vec::len), Some(2));
     let etcd_pid = state["etcd"]["pid"].as_u64().expect("etcd pid");
@@ -50,17 +69,47 @@ fn dev_cluster_and_map_commands_end_to_end() {
     // A second `dev up` in the same directory is refused.
     assert!(fails(&dir, &["dev", "up", "--dir", dir_arg]).contains("already running"));
 
-    let map: serde_json::Value = serde_json::from_str(&ok(&dir, &["map", "--json"])).expect("map JSON");
+    let map: serde_json::Value =
+        serde_json::from_str(&ok(&dir, &["map", "--json"])).expect("map JSON");
     assert_eq!(map["partitions"], 16);
     assert_eq!(map["assignments"].as_array().map(Vec::len), Some(16));
     let human = ok(&dir, &["map"]);
-    assert!(human.contains("pg1") && human.contains("0-7") && human.contains("8-15"), "{human}");
+    assert!(
+        human.contains("pg1") && human.contains("0-7") && human.contains("8-15"),
+        "{human}"
+    );
 
-    ok(&dir, &["table", "add", "users", "--key", "user_id", "--method", "hash", "--key-type", "bigint"]);
-    ok(&dir, &["table", "add", "photos", "--key", "photo_id", "--group", "users", "--embedded-id"]);
+    ok(
+        &dir,
+        &[
+            "table",
+            "add",
+            "users",
+            "--key",
+            "user_id",
+            "--method",
+            "hash",
+            "--key-type",
+            "bigint",
+        ],
+    );
+    ok(
+        &dir,
+        &[
+            "table",
+            "add",
+            "photos",
+            "--key",
+            "photo_id",
+            "--group",
+            "users",
+            "--embedded-id",
+        ],
+    );
     ok(&dir, &["table", "add", "countries", "--reference"]);
     ok(&dir, &["table", "add", "settings", "--home", "pg2"]);
-    let tables: serde_json::Value = serde_json::from_str(&ok(&dir, &["table", "list", "--json"])).expect("JSON");
+    let tables: serde_json::Value =
+        serde_json::from_str(&ok(&dir, &["table", "list", "--json"])).expect("JSON");
     assert_eq!(tables.as_array().map(Vec::len), Some(4));
 
     let lookup: serde_json::Value =
@@ -68,9 +117,20 @@ fn dev_cluster_and_map_commands_end_to_end() {
     let partition = lookup["partition"].as_u64().expect("partition");
     assert_eq!(lookup["server"], if partition < 8 { "pg1" } else { "pg2" });
 
-    ok(&dir, &["server", "add", "pg9", "postgres://postgres@127.0.0.1:1/postgres", "--region", "eu"]);
+    ok(
+        &dir,
+        &[
+            "server",
+            "add",
+            "pg9",
+            "postgres://postgres@127.0.0.1:1/postgres",
+            "--region",
+            "eu",
+        ],
+    );
     ok(&dir, &["server", "drain", "pg1"]);
-    let servers: serde_json::Value = serde_json::from_str(&ok(&dir, &["server", "list", "--json"])).expect("JSON");
+    let servers: serde_json::Value =
+        serde_json::from_str(&ok(&dir, &["server", "list", "--json"])).expect("JSON");
     let pg1 = servers
         .as_array()
         .and_then(|a| a.iter().find(|s| s["name"] == "pg1"))
@@ -82,10 +142,13 @@ fn dev_cluster_and_map_commands_end_to_end() {
     assert!(fails(&dir, &["server", "add", "x", "postgres://u:secret@h/db"]).contains("password"));
     assert!(fails(&dir, &["table", "add", "users", "--key", "k"]).contains("already exists"));
     assert!(fails(&dir, &["lookup", "users", "abc"]).contains("not an integer"));
-    assert!(fails(&dir, &["partition", "pin", "0-3", "--region", "eu"]).contains("must stay in region"));
+    assert!(
+        fails(&dir, &["partition", "pin", "0-3", "--region", "eu"]).contains("must stay in region")
+    );
     assert!(fails(&dir, &["server", "remove", "pg2"]).contains("still owns"));
 
-    let history: serde_json::Value = serde_json::from_str(&ok(&dir, &["history", "--json"])).expect("JSON");
+    let history: serde_json::Value =
+        serde_json::from_str(&ok(&dir, &["history", "--json"])).expect("JSON");
     let actions: Vec<&str> = history
         .as_array()
         .expect("array")
@@ -94,9 +157,21 @@ fn dev_cluster_and_map_commands_end_to_end() {
         .collect();
     assert_eq!(
         actions,
-        vec!["init", "table add", "table add", "table add", "table add", "server add", "server drain"]
+        vec![
+            "init",
+            "table add",
+            "table add",
+            "table add",
+            "table add",
+            "server add",
+            "server drain"
+        ]
     );
-    assert!(history.as_array().expect("array").iter().all(|e| e["actor"] == "cli-test"));
+    assert!(history
+        .as_array()
+        .expect("array")
+        .iter()
+        .all(|e| e["actor"] == "cli-test"));
     assert!(ok(&dir, &["history"]).contains("server drain"));
 
     let pg_pids: Vec<u64> = state["servers"]
@@ -104,7 +179,8 @@ fn dev_cluster_and_map_commands_end_to_end() {
         .expect("servers")
         .iter()
         .map(|s| {
-            let pidfile = Path::new(s["data_dir"].as_str().expect("data dir")).join("postmaster.pid");
+            let pidfile =
+                Path::new(s["data_dir"].as_str().expect("data dir")).join("postmaster.pid");
             std::fs::read_to_string(pidfile)
                 .ok()
                 .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
@@ -115,7 +191,10 @@ fn dev_cluster_and_map_commands_end_to_end() {
 
     ok(&dir, &["dev", "down", "--dir", dir_arg]);
     assert!(!pid_alive(etcd_pid), "etcd still running after dev down");
-    assert!(pg_pids.iter().all(|pid| !pid_alive(*pid)), "postgres still running after dev down");
+    assert!(
+        pg_pids.iter().all(|pid| !pid_alive(*pid)),
+        "postgres still running after dev down"
+    );
     assert!(!dir.exists(), "dev down removes the directory");
     assert!(fails(&dir, &["dev", "down", "--dir", dir_arg]).contains("no dev cluster"));
 }
@@ -124,7 +203,11 @@ fn dev_cluster_and_map_commands_end_to_end() {
 fn missing_etcd_configuration_is_explained() {
     let temp = tempfile::tempdir().expect("tempdir");
     let output = Command::new(env!("CARGO_BIN_EXE_shardctl"))
-        .args(["--config", &temp.path().join("absent.toml").to_string_lossy(), "map"])
+        .args([
+            "--config",
+            &temp.path().join("absent.toml").to_string_lossy(),
+            "map",
+        ])
         .output()
         .expect("runs");
     assert!(!output.status.success());

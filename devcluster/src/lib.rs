@@ -92,7 +92,10 @@ impl PgState {
     }
     /// libpq key=value connection string.
     pub fn conninfo(&self) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
     }
 }
 
@@ -141,7 +144,8 @@ impl LocalCluster {
                 )));
             }
         }
-        fs::create_dir_all(dir).map_err(DevError::io(format!("cannot create {}", dir.display())))?;
+        fs::create_dir_all(dir)
+            .map_err(DevError::io(format!("cannot create {}", dir.display())))?;
         tools.hand_to_postgres(dir)?;
 
         progress("starting etcd");
@@ -160,7 +164,8 @@ impl LocalCluster {
         for i in 1..=options.servers {
             let name = format!("pg{i}");
             progress(&format!("starting Postgres {name}"));
-            let server = PgServer::start(&tools, &template, &dir.join(&name), &name, options.fsync)?;
+            let server =
+                PgServer::start(&tools, &template, &dir.join(&name), &name, options.fsync)?;
             cluster.servers.push(server);
         }
         cluster.write_state()?;
@@ -242,8 +247,12 @@ pub fn read_state(dir: &Path) -> Result<ClusterState, DevError> {
             }
         }
     })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| DevError::Failed(format!("{} is not a valid cluster state file: {e}", path.display())))
+    serde_json::from_slice(&bytes).map_err(|e| {
+        DevError::Failed(format!(
+            "{} is not a valid cluster state file: {e}",
+            path.display()
+        ))
+    })
 }
 
 /// Stops the cluster described by `dir/cluster.json` (started by another
@@ -266,7 +275,8 @@ pub fn stop_dir(dir: &Path, keep_data: bool) -> Result<ClusterState, DevError> {
     if keep_data {
         let _ = fs::remove_file(dir.join(STATE_FILE));
     } else {
-        fs::remove_dir_all(dir).map_err(DevError::io(format!("cannot remove {}", dir.display())))?;
+        fs::remove_dir_all(dir)
+            .map_err(DevError::io(format!("cannot remove {}", dir.display())))?;
     }
     Ok(state)
 }

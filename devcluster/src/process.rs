@@ -22,8 +22,8 @@ static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
 /// A loopback port nothing listens on right now.
 pub fn free_port() -> Result<u16, DevError> {
     for _ in 0..100 {
-        let listener =
-            TcpListener::bind("127.0.0.1:0").map_err(DevError::io("cannot bind a loopback port"))?;
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .map_err(DevError::io("cannot bind a loopback port"))?;
         let port = listener
             .local_addr()
             .map_err(DevError::io("cannot read a bound port"))?
@@ -88,17 +88,24 @@ impl EtcdProcess {
     }
 
     fn launch(&mut self) -> Result<(), DevError> {
-        fs::create_dir_all(&self.data_dir)
-            .map_err(DevError::io(format!("cannot create {}", self.data_dir.display())))?;
+        fs::create_dir_all(&self.data_dir).map_err(DevError::io(format!(
+            "cannot create {}",
+            self.data_dir.display()
+        )))?;
         let log_path = self.data_dir.with_extension("log");
         let log = log_file(&log_path)?;
-        let err_log = log.try_clone().map_err(DevError::io("cannot clone log handle"))?;
+        let err_log = log
+            .try_clone()
+            .map_err(DevError::io("cannot clone log handle"))?;
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let mut command = Command::new(&self.etcd_bin);
         command
             .arg("--name=shardline-dev")
-            .arg(format!("--data-dir={}", self.data_dir.join("data").display()))
+            .arg(format!(
+                "--data-dir={}",
+                self.data_dir.join("data").display()
+            ))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
@@ -117,9 +124,10 @@ impl EtcdProcess {
                 Ok(())
             });
         }
-        let child = command
-            .spawn()
-            .map_err(DevError::io(format!("cannot start {}", self.etcd_bin.display())))?;
+        let child = command.spawn().map_err(DevError::io(format!(
+            "cannot start {}",
+            self.etcd_bin.display()
+        )))?;
         self.pid = child.id();
         self.child = Some(child);
         let state = self.state();
@@ -160,7 +168,9 @@ impl EtcdProcess {
     fn terminate(&mut self, sig: libc::c_int) -> Result<(), DevError> {
         if let Some(mut child) = self.child.take() {
             signal(child.id(), sig);
-            let exited = wait_until(Duration::from_secs(10), || matches!(child.try_wait(), Ok(Some(_))));
+            let exited = wait_until(Duration::from_secs(10), || {
+                matches!(child.try_wait(), Ok(Some(_)))
+            });
             if !exited {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -214,7 +224,10 @@ pub fn stop_etcd_pid(state: &EtcdState) -> Result<(), DevError> {
     if !wait_until(Duration::from_secs(10), || !etcd_alive(state)) {
         signal(state.pid, libc::SIGKILL);
         if !wait_until(Duration::from_secs(5), || !etcd_alive(state)) {
-            return Err(DevError::Failed(format!("etcd (pid {}) did not stop", state.pid)));
+            return Err(DevError::Failed(format!(
+                "etcd (pid {}) did not stop",
+                state.pid
+            )));
         }
     }
     Ok(())
@@ -232,7 +245,13 @@ pub struct PgServer {
 impl PgServer {
     /// Copies the `template` data directory to `data_dir`, configures it for
     /// logical replication on a free port, and starts it.
-    pub fn start(tools: &Tools, template: &Path, data_dir: &Path, name: &str, fsync: bool) -> Result<PgServer, DevError> {
+    pub fn start(
+        tools: &Tools,
+        template: &Path,
+        data_dir: &Path,
+        name: &str,
+        fsync: bool,
+    ) -> Result<PgServer, DevError> {
         let port = free_port()?;
         if !data_dir.join("PG_VERSION").exists() {
             let mut copy = tools.as_pg_user("cp");
@@ -273,7 +292,10 @@ impl PgServer {
         drop(child.stdin.take());
         let status = child.wait().map_err(DevError::io("cannot wait for tee"))?;
         if !status.success() {
-            return Err(DevError::Failed(format!("cannot configure {}", data_dir.display())));
+            return Err(DevError::Failed(format!(
+                "cannot configure {}",
+                data_dir.display()
+            )));
         }
         let mut server = PgServer {
             name: name.to_string(),
@@ -332,7 +354,11 @@ impl PgServer {
     pub fn kill(&mut self) -> Result<(), DevError> {
         self.running = false;
         let mut command = self.tools.pg_command("pg_ctl");
-        command.arg("stop").arg("-D").arg(&self.data_dir).args(["-m", "immediate", "-w"]);
+        command
+            .arg("stop")
+            .arg("-D")
+            .arg(&self.data_dir)
+            .args(["-m", "immediate", "-w"]);
         run(&mut command, &format!("killing Postgres {}", self.name))
     }
 
@@ -348,6 +374,13 @@ pub fn stop_postgres(tools: &Tools, data_dir: &Path) -> Result<(), DevError> {
         return Ok(());
     }
     let mut command = tools.pg_command("pg_ctl");
-    command.arg("stop").arg("-D").arg(data_dir).args(["-m", "fast", "-w", "-t", "60"]);
-    run(&mut command, &format!("stopping Postgres in {}", data_dir.display()))
+    command
+        .arg("stop")
+        .arg("-D")
+        .arg(data_dir)
+        .args(["-m", "fast", "-w", "-t", "60"]);
+    run(
+        &mut command,
+        &format!("stopping Postgres in {}", data_dir.display()),
+    )
 }

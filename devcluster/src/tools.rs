@@ -34,7 +34,11 @@ impl Tools {
         let etcd = std::env::var_os("SHARDLINE_ETCD_BIN")
             .map(PathBuf::from)
             .or_else(|| find_on_path("etcd"))
-            .ok_or_else(|| DevError::Missing("etcd not found: run scripts/setup (installs Debian's etcd-server)".into()))?;
+            .ok_or_else(|| {
+                DevError::Missing(
+                    "etcd not found: run scripts/setup (installs Debian's etcd-server)".into(),
+                )
+            })?;
         let pg_bin = std::env::var_os("SHARDLINE_PG_BIN")
             .map(PathBuf::from)
             .or_else(|| {
@@ -77,7 +81,12 @@ impl Tools {
     pub fn as_pg_user(&self, program: impl AsRef<OsStr>) -> Command {
         if self.run_as_postgres {
             let mut command = Command::new("runuser");
-            command.args([OsStr::new("-u"), OsStr::new("postgres"), OsStr::new("--"), program.as_ref()]);
+            command.args([
+                OsStr::new("-u"),
+                OsStr::new("postgres"),
+                OsStr::new("--"),
+                program.as_ref(),
+            ]);
             command
         } else {
             Command::new(program)
@@ -89,7 +98,10 @@ impl Tools {
         if !self.run_as_postgres {
             return Ok(());
         }
-        run(Command::new("chown").args([OsStr::new("postgres:postgres"), dir.as_os_str()]), "chown")?;
+        run(
+            Command::new("chown").args([OsStr::new("postgres:postgres"), dir.as_os_str()]),
+            "chown",
+        )?;
         let reachable = self
             .as_pg_user("test")
             .arg("-w")
@@ -109,10 +121,15 @@ impl Tools {
     /// Creates a Postgres data directory (trust auth on loopback, UTF-8, C collation).
     pub fn initdb(&self, data_dir: &Path) -> Result<(), DevError> {
         let mut command = self.pg_command("initdb");
-        command
-            .arg("-D")
-            .arg(data_dir)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"]);
+        command.arg("-D").arg(data_dir).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C.UTF-8",
+            "--no-sync",
+        ]);
         run(&mut command, "initdb")
     }
 }

@@ -5,7 +5,9 @@
 //! Run: `cargo run -p shardline-examples --example photo_ids`
 
 use shardmap::embedded::{IdGenerator, IdLayout};
-use shardmap::{ClusterMap, Endpoint, Group, KeyType, KeyValue, Method, Server, ServerState, Table, TableKind};
+use shardmap::{
+    ClusterMap, Endpoint, Group, KeyType, KeyValue, Method, Server, ServerState, Table, TableKind,
+};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let servers = ["pg1", "pg2", "pg3"]
@@ -24,20 +26,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut map = ClusterMap::new("photos-demo", 1024, servers)?;
     map.groups.insert(
         "users".into(),
-        Group { name: "users".into(), key_type: KeyType::Bigint, method: Method::Hash },
+        Group {
+            name: "users".into(),
+            key_type: KeyType::Bigint,
+            method: Method::Hash,
+        },
     );
-    for (table, column, embedded_id) in [("users", "user_id", false), ("photos", "photo_id", true)] {
+    for (table, column, embedded_id) in [("users", "user_id", false), ("photos", "photo_id", true)]
+    {
         map.tables.insert(
             table.into(),
             Table {
                 name: table.into(),
-                kind: TableKind::Sharded { group: "users".into(), key_column: column.into(), embedded_id },
+                kind: TableKind::Sharded {
+                    group: "users".into(),
+                    key_column: column.into(),
+                    embedded_id,
+                },
             },
         );
     }
     map.validate()?;
 
-    let layout = IdLayout::new(map.partitions).ok_or("partition count too large for embedded ids")?;
+    let layout =
+        IdLayout::new(map.partitions).ok_or("partition count too large for embedded ids")?;
     let generator = IdGenerator::new(layout);
     println!("embedded id layout for {} partitions: partition bits start at bit {}, {} low bits per millisecond",
         map.partitions, layout.partition_shift(), layout.low_bits());

@@ -85,7 +85,12 @@ impl MapCache {
     /// change up to etcd revision `synced_revision` seen: the watch resumes
     /// after it (or reloads if etcd compacted it). Used to resume from a saved
     /// state, and by tests of the compaction path.
-    pub fn spawn_resuming(endpoints: Vec<String>, cluster: &str, known: Arc<Versioned>, synced_revision: i64) -> MapCache {
+    pub fn spawn_resuming(
+        endpoints: Vec<String>,
+        cluster: &str,
+        known: Arc<Versioned>,
+        synced_revision: i64,
+    ) -> MapCache {
         MapCache::spawn_inner(endpoints, cluster, None, Some(known), synced_revision)
     }
 
@@ -104,7 +109,11 @@ impl MapCache {
     }
 
     /// Waits until the cache holds map version `version` or newer.
-    pub async fn wait_for_version(&self, version: u64, timeout: Duration) -> Option<Arc<Versioned>> {
+    pub async fn wait_for_version(
+        &self,
+        version: u64,
+        timeout: Duration,
+    ) -> Option<Arc<Versioned>> {
         let mut rx = self.snapshot.clone();
         let wait = async {
             rx.wait_for(|s| s.as_ref().is_some_and(|v| v.map.version >= version))
@@ -191,7 +200,10 @@ impl Follower {
                 return SessionEnd::Compacted;
             }
             if response.canceled() {
-                return SessionEnd::Disconnected(format!("watch canceled: {}", response.cancel_reason()));
+                return SessionEnd::Disconnected(format!(
+                    "watch canceled: {}",
+                    response.cancel_reason()
+                ));
             }
             if response.created() {
                 self.set_health(true);
@@ -213,7 +225,9 @@ impl Follower {
                             map,
                             revision: kv.mod_revision(),
                         }))),
-                        Err(e) => warn!(cluster = %self.cluster, error = %e, "ignoring undecodable map update"),
+                        Err(e) => {
+                            warn!(cluster = %self.cluster, error = %e, "ignoring undecodable map update")
+                        }
                     },
                     EventType::Delete => self.publish(None),
                 }

@@ -193,7 +193,10 @@ mod tests {
             assert!(id > 0 || partition == 0);
             assert_eq!(layout.partition_of(id), Ok(partition));
             let (from, to) = layout.partition_bounds(partition);
-            assert!(id >= from && to.map_or(true, |to| id < to), "{id} outside its partition range");
+            assert!(
+                id >= from && to.is_none_or(|to| id < to),
+                "{id} outside its partition range"
+            );
         }
     }
 
@@ -202,7 +205,10 @@ mod tests {
         let layout = IdLayout::new(8).expect("valid layout");
         assert_eq!(layout.partition_bounds(0).0, 0);
         for p in 0..7 {
-            assert_eq!(layout.partition_bounds(p).1, Some(layout.partition_bounds(p + 1).0));
+            assert_eq!(
+                layout.partition_bounds(p).1,
+                Some(layout.partition_bounds(p + 1).0)
+            );
         }
         assert_eq!(layout.partition_bounds(7).1, None);
         assert_eq!(layout.partition_of(i64::MAX), Ok(7));
@@ -226,7 +232,9 @@ mod tests {
         let a = IdGenerator::with_node(layout, 0, 2).expect("node 0");
         let b = IdGenerator::with_node(layout, 1, 2).expect("node 1");
         let ids_a: std::collections::HashSet<i64> = (0..5000).map(|_| a.next_id(3)).collect();
-        assert!((0..5000).map(|_| b.next_id(3)).all(|id| !ids_a.contains(&id)));
+        assert!((0..5000)
+            .map(|_| b.next_id(3))
+            .all(|id| !ids_a.contains(&id)));
         assert!(IdGenerator::with_node(layout, 4, 2).is_none());
     }
 

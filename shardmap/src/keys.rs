@@ -148,13 +148,18 @@ mod tests {
         assert_eq!(KeyType::Int.parse_value("12"), Ok(KeyValue::Int(12)));
         assert!(KeyType::Int.parse_value("3000000000").is_err());
         assert!(KeyType::Smallint.parse_value("40000").is_err());
-        assert_eq!(KeyType::Bigint.parse_value("-9223372036854775808"), Ok(KeyValue::Int(i64::MIN)));
+        assert_eq!(
+            KeyType::Bigint.parse_value("-9223372036854775808"),
+            Ok(KeyValue::Int(i64::MIN))
+        );
         assert!(KeyType::Bigint.parse_value("12abc").is_err());
     }
 
     #[test]
     fn uuid_and_aliases_parse() {
-        assert!(KeyType::Uuid.parse_value("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11").is_ok());
+        assert!(KeyType::Uuid
+            .parse_value("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+            .is_ok());
         assert!(KeyType::Uuid.parse_value("nope").is_err());
         assert_eq!(KeyType::parse("INT8"), Some(KeyType::Bigint));
         assert_eq!(KeyType::parse("float"), None);

@@ -20,7 +20,7 @@ pub mod store;
 pub use cache::MapCache;
 pub use keys::{KeyError, KeyType, KeyValue};
 pub use model::{
-    Assignment, ClusterMap, Endpoint, Group, InvalidMap, ListRule, LookupError, Method, PartitionState, RangeRule,
-    Server, ServerState, Table, TableKind,
+    Assignment, ClusterMap, Endpoint, Group, InvalidMap, ListRule, LookupError, Method,
+    PartitionState, RangeRule, Server, ServerState, Table, TableKind,
 };
 pub use store::{Change, HistoryEntry, MapStore, StoreError, Versioned};

@@ -60,7 +60,11 @@ impl Endpoint {
         let rest = url
             .strip_prefix("postgres://")
             .or_else(|| url.strip_prefix("postgresql://"))
-            .ok_or_else(|| format!("{url:?} is not a postgres:// URL (expected postgres://user@host:port/dbname)"))?;
+            .ok_or_else(|| {
+                format!(
+                    "{url:?} is not a postgres:// URL (expected postgres://user@host:port/dbname)"
+                )
+            })?;
         let (authority, dbname) = match rest.split_once('/') {
             Some((authority, path)) => (authority, path.split('?').next().unwrap_or("")),
             None => (rest, ""),
@@ -92,15 +96,27 @@ impl Endpoint {
         Ok(Endpoint {
             host: host.to_string(),
             port,
-            dbname: if dbname.is_empty() { "postgres".into() } else { dbname.to_string() },
-            user: if user.is_empty() { "postgres".into() } else { user.to_string() },
+            dbname: if dbname.is_empty() {
+                "postgres".into()
+            } else {
+                dbname.to_string()
+            },
+            user: if user.is_empty() {
+                "postgres".into()
+            } else {
+                user.to_string()
+            },
         })
     }
 }
 
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "postgres://{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)
+        write!(
+            f,
+            "postgres://{}@{}:{}/{}",
+            self.user, self.host, self.port, self.dbname
+        )
     }
 }
 
@@ -252,7 +268,11 @@ fn valid_identifier(name: &str) -> bool {
 impl ClusterMap {
     /// A new map with `partitions` partitions split into contiguous, equal
     /// blocks over `servers` (in the order given). Validated.
-    pub fn new(cluster: &str, partitions: u32, servers: Vec<Server>) -> Result<ClusterMap, InvalidMap> {
+    pub fn new(
+        cluster: &str,
+        partitions: u32,
+        servers: Vec<Server>,
+    ) -> Result<ClusterMap, InvalidMap> {
         let names: Vec<String> = servers.iter().map(|s| s.name.clone()).collect();
         let assignments = if names.is_empty() {
             Vec::new()
@@ -273,7 +293,9 @@ impl ClusterMap {
             }
         }
         if !duplicates.is_empty() {
-            return Err(InvalidMap { problems: duplicates });
+            return Err(InvalidMap {
+                problems: duplicates,
+            });
         }
         let map = ClusterMap {
             cluster: cluster.to_string(),
@@ -308,7 +330,10 @@ impl ClusterMap {
         }
         for (name, server) in &self.servers {
             if name != &server.name {
-                problems.push(format!("server entry {name:?} holds a server named {:?}", server.name));
+                problems.push(format!(
+                    "server entry {name:?} holds a server named {:?}",
+                    server.name
+                ));
             }
             if !valid_name(name) {
                 problems.push(format!(
@@ -348,7 +373,9 @@ impl ClusterMap {
         }
         for (name, group) in &self.groups {
             if name != &group.name || !valid_identifier(name) {
-                problems.push(format!("group name {name:?} must be a lowercase identifier"));
+                problems.push(format!(
+                    "group name {name:?} must be a lowercase identifier"
+                ));
             }
             self.validate_group(group, &mut problems);
         }
@@ -370,7 +397,9 @@ impl ClusterMap {
                         ));
                     }
                     match self.groups.get(group) {
-                        None => problems.push(format!("table {name:?} names unknown group {group:?}")),
+                        None => {
+                            problems.push(format!("table {name:?} names unknown group {group:?}"))
+                        }
                         Some(_) => {
                             if *embedded_id && IdLayout::new(self.partitions).is_none() {
                                 problems.push(format!(
@@ -382,7 +411,9 @@ impl ClusterMap {
                 }
                 TableKind::Unsharded { home } => {
                     if !self.servers.contains_key(home) {
-                        problems.push(format!("unsharded table {name:?} has unknown home server {home:?}"));
+                        problems.push(format!(
+                            "unsharded table {name:?} has unknown home server {home:?}"
+                        ));
                     }
                 }
                 TableKind::Reference => {}
@@ -409,7 +440,9 @@ impl ClusterMap {
             Method::Hash => {}
             Method::Embedded => {
                 if group.key_type != KeyType::Bigint {
-                    problems.push(format!("group {name:?}: the embedded method needs bigint keys"));
+                    problems.push(format!(
+                        "group {name:?}: the embedded method needs bigint keys"
+                    ));
                 }
                 if IdLayout::new(self.partitions).is_none() {
                     problems.push(format!(
@@ -421,7 +454,9 @@ impl ClusterMap {
                 let mut parsed = Vec::new();
                 for rule in ranges {
                     check_partition(rule.partition, problems);
-                    let parse = |bound: &Option<String>, problems: &mut Vec<String>| -> Option<Option<KeyValue>> {
+                    let parse = |bound: &Option<String>,
+                                 problems: &mut Vec<String>|
+                     -> Option<Option<KeyValue>> {
                         match bound {
                             None => Some(None),
                             Some(text) => match group.key_type.parse_value(text) {
@@ -433,7 +468,9 @@ impl ClusterMap {
                             },
                         }
                     };
-                    let (Some(from), Some(to)) = (parse(&rule.from, problems), parse(&rule.to, problems)) else {
+                    let (Some(from), Some(to)) =
+                        (parse(&rule.from, problems), parse(&rule.to, problems))
+                    else {
                         continue;
                     };
                     if let (Some(f), Some(t)) = (&from, &to) {
@@ -482,7 +519,8 @@ impl ClusterMap {
                             Err(e) => problems.push(format!("group {name:?}: list value: {e}")),
                             Ok(v) => {
                                 if !seen.insert(v.to_string()) {
-                                    problems.push(format!("group {name:?}: value {v} is listed twice"));
+                                    problems
+                                        .push(format!("group {name:?}: value {v} is listed twice"));
                                 }
                             }
                         }
@@ -501,7 +539,10 @@ impl ClusterMap {
             .tables
             .get(table)
             .ok_or_else(|| LookupError::UnknownTable(table.to_string()))?;
-        let TableKind::Sharded { group, embedded_id, .. } = &table_def.kind else {
+        let TableKind::Sharded {
+            group, embedded_id, ..
+        } = &table_def.kind
+        else {
             return Err(LookupError::NotSharded(table.to_string()));
         };
         let group = self
@@ -538,8 +579,11 @@ impl ClusterMap {
 
     /// Partitions owned by each server (servers owning none included).
     pub fn partitions_by_server(&self) -> BTreeMap<&str, Vec<u32>> {
-        let mut by_server: BTreeMap<&str, Vec<u32>> =
-            self.servers.keys().map(|name| (name.as_str(), Vec::new())).collect();
+        let mut by_server: BTreeMap<&str, Vec<u32>> = self
+            .servers
+            .keys()
+            .map(|name| (name.as_str(), Vec::new()))
+            .collect();
         for (partition, assignment) in self.assignments.iter().enumerate() {
             by_server
                 .entry(assignment.owner.as_str())
@@ -652,7 +696,8 @@ mod tests {
     fn server(name: &str, region: Option<&str>) -> Server {
         Server {
             name: name.into(),
-            primary: Endpoint::parse(&format!("postgres://postgres@127.0.0.1:1/{name}")).expect("valid url"),
+            primary: Endpoint::parse(&format!("postgres://postgres@127.0.0.1:1/{name}"))
+                .expect("valid url"),
             replicas: vec![],
             region: region.map(Into::into),
             state: ServerState::Active,
@@ -660,7 +705,12 @@ mod tests {
     }
 
     fn two_server_map() -> ClusterMap {
-        ClusterMap::new("test", 8, vec![server("a", Some("eu")), server("b", Some("us"))]).expect("valid map")
+        ClusterMap::new(
+            "test",
+            8,
+            vec![server("a", Some("eu")), server("b", Some("us"))],
+        )
+        .expect("valid map")
     }
 
     #[test]
@@ -669,9 +719,17 @@ mod tests {
         let by_server = map.partitions_by_server();
         assert_eq!(by_server["a"], vec![0, 1, 2, 3]);
         assert_eq!(by_server["b"], vec![4, 5, 6, 7]);
-        let three = ClusterMap::new("t", 64, vec![server("a", None), server("b", None), server("c", None)])
-            .expect("valid");
-        let counts: Vec<usize> = three.partitions_by_server().values().map(Vec::len).collect();
+        let three = ClusterMap::new(
+            "t",
+            64,
+            vec![server("a", None), server("b", None), server("c", None)],
+        )
+        .expect("valid");
+        let counts: Vec<usize> = three
+            .partitions_by_server()
+            .values()
+            .map(Vec::len)
+            .collect();
         assert_eq!(counts, vec![22, 21, 21]);
     }
 
@@ -687,8 +745,15 @@ mod tests {
         map.assignments[3].owner = "zzz".into();
         map.assignments[5].owner = String::new();
         let err = map.validate().expect_err("invalid");
-        assert!(err.to_string().contains("partition 3 is owned by unknown server \"zzz\""), "{err}");
-        assert!(err.to_string().contains("partition 5 has no owner"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("partition 3 is owned by unknown server \"zzz\""),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("partition 5 has no owner"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -696,7 +761,11 @@ mod tests {
         let mut map = two_server_map();
         map.assignments[5].region = Some("eu".into()); // owned by b, in us
         let err = map.validate().expect_err("invalid");
-        assert!(err.to_string().contains("partition 5 must stay in region \"eu\""), "{err}");
+        assert!(
+            err.to_string()
+                .contains("partition 5 must stay in region \"eu\""),
+            "{err}"
+        );
     }
 
     #[test]
@@ -709,14 +778,26 @@ mod tests {
                 key_type: KeyType::Bigint,
                 method: Method::Range {
                     ranges: vec![
-                        RangeRule { from: Some("0".into()), to: Some("100".into()), partition: 0 },
-                        RangeRule { from: Some("50".into()), to: Some("200".into()), partition: 1 },
+                        RangeRule {
+                            from: Some("0".into()),
+                            to: Some("100".into()),
+                            partition: 0,
+                        },
+                        RangeRule {
+                            from: Some("50".into()),
+                            to: Some("200".into()),
+                            partition: 1,
+                        },
                     ],
                 },
             },
         );
         let err = map.validate().expect_err("overlap");
-        assert!(err.to_string().contains("ranges [0, 100) and [50, 200) overlap"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("ranges [0, 100) and [50, 200) overlap"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -729,8 +810,16 @@ mod tests {
                 key_type: KeyType::Bigint,
                 method: Method::Range {
                     ranges: vec![
-                        RangeRule { from: None, to: Some("100".into()), partition: 2 },
-                        RangeRule { from: Some("100".into()), to: None, partition: 5 },
+                        RangeRule {
+                            from: None,
+                            to: Some("100".into()),
+                            partition: 2,
+                        },
+                        RangeRule {
+                            from: Some("100".into()),
+                            to: None,
+                            partition: 5,
+                        },
                     ],
                 },
             },
@@ -741,7 +830,10 @@ mod tests {
                 name: "geo".into(),
                 key_type: KeyType::Text,
                 method: Method::List {
-                    lists: vec![ListRule { values: vec!["DE".into(), "FR".into()], partition: 4 }],
+                    lists: vec![ListRule {
+                        values: vec!["DE".into(), "FR".into()],
+                        partition: 4,
+                    }],
                     default: None,
                 },
             },
@@ -751,14 +843,21 @@ mod tests {
                 name.into(),
                 Table {
                     name: name.into(),
-                    kind: TableKind::Sharded { group: group.into(), key_column: "k".into(), embedded_id: false },
+                    kind: TableKind::Sharded {
+                        group: group.into(),
+                        key_column: "k".into(),
+                        embedded_id: false,
+                    },
                 },
             );
         }
         map.validate().expect("valid");
         assert_eq!(map.partition_of("accounts", &KeyValue::Int(-7)), Ok(2));
         assert_eq!(map.partition_of("accounts", &KeyValue::Int(100)), Ok(5));
-        assert_eq!(map.partition_of("votes", &KeyValue::Text("FR".into())), Ok(4));
+        assert_eq!(
+            map.partition_of("votes", &KeyValue::Text("FR".into())),
+            Ok(4)
+        );
         assert!(matches!(
             map.partition_of("votes", &KeyValue::Text("US".into())),
             Err(LookupError::Key(KeyError::NotListed { .. }))
@@ -767,7 +866,10 @@ mod tests {
             map.partition_of("accounts", &KeyValue::Text("x".into())),
             Err(LookupError::Key(KeyError::WrongType { .. }))
         ));
-        assert!(matches!(map.partition_of("nope", &KeyValue::Int(1)), Err(LookupError::UnknownTable(_))));
+        assert!(matches!(
+            map.partition_of("nope", &KeyValue::Int(1)),
+            Err(LookupError::UnknownTable(_))
+        ));
     }
 
     #[test]
@@ -775,34 +877,54 @@ mod tests {
         let mut map = two_server_map();
         map.groups.insert(
             "users".into(),
-            Group { name: "users".into(), key_type: KeyType::Bigint, method: Method::Hash },
+            Group {
+                name: "users".into(),
+                key_type: KeyType::Bigint,
+                method: Method::Hash,
+            },
         );
         map.tables.insert(
             "photos".into(),
             Table {
                 name: "photos".into(),
-                kind: TableKind::Sharded { group: "users".into(), key_column: "photo_id".into(), embedded_id: true },
+                kind: TableKind::Sharded {
+                    group: "users".into(),
+                    key_column: "photo_id".into(),
+                    embedded_id: true,
+                },
             },
         );
         map.tables.insert(
             "users".into(),
             Table {
                 name: "users".into(),
-                kind: TableKind::Sharded { group: "users".into(), key_column: "user_id".into(), embedded_id: false },
+                kind: TableKind::Sharded {
+                    group: "users".into(),
+                    key_column: "user_id".into(),
+                    embedded_id: false,
+                },
             },
         );
         map.validate().expect("valid");
         let user_partition = map.partition_of("users", &KeyValue::Int(42)).expect("hash");
         let layout = IdLayout::new(8).expect("layout");
         let photo_id = crate::embedded::IdGenerator::new(layout).next_id(user_partition);
-        assert_eq!(map.partition_of("photos", &KeyValue::Int(photo_id)), Ok(user_partition));
+        assert_eq!(
+            map.partition_of("photos", &KeyValue::Int(photo_id)),
+            Ok(user_partition)
+        );
     }
 
     #[test]
     fn urls_with_passwords_are_refused() {
-        assert!(Endpoint::parse("postgres://u:secret@h:5/db").expect_err("password").contains("password"));
+        assert!(Endpoint::parse("postgres://u:secret@h:5/db")
+            .expect_err("password")
+            .contains("password"));
         let e = Endpoint::parse("postgresql://h").expect("defaults");
-        assert_eq!((e.port, e.user.as_str(), e.dbname.as_str()), (5432, "postgres", "postgres"));
+        assert_eq!(
+            (e.port, e.user.as_str(), e.dbname.as_str()),
+            (5432, "postgres", "postgres")
+        );
         assert!(Endpoint::parse("mysql://h").is_err());
         assert!(Endpoint::parse("postgres://h:99999/db").is_err());
     }

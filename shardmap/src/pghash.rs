@@ -149,7 +149,10 @@ pub fn row_hash_int4(value: i32) -> u64 {
 
 /// `hashint2extended` with the partition seed, folded into a row hash.
 pub fn row_hash_int2(value: i16) -> u64 {
-    row_hash(hash_uint32_extended(i32::from(value) as u32, HASH_PARTITION_SEED))
+    row_hash(hash_uint32_extended(
+        i32::from(value) as u32,
+        HASH_PARTITION_SEED,
+    ))
 }
 
 /// `hashtextextended` (deterministic collation: the UTF-8 bytes) with the
@@ -188,7 +191,10 @@ mod tests {
         // bytes of the word; the extended variants keep that property.
         for k in [0u32, 1, 0xdead_beef, u32::MAX] {
             for seed in [0u64, HASH_PARTITION_SEED, 42] {
-                assert_eq!(hash_uint32_extended(k, seed), hash_bytes_extended(&k.to_le_bytes(), seed));
+                assert_eq!(
+                    hash_uint32_extended(k, seed),
+                    hash_bytes_extended(&k.to_le_bytes(), seed)
+                );
             }
         }
     }
@@ -196,8 +202,9 @@ mod tests {
     #[test]
     fn every_tail_length_is_distinct() {
         let data: Vec<u8> = (0u8..40).collect();
-        let hashes: std::collections::HashSet<u64> =
-            (0..=data.len()).map(|n| hash_bytes_extended(&data[..n], HASH_PARTITION_SEED)).collect();
+        let hashes: std::collections::HashSet<u64> = (0..=data.len())
+            .map(|n| hash_bytes_extended(&data[..n], HASH_PARTITION_SEED))
+            .collect();
         assert_eq!(hashes.len(), data.len() + 1);
     }
 }

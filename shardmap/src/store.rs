@@ -10,7 +10,9 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, SortOrder, SortTarget, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, SortOrder, SortTarget, Txn, TxnOp,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{ClusterMap, InvalidMap};
@@ -179,7 +181,11 @@ impl MapStore {
     }
 
     /// Stores the first version of the map; fails if one exists already.
-    pub async fn initialize(&self, mut map: ClusterMap, actor: &str) -> Result<Versioned, StoreError> {
+    pub async fn initialize(
+        &self,
+        mut map: ClusterMap,
+        actor: &str,
+    ) -> Result<Versioned, StoreError> {
         if map.cluster != self.cluster {
             return Err(StoreError::Rejected(format!(
                 "map is for cluster {:?} but this store manages {:?}",
@@ -190,7 +196,11 @@ impl MapStore {
         map.validate()?;
         let change = Change::new(
             "init",
-            format!("{} partitions over {} servers", map.partitions, map.servers.len()),
+            format!(
+                "{} partitions over {} servers",
+                map.partitions,
+                map.servers.len()
+            ),
         );
         let guard = Compare::create_revision(self.keys.map(), CompareOp::Equal, 0);
         match self.commit(guard, &map, actor, &change).await? {
@@ -217,7 +227,10 @@ impl MapStore {
         next.validate()?;
         let guard = Compare::mod_revision(self.keys.map(), CompareOp::Equal, current.revision);
         match self.commit(guard, &next, actor, change).await? {
-            Some(revision) => Ok(Versioned { map: next, revision }),
+            Some(revision) => Ok(Versioned {
+                map: next,
+                revision,
+            }),
             None => Err(StoreError::Conflict {
                 expected: current.revision,
             }),
@@ -261,7 +274,8 @@ impl MapStore {
             detail: change.detail.clone(),
         };
         let map_json = serde_json::to_vec(map).map_err(|e| StoreError::Rejected(e.to_string()))?;
-        let entry_json = serde_json::to_vec(&entry).map_err(|e| StoreError::Rejected(e.to_string()))?;
+        let entry_json =
+            serde_json::to_vec(&entry).map_err(|e| StoreError::Rejected(e.to_string()))?;
         let history_key = self.keys.history(map.version);
         let txn = Txn::new()
             .when([
@@ -298,9 +312,11 @@ impl MapStore {
             .kvs()
             .iter()
             .map(|kv| {
-                serde_json::from_slice::<HistoryEntry>(kv.value()).map_err(|e| StoreError::Corrupt {
-                    cluster: self.cluster.clone(),
-                    why: format!("history entry {}: {e}", String::from_utf8_lossy(kv.key())),
+                serde_json::from_slice::<HistoryEntry>(kv.value()).map_err(|e| {
+                    StoreError::Corrupt {
+                        cluster: self.cluster.clone(),
+                        why: format!("history entry {}: {e}", String::from_utf8_lossy(kv.key())),
+                    }
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;

@@ -17,7 +17,10 @@ impl TestCluster {
     /// Starts etcd and `servers` Postgres servers (fsync off).
     pub fn start(servers: usize) -> TestCluster {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SHARDLINE_LOG").unwrap_or_else(|_| "warn".into()))
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("SHARDLINE_LOG")
+                    .unwrap_or_else(|_| "warn".into()),
+            )
             .with_test_writer()
             .try_init();
         let dir = tempfile::Builder::new()
@@ -69,7 +72,8 @@ impl TestCluster {
         if servers.is_empty() {
             servers.push(Server {
                 name: "placeholder".into(),
-                primary: Endpoint::parse("postgres://postgres@127.0.0.1:9/postgres").expect("parses"),
+                primary: Endpoint::parse("postgres://postgres@127.0.0.1:9/postgres")
+                    .expect("parses"),
                 replicas: Vec::new(),
                 region: None,
                 state: ServerState::Active,

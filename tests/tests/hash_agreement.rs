@@ -17,7 +17,10 @@ async fn create_hash_table(client: &tokio_postgres::Client, table: &str, sql_typ
             "CREATE TABLE {table}_p{r} PARTITION OF {table} FOR VALUES WITH (MODULUS {MODULUS}, REMAINDER {r});"
         ));
     }
-    client.batch_execute(&ddl).await.expect("create hash-partitioned table");
+    client
+        .batch_execute(&ddl)
+        .await
+        .expect("create hash-partitioned table");
 }
 
 /// Reads back every row's key (as text) and leaf, and checks our partition
@@ -29,7 +32,10 @@ async fn check_agreement(client: &tokio_postgres::Client, table: &str, key_type:
         method: Method::Hash,
     };
     let rows = client
-        .query(&format!("SELECT k::text, tableoid::regclass::text FROM {table}"), &[])
+        .query(
+            &format!("SELECT k::text, tableoid::regclass::text FROM {table}"),
+            &[],
+        )
         .await
         .expect("read back");
     let mut mismatches = Vec::new();
@@ -40,10 +46,14 @@ async fn check_agreement(client: &tokio_postgres::Client, table: &str, key_type:
             .rsplit_once("_p")
             .and_then(|(_, r)| r.parse().ok())
             .unwrap_or_else(|| panic!("unexpected leaf name {leaf}"));
-        let key = key_type.parse_value(&key_text).expect("Postgres's text form parses");
+        let key = key_type
+            .parse_value(&key_text)
+            .expect("Postgres's text form parses");
         let ours = group_partition(&group, MODULUS, &key).expect("hash never fails on a valid key");
         if ours != postgres_partition {
-            mismatches.push(format!("{key_text:?}: postgres {postgres_partition}, shardline {ours}"));
+            mismatches.push(format!(
+                "{key_text:?}: postgres {postgres_partition}, shardline {ours}"
+            ));
         }
     }
     assert!(
@@ -57,9 +67,13 @@ async fn check_agreement(client: &tokio_postgres::Client, table: &str, key_type:
 }
 
 fn random_text(rng: &mut impl Rng) -> String {
-    const ALPHABET: &[char] = &['a', 'Z', '0', ' ', '-', '_', 'é', 'ß', '中', '文', '😀', '\'', '"', '\\'];
+    const ALPHABET: &[char] = &[
+        'a', 'Z', '0', ' ', '-', '_', 'é', 'ß', '中', '文', '😀', '\'', '"', '\\',
+    ];
     let len = rng.random_range(0..40);
-    (0..len).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())]).collect()
+    (0..len)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())])
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,13 +84,24 @@ async fn postgres_and_shardline_agree_on_hash_partitions() {
 
     // bigint: edges, small values, and the whole 64-bit range.
     create_hash_table(&client, "h_bigint", "bigint").await;
-    let mut bigints: Vec<i64> = vec![0, 1, -1, i64::MIN, i64::MAX, i64::from(i32::MIN), i64::from(i32::MAX) + 1];
+    let mut bigints: Vec<i64> = vec![
+        0,
+        1,
+        -1,
+        i64::MIN,
+        i64::MAX,
+        i64::from(i32::MIN),
+        i64::from(i32::MAX) + 1,
+    ];
     bigints.extend((0..KEYS_PER_TYPE / 2).map(|i| i as i64 - 2000));
     while bigints.len() < KEYS_PER_TYPE {
         bigints.push(rng.random());
     }
     client
-        .execute("INSERT INTO h_bigint SELECT unnest($1::bigint[])", &[&bigints])
+        .execute(
+            "INSERT INTO h_bigint SELECT unnest($1::bigint[])",
+            &[&bigints],
+        )
         .await
         .expect("insert bigints");
 
@@ -93,12 +118,20 @@ async fn postgres_and_shardline_agree_on_hash_partitions() {
     create_hash_table(&client, "h_smallint", "smallint").await;
     let smallints: Vec<i16> = (i16::MIN..=i16::MAX).step_by(7).collect();
     client
-        .execute("INSERT INTO h_smallint SELECT unnest($1::smallint[])", &[&smallints])
+        .execute(
+            "INSERT INTO h_smallint SELECT unnest($1::smallint[])",
+            &[&smallints],
+        )
         .await
         .expect("insert smallints");
 
     create_hash_table(&client, "h_text", "text").await;
-    let mut texts: Vec<String> = vec![String::new(), "a".into(), "user-42".into(), "x".repeat(1000)];
+    let mut texts: Vec<String> = vec![
+        String::new(),
+        "a".into(),
+        "user-42".into(),
+        "x".repeat(1000),
+    ];
     while texts.len() < KEYS_PER_TYPE {
         texts.push(random_text(&mut rng));
     }
@@ -117,15 +150,34 @@ async fn postgres_and_shardline_agree_on_hash_partitions() {
         .await
         .expect("insert uuids");
 
-    assert_eq!(check_agreement(&client, "h_bigint", KeyType::Bigint).await, KEYS_PER_TYPE);
-    assert_eq!(check_agreement(&client, "h_int", KeyType::Int).await, KEYS_PER_TYPE);
-    assert_eq!(check_agreement(&client, "h_smallint", KeyType::Smallint).await, smallints.len());
-    assert_eq!(check_agreement(&client, "h_text", KeyType::Text).await, KEYS_PER_TYPE);
-    assert_eq!(check_agreement(&client, "h_uuid", KeyType::Uuid).await, KEYS_PER_TYPE);
+    assert_eq!(
+        check_agreement(&client, "h_bigint", KeyType::Bigint).await,
+        KEYS_PER_TYPE
+    );
+    assert_eq!(
+        check_agreement(&client, "h_int", KeyType::Int).await,
+        KEYS_PER_TYPE
+    );
+    assert_eq!(
+        check_agreement(&client, "h_smallint", KeyType::Smallint).await,
+        smallints.len()
+    );
+    assert_eq!(
+        check_agreement(&client, "h_text", KeyType::Text).await,
+        KEYS_PER_TYPE
+    );
+    assert_eq!(
+        check_agreement(&client, "h_uuid", KeyType::Uuid).await,
+        KEYS_PER_TYPE
+    );
 
     // A literal from the SQL side too: the value Postgres's own
     // satisfies_hash_partition() accepts must be the remainder we compute.
-    let group = Group { name: "g".into(), key_type: KeyType::Bigint, method: Method::Hash };
+    let group = Group {
+        name: "g".into(),
+        key_type: KeyType::Bigint,
+        method: Method::Hash,
+    };
     for key in [42_i64, -7, 1 << 40] {
         let ours = group_partition(&group, MODULUS, &KeyValue::Int(key)).expect("hash");
         let row = client

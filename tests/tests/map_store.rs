@@ -28,7 +28,10 @@ async fn racing_writers_never_both_win_the_same_revision() {
                 let owner = "placeholder".to_string();
                 next.assignments[round % 16].owner = owner;
                 let change = Change::new("race", format!("writer {id} round {round}"));
-                let won = match store.compare_and_swap(&current, next, "test", &change).await {
+                let won = match store
+                    .compare_and_swap(&current, next, "test", &change)
+                    .await
+                {
                     Ok(_) => true,
                     Err(StoreError::Conflict { .. }) => false,
                     Err(e) => panic!("unexpected store error: {e}"),
@@ -38,22 +41,46 @@ async fn racing_writers_never_both_win_the_same_revision() {
             outcomes
         }));
     }
-    let b = handles.pop().expect("writer b").await.expect("writer b ran");
-    let a = handles.pop().expect("writer a").await.expect("writer a ran");
+    let b = handles
+        .pop()
+        .expect("writer b")
+        .await
+        .expect("writer b ran");
+    let a = handles
+        .pop()
+        .expect("writer a")
+        .await
+        .expect("writer a ran");
     let mut wins = 0;
     for round in 0..ROUNDS {
         let ((rev_a, won_a), (rev_b, won_b)) = (a[round], b[round]);
-        assert_eq!(rev_a, rev_b, "round {round}: both writers read the same revision");
-        assert!(!(won_a && won_b), "round {round}: both writers won from revision {rev_a}");
-        assert!(won_a || won_b, "round {round}: neither writer won from revision {rev_a}");
+        assert_eq!(
+            rev_a, rev_b,
+            "round {round}: both writers read the same revision"
+        );
+        assert!(
+            !(won_a && won_b),
+            "round {round}: both writers won from revision {rev_a}"
+        );
+        assert!(
+            won_a || won_b,
+            "round {round}: neither writer won from revision {rev_a}"
+        );
         wins += 1;
     }
     let store = cluster.store("race").await;
     let last = store.load().await.expect("load");
     assert_eq!(last.map.version, first.map.version + wins);
     let history = store.history(None).await.expect("history");
-    assert_eq!(history.len() as u64, last.map.version, "one history entry per version");
-    assert!(history.windows(2).all(|w| w[1].version == w[0].version + 1), "history is contiguous");
+    assert_eq!(
+        history.len() as u64,
+        last.map.version,
+        "one history entry per version"
+    );
+    assert!(
+        history.windows(2).all(|w| w[1].version == w[0].version + 1),
+        "history is contiguous"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,7 +96,11 @@ async fn invalid_changes_are_refused_and_leave_the_map_alone() {
         .await
         .expect_err("unknown server refused");
     assert!(matches!(err, StoreError::Invalid(_)), "{err}");
-    assert!(err.to_string().contains("partition 3 is owned by unknown server \"ghost\""), "{err}");
+    assert!(
+        err.to_string()
+            .contains("partition 3 is owned by unknown server \"ghost\""),
+        "{err}"
+    );
 
     let err = store
         .update("test", |_| Err("refused by the edit".to_string()))
@@ -87,8 +118,13 @@ async fn invalid_changes_are_refused_and_leave_the_map_alone() {
         .expect_err("second init refused");
     assert!(matches!(err, StoreError::AlreadyInitialized(_)), "{err}");
 
-    let missing = MapStore::connect(&cluster.etcd_endpoints(), "nothing-here").await.expect("connect");
-    assert!(matches!(missing.load().await, Err(StoreError::NotInitialized(_))));
+    let missing = MapStore::connect(&cluster.etcd_endpoints(), "nothing-here")
+        .await
+        .expect("connect");
+    assert!(matches!(
+        missing.load().await,
+        Err(StoreError::NotInitialized(_))
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,18 +141,30 @@ async fn update_retries_after_a_concurrent_change_and_records_history() {
                 let other = other.clone();
                 let current = load_from_another_thread(&other);
                 let mut next = current.map.clone();
-                next.servers.values_mut().for_each(|s| s.region = Some("eu".into()));
+                next.servers
+                    .values_mut()
+                    .for_each(|s| s.region = Some("eu".into()));
                 write_from_another_thread(&other, &current, next);
             }
-            map.servers.values_mut().for_each(|s| s.state = ServerState::Draining);
+            map.servers
+                .values_mut()
+                .for_each(|s| s.state = ServerState::Draining);
             Ok(Change::new("server drain", "all"))
         })
         .await
         .expect("update succeeds after retrying");
     assert_eq!(result.map.version, saved.map.version + 2);
     // The retried edit was applied on top of the concurrent change, not over it.
-    assert!(result.map.servers.values().all(|s| s.region.as_deref() == Some("eu")));
-    assert!(result.map.servers.values().all(|s| s.state == ServerState::Draining));
+    assert!(result
+        .map
+        .servers
+        .values()
+        .all(|s| s.region.as_deref() == Some("eu")));
+    assert!(result
+        .map
+        .servers
+        .values()
+        .all(|s| s.state == ServerState::Draining));
     let history = store.history(Some(2)).await.expect("history");
     let actors: Vec<&str> = history.iter().map(|h| h.actor.as_str()).collect();
     assert_eq!(actors, vec!["bob", "alice"]);
@@ -126,17 +174,27 @@ async fn update_retries_after_a_concurrent_change_and_records_history() {
 fn load_from_another_thread(store: &MapStore) -> shardmap::Versioned {
     let store = store.clone();
     std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         runtime.block_on(store.load()).expect("load")
     })
     .join()
     .expect("load thread")
 }
 
-fn write_from_another_thread(store: &MapStore, current: &shardmap::Versioned, next: shardmap::ClusterMap) {
+fn write_from_another_thread(
+    store: &MapStore,
+    current: &shardmap::Versioned,
+    next: shardmap::ClusterMap,
+) {
     let (store, current) = (store.clone(), current.clone());
     std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         runtime
             .block_on(store.compare_and_swap(&current, next, "bob", &Change::new("region", "eu")))
             .expect("concurrent write")

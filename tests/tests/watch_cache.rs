@@ -18,7 +18,12 @@ async fn bump(store: &MapStore, n: usize) {
 }
 
 /// Collects observed versions until `version` arrives or `timeout` passes.
-async fn collect_until(rx: &mut mpsc::UnboundedReceiver<Arc<Versioned>>, seen: &mut Vec<u64>, version: u64, timeout: Duration) {
+async fn collect_until(
+    rx: &mut mpsc::UnboundedReceiver<Arc<Versioned>>,
+    seen: &mut Vec<u64>,
+    version: u64,
+    timeout: Duration,
+) {
     let deadline = tokio::time::Instant::now() + timeout;
     while seen.last().copied() != Some(version) {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -35,7 +40,13 @@ async fn no_update_is_lost_across_an_etcd_restart() {
     let (tx, mut rx) = mpsc::unbounded_channel();
     let cache = MapCache::spawn_observed(cluster.etcd_endpoints(), "watched", Some(tx));
     let mut seen = Vec::new();
-    collect_until(&mut rx, &mut seen, first.map.version, Duration::from_secs(10)).await;
+    collect_until(
+        &mut rx,
+        &mut seen,
+        first.map.version,
+        Duration::from_secs(10),
+    )
+    .await;
 
     bump(&store, 50).await;
     collect_until(&mut rx, &mut seen, 51, Duration::from_secs(10)).await;
@@ -52,7 +63,10 @@ async fn no_update_is_lost_across_an_etcd_restart() {
     collect_until(&mut rx, &mut seen, 101, Duration::from_secs(20)).await;
 
     let expected: Vec<u64> = (1..=101).collect();
-    assert_eq!(seen, expected, "every version observed exactly once, in order");
+    assert_eq!(
+        seen, expected,
+        "every version observed exactly once, in order"
+    );
     assert_eq!(cache.current().map(|v| v.map.version), Some(101));
 }
 
@@ -62,11 +76,21 @@ async fn a_compacted_resume_point_triggers_a_full_reload() {
     let (store, first) = cluster.init_map("compacted", 8).await;
     bump(&store, 20).await;
     let latest = store.load().await.expect("load");
-    let mut client = etcd_client::Client::connect(cluster.etcd_endpoints(), None).await.expect("connect");
-    client.compact(latest.revision, None).await.expect("compact");
+    let mut client = etcd_client::Client::connect(cluster.etcd_endpoints(), None)
+        .await
+        .expect("connect");
+    client
+        .compact(latest.revision, None)
+        .await
+        .expect("compact");
 
     // A cache that last saw version 1 must not try to replay from there.
-    let cache = MapCache::spawn_resuming(cluster.etcd_endpoints(), "compacted", Arc::new(first.clone()), first.revision);
+    let cache = MapCache::spawn_resuming(
+        cluster.etcd_endpoints(),
+        "compacted",
+        Arc::new(first.clone()),
+        first.revision,
+    );
     let reloaded = cache
         .wait_for_version(latest.map.version, Duration::from_secs(10))
         .await
@@ -75,7 +99,10 @@ async fn a_compacted_resume_point_triggers_a_full_reload() {
 
     // And it keeps following afterwards.
     bump(&store, 1).await;
-    assert!(cache.wait_for_version(latest.map.version + 1, Duration::from_secs(10)).await.is_some());
+    assert!(cache
+        .wait_for_version(latest.map.version + 1, Duration::from_secs(10))
+        .await
+        .is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,7 +110,10 @@ async fn changes_reach_a_watching_process_quickly() {
     let cluster = TestCluster::start(0);
     let (store, first) = cluster.init_map("fast", 8).await;
     let cache = MapCache::spawn(cluster.etcd_endpoints(), "fast");
-    assert!(cache.wait_for_version(first.map.version, Duration::from_secs(10)).await.is_some());
+    assert!(cache
+        .wait_for_version(first.map.version, Duration::from_secs(10))
+        .await
+        .is_some());
     for _ in 0..20 {
         let saved = store
             .update("test", |_| Ok(Change::new("bump", "")))
@@ -92,7 +122,10 @@ async fn changes_reach_a_watching_process_quickly() {
         // Generous bound: this is a correctness check (the change arrives by
         // watch, not by polling), not a benchmark; bench/watch_latency.sh measures.
         assert!(
-            cache.wait_for_version(saved.map.version, Duration::from_secs(2)).await.is_some(),
+            cache
+                .wait_for_version(saved.map.version, Duration::from_secs(2))
+                .await
+                .is_some(),
             "version {} not seen by the watcher",
             saved.map.version
         );

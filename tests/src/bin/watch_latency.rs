@@ -21,13 +21,20 @@ fn ms(d: Duration) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let changes: usize = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(1000);
+    let changes: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(1000);
     let cluster = TestCluster::start(0);
     let (store, first) = cluster.init_map("latency", 1024).await;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let cache = MapCache::spawn_observed(cluster.etcd_endpoints(), "latency", Some(tx));
     anyhow::ensure!(
-        cache.wait_for_version(first.map.version, Duration::from_secs(10)).await.is_some(),
+        cache
+            .wait_for_version(first.map.version, Duration::from_secs(10))
+            .await
+            .is_some(),
         "the cache never loaded the map"
     );
     while rx.try_recv().is_ok() {}
@@ -41,7 +48,12 @@ async fn main() -> anyhow::Result<()> {
         next.assignments[i % 1024].region = None;
         let started = Instant::now();
         let saved = store
-            .compare_and_swap(&current, next, "bench", &Change::new("bench", i.to_string()))
+            .compare_and_swap(
+                &current,
+                next,
+                "bench",
+                &Change::new("bench", i.to_string()),
+            )
             .await?;
         let acknowledged = Instant::now();
         loop {
@@ -62,10 +74,24 @@ async fn main() -> anyhow::Result<()> {
     propagation.sort();
     total.sort();
     let (w50, w99) = (percentile(&write_rtt, 0.5), percentile(&write_rtt, 0.99));
-    let (p50, p99) = (percentile(&propagation, 0.5), percentile(&propagation, 0.99));
-    println!("changes: {changes} (map of 1024 partitions, {} bytes JSON)", serde_json_len(&current.map));
-    println!("etcd CAS write round trip  : median {:.3} ms  p99 {:.3} ms", ms(w50), ms(w99));
-    println!("write ack -> watcher applied: median {:.3} ms  p99 {:.3} ms", ms(p50), ms(p99));
+    let (p50, p99) = (
+        percentile(&propagation, 0.5),
+        percentile(&propagation, 0.99),
+    );
+    println!(
+        "changes: {changes} (map of 1024 partitions, {} bytes JSON)",
+        serde_json_len(&current.map)
+    );
+    println!(
+        "etcd CAS write round trip  : median {:.3} ms  p99 {:.3} ms",
+        ms(w50),
+        ms(w99)
+    );
+    println!(
+        "write ack -> watcher applied: median {:.3} ms  p99 {:.3} ms",
+        ms(p50),
+        ms(p99)
+    );
     println!(
         "ratio propagation/write    : median {:.2}  p99 {:.2}",
         ms(p50) / ms(w50),
