@@ -1,0 +1,634 @@
+//! What one statement needs for routing, found once per statement shape:
+//! its command (transaction control, session settings, data), the tables it
+//! touches, and where their sharding keys come from (`key = literal`,
+//! `key = $n`, `key IN (...)`, INSERT values). Nothing here depends on the
+//! map: the same analysis serves every map version.
+
+use std::collections::BTreeSet;
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{
+    BinaryOperator, CopySource, Expr, InTarget, JoinConstraint, JoinOperator, ObjectName, ObjectNamePart, Query,
+    Select, SetExpr, Statement, TableFactor, TableObject, UnaryOperator, Value, Visit, Visitor,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+
+use super::lexer::LITERAL_MARKER_BASE;
+
+/// Where a key value comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyExpr {
+    /// Bind parameter, 0-based.
+    Param(usize),
+    /// The n-th literal of the statement text (0-based).
+    Literal(usize),
+    /// A literal kept in the shape (typed literal, or from an unshaped parse).
+    Const(String),
+    /// `-expr`.
+    Negate(Box<KeyExpr>),
+}
+
+/// A column as written: `col` or `qualifier.col` (lowercased unless quoted).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ColumnRef {
+    pub qualifier: Option<String>,
+    pub column: String,
+}
+
+/// `column = value` or `column IN (values)` from a WHERE/ON conjunction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Equality {
+    pub column: ColumnRef,
+    pub values: Vec<KeyExpr>,
+}
+
+/// One referenced table (never a CTE name or a function).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TableUse {
+    pub schema: Option<String>,
+    pub name: String,
+    pub alias: Option<String>,
+}
+
+impl TableUse {
+    /// A system catalog: same on every server.
+    pub fn is_catalog(&self) -> bool {
+        matches!(self.schema.as_deref(), Some("pg_catalog") | Some("information_schema"))
+            || (self.schema.is_none() && self.name.starts_with("pg_"))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InsertRows {
+    pub table: String,
+    /// Empty when the statement names no columns.
+    pub columns: Vec<String>,
+    /// Per row, per column: the value if it is a literal or parameter.
+    pub rows: Vec<Vec<Option<KeyExpr>>>,
+    /// `INSERT ... SELECT`: rows come from a query.
+    pub from_query: bool,
+}
+
+/// A statement that reads or writes tables (or none).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DataStatement {
+    pub read_only: bool,
+    pub tables: Vec<TableUse>,
+    pub equalities: Vec<Equality>,
+    pub insert: Option<InsertRows>,
+    /// `COPY table FROM STDIN` / `TO STDOUT`.
+    pub copy: Option<CopyInfo>,
+    /// The statement could not be parsed: `words` holds its identifiers so
+    /// routing can still tell whether it mentions a known table.
+    pub unparsed: Option<String>,
+    pub words: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyInfo {
+    pub table: Option<String>,
+    pub from_stdin: bool,
+}
+
+/// What a statement does, as far as the session is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Begin { read_only: bool },
+    Commit,
+    Rollback,
+    /// Valid only inside a transaction, and runs where it runs:
+    /// SAVEPOINT, RELEASE, ROLLBACK TO, SET LOCAL, SET TRANSACTION.
+    TransactionScoped,
+    /// `SET name = value` for the session (value as written, may be `DEFAULT`).
+    Set { name: String, value: String },
+    /// `RESET name`, or `RESET ALL` (`None`).
+    Reset { name: Option<String> },
+    Show { name: String },
+    /// `DISCARD ALL | PLANS | SEQUENCES | TEMP`.
+    Discard,
+    /// `DEALLOCATE name` or `DEALLOCATE ALL` (`None`).
+    Deallocate { name: Option<String> },
+    /// A feature transaction pooling cannot offer; the text says which.
+    Unsupported(&'static str),
+    Data(DataStatement),
+    Empty,
+}
+
+/// Analyses one statement given its shape text and its words.
+pub fn analyze(shape: &str, words: &[String]) -> Command {
+    if let Some(command) = classify_by_words(shape, words) {
+        return command;
+    }
+    let mut data = match parse_one(shape) {
+        Ok(statement) => extract(&statement),
+        Err(why) => DataStatement {
+            unparsed: Some(why),
+            ..DataStatement::default()
+        },
+    };
+    data.words = words.to_vec();
+    Command::Data(data)
+}
+
+fn parse_one(sql: &str) -> Result<Statement, String> {
+    let mut statements = Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|e| e.to_string())?;
+    match statements.len() {
+        1 => Ok(statements.remove(0)),
+        n => Err(format!("expected one statement, found {n}")),
+    }
+}
+
+fn word(words: &[String], i: usize) -> &str {
+    words.get(i).map_or("", String::as_str)
+}
+
+/// Commands recognised by their leading keywords: cheaper and more robust
+/// than a full parse, and what Postgres itself keys on.
+fn classify_by_words(shape: &str, words: &[String]) -> Option<Command> {
+    if shape.trim().is_empty() {
+        return Some(Command::Empty);
+    }
+    let first_is_word = shape
+        .trim_start()
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_alphabetic() || c == '_');
+    if !first_is_word {
+        return None;
+    }
+    let read_only = words.windows(2).any(|w| w[0] == "read" && w[1] == "only");
+    Some(match word(words, 0) {
+        "begin" | "start" => Command::Begin { read_only },
+        "commit" | "end" if word(words, 1) != "prepared" => Command::Commit,
+        "abort" => Command::Rollback,
+        "rollback" => match word(words, 1) {
+            "to" => Command::TransactionScoped,
+            "work" | "transaction" if word(words, 2) == "to" => Command::TransactionScoped,
+            "prepared" => Command::Unsupported("two-phase commit statements"),
+            _ => Command::Rollback,
+        },
+        "savepoint" | "release" => Command::TransactionScoped,
+        "prepare" if word(words, 1) == "transaction" => Command::Unsupported("PREPARE TRANSACTION"),
+        "commit" => Command::Unsupported("COMMIT PREPARED"),
+        "prepare" => Command::Unsupported("SQL-level PREPARE (use the extended protocol's prepared statements)"),
+        "execute" => Command::Unsupported("SQL-level EXECUTE (use the extended protocol's prepared statements)"),
+        "listen" | "unlisten" => Command::Unsupported("LISTEN/UNLISTEN under transaction pooling"),
+        "set" => match word(words, 1) {
+            "local" | "transaction" | "constraints" => Command::TransactionScoped,
+            "session" if word(words, 2) == "characteristics" => {
+                Command::Unsupported("SET SESSION CHARACTERISTICS under transaction pooling")
+            }
+            "session" if word(words, 2) == "authorization" => {
+                Command::Unsupported("SET SESSION AUTHORIZATION under transaction pooling")
+            }
+            "role" => Command::Unsupported("SET ROLE under transaction pooling"),
+            _ => {
+                let (name, value) = split_set(shape)?;
+                Command::Set { name, value }
+            }
+        },
+        "reset" => match word(words, 1) {
+            "all" => Command::Reset { name: None },
+            "" => return None,
+            name => Command::Reset {
+                name: Some(name.to_string()),
+            },
+        },
+        "show" => Command::Show {
+            name: words[1..].join(" "),
+        },
+        "discard" => Command::Discard,
+        "deallocate" => {
+            let rest: Vec<&str> = words[1..].iter().map(String::as_str).filter(|w| *w != "prepare").collect();
+            match rest.as_slice() {
+                ["all"] => Command::Deallocate { name: None },
+                [name] => Command::Deallocate {
+                    name: Some((*name).to_string()),
+                },
+                _ => return None,
+            }
+        }
+        _ => return None,
+    })
+}
+
+/// `SET [SESSION] name {TO|=} value` → (name, value text).
+fn split_set(shape: &str) -> Option<(String, String)> {
+    let rest = shape.trim_start();
+    let rest = rest.get(3..)?.trim_start();
+    let rest = match rest.get(..8) {
+        Some(prefix) if prefix.eq_ignore_ascii_case("session ") => rest[8..].trim_start(),
+        _ => rest,
+    };
+    // `SET TIME ZONE value` is `SET timezone TO value`.
+    if rest.len() > 9 && rest[..9].eq_ignore_ascii_case("time zone") {
+        return Some(("timezone".into(), rest[9..].trim().to_string()));
+    }
+    let name_end = rest.find(|c: char| c.is_whitespace() || c == '=')?;
+    let name = rest[..name_end].trim_matches('"').to_lowercase();
+    let after = rest[name_end..].trim_start();
+    let value = if let Some(v) = after.strip_prefix('=') {
+        v
+    } else if after.len() >= 2 && after[..2].eq_ignore_ascii_case("to") {
+        &after[2..]
+    } else {
+        return None;
+    };
+    Some((name, value.trim().to_string()))
+}
+
+fn ident_name(ident: &sqlparser::ast::Ident) -> String {
+    if ident.quote_style.is_some() {
+        ident.value.clone()
+    } else {
+        ident.value.to_lowercase()
+    }
+}
+
+fn object_parts(name: &ObjectName) -> Vec<String> {
+    name.0
+        .iter()
+        .map(|part| match part {
+            ObjectNamePart::Identifier(ident) => ident_name(ident),
+            ObjectNamePart::Function(f) => ident_name(&f.name),
+        })
+        .collect()
+}
+
+fn table_use(name: &ObjectName, alias: Option<String>) -> TableUse {
+    let mut parts = object_parts(name);
+    let table = parts.pop().unwrap_or_default();
+    let schema = parts.pop().filter(|s| s != "public");
+    TableUse {
+        schema,
+        name: table,
+        alias,
+    }
+}
+
+fn key_expr(expr: &Expr) -> Option<KeyExpr> {
+    match expr {
+        Expr::Nested(inner) => key_expr(inner),
+        Expr::Cast { expr, .. } => key_expr(expr),
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr,
+        } => key_expr(expr).map(|k| KeyExpr::Negate(Box::new(k))),
+        Expr::UnaryOp {
+            op: UnaryOperator::Plus,
+            expr,
+        } => key_expr(expr),
+        Expr::Value(v) => match &v.value {
+            Value::Placeholder(p) => {
+                let n: usize = p.strip_prefix('$')?.parse().ok()?;
+                if n >= LITERAL_MARKER_BASE {
+                    Some(KeyExpr::Literal(n - LITERAL_MARKER_BASE))
+                } else if n >= 1 {
+                    Some(KeyExpr::Param(n - 1))
+                } else {
+                    None
+                }
+            }
+            Value::Number(n, _) => Some(KeyExpr::Const(n.to_string())),
+            Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) => Some(KeyExpr::Const(s.clone())),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn column_ref(expr: &Expr) -> Option<ColumnRef> {
+    match expr {
+        Expr::Nested(inner) => column_ref(inner),
+        Expr::Identifier(ident) => Some(ColumnRef {
+            qualifier: None,
+            column: ident_name(ident),
+        }),
+        Expr::CompoundIdentifier(parts) if parts.len() >= 2 => Some(ColumnRef {
+            qualifier: Some(ident_name(&parts[parts.len() - 2])),
+            column: ident_name(&parts[parts.len() - 1]),
+        }),
+        _ => None,
+    }
+}
+
+/// Splits `a AND (b AND c)` into [a, b, c].
+fn conjuncts<'e>(expr: &'e Expr, out: &mut Vec<&'e Expr>) {
+    match expr {
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::And,
+            right,
+        } => {
+            conjuncts(left, out);
+            conjuncts(right, out);
+        }
+        Expr::Nested(inner) => conjuncts(inner, out),
+        other => out.push(other),
+    }
+}
+
+#[derive(Default)]
+struct Extractor {
+    tables: BTreeSet<TableUse>,
+    /// Table-valued functions in FROM (their names are visited as relations too).
+    functions: BTreeSet<Vec<String>>,
+    ctes: BTreeSet<String>,
+    equalities: Vec<Equality>,
+    writes: bool,
+}
+
+impl Extractor {
+    fn predicates(&mut self, expr: &Expr) {
+        let mut parts = Vec::new();
+        conjuncts(expr, &mut parts);
+        for part in parts {
+            match part {
+                Expr::BinaryOp {
+                    left,
+                    op: BinaryOperator::Eq,
+                    right,
+                } => {
+                    let pair = match (column_ref(left), key_expr(right)) {
+                        (Some(c), Some(k)) => Some((c, k)),
+                        _ => column_ref(right).zip(key_expr(left)),
+                    };
+                    if let Some((column, value)) = pair {
+                        self.equalities.push(Equality {
+                            column,
+                            values: vec![value],
+                        });
+                    }
+                }
+                Expr::In {
+                    expr,
+                    target: InTarget::List(list),
+                    negated: false,
+                    ..
+                } => {
+                    if let Some(column) = column_ref(expr) {
+                        let values: Option<Vec<KeyExpr>> = list.iter().map(key_expr).collect();
+                        if let Some(values) = values.filter(|v| !v.is_empty()) {
+                            self.equalities.push(Equality { column, values });
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn select(&mut self, select: &Select) {
+        if let Some(selection) = &select.selection {
+            self.predicates(selection);
+        }
+        for from in &select.from {
+            for join in &from.joins {
+                // Only inner joins: an ON condition does not restrict the
+                // preserved side of an outer join.
+                if let JoinOperator::Join(JoinConstraint::On(on)) | JoinOperator::Inner(JoinConstraint::On(on)) =
+                    &join.join_operator
+                {
+                    self.predicates(on);
+                }
+            }
+        }
+    }
+}
+
+impl Visitor for Extractor {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        if let Some(with) = &query.with {
+            for cte in &with.cte_tables {
+                self.ctes.insert(ident_name(&cte.alias.name));
+            }
+        }
+        if !query.locks.is_empty() {
+            self.writes = true;
+        }
+        if matches!(*query.body, SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_)) {
+            self.writes = true;
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_select(&mut self, select: &Select) -> ControlFlow<()> {
+        self.select(select);
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
+        if let TableFactor::Table { name, alias, args, .. } = factor {
+            if args.is_none() {
+                self.tables
+                    .insert(table_use(name, alias.as_ref().map(|a| ident_name(&a.name))));
+            } else {
+                self.functions.insert(object_parts(name));
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<()> {
+        match statement {
+            Statement::Update(update) => {
+                self.writes = true;
+                if let Some(selection) = &update.selection {
+                    self.predicates(selection);
+                }
+            }
+            Statement::Delete(delete) => {
+                self.writes = true;
+                if let Some(selection) = &delete.selection {
+                    self.predicates(selection);
+                }
+            }
+            Statement::Insert(_) | Statement::Copy { .. } => self.writes = true,
+            Statement::Query(_) => {}
+            _ => self.writes = true,
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
+        // Relations outside table factors (INSERT/DELETE targets, COPY, DDL).
+        if self.functions.contains(&object_parts(relation)) {
+            return ControlFlow::Continue(());
+        }
+        let table = table_use(relation, None);
+        if !self.tables.iter().any(|t| t.name == table.name && t.schema == table.schema) {
+            self.tables.insert(table);
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Extracts tables and key predicates from a parsed statement.
+fn extract(statement: &Statement) -> DataStatement {
+    let mut extractor = Extractor::default();
+    let _ = statement.visit(&mut extractor);
+    let mut insert = None;
+    let mut copy = None;
+    match statement {
+        Statement::Insert(ins) => {
+            if let TableObject::TableName(name) = &ins.table {
+                let table = table_use(name, None).name;
+                let columns: Vec<String> = ins
+                    .columns
+                    .iter()
+                    .map(|c| object_parts(c).pop().unwrap_or_default())
+                    .collect();
+                let (rows, from_query) = match ins.source.as_deref().map(|q| q.body.as_ref()) {
+                    Some(SetExpr::Values(values)) => (
+                        values
+                            .rows
+                            .iter()
+                            .map(|row| row.content.iter().map(key_expr).collect())
+                            .collect(),
+                        false,
+                    ),
+                    Some(_) => (Vec::new(), true),
+                    None => (Vec::new(), false),
+                };
+                insert = Some(InsertRows {
+                    table,
+                    columns,
+                    rows,
+                    from_query,
+                });
+            }
+        }
+        Statement::Copy { source, to, target, .. } => {
+            let table = match source {
+                CopySource::Table { table_name, .. } => Some(table_use(table_name, None).name),
+                CopySource::Query(_) => None,
+            };
+            let from_stdin = !*to && matches!(target, sqlparser::ast::CopyTarget::Stdin);
+            copy = Some(CopyInfo { table, from_stdin });
+        }
+        _ => {}
+    }
+    // CTE names are not tables.
+    let ctes = extractor.ctes;
+    let tables: Vec<TableUse> = extractor
+        .tables
+        .into_iter()
+        .filter(|t| !(t.schema.is_none() && ctes.contains(&t.name)))
+        .collect();
+    DataStatement {
+        read_only: !extractor.writes,
+        tables,
+        equalities: extractor.equalities,
+        insert,
+        copy,
+        unparsed: None,
+        words: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analyze::lexer::lex;
+
+    fn data(sql: &str) -> DataStatement {
+        let lexed = lex(sql);
+        match analyze(&lexed.shape, &lexed.words) {
+            Command::Data(d) => d,
+            other => panic!("{sql}: expected data statement, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn select_with_literal_key() {
+        let d = data("SELECT abalance FROM pgbench_accounts WHERE aid = 42");
+        assert!(d.read_only);
+        assert_eq!(d.tables.len(), 1);
+        assert_eq!(d.tables[0].name, "pgbench_accounts");
+        assert_eq!(d.equalities[0].column.column, "aid");
+        assert_eq!(d.equalities[0].values, vec![KeyExpr::Literal(0)]);
+    }
+
+    #[test]
+    fn params_in_lists_casts_and_negation() {
+        let d = data("select * from users u where u.user_id in ($1, -5) and (status = $2::text)");
+        assert_eq!(d.equalities[0].column, ColumnRef { qualifier: Some("u".into()), column: "user_id".into() });
+        assert_eq!(
+            d.equalities[0].values,
+            vec![KeyExpr::Param(0), KeyExpr::Negate(Box::new(KeyExpr::Literal(0)))]
+        );
+        assert_eq!(d.equalities[1].values, vec![KeyExpr::Param(1)]);
+        assert_eq!(d.tables[0].alias.as_deref(), Some("u"));
+    }
+
+    #[test]
+    fn or_branches_are_not_keys() {
+        let d = data("select * from users where user_id = 1 or user_id = 2");
+        assert!(d.equalities.is_empty());
+    }
+
+    #[test]
+    fn writes_and_insert_rows() {
+        let d = data("INSERT INTO users (user_id, name) VALUES ($1, 'a'), (7, $2) ON CONFLICT DO NOTHING");
+        assert!(!d.read_only);
+        let ins = d.insert.expect("insert");
+        assert_eq!(ins.columns, vec!["user_id", "name"]);
+        assert_eq!(ins.rows[0][0], Some(KeyExpr::Param(0)));
+        assert_eq!(ins.rows[1][0], Some(KeyExpr::Literal(1)));
+        let u = data("UPDATE users SET name = 'x' WHERE user_id = $1");
+        assert!(!u.read_only);
+        assert_eq!(u.equalities[0].values, vec![KeyExpr::Param(0)]);
+        let l = data("SELECT * FROM users WHERE user_id = 1 FOR UPDATE");
+        assert!(!l.read_only);
+    }
+
+    #[test]
+    fn ctes_functions_and_catalogs_are_not_user_tables() {
+        let d = data("WITH x AS (SELECT 1) SELECT * FROM x, generate_series(1, 3), pg_catalog.pg_class c");
+        assert_eq!(d.tables.len(), 1);
+        assert!(d.tables[0].is_catalog());
+    }
+
+    #[test]
+    fn outer_join_conditions_are_ignored() {
+        let d = data("select * from a left join b on a.k = 1 join c on c.k = 2");
+        let columns: Vec<&str> = d.equalities.iter().map(|e| e.column.qualifier.as_deref().unwrap_or("")).collect();
+        assert_eq!(columns, vec!["c"]);
+    }
+
+    #[test]
+    fn session_commands_by_keyword() {
+        let cmd = |sql: &str| {
+            let l = lex(sql);
+            analyze(&l.shape, &l.words)
+        };
+        assert_eq!(cmd("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY"), Command::Begin { read_only: true });
+        assert_eq!(cmd("start transaction"), Command::Begin { read_only: false });
+        assert_eq!(cmd("ROLLBACK TO SAVEPOINT a"), Command::TransactionScoped);
+        assert_eq!(cmd("rollback"), Command::Rollback);
+        assert_eq!(
+            cmd("SET search_path TO app, public"),
+            Command::Set { name: "search_path".into(), value: "app, public".into() }
+        );
+        assert_eq!(
+            cmd("set session statement_timeout = 5000"),
+            Command::Set { name: "statement_timeout".into(), value: "$100001".into() }
+        );
+        assert_eq!(cmd("SET TIME ZONE 'UTC'"), Command::Set { name: "timezone".into(), value: "'UTC'".into() });
+        assert_eq!(cmd("set local work_mem = '1MB'"), Command::TransactionScoped);
+        assert_eq!(cmd("RESET ALL"), Command::Reset { name: None });
+        assert_eq!(cmd("DEALLOCATE PREPARE s1"), Command::Deallocate { name: Some("s1".into()) });
+        assert!(matches!(cmd("LISTEN x"), Command::Unsupported(_)));
+        assert_eq!(cmd(""), Command::Empty);
+    }
+
+    #[test]
+    fn unparseable_statements_keep_their_words() {
+        let d = data("SELEC * FRM users");
+        assert!(d.unparsed.is_some());
+        assert!(d.words.contains(&"users".to_string()));
+    }
+}
