@@ -3,4 +3,5 @@
 //! connections. Depends on `shardmap` only; never on `rebalancer`.
 
 pub mod analyze;
+pub mod route;
 pub mod wire;

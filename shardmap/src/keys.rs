@@ -6,6 +6,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+/// Re-exported so users of key values need no direct uuid dependency.
+pub use uuid::Uuid;
+
 /// Postgres type of a sharding-key column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -1,0 +1,473 @@
+//! Turning an analysed statement into a [`Route`] with the current map: which
+//! server runs it, and for which partitions (so a blocked partition can be
+//! held). Anything that cannot go to exactly one server is an error with a
+//! SQLSTATE and a hint — never a silent broadcast, never a guess.
+
+use std::collections::BTreeSet;
+
+use shardmap::{ClusterMap, KeyType, KeyValue, TableKind};
+
+use crate::analyze::statement::{DataStatement, KeyExpr, TableUse};
+use crate::analyze::Literal;
+use crate::wire::messages::Bind;
+
+/// Where a statement runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Rows of these partitions, all owned by `server`.
+    Partitions { server: String, partitions: Vec<u32> },
+    /// An unsharded table's home server.
+    Server(String),
+    /// Touches no partitioned data (catalogs, reference-table reads, no
+    /// tables at all): any server gives the same answer.
+    Any,
+}
+
+impl Route {
+    pub fn server(&self) -> Option<&str> {
+        match self {
+            Route::Partitions { server, .. } | Route::Server(server) => Some(server),
+            Route::Any => None,
+        }
+    }
+
+    pub fn partitions(&self) -> &[u32] {
+        match self {
+            Route::Partitions { partitions, .. } => partitions,
+            _ => &[],
+        }
+    }
+
+    /// The route covering both, if one server can run both.
+    pub fn merge(self, other: Route) -> Result<Route, (String, String)> {
+        match (self, other) {
+            (Route::Any, r) | (r, Route::Any) => Ok(r),
+            (a, b) => {
+                let (sa, sb) = (a.server().unwrap_or_default().to_string(), b.server().unwrap_or_default().to_string());
+                if sa != sb {
+                    return Err((sa, sb));
+                }
+                let mut partitions: Vec<u32> = a.partitions().iter().chain(b.partitions()).copied().collect();
+                partitions.sort_unstable();
+                partitions.dedup();
+                Ok(if partitions.is_empty() {
+                    Route::Server(sa)
+                } else {
+                    Route::Partitions { server: sa, partitions }
+                })
+            }
+        }
+    }
+}
+
+/// A client-visible routing failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct RouteError {
+    pub code: &'static str,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl RouteError {
+    pub fn new(code: &'static str, message: impl Into<String>, hint: impl Into<String>) -> RouteError {
+        RouteError {
+            code,
+            message: message.into(),
+            hint: Some(hint.into()),
+        }
+    }
+}
+
+/// Bind parameters with the types the client declared at Parse.
+pub struct Params<'a> {
+    pub bind: &'a Bind,
+    pub types: &'a [u32],
+}
+
+/// Routing either needs the Bind parameters, or is decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    Route(Route),
+    NeedsParams,
+}
+
+/// Routes one data statement.
+pub fn route_data(
+    statement: &DataStatement,
+    map: &ClusterMap,
+    literals: &[Literal],
+    params: Option<&Params<'_>>,
+) -> Result<Resolution, RouteError> {
+    if let Some(why) = &statement.unparsed {
+        let mentioned: Vec<&str> = statement
+            .words
+            .iter()
+            .filter(|w| map.tables.contains_key(w.as_str()))
+            .map(String::as_str)
+            .collect();
+        if mentioned.is_empty() {
+            // Touches no table shardline manages (utility statements, or SQL
+            // Postgres will reject itself): any server answers the same.
+            return Ok(Resolution::Route(Route::Any));
+        }
+        return Err(RouteError::new(
+            "0A000",
+            format!(
+                "shardline cannot analyse this statement, which mentions {}: {why}",
+                mentioned.join(", ")
+            ),
+            "rewrite it in a simpler form, or run it on a server directly",
+        ));
+    }
+    let mut route = Route::Any;
+    let mut needs_params = false;
+    for table in &statement.tables {
+        if table.is_catalog() {
+            continue;
+        }
+        let table_route = match route_table(statement, table, map, literals, params)? {
+            Some(r) => r,
+            None => {
+                needs_params = true;
+                continue;
+            }
+        };
+        route = route.merge(table_route).map_err(|(a, b)| {
+            RouteError::new(
+                "0A000",
+                format!("statement touches data on servers {a} and {b}; shardline runs each statement on one server"),
+                "split it into statements that each touch one key's data",
+            )
+        })?;
+    }
+    if let Some(copy) = &statement.copy {
+        if copy.from_stdin {
+            if let Some(name) = &copy.table {
+                if matches!(map.tables.get(name).map(|t| &t.kind), Some(TableKind::Sharded { .. })) {
+                    return Err(RouteError::new(
+                        "0A000",
+                        format!("COPY FROM STDIN into sharded table {name:?} is not supported yet"),
+                        "insert the rows with INSERT statements, or COPY into each server directly",
+                    ));
+                }
+            }
+        }
+    }
+    if needs_params {
+        return Ok(Resolution::NeedsParams);
+    }
+    Ok(Resolution::Route(route))
+}
+
+/// The route for one table, or `None` when a Bind parameter is needed.
+fn route_table(
+    statement: &DataStatement,
+    table: &TableUse,
+    map: &ClusterMap,
+    literals: &[Literal],
+    params: Option<&Params<'_>>,
+) -> Result<Option<Route>, RouteError> {
+    let Some(def) = map.tables.get(&table.name).filter(|_| table.schema.is_none()) else {
+        let qualified = match &table.schema {
+            Some(schema) => format!("{schema}.{}", table.name),
+            None => table.name.clone(),
+        };
+        return Err(RouteError::new(
+            "42P01",
+            format!("relation \"{qualified}\" is not in the shardline map"),
+            "declare it with `shardctl table add`, or query it on a server directly",
+        ));
+    };
+    match &def.kind {
+        TableKind::Reference => {
+            if statement.read_only {
+                Ok(Some(Route::Any))
+            } else {
+                Err(RouteError::new(
+                    "0A000",
+                    format!("writes to reference table \"{}\" must reach every server; that is not supported yet", table.name),
+                    "write reference tables on each server directly for now",
+                ))
+            }
+        }
+        TableKind::Unsharded { home } => Ok(Some(Route::Server(home.clone()))),
+        TableKind::Sharded {
+            group,
+            key_column,
+            embedded_id,
+        } => {
+            let key_type = if *embedded_id {
+                KeyType::Bigint
+            } else {
+                map.groups.get(group).map_or(KeyType::Bigint, |g| g.key_type)
+            };
+            let exprs = key_exprs(statement, table, key_column)?;
+            if exprs.is_empty() {
+                return Err(RouteError::new(
+                    "0A000",
+                    format!(
+                        "statement on sharded table \"{}\" does not fix its key column \"{key_column}\"",
+                        table.name
+                    ),
+                    format!(
+                        "add `WHERE {key_column} = <value>` (or `= $1`, or `IN (...)` with values on one server); \
+                         queries across all partitions are not supported yet"
+                    ),
+                ));
+            }
+            let mut partitions = BTreeSet::new();
+            for expr in exprs {
+                let Some(key) = evaluate(expr, key_type, literals, params)? else {
+                    return Ok(None);
+                };
+                let partition = map.partition_of(&table.name, &key).map_err(|e| {
+                    RouteError::new("22023", format!("cannot route key {key} of \"{}\": {e}", table.name), "check the key value")
+                })?;
+                partitions.insert(partition);
+            }
+            let mut servers = BTreeSet::new();
+            for p in &partitions {
+                let owner = map.owner_of(*p).ok_or_else(|| {
+                    RouteError::new("XX000", format!("partition {p} has no owner in the map"), "check `shardctl map`")
+                })?;
+                servers.insert(owner.name.clone());
+            }
+            if servers.len() > 1 {
+                return Err(RouteError::new(
+                    "0A000",
+                    format!(
+                        "the keys of \"{}\" in this statement live on servers {}; shardline runs each statement on one server",
+                        table.name,
+                        servers.into_iter().collect::<Vec<_>>().join(", ")
+                    ),
+                    "send one statement per key, or per server",
+                ));
+            }
+            let server = servers.into_iter().next().unwrap_or_default();
+            Ok(Some(Route::Partitions {
+                server,
+                partitions: partitions.into_iter().collect(),
+            }))
+        }
+    }
+}
+
+/// The expressions giving `table`'s key in this statement.
+fn key_exprs<'s>(statement: &'s DataStatement, table: &TableUse, key_column: &str) -> Result<Vec<&'s KeyExpr>, RouteError> {
+    let mut exprs = Vec::new();
+    for equality in &statement.equalities {
+        let applies = match &equality.column.qualifier {
+            None => true,
+            Some(q) => Some(q) == table.alias.as_ref() || *q == table.name,
+        };
+        if applies && equality.column.column == key_column {
+            exprs.extend(equality.values.iter());
+        }
+    }
+    if let Some(insert) = statement.insert.as_ref().filter(|i| i.table == table.name) {
+        if insert.from_query {
+            return Err(RouteError::new(
+                "0A000",
+                format!("INSERT ... SELECT into sharded table \"{}\" cannot be routed", table.name),
+                "insert with VALUES and the key as a literal or parameter",
+            ));
+        }
+        let index = insert.columns.iter().position(|c| c == key_column).ok_or_else(|| {
+            RouteError::new(
+                "0A000",
+                format!("INSERT into sharded table \"{}\" must name its key column \"{key_column}\"", table.name),
+                format!("list the columns: INSERT INTO {} ({key_column}, ...) VALUES (...)", table.name),
+            )
+        })?;
+        for row in &insert.rows {
+            match row.get(index).and_then(Option::as_ref) {
+                Some(expr) => exprs.push(expr),
+                None => {
+                    return Err(RouteError::new(
+                        "0A000",
+                        format!("the value of key column \"{key_column}\" must be a literal or a parameter"),
+                        "compute the key in the application, or with the shardline id generator",
+                    ))
+                }
+            }
+        }
+    }
+    Ok(exprs)
+}
+
+fn invalid_key(text: impl std::fmt::Display) -> RouteError {
+    RouteError::new("22P02", format!("invalid sharding key: {text}"), "pass a value of the key column's type")
+}
+
+/// The value of a key expression; `None` for a parameter not bound yet.
+fn evaluate(expr: &KeyExpr, key_type: KeyType, literals: &[Literal], params: Option<&Params<'_>>) -> Result<Option<KeyValue>, RouteError> {
+    match expr {
+        KeyExpr::Literal(i) => {
+            let literal = literals
+                .get(*i)
+                .ok_or_else(|| invalid_key(format!("literal {i} missing")))?;
+            key_type.parse_value(literal.text()).map(Some).map_err(invalid_key)
+        }
+        KeyExpr::Const(text) => key_type.parse_value(text).map(Some).map_err(invalid_key),
+        KeyExpr::Negate(inner) => match evaluate(inner, key_type, literals, params)? {
+            None => Ok(None),
+            Some(KeyValue::Int(v)) => v.checked_neg().map(|v| Some(KeyValue::Int(v))).ok_or_else(|| invalid_key("out of range")),
+            Some(other) => Err(invalid_key(format!("-{other}"))),
+        },
+        KeyExpr::Param(i) => {
+            let Some(params) = params else { return Ok(None) };
+            let value = params
+                .bind
+                .params
+                .get(*i)
+                .ok_or_else(|| invalid_key(format!("parameter ${} was not bound", i + 1)))?;
+            let Some(bytes) = value else {
+                return Err(RouteError::new(
+                    "22004",
+                    format!("the sharding key (parameter ${}) is NULL", i + 1),
+                    "pass a non-NULL key",
+                ));
+            };
+            let declared = params.types.get(*i).copied().unwrap_or(0);
+            let textual_type = matches!(declared, 25 | 1043 | 19 | 705);
+            if params.bind.is_binary(*i) && !textual_type {
+                decode_binary(bytes, key_type).map(Some)
+            } else {
+                let text = std::str::from_utf8(bytes).map_err(|_| invalid_key("parameter is not valid UTF-8"))?;
+                key_type.parse_value(text).map(Some).map_err(invalid_key)
+            }
+        }
+    }
+}
+
+fn decode_binary(bytes: &[u8], key_type: KeyType) -> Result<KeyValue, RouteError> {
+    let wrong = || invalid_key(format!("a {}-byte binary value for a {key_type} key", bytes.len()));
+    let value = match key_type {
+        KeyType::Smallint | KeyType::Int | KeyType::Bigint => match bytes.len() {
+            2 => KeyValue::Int(i64::from(i16::from_be_bytes([bytes[0], bytes[1]]))),
+            4 => KeyValue::Int(i64::from(i32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))),
+            8 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(bytes);
+                KeyValue::Int(i64::from_be_bytes(b))
+            }
+            _ => return Err(wrong()),
+        },
+        KeyType::Text => KeyValue::Text(String::from_utf8(bytes.to_vec()).map_err(|_| wrong())?),
+        KeyType::Uuid => KeyValue::Uuid(uuid_from(bytes).ok_or_else(wrong)?),
+    };
+    if key_type.accepts(&value) {
+        Ok(value)
+    } else {
+        Err(invalid_key(format!("{value} is out of range for {key_type}")))
+    }
+}
+
+fn uuid_from(bytes: &[u8]) -> Option<shardmap::keys::Uuid> {
+    let array: [u8; 16] = bytes.try_into().ok()?;
+    Some(shardmap::keys::Uuid::from_bytes(array))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analyze::{Analyzer, Command};
+    use shardmap::{Endpoint, Group, Method, Server, ServerState, Table};
+
+    fn map() -> ClusterMap {
+        let servers = ["a", "b"]
+            .iter()
+            .map(|n| Server {
+                name: n.to_string(),
+                primary: Endpoint::parse("postgres://h:1/d").expect("url"),
+                replicas: vec![],
+                region: None,
+                state: ServerState::Active,
+            })
+            .collect();
+        let mut map = ClusterMap::new("t", 8, servers).expect("map");
+        map.groups.insert("users".into(), Group { name: "users".into(), key_type: KeyType::Bigint, method: Method::Hash });
+        for (name, kind) in [
+            ("users", TableKind::Sharded { group: "users".into(), key_column: "user_id".into(), embedded_id: false }),
+            ("countries", TableKind::Reference),
+            ("settings", TableKind::Unsharded { home: "b".into() }),
+        ] {
+            map.tables.insert(name.into(), Table { name: name.into(), kind });
+        }
+        map
+    }
+
+    fn route(sql: &str) -> Result<Resolution, RouteError> {
+        let analyzer = Analyzer::new(10);
+        let analyzed = analyzer.analyze(sql);
+        let Command::Data(data) = &analyzed.analysis.commands[0] else { panic!("not data: {sql}") };
+        route_data(data, &map(), &analyzed.literals, None)
+    }
+
+    fn owner_of(key: i64) -> String {
+        let m = map();
+        let p = m.partition_of("users", &KeyValue::Int(key)).expect("partition");
+        m.owner_of(p).expect("owner").name.clone()
+    }
+
+    #[test]
+    fn literal_keys_route_to_their_owner() {
+        let r = route("SELECT * FROM users WHERE user_id = 42").expect("routes");
+        let Resolution::Route(Route::Partitions { server, .. }) = r else { panic!("{r:?}") };
+        assert_eq!(server, owner_of(42));
+        let r = route("select * from users u where u.user_id = -7").expect("routes");
+        assert_eq!(r.clone(), Resolution::Route(Route::Partitions { server: owner_of(-7), partitions: match r { Resolution::Route(Route::Partitions { partitions, .. }) => partitions, _ => vec![] } }));
+    }
+
+    #[test]
+    fn params_defer_routing() {
+        assert_eq!(route("SELECT * FROM users WHERE user_id = $1"), Ok(Resolution::NeedsParams));
+    }
+
+    #[test]
+    fn unroutable_statements_are_errors() {
+        let e = route("SELECT * FROM users").expect_err("no key");
+        assert_eq!(e.code, "0A000");
+        assert!(e.message.contains("does not fix its key column \"user_id\""), "{}", e.message);
+        assert_eq!(route("SELECT * FROM nope WHERE id = 1").expect_err("unknown").code, "42P01");
+        assert_eq!(route("UPDATE countries SET name = 'x'").expect_err("reference write").code, "0A000");
+        assert_eq!(route("SELECT * FROM users WHERE user_id = 'abc'").expect_err("bad key").code, "22P02");
+        assert_eq!(route("INSERT INTO users VALUES (1)").expect_err("no columns").code, "0A000");
+    }
+
+    #[test]
+    fn other_tables() {
+        assert_eq!(route("SELECT * FROM countries"), Ok(Resolution::Route(Route::Any)));
+        assert_eq!(route("SELECT * FROM settings"), Ok(Resolution::Route(Route::Server("b".into()))));
+        assert_eq!(route("SELECT now()"), Ok(Resolution::Route(Route::Any)));
+        assert_eq!(route("SELECT relname FROM pg_class"), Ok(Resolution::Route(Route::Any)));
+    }
+
+    #[test]
+    fn multi_key_statements_route_only_when_one_server_owns_all() {
+        // Keys on one server route there; keys on two are refused.
+        let mut same = Vec::new();
+        let mut other = None;
+        for k in 0..100 {
+            if owner_of(k) == owner_of(0) {
+                same.push(k);
+            } else if other.is_none() {
+                other = Some(k);
+            }
+        }
+        let sql = format!("SELECT * FROM users WHERE user_id IN ({}, {})", same[0], same[1]);
+        assert!(matches!(route(&sql), Ok(Resolution::Route(Route::Partitions { .. }))));
+        let sql = format!("SELECT * FROM users WHERE user_id IN ({}, {})", same[0], other.expect("another server"));
+        assert_eq!(route(&sql).expect_err("two servers").code, "0A000");
+    }
+
+    #[test]
+    fn binary_params_decode_by_width() {
+        assert_eq!(decode_binary(&42i64.to_be_bytes(), KeyType::Bigint), Ok(KeyValue::Int(42)));
+        assert_eq!(decode_binary(&(-3i32).to_be_bytes(), KeyType::Bigint), Ok(KeyValue::Int(-3)));
+        assert!(decode_binary(&[1, 2, 3], KeyType::Bigint).is_err());
+        assert!(decode_binary(&i64::MAX.to_be_bytes(), KeyType::Int).is_err());
+        assert!(decode_binary(&[0u8; 15], KeyType::Uuid).is_err());
+    }
+}
