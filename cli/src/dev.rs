@@ -1,14 +1,14 @@
 //! `shardctl dev`: a local cluster (etcd + N Postgres servers) for the
 //! quickstart and for trying shardline on one machine.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use clap::Subcommand;
 use devcluster::{DevOptions, LocalCluster};
 use indicatif::{ProgressBar, ProgressStyle};
-use shardmap::{ClusterMap, Endpoint, MapStore, Server, ServerState};
+use shardmap::{Change, ClusterMap, Endpoint, MapStore, Server, ServerState};
 
 use crate::commands::Context;
 use crate::config::{default_dev_dir, EtcdConfig, FileConfig};
@@ -98,6 +98,11 @@ async fn up(
     fsync: bool,
 ) -> Result<()> {
     anyhow::ensure!(servers >= 1, "--servers must be at least 1");
+    anyhow::ensure!(
+        partitions.is_power_of_two() && partitions <= shardmap::model::MAX_PARTITIONS,
+        "--partitions {partitions} must be a power of two between 1 and {}",
+        shardmap::model::MAX_PARTITIONS
+    );
     let started = Instant::now();
     let bar = ProgressBar::new(servers as u64 + 3);
     bar.set_style(
@@ -120,6 +125,30 @@ async fn up(
     .await??;
     bar.set_message("initialising the map");
     let state = cluster.state();
+    let config_path = match init_map(context, &state, partitions, &dir).await {
+        Ok(path) => path,
+        Err(e) => {
+            bar.finish_and_clear();
+            // Do not leave a half-made cluster behind.
+            let _ = tokio::task::spawn_blocking(move || cluster.stop()).await;
+            return Err(e);
+        }
+    };
+    bar.inc(1);
+    bar.finish_and_clear();
+    // Leave the processes running: `dev down` stops them.
+    std::mem::forget(cluster);
+    print_state(context, &state, Some((started.elapsed(), &config_path)))
+}
+
+/// Creates the map for a new dev cluster, or points an existing one (a
+/// directory kept with `dev down --keep-data`) at the servers' new ports.
+async fn init_map(
+    context: &Context,
+    state: &devcluster::ClusterState,
+    partitions: u32,
+    dir: &Path,
+) -> Result<PathBuf> {
     let cluster_name = context.cluster_name();
     let members = state
         .servers
@@ -134,9 +163,22 @@ async fn up(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let map = ClusterMap::new(&cluster_name, partitions, members)?;
     let store = MapStore::connect(&[state.etcd.endpoint()], &cluster_name).await?;
-    store.initialize(map, &context.actor).await?;
+    if store.try_load().await?.is_some() {
+        store
+            .update(&context.actor, |map| {
+                for member in &members {
+                    if let Some(server) = map.servers.get_mut(&member.name) {
+                        server.primary = member.primary.clone();
+                    }
+                }
+                Ok(Change::new("dev up", "servers restarted on new ports"))
+            })
+            .await?;
+    } else {
+        let map = ClusterMap::new(&cluster_name, partitions, members)?;
+        store.initialize(map, &context.actor).await?;
+    }
     let config = FileConfig {
         cluster: Some(cluster_name),
         etcd: EtcdConfig {
@@ -147,11 +189,7 @@ async fn up(
     config
         .write(&config_path)
         .context("cannot write the dev cluster's config")?;
-    bar.inc(1);
-    bar.finish_and_clear();
-    // Leave the processes running: `dev down` stops them.
-    std::mem::forget(cluster);
-    print_state(context, &state, Some((started.elapsed(), &config_path)))
+    Ok(config_path)
 }
 
 fn print_state(

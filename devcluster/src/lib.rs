@@ -146,6 +146,10 @@ impl LocalCluster {
         }
         fs::create_dir_all(dir)
             .map_err(DevError::io(format!("cannot create {}", dir.display())))?;
+        // Postgres resolves relative paths against its data directory.
+        let dir = &dir
+            .canonicalize()
+            .map_err(DevError::io(format!("cannot resolve {}", dir.display())))?;
         tools.hand_to_postgres(dir)?;
 
         progress("starting etcd");
@@ -156,6 +160,8 @@ impl LocalCluster {
             dir: dir.clone(),
             stop_on_drop: true, // until fully started, so a failure cleans up
         };
+        // Written after every step, so `dev down` finds whatever a crash leaves.
+        cluster.write_state()?;
         let template = dir.join("template");
         if options.servers > 0 && !template.join("PG_VERSION").exists() {
             progress("initdb (template)");
@@ -167,8 +173,8 @@ impl LocalCluster {
             let server =
                 PgServer::start(&tools, &template, &dir.join(&name), &name, options.fsync)?;
             cluster.servers.push(server);
+            cluster.write_state()?;
         }
-        cluster.write_state()?;
         cluster.stop_on_drop = stop_on_drop;
         Ok(cluster)
     }

@@ -319,8 +319,14 @@ impl PgServer {
             .arg(&log)
             .args(["-w", "-t", "60"])
             .stdin(Stdio::null());
-        run(&mut command, &format!("starting Postgres {}", self.name))
-            .map_err(|e| DevError::Failed(format!("{e}\nits log says:\n{}", tail(&log))))?;
+        if let Err(e) = run(&mut command, &format!("starting Postgres {}", self.name)) {
+            // pg_ctl may have given up waiting on a server that still starts.
+            let _ = stop_postgres(&self.tools, &self.data_dir);
+            return Err(DevError::Failed(format!(
+                "{e}\nits log says:\n{}",
+                tail(&log)
+            )));
+        }
         self.running = true;
         Ok(())
     }
@@ -371,6 +377,20 @@ impl PgServer {
 /// Stops the Postgres server of `data_dir` if it runs.
 pub fn stop_postgres(tools: &Tools, data_dir: &Path) -> Result<(), DevError> {
     if !data_dir.join("postmaster.pid").exists() {
+        return Ok(());
+    }
+    // A postmaster.pid left by a crash or reboot names no running server:
+    // `pg_ctl status` says so (exit 3) and there is nothing to stop.
+    let status = tools
+        .pg_command("pg_ctl")
+        .arg("status")
+        .arg("-D")
+        .arg(data_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(DevError::io("cannot run pg_ctl status"))?;
+    if status.code() == Some(3) {
         return Ok(());
     }
     let mut command = tools.pg_command("pg_ctl");

@@ -56,9 +56,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for user_id in [1_i64, 42, 31337] {
         let partition = map.partition_of("users", &KeyValue::Int(user_id))?;
         let owner = map.owner_of(partition).ok_or("partition without owner")?;
-        let photo_id = generator.next_id(partition);
+        let photo_id = generator
+            .next_id(partition)
+            .ok_or("partition outside the layout")?;
         let photo_partition = map.partition_of("photos", &KeyValue::Int(photo_id))?;
-        let (from, to) = layout.partition_bounds(partition);
+        let (from, to) = layout
+            .partition_bounds(partition)
+            .ok_or("partition outside the layout")?;
         println!(
             "user {user_id:>6} -> partition {partition:>4} on {}; new photo id {photo_id} -> partition {photo_partition} \
              (leaf range FROM ({from}) TO ({}))",

@@ -15,7 +15,10 @@ use crate::wire::messages::Bind;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// Rows of these partitions, all owned by `server`.
-    Partitions { server: String, partitions: Vec<u32> },
+    Partitions {
+        server: String,
+        partitions: Vec<u32>,
+    },
     /// An unsharded table's home server.
     Server(String),
     /// Touches no partitioned data (catalogs, reference-table reads, no
@@ -43,17 +46,28 @@ impl Route {
         match (self, other) {
             (Route::Any, r) | (r, Route::Any) => Ok(r),
             (a, b) => {
-                let (sa, sb) = (a.server().unwrap_or_default().to_string(), b.server().unwrap_or_default().to_string());
+                let (sa, sb) = (
+                    a.server().unwrap_or_default().to_string(),
+                    b.server().unwrap_or_default().to_string(),
+                );
                 if sa != sb {
                     return Err((sa, sb));
                 }
-                let mut partitions: Vec<u32> = a.partitions().iter().chain(b.partitions()).copied().collect();
+                let mut partitions: Vec<u32> = a
+                    .partitions()
+                    .iter()
+                    .chain(b.partitions())
+                    .copied()
+                    .collect();
                 partitions.sort_unstable();
                 partitions.dedup();
                 Ok(if partitions.is_empty() {
                     Route::Server(sa)
                 } else {
-                    Route::Partitions { server: sa, partitions }
+                    Route::Partitions {
+                        server: sa,
+                        partitions,
+                    }
                 })
             }
         }
@@ -70,7 +84,11 @@ pub struct RouteError {
 }
 
 impl RouteError {
-    pub fn new(code: &'static str, message: impl Into<String>, hint: impl Into<String>) -> RouteError {
+    pub fn new(
+        code: &'static str,
+        message: impl Into<String>,
+        hint: impl Into<String>,
+    ) -> RouteError {
         RouteError {
             code,
             message: message.into(),
@@ -144,7 +162,10 @@ pub fn route_data(
     if let Some(copy) = &statement.copy {
         if copy.from_stdin {
             if let Some(name) = &copy.table {
-                if matches!(map.tables.get(name).map(|t| &t.kind), Some(TableKind::Sharded { .. })) {
+                if matches!(
+                    map.tables.get(name).map(|t| &t.kind),
+                    Some(TableKind::Sharded { .. })
+                ) {
                     return Err(RouteError::new(
                         "0A000",
                         format!("COPY FROM STDIN into sharded table {name:?} is not supported yet"),
@@ -168,7 +189,11 @@ fn route_table(
     literals: &[Literal],
     params: Option<&Params<'_>>,
 ) -> Result<Option<Route>, RouteError> {
-    let Some(def) = map.tables.get(&table.name).filter(|_| table.schema.is_none()) else {
+    let Some(def) = map
+        .tables
+        .get(&table.name)
+        .filter(|_| table.schema.is_none())
+    else {
         let qualified = match &table.schema {
             Some(schema) => format!("{schema}.{}", table.name),
             None => table.name.clone(),
@@ -200,7 +225,9 @@ fn route_table(
             let key_type = if *embedded_id {
                 KeyType::Bigint
             } else {
-                map.groups.get(group).map_or(KeyType::Bigint, |g| g.key_type)
+                map.groups
+                    .get(group)
+                    .map_or(KeyType::Bigint, |g| g.key_type)
             };
             let exprs = key_exprs(statement, table, key_column)?;
             if exprs.is_empty() {
@@ -222,14 +249,22 @@ fn route_table(
                     return Ok(None);
                 };
                 let partition = map.partition_of(&table.name, &key).map_err(|e| {
-                    RouteError::new("22023", format!("cannot route key {key} of \"{}\": {e}", table.name), "check the key value")
+                    RouteError::new(
+                        "22023",
+                        format!("cannot route key {key} of \"{}\": {e}", table.name),
+                        "check the key value",
+                    )
                 })?;
                 partitions.insert(partition);
             }
             let mut servers = BTreeSet::new();
             for p in &partitions {
                 let owner = map.owner_of(*p).ok_or_else(|| {
-                    RouteError::new("XX000", format!("partition {p} has no owner in the map"), "check `shardctl map`")
+                    RouteError::new(
+                        "XX000",
+                        format!("partition {p} has no owner in the map"),
+                        "check `shardctl map`",
+                    )
                 })?;
                 servers.insert(owner.name.clone());
             }
@@ -254,7 +289,11 @@ fn route_table(
 }
 
 /// The expressions giving `table`'s key in this statement.
-fn key_exprs<'s>(statement: &'s DataStatement, table: &TableUse, key_column: &str) -> Result<Vec<&'s KeyExpr>, RouteError> {
+fn key_exprs<'s>(
+    statement: &'s DataStatement,
+    table: &TableUse,
+    key_column: &str,
+) -> Result<Vec<&'s KeyExpr>, RouteError> {
     let mut exprs = Vec::new();
     for equality in &statement.equalities {
         let applies = match &equality.column.qualifier {
@@ -269,7 +308,10 @@ fn key_exprs<'s>(statement: &'s DataStatement, table: &TableUse, key_column: &st
         if insert.from_query {
             return Err(RouteError::new(
                 "0A000",
-                format!("INSERT ... SELECT into sharded table \"{}\" cannot be routed", table.name),
+                format!(
+                    "INSERT ... SELECT into sharded table \"{}\" cannot be routed",
+                    table.name
+                ),
                 "insert with VALUES and the key as a literal or parameter",
             ));
         }
@@ -286,7 +328,9 @@ fn key_exprs<'s>(statement: &'s DataStatement, table: &TableUse, key_column: &st
                 None => {
                     return Err(RouteError::new(
                         "0A000",
-                        format!("the value of key column \"{key_column}\" must be a literal or a parameter"),
+                        format!(
+                        "the value of key column \"{key_column}\" must be a literal or a parameter"
+                    ),
                         "compute the key in the application, or with the shardline id generator",
                     ))
                 }
@@ -297,26 +341,43 @@ fn key_exprs<'s>(statement: &'s DataStatement, table: &TableUse, key_column: &st
 }
 
 fn invalid_key(text: impl std::fmt::Display) -> RouteError {
-    RouteError::new("22P02", format!("invalid sharding key: {text}"), "pass a value of the key column's type")
+    RouteError::new(
+        "22P02",
+        format!("invalid sharding key: {text}"),
+        "pass a value of the key column's type",
+    )
 }
 
 /// The value of a key expression; `None` for a parameter not bound yet.
-fn evaluate(expr: &KeyExpr, key_type: KeyType, literals: &[Literal], params: Option<&Params<'_>>) -> Result<Option<KeyValue>, RouteError> {
+fn evaluate(
+    expr: &KeyExpr,
+    key_type: KeyType,
+    literals: &[Literal],
+    params: Option<&Params<'_>>,
+) -> Result<Option<KeyValue>, RouteError> {
     match expr {
         KeyExpr::Literal(i) => {
             let literal = literals
                 .get(*i)
                 .ok_or_else(|| invalid_key(format!("literal {i} missing")))?;
-            key_type.parse_value(literal.text()).map(Some).map_err(invalid_key)
+            key_type
+                .parse_value(literal.text())
+                .map(Some)
+                .map_err(invalid_key)
         }
         KeyExpr::Const(text) => key_type.parse_value(text).map(Some).map_err(invalid_key),
         KeyExpr::Negate(inner) => match evaluate(inner, key_type, literals, params)? {
             None => Ok(None),
-            Some(KeyValue::Int(v)) => v.checked_neg().map(|v| Some(KeyValue::Int(v))).ok_or_else(|| invalid_key("out of range")),
+            Some(KeyValue::Int(v)) => v
+                .checked_neg()
+                .map(|v| Some(KeyValue::Int(v)))
+                .ok_or_else(|| invalid_key("out of range")),
             Some(other) => Err(invalid_key(format!("-{other}"))),
         },
         KeyExpr::Param(i) => {
-            let Some(params) = params else { return Ok(None) };
+            let Some(params) = params else {
+                return Ok(None);
+            };
             let value = params
                 .bind
                 .params
@@ -334,7 +395,8 @@ fn evaluate(expr: &KeyExpr, key_type: KeyType, literals: &[Literal], params: Opt
             if params.bind.is_binary(*i) && !textual_type {
                 decode_binary(bytes, key_type).map(Some)
             } else {
-                let text = std::str::from_utf8(bytes).map_err(|_| invalid_key("parameter is not valid UTF-8"))?;
+                let text = std::str::from_utf8(bytes)
+                    .map_err(|_| invalid_key("parameter is not valid UTF-8"))?;
                 key_type.parse_value(text).map(Some).map_err(invalid_key)
             }
         }
@@ -342,11 +404,18 @@ fn evaluate(expr: &KeyExpr, key_type: KeyType, literals: &[Literal], params: Opt
 }
 
 fn decode_binary(bytes: &[u8], key_type: KeyType) -> Result<KeyValue, RouteError> {
-    let wrong = || invalid_key(format!("a {}-byte binary value for a {key_type} key", bytes.len()));
+    let wrong = || {
+        invalid_key(format!(
+            "a {}-byte binary value for a {key_type} key",
+            bytes.len()
+        ))
+    };
     let value = match key_type {
         KeyType::Smallint | KeyType::Int | KeyType::Bigint => match bytes.len() {
             2 => KeyValue::Int(i64::from(i16::from_be_bytes([bytes[0], bytes[1]]))),
-            4 => KeyValue::Int(i64::from(i32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))),
+            4 => KeyValue::Int(i64::from(i32::from_be_bytes([
+                bytes[0], bytes[1], bytes[2], bytes[3],
+            ]))),
             8 => {
                 let mut b = [0u8; 8];
                 b.copy_from_slice(bytes);
@@ -360,7 +429,9 @@ fn decode_binary(bytes: &[u8], key_type: KeyType) -> Result<KeyValue, RouteError
     if key_type.accepts(&value) {
         Ok(value)
     } else {
-        Err(invalid_key(format!("{value} is out of range for {key_type}")))
+        Err(invalid_key(format!(
+            "{value} is out of range for {key_type}"
+        )))
     }
 }
 
@@ -387,13 +458,33 @@ mod tests {
             })
             .collect();
         let mut map = ClusterMap::new("t", 8, servers).expect("map");
-        map.groups.insert("users".into(), Group { name: "users".into(), key_type: KeyType::Bigint, method: Method::Hash });
+        map.groups.insert(
+            "users".into(),
+            Group {
+                name: "users".into(),
+                key_type: KeyType::Bigint,
+                method: Method::Hash,
+            },
+        );
         for (name, kind) in [
-            ("users", TableKind::Sharded { group: "users".into(), key_column: "user_id".into(), embedded_id: false }),
+            (
+                "users",
+                TableKind::Sharded {
+                    group: "users".into(),
+                    key_column: "user_id".into(),
+                    embedded_id: false,
+                },
+            ),
             ("countries", TableKind::Reference),
             ("settings", TableKind::Unsharded { home: "b".into() }),
         ] {
-            map.tables.insert(name.into(), Table { name: name.into(), kind });
+            map.tables.insert(
+                name.into(),
+                Table {
+                    name: name.into(),
+                    kind,
+                },
+            );
         }
         map
     }
@@ -401,47 +492,99 @@ mod tests {
     fn route(sql: &str) -> Result<Resolution, RouteError> {
         let analyzer = Analyzer::new(10);
         let analyzed = analyzer.analyze(sql);
-        let Command::Data(data) = &analyzed.analysis.commands[0] else { panic!("not data: {sql}") };
+        let Command::Data(data) = &analyzed.analysis.commands[0] else {
+            panic!("not data: {sql}")
+        };
         route_data(data, &map(), &analyzed.literals, None)
     }
 
     fn owner_of(key: i64) -> String {
         let m = map();
-        let p = m.partition_of("users", &KeyValue::Int(key)).expect("partition");
+        let p = m
+            .partition_of("users", &KeyValue::Int(key))
+            .expect("partition");
         m.owner_of(p).expect("owner").name.clone()
     }
 
     #[test]
     fn literal_keys_route_to_their_owner() {
         let r = route("SELECT * FROM users WHERE user_id = 42").expect("routes");
-        let Resolution::Route(Route::Partitions { server, .. }) = r else { panic!("{r:?}") };
+        let Resolution::Route(Route::Partitions { server, .. }) = r else {
+            panic!("{r:?}")
+        };
         assert_eq!(server, owner_of(42));
         let r = route("select * from users u where u.user_id = -7").expect("routes");
-        assert_eq!(r.clone(), Resolution::Route(Route::Partitions { server: owner_of(-7), partitions: match r { Resolution::Route(Route::Partitions { partitions, .. }) => partitions, _ => vec![] } }));
+        assert_eq!(
+            r.clone(),
+            Resolution::Route(Route::Partitions {
+                server: owner_of(-7),
+                partitions: match r {
+                    Resolution::Route(Route::Partitions { partitions, .. }) => partitions,
+                    _ => vec![],
+                }
+            })
+        );
     }
 
     #[test]
     fn params_defer_routing() {
-        assert_eq!(route("SELECT * FROM users WHERE user_id = $1"), Ok(Resolution::NeedsParams));
+        assert_eq!(
+            route("SELECT * FROM users WHERE user_id = $1"),
+            Ok(Resolution::NeedsParams)
+        );
     }
 
     #[test]
     fn unroutable_statements_are_errors() {
         let e = route("SELECT * FROM users").expect_err("no key");
         assert_eq!(e.code, "0A000");
-        assert!(e.message.contains("does not fix its key column \"user_id\""), "{}", e.message);
-        assert_eq!(route("SELECT * FROM nope WHERE id = 1").expect_err("unknown").code, "42P01");
-        assert_eq!(route("UPDATE countries SET name = 'x'").expect_err("reference write").code, "0A000");
-        assert_eq!(route("SELECT * FROM users WHERE user_id = 'abc'").expect_err("bad key").code, "22P02");
-        assert_eq!(route("INSERT INTO users VALUES (1)").expect_err("no columns").code, "0A000");
+        assert!(
+            e.message
+                .contains("does not fix its key column \"user_id\""),
+            "{}",
+            e.message
+        );
+        assert_eq!(
+            route("SELECT * FROM nope WHERE id = 1")
+                .expect_err("unknown")
+                .code,
+            "42P01"
+        );
+        assert_eq!(
+            route("UPDATE countries SET name = 'x'")
+                .expect_err("reference write")
+                .code,
+            "0A000"
+        );
+        assert_eq!(
+            route("SELECT * FROM users WHERE user_id = 'abc'")
+                .expect_err("bad key")
+                .code,
+            "22P02"
+        );
+        assert_eq!(
+            route("INSERT INTO users VALUES (1)")
+                .expect_err("no columns")
+                .code,
+            "0A000"
+        );
     }
 
     #[test]
     fn other_tables() {
-        assert_eq!(route("SELECT * FROM countries"), Ok(Resolution::Route(Route::Any)));
-        assert_eq!(route("SELECT * FROM settings"), Ok(Resolution::Route(Route::Server("b".into()))));
+        assert_eq!(
+            route("SELECT * FROM countries"),
+            Ok(Resolution::Route(Route::Any))
+        );
+        assert_eq!(
+            route("SELECT * FROM settings"),
+            Ok(Resolution::Route(Route::Server("b".into())))
+        );
         assert_eq!(route("SELECT now()"), Ok(Resolution::Route(Route::Any)));
-        assert_eq!(route("SELECT relname FROM pg_class"), Ok(Resolution::Route(Route::Any)));
+        assert_eq!(
+            route("SELECT relname FROM pg_class"),
+            Ok(Resolution::Route(Route::Any))
+        );
     }
 
     #[test]
@@ -456,16 +599,32 @@ mod tests {
                 other = Some(k);
             }
         }
-        let sql = format!("SELECT * FROM users WHERE user_id IN ({}, {})", same[0], same[1]);
-        assert!(matches!(route(&sql), Ok(Resolution::Route(Route::Partitions { .. }))));
-        let sql = format!("SELECT * FROM users WHERE user_id IN ({}, {})", same[0], other.expect("another server"));
+        let sql = format!(
+            "SELECT * FROM users WHERE user_id IN ({}, {})",
+            same[0], same[1]
+        );
+        assert!(matches!(
+            route(&sql),
+            Ok(Resolution::Route(Route::Partitions { .. }))
+        ));
+        let sql = format!(
+            "SELECT * FROM users WHERE user_id IN ({}, {})",
+            same[0],
+            other.expect("another server")
+        );
         assert_eq!(route(&sql).expect_err("two servers").code, "0A000");
     }
 
     #[test]
     fn binary_params_decode_by_width() {
-        assert_eq!(decode_binary(&42i64.to_be_bytes(), KeyType::Bigint), Ok(KeyValue::Int(42)));
-        assert_eq!(decode_binary(&(-3i32).to_be_bytes(), KeyType::Bigint), Ok(KeyValue::Int(-3)));
+        assert_eq!(
+            decode_binary(&42i64.to_be_bytes(), KeyType::Bigint),
+            Ok(KeyValue::Int(42))
+        );
+        assert_eq!(
+            decode_binary(&(-3i32).to_be_bytes(), KeyType::Bigint),
+            Ok(KeyValue::Int(-3))
+        );
         assert!(decode_binary(&[1, 2, 3], KeyType::Bigint).is_err());
         assert!(decode_binary(&i64::MAX.to_be_bytes(), KeyType::Int).is_err());
         assert!(decode_binary(&[0u8; 15], KeyType::Uuid).is_err());

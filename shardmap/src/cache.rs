@@ -13,9 +13,12 @@ use std::time::Duration;
 use etcd_client::{EventType, WatchOptions};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info};
 
 use crate::store::{connect, decode_map, Keys, StoreError, Versioned};
+
+/// How long a full reload may take before the session is retried.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The map as last seen, or `None` before the first load (or after the map
 /// key was deleted).
@@ -26,8 +29,11 @@ pub type Snapshot = Option<Arc<Versioned>>;
 pub struct CacheHealth {
     /// True while a watch stream is established.
     pub watching: bool,
-    /// The etcd revision up to which every change has been applied.
+    /// The etcd revision up to which every change has been seen.
     pub synced_revision: i64,
+    /// False when the newest stored map could not be decoded or is invalid:
+    /// the cache then still holds the last good map, which is out of date.
+    pub map_current: bool,
 }
 
 /// Follows one cluster's map in etcd. Dropping it stops the watch task.
@@ -64,6 +70,7 @@ impl MapCache {
         let (health_tx, health) = watch::channel(CacheHealth {
             watching: false,
             synced_revision,
+            map_current: true,
         });
         let follower = Follower {
             endpoints,
@@ -73,6 +80,7 @@ impl MapCache {
             health: health_tx,
             observer,
             synced_revision,
+            map_current: true,
         };
         MapCache {
             snapshot,
@@ -94,6 +102,16 @@ impl MapCache {
         MapCache::spawn_inner(endpoints, cluster, None, Some(known), synced_revision)
     }
 
+    /// [`MapCache::spawn_resuming`] with an observer (see [`MapCache::spawn_observed`]).
+    pub fn spawn_resuming_observed(
+        endpoints: Vec<String>,
+        cluster: &str,
+        known: Arc<Versioned>,
+        synced_revision: i64,
+        observer: Option<mpsc::UnboundedSender<Arc<Versioned>>>,
+    ) -> MapCache {
+        MapCache::spawn_inner(endpoints, cluster, observer, Some(known), synced_revision)
+    }
     /// The newest map applied.
     pub fn current(&self) -> Snapshot {
         self.snapshot.borrow().clone()
@@ -138,8 +156,10 @@ struct Follower {
     snapshot: watch::Sender<Snapshot>,
     health: watch::Sender<CacheHealth>,
     observer: Option<mpsc::UnboundedSender<Arc<Versioned>>>,
-    /// Every change up to this etcd revision has been applied; 0 = never loaded.
+    /// Every change up to this etcd revision has been seen; 0 = never loaded.
     synced_revision: i64,
+    /// Whether the last stored map seen was decodable and valid.
+    map_current: bool,
 }
 
 /// Why a watch session ended.
@@ -152,15 +172,19 @@ enum SessionEnd {
 
 impl Follower {
     async fn run(mut self) {
-        let mut backoff = Duration::from_millis(50);
+        const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+        let mut backoff = FIRST_BACKOFF;
         loop {
-            let end = self.session().await;
+            let (end, established) = self.session().await;
             self.set_health(false);
+            if established {
+                backoff = FIRST_BACKOFF;
+            }
             match end {
                 SessionEnd::Compacted => {
                     info!(cluster = %self.cluster, "watch revision was compacted; reloading the whole map");
                     self.synced_revision = 0;
-                    backoff = Duration::from_millis(50);
+                    backoff = FIRST_BACKOFF;
                 }
                 SessionEnd::Disconnected(why) => {
                     debug!(cluster = %self.cluster, %why, ?backoff, "map watch interrupted; reconnecting");
@@ -171,15 +195,24 @@ impl Follower {
         }
     }
 
-    /// One connection: (re)load if needed, then apply watch events until the stream ends.
-    async fn session(&mut self) -> SessionEnd {
+    /// One connection: (re)load if needed, then apply watch events until the
+    /// stream ends. Also says whether a watch was established.
+    async fn session(&mut self) -> (SessionEnd, bool) {
+        let mut established = false;
+        let end = self.watch_session(&mut established).await;
+        (end, established)
+    }
+
+    async fn watch_session(&mut self, established: &mut bool) -> SessionEnd {
         let client = match connect(&self.endpoints).await {
             Ok(client) => client,
             Err(e) => return SessionEnd::Disconnected(e.to_string()),
         };
         if self.synced_revision == 0 {
-            if let Err(e) = self.reload(&client).await {
-                return SessionEnd::Disconnected(e.to_string());
+            match tokio::time::timeout(RELOAD_TIMEOUT, self.reload(&client)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return SessionEnd::Disconnected(e.to_string()),
+                Err(_) => return SessionEnd::Disconnected("reloading the map timed out".into()),
             }
         }
         let options = WatchOptions::new()
@@ -206,6 +239,7 @@ impl Follower {
                 ));
             }
             if response.created() {
+                *established = true;
                 self.set_health(true);
                 continue;
             }
@@ -221,15 +255,23 @@ impl Follower {
                 let Some(kv) = event.kv() else { continue };
                 match event.event_type() {
                     EventType::Put => match decode_map(&self.cluster, kv.value()) {
-                        Ok(map) => self.publish(Some(Arc::new(Versioned {
-                            map,
-                            revision: kv.mod_revision(),
-                        }))),
+                        Ok(map) => {
+                            self.map_current = true;
+                            self.publish(Some(Arc::new(Versioned {
+                                map,
+                                revision: kv.mod_revision(),
+                            })))
+                        }
                         Err(e) => {
-                            warn!(cluster = %self.cluster, error = %e, "ignoring undecodable map update")
+                            // Keep the last good map, but say it is out of date.
+                            self.map_current = false;
+                            error!(cluster = %self.cluster, error = %e, "the stored map cannot be used; keeping the last good one")
                         }
                     },
-                    EventType::Delete => self.publish(None),
+                    EventType::Delete => {
+                        self.map_current = true;
+                        self.publish(None)
+                    }
                 }
                 self.synced_revision = self.synced_revision.max(kv.mod_revision());
             }
@@ -242,14 +284,23 @@ impl Follower {
         let response = kv.get(self.keys.map(), None).await?;
         let store_revision = response.header().map(|h| h.revision()).unwrap_or(0);
         match response.kvs().first() {
-            None => self.publish(None),
-            Some(kv) => {
-                let map = decode_map(&self.cluster, kv.value())?;
-                self.publish(Some(Arc::new(Versioned {
-                    map,
-                    revision: kv.mod_revision(),
-                })));
+            None => {
+                self.map_current = true;
+                self.publish(None)
             }
+            Some(kv) => match decode_map(&self.cluster, kv.value()) {
+                Ok(map) => {
+                    self.map_current = true;
+                    self.publish(Some(Arc::new(Versioned {
+                        map,
+                        revision: kv.mod_revision(),
+                    })));
+                }
+                Err(e) => {
+                    self.map_current = false;
+                    error!(cluster = %self.cluster, error = %e, "the stored map cannot be used; keeping the last good one");
+                }
+            },
         }
         // Resume watching after the revision this read saw; never go backwards.
         self.synced_revision = self.synced_revision.max(store_revision);
@@ -275,6 +326,7 @@ impl Follower {
         self.health.send_replace(CacheHealth {
             watching,
             synced_revision: self.synced_revision,
+            map_current: self.map_current,
         });
     }
 }

@@ -72,13 +72,17 @@ impl IdLayout {
         Ok(((id as u64) >> self.partition_shift()) as u32)
     }
 
-    /// The id range of partition `p`: `[from, to)`, `to = None` meaning MAXVALUE.
-    pub fn partition_bounds(&self, partition: u32) -> (i64, Option<i64>) {
+    /// The id range of partition `p`: `[from, to)`, `to = None` meaning
+    /// MAXVALUE; `None` if `p` is not a partition of this layout.
+    pub fn partition_bounds(&self, partition: u32) -> Option<(i64, Option<i64>)> {
+        if u64::from(partition) >= self.partitions() {
+            return None;
+        }
         let shift = self.partition_shift();
         let from = (u64::from(partition) << shift) as i64;
         let next = u64::from(partition) + 1;
         let to = (next < self.partitions()).then(|| (next << shift) as i64);
-        (from, to)
+        Some((from, to))
     }
 
     /// Builds an id from its fields; `low` is truncated to the low field.
@@ -146,29 +150,30 @@ impl IdGenerator {
         self.layout.low_bits() - self.node_bits
     }
 
-    /// A new id in `partition`.
-    pub fn next_id(&self, partition: u32) -> i64 {
+    /// A new id in `partition`, or `None` if the layout has no such partition.
+    pub fn next_id(&self, partition: u32) -> Option<i64> {
+        if u64::from(partition) >= self.layout.partitions() {
+            return None;
+        }
         let max_sequence = (1u64 << self.sequence_bits()) - 1;
-        let (millis, sequence) = loop {
-            let now = now_millis_since_epoch();
-            // A poisoned lock only means another thread panicked mid-update of two
-            // integers; the values are still usable.
-            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if now > state.last_millis {
-                state.last_millis = now;
-                state.sequence = 0;
-                break (now, 0);
-            }
-            if state.sequence < max_sequence {
-                state.sequence += 1;
-                break (state.last_millis, state.sequence);
-            }
-            // Sequence exhausted in this millisecond: wait for the next one.
-            drop(state);
-            std::thread::yield_now();
-        };
-        let low = (self.node << self.sequence_bits()) | sequence;
-        self.layout.compose(partition, millis, low)
+        let now = now_millis_since_epoch();
+        // A poisoned lock only means another thread panicked mid-update of two
+        // integers; the values are still usable.
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if now > state.last_millis {
+            state.last_millis = now;
+            state.sequence = 0;
+        } else if state.sequence < max_sequence {
+            state.sequence += 1;
+        } else {
+            // Sequence exhausted in this millisecond (or the clock stepped
+            // back): borrow the next millisecond instead of waiting, so ids
+            // stay unique and increasing and no thread blocks.
+            state.last_millis += 1;
+            state.sequence = 0;
+        }
+        let low = (self.node << self.sequence_bits()) | state.sequence;
+        Some(self.layout.compose(partition, state.last_millis, low))
     }
 }
 
@@ -189,10 +194,10 @@ mod tests {
         let layout = IdLayout::new(1024).expect("valid layout");
         let generator = IdGenerator::new(layout);
         for partition in [0, 1, 17, 511, 1023] {
-            let id = generator.next_id(partition);
+            let id = generator.next_id(partition).expect("valid partition");
             assert!(id > 0 || partition == 0);
             assert_eq!(layout.partition_of(id), Ok(partition));
-            let (from, to) = layout.partition_bounds(partition);
+            let (from, to) = layout.partition_bounds(partition).expect("valid partition");
             assert!(
                 id >= from && to.is_none_or(|to| id < to),
                 "{id} outside its partition range"
@@ -203,14 +208,13 @@ mod tests {
     #[test]
     fn bounds_tile_the_positive_range() {
         let layout = IdLayout::new(8).expect("valid layout");
-        assert_eq!(layout.partition_bounds(0).0, 0);
+        let bounds = |p| layout.partition_bounds(p).expect("valid partition");
+        assert_eq!(bounds(0).0, 0);
         for p in 0..7 {
-            assert_eq!(
-                layout.partition_bounds(p).1,
-                Some(layout.partition_bounds(p + 1).0)
-            );
+            assert_eq!(bounds(p).1, Some(bounds(p + 1).0));
         }
-        assert_eq!(layout.partition_bounds(7).1, None);
+        assert_eq!(bounds(7).1, None);
+        assert_eq!(layout.partition_bounds(8), None);
         assert_eq!(layout.partition_of(i64::MAX), Ok(7));
     }
 
@@ -220,10 +224,11 @@ mod tests {
         let generator = IdGenerator::new(layout);
         let mut last = -1;
         for _ in 0..20_000 {
-            let id = generator.next_id(5);
+            let id = generator.next_id(5).expect("valid partition");
             assert!(id > last);
             last = id;
         }
+        assert_eq!(generator.next_id(16384), None);
     }
 
     #[test]
@@ -231,9 +236,11 @@ mod tests {
         let layout = IdLayout::new(1024).expect("valid layout");
         let a = IdGenerator::with_node(layout, 0, 2).expect("node 0");
         let b = IdGenerator::with_node(layout, 1, 2).expect("node 1");
-        let ids_a: std::collections::HashSet<i64> = (0..5000).map(|_| a.next_id(3)).collect();
+        let ids_a: std::collections::HashSet<i64> =
+            (0..5000).filter_map(|_| a.next_id(3)).collect();
+        assert_eq!(ids_a.len(), 5000);
         assert!((0..5000)
-            .map(|_| b.next_id(3))
+            .filter_map(|_| b.next_id(3))
             .all(|id| !ids_a.contains(&id)));
         assert!(IdGenerator::with_node(layout, 4, 2).is_none());
     }

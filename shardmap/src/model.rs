@@ -145,7 +145,7 @@ pub struct Assignment {
     pub owner: String,
     pub state: PartitionState,
     /// If set, the partition may only live on servers of this region (data residency).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
 }
 
@@ -908,7 +908,9 @@ mod tests {
         map.validate().expect("valid");
         let user_partition = map.partition_of("users", &KeyValue::Int(42)).expect("hash");
         let layout = IdLayout::new(8).expect("layout");
-        let photo_id = crate::embedded::IdGenerator::new(layout).next_id(user_partition);
+        let photo_id = crate::embedded::IdGenerator::new(layout)
+            .next_id(user_partition)
+            .expect("valid partition");
         assert_eq!(
             map.partition_of("photos", &KeyValue::Int(photo_id)),
             Ok(user_partition)

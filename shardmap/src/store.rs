@@ -101,16 +101,23 @@ pub enum StoreError {
     Rejected(String),
 }
 
+/// Largest encoded map written (etcd's default request limit is 1.5 MiB).
+const MAX_MAP_BYTES: usize = 1_400_000;
+
 /// How long one etcd request may take before the store gives up.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connects to etcd with keep-alives, so that a dead etcd is noticed on idle
 /// watch streams too.
 pub async fn connect(endpoints: &[String]) -> Result<Client, StoreError> {
+    // etcd refuses pings more often than every 5 s (GOAWAY "too_many_pings");
+    // require_leader makes a member cut off from its cluster fail requests and
+    // watches instead of serving stale data.
     let options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(3))
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(3))
-        .with_keep_alive_while_idle(true);
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true)
+        .with_require_leader(true);
     with_timeout(Client::connect(endpoints, Some(options))).await
 }
 
@@ -276,6 +283,13 @@ impl MapStore {
         let map_json = serde_json::to_vec(map).map_err(|e| StoreError::Rejected(e.to_string()))?;
         let entry_json =
             serde_json::to_vec(&entry).map_err(|e| StoreError::Rejected(e.to_string()))?;
+        if map_json.len() > MAX_MAP_BYTES {
+            return Err(StoreError::Rejected(format!(
+                "the encoded map is {} bytes, over the {MAX_MAP_BYTES}-byte limit of one etcd request: \
+                 use fewer partitions or shorter server names",
+                map_json.len()
+            )));
+        }
         let history_key = self.keys.history(map.version);
         let txn = Txn::new()
             .when([
@@ -300,6 +314,10 @@ impl MapStore {
 
     /// History entries, oldest first; with `limit`, only the newest `limit`.
     pub async fn history(&self, limit: Option<usize>) -> Result<Vec<HistoryEntry>, StoreError> {
+        if limit == Some(0) {
+            // etcd reads a limit of 0 as "no limit".
+            return Ok(Vec::new());
+        }
         let mut options = GetOptions::new()
             .with_prefix()
             .with_sort(SortTarget::Key, SortOrder::Descend);
@@ -325,7 +343,7 @@ impl MapStore {
     }
 }
 
-/// Decodes a stored map and checks it belongs to `cluster`.
+/// Decodes a stored map and checks it belongs to `cluster` and is valid.
 pub fn decode_map(cluster: &str, bytes: &[u8]) -> Result<ClusterMap, StoreError> {
     let map: ClusterMap = serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
         cluster: cluster.to_string(),
@@ -337,5 +355,9 @@ pub fn decode_map(cluster: &str, bytes: &[u8]) -> Result<ClusterMap, StoreError>
             why: format!("it names cluster {:?}", map.cluster),
         });
     }
+    map.validate().map_err(|e| StoreError::Corrupt {
+        cluster: cluster.to_string(),
+        why: e.to_string(),
+    })?;
     Ok(map)
 }

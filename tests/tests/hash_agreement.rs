@@ -66,6 +66,45 @@ async fn check_agreement(client: &tokio_postgres::Client, table: &str, key_type:
     rows.len()
 }
 
+/// Asks Postgres whether each key's remainder modulo `modulus` is the one
+/// shardline computes, in one query per table.
+async fn check_remainders<T>(
+    client: &tokio_postgres::Client,
+    table: &str,
+    key_type: KeyType,
+    modulus: u32,
+    sql_type: &str,
+    keys: &[T],
+) where
+    T: tokio_postgres::types::ToSql + Sync + ToString,
+{
+    let group = Group {
+        name: "g".into(),
+        key_type,
+        method: Method::Hash,
+    };
+    let remainders: Vec<i32> = keys
+        .iter()
+        .map(|k| {
+            let key = key_type.parse_value(&k.to_string()).expect("key parses");
+            group_partition(&group, modulus, &key).expect("hash") as i32
+        })
+        .collect();
+    let sql = format!(
+        "SELECT count(*) FILTER (WHERE NOT satisfies_hash_partition('{table}'::regclass, {modulus}, r, k)) \
+         FROM unnest($1::{sql_type}[], $2::int[]) AS t(k, r)"
+    );
+    let row = client
+        .query_one(&sql, &[&keys, &remainders])
+        .await
+        .expect("satisfies_hash_partition over all keys");
+    let wrong: i64 = row.get(0);
+    assert_eq!(
+        wrong, 0,
+        "{wrong} {key_type} keys get another remainder modulo {modulus} in Postgres"
+    );
+}
+
 fn random_text(rng: &mut impl Rng) -> String {
     const ALPHABET: &[char] = &[
         'a', 'Z', '0', ' ', '-', '_', 'é', 'ß', '中', '文', '😀', '\'', '"', '\\',
@@ -170,6 +209,24 @@ async fn postgres_and_shardline_agree_on_hash_partitions() {
         check_agreement(&client, "h_uuid", KeyType::Uuid).await,
         KEYS_PER_TYPE
     );
+
+    // MODULUS 64 exercises only the low 6 bits of the hash; clusters use up to
+    // 16384 partitions. Postgres's satisfies_hash_partition() checks a key
+    // against any (modulus, remainder) pair without leaf tables.
+    for modulus in [1024_u32, 16384] {
+        check_remainders(
+            &client,
+            "h_bigint",
+            KeyType::Bigint,
+            modulus,
+            "bigint",
+            &bigints,
+        )
+        .await;
+        check_remainders(&client, "h_int", KeyType::Int, modulus, "integer", &ints).await;
+        check_remainders(&client, "h_text", KeyType::Text, modulus, "text", &texts).await;
+        check_remainders(&client, "h_uuid", KeyType::Uuid, modulus, "uuid", &uuids).await;
+    }
 
     // A literal from the SQL side too: the value Postgres's own
     // satisfies_hash_partition() accepts must be the remainder we compute.

@@ -131,3 +131,80 @@ async fn changes_reach_a_watching_process_quickly() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_cache_replays_every_missed_change_in_order() {
+    // Deterministic version of the restart test: the cache starts from an old
+    // revision, as after a disconnect, and must replay each change since.
+    let cluster = TestCluster::start(0);
+    let (store, first) = cluster.init_map("replay", 8).await;
+    bump(&store, 30).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let cache = MapCache::spawn_resuming_observed(
+        cluster.etcd_endpoints(),
+        "replay",
+        Arc::new(first.clone()),
+        first.revision,
+        Some(tx),
+    );
+    let mut seen = Vec::new();
+    collect_until(&mut rx, &mut seen, 31, Duration::from_secs(10)).await;
+    assert_eq!(seen, (2..=31).collect::<Vec<u64>>());
+    assert!(cache.health().map_current);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_map_keeps_the_last_good_one_and_says_so() {
+    let cluster = TestCluster::start(0);
+    let (store, first) = cluster.init_map("corrupt", 8).await;
+    let cache = MapCache::spawn(cluster.etcd_endpoints(), "corrupt");
+    assert!(cache
+        .wait_for_version(first.map.version, Duration::from_secs(10))
+        .await
+        .is_some());
+    let mut client = etcd_client::Client::connect(cluster.etcd_endpoints(), None)
+        .await
+        .expect("connect");
+    client
+        .put(store.keys().map(), "{not json", None)
+        .await
+        .expect("put garbage");
+    let stale = shardline_tests::eventually(Duration::from_secs(5), || async {
+        !cache.health().map_current
+    })
+    .await;
+    assert!(stale, "the cache reports that its map is out of date");
+    assert_eq!(
+        cache.current().map(|v| v.map.version),
+        Some(first.map.version),
+        "last good map kept"
+    );
+
+    // A valid map written again (with a CAS from the last good state would
+    // fail, so write it raw) makes the cache current again.
+    let mut fixed = first.map.clone();
+    fixed.version = 7;
+    client
+        .put(
+            store.keys().map(),
+            serde_json::to_vec(&fixed).expect("encode"),
+            None,
+        )
+        .await
+        .expect("put good map");
+    assert!(cache
+        .wait_for_version(7, Duration::from_secs(5))
+        .await
+        .is_some());
+    assert!(cache.health().map_current);
+
+    client
+        .delete(store.keys().map(), None)
+        .await
+        .expect("delete");
+    let gone = shardline_tests::eventually(Duration::from_secs(5), || async {
+        cache.current().is_none()
+    })
+    .await;
+    assert!(gone, "a deleted map empties the cache");
+}

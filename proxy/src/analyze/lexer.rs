@@ -101,13 +101,25 @@ pub fn lex(sql: &str) -> Lexed {
             }
             b'\'' => {
                 let (value, end) = quoted_string(sql, i, false);
-                literal_or_verbatim(&mut shape, &mut literals, prev, Literal::String(value), &sql[i..end]);
+                literal_or_verbatim(
+                    &mut shape,
+                    &mut literals,
+                    prev,
+                    Literal::String(value),
+                    &sql[i..end],
+                );
                 prev = Prev::Other;
                 i = end;
             }
             b'e' | b'E' if bytes.get(i + 1) == Some(&b'\'') && !continues_word(&shape) => {
                 let (value, end) = quoted_string(sql, i + 1, true);
-                literal_or_verbatim(&mut shape, &mut literals, prev, Literal::String(value), &sql[i..end]);
+                literal_or_verbatim(
+                    &mut shape,
+                    &mut literals,
+                    prev,
+                    Literal::String(value),
+                    &sql[i..end],
+                );
                 prev = Prev::Other;
                 i = end;
             }
@@ -143,7 +155,13 @@ pub fn lex(sql: &str) -> Lexed {
                     shape.push_str(&sql[start..i]);
                     prev = Prev::Other;
                 } else if let Some((value, end)) = dollar_quoted(sql, i) {
-                    literal_or_verbatim(&mut shape, &mut literals, prev, Literal::String(value), &sql[i..end]);
+                    literal_or_verbatim(
+                        &mut shape,
+                        &mut literals,
+                        prev,
+                        Literal::String(value),
+                        &sql[i..end],
+                    );
                     prev = Prev::Other;
                     i = end;
                 } else {
@@ -155,18 +173,35 @@ pub fn lex(sql: &str) -> Lexed {
             b'0'..=b'9' => {
                 let start = i;
                 i = number_end(bytes, i);
-                literal_or_verbatim(&mut shape, &mut literals, Prev::Other, Literal::Number(sql[start..i].to_string()), &sql[start..i]);
+                literal_or_verbatim(
+                    &mut shape,
+                    &mut literals,
+                    Prev::Other,
+                    Literal::Number(sql[start..i].to_string()),
+                    &sql[start..i],
+                );
                 prev = Prev::Other;
             }
             b'.' if bytes.get(i + 1).is_some_and(u8::is_ascii_digit) && !continues_word(&shape) => {
                 let start = i;
                 i = number_end(bytes, i);
-                literal_or_verbatim(&mut shape, &mut literals, Prev::Other, Literal::Number(sql[start..i].to_string()), &sql[start..i]);
+                literal_or_verbatim(
+                    &mut shape,
+                    &mut literals,
+                    Prev::Other,
+                    Literal::Number(sql[start..i].to_string()),
+                    &sql[start..i],
+                );
                 prev = Prev::Other;
             }
             c if c == b'_' || c.is_ascii_alphabetic() || c >= 0x80 => {
                 let start = i;
-                while i < bytes.len() && (bytes[i] == b'_' || bytes[i] == b'$' || bytes[i].is_ascii_alphanumeric() || bytes[i] >= 0x80) {
+                while i < bytes.len()
+                    && (bytes[i] == b'_'
+                        || bytes[i] == b'$'
+                        || bytes[i].is_ascii_alphanumeric()
+                        || bytes[i] >= 0x80)
+                {
                     i += 1;
                 }
                 let word = &sql[start..i];
@@ -201,7 +236,12 @@ pub fn lex(sql: &str) -> Lexed {
     }
 }
 
-fn close_statement(statements: &mut Vec<StatementSpan>, start: &mut (usize, usize), shape: &str, words_end: usize) {
+fn close_statement(
+    statements: &mut Vec<StatementSpan>,
+    start: &mut (usize, usize),
+    shape: &str,
+    words_end: usize,
+) {
     let (shape_start, words_start) = *start;
     let text = shape.get(shape_start..).unwrap_or("");
     let leading = text.len() - text.trim_start().len();
@@ -230,7 +270,13 @@ fn utf8_len(first: u8) -> usize {
     }
 }
 
-fn literal_or_verbatim(shape: &mut String, literals: &mut Vec<Literal>, prev: Prev, literal: Literal, verbatim: &str) {
+fn literal_or_verbatim(
+    shape: &mut String,
+    literals: &mut Vec<Literal>,
+    prev: Prev,
+    literal: Literal,
+    verbatim: &str,
+) {
     if prev == Prev::Word {
         shape.push_str(verbatim);
     } else {
@@ -287,7 +333,9 @@ fn quoted_string(sql: &str, start: usize, backslash_escapes: bool) -> (String, u
 fn dollar_quoted(sql: &str, start: usize) -> Option<(String, usize)> {
     let bytes = sql.as_bytes();
     let mut i = start + 1;
-    while i < bytes.len() && (bytes[i] == b'_' || bytes[i].is_ascii_alphanumeric() || bytes[i] >= 0x80) {
+    while i < bytes.len()
+        && (bytes[i] == b'_' || bytes[i].is_ascii_alphanumeric() || bytes[i] >= 0x80)
+    {
         i += 1;
     }
     if bytes.get(i) != Some(&b'$') {
@@ -296,7 +344,10 @@ fn dollar_quoted(sql: &str, start: usize) -> Option<(String, usize)> {
     let tag = &sql[start..=i];
     let body_start = i + 1;
     match sql[body_start..].find(tag) {
-        Some(offset) => Some((sql[body_start..body_start + offset].to_string(), body_start + offset + tag.len())),
+        Some(offset) => Some((
+            sql[body_start..body_start + offset].to_string(),
+            body_start + offset + tag.len(),
+        )),
         None => Some((sql[body_start..].to_string(), sql.len())),
     }
 }
@@ -333,25 +384,41 @@ mod tests {
     #[test]
     fn literals_become_markers() {
         let l = lex("SELECT abalance FROM pgbench_accounts WHERE aid = 123;");
-        assert_eq!(l.shape, "SELECT abalance FROM pgbench_accounts WHERE aid = $100001;");
+        assert_eq!(
+            l.shape,
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $100001;"
+        );
         assert_eq!(l.literals, vec![Literal::Number("123".into())]);
         let other = lex("SELECT abalance FROM pgbench_accounts  WHERE aid = 99 ; -- comment");
-        assert_eq!(other.shape, "SELECT abalance FROM pgbench_accounts WHERE aid = $100001 ;");
+        assert_eq!(
+            other.shape,
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $100001 ;"
+        );
     }
 
     #[test]
     fn strings_escapes_and_dollar_quotes() {
-        let l = lex("select * from t where a = 'it''s' and b = E'x\\ny' and c = $q$raw'$q$ and d = $2");
+        let l =
+            lex("select * from t where a = 'it''s' and b = E'x\\ny' and c = $q$raw'$q$ and d = $2");
         assert_eq!(
             l.literals,
-            vec![Literal::String("it's".into()), Literal::String("x\ny".into()), Literal::String("raw'".into())]
+            vec![
+                Literal::String("it's".into()),
+                Literal::String("x\ny".into()),
+                Literal::String("raw'".into())
+            ]
         );
-        assert_eq!(l.shape, "select * from t where a = $100001 and b = $100002 and c = $100003 and d = $2");
+        assert_eq!(
+            l.shape,
+            "select * from t where a = $100001 and b = $100002 and c = $100003 and d = $2"
+        );
     }
 
     #[test]
     fn typed_literals_and_identifiers_stay() {
-        let l = lex("select date '2024-01-01', x1, \"Weird \"\"Name\", 1.5e3 /* c /* nested */ */ from t");
+        let l = lex(
+            "select date '2024-01-01', x1, \"Weird \"\"Name\", 1.5e3 /* c /* nested */ */ from t",
+        );
         assert_eq!(l.literals, vec![Literal::Number("1.5e3".into())]);
         assert!(l.shape.contains("date '2024-01-01'"), "{}", l.shape);
         assert!(l.words.contains(&"Weird \"Name".to_string()));
@@ -360,14 +427,36 @@ mod tests {
     #[test]
     fn statements_are_split_outside_strings() {
         let l = lex("BEGIN; UPDATE t SET a = ';' WHERE k = 1 ;; COMMIT");
-        let texts: Vec<&str> = l.statements.iter().map(|s| &l.shape[s.shape.clone()]).collect();
-        assert_eq!(texts, vec!["BEGIN", "UPDATE t SET a = $100001 WHERE k = $100002", "COMMIT"]);
-        assert_eq!(&l.words[l.statements[2].words.clone()], &["commit".to_string()]);
+        let texts: Vec<&str> = l
+            .statements
+            .iter()
+            .map(|s| &l.shape[s.shape.clone()])
+            .collect();
+        assert_eq!(
+            texts,
+            vec![
+                "BEGIN",
+                "UPDATE t SET a = $100001 WHERE k = $100002",
+                "COMMIT"
+            ]
+        );
+        assert_eq!(
+            &l.words[l.statements[2].words.clone()],
+            &["commit".to_string()]
+        );
     }
 
     #[test]
     fn unterminated_input_does_not_panic() {
-        for sql in ["select 'abc", "select $tag$ abc", "/* never closed", "select \"x", "E'\\", "ü'", "$"] {
+        for sql in [
+            "select 'abc",
+            "select $tag$ abc",
+            "/* never closed",
+            "select \"x",
+            "E'\\",
+            "ü'",
+            "$",
+        ] {
             let _ = lex(sql);
         }
     }

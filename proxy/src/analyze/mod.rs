@@ -42,7 +42,12 @@ impl Analyzer {
     pub fn analyze(&self, sql: &str) -> Analyzed {
         let lexed = lex(sql);
         let literals = Arc::new(lexed.literals.clone());
-        if let Some(hit) = self.cache.read().unwrap_or_else(|e| e.into_inner()).get(&lexed.shape) {
+        if let Some(hit) = self
+            .cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&lexed.shape)
+        {
             return Analyzed {
                 analysis: hit.clone(),
                 literals,
@@ -66,7 +71,12 @@ fn analyze_lexed(lexed: &Lexed) -> Analysis {
     let commands = lexed
         .statements
         .iter()
-        .map(|span| statement::analyze(&lexed.shape[span.shape.clone()], &lexed.words[span.words.clone()]))
+        .map(|span| {
+            statement::analyze(
+                &lexed.shape[span.shape.clone()],
+                &lexed.words[span.words.clone()],
+            )
+        })
         .collect();
     Analysis { commands }
 }

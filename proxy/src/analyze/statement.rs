@@ -8,8 +8,9 @@ use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    BinaryOperator, CopySource, Expr, InTarget, JoinConstraint, JoinOperator, ObjectName, ObjectNamePart, Query,
-    Select, SetExpr, Statement, TableFactor, TableObject, UnaryOperator, Value, Visit, Visitor,
+    BinaryOperator, CopySource, Expr, InTarget, JoinConstraint, JoinOperator, ObjectName,
+    ObjectNamePart, Query, Select, SetExpr, Statement, TableFactor, TableObject, UnaryOperator,
+    Value, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -54,8 +55,10 @@ pub struct TableUse {
 impl TableUse {
     /// A system catalog: same on every server.
     pub fn is_catalog(&self) -> bool {
-        matches!(self.schema.as_deref(), Some("pg_catalog") | Some("information_schema"))
-            || (self.schema.is_none() && self.name.starts_with("pg_"))
+        matches!(
+            self.schema.as_deref(),
+            Some("pg_catalog") | Some("information_schema")
+        ) || (self.schema.is_none() && self.name.starts_with("pg_"))
     }
 }
 
@@ -94,21 +97,32 @@ pub struct CopyInfo {
 /// What a statement does, as far as the session is concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    Begin { read_only: bool },
+    Begin {
+        read_only: bool,
+    },
     Commit,
     Rollback,
     /// Valid only inside a transaction, and runs where it runs:
     /// SAVEPOINT, RELEASE, ROLLBACK TO, SET LOCAL, SET TRANSACTION.
     TransactionScoped,
     /// `SET name = value` for the session (value as written, may be `DEFAULT`).
-    Set { name: String, value: String },
+    Set {
+        name: String,
+        value: String,
+    },
     /// `RESET name`, or `RESET ALL` (`None`).
-    Reset { name: Option<String> },
-    Show { name: String },
+    Reset {
+        name: Option<String>,
+    },
+    Show {
+        name: String,
+    },
     /// `DISCARD ALL | PLANS | SEQUENCES | TEMP`.
     Discard,
     /// `DEALLOCATE name` or `DEALLOCATE ALL` (`None`).
-    Deallocate { name: Option<String> },
+    Deallocate {
+        name: Option<String>,
+    },
     /// A feature transaction pooling cannot offer; the text says which.
     Unsupported(&'static str),
     Data(DataStatement),
@@ -132,7 +146,8 @@ pub fn analyze(shape: &str, words: &[String]) -> Command {
 }
 
 fn parse_one(sql: &str) -> Result<Statement, String> {
-    let mut statements = Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|e| e.to_string())?;
+    let mut statements =
+        Parser::parse_sql(&PostgreSqlDialect {}, sql).map_err(|e| e.to_string())?;
     match statements.len() {
         1 => Ok(statements.remove(0)),
         n => Err(format!("expected one statement, found {n}")),
@@ -171,8 +186,12 @@ fn classify_by_words(shape: &str, words: &[String]) -> Option<Command> {
         "savepoint" | "release" => Command::TransactionScoped,
         "prepare" if word(words, 1) == "transaction" => Command::Unsupported("PREPARE TRANSACTION"),
         "commit" => Command::Unsupported("COMMIT PREPARED"),
-        "prepare" => Command::Unsupported("SQL-level PREPARE (use the extended protocol's prepared statements)"),
-        "execute" => Command::Unsupported("SQL-level EXECUTE (use the extended protocol's prepared statements)"),
+        "prepare" => Command::Unsupported(
+            "SQL-level PREPARE (use the extended protocol's prepared statements)",
+        ),
+        "execute" => Command::Unsupported(
+            "SQL-level EXECUTE (use the extended protocol's prepared statements)",
+        ),
         "listen" | "unlisten" => Command::Unsupported("LISTEN/UNLISTEN under transaction pooling"),
         "set" => match word(words, 1) {
             "local" | "transaction" | "constraints" => Command::TransactionScoped,
@@ -200,7 +219,11 @@ fn classify_by_words(shape: &str, words: &[String]) -> Option<Command> {
         },
         "discard" => Command::Discard,
         "deallocate" => {
-            let rest: Vec<&str> = words[1..].iter().map(String::as_str).filter(|w| *w != "prepare").collect();
+            let rest: Vec<&str> = words[1..]
+                .iter()
+                .map(String::as_str)
+                .filter(|w| *w != "prepare")
+                .collect();
             match rest.as_slice() {
                 ["all"] => Command::Deallocate { name: None },
                 [name] => Command::Deallocate {
@@ -291,7 +314,9 @@ fn key_expr(expr: &Expr) -> Option<KeyExpr> {
                 }
             }
             Value::Number(n, _) => Some(KeyExpr::Const(n.to_string())),
-            Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) => Some(KeyExpr::Const(s.clone())),
+            Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) => {
+                Some(KeyExpr::Const(s.clone()))
+            }
             _ => None,
         },
         _ => None,
@@ -387,8 +412,8 @@ impl Extractor {
             for join in &from.joins {
                 // Only inner joins: an ON condition does not restrict the
                 // preserved side of an outer join.
-                if let JoinOperator::Join(JoinConstraint::On(on)) | JoinOperator::Inner(JoinConstraint::On(on)) =
-                    &join.join_operator
+                if let JoinOperator::Join(JoinConstraint::On(on))
+                | JoinOperator::Inner(JoinConstraint::On(on)) = &join.join_operator
                 {
                     self.predicates(on);
                 }
@@ -409,7 +434,10 @@ impl Visitor for Extractor {
         if !query.locks.is_empty() {
             self.writes = true;
         }
-        if matches!(*query.body, SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_)) {
+        if matches!(
+            *query.body,
+            SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_)
+        ) {
             self.writes = true;
         }
         ControlFlow::Continue(())
@@ -421,7 +449,10 @@ impl Visitor for Extractor {
     }
 
     fn pre_visit_table_factor(&mut self, factor: &TableFactor) -> ControlFlow<()> {
-        if let TableFactor::Table { name, alias, args, .. } = factor {
+        if let TableFactor::Table {
+            name, alias, args, ..
+        } = factor
+        {
             if args.is_none() {
                 self.tables
                     .insert(table_use(name, alias.as_ref().map(|a| ident_name(&a.name))));
@@ -459,7 +490,11 @@ impl Visitor for Extractor {
             return ControlFlow::Continue(());
         }
         let table = table_use(relation, None);
-        if !self.tables.iter().any(|t| t.name == table.name && t.schema == table.schema) {
+        if !self
+            .tables
+            .iter()
+            .any(|t| t.name == table.name && t.schema == table.schema)
+        {
             self.tables.insert(table);
         }
         ControlFlow::Continue(())
@@ -501,7 +536,9 @@ fn extract(statement: &Statement) -> DataStatement {
                 });
             }
         }
-        Statement::Copy { source, to, target, .. } => {
+        Statement::Copy {
+            source, to, target, ..
+        } => {
             let table = match source {
                 CopySource::Table { table_name, .. } => Some(table_use(table_name, None).name),
                 CopySource::Query(_) => None,
@@ -555,10 +592,19 @@ mod tests {
     #[test]
     fn params_in_lists_casts_and_negation() {
         let d = data("select * from users u where u.user_id in ($1, -5) and (status = $2::text)");
-        assert_eq!(d.equalities[0].column, ColumnRef { qualifier: Some("u".into()), column: "user_id".into() });
+        assert_eq!(
+            d.equalities[0].column,
+            ColumnRef {
+                qualifier: Some("u".into()),
+                column: "user_id".into()
+            }
+        );
         assert_eq!(
             d.equalities[0].values,
-            vec![KeyExpr::Param(0), KeyExpr::Negate(Box::new(KeyExpr::Literal(0)))]
+            vec![
+                KeyExpr::Param(0),
+                KeyExpr::Negate(Box::new(KeyExpr::Literal(0)))
+            ]
         );
         assert_eq!(d.equalities[1].values, vec![KeyExpr::Param(1)]);
         assert_eq!(d.tables[0].alias.as_deref(), Some("u"));
@@ -572,7 +618,9 @@ mod tests {
 
     #[test]
     fn writes_and_insert_rows() {
-        let d = data("INSERT INTO users (user_id, name) VALUES ($1, 'a'), (7, $2) ON CONFLICT DO NOTHING");
+        let d = data(
+            "INSERT INTO users (user_id, name) VALUES ($1, 'a'), (7, $2) ON CONFLICT DO NOTHING",
+        );
         assert!(!d.read_only);
         let ins = d.insert.expect("insert");
         assert_eq!(ins.columns, vec!["user_id", "name"]);
@@ -587,7 +635,9 @@ mod tests {
 
     #[test]
     fn ctes_functions_and_catalogs_are_not_user_tables() {
-        let d = data("WITH x AS (SELECT 1) SELECT * FROM x, generate_series(1, 3), pg_catalog.pg_class c");
+        let d = data(
+            "WITH x AS (SELECT 1) SELECT * FROM x, generate_series(1, 3), pg_catalog.pg_class c",
+        );
         assert_eq!(d.tables.len(), 1);
         assert!(d.tables[0].is_catalog());
     }
@@ -595,7 +645,11 @@ mod tests {
     #[test]
     fn outer_join_conditions_are_ignored() {
         let d = data("select * from a left join b on a.k = 1 join c on c.k = 2");
-        let columns: Vec<&str> = d.equalities.iter().map(|e| e.column.qualifier.as_deref().unwrap_or("")).collect();
+        let columns: Vec<&str> = d
+            .equalities
+            .iter()
+            .map(|e| e.column.qualifier.as_deref().unwrap_or(""))
+            .collect();
         assert_eq!(columns, vec!["c"]);
     }
 
@@ -605,22 +659,48 @@ mod tests {
             let l = lex(sql);
             analyze(&l.shape, &l.words)
         };
-        assert_eq!(cmd("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY"), Command::Begin { read_only: true });
-        assert_eq!(cmd("start transaction"), Command::Begin { read_only: false });
+        assert_eq!(
+            cmd("BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY"),
+            Command::Begin { read_only: true }
+        );
+        assert_eq!(
+            cmd("start transaction"),
+            Command::Begin { read_only: false }
+        );
         assert_eq!(cmd("ROLLBACK TO SAVEPOINT a"), Command::TransactionScoped);
         assert_eq!(cmd("rollback"), Command::Rollback);
         assert_eq!(
             cmd("SET search_path TO app, public"),
-            Command::Set { name: "search_path".into(), value: "app, public".into() }
+            Command::Set {
+                name: "search_path".into(),
+                value: "app, public".into()
+            }
         );
         assert_eq!(
             cmd("set session statement_timeout = 5000"),
-            Command::Set { name: "statement_timeout".into(), value: "$100001".into() }
+            Command::Set {
+                name: "statement_timeout".into(),
+                value: "$100001".into()
+            }
         );
-        assert_eq!(cmd("SET TIME ZONE 'UTC'"), Command::Set { name: "timezone".into(), value: "'UTC'".into() });
-        assert_eq!(cmd("set local work_mem = '1MB'"), Command::TransactionScoped);
+        assert_eq!(
+            cmd("SET TIME ZONE 'UTC'"),
+            Command::Set {
+                name: "timezone".into(),
+                value: "'UTC'".into()
+            }
+        );
+        assert_eq!(
+            cmd("set local work_mem = '1MB'"),
+            Command::TransactionScoped
+        );
         assert_eq!(cmd("RESET ALL"), Command::Reset { name: None });
-        assert_eq!(cmd("DEALLOCATE PREPARE s1"), Command::Deallocate { name: Some("s1".into()) });
+        assert_eq!(
+            cmd("DEALLOCATE PREPARE s1"),
+            Command::Deallocate {
+                name: Some("s1".into())
+            }
+        );
         assert!(matches!(cmd("LISTEN x"), Command::Unsupported(_)));
         assert_eq!(cmd(""), Command::Empty);
     }

@@ -107,32 +107,40 @@ impl Reader {
 
     pub fn u8(&mut self, message: &'static str) -> Result<u8, Malformed> {
         if self.data.is_empty() {
-            return Err(Malformed { message, problem: "truncated" });
+            return Err(Malformed {
+                message,
+                problem: "truncated",
+            });
         }
         Ok(self.data.get_u8())
     }
 
     pub fn i16(&mut self, message: &'static str) -> Result<i16, Malformed> {
         if self.data.len() < 2 {
-            return Err(Malformed { message, problem: "truncated" });
+            return Err(Malformed {
+                message,
+                problem: "truncated",
+            });
         }
         Ok(self.data.get_i16())
     }
 
     pub fn i32(&mut self, message: &'static str) -> Result<i32, Malformed> {
         if self.data.len() < 4 {
-            return Err(Malformed { message, problem: "truncated" });
+            return Err(Malformed {
+                message,
+                problem: "truncated",
+            });
         }
         Ok(self.data.get_i32())
     }
 
     /// A NUL-terminated string (without the NUL), as bytes.
     pub fn cstr_bytes(&mut self, message: &'static str) -> Result<Bytes, Malformed> {
-        let end = self
-            .data
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or(Malformed { message, problem: "string without terminator" })?;
+        let end = self.data.iter().position(|&b| b == 0).ok_or(Malformed {
+            message,
+            problem: "string without terminator",
+        })?;
         let s = self.data.split_to(end);
         self.data.advance(1);
         Ok(s)
@@ -141,13 +149,19 @@ impl Reader {
     /// A NUL-terminated UTF-8 string.
     pub fn cstr(&mut self, message: &'static str) -> Result<String, Malformed> {
         let bytes = self.cstr_bytes(message)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| Malformed { message, problem: "invalid UTF-8" })
+        String::from_utf8(bytes.to_vec()).map_err(|_| Malformed {
+            message,
+            problem: "invalid UTF-8",
+        })
     }
 
     /// `n` raw bytes.
     pub fn bytes(&mut self, n: usize, message: &'static str) -> Result<Bytes, Malformed> {
         if self.data.len() < n {
-            return Err(Malformed { message, problem: "truncated" });
+            return Err(Malformed {
+                message,
+                problem: "truncated",
+            });
         }
         Ok(self.data.split_to(n))
     }
@@ -177,11 +191,20 @@ mod tests {
     #[test]
     fn bad_and_oversized_lengths_are_errors() {
         let mut buf = BytesMut::from(&b"Q\0\0\0\x02"[..]);
-        assert!(matches!(next_frame(&mut buf, 100), Err(FrameError::BadLength { .. })));
+        assert!(matches!(
+            next_frame(&mut buf, 100),
+            Err(FrameError::BadLength { .. })
+        ));
         let mut buf = BytesMut::from(&b"Q\x7f\0\0\0"[..]);
-        assert!(matches!(next_frame(&mut buf, 100), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            next_frame(&mut buf, 100),
+            Err(FrameError::TooLarge { .. })
+        ));
         let mut buf = BytesMut::from(&b"Q\xff\xff\xff\xff"[..]);
-        assert!(matches!(next_frame(&mut buf, 100), Err(FrameError::BadLength { .. })));
+        assert!(matches!(
+            next_frame(&mut buf, 100),
+            Err(FrameError::BadLength { .. })
+        ));
     }
 
     #[test]

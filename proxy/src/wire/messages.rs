@@ -23,13 +23,20 @@ impl Parse {
         let query = r.cstr(M)?;
         let count = r.i16(M)?;
         if count < 0 {
-            return Err(Malformed { message: M, problem: "negative parameter type count" });
+            return Err(Malformed {
+                message: M,
+                problem: "negative parameter type count",
+            });
         }
         let mut param_types = Vec::with_capacity(count as usize);
         for _ in 0..count {
             param_types.push(r.i32(M)? as u32);
         }
-        Ok(Parse { name, query, param_types })
+        Ok(Parse {
+            name,
+            query,
+            param_types,
+        })
     }
 }
 
@@ -54,7 +61,10 @@ impl Bind {
         let statement = r.cstr(M)?;
         let nformats = r.i16(M)?;
         if nformats < 0 {
-            return Err(Malformed { message: M, problem: "negative format count" });
+            return Err(Malformed {
+                message: M,
+                problem: "negative format count",
+            });
         }
         let mut param_formats = Vec::with_capacity(nformats as usize);
         for _ in 0..nformats {
@@ -62,7 +72,10 @@ impl Bind {
         }
         let nparams = r.i16(M)?;
         if nparams < 0 {
-            return Err(Malformed { message: M, problem: "negative parameter count" });
+            return Err(Malformed {
+                message: M,
+                problem: "negative parameter count",
+            });
         }
         let mut params = Vec::with_capacity(nparams as usize);
         for _ in 0..nparams {
@@ -70,14 +83,20 @@ impl Bind {
             if len == -1 {
                 params.push(None);
             } else if len < 0 {
-                return Err(Malformed { message: M, problem: "negative parameter length" });
+                return Err(Malformed {
+                    message: M,
+                    problem: "negative parameter length",
+                });
             } else {
                 params.push(Some(r.bytes(len as usize, M)?));
             }
         }
         let result_formats = r.rest();
         if result_formats.len() < 2 {
-            return Err(Malformed { message: M, problem: "truncated result formats" });
+            return Err(Malformed {
+                message: M,
+                problem: "truncated result formats",
+            });
         }
         Ok(Bind {
             portal,
@@ -133,7 +152,10 @@ impl Target {
         let mut r = Reader::new(body);
         let kind = r.u8(message)?;
         if kind != b'S' && kind != b'P' {
-            return Err(Malformed { message, problem: "kind must be 'S' or 'P'" });
+            return Err(Malformed {
+                message,
+                problem: "kind must be 'S' or 'P'",
+            });
         }
         let name = r.cstr(message)?;
         Ok(Target { kind, name })
@@ -272,9 +294,21 @@ pub fn data_row(values: &[Option<&str>], out: &mut BytesMut) {
 }
 
 /// ErrorResponse (`E`) or NoticeResponse (`N`).
-pub fn error_fields(tag: u8, severity: &str, code: &str, message: &str, hint: Option<&str>, out: &mut BytesMut) {
+pub fn error_fields(
+    tag: u8,
+    severity: &str,
+    code: &str,
+    message: &str,
+    hint: Option<&str>,
+    out: &mut BytesMut,
+) {
     let start = begin(out, tag);
-    for (field, value) in [(b'S', severity), (b'V', severity), (b'C', code), (b'M', message)] {
+    for (field, value) in [
+        (b'S', severity),
+        (b'V', severity),
+        (b'C', code),
+        (b'M', message),
+    ] {
         out.put_u8(field);
         put_cstr(out, value);
     }
@@ -291,7 +325,9 @@ pub fn error_summary(body: &[u8]) -> (String, String) {
     let (mut code, mut message) = (String::new(), String::new());
     let mut fields = body.split(|&b| b == 0);
     for field in &mut fields {
-        let Some((&kind, value)) = field.split_first() else { break };
+        let Some((&kind, value)) = field.split_first() else {
+            break;
+        };
         let value = String::from_utf8_lossy(value).into_owned();
         match kind {
             b'C' => code = value,
@@ -321,7 +357,9 @@ mod tests {
         original.put_i32(-1);
         original.put_i16(0);
         finish(&mut original, start);
-        let frame = next_frame(&mut original, 1 << 20).expect("valid").expect("complete");
+        let frame = next_frame(&mut original, 1 << 20)
+            .expect("valid")
+            .expect("complete");
         let bind = Bind::decode(frame.body()).expect("decodes");
         assert_eq!(bind.statement, "s1");
         assert!(bind.is_binary(0) && bind.is_binary(1));
@@ -329,7 +367,9 @@ mod tests {
         assert_eq!(bind.params[1], None);
         let mut renamed = BytesMut::new();
         bind.encode_with_statement("sl_7", &mut renamed);
-        let frame = next_frame(&mut renamed, 1 << 20).expect("valid").expect("complete");
+        let frame = next_frame(&mut renamed, 1 << 20)
+            .expect("valid")
+            .expect("complete");
         let again = Bind::decode(frame.body()).expect("decodes");
         assert_eq!(again.statement, "sl_7");
         assert_eq!(again.params, bind.params);
@@ -337,25 +377,47 @@ mod tests {
 
     #[test]
     fn malformed_binds_are_refused() {
-        for body in [&b"p\0s\0\xff\xff"[..], b"p\0s\0\0\0\0\x01\0\0\0\x10ab", b"p\0s\0\0\0\0\x01\xff\xff\xff\xfe\0\0", b"p\0"] {
-            assert!(Bind::decode(Bytes::copy_from_slice(body)).is_err(), "{body:?}");
+        for body in [
+            &b"p\0s\0\xff\xff"[..],
+            b"p\0s\0\0\0\0\x01\0\0\0\x10ab",
+            b"p\0s\0\0\0\0\x01\xff\xff\xff\xfe\0\0",
+            b"p\0",
+        ] {
+            assert!(
+                Bind::decode(Bytes::copy_from_slice(body)).is_err(),
+                "{body:?}"
+            );
         }
     }
 
     #[test]
     fn parse_and_targets_decode() {
-        let p = Parse::decode(Bytes::from_static(b"s\0SELECT $1\0\0\x01\0\0\0\x14")).expect("decodes");
-        assert_eq!((p.name.as_str(), p.query.as_str(), p.param_types.as_slice()), ("s", "SELECT $1", &[20u32][..]));
+        let p =
+            Parse::decode(Bytes::from_static(b"s\0SELECT $1\0\0\x01\0\0\0\x14")).expect("decodes");
+        assert_eq!(
+            (p.name.as_str(), p.query.as_str(), p.param_types.as_slice()),
+            ("s", "SELECT $1", &[20u32][..])
+        );
         assert!(Parse::decode(Bytes::from_static(b"s\0SELECT\0\xff\xff")).is_err());
         assert!(Target::decode(Bytes::from_static(b"Xname\0"), "Describe").is_err());
-        assert_eq!(Target::decode(Bytes::from_static(b"Sname\0"), "Describe").expect("ok").name, "name");
+        assert_eq!(
+            Target::decode(Bytes::from_static(b"Sname\0"), "Describe")
+                .expect("ok")
+                .name,
+            "name"
+        );
     }
 
     #[test]
     fn error_summary_reads_code_and_message() {
         let mut out = BytesMut::new();
         error_fields(b'E', "ERROR", "0A000", "nope", Some("do this"), &mut out);
-        let frame = next_frame(&mut out, 1 << 20).expect("valid").expect("complete");
-        assert_eq!(error_summary(&frame.body()), ("0A000".to_string(), "nope".to_string()));
+        let frame = next_frame(&mut out, 1 << 20)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(
+            error_summary(&frame.body()),
+            ("0A000".to_string(), "nope".to_string())
+        );
     }
 }
