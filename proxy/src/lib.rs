@@ -3,5 +3,8 @@
 //! connections. Depends on `shardmap` only; never on `rebalancer`.
 
 pub mod analyze;
+pub mod auth;
+pub mod backend;
+pub mod pool;
 pub mod route;
 pub mod wire;

@@ -1,0 +1,261 @@
+//! One connection from the proxy to a Postgres server: connect and
+//! authenticate (trust, cleartext, md5, SCRAM-SHA-256), then read and write
+//! protocol frames. It remembers what the session layer needs to reuse it:
+//! which statements are prepared on it, which settings it carries, and the
+//! transaction status of its last ReadyForQuery.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use shardmap::Endpoint;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::wire::frame::{next_frame, Frame, DEFAULT_MAX_MESSAGE};
+use crate::wire::messages::error_summary;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot connect to server {server} at {addr}: {source}")]
+    Connect {
+        server: String,
+        addr: String,
+        source: io::Error,
+    },
+    #[error("server {server} refused the login: {message} (SQLSTATE {code})")]
+    Refused { server: String, code: String, message: String },
+    #[error("server {server}: {0}", server = .1)]
+    Protocol(String, String),
+    #[error("server {server} needs a password but none is configured for it")]
+    NoPassword { server: String },
+    #[error("connection to server {server} failed: {source}")]
+    Io { server: String, source: io::Error },
+    #[error("connecting to server {server} timed out after {timeout:?}")]
+    Timeout { server: String, timeout: Duration },
+}
+
+/// A live, authenticated backend connection.
+pub struct Backend {
+    stream: TcpStream,
+    read_buf: BytesMut,
+    pub server: Arc<str>,
+    pub addr: SocketAddr,
+    pub process_id: i32,
+    pub secret_key: i32,
+    /// ParameterStatus values the server reported at startup.
+    pub parameters: Vec<(String, String)>,
+    /// Names of the statements prepared on this connection.
+    pub prepared: HashSet<Arc<str>>,
+    /// Session settings applied with SET (name → value text).
+    pub settings: BTreeMap<String, String>,
+    /// Transaction status of the last ReadyForQuery: `I`, `T` or `E`.
+    pub status: u8,
+    /// Set when the connection can no longer be trusted (I/O error, protocol
+    /// desync); it is closed instead of going back to the pool.
+    pub broken: bool,
+    pub created: Instant,
+    pub last_used: Instant,
+}
+
+impl Backend {
+    /// Connects and logs in to `endpoint` as its user.
+    pub async fn connect(
+        server: Arc<str>,
+        endpoint: &Endpoint,
+        password: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Backend, BackendError> {
+        match tokio::time::timeout(timeout, Backend::connect_inner(server.clone(), endpoint, password)).await {
+            Ok(result) => result,
+            Err(_) => Err(BackendError::Timeout {
+                server: server.to_string(),
+                timeout,
+            }),
+        }
+    }
+
+    async fn connect_inner(server: Arc<str>, endpoint: &Endpoint, password: Option<&str>) -> Result<Backend, BackendError> {
+        let addr_text = format!("{}:{}", endpoint.host, endpoint.port);
+        let stream = TcpStream::connect(&addr_text).await.map_err(|source| BackendError::Connect {
+            server: server.to_string(),
+            addr: addr_text.clone(),
+            source,
+        })?;
+        let io_err = |source| BackendError::Io {
+            server: server.to_string(),
+            source,
+        };
+        stream.set_nodelay(true).map_err(io_err)?;
+        let addr = stream.peer_addr().map_err(io_err)?;
+        let now = Instant::now();
+        let mut backend = Backend {
+            stream,
+            read_buf: BytesMut::with_capacity(16 * 1024),
+            server: server.clone(),
+            addr,
+            process_id: 0,
+            secret_key: 0,
+            parameters: Vec::new(),
+            prepared: HashSet::new(),
+            settings: BTreeMap::new(),
+            status: b'I',
+            broken: false,
+            created: now,
+            last_used: now,
+        };
+        let mut out = BytesMut::new();
+        frontend::startup_message(
+            [
+                ("user", endpoint.user.as_str()),
+                ("database", endpoint.dbname.as_str()),
+                ("application_name", "shardline"),
+                ("client_encoding", "UTF8"),
+            ],
+            &mut out,
+        )
+        .map_err(io_err)?;
+        backend.write_all(&out).await.map_err(io_err)?;
+        backend.authenticate(&endpoint.user, password).await?;
+        Ok(backend)
+    }
+
+    fn protocol(&self, what: impl Into<String>) -> BackendError {
+        BackendError::Protocol(what.into(), self.server.to_string())
+    }
+
+    async fn authenticate(&mut self, user: &str, password: Option<&str>) -> Result<(), BackendError> {
+        let server = self.server.to_string();
+        let io_err = |source| BackendError::Io {
+            server: server.clone(),
+            source,
+        };
+        let need_password = || BackendError::NoPassword { server: server.clone() };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let frame = self.read_frame().await.map_err(io_err)?;
+            let mut body = frame.body();
+            match frame.tag {
+                b'R' => {
+                    if body.len() < 4 {
+                        return Err(self.protocol("short authentication message"));
+                    }
+                    let code = body.get_i32();
+                    let mut out = BytesMut::new();
+                    match code {
+                        0 => continue,
+                        3 => {
+                            let password = password.ok_or_else(need_password)?;
+                            frontend::password_message(password.as_bytes(), &mut out).map_err(io_err)?;
+                        }
+                        5 => {
+                            let password = password.ok_or_else(need_password)?;
+                            if body.len() < 4 {
+                                return Err(self.protocol("short md5 salt"));
+                            }
+                            let salt = [body[0], body[1], body[2], body[3]];
+                            let hashed = postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt);
+                            frontend::password_message(hashed.as_bytes(), &mut out).map_err(io_err)?;
+                        }
+                        10 => {
+                            let password = password.ok_or_else(need_password)?;
+                            let mechanisms: Vec<&[u8]> = body.split(|&b| b == 0).collect();
+                            if !mechanisms.contains(&&b"SCRAM-SHA-256"[..]) {
+                                return Err(self.protocol("server offers no SASL mechanism shardline supports"));
+                            }
+                            let client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                            frontend::sasl_initial_response("SCRAM-SHA-256", client.message(), &mut out).map_err(io_err)?;
+                            scram = Some(client);
+                        }
+                        11 => {
+                            let client = scram.as_mut().ok_or_else(|| self.protocol("SASL continue without SASL start"))?;
+                            client.update(&body).map_err(io_err)?;
+                            frontend::sasl_response(client.message(), &mut out).map_err(io_err)?;
+                        }
+                        12 => {
+                            let client = scram.as_mut().ok_or_else(|| self.protocol("SASL final without SASL start"))?;
+                            client.finish(&body).map_err(io_err)?;
+                            continue;
+                        }
+                        other => return Err(self.protocol(format!("unsupported authentication request {other}"))),
+                    }
+                    self.write_all(&out).await.map_err(io_err)?;
+                }
+                b'E' => {
+                    let (code, message) = error_summary(&body);
+                    return Err(BackendError::Refused { server, code, message });
+                }
+                b'S' => {
+                    let mut fields = body.split(|&b| b == 0);
+                    let name = String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
+                    let value = String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
+                    self.parameters.push((name, value));
+                }
+                b'K' => {
+                    if body.len() < 8 {
+                        return Err(self.protocol("short BackendKeyData"));
+                    }
+                    self.process_id = body.get_i32();
+                    self.secret_key = body.get_i32();
+                }
+                b'Z' => {
+                    self.status = body.first().copied().unwrap_or(b'I');
+                    return Ok(());
+                }
+                b'N' => {}
+                other => return Err(self.protocol(format!("unexpected message {:?} during login", char::from(other)))),
+            }
+        }
+    }
+
+    /// Reads the next whole message.
+    pub async fn read_frame(&mut self) -> io::Result<Frame> {
+        loop {
+            if let Some(frame) = next_frame(&mut self.read_buf, DEFAULT_MAX_MESSAGE)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?
+            {
+                return Ok(frame);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Takes the next whole message if it is already buffered.
+    pub fn try_frame(&mut self) -> io::Result<Option<Frame>> {
+        next_frame(&mut self.read_buf, DEFAULT_MAX_MESSAGE).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+    }
+
+    /// Reads more bytes from the server into the buffer.
+    pub async fn fill(&mut self) -> io::Result<()> {
+        if self.read_buf.capacity() - self.read_buf.len() < 4096 {
+            self.read_buf.reserve(16 * 1024);
+        }
+        let n = self.stream.read_buf(&mut self.read_buf).await?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection"));
+        }
+        Ok(())
+    }
+
+    pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes).await
+    }
+
+    /// Whether the server closed the connection (or sent something unasked)
+    /// while it sat idle. Does not block.
+    pub fn closed_while_idle(&mut self) -> bool {
+        if !self.read_buf.is_empty() {
+            return true;
+        }
+        let mut probe = [0u8; 1];
+        match self.stream.try_read(&mut probe) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            _ => true,
+        }
+    }
+}
