@@ -5,6 +5,11 @@
 pub mod analyze;
 pub mod auth;
 pub mod backend;
+pub mod cancel;
+pub mod config;
 pub mod pool;
+pub mod registry;
 pub mod route;
+pub mod server;
+pub mod session;
 pub mod wire;

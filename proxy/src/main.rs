@@ -1,1 +1,110 @@
-fn main() {}
+//! `shardline-proxy`: the routing proxy daemon.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use proxy::config::ProxyConfig;
+use proxy::pool::Pools;
+use proxy::server::{self, Shared};
+use shardmap::MapCache;
+
+#[derive(Debug, Parser)]
+#[command(name = "shardline-proxy", version, about = "Postgres-wire shard-routing proxy")]
+struct Args {
+    /// TOML config file.
+    #[arg(long, env = "SHARDLINE_PROXY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address (overrides the config).
+    #[arg(long, env = "SHARDLINE_PROXY_LISTEN")]
+    listen: Option<String>,
+    /// etcd endpoints, comma-separated (overrides the config).
+    #[arg(long, env = "SHARDLINE_ETCD", value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Cluster name (overrides the config).
+    #[arg(long, env = "SHARDLINE_CLUSTER")]
+    cluster: Option<String>,
+    /// Client authentication: scram-sha-256, md5 or trust (overrides the config).
+    #[arg(long, env = "SHARDLINE_AUTH_METHOD")]
+    auth_method: Option<String>,
+    /// Password for logging in to the servers (overrides the config; prefer the env variable).
+    #[arg(long, env = "SHARDLINE_BACKEND_PASSWORD", hide_env_values = true)]
+    backend_password: Option<String>,
+    /// Name this proxy registers under in etcd (default: host:port of --listen).
+    #[arg(long, env = "SHARDLINE_PROXY_ID")]
+    id: Option<String>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SHARDLINE_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => ProxyConfig::read(path).map_err(anyhow::Error::msg)?,
+        None => ProxyConfig::default(),
+    };
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if !args.etcd.is_empty() {
+        config.etcd.endpoints = args.etcd;
+    }
+    if let Some(cluster) = args.cluster {
+        config.cluster = cluster;
+    }
+    if let Some(method) = args.auth_method {
+        config.auth.method = serde_json::from_value(serde_json::Value::String(method.clone()))
+            .map_err(|_| anyhow::anyhow!("unknown auth method {method:?}: use scram-sha-256, md5 or trust"))?;
+    }
+    if let Some(password) = args.backend_password {
+        config.backend.password = Some(password);
+    }
+    anyhow::ensure!(
+        !config.etcd.endpoints.is_empty(),
+        "no etcd endpoints: set [etcd] endpoints in the config, --etcd, or SHARDLINE_ETCD"
+    );
+    let users = config.users().map_err(anyhow::Error::msg)?;
+    let cache = MapCache::spawn(config.etcd.endpoints.clone(), &config.cluster);
+    if cache.wait_for_version(1, Duration::from_secs(10)).await.is_none() {
+        tracing::warn!(cluster = %config.cluster, "no shard map yet; clients get an error until one is loaded");
+    }
+    let pools = Pools::new(config.pool.to_pool_config(), Arc::new(config.backend.clone()));
+    let listener = server::bind(&config.listen).await?;
+    let listen = listener.local_addr()?.to_string();
+    let id = args.id.unwrap_or_else(|| listen.clone());
+    tokio::spawn(proxy::registry::keep_registered(
+        config.etcd.endpoints.clone(),
+        config.cluster.clone(),
+        id,
+        listen,
+    ));
+    let shared = Arc::new(Shared::new(config, users, cache.subscribe(), pools));
+    let serving = tokio::spawn(server::serve(listener, shared));
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+        _ = serving => {}
+    }
+    drop(cache);
+    Ok(())
+}

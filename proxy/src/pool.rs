@@ -82,6 +82,11 @@ impl Lease {
     pub fn server(&self) -> &Arc<str> {
         &self.pool.server
     }
+
+    /// Transaction status of the connection's last ReadyForQuery.
+    pub fn status(&self) -> u8 {
+        self.backend.as_ref().map_or(b'I', |b| b.status)
+    }
 }
 
 impl Drop for Lease {

@@ -218,6 +218,12 @@ pub fn parse(name: &str, query: &str, param_types: &[u32], out: &mut BytesMut) {
     finish(out, start);
 }
 
+pub fn copy_fail(reason: &str, out: &mut BytesMut) {
+    let start = begin(out, b'f');
+    put_cstr(out, reason);
+    finish(out, start);
+}
+
 pub fn auth_ok(out: &mut BytesMut) {
     auth(out, 0, &[]);
 }

@@ -1,0 +1,319 @@
+//! The proxy's configuration: a TOML file, with environment variables and
+//! flags on top (see `main.rs`). Secrets (user passwords, backend
+//! passwords) live only here, never in etcd, and are never logged.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::auth::{AuthMethod, ScramSecret, User, Users};
+use crate::pool::{PoolConfig, Secrets};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Address clients connect to.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Cluster name in etcd.
+    #[serde(default = "default_cluster")]
+    pub cluster: String,
+    #[serde(default)]
+    pub etcd: EtcdSettings,
+    #[serde(default)]
+    pub auth: AuthSettings,
+    #[serde(default)]
+    pub pool: PoolSettings,
+    #[serde(default)]
+    pub backend: BackendSettings,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:6432".into()
+}
+fn default_cluster() -> String {
+    "default".into()
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EtcdSettings {
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    #[serde(default = "default_method")]
+    pub method: AuthMethod,
+    #[serde(default)]
+    pub users: Vec<UserEntry>,
+}
+
+impl std::fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.users.iter().map(|u| u.name.as_str()).collect();
+        f.debug_struct("AuthSettings")
+            .field("method", &self.method)
+            .field("users", &names)
+            .finish()
+    }
+}
+
+fn default_method() -> AuthMethod {
+    AuthMethod::ScramSha256
+}
+
+impl Default for AuthSettings {
+    fn default() -> AuthSettings {
+        AuthSettings {
+            method: default_method(),
+            users: Vec::new(),
+        }
+    }
+}
+
+/// One client user: a clear password, or Postgres-style verifiers.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserEntry {
+    pub name: String,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// `SCRAM-SHA-256$4096:...` as in `pg_authid`.
+    #[serde(default)]
+    pub scram_verifier: Option<String>,
+    /// `md5...` as in `pg_authid`.
+    #[serde(default)]
+    pub md5_verifier: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSettings {
+    #[serde(default = "default_pool_size")]
+    pub size: usize,
+    #[serde(default = "default_connect_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_checkout_ms")]
+    pub checkout_timeout_ms: u64,
+    #[serde(default = "default_idle_s")]
+    pub idle_timeout_s: u64,
+    #[serde(default = "default_lifetime_s")]
+    pub max_lifetime_s: u64,
+}
+
+fn default_pool_size() -> usize {
+    20
+}
+fn default_connect_ms() -> u64 {
+    5000
+}
+fn default_checkout_ms() -> u64 {
+    10_000
+}
+fn default_idle_s() -> u64 {
+    300
+}
+fn default_lifetime_s() -> u64 {
+    3600
+}
+
+impl Default for PoolSettings {
+    fn default() -> PoolSettings {
+        PoolSettings {
+            size: default_pool_size(),
+            connect_timeout_ms: default_connect_ms(),
+            checkout_timeout_ms: default_checkout_ms(),
+            idle_timeout_s: default_idle_s(),
+            max_lifetime_s: default_lifetime_s(),
+        }
+    }
+}
+
+impl PoolSettings {
+    pub fn to_pool_config(&self) -> PoolConfig {
+        PoolConfig {
+            size: self.size.max(1),
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            checkout_timeout: Duration::from_millis(self.checkout_timeout_ms),
+            idle_timeout: Duration::from_secs(self.idle_timeout_s),
+            max_lifetime: Duration::from_secs(self.max_lifetime_s),
+        }
+    }
+}
+
+/// Passwords the proxy uses to log in to the servers (per server, or one for all).
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSettings {
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub servers: BTreeMap<String, BackendServer>,
+}
+
+impl std::fmt::Debug for BackendSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendSettings")
+            .field("password", &self.password.as_ref().map(|_| "<set>"))
+            .field("servers", &self.servers.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendServer {
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+impl Secrets for BackendSettings {
+    fn password_for(&self, server: &str, _user: &str) -> Option<String> {
+        self.servers
+            .get(server)
+            .and_then(|s| s.password.clone())
+            .or_else(|| self.password.clone())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest message a client may send (Postgres's own limit is 1 GiB).
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    /// Longest a statement for a blocked partition is held before it fails.
+    #[serde(default = "default_blocked_wait_ms")]
+    pub blocked_wait_ms: u64,
+    /// Most client connections at once.
+    #[serde(default = "default_max_clients")]
+    pub max_clients: usize,
+}
+
+fn default_max_message() -> usize {
+    crate::wire::frame::DEFAULT_MAX_MESSAGE
+}
+fn default_blocked_wait_ms() -> u64 {
+    10_000
+}
+fn default_max_clients() -> usize {
+    10_000
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_message_bytes: default_max_message(),
+            blocked_wait_ms: default_blocked_wait_ms(),
+            max_clients: default_max_clients(),
+        }
+    }
+}
+
+impl Default for ProxyConfig {
+    fn default() -> ProxyConfig {
+        ProxyConfig {
+            listen: default_listen(),
+            cluster: default_cluster(),
+            etcd: EtcdSettings::default(),
+            auth: AuthSettings::default(),
+            pool: PoolSettings::default(),
+            backend: BackendSettings::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl ProxyConfig {
+    pub fn from_toml(text: &str) -> Result<ProxyConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    pub fn read(path: &Path) -> Result<ProxyConfig, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        ProxyConfig::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// The user table, with SCRAM secrets derived once from clear passwords.
+    pub fn users(&self) -> Result<Users, String> {
+        let mut users = Users::default();
+        for entry in &self.auth.users {
+            let mut user = match &entry.password {
+                Some(password) => User::from_password(&entry.name, password),
+                None => User { scram: None, md5: None },
+            };
+            if let Some(verifier) = &entry.scram_verifier {
+                user.scram = Some(
+                    ScramSecret::parse_verifier(verifier)
+                        .ok_or_else(|| format!("user {:?}: scram_verifier is not a SCRAM-SHA-256 verifier", entry.name))?,
+                );
+            }
+            if let Some(md5) = &entry.md5_verifier {
+                if !md5.starts_with("md5") || md5.len() != 35 {
+                    return Err(format!("user {:?}: md5_verifier must be 'md5' and 32 hex digits", entry.name));
+                }
+                user.md5 = Some(md5.clone());
+            }
+            users.by_name.insert(entry.name.clone(), user);
+        }
+        let needs_secrets = self.auth.method != AuthMethod::Trust;
+        if needs_secrets && users.by_name.is_empty() {
+            return Err(format!(
+                "auth method {:?} needs users: add [[auth.users]] entries, or set auth.method = \"trust\"",
+                self.auth.method
+            ));
+        }
+        Ok(users)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_config_parses_and_hides_secrets() {
+        let config = ProxyConfig::from_toml(
+            r#"
+            listen = "127.0.0.1:7000"
+            cluster = "prod"
+            [etcd]
+            endpoints = ["http://127.0.0.1:2379"]
+            [auth]
+            method = "md5"
+            [[auth.users]]
+            name = "app"
+            password = "hunter2"
+            [pool]
+            size = 5
+            [backend]
+            password = "backend-secret"
+            [backend.servers.pg1]
+            password = "pg1-secret"
+            [limits]
+            max_message_bytes = 1048576
+            "#,
+        )
+        .expect("parses");
+        assert_eq!(config.pool.size, 5);
+        assert_eq!(config.backend.password_for("pg1", "x").as_deref(), Some("pg1-secret"));
+        assert_eq!(config.backend.password_for("pg2", "x").as_deref(), Some("backend-secret"));
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2") && !debug.contains("secret\""), "{debug}");
+        assert!(config.users().expect("users").by_name.contains_key("app"));
+    }
+
+    #[test]
+    fn typos_and_missing_users_are_errors() {
+        assert!(ProxyConfig::from_toml("listne = \"x\"").is_err());
+        let config = ProxyConfig::from_toml("").expect("defaults");
+        assert!(config.users().is_err(), "scram without users is refused");
+    }
+}

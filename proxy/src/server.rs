@@ -1,0 +1,370 @@
+//! The listener and the login phase: accept a client, answer SSL/GSSENC
+//! requests, forward cancel requests, read the startup message, authenticate,
+//! send the server's parameters, then hand the connection to a `Session`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Buf, BytesMut};
+use shardmap::cache::Snapshot;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tracing::{debug, info, warn};
+
+use crate::analyze::Analyzer;
+use crate::auth::{md5_expected, AuthMethod, ScramServer, Users};
+use crate::cancel::CancelRegistry;
+use crate::config::ProxyConfig;
+use crate::pool::Pools;
+use crate::session::{ClientIo, Session, SessionError};
+use crate::wire::frame::{next_frame, next_startup_packet, Reader};
+use crate::wire::messages;
+
+const SSL_REQUEST: i32 = 80_877_103;
+const GSSENC_REQUEST: i32 = 80_877_104;
+const CANCEL_REQUEST: i32 = 80_877_102;
+const PROTOCOL_3: i32 = 196_608;
+
+/// Everything sessions share.
+pub struct Shared {
+    pub config: ProxyConfig,
+    pub users: Users,
+    pub analyzer: Analyzer,
+    /// The map, as the watch cache last applied it.
+    pub map: watch::Receiver<Snapshot>,
+    pub pools: Pools,
+    pub cancels: CancelRegistry,
+    /// ParameterStatus values reported to clients at login, learned from a
+    /// backend (the first login that reaches one).
+    pub server_parameters: Mutex<Option<Vec<(String, String)>>>,
+    pub active_clients: AtomicUsize,
+    client_slots: Arc<Semaphore>,
+}
+
+impl Shared {
+    pub fn new(config: ProxyConfig, users: Users, map: watch::Receiver<Snapshot>, pools: Pools) -> Shared {
+        let max_clients = config.limits.max_clients;
+        Shared {
+            config,
+            users,
+            analyzer: Analyzer::new(10_000),
+            map,
+            pools,
+            cancels: CancelRegistry::default(),
+            server_parameters: Mutex::new(None),
+            active_clients: AtomicUsize::new(0),
+            client_slots: Arc::new(Semaphore::new(max_clients)),
+        }
+    }
+}
+
+/// Accepts clients forever.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            if let Err(e) = handle_client(stream, shared).await {
+                debug!(%peer, error = %e, "client session ended");
+            }
+        });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error("client disconnected")]
+    Gone,
+    #[error("{0}")]
+    Protocol(String),
+    #[error("authentication failed")]
+    Auth,
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), LoginError> {
+    let n = stream.read_buf(buf).await.map_err(|_| LoginError::Gone)?;
+    if n == 0 {
+        return Err(LoginError::Gone);
+    }
+    Ok(())
+}
+
+async fn write(stream: &mut TcpStream, out: &mut BytesMut) -> Result<(), LoginError> {
+    let result = stream.write_all(out).await;
+    out.clear();
+    result.map_err(|_| LoginError::Gone)
+}
+
+async fn refuse(stream: &mut TcpStream, severity: &str, code: &str, message: &str) {
+    let mut out = BytesMut::new();
+    messages::error_fields(b'E', severity, code, message, None, &mut out);
+    let _ = stream.write_all(&out).await;
+}
+
+async fn handle_client(mut stream: TcpStream, shared: Arc<Shared>) -> Result<(), LoginError> {
+    let Ok(_slot) = shared.client_slots.clone().try_acquire_owned() else {
+        refuse(&mut stream, "FATAL", "53300", "sorry, too many clients already").await;
+        return Ok(());
+    };
+    let mut buf = BytesMut::with_capacity(1024);
+    // Startup phase: SSL/GSSENC negotiation, cancel, or the startup message.
+    let startup = loop {
+        let packet = match next_startup_packet(&mut buf, 10_000) {
+            Ok(Some(packet)) => packet,
+            Ok(None) => {
+                read_more(&mut stream, &mut buf).await?;
+                continue;
+            }
+            Err(e) => {
+                refuse(&mut stream, "FATAL", "08P01", &format!("invalid startup packet: {e}")).await;
+                return Err(LoginError::Protocol(e.to_string()));
+            }
+        };
+        let mut reader = Reader::new(packet);
+        let code = reader.i32("startup").map_err(|e| LoginError::Protocol(e.to_string()))?;
+        match code {
+            SSL_REQUEST | GSSENC_REQUEST => {
+                // No TLS or GSS configured: the client may go on in plain text.
+                stream.write_all(b"N").await.map_err(|_| LoginError::Gone)?;
+            }
+            CANCEL_REQUEST => {
+                let pid = reader.i32("cancel").map_err(|e| LoginError::Protocol(e.to_string()))?;
+                let secret = reader.i32("cancel").map_err(|e| LoginError::Protocol(e.to_string()))?;
+                shared.cancels.cancel(pid, secret).await;
+                return Ok(());
+            }
+            PROTOCOL_3 => break reader.rest(),
+            other => {
+                let message = format!(
+                    "unsupported frontend protocol {}.{}: shardline speaks protocol 3.0",
+                    other >> 16,
+                    other & 0xffff
+                );
+                refuse(&mut stream, "FATAL", "0A000", &message).await;
+                return Err(LoginError::Protocol(message));
+            }
+        }
+    };
+    // Startup parameters: NUL-separated name/value pairs, then a final NUL.
+    let mut params = BTreeMap::new();
+    let mut fields = startup.split(|&b| b == 0);
+    while let Some(name) = fields.next() {
+        if name.is_empty() {
+            break;
+        }
+        let value = fields.next().unwrap_or_default();
+        let (Ok(name), Ok(value)) = (std::str::from_utf8(name), std::str::from_utf8(value)) else {
+            refuse(&mut stream, "FATAL", "22021", "startup parameters must be UTF-8").await;
+            return Err(LoginError::Protocol("non-UTF-8 startup parameter".into()));
+        };
+        params.insert(name.to_string(), value.to_string());
+    }
+    let Some(user) = params.get("user").cloned() else {
+        refuse(&mut stream, "FATAL", "28000", "no PostgreSQL user name specified in startup packet").await;
+        return Err(LoginError::Protocol("no user".into()));
+    };
+    authenticate(&mut stream, &mut buf, &shared, &user).await?;
+
+    // Logged in: parameters, cancel key, ready.
+    let (pid, secret, slot) = shared.cancels.register();
+    let mut out = BytesMut::with_capacity(512);
+    messages::auth_ok(&mut out);
+    let settings = session_settings(&params);
+    for (name, value) in server_parameters(&shared).await {
+        let value = match name.as_str() {
+            "application_name" => params.get("application_name").cloned().unwrap_or_default(),
+            "client_encoding" => params.get("client_encoding").cloned().unwrap_or(value),
+            "DateStyle" => params.get("datestyle").or(params.get("DateStyle")).cloned().unwrap_or(value),
+            "TimeZone" => params.get("timezone").or(params.get("TimeZone")).cloned().unwrap_or(value),
+            "session_authorization" => user.clone(),
+            _ => value,
+        };
+        messages::parameter_status(&name, &value, &mut out);
+    }
+    messages::backend_key_data(pid, secret, &mut out);
+    messages::ready_for_query(b'I', &mut out);
+    if write(&mut stream, &mut out).await.is_err() {
+        shared.cancels.unregister(pid);
+        return Err(LoginError::Gone);
+    }
+    shared.active_clients.fetch_add(1, Ordering::Relaxed);
+    let client = ClientIo::new(stream, buf, shared.config.limits.max_message_bytes);
+    let mut session = Session::new(shared.clone(), client, settings, slot);
+    let result = session.run().await;
+    session.finish();
+    if let Err(SessionError::ClientProtocol(message)) = &result {
+        session.fatal_and_close(message).await;
+    }
+    shared.cancels.unregister(pid);
+    shared.active_clients.fetch_sub(1, Ordering::Relaxed);
+    result.map_err(|e| LoginError::Protocol(e.to_string()))
+}
+
+/// Startup parameters that are session settings to replay on backends.
+fn session_settings(params: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let mut settings = BTreeMap::new();
+    for (name, value) in params {
+        let lower = name.to_lowercase();
+        match lower.as_str() {
+            "user" | "database" | "replication" | "options" | "application_name" => {}
+            _ => {
+                settings.insert(lower, quote_literal(value));
+            }
+        }
+    }
+    if let Some(options) = params.get("options") {
+        // `-c name=value` pairs, as libpq's PGOPTIONS.
+        let mut words = options.split_whitespace();
+        while let Some(word) = words.next() {
+            let pair = if word == "-c" { words.next() } else { word.strip_prefix("-c") };
+            if let Some((name, value)) = pair.and_then(|p| p.split_once('=')) {
+                settings.insert(name.to_lowercase(), quote_literal(value));
+            }
+        }
+    }
+    settings
+}
+
+fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// The parameters to report at login, learned from a real server once.
+async fn server_parameters(shared: &Shared) -> Vec<(String, String)> {
+    if let Some(known) = shared.server_parameters.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        return known;
+    }
+    let server = shared
+        .map
+        .borrow()
+        .as_ref()
+        .and_then(|v| v.map.servers.values().next().cloned());
+    if let Some(server) = server {
+        if let Ok(mut lease) = shared.pools.for_server(&server).acquire().await {
+            let params = lease.backend().parameters.clone();
+            if !params.is_empty() {
+                *shared.server_parameters.lock().unwrap_or_else(|e| e.into_inner()) = Some(params.clone());
+                return params;
+            }
+        }
+    }
+    // No server reachable yet: report Postgres 15 defaults.
+    [
+        ("server_version", "15.0"),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("integer_datetimes", "on"),
+        ("IntervalStyle", "postgres"),
+        ("standard_conforming_strings", "on"),
+        ("TimeZone", "UTC"),
+        ("is_superuser", "off"),
+        ("application_name", ""),
+        ("session_authorization", ""),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+async fn authenticate(stream: &mut TcpStream, buf: &mut BytesMut, shared: &Shared, user: &str) -> Result<(), LoginError> {
+    let method = shared.config.auth.method;
+    if method == AuthMethod::Trust {
+        return Ok(());
+    }
+    let failed = format!("password authentication failed for user \"{user}\"");
+    let entry = shared.users.by_name.get(user);
+    let mut out = BytesMut::new();
+    match method {
+        AuthMethod::Trust => Ok(()),
+        AuthMethod::Md5 => {
+            let salt: [u8; 4] = rand::random();
+            messages::auth(&mut out, 5, &salt);
+            write(stream, &mut out).await?;
+            let response = read_password(stream, buf).await?;
+            let expected = entry.and_then(|u| u.md5.as_deref()).and_then(|v| md5_expected(v, salt));
+            let given = response.split(|&b| b == 0).next().unwrap_or_default();
+            if expected.is_some_and(|e| e.as_bytes() == given) {
+                Ok(())
+            } else {
+                refuse(stream, "FATAL", "28P01", &failed).await;
+                Err(LoginError::Auth)
+            }
+        }
+        AuthMethod::ScramSha256 => {
+            messages::auth(&mut out, 10, b"SCRAM-SHA-256\0\0");
+            write(stream, &mut out).await?;
+            let initial = read_password(stream, buf).await?;
+            let mut reader = Reader::new(initial);
+            let mechanism = reader.cstr("SASLInitialResponse").map_err(|e| LoginError::Protocol(e.to_string()))?;
+            let length = reader.i32("SASLInitialResponse").map_err(|e| LoginError::Protocol(e.to_string()))?;
+            if mechanism != "SCRAM-SHA-256" || length < 0 {
+                refuse(stream, "FATAL", "28000", "SCRAM-SHA-256 is the only SASL mechanism offered").await;
+                return Err(LoginError::Auth);
+            }
+            let client_first = reader.rest();
+            let Some(secret) = entry.and_then(|u| u.scram.clone()) else {
+                refuse(stream, "FATAL", "28P01", &failed).await;
+                return Err(LoginError::Auth);
+            };
+            let Ok((exchange, server_first)) = ScramServer::start(secret, &client_first) else {
+                refuse(stream, "FATAL", "08P01", "malformed SCRAM message").await;
+                return Err(LoginError::Auth);
+            };
+            messages::auth(&mut out, 11, server_first.as_bytes());
+            write(stream, &mut out).await?;
+            let client_final = read_password(stream, buf).await?;
+            match exchange.finish(&client_final) {
+                Ok(server_final) => {
+                    messages::auth(&mut out, 12, server_final.as_bytes());
+                    write(stream, &mut out).await?;
+                    Ok(())
+                }
+                Err(_) => {
+                    refuse(stream, "FATAL", "28P01", &failed).await;
+                    Err(LoginError::Auth)
+                }
+            }
+        }
+    }
+}
+
+/// Reads a PasswordMessage / SASL response (tag `p`) and returns its body.
+async fn read_password(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<bytes::Bytes, LoginError> {
+    loop {
+        match next_frame(buf, 64 * 1024) {
+            Ok(Some(frame)) if frame.tag == b'p' => {
+                let mut body = frame.body();
+                body.advance(0);
+                return Ok(body);
+            }
+            Ok(Some(frame)) => {
+                let message = format!("expected a password message, got message type {:?}", char::from(frame.tag));
+                refuse(stream, "FATAL", "08P01", &message).await;
+                return Err(LoginError::Protocol(message));
+            }
+            Ok(None) => read_more(stream, buf).await?,
+            Err(e) => {
+                refuse(stream, "FATAL", "08P01", &e.to_string()).await;
+                return Err(LoginError::Protocol(e.to_string()));
+            }
+        }
+    }
+}
+
+/// Binds the listener and logs where.
+pub async fn bind(address: &str) -> std::io::Result<TcpListener> {
+    let listener = TcpListener::bind(address).await?;
+    info!(address = %listener.local_addr()?, "shardline proxy listening");
+    Ok(listener)
+}

@@ -1,0 +1,1597 @@
+//! One client session after login: read the client's messages, group them
+//! into requests (a simple Query, or extended-protocol messages up to Sync or
+//! Flush), route each request once, bind it to a backend connection, forward
+//! it and relay the replies.
+//!
+//! Transaction pooling: a backend is held only while a transaction is open
+//! (or a request is in flight) and goes back to its pool at ReadyForQuery
+//! `I`. What a client expects to outlive a transaction is re-established on
+//! whichever backend it lands on:
+//! - named prepared statements are prepared on that backend under a name
+//!   derived from their text (shared by all clients), before first use;
+//! - session settings (`SET name = value`) are replayed when the backend's
+//!   settings differ from the client's;
+//! - `BEGIN` is held back until the first statement that has a route, and
+//!   then sent to that statement's server.
+//!
+//! Replies are matched to requests with a queue of expected replies, so the
+//! proxy can insert its own messages (swallowing their replies) and answer
+//! some messages itself (synthetic replies) while keeping the client's reply
+//! order exactly as Postgres would produce it.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use shardmap::PartitionState;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+use crate::analyze::lexer::LITERAL_MARKER_BASE;
+use crate::analyze::{Analyzed, Command, Literal};
+use crate::cancel::{CancelTarget, TargetSlot};
+use crate::pool::Lease;
+use crate::route::{route_data, Params, Resolution, Route, RouteError};
+use crate::server::Shared;
+use crate::wire::frame::{next_frame, Frame};
+use crate::wire::messages::{self, Bind, Parse, Target};
+
+/// The client side of a session: a socket with a read and a write buffer.
+pub struct ClientIo {
+    stream: TcpStream,
+    read_buf: BytesMut,
+    pub out: BytesMut,
+    max_message: usize,
+}
+
+impl ClientIo {
+    pub fn new(stream: TcpStream, read_buf: BytesMut, max_message: usize) -> ClientIo {
+        ClientIo {
+            stream,
+            read_buf,
+            out: BytesMut::with_capacity(8 * 1024),
+            max_message,
+        }
+    }
+
+    /// The next message, or `None` when the client closed the connection.
+    pub async fn read_frame(&mut self) -> Result<Option<Frame>, SessionError> {
+        loop {
+            match next_frame(&mut self.read_buf, self.max_message) {
+                Ok(Some(frame)) => return Ok(Some(frame)),
+                Ok(None) => {}
+                Err(e) => return Err(SessionError::ClientProtocol(e.to_string())),
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.read_buf)
+                .await
+                .map_err(|_| SessionError::ClientGone)?;
+            if n == 0 {
+                if self.read_buf.is_empty() {
+                    return Ok(None);
+                }
+                return Err(SessionError::ClientGone);
+            }
+        }
+    }
+
+    /// Writes everything buffered for the client.
+    pub async fn flush(&mut self) -> Result<(), SessionError> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let result = self.stream.write_all(&self.out).await;
+        self.out.clear();
+        result.map_err(|_| SessionError::ClientGone)
+    }
+
+    pub fn error(&mut self, code: &str, message: &str, hint: Option<&str>) {
+        messages::error_fields(b'E', "ERROR", code, message, hint, &mut self.out);
+    }
+
+    pub fn fatal(&mut self, code: &str, message: &str) {
+        messages::error_fields(b'E', "FATAL", code, message, None, &mut self.out);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("client disconnected")]
+    ClientGone,
+    #[error("protocol violation: {0}")]
+    ClientProtocol(String),
+}
+
+/// A statement the client prepared (extended protocol Parse).
+#[derive(Debug)]
+pub struct Prepared {
+    pub query: String,
+    pub param_types: Vec<u32>,
+    /// Name on the backends: the same for every client preparing the same text
+    /// with the same parameter types.
+    pub backend_name: Arc<str>,
+    pub analyzed: Analyzed,
+}
+
+impl Prepared {
+    fn command(&self) -> Option<&Command> {
+        match self.analyzed.analysis.commands.as_slice() {
+            [one] => Some(one),
+            _ => None,
+        }
+    }
+}
+
+fn backend_statement_name(query: &str, param_types: &[u32]) -> Arc<str> {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    query.hash(&mut hasher);
+    param_types.hash(&mut hasher);
+    format!("sl_{:016x}_{}", hasher.finish(), query.len()).into()
+}
+
+/// The client's transaction, as the proxy sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Tx {
+    Idle,
+    /// BEGIN was acknowledged but not sent yet: it goes to the server of the
+    /// first statement that has a route, followed by `prelude`'s other parts.
+    Deferred { prelude: Vec<String> },
+    /// Open on the held backend.
+    Bound,
+    /// Failed without a backend holding it (a routing error): everything
+    /// but COMMIT/ROLLBACK fails until the client ends it.
+    Aborted,
+}
+
+/// Which reply ends the replies to one forwarded message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    ParseComplete,
+    BindComplete,
+    CloseComplete,
+    Describe,
+    Execute,
+    Sync,
+    Query,
+}
+
+impl End {
+    fn ends_on(self, tag: u8) -> bool {
+        match self {
+            End::ParseComplete => tag == b'1',
+            End::BindComplete => tag == b'2',
+            End::CloseComplete => tag == b'3',
+            End::Describe => tag == b'T' || tag == b'n',
+            End::Execute => matches!(tag, b'C' | b'I' | b's'),
+            End::Sync | End::Query => tag == b'Z',
+        }
+    }
+}
+
+/// One expected reply (or synthetic reply) in client order.
+#[derive(Debug)]
+enum Expect {
+    /// Replies to a message sent to the backend, up to `end`.
+    Reply {
+        end: End,
+        /// False for messages the proxy injected: their replies are dropped.
+        forward: bool,
+        /// A statement to forget on the backend if this message fails.
+        unprepare: Option<Arc<str>>,
+    },
+    /// Bytes the proxy answers itself, at this point of the reply stream.
+    Synthetic(Bytes),
+}
+
+/// What the backend said while relaying one request.
+#[derive(Debug, Default)]
+struct Outcome {
+    errored: bool,
+    /// Tag of the last CommandComplete.
+    last_tag: Option<String>,
+}
+
+/// A request ready to send: bytes for the backend and the replies expected.
+#[derive(Default)]
+struct Plan {
+    out: BytesMut,
+    expects: VecDeque<Expect>,
+}
+
+impl Plan {
+    fn send(&mut self, bytes: &[u8], end: End) {
+        self.out.extend_from_slice(bytes);
+        self.expects.push_back(Expect::Reply {
+            end,
+            forward: true,
+            unprepare: None,
+        });
+    }
+
+    fn inject(&mut self, bytes: &[u8], end: End) {
+        self.out.extend_from_slice(bytes);
+        self.expects.push_back(Expect::Reply {
+            end,
+            forward: false,
+            unprepare: None,
+        });
+    }
+
+    fn synthetic(&mut self, bytes: BytesMut) {
+        self.expects.push_back(Expect::Synthetic(bytes.freeze()));
+    }
+}
+
+/// An extended-protocol message of a request.
+enum Item {
+    Parse(Frame, Parse),
+    Bind(Frame, Bind),
+    Describe(Frame, Target),
+    Execute(Frame, String),
+    Close(Frame, Target),
+    Sync(Frame),
+    Flush(Frame),
+}
+
+/// How the proxy handles a bound portal.
+#[derive(Clone)]
+enum PortalUse {
+    Forward,
+    /// Transaction control answered by the proxy: CommandComplete tag.
+    Answer(&'static str),
+}
+
+pub struct Session {
+    shared: Arc<Shared>,
+    client: ClientIo,
+    statements: HashMap<String, Arc<Prepared>>,
+    /// Session settings from startup parameters and SET (name → value as SQL text).
+    settings: BTreeMap<String, String>,
+    /// SETs made inside the open transaction: kept only if it commits.
+    tx_settings: Vec<(String, Option<String>)>,
+    tx: Tx,
+    lease: Option<Lease>,
+    /// Set when a request ended with Flush: the backend is kept until Sync.
+    unsynced: bool,
+    cancel_slot: TargetSlot,
+}
+
+const SETTING_NOT_REPLAYED: &[&str] = &["application_name"];
+
+impl Session {
+    pub fn new(shared: Arc<Shared>, client: ClientIo, settings: BTreeMap<String, String>, cancel_slot: TargetSlot) -> Session {
+        Session {
+            shared,
+            client,
+            statements: HashMap::new(),
+            settings,
+            tx_settings: Vec::new(),
+            tx: Tx::Idle,
+            lease: None,
+            unsynced: false,
+            cancel_slot,
+        }
+    }
+
+    /// The transaction status to report in ReadyForQuery.
+    fn status(&self) -> u8 {
+        match self.tx {
+            Tx::Idle => b'I',
+            Tx::Deferred { .. } => b'T',
+            Tx::Aborted => b'E',
+            Tx::Bound => self.lease.as_ref().map_or(b'I', |l| l.status()),
+        }
+    }
+
+    pub async fn run(&mut self) -> Result<(), SessionError> {
+        let mut batch: Vec<Frame> = Vec::new();
+        let mut batch_bytes = 0usize;
+        loop {
+            let Some(frame) = self.client.read_frame().await? else {
+                return Ok(());
+            };
+            match frame.tag {
+                b'Q' => {
+                    if !batch.is_empty() {
+                        // A Query ends any unsynced extended messages, as in Postgres.
+                        let pending = std::mem::take(&mut batch);
+                        batch_bytes = 0;
+                        self.extended(pending).await?;
+                    }
+                    self.simple_query(frame).await?;
+                }
+                b'P' | b'B' | b'D' | b'E' | b'C' => {
+                    batch_bytes += frame.raw.len();
+                    batch.push(frame);
+                    if batch_bytes > self.client.max_message {
+                        return Err(SessionError::ClientProtocol(
+                            "too many extended-protocol messages without Sync".into(),
+                        ));
+                    }
+                }
+                b'S' | b'H' => {
+                    batch.push(frame);
+                    batch_bytes = 0;
+                    let request = std::mem::take(&mut batch);
+                    self.extended(request).await?;
+                }
+                b'X' => return Ok(()),
+                b'd' | b'c' | b'f' => {
+                    // Stray COPY messages outside a COPY: Postgres ignores them.
+                }
+                other => {
+                    return Err(SessionError::ClientProtocol(format!(
+                        "invalid frontend message type {}",
+                        other
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Tells the client why the connection closes (a protocol violation).
+    pub async fn fatal_and_close(&mut self, message: &str) {
+        self.client.fatal("08P01", message);
+        let _ = self.client.flush().await;
+    }
+
+    /// Closes the session: a transaction still open on a backend is rolled back
+    /// by dropping the connection (never returned to the pool mid-transaction).
+    pub fn finish(&mut self) {
+        if let Some(mut lease) = self.lease.take() {
+            if lease.status() != b'I' {
+                lease.backend().broken = true;
+            }
+        }
+        self.set_cancel_target(None);
+    }
+
+    // ------------------------------------------------------------ routing
+
+    /// Routes with the current map, holding (not failing) while a partition
+    /// it needs is blocked for a cutover, up to the configured wait.
+    async fn route_holding<F>(&self, mut compute: F) -> Result<Route, RouteError>
+    where
+        F: FnMut(&shardmap::ClusterMap) -> Result<Route, RouteError>,
+    {
+        let started = Instant::now();
+        let max_wait = Duration::from_millis(self.shared.config.limits.blocked_wait_ms);
+        let mut rx = self.shared.map.clone();
+        loop {
+            let snapshot = rx.borrow_and_update().clone();
+            let Some(versioned) = snapshot else {
+                return Err(RouteError::new(
+                    "57P03",
+                    "the proxy has no shard map yet",
+                    "check that etcd is reachable and the cluster is initialised (shardctl init)",
+                ));
+            };
+            let route = compute(&versioned.map)?;
+            let blocked = route.partitions().iter().any(|p| {
+                matches!(
+                    versioned.map.assignments.get(*p as usize).map(|a| &a.state),
+                    Some(PartitionState::Blocked { .. })
+                )
+            });
+            if !blocked {
+                return Ok(route);
+            }
+            let remaining = max_wait.saturating_sub(started.elapsed());
+            if remaining.is_zero() || tokio::time::timeout(remaining, rx.changed()).await.is_err() {
+                return Err(RouteError::new(
+                    "55006",
+                    format!("partition is being moved and stayed blocked for over {max_wait:?}"),
+                    "retry the statement",
+                ));
+            }
+        }
+    }
+
+    fn route_error(&mut self, error: &RouteError) {
+        self.client.error(error.code, &error.message, error.hint.as_deref());
+    }
+
+    /// A routing failure inside a transaction aborts it, as any error would in Postgres.
+    async fn fail_transaction(&mut self) {
+        match self.tx {
+            Tx::Idle => {}
+            Tx::Deferred { .. } | Tx::Aborted => self.tx = Tx::Aborted,
+            Tx::Bound => {
+                // Roll the backend back now, so nothing of it can be committed.
+                if let Some(mut lease) = self.lease.take() {
+                    let mut out = BytesMut::new();
+                    messages::query("ROLLBACK", &mut out);
+                    let ok = async {
+                        let backend = lease.backend();
+                        backend.write_all(&out).await?;
+                        loop {
+                            let frame = backend.read_frame().await?;
+                            if frame.tag == b'Z' {
+                                backend.status = frame.body().first().copied().unwrap_or(b'I');
+                                return Ok::<_, io::Error>(());
+                            }
+                        }
+                    }
+                    .await;
+                    if ok.is_err() {
+                        lease.backend().broken = true;
+                    }
+                }
+                self.set_cancel_target(None);
+                self.tx = Tx::Aborted;
+                self.tx_settings.clear();
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ simple query
+
+    async fn simple_query(&mut self, frame: Frame) -> Result<(), SessionError> {
+        let text = match messages::decode_query(frame.body()) {
+            Ok(text) => text,
+            Err(e) => return Err(SessionError::ClientProtocol(e.to_string())),
+        };
+        let analyzed = self.shared.analyzer.analyze(&text);
+        let commands = &analyzed.analysis.commands;
+        if commands.is_empty() {
+            messages::empty(b'I', &mut self.client.out);
+            return self.ready().await;
+        }
+        if commands.len() == 1 {
+            let command = commands[0].clone();
+            return self.single_statement(frame, &analyzed, command).await;
+        }
+        // Several statements in one Query run as one unit on one server.
+        if self.tx == Tx::Aborted && !ends_transaction(commands.last()) {
+            return self.aborted_error().await;
+        }
+        let literals = analyzed.literals.clone();
+        let commands = commands.clone();
+        let route = self
+            .route_holding(|map| {
+                let mut route = Route::Any;
+                for command in &commands {
+                    if let Command::Data(data) = command {
+                        if let Resolution::Route(r) = route_data(data, map, &literals, None)? {
+                            route = route.merge(r).map_err(|(a, b)| cross_server(&a, &b))?;
+                        }
+                    } else if let Command::Unsupported(what) = command {
+                        return Err(unsupported(what));
+                    }
+                }
+                Ok(route)
+            })
+            .await;
+        match route {
+            Ok(route) => {
+                let mut plan = Plan::default();
+                plan.send(&frame.raw, End::Query);
+                let mut outcome = Outcome::default();
+                self.dispatch_plan(route, true, plan, &mut outcome).await.map(|_| ())
+            }
+            Err(e) => {
+                self.route_error(&e);
+                self.fail_transaction().await;
+                self.ready().await
+            }
+        }
+    }
+
+    async fn single_statement(&mut self, frame: Frame, analyzed: &Analyzed, command: Command) -> Result<(), SessionError> {
+        if self.tx == Tx::Aborted && !matches!(command, Command::Commit | Command::Rollback) {
+            return self.aborted_error().await;
+        }
+        match command {
+            Command::Empty => {
+                messages::empty(b'I', &mut self.client.out);
+                self.ready().await
+            }
+            Command::Begin { .. } => match self.tx {
+                Tx::Idle => {
+                    let statement = render(&analyzed_text(analyzed, &frame), &analyzed.literals);
+                    self.tx = Tx::Deferred {
+                        prelude: vec![statement],
+                    };
+                    messages::command_complete("BEGIN", &mut self.client.out);
+                    self.ready().await
+                }
+                Tx::Deferred { .. } => {
+                    messages::error_fields(
+                        b'N',
+                        "WARNING",
+                        "25001",
+                        "there is already a transaction in progress",
+                        None,
+                        &mut self.client.out,
+                    );
+                    messages::command_complete("BEGIN", &mut self.client.out);
+                    self.ready().await
+                }
+                _ => self.forward_simple(frame, Route::Any).await,
+            },
+            Command::Commit | Command::Rollback => match self.tx {
+                Tx::Idle => {
+                    messages::error_fields(
+                        b'N',
+                        "WARNING",
+                        "25P01",
+                        "there is no transaction in progress",
+                        None,
+                        &mut self.client.out,
+                    );
+                    let tag = if command == Command::Commit { "COMMIT" } else { "ROLLBACK" };
+                    messages::command_complete(tag, &mut self.client.out);
+                    self.ready().await
+                }
+                Tx::Deferred { .. } => {
+                    self.tx = Tx::Idle;
+                    self.apply_tx_settings(command == Command::Commit);
+                    let tag = if command == Command::Commit { "COMMIT" } else { "ROLLBACK" };
+                    messages::command_complete(tag, &mut self.client.out);
+                    self.ready().await
+                }
+                Tx::Aborted => {
+                    self.tx = Tx::Idle;
+                    self.tx_settings.clear();
+                    messages::command_complete("ROLLBACK", &mut self.client.out);
+                    self.ready().await
+                }
+                Tx::Bound => self.forward_simple(frame, Route::Any).await,
+            },
+            Command::TransactionScoped => match &mut self.tx {
+                Tx::Deferred { prelude } => {
+                    // Runs with the BEGIN, once the transaction has a server.
+                    prelude.push(render(&analyzed_text(analyzed, &frame), &analyzed.literals));
+                    let tag = transaction_scoped_tag(&analyzed_text(analyzed, &frame));
+                    messages::command_complete(&tag, &mut self.client.out);
+                    self.ready().await
+                }
+                _ => self.forward_simple(frame, Route::Any).await,
+            },
+            Command::Set { name, value } => {
+                let value = render(&value, &analyzed.literals);
+                if let Some(setting) = name.strip_prefix("shardline.") {
+                    return self.proxy_setting(setting, &value).await;
+                }
+                if let Tx::Deferred { prelude } = &mut self.tx {
+                    // Runs with the BEGIN, once the transaction has a server.
+                    prelude.push(render(&analyzed_text(analyzed, &frame), &analyzed.literals));
+                    self.tx_settings.push((name, Some(value)));
+                    messages::command_complete("SET", &mut self.client.out);
+                    return self.ready().await;
+                }
+                let outcome = self.forward_simple_outcome(frame, Route::Any, true).await?;
+                if outcome.is_some_and(|o| !o.errored) {
+                    self.record_setting(name, Some(value));
+                }
+                Ok(())
+            }
+            Command::Reset { name } => {
+                if let Tx::Deferred { prelude } = &mut self.tx {
+                    prelude.push(render(&analyzed_text(analyzed, &frame), &analyzed.literals));
+                    match &name {
+                        Some(name) => self.tx_settings.push((name.clone(), None)),
+                        None => {
+                            let names: Vec<String> = self.settings.keys().cloned().collect();
+                            self.tx_settings.extend(names.into_iter().map(|n| (n, None)));
+                        }
+                    }
+                    messages::command_complete("RESET", &mut self.client.out);
+                    return self.ready().await;
+                }
+                let outcome = self.forward_simple_outcome(frame, Route::Any, true).await?;
+                if outcome.is_some_and(|o| !o.errored) {
+                    match name {
+                        Some(name) => self.record_setting(name, None),
+                        None => {
+                            let names: Vec<String> = self.settings.keys().cloned().collect();
+                            for name in names {
+                                self.record_setting(name, None);
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Command::Show { name } if name.starts_with("shardline.") => self.show_proxy_setting(&name).await,
+            // SHOW reads a setting: it need not open a held-back transaction.
+            Command::Show { .. } => self.forward_simple_outcome(frame, Route::Any, false).await.map(|_| ()),
+            Command::Discard => {
+                // The backend's prepared statements are shared: forget only this
+                // client's, and its settings.
+                self.statements.clear();
+                let names: Vec<String> = self.settings.keys().cloned().collect();
+                for name in names {
+                    self.record_setting(name, None);
+                }
+                let tag = format!("DISCARD {}", analyzed_text(analyzed, &frame).split_whitespace().nth(1).unwrap_or("ALL").to_uppercase());
+                messages::command_complete(&tag, &mut self.client.out);
+                self.ready().await
+            }
+            Command::Deallocate { name } => {
+                match name {
+                    None => self.statements.clear(),
+                    Some(name) => {
+                        if self.statements.remove(&name).is_none() {
+                            self.client.error("26000", &format!("prepared statement \"{name}\" does not exist"), None);
+                            return self.ready().await;
+                        }
+                    }
+                }
+                messages::command_complete("DEALLOCATE", &mut self.client.out);
+                self.ready().await
+            }
+            Command::Unsupported(what) => {
+                let e = unsupported(what);
+                self.route_error(&e);
+                self.fail_transaction().await;
+                self.ready().await
+            }
+            Command::Data(data) => {
+                let literals = analyzed.literals.clone();
+                let route = self
+                    .route_holding(|map| match route_data(&data, map, &literals, None)? {
+                        Resolution::Route(route) => Ok(route),
+                        Resolution::NeedsParams => Err(RouteError::new(
+                            "42P02",
+                            "there is no parameter $1",
+                            "a simple Query cannot have parameters",
+                        )),
+                    })
+                    .await;
+                match route {
+                    Ok(route) => self.forward_simple(frame, route).await,
+                    Err(e) => {
+                        self.route_error(&e);
+                        self.fail_transaction().await;
+                        self.ready().await
+                    }
+                }
+            }
+        }
+    }
+
+    async fn forward_simple(&mut self, frame: Frame, route: Route) -> Result<(), SessionError> {
+        self.forward_simple_outcome(frame, route, true).await.map(|_| ())
+    }
+
+    /// Forwards a Query; `None` when it never reached a backend. `binds_tx`:
+    /// whether it runs inside a held-back transaction (and so opens it).
+    async fn forward_simple_outcome(&mut self, frame: Frame, route: Route, binds_tx: bool) -> Result<Option<Outcome>, SessionError> {
+        let mut plan = Plan::default();
+        plan.send(&frame.raw, End::Query);
+        let mut outcome = Outcome::default();
+        let reached = self.dispatch_plan(route, binds_tx, plan, &mut outcome).await?;
+        Ok(reached.then_some(outcome))
+    }
+
+    async fn aborted_error(&mut self) -> Result<(), SessionError> {
+        self.client.error(
+            "25P02",
+            "current transaction is aborted, commands ignored until end of transaction block",
+            None,
+        );
+        self.ready().await
+    }
+
+    /// Writes ReadyForQuery with the session's status and flushes.
+    async fn ready(&mut self) -> Result<(), SessionError> {
+        let status = self.status();
+        messages::ready_for_query(status, &mut self.client.out);
+        self.client.flush().await
+    }
+
+    fn record_setting(&mut self, name: String, value: Option<String>) {
+        if matches!(self.tx, Tx::Bound | Tx::Deferred { .. }) {
+            self.tx_settings.push((name, value));
+            return;
+        }
+        match value {
+            Some(value) => {
+                self.settings.insert(name, value);
+            }
+            None => {
+                self.settings.remove(&name);
+            }
+        }
+    }
+
+    fn apply_tx_settings(&mut self, committed: bool) {
+        let changes = std::mem::take(&mut self.tx_settings);
+        if committed {
+            for (name, value) in changes {
+                match value {
+                    Some(value) => {
+                        self.settings.insert(name, value);
+                    }
+                    None => {
+                        self.settings.remove(&name);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn proxy_setting(&mut self, setting: &str, value: &str) -> Result<(), SessionError> {
+        let _ = (setting, value);
+        self.client.error(
+            "42704",
+            &format!("unrecognized configuration parameter \"shardline.{setting}\""),
+            Some("read replicas are not supported yet"),
+        );
+        self.ready().await
+    }
+
+    async fn show_proxy_setting(&mut self, name: &str) -> Result<(), SessionError> {
+        let value = match name {
+            "shardline.version" => Some(env!("CARGO_PKG_VERSION").to_string()),
+            "shardline.map_version" => self
+                .shared
+                .map
+                .borrow()
+                .as_ref()
+                .map(|v| v.map.version.to_string()),
+            _ => None,
+        };
+        match value {
+            Some(value) => {
+                messages::row_description(&[name], &mut self.client.out);
+                messages::data_row(&[Some(&value)], &mut self.client.out);
+                messages::command_complete("SHOW", &mut self.client.out);
+            }
+            None => self
+                .client
+                .error("42704", &format!("unrecognized configuration parameter \"{name}\""), None),
+        }
+        self.ready().await
+    }
+
+    // ------------------------------------------------------------ extended protocol
+
+    async fn extended(&mut self, frames: Vec<Frame>) -> Result<(), SessionError> {
+        let mut items = Vec::with_capacity(frames.len());
+        for frame in frames {
+            let body = frame.body();
+            let item = match frame.tag {
+                b'P' => Parse::decode(body).map(|p| Item::Parse(frame, p)),
+                b'B' => Bind::decode(body).map(|b| Item::Bind(frame, b)),
+                b'D' => Target::decode(body, "Describe").map(|t| Item::Describe(frame, t)),
+                b'E' => messages::decode_execute_portal(body).map(|p| Item::Execute(frame, p)),
+                b'C' => Target::decode(body, "Close").map(|t| Item::Close(frame, t)),
+                b'S' => Ok(Item::Sync(frame)),
+                _ => Ok(Item::Flush(frame)),
+            };
+            items.push(item.map_err(|e| SessionError::ClientProtocol(e.to_string()))?);
+        }
+        let synced = matches!(items.last(), Some(Item::Sync(_)));
+
+        // Register this request's statements first: its Binds may use them.
+        for item in &items {
+            if let Item::Parse(_, parse) = item {
+                let analyzed = self.shared.analyzer.analyze(&parse.query);
+                let prepared = Arc::new(Prepared {
+                    backend_name: backend_statement_name(&parse.query, &parse.param_types),
+                    query: parse.query.clone(),
+                    param_types: parse.param_types.clone(),
+                    analyzed,
+                });
+                self.statements.insert(parse.name.clone(), prepared);
+            }
+        }
+
+        let decided = self.decide_binds(&items).await;
+        let (portals, route, tx_before_forward, tx_after) = match decided {
+            Ok(decision) => decision,
+            Err(error) => {
+                // Nothing of this request ran: report the error and skip to Sync.
+                self.route_error(&error);
+                self.fail_transaction().await;
+                self.forget_closed(&items);
+                return if synced { self.ready().await } else { self.client.flush().await };
+            }
+        };
+        let forwards = portals.values().any(|u| matches!(u, PortalUse::Forward));
+        let route = if route == Route::Any { self.prepare_route(&items) } else { route };
+
+        if !self.needs_backend(&items, &portals) {
+            // The proxy answers everything itself.
+            if let (Tx::Deferred { .. } | Tx::Aborted, Tx::Idle) = (&self.tx, &tx_after) {
+                let committed = portals.values().any(|u| matches!(u, PortalUse::Answer("COMMIT")));
+                self.apply_tx_settings(committed);
+            }
+            if self.tx != Tx::Bound {
+                self.tx = tx_after;
+            }
+            let mut plan = Plan::default();
+            self.build_extended(&items, &portals, &mut plan, None);
+            emit_leading_synthetic(&mut plan.expects, &mut self.client.out);
+            self.forget_closed(&items);
+            return if synced { self.ready().await } else { self.client.flush().await };
+        }
+
+        if forwards {
+            if let (Tx::Deferred { .. } | Tx::Aborted, Tx::Idle) = (&self.tx, &tx_before_forward) {
+                let committed = portals.values().any(|u| matches!(u, PortalUse::Answer("COMMIT")));
+                self.apply_tx_settings(committed);
+            }
+            if self.tx != Tx::Bound {
+                self.tx = tx_before_forward;
+            }
+        }
+        let mut outcome = Outcome::default();
+        let mut build = |session: &mut Session, plan: &mut Plan, prepared: &mut HashSet<Arc<str>>| {
+            session.build_extended(&items, &portals, plan, Some(prepared));
+        };
+        self.dispatch(route, forwards, synced, &mut build, &mut outcome).await?;
+        self.forget_closed(&items);
+        Ok(())
+    }
+
+    /// Decides, per Bind, whether the proxy answers it (transaction control
+    /// outside a server) or it runs on a backend, and routes those that run.
+    /// Returns the decisions, the merged route, the transaction state the
+    /// first forwarded statement runs in, and the state after the request.
+    async fn decide_binds(&self, items: &[Item]) -> Result<(HashMap<String, PortalUse>, Route, Tx, Tx), RouteError> {
+        let mut portals: HashMap<String, PortalUse> = HashMap::new();
+        let mut route = Route::Any;
+        let mut tx = self.tx.clone();
+        let mut before_forward: Option<Tx> = None;
+        for item in items {
+            let Item::Bind(_, bind) = item else { continue };
+            let prepared = self.statements.get(&bind.statement).cloned().ok_or_else(|| RouteError {
+                code: "26000",
+                message: format!("prepared statement \"{}\" does not exist", bind.statement),
+                hint: None,
+            })?;
+            let command = prepared.command().cloned().unwrap_or(Command::Empty);
+            // Once something in this request runs on a backend, transaction
+            // control runs there too.
+            let on_backend = before_forward.is_some() || tx == Tx::Bound;
+            let usage = match &command {
+                _ if tx == Tx::Aborted && !matches!(command, Command::Commit | Command::Rollback) => {
+                    return Err(RouteError {
+                        code: "25P02",
+                        message: "current transaction is aborted, commands ignored until end of transaction block".into(),
+                        hint: None,
+                    })
+                }
+                Command::Begin { .. } if !on_backend => {
+                    if tx == Tx::Idle {
+                        tx = Tx::Deferred {
+                            prelude: vec![prepared.query.clone()],
+                        };
+                    }
+                    PortalUse::Answer("BEGIN")
+                }
+                Command::Commit | Command::Rollback if !on_backend => {
+                    let tag = if command == Command::Commit && tx != Tx::Aborted { "COMMIT" } else { "ROLLBACK" };
+                    tx = Tx::Idle;
+                    PortalUse::Answer(tag)
+                }
+                Command::Unsupported(what) => return Err(unsupported(what)),
+                Command::Data(data) => {
+                    let literals = prepared.analyzed.literals.clone();
+                    let resolved = self
+                        .route_holding(|map| {
+                            let params = Params {
+                                bind,
+                                types: &prepared.param_types,
+                            };
+                            match route_data(data, map, &literals, Some(&params))? {
+                                Resolution::Route(r) => Ok(r),
+                                Resolution::NeedsParams => Ok(Route::Any),
+                            }
+                        })
+                        .await?;
+                    route = route.merge(resolved).map_err(|(a, b)| cross_server(&a, &b))?;
+                    PortalUse::Forward
+                }
+                _ => PortalUse::Forward,
+            };
+            if matches!(usage, PortalUse::Forward) && before_forward.is_none() {
+                before_forward = Some(tx.clone());
+                if matches!(tx, Tx::Deferred { .. }) {
+                    tx = Tx::Bound;
+                }
+            }
+            portals.insert(bind.portal.clone(), usage);
+        }
+        let before = before_forward.unwrap_or_else(|| tx.clone());
+        Ok((portals, route, before, tx))
+    }
+
+    /// Where to prepare or describe statements that do not run yet: where
+    /// they would run if that is known without parameters (an unsharded
+    /// table's home), else anywhere (every server has the same tables).
+    fn prepare_route(&self, items: &[Item]) -> Route {
+        let Some(snapshot) = self.shared.map.borrow().clone() else {
+            return Route::Any;
+        };
+        let mut route = Route::Any;
+        for item in items {
+            let name = match item {
+                Item::Parse(_, parse) => &parse.name,
+                Item::Describe(_, target) if target.kind == b'S' => &target.name,
+                _ => continue,
+            };
+            let Some(prepared) = self.statements.get(name) else { continue };
+            let Some(Command::Data(data)) = prepared.command() else { continue };
+            if let Ok(Resolution::Route(r)) = route_data(data, &snapshot.map, &prepared.analyzed.literals, None) {
+                match route.clone().merge(r) {
+                    Ok(merged) => route = merged,
+                    Err(_) => return route,
+                }
+            }
+        }
+        route
+    }
+
+    /// Whether any message of the request must reach a server.
+    fn needs_backend(&self, items: &[Item], portals: &HashMap<String, PortalUse>) -> bool {
+        let statement_runs = |name: &str| self.statements.get(name).is_some_and(|p| !is_tx_control(p.command()));
+        let portal_runs = |name: &str| !matches!(portals.get(name), Some(PortalUse::Answer(_)));
+        items.iter().any(|item| match item {
+            Item::Parse(_, parse) => statement_runs(&parse.name),
+            Item::Bind(_, bind) => portal_runs(&bind.portal),
+            Item::Describe(_, target) if target.kind == b'S' => statement_runs(&target.name),
+            Item::Describe(_, target) | Item::Close(_, target) if target.kind == b'P' => portal_runs(&target.name),
+            Item::Execute(_, portal) => portal_runs(portal),
+            _ => false,
+        }) || (self.unsynced && self.lease.is_some())
+    }
+
+    /// Forgets statements the client closed in this request.
+    fn forget_closed(&mut self, items: &[Item]) {
+        for item in items {
+            if let Item::Close(_, target) = item {
+                if target.kind == b'S' {
+                    self.statements.remove(&target.name);
+                }
+            }
+        }
+    }
+
+    /// Turns the request's messages into backend bytes and expected replies.
+    /// `prepared` is the backend's prepared-statement set (None: no backend,
+    /// everything answered by the proxy).
+    fn build_extended(
+        &self,
+        items: &[Item],
+        portals: &HashMap<String, PortalUse>,
+        plan: &mut Plan,
+        mut prepared: Option<&mut HashSet<Arc<str>>>,
+    ) {
+        let mut unnamed_parsed = false;
+        for item in items {
+            let live = prepared.is_some();
+            match item {
+                Item::Parse(frame, parse) => {
+                    let statement = self.statements.get(&parse.name);
+                    let runs = statement.is_some_and(|p| !is_tx_control(p.command()));
+                    match (prepared.as_deref_mut(), statement) {
+                        (Some(set), Some(statement)) if runs => {
+                            if parse.name.is_empty() {
+                                plan.send(&frame.raw, End::ParseComplete);
+                                unnamed_parsed = true;
+                            } else if set.contains(&statement.backend_name) {
+                                plan.synthetic(simple_reply(b'1'));
+                            } else {
+                                let mut out = BytesMut::new();
+                                messages::parse(&statement.backend_name, &statement.query, &statement.param_types, &mut out);
+                                plan.out.extend_from_slice(&out);
+                                plan.expects.push_back(Expect::Reply {
+                                    end: End::ParseComplete,
+                                    forward: true,
+                                    unprepare: Some(statement.backend_name.clone()),
+                                });
+                                set.insert(statement.backend_name.clone());
+                            }
+                        }
+                        _ => plan.synthetic(simple_reply(b'1')),
+                    }
+                }
+                Item::Bind(frame, bind) => {
+                    let forwarded = live && matches!(portals.get(&bind.portal), Some(PortalUse::Forward));
+                    let statement = self.statements.get(&bind.statement);
+                    match (forwarded, statement, prepared.as_deref_mut()) {
+                        (true, Some(statement), Some(set)) => {
+                            if bind.statement.is_empty() {
+                                if !unnamed_parsed {
+                                    // Parsed in an earlier request, maybe on another backend.
+                                    let mut out = BytesMut::new();
+                                    messages::parse("", &statement.query, &statement.param_types, &mut out);
+                                    plan.inject(&out, End::ParseComplete);
+                                    unnamed_parsed = true;
+                                }
+                                plan.send(&frame.raw, End::BindComplete);
+                            } else {
+                                ensure_prepared(plan, set, statement);
+                                let mut out = BytesMut::new();
+                                bind.encode_with_statement(&statement.backend_name, &mut out);
+                                plan.send(&out, End::BindComplete);
+                            }
+                        }
+                        _ => plan.synthetic(simple_reply(b'2')),
+                    }
+                }
+                Item::Describe(frame, target) if target.kind == b'P' => match portals.get(&target.name) {
+                    Some(PortalUse::Answer(_)) => plan.synthetic(simple_reply(b'n')),
+                    _ if live => plan.send(&frame.raw, End::Describe),
+                    _ => plan.synthetic(simple_reply(b'n')),
+                },
+                Item::Describe(frame, target) => {
+                    let statement = self.statements.get(&target.name);
+                    match (prepared.as_deref_mut(), statement) {
+                        (Some(set), Some(statement)) if !is_tx_control(statement.command()) => {
+                            if target.name.is_empty() {
+                                if !unnamed_parsed {
+                                    let mut out = BytesMut::new();
+                                    messages::parse("", &statement.query, &statement.param_types, &mut out);
+                                    plan.inject(&out, End::ParseComplete);
+                                    unnamed_parsed = true;
+                                }
+                                plan.send(&frame.raw, End::Describe);
+                            } else {
+                                ensure_prepared(plan, set, statement);
+                                let mut out = BytesMut::new();
+                                Target {
+                                    kind: b'S',
+                                    name: statement.backend_name.to_string(),
+                                }
+                                .encode(b'D', &mut out);
+                                plan.send(&out, End::Describe);
+                            }
+                        }
+                        (_, Some(_)) => {
+                            // Transaction control: no parameters, no rows.
+                            let mut out = BytesMut::new();
+                            out.extend_from_slice(&[b't', 0, 0, 0, 6, 0, 0]);
+                            out.extend_from_slice(&simple_reply(b'n'));
+                            plan.synthetic(out);
+                        }
+                        (_, None) => {
+                            let mut out = BytesMut::new();
+                            messages::error_fields(
+                                b'E',
+                                "ERROR",
+                                "26000",
+                                &format!("prepared statement \"{}\" does not exist", target.name),
+                                None,
+                                &mut out,
+                            );
+                            plan.synthetic(out);
+                        }
+                    }
+                }
+                Item::Execute(frame, portal) => match portals.get(portal) {
+                    Some(PortalUse::Answer(tag)) => {
+                        let mut out = BytesMut::new();
+                        messages::command_complete(tag, &mut out);
+                        plan.synthetic(out);
+                    }
+                    _ if live => plan.send(&frame.raw, End::Execute),
+                    _ => {
+                        let mut out = BytesMut::new();
+                        messages::error_fields(
+                            b'E',
+                            "ERROR",
+                            "34000",
+                            &format!("portal \"{portal}\" does not exist"),
+                            None,
+                            &mut out,
+                        );
+                        plan.synthetic(out);
+                    }
+                },
+                Item::Close(frame, target) => {
+                    // Statements on backends are shared by clients: closing one
+                    // only forgets it for this client (see `forget_closed`).
+                    if target.kind == b'P' && live && !matches!(portals.get(&target.name), Some(PortalUse::Answer(_))) {
+                        plan.send(&frame.raw, End::CloseComplete);
+                    } else {
+                        plan.synthetic(simple_reply(b'3'));
+                    }
+                }
+                Item::Sync(frame) => {
+                    if live {
+                        plan.send(&frame.raw, End::Sync);
+                    }
+                }
+                Item::Flush(frame) => {
+                    if live {
+                        plan.out.extend_from_slice(&frame.raw);
+                    }
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ dispatch and relay
+
+    /// Sends a ready-made plan (a simple Query).
+    async fn dispatch_plan(&mut self, route: Route, binds_tx: bool, plan: Plan, outcome: &mut Outcome) -> Result<bool, SessionError> {
+        let mut ready = Some(plan);
+        let mut build = |_: &mut Session, plan: &mut Plan, _: &mut HashSet<Arc<str>>| {
+            if let Some(ready) = ready.take() {
+                *plan = ready;
+            }
+        };
+        self.dispatch(route, binds_tx, true, &mut build, outcome).await
+    }
+
+    /// Binds a backend for `route`, brings it in line with the session
+    /// (settings; the held-back BEGIN when `binds_tx`), sends the request
+    /// `build` produces and relays the replies. Returns false if no backend
+    /// could be used (an error went to the client instead). `synced` is false
+    /// for a request ending in Flush: the backend is then kept for the Sync.
+    async fn dispatch(
+        &mut self,
+        route: Route,
+        binds_tx: bool,
+        synced: bool,
+        build: &mut (dyn FnMut(&mut Session, &mut Plan, &mut HashSet<Arc<str>>) + Send),
+        outcome: &mut Outcome,
+    ) -> Result<bool, SessionError> {
+        let held = self.lease.as_ref().map(|l| l.server().to_string());
+        let target = match (route.server(), &held) {
+            (Some(server), Some(held)) if server != held => {
+                let error = RouteError::new(
+                    "0A000",
+                    format!("this statement runs on server {server}, but the transaction is on server {held}"),
+                    "a transaction stays on one server: start a new transaction for the other key",
+                );
+                self.route_error(&error);
+                self.fail_transaction().await;
+                self.ready().await?;
+                return Ok(false);
+            }
+            (Some(server), _) => server.to_string(),
+            (None, Some(held)) => held.clone(),
+            (None, None) => match self.any_server() {
+                Some(server) => server,
+                None => {
+                    self.client.error("57P03", "the shard map has no servers", None);
+                    self.ready().await?;
+                    return Ok(false);
+                }
+            },
+        };
+        let mut lease = match self.lease.take() {
+            Some(lease) => lease,
+            None => match self.acquire(&target).await {
+                Ok(lease) => lease,
+                Err((code, message)) => {
+                    self.client
+                        .error(code, &message, Some("retry later; keys on other servers are unaffected"));
+                    self.fail_transaction().await;
+                    self.ready().await?;
+                    return Ok(false);
+                }
+            },
+        };
+        {
+            let backend = lease.backend();
+            self.set_cancel_target(Some(CancelTarget {
+                addr: backend.addr,
+                process_id: backend.process_id,
+                secret_key: backend.secret_key,
+            }));
+        }
+        // Prefix: settings the backend lacks, then a held-back BEGIN.
+        let mut request = Plan::default();
+        if let Some(sql) = settings_sync_sql(&self.settings, &lease.backend().settings) {
+            let mut out = BytesMut::new();
+            messages::query(&sql, &mut out);
+            request.inject(&out, End::Query);
+            lease.backend().settings = replayed_settings(&self.settings);
+        }
+        if binds_tx {
+            if let Tx::Deferred { prelude } = &self.tx {
+                let mut out = BytesMut::new();
+                messages::query(&prelude.join("; "), &mut out);
+                request.inject(&out, End::Query);
+                self.tx = Tx::Bound;
+            }
+        }
+        let mut plan = Plan::default();
+        {
+            let mut prepared = std::mem::take(&mut lease.backend().prepared);
+            build(self, &mut plan, &mut prepared);
+            lease.backend().prepared = prepared;
+        }
+        request.out.extend_from_slice(&plan.out);
+        request.expects.extend(plan.expects);
+        let result = self.relay(&mut lease, request, outcome).await;
+        match result {
+            Ok(()) => {}
+            Err(RelayError::Client(e)) => {
+                lease.backend().broken = true;
+                return Err(e);
+            }
+            Err(RelayError::Backend(e)) => {
+                lease.backend().broken = true;
+                warn!(server = %target, error = %e, "backend connection lost");
+                let was_in_tx = !matches!(self.tx, Tx::Idle);
+                self.client.error(
+                    "08006",
+                    &format!("connection to server {target} was lost: {e}"),
+                    Some(if was_in_tx {
+                        "the transaction was rolled back; retry it"
+                    } else {
+                        "retry the statement"
+                    }),
+                );
+                self.tx = if was_in_tx { Tx::Aborted } else { Tx::Idle };
+                self.tx_settings.clear();
+                self.set_cancel_target(None);
+                drop(lease);
+                self.ready().await?;
+                return Ok(true);
+            }
+        }
+        let status = lease.status();
+        if status == b'I' {
+            if self.tx == Tx::Bound {
+                self.apply_tx_settings(outcome.last_tag.as_deref() == Some("COMMIT"));
+                self.tx = Tx::Idle;
+            }
+        } else {
+            self.tx = Tx::Bound;
+        }
+        if status == b'I' && synced {
+            self.set_cancel_target(None);
+            drop(lease);
+        } else {
+            self.lease = Some(lease);
+        }
+        Ok(true)
+    }
+
+    async fn acquire(&self, target: &str) -> Result<Lease, (&'static str, String)> {
+        let server = self
+            .shared
+            .map
+            .borrow()
+            .as_ref()
+            .and_then(|v| v.map.servers.get(target).cloned())
+            .ok_or_else(|| ("57P03", format!("server {target} is not in the shard map")))?;
+        let pool = self.shared.pools.for_server(&server);
+        pool.acquire().await.map_err(|e| {
+            warn!(server = %target, error = %e, "no backend connection");
+            ("08006", format!("cannot reach server {target}: {e}"))
+        })
+    }
+
+    /// The server for statements any server could run (catalog queries,
+    /// statements without tables): always the same one — the first by name —
+    /// so that a client sees one consistent catalog.
+    fn any_server(&self) -> Option<String> {
+        let snapshot = self.shared.map.borrow().clone()?;
+        let first = snapshot.map.servers.keys().next().cloned();
+        first
+    }
+
+    fn set_cancel_target(&self, target: Option<CancelTarget>) {
+        *self.cancel_slot.lock().unwrap_or_else(|e| e.into_inner()) = target;
+    }
+
+    /// Sends `plan` and relays replies until every expected reply arrived.
+    async fn relay(&mut self, lease: &mut Lease, mut plan: Plan, outcome: &mut Outcome) -> Result<(), RelayError> {
+        let backend = lease.backend();
+        emit_leading_synthetic(&mut plan.expects, &mut self.client.out);
+        if plan.out.is_empty() {
+            self.client.flush().await.map_err(RelayError::Client)?;
+            return Ok(());
+        }
+        backend.write_all(&plan.out).await.map_err(RelayError::Backend)?;
+        let expects = &mut plan.expects;
+        outcome.last_tag = None;
+        loop {
+            while let Some(frame) = backend.try_frame().map_err(RelayError::Backend)? {
+                let tag = frame.tag;
+                match tag {
+                    b'N' | b'A' | b'S' => {
+                        if forwarding(expects) {
+                            self.client.out.extend_from_slice(&frame.raw);
+                        }
+                        continue;
+                    }
+                    b'E' => {
+                        outcome.errored = true;
+                        self.client.out.extend_from_slice(&frame.raw);
+                        // The failing message's statement is not prepared after all.
+                        if let Some(Expect::Reply { unprepare: Some(name), .. }) = expects.front() {
+                            backend.prepared.remove(name);
+                        }
+                        let in_query = matches!(expects.front(), Some(Expect::Reply { end: End::Query, .. }));
+                        if !in_query {
+                            // Postgres skips everything up to Sync after an error.
+                            while let Some(front) = expects.front() {
+                                match front {
+                                    Expect::Reply { end: End::Sync, .. } => break,
+                                    Expect::Reply { unprepare: Some(name), .. } => {
+                                        backend.prepared.remove(name);
+                                        expects.pop_front();
+                                    }
+                                    _ => {
+                                        expects.pop_front();
+                                    }
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                    b'G' | b'W' => {
+                        // COPY FROM STDIN: the client sends data until CopyDone/Fail.
+                        self.client.out.extend_from_slice(&frame.raw);
+                        self.client.flush().await.map_err(RelayError::Client)?;
+                        if tag == b'W' {
+                            return Err(RelayError::Backend(io::Error::other("COPY BOTH is not supported")));
+                        }
+                        self.copy_in(backend).await?;
+                        continue;
+                    }
+                    _ => {}
+                }
+                if tag == b'Z' {
+                    backend.status = frame.body().first().copied().unwrap_or(b'I');
+                }
+                if tag == b'C' {
+                    let body = frame.body();
+                    let end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
+                    outcome.last_tag = Some(String::from_utf8_lossy(&body[..end]).into_owned());
+                }
+                match expects.front() {
+                    Some(Expect::Reply { end, forward, .. }) => {
+                        let (end, forward) = (*end, *forward);
+                        if forward {
+                            self.client.out.extend_from_slice(&frame.raw);
+                        }
+                        if end.ends_on(tag) {
+                            expects.pop_front();
+                            emit_leading_synthetic(expects, &mut self.client.out);
+                        }
+                    }
+                    Some(Expect::Synthetic(_)) | None => {
+                        backend.broken = true;
+                        return Err(RelayError::Backend(io::Error::other(format!(
+                            "unexpected message {:?} from the server",
+                            char::from(tag)
+                        ))));
+                    }
+                }
+                if expects.is_empty() {
+                    self.client.flush().await.map_err(RelayError::Client)?;
+                    return Ok(());
+                }
+            }
+            // Stream what we have before waiting for more (large results).
+            if self.client.out.len() >= 32 * 1024 {
+                self.client.flush().await.map_err(RelayError::Client)?;
+            }
+            if let Err(e) = backend.fill().await {
+                return Err(RelayError::Backend(e));
+            }
+        }
+    }
+
+    /// Pumps COPY data from the client to the backend until CopyDone or CopyFail.
+    async fn copy_in(&mut self, backend: &mut crate::backend::Backend) -> Result<(), RelayError> {
+        loop {
+            let frame = match self.client.read_frame().await {
+                Ok(Some(frame)) => frame,
+                Ok(None) | Err(_) => {
+                    // The client vanished mid-COPY: abort it on the server.
+                    let mut out = BytesMut::new();
+                    messages::copy_fail("client disconnected during COPY", &mut out);
+                    let _ = backend.write_all(&out).await;
+                    return Err(RelayError::Client(SessionError::ClientGone));
+                }
+            };
+            match frame.tag {
+                b'd' => backend.write_all(&frame.raw).await.map_err(RelayError::Backend)?,
+                b'c' | b'f' => {
+                    backend.write_all(&frame.raw).await.map_err(RelayError::Backend)?;
+                    return Ok(());
+                }
+                // Flush and Sync are ignored during COPY, as in Postgres.
+                b'H' | b'S' => {}
+                other => {
+                    let mut out = BytesMut::new();
+                    messages::copy_fail(&format!("unexpected message type {:?} during COPY", char::from(other)), &mut out);
+                    backend.write_all(&out).await.map_err(RelayError::Backend)?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+enum RelayError {
+    Client(SessionError),
+    Backend(io::Error),
+}
+
+fn forwarding(expects: &VecDeque<Expect>) -> bool {
+    !matches!(expects.front(), Some(Expect::Reply { forward: false, .. }))
+}
+
+fn emit_leading_synthetic(expects: &mut VecDeque<Expect>, out: &mut BytesMut) {
+    while let Some(Expect::Synthetic(_)) = expects.front() {
+        if let Some(Expect::Synthetic(bytes)) = expects.pop_front() {
+            out.extend_from_slice(&bytes);
+        }
+    }
+}
+
+/// Adds a Parse of `statement` under its backend name if the backend lacks it.
+fn ensure_prepared(plan: &mut Plan, prepared: &mut HashSet<Arc<str>>, statement: &Prepared) {
+    if prepared.contains(&statement.backend_name) {
+        return;
+    }
+    let mut out = BytesMut::new();
+    messages::parse(&statement.backend_name, &statement.query, &statement.param_types, &mut out);
+    plan.out.extend_from_slice(&out);
+    plan.expects.push_back(Expect::Reply {
+        end: End::ParseComplete,
+        forward: false,
+        unprepare: Some(statement.backend_name.clone()),
+    });
+    prepared.insert(statement.backend_name.clone());
+}
+
+fn simple_reply(tag: u8) -> BytesMut {
+    let mut out = BytesMut::with_capacity(5);
+    messages::empty(tag, &mut out);
+    out
+}
+
+fn is_tx_control(command: Option<&Command>) -> bool {
+    matches!(command, Some(Command::Begin { .. } | Command::Commit | Command::Rollback))
+}
+
+fn ends_transaction(command: Option<&Command>) -> bool {
+    matches!(command, Some(Command::Commit | Command::Rollback))
+}
+
+fn cross_server(a: &str, b: &str) -> RouteError {
+    RouteError::new(
+        "0A000",
+        format!("this request touches data on servers {a} and {b}; shardline runs it on one server"),
+        "split it so that each request (and each transaction) touches one server",
+    )
+}
+
+fn unsupported(what: &str) -> RouteError {
+    RouteError::new("0A000", format!("{what} is not supported by shardline"), "see docs/ARCHITECTURE.md")
+}
+
+/// The text of the (single) statement of a Query message, for re-sending.
+fn analyzed_text(_analyzed: &Analyzed, frame: &Frame) -> String {
+    messages::decode_query(frame.body())
+        .map(|t| t.trim().trim_end_matches(';').trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Replaces literal markers in shape text by the literals, quoted as SQL.
+fn render(shape: &str, literals: &[Literal]) -> String {
+    if !shape.contains('$') {
+        return shape.to_string();
+    }
+    let mut out = String::with_capacity(shape.len());
+    let mut rest = shape;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        let number: Option<usize> = after[..digits].parse().ok();
+        match number.filter(|n| *n >= LITERAL_MARKER_BASE).and_then(|n| literals.get(n - LITERAL_MARKER_BASE)) {
+            Some(Literal::Number(n)) => out.push_str(n),
+            Some(Literal::String(s)) => {
+                out.push('\'');
+                out.push_str(&s.replace('\'', "''"));
+                out.push('\'');
+            }
+            None => {
+                out.push('$');
+                out.push_str(&after[..digits]);
+            }
+        }
+        rest = &after[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The CommandComplete tag Postgres gives a transaction-scoped statement.
+fn transaction_scoped_tag(sql: &str) -> String {
+    let mut words = sql.split_whitespace().map(|w| w.to_uppercase());
+    match words.next().as_deref() {
+        Some("SAVEPOINT") => "SAVEPOINT".into(),
+        Some("RELEASE") => "RELEASE".into(),
+        Some("ROLLBACK") => "ROLLBACK".into(),
+        Some("SET") => "SET".into(),
+        Some(other) => other.to_string(),
+        None => String::new(),
+    }
+}
+
+/// SQL bringing a backend's settings to the client's, if they differ.
+fn settings_sync_sql(client: &BTreeMap<String, String>, backend: &BTreeMap<String, String>) -> Option<String> {
+    let mut statements = Vec::new();
+    for (name, value) in client {
+        if SETTING_NOT_REPLAYED.contains(&name.as_str()) {
+            continue;
+        }
+        if backend.get(name) != Some(value) {
+            statements.push(format!("SET {} TO {}", quote_ident(name), value));
+        }
+    }
+    for name in backend.keys() {
+        if !client.contains_key(name) {
+            statements.push(format!("RESET {}", quote_ident(name)));
+        }
+    }
+    if statements.is_empty() {
+        None
+    } else {
+        debug!(count = statements.len(), "replaying session settings");
+        Some(statements.join("; "))
+    }
+}
+
+/// The settings a backend carries after a replay.
+fn replayed_settings(client: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    client
+        .iter()
+        .filter(|(k, _)| !SETTING_NOT_REPLAYED.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+fn quote_ident(name: &str) -> String {
+    if name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.') {
+        name.to_string()
+    } else {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_puts_literals_back() {
+        let literals = vec![Literal::String("it's".into()), Literal::Number("5".into())];
+        assert_eq!(render("SET a TO $100001, $100002, $1", &literals), "SET a TO 'it''s', 5, $1");
+    }
+
+    #[test]
+    fn settings_sync_only_differences() {
+        let mut client = BTreeMap::new();
+        client.insert("search_path".to_string(), "app".to_string());
+        client.insert("application_name".to_string(), "'x'".to_string());
+        let mut backend = BTreeMap::new();
+        backend.insert("timezone".to_string(), "'UTC'".to_string());
+        assert_eq!(
+            settings_sync_sql(&client, &backend).as_deref(),
+            Some("SET search_path TO app; RESET timezone")
+        );
+        backend.clear();
+        backend.insert("search_path".to_string(), "app".to_string());
+        assert_eq!(settings_sync_sql(&client, &backend), None);
+    }
+
+    #[test]
+    fn statement_names_depend_on_text_and_types() {
+        assert_eq!(backend_statement_name("select 1", &[]), backend_statement_name("select 1", &[]));
+        assert_ne!(backend_statement_name("select 1", &[]), backend_statement_name("select 1", &[23]));
+    }
+}
