@@ -11,6 +11,7 @@
 //! Nothing here talks to Postgres.
 
 pub mod cache;
+pub mod ddl;
 pub mod embedded;
 pub mod keys;
 pub mod model;

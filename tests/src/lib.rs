@@ -115,3 +115,96 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Creates `table` with `columns` on the servers that should hold it,
+/// following the map: a sharded table as a partitioned parent on every
+/// server with the leaves of the partitions that server owns; a reference
+/// table everywhere; an unsharded table on its home.
+pub async fn create_table(cluster: &TestCluster, map: &ClusterMap, table: &str, columns: &str) {
+    let def = map.tables.get(table).unwrap_or_else(|| panic!("table {table} is not in the map"));
+    for (index, server) in cluster.cluster.servers.iter().enumerate() {
+        let mut sql = String::new();
+        match &def.kind {
+            shardmap::TableKind::Sharded { .. } => {
+                let clause = shardmap::ddl::partition_clause(map, table).expect("partition clause");
+                sql.push_str(&format!("CREATE TABLE {table} ({columns}) {clause};"));
+                for (partition, assignment) in map.assignments.iter().enumerate() {
+                    if assignment.owner == server.name() {
+                        for leaf in shardmap::ddl::leaves(map, table, partition as u32).expect("leaves") {
+                            sql.push_str(&leaf.create_sql(table));
+                            sql.push(';');
+                        }
+                    }
+                }
+            }
+            shardmap::TableKind::Reference => sql.push_str(&format!("CREATE TABLE {table} ({columns});")),
+            shardmap::TableKind::Unsharded { home } => {
+                if home == server.name() {
+                    sql.push_str(&format!("CREATE TABLE {table} ({columns});"));
+                }
+            }
+        }
+        if !sql.is_empty() {
+            cluster.connect(index).await.batch_execute(&sql).await.unwrap_or_else(|e| panic!("create {table}: {e}"));
+        }
+    }
+}
+
+/// A proxy running inside the test process.
+pub struct TestProxy {
+    pub addr: std::net::SocketAddr,
+    pub shared: std::sync::Arc<proxy::server::Shared>,
+    _cache: shardmap::MapCache,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TestProxy {
+    /// Starts a proxy for `cluster_name` on a free port, with trust auth
+    /// unless `configure` changes it.
+    pub async fn start(cluster: &TestCluster, cluster_name: &str, configure: impl FnOnce(&mut proxy::config::ProxyConfig)) -> TestProxy {
+        let mut config = proxy::config::ProxyConfig::default();
+        config.listen = "127.0.0.1:0".into();
+        config.cluster = cluster_name.into();
+        config.etcd.endpoints = cluster.etcd_endpoints();
+        config.auth.method = proxy::auth::AuthMethod::Trust;
+        configure(&mut config);
+        let users = config.users().expect("users");
+        let cache = shardmap::MapCache::spawn(config.etcd.endpoints.clone(), cluster_name);
+        assert!(
+            cache.wait_for_version(1, Duration::from_secs(10)).await.is_some(),
+            "the proxy's map cache never loaded the map"
+        );
+        let pools = proxy::pool::Pools::new(config.pool.to_pool_config(), std::sync::Arc::new(config.backend.clone()));
+        let listener = proxy::server::bind(&config.listen).await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let shared = std::sync::Arc::new(proxy::server::Shared::new(config, users, cache.subscribe(), pools));
+        let task = tokio::spawn(proxy::server::serve(listener, shared.clone()));
+        TestProxy {
+            addr,
+            shared,
+            _cache: cache,
+            task,
+        }
+    }
+
+    pub fn conninfo(&self) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.addr.port())
+    }
+
+    /// A tokio-postgres client connected through the proxy.
+    pub async fn connect(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.conninfo(), tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect through the proxy: {e}"));
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        client
+    }
+}

@@ -1,0 +1,200 @@
+//! The physical layout of a sharded table on a server, as SQL: the parent's
+//! `PARTITION BY` clause and the leaf tables of each logical partition.
+//! Text only — running it is the caller's business (tests, rebalancer).
+
+use crate::embedded::IdLayout;
+use crate::keys::{KeyType, KeyValue};
+use crate::model::{ClusterMap, Method, TableKind};
+
+/// A leaf table of one logical partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leaf {
+    pub name: String,
+    /// `FOR VALUES ...` or `DEFAULT`.
+    pub bound: String,
+}
+
+impl Leaf {
+    /// `CREATE TABLE leaf PARTITION OF parent bound`.
+    pub fn create_sql(&self, parent: &str) -> String {
+        format!("CREATE TABLE {} PARTITION OF {parent} {}", self.name, self.bound)
+    }
+}
+
+fn literal(key_type: KeyType, text: &str) -> Result<String, String> {
+    match key_type.parse_value(text).map_err(|e| e.to_string())? {
+        KeyValue::Int(v) => Ok(v.to_string()),
+        KeyValue::Text(v) => Ok(format!("'{}'", v.replace('\'', "''"))),
+        KeyValue::Uuid(v) => Ok(format!("'{v}'")),
+    }
+}
+
+/// The `PARTITION BY` clause of a sharded table's parent.
+pub fn partition_clause(map: &ClusterMap, table: &str) -> Result<String, String> {
+    let (key_column, method) = sharding(map, table)?;
+    Ok(match method {
+        Layout::Hash => format!("PARTITION BY HASH ({key_column})"),
+        Layout::Range(_) | Layout::Embedded(_) => format!("PARTITION BY RANGE ({key_column})"),
+        Layout::List(_) => format!("PARTITION BY LIST ({key_column})"),
+    })
+}
+
+enum Layout<'m> {
+    Hash,
+    Range(&'m Method),
+    List(&'m Method),
+    Embedded(IdLayout),
+}
+
+fn sharding<'m>(map: &'m ClusterMap, table: &str) -> Result<(&'m str, Layout<'m>), String> {
+    let def = map.tables.get(table).ok_or_else(|| format!("table {table:?} is not in the map"))?;
+    let TableKind::Sharded { group, key_column, embedded_id } = &def.kind else {
+        return Err(format!("table {table:?} is not sharded"));
+    };
+    let group = map.groups.get(group).ok_or_else(|| format!("group {group:?} is not in the map"))?;
+    let embedded = || IdLayout::new(map.partitions).map(Layout::Embedded).ok_or("too many partitions for embedded ids".to_string());
+    let layout = if *embedded_id {
+        embedded()?
+    } else {
+        match &group.method {
+            Method::Hash => Layout::Hash,
+            Method::Range { .. } => Layout::Range(&group.method),
+            Method::List { .. } => Layout::List(&group.method),
+            Method::Embedded => embedded()?,
+        }
+    };
+    Ok((key_column, layout))
+}
+
+/// The leaves of `table` holding logical partition `partition` (none when no
+/// key maps to it, several for a partition with several ranges).
+pub fn leaves(map: &ClusterMap, table: &str, partition: u32) -> Result<Vec<Leaf>, String> {
+    let (_, layout) = sharding(map, table)?;
+    let key_type = map
+        .tables
+        .get(table)
+        .and_then(|t| match &t.kind {
+            TableKind::Sharded { group, .. } => map.groups.get(group).map(|g| g.key_type),
+            _ => None,
+        })
+        .unwrap_or(KeyType::Bigint);
+    let name = format!("{table}_p{partition}");
+    match layout {
+        Layout::Hash => Ok(vec![Leaf {
+            name,
+            bound: format!("FOR VALUES WITH (MODULUS {}, REMAINDER {partition})", map.partitions),
+        }]),
+        Layout::Embedded(ids) => {
+            let (from, to) = ids
+                .partition_bounds(partition)
+                .ok_or_else(|| format!("partition {partition} is out of range"))?;
+            let to = to.map_or("MAXVALUE".to_string(), |t| t.to_string());
+            Ok(vec![Leaf {
+                name,
+                bound: format!("FOR VALUES FROM ({from}) TO ({to})"),
+            }])
+        }
+        Layout::Range(Method::Range { ranges }) => {
+            let mut leaves = Vec::new();
+            for rule in ranges.iter().filter(|r| r.partition == partition) {
+                let from = match &rule.from {
+                    Some(v) => literal(key_type, v)?,
+                    None => "MINVALUE".into(),
+                };
+                let to = match &rule.to {
+                    Some(v) => literal(key_type, v)?,
+                    None => "MAXVALUE".into(),
+                };
+                let name = if leaves.is_empty() { name.clone() } else { format!("{name}_{}", leaves.len()) };
+                leaves.push(Leaf {
+                    name,
+                    bound: format!("FOR VALUES FROM ({from}) TO ({to})"),
+                });
+            }
+            Ok(leaves)
+        }
+        Layout::List(Method::List { lists, default }) => {
+            let mut values = Vec::new();
+            for rule in lists.iter().filter(|r| r.partition == partition) {
+                for v in &rule.values {
+                    values.push(literal(key_type, v)?);
+                }
+            }
+            let mut leaves = Vec::new();
+            if !values.is_empty() {
+                leaves.push(Leaf {
+                    name: name.clone(),
+                    bound: format!("FOR VALUES IN ({})", values.join(", ")),
+                });
+            }
+            if *default == Some(partition) {
+                leaves.push(Leaf {
+                    name: format!("{name}_default"),
+                    bound: "DEFAULT".into(),
+                });
+            }
+            Ok(leaves)
+        }
+        Layout::Range(_) | Layout::List(_) => Err("inconsistent layout".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Endpoint, Group, ListRule, RangeRule, Server, ServerState, Table};
+
+    fn map_with(method: Method, key_type: KeyType, embedded_id: bool) -> ClusterMap {
+        let server = Server {
+            name: "a".into(),
+            primary: Endpoint::parse("postgres://h:1/d").expect("url"),
+            replicas: vec![],
+            region: None,
+            state: ServerState::Active,
+        };
+        let mut map = ClusterMap::new("t", 4, vec![server]).expect("map");
+        map.groups.insert("g".into(), Group { name: "g".into(), key_type, method });
+        map.tables.insert(
+            "t".into(),
+            Table { name: "t".into(), kind: TableKind::Sharded { group: "g".into(), key_column: "k".into(), embedded_id } },
+        );
+        map
+    }
+
+    #[test]
+    fn hash_and_embedded_leaves() {
+        let map = map_with(Method::Hash, KeyType::Bigint, false);
+        assert_eq!(partition_clause(&map, "t").as_deref(), Ok("PARTITION BY HASH (k)"));
+        assert_eq!(
+            leaves(&map, "t", 3).expect("leaves")[0].create_sql("t"),
+            "CREATE TABLE t_p3 PARTITION OF t FOR VALUES WITH (MODULUS 4, REMAINDER 3)"
+        );
+        let map = map_with(Method::Hash, KeyType::Bigint, true);
+        assert_eq!(partition_clause(&map, "t").as_deref(), Ok("PARTITION BY RANGE (k)"));
+        assert!(leaves(&map, "t", 3).expect("leaves")[0].bound.ends_with("TO (MAXVALUE)"));
+    }
+
+    #[test]
+    fn range_and_list_leaves() {
+        let ranges = Method::Range {
+            ranges: vec![
+                RangeRule { from: None, to: Some("100".into()), partition: 1 },
+                RangeRule { from: Some("500".into()), to: None, partition: 1 },
+            ],
+        };
+        let map = map_with(ranges, KeyType::Bigint, false);
+        let l = leaves(&map, "t", 1).expect("leaves");
+        assert_eq!(l.len(), 2);
+        assert_eq!(l[0].bound, "FOR VALUES FROM (MINVALUE) TO (100)");
+        assert_eq!(l[1].bound, "FOR VALUES FROM (500) TO (MAXVALUE)");
+        assert!(leaves(&map, "t", 0).expect("leaves").is_empty());
+        let lists = Method::List {
+            lists: vec![ListRule { values: vec!["DE".into(), "it's".into()], partition: 2 }],
+            default: Some(2),
+        };
+        let map = map_with(lists, KeyType::Text, false);
+        let l = leaves(&map, "t", 2).expect("leaves");
+        assert_eq!(l[0].bound, "FOR VALUES IN ('DE', 'it''s')");
+        assert_eq!(l[1].bound, "DEFAULT");
+    }
+}
