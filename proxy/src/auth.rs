@@ -39,7 +39,8 @@ impl std::fmt::Debug for ScramSecret {
 
 fn hmac(key: &[u8], data: &[u8]) -> [u8; 32] {
     // HMAC accepts keys of any length.
-    let mut mac = <HmacSha256 as KeyInit>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    let mut mac = <HmacSha256 as KeyInit>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
     mac.update(data);
     mac.finalize().into_bytes().into()
 }
@@ -156,7 +157,10 @@ pub enum ScramError {
 
 impl ScramServer {
     /// Handles client-first-message; returns the exchange and server-first-message.
-    pub fn start(secret: ScramSecret, client_first: &[u8]) -> Result<(ScramServer, String), ScramError> {
+    pub fn start(
+        secret: ScramSecret,
+        client_first: &[u8],
+    ) -> Result<(ScramServer, String), ScramError> {
         let text = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed)?;
         // gs2-header: "n,," or "y,," (client supports binding, server does not); "p=" asks for it.
         let (gs2_header, bare) = if let Some(rest) = text.strip_prefix("n,,") {
@@ -175,7 +179,11 @@ impl ScramServer {
             .ok_or(ScramError::Malformed)?;
         let server_part: [u8; 18] = rand::random();
         let nonce = format!("{client_nonce}{}", B64.encode(server_part));
-        let server_first = format!("r={nonce},s={},i={}", B64.encode(&secret.salt), secret.iterations);
+        let server_first = format!(
+            "r={nonce},s={},i={}",
+            B64.encode(&secret.salt),
+            secret.iterations
+        );
         Ok((
             ScramServer {
                 secret,
@@ -211,9 +219,16 @@ impl ScramServer {
         if proof.len() != 32 {
             return Err(ScramError::Malformed);
         }
-        let auth_message = format!("{},{},{}", self.client_first_bare, self.server_first, without_proof);
+        let auth_message = format!(
+            "{},{},{}",
+            self.client_first_bare, self.server_first, without_proof
+        );
         let client_signature = hmac(&self.secret.stored_key, auth_message.as_bytes());
-        let client_key: Vec<u8> = proof.iter().zip(client_signature.iter()).map(|(p, s)| p ^ s).collect();
+        let client_key: Vec<u8> = proof
+            .iter()
+            .zip(client_signature.iter())
+            .map(|(p, s)| p ^ s)
+            .collect();
         let stored: [u8; 32] = Sha256::digest(&client_key).into();
         // Constant-time comparison of the derived key.
         let diff = stored
@@ -237,18 +252,26 @@ mod tests {
     fn scram_round_trip_with_a_real_client() {
         let secret = ScramSecret::from_password("s3cret");
         let mut client = ScramSha256::new(b"s3cret", ChannelBinding::unsupported());
-        let (server, server_first) = ScramServer::start(secret, client.message()).expect("client-first");
-        client.update(server_first.as_bytes()).expect("server-first accepted");
+        let (server, server_first) =
+            ScramServer::start(secret, client.message()).expect("client-first");
+        client
+            .update(server_first.as_bytes())
+            .expect("server-first accepted");
         let server_final = server.finish(client.message()).expect("proof accepted");
-        client.finish(server_final.as_bytes()).expect("server signature verified");
+        client
+            .finish(server_final.as_bytes())
+            .expect("server signature verified");
     }
 
     #[test]
     fn scram_rejects_a_wrong_password() {
         let secret = ScramSecret::from_password("right");
         let mut client = ScramSha256::new(b"wrong", ChannelBinding::unsupported());
-        let (server, server_first) = ScramServer::start(secret, client.message()).expect("client-first");
-        client.update(server_first.as_bytes()).expect("server-first accepted");
+        let (server, server_first) =
+            ScramServer::start(secret, client.message()).expect("client-first");
+        client
+            .update(server_first.as_bytes())
+            .expect("server-first accepted");
         assert_eq!(server.finish(client.message()), Err(ScramError::WrongProof));
     }
 
@@ -267,7 +290,10 @@ mod tests {
     fn md5_matches_libpq() {
         let salt = [1, 2, 3, 4];
         let client = postgres_protocol::authentication::md5_hash(b"alice", b"pw", salt);
-        assert_eq!(md5_expected(&md5_verifier("alice", "pw"), salt), Some(client));
+        assert_eq!(
+            md5_expected(&md5_verifier("alice", "pw"), salt),
+            Some(client)
+        );
     }
 
     #[test]

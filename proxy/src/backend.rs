@@ -29,7 +29,11 @@ pub enum BackendError {
         source: io::Error,
     },
     #[error("server {server} refused the login: {message} (SQLSTATE {code})")]
-    Refused { server: String, code: String, message: String },
+    Refused {
+        server: String,
+        code: String,
+        message: String,
+    },
     #[error("server {server}: {0}", server = .1)]
     Protocol(String, String),
     #[error("server {server} needs a password but none is configured for it")]
@@ -71,7 +75,12 @@ impl Backend {
         password: Option<&str>,
         timeout: Duration,
     ) -> Result<Backend, BackendError> {
-        match tokio::time::timeout(timeout, Backend::connect_inner(server.clone(), endpoint, password)).await {
+        match tokio::time::timeout(
+            timeout,
+            Backend::connect_inner(server.clone(), endpoint, password),
+        )
+        .await
+        {
             Ok(result) => result,
             Err(_) => Err(BackendError::Timeout {
                 server: server.to_string(),
@@ -80,13 +89,20 @@ impl Backend {
         }
     }
 
-    async fn connect_inner(server: Arc<str>, endpoint: &Endpoint, password: Option<&str>) -> Result<Backend, BackendError> {
+    async fn connect_inner(
+        server: Arc<str>,
+        endpoint: &Endpoint,
+        password: Option<&str>,
+    ) -> Result<Backend, BackendError> {
         let addr_text = format!("{}:{}", endpoint.host, endpoint.port);
-        let stream = TcpStream::connect(&addr_text).await.map_err(|source| BackendError::Connect {
-            server: server.to_string(),
-            addr: addr_text.clone(),
-            source,
-        })?;
+        let stream =
+            TcpStream::connect(&addr_text)
+                .await
+                .map_err(|source| BackendError::Connect {
+                    server: server.to_string(),
+                    addr: addr_text.clone(),
+                    source,
+                })?;
         let io_err = |source| BackendError::Io {
             server: server.to_string(),
             source,
@@ -129,13 +145,19 @@ impl Backend {
         BackendError::Protocol(what.into(), self.server.to_string())
     }
 
-    async fn authenticate(&mut self, user: &str, password: Option<&str>) -> Result<(), BackendError> {
+    async fn authenticate(
+        &mut self,
+        user: &str,
+        password: Option<&str>,
+    ) -> Result<(), BackendError> {
         let server = self.server.to_string();
         let io_err = |source| BackendError::Io {
             server: server.clone(),
             source,
         };
-        let need_password = || BackendError::NoPassword { server: server.clone() };
+        let need_password = || BackendError::NoPassword {
+            server: server.clone(),
+        };
         let mut scram: Option<ScramSha256> = None;
         loop {
             let frame = self.read_frame().await.map_err(io_err)?;
@@ -151,7 +173,8 @@ impl Backend {
                         0 => continue,
                         3 => {
                             let password = password.ok_or_else(need_password)?;
-                            frontend::password_message(password.as_bytes(), &mut out).map_err(io_err)?;
+                            frontend::password_message(password.as_bytes(), &mut out)
+                                .map_err(io_err)?;
                         }
                         5 => {
                             let password = password.ok_or_else(need_password)?;
@@ -159,41 +182,69 @@ impl Backend {
                                 return Err(self.protocol("short md5 salt"));
                             }
                             let salt = [body[0], body[1], body[2], body[3]];
-                            let hashed = postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt);
-                            frontend::password_message(hashed.as_bytes(), &mut out).map_err(io_err)?;
+                            let hashed = postgres_protocol::authentication::md5_hash(
+                                user.as_bytes(),
+                                password.as_bytes(),
+                                salt,
+                            );
+                            frontend::password_message(hashed.as_bytes(), &mut out)
+                                .map_err(io_err)?;
                         }
                         10 => {
                             let password = password.ok_or_else(need_password)?;
                             let mechanisms: Vec<&[u8]> = body.split(|&b| b == 0).collect();
                             if !mechanisms.contains(&&b"SCRAM-SHA-256"[..]) {
-                                return Err(self.protocol("server offers no SASL mechanism shardline supports"));
+                                return Err(self.protocol(
+                                    "server offers no SASL mechanism shardline supports",
+                                ));
                             }
-                            let client = ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
-                            frontend::sasl_initial_response("SCRAM-SHA-256", client.message(), &mut out).map_err(io_err)?;
+                            let client = ScramSha256::new(
+                                password.as_bytes(),
+                                ChannelBinding::unsupported(),
+                            );
+                            frontend::sasl_initial_response(
+                                "SCRAM-SHA-256",
+                                client.message(),
+                                &mut out,
+                            )
+                            .map_err(io_err)?;
                             scram = Some(client);
                         }
                         11 => {
-                            let client = scram.as_mut().ok_or_else(|| self.protocol("SASL continue without SASL start"))?;
+                            let client = scram
+                                .as_mut()
+                                .ok_or_else(|| self.protocol("SASL continue without SASL start"))?;
                             client.update(&body).map_err(io_err)?;
                             frontend::sasl_response(client.message(), &mut out).map_err(io_err)?;
                         }
                         12 => {
-                            let client = scram.as_mut().ok_or_else(|| self.protocol("SASL final without SASL start"))?;
+                            let client = scram
+                                .as_mut()
+                                .ok_or_else(|| self.protocol("SASL final without SASL start"))?;
                             client.finish(&body).map_err(io_err)?;
                             continue;
                         }
-                        other => return Err(self.protocol(format!("unsupported authentication request {other}"))),
+                        other => {
+                            return Err(self
+                                .protocol(format!("unsupported authentication request {other}")))
+                        }
                     }
                     self.write_all(&out).await.map_err(io_err)?;
                 }
                 b'E' => {
                     let (code, message) = error_summary(&body);
-                    return Err(BackendError::Refused { server, code, message });
+                    return Err(BackendError::Refused {
+                        server,
+                        code,
+                        message,
+                    });
                 }
                 b'S' => {
                     let mut fields = body.split(|&b| b == 0);
-                    let name = String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
-                    let value = String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
+                    let name =
+                        String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
+                    let value =
+                        String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
                     self.parameters.push((name, value));
                 }
                 b'K' => {
@@ -208,7 +259,12 @@ impl Backend {
                     return Ok(());
                 }
                 b'N' => {}
-                other => return Err(self.protocol(format!("unexpected message {:?} during login", char::from(other)))),
+                other => {
+                    return Err(self.protocol(format!(
+                        "unexpected message {:?} during login",
+                        char::from(other)
+                    )))
+                }
             }
         }
     }
@@ -227,7 +283,8 @@ impl Backend {
 
     /// Takes the next whole message if it is already buffered.
     pub fn try_frame(&mut self) -> io::Result<Option<Frame>> {
-        next_frame(&mut self.read_buf, DEFAULT_MAX_MESSAGE).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+        next_frame(&mut self.read_buf, DEFAULT_MAX_MESSAGE)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
     }
 
     /// Reads more bytes from the server into the buffer.
@@ -237,7 +294,10 @@ impl Backend {
         }
         let n = self.stream.read_buf(&mut self.read_buf).await?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "server closed the connection",
+            ));
         }
         Ok(())
     }

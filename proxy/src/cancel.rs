@@ -42,7 +42,10 @@ impl CancelRegistry {
     }
 
     pub fn unregister(&self, pid: i32) {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(&pid);
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pid);
     }
 
     /// Forwards a cancel request if (pid, secret) names a live session that
@@ -52,7 +55,9 @@ impl CancelRegistry {
         let target = {
             let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
             match sessions.get(&pid) {
-                Some((expected, slot)) if *expected == secret => *slot.lock().unwrap_or_else(|e| e.into_inner()),
+                Some((expected, slot)) if *expected == secret => {
+                    *slot.lock().unwrap_or_else(|e| e.into_inner())
+                }
                 _ => None,
             }
         };
@@ -69,6 +74,9 @@ impl CancelRegistry {
     }
 
     pub fn sessions(&self) -> usize {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 }

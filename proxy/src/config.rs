@@ -237,7 +237,8 @@ impl ProxyConfig {
     }
 
     pub fn read(path: &Path) -> Result<ProxyConfig, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         ProxyConfig::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
@@ -247,17 +248,25 @@ impl ProxyConfig {
         for entry in &self.auth.users {
             let mut user = match &entry.password {
                 Some(password) => User::from_password(&entry.name, password),
-                None => User { scram: None, md5: None },
+                None => User {
+                    scram: None,
+                    md5: None,
+                },
             };
             if let Some(verifier) = &entry.scram_verifier {
-                user.scram = Some(
-                    ScramSecret::parse_verifier(verifier)
-                        .ok_or_else(|| format!("user {:?}: scram_verifier is not a SCRAM-SHA-256 verifier", entry.name))?,
-                );
+                user.scram = Some(ScramSecret::parse_verifier(verifier).ok_or_else(|| {
+                    format!(
+                        "user {:?}: scram_verifier is not a SCRAM-SHA-256 verifier",
+                        entry.name
+                    )
+                })?);
             }
             if let Some(md5) = &entry.md5_verifier {
                 if !md5.starts_with("md5") || md5.len() != 35 {
-                    return Err(format!("user {:?}: md5_verifier must be 'md5' and 32 hex digits", entry.name));
+                    return Err(format!(
+                        "user {:?}: md5_verifier must be 'md5' and 32 hex digits",
+                        entry.name
+                    ));
                 }
                 user.md5 = Some(md5.clone());
             }
@@ -303,10 +312,19 @@ mod tests {
         )
         .expect("parses");
         assert_eq!(config.pool.size, 5);
-        assert_eq!(config.backend.password_for("pg1", "x").as_deref(), Some("pg1-secret"));
-        assert_eq!(config.backend.password_for("pg2", "x").as_deref(), Some("backend-secret"));
+        assert_eq!(
+            config.backend.password_for("pg1", "x").as_deref(),
+            Some("pg1-secret")
+        );
+        assert_eq!(
+            config.backend.password_for("pg2", "x").as_deref(),
+            Some("backend-secret")
+        );
         let debug = format!("{config:?}");
-        assert!(!debug.contains("hunter2") && !debug.contains("secret\""), "{debug}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("secret\""),
+            "{debug}"
+        );
         assert!(config.users().expect("users").by_name.contains_key("app"));
     }
 

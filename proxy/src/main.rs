@@ -12,7 +12,11 @@ use proxy::server::{self, Shared};
 use shardmap::MapCache;
 
 #[derive(Debug, Parser)]
-#[command(name = "shardline-proxy", version, about = "Postgres-wire shard-routing proxy")]
+#[command(
+    name = "shardline-proxy",
+    version,
+    about = "Postgres-wire shard-routing proxy"
+)]
 struct Args {
     /// TOML config file.
     #[arg(long, env = "SHARDLINE_PROXY_CONFIG")]
@@ -39,11 +43,17 @@ struct Args {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SHARDLINE_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHARDLINE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -75,7 +85,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(method) = args.auth_method {
         config.auth.method = serde_json::from_value(serde_json::Value::String(method.clone()))
-            .map_err(|_| anyhow::anyhow!("unknown auth method {method:?}: use scram-sha-256, md5 or trust"))?;
+            .map_err(|_| {
+                anyhow::anyhow!("unknown auth method {method:?}: use scram-sha-256, md5 or trust")
+            })?;
     }
     if let Some(password) = args.backend_password {
         config.backend.password = Some(password);
@@ -86,10 +98,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let users = config.users().map_err(anyhow::Error::msg)?;
     let cache = MapCache::spawn(config.etcd.endpoints.clone(), &config.cluster);
-    if cache.wait_for_version(1, Duration::from_secs(10)).await.is_none() {
+    if cache
+        .wait_for_version(1, Duration::from_secs(10))
+        .await
+        .is_none()
+    {
         tracing::warn!(cluster = %config.cluster, "no shard map yet; clients get an error until one is loaded");
     }
-    let pools = Pools::new(config.pool.to_pool_config(), Arc::new(config.backend.clone()));
+    let pools = Pools::new(
+        config.pool.to_pool_config(),
+        Arc::new(config.backend.clone()),
+    );
     let listener = server::bind(&config.listen).await?;
     let listen = listener.local_addr()?.to_string();
     let id = args.id.unwrap_or_else(|| listen.clone());

@@ -42,7 +42,11 @@ impl Default for PoolConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
     #[error("no connection to server {server} became free within {timeout:?} (pool size {size})")]
-    Exhausted { server: String, timeout: Duration, size: usize },
+    Exhausted {
+        server: String,
+        timeout: Duration,
+        size: usize,
+    },
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
@@ -76,7 +80,9 @@ pub struct Lease {
 impl Lease {
     pub fn backend(&mut self) -> &mut Backend {
         // Present from acquire until drop.
-        self.backend.as_mut().expect("lease holds a backend until dropped")
+        self.backend
+            .as_mut()
+            .expect("lease holds a backend until dropped")
     }
 
     pub fn server(&self) -> &Arc<str> {
@@ -97,16 +103,28 @@ impl Drop for Lease {
                 && backend.created.elapsed() < self.pool.config.max_lifetime;
             if reusable {
                 backend.last_used = Instant::now();
-                self.pool.idle.lock().unwrap_or_else(|e| e.into_inner()).push(backend);
+                self.pool
+                    .idle
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(backend);
             } else {
-                self.pool.stats.closed_unhealthy.fetch_add(1, Ordering::Relaxed);
+                self.pool
+                    .stats
+                    .closed_unhealthy
+                    .fetch_add(1, Ordering::Relaxed);
             }
         }
     }
 }
 
 impl Pool {
-    pub fn new(server: Arc<str>, endpoint: Endpoint, password: Option<String>, config: PoolConfig) -> Pool {
+    pub fn new(
+        server: Arc<str>,
+        endpoint: Endpoint,
+        password: Option<String>,
+        config: PoolConfig,
+    ) -> Pool {
         Pool {
             server,
             endpoint,
@@ -120,7 +138,12 @@ impl Pool {
 
     /// A connection: an idle one if a healthy one exists, else a new one.
     pub async fn acquire(self: &Arc<Self>) -> Result<Lease, PoolError> {
-        let permit = match tokio::time::timeout(self.config.checkout_timeout, self.permits.clone().acquire_owned()).await {
+        let permit = match tokio::time::timeout(
+            self.config.checkout_timeout,
+            self.permits.clone().acquire_owned(),
+        )
+        .await
+        {
             Ok(Ok(permit)) => permit,
             _ => {
                 return Err(PoolError::Exhausted {
@@ -204,7 +227,12 @@ impl Pools {
 
     /// The pool for `server` (its primary).
     pub fn for_server(&self, server: &Server) -> Arc<Pool> {
-        if let Some(pool) = self.pools.read().unwrap_or_else(|e| e.into_inner()).get(&server.name) {
+        if let Some(pool) = self
+            .pools
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&server.name)
+        {
             if pool.endpoint == server.primary {
                 return pool.clone();
             }
@@ -216,7 +244,8 @@ impl Pools {
                 let pool = Arc::new(Pool::new(
                     server.name.as_str().into(),
                     server.primary.clone(),
-                    self.secrets.password_for(&server.name, &server.primary.user),
+                    self.secrets
+                        .password_for(&server.name, &server.primary.user),
                     self.config.clone(),
                 ));
                 pools.insert(server.name.clone(), pool.clone());
@@ -226,6 +255,11 @@ impl Pools {
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {
-        self.pools.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+        self.pools
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 }

@@ -33,7 +33,13 @@ pub async fn keep_registered(endpoints: Vec<String>, cluster: String, id: String
     }
 }
 
-async fn register_once(endpoints: &[String], key: &str, id: &str, listen: &str, started_unix_ms: u64) -> Result<(), etcd_client::Error> {
+async fn register_once(
+    endpoints: &[String],
+    key: &str,
+    id: &str,
+    listen: &str,
+    started_unix_ms: u64,
+) -> Result<(), etcd_client::Error> {
     let mut client: Client = match shardmap::store::connect(endpoints).await {
         Ok(client) => client,
         Err(shardmap::StoreError::Etcd(e)) => return Err(e),
@@ -52,7 +58,8 @@ async fn register_once(endpoints: &[String], key: &str, id: &str, listen: &str, 
         .await?;
     info!(%key, lease = lease.id(), "proxy registered");
     let (mut keeper, mut responses) = client.lease_keep_alive(lease.id()).await?;
-    let mut tick = tokio::time::interval(Duration::from_secs((LEASE_TTL_SECONDS / 3).max(1) as u64));
+    let mut tick =
+        tokio::time::interval(Duration::from_secs((LEASE_TTL_SECONDS / 3).max(1) as u64));
     loop {
         tick.tick().await;
         keeper.keep_alive().await?;

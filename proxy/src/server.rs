@@ -44,7 +44,12 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: ProxyConfig, users: Users, map: watch::Receiver<Snapshot>, pools: Pools) -> Shared {
+    pub fn new(
+        config: ProxyConfig,
+        users: Users,
+        map: watch::Receiver<Snapshot>,
+        pools: Pools,
+    ) -> Shared {
         let max_clients = config.limits.max_clients;
         Shared {
             config,
@@ -113,7 +118,13 @@ async fn refuse(stream: &mut TcpStream, severity: &str, code: &str, message: &st
 
 async fn handle_client(mut stream: TcpStream, shared: Arc<Shared>) -> Result<(), LoginError> {
     let Ok(_slot) = shared.client_slots.clone().try_acquire_owned() else {
-        refuse(&mut stream, "FATAL", "53300", "sorry, too many clients already").await;
+        refuse(
+            &mut stream,
+            "FATAL",
+            "53300",
+            "sorry, too many clients already",
+        )
+        .await;
         return Ok(());
     };
     let mut buf = BytesMut::with_capacity(1024);
@@ -126,20 +137,32 @@ async fn handle_client(mut stream: TcpStream, shared: Arc<Shared>) -> Result<(),
                 continue;
             }
             Err(e) => {
-                refuse(&mut stream, "FATAL", "08P01", &format!("invalid startup packet: {e}")).await;
+                refuse(
+                    &mut stream,
+                    "FATAL",
+                    "08P01",
+                    &format!("invalid startup packet: {e}"),
+                )
+                .await;
                 return Err(LoginError::Protocol(e.to_string()));
             }
         };
         let mut reader = Reader::new(packet);
-        let code = reader.i32("startup").map_err(|e| LoginError::Protocol(e.to_string()))?;
+        let code = reader
+            .i32("startup")
+            .map_err(|e| LoginError::Protocol(e.to_string()))?;
         match code {
             SSL_REQUEST | GSSENC_REQUEST => {
                 // No TLS or GSS configured: the client may go on in plain text.
                 stream.write_all(b"N").await.map_err(|_| LoginError::Gone)?;
             }
             CANCEL_REQUEST => {
-                let pid = reader.i32("cancel").map_err(|e| LoginError::Protocol(e.to_string()))?;
-                let secret = reader.i32("cancel").map_err(|e| LoginError::Protocol(e.to_string()))?;
+                let pid = reader
+                    .i32("cancel")
+                    .map_err(|e| LoginError::Protocol(e.to_string()))?;
+                let secret = reader
+                    .i32("cancel")
+                    .map_err(|e| LoginError::Protocol(e.to_string()))?;
                 shared.cancels.cancel(pid, secret).await;
                 return Ok(());
             }
@@ -164,13 +187,25 @@ async fn handle_client(mut stream: TcpStream, shared: Arc<Shared>) -> Result<(),
         }
         let value = fields.next().unwrap_or_default();
         let (Ok(name), Ok(value)) = (std::str::from_utf8(name), std::str::from_utf8(value)) else {
-            refuse(&mut stream, "FATAL", "22021", "startup parameters must be UTF-8").await;
+            refuse(
+                &mut stream,
+                "FATAL",
+                "22021",
+                "startup parameters must be UTF-8",
+            )
+            .await;
             return Err(LoginError::Protocol("non-UTF-8 startup parameter".into()));
         };
         params.insert(name.to_string(), value.to_string());
     }
     let Some(user) = params.get("user").cloned() else {
-        refuse(&mut stream, "FATAL", "28000", "no PostgreSQL user name specified in startup packet").await;
+        refuse(
+            &mut stream,
+            "FATAL",
+            "28000",
+            "no PostgreSQL user name specified in startup packet",
+        )
+        .await;
         return Err(LoginError::Protocol("no user".into()));
     };
     authenticate(&mut stream, &mut buf, &shared, &user).await?;
@@ -184,8 +219,16 @@ async fn handle_client(mut stream: TcpStream, shared: Arc<Shared>) -> Result<(),
         let value = match name.as_str() {
             "application_name" => params.get("application_name").cloned().unwrap_or_default(),
             "client_encoding" => params.get("client_encoding").cloned().unwrap_or(value),
-            "DateStyle" => params.get("datestyle").or(params.get("DateStyle")).cloned().unwrap_or(value),
-            "TimeZone" => params.get("timezone").or(params.get("TimeZone")).cloned().unwrap_or(value),
+            "DateStyle" => params
+                .get("datestyle")
+                .or(params.get("DateStyle"))
+                .cloned()
+                .unwrap_or(value),
+            "TimeZone" => params
+                .get("timezone")
+                .or(params.get("TimeZone"))
+                .cloned()
+                .unwrap_or(value),
             "session_authorization" => user.clone(),
             _ => value,
         };
@@ -226,7 +269,11 @@ fn session_settings(params: &BTreeMap<String, String>) -> BTreeMap<String, Strin
         // `-c name=value` pairs, as libpq's PGOPTIONS.
         let mut words = options.split_whitespace();
         while let Some(word) = words.next() {
-            let pair = if word == "-c" { words.next() } else { word.strip_prefix("-c") };
+            let pair = if word == "-c" {
+                words.next()
+            } else {
+                word.strip_prefix("-c")
+            };
             if let Some((name, value)) = pair.and_then(|p| p.split_once('=')) {
                 settings.insert(name.to_lowercase(), quote_literal(value));
             }
@@ -241,7 +288,12 @@ fn quote_literal(value: &str) -> String {
 
 /// The parameters to report at login, learned from a real server once.
 async fn server_parameters(shared: &Shared) -> Vec<(String, String)> {
-    if let Some(known) = shared.server_parameters.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+    if let Some(known) = shared
+        .server_parameters
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+    {
         return known;
     }
     let server = shared
@@ -253,7 +305,10 @@ async fn server_parameters(shared: &Shared) -> Vec<(String, String)> {
         if let Ok(mut lease) = shared.pools.for_server(&server).acquire().await {
             let params = lease.backend().parameters.clone();
             if !params.is_empty() {
-                *shared.server_parameters.lock().unwrap_or_else(|e| e.into_inner()) = Some(params.clone());
+                *shared
+                    .server_parameters
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(params.clone());
                 return params;
             }
         }
@@ -277,7 +332,12 @@ async fn server_parameters(shared: &Shared) -> Vec<(String, String)> {
     .collect()
 }
 
-async fn authenticate(stream: &mut TcpStream, buf: &mut BytesMut, shared: &Shared, user: &str) -> Result<(), LoginError> {
+async fn authenticate(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    shared: &Shared,
+    user: &str,
+) -> Result<(), LoginError> {
     let method = shared.config.auth.method;
     if method == AuthMethod::Trust {
         return Ok(());
@@ -292,7 +352,9 @@ async fn authenticate(stream: &mut TcpStream, buf: &mut BytesMut, shared: &Share
             messages::auth(&mut out, 5, &salt);
             write(stream, &mut out).await?;
             let response = read_password(stream, buf).await?;
-            let expected = entry.and_then(|u| u.md5.as_deref()).and_then(|v| md5_expected(v, salt));
+            let expected = entry
+                .and_then(|u| u.md5.as_deref())
+                .and_then(|v| md5_expected(v, salt));
             let given = response.split(|&b| b == 0).next().unwrap_or_default();
             if expected.is_some_and(|e| e.as_bytes() == given) {
                 Ok(())
@@ -306,10 +368,20 @@ async fn authenticate(stream: &mut TcpStream, buf: &mut BytesMut, shared: &Share
             write(stream, &mut out).await?;
             let initial = read_password(stream, buf).await?;
             let mut reader = Reader::new(initial);
-            let mechanism = reader.cstr("SASLInitialResponse").map_err(|e| LoginError::Protocol(e.to_string()))?;
-            let length = reader.i32("SASLInitialResponse").map_err(|e| LoginError::Protocol(e.to_string()))?;
+            let mechanism = reader
+                .cstr("SASLInitialResponse")
+                .map_err(|e| LoginError::Protocol(e.to_string()))?;
+            let length = reader
+                .i32("SASLInitialResponse")
+                .map_err(|e| LoginError::Protocol(e.to_string()))?;
             if mechanism != "SCRAM-SHA-256" || length < 0 {
-                refuse(stream, "FATAL", "28000", "SCRAM-SHA-256 is the only SASL mechanism offered").await;
+                refuse(
+                    stream,
+                    "FATAL",
+                    "28000",
+                    "SCRAM-SHA-256 is the only SASL mechanism offered",
+                )
+                .await;
                 return Err(LoginError::Auth);
             }
             let client_first = reader.rest();
@@ -340,7 +412,10 @@ async fn authenticate(stream: &mut TcpStream, buf: &mut BytesMut, shared: &Share
 }
 
 /// Reads a PasswordMessage / SASL response (tag `p`) and returns its body.
-async fn read_password(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<bytes::Bytes, LoginError> {
+async fn read_password(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Result<bytes::Bytes, LoginError> {
     loop {
         match next_frame(buf, 64 * 1024) {
             Ok(Some(frame)) if frame.tag == b'p' => {
@@ -349,7 +424,10 @@ async fn read_password(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<byt
                 return Ok(body);
             }
             Ok(Some(frame)) => {
-                let message = format!("expected a password message, got message type {:?}", char::from(frame.tag));
+                let message = format!(
+                    "expected a password message, got message type {:?}",
+                    char::from(frame.tag)
+                );
                 refuse(stream, "FATAL", "08P01", &message).await;
                 return Err(LoginError::Protocol(message));
             }

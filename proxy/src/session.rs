@@ -140,7 +140,9 @@ enum Tx {
     Idle,
     /// BEGIN was acknowledged but not sent yet: it goes to the server of the
     /// first statement that has a route, followed by `prelude`'s other parts.
-    Deferred { prelude: Vec<String> },
+    Deferred {
+        prelude: Vec<String>,
+    },
     /// Open on the held backend.
     Bound,
     /// Failed without a backend holding it (a routing error): everything
@@ -264,7 +266,12 @@ pub struct Session {
 const SETTING_NOT_REPLAYED: &[&str] = &["application_name"];
 
 impl Session {
-    pub fn new(shared: Arc<Shared>, client: ClientIo, settings: BTreeMap<String, String>, cancel_slot: TargetSlot) -> Session {
+    pub fn new(
+        shared: Arc<Shared>,
+        client: ClientIo,
+        settings: BTreeMap<String, String>,
+        cancel_slot: TargetSlot,
+    ) -> Session {
         Session {
             shared,
             client,
@@ -393,7 +400,8 @@ impl Session {
     }
 
     fn route_error(&mut self, error: &RouteError) {
-        self.client.error(error.code, &error.message, error.hint.as_deref());
+        self.client
+            .error(error.code, &error.message, error.hint.as_deref());
     }
 
     /// A routing failure inside a transaction aborts it, as any error would in Postgres.
@@ -472,7 +480,9 @@ impl Session {
                 let mut plan = Plan::default();
                 plan.send(&frame.raw, End::Query);
                 let mut outcome = Outcome::default();
-                self.dispatch_plan(route, true, plan, &mut outcome).await.map(|_| ())
+                self.dispatch_plan(route, true, plan, &mut outcome)
+                    .await
+                    .map(|_| ())
             }
             Err(e) => {
                 self.route_error(&e);
@@ -482,7 +492,12 @@ impl Session {
         }
     }
 
-    async fn single_statement(&mut self, frame: Frame, analyzed: &Analyzed, command: Command) -> Result<(), SessionError> {
+    async fn single_statement(
+        &mut self,
+        frame: Frame,
+        analyzed: &Analyzed,
+        command: Command,
+    ) -> Result<(), SessionError> {
         if self.tx == Tx::Aborted && !matches!(command, Command::Commit | Command::Rollback) {
             return self.aborted_error().await;
         }
@@ -524,14 +539,22 @@ impl Session {
                         None,
                         &mut self.client.out,
                     );
-                    let tag = if command == Command::Commit { "COMMIT" } else { "ROLLBACK" };
+                    let tag = if command == Command::Commit {
+                        "COMMIT"
+                    } else {
+                        "ROLLBACK"
+                    };
                     messages::command_complete(tag, &mut self.client.out);
                     self.ready().await
                 }
                 Tx::Deferred { .. } => {
                     self.tx = Tx::Idle;
                     self.apply_tx_settings(command == Command::Commit);
-                    let tag = if command == Command::Commit { "COMMIT" } else { "ROLLBACK" };
+                    let tag = if command == Command::Commit {
+                        "COMMIT"
+                    } else {
+                        "ROLLBACK"
+                    };
                     messages::command_complete(tag, &mut self.client.out);
                     self.ready().await
                 }
@@ -578,7 +601,8 @@ impl Session {
                         Some(name) => self.tx_settings.push((name.clone(), None)),
                         None => {
                             let names: Vec<String> = self.settings.keys().cloned().collect();
-                            self.tx_settings.extend(names.into_iter().map(|n| (n, None)));
+                            self.tx_settings
+                                .extend(names.into_iter().map(|n| (n, None)));
                         }
                     }
                     messages::command_complete("RESET", &mut self.client.out);
@@ -598,9 +622,14 @@ impl Session {
                 }
                 Ok(())
             }
-            Command::Show { name } if name.starts_with("shardline.") => self.show_proxy_setting(&name).await,
+            Command::Show { name } if name.starts_with("shardline.") => {
+                self.show_proxy_setting(&name).await
+            }
             // SHOW reads a setting: it need not open a held-back transaction.
-            Command::Show { .. } => self.forward_simple_outcome(frame, Route::Any, false).await.map(|_| ()),
+            Command::Show { .. } => self
+                .forward_simple_outcome(frame, Route::Any, false)
+                .await
+                .map(|_| ()),
             Command::Discard => {
                 // The backend's prepared statements are shared: forget only this
                 // client's, and its settings.
@@ -609,7 +638,14 @@ impl Session {
                 for name in names {
                     self.record_setting(name, None);
                 }
-                let tag = format!("DISCARD {}", analyzed_text(analyzed, &frame).split_whitespace().nth(1).unwrap_or("ALL").to_uppercase());
+                let tag = format!(
+                    "DISCARD {}",
+                    analyzed_text(analyzed, &frame)
+                        .split_whitespace()
+                        .nth(1)
+                        .unwrap_or("ALL")
+                        .to_uppercase()
+                );
                 messages::command_complete(&tag, &mut self.client.out);
                 self.ready().await
             }
@@ -618,7 +654,11 @@ impl Session {
                     None => self.statements.clear(),
                     Some(name) => {
                         if self.statements.remove(&name).is_none() {
-                            self.client.error("26000", &format!("prepared statement \"{name}\" does not exist"), None);
+                            self.client.error(
+                                "26000",
+                                &format!("prepared statement \"{name}\" does not exist"),
+                                None,
+                            );
                             return self.ready().await;
                         }
                     }
@@ -657,16 +697,25 @@ impl Session {
     }
 
     async fn forward_simple(&mut self, frame: Frame, route: Route) -> Result<(), SessionError> {
-        self.forward_simple_outcome(frame, route, true).await.map(|_| ())
+        self.forward_simple_outcome(frame, route, true)
+            .await
+            .map(|_| ())
     }
 
     /// Forwards a Query; `None` when it never reached a backend. `binds_tx`:
     /// whether it runs inside a held-back transaction (and so opens it).
-    async fn forward_simple_outcome(&mut self, frame: Frame, route: Route, binds_tx: bool) -> Result<Option<Outcome>, SessionError> {
+    async fn forward_simple_outcome(
+        &mut self,
+        frame: Frame,
+        route: Route,
+        binds_tx: bool,
+    ) -> Result<Option<Outcome>, SessionError> {
         let mut plan = Plan::default();
         plan.send(&frame.raw, End::Query);
         let mut outcome = Outcome::default();
-        let reached = self.dispatch_plan(route, binds_tx, plan, &mut outcome).await?;
+        let reached = self
+            .dispatch_plan(route, binds_tx, plan, &mut outcome)
+            .await?;
         Ok(reached.then_some(outcome))
     }
 
@@ -744,9 +793,11 @@ impl Session {
                 messages::data_row(&[Some(&value)], &mut self.client.out);
                 messages::command_complete("SHOW", &mut self.client.out);
             }
-            None => self
-                .client
-                .error("42704", &format!("unrecognized configuration parameter \"{name}\""), None),
+            None => self.client.error(
+                "42704",
+                &format!("unrecognized configuration parameter \"{name}\""),
+                None,
+            ),
         }
         self.ready().await
     }
@@ -792,16 +843,26 @@ impl Session {
                 self.route_error(&error);
                 self.fail_transaction().await;
                 self.forget_closed(&items);
-                return if synced { self.ready().await } else { self.client.flush().await };
+                return if synced {
+                    self.ready().await
+                } else {
+                    self.client.flush().await
+                };
             }
         };
         let forwards = portals.values().any(|u| matches!(u, PortalUse::Forward));
-        let route = if route == Route::Any { self.prepare_route(&items) } else { route };
+        let route = if route == Route::Any {
+            self.prepare_route(&items)
+        } else {
+            route
+        };
 
         if !self.needs_backend(&items, &portals) {
             // The proxy answers everything itself.
             if let (Tx::Deferred { .. } | Tx::Aborted, Tx::Idle) = (&self.tx, &tx_after) {
-                let committed = portals.values().any(|u| matches!(u, PortalUse::Answer("COMMIT")));
+                let committed = portals
+                    .values()
+                    .any(|u| matches!(u, PortalUse::Answer("COMMIT")));
                 self.apply_tx_settings(committed);
             }
             if self.tx != Tx::Bound {
@@ -811,12 +872,18 @@ impl Session {
             self.build_extended(&items, &portals, &mut plan, None);
             emit_leading_synthetic(&mut plan.expects, &mut self.client.out);
             self.forget_closed(&items);
-            return if synced { self.ready().await } else { self.client.flush().await };
+            return if synced {
+                self.ready().await
+            } else {
+                self.client.flush().await
+            };
         }
 
         if forwards {
             if let (Tx::Deferred { .. } | Tx::Aborted, Tx::Idle) = (&self.tx, &tx_before_forward) {
-                let committed = portals.values().any(|u| matches!(u, PortalUse::Answer("COMMIT")));
+                let committed = portals
+                    .values()
+                    .any(|u| matches!(u, PortalUse::Answer("COMMIT")));
                 self.apply_tx_settings(committed);
             }
             if self.tx != Tx::Bound {
@@ -824,10 +891,12 @@ impl Session {
             }
         }
         let mut outcome = Outcome::default();
-        let mut build = |session: &mut Session, plan: &mut Plan, prepared: &mut HashSet<Arc<str>>| {
-            session.build_extended(&items, &portals, plan, Some(prepared));
-        };
-        self.dispatch(route, forwards, synced, &mut build, &mut outcome).await?;
+        let mut build =
+            |session: &mut Session, plan: &mut Plan, prepared: &mut HashSet<Arc<str>>| {
+                session.build_extended(&items, &portals, plan, Some(prepared));
+            };
+        self.dispatch(route, forwards, synced, &mut build, &mut outcome)
+            .await?;
         self.forget_closed(&items);
         Ok(())
     }
@@ -836,18 +905,25 @@ impl Session {
     /// outside a server) or it runs on a backend, and routes those that run.
     /// Returns the decisions, the merged route, the transaction state the
     /// first forwarded statement runs in, and the state after the request.
-    async fn decide_binds(&self, items: &[Item]) -> Result<(HashMap<String, PortalUse>, Route, Tx, Tx), RouteError> {
+    async fn decide_binds(
+        &self,
+        items: &[Item],
+    ) -> Result<(HashMap<String, PortalUse>, Route, Tx, Tx), RouteError> {
         let mut portals: HashMap<String, PortalUse> = HashMap::new();
         let mut route = Route::Any;
         let mut tx = self.tx.clone();
         let mut before_forward: Option<Tx> = None;
         for item in items {
             let Item::Bind(_, bind) = item else { continue };
-            let prepared = self.statements.get(&bind.statement).cloned().ok_or_else(|| RouteError {
-                code: "26000",
-                message: format!("prepared statement \"{}\" does not exist", bind.statement),
-                hint: None,
-            })?;
+            let prepared = self
+                .statements
+                .get(&bind.statement)
+                .cloned()
+                .ok_or_else(|| RouteError {
+                    code: "26000",
+                    message: format!("prepared statement \"{}\" does not exist", bind.statement),
+                    hint: None,
+                })?;
             let command = prepared.command().cloned().unwrap_or(Command::Empty);
             // Once something in this request runs on a backend, transaction
             // control runs there too.
@@ -919,9 +995,15 @@ impl Session {
                 Item::Describe(_, target) if target.kind == b'S' => &target.name,
                 _ => continue,
             };
-            let Some(prepared) = self.statements.get(name) else { continue };
-            let Some(Command::Data(data)) = prepared.command() else { continue };
-            if let Ok(Resolution::Route(r)) = route_data(data, &snapshot.map, &prepared.analyzed.literals, None) {
+            let Some(prepared) = self.statements.get(name) else {
+                continue;
+            };
+            let Some(Command::Data(data)) = prepared.command() else {
+                continue;
+            };
+            if let Ok(Resolution::Route(r)) =
+                route_data(data, &snapshot.map, &prepared.analyzed.literals, None)
+            {
                 match route.clone().merge(r) {
                     Ok(merged) => route = merged,
                     Err(_) => return route,
@@ -933,13 +1015,19 @@ impl Session {
 
     /// Whether any message of the request must reach a server.
     fn needs_backend(&self, items: &[Item], portals: &HashMap<String, PortalUse>) -> bool {
-        let statement_runs = |name: &str| self.statements.get(name).is_some_and(|p| !is_tx_control(p.command()));
+        let statement_runs = |name: &str| {
+            self.statements
+                .get(name)
+                .is_some_and(|p| !is_tx_control(p.command()))
+        };
         let portal_runs = |name: &str| !matches!(portals.get(name), Some(PortalUse::Answer(_)));
         items.iter().any(|item| match item {
             Item::Parse(_, parse) => statement_runs(&parse.name),
             Item::Bind(_, bind) => portal_runs(&bind.portal),
             Item::Describe(_, target) if target.kind == b'S' => statement_runs(&target.name),
-            Item::Describe(_, target) | Item::Close(_, target) if target.kind == b'P' => portal_runs(&target.name),
+            Item::Describe(_, target) | Item::Close(_, target) if target.kind == b'P' => {
+                portal_runs(&target.name)
+            }
             Item::Execute(_, portal) => portal_runs(portal),
             _ => false,
         }) || (self.unsynced && self.lease.is_some())
@@ -982,7 +1070,12 @@ impl Session {
                                 plan.synthetic(simple_reply(b'1'));
                             } else {
                                 let mut out = BytesMut::new();
-                                messages::parse(&statement.backend_name, &statement.query, &statement.param_types, &mut out);
+                                messages::parse(
+                                    &statement.backend_name,
+                                    &statement.query,
+                                    &statement.param_types,
+                                    &mut out,
+                                );
                                 plan.out.extend_from_slice(&out);
                                 plan.expects.push_back(Expect::Reply {
                                     end: End::ParseComplete,
@@ -996,7 +1089,8 @@ impl Session {
                     }
                 }
                 Item::Bind(frame, bind) => {
-                    let forwarded = live && matches!(portals.get(&bind.portal), Some(PortalUse::Forward));
+                    let forwarded =
+                        live && matches!(portals.get(&bind.portal), Some(PortalUse::Forward));
                     let statement = self.statements.get(&bind.statement);
                     match (forwarded, statement, prepared.as_deref_mut()) {
                         (true, Some(statement), Some(set)) => {
@@ -1004,7 +1098,12 @@ impl Session {
                                 if !unnamed_parsed {
                                     // Parsed in an earlier request, maybe on another backend.
                                     let mut out = BytesMut::new();
-                                    messages::parse("", &statement.query, &statement.param_types, &mut out);
+                                    messages::parse(
+                                        "",
+                                        &statement.query,
+                                        &statement.param_types,
+                                        &mut out,
+                                    );
                                     plan.inject(&out, End::ParseComplete);
                                     unnamed_parsed = true;
                                 }
@@ -1019,11 +1118,13 @@ impl Session {
                         _ => plan.synthetic(simple_reply(b'2')),
                     }
                 }
-                Item::Describe(frame, target) if target.kind == b'P' => match portals.get(&target.name) {
-                    Some(PortalUse::Answer(_)) => plan.synthetic(simple_reply(b'n')),
-                    _ if live => plan.send(&frame.raw, End::Describe),
-                    _ => plan.synthetic(simple_reply(b'n')),
-                },
+                Item::Describe(frame, target) if target.kind == b'P' => {
+                    match portals.get(&target.name) {
+                        Some(PortalUse::Answer(_)) => plan.synthetic(simple_reply(b'n')),
+                        _ if live => plan.send(&frame.raw, End::Describe),
+                        _ => plan.synthetic(simple_reply(b'n')),
+                    }
+                }
                 Item::Describe(frame, target) => {
                     let statement = self.statements.get(&target.name);
                     match (prepared.as_deref_mut(), statement) {
@@ -1031,7 +1132,12 @@ impl Session {
                             if target.name.is_empty() {
                                 if !unnamed_parsed {
                                     let mut out = BytesMut::new();
-                                    messages::parse("", &statement.query, &statement.param_types, &mut out);
+                                    messages::parse(
+                                        "",
+                                        &statement.query,
+                                        &statement.param_types,
+                                        &mut out,
+                                    );
                                     plan.inject(&out, End::ParseComplete);
                                     unnamed_parsed = true;
                                 }
@@ -1091,7 +1197,10 @@ impl Session {
                 Item::Close(frame, target) => {
                     // Statements on backends are shared by clients: closing one
                     // only forgets it for this client (see `forget_closed`).
-                    if target.kind == b'P' && live && !matches!(portals.get(&target.name), Some(PortalUse::Answer(_))) {
+                    if target.kind == b'P'
+                        && live
+                        && !matches!(portals.get(&target.name), Some(PortalUse::Answer(_)))
+                    {
                         plan.send(&frame.raw, End::CloseComplete);
                     } else {
                         plan.synthetic(simple_reply(b'3'));
@@ -1114,14 +1223,21 @@ impl Session {
     // ------------------------------------------------------------ dispatch and relay
 
     /// Sends a ready-made plan (a simple Query).
-    async fn dispatch_plan(&mut self, route: Route, binds_tx: bool, plan: Plan, outcome: &mut Outcome) -> Result<bool, SessionError> {
+    async fn dispatch_plan(
+        &mut self,
+        route: Route,
+        binds_tx: bool,
+        plan: Plan,
+        outcome: &mut Outcome,
+    ) -> Result<bool, SessionError> {
         let mut ready = Some(plan);
         let mut build = |_: &mut Session, plan: &mut Plan, _: &mut HashSet<Arc<str>>| {
             if let Some(ready) = ready.take() {
                 *plan = ready;
             }
         };
-        self.dispatch(route, binds_tx, true, &mut build, outcome).await
+        self.dispatch(route, binds_tx, true, &mut build, outcome)
+            .await
     }
 
     /// Binds a backend for `route`, brings it in line with the session
@@ -1155,7 +1271,8 @@ impl Session {
             (None, None) => match self.any_server() {
                 Some(server) => server,
                 None => {
-                    self.client.error("57P03", "the shard map has no servers", None);
+                    self.client
+                        .error("57P03", "the shard map has no servers", None);
                     self.ready().await?;
                     return Ok(false);
                 }
@@ -1166,8 +1283,11 @@ impl Session {
             None => match self.acquire(&target).await {
                 Ok(lease) => lease,
                 Err((code, message)) => {
-                    self.client
-                        .error(code, &message, Some("retry later; keys on other servers are unaffected"));
+                    self.client.error(
+                        code,
+                        &message,
+                        Some("retry later; keys on other servers are unaffected"),
+                    );
                     self.fail_transaction().await;
                     self.ready().await?;
                     return Ok(false);
@@ -1281,14 +1401,22 @@ impl Session {
     }
 
     /// Sends `plan` and relays replies until every expected reply arrived.
-    async fn relay(&mut self, lease: &mut Lease, mut plan: Plan, outcome: &mut Outcome) -> Result<(), RelayError> {
+    async fn relay(
+        &mut self,
+        lease: &mut Lease,
+        mut plan: Plan,
+        outcome: &mut Outcome,
+    ) -> Result<(), RelayError> {
         let backend = lease.backend();
         emit_leading_synthetic(&mut plan.expects, &mut self.client.out);
         if plan.out.is_empty() {
             self.client.flush().await.map_err(RelayError::Client)?;
             return Ok(());
         }
-        backend.write_all(&plan.out).await.map_err(RelayError::Backend)?;
+        backend
+            .write_all(&plan.out)
+            .await
+            .map_err(RelayError::Backend)?;
         let expects = &mut plan.expects;
         outcome.last_tag = None;
         loop {
@@ -1305,16 +1433,29 @@ impl Session {
                         outcome.errored = true;
                         self.client.out.extend_from_slice(&frame.raw);
                         // The failing message's statement is not prepared after all.
-                        if let Some(Expect::Reply { unprepare: Some(name), .. }) = expects.front() {
+                        if let Some(Expect::Reply {
+                            unprepare: Some(name),
+                            ..
+                        }) = expects.front()
+                        {
                             backend.prepared.remove(name);
                         }
-                        let in_query = matches!(expects.front(), Some(Expect::Reply { end: End::Query, .. }));
+                        let in_query = matches!(
+                            expects.front(),
+                            Some(Expect::Reply {
+                                end: End::Query,
+                                ..
+                            })
+                        );
                         if !in_query {
                             // Postgres skips everything up to Sync after an error.
                             while let Some(front) = expects.front() {
                                 match front {
                                     Expect::Reply { end: End::Sync, .. } => break,
-                                    Expect::Reply { unprepare: Some(name), .. } => {
+                                    Expect::Reply {
+                                        unprepare: Some(name),
+                                        ..
+                                    } => {
                                         backend.prepared.remove(name);
                                         expects.pop_front();
                                     }
@@ -1331,7 +1472,9 @@ impl Session {
                         self.client.out.extend_from_slice(&frame.raw);
                         self.client.flush().await.map_err(RelayError::Client)?;
                         if tag == b'W' {
-                            return Err(RelayError::Backend(io::Error::other("COPY BOTH is not supported")));
+                            return Err(RelayError::Backend(io::Error::other(
+                                "COPY BOTH is not supported",
+                            )));
                         }
                         self.copy_in(backend).await?;
                         continue;
@@ -1394,16 +1537,28 @@ impl Session {
                 }
             };
             match frame.tag {
-                b'd' => backend.write_all(&frame.raw).await.map_err(RelayError::Backend)?,
+                b'd' => backend
+                    .write_all(&frame.raw)
+                    .await
+                    .map_err(RelayError::Backend)?,
                 b'c' | b'f' => {
-                    backend.write_all(&frame.raw).await.map_err(RelayError::Backend)?;
+                    backend
+                        .write_all(&frame.raw)
+                        .await
+                        .map_err(RelayError::Backend)?;
                     return Ok(());
                 }
                 // Flush and Sync are ignored during COPY, as in Postgres.
                 b'H' | b'S' => {}
                 other => {
                     let mut out = BytesMut::new();
-                    messages::copy_fail(&format!("unexpected message type {:?} during COPY", char::from(other)), &mut out);
+                    messages::copy_fail(
+                        &format!(
+                            "unexpected message type {:?} during COPY",
+                            char::from(other)
+                        ),
+                        &mut out,
+                    );
                     backend.write_all(&out).await.map_err(RelayError::Backend)?;
                     return Ok(());
                 }
@@ -1436,7 +1591,12 @@ fn ensure_prepared(plan: &mut Plan, prepared: &mut HashSet<Arc<str>>, statement:
         return;
     }
     let mut out = BytesMut::new();
-    messages::parse(&statement.backend_name, &statement.query, &statement.param_types, &mut out);
+    messages::parse(
+        &statement.backend_name,
+        &statement.query,
+        &statement.param_types,
+        &mut out,
+    );
     plan.out.extend_from_slice(&out);
     plan.expects.push_back(Expect::Reply {
         end: End::ParseComplete,
@@ -1453,7 +1613,10 @@ fn simple_reply(tag: u8) -> BytesMut {
 }
 
 fn is_tx_control(command: Option<&Command>) -> bool {
-    matches!(command, Some(Command::Begin { .. } | Command::Commit | Command::Rollback))
+    matches!(
+        command,
+        Some(Command::Begin { .. } | Command::Commit | Command::Rollback)
+    )
 }
 
 fn ends_transaction(command: Option<&Command>) -> bool {
@@ -1463,13 +1626,19 @@ fn ends_transaction(command: Option<&Command>) -> bool {
 fn cross_server(a: &str, b: &str) -> RouteError {
     RouteError::new(
         "0A000",
-        format!("this request touches data on servers {a} and {b}; shardline runs it on one server"),
+        format!(
+            "this request touches data on servers {a} and {b}; shardline runs it on one server"
+        ),
         "split it so that each request (and each transaction) touches one server",
     )
 }
 
 fn unsupported(what: &str) -> RouteError {
-    RouteError::new("0A000", format!("{what} is not supported by shardline"), "see docs/ARCHITECTURE.md")
+    RouteError::new(
+        "0A000",
+        format!("{what} is not supported by shardline"),
+        "see docs/ARCHITECTURE.md",
+    )
 }
 
 /// The text of the (single) statement of a Query message, for re-sending.
@@ -1491,7 +1660,10 @@ fn render(shape: &str, literals: &[Literal]) -> String {
         let after = &rest[pos + 1..];
         let digits = after.bytes().take_while(u8::is_ascii_digit).count();
         let number: Option<usize> = after[..digits].parse().ok();
-        match number.filter(|n| *n >= LITERAL_MARKER_BASE).and_then(|n| literals.get(n - LITERAL_MARKER_BASE)) {
+        match number
+            .filter(|n| *n >= LITERAL_MARKER_BASE)
+            .and_then(|n| literals.get(n - LITERAL_MARKER_BASE))
+        {
             Some(Literal::Number(n)) => out.push_str(n),
             Some(Literal::String(s)) => {
                 out.push('\'');
@@ -1523,7 +1695,10 @@ fn transaction_scoped_tag(sql: &str) -> String {
 }
 
 /// SQL bringing a backend's settings to the client's, if they differ.
-fn settings_sync_sql(client: &BTreeMap<String, String>, backend: &BTreeMap<String, String>) -> Option<String> {
+fn settings_sync_sql(
+    client: &BTreeMap<String, String>,
+    backend: &BTreeMap<String, String>,
+) -> Option<String> {
     let mut statements = Vec::new();
     for (name, value) in client {
         if SETTING_NOT_REPLAYED.contains(&name.as_str()) {
@@ -1556,7 +1731,10 @@ fn replayed_settings(client: &BTreeMap<String, String>) -> BTreeMap<String, Stri
 }
 
 fn quote_ident(name: &str) -> String {
-    if name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.') {
+    if name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
+    {
         name.to_string()
     } else {
         format!("\"{}\"", name.replace('"', "\"\""))
@@ -1570,7 +1748,10 @@ mod tests {
     #[test]
     fn render_puts_literals_back() {
         let literals = vec![Literal::String("it's".into()), Literal::Number("5".into())];
-        assert_eq!(render("SET a TO $100001, $100002, $1", &literals), "SET a TO 'it''s', 5, $1");
+        assert_eq!(
+            render("SET a TO $100001, $100002, $1", &literals),
+            "SET a TO 'it''s', 5, $1"
+        );
     }
 
     #[test]
@@ -1591,7 +1772,13 @@ mod tests {
 
     #[test]
     fn statement_names_depend_on_text_and_types() {
-        assert_eq!(backend_statement_name("select 1", &[]), backend_statement_name("select 1", &[]));
-        assert_ne!(backend_statement_name("select 1", &[]), backend_statement_name("select 1", &[23]));
+        assert_eq!(
+            backend_statement_name("select 1", &[]),
+            backend_statement_name("select 1", &[])
+        );
+        assert_ne!(
+            backend_statement_name("select 1", &[]),
+            backend_statement_name("select 1", &[23])
+        );
     }
 }

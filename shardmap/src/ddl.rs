@@ -17,7 +17,10 @@ pub struct Leaf {
 impl Leaf {
     /// `CREATE TABLE leaf PARTITION OF parent bound`.
     pub fn create_sql(&self, parent: &str) -> String {
-        format!("CREATE TABLE {} PARTITION OF {parent} {}", self.name, self.bound)
+        format!(
+            "CREATE TABLE {} PARTITION OF {parent} {}",
+            self.name, self.bound
+        )
     }
 }
 
@@ -47,12 +50,27 @@ enum Layout<'m> {
 }
 
 fn sharding<'m>(map: &'m ClusterMap, table: &str) -> Result<(&'m str, Layout<'m>), String> {
-    let def = map.tables.get(table).ok_or_else(|| format!("table {table:?} is not in the map"))?;
-    let TableKind::Sharded { group, key_column, embedded_id } = &def.kind else {
+    let def = map
+        .tables
+        .get(table)
+        .ok_or_else(|| format!("table {table:?} is not in the map"))?;
+    let TableKind::Sharded {
+        group,
+        key_column,
+        embedded_id,
+    } = &def.kind
+    else {
         return Err(format!("table {table:?} is not sharded"));
     };
-    let group = map.groups.get(group).ok_or_else(|| format!("group {group:?} is not in the map"))?;
-    let embedded = || IdLayout::new(map.partitions).map(Layout::Embedded).ok_or("too many partitions for embedded ids".to_string());
+    let group = map
+        .groups
+        .get(group)
+        .ok_or_else(|| format!("group {group:?} is not in the map"))?;
+    let embedded = || {
+        IdLayout::new(map.partitions)
+            .map(Layout::Embedded)
+            .ok_or("too many partitions for embedded ids".to_string())
+    };
     let layout = if *embedded_id {
         embedded()?
     } else {
@@ -82,7 +100,10 @@ pub fn leaves(map: &ClusterMap, table: &str, partition: u32) -> Result<Vec<Leaf>
     match layout {
         Layout::Hash => Ok(vec![Leaf {
             name,
-            bound: format!("FOR VALUES WITH (MODULUS {}, REMAINDER {partition})", map.partitions),
+            bound: format!(
+                "FOR VALUES WITH (MODULUS {}, REMAINDER {partition})",
+                map.partitions
+            ),
         }]),
         Layout::Embedded(ids) => {
             let (from, to) = ids
@@ -105,7 +126,11 @@ pub fn leaves(map: &ClusterMap, table: &str, partition: u32) -> Result<Vec<Leaf>
                     Some(v) => literal(key_type, v)?,
                     None => "MAXVALUE".into(),
                 };
-                let name = if leaves.is_empty() { name.clone() } else { format!("{name}_{}", leaves.len()) };
+                let name = if leaves.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{name}_{}", leaves.len())
+                };
                 leaves.push(Leaf {
                     name,
                     bound: format!("FOR VALUES FROM ({from}) TO ({to})"),
@@ -153,10 +178,24 @@ mod tests {
             state: ServerState::Active,
         };
         let mut map = ClusterMap::new("t", 4, vec![server]).expect("map");
-        map.groups.insert("g".into(), Group { name: "g".into(), key_type, method });
+        map.groups.insert(
+            "g".into(),
+            Group {
+                name: "g".into(),
+                key_type,
+                method,
+            },
+        );
         map.tables.insert(
             "t".into(),
-            Table { name: "t".into(), kind: TableKind::Sharded { group: "g".into(), key_column: "k".into(), embedded_id } },
+            Table {
+                name: "t".into(),
+                kind: TableKind::Sharded {
+                    group: "g".into(),
+                    key_column: "k".into(),
+                    embedded_id,
+                },
+            },
         );
         map
     }
@@ -164,22 +203,38 @@ mod tests {
     #[test]
     fn hash_and_embedded_leaves() {
         let map = map_with(Method::Hash, KeyType::Bigint, false);
-        assert_eq!(partition_clause(&map, "t").as_deref(), Ok("PARTITION BY HASH (k)"));
+        assert_eq!(
+            partition_clause(&map, "t").as_deref(),
+            Ok("PARTITION BY HASH (k)")
+        );
         assert_eq!(
             leaves(&map, "t", 3).expect("leaves")[0].create_sql("t"),
             "CREATE TABLE t_p3 PARTITION OF t FOR VALUES WITH (MODULUS 4, REMAINDER 3)"
         );
         let map = map_with(Method::Hash, KeyType::Bigint, true);
-        assert_eq!(partition_clause(&map, "t").as_deref(), Ok("PARTITION BY RANGE (k)"));
-        assert!(leaves(&map, "t", 3).expect("leaves")[0].bound.ends_with("TO (MAXVALUE)"));
+        assert_eq!(
+            partition_clause(&map, "t").as_deref(),
+            Ok("PARTITION BY RANGE (k)")
+        );
+        assert!(leaves(&map, "t", 3).expect("leaves")[0]
+            .bound
+            .ends_with("TO (MAXVALUE)"));
     }
 
     #[test]
     fn range_and_list_leaves() {
         let ranges = Method::Range {
             ranges: vec![
-                RangeRule { from: None, to: Some("100".into()), partition: 1 },
-                RangeRule { from: Some("500".into()), to: None, partition: 1 },
+                RangeRule {
+                    from: None,
+                    to: Some("100".into()),
+                    partition: 1,
+                },
+                RangeRule {
+                    from: Some("500".into()),
+                    to: None,
+                    partition: 1,
+                },
             ],
         };
         let map = map_with(ranges, KeyType::Bigint, false);
@@ -189,7 +244,10 @@ mod tests {
         assert_eq!(l[1].bound, "FOR VALUES FROM (500) TO (MAXVALUE)");
         assert!(leaves(&map, "t", 0).expect("leaves").is_empty());
         let lists = Method::List {
-            lists: vec![ListRule { values: vec!["DE".into(), "it's".into()], partition: 2 }],
+            lists: vec![ListRule {
+                values: vec!["DE".into(), "it's".into()],
+                partition: 2,
+            }],
             default: Some(2),
         };
         let map = map_with(lists, KeyType::Text, false);

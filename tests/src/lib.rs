@@ -121,7 +121,10 @@ where
 /// server with the leaves of the partitions that server owns; a reference
 /// table everywhere; an unsharded table on its home.
 pub async fn create_table(cluster: &TestCluster, map: &ClusterMap, table: &str, columns: &str) {
-    let def = map.tables.get(table).unwrap_or_else(|| panic!("table {table} is not in the map"));
+    let def = map
+        .tables
+        .get(table)
+        .unwrap_or_else(|| panic!("table {table} is not in the map"));
     for (index, server) in cluster.cluster.servers.iter().enumerate() {
         let mut sql = String::new();
         match &def.kind {
@@ -130,14 +133,18 @@ pub async fn create_table(cluster: &TestCluster, map: &ClusterMap, table: &str, 
                 sql.push_str(&format!("CREATE TABLE {table} ({columns}) {clause};"));
                 for (partition, assignment) in map.assignments.iter().enumerate() {
                     if assignment.owner == server.name() {
-                        for leaf in shardmap::ddl::leaves(map, table, partition as u32).expect("leaves") {
+                        for leaf in
+                            shardmap::ddl::leaves(map, table, partition as u32).expect("leaves")
+                        {
                             sql.push_str(&leaf.create_sql(table));
                             sql.push(';');
                         }
                     }
                 }
             }
-            shardmap::TableKind::Reference => sql.push_str(&format!("CREATE TABLE {table} ({columns});")),
+            shardmap::TableKind::Reference => {
+                sql.push_str(&format!("CREATE TABLE {table} ({columns});"))
+            }
             shardmap::TableKind::Unsharded { home } => {
                 if home == server.name() {
                     sql.push_str(&format!("CREATE TABLE {table} ({columns});"));
@@ -145,7 +152,12 @@ pub async fn create_table(cluster: &TestCluster, map: &ClusterMap, table: &str, 
             }
         }
         if !sql.is_empty() {
-            cluster.connect(index).await.batch_execute(&sql).await.unwrap_or_else(|e| panic!("create {table}: {e}"));
+            cluster
+                .connect(index)
+                .await
+                .batch_execute(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("create {table}: {e}"));
         }
     }
 }
@@ -167,7 +179,11 @@ impl Drop for TestProxy {
 impl TestProxy {
     /// Starts a proxy for `cluster_name` on a free port, with trust auth
     /// unless `configure` changes it.
-    pub async fn start(cluster: &TestCluster, cluster_name: &str, configure: impl FnOnce(&mut proxy::config::ProxyConfig)) -> TestProxy {
+    pub async fn start(
+        cluster: &TestCluster,
+        cluster_name: &str,
+        configure: impl FnOnce(&mut proxy::config::ProxyConfig),
+    ) -> TestProxy {
         let mut config = proxy::config::ProxyConfig::default();
         config.listen = "127.0.0.1:0".into();
         config.cluster = cluster_name.into();
@@ -177,13 +193,26 @@ impl TestProxy {
         let users = config.users().expect("users");
         let cache = shardmap::MapCache::spawn(config.etcd.endpoints.clone(), cluster_name);
         assert!(
-            cache.wait_for_version(1, Duration::from_secs(10)).await.is_some(),
+            cache
+                .wait_for_version(1, Duration::from_secs(10))
+                .await
+                .is_some(),
             "the proxy's map cache never loaded the map"
         );
-        let pools = proxy::pool::Pools::new(config.pool.to_pool_config(), std::sync::Arc::new(config.backend.clone()));
-        let listener = proxy::server::bind(&config.listen).await.expect("bind proxy");
+        let pools = proxy::pool::Pools::new(
+            config.pool.to_pool_config(),
+            std::sync::Arc::new(config.backend.clone()),
+        );
+        let listener = proxy::server::bind(&config.listen)
+            .await
+            .expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
-        let shared = std::sync::Arc::new(proxy::server::Shared::new(config, users, cache.subscribe(), pools));
+        let shared = std::sync::Arc::new(proxy::server::Shared::new(
+            config,
+            users,
+            cache.subscribe(),
+            pools,
+        ));
         let task = tokio::spawn(proxy::server::serve(listener, shared.clone()));
         TestProxy {
             addr,
@@ -194,7 +223,10 @@ impl TestProxy {
     }
 
     pub fn conninfo(&self) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.addr.port())
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.addr.port()
+        )
     }
 
     /// A tokio-postgres client connected through the proxy.

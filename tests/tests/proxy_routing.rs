@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use shardline_tests::{create_table, eventually, TestCluster, TestProxy};
 use shardmap::embedded::{IdGenerator, IdLayout};
-use shardmap::{Change, ClusterMap, Group, KeyType, KeyValue, ListRule, MapStore, Method, PartitionState, RangeRule, Table, TableKind};
+use shardmap::{
+    Change, ClusterMap, Group, KeyType, KeyValue, ListRule, MapStore, Method, PartitionState,
+    RangeRule, Table, TableKind,
+};
 
 const CLUSTER: &str = "routing";
 const PARTITIONS: u32 = 16;
@@ -28,7 +31,14 @@ async fn setup(cluster: &TestCluster) -> (MapStore, ClusterMap) {
     let (store, _) = cluster.init_map(CLUSTER, PARTITIONS).await;
     let saved = store
         .update("test", |map| {
-            map.groups.insert("users".into(), Group { name: "users".into(), key_type: KeyType::Bigint, method: Method::Hash });
+            map.groups.insert(
+                "users".into(),
+                Group {
+                    name: "users".into(),
+                    key_type: KeyType::Bigint,
+                    method: Method::Hash,
+                },
+            );
             map.groups.insert(
                 "regions".into(),
                 Group {
@@ -36,8 +46,14 @@ async fn setup(cluster: &TestCluster) -> (MapStore, ClusterMap) {
                     key_type: KeyType::Text,
                     method: Method::List {
                         lists: vec![
-                            ListRule { values: vec!["DE".into(), "FR".into()], partition: 0 },
-                            ListRule { values: vec!["US".into()], partition: 7 },
+                            ListRule {
+                                values: vec!["DE".into(), "FR".into()],
+                                partition: 0,
+                            },
+                            ListRule {
+                                values: vec!["US".into()],
+                                partition: 7,
+                            },
                         ],
                         default: Some(12),
                     },
@@ -50,9 +66,21 @@ async fn setup(cluster: &TestCluster) -> (MapStore, ClusterMap) {
                     key_type: KeyType::Bigint,
                     method: Method::Range {
                         ranges: vec![
-                            RangeRule { from: None, to: Some("1000".into()), partition: 1 },
-                            RangeRule { from: Some("1000".into()), to: Some("2000".into()), partition: 8 },
-                            RangeRule { from: Some("2000".into()), to: None, partition: 14 },
+                            RangeRule {
+                                from: None,
+                                to: Some("1000".into()),
+                                partition: 1,
+                            },
+                            RangeRule {
+                                from: Some("1000".into()),
+                                to: Some("2000".into()),
+                                partition: 8,
+                            },
+                            RangeRule {
+                                from: Some("2000".into()),
+                                to: None,
+                                partition: 14,
+                            },
                         ],
                     },
                 },
@@ -65,19 +93,67 @@ async fn setup(cluster: &TestCluster) -> (MapStore, ClusterMap) {
             ] {
                 map.tables.insert(table.name.clone(), table);
             }
-            map.tables.insert("countries".into(), Table { name: "countries".into(), kind: TableKind::Reference });
-            map.tables.insert("settings".into(), Table { name: "settings".into(), kind: TableKind::Unsharded { home: "pg2".into() } });
+            map.tables.insert(
+                "countries".into(),
+                Table {
+                    name: "countries".into(),
+                    kind: TableKind::Reference,
+                },
+            );
+            map.tables.insert(
+                "settings".into(),
+                Table {
+                    name: "settings".into(),
+                    kind: TableKind::Unsharded { home: "pg2".into() },
+                },
+            );
             Ok(Change::new("schema", "test tables"))
         })
         .await
         .expect("schema");
     let map = saved.map;
-    create_table(cluster, &map, "users", "user_id bigint PRIMARY KEY, name text").await;
-    create_table(cluster, &map, "photos", "photo_id bigint PRIMARY KEY, user_id bigint, caption text").await;
-    create_table(cluster, &map, "votes", "country text, voter bigint, PRIMARY KEY (country, voter)").await;
-    create_table(cluster, &map, "accounts", "account_id bigint PRIMARY KEY, balance bigint").await;
-    create_table(cluster, &map, "countries", "code text PRIMARY KEY, name text").await;
-    create_table(cluster, &map, "settings", "name text PRIMARY KEY, value text").await;
+    create_table(
+        cluster,
+        &map,
+        "users",
+        "user_id bigint PRIMARY KEY, name text",
+    )
+    .await;
+    create_table(
+        cluster,
+        &map,
+        "photos",
+        "photo_id bigint PRIMARY KEY, user_id bigint, caption text",
+    )
+    .await;
+    create_table(
+        cluster,
+        &map,
+        "votes",
+        "country text, voter bigint, PRIMARY KEY (country, voter)",
+    )
+    .await;
+    create_table(
+        cluster,
+        &map,
+        "accounts",
+        "account_id bigint PRIMARY KEY, balance bigint",
+    )
+    .await;
+    create_table(
+        cluster,
+        &map,
+        "countries",
+        "code text PRIMARY KEY, name text",
+    )
+    .await;
+    create_table(
+        cluster,
+        &map,
+        "settings",
+        "name text PRIMARY KEY, value text",
+    )
+    .await;
     (store, map)
 }
 
@@ -94,7 +170,10 @@ async fn servers_holding(cluster: &TestCluster, table: &str, predicate: &str) ->
             continue; // an unsharded table lives on its home only
         }
         let row = client
-            .query_one(&format!("SELECT count(*) FROM {table} WHERE {predicate}"), &[])
+            .query_one(
+                &format!("SELECT count(*) FROM {table} WHERE {predicate}"),
+                &[],
+            )
             .await
             .unwrap_or_else(|e| panic!("count on {}: {e}", server.name()));
         let count: i64 = row.get(0);
@@ -121,19 +200,28 @@ async fn rows_land_on_their_owner_for_every_method() {
     for user in 1..=30_i64 {
         if user % 2 == 0 {
             client
-                .batch_execute(&format!("INSERT INTO users (user_id, name) VALUES ({user}, 'user {user}')"))
+                .batch_execute(&format!(
+                    "INSERT INTO users (user_id, name) VALUES ({user}, 'user {user}')"
+                ))
                 .await
                 .expect("simple insert");
         } else {
             client
-                .execute("INSERT INTO users (user_id, name) VALUES ($1, $2)", &[&user, &format!("user {user}")])
+                .execute(
+                    "INSERT INTO users (user_id, name) VALUES ($1, $2)",
+                    &[&user, &format!("user {user}")],
+                )
                 .await
                 .expect("extended insert");
         }
     }
     for user in 1..=30_i64 {
         let holders = servers_holding(&cluster, "users", &format!("user_id = {user}")).await;
-        assert_eq!(holders, vec![owner(&map, "users", KeyValue::Int(user))], "user {user}");
+        assert_eq!(
+            holders,
+            vec![owner(&map, "users", KeyValue::Int(user))],
+            "user {user}"
+        );
         let row = client
             .query_one("SELECT name FROM users WHERE user_id = $1", &[&user])
             .await
@@ -144,34 +232,57 @@ async fn rows_land_on_their_owner_for_every_method() {
     // embedded: photo ids made for the user's partition land with the user.
     let ids = IdGenerator::new(IdLayout::new(PARTITIONS).expect("layout"));
     for user in 1..=10_i64 {
-        let partition = map.partition_of("users", &KeyValue::Int(user)).expect("partition");
+        let partition = map
+            .partition_of("users", &KeyValue::Int(user))
+            .expect("partition");
         let photo = ids.next_id(partition).expect("id");
         client
-            .execute("INSERT INTO photos (photo_id, user_id, caption) VALUES ($1, $2, 'hi')", &[&photo, &user])
+            .execute(
+                "INSERT INTO photos (photo_id, user_id, caption) VALUES ($1, $2, 'hi')",
+                &[&photo, &user],
+            )
             .await
             .expect("insert photo");
         let holders = servers_holding(&cluster, "photos", &format!("photo_id = {photo}")).await;
-        assert_eq!(holders, vec![owner(&map, "users", KeyValue::Int(user))], "photo of user {user}");
+        assert_eq!(
+            holders,
+            vec![owner(&map, "users", KeyValue::Int(user))],
+            "photo of user {user}"
+        );
     }
 
     // list (text keys, including the default partition).
     for (country, voter) in [("DE", 1_i64), ("FR", 2), ("US", 3), ("BR", 4)] {
         client
-            .execute("INSERT INTO votes (country, voter) VALUES ($1, $2)", &[&country, &voter])
+            .execute(
+                "INSERT INTO votes (country, voter) VALUES ($1, $2)",
+                &[&country, &voter],
+            )
             .await
             .expect("insert vote");
         let holders = servers_holding(&cluster, "votes", &format!("country = '{country}'")).await;
-        assert_eq!(holders, vec![owner(&map, "votes", KeyValue::Text(country.into()))], "vote in {country}");
+        assert_eq!(
+            holders,
+            vec![owner(&map, "votes", KeyValue::Text(country.into()))],
+            "vote in {country}"
+        );
     }
 
     // range.
     for account in [5_i64, 999, 1000, 1500, 2000, 1_000_000] {
         client
-            .batch_execute(&format!("INSERT INTO accounts (account_id, balance) VALUES ({account}, 10)"))
+            .batch_execute(&format!(
+                "INSERT INTO accounts (account_id, balance) VALUES ({account}, 10)"
+            ))
             .await
             .expect("insert account");
-        let holders = servers_holding(&cluster, "accounts", &format!("account_id = {account}")).await;
-        assert_eq!(holders, vec![owner(&map, "accounts", KeyValue::Int(account))], "account {account}");
+        let holders =
+            servers_holding(&cluster, "accounts", &format!("account_id = {account}")).await;
+        assert_eq!(
+            holders,
+            vec![owner(&map, "accounts", KeyValue::Int(account))],
+            "account {account}"
+        );
     }
 
     // unsharded goes home; reference reads work anywhere.
@@ -179,7 +290,10 @@ async fn rows_land_on_their_owner_for_every_method() {
         .batch_execute("INSERT INTO settings (name, value) VALUES ('theme', 'dark')")
         .await
         .expect("unsharded insert");
-    assert_eq!(servers_holding(&cluster, "settings", "name = 'theme'").await, vec!["pg2".to_string()]);
+    assert_eq!(
+        servers_holding(&cluster, "settings", "name = 'theme'").await,
+        vec!["pg2".to_string()]
+    );
     for index in 0..3 {
         cluster
             .connect(index)
@@ -188,7 +302,10 @@ async fn rows_land_on_their_owner_for_every_method() {
             .await
             .expect("seed reference table");
     }
-    let row = client.query_one("SELECT name FROM countries WHERE code = 'DE'", &[]).await.expect("reference read");
+    let row = client
+        .query_one("SELECT name FROM countries WHERE code = 'DE'", &[])
+        .await
+        .expect("reference read");
     assert_eq!(row.get::<_, String>(0), "Germany");
 }
 
@@ -201,31 +318,64 @@ async fn transactions_stay_on_one_server_and_never_commit_partially() {
 
     // Two keys on different servers.
     let a = 1_i64;
-    let b = (2..100).find(|k| owner(&map, "users", KeyValue::Int(*k)) != owner(&map, "users", KeyValue::Int(a))).expect("key elsewhere");
+    let b = (2..100)
+        .find(|k| owner(&map, "users", KeyValue::Int(*k)) != owner(&map, "users", KeyValue::Int(a)))
+        .expect("key elsewhere");
     let tx = client.transaction().await.expect("begin");
-    tx.execute("INSERT INTO users (user_id, name) VALUES ($1, 'a')", &[&a]).await.expect("first insert");
+    tx.execute("INSERT INTO users (user_id, name) VALUES ($1, 'a')", &[&a])
+        .await
+        .expect("first insert");
     let err = tx
         .execute("INSERT INTO users (user_id, name) VALUES ($1, 'b')", &[&b])
         .await
         .expect_err("second server refused");
     assert_eq!(err.code().map(|c| c.code()), Some("0A000"), "{err}");
     // As in Postgres, COMMIT of a failed transaction rolls it back.
-    tx.commit().await.expect("COMMIT ends the failed transaction");
-    assert!(servers_holding(&cluster, "users", &format!("user_id IN ({a}, {b})")).await.is_empty(), "nothing committed");
+    tx.commit()
+        .await
+        .expect("COMMIT ends the failed transaction");
+    assert!(
+        servers_holding(&cluster, "users", &format!("user_id IN ({a}, {b})"))
+            .await
+            .is_empty(),
+        "nothing committed"
+    );
 
     // Same server: commits as one.
-    let c = (2..200).find(|k| *k != b && owner(&map, "users", KeyValue::Int(*k)) == owner(&map, "users", KeyValue::Int(a))).expect("key on same server");
+    let c = (2..200)
+        .find(|k| {
+            *k != b
+                && owner(&map, "users", KeyValue::Int(*k)) == owner(&map, "users", KeyValue::Int(a))
+        })
+        .expect("key on same server");
     let tx = client.transaction().await.expect("begin");
-    tx.execute("INSERT INTO users (user_id, name) VALUES ($1, 'a')", &[&a]).await.expect("insert a");
-    tx.execute("INSERT INTO users (user_id, name) VALUES ($1, 'c')", &[&c]).await.expect("insert c");
+    tx.execute("INSERT INTO users (user_id, name) VALUES ($1, 'a')", &[&a])
+        .await
+        .expect("insert a");
+    tx.execute("INSERT INTO users (user_id, name) VALUES ($1, 'c')", &[&c])
+        .await
+        .expect("insert c");
     tx.commit().await.expect("commit");
-    assert_eq!(servers_holding(&cluster, "users", &format!("user_id IN ({a}, {c})")).await.len(), 2);
+    assert_eq!(
+        servers_holding(&cluster, "users", &format!("user_id IN ({a}, {c})"))
+            .await
+            .len(),
+        2
+    );
 
     // Rollback leaves nothing; the session keeps working afterwards.
     let tx = client.transaction().await.expect("begin");
-    tx.execute("UPDATE users SET name = 'changed' WHERE user_id = $1", &[&a]).await.expect("update");
+    tx.execute(
+        "UPDATE users SET name = 'changed' WHERE user_id = $1",
+        &[&a],
+    )
+    .await
+    .expect("update");
     tx.rollback().await.expect("rollback");
-    let row = client.query_one("SELECT name FROM users WHERE user_id = $1", &[&a]).await.expect("select");
+    let row = client
+        .query_one("SELECT name FROM users WHERE user_id = $1", &[&a])
+        .await
+        .expect("select");
     assert_eq!(row.get::<_, String>(0), "a");
 
     // Simple-protocol transaction with a statement elsewhere.
@@ -235,15 +385,27 @@ async fn transactions_stay_on_one_server_and_never_commit_partially() {
         .await
         .expect("update a");
     let err = client
-        .batch_execute(&format!("INSERT INTO users (user_id, name) VALUES ({b}, 'b')"))
+        .batch_execute(&format!(
+            "INSERT INTO users (user_id, name) VALUES ({b}, 'b')"
+        ))
         .await
         .expect_err("other server");
     assert_eq!(err.code().map(|c| c.code()), Some("0A000"));
     let err = client.batch_execute("SELECT 1").await.expect_err("aborted");
     assert_eq!(err.code().map(|c| c.code()), Some("25P02"));
-    client.batch_execute("COMMIT").await.expect("commit ends the failed transaction");
-    let row = client.query_one("SELECT name FROM users WHERE user_id = $1", &[&a]).await.expect("select");
-    assert_eq!(row.get::<_, String>(0), "a", "the update of the aborted transaction was rolled back");
+    client
+        .batch_execute("COMMIT")
+        .await
+        .expect("commit ends the failed transaction");
+    let row = client
+        .query_one("SELECT name FROM users WHERE user_id = $1", &[&a])
+        .await
+        .expect("select");
+    assert_eq!(
+        row.get::<_, String>(0),
+        "a",
+        "the update of the aborted transaction was rolled back"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,19 +415,44 @@ async fn unroutable_statements_get_clear_errors_and_the_session_survives() {
     let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
     let client = proxy.connect().await;
     let cases = [
-        ("SELECT * FROM users", "0A000", "does not fix its key column \"user_id\""),
-        ("SELECT * FROM nowhere WHERE id = 1", "42P01", "not in the shardline map"),
-        ("SELECT * FROM users WHERE user_id = 'abc'", "22P02", "invalid sharding key"),
-        ("INSERT INTO users VALUES (1, 'x')", "0A000", "must name its key column"),
-        ("UPDATE countries SET name = 'x'", "0A000", "reference table"),
+        (
+            "SELECT * FROM users",
+            "0A000",
+            "does not fix its key column \"user_id\"",
+        ),
+        (
+            "SELECT * FROM nowhere WHERE id = 1",
+            "42P01",
+            "not in the shardline map",
+        ),
+        (
+            "SELECT * FROM users WHERE user_id = 'abc'",
+            "22P02",
+            "invalid sharding key",
+        ),
+        (
+            "INSERT INTO users VALUES (1, 'x')",
+            "0A000",
+            "must name its key column",
+        ),
+        (
+            "UPDATE countries SET name = 'x'",
+            "0A000",
+            "reference table",
+        ),
         ("LISTEN events", "0A000", "LISTEN"),
     ];
     for (sql, code, text) in cases {
         let err = client.batch_execute(sql).await.expect_err(sql);
-        let db = err.as_db_error().unwrap_or_else(|| panic!("{sql}: not a server error: {err}"));
+        let db = err
+            .as_db_error()
+            .unwrap_or_else(|| panic!("{sql}: not a server error: {err}"));
         assert_eq!(db.code().code(), code, "{sql}: {}", db.message());
         assert!(db.message().contains(text), "{sql}: {}", db.message());
-        assert!(db.hint().is_some() || code == "22P02", "{sql}: errors say what to do");
+        assert!(
+            db.hint().is_some() || code == "22P02",
+            "{sql}: errors say what to do"
+        );
     }
     let err = client
         .query("SELECT * FROM users WHERE user_id = $1", &[&None::<i64>])
@@ -273,9 +460,15 @@ async fn unroutable_statements_get_clear_errors_and_the_session_survives() {
         .expect_err("NULL key");
     assert_eq!(err.code().map(|c| c.code()), Some("22004"));
     // The session and its prepared statements still work.
-    let row = client.query_one("SELECT 1 + 1", &[]).await.expect("still alive");
+    let row = client
+        .query_one("SELECT 1 + 1", &[])
+        .await
+        .expect("still alive");
     assert_eq!(row.get::<_, i32>(0), 2);
-    let syntax = client.batch_execute("SELEC nonsense").await.expect_err("syntax error from Postgres");
+    let syntax = client
+        .batch_execute("SELEC nonsense")
+        .await
+        .expect_err("syntax error from Postgres");
     assert_eq!(syntax.code().map(|c| c.code()), Some("42601"));
 }
 
@@ -286,17 +479,24 @@ async fn an_owner_change_reroutes_within_a_second_without_client_errors() {
     let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
     let client = proxy.connect().await;
     let key = 42_i64;
-    let partition = map.partition_of("users", &KeyValue::Int(key)).expect("partition");
+    let partition = map
+        .partition_of("users", &KeyValue::Int(key))
+        .expect("partition");
     let old_owner = map.owner_of(partition).expect("owner").name.clone();
     let new_owner = if old_owner == "pg1" { "pg2" } else { "pg1" };
     let new_index = if new_owner == "pg1" { 0 } else { 1 };
     client
-        .execute("INSERT INTO users (user_id, name) VALUES ($1, 'on old owner')", &[&key])
+        .execute(
+            "INSERT INTO users (user_id, name) VALUES ($1, 'on old owner')",
+            &[&key],
+        )
         .await
         .expect("insert");
     // Copy the partition to the new owner by hand (the rebalancer's job later),
     // marking the copy so we can see where reads go.
-    let leaf = shardmap::ddl::leaves(&map, "users", partition).expect("leaf").remove(0);
+    let leaf = shardmap::ddl::leaves(&map, "users", partition)
+        .expect("leaf")
+        .remove(0);
     cluster
         .connect(new_index)
         .await
@@ -329,11 +529,17 @@ async fn an_owner_change_reroutes_within_a_second_without_client_errors() {
     store
         .update("test", |map| {
             map.assignments[partition as usize].owner = new_owner.to_string();
-            Ok(Change::new("move", format!("partition {partition} to {new_owner}")))
+            Ok(Change::new(
+                "move",
+                format!("partition {partition} to {new_owner}"),
+            ))
         })
         .await
         .expect("flip owner");
-    let seen = reader.await.expect("reader ran").expect("reads reached the new owner");
+    let seen = reader
+        .await
+        .expect("reader ran")
+        .expect("reads reached the new owner");
     let delay = seen.saturating_duration_since(flipped_at);
     assert!(delay < Duration::from_secs(1), "rerouted after {delay:?}");
 }
@@ -344,7 +550,9 @@ async fn a_blocked_partition_holds_statements_until_it_is_released() {
     let (store, map) = setup(&cluster).await;
     let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
     let blocked_key = 7_i64;
-    let partition = map.partition_of("users", &KeyValue::Int(blocked_key)).expect("partition");
+    let partition = map
+        .partition_of("users", &KeyValue::Int(blocked_key))
+        .expect("partition");
     let free_key = (1..100)
         .find(|k| map.partition_of("users", &KeyValue::Int(*k)).ok() != Some(partition))
         .expect("key in another partition");
@@ -361,28 +569,52 @@ async fn a_blocked_partition_holds_statements_until_it_is_released() {
         }
     };
     let blocked = set_state(PartitionState::Blocked { job: "test".into() }).await;
-    assert!(eventually(Duration::from_secs(5), || async {
-        proxy.shared.map.borrow().as_ref().is_some_and(|v| v.map.version >= blocked.map.version)
-    })
-    .await);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            proxy
+                .shared
+                .map
+                .borrow()
+                .as_ref()
+                .is_some_and(|v| v.map.version >= blocked.map.version)
+        })
+        .await
+    );
 
     let held = proxy.connect().await;
     let started = Instant::now();
     let waiter = tokio::spawn(async move {
-        held.execute("INSERT INTO users (user_id, name) VALUES ($1, 'held')", &[&blocked_key])
-            .await
-            .map(|_| Instant::now())
+        held.execute(
+            "INSERT INTO users (user_id, name) VALUES ($1, 'held')",
+            &[&blocked_key],
+        )
+        .await
+        .map(|_| Instant::now())
     });
     // Other partitions are served meanwhile.
     let other = proxy.connect().await;
     other
-        .execute("INSERT INTO users (user_id, name) VALUES ($1, 'free')", &[&free_key])
+        .execute(
+            "INSERT INTO users (user_id, name) VALUES ($1, 'free')",
+            &[&free_key],
+        )
         .await
         .expect("unblocked partition served");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!waiter.is_finished(), "the statement is held while the partition is blocked");
+    assert!(
+        !waiter.is_finished(),
+        "the statement is held while the partition is blocked"
+    );
     set_state(PartitionState::Serving).await;
-    let done = waiter.await.expect("waiter ran").expect("held statement succeeded after release");
+    let done = waiter
+        .await
+        .expect("waiter ran")
+        .expect("held statement succeeded after release");
     assert!(done.duration_since(started) >= Duration::from_millis(300));
-    assert_eq!(servers_holding(&cluster, "users", &format!("user_id = {blocked_key}")).await.len(), 1);
+    assert_eq!(
+        servers_holding(&cluster, "users", &format!("user_id = {blocked_key}"))
+            .await
+            .len(),
+        1
+    );
 }

@@ -1,0 +1,537 @@
+//! Real clients through the real proxy: pgbench in simple, extended and
+//! prepared modes with 16 clients, psql (including COPY), psycopg 3, password
+//! authentication, query cancellation, and malformed input that must not
+//! disturb other sessions.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use shardline_tests::{create_table, TestCluster, TestProxy};
+use shardmap::{Change, ClusterMap, Group, KeyType, KeyValue, MapStore, Method, Table, TableKind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const CLUSTER: &str = "clients";
+const PARTITIONS: u32 = 16;
+const ACCOUNTS: i64 = 2000;
+
+async fn setup(cluster: &TestCluster) -> (MapStore, ClusterMap) {
+    let (store, _) = cluster.init_map(CLUSTER, PARTITIONS).await;
+    let saved = store
+        .update("test", |map| {
+            map.groups.insert(
+                "accounts".into(),
+                Group {
+                    name: "accounts".into(),
+                    key_type: KeyType::Int,
+                    method: Method::Hash,
+                },
+            );
+            map.tables.insert(
+                "pgbench_accounts".into(),
+                Table {
+                    name: "pgbench_accounts".into(),
+                    kind: TableKind::Sharded {
+                        group: "accounts".into(),
+                        key_column: "aid".into(),
+                        embedded_id: false,
+                    },
+                },
+            );
+            map.tables.insert(
+                "users".into(),
+                Table {
+                    name: "users".into(),
+                    kind: TableKind::Sharded {
+                        group: "accounts".into(),
+                        key_column: "user_id".into(),
+                        embedded_id: false,
+                    },
+                },
+            );
+            map.tables.insert(
+                "notes".into(),
+                Table {
+                    name: "notes".into(),
+                    kind: TableKind::Unsharded { home: "pg1".into() },
+                },
+            );
+            Ok(Change::new("schema", "client tests"))
+        })
+        .await
+        .expect("schema");
+    let map = saved.map;
+    create_table(
+        cluster,
+        &map,
+        "pgbench_accounts",
+        "aid int PRIMARY KEY, bid int, abalance int NOT NULL DEFAULT 0, filler char(84)",
+    )
+    .await;
+    create_table(cluster, &map, "users", "user_id int PRIMARY KEY, name text").await;
+    create_table(cluster, &map, "notes", "id int PRIMARY KEY, body text").await;
+    // Load the accounts each server owns, directly.
+    for (index, server) in cluster.cluster.servers.iter().enumerate() {
+        let owned: Vec<i32> = map
+            .assignments
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.owner == server.name())
+            .map(|(p, _)| p as i32)
+            .collect();
+        cluster
+            .connect(index)
+            .await
+            .execute(
+                &format!(
+                    "INSERT INTO pgbench_accounts (aid, bid, abalance) SELECT g, 1, 0 FROM generate_series(1, {ACCOUNTS}) g \
+                     WHERE (SELECT bool_or(satisfies_hash_partition('pgbench_accounts'::regclass, {PARTITIONS}, r, g)) FROM unnest($1::int[]) r)"
+                ),
+                &[&owned],
+            )
+            .await
+            .expect("load accounts");
+    }
+    (store, map)
+}
+
+async fn total_balance(cluster: &TestCluster) -> i64 {
+    let mut total = 0;
+    for index in 0..cluster.cluster.servers.len() {
+        let row = cluster
+            .connect(index)
+            .await
+            .query_one(
+                "SELECT coalesce(sum(abalance), 0)::bigint, count(*) FROM pgbench_accounts",
+                &[],
+            )
+            .await
+            .expect("sum");
+        total += row.get::<_, i64>(0);
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_in_every_protocol_mode_with_16_clients() {
+    let cluster = TestCluster::start(3);
+    let (_store, _map) = setup(&cluster).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 20).await;
+    let script = tempfile::NamedTempFile::new().expect("script file");
+    std::fs::write(
+        script.path(),
+        format!(
+            "\\set aid random(1, {ACCOUNTS})\n\
+             BEGIN;\n\
+             UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n\
+             SELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n\
+             END;\n\
+             SELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n"
+        ),
+    )
+    .expect("write script");
+    let transactions_per_client = 50;
+    let mut expected = 0;
+    for mode in ["simple", "extended", "prepared"] {
+        let output = tokio::task::spawn_blocking({
+            let port = proxy.addr.port().to_string();
+            let script = script.path().to_path_buf();
+            move || {
+                Command::new("pgbench")
+                    .args([
+                        "-n",
+                        "-M",
+                        mode,
+                        "-c",
+                        "16",
+                        "-j",
+                        "2",
+                        "-t",
+                        &transactions_per_client.to_string(),
+                    ])
+                    .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-f"])
+                    .arg(&script)
+                    .arg("postgres")
+                    .output()
+                    .expect("pgbench runs")
+            }
+        })
+        .await
+        .expect("pgbench task");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "pgbench -M {mode} failed:\n{stdout}\n{stderr}"
+        );
+        let processed = 16 * transactions_per_client;
+        assert!(
+            stdout.contains(&format!(
+                "number of transactions actually processed: {processed}/{processed}"
+            )),
+            "pgbench -M {mode}:\n{stdout}\n{stderr}"
+        );
+        expected += i64::from(processed);
+        assert_eq!(
+            total_balance(&cluster).await,
+            expected,
+            "every committed update of -M {mode} is on its server"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_scripts_and_copy_through_the_proxy() {
+    let cluster = TestCluster::start(3);
+    let (_store, map) = setup(&cluster).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
+    let port = proxy.addr.port().to_string();
+    let run_psql = |args: Vec<String>, stdin: Option<String>| {
+        let port = port.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut child = Command::new("psql")
+                .args([
+                    "-X",
+                    "-q",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "postgres",
+                ])
+                .args(&args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("psql runs");
+            if let Some(input) = stdin {
+                child
+                    .stdin
+                    .as_mut()
+                    .expect("stdin")
+                    .write_all(input.as_bytes())
+                    .expect("write stdin");
+            }
+            drop(child.stdin.take());
+            child.wait_with_output().expect("psql output")
+        })
+    };
+    let script = "INSERT INTO users (user_id, name) VALUES (11, 'eleven');\n\
+                  BEGIN;\n\
+                  UPDATE users SET name = 'ELEVEN' WHERE user_id = 11;\n\
+                  COMMIT;\n\
+                  SELECT name FROM users WHERE user_id = 11;\n\
+                  \\copy notes FROM STDIN\n1\tfirst\n2\tsecond\n\\.\n\
+                  \\copy (SELECT id, body FROM notes ORDER BY id) TO STDOUT\n";
+    let output = run_psql(vec!["-At".into()], Some(script.into()))
+        .await
+        .expect("psql task");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "psql failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        vec!["ELEVEN", "1\tfirst", "2\tsecond"],
+        "{stdout}"
+    );
+    let owner = map
+        .owner_of(
+            map.partition_of("users", &KeyValue::Int(11))
+                .expect("partition"),
+        )
+        .expect("owner")
+        .name
+        .clone();
+    let owner_index = cluster
+        .cluster
+        .servers
+        .iter()
+        .position(|s| s.name() == owner)
+        .expect("index");
+    let row = cluster
+        .connect(owner_index)
+        .await
+        .query_one("SELECT name FROM users WHERE user_id = 11", &[])
+        .await
+        .expect("row on owner");
+    assert_eq!(row.get::<_, String>(0), "ELEVEN");
+    let notes = cluster
+        .connect(0)
+        .await
+        .query_one("SELECT count(*) FROM notes", &[])
+        .await
+        .expect("notes");
+    assert_eq!(notes.get::<_, i64>(0), 2, "COPY reached the home server");
+
+    // psql's \d uses catalog queries; an error exits non-zero with the message.
+    let described = run_psql(vec!["-c".into(), "\\d users".into()], None)
+        .await
+        .expect("psql task");
+    assert!(
+        described.status.success(),
+        "{}",
+        String::from_utf8_lossy(&described.stderr)
+    );
+    assert!(String::from_utf8_lossy(&described.stdout).contains("user_id"));
+    let failed = run_psql(vec!["-c".into(), "SELECT * FROM users".into()], None)
+        .await
+        .expect("psql task");
+    assert!(!failed.status.success());
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("does not fix its key column"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg3_inserts_and_selects_by_key() {
+    let cluster = TestCluster::start(3);
+    let (_store, map) = setup(&cluster).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
+    // psycopg 3 uses the extended protocol, and prepares statements (named,
+    // server-side) once a query has run prepare_threshold times.
+    let program = format!(
+        r#"
+import psycopg
+with psycopg.connect("{conninfo}", autocommit=True, prepare_threshold=2) as conn:
+    for i in range(1, 41):
+        conn.execute("INSERT INTO users (user_id, name) VALUES (%s, %s)", (i, f"py{{i}}"))
+    for i in range(1, 41):
+        row = conn.execute("SELECT name FROM users WHERE user_id = %s", (i,)).fetchone()
+        assert row == (f"py{{i}}",), row
+    with conn.transaction():
+        conn.execute("UPDATE users SET name = name || '!' WHERE user_id = %s", (5,))
+    print(conn.execute("SELECT name FROM users WHERE user_id = %s", (5,)).fetchone()[0])
+"#,
+        conninfo = proxy.conninfo()
+    );
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("python3").arg("-c").arg(program).output()
+    })
+    .await
+    .expect("task")
+    .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "psycopg script failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "py5!");
+    for user in 1..=40 {
+        let owner = map
+            .owner_of(
+                map.partition_of("users", &KeyValue::Int(user))
+                    .expect("partition"),
+            )
+            .expect("owner")
+            .name
+            .clone();
+        for (index, server) in cluster.cluster.servers.iter().enumerate() {
+            let row = cluster
+                .connect(index)
+                .await
+                .query_one(
+                    "SELECT count(*) FROM users WHERE user_id = $1",
+                    &[&(user as i32)],
+                )
+                .await
+                .expect("count");
+            let expected = i64::from(server.name() == owner);
+            assert_eq!(
+                row.get::<_, i64>(0),
+                expected,
+                "user {user} on {}",
+                server.name()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_and_md5_logins() {
+    let cluster = TestCluster::start(1);
+    let _ = setup(&cluster).await;
+    for method in [
+        proxy::auth::AuthMethod::ScramSha256,
+        proxy::auth::AuthMethod::Md5,
+    ] {
+        let proxy = TestProxy::start(&cluster, CLUSTER, |c| {
+            c.auth.method = method;
+            c.auth.users = vec![proxy::config::UserEntry {
+                name: "app".into(),
+                password: Some("s3cret".into()),
+                scram_verifier: None,
+                md5_verifier: None,
+            }];
+        })
+        .await;
+        let conninfo = |password: &str| {
+            format!(
+                "host=127.0.0.1 port={} user=app dbname=postgres password={password}",
+                proxy.addr.port()
+            )
+        };
+        let (client, connection) =
+            tokio_postgres::connect(&conninfo("s3cret"), tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("{method:?} login: {e}"));
+        tokio::spawn(connection);
+        let row = client
+            .query_one("SELECT 40 + 2", &[])
+            .await
+            .expect("query after login");
+        assert_eq!(row.get::<_, i32>(0), 42);
+        let err = tokio_postgres::connect(&conninfo("wrong"), tokio_postgres::NoTls)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{method:?}: wrong password accepted"));
+        assert_eq!(
+            err.code().map(|c| c.code()),
+            Some("28P01"),
+            "{method:?}: {err}"
+        );
+        let err = tokio_postgres::connect(
+            &format!(
+                "host=127.0.0.1 port={} user=nobody dbname=postgres password=x",
+                proxy.addr.port()
+            ),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .err()
+        .expect("unknown user refused");
+        assert_eq!(err.code().map(|c| c.code()), Some("28P01"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_request_reaches_the_running_backend() {
+    let cluster = TestCluster::start(1);
+    let _ = setup(&cluster).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
+    let client = proxy.connect().await;
+    let token = client.cancel_token();
+    let started = Instant::now();
+    let sleeper = tokio::spawn(async move { client.batch_execute("SELECT pg_sleep(20)").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel sent");
+    let err = sleeper
+        .await
+        .expect("task")
+        .expect_err("query was cancelled");
+    assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+async fn raw_login(proxy: &TestProxy) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    let mut startup = Vec::new();
+    let params = b"user\0postgres\0database\0postgres\0\0";
+    startup.extend_from_slice(&((8 + params.len()) as i32).to_be_bytes());
+    startup.extend_from_slice(&196_608_i32.to_be_bytes());
+    startup.extend_from_slice(params);
+    stream.write_all(&startup).await.expect("startup");
+    // Read until ReadyForQuery.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(6).any(|w| w == b"Z\0\0\0\x05I") {
+        let n = stream.read(&mut buf).await.expect("read login");
+        assert!(n > 0, "proxy closed during login");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    stream
+}
+
+/// Reads until the proxy closes the connection (or 5 s); returns what it sent.
+async fn read_to_close(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => all.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_is_refused_without_disturbing_other_sessions() {
+    let cluster = TestCluster::start(1);
+    let _ = setup(&cluster).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.limits.max_message_bytes = 1 << 20).await;
+    let bystander = proxy.connect().await;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("negative length", b"Q\xff\xff\xff\xf0".to_vec()),
+        ("oversized message", {
+            let mut m = b"Q".to_vec();
+            m.extend_from_slice(&(4 + (2 << 20) as i32).to_be_bytes());
+            m
+        }),
+        ("unknown message type", b"?\0\0\0\x04".to_vec()),
+        (
+            "Bind with bad counts",
+            b"B\0\0\0\x0cp\0s\0\xff\xff\0\0".to_vec(),
+        ),
+        ("query without terminator", b"Q\0\0\0\x08abcd".to_vec()),
+        ("invalid UTF-8", b"Q\0\0\0\x07\xff\xfe\0".to_vec()),
+    ];
+    for (name, bytes) in cases {
+        let mut stream = raw_login(&proxy).await;
+        stream.write_all(&bytes).await.expect("send");
+        // A Sync so a Bind-style message is processed.
+        let _ = stream.write_all(b"S\0\0\0\x04").await;
+        let reply = read_to_close(&mut stream).await;
+        assert!(
+            reply.first() == Some(&b'E'),
+            "{name}: expected an ErrorResponse, got {reply:?}"
+        );
+        let row = bystander
+            .query_one("SELECT 1", &[])
+            .await
+            .unwrap_or_else(|e| panic!("{name}: bystander broke: {e}"));
+        assert_eq!(row.get::<_, i32>(0), 1);
+    }
+    // A client vanishing mid-query does not hurt the pool either.
+    let mut stream = raw_login(&proxy).await;
+    let query = b"SELECT pg_sleep(0.5)\0";
+    let mut message = b"Q".to_vec();
+    message.extend_from_slice(&((4 + query.len()) as i32).to_be_bytes());
+    message.extend_from_slice(query);
+    stream.write_all(&message).await.expect("send");
+    drop(stream);
+    for _ in 0..5 {
+        bystander
+            .query_one("SELECT 1", &[])
+            .await
+            .expect("bystander after a vanished client");
+    }
+    // Garbage instead of a startup packet.
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"\0\0\0\x08\x12\x34\x56\x78")
+        .await
+        .expect("send");
+    let reply = read_to_close(&mut stream).await;
+    assert_eq!(
+        reply.first(),
+        Some(&b'E'),
+        "unsupported protocol refused with an error"
+    );
+}
