@@ -39,6 +39,9 @@ struct Args {
     /// Name this proxy registers under in etcd (default: host:port of --listen).
     #[arg(long, env = "SHARDLINE_PROXY_ID")]
     id: Option<String>,
+    /// Worker threads (default: one per CPU; 0 runs everything on one thread).
+    #[arg(long, env = "SHARDLINE_PROXY_THREADS")]
+    threads: Option<usize>,
 }
 
 fn main() -> ExitCode {

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# pgbench -S -c 16 -j 2 against one Postgres directly, through pgbouncer
+# (transaction pooling) and through the shardline proxy, interleaved in one
+# run, for the simple, extended and prepared protocol modes. Prints the median
+# tps of each and the ratios proxy/direct and proxy/pgbouncer. Machines are
+# shared and noisy: compare ratios within one run only.
+#
+# Usage: bench/proxy_vs_pgbouncer.sh [SECONDS_PER_RUN] [ROUNDS] [MODES]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-10}
+rounds=${2:-3}
+modes=${3:-"simple extended prepared"}
+clients=16
+
+command -v pgbouncer >/dev/null 2>&1 || {
+  echo "installing pgbouncer (Debian package) for the comparison" >&2
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq pgbouncer >/dev/null
+}
+cargo build --release --locked -q -p shardctl -p proxy
+bin=target/release
+
+work=$(mktemp -d /tmp/shardline-bench.XXXXXX)
+chmod 755 "$work"
+cleanup() {
+  [ -n "${proxy_pid:-}" ] && kill "$proxy_pid" 2>/dev/null || true
+  [ -n "${bouncer_pid:-}" ] && kill "$bouncer_pid" 2>/dev/null || true
+  "$bin/shardctl" dev down --dir "$work/cluster" >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+export SHARDLINE_CONFIG="$work/cluster/shardline.toml"
+"$bin/shardctl" dev up --dir "$work/cluster" --servers 1 --partitions 16 --json > "$work/dev.json"
+pg_port=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['servers'][0]['port'])" "$work/dev.json")
+etcd=$(python3 -c "import json,sys; print('http://127.0.0.1:%d' % json.load(open(sys.argv[1]))['etcd']['client_port'])" "$work/dev.json")
+pgbench -i -q -s 10 -h 127.0.0.1 -p "$pg_port" -U postgres postgres >/dev/null 2>&1
+"$bin/shardctl" table add pgbench_accounts --key aid --method hash --key-type int >/dev/null
+for t in branches tellers history; do "$bin/shardctl" table add "pgbench_$t" --home pg1 >/dev/null; done
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+proxy_port=$(free_port)
+bouncer_port=$(free_port)
+
+SHARDLINE_LOG=warn "$bin/shardline-proxy" --etcd "$etcd" --listen "127.0.0.1:$proxy_port" --auth-method trust \
+  > "$work/proxy.log" 2>&1 &
+proxy_pid=$!
+
+mkdir -p "$work/bouncer"
+cat > "$work/bouncer/pgbouncer.ini" <<INI
+[databases]
+postgres = host=127.0.0.1 port=$pg_port dbname=postgres user=postgres
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $bouncer_port
+unix_socket_dir =
+auth_type = trust
+auth_file = $work/bouncer/userlist.txt
+pool_mode = transaction
+default_pool_size = 20
+max_client_conn = 1000
+logfile = $work/bouncer/pgbouncer.log
+INI
+echo '"postgres" ""' > "$work/bouncer/userlist.txt"
+chown -R postgres "$work/bouncer" 2>/dev/null || true
+if [ "$(id -u)" -eq 0 ]; then
+  runuser -u postgres -- pgbouncer "$work/bouncer/pgbouncer.ini" > /dev/null 2>&1 &
+else
+  pgbouncer "$work/bouncer/pgbouncer.ini" > /dev/null 2>&1 &
+fi
+bouncer_pid=$!
+sleep 1
+
+run() { # target port mode -> tps or "fail"
+  local out
+  if out=$(pgbench -n -S -M "$3" -c $clients -j 2 -T "$secs" -h 127.0.0.1 -p "$2" -U postgres postgres 2>&1); then
+    echo "$out" | awk '/^tps = / {print $3}' | head -1
+  else
+    echo "fail"
+  fi
+}
+median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print "fail"; else print a[int((NR+1)/2)]}'; }
+
+printf "pgbench -S -c %d -j 2, %ss per run, %d interleaved rounds, median tps\n" $clients "$secs" "$rounds"
+printf "%-9s %10s %10s %10s %13s %16s\n" mode direct pgbouncer proxy proxy/direct proxy/pgbouncer
+for mode in $modes; do
+  : > "$work/direct"; : > "$work/bouncer.tps"; : > "$work/proxy.tps"
+  for _ in $(seq "$rounds"); do
+    run direct "$pg_port" "$mode" >> "$work/direct"
+    run pgbouncer "$bouncer_port" "$mode" >> "$work/bouncer.tps"
+    run proxy "$proxy_port" "$mode" >> "$work/proxy.tps"
+  done
+  d=$({ grep -v fail "$work/direct" || true; } | median)
+  b=$({ grep -v fail "$work/bouncer.tps" || true; } | median)
+  p=$({ grep -v fail "$work/proxy.tps" || true; } | median)
+  ratio() { python3 -c "import sys; a,b=sys.argv[1],sys.argv[2]; print('n/a' if 'fail' in (a,b) else '%.2f' % (float(a)/float(b)))" "$1" "$2"; }
+  printf "%-9s %10s %10s %10s %13s %16s\n" "$mode" "$d" "$b" "$p" "$(ratio "$p" "$d")" "$(ratio "$p" "$b")"
+done
