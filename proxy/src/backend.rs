@@ -287,6 +287,31 @@ impl Backend {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
     }
 
+    /// Tag and total length (tag included) of the next message if it is
+    /// completely buffered. Lengths are checked as in `next_frame`.
+    pub fn peek_message(&self) -> io::Result<Option<(u8, usize)>> {
+        let buf = &self.read_buf;
+        if buf.len() < 5 {
+            return Ok(None);
+        }
+        let length = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+        if length < 4 {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("invalid message length {length} from the server")));
+        }
+        let total = length as usize + 1;
+        Ok((buf.len() >= total).then_some((buf[0], total)))
+    }
+
+    /// The bytes read but not consumed yet.
+    pub fn buffered(&self) -> &[u8] {
+        &self.read_buf
+    }
+
+    /// Drops `n` consumed bytes from the front of the buffer.
+    pub fn consume(&mut self, n: usize) {
+        self.read_buf.advance(n.min(self.read_buf.len()));
+    }
+
     /// Reads more bytes from the server into the buffer.
     pub async fn fill(&mut self) -> io::Result<()> {
         if self.read_buf.capacity() - self.read_buf.len() < 4096 {

@@ -138,20 +138,19 @@ impl Pool {
 
     /// A connection: an idle one if a healthy one exists, else a new one.
     pub async fn acquire(self: &Arc<Self>) -> Result<Lease, PoolError> {
-        let permit = match tokio::time::timeout(
-            self.config.checkout_timeout,
-            self.permits.clone().acquire_owned(),
-        )
-        .await
-        {
-            Ok(Ok(permit)) => permit,
-            _ => {
-                return Err(PoolError::Exhausted {
-                    server: self.server.to_string(),
-                    timeout: self.config.checkout_timeout,
-                    size: self.config.size,
-                })
-            }
+        // Fast path without a timer; wait (bounded) only when the pool is full.
+        let permit = match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => match tokio::time::timeout(self.config.checkout_timeout, self.permits.clone().acquire_owned()).await {
+                Ok(Ok(permit)) => permit,
+                _ => {
+                    return Err(PoolError::Exhausted {
+                        server: self.server.to_string(),
+                        timeout: self.config.checkout_timeout,
+                        size: self.config.size,
+                    })
+                }
+            },
         };
         self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
         loop {

@@ -3,8 +3,6 @@
 //! held). Anything that cannot go to exactly one server is an error with a
 //! SQLSTATE and a hint — never a silent broadcast, never a guess.
 
-use std::collections::BTreeSet;
-
 use shardmap::{ClusterMap, KeyType, KeyValue, TableKind};
 
 use crate::analyze::statement::{DataStatement, KeyExpr, TableUse};
@@ -243,47 +241,41 @@ fn route_table(
                     ),
                 ));
             }
-            let mut partitions = BTreeSet::new();
+            let mut partitions: Vec<u32> = Vec::with_capacity(exprs.len());
             for expr in exprs {
                 let Some(key) = evaluate(expr, key_type, literals, params)? else {
                     return Ok(None);
                 };
                 let partition = map.partition_of(&table.name, &key).map_err(|e| {
-                    RouteError::new(
-                        "22023",
-                        format!("cannot route key {key} of \"{}\": {e}", table.name),
-                        "check the key value",
-                    )
+                    RouteError::new("22023", format!("cannot route key {key} of \"{}\": {e}", table.name), "check the key value")
                 })?;
-                partitions.insert(partition);
+                if !partitions.contains(&partition) {
+                    partitions.push(partition);
+                }
             }
-            let mut servers = BTreeSet::new();
+            partitions.sort_unstable();
+            let mut server: Option<&str> = None;
             for p in &partitions {
-                let owner = map.owner_of(*p).ok_or_else(|| {
-                    RouteError::new(
-                        "XX000",
-                        format!("partition {p} has no owner in the map"),
-                        "check `shardctl map`",
-                    )
+                let owner = map.assignments.get(*p as usize).map(|a| a.owner.as_str()).ok_or_else(|| {
+                    RouteError::new("XX000", format!("partition {p} has no owner in the map"), "check `shardctl map`")
                 })?;
-                servers.insert(owner.name.clone());
+                match server {
+                    None => server = Some(owner),
+                    Some(first) if first != owner => {
+                        return Err(RouteError::new(
+                            "0A000",
+                            format!(
+                                "the keys of \"{}\" in this statement live on servers {first} and {owner}; shardline runs each statement on one server",
+                                table.name
+                            ),
+                            "send one statement per key, or per server",
+                        ))
+                    }
+                    Some(_) => {}
+                }
             }
-            if servers.len() > 1 {
-                return Err(RouteError::new(
-                    "0A000",
-                    format!(
-                        "the keys of \"{}\" in this statement live on servers {}; shardline runs each statement on one server",
-                        table.name,
-                        servers.into_iter().collect::<Vec<_>>().join(", ")
-                    ),
-                    "send one statement per key, or per server",
-                ));
-            }
-            let server = servers.into_iter().next().unwrap_or_default();
-            Ok(Some(Route::Partitions {
-                server,
-                partitions: partitions.into_iter().collect(),
-            }))
+            let server = server.unwrap_or_default().to_string();
+            Ok(Some(Route::Partitions { server, partitions }))
         }
     }
 }

@@ -33,7 +33,7 @@ use tracing::{debug, warn};
 use crate::analyze::lexer::LITERAL_MARKER_BASE;
 use crate::analyze::{Analyzed, Command, Literal};
 use crate::cancel::{CancelTarget, TargetSlot};
-use crate::pool::Lease;
+use crate::pool::{Lease, Pool};
 use crate::route::{route_data, Params, Resolution, Route, RouteError};
 use crate::server::Shared;
 use crate::wire::frame::{next_frame, Frame};
@@ -194,8 +194,8 @@ enum Expect {
 #[derive(Debug, Default)]
 struct Outcome {
     errored: bool,
-    /// Tag of the last CommandComplete.
-    last_tag: Option<String>,
+    /// Whether the last CommandComplete was a COMMIT.
+    committed: bool,
 }
 
 /// A request ready to send: bytes for the backend and the replies expected.
@@ -260,6 +260,10 @@ pub struct Session {
     lease: Option<Lease>,
     /// Set when a request ended with Flush: the backend is kept until Sync.
     unsynced: bool,
+    /// The pool used last, with the map revision it was looked up in.
+    last_pool: Option<(i64, String, Arc<Pool>)>,
+    /// Buffers of the request being sent, reused from one request to the next.
+    request: Plan,
     cancel_slot: TargetSlot,
 }
 
@@ -281,6 +285,8 @@ impl Session {
             tx: Tx::Idle,
             lease: None,
             unsynced: false,
+            last_pool: None,
+            request: Plan::default(),
             cancel_slot,
         }
     }
@@ -440,30 +446,30 @@ impl Session {
     // ------------------------------------------------------------ simple query
 
     async fn simple_query(&mut self, frame: Frame) -> Result<(), SessionError> {
-        let text = match messages::decode_query(frame.body()) {
+        let body = frame.body();
+        let text = match messages::query_text(&body) {
             Ok(text) => text,
             Err(e) => return Err(SessionError::ClientProtocol(e.to_string())),
         };
-        let analyzed = self.shared.analyzer.analyze(&text);
-        let commands = &analyzed.analysis.commands;
+        let analyzed = self.shared.analyzer.analyze(text);
+        let analysis = analyzed.analysis.clone();
+        let commands = &analysis.commands;
         if commands.is_empty() {
             messages::empty(b'I', &mut self.client.out);
             return self.ready().await;
         }
         if commands.len() == 1 {
-            let command = commands[0].clone();
-            return self.single_statement(frame, &analyzed, command).await;
+            return self.single_statement(frame, &analyzed, &commands[0]).await;
         }
         // Several statements in one Query run as one unit on one server.
         if self.tx == Tx::Aborted && !ends_transaction(commands.last()) {
             return self.aborted_error().await;
         }
         let literals = analyzed.literals.clone();
-        let commands = commands.clone();
         let route = self
             .route_holding(|map| {
                 let mut route = Route::Any;
-                for command in &commands {
+                for command in commands {
                     if let Command::Data(data) = command {
                         if let Resolution::Route(r) = route_data(data, map, &literals, None)? {
                             route = route.merge(r).map_err(|(a, b)| cross_server(&a, &b))?;
@@ -477,10 +483,8 @@ impl Session {
             .await;
         match route {
             Ok(route) => {
-                let mut plan = Plan::default();
-                plan.send(&frame.raw, End::Query);
                 let mut outcome = Outcome::default();
-                self.dispatch_plan(route, true, plan, &mut outcome)
+                self.dispatch_query(route, true, &frame.raw, &mut outcome)
                     .await
                     .map(|_| ())
             }
@@ -496,7 +500,7 @@ impl Session {
         &mut self,
         frame: Frame,
         analyzed: &Analyzed,
-        command: Command,
+        command: &Command,
     ) -> Result<(), SessionError> {
         if self.tx == Tx::Aborted && !matches!(command, Command::Commit | Command::Rollback) {
             return self.aborted_error().await;
@@ -539,7 +543,7 @@ impl Session {
                         None,
                         &mut self.client.out,
                     );
-                    let tag = if command == Command::Commit {
+                    let tag = if *command == Command::Commit {
                         "COMMIT"
                     } else {
                         "ROLLBACK"
@@ -549,8 +553,8 @@ impl Session {
                 }
                 Tx::Deferred { .. } => {
                     self.tx = Tx::Idle;
-                    self.apply_tx_settings(command == Command::Commit);
-                    let tag = if command == Command::Commit {
+                    self.apply_tx_settings(*command == Command::Commit);
+                    let tag = if *command == Command::Commit {
                         "COMMIT"
                     } else {
                         "ROLLBACK"
@@ -584,13 +588,13 @@ impl Session {
                 if let Tx::Deferred { prelude } = &mut self.tx {
                     // Runs with the BEGIN, once the transaction has a server.
                     prelude.push(render(&analyzed_text(analyzed, &frame), &analyzed.literals));
-                    self.tx_settings.push((name, Some(value)));
+                    self.tx_settings.push((name.clone(), Some(value)));
                     messages::command_complete("SET", &mut self.client.out);
                     return self.ready().await;
                 }
                 let outcome = self.forward_simple_outcome(frame, Route::Any, true).await?;
                 if outcome.is_some_and(|o| !o.errored) {
-                    self.record_setting(name, Some(value));
+                    self.record_setting(name.clone(), Some(value));
                 }
                 Ok(())
             }
@@ -611,7 +615,7 @@ impl Session {
                 let outcome = self.forward_simple_outcome(frame, Route::Any, true).await?;
                 if outcome.is_some_and(|o| !o.errored) {
                     match name {
-                        Some(name) => self.record_setting(name, None),
+                        Some(name) => self.record_setting(name.clone(), None),
                         None => {
                             let names: Vec<String> = self.settings.keys().cloned().collect();
                             for name in names {
@@ -653,7 +657,7 @@ impl Session {
                 match name {
                     None => self.statements.clear(),
                     Some(name) => {
-                        if self.statements.remove(&name).is_none() {
+                        if self.statements.remove(name).is_none() {
                             self.client.error(
                                 "26000",
                                 &format!("prepared statement \"{name}\" does not exist"),
@@ -710,11 +714,9 @@ impl Session {
         route: Route,
         binds_tx: bool,
     ) -> Result<Option<Outcome>, SessionError> {
-        let mut plan = Plan::default();
-        plan.send(&frame.raw, End::Query);
         let mut outcome = Outcome::default();
         let reached = self
-            .dispatch_plan(route, binds_tx, plan, &mut outcome)
+            .dispatch_query(route, binds_tx, &frame.raw, &mut outcome)
             .await?;
         Ok(reached.then_some(outcome))
     }
@@ -1222,22 +1224,18 @@ impl Session {
 
     // ------------------------------------------------------------ dispatch and relay
 
-    /// Sends a ready-made plan (a simple Query).
-    async fn dispatch_plan(
+    /// Sends a simple Query message as it came from the client.
+    async fn dispatch_query(
         &mut self,
         route: Route,
         binds_tx: bool,
-        plan: Plan,
+        query: &Bytes,
         outcome: &mut Outcome,
     ) -> Result<bool, SessionError> {
-        let mut ready = Some(plan);
         let mut build = |_: &mut Session, plan: &mut Plan, _: &mut HashSet<Arc<str>>| {
-            if let Some(ready) = ready.take() {
-                *plan = ready;
-            }
+            plan.send(query, End::Query);
         };
-        self.dispatch(route, binds_tx, true, &mut build, outcome)
-            .await
+        self.dispatch(route, binds_tx, true, &mut build, outcome).await
     }
 
     /// Binds a backend for `route`, brings it in line with the session
@@ -1303,7 +1301,9 @@ impl Session {
             }));
         }
         // Prefix: settings the backend lacks, then a held-back BEGIN.
-        let mut request = Plan::default();
+        let mut request = std::mem::take(&mut self.request);
+        request.out.clear();
+        request.expects.clear();
         if let Some(sql) = settings_sync_sql(&self.settings, &lease.backend().settings) {
             let mut out = BytesMut::new();
             messages::query(&sql, &mut out);
@@ -1318,15 +1318,17 @@ impl Session {
                 self.tx = Tx::Bound;
             }
         }
-        let mut plan = Plan::default();
         {
             let mut prepared = std::mem::take(&mut lease.backend().prepared);
-            build(self, &mut plan, &mut prepared);
+            build(self, &mut request, &mut prepared);
             lease.backend().prepared = prepared;
         }
-        request.out.extend_from_slice(&plan.out);
-        request.expects.extend(plan.expects);
-        let result = self.relay(&mut lease, request, outcome).await;
+        let result = self.relay(&mut lease, &mut request, outcome).await;
+        // Keep the buffers for the next request (bounded, so one huge request
+        // does not pin memory for the session's life).
+        if request.out.capacity() <= 64 * 1024 {
+            self.request = request;
+        }
         match result {
             Ok(()) => {}
             Err(RelayError::Client(e)) => {
@@ -1357,7 +1359,7 @@ impl Session {
         let status = lease.status();
         if status == b'I' {
             if self.tx == Tx::Bound {
-                self.apply_tx_settings(outcome.last_tag.as_deref() == Some("COMMIT"));
+                self.apply_tx_settings(outcome.committed);
                 self.tx = Tx::Idle;
             }
         } else {
@@ -1372,19 +1374,32 @@ impl Session {
         Ok(true)
     }
 
-    async fn acquire(&self, target: &str) -> Result<Lease, (&'static str, String)> {
-        let server = self
-            .shared
-            .map
-            .borrow()
-            .as_ref()
-            .and_then(|v| v.map.servers.get(target).cloned())
-            .ok_or_else(|| ("57P03", format!("server {target} is not in the shard map")))?;
-        let pool = self.shared.pools.for_server(&server);
+    async fn acquire(&mut self, target: &str) -> Result<Lease, (&'static str, String)> {
+        let pool = self.pool_for(target)?;
         pool.acquire().await.map_err(|e| {
             warn!(server = %target, error = %e, "no backend connection");
             ("08006", format!("cannot reach server {target}: {e}"))
         })
+    }
+
+    /// The pool of `target`, remembered per map version so the common case
+    /// (same server, same map) costs no lookups.
+    fn pool_for(&mut self, target: &str) -> Result<Arc<Pool>, (&'static str, String)> {
+        let snapshot = self.shared.map.borrow();
+        let version = snapshot.as_ref().map_or(0, |v| v.revision);
+        if let Some((cached_version, name, pool)) = &self.last_pool {
+            if *cached_version == version && name.as_str() == target {
+                return Ok(pool.clone());
+            }
+        }
+        let server = snapshot
+            .as_ref()
+            .and_then(|v| v.map.servers.get(target))
+            .ok_or_else(|| ("57P03", format!("server {target} is not in the shard map")))?;
+        let pool = self.shared.pools.for_server(server);
+        drop(snapshot);
+        self.last_pool = Some((version, target.to_string(), pool.clone()));
+        Ok(pool)
     }
 
     /// The server for statements any server could run (catalog queries,
@@ -1401,61 +1416,44 @@ impl Session {
     }
 
     /// Sends `plan` and relays replies until every expected reply arrived.
-    async fn relay(
-        &mut self,
-        lease: &mut Lease,
-        mut plan: Plan,
-        outcome: &mut Outcome,
-    ) -> Result<(), RelayError> {
+    /// Replies are copied straight from the backend's read buffer into the
+    /// client's write buffer, and written when the backend has nothing more
+    /// buffered (or after 32 KiB, so large results stream).
+    async fn relay(&mut self, lease: &mut Lease, plan: &mut Plan, outcome: &mut Outcome) -> Result<(), RelayError> {
         let backend = lease.backend();
         emit_leading_synthetic(&mut plan.expects, &mut self.client.out);
         if plan.out.is_empty() {
             self.client.flush().await.map_err(RelayError::Client)?;
             return Ok(());
         }
-        backend
-            .write_all(&plan.out)
-            .await
-            .map_err(RelayError::Backend)?;
+        backend.write_all(&plan.out).await.map_err(RelayError::Backend)?;
         let expects = &mut plan.expects;
-        outcome.last_tag = None;
+        outcome.committed = false;
         loop {
-            while let Some(frame) = backend.try_frame().map_err(RelayError::Backend)? {
-                let tag = frame.tag;
+            while let Some((tag, len)) = backend.peek_message().map_err(RelayError::Backend)? {
                 match tag {
                     b'N' | b'A' | b'S' => {
                         if forwarding(expects) {
-                            self.client.out.extend_from_slice(&frame.raw);
+                            self.client.out.extend_from_slice(&backend.buffered()[..len]);
                         }
+                        backend.consume(len);
                         continue;
                     }
                     b'E' => {
                         outcome.errored = true;
-                        self.client.out.extend_from_slice(&frame.raw);
+                        self.client.out.extend_from_slice(&backend.buffered()[..len]);
+                        backend.consume(len);
                         // The failing message's statement is not prepared after all.
-                        if let Some(Expect::Reply {
-                            unprepare: Some(name),
-                            ..
-                        }) = expects.front()
-                        {
+                        if let Some(Expect::Reply { unprepare: Some(name), .. }) = expects.front() {
                             backend.prepared.remove(name);
                         }
-                        let in_query = matches!(
-                            expects.front(),
-                            Some(Expect::Reply {
-                                end: End::Query,
-                                ..
-                            })
-                        );
+                        let in_query = matches!(expects.front(), Some(Expect::Reply { end: End::Query, .. }));
                         if !in_query {
                             // Postgres skips everything up to Sync after an error.
                             while let Some(front) = expects.front() {
                                 match front {
                                     Expect::Reply { end: End::Sync, .. } => break,
-                                    Expect::Reply {
-                                        unprepare: Some(name),
-                                        ..
-                                    } => {
+                                    Expect::Reply { unprepare: Some(name), .. } => {
                                         backend.prepared.remove(name);
                                         expects.pop_front();
                                     }
@@ -1469,32 +1467,32 @@ impl Session {
                     }
                     b'G' | b'W' => {
                         // COPY FROM STDIN: the client sends data until CopyDone/Fail.
-                        self.client.out.extend_from_slice(&frame.raw);
+                        self.client.out.extend_from_slice(&backend.buffered()[..len]);
+                        backend.consume(len);
                         self.client.flush().await.map_err(RelayError::Client)?;
                         if tag == b'W' {
-                            return Err(RelayError::Backend(io::Error::other(
-                                "COPY BOTH is not supported",
-                            )));
+                            return Err(RelayError::Backend(io::Error::other("COPY BOTH is not supported")));
                         }
                         self.copy_in(backend).await?;
                         continue;
                     }
                     _ => {}
                 }
-                if tag == b'Z' {
-                    backend.status = frame.body().first().copied().unwrap_or(b'I');
-                }
-                if tag == b'C' {
-                    let body = frame.body();
-                    let end = body.iter().position(|&b| b == 0).unwrap_or(body.len());
-                    outcome.last_tag = Some(String::from_utf8_lossy(&body[..end]).into_owned());
+                {
+                    let message = &backend.buffered()[..len];
+                    if tag == b'Z' {
+                        backend.status = message.get(5).copied().unwrap_or(b'I');
+                    } else if tag == b'C' {
+                        outcome.committed = message.get(5..12) == Some(&b"COMMIT\0"[..]);
+                    }
                 }
                 match expects.front() {
                     Some(Expect::Reply { end, forward, .. }) => {
                         let (end, forward) = (*end, *forward);
                         if forward {
-                            self.client.out.extend_from_slice(&frame.raw);
+                            self.client.out.extend_from_slice(&backend.buffered()[..len]);
                         }
+                        backend.consume(len);
                         if end.ends_on(tag) {
                             expects.pop_front();
                             emit_leading_synthetic(expects, &mut self.client.out);

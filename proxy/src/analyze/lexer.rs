@@ -52,9 +52,15 @@ pub struct StatementSpan {
     pub words: std::ops::Range<usize>,
 }
 
-/// Lexes `sql`. Never fails: unterminated strings or comments simply run to
-/// the end (the parser will then report the error).
+/// Lexes `sql`, collecting its words too. Never fails: unterminated strings
+/// or comments simply run to the end (the parser will then report the error).
 pub fn lex(sql: &str) -> Lexed {
+    lex_with(sql, true)
+}
+
+/// Lexes `sql`; `collect_words` is false on the hot path (a cache hit needs
+/// only the shape and the literals).
+pub fn lex_with(sql: &str, collect_words: bool) -> Lexed {
     let bytes = sql.as_bytes();
     let mut shape = String::with_capacity(sql.len());
     let mut literals = Vec::new();
@@ -142,7 +148,9 @@ pub fn lex(sql: &str) -> Lexed {
                     i += ch_len;
                 }
                 shape.push_str(&sql[start..i.min(sql.len())]);
-                words.push(name);
+                if collect_words {
+                    words.push(name);
+                }
                 prev = Prev::Word;
             }
             b'$' => {
@@ -206,7 +214,9 @@ pub fn lex(sql: &str) -> Lexed {
                 }
                 let word = &sql[start..i];
                 shape.push_str(word);
-                words.push(word.to_lowercase());
+                if collect_words {
+                    words.push(word.to_lowercase());
+                }
                 prev = Prev::Word;
             }
             b';' => {

@@ -40,19 +40,16 @@ impl Analyzer {
     }
 
     pub fn analyze(&self, sql: &str) -> Analyzed {
-        let lexed = lex(sql);
-        let literals = Arc::new(lexed.literals.clone());
-        if let Some(hit) = self
-            .cache
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&lexed.shape)
-        {
+        let Lexed { shape, literals, .. } = lexer::lex_with(sql, false);
+        let literals = Arc::new(literals);
+        if let Some(hit) = self.cache.read().unwrap_or_else(|e| e.into_inner()).get(&shape) {
             return Analyzed {
                 analysis: hit.clone(),
                 literals,
             };
         }
+        // A miss: lex again with the words the analysis needs.
+        let lexed = lex(sql);
         let analysis = Arc::new(analyze_lexed(&lexed));
         let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= self.capacity {
