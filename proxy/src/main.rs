@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use proxy::config::ProxyConfig;
 use proxy::pool::Pools;
+
 use proxy::server::{self, Shared};
 use shardmap::MapCache;
 
@@ -39,7 +40,8 @@ struct Args {
     /// Name this proxy registers under in etcd (default: host:port of --listen).
     #[arg(long, env = "SHARDLINE_PROXY_ID")]
     id: Option<String>,
-    /// Worker threads (default: one per CPU; 0 runs everything on one thread).
+    /// Serving threads, each with its own event loop, listener (SO_REUSEPORT)
+    /// and backend pools (default 1; use about one per core the proxy may use).
     #[arg(long, env = "SHARDLINE_PROXY_THREADS")]
     threads: Option<usize>,
 }
@@ -53,10 +55,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The main thread's runtime follows etcd and serves clients; `--threads`
+    // adds serving threads, each with its own runtime, listener and pools.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -108,12 +109,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     {
         tracing::warn!(cluster = %config.cluster, "no shard map yet; clients get an error until one is loaded");
     }
-    let pools = Pools::new(
-        config.pool.to_pool_config(),
-        Arc::new(config.backend.clone()),
-    );
+    let threads = args.threads.unwrap_or(1).max(1);
+    let mut pool_config = config.pool.to_pool_config();
+    // The configured pool size is per server for the whole proxy.
+    pool_config.size = pool_config.size.div_ceil(threads).max(1);
     let listener = server::bind(&config.listen).await?;
-    let listen = listener.local_addr()?.to_string();
+    let address = listener.local_addr()?;
+    let listen = address.to_string();
     let id = args.id.unwrap_or_else(|| listen.clone());
     tokio::spawn(proxy::registry::keep_registered(
         config.etcd.endpoints.clone(),
@@ -121,7 +123,49 @@ async fn run(args: Args) -> anyhow::Result<()> {
         id,
         listen,
     ));
-    let shared = Arc::new(Shared::new(config, users, cache.subscribe(), pools));
+    let cancels = Arc::new(proxy::cancel::CancelRegistry::default());
+    let mut first_listener = Some(listener);
+    if threads > 1 {
+        // All threads, this one included, accept on SO_REUSEPORT sockets.
+        drop(first_listener.take());
+        for index in 1..threads {
+            let shared = Shared::with_cancels(
+                config.clone(),
+                users.clone(),
+                cache.subscribe(),
+                Pools::new(pool_config.clone(), Arc::new(config.backend.clone())),
+                cancels.clone(),
+            );
+            std::thread::Builder::new()
+                .name(format!("serve-{index}"))
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(runtime) => runtime,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot start a serving thread");
+                            return;
+                        }
+                    };
+                    runtime.block_on(async move {
+                        match server::bind_shared(address) {
+                            Ok(listener) => server::serve(listener, Arc::new(shared)).await,
+                            Err(e) => tracing::error!(error = %e, "cannot bind a serving thread's listener"),
+                        }
+                    });
+                })?;
+        }
+    }
+    let listener = match first_listener {
+        Some(listener) => listener,
+        None => server::bind_shared(address)?,
+    };
+    let shared = Arc::new(Shared::with_cancels(
+        config.clone(),
+        users,
+        cache.subscribe(),
+        Pools::new(pool_config, Arc::new(config.backend.clone())),
+        cancels,
+    ));
     let serving = tokio::spawn(server::serve(listener, shared));
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),

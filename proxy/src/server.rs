@@ -35,7 +35,8 @@ pub struct Shared {
     /// The map, as the watch cache last applied it.
     pub map: watch::Receiver<Snapshot>,
     pub pools: Pools,
-    pub cancels: CancelRegistry,
+    /// Shared by every serving thread: a cancel request may reach any of them.
+    pub cancels: Arc<CancelRegistry>,
     /// ParameterStatus values reported to clients at login, learned from a
     /// backend (the first login that reaches one).
     pub server_parameters: Mutex<Option<Vec<(String, String)>>>,
@@ -44,11 +45,17 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(
+    pub fn new(config: ProxyConfig, users: Users, map: watch::Receiver<Snapshot>, pools: Pools) -> Shared {
+        Shared::with_cancels(config, users, map, pools, Arc::new(CancelRegistry::default()))
+    }
+
+    /// Like `new`, sharing a cancel registry with other serving threads.
+    pub fn with_cancels(
         config: ProxyConfig,
         users: Users,
         map: watch::Receiver<Snapshot>,
         pools: Pools,
+        cancels: Arc<CancelRegistry>,
     ) -> Shared {
         let max_clients = config.limits.max_clients;
         Shared {
@@ -57,7 +64,7 @@ impl Shared {
             analyzer: Analyzer::new(10_000),
             map,
             pools,
-            cancels: CancelRegistry::default(),
+            cancels,
             server_parameters: Mutex::new(None),
             active_clients: AtomicUsize::new(0),
             client_slots: Arc::new(Semaphore::new(max_clients)),
@@ -445,4 +452,19 @@ pub async fn bind(address: &str) -> std::io::Result<TcpListener> {
     let listener = TcpListener::bind(address).await?;
     info!(address = %listener.local_addr()?, "shardline proxy listening");
     Ok(listener)
+}
+
+/// Binds a listener with SO_REUSEPORT, so several serving threads can each
+/// accept on the same address (the kernel spreads connections over them).
+pub fn bind_shared(address: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(address)?;
+    socket.listen(1024)
 }

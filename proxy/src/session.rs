@@ -826,6 +826,12 @@ impl Session {
         // Register this request's statements first: its Binds may use them.
         for item in &items {
             if let Item::Parse(_, parse) = item {
+                if let Some(existing) = self.statements.get(&parse.name) {
+                    // Drivers re-parse the same unnamed statement all the time.
+                    if existing.query == parse.query && existing.param_types == parse.param_types {
+                        continue;
+                    }
+                }
                 let analyzed = self.shared.analyzer.analyze(&parse.query);
                 let prepared = Arc::new(Prepared {
                     backend_name: backend_statement_name(&parse.query, &parse.param_types),
@@ -926,11 +932,11 @@ impl Session {
                     message: format!("prepared statement \"{}\" does not exist", bind.statement),
                     hint: None,
                 })?;
-            let command = prepared.command().cloned().unwrap_or(Command::Empty);
+            let command = prepared.command().unwrap_or(&Command::Empty);
             // Once something in this request runs on a backend, transaction
             // control runs there too.
             let on_backend = before_forward.is_some() || tx == Tx::Bound;
-            let usage = match &command {
+            let usage = match command {
                 _ if tx == Tx::Aborted && !matches!(command, Command::Commit | Command::Rollback) => {
                     return Err(RouteError {
                         code: "25P02",
@@ -947,7 +953,7 @@ impl Session {
                     PortalUse::Answer("BEGIN")
                 }
                 Command::Commit | Command::Rollback if !on_backend => {
-                    let tag = if command == Command::Commit && tx != Tx::Aborted { "COMMIT" } else { "ROLLBACK" };
+                    let tag = if *command == Command::Commit && tx != Tx::Aborted { "COMMIT" } else { "ROLLBACK" };
                     tx = Tx::Idle;
                     PortalUse::Answer(tag)
                 }
