@@ -13,7 +13,7 @@ deadline=$(( $(date +%s) + minutes * 60 ))
 runs=0
 while [ "$(date +%s)" -lt "$deadline" ]; do
   if ! PROPTEST_CASES=$cases_per_run "$binary" -q > /tmp/shardline-fuzz.out 2>&1; then
-    cat /tmp/shardline-fuzz.out
+    grep -E "minimal failing input|Test failed|panicked at" /tmp/shardline-fuzz.out | tail -5
     echo "fuzz: FAILED after $runs runs"
     exit 1
   fi

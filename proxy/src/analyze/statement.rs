@@ -236,25 +236,35 @@ fn classify_by_words(shape: &str, words: &[String]) -> Option<Command> {
     })
 }
 
+/// `text` without a case-insensitive ASCII `prefix`, if it starts with it.
+/// Works on bytes, so multi-byte characters right after the prefix are fine.
+fn strip_prefix_ci<'t>(text: &'t str, prefix: &str) -> Option<&'t str> {
+    let head = text.as_bytes().get(..prefix.len())?;
+    if head.eq_ignore_ascii_case(prefix.as_bytes()) {
+        // The prefix is ASCII, so its end is a character boundary.
+        text.get(prefix.len()..)
+    } else {
+        None
+    }
+}
+
 /// `SET [SESSION] name {TO|=} value` → (name, value text).
 fn split_set(shape: &str) -> Option<(String, String)> {
-    let rest = shape.trim_start();
-    let rest = rest.get(3..)?.trim_start();
-    let rest = match rest.get(..8) {
-        Some(prefix) if prefix.eq_ignore_ascii_case("session ") => rest[8..].trim_start(),
-        _ => rest,
-    };
+    let rest = strip_prefix_ci(shape.trim_start(), "set")?.trim_start();
+    let rest = strip_prefix_ci(rest, "session ").map_or(rest, str::trim_start);
     // `SET TIME ZONE value` is `SET timezone TO value`.
-    if rest.len() > 9 && rest[..9].eq_ignore_ascii_case("time zone") {
-        return Some(("timezone".into(), rest[9..].trim().to_string()));
+    if let Some(value) = strip_prefix_ci(rest, "time zone") {
+        if value.starts_with(char::is_whitespace) {
+            return Some(("timezone".into(), value.trim().to_string()));
+        }
     }
     let name_end = rest.find(|c: char| c.is_whitespace() || c == '=')?;
     let name = rest[..name_end].trim_matches('"').to_lowercase();
     let after = rest[name_end..].trim_start();
     let value = if let Some(v) = after.strip_prefix('=') {
         v
-    } else if after.len() >= 2 && after[..2].eq_ignore_ascii_case("to") {
-        &after[2..]
+    } else if let Some(v) = strip_prefix_ci(after, "to") {
+        v
     } else {
         return None;
     };
@@ -703,6 +713,15 @@ mod tests {
         );
         assert!(matches!(cmd("LISTEN x"), Command::Unsupported(_)));
         assert_eq!(cmd(""), Command::Empty);
+    }
+
+    #[test]
+    fn set_parsing_survives_multibyte_text() {
+        // Found by the fuzzer: byte-offset slicing inside a multi-byte character.
+        for sql in ["SET x =  AND \u{e000}", "SET \u{e000}\u{e000} TO 1", "SET x T\u{e9}", "SET TIME ZON\u{e9}"] {
+            let l = lex(sql);
+            let _ = analyze(&l.shape, &l.words);
+        }
     }
 
     #[test]
