@@ -296,7 +296,10 @@ impl Backend {
         }
         let length = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
         if length < 4 {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("invalid message length {length} from the server")));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("invalid message length {length} from the server"),
+            ));
         }
         let total = length as usize + 1;
         Ok((buf.len() >= total).then_some((buf[0], total)))

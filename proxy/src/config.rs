@@ -30,6 +30,23 @@ pub struct ProxyConfig {
     pub backend: BackendSettings,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub tls: TlsSettings,
+}
+
+/// TLS for clients: off unless a certificate and key are given.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain.
+    #[serde(default)]
+    pub cert: Option<std::path::PathBuf>,
+    /// PEM private key.
+    #[serde(default)]
+    pub key: Option<std::path::PathBuf>,
+    /// Refuse clients that do not ask for TLS.
+    #[serde(default)]
+    pub required: bool,
 }
 
 fn default_listen() -> String {
@@ -227,6 +244,7 @@ impl Default for ProxyConfig {
             pool: PoolSettings::default(),
             backend: BackendSettings::default(),
             limits: Limits::default(),
+            tls: TlsSettings::default(),
         }
     }
 }

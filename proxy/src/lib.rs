@@ -12,4 +12,5 @@ pub mod registry;
 pub mod route;
 pub mod server;
 pub mod session;
+pub mod tls;
 pub mod wire;

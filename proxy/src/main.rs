@@ -57,7 +57,10 @@ fn main() -> ExitCode {
     let args = Args::parse();
     // The main thread's runtime follows etcd and serves clients; `--threads`
     // adds serving threads, each with its own runtime, listener and pools.
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -101,6 +104,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "no etcd endpoints: set [etcd] endpoints in the config, --etcd, or SHARDLINE_ETCD"
     );
     let users = config.users().map_err(anyhow::Error::msg)?;
+    let tls = proxy::tls::from_config(&config.tls).map_err(anyhow::Error::msg)?;
     let cache = MapCache::spawn(config.etcd.endpoints.clone(), &config.cluster);
     if cache
         .wait_for_version(1, Duration::from_secs(10))
@@ -129,13 +133,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         // All threads, this one included, accept on SO_REUSEPORT sockets.
         drop(first_listener.take());
         for index in 1..threads {
-            let shared = Shared::with_cancels(
+            let mut shared = Shared::with_cancels(
                 config.clone(),
                 users.clone(),
                 cache.subscribe(),
                 Pools::new(pool_config.clone(), Arc::new(config.backend.clone())),
                 cancels.clone(),
             );
+            shared.tls = tls.clone();
             std::thread::Builder::new()
                 .name(format!("serve-{index}"))
                 .spawn(move || {
@@ -159,13 +164,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(listener) => listener,
         None => server::bind_shared(address)?,
     };
-    let shared = Arc::new(Shared::with_cancels(
+    let mut shared = Shared::with_cancels(
         config.clone(),
         users,
         cache.subscribe(),
         Pools::new(pool_config, Arc::new(config.backend.clone())),
         cancels,
-    ));
+    );
+    shared.tls = tls;
+    let shared = Arc::new(shared);
     let serving = tokio::spawn(server::serve(listener, shared));
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),

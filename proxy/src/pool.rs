@@ -141,7 +141,12 @@ impl Pool {
         // Fast path without a timer; wait (bounded) only when the pool is full.
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
-            Err(_) => match tokio::time::timeout(self.config.checkout_timeout, self.permits.clone().acquire_owned()).await {
+            Err(_) => match tokio::time::timeout(
+                self.config.checkout_timeout,
+                self.permits.clone().acquire_owned(),
+            )
+            .await
+            {
                 Ok(Ok(permit)) => permit,
                 _ => {
                     return Err(PoolError::Exhausted {

@@ -247,7 +247,11 @@ fn route_table(
                     return Ok(None);
                 };
                 let partition = map.partition_of(&table.name, &key).map_err(|e| {
-                    RouteError::new("22023", format!("cannot route key {key} of \"{}\": {e}", table.name), "check the key value")
+                    RouteError::new(
+                        "22023",
+                        format!("cannot route key {key} of \"{}\": {e}", table.name),
+                        "check the key value",
+                    )
                 })?;
                 if !partitions.contains(&partition) {
                     partitions.push(partition);
@@ -256,9 +260,17 @@ fn route_table(
             partitions.sort_unstable();
             let mut server: Option<&str> = None;
             for p in &partitions {
-                let owner = map.assignments.get(*p as usize).map(|a| a.owner.as_str()).ok_or_else(|| {
-                    RouteError::new("XX000", format!("partition {p} has no owner in the map"), "check `shardctl map`")
-                })?;
+                let owner = map
+                    .assignments
+                    .get(*p as usize)
+                    .map(|a| a.owner.as_str())
+                    .ok_or_else(|| {
+                        RouteError::new(
+                            "XX000",
+                            format!("partition {p} has no owner in the map"),
+                            "check `shardctl map`",
+                        )
+                    })?;
                 match server {
                     None => server = Some(owner),
                     Some(first) if first != owner => {

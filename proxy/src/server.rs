@@ -10,6 +10,9 @@ use bytes::{Buf, BytesMut};
 use shardmap::cache::Snapshot;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::tls::ClientStream;
 use tokio::sync::{watch, Semaphore};
 use tracing::{debug, info, warn};
 
@@ -42,11 +45,24 @@ pub struct Shared {
     pub server_parameters: Mutex<Option<Vec<(String, String)>>>,
     pub active_clients: AtomicUsize,
     client_slots: Arc<Semaphore>,
+    /// Set when TLS is configured.
+    pub tls: Option<TlsAcceptor>,
 }
 
 impl Shared {
-    pub fn new(config: ProxyConfig, users: Users, map: watch::Receiver<Snapshot>, pools: Pools) -> Shared {
-        Shared::with_cancels(config, users, map, pools, Arc::new(CancelRegistry::default()))
+    pub fn new(
+        config: ProxyConfig,
+        users: Users,
+        map: watch::Receiver<Snapshot>,
+        pools: Pools,
+    ) -> Shared {
+        Shared::with_cancels(
+            config,
+            users,
+            map,
+            pools,
+            Arc::new(CancelRegistry::default()),
+        )
     }
 
     /// Like `new`, sharing a cancel registry with other serving threads.
@@ -68,6 +84,7 @@ impl Shared {
             server_parameters: Mutex::new(None),
             active_clients: AtomicUsize::new(0),
             client_slots: Arc::new(Semaphore::new(max_clients)),
+            tls: None,
         }
     }
 }
@@ -103,7 +120,7 @@ pub enum LoginError {
     Auth,
 }
 
-async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), LoginError> {
+async fn read_more(stream: &mut ClientStream, buf: &mut BytesMut) -> Result<(), LoginError> {
     let n = stream.read_buf(buf).await.map_err(|_| LoginError::Gone)?;
     if n == 0 {
         return Err(LoginError::Gone);
@@ -111,19 +128,25 @@ async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), Log
     Ok(())
 }
 
-async fn write(stream: &mut TcpStream, out: &mut BytesMut) -> Result<(), LoginError> {
+async fn write(stream: &mut ClientStream, out: &mut BytesMut) -> Result<(), LoginError> {
     let result = stream.write_all(out).await;
     out.clear();
     result.map_err(|_| LoginError::Gone)
 }
 
-async fn refuse(stream: &mut TcpStream, severity: &str, code: &str, message: &str) {
+async fn refuse<S: tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    severity: &str,
+    code: &str,
+    message: &str,
+) {
     let mut out = BytesMut::new();
     messages::error_fields(b'E', severity, code, message, None, &mut out);
     let _ = stream.write_all(&out).await;
 }
 
-async fn handle_client(mut stream: TcpStream, shared: Arc<Shared>) -> Result<(), LoginError> {
+async fn handle_client(stream: TcpStream, shared: Arc<Shared>) -> Result<(), LoginError> {
+    let mut stream = ClientStream::Plain(stream);
     let Ok(_slot) = shared.client_slots.clone().try_acquire_owned() else {
         refuse(
             &mut stream,
@@ -159,8 +182,31 @@ async fn handle_client(mut stream: TcpStream, shared: Arc<Shared>) -> Result<(),
             .i32("startup")
             .map_err(|e| LoginError::Protocol(e.to_string()))?;
         match code {
+            SSL_REQUEST if !stream.is_tls() && shared.tls.is_some() => {
+                if !buf.is_empty() {
+                    // Bytes after the SSLRequest would be read in clear: refuse.
+                    refuse(
+                        &mut stream,
+                        "FATAL",
+                        "08P01",
+                        "received unencrypted data after SSL request",
+                    )
+                    .await;
+                    return Err(LoginError::Protocol("data after SSLRequest".into()));
+                }
+                stream.write_all(b"S").await.map_err(|_| LoginError::Gone)?;
+                let ClientStream::Plain(tcp) = stream else {
+                    return Err(LoginError::Protocol("TLS requested twice".into()));
+                };
+                let acceptor = shared.tls.clone().ok_or(LoginError::Gone)?;
+                let tls = acceptor
+                    .accept(tcp)
+                    .await
+                    .map_err(|e| LoginError::Protocol(format!("TLS handshake failed: {e}")))?;
+                stream = ClientStream::Tls(Box::new(tls));
+            }
             SSL_REQUEST | GSSENC_REQUEST => {
-                // No TLS or GSS configured: the client may go on in plain text.
+                // No TLS (or GSS) here: the client may go on in plain text.
                 stream.write_all(b"N").await.map_err(|_| LoginError::Gone)?;
             }
             CANCEL_REQUEST => {
@@ -204,6 +250,16 @@ async fn handle_client(mut stream: TcpStream, shared: Arc<Shared>) -> Result<(),
             return Err(LoginError::Protocol("non-UTF-8 startup parameter".into()));
         };
         params.insert(name.to_string(), value.to_string());
+    }
+    if shared.config.tls.required && !stream.is_tls() {
+        refuse(
+            &mut stream,
+            "FATAL",
+            "28000",
+            "this proxy requires TLS: connect with sslmode=require",
+        )
+        .await;
+        return Err(LoginError::Auth);
     }
     let Some(user) = params.get("user").cloned() else {
         refuse(
@@ -340,7 +396,7 @@ async fn server_parameters(shared: &Shared) -> Vec<(String, String)> {
 }
 
 async fn authenticate(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     buf: &mut BytesMut,
     shared: &Shared,
     user: &str,
@@ -420,7 +476,7 @@ async fn authenticate(
 
 /// Reads a PasswordMessage / SASL response (tag `p`) and returns its body.
 async fn read_password(
-    stream: &mut TcpStream,
+    stream: &mut ClientStream,
     buf: &mut BytesMut,
 ) -> Result<bytes::Bytes, LoginError> {
     loop {

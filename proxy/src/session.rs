@@ -24,10 +24,10 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::tls::ClientStream;
 use bytes::{Bytes, BytesMut};
 use shardmap::PartitionState;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 use crate::analyze::lexer::LITERAL_MARKER_BASE;
@@ -41,14 +41,14 @@ use crate::wire::messages::{self, Bind, Parse, Target};
 
 /// The client side of a session: a socket with a read and a write buffer.
 pub struct ClientIo {
-    stream: TcpStream,
+    stream: ClientStream,
     read_buf: BytesMut,
     pub out: BytesMut,
     max_message: usize,
 }
 
 impl ClientIo {
-    pub fn new(stream: TcpStream, read_buf: BytesMut, max_message: usize) -> ClientIo {
+    pub fn new(stream: ClientStream, read_buf: BytesMut, max_message: usize) -> ClientIo {
         ClientIo {
             stream,
             read_buf,
@@ -1241,7 +1241,8 @@ impl Session {
         let mut build = |_: &mut Session, plan: &mut Plan, _: &mut HashSet<Arc<str>>| {
             plan.send(query, End::Query);
         };
-        self.dispatch(route, binds_tx, true, &mut build, outcome).await
+        self.dispatch(route, binds_tx, true, &mut build, outcome)
+            .await
     }
 
     /// Binds a backend for `route`, brings it in line with the session
@@ -1425,14 +1426,22 @@ impl Session {
     /// Replies are copied straight from the backend's read buffer into the
     /// client's write buffer, and written when the backend has nothing more
     /// buffered (or after 32 KiB, so large results stream).
-    async fn relay(&mut self, lease: &mut Lease, plan: &mut Plan, outcome: &mut Outcome) -> Result<(), RelayError> {
+    async fn relay(
+        &mut self,
+        lease: &mut Lease,
+        plan: &mut Plan,
+        outcome: &mut Outcome,
+    ) -> Result<(), RelayError> {
         let backend = lease.backend();
         emit_leading_synthetic(&mut plan.expects, &mut self.client.out);
         if plan.out.is_empty() {
             self.client.flush().await.map_err(RelayError::Client)?;
             return Ok(());
         }
-        backend.write_all(&plan.out).await.map_err(RelayError::Backend)?;
+        backend
+            .write_all(&plan.out)
+            .await
+            .map_err(RelayError::Backend)?;
         let expects = &mut plan.expects;
         outcome.committed = false;
         loop {
@@ -1440,26 +1449,43 @@ impl Session {
                 match tag {
                     b'N' | b'A' | b'S' => {
                         if forwarding(expects) {
-                            self.client.out.extend_from_slice(&backend.buffered()[..len]);
+                            self.client
+                                .out
+                                .extend_from_slice(&backend.buffered()[..len]);
                         }
                         backend.consume(len);
                         continue;
                     }
                     b'E' => {
                         outcome.errored = true;
-                        self.client.out.extend_from_slice(&backend.buffered()[..len]);
+                        self.client
+                            .out
+                            .extend_from_slice(&backend.buffered()[..len]);
                         backend.consume(len);
                         // The failing message's statement is not prepared after all.
-                        if let Some(Expect::Reply { unprepare: Some(name), .. }) = expects.front() {
+                        if let Some(Expect::Reply {
+                            unprepare: Some(name),
+                            ..
+                        }) = expects.front()
+                        {
                             backend.prepared.remove(name);
                         }
-                        let in_query = matches!(expects.front(), Some(Expect::Reply { end: End::Query, .. }));
+                        let in_query = matches!(
+                            expects.front(),
+                            Some(Expect::Reply {
+                                end: End::Query,
+                                ..
+                            })
+                        );
                         if !in_query {
                             // Postgres skips everything up to Sync after an error.
                             while let Some(front) = expects.front() {
                                 match front {
                                     Expect::Reply { end: End::Sync, .. } => break,
-                                    Expect::Reply { unprepare: Some(name), .. } => {
+                                    Expect::Reply {
+                                        unprepare: Some(name),
+                                        ..
+                                    } => {
                                         backend.prepared.remove(name);
                                         expects.pop_front();
                                     }
@@ -1473,11 +1499,15 @@ impl Session {
                     }
                     b'G' | b'W' => {
                         // COPY FROM STDIN: the client sends data until CopyDone/Fail.
-                        self.client.out.extend_from_slice(&backend.buffered()[..len]);
+                        self.client
+                            .out
+                            .extend_from_slice(&backend.buffered()[..len]);
                         backend.consume(len);
                         self.client.flush().await.map_err(RelayError::Client)?;
                         if tag == b'W' {
-                            return Err(RelayError::Backend(io::Error::other("COPY BOTH is not supported")));
+                            return Err(RelayError::Backend(io::Error::other(
+                                "COPY BOTH is not supported",
+                            )));
                         }
                         self.copy_in(backend).await?;
                         continue;
@@ -1496,7 +1526,9 @@ impl Session {
                     Some(Expect::Reply { end, forward, .. }) => {
                         let (end, forward) = (*end, *forward);
                         if forward {
-                            self.client.out.extend_from_slice(&backend.buffered()[..len]);
+                            self.client
+                                .out
+                                .extend_from_slice(&backend.buffered()[..len]);
                         }
                         backend.consume(len);
                         if end.ends_on(tag) {

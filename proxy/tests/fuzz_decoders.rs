@@ -12,8 +12,14 @@ use proxy::wire::frame::{next_frame, next_startup_packet};
 use proxy::wire::messages::{query_text, Bind, Parse, Target};
 
 fn config() -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(2000);
-    ProptestConfig { cases, ..ProptestConfig::default() }
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(2000);
+    ProptestConfig {
+        cases,
+        ..ProptestConfig::default()
+    }
 }
 
 /// SQL-ish text: keywords, identifiers, literals, quotes, comments, params.
@@ -60,13 +66,21 @@ fn map() -> shardmap::ClusterMap {
     let mut map = shardmap::ClusterMap::new("f", 8, vec![server]).expect("map");
     map.groups.insert(
         "users".into(),
-        shardmap::Group { name: "users".into(), key_type: shardmap::KeyType::Bigint, method: shardmap::Method::Hash },
+        shardmap::Group {
+            name: "users".into(),
+            key_type: shardmap::KeyType::Bigint,
+            method: shardmap::Method::Hash,
+        },
     );
     map.tables.insert(
         "users".into(),
         shardmap::Table {
             name: "users".into(),
-            kind: shardmap::TableKind::Sharded { group: "users".into(), key_column: "user_id".into(), embedded_id: false },
+            kind: shardmap::TableKind::Sharded {
+                group: "users".into(),
+                key_column: "user_id".into(),
+                embedded_id: false,
+            },
         },
     );
     map

@@ -207,12 +207,10 @@ impl TestProxy {
             .await
             .expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
-        let shared = std::sync::Arc::new(proxy::server::Shared::new(
-            config,
-            users,
-            cache.subscribe(),
-            pools,
-        ));
+        let tls = proxy::tls::from_config(&config.tls).expect("TLS settings");
+        let mut shared = proxy::server::Shared::new(config, users, cache.subscribe(), pools);
+        shared.tls = tls;
+        let shared = std::sync::Arc::new(shared);
         let task = tokio::spawn(proxy::server::serve(listener, shared.clone()));
         TestProxy {
             addr,

@@ -535,3 +535,72 @@ async fn malformed_input_is_refused_without_disturbing_other_sessions() {
         "unsupported protocol refused with an error"
     );
 }
+
+fn psql_with(conninfo: &str, sql: &str) -> std::process::Output {
+    Command::new("psql")
+        .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", conninfo, "-c", sql])
+        .output()
+        .expect("psql runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_when_configured_and_required() {
+    let cluster = TestCluster::start(1);
+    let _ = setup(&cluster).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+        .expect("self-signed certificate");
+    let cert = dir.path().join("proxy.crt");
+    let key = dir.path().join("proxy.key");
+    std::fs::write(&cert, certified.cert.pem()).expect("write cert");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write key");
+
+    let plain = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
+    let tls = TestProxy::start(&cluster, CLUSTER, |c| {
+        c.tls.cert = Some(cert.clone());
+        c.tls.key = Some(key.clone());
+        c.tls.required = true;
+    })
+    .await;
+    let conninfo = |proxy: &TestProxy, mode: &str| {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode={mode}",
+            proxy.addr.port()
+        )
+    };
+    let checks = tokio::task::spawn_blocking(move || {
+        let over_tls = psql_with(&conninfo(&tls, "require"), "SELECT 'tls ok'");
+        let refused_plain = psql_with(&conninfo(&tls, "disable"), "SELECT 1");
+        let no_tls_offered = psql_with(&conninfo(&plain, "require"), "SELECT 1");
+        let plain_ok = psql_with(&conninfo(&plain, "prefer"), "SELECT 'plain ok'");
+        (
+            over_tls,
+            refused_plain,
+            no_tls_offered,
+            plain_ok,
+            tls,
+            plain,
+        )
+    })
+    .await
+    .expect("psql task");
+    let (over_tls, refused_plain, no_tls_offered, plain_ok, _tls, _plain) = checks;
+    assert!(
+        over_tls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&over_tls.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&over_tls.stdout).trim(), "tls ok");
+    assert!(!refused_plain.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused_plain.stderr).contains("requires TLS"),
+        "{}",
+        String::from_utf8_lossy(&refused_plain.stderr)
+    );
+    assert!(
+        !no_tls_offered.status.success(),
+        "sslmode=require fails when the proxy has no TLS"
+    );
+    assert!(plain_ok.status.success());
+    assert_eq!(String::from_utf8_lossy(&plain_ok.stdout).trim(), "plain ok");
+}

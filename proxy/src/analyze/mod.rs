@@ -40,9 +40,16 @@ impl Analyzer {
     }
 
     pub fn analyze(&self, sql: &str) -> Analyzed {
-        let Lexed { shape, literals, .. } = lexer::lex_with(sql, false);
+        let Lexed {
+            shape, literals, ..
+        } = lexer::lex_with(sql, false);
         let literals = Arc::new(literals);
-        if let Some(hit) = self.cache.read().unwrap_or_else(|e| e.into_inner()).get(&shape) {
+        if let Some(hit) = self
+            .cache
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&shape)
+        {
             return Analyzed {
                 analysis: hit.clone(),
                 literals,

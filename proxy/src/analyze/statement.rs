@@ -718,7 +718,12 @@ mod tests {
     #[test]
     fn set_parsing_survives_multibyte_text() {
         // Found by the fuzzer: byte-offset slicing inside a multi-byte character.
-        for sql in ["SET x =  AND \u{e000}", "SET \u{e000}\u{e000} TO 1", "SET x T\u{e9}", "SET TIME ZON\u{e9}"] {
+        for sql in [
+            "SET x =  AND \u{e000}",
+            "SET \u{e000}\u{e000} TO 1",
+            "SET x T\u{e9}",
+            "SET TIME ZON\u{e9}",
+        ] {
             let l = lex(sql);
             let _ = analyze(&l.shape, &l.words);
         }

@@ -172,11 +172,14 @@ impl Target {
 /// The text of a simple Query message, borrowed from its body.
 pub fn query_text(body: &[u8]) -> Result<&str, Malformed> {
     const M: &str = "Query";
-    let end = body
-        .iter()
-        .position(|&b| b == 0)
-        .ok_or(Malformed { message: M, problem: "string without terminator" })?;
-    std::str::from_utf8(&body[..end]).map_err(|_| Malformed { message: M, problem: "invalid UTF-8" })
+    let end = body.iter().position(|&b| b == 0).ok_or(Malformed {
+        message: M,
+        problem: "string without terminator",
+    })?;
+    std::str::from_utf8(&body[..end]).map_err(|_| Malformed {
+        message: M,
+        problem: "invalid UTF-8",
+    })
 }
 
 /// The text of a simple Query message.
