@@ -105,6 +105,8 @@ impl PgState {
 pub struct LocalCluster {
     pub etcd: EtcdProcess,
     pub servers: Vec<PgServer>,
+    /// Streaming read replicas added with `add_replica`.
+    pub replicas: Vec<PgServer>,
     dir: PathBuf,
     stop_on_drop: bool,
 }
@@ -157,6 +159,7 @@ impl LocalCluster {
         let mut cluster = LocalCluster {
             etcd,
             servers: Vec::new(),
+            replicas: Vec::new(),
             dir: dir.clone(),
             stop_on_drop: true, // until fully started, so a failure cleans up
         };
@@ -177,6 +180,21 @@ impl LocalCluster {
         }
         cluster.stop_on_drop = stop_on_drop;
         Ok(cluster)
+    }
+
+    /// Adds a streaming read replica of server `index`; it is stopped with the
+    /// cluster.
+    pub fn add_replica(&mut self, index: usize) -> Result<PgState, DevError> {
+        let tools = Tools::discover()?;
+        let primary = self
+            .servers
+            .get(index)
+            .ok_or_else(|| DevError::Failed(format!("no server {index}")))?;
+        let name = format!("{}-replica", primary.name());
+        let replica = PgServer::start_replica(&tools, primary, &self.dir.join(&name), &name)?;
+        let state = replica.state();
+        self.replicas.push(replica);
+        Ok(state)
     }
 
     pub fn dir(&self) -> &Path {
@@ -211,7 +229,7 @@ impl LocalCluster {
 
     fn stop_all(&mut self) -> Result<(), DevError> {
         let mut errors = Vec::new();
-        for server in &mut self.servers {
+        for server in self.replicas.iter_mut().chain(self.servers.iter_mut()) {
             if let Err(e) = server.stop() {
                 errors.push(e.to_string());
             }

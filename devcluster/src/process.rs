@@ -252,12 +252,49 @@ impl PgServer {
         name: &str,
         fsync: bool,
     ) -> Result<PgServer, DevError> {
-        let port = free_port()?;
         if !data_dir.join("PG_VERSION").exists() {
             let mut copy = tools.as_pg_user("cp");
             copy.arg("-a").arg(template).arg(data_dir);
             run(&mut copy, "copying the template data directory")?;
         }
+        PgServer::configure_and_launch(tools, data_dir, name, fsync)
+    }
+
+    /// Starts a streaming read replica of `primary` in `data_dir`
+    /// (pg_basebackup with a standby.signal), on a free port.
+    pub fn start_replica(
+        tools: &Tools,
+        primary: &PgServer,
+        data_dir: &Path,
+        name: &str,
+    ) -> Result<PgServer, DevError> {
+        if !data_dir.join("PG_VERSION").exists() {
+            let mut backup = tools.pg_command("pg_basebackup");
+            backup
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &primary.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-D",
+                ])
+                .arg(data_dir)
+                .args(["-R", "-X", "stream", "--no-sync"]);
+            run(&mut backup, &format!("pg_basebackup of {}", primary.name))?;
+        }
+        PgServer::configure_and_launch(tools, data_dir, name, false)
+    }
+
+    fn configure_and_launch(
+        tools: &Tools,
+        data_dir: &Path,
+        name: &str,
+        fsync: bool,
+    ) -> Result<PgServer, DevError> {
+        let port = free_port()?;
+        // Appended last, so these win over what a template or base backup holds.
         let settings = format!(
             "\n# shardline dev cluster\n\
              port = {port}\n\

@@ -258,6 +258,39 @@ impl Pools {
         }
     }
 
+    /// The pool for read replica `index` of `server` (named after the server,
+    /// so a transaction on it is still "on" that server).
+    pub fn for_replica(&self, server: &Server, index: usize) -> Arc<Pool> {
+        let Some(endpoint) = server.replicas.get(index) else {
+            return self.for_server(server);
+        };
+        let key = format!("{}/replica{index}", server.name);
+        if let Some(pool) = self
+            .pools
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            if pool.endpoint == *endpoint {
+                return pool.clone();
+            }
+        }
+        let mut pools = self.pools.write().unwrap_or_else(|e| e.into_inner());
+        match pools.get(&key) {
+            Some(pool) if pool.endpoint == *endpoint => pool.clone(),
+            _ => {
+                let pool = Arc::new(Pool::new(
+                    server.name.as_str().into(),
+                    endpoint.clone(),
+                    self.secrets.password_for(&server.name, &endpoint.user),
+                    self.config.clone(),
+                ));
+                pools.insert(key, pool.clone());
+                pool
+            }
+        }
+    }
+
     pub fn all(&self) -> Vec<Arc<Pool>> {
         self.pools
             .read()

@@ -142,6 +142,8 @@ enum Tx {
     /// first statement that has a route, followed by `prelude`'s other parts.
     Deferred {
         prelude: Vec<String>,
+        /// BEGIN READ ONLY: may run on a read replica.
+        read_only: bool,
     },
     /// Open on the held backend.
     Bound,
@@ -264,6 +266,9 @@ pub struct Session {
     last_pool: Option<(i64, String, Arc<Pool>)>,
     /// Buffers of the request being sent, reused from one request to the next.
     request: Plan,
+    /// `SET shardline.read_replica = on`: reads outside transactions go to replicas.
+    read_replica: bool,
+    replica_turn: usize,
     cancel_slot: TargetSlot,
 }
 
@@ -287,6 +292,8 @@ impl Session {
             unsynced: false,
             last_pool: None,
             request: Plan::default(),
+            read_replica: false,
+            replica_turn: 0,
             cancel_slot,
         }
     }
@@ -483,8 +490,11 @@ impl Session {
             .await;
         match route {
             Ok(route) => {
+                let read_only = commands
+                    .iter()
+                    .all(|c| matches!(c, Command::Data(d) if d.read_only));
                 let mut outcome = Outcome::default();
-                self.dispatch_query(route, true, &frame.raw, &mut outcome)
+                self.dispatch_query(route, true, read_only, &frame.raw, &mut outcome)
                     .await
                     .map(|_| ())
             }
@@ -510,11 +520,12 @@ impl Session {
                 messages::empty(b'I', &mut self.client.out);
                 self.ready().await
             }
-            Command::Begin { .. } => match self.tx {
+            Command::Begin { read_only } => match self.tx {
                 Tx::Idle => {
                     let statement = render(&analyzed_text(analyzed, &frame), &analyzed.literals);
                     self.tx = Tx::Deferred {
                         prelude: vec![statement],
+                        read_only: *read_only,
                     };
                     messages::command_complete("BEGIN", &mut self.client.out);
                     self.ready().await
@@ -531,7 +542,7 @@ impl Session {
                     messages::command_complete("BEGIN", &mut self.client.out);
                     self.ready().await
                 }
-                _ => self.forward_simple(frame, Route::Any).await,
+                _ => self.forward_simple(frame, Route::Any, false).await,
             },
             Command::Commit | Command::Rollback => match self.tx {
                 Tx::Idle => {
@@ -568,38 +579,40 @@ impl Session {
                     messages::command_complete("ROLLBACK", &mut self.client.out);
                     self.ready().await
                 }
-                Tx::Bound => self.forward_simple(frame, Route::Any).await,
+                Tx::Bound => self.forward_simple(frame, Route::Any, false).await,
             },
             Command::TransactionScoped => match &mut self.tx {
-                Tx::Deferred { prelude } => {
+                Tx::Deferred { prelude, .. } => {
                     // Runs with the BEGIN, once the transaction has a server.
                     prelude.push(render(&analyzed_text(analyzed, &frame), &analyzed.literals));
                     let tag = transaction_scoped_tag(&analyzed_text(analyzed, &frame));
                     messages::command_complete(&tag, &mut self.client.out);
                     self.ready().await
                 }
-                _ => self.forward_simple(frame, Route::Any).await,
+                _ => self.forward_simple(frame, Route::Any, false).await,
             },
             Command::Set { name, value } => {
                 let value = render(&value, &analyzed.literals);
                 if let Some(setting) = name.strip_prefix("shardline.") {
                     return self.proxy_setting(setting, &value).await;
                 }
-                if let Tx::Deferred { prelude } = &mut self.tx {
+                if let Tx::Deferred { prelude, .. } = &mut self.tx {
                     // Runs with the BEGIN, once the transaction has a server.
                     prelude.push(render(&analyzed_text(analyzed, &frame), &analyzed.literals));
                     self.tx_settings.push((name.clone(), Some(value)));
                     messages::command_complete("SET", &mut self.client.out);
                     return self.ready().await;
                 }
-                let outcome = self.forward_simple_outcome(frame, Route::Any, true).await?;
+                let outcome = self
+                    .forward_simple_outcome(frame, Route::Any, true, false)
+                    .await?;
                 if outcome.is_some_and(|o| !o.errored) {
                     self.record_setting(name.clone(), Some(value));
                 }
                 Ok(())
             }
             Command::Reset { name } => {
-                if let Tx::Deferred { prelude } = &mut self.tx {
+                if let Tx::Deferred { prelude, .. } = &mut self.tx {
                     prelude.push(render(&analyzed_text(analyzed, &frame), &analyzed.literals));
                     match &name {
                         Some(name) => self.tx_settings.push((name.clone(), None)),
@@ -612,7 +625,9 @@ impl Session {
                     messages::command_complete("RESET", &mut self.client.out);
                     return self.ready().await;
                 }
-                let outcome = self.forward_simple_outcome(frame, Route::Any, true).await?;
+                let outcome = self
+                    .forward_simple_outcome(frame, Route::Any, true, false)
+                    .await?;
                 if outcome.is_some_and(|o| !o.errored) {
                     match name {
                         Some(name) => self.record_setting(name.clone(), None),
@@ -631,7 +646,7 @@ impl Session {
             }
             // SHOW reads a setting: it need not open a held-back transaction.
             Command::Show { .. } => self
-                .forward_simple_outcome(frame, Route::Any, false)
+                .forward_simple_outcome(frame, Route::Any, false, true)
                 .await
                 .map(|_| ()),
             Command::Discard => {
@@ -689,7 +704,7 @@ impl Session {
                     })
                     .await;
                 match route {
-                    Ok(route) => self.forward_simple(frame, route).await,
+                    Ok(route) => self.forward_simple(frame, route, data.read_only).await,
                     Err(e) => {
                         self.route_error(&e);
                         self.fail_transaction().await;
@@ -700,8 +715,13 @@ impl Session {
         }
     }
 
-    async fn forward_simple(&mut self, frame: Frame, route: Route) -> Result<(), SessionError> {
-        self.forward_simple_outcome(frame, route, true)
+    async fn forward_simple(
+        &mut self,
+        frame: Frame,
+        route: Route,
+        read_only: bool,
+    ) -> Result<(), SessionError> {
+        self.forward_simple_outcome(frame, route, true, read_only)
             .await
             .map(|_| ())
     }
@@ -713,10 +733,11 @@ impl Session {
         frame: Frame,
         route: Route,
         binds_tx: bool,
+        read_only: bool,
     ) -> Result<Option<Outcome>, SessionError> {
         let mut outcome = Outcome::default();
         let reached = self
-            .dispatch_query(route, binds_tx, &frame.raw, &mut outcome)
+            .dispatch_query(route, binds_tx, read_only, &frame.raw, &mut outcome)
             .await?;
         Ok(reached.then_some(outcome))
     }
@@ -768,19 +789,41 @@ impl Session {
         }
     }
 
+    /// `SET shardline.<setting>`: settings of the proxy itself.
     async fn proxy_setting(&mut self, setting: &str, value: &str) -> Result<(), SessionError> {
-        let _ = (setting, value);
-        self.client.error(
-            "42704",
-            &format!("unrecognized configuration parameter \"shardline.{setting}\""),
-            Some("read replicas are not supported yet"),
-        );
+        let value = value.trim().trim_matches('\'').to_ascii_lowercase();
+        match setting {
+            "read_replica" => match value.as_str() {
+                "on" | "true" | "1" | "yes" => self.read_replica = true,
+                "off" | "false" | "0" | "no" | "default" => self.read_replica = false,
+                _ => {
+                    self.client.error(
+                        "22023",
+                        &format!("parameter \"shardline.read_replica\" requires a Boolean value, not \"{value}\""),
+                        Some("use on or off"),
+                    );
+                    return self.ready().await;
+                }
+            },
+            _ => {
+                self.client.error(
+                    "42704",
+                    &format!("unrecognized configuration parameter \"shardline.{setting}\""),
+                    Some("shardline's own settings: shardline.read_replica"),
+                );
+                return self.ready().await;
+            }
+        }
+        messages::command_complete("SET", &mut self.client.out);
         self.ready().await
     }
 
     async fn show_proxy_setting(&mut self, name: &str) -> Result<(), SessionError> {
         let value = match name {
             "shardline.version" => Some(env!("CARGO_PKG_VERSION").to_string()),
+            "shardline.read_replica" => {
+                Some(if self.read_replica { "on" } else { "off" }.to_string())
+            }
             "shardline.map_version" => self
                 .shared
                 .map
@@ -903,7 +946,22 @@ impl Session {
             |session: &mut Session, plan: &mut Plan, prepared: &mut HashSet<Arc<str>>| {
                 session.build_extended(&items, &portals, plan, Some(prepared));
             };
-        self.dispatch(route, forwards, synced, &mut build, &mut outcome)
+        // Preparing (Parse/Describe without Bind) uses the primary: a replica
+        // may not have replayed the newest schema yet.
+        let read_only = items.iter().any(|item| matches!(item, Item::Bind(..)))
+            && items.iter().all(|item| match item {
+                Item::Bind(_, bind) => self
+                    .statements
+                    .get(&bind.statement)
+                    .is_some_and(|p| matches!(p.command(), Some(Command::Data(d)) if d.read_only)),
+                _ => true,
+            });
+        let flags = DispatchFlags {
+            binds_tx: forwards,
+            synced,
+            read_only,
+        };
+        self.dispatch(route, flags, &mut build, &mut outcome)
             .await?;
         self.forget_closed(&items);
         Ok(())
@@ -944,10 +1002,11 @@ impl Session {
                         hint: None,
                     })
                 }
-                Command::Begin { .. } if !on_backend => {
+                Command::Begin { read_only } if !on_backend => {
                     if tx == Tx::Idle {
                         tx = Tx::Deferred {
                             prelude: vec![prepared.query.clone()],
+                            read_only: *read_only,
                         };
                     }
                     PortalUse::Answer("BEGIN")
@@ -1235,14 +1294,19 @@ impl Session {
         &mut self,
         route: Route,
         binds_tx: bool,
+        read_only: bool,
         query: &Bytes,
         outcome: &mut Outcome,
     ) -> Result<bool, SessionError> {
         let mut build = |_: &mut Session, plan: &mut Plan, _: &mut HashSet<Arc<str>>| {
             plan.send(query, End::Query);
         };
-        self.dispatch(route, binds_tx, true, &mut build, outcome)
-            .await
+        let flags = DispatchFlags {
+            binds_tx,
+            synced: true,
+            read_only,
+        };
+        self.dispatch(route, flags, &mut build, outcome).await
     }
 
     /// Binds a backend for `route`, brings it in line with the session
@@ -1253,11 +1317,15 @@ impl Session {
     async fn dispatch(
         &mut self,
         route: Route,
-        binds_tx: bool,
-        synced: bool,
+        flags: DispatchFlags,
         build: &mut (dyn FnMut(&mut Session, &mut Plan, &mut HashSet<Arc<str>>) + Send),
         outcome: &mut Outcome,
     ) -> Result<bool, SessionError> {
+        let DispatchFlags {
+            binds_tx,
+            synced,
+            read_only,
+        } = flags;
         let held = self.lease.as_ref().map(|l| l.server().to_string());
         let target = match (route.server(), &held) {
             (Some(server), Some(held)) if server != held => {
@@ -1283,9 +1351,19 @@ impl Session {
                 }
             },
         };
+        // Reads may go to a replica when the client asked for it (session
+        // setting, or a READ ONLY transaction); writes never do.
+        let replica = read_only
+            && match &self.tx {
+                Tx::Idle => self.read_replica,
+                Tx::Deferred {
+                    read_only: true, ..
+                } => binds_tx,
+                _ => false,
+            };
         let mut lease = match self.lease.take() {
             Some(lease) => lease,
-            None => match self.acquire(&target).await {
+            None => match self.acquire(&target, replica).await {
                 Ok(lease) => lease,
                 Err((code, message)) => {
                     self.client.error(
@@ -1318,7 +1396,7 @@ impl Session {
             lease.backend().settings = replayed_settings(&self.settings);
         }
         if binds_tx {
-            if let Tx::Deferred { prelude } = &self.tx {
+            if let Tx::Deferred { prelude, .. } = &self.tx {
                 let mut out = BytesMut::new();
                 messages::query(&prelude.join("; "), &mut out);
                 request.inject(&out, End::Query);
@@ -1381,8 +1459,16 @@ impl Session {
         Ok(true)
     }
 
-    async fn acquire(&mut self, target: &str) -> Result<Lease, (&'static str, String)> {
-        let pool = self.pool_for(target)?;
+    async fn acquire(
+        &mut self,
+        target: &str,
+        replica: bool,
+    ) -> Result<Lease, (&'static str, String)> {
+        let pool = if replica {
+            self.replica_pool_for(target)?
+        } else {
+            self.pool_for(target)?
+        };
         pool.acquire().await.map_err(|e| {
             warn!(server = %target, error = %e, "no backend connection");
             ("08006", format!("cannot reach server {target}: {e}"))
@@ -1407,6 +1493,23 @@ impl Session {
         drop(snapshot);
         self.last_pool = Some((version, target.to_string(), pool.clone()));
         Ok(pool)
+    }
+
+    /// A pool of one of `target`'s read replicas (round robin), or of the
+    /// primary if it has none.
+    fn replica_pool_for(&mut self, target: &str) -> Result<Arc<Pool>, (&'static str, String)> {
+        let snapshot = self.shared.map.borrow();
+        let server = snapshot
+            .as_ref()
+            .and_then(|v| v.map.servers.get(target))
+            .ok_or_else(|| ("57P03", format!("server {target} is not in the shard map")))?;
+        if server.replicas.is_empty() {
+            let pool = self.shared.pools.for_server(server);
+            return Ok(pool);
+        }
+        let index = self.replica_turn % server.replicas.len();
+        self.replica_turn = self.replica_turn.wrapping_add(1);
+        Ok(self.shared.pools.for_replica(server, index))
     }
 
     /// The server for statements any server could run (catalog queries,
@@ -1601,6 +1704,17 @@ impl Session {
             }
         }
     }
+}
+
+/// How a request is dispatched.
+#[derive(Debug, Clone, Copy)]
+struct DispatchFlags {
+    /// Runs inside a held-back transaction, and so opens it on the server.
+    binds_tx: bool,
+    /// The request ends with Sync (not Flush): the backend can be released.
+    synced: bool,
+    /// Only reads: may go to a read replica if the client asked for that.
+    read_only: bool,
 }
 
 #[derive(Debug)]

@@ -618,3 +618,118 @@ async fn a_blocked_partition_holds_statements_until_it_is_released() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_to_a_replica_only_when_asked_and_writes_never_do() {
+    let mut cluster = TestCluster::start(1);
+    let replica = tokio::task::block_in_place(|| cluster.cluster.add_replica(0)).expect("replica");
+    let (store, _) = cluster.init_map("replicas", PARTITIONS).await;
+    let saved = store
+        .update("test", |map| {
+            let server = map.servers.get_mut("pg1").ok_or("pg1 missing")?;
+            server
+                .replicas
+                .push(shardmap::Endpoint::parse(&replica.url()).map_err(|e| e.to_string())?);
+            map.groups.insert(
+                "users".into(),
+                Group {
+                    name: "users".into(),
+                    key_type: KeyType::Bigint,
+                    method: Method::Hash,
+                },
+            );
+            map.tables
+                .insert("users".into(), sharded("users", "users", "user_id", false));
+            Ok(Change::new("replica", "pg1 has a replica"))
+        })
+        .await
+        .expect("add replica to map");
+    create_table(
+        &cluster,
+        &saved.map,
+        "users",
+        "user_id bigint PRIMARY KEY, name text",
+    )
+    .await;
+    // Wait until the replica has replayed the table.
+    let (replica_client, connection) =
+        tokio_postgres::connect(&replica.conninfo(), tokio_postgres::NoTls)
+            .await
+            .expect("connect to the replica");
+    tokio::spawn(connection);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            replica_client
+                .query_one("SELECT to_regclass('users') IS NOT NULL", &[])
+                .await
+                .is_ok_and(|row| row.get::<_, bool>(0))
+        })
+        .await,
+        "the replica replays the schema"
+    );
+    let proxy = TestProxy::start(&cluster, "replicas", |_| {}).await;
+    let client = proxy.connect().await;
+    assert!(
+        !in_recovery(&client).await,
+        "by default reads go to the primary"
+    );
+    client
+        .batch_execute("SET shardline.read_replica = on")
+        .await
+        .expect("opt in");
+    assert!(
+        in_recovery(&client).await,
+        "opted-in reads go to the replica"
+    );
+    client
+        .execute(
+            "INSERT INTO users (user_id, name) VALUES ($1, 'w')",
+            &[&1_i64],
+        )
+        .await
+        .expect("writes still go to the primary");
+    let shown = client
+        .simple_query("SHOW shardline.read_replica")
+        .await
+        .expect("show");
+    let value = shown.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(value.as_deref(), Some("on"));
+    // A read-write transaction stays on the primary, even for reads.
+    client.batch_execute("BEGIN").await.expect("begin");
+    assert!(
+        !in_recovery(&client).await,
+        "reads in a read-write transaction use the primary"
+    );
+    client.batch_execute("COMMIT").await.expect("commit");
+    client
+        .batch_execute("SET shardline.read_replica = off")
+        .await
+        .expect("opt out");
+    assert!(!in_recovery(&client).await);
+    // BEGIN READ ONLY opts in for one transaction.
+    client
+        .batch_execute("BEGIN READ ONLY")
+        .await
+        .expect("begin read only");
+    assert!(
+        in_recovery(&client).await,
+        "a READ ONLY transaction may use the replica"
+    );
+    client.batch_execute("COMMIT").await.expect("commit");
+    let err = client
+        .batch_execute("SET shardline.read_replica = maybe")
+        .await
+        .expect_err("bad value");
+    assert_eq!(err.code().map(|c| c.code()), Some("22023"));
+}
+
+async fn in_recovery(client: &tokio_postgres::Client) -> bool {
+    let row = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .expect("query");
+    row.get::<_, bool>(0)
+}

@@ -215,7 +215,11 @@ fn classify_by_words(shape: &str, words: &[String]) -> Option<Command> {
             },
         },
         "show" => Command::Show {
-            name: words[1..].join(" "),
+            name: strip_prefix_ci(shape.trim_start(), "show")
+                .unwrap_or_default()
+                .trim()
+                .trim_matches('"')
+                .to_lowercase(),
         },
         "discard" => Command::Discard,
         "deallocate" => {
