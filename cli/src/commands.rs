@@ -488,6 +488,15 @@ pub enum TableCommand {
         #[command(flatten)]
         spec: GroupSpec,
     },
+    /// Create a declared table on the servers: for a sharded table, the
+    /// partitioned parent on every server with the leaves of the partitions
+    /// each owns; a reference table everywhere; an unsharded one on its home.
+    Create {
+        name: String,
+        /// Column definitions, as in CREATE TABLE (the key column included).
+        #[arg(long)]
+        columns: String,
+    },
     /// List tables.
     List,
     /// Remove a table from the map (its data on the servers is not touched).
@@ -647,6 +656,7 @@ pub async fn table(context: &Context, command: TableCommand) -> Result<()> {
             println!("{out}");
             Ok(())
         }
+        TableCommand::Create { name, columns } => create_table(context, &name, &columns).await,
         TableCommand::Remove { name } => {
             context
                 .change(|map| {
@@ -658,6 +668,58 @@ pub async fn table(context: &Context, command: TableCommand) -> Result<()> {
                 .await
         }
     }
+}
+
+/// Runs a table's DDL on every server of the map, each in one transaction.
+async fn create_table(context: &Context, name: &str, columns: &str) -> Result<()> {
+    let map = context.store().await?.load().await?.map;
+    // Passwords never come from etcd.
+    let password = std::env::var("SHARDLINE_BACKEND_PASSWORD")
+        .or_else(|_| std::env::var("PGPASSWORD"))
+        .ok();
+    let mut created = Vec::new();
+    for server in map.servers.values() {
+        let statements = shardmap::ddl::create_statements(&map, name, columns, &server.name)
+            .map_err(anyhow::Error::msg)?;
+        if statements.is_empty() {
+            continue;
+        }
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&server.primary.host)
+            .port(server.primary.port)
+            .user(&server.primary.user)
+            .dbname(&server.primary.dbname)
+            .application_name("shardctl")
+            .connect_timeout(std::time::Duration::from_secs(5));
+        if let Some(password) = &password {
+            config.password(password);
+        }
+        let (client, connection) =
+            config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot connect to server {} at {}",
+                        server.name, server.primary
+                    )
+                })?;
+        tokio::spawn(connection);
+        let script = format!("BEGIN;\n{};\nCOMMIT;", statements.join(";\n"));
+        client
+            .batch_execute(&script)
+            .await
+            .with_context(|| format!("creating {name} on server {}", server.name))?;
+        created.push((server.name.clone(), statements.len().saturating_sub(1)));
+    }
+    if context.json {
+        return print_json(&created);
+    }
+    for (server, leaves) in &created {
+        println!("{name} created on {server} ({leaves} leaf tables)");
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------- partition

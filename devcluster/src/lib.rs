@@ -24,6 +24,8 @@ pub use tools::Tools;
 
 /// Name of the state file in a cluster directory.
 pub const STATE_FILE: &str = "cluster.json";
+/// A proxy started for the cluster writes its pid here; `dev down` stops it.
+pub const PROXY_PID_FILE: &str = "proxy.pid";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
@@ -285,6 +287,12 @@ pub fn stop_dir(dir: &Path, keep_data: bool) -> Result<ClusterState, DevError> {
     let tools = Tools::discover()?;
     let state = read_state(dir)?;
     let mut errors = Vec::new();
+    // A proxy the quickstart started for this cluster, if any.
+    if let Ok(text) = fs::read_to_string(dir.join(PROXY_PID_FILE)) {
+        if let Ok(pid) = text.trim().parse::<u32>() {
+            process::stop_named_pid(pid, "shardline-proxy");
+        }
+    }
     for server in &state.servers {
         if let Err(e) = process::stop_postgres(&tools, &server.data_dir) {
             errors.push(e.to_string());

@@ -215,6 +215,22 @@ pub fn etcd_alive(state: &EtcdState) -> bool {
     cmdline.contains("etcd") && cmdline.contains(&*state.data_dir.to_string_lossy())
 }
 
+/// Stops (SIGTERM, then SIGKILL) process `pid` if its command line names
+/// `program` — never a recycled pid of something else.
+pub fn stop_named_pid(pid: u32, program: &str) {
+    let is_it = || {
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        pid_alive(pid) && String::from_utf8_lossy(&cmdline).contains(program)
+    };
+    if !is_it() {
+        return;
+    }
+    signal(pid, libc::SIGTERM);
+    if !wait_until(Duration::from_secs(5), || !is_it()) {
+        signal(pid, libc::SIGKILL);
+    }
+}
+
 /// Stops an etcd this process did not start.
 pub fn stop_etcd_pid(state: &EtcdState) -> Result<(), DevError> {
     if !etcd_alive(state) {

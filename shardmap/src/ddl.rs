@@ -164,6 +164,45 @@ pub fn leaves(map: &ClusterMap, table: &str, partition: u32) -> Result<Vec<Leaf>
     }
 }
 
+/// The statements creating `table` (with `columns`, the SQL column list) on
+/// `server`: for a sharded table the partitioned parent and the leaves of the
+/// partitions `server` owns; a reference table everywhere; an unsharded table
+/// on its home only (elsewhere: nothing).
+pub fn create_statements(
+    map: &ClusterMap,
+    table: &str,
+    columns: &str,
+    server: &str,
+) -> Result<Vec<String>, String> {
+    let def = map
+        .tables
+        .get(table)
+        .ok_or_else(|| format!("table {table:?} is not in the map"))?;
+    let mut statements = Vec::new();
+    match &def.kind {
+        TableKind::Sharded { .. } => {
+            statements.push(format!(
+                "CREATE TABLE {table} ({columns}) {}",
+                partition_clause(map, table)?
+            ));
+            for (partition, assignment) in map.assignments.iter().enumerate() {
+                if assignment.owner == server {
+                    for leaf in leaves(map, table, partition as u32)? {
+                        statements.push(leaf.create_sql(table));
+                    }
+                }
+            }
+        }
+        TableKind::Reference => statements.push(format!("CREATE TABLE {table} ({columns})")),
+        TableKind::Unsharded { home } => {
+            if home == server {
+                statements.push(format!("CREATE TABLE {table} ({columns})"));
+            }
+        }
+    }
+    Ok(statements)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -121,41 +121,14 @@ where
 /// server with the leaves of the partitions that server owns; a reference
 /// table everywhere; an unsharded table on its home.
 pub async fn create_table(cluster: &TestCluster, map: &ClusterMap, table: &str, columns: &str) {
-    let def = map
-        .tables
-        .get(table)
-        .unwrap_or_else(|| panic!("table {table} is not in the map"));
     for (index, server) in cluster.cluster.servers.iter().enumerate() {
-        let mut sql = String::new();
-        match &def.kind {
-            shardmap::TableKind::Sharded { .. } => {
-                let clause = shardmap::ddl::partition_clause(map, table).expect("partition clause");
-                sql.push_str(&format!("CREATE TABLE {table} ({columns}) {clause};"));
-                for (partition, assignment) in map.assignments.iter().enumerate() {
-                    if assignment.owner == server.name() {
-                        for leaf in
-                            shardmap::ddl::leaves(map, table, partition as u32).expect("leaves")
-                        {
-                            sql.push_str(&leaf.create_sql(table));
-                            sql.push(';');
-                        }
-                    }
-                }
-            }
-            shardmap::TableKind::Reference => {
-                sql.push_str(&format!("CREATE TABLE {table} ({columns});"))
-            }
-            shardmap::TableKind::Unsharded { home } => {
-                if home == server.name() {
-                    sql.push_str(&format!("CREATE TABLE {table} ({columns});"));
-                }
-            }
-        }
-        if !sql.is_empty() {
+        let statements = shardmap::ddl::create_statements(map, table, columns, server.name())
+            .unwrap_or_else(|e| panic!("DDL for {table}: {e}"));
+        if !statements.is_empty() {
             cluster
                 .connect(index)
                 .await
-                .batch_execute(&sql)
+                .batch_execute(&statements.join(";\n"))
                 .await
                 .unwrap_or_else(|e| panic!("create {table}: {e}"));
         }
