@@ -30,6 +30,8 @@ use shardmap::PartitionState;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, warn};
 
+use rustc_hash::FxHashMap;
+
 use crate::analyze::lexer::LITERAL_MARKER_BASE;
 use crate::analyze::{Analyzed, Command, Literal};
 use crate::cancel::{CancelTarget, TargetSlot};
@@ -253,7 +255,7 @@ enum PortalUse {
 pub struct Session {
     shared: Arc<Shared>,
     client: ClientIo,
-    statements: HashMap<String, Arc<Prepared>>,
+    statements: FxHashMap<String, Arc<Prepared>>,
     /// Session settings from startup parameters and SET (name → value as SQL text).
     settings: BTreeMap<String, String>,
     /// SETs made inside the open transaction: kept only if it commits.
@@ -284,7 +286,7 @@ impl Session {
         Session {
             shared,
             client,
-            statements: HashMap::new(),
+            statements: FxHashMap::default(),
             settings,
             tx_settings: Vec::new(),
             tx: Tx::Idle,
@@ -379,7 +381,8 @@ impl Session {
     where
         F: FnMut(&shardmap::ClusterMap) -> Result<Route, RouteError>,
     {
-        let started = Instant::now();
+        // The clock is read only once a partition turns out to be blocked.
+        let mut started: Option<Instant> = None;
         let max_wait = Duration::from_millis(self.shared.config.limits.blocked_wait_ms);
         let mut rx = self.shared.map.clone();
         loop {
@@ -401,7 +404,8 @@ impl Session {
             if !blocked {
                 return Ok(route);
             }
-            let remaining = max_wait.saturating_sub(started.elapsed());
+            let remaining =
+                max_wait.saturating_sub(started.get_or_insert_with(Instant::now).elapsed());
             if remaining.is_zero() || tokio::time::timeout(remaining, rx.changed()).await.is_err() {
                 return Err(RouteError::new(
                     "55006",
@@ -592,7 +596,7 @@ impl Session {
                 _ => self.forward_simple(frame, Route::Any, false).await,
             },
             Command::Set { name, value } => {
-                let value = render(&value, &analyzed.literals);
+                let value = render(value, &analyzed.literals);
                 if let Some(setting) = name.strip_prefix("shardline.") {
                     return self.proxy_setting(setting, &value).await;
                 }
@@ -642,7 +646,7 @@ impl Session {
                 Ok(())
             }
             Command::Show { name } if name.starts_with("shardline.") => {
-                self.show_proxy_setting(&name).await
+                self.show_proxy_setting(name).await
             }
             // SHOW reads a setting: it need not open a held-back transaction.
             Command::Show { .. } => self
@@ -694,7 +698,7 @@ impl Session {
             Command::Data(data) => {
                 let literals = analyzed.literals.clone();
                 let route = self
-                    .route_holding(|map| match route_data(&data, map, &literals, None)? {
+                    .route_holding(|map| match route_data(data, map, &literals, None)? {
                         Resolution::Route(route) => Ok(route),
                         Resolution::NeedsParams => Err(RouteError::new(
                             "42P02",
@@ -1318,7 +1322,7 @@ impl Session {
         &mut self,
         route: Route,
         flags: DispatchFlags,
-        build: &mut (dyn FnMut(&mut Session, &mut Plan, &mut HashSet<Arc<str>>) + Send),
+        build: &mut BuildRequest<'_>,
         outcome: &mut Outcome,
     ) -> Result<bool, SessionError> {
         let DispatchFlags {
@@ -1705,6 +1709,9 @@ impl Session {
         }
     }
 }
+
+/// Writes a request into the plan, given the backend's prepared statements.
+type BuildRequest<'a> = dyn FnMut(&mut Session, &mut Plan, &mut HashSet<Arc<str>>) + Send + 'a;
 
 /// How a request is dispatched.
 #[derive(Debug, Clone, Copy)]

@@ -157,9 +157,11 @@ impl TestProxy {
         cluster_name: &str,
         configure: impl FnOnce(&mut proxy::config::ProxyConfig),
     ) -> TestProxy {
-        let mut config = proxy::config::ProxyConfig::default();
-        config.listen = "127.0.0.1:0".into();
-        config.cluster = cluster_name.into();
+        let mut config = proxy::config::ProxyConfig {
+            listen: "127.0.0.1:0".into(),
+            cluster: cluster_name.into(),
+            ..Default::default()
+        };
         config.etcd.endpoints = cluster.etcd_endpoints();
         config.auth.method = proxy::auth::AuthMethod::Trust;
         configure(&mut config);

@@ -479,7 +479,7 @@ async fn malformed_input_is_refused_without_disturbing_other_sessions() {
         ("negative length", b"Q\xff\xff\xff\xf0".to_vec()),
         ("oversized message", {
             let mut m = b"Q".to_vec();
-            m.extend_from_slice(&(4 + (2 << 20) as i32).to_be_bytes());
+            m.extend_from_slice(&(4_i32 + (2 << 20)).to_be_bytes());
             m
         }),
         ("unknown message type", b"?\0\0\0\x04".to_vec()),

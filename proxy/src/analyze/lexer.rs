@@ -70,7 +70,7 @@ pub fn lex_with(sql: &str, collect_words: bool) -> Lexed {
     let mut statement_start = (0usize, 0usize);
     let mut i = 0;
     let push_space = |shape: &mut String| {
-        if !shape.is_empty() && !shape.ends_with(' ') {
+        if !matches!(shape.as_bytes().last(), None | Some(b' ')) {
             shape.push(' ');
         }
     };
@@ -226,6 +226,11 @@ pub fn lex_with(sql: &str, collect_words: bool) -> Lexed {
                 i += 1;
                 prev = Prev::Nothing;
             }
+            _ if c < 0x80 => {
+                shape.push(char::from(c));
+                i += 1;
+                prev = Prev::Other;
+            }
             _ => {
                 let ch_len = utf8_len(c);
                 let end = (i + ch_len).min(sql.len());
@@ -291,11 +296,28 @@ fn literal_or_verbatim(
         shape.push_str(verbatim);
     } else {
         literals.push(literal);
-        shape.push('$');
-        shape.push_str(&(LITERAL_MARKER_BASE + literals.len() - 1).to_string());
+        push_marker(shape, LITERAL_MARKER_BASE + literals.len() - 1);
     }
 }
 
+/// Appends `$n` without formatting machinery (this runs for every literal).
+fn push_marker(shape: &mut String, n: usize) {
+    let mut digits = [0u8; 20];
+    let mut len = 0;
+    let mut rest = n;
+    loop {
+        digits[len] = b'0' + (rest % 10) as u8;
+        len += 1;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    shape.push('$');
+    for d in digits[..len].iter().rev() {
+        shape.push(char::from(*d));
+    }
+}
 /// A `'...'` string starting at `start` (the quote); returns its value and the end.
 fn quoted_string(sql: &str, start: usize, backslash_escapes: bool) -> (String, usize) {
     let bytes = sql.as_bytes();

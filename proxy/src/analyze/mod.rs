@@ -5,7 +5,7 @@
 pub mod lexer;
 pub mod statement;
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::{Arc, RwLock};
 
 pub use lexer::{lex, Lexed, Literal};
@@ -27,14 +27,14 @@ pub struct Analyzed {
 /// Caches analyses by shape. Bounded: when full it starts over, which costs
 /// only re-parsing (shapes of a real application are few).
 pub struct Analyzer {
-    cache: RwLock<HashMap<String, Arc<Analysis>>>,
+    cache: RwLock<FxHashMap<String, Arc<Analysis>>>,
     capacity: usize,
 }
 
 impl Analyzer {
     pub fn new(capacity: usize) -> Analyzer {
         Analyzer {
-            cache: RwLock::new(HashMap::new()),
+            cache: RwLock::new(FxHashMap::default()),
             capacity,
         }
     }

@@ -267,10 +267,8 @@ fn split_set(shape: &str) -> Option<(String, String)> {
     let after = rest[name_end..].trim_start();
     let value = if let Some(v) = after.strip_prefix('=') {
         v
-    } else if let Some(v) = strip_prefix_ci(after, "to") {
-        v
     } else {
-        return None;
+        strip_prefix_ci(after, "to")?
     };
     Some((name, value.trim().to_string()))
 }
