@@ -19,7 +19,7 @@
 //! some messages itself (synthetic replies) while keeping the client's reply
 //! order exactly as Postgres would produce it.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -242,6 +242,25 @@ enum Item {
     Close(Frame, Target),
     Sync(Frame),
     Flush(Frame),
+}
+
+/// The portals a request binds, in order (usually one: a map would cost
+/// more than it saves).
+#[derive(Default)]
+struct Portals(Vec<(String, PortalUse)>);
+
+impl Portals {
+    fn get(&self, name: &str) -> Option<&PortalUse> {
+        self.0.iter().rev().find(|(n, _)| n == name).map(|(_, u)| u)
+    }
+
+    fn insert(&mut self, name: String, usage: PortalUse) {
+        self.0.push((name, usage));
+    }
+
+    fn values(&self) -> impl Iterator<Item = &PortalUse> {
+        self.0.iter().map(|(_, u)| u)
+    }
 }
 
 /// How the proxy handles a bound portal.
@@ -875,14 +894,14 @@ impl Session {
             if let Item::Parse(_, parse) = item {
                 if let Some(existing) = self.statements.get(&parse.name) {
                     // Drivers re-parse the same unnamed statement all the time.
-                    if existing.query == parse.query && existing.param_types == parse.param_types {
+                    if parse.same_text(&existing.query) && existing.param_types == parse.param_types {
                         continue;
                     }
                 }
-                let analyzed = self.shared.analyzer.analyze(&parse.query);
+                let analyzed = self.shared.analyzer.analyze(parse.query());
                 let prepared = Arc::new(Prepared {
-                    backend_name: backend_statement_name(&parse.query, &parse.param_types),
-                    query: parse.query.clone(),
+                    backend_name: backend_statement_name(parse.query(), &parse.param_types),
+                    query: parse.query().to_string(),
                     param_types: parse.param_types.clone(),
                     analyzed,
                 });
@@ -978,8 +997,8 @@ impl Session {
     async fn decide_binds(
         &self,
         items: &[Item],
-    ) -> Result<(HashMap<String, PortalUse>, Route, Tx, Tx), RouteError> {
-        let mut portals: HashMap<String, PortalUse> = HashMap::new();
+    ) -> Result<(Portals, Route, Tx, Tx), RouteError> {
+        let mut portals = Portals::default();
         let mut route = Route::Any;
         let mut tx = self.tx.clone();
         let mut before_forward: Option<Tx> = None;
@@ -1085,7 +1104,7 @@ impl Session {
     }
 
     /// Whether any message of the request must reach a server.
-    fn needs_backend(&self, items: &[Item], portals: &HashMap<String, PortalUse>) -> bool {
+    fn needs_backend(&self, items: &[Item], portals: &Portals) -> bool {
         let statement_runs = |name: &str| {
             self.statements
                 .get(name)
@@ -1121,7 +1140,7 @@ impl Session {
     fn build_extended(
         &self,
         items: &[Item],
-        portals: &HashMap<String, PortalUse>,
+        portals: &Portals,
         plan: &mut Plan,
         mut prepared: Option<&mut HashSet<Arc<str>>>,
     ) {

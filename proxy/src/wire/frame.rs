@@ -137,7 +137,7 @@ impl Reader {
 
     /// A NUL-terminated string (without the NUL), as bytes.
     pub fn cstr_bytes(&mut self, message: &'static str) -> Result<Bytes, Malformed> {
-        let end = self.data.iter().position(|&b| b == 0).ok_or(Malformed {
+        let end = memchr::memchr(0, &self.data).ok_or(Malformed {
             message,
             problem: "string without terminator",
         })?;

@@ -11,7 +11,8 @@ use super::frame::{Malformed, Reader};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Parse {
     pub name: String,
-    pub query: String,
+    /// The statement text: a slice of the frame, checked to be UTF-8.
+    query: Bytes,
     pub param_types: Vec<u32>,
 }
 
@@ -20,23 +21,30 @@ impl Parse {
         const M: &str = "Parse";
         let mut r = Reader::new(body);
         let name = r.cstr(M)?;
-        let query = r.cstr(M)?;
+        let query = r.cstr_bytes(M)?;
+        if std::str::from_utf8(&query).is_err() {
+            return Err(Malformed { message: M, problem: "invalid UTF-8" });
+        }
         let count = r.i16(M)?;
         if count < 0 {
-            return Err(Malformed {
-                message: M,
-                problem: "negative parameter type count",
-            });
+            return Err(Malformed { message: M, problem: "negative parameter type count" });
         }
         let mut param_types = Vec::with_capacity(count as usize);
         for _ in 0..count {
             param_types.push(r.i32(M)? as u32);
         }
-        Ok(Parse {
-            name,
-            query,
-            param_types,
-        })
+        Ok(Parse { name, query, param_types })
+    }
+
+    /// The statement text.
+    pub fn query(&self) -> &str {
+        // Checked at decode; an empty string cannot be reached.
+        std::str::from_utf8(&self.query).unwrap_or_default()
+    }
+
+    /// Whether this Parse has the same text as `query` (cheap: no decoding).
+    pub fn same_text(&self, query: &str) -> bool {
+        self.query.as_ref() == query.as_bytes()
     }
 }
 
@@ -172,7 +180,7 @@ impl Target {
 /// The text of a simple Query message, borrowed from its body.
 pub fn query_text(body: &[u8]) -> Result<&str, Malformed> {
     const M: &str = "Query";
-    let end = body.iter().position(|&b| b == 0).ok_or(Malformed {
+    let end = memchr::memchr(0, body).ok_or(Malformed {
         message: M,
         problem: "string without terminator",
     })?;
@@ -414,7 +422,7 @@ mod tests {
         let p =
             Parse::decode(Bytes::from_static(b"s\0SELECT $1\0\0\x01\0\0\0\x14")).expect("decodes");
         assert_eq!(
-            (p.name.as_str(), p.query.as_str(), p.param_types.as_slice()),
+            (p.name.as_str(), p.query(), p.param_types.as_slice()),
             ("s", "SELECT $1", &[20u32][..])
         );
         assert!(Parse::decode(Bytes::from_static(b"s\0SELECT\0\xff\xff")).is_err());
