@@ -81,5 +81,5 @@ PY
 }
 measure shardline "$proxy_pid" "$proxy_port"
 if [ -n "$bouncer_port" ]; then
-  measure pgbouncer "$(pgrep -f "pgbouncer $work/bouncer/pgbouncer.ini" | head -1)" "$bouncer_port"
+  measure pgbouncer "$(pgrep -f "^pgbouncer $work/bouncer/pgbouncer.ini" | head -1)" "$bouncer_port"
 fi

@@ -54,7 +54,8 @@ impl ClientIo {
         ClientIo {
             stream,
             read_buf,
-            out: BytesMut::with_capacity(8 * 1024),
+            // Allocated on first use: idle clients cost only their task and socket.
+            out: BytesMut::new(),
             max_message,
         }
     }
@@ -88,6 +89,10 @@ impl ClientIo {
         }
         let result = self.stream.write_all(&self.out).await;
         self.out.clear();
+        if self.out.capacity() > 64 * 1024 {
+            // Do not keep a large result's buffer for the session's life.
+            self.out = BytesMut::new();
+        }
         result.map_err(|_| SessionError::ClientGone)
     }
 
@@ -894,7 +899,8 @@ impl Session {
             if let Item::Parse(_, parse) = item {
                 if let Some(existing) = self.statements.get(&parse.name) {
                     // Drivers re-parse the same unnamed statement all the time.
-                    if parse.same_text(&existing.query) && existing.param_types == parse.param_types {
+                    if parse.same_text(&existing.query) && existing.param_types == parse.param_types
+                    {
                         continue;
                     }
                 }
@@ -994,10 +1000,7 @@ impl Session {
     /// outside a server) or it runs on a backend, and routes those that run.
     /// Returns the decisions, the merged route, the transaction state the
     /// first forwarded statement runs in, and the state after the request.
-    async fn decide_binds(
-        &self,
-        items: &[Item],
-    ) -> Result<(Portals, Route, Tx, Tx), RouteError> {
+    async fn decide_binds(&self, items: &[Item]) -> Result<(Portals, Route, Tx, Tx), RouteError> {
         let mut portals = Portals::default();
         let mut route = Route::Any;
         let mut tx = self.tx.clone();
@@ -1185,18 +1188,7 @@ impl Session {
                     match (forwarded, statement, prepared.as_deref_mut()) {
                         (true, Some(statement), Some(set)) => {
                             if bind.statement.is_empty() {
-                                if !unnamed_parsed {
-                                    // Parsed in an earlier request, maybe on another backend.
-                                    let mut out = BytesMut::new();
-                                    messages::parse(
-                                        "",
-                                        &statement.query,
-                                        &statement.param_types,
-                                        &mut out,
-                                    );
-                                    plan.inject(&out, End::ParseComplete);
-                                    unnamed_parsed = true;
-                                }
+                                ensure_unnamed_parsed(plan, statement, &mut unnamed_parsed);
                                 plan.send(&frame.raw, End::BindComplete);
                             } else {
                                 ensure_prepared(plan, set, statement);
@@ -1220,17 +1212,7 @@ impl Session {
                     match (prepared.as_deref_mut(), statement) {
                         (Some(set), Some(statement)) if !is_tx_control(statement.command()) => {
                             if target.name.is_empty() {
-                                if !unnamed_parsed {
-                                    let mut out = BytesMut::new();
-                                    messages::parse(
-                                        "",
-                                        &statement.query,
-                                        &statement.param_types,
-                                        &mut out,
-                                    );
-                                    plan.inject(&out, End::ParseComplete);
-                                    unnamed_parsed = true;
-                                }
+                                ensure_unnamed_parsed(plan, statement, &mut unnamed_parsed);
                                 plan.send(&frame.raw, End::Describe);
                             } else {
                                 ensure_prepared(plan, set, statement);
@@ -1780,6 +1762,18 @@ fn ensure_prepared(plan: &mut Plan, prepared: &mut HashSet<Arc<str>>, statement:
         unprepare: Some(statement.backend_name.clone()),
     });
     prepared.insert(statement.backend_name.clone());
+}
+
+/// The unnamed statement may have been parsed in an earlier request, maybe
+/// on another backend: parse it again here unless this request already did.
+fn ensure_unnamed_parsed(plan: &mut Plan, statement: &Prepared, parsed: &mut bool) {
+    if *parsed {
+        return;
+    }
+    let mut out = BytesMut::new();
+    messages::parse("", &statement.query, &statement.param_types, &mut out);
+    plan.inject(&out, End::ParseComplete);
+    *parsed = true;
 }
 
 fn simple_reply(tag: u8) -> BytesMut {

@@ -254,24 +254,8 @@ impl Follower {
             for event in response.events() {
                 let Some(kv) = event.kv() else { continue };
                 match event.event_type() {
-                    EventType::Put => match decode_map(&self.cluster, kv.value()) {
-                        Ok(map) => {
-                            self.map_current = true;
-                            self.publish(Some(Arc::new(Versioned {
-                                map,
-                                revision: kv.mod_revision(),
-                            })))
-                        }
-                        Err(e) => {
-                            // Keep the last good map, but say it is out of date.
-                            self.map_current = false;
-                            error!(cluster = %self.cluster, error = %e, "the stored map cannot be used; keeping the last good one")
-                        }
-                    },
-                    EventType::Delete => {
-                        self.map_current = true;
-                        self.publish(None)
-                    }
+                    EventType::Put => self.apply_stored(Some(kv)),
+                    EventType::Delete => self.apply_stored(None),
                 }
                 self.synced_revision = self.synced_revision.max(kv.mod_revision());
             }
@@ -283,28 +267,34 @@ impl Follower {
         let mut kv = client.kv_client();
         let response = kv.get(self.keys.map(), None).await?;
         let store_revision = response.header().map(|h| h.revision()).unwrap_or(0);
-        match response.kvs().first() {
-            None => {
-                self.map_current = true;
-                self.publish(None)
-            }
-            Some(kv) => match decode_map(&self.cluster, kv.value()) {
-                Ok(map) => {
-                    self.map_current = true;
-                    self.publish(Some(Arc::new(Versioned {
-                        map,
-                        revision: kv.mod_revision(),
-                    })));
-                }
-                Err(e) => {
-                    self.map_current = false;
-                    error!(cluster = %self.cluster, error = %e, "the stored map cannot be used; keeping the last good one");
-                }
-            },
-        }
+        self.apply_stored(response.kvs().first());
         // Resume watching after the revision this read saw; never go backwards.
         self.synced_revision = self.synced_revision.max(store_revision);
         Ok(())
+    }
+
+    /// Applies the stored map (`None`: the key is gone). A map that cannot be
+    /// decoded or fails validation is not applied: the last good one stays,
+    /// and the health says it is out of date.
+    fn apply_stored(&mut self, kv: Option<&etcd_client::KeyValue>) {
+        let Some(kv) = kv else {
+            self.map_current = true;
+            self.publish(None);
+            return;
+        };
+        match decode_map(&self.cluster, kv.value()) {
+            Ok(map) => {
+                self.map_current = true;
+                self.publish(Some(Arc::new(Versioned {
+                    map,
+                    revision: kv.mod_revision(),
+                })));
+            }
+            Err(e) => {
+                self.map_current = false;
+                error!(cluster = %self.cluster, error = %e, "the stored map cannot be used; keeping the last good one");
+            }
+        }
     }
 
     fn publish(&self, snapshot: Snapshot) {

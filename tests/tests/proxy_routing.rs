@@ -541,7 +541,9 @@ async fn an_owner_change_reroutes_within_a_second_without_client_errors() {
         .expect("reader ran")
         .expect("reads reached the new owner");
     let delay = seen.saturating_duration_since(flipped_at);
-    eprintln!("owner change: reads reached the new owner {delay:?} after the map write was acknowledged");
+    eprintln!(
+        "owner change: reads reached the new owner {delay:?} after the map write was acknowledged"
+    );
     assert!(delay < Duration::from_secs(1), "rerouted after {delay:?}");
 }
 

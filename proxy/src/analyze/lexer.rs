@@ -178,19 +178,12 @@ pub fn lex_with(sql: &str, collect_words: bool) -> Lexed {
                     prev = Prev::Other;
                 }
             }
-            b'0'..=b'9' => {
-                let start = i;
-                i = number_end(bytes, i);
-                literal_or_verbatim(
-                    &mut shape,
-                    &mut literals,
-                    Prev::Other,
-                    Literal::Number(sql[start..i].to_string()),
-                    &sql[start..i],
-                );
-                prev = Prev::Other;
-            }
-            b'.' if bytes.get(i + 1).is_some_and(u8::is_ascii_digit) && !continues_word(&shape) => {
+            // A number: `12`, `1.5e3`, or `.5` (a dot followed by a digit).
+            b'0'..=b'9' | b'.'
+                if c != b'.'
+                    || (bytes.get(i + 1).is_some_and(u8::is_ascii_digit)
+                        && !continues_word(&shape)) =>
+            {
                 let start = i;
                 i = number_end(bytes, i);
                 literal_or_verbatim(

@@ -23,17 +23,27 @@ impl Parse {
         let name = r.cstr(M)?;
         let query = r.cstr_bytes(M)?;
         if std::str::from_utf8(&query).is_err() {
-            return Err(Malformed { message: M, problem: "invalid UTF-8" });
+            return Err(Malformed {
+                message: M,
+                problem: "invalid UTF-8",
+            });
         }
         let count = r.i16(M)?;
         if count < 0 {
-            return Err(Malformed { message: M, problem: "negative parameter type count" });
+            return Err(Malformed {
+                message: M,
+                problem: "negative parameter type count",
+            });
         }
         let mut param_types = Vec::with_capacity(count as usize);
         for _ in 0..count {
             param_types.push(r.i32(M)? as u32);
         }
-        Ok(Parse { name, query, param_types })
+        Ok(Parse {
+            name,
+            query,
+            param_types,
+        })
     }
 
     /// The statement text.
