@@ -32,6 +32,9 @@ pub struct ProxyConfig {
     pub limits: Limits,
     #[serde(default)]
     pub tls: TlsSettings,
+    /// Where to serve Prometheus metrics (`GET /metrics`); off when unset.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
 
 /// TLS for clients: off unless a certificate and key are given.
@@ -245,6 +248,7 @@ impl Default for ProxyConfig {
             backend: BackendSettings::default(),
             limits: Limits::default(),
             tls: TlsSettings::default(),
+            metrics_listen: None,
         }
     }
 }

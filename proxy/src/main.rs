@@ -37,6 +37,9 @@ struct Args {
     /// Password for logging in to the servers (overrides the config; prefer the env variable).
     #[arg(long, env = "SHARDLINE_BACKEND_PASSWORD", hide_env_values = true)]
     backend_password: Option<String>,
+    /// Serve Prometheus metrics here, e.g. 127.0.0.1:9930 (overrides the config).
+    #[arg(long, env = "SHARDLINE_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Name this proxy registers under in etcd (default: host:port of --listen).
     #[arg(long, env = "SHARDLINE_PROXY_ID")]
     id: Option<String>,
@@ -96,6 +99,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 anyhow::anyhow!("unknown auth method {method:?}: use scram-sha-256, md5 or trust")
             })?;
     }
+    if let Some(metrics) = args.metrics_listen {
+        config.metrics_listen = Some(metrics);
+    }
     if let Some(password) = args.backend_password {
         config.backend.password = Some(password);
     }
@@ -128,19 +134,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
         listen,
     ));
     let cancels = Arc::new(proxy::cancel::CancelRegistry::default());
+    let new_shared = |pool_config: proxy::pool::PoolConfig| {
+        let mut shared = Shared::with_cancels(
+            config.clone(),
+            users.clone(),
+            cache.subscribe(),
+            Pools::new(pool_config, Arc::new(config.backend.clone())),
+            cancels.clone(),
+        );
+        shared.tls = tls.clone();
+        Arc::new(shared)
+    };
+    let mut all_shared = vec![new_shared(pool_config.clone())];
     let mut first_listener = Some(listener);
     if threads > 1 {
         // All threads, this one included, accept on SO_REUSEPORT sockets.
         drop(first_listener.take());
         for index in 1..threads {
-            let mut shared = Shared::with_cancels(
-                config.clone(),
-                users.clone(),
-                cache.subscribe(),
-                Pools::new(pool_config.clone(), Arc::new(config.backend.clone())),
-                cancels.clone(),
-            );
-            shared.tls = tls.clone();
+            let shared = new_shared(pool_config.clone());
+            all_shared.push(shared.clone());
             std::thread::Builder::new()
                 .name(format!("serve-{index}"))
                 .spawn(move || {
@@ -153,7 +165,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     };
                     runtime.block_on(async move {
                         match server::bind_shared(address) {
-                            Ok(listener) => server::serve(listener, Arc::new(shared)).await,
+                            Ok(listener) => server::serve(listener, shared).await,
                             Err(e) => tracing::error!(error = %e, "cannot bind a serving thread's listener"),
                         }
                     });
@@ -164,16 +176,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(listener) => listener,
         None => server::bind_shared(address)?,
     };
-    let mut shared = Shared::with_cancels(
-        config.clone(),
-        users,
-        cache.subscribe(),
-        Pools::new(pool_config, Arc::new(config.backend.clone())),
-        cancels,
-    );
-    shared.tls = tls;
-    let shared = Arc::new(shared);
-    let serving = tokio::spawn(server::serve(listener, shared));
+    if let Some(metrics_listen) = &config.metrics_listen {
+        let metrics_listener = tokio::net::TcpListener::bind(metrics_listen).await?;
+        tracing::info!(address = %metrics_listener.local_addr()?, "metrics at /metrics");
+        tokio::spawn(proxy::metrics::serve(metrics_listener, all_shared.clone()));
+    }
+    let serving = tokio::spawn(server::serve(listener, all_shared[0].clone()));
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
         _ = serving => {}

@@ -47,6 +47,7 @@ pub struct Shared {
     client_slots: Arc<Semaphore>,
     /// Set when TLS is configured.
     pub tls: Option<TlsAcceptor>,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Shared {
@@ -85,6 +86,7 @@ impl Shared {
             active_clients: AtomicUsize::new(0),
             client_slots: Arc::new(Semaphore::new(max_clients)),
             tls: None,
+            metrics: crate::metrics::Metrics::default(),
         }
     }
 }
@@ -271,7 +273,11 @@ async fn handle_client(stream: TcpStream, shared: Arc<Shared>) -> Result<(), Log
         .await;
         return Err(LoginError::Protocol("no user".into()));
     };
-    authenticate(&mut stream, &mut buf, &shared, &user).await?;
+    if let Err(e) = authenticate(&mut stream, &mut buf, &shared, &user).await {
+        crate::metrics::Metrics::add(&shared.metrics.login_failures, 1);
+        return Err(e);
+    }
+    crate::metrics::Metrics::add(&shared.metrics.logins, 1);
 
     // Logged in: parameters, cancel key, ready.
     let (pid, secret, slot) = shared.cancels.register();

@@ -35,6 +35,7 @@ use rustc_hash::FxHashMap;
 use crate::analyze::lexer::LITERAL_MARKER_BASE;
 use crate::analyze::{Analyzed, Command, Literal};
 use crate::cancel::{CancelTarget, TargetSlot};
+use crate::metrics::Metrics;
 use crate::pool::{Lease, Pool};
 use crate::route::{route_data, Params, Resolution, Route, RouteError};
 use crate::server::Shared;
@@ -426,6 +427,13 @@ impl Session {
                 )
             });
             if !blocked {
+                if let Some(started) = started {
+                    Metrics::add(&self.shared.metrics.held, 1);
+                    Metrics::add(
+                        &self.shared.metrics.held_micros,
+                        started.elapsed().as_micros() as u64,
+                    );
+                }
                 return Ok(route);
             }
             let remaining =
@@ -441,6 +449,7 @@ impl Session {
     }
 
     fn route_error(&mut self, error: &RouteError) {
+        Metrics::add(&self.shared.metrics.route_errors, 1);
         self.client
             .error(error.code, &error.message, error.hint.as_deref());
     }
@@ -481,6 +490,7 @@ impl Session {
     // ------------------------------------------------------------ simple query
 
     async fn simple_query(&mut self, frame: Frame) -> Result<(), SessionError> {
+        Metrics::add(&self.shared.metrics.requests, 1);
         let body = frame.body();
         let text = match messages::query_text(&body) {
             Ok(text) => text,
@@ -878,6 +888,7 @@ impl Session {
     // ------------------------------------------------------------ extended protocol
 
     async fn extended(&mut self, frames: Vec<Frame>) -> Result<(), SessionError> {
+        Metrics::add(&self.shared.metrics.requests, 1);
         let mut items = Vec::with_capacity(frames.len());
         for frame in frames {
             let body = frame.body();
@@ -1427,6 +1438,7 @@ impl Session {
             }
             Err(RelayError::Backend(e)) => {
                 lease.backend().broken = true;
+                Metrics::add(&self.shared.metrics.backend_errors, 1);
                 warn!(server = %target, error = %e, "backend connection lost");
                 let was_in_tx = !matches!(self.tx, Tx::Idle);
                 self.client.error(

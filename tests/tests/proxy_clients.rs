@@ -604,3 +604,58 @@ async fn tls_when_configured_and_required() {
     assert!(plain_ok.status.success());
     assert_eq!(String::from_utf8_lossy(&plain_ok.stdout).trim(), "plain ok");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_metrics_count_requests_errors_and_pools() {
+    let cluster = TestCluster::start(1);
+    let _ = setup(&cluster).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
+    let client = proxy.connect().await;
+    for user in 1..=5 {
+        client
+            .execute(
+                "INSERT INTO users (user_id, name) VALUES ($1, 'm')",
+                &[&(user as i32)],
+            )
+            .await
+            .expect("insert");
+    }
+    let _ = client
+        .batch_execute("SELECT * FROM users")
+        .await
+        .expect_err("no key");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind metrics");
+    let address = listener.local_addr().expect("metrics address");
+    let server = tokio::spawn(proxy::metrics::serve(listener, vec![proxy.shared.clone()]));
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect to metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .await
+        .expect("request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.expect("response");
+    server.abort();
+    assert!(body.starts_with("HTTP/1.0 200 OK"), "{body}");
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or_else(|| panic!("{name} missing in:\n{body}"))
+    };
+    assert!(value("shardline_requests_total") >= 6.0);
+    assert_eq!(value("shardline_route_errors_total"), 1.0);
+    assert_eq!(value("shardline_logins_total"), 1.0);
+    assert_eq!(value("shardline_clients"), 1.0);
+    assert!(value("shardline_map_version") >= 2.0);
+    assert!(
+        body.contains("shardline_pool_connections{server=\"pg1\""),
+        "{body}"
+    );
+}

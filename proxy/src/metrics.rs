@@ -1,0 +1,179 @@
+//! Prometheus metrics: counters kept by the sessions, and a minimal HTTP
+//! endpoint serving them in the text exposition format (`GET /metrics`).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing::warn;
+
+use crate::server::Shared;
+
+/// Counters of one serving thread.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub logins: AtomicU64,
+    pub login_failures: AtomicU64,
+    /// Client requests (a Query, or extended messages up to Sync/Flush).
+    pub requests: AtomicU64,
+    /// Requests refused by routing (no key, two servers, unknown table...).
+    pub route_errors: AtomicU64,
+    /// Requests that lost their backend connection.
+    pub backend_errors: AtomicU64,
+    /// Requests held because a partition was blocked, and for how long in total.
+    pub held: AtomicU64,
+    pub held_micros: AtomicU64,
+}
+
+impl Metrics {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+    );
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, value: f64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+    );
+}
+
+/// Renders the metrics of every serving thread, summed.
+pub fn render(threads: &[Arc<Shared>]) -> String {
+    let sum = |f: &dyn Fn(&Metrics) -> &AtomicU64| -> u64 {
+        threads
+            .iter()
+            .map(|t| f(&t.metrics).load(Ordering::Relaxed))
+            .sum()
+    };
+    let mut out = String::with_capacity(4096);
+    counter(
+        &mut out,
+        "shardline_logins_total",
+        "Client logins that succeeded.",
+        sum(&|m| &m.logins),
+    );
+    counter(
+        &mut out,
+        "shardline_login_failures_total",
+        "Client logins refused.",
+        sum(&|m| &m.login_failures),
+    );
+    counter(
+        &mut out,
+        "shardline_requests_total",
+        "Client requests (Query, or extended messages up to Sync).",
+        sum(&|m| &m.requests),
+    );
+    counter(
+        &mut out,
+        "shardline_route_errors_total",
+        "Requests refused because they could not be routed to one server.",
+        sum(&|m| &m.route_errors),
+    );
+    counter(
+        &mut out,
+        "shardline_backend_errors_total",
+        "Requests whose server connection failed.",
+        sum(&|m| &m.backend_errors),
+    );
+    counter(
+        &mut out,
+        "shardline_blocked_holds_total",
+        "Requests held while a partition was blocked for a move.",
+        sum(&|m| &m.held),
+    );
+    gauge(
+        &mut out,
+        "shardline_blocked_hold_seconds_total",
+        "Total time requests were held for blocked partitions.",
+        sum(&|m| &m.held_micros) as f64 / 1e6,
+    );
+    let clients: usize = threads
+        .iter()
+        .map(|t| t.active_clients.load(Ordering::Relaxed))
+        .sum();
+    gauge(
+        &mut out,
+        "shardline_clients",
+        "Connected clients.",
+        clients as f64,
+    );
+    if let Some(first) = threads.first() {
+        let map = first.map.borrow().clone();
+        gauge(
+            &mut out,
+            "shardline_map_version",
+            "Version of the shard map in use.",
+            map.map_or(0.0, |v| v.map.version as f64),
+        );
+    }
+    let _ = writeln!(out, "# HELP shardline_pool_connections Server connections by pool and state.\n# TYPE shardline_pool_connections gauge");
+    let mut pool_lines = Vec::new();
+    for thread in threads {
+        for pool in thread.pools.all() {
+            pool_lines.push((
+                pool.server.to_string(),
+                pool.endpoint.to_string(),
+                pool.in_use(),
+                pool.idle_count(),
+                pool.stats.connects.load(Ordering::Relaxed),
+                pool.stats.checkouts.load(Ordering::Relaxed),
+            ));
+        }
+    }
+    for (server, endpoint, in_use, idle, _, _) in &pool_lines {
+        let _ = writeln!(out, "shardline_pool_connections{{server=\"{server}\",endpoint=\"{endpoint}\",state=\"in_use\"}} {in_use}");
+        let _ = writeln!(out, "shardline_pool_connections{{server=\"{server}\",endpoint=\"{endpoint}\",state=\"idle\"}} {idle}");
+    }
+    let _ = writeln!(out, "# HELP shardline_pool_connects_total Server connections opened.\n# TYPE shardline_pool_connects_total counter");
+    for (server, endpoint, _, _, connects, _) in &pool_lines {
+        let _ = writeln!(out, "shardline_pool_connects_total{{server=\"{server}\",endpoint=\"{endpoint}\"}} {connects}");
+    }
+    let _ = writeln!(out, "# HELP shardline_pool_checkouts_total Server connections handed to clients.\n# TYPE shardline_pool_checkouts_total counter");
+    for (server, endpoint, _, _, _, checkouts) in &pool_lines {
+        let _ = writeln!(out, "shardline_pool_checkouts_total{{server=\"{server}\",endpoint=\"{endpoint}\"}} {checkouts}");
+    }
+    out
+}
+
+/// Serves `GET /metrics` (anything else: 404) until the task is dropped.
+pub async fn serve(listener: TcpListener, threads: Vec<Arc<Shared>>) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let threads = threads.clone();
+        tokio::spawn(async move {
+            let mut request = [0u8; 1024];
+            let n = match tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                stream.read(&mut request),
+            )
+            .await
+            {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let head = String::from_utf8_lossy(&request[..n]);
+            let response = if head.starts_with("GET /metrics") {
+                let body = render(&threads);
+                format!("HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+            } else {
+                "HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_string()
+            };
+            if let Err(e) = stream.write_all(response.as_bytes()).await {
+                warn!(error = %e, "metrics response failed");
+            }
+        });
+    }
+}
