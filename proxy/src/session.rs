@@ -829,30 +829,13 @@ impl Session {
 
     /// `SET shardline.<setting>`: settings of the proxy itself.
     async fn proxy_setting(&mut self, setting: &str, value: &str) -> Result<(), SessionError> {
-        let value = value.trim().trim_matches('\'').to_ascii_lowercase();
-        match setting {
-            "read_replica" => match value.as_str() {
-                "on" | "true" | "1" | "yes" => self.read_replica = true,
-                "off" | "false" | "0" | "no" | "default" => self.read_replica = false,
-                _ => {
-                    self.client.error(
-                        "22023",
-                        &format!("parameter \"shardline.read_replica\" requires a Boolean value, not \"{value}\""),
-                        Some("use on or off"),
-                    );
-                    return self.ready().await;
-                }
-            },
-            _ => {
-                self.client.error(
-                    "42704",
-                    &format!("unrecognized configuration parameter \"shardline.{setting}\""),
-                    Some("shardline's own settings: shardline.read_replica"),
-                );
-                return self.ready().await;
+        match parse_proxy_setting(setting, value) {
+            Ok(ProxySetting::ReadReplica(on)) => {
+                self.read_replica = on;
+                messages::command_complete("SET", &mut self.client.out);
             }
+            Err(e) => self.route_error(&e),
         }
-        messages::command_complete("SET", &mut self.client.out);
         self.ready().await
     }
 
@@ -941,6 +924,7 @@ impl Session {
                 };
             }
         };
+        self.apply_proxy_settings(&items);
         let forwards = portals.values().any(|u| matches!(u, PortalUse::Forward));
         let route = if route == Route::Any {
             self.prepare_route(&items)
@@ -1054,6 +1038,12 @@ impl Session {
                     PortalUse::Answer(tag)
                 }
                 Command::Unsupported(what) => return Err(unsupported(what)),
+                Command::Set { name, value } if name.starts_with("shardline.") => {
+                    let value = render(value, &prepared.analyzed.literals);
+                    let setting = name.trim_start_matches("shardline.");
+                    parse_proxy_setting(setting, &value)?;
+                    PortalUse::Answer("SET")
+                }
                 Command::Data(data) => {
                     let literals = prepared.analyzed.literals.clone();
                     let resolved = self
@@ -1135,6 +1125,26 @@ impl Session {
             Item::Execute(_, portal) => portal_runs(portal),
             _ => false,
         }) || (self.unsynced && self.lease.is_some())
+    }
+
+    /// Applies `SET shardline.*` statements bound in this request (already
+    /// validated by `decide_binds`).
+    fn apply_proxy_settings(&mut self, items: &[Item]) {
+        for item in items {
+            let Item::Bind(_, bind) = item else { continue };
+            let Some(prepared) = self.statements.get(&bind.statement) else {
+                continue;
+            };
+            if let Some(Command::Set { name, value }) = prepared.command() {
+                if let Some(setting) = name.strip_prefix("shardline.") {
+                    let value = render(value, &prepared.analyzed.literals);
+                    if let Ok(ProxySetting::ReadReplica(on)) = parse_proxy_setting(setting, &value)
+                    {
+                        self.read_replica = on;
+                    }
+                }
+            }
+        }
     }
 
     /// Forgets statements the client closed in this request.
@@ -1720,6 +1730,32 @@ impl Session {
                 }
             }
         }
+    }
+}
+
+/// A setting of the proxy itself (`SET shardline.<name>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProxySetting {
+    ReadReplica(bool),
+}
+
+fn parse_proxy_setting(setting: &str, value: &str) -> Result<ProxySetting, RouteError> {
+    let value = value.trim().trim_matches('\'').to_ascii_lowercase();
+    match setting {
+        "read_replica" => match value.as_str() {
+            "on" | "true" | "1" | "yes" => Ok(ProxySetting::ReadReplica(true)),
+            "off" | "false" | "0" | "no" | "default" => Ok(ProxySetting::ReadReplica(false)),
+            _ => Err(RouteError::new(
+                "22023",
+                format!("parameter \"shardline.read_replica\" requires a Boolean value, not \"{value}\""),
+                "use on or off",
+            )),
+        },
+        _ => Err(RouteError::new(
+            "42704",
+            format!("unrecognized configuration parameter \"shardline.{setting}\""),
+            "shardline's own settings: shardline.read_replica",
+        )),
     }
 }
 

@@ -727,6 +727,20 @@ async fn reads_go_to_a_replica_only_when_asked_and_writes_never_do() {
         .await
         .expect_err("bad value");
     assert_eq!(err.code().map(|c| c.code()), Some("22023"));
+    // The extended protocol too (drivers send SET as a prepared statement).
+    client
+        .execute("SET shardline.read_replica = on", &[])
+        .await
+        .expect("extended SET");
+    assert!(
+        in_recovery(&client).await,
+        "the extended-protocol SET took effect"
+    );
+    let err = client
+        .execute("SET shardline.read_replica = maybe", &[])
+        .await
+        .expect_err("bad value");
+    assert_eq!(err.code().map(|c| c.code()), Some("22023"));
 }
 
 async fn in_recovery(client: &tokio_postgres::Client) -> bool {
