@@ -611,11 +611,11 @@ async fn prometheus_metrics_count_requests_errors_and_pools() {
     let _ = setup(&cluster).await;
     let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
     let client = proxy.connect().await;
-    for user in 1..=5 {
+    for user in 1..=5_i32 {
         client
             .execute(
                 "INSERT INTO users (user_id, name) VALUES ($1, 'm')",
-                &[&(user as i32)],
+                &[&user],
             )
             .await
             .expect("insert");
