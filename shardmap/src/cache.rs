@@ -277,14 +277,19 @@ impl Follower {
     /// decoded or fails validation is not applied: the last good one stays,
     /// and the health says it is out of date.
     fn apply_stored(&mut self, kv: Option<&etcd_client::KeyValue>) {
+        // Health is updated before the map is published, so that a reader
+        // who sees the new map also sees it reported current.
+        let watching = self.health.borrow().watching;
         let Some(kv) = kv else {
             self.map_current = true;
+            self.set_health(watching);
             self.publish(None);
             return;
         };
         match decode_map(&self.cluster, kv.value()) {
             Ok(map) => {
                 self.map_current = true;
+                self.set_health(watching);
                 self.publish(Some(Arc::new(Versioned {
                     map,
                     revision: kv.mod_revision(),
@@ -292,6 +297,7 @@ impl Follower {
             }
             Err(e) => {
                 self.map_current = false;
+                self.set_health(watching);
                 error!(cluster = %self.cluster, error = %e, "the stored map cannot be used; keeping the last good one");
             }
         }
@@ -306,10 +312,13 @@ impl Follower {
         if !is_newer {
             return;
         }
-        if let (Some(observer), Some(versioned)) = (&self.observer, &snapshot) {
-            let _ = observer.send(versioned.clone());
-        }
+        // Readers first, observer second: whoever hears of a version from the
+        // observer finds it in `current()` already.
+        let observed = snapshot.clone();
         self.snapshot.send_replace(snapshot);
+        if let (Some(observer), Some(versioned)) = (&self.observer, observed) {
+            let _ = observer.send(versioned);
+        }
     }
 
     fn set_health(&self, watching: bool) {
