@@ -63,6 +63,14 @@ pub struct Backend {
     /// Set when the connection can no longer be trusted (I/O error, protocol
     /// desync); it is closed instead of going back to the pool.
     pub broken: bool,
+    /// Extended-protocol messages were sent without a Sync: the server is in
+    /// the middle of an implicit transaction and the connection must not be
+    /// handed to anyone else.
+    pub pending_sync: bool,
+    /// A client changed session state on this connection in a way the proxy
+    /// did not record exactly (SET inside a transaction or a multi-statement
+    /// query, RESET): reset everything before the next client uses it.
+    pub settings_unknown: bool,
     pub created: Instant,
     pub last_used: Instant,
 }
@@ -122,6 +130,8 @@ impl Backend {
             settings: BTreeMap::new(),
             status: b'I',
             broken: false,
+            pending_sync: false,
+            settings_unknown: false,
             created: now,
             last_used: now,
         };

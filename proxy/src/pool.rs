@@ -99,6 +99,7 @@ impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(mut backend) = self.backend.take() {
             let reusable = !backend.broken
+                && !backend.pending_sync
                 && backend.status == b'I'
                 && backend.created.elapsed() < self.pool.config.max_lifetime;
             if reusable {

@@ -330,7 +330,7 @@ fn session_settings(params: &BTreeMap<String, String>) -> BTreeMap<String, Strin
         match lower.as_str() {
             "user" | "database" | "replication" | "options" | "application_name" => {}
             _ => {
-                settings.insert(lower, quote_literal(value));
+                settings.insert(lower, crate::session::quote_literal(value));
             }
         }
     }
@@ -344,15 +344,11 @@ fn session_settings(params: &BTreeMap<String, String>) -> BTreeMap<String, Strin
                 word.strip_prefix("-c")
             };
             if let Some((name, value)) = pair.and_then(|p| p.split_once('=')) {
-                settings.insert(name.to_lowercase(), quote_literal(value));
+                settings.insert(name.to_lowercase(), crate::session::quote_literal(value));
             }
         }
     }
     settings
-}
-
-fn quote_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
 }
 
 /// The parameters to report at login, learned from a real server once.

@@ -83,6 +83,14 @@ impl ClientIo {
         }
     }
 
+    /// Puts a message back in front of the unread input.
+    pub fn unread(&mut self, frame: &Frame) {
+        let mut buf = BytesMut::with_capacity(frame.raw.len() + self.read_buf.len());
+        buf.extend_from_slice(&frame.raw);
+        buf.extend_from_slice(&self.read_buf);
+        self.read_buf = buf;
+    }
+
     /// Writes everything buffered for the client.
     pub async fn flush(&mut self) -> Result<(), SessionError> {
         if self.out.is_empty() {
@@ -293,6 +301,14 @@ pub struct Session {
     last_pool: Option<(i64, String, Arc<Pool>)>,
     /// Buffers of the request being sent, reused from one request to the next.
     request: Plan,
+    /// Set by a request that changes session state in ways the settings
+    /// record cannot follow (SET/RESET/DISCARD inside a multi-statement
+    /// Query or through the extended protocol, SET in a transaction).
+    changes_session_state: bool,
+    /// Set by a request that runs DISCARD or DEALLOCATE on the backend.
+    drops_statements: bool,
+    /// True while an extended-protocol request is being relayed.
+    in_extended: bool,
     /// `SET shardline.read_replica = on`: reads outside transactions go to replicas.
     read_replica: bool,
     replica_turn: usize,
@@ -300,6 +316,8 @@ pub struct Session {
 }
 
 const SETTING_NOT_REPLAYED: &[&str] = &["application_name"];
+/// Marker in a backend's settings: its state is unknown, reset it first.
+const RESET_ALL: &str = "\u{0}reset all";
 
 impl Session {
     pub fn new(
@@ -319,6 +337,9 @@ impl Session {
             unsynced: false,
             last_pool: None,
             request: Plan::default(),
+            changes_session_state: false,
+            drops_statements: false,
+            in_extended: false,
             read_replica: false,
             replica_turn: 0,
             cancel_slot,
@@ -391,7 +412,7 @@ impl Session {
     /// by dropping the connection (never returned to the pool mid-transaction).
     pub fn finish(&mut self) {
         if let Some(mut lease) = self.lease.take() {
-            if lease.status() != b'I' {
+            if lease.status() != b'I' || lease.backend().pending_sync {
                 lease.backend().broken = true;
             }
         }
@@ -462,6 +483,15 @@ impl Session {
             Tx::Bound => {
                 // Roll the backend back now, so nothing of it can be committed.
                 if let Some(mut lease) = self.lease.take() {
+                    if lease.backend().pending_sync {
+                        // Mid extended-protocol sequence: closing the connection
+                        // rolls the transaction back.
+                        lease.backend().broken = true;
+                        self.set_cancel_target(None);
+                        self.tx = Tx::Aborted;
+                        self.tx_settings.clear();
+                        return;
+                    }
                     let mut out = BytesMut::new();
                     messages::query("ROLLBACK", &mut out);
                     let ok = async {
@@ -507,9 +537,15 @@ impl Session {
             return self.single_statement(frame, &analyzed, &commands[0]).await;
         }
         // Several statements in one Query run as one unit on one server.
-        if self.tx == Tx::Aborted && !ends_transaction(commands.last()) {
+        // In a failed transaction Postgres rejects the first statement and
+        // skips the rest of the string: nothing of it may run.
+        if self.tx == Tx::Aborted {
             return self.aborted_error().await;
         }
+        self.changes_session_state = commands.iter().any(changes_session);
+        self.drops_statements = commands
+            .iter()
+            .any(|c| matches!(c, Command::Discard | Command::Deallocate { .. }));
         let literals = analyzed.literals.clone();
         let route = self
             .route_holding(|map| {
@@ -641,6 +677,7 @@ impl Session {
                     messages::command_complete("SET", &mut self.client.out);
                     return self.ready().await;
                 }
+                self.changes_session_state = true;
                 let outcome = self
                     .forward_simple_outcome(frame, Route::Any, true, false)
                     .await?;
@@ -663,6 +700,7 @@ impl Session {
                     messages::command_complete("RESET", &mut self.client.out);
                     return self.ready().await;
                 }
+                self.changes_session_state = true;
                 let outcome = self
                     .forward_simple_outcome(frame, Route::Any, true, false)
                     .await?;
@@ -787,6 +825,16 @@ impl Session {
             None,
         );
         self.ready().await
+    }
+
+    /// Ends a request the proxy answered: ReadyForQuery if the client sent
+    /// Sync (or a Query), else just what is buffered (after Flush).
+    async fn end_request(&mut self, synced: bool) -> Result<(), SessionError> {
+        if synced {
+            self.ready().await
+        } else {
+            self.client.flush().await
+        }
     }
 
     /// Writes ReadyForQuery with the session's status and flushes.
@@ -980,13 +1028,32 @@ impl Session {
                     .is_some_and(|p| matches!(p.command(), Some(Command::Data(d)) if d.read_only)),
                 _ => true,
             });
+        let forwarded_commands: Vec<&Command> = items
+            .iter()
+            .filter_map(|item| match item {
+                Item::Bind(_, bind)
+                    if matches!(portals.get(&bind.portal), Some(PortalUse::Forward)) =>
+                {
+                    self.statements
+                        .get(&bind.statement)
+                        .and_then(|p| p.command())
+                }
+                _ => None,
+            })
+            .collect();
+        self.changes_session_state = forwarded_commands.iter().any(|c| changes_session(c));
+        self.drops_statements = forwarded_commands
+            .iter()
+            .any(|c| matches!(c, Command::Discard | Command::Deallocate { .. }));
         let flags = DispatchFlags {
             binds_tx: forwards,
             synced,
             read_only,
         };
-        self.dispatch(route, flags, &mut build, &mut outcome)
-            .await?;
+        self.in_extended = true;
+        let dispatched = self.dispatch(route, flags, &mut build, &mut outcome).await;
+        self.in_extended = false;
+        dispatched?;
         self.forget_closed(&items);
         Ok(())
     }
@@ -1362,7 +1429,7 @@ impl Session {
                 );
                 self.route_error(&error);
                 self.fail_transaction().await;
-                self.ready().await?;
+                self.end_request(synced).await?;
                 return Ok(false);
             }
             (Some(server), _) => server.to_string(),
@@ -1372,7 +1439,7 @@ impl Session {
                 None => {
                     self.client
                         .error("57P03", "the shard map has no servers", None);
-                    self.ready().await?;
+                    self.end_request(synced).await?;
                     return Ok(false);
                 }
             },
@@ -1398,7 +1465,7 @@ impl Session {
                         Some("retry later; keys on other servers are unaffected"),
                     );
                     self.fail_transaction().await;
-                    self.ready().await?;
+                    self.end_request(synced).await?;
                     return Ok(false);
                 }
             },
@@ -1415,6 +1482,14 @@ impl Session {
         let mut request = std::mem::take(&mut self.request);
         request.out.clear();
         request.expects.clear();
+        if lease.backend().settings_unknown {
+            // Someone changed this connection's session state in a way not
+            // recorded exactly: start from the server defaults.
+            let backend = lease.backend();
+            backend.settings.clear();
+            backend.settings.insert(RESET_ALL.into(), String::new());
+            backend.settings_unknown = false;
+        }
         if let Some(sql) = settings_sync_sql(&self.settings, &lease.backend().settings) {
             let mut out = BytesMut::new();
             messages::query(&sql, &mut out);
@@ -1426,8 +1501,18 @@ impl Session {
                 let mut out = BytesMut::new();
                 messages::query(&prelude.join("; "), &mut out);
                 request.inject(&out, End::Query);
+                if prelude.len() > 1 {
+                    // SET/SAVEPOINT sent with the BEGIN: not tracked exactly.
+                    lease.backend().settings_unknown = true;
+                }
                 self.tx = Tx::Bound;
             }
+        }
+        if self.changes_session_state {
+            lease.backend().settings_unknown = true;
+        }
+        if !synced {
+            lease.backend().pending_sync = true;
         }
         {
             let mut prepared = std::mem::take(&mut lease.backend().prepared);
@@ -1435,6 +1520,12 @@ impl Session {
             lease.backend().prepared = prepared;
         }
         let result = self.relay(&mut lease, &mut request, outcome).await;
+        if std::mem::take(&mut self.drops_statements) {
+            // DISCARD/DEALLOCATE on a shared connection: its prepared
+            // statements are no longer known; do not reuse it.
+            lease.backend().broken = true;
+        }
+        self.changes_session_state = false;
         // Keep the buffers for the next request (bounded, so one huge request
         // does not pin memory for the session's life).
         if request.out.capacity() <= 64 * 1024 {
@@ -1464,7 +1555,7 @@ impl Session {
                 self.tx_settings.clear();
                 self.set_cancel_target(None);
                 drop(lease);
-                self.ready().await?;
+                self.end_request(synced).await?;
                 return Ok(true);
             }
         }
@@ -1477,6 +1568,7 @@ impl Session {
         } else {
             self.tx = Tx::Bound;
         }
+        self.unsynced = !synced;
         if status == b'I' && synced {
             self.set_cancel_target(None);
             drop(lease);
@@ -1608,7 +1700,8 @@ impl Session {
                             })
                         );
                         if !in_query {
-                            // Postgres skips everything up to Sync after an error.
+                            // Postgres skips everything up to Sync after an error
+                            // (with none expected, after Flush: the request is done).
                             while let Some(front) = expects.front() {
                                 match front {
                                     Expect::Reply { end: End::Sync, .. } => break,
@@ -1624,6 +1717,10 @@ impl Session {
                                     }
                                 }
                             }
+                        }
+                        if expects.is_empty() {
+                            self.client.flush().await.map_err(RelayError::Client)?;
+                            return Ok(());
                         }
                         continue;
                     }
@@ -1648,6 +1745,7 @@ impl Session {
                     let message = &backend.buffered()[..len];
                     if tag == b'Z' {
                         backend.status = message.get(5).copied().unwrap_or(b'I');
+                        backend.pending_sync = false;
                     } else if tag == b'C' {
                         outcome.committed = message.get(5..12) == Some(&b"COMMIT\0"[..]);
                     }
@@ -1712,6 +1810,29 @@ impl Session {
                         .write_all(&frame.raw)
                         .await
                         .map_err(RelayError::Backend)?;
+                    if self.in_extended {
+                        // The Sync sent with the Execute was ignored during the
+                        // COPY; libpq sends another after CopyDone, which the
+                        // server needs before it answers ReadyForQuery.
+                        match self.client.read_frame().await {
+                            Ok(Some(next)) if next.tag == b'S' => {
+                                backend
+                                    .write_all(&next.raw)
+                                    .await
+                                    .map_err(RelayError::Backend)?;
+                            }
+                            Ok(Some(next)) => {
+                                self.client.unread(&next);
+                                backend
+                                    .write_all(&[b'S', 0, 0, 0, 4])
+                                    .await
+                                    .map_err(RelayError::Backend)?;
+                            }
+                            Ok(None) | Err(_) => {
+                                return Err(RelayError::Client(SessionError::ClientGone))
+                            }
+                        }
+                    }
                     return Ok(());
                 }
                 // Flush and Sync are ignored during COPY, as in Postgres.
@@ -1830,15 +1951,19 @@ fn simple_reply(tag: u8) -> BytesMut {
     out
 }
 
+/// Whether running `command` on a backend changes its session state.
+fn changes_session(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Set { .. } | Command::Reset { .. } | Command::Discard | Command::Deallocate { .. }
+    )
+}
+
 fn is_tx_control(command: Option<&Command>) -> bool {
     matches!(
         command,
         Some(Command::Begin { .. } | Command::Commit | Command::Rollback)
     )
-}
-
-fn ends_transaction(command: Option<&Command>) -> bool {
-    matches!(command, Some(Command::Commit | Command::Rollback))
 }
 
 fn cross_server(a: &str, b: &str) -> RouteError {
@@ -1883,11 +2008,7 @@ fn render(shape: &str, literals: &[Literal]) -> String {
             .and_then(|n| literals.get(n - LITERAL_MARKER_BASE))
         {
             Some(Literal::Number(n)) => out.push_str(n),
-            Some(Literal::String(s)) => {
-                out.push('\'');
-                out.push_str(&s.replace('\'', "''"));
-                out.push('\'');
-            }
+            Some(Literal::String(s)) => out.push_str(&quote_literal(s)),
             None => {
                 out.push('$');
                 out.push_str(&after[..digits]);
@@ -1918,17 +2039,24 @@ fn settings_sync_sql(
     backend: &BTreeMap<String, String>,
 ) -> Option<String> {
     let mut statements = Vec::new();
+    // A backend whose state is unknown starts from the server defaults.
+    let reset_all = backend.contains_key(RESET_ALL);
+    if reset_all {
+        statements.push("RESET ALL".to_string());
+    }
     for (name, value) in client {
         if SETTING_NOT_REPLAYED.contains(&name.as_str()) {
             continue;
         }
-        if backend.get(name) != Some(value) {
+        if reset_all || backend.get(name) != Some(value) {
             statements.push(format!("SET {} TO {}", quote_ident(name), value));
         }
     }
-    for name in backend.keys() {
-        if !client.contains_key(name) {
-            statements.push(format!("RESET {}", quote_ident(name)));
+    if !reset_all {
+        for name in backend.keys() {
+            if !client.contains_key(name) {
+                statements.push(format!("RESET {}", quote_ident(name)));
+            }
         }
     }
     if statements.is_empty() {
@@ -1946,6 +2074,12 @@ fn replayed_settings(client: &BTreeMap<String, String>) -> BTreeMap<String, Stri
         .filter(|(k, _)| !SETTING_NOT_REPLAYED.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
+}
+
+/// A string as an escape-string literal: means the same whatever the
+/// session's standard_conforming_strings.
+pub fn quote_literal(value: &str) -> String {
+    format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 fn quote_ident(name: &str) -> String {
@@ -1968,8 +2102,9 @@ mod tests {
         let literals = vec![Literal::String("it's".into()), Literal::Number("5".into())];
         assert_eq!(
             render("SET a TO $100001, $100002, $1", &literals),
-            "SET a TO 'it''s', 5, $1"
+            "SET a TO E'it''s', 5, $1"
         );
+        assert_eq!(quote_literal(r"a\'b"), r"E'a\\''b'");
     }
 
     #[test]

@@ -750,3 +750,97 @@ async fn in_recovery(client: &tokio_postgres::Client) -> bool {
         .expect("query");
     row.get::<_, bool>(0)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_never_leak_between_clients_sharing_a_backend() {
+    let cluster = TestCluster::start(3);
+    let (_store, _map) = setup(&cluster).await;
+    // One connection per server: both clients must share it.
+    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 1).await;
+    let show = |client: tokio_postgres::Client| async move {
+        let messages = client
+            .simple_query("SHOW statement_timeout")
+            .await
+            .expect("show");
+        let value = messages.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+            _ => None,
+        });
+        (client, value.expect("a value"))
+    };
+    let a = proxy.connect().await;
+    a.batch_execute("SET statement_timeout = '1234ms'")
+        .await
+        .expect("set");
+    let (a, value) = show(a).await;
+    assert_eq!(value, "1234ms");
+    let b = proxy.connect().await;
+    let (b, value) = show(b).await;
+    assert_eq!(value, "0", "client B must not see client A's setting");
+    // Changed through a multi-statement Query and through the extended protocol too.
+    a.batch_execute("SET statement_timeout = '2s'; SELECT 1")
+        .await
+        .expect("multi");
+    let (b, value) = show(b).await;
+    assert_eq!(value, "0");
+    a.execute("SET statement_timeout = '3s'", &[])
+        .await
+        .expect("extended SET");
+    let (_b, value) = show(b).await;
+    assert_eq!(value, "0");
+    let (_a, value) = show(a).await;
+    assert_eq!(
+        value, "1234ms",
+        "untracked changes are reset; tracked ones replayed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_runs_in_a_failed_transaction() {
+    let cluster = TestCluster::start(3);
+    let (_store, map) = setup(&cluster).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
+    let client = proxy.connect().await;
+    let a = 1_i64;
+    let b = (2..100)
+        .find(|k| owner(&map, "users", KeyValue::Int(*k)) != owner(&map, "users", KeyValue::Int(a)))
+        .expect("key elsewhere");
+    client.batch_execute("BEGIN").await.expect("begin");
+    client
+        .batch_execute(&format!(
+            "INSERT INTO users (user_id, name) VALUES ({a}, 'a')"
+        ))
+        .await
+        .expect("first");
+    let err = client
+        .batch_execute(&format!(
+            "INSERT INTO users (user_id, name) VALUES ({b}, 'b')"
+        ))
+        .await
+        .expect_err("other server");
+    assert_eq!(err.code().map(|c| c.code()), Some("0A000"));
+    let err = client
+        .batch_execute(&format!(
+            "INSERT INTO users (user_id, name) VALUES ({a} + 1000, 'c'); COMMIT"
+        ))
+        .await
+        .expect_err("statements of a failed transaction are refused");
+    assert_eq!(err.code().map(|c| c.code()), Some("25P02"));
+    client.batch_execute("ROLLBACK").await.expect("rollback");
+    let inserted = servers_holding(
+        &cluster,
+        "users",
+        &format!("user_id IN ({a}, {b}, {})", a + 1000),
+    )
+    .await;
+    assert!(
+        inserted.is_empty(),
+        "nothing of the failed transaction was committed: {inserted:?}"
+    );
+    client
+        .batch_execute(&format!(
+            "INSERT INTO users (user_id, name) VALUES ({a}, 'after')"
+        ))
+        .await
+        .expect("the session works after ROLLBACK");
+}
