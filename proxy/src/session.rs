@@ -1250,20 +1250,8 @@ impl Session {
                             } else if set.contains(&statement.backend_name) {
                                 plan.synthetic(simple_reply(b'1'));
                             } else {
-                                let mut out = BytesMut::new();
-                                messages::parse(
-                                    &statement.backend_name,
-                                    &statement.query,
-                                    &statement.param_types,
-                                    &mut out,
-                                );
-                                plan.out.extend_from_slice(&out);
-                                plan.expects.push_back(Expect::Reply {
-                                    end: End::ParseComplete,
-                                    forward: true,
-                                    unprepare: Some(statement.backend_name.clone()),
-                                });
-                                set.insert(statement.backend_name.clone());
+                                // The client's own Parse: its reply goes to the client.
+                                prepare_on_backend(plan, set, statement, true);
                             }
                         }
                         _ => plan.synthetic(simple_reply(b'1')),
@@ -1912,11 +1900,23 @@ fn emit_leading_synthetic(expects: &mut VecDeque<Expect>, out: &mut BytesMut) {
     }
 }
 
-/// Adds a Parse of `statement` under its backend name if the backend lacks it.
+/// Adds a Parse of `statement` under its backend name if the backend lacks
+/// it; its ParseComplete is dropped (the client did not ask for it).
 fn ensure_prepared(plan: &mut Plan, prepared: &mut HashSet<Arc<str>>, statement: &Prepared) {
-    if prepared.contains(&statement.backend_name) {
-        return;
+    if !prepared.contains(&statement.backend_name) {
+        prepare_on_backend(plan, prepared, statement, false);
     }
+}
+
+/// Sends a Parse of `statement` under its backend name and records it as
+/// prepared (undone if the Parse fails). `forward`: whether the client sees
+/// the ParseComplete.
+fn prepare_on_backend(
+    plan: &mut Plan,
+    prepared: &mut HashSet<Arc<str>>,
+    statement: &Prepared,
+    forward: bool,
+) {
     let mut out = BytesMut::new();
     messages::parse(
         &statement.backend_name,
@@ -1927,7 +1927,7 @@ fn ensure_prepared(plan: &mut Plan, prepared: &mut HashSet<Arc<str>>, statement:
     plan.out.extend_from_slice(&out);
     plan.expects.push_back(Expect::Reply {
         end: End::ParseComplete,
-        forward: false,
+        forward,
         unprepare: Some(statement.backend_name.clone()),
     });
     prepared.insert(statement.backend_name.clone());

@@ -184,6 +184,13 @@ async fn servers_holding(cluster: &TestCluster, table: &str, predicate: &str) ->
     holders
 }
 
+/// A users key whose owner differs from `key`'s.
+fn key_on_another_server(map: &ClusterMap, key: i64) -> i64 {
+    (2..100)
+        .find(|k| owner(map, "users", KeyValue::Int(*k)) != owner(map, "users", KeyValue::Int(key)))
+        .expect("a key on another server")
+}
+
 fn owner(map: &ClusterMap, table: &str, key: KeyValue) -> String {
     let partition = map.partition_of(table, &key).expect("partition");
     map.owner_of(partition).expect("owner").name.clone()
@@ -318,9 +325,7 @@ async fn transactions_stay_on_one_server_and_never_commit_partially() {
 
     // Two keys on different servers.
     let a = 1_i64;
-    let b = (2..100)
-        .find(|k| owner(&map, "users", KeyValue::Int(*k)) != owner(&map, "users", KeyValue::Int(a)))
-        .expect("key elsewhere");
+    let b = key_on_another_server(&map, a);
     let tx = client.transaction().await.expect("begin");
     tx.execute("INSERT INTO users (user_id, name) VALUES ($1, 'a')", &[&a])
         .await
@@ -802,9 +807,7 @@ async fn nothing_runs_in_a_failed_transaction() {
     let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
     let client = proxy.connect().await;
     let a = 1_i64;
-    let b = (2..100)
-        .find(|k| owner(&map, "users", KeyValue::Int(*k)) != owner(&map, "users", KeyValue::Int(a)))
-        .expect("key elsewhere");
+    let b = key_on_another_server(&map, a);
     client.batch_execute("BEGIN").await.expect("begin");
     client
         .batch_execute(&format!(
