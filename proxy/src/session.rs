@@ -258,6 +258,22 @@ enum Item {
     Flush(Frame),
 }
 
+/// What `decide_binds` found out about a request's Binds.
+struct BindPlan {
+    portals: Portals,
+    route: Route,
+    /// The transaction state the first forwarded statement runs in.
+    tx_before_forward: Tx,
+    /// The state after the request, as far as the proxy answers it.
+    tx_after: Tx,
+    /// `SET shardline.*` to apply.
+    settings: Vec<ProxySetting>,
+    changes_session_state: bool,
+    drops_statements: bool,
+    /// Every Bind is of a read-only statement (and there is at least one).
+    read_only: bool,
+}
+
 /// The portals a request binds, in order (usually one: a map would cost
 /// more than it saves).
 #[derive(Default)]
@@ -958,7 +974,16 @@ impl Session {
         }
 
         let decided = self.decide_binds(&items).await;
-        let (portals, route, tx_before_forward, tx_after) = match decided {
+        let BindPlan {
+            portals,
+            route,
+            tx_before_forward,
+            tx_after,
+            settings,
+            changes_session_state,
+            drops_statements,
+            read_only,
+        } = match decided {
             Ok(decision) => decision,
             Err(error) => {
                 // Nothing of this request ran: report the error and skip to Sync.
@@ -972,7 +997,11 @@ impl Session {
                 };
             }
         };
-        self.apply_proxy_settings(&items);
+        for setting in settings {
+            match setting {
+                ProxySetting::ReadReplica(on) => self.read_replica = on,
+            }
+        }
         let forwards = portals.values().any(|u| matches!(u, PortalUse::Forward));
         let route = if route == Route::Any {
             self.prepare_route(&items)
@@ -1018,33 +1047,8 @@ impl Session {
             |session: &mut Session, plan: &mut Plan, prepared: &mut HashSet<Arc<str>>| {
                 session.build_extended(&items, &portals, plan, Some(prepared));
             };
-        // Preparing (Parse/Describe without Bind) uses the primary: a replica
-        // may not have replayed the newest schema yet.
-        let read_only = items.iter().any(|item| matches!(item, Item::Bind(..)))
-            && items.iter().all(|item| match item {
-                Item::Bind(_, bind) => self
-                    .statements
-                    .get(&bind.statement)
-                    .is_some_and(|p| matches!(p.command(), Some(Command::Data(d)) if d.read_only)),
-                _ => true,
-            });
-        let forwarded_commands: Vec<&Command> = items
-            .iter()
-            .filter_map(|item| match item {
-                Item::Bind(_, bind)
-                    if matches!(portals.get(&bind.portal), Some(PortalUse::Forward)) =>
-                {
-                    self.statements
-                        .get(&bind.statement)
-                        .and_then(|p| p.command())
-                }
-                _ => None,
-            })
-            .collect();
-        self.changes_session_state = forwarded_commands.iter().any(|c| changes_session(c));
-        self.drops_statements = forwarded_commands
-            .iter()
-            .any(|c| matches!(c, Command::Discard | Command::Deallocate { .. }));
+        self.changes_session_state = changes_session_state;
+        self.drops_statements = drops_statements;
         let flags = DispatchFlags {
             binds_tx: forwards,
             synced,
@@ -1062,8 +1066,13 @@ impl Session {
     /// outside a server) or it runs on a backend, and routes those that run.
     /// Returns the decisions, the merged route, the transaction state the
     /// first forwarded statement runs in, and the state after the request.
-    async fn decide_binds(&self, items: &[Item]) -> Result<(Portals, Route, Tx, Tx), RouteError> {
+    async fn decide_binds(&self, items: &[Item]) -> Result<BindPlan, RouteError> {
         let mut portals = Portals::default();
+        let mut settings = Vec::new();
+        let mut changes_session_state = false;
+        let mut drops_statements = false;
+        let mut binds = 0usize;
+        let mut read_only = true;
         let mut route = Route::Any;
         let mut tx = self.tx.clone();
         let mut before_forward: Option<Tx> = None;
@@ -1108,7 +1117,7 @@ impl Session {
                 Command::Set { name, value } if name.starts_with("shardline.") => {
                     let value = render(value, &prepared.analyzed.literals);
                     let setting = name.trim_start_matches("shardline.");
-                    parse_proxy_setting(setting, &value)?;
+                    settings.push(parse_proxy_setting(setting, &value)?);
                     PortalUse::Answer("SET")
                 }
                 Command::Data(data) => {
@@ -1130,16 +1139,34 @@ impl Session {
                 }
                 _ => PortalUse::Forward,
             };
-            if matches!(usage, PortalUse::Forward) && before_forward.is_none() {
-                before_forward = Some(tx.clone());
-                if matches!(tx, Tx::Deferred { .. }) {
-                    tx = Tx::Bound;
+            binds += 1;
+            read_only &= matches!(command, Command::Data(d) if d.read_only);
+            if matches!(usage, PortalUse::Forward) {
+                changes_session_state |= changes_session(command);
+                drops_statements |=
+                    matches!(command, Command::Discard | Command::Deallocate { .. });
+                if before_forward.is_none() {
+                    before_forward = Some(tx.clone());
+                    if matches!(tx, Tx::Deferred { .. }) {
+                        tx = Tx::Bound;
+                    }
                 }
             }
             portals.insert(bind.portal.clone(), usage);
         }
         let before = before_forward.unwrap_or_else(|| tx.clone());
-        Ok((portals, route, before, tx))
+        Ok(BindPlan {
+            portals,
+            route,
+            tx_before_forward: before,
+            tx_after: tx,
+            settings,
+            changes_session_state,
+            drops_statements,
+            // Preparing (Parse/Describe without Bind) uses the primary: a
+            // replica may not have replayed the newest schema yet.
+            read_only: binds > 0 && read_only,
+        })
     }
 
     /// Where to prepare or describe statements that do not run yet: where
@@ -1192,26 +1219,6 @@ impl Session {
             Item::Execute(_, portal) => portal_runs(portal),
             _ => false,
         }) || (self.unsynced && self.lease.is_some())
-    }
-
-    /// Applies `SET shardline.*` statements bound in this request (already
-    /// validated by `decide_binds`).
-    fn apply_proxy_settings(&mut self, items: &[Item]) {
-        for item in items {
-            let Item::Bind(_, bind) = item else { continue };
-            let Some(prepared) = self.statements.get(&bind.statement) else {
-                continue;
-            };
-            if let Some(Command::Set { name, value }) = prepared.command() {
-                if let Some(setting) = name.strip_prefix("shardline.") {
-                    let value = render(value, &prepared.analyzed.literals);
-                    if let Ok(ProxySetting::ReadReplica(on)) = parse_proxy_setting(setting, &value)
-                    {
-                        self.read_replica = on;
-                    }
-                }
-            }
-        }
     }
 
     /// Forgets statements the client closed in this request.
