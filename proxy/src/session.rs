@@ -491,6 +491,14 @@ impl Session {
             .error(error.code, &error.message, error.hint.as_deref());
     }
 
+    /// Answers a simple-protocol request with `error`: a failure inside a
+    /// transaction aborts it, as in Postgres.
+    async fn refuse(&mut self, error: &RouteError) -> Result<(), SessionError> {
+        self.route_error(error);
+        self.fail_transaction().await;
+        self.ready().await
+    }
+
     /// A routing failure inside a transaction aborts it, as any error would in Postgres.
     async fn fail_transaction(&mut self) {
         match self.tx {
@@ -588,11 +596,7 @@ impl Session {
                     .await
                     .map(|_| ())
             }
-            Err(e) => {
-                self.route_error(&e);
-                self.fail_transaction().await;
-                self.ready().await
-            }
+            Err(e) => self.refuse(&e).await,
         }
     }
 
@@ -779,9 +783,7 @@ impl Session {
             }
             Command::Unsupported(what) => {
                 let e = unsupported(what);
-                self.route_error(&e);
-                self.fail_transaction().await;
-                self.ready().await
+                self.refuse(&e).await
             }
             Command::Data(data) => {
                 let literals = analyzed.literals.clone();
@@ -797,11 +799,7 @@ impl Session {
                     .await;
                 match route {
                     Ok(route) => self.forward_simple(frame, route, data.read_only).await,
-                    Err(e) => {
-                        self.route_error(&e);
-                        self.fail_transaction().await;
-                        self.ready().await
-                    }
+                    Err(e) => self.refuse(&e).await,
                 }
             }
         }
