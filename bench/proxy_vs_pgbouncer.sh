@@ -18,59 +18,13 @@ command -v pgbouncer >/dev/null 2>&1 || {
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq pgbouncer >/dev/null
 }
-cargo build --release --locked -q -p shardctl -p proxy
-bin=target/release
-
-work=$(mktemp -d /tmp/shardline-bench.XXXXXX)
-chmod 755 "$work"
-cleanup() {
-  [ -n "${proxy_pid:-}" ] && kill "$proxy_pid" 2>/dev/null || true
-  [ -n "${bouncer_pid:-}" ] && kill "$bouncer_pid" 2>/dev/null || true
-  "$bin/shardctl" dev down --dir "$work/cluster" >/dev/null 2>&1 || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-export SHARDLINE_CONFIG="$work/cluster/shardline.toml"
-"$bin/shardctl" dev up --dir "$work/cluster" --servers 1 --partitions 16 --json > "$work/dev.json"
-pg_port=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['servers'][0]['port'])" "$work/dev.json")
-etcd=$(python3 -c "import json,sys; print('http://127.0.0.1:%d' % json.load(open(sys.argv[1]))['etcd']['client_port'])" "$work/dev.json")
+. bench/lib.sh
+bench_cluster shardline-bench
 pgbench -i -q -s 10 -h 127.0.0.1 -p "$pg_port" -U postgres postgres >/dev/null 2>&1
 "$bin/shardctl" table add pgbench_accounts --key aid --method hash --key-type int >/dev/null
 for t in branches tellers history; do "$bin/shardctl" table add "pgbench_$t" --home pg1 >/dev/null; done
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-proxy_port=$(free_port)
-bouncer_port=$(free_port)
-
-SHARDLINE_LOG=warn "$bin/shardline-proxy" --etcd "$etcd" --listen "127.0.0.1:$proxy_port" --auth-method trust \
-  > "$work/proxy.log" 2>&1 &
-proxy_pid=$!
-
-mkdir -p "$work/bouncer"
-cat > "$work/bouncer/pgbouncer.ini" <<INI
-[databases]
-postgres = host=127.0.0.1 port=$pg_port dbname=postgres user=postgres
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $bouncer_port
-unix_socket_dir =
-auth_type = trust
-auth_file = $work/bouncer/userlist.txt
-pool_mode = transaction
-default_pool_size = 20
-max_client_conn = 1000
-logfile = $work/bouncer/pgbouncer.log
-INI
-echo '"postgres" ""' > "$work/bouncer/userlist.txt"
-chown -R postgres "$work/bouncer" 2>/dev/null || true
-if [ "$(id -u)" -eq 0 ]; then
-  runuser -u postgres -- pgbouncer "$work/bouncer/pgbouncer.ini" > /dev/null 2>&1 &
-else
-  pgbouncer "$work/bouncer/pgbouncer.ini" > /dev/null 2>&1 &
-fi
-bouncer_pid=$!
-sleep 1
+start_proxy
+start_pgbouncer 1000
 
 run() { # target port mode -> tps or "fail"
   local out
