@@ -7,6 +7,7 @@ pub mod auth;
 pub mod backend;
 pub mod cancel;
 pub mod config;
+pub mod liveness;
 pub mod metrics;
 pub mod pool;
 pub mod registry;

@@ -48,6 +48,9 @@ pub struct Shared {
     /// Set when TLS is configured.
     pub tls: Option<TlsAcceptor>,
     pub metrics: crate::metrics::Metrics,
+    /// Acknowledged map version and lease-based permission to serve, shared
+    /// by every serving thread and the registry.
+    pub liveness: Arc<crate::liveness::Liveness>,
 }
 
 impl Shared {
@@ -87,6 +90,7 @@ impl Shared {
             client_slots: Arc::new(Semaphore::new(max_clients)),
             tls: None,
             metrics: crate::metrics::Metrics::default(),
+            liveness: crate::liveness::Liveness::new(true),
         }
     }
 }

@@ -35,6 +35,7 @@ use rustc_hash::FxHashMap;
 use crate::analyze::lexer::LITERAL_MARKER_BASE;
 use crate::analyze::{Analyzed, Command, Literal};
 use crate::cancel::{CancelTarget, TargetSlot};
+use crate::liveness::Flight;
 use crate::metrics::Metrics;
 use crate::pool::{Lease, Pool};
 use crate::route::{route_data, Params, Resolution, Route, RouteError};
@@ -329,6 +330,9 @@ pub struct Session {
     read_replica: bool,
     replica_turn: usize,
     cancel_slot: TargetSlot,
+    /// The request being served, for the map acknowledgement (released while
+    /// a statement is held for a blocked partition).
+    flight: std::sync::Mutex<Option<Flight>>,
 }
 
 const SETTING_NOT_REPLAYED: &[&str] = &["application_name"];
@@ -359,6 +363,7 @@ impl Session {
             read_replica: false,
             replica_turn: 0,
             cancel_slot,
+            flight: std::sync::Mutex::new(None),
         }
     }
 
@@ -381,13 +386,14 @@ impl Session {
             };
             match frame.tag {
                 b'Q' => {
+                    self.board();
                     if !batch.is_empty() {
                         // A Query ends any unsynced extended messages, as in Postgres.
-                        let pending = std::mem::take(&mut batch);
                         batch_bytes = 0;
-                        self.extended(pending).await?;
+                        self.extended(&mut batch).await?;
                     }
                     self.simple_query(frame).await?;
+                    self.land();
                 }
                 b'P' | b'B' | b'D' | b'E' | b'C' => {
                     batch_bytes += frame.raw.len();
@@ -401,8 +407,9 @@ impl Session {
                 b'S' | b'H' => {
                     batch.push(frame);
                     batch_bytes = 0;
-                    let request = std::mem::take(&mut batch);
-                    self.extended(request).await?;
+                    self.board();
+                    self.extended(&mut batch).await?;
+                    self.land();
                 }
                 b'X' => return Ok(()),
                 b'd' | b'c' | b'f' => {
@@ -415,6 +422,31 @@ impl Session {
                     )))
                 }
             }
+        }
+    }
+
+    /// A request starts: until it lands, this proxy does not acknowledge
+    /// map versions newer than the one it starts under.
+    fn board(&mut self) {
+        let flight = self.shared.liveness.board();
+        *self.flight.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(flight);
+    }
+
+    fn land(&mut self) {
+        self.flight
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    /// Releases the request's flight while it waits (held statements must not
+    /// stall the acknowledgement the cutover waits for), and boards again after.
+    fn set_waiting(&self, waiting: bool) {
+        let mut flight = self.flight.lock().unwrap_or_else(|e| e.into_inner());
+        if waiting {
+            flight.take();
+        } else if flight.is_none() {
+            *flight = Some(self.shared.liveness.board());
         }
     }
 
@@ -447,7 +479,32 @@ impl Session {
         let mut started: Option<Instant> = None;
         let max_wait = Duration::from_millis(self.shared.config.limits.blocked_wait_ms);
         let mut rx = self.shared.map.clone();
+        let liveness = &self.shared.liveness;
         loop {
+            if !liveness.serving() {
+                // Cut off from etcd: the map may be stale. Hold like a blocked
+                // partition until the registry re-syncs, up to the same wait.
+                let remaining =
+                    max_wait.saturating_sub(started.get_or_insert_with(Instant::now).elapsed());
+                self.set_waiting(true);
+                let mut changes = liveness.watch();
+                let resumed = remaining > Duration::ZERO
+                    && tokio::time::timeout(remaining, async {
+                        while !liveness.serving() {
+                            if changes.changed().await.is_err() {
+                                break;
+                            }
+                        }
+                    })
+                    .await
+                    .is_ok()
+                    && liveness.serving();
+                self.set_waiting(false);
+                if !resumed {
+                    return Err(not_serving());
+                }
+                continue;
+            }
             let snapshot = rx.borrow_and_update().clone();
             let Some(versioned) = snapshot else {
                 return Err(RouteError::new(
@@ -475,7 +532,11 @@ impl Session {
             }
             let remaining =
                 max_wait.saturating_sub(started.get_or_insert_with(Instant::now).elapsed());
-            if remaining.is_zero() || tokio::time::timeout(remaining, rx.changed()).await.is_err() {
+            self.set_waiting(true);
+            let expired =
+                remaining.is_zero() || tokio::time::timeout(remaining, rx.changed()).await.is_err();
+            self.set_waiting(false);
+            if expired {
                 return Err(RouteError::new(
                     "55006",
                     format!("partition is being moved and stayed blocked for over {max_wait:?}"),
@@ -932,10 +993,12 @@ impl Session {
 
     // ------------------------------------------------------------ extended protocol
 
-    async fn extended(&mut self, frames: Vec<Frame>) -> Result<(), SessionError> {
+    /// Runs one extended-protocol request; drains `frames` (the caller's
+    /// buffer is reused for the next request).
+    async fn extended(&mut self, frames: &mut Vec<Frame>) -> Result<(), SessionError> {
         Metrics::add(&self.shared.metrics.requests, 1);
         let mut items = Vec::with_capacity(frames.len());
-        for frame in frames {
+        for frame in frames.drain(..) {
             let body = frame.body();
             let item = match frame.tag {
                 b'P' => Parse::decode(body).map(|p| Item::Parse(frame, p)),
@@ -1463,6 +1526,17 @@ impl Session {
                 }
             },
         };
+        if !self.shared.liveness.serving() {
+            // Routed while the lease was alive, but it lapsed while this
+            // request waited for a backend: the route may be stale now.
+            if self.tx == Tx::Bound {
+                self.lease = Some(lease);
+            }
+            self.route_error(&not_serving());
+            self.fail_transaction().await;
+            self.end_request(synced).await?;
+            return Ok(false);
+        }
         {
             let backend = lease.backend();
             self.set_cancel_target(Some(CancelTarget {
@@ -1948,6 +2022,15 @@ fn ensure_unnamed_parsed(plan: &mut Plan, statement: &Prepared, parsed: &mut boo
     messages::parse("", &statement.query, &statement.param_types, &mut out);
     plan.inject(&out, End::ParseComplete);
     *parsed = true;
+}
+
+/// The error of a proxy that cannot prove its map is current.
+fn not_serving() -> RouteError {
+    RouteError::new(
+        "57P03",
+        "this shardline proxy lost its registration in etcd and is not serving until it re-syncs",
+        "retry shortly, or connect to another proxy; check that etcd is reachable from this proxy",
+    )
 }
 
 fn simple_reply(tag: u8) -> BytesMut {

@@ -7,18 +7,23 @@
 //! - [`embedded`]: ids that carry their partition, and their generator.
 //! - [`store`]: the map in etcd, changed only by compare-and-swap, with history.
 //! - [`cache`]: an in-memory map that follows etcd's watch.
+//! - [`jobs`]: partition moves as durable job records.
+//! - [`proxies`]: proxy registrations and their acknowledgements.
 //!
 //! Nothing here talks to Postgres.
 
 pub mod cache;
 pub mod ddl;
 pub mod embedded;
+pub mod jobs;
 pub mod keys;
 pub mod model;
 pub mod pghash;
+pub mod proxies;
 pub mod store;
 
 pub use cache::MapCache;
+pub use jobs::{Job, JobStore, Phase, StoredJob};
 pub use keys::{KeyError, KeyType, KeyValue};
 pub use model::{
     Assignment, ClusterMap, Endpoint, Group, InvalidMap, ListRule, LookupError, Method,

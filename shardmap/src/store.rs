@@ -42,6 +42,18 @@ impl Keys {
     pub fn history(&self, version: u64) -> String {
         format!("{}history/{version:020}", self.prefix)
     }
+    /// Move jobs, one key per job (see [`crate::jobs`]).
+    pub fn jobs_prefix(&self) -> String {
+        format!("{}jobs/", self.prefix)
+    }
+    /// Live proxies, one leased key each (see [`crate::proxies`]).
+    pub fn proxies_prefix(&self) -> String {
+        format!("{}proxies/", self.prefix)
+    }
+    /// The rebalancer leader election.
+    pub fn election(&self) -> String {
+        format!("{}rebalancer/leader", self.prefix)
+    }
 }
 
 /// A map together with the etcd mod-revision it was read at.
@@ -121,7 +133,7 @@ pub async fn connect(endpoints: &[String]) -> Result<Client, StoreError> {
     with_timeout(Client::connect(endpoints, Some(options))).await
 }
 
-async fn with_timeout<T>(
+pub(crate) async fn with_timeout<T>(
     future: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, StoreError> {
     match tokio::time::timeout(REQUEST_TIMEOUT, future).await {
@@ -210,7 +222,7 @@ impl MapStore {
             ),
         );
         let guard = Compare::create_revision(self.keys.map(), CompareOp::Equal, 0);
-        match self.commit(guard, &map, actor, &change).await? {
+        match self.commit(guard, &[], &map, actor, &change).await? {
             Some(revision) => Ok(Versioned { map, revision }),
             None => Err(StoreError::AlreadyInitialized(self.cluster.clone())),
         }
@@ -221,9 +233,24 @@ impl MapStore {
     pub async fn compare_and_swap(
         &self,
         current: &Versioned,
+        next: ClusterMap,
+        actor: &str,
+        change: &Change,
+    ) -> Result<Versioned, StoreError> {
+        self.compare_and_swap_guarded(current, next, actor, change, &[])
+            .await
+    }
+
+    /// [`compare_and_swap`](Self::compare_and_swap) that also requires every
+    /// compare in `guards` to hold (the rebalancer passes its election key, so
+    /// a deposed leader's write fails). A failed guard reports a conflict.
+    pub async fn compare_and_swap_guarded(
+        &self,
+        current: &Versioned,
         mut next: ClusterMap,
         actor: &str,
         change: &Change,
+        guards: &[Compare],
     ) -> Result<Versioned, StoreError> {
         if next.cluster != current.map.cluster || next.partitions != current.map.partitions {
             return Err(StoreError::Rejected(
@@ -233,7 +260,7 @@ impl MapStore {
         next.version = current.map.version + 1;
         next.validate()?;
         let guard = Compare::mod_revision(self.keys.map(), CompareOp::Equal, current.revision);
-        match self.commit(guard, &next, actor, change).await? {
+        match self.commit(guard, guards, &next, actor, change).await? {
             Some(revision) => Ok(Versioned {
                 map: next,
                 revision,
@@ -269,6 +296,7 @@ impl MapStore {
     async fn commit(
         &self,
         guard: Compare,
+        extra_guards: &[Compare],
         map: &ClusterMap,
         actor: &str,
         change: &Change,
@@ -291,16 +319,16 @@ impl MapStore {
             )));
         }
         let history_key = self.keys.history(map.version);
-        let txn = Txn::new()
-            .when([
-                guard,
-                // Append-only: never overwrite an existing history entry.
-                Compare::create_revision(history_key.clone(), CompareOp::Equal, 0),
-            ])
-            .and_then([
-                TxnOp::put(self.keys.map(), map_json, None),
-                TxnOp::put(history_key, entry_json, None),
-            ]);
+        let mut compares = vec![
+            guard,
+            // Append-only: never overwrite an existing history entry.
+            Compare::create_revision(history_key.clone(), CompareOp::Equal, 0),
+        ];
+        compares.extend(extra_guards.iter().cloned());
+        let txn = Txn::new().when(compares).and_then([
+            TxnOp::put(self.keys.map(), map_json, None),
+            TxnOp::put(history_key, entry_json, None),
+        ]);
         let mut kv = self.client.kv_client();
         let response = with_timeout(kv.txn(txn)).await?;
         if !response.succeeded() {

@@ -139,13 +139,15 @@ pub async fn create_table(cluster: &TestCluster, map: &ClusterMap, table: &str, 
 pub struct TestProxy {
     pub addr: std::net::SocketAddr,
     pub shared: std::sync::Arc<proxy::server::Shared>,
-    _cache: shardmap::MapCache,
+    _cache: std::sync::Arc<shardmap::MapCache>,
     task: tokio::task::JoinHandle<()>,
+    registry: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for TestProxy {
     fn drop(&mut self) {
         self.task.abort();
+        self.registry.abort();
     }
 }
 
@@ -166,7 +168,10 @@ impl TestProxy {
         config.auth.method = proxy::auth::AuthMethod::Trust;
         configure(&mut config);
         let users = config.users().expect("users");
-        let cache = shardmap::MapCache::spawn(config.etcd.endpoints.clone(), cluster_name);
+        let cache = std::sync::Arc::new(shardmap::MapCache::spawn(
+            config.etcd.endpoints.clone(),
+            cluster_name,
+        ));
         assert!(
             cache
                 .wait_for_version(1, Duration::from_secs(10))
@@ -183,15 +188,35 @@ impl TestProxy {
             .expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
         let tls = proxy::tls::from_config(&config.tls).expect("TLS settings");
+        // Registered like the real daemon: cutovers wait for this proxy.
+        let liveness = proxy::liveness::Liveness::new(false);
+        let registry = tokio::spawn(proxy::registry::keep_registered(
+            proxy::registry::Registration {
+                endpoints: config.etcd.endpoints.clone(),
+                cluster: cluster_name.into(),
+                id: format!("test-{}", addr.port()),
+                listen: addr.to_string(),
+            },
+            cache.clone(),
+            liveness.clone(),
+        ));
         let mut shared = proxy::server::Shared::new(config, users, cache.subscribe(), pools);
         shared.tls = tls;
+        shared.liveness = liveness.clone();
         let shared = std::sync::Arc::new(shared);
         let task = tokio::spawn(proxy::server::serve(listener, shared.clone()));
+        let registered = eventually(Duration::from_secs(15), || {
+            let liveness = liveness.clone();
+            async move { liveness.serving() }
+        })
+        .await;
+        assert!(registered, "the test proxy never registered in etcd");
         TestProxy {
             addr,
             shared,
             _cache: cache,
             task,
+            registry,
         }
     }
 

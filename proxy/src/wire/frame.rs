@@ -148,11 +148,20 @@ impl Reader {
 
     /// A NUL-terminated UTF-8 string.
     pub fn cstr(&mut self, message: &'static str) -> Result<String, Malformed> {
-        let bytes = self.cstr_bytes(message)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| Malformed {
+        let end = memchr::memchr(0, &self.data).ok_or(Malformed {
             message,
-            problem: "invalid UTF-8",
-        })
+            problem: "string without terminator",
+        })?;
+        // Copied straight from the buffer: most names are empty (unnamed
+        // statements and portals), which then allocate nothing.
+        let text = std::str::from_utf8(&self.data[..end])
+            .map_err(|_| Malformed {
+                message,
+                problem: "invalid UTF-8",
+            })?
+            .to_owned();
+        self.data.advance(end + 1);
+        Ok(text)
     }
 
     /// `n` raw bytes.

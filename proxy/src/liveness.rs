@@ -1,0 +1,181 @@
+//! What this proxy promises the rebalancer's cutover, shared by every serving
+//! thread and the registry task:
+//! - the map version it *acknowledges*: the newest version such that no
+//!   request that started under an older map is still running (a request
+//!   "boards" when it starts and "lands" when its replies are relayed);
+//! - whether it may serve at all: only while its etcd registration lease is
+//!   provably alive. A proxy cut off from etcd stops serving before its lease
+//!   can expire, so a cutover that waited for that expiry is safe.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::watch;
+
+#[derive(Debug, Default)]
+struct State {
+    /// The newest map version the registry has seen applied.
+    applied: u64,
+    /// Requests in flight, by the `applied` version when they boarded.
+    flights: BTreeMap<u64, usize>,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct Liveness {
+    state: Mutex<State>,
+    serving: AtomicBool,
+    /// Bumped when the acknowledged version may have changed, or serving flipped.
+    changed: watch::Sender<u64>,
+}
+
+impl Liveness {
+    /// `serving`: whether to serve before any registration (true for proxies
+    /// that run without a registry, as in unit tests).
+    pub fn new(serving: bool) -> Arc<Liveness> {
+        Arc::new(Liveness {
+            state: Mutex::new(State::default()),
+            serving: AtomicBool::new(serving),
+            changed: watch::Sender::new(0),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock only means a panic elsewhere; the counts stay usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the start of a request; it lands when the returned value drops.
+    pub fn board(self: &Arc<Self>) -> Flight {
+        let mut state = self.lock();
+        let version = state.applied;
+        *state.flights.entry(version).or_insert(0) += 1;
+        Flight {
+            liveness: self.clone(),
+            version,
+        }
+    }
+
+    /// Records that the map cache applied `version` (called after the new
+    /// map is visible to sessions, so a request boarding later routes with a
+    /// map at least this new).
+    pub fn set_applied(&self, version: u64) {
+        let mut state = self.lock();
+        if version > state.applied {
+            state.applied = version;
+            drop(state);
+            self.bump();
+        }
+    }
+
+    /// The acknowledged version: the applied one, or the oldest version a
+    /// request still in flight boarded with.
+    pub fn acked(&self) -> u64 {
+        let state = self.lock();
+        match state.flights.keys().next() {
+            Some(&oldest) => oldest.min(state.applied),
+            None => state.applied,
+        }
+    }
+
+    pub fn serving(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
+    }
+
+    pub fn set_serving(&self, serving: bool) {
+        if self.serving.swap(serving, Ordering::AcqRel) != serving {
+            self.bump();
+        }
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that sees every change after it was made.
+    pub fn watch(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}
+
+/// A request in flight (see [`Liveness::board`]).
+#[derive(Debug)]
+pub struct Flight {
+    liveness: Arc<Liveness>,
+    version: u64,
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        let mut state = self.liveness.lock();
+        let oldest = state.flights.keys().next().copied();
+        if let Some(count) = state.flights.get_mut(&self.version) {
+            *count -= 1;
+            if *count == 0 {
+                state.flights.remove(&self.version);
+                drop(state);
+                if oldest == Some(self.version) {
+                    self.liveness.bump();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acknowledges_only_once_older_requests_land() {
+        let liveness = Liveness::new(true);
+        liveness.set_applied(3);
+        let old = liveness.board();
+        liveness.set_applied(4);
+        assert_eq!(liveness.acked(), 3, "a request boarded at 3 is in flight");
+        let new = liveness.board();
+        assert_eq!(liveness.acked(), 3);
+        drop(old);
+        assert_eq!(liveness.acked(), 4);
+        liveness.set_applied(5);
+        assert_eq!(liveness.acked(), 4, "the request boarded at 4 still runs");
+        drop(new);
+        assert_eq!(liveness.acked(), 5);
+    }
+
+    #[test]
+    fn versions_never_go_back() {
+        let liveness = Liveness::new(false);
+        liveness.set_applied(7);
+        liveness.set_applied(6);
+        assert_eq!(liveness.acked(), 7);
+        assert!(!liveness.serving());
+        liveness.set_serving(true);
+        assert!(liveness.serving());
+    }
+
+    #[tokio::test]
+    async fn landing_the_oldest_request_wakes_the_registry() {
+        let liveness = Liveness::new(true);
+        let flight = liveness.board();
+        liveness.set_applied(2);
+        let waiter = {
+            let liveness = liveness.clone();
+            let mut changes = liveness.watch();
+            tokio::spawn(async move {
+                while liveness.acked() < 2 {
+                    if changes.changed().await.is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        tokio::task::yield_now().await;
+        drop(flight);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .expect("task");
+    }
+}
