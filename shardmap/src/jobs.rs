@@ -148,6 +148,16 @@ impl LeafCheck {
     }
 }
 
+/// A leaf table a move carries, as it was on the source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MovedLeaf {
+    /// The partitioned parent.
+    pub table: String,
+    pub name: String,
+    /// `FOR VALUES ...` as in the parent's DDL.
+    pub bound: String,
+}
+
 /// One partition move.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Job {
@@ -170,6 +180,13 @@ pub struct Job {
     pub last_error: Option<String>,
     #[serde(default)]
     pub progress: Progress,
+    /// The leaves being moved (fixed when the move is prepared).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leaves: Vec<MovedLeaf>,
+    /// Cutovers tried and given back (proxies slow to acknowledge, locks
+    /// not granted in time, a server unreachable during the cutover).
+    #[serde(default)]
+    pub cutover_attempts: u32,
     /// The source's WAL position after the fence, as `X/Y`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_lsn: Option<String>,
@@ -205,6 +222,8 @@ impl Job {
             attempts: 0,
             last_error: None,
             progress: Progress::default(),
+            leaves: Vec::new(),
+            cutover_attempts: 0,
             final_lsn: None,
             blocked_unix_ms: None,
             blocked_ms: None,

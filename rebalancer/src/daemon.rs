@@ -1,0 +1,99 @@
+//! The rebalancer daemon: campaign for leadership, then run jobs until
+//! leadership is lost. Jobs past `pending` are always resumed (one of them
+//! may hold a blocked partition); new jobs start while fewer than
+//! `max_concurrent_moves` are running.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shardmap::{JobStore, MapStore, Phase};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use crate::config::RebalancerConfig;
+use crate::leader::{self, Leadership};
+use crate::mover::{self, MoveContext};
+use crate::pg::Credentials;
+use crate::MoveError;
+
+/// Runs forever: campaign, lead, and campaign again after losing leadership.
+pub async fn run(config: RebalancerConfig, id: String) {
+    loop {
+        match shardmap::store::connect(&config.etcd.endpoints).await {
+            Ok(client) => {
+                let election = shardmap::store::Keys::new(&config.cluster).election();
+                match leader::campaign(&client, &election, &id, config.leader_ttl_seconds).await {
+                    Ok(leadership) => lead(client, leadership, &config, &id).await,
+                    Err(e) => warn!(error = %e, "campaign failed; retrying"),
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot reach etcd; retrying"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Acts as leader until leadership is lost; aborts its jobs then (their
+/// state is in etcd: the next leader resumes them).
+pub async fn lead(client: etcd_client::Client, leadership: Leadership, config: &RebalancerConfig, id: &str) {
+    let context = Arc::new(MoveContext {
+        etcd: client.clone(),
+        store: MapStore::with_client(client.clone(), &config.cluster),
+        jobs: JobStore::new(client, &config.cluster),
+        cluster: config.cluster.clone(),
+        config: config.clone(),
+        credentials: Credentials {
+            password: config.backend_password.clone(),
+        },
+        leader: leadership.clone(),
+        actor: format!("rebalancer:{id}"),
+    });
+    let mut running: HashMap<String, JoinHandle<Result<Phase, MoveError>>> = HashMap::new();
+    while leadership.is_valid() {
+        running.retain(|id, task| {
+            if task.is_finished() {
+                info!(job = %id, "job task ended");
+                false
+            } else {
+                true
+            }
+        });
+        match context.jobs.list().await {
+            Ok(jobs) => {
+                let mut active = running.len();
+                for stored in jobs {
+                    let job = &stored.job;
+                    if job.phase.is_terminal() || running.contains_key(&job.id) {
+                        continue;
+                    }
+                    let resume = job.phase != Phase::Pending;
+                    if !resume && active >= config.max_concurrent_moves.max(1) {
+                        continue;
+                    }
+                    active += 1;
+                    info!(job = %job.id, phase = %job.phase, partition = job.partition, "running job");
+                    let id = job.id.clone();
+                    let context = context.clone();
+                    running.insert(
+                        id.clone(),
+                        tokio::spawn(async move {
+                            let result = mover::run(context, stored).await;
+                            match &result {
+                                Ok(phase) => info!(job = %id, %phase, "job finished"),
+                                Err(e) => error!(job = %id, error = %e, "job stopped"),
+                            }
+                            result
+                        }),
+                    );
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot list jobs"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    warn!("lost leadership: stopping every job (the next leader resumes them)");
+    for task in running.values() {
+        task.abort();
+    }
+}

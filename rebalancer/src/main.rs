@@ -1,0 +1,85 @@
+//! `shardline-rebalancer`: the daemon that runs partition moves. Run one or
+//! more; they elect a leader in etcd and only the leader acts.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use rebalancer::config::RebalancerConfig;
+
+#[derive(Debug, Parser)]
+#[command(name = "shardline-rebalancer", version, about = "Runs shardline partition moves")]
+struct Args {
+    /// TOML config file.
+    #[arg(long, env = "SHARDLINE_REBALANCER_CONFIG")]
+    config: Option<PathBuf>,
+    /// etcd endpoints, comma-separated (overrides the config).
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// Cluster name (overrides the config).
+    #[arg(long)]
+    cluster: Option<String>,
+    /// This daemon's id in the election (default: hostname and pid).
+    #[arg(long)]
+    id: Option<String>,
+    /// Moves running at once (overrides the config).
+    #[arg(long)]
+    max_concurrent_moves: Option<usize>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHARDLINE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut config = match &args.config {
+        Some(path) => match std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))
+            .and_then(|text| RebalancerConfig::from_toml(&text))
+        {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("shardline-rebalancer: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => RebalancerConfig::default(),
+    };
+    config.apply_env();
+    if !args.etcd.is_empty() {
+        config.etcd.endpoints = args.etcd.clone();
+    }
+    if let Some(cluster) = &args.cluster {
+        config.cluster = cluster.clone();
+    }
+    if let Some(n) = args.max_concurrent_moves {
+        config.max_concurrent_moves = n;
+    }
+    let id = args.id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("shardline-rebalancer: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        tracing::info!(%id, cluster = %config.cluster, "rebalancer starting");
+        tokio::select! {
+            _ = rebalancer::daemon::run(config, id) => {}
+            _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+        }
+    });
+    ExitCode::SUCCESS
+}
