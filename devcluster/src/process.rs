@@ -320,6 +320,7 @@ impl PgServer {
              max_wal_senders = 32\n\
              max_replication_slots = 32\n\
              max_logical_replication_workers = 16\n\
+             wal_retrieve_retry_interval = 500ms\n\
              max_worker_processes = 24\n\
              max_connections = 300\n\
              shared_buffers = 64MB\n\

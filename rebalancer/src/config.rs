@@ -121,7 +121,10 @@ mod tests {
         assert_eq!(config.max_concurrent_moves, 4);
         assert_eq!(config.etcd.endpoints, vec!["http://e:1".to_string()]);
         assert_eq!(config.lock_timeout_ms, 500);
-        assert!(config.ack_timeout_ms > 10_000, "must exceed the proxy lease TTL");
+        assert!(
+            config.ack_timeout_ms > 10_000,
+            "must exceed the proxy lease TTL"
+        );
     }
 
     #[test]

@@ -36,7 +36,12 @@ pub async fn run(config: RebalancerConfig, id: String) {
 
 /// Acts as leader until leadership is lost; aborts its jobs then (their
 /// state is in etcd: the next leader resumes them).
-pub async fn lead(client: etcd_client::Client, leadership: Leadership, config: &RebalancerConfig, id: &str) {
+pub async fn lead(
+    client: etcd_client::Client,
+    leadership: Leadership,
+    config: &RebalancerConfig,
+    id: &str,
+) {
     let context = Arc::new(MoveContext {
         etcd: client.clone(),
         store: MapStore::with_client(client.clone(), &config.cluster),

@@ -14,8 +14,13 @@ use tracing::{info, warn};
 
 use crate::MoveError;
 
-/// Stop acting this long before the lease could expire.
+/// Stop acting this long before the lease could expire (at most; a third
+/// of the TTL for short leases).
 pub const SAFETY_MARGIN: Duration = Duration::from_secs(2);
+
+fn margin(ttl: Duration) -> Duration {
+    SAFETY_MARGIN.min(ttl / 3)
+}
 
 /// Held leadership. Cheap to clone; all clones see the same validity.
 #[derive(Clone)]
@@ -71,7 +76,7 @@ pub async fn campaign(
     let lease_id = lease.id();
     let ttl = Duration::from_secs(lease.ttl().max(1) as u64);
     let valid_until = Arc::new(Mutex::new(
-        (sent + ttl).checked_sub(SAFETY_MARGIN).unwrap_or(sent),
+        (sent + ttl).checked_sub(margin(ttl)).unwrap_or(sent),
     ));
     // Keep the lease alive while campaigning too: the campaign may wait long.
     let keeper = tokio::spawn(keep_alive(
@@ -104,7 +109,9 @@ async fn keep_alive(client: Client, lease: i64, ttl: Duration, valid_until: Arc<
         warn!("cannot keep the leader lease alive");
         return;
     };
-    let period = (ttl / 3).max(Duration::from_millis(500));
+    // Several keep-alives per validity window, so one slow answer does not
+    // cost the leadership.
+    let period = (ttl / 5).max(Duration::from_millis(200));
     loop {
         tokio::time::sleep(period).await;
         let sent = Instant::now();
@@ -116,7 +123,7 @@ async fn keep_alive(client: Client, lease: i64, ttl: Duration, valid_until: Arc<
         match answered {
             Ok(Some(response)) if response.ttl() > 0 => {
                 let until = (sent + Duration::from_secs(response.ttl() as u64))
-                    .checked_sub(SAFETY_MARGIN)
+                    .checked_sub(margin(ttl))
                     .unwrap_or(sent);
                 *valid_until.lock().unwrap_or_else(|e| e.into_inner()) = until;
             }

@@ -43,7 +43,11 @@ pub enum MoveError {
 impl MoveError {
     pub fn from_pg(server: &str, what: &str, e: tokio_postgres::Error) -> MoveError {
         let message = match e.as_db_error() {
-            Some(db) => format!("{what} on server {server}: {} ({})", db.message(), db.code().code()),
+            Some(db) => format!(
+                "{what} on server {server}: {} ({})",
+                db.message(),
+                db.code().code()
+            ),
             None => format!("{what} on server {server}: {e}"),
         };
         match e.code().map(|c| c.code()) {

@@ -8,7 +8,11 @@ use clap::Parser;
 use rebalancer::config::RebalancerConfig;
 
 #[derive(Debug, Parser)]
-#[command(name = "shardline-rebalancer", version, about = "Runs shardline partition moves")]
+#[command(
+    name = "shardline-rebalancer",
+    version,
+    about = "Runs shardline partition moves"
+)]
 struct Args {
     /// TOML config file.
     #[arg(long, env = "SHARDLINE_REBALANCER_CONFIG")]

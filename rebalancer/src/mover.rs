@@ -28,7 +28,10 @@ use etcd_client::Client;
 use shardmap::ddl::Leaf;
 use shardmap::jobs::{LeafCheck, MovedLeaf};
 use shardmap::store::now_unix_ms;
-use shardmap::{Change, ClusterMap, JobStore, MapStore, PartitionState, Phase, ServerState, StoredJob, Versioned};
+use shardmap::{
+    Change, ClusterMap, JobStore, MapStore, PartitionState, Phase, ServerState, StoredJob,
+    Versioned,
+};
 use tracing::{info, warn};
 
 use crate::config::RebalancerConfig;
@@ -105,10 +108,16 @@ impl Mover {
                 return Ok(());
             }
             let Some(stored) = self.ctx().jobs.get(&job.id).await? else {
-                return Err(MoveError::Fatal(format!("job {} was deleted while running", job.id)));
+                return Err(MoveError::Fatal(format!(
+                    "job {} was deleted while running",
+                    job.id
+                )));
             };
             let cancel = stored.job.cancel_requested;
-            self.job = StoredJob { job, revision: stored.revision };
+            self.job = StoredJob {
+                job,
+                revision: stored.revision,
+            };
             self.job.job.cancel_requested |= cancel;
         }
         Err(MoveError::NotLeader)
@@ -180,9 +189,10 @@ impl Mover {
 
     async fn connect(&self, server: &str) -> Result<Pg, MoveError> {
         let map = self.ctx().store.load().await?.map;
-        let definition = map.servers.get(server).ok_or_else(|| {
-            MoveError::Fatal(format!("server {server} is no longer in the map"))
-        })?;
+        let definition = map
+            .servers
+            .get(server)
+            .ok_or_else(|| MoveError::Fatal(format!("server {server} is no longer in the map")))?;
         Pg::connect(definition, &self.ctx().credentials, "shardline-rebalancer").await
     }
 
@@ -211,7 +221,9 @@ impl Mover {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(MoveError::Retry("the map kept changing concurrently".into()))
+        Err(MoveError::Retry(
+            "the map kept changing concurrently".into(),
+        ))
     }
 
     fn leaves(&self) -> Vec<(String, Leaf)> {
@@ -282,7 +294,9 @@ impl Mover {
             let assignment = map
                 .assignments
                 .get_mut(job.partition as usize)
-                .ok_or_else(|| MoveError::Fatal(format!("partition {} does not exist", job.partition)))?;
+                .ok_or_else(|| {
+                    MoveError::Fatal(format!("partition {} does not exist", job.partition))
+                })?;
             if let Some(region) = &assignment.region {
                 if target.region.as_deref() != Some(region.as_str()) {
                     return Err(MoveError::Fatal(format!(
@@ -307,10 +321,15 @@ impl Mover {
                     )))
                 }
             }
-            assignment.state = PartitionState::Moving { job: job.id.clone() };
+            assignment.state = PartitionState::Moving {
+                job: job.id.clone(),
+            };
             Ok(Some(Change::new(
                 "move-start",
-                format!("partition {} {} -> {} (job {})", job.partition, job.from, job.to, job.id),
+                format!(
+                    "partition {} {} -> {} (job {})",
+                    job.partition, job.from, job.to, job.id
+                ),
             )))
         })
         .await?;
@@ -349,7 +368,9 @@ impl Mover {
                     )));
                 }
                 let constraint = source.partition_constraint(&leaf.name).await?;
-                target.create_detached_leaf(&table, &leaf.name, &constraint).await?;
+                target
+                    .create_detached_leaf(&table, &leaf.name, &constraint)
+                    .await?;
             }
             source.create_publication(&name, &self.leaf_names()).await?;
             let source_server = map.servers.get(&self.job.job.from).ok_or_else(|| {
@@ -408,7 +429,9 @@ impl Mover {
             return self.advance(Phase::Blocking).await;
         }
         let source = self.connect(&self.job.job.from.clone()).await?;
+        let target = self.connect(&self.job.job.to.clone()).await?;
         let name = self.job.job.object_name();
+        target.subscription_confirm_promptly(&name).await?;
         let mut last_save = Instant::now();
         loop {
             if self.cancel_requested().await? {
@@ -444,10 +467,15 @@ impl Mover {
                 match &assignment.state {
                     PartitionState::Blocked { job: id } if *id == job.id => Ok(None),
                     PartitionState::Moving { job: id } if *id == job.id => {
-                        assignment.state = PartitionState::Blocked { job: job.id.clone() };
+                        assignment.state = PartitionState::Blocked {
+                            job: job.id.clone(),
+                        };
                         Ok(Some(Change::new(
                             "move-block",
-                            format!("partition {} blocked for cutover (job {})", job.partition, job.id),
+                            format!(
+                                "partition {} blocked for cutover (job {})",
+                                job.partition, job.id
+                            ),
                         )))
                     }
                     other => Err(MoveError::Fatal(format!(
@@ -565,7 +593,10 @@ impl Mover {
                 assignment.state = PartitionState::Serving;
                 Ok(Some(Change::new(
                     "move-switch",
-                    format!("partition {} now on {} (job {})", job.partition, job.to, job.id),
+                    format!(
+                        "partition {} now on {} (job {})",
+                        job.partition, job.to, job.id
+                    ),
                 )))
             })
             .await?;
@@ -716,10 +747,15 @@ impl Mover {
                 .ok_or_else(|| MoveError::Fatal("partition vanished".into()))?;
             match &assignment.state {
                 PartitionState::Blocked { job: id } if *id == job.id => {
-                    assignment.state = PartitionState::Moving { job: job.id.clone() };
+                    assignment.state = PartitionState::Moving {
+                        job: job.id.clone(),
+                    };
                     Ok(Some(Change::new(
                         "move-unblock",
-                        format!("partition {} given back to {} (job {})", job.partition, job.from, job.id),
+                        format!(
+                            "partition {} given back to {} (job {})",
+                            job.partition, job.from, job.id
+                        ),
                     )))
                 }
                 _ => Ok(None),
@@ -788,7 +824,10 @@ impl Mover {
                     assignment.state = PartitionState::Serving;
                     Ok(Some(Change::new(
                         "move-release",
-                        format!("partition {} stays on {} (job {} rolled back)", job.partition, job.from, job.id),
+                        format!(
+                            "partition {} stays on {} (job {} rolled back)",
+                            job.partition, job.from, job.id
+                        ),
                     )))
                 }
                 _ => Ok(None),

@@ -246,7 +246,10 @@ impl Pg {
     pub async fn publication_exists(&self, name: &str) -> Result<bool, MoveError> {
         self.exists(
             "looking up a publication",
-            &format!("SELECT 1 FROM pg_publication WHERE pubname = {}", literal(name)),
+            &format!(
+                "SELECT 1 FROM pg_publication WHERE pubname = {}",
+                literal(name)
+            ),
         )
         .await
     }
@@ -255,7 +258,11 @@ impl Pg {
         if self.publication_exists(name).await? {
             return Ok(());
         }
-        let tables = leaves.iter().map(|l| ident(l)).collect::<Vec<_>>().join(", ");
+        let tables = leaves
+            .iter()
+            .map(|l| ident(l))
+            .collect::<Vec<_>>()
+            .join(", ");
         self.execute(
             "creating the publication",
             &format!("CREATE PUBLICATION {} FOR TABLE {tables}", ident(name)),
@@ -274,14 +281,21 @@ impl Pg {
     pub async fn subscription_exists(&self, name: &str) -> Result<bool, MoveError> {
         self.exists(
             "looking up a subscription",
-            &format!("SELECT 1 FROM pg_subscription WHERE subname = {}", literal(name)),
+            &format!(
+                "SELECT 1 FROM pg_subscription WHERE subname = {}",
+                literal(name)
+            ),
         )
         .await
     }
 
     /// Subscribes to `publication` at `source_conninfo`: creates the slot
     /// on the source and starts the initial copy.
-    pub async fn create_subscription(&self, name: &str, source_conninfo: &str) -> Result<(), MoveError> {
+    pub async fn create_subscription(
+        &self,
+        name: &str,
+        source_conninfo: &str,
+    ) -> Result<(), MoveError> {
         if self.subscription_exists(name).await? {
             return Ok(());
         }
@@ -316,6 +330,22 @@ impl Pg {
             )
         };
         self.execute("dropping the subscription", &sql).await
+    }
+
+    /// Makes the subscriber flush each applied transaction before
+    /// confirming it. Set just before the cutover: with asynchronous commit
+    /// (the default for subscriptions) the subscriber confirms the source's
+    /// final position only after its WAL writer's next flush and its next
+    /// status message, which adds hundreds of milliseconds to the hold.
+    pub async fn subscription_confirm_promptly(&self, name: &str) -> Result<(), MoveError> {
+        self.execute(
+            "tuning the subscription",
+            &format!(
+                "ALTER SUBSCRIPTION {} SET (synchronous_commit = 'on')",
+                ident(name)
+            ),
+        )
+        .await
     }
 
     /// Whether every table of the subscription finished its initial copy.
@@ -384,7 +414,9 @@ impl Pg {
             .map_err(|e| self.fail("reading replication lag", e))?;
         match rows.first() {
             Some(row) => {
-                let lag: i64 = row.try_get(0).map_err(|e| self.fail("reading replication lag", e))?;
+                let lag: i64 = row
+                    .try_get(0)
+                    .map_err(|e| self.fail("reading replication lag", e))?;
                 Ok(Some(lag.max(0) as u64))
             }
             None => Ok(None),
@@ -440,12 +472,17 @@ impl Pg {
             .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
             .await
             .map_err(|e| self.fail("reading the WAL position", e))?;
-        row.try_get(0).map_err(|e| self.fail("reading the WAL position", e))
+        row.try_get(0)
+            .map_err(|e| self.fail("reading the WAL position", e))
     }
 
     /// Detaches every `(parent, leaf)` that is attached, in one transaction
     /// that waits at most `lock_timeout` for its locks.
-    pub async fn detach(&self, leaves: &[(String, String)], lock_timeout: Duration) -> Result<(), MoveError> {
+    pub async fn detach(
+        &self,
+        leaves: &[(String, String)],
+        lock_timeout: Duration,
+    ) -> Result<(), MoveError> {
         let mut statements = Vec::new();
         for (parent, leaf) in leaves {
             if self.attached(parent, leaf).await? {
@@ -534,8 +571,12 @@ impl Pg {
             )
             .await
             .map_err(|e| self.fail("computing a checksum", e))?;
-        let count: i64 = row.try_get(0).map_err(|e| self.fail("computing a checksum", e))?;
-        let sum: i64 = row.try_get(1).map_err(|e| self.fail("computing a checksum", e))?;
+        let count: i64 = row
+            .try_get(0)
+            .map_err(|e| self.fail("computing a checksum", e))?;
+        let sum: i64 = row
+            .try_get(1)
+            .map_err(|e| self.fail("computing a checksum", e))?;
         Ok((count, sum))
     }
 
@@ -553,8 +594,12 @@ impl Pg {
             .map_err(|e| self.fail("listing replication objects", e))?;
         let mut found = Vec::new();
         for row in rows {
-            let kind: String = row.try_get(0).map_err(|e| self.fail("listing replication objects", e))?;
-            let name: String = row.try_get(1).map_err(|e| self.fail("listing replication objects", e))?;
+            let kind: String = row
+                .try_get(0)
+                .map_err(|e| self.fail("listing replication objects", e))?;
+            let name: String = row
+                .try_get(1)
+                .map_err(|e| self.fail("listing replication objects", e))?;
             found.push((kind, name));
         }
         Ok(found)
@@ -563,7 +608,10 @@ impl Pg {
 
 /// The leaves holding `partition`: `(parent table, leaf)` for every sharded
 /// table of the map.
-pub fn partition_leaves(map: &ClusterMap, partition: u32) -> Result<Vec<(String, Leaf)>, MoveError> {
+pub fn partition_leaves(
+    map: &ClusterMap,
+    partition: u32,
+) -> Result<Vec<(String, Leaf)>, MoveError> {
     let mut leaves = Vec::new();
     for (name, table) in &map.tables {
         if let TableKind::Sharded { .. } = table.kind {

@@ -105,8 +105,7 @@ pub fn plan(
         else {
             return Err(format!(
                 "partition {p} must leave {} but no active server is in its region {:?}",
-                owner[p as usize],
-                map.assignments[p as usize].region
+                owner[p as usize], map.assignments[p as usize].region
             ));
         };
         let from = owner[p as usize].clone();
@@ -130,7 +129,8 @@ pub fn plan(
             break;
         }
         let mut best: Option<(u32, &str, u64)> = None; // partition, to, resulting max
-        for p in (0..map.partitions).filter(|p| movable[*p as usize] && owner[*p as usize] == heavy) {
+        for p in (0..map.partitions).filter(|p| movable[*p as usize] && owner[*p as usize] == heavy)
+        {
             let w = weight(p);
             for (&light, &light_load) in &load {
                 if light == heavy || !fits(p, light) {
@@ -156,7 +156,11 @@ pub fn plan(
 }
 
 /// Loads per active server after applying `moves` (for reports and tests).
-pub fn loads_after(map: &ClusterMap, sizes: &[u64], moves: &[PlannedMove]) -> BTreeMap<String, u64> {
+pub fn loads_after(
+    map: &ClusterMap,
+    sizes: &[u64],
+    moves: &[PlannedMove],
+) -> BTreeMap<String, u64> {
     let mut owner: Vec<String> = map.assignments.iter().map(|a| a.owner.clone()).collect();
     for m in moves {
         owner[m.partition as usize] = m.to.clone();
@@ -202,11 +206,17 @@ mod tests {
         let servers = vec![server("a", None), server("b", None), server("c", None)];
         let mut map = ClusterMap::new("t", 64, servers).expect("map");
         map.servers.insert("d".into(), server("d", None));
-        let sizes: Vec<u64> = (0..64).map(|p| 1_000_000 + (p as u64 * 7919) % 200_000).collect();
+        let sizes: Vec<u64> = (0..64)
+            .map(|p| 1_000_000 + (p as u64 * 7919) % 200_000)
+            .collect();
         let moves = plan(&map, &sizes, Balance::Bytes, 0.05).expect("plan");
         assert!((14..=18).contains(&moves.len()), "moved {}", moves.len());
         assert!(moves.iter().all(|m| m.to == "d"), "{moves:?}");
-        assert!(spread(&map, &sizes, &moves) < 0.10, "spread {}", spread(&map, &sizes, &moves));
+        assert!(
+            spread(&map, &sizes, &moves) < 0.10,
+            "spread {}",
+            spread(&map, &sizes, &moves)
+        );
     }
 
     #[test]
@@ -214,13 +224,21 @@ mod tests {
         let servers = vec![server("a", None), server("b", None)];
         let map = ClusterMap::new("t", 16, servers).expect("map");
         let sizes = vec![100; 16];
-        assert!(plan(&map, &sizes, Balance::Bytes, 0.05).expect("plan").is_empty());
-        assert!(plan(&map, &sizes, Balance::Count, 0.05).expect("plan").is_empty());
+        assert!(plan(&map, &sizes, Balance::Bytes, 0.05)
+            .expect("plan")
+            .is_empty());
+        assert!(plan(&map, &sizes, Balance::Count, 0.05)
+            .expect("plan")
+            .is_empty());
     }
 
     #[test]
     fn draining_empties_the_server_and_regions_are_respected() {
-        let servers = vec![server("eu1", Some("eu")), server("eu2", Some("eu")), server("us1", Some("us"))];
+        let servers = vec![
+            server("eu1", Some("eu")),
+            server("eu2", Some("eu")),
+            server("us1", Some("us")),
+        ];
         let mut map = ClusterMap::new("t", 16, servers).expect("map");
         for a in map.assignments.iter_mut().filter(|a| a.owner == "eu1") {
             a.region = Some("eu".into());
@@ -231,7 +249,10 @@ mod tests {
         let moves = plan(&map, &sizes, Balance::Count, 0.05).expect("plan");
         let from_eu1: Vec<_> = moves.iter().filter(|m| m.from == "eu1").collect();
         assert_eq!(from_eu1.len(), on_eu1, "{moves:?}");
-        assert!(from_eu1.iter().all(|m| m.to == "eu2"), "pinned partitions stay in the EU: {moves:?}");
+        assert!(
+            from_eu1.iter().all(|m| m.to == "eu2"),
+            "pinned partitions stay in the EU: {moves:?}"
+        );
         assert!(moves.iter().all(|m| m.to != "eu1"));
     }
 

@@ -2,6 +2,8 @@
 //! Postgres 15 servers on free loopback ports in a temporary directory,
 //! stopped and deleted when the value is dropped (also when a test panics).
 
+pub mod moves;
+
 use std::time::Duration;
 
 use devcluster::{DevOptions, LocalCluster};

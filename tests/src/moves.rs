@@ -1,0 +1,231 @@
+//! Helpers for the rebalancer tests: a schema of two co-located sharded
+//! tables, a rebalancer daemon (in this process, or as a real process for
+//! crash tests), job submission, and checks run directly on the servers.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rebalancer::config::RebalancerConfig;
+use shardmap::jobs::Job;
+use shardmap::{
+    ClusterMap, Group, JobStore, KeyType, KeyValue, MapStore, Method, Phase, Table, TableKind,
+};
+
+use crate::{create_table, TestCluster};
+
+/// `users(id, n)` and `events(user_id, seq, payload)`, both sharded by user id.
+pub async fn setup_schema(
+    cluster: &TestCluster,
+    name: &str,
+    partitions: u32,
+) -> (MapStore, ClusterMap) {
+    let (store, _) = cluster.init_map(name, partitions).await;
+    let saved = store
+        .update("test", |map| {
+            map.groups.insert(
+                "users".into(),
+                Group {
+                    name: "users".into(),
+                    key_type: KeyType::Bigint,
+                    method: Method::Hash,
+                },
+            );
+            for (table, key) in [("users", "id"), ("events", "user_id")] {
+                map.tables.insert(
+                    table.into(),
+                    Table {
+                        name: table.into(),
+                        kind: TableKind::Sharded {
+                            group: "users".into(),
+                            key_column: key.into(),
+                            embedded_id: false,
+                        },
+                    },
+                );
+            }
+            Ok(shardmap::Change::new("test-schema", "users and events"))
+        })
+        .await
+        .expect("declare the schema");
+    create_table(
+        cluster,
+        &saved.map,
+        "users",
+        "id bigint PRIMARY KEY, n bigint NOT NULL DEFAULT 0",
+    )
+    .await;
+    create_table(
+        cluster,
+        &saved.map,
+        "events",
+        "user_id bigint NOT NULL, seq bigint NOT NULL, payload text, PRIMARY KEY (user_id, seq)",
+    )
+    .await;
+    (store, saved.map)
+}
+
+/// Rebalancer settings for tests: quick cutover retries.
+pub fn test_config(cluster: &TestCluster, name: &str) -> RebalancerConfig {
+    let mut config = RebalancerConfig {
+        cluster: name.into(),
+        ..RebalancerConfig::default()
+    };
+    config.etcd.endpoints = cluster.etcd_endpoints();
+    config.leader_ttl_seconds = 3;
+    config
+}
+
+/// A rebalancer daemon running in this process; stops when dropped.
+pub struct InProcessRebalancer {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl InProcessRebalancer {
+    pub fn start(config: RebalancerConfig, id: &str) -> InProcessRebalancer {
+        InProcessRebalancer {
+            task: tokio::spawn(rebalancer::daemon::run(config, id.to_string())),
+        }
+    }
+}
+
+impl Drop for InProcessRebalancer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The `shardline-rebalancer` binary, built by cargo for the test run.
+pub fn rebalancer_binary() -> PathBuf {
+    // tests/../target/<profile>/shardline-rebalancer, next to the test binary's dir.
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>")
+        .to_path_buf();
+    profile_dir.join("shardline-rebalancer")
+}
+
+pub async fn jobs(cluster: &TestCluster, name: &str) -> JobStore {
+    let client = shardmap::store::connect(&cluster.etcd_endpoints())
+        .await
+        .expect("etcd");
+    JobStore::new(client, name)
+}
+
+/// Submits a move of `partition` to `to`; returns the job id.
+pub async fn submit(jobs: &JobStore, map: &ClusterMap, partition: u32, to: &str) -> String {
+    let from = &map.assignments[partition as usize].owner;
+    let job = Job::new(partition, from, to, "move");
+    jobs.create(&job).await.expect("create job");
+    job.id
+}
+
+/// Waits until job `id` is terminal; returns it.
+pub async fn wait_terminal(jobs: &JobStore, id: &str, timeout: Duration) -> Job {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let stored = jobs.get(id).await.expect("read job").expect("job exists");
+        if stored.job.phase.is_terminal() {
+            return stored.job;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!(
+                "job {id} not finished after {timeout:?}: phase {}, last error {:?}",
+                stored.job.phase, stored.job.last_error
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Asserts the job finished as `expected`.
+pub fn assert_phase(job: &Job, expected: Phase) {
+    assert_eq!(
+        job.phase, expected,
+        "job {} ended {} (last error {:?})",
+        job.id, job.phase, job.last_error
+    );
+}
+
+/// Slots, publications, subscriptions of moves, and standalone tables that
+/// look like leaves, on every server (`server: kind name`).
+pub async fn leftovers(cluster: &TestCluster) -> Vec<String> {
+    let mut found = Vec::new();
+    for (index, server) in cluster.cluster.servers.iter().enumerate() {
+        let client = cluster.connect(index).await;
+        let rows = client
+            .query(
+                "SELECT 'slot', slot_name::text FROM pg_replication_slots \
+                 UNION ALL SELECT 'publication', pubname::text FROM pg_publication \
+                 UNION ALL SELECT 'subscription', subname::text FROM pg_subscription \
+                 UNION ALL SELECT 'detached table', c.relname::text FROM pg_class c \
+                   WHERE c.relkind = 'r' AND c.relname ~ '_p[0-9]+' \
+                   AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid)",
+                &[],
+            )
+            .await
+            .expect("list leftovers");
+        for row in rows {
+            let kind: String = row.get(0);
+            let name: String = row.get(1);
+            found.push(format!("{}: {kind} {name}", server.name()));
+        }
+    }
+    found
+}
+
+/// `(user_id, seq)` of every event row on every server, with the server
+/// each was found on.
+pub async fn all_events(cluster: &TestCluster) -> Vec<((i64, i64), String)> {
+    let mut rows = Vec::new();
+    for (index, server) in cluster.cluster.servers.iter().enumerate() {
+        let client = cluster.connect(index).await;
+        for row in client
+            .query("SELECT user_id, seq FROM events", &[])
+            .await
+            .expect("read events")
+        {
+            rows.push(((row.get(0), row.get(1)), server.name().to_string()));
+        }
+    }
+    rows
+}
+
+/// `id -> (n, server)` for every users row on every server.
+pub async fn all_users(cluster: &TestCluster) -> BTreeMap<i64, Vec<(i64, String)>> {
+    let mut users: BTreeMap<i64, Vec<(i64, String)>> = BTreeMap::new();
+    for (index, server) in cluster.cluster.servers.iter().enumerate() {
+        let client = cluster.connect(index).await;
+        for row in client
+            .query("SELECT id, n FROM users", &[])
+            .await
+            .expect("read users")
+        {
+            users
+                .entry(row.get(0))
+                .or_default()
+                .push((row.get(1), server.name().to_string()));
+        }
+    }
+    users
+}
+
+/// The server owning user `id` in `map`.
+pub fn owner_of(map: &ClusterMap, id: i64) -> String {
+    let partition = map
+        .partition_of("users", &KeyValue::Int(id))
+        .expect("partition of a user id");
+    map.assignments[partition as usize].owner.clone()
+}
+
+/// Percentile `q` (0..=1) of `values` (sorted in place).
+pub fn percentile(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let index = ((values.len() - 1) as f64 * q).round() as usize;
+    values[index]
+}
