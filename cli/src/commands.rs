@@ -178,8 +178,9 @@ pub async fn server(context: &Context, command: ServerCommand) -> Result<()> {
                 .iter()
                 .map(|r| Endpoint::parse(r).map_err(|e| anyhow!("replica of {name}: {e}")))
                 .collect::<Result<Vec<_>>>()?;
-            context
-                .change(|map| {
+            let store = context.store().await?;
+            let saved = store
+                .update(&context.actor, |map| {
                     if map.servers.contains_key(&name) {
                         return Err(format!("server {name:?} already exists"));
                     }
@@ -195,7 +196,26 @@ pub async fn server(context: &Context, command: ServerCommand) -> Result<()> {
                     );
                     Ok(Change::new("server add", format!("{name} at {primary}")))
                 })
-                .await
+                .await?;
+            let tables = prepare_new_server(&saved.map, &name).await.with_context(|| {
+                format!(
+                    "server {name} was added to the map (version {}), but creating the tables there failed; \
+                     fix the server and run `shardctl table create` for each table again",
+                    saved.map.version
+                )
+            })?;
+            if context.json {
+                return print_json(&serde_json::json!({
+                    "version": saved.map.version,
+                    "revision": saved.revision,
+                    "tables_created": tables,
+                }));
+            }
+            println!(
+                "map version {} saved; {tables} tables created on {name} (no leaves: it owns no partitions yet)",
+                saved.map.version
+            );
+            Ok(())
         }
         ServerCommand::List => {
             let map = context.store().await?.load().await?.map;
@@ -670,48 +690,28 @@ pub async fn table(context: &Context, command: TableCommand) -> Result<()> {
     }
 }
 
-/// Runs a table's DDL on every server of the map, each in one transaction.
+/// Records a table's columns in the map, then runs its DDL on every server
+/// of the map, each in one transaction.
 async fn create_table(context: &Context, name: &str, columns: &str) -> Result<()> {
-    let map = context.store().await?.load().await?.map;
-    // Passwords never come from etcd.
-    let password = std::env::var("SHARDLINE_BACKEND_PASSWORD")
-        .or_else(|_| std::env::var("PGPASSWORD"))
-        .ok();
+    let store = context.store().await?;
+    let saved = store
+        .update(&context.actor, |map| {
+            if !map.tables.contains_key(name) {
+                return Err(format!(
+                    "table {name:?} is not declared: run `shardctl table add {name} ...` first"
+                ));
+            }
+            map.columns.insert(name.to_string(), columns.to_string());
+            Ok(Change::new("table create", format!("{name} ({columns})")))
+        })
+        .await?;
+    let map = saved.map;
     let mut created = Vec::new();
     for server in map.servers.values() {
-        let statements = shardmap::ddl::create_statements(&map, name, columns, &server.name)
-            .map_err(anyhow::Error::msg)?;
-        if statements.is_empty() {
-            continue;
+        let leaves = run_table_ddl(&map, name, columns, server).await?;
+        if let Some(leaves) = leaves {
+            created.push((server.name.clone(), leaves));
         }
-        let mut config = tokio_postgres::Config::new();
-        config
-            .host(&server.primary.host)
-            .port(server.primary.port)
-            .user(&server.primary.user)
-            .dbname(&server.primary.dbname)
-            .application_name("shardctl")
-            .connect_timeout(std::time::Duration::from_secs(5));
-        if let Some(password) = &password {
-            config.password(password);
-        }
-        let (client, connection) =
-            config
-                .connect(tokio_postgres::NoTls)
-                .await
-                .with_context(|| {
-                    format!(
-                        "cannot connect to server {} at {}",
-                        server.name, server.primary
-                    )
-                })?;
-        tokio::spawn(connection);
-        let script = format!("BEGIN;\n{};\nCOMMIT;", statements.join(";\n"));
-        client
-            .batch_execute(&script)
-            .await
-            .with_context(|| format!("creating {name} on server {}", server.name))?;
-        created.push((server.name.clone(), statements.len().saturating_sub(1)));
     }
     if context.json {
         return print_json(&created);
@@ -720,6 +720,76 @@ async fn create_table(context: &Context, name: &str, columns: &str) -> Result<()
         println!("{name} created on {server} ({leaves} leaf tables)");
     }
     Ok(())
+}
+
+/// A connection to `server` (password from the environment, never from etcd).
+pub async fn connect_server(server: &Server) -> Result<tokio_postgres::Client> {
+    let password = std::env::var("SHARDLINE_BACKEND_PASSWORD")
+        .or_else(|_| std::env::var("PGPASSWORD"))
+        .ok();
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(&server.primary.host)
+        .port(server.primary.port)
+        .user(&server.primary.user)
+        .dbname(&server.primary.dbname)
+        .application_name("shardctl")
+        .connect_timeout(std::time::Duration::from_secs(5));
+    if let Some(password) = &password {
+        config.password(password);
+    }
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to server {} at {}",
+                server.name, server.primary
+            )
+        })?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// Creates `table` on `server` as the map says; the number of leaves
+/// created, or `None` when the table does not live there.
+async fn run_table_ddl(
+    map: &ClusterMap,
+    table: &str,
+    columns: &str,
+    server: &Server,
+) -> Result<Option<usize>> {
+    let statements = shardmap::ddl::create_statements(map, table, columns, &server.name)
+        .map_err(anyhow::Error::msg)?;
+    if statements.is_empty() {
+        return Ok(None);
+    }
+    let client = connect_server(server).await?;
+    let script = format!("BEGIN;\n{};\nCOMMIT;", statements.join(";\n"));
+    client
+        .batch_execute(&script)
+        .await
+        .with_context(|| format!("creating {table} on server {}", server.name))?;
+    Ok(Some(statements.len().saturating_sub(1)))
+}
+
+/// Creates every table made with `table create` on a newly added server
+/// (partitioned parents with no leaves: it owns no partitions yet).
+async fn prepare_new_server(map: &ClusterMap, name: &str) -> Result<usize> {
+    let server = map
+        .servers
+        .get(name)
+        .ok_or_else(|| anyhow!("server {name} is not in the map"))?;
+    let mut tables = 0;
+    for (table, columns) in &map.columns {
+        if !map.tables.contains_key(table) {
+            continue;
+        }
+        if run_table_ddl(map, table, columns, server).await?.is_some() {
+            tables += 1;
+        }
+    }
+    Ok(tables)
 }
 
 // ---------------------------------------------------------------- partition

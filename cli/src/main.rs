@@ -6,6 +6,7 @@
 mod commands;
 mod config;
 mod dev;
+mod jobs;
 mod output;
 
 use std::path::PathBuf;
@@ -17,7 +18,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "shardctl",
     version,
-    about = "Manage a shardline cluster: map, servers, tables, history, local dev cluster"
+    about = "Manage a shardline cluster: map, servers, tables, partition moves, history, local dev cluster"
 )]
 pub struct Cli {
     /// TOML config file (cluster name, etcd endpoints).
@@ -61,6 +62,16 @@ enum Command {
     Lookup(commands::LookupArgs),
     /// Show the history of map changes.
     History(commands::HistoryArgs),
+    /// Move one partition to another server (a job the rebalancer runs).
+    Move(jobs::MoveArgs),
+    /// Plan moves that even out the servers, and submit them (or --dry-run).
+    Rebalance(jobs::RebalanceArgs),
+    /// Mark a server draining and move every partition off it.
+    Drain(jobs::DrainArgs),
+    /// Show move jobs (phase, bytes copied, lag, ETA) and leftover replication objects.
+    Status(jobs::StatusArgs),
+    /// Cancel a move that has not switched yet (it is rolled back).
+    Cancel(jobs::CancelArgs),
     /// Run a local cluster (etcd + Postgres servers) for development.
     #[command(subcommand)]
     Dev(dev::DevCommand),
@@ -105,6 +116,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Map(args) => commands::map(&context, args).await,
         Command::Lookup(args) => commands::lookup(&context, args).await,
         Command::History(args) => commands::history(&context, args).await,
+        Command::Move(args) => jobs::move_partition(&context, args).await,
+        Command::Rebalance(args) => jobs::rebalance(&context, args).await,
+        Command::Drain(args) => jobs::drain(&context, args).await,
+        Command::Status(args) => jobs::status(&context, args).await,
+        Command::Cancel(args) => jobs::cancel(&context, args).await,
         Command::Dev(command) => dev::run(&context, command).await,
     }
 }

@@ -23,12 +23,28 @@ fn margin(ttl: Duration) -> Duration {
 }
 
 /// Held leadership. Cheap to clone; all clones see the same validity.
+/// When the last clone is dropped the lease is no longer kept alive (it
+/// expires after its TTL and another rebalancer is elected).
 #[derive(Clone)]
 pub struct Leadership {
     key: Vec<u8>,
     revision: i64,
     valid_until: Arc<Mutex<Instant>>,
-    keeper: Arc<tokio::task::JoinHandle<()>>,
+    keeper: Arc<Keeper>,
+}
+
+struct Keeper(tokio::task::JoinHandle<()>);
+
+impl Keeper {
+    fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Leadership {
@@ -79,12 +95,12 @@ pub async fn campaign(
         (sent + ttl).checked_sub(margin(ttl)).unwrap_or(sent),
     ));
     // Keep the lease alive while campaigning too: the campaign may wait long.
-    let keeper = tokio::spawn(keep_alive(
+    let keeper = Keeper(tokio::spawn(keep_alive(
         client.clone(),
         lease_id,
         ttl,
         valid_until.clone(),
-    ));
+    )));
     let mut election_client = client.election_client();
     let response = election_client
         .campaign(election, id, lease_id)

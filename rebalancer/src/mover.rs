@@ -277,6 +277,7 @@ impl Mover {
 
     /// Claims the partition in the map (`moving`).
     async fn start(&mut self) -> Result<(), MoveError> {
+        failpoint::hit("pending");
         if self.cancel_requested().await? {
             return self.advance(Phase::Cancelled).await;
         }

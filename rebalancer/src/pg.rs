@@ -623,6 +623,49 @@ pub fn partition_leaves(
     Ok(leaves)
 }
 
+/// Size in bytes of every partition (the sum of its leaves on its owner).
+/// A server that cannot be reached is an error: a plan without its sizes
+/// would be wrong.
+pub async fn partition_sizes(
+    map: &ClusterMap,
+    credentials: &Credentials,
+) -> Result<Vec<u64>, MoveError> {
+    let mut leaf_partition = std::collections::HashMap::new();
+    for partition in 0..map.partitions {
+        for (_, leaf) in partition_leaves(map, partition)? {
+            leaf_partition.insert(leaf.name, partition);
+        }
+    }
+    let mut sizes = vec![0u64; map.partitions as usize];
+    for server in map.servers.values() {
+        let pg = Pg::connect(server, credentials, "shardctl").await?;
+        let rows = pg
+            .client
+            .query(
+                "SELECT c.relname::text, pg_total_relation_size(c.oid)::bigint \
+                 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid",
+                &[],
+            )
+            .await
+            .map_err(|e| pg.fail("measuring partitions", e))?;
+        for row in rows {
+            let name: String = row
+                .try_get(0)
+                .map_err(|e| pg.fail("measuring partitions", e))?;
+            let bytes: i64 = row
+                .try_get(1)
+                .map_err(|e| pg.fail("measuring partitions", e))?;
+            if let Some(&p) = leaf_partition.get(&name) {
+                // Only the owner's copy counts (a target mid-move has one too).
+                if map.assignments[p as usize].owner == server.name {
+                    sizes[p as usize] += bytes.max(0) as u64;
+                }
+            }
+        }
+    }
+    Ok(sizes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

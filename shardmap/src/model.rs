@@ -28,6 +28,10 @@ pub struct ClusterMap {
     pub tables: BTreeMap<String, Table>,
     /// One entry per logical partition, indexed by partition number.
     pub assignments: Vec<Assignment>,
+    /// Column definitions of tables created with `shardctl table create`,
+    /// so a server added later gets the same parents.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub columns: BTreeMap<String, String>,
 }
 
 /// A Postgres server (one primary, optional read replicas).
@@ -305,6 +309,7 @@ impl ClusterMap {
             groups: BTreeMap::new(),
             tables: BTreeMap::new(),
             assignments,
+            columns: BTreeMap::new(),
         };
         map.validate()?;
         Ok(map)

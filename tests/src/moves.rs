@@ -95,16 +95,108 @@ impl Drop for InProcessRebalancer {
     }
 }
 
-/// The `shardline-rebalancer` binary, built by cargo for the test run.
+/// The `shardline-rebalancer` binary of this build. `cargo test --workspace`
+/// builds it (the rebalancer package has integration tests of its own); a
+/// narrower `cargo test` run builds it here.
 pub fn rebalancer_binary() -> PathBuf {
-    // tests/../target/<profile>/shardline-rebalancer, next to the test binary's dir.
     let exe = std::env::current_exe().expect("test binary path");
     let profile_dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("target/<profile>")
         .to_path_buf();
-    profile_dir.join("shardline-rebalancer")
+    let binary = profile_dir.join("shardline-rebalancer");
+    if !binary.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "-p", "rebalancer", "--bin", "shardline-rebalancer"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cannot build shardline-rebalancer");
+    }
+    binary
+}
+
+/// A `shardline-rebalancer` process; killed (SIGKILL) when dropped.
+pub struct RebalancerProcess {
+    pub child: std::process::Child,
+    pub id: String,
+}
+
+impl RebalancerProcess {
+    /// Starts one with `config`, crashing at `failpoint` if given.
+    pub fn start(
+        config: &RebalancerConfig,
+        id: &str,
+        failpoint: Option<&str>,
+        dir: &std::path::Path,
+    ) -> RebalancerProcess {
+        let path = dir.join(format!("{id}.toml"));
+        let text = format!(
+            "cluster = {:?}\nleader_ttl_seconds = {}\n[etcd]\nendpoints = [{:?}]\n",
+            config.cluster,
+            config.leader_ttl_seconds,
+            config.etcd.endpoints.join(",")
+        );
+        std::fs::write(&path, text).expect("write rebalancer config");
+        let mut command = std::process::Command::new(rebalancer_binary());
+        command
+            .arg("--config")
+            .arg(&path)
+            .args(["--id", id])
+            .env("SHARDLINE_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(point) = failpoint {
+            command.env("SHARDLINE_FAILPOINT", point);
+        }
+        RebalancerProcess {
+            child: command.spawn().expect("start shardline-rebalancer"),
+            id: id.to_string(),
+        }
+    }
+
+    /// Waits for the process to end by itself; `None` on timeout.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for RebalancerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits until `id` leads the cluster's rebalancers.
+pub async fn wait_leader(cluster: &TestCluster, name: &str, id: &str, timeout: Duration) -> bool {
+    let client = shardmap::store::connect(&cluster.etcd_endpoints())
+        .await
+        .expect("etcd");
+    let election = shardmap::store::Keys::new(name).election();
+    crate::eventually(timeout, || {
+        let client = client.clone();
+        let election = election.clone();
+        async move {
+            rebalancer::leader::current_leader(&client, &election)
+                .await
+                .ok()
+                .flatten()
+                .as_deref()
+                == Some(id)
+        }
+    })
+    .await
 }
 
 pub async fn jobs(cluster: &TestCluster, name: &str) -> JobStore {
