@@ -1526,9 +1526,11 @@ impl Session {
                 }
             },
         };
-        if !self.shared.liveness.serving() {
+        if !self.shared.liveness.serving() && !matches!(route, Route::Any) {
             // Routed while the lease was alive, but it lapsed while this
             // request waited for a backend: the route may be stale now.
+            // (Requests that touch no partition, such as a Parse/Describe
+            // or a catalog query, do not depend on the map.)
             if self.tx == Tx::Bound {
                 self.lease = Some(lease);
             }
