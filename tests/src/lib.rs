@@ -275,7 +275,8 @@ impl Cutter {
                     let target = target.clone();
                     let handle = tokio::spawn(async move {
                         if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
-                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                         }
                     });
                     connections.lock().expect("lock").push(handle);

@@ -99,22 +99,46 @@ impl Drop for InProcessRebalancer {
 /// builds it (the rebalancer package has integration tests of its own); a
 /// narrower `cargo test` run builds it here.
 pub fn rebalancer_binary() -> PathBuf {
+    workspace_binary("rebalancer", "shardline-rebalancer")
+}
+
+/// A binary of this workspace's build (built here if a narrow test run did
+/// not build it).
+pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let profile_dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("target/<profile>")
         .to_path_buf();
-    let binary = profile_dir.join("shardline-rebalancer");
+    let binary = profile_dir.join(name);
     if !binary.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = std::process::Command::new(cargo)
-            .args(["build", "-p", "rebalancer", "--bin", "shardline-rebalancer"])
+            .args(["build", "-p", package, "--bin", name])
             .status()
             .expect("run cargo build");
-        assert!(status.success(), "cannot build shardline-rebalancer");
+        assert!(status.success(), "cannot build {name}");
     }
     binary
+}
+
+/// Runs `shardctl` against `cluster`/`name`; returns stdout, panics on failure.
+pub fn shardctl(cluster: &TestCluster, name: &str, args: &[&str]) -> String {
+    let output = std::process::Command::new(workspace_binary("shardctl", "shardctl"))
+        .args(args)
+        .env("SHARDLINE_ETCD", cluster.etcd_endpoints().join(","))
+        .env("SHARDLINE_CLUSTER", name)
+        .env("SHARDLINE_ACTOR", "test")
+        .env_remove("SHARDLINE_CONFIG")
+        .output()
+        .expect("run shardctl");
+    assert!(
+        output.status.success(),
+        "shardctl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// A `shardline-rebalancer` process; killed (SIGKILL) when dropped.

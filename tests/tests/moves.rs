@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use shardline_tests::moves::{
     all_events, all_users, assert_phase, jobs, leftovers, owner_of, percentile, setup_schema,
-    submit, test_config, wait_terminal, InProcessRebalancer,
+    shardctl, submit, test_config, wait_terminal, InProcessRebalancer,
 };
 use shardline_tests::{TestCluster, TestProxy};
 use shardmap::Phase;
@@ -298,7 +298,9 @@ async fn a_proxy_cut_off_from_etcd_stops_serving_and_the_cutover_waits_for_its_l
     const NAME: &str = "cutoff";
     let cluster = TestCluster::start(3);
     let (store, map) = setup_schema(&cluster, NAME, 8).await;
-    let etcd = cluster.etcd_endpoints()[0].trim_start_matches("http://").to_string();
+    let etcd = cluster.etcd_endpoints()[0]
+        .trim_start_matches("http://")
+        .to_string();
     let cutter = shardline_tests::Cutter::start(&etcd).await;
     let _proxy_a = TestProxy::start(&cluster, NAME, |_| {}).await;
     // Proxy B holds statements at most 2 s, then refuses them.
@@ -327,26 +329,43 @@ async fn a_proxy_cut_off_from_etcd_stops_serving_and_the_cutover_waits_for_its_l
     let problems = Arc::new(Mutex::new(Vec::<String>::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let loop_task = {
-        let (acked, refused, problems, stop) = (acked.clone(), refused.clone(), problems.clone(), stop.clone());
+        let (acked, refused, problems, stop) = (
+            acked.clone(),
+            refused.clone(),
+            problems.clone(),
+            stop.clone(),
+        );
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                match client_b.execute("UPDATE users SET n = n + 1 WHERE id = $1", &[&user]).await {
+                match client_b
+                    .execute("UPDATE users SET n = n + 1 WHERE id = $1", &[&user])
+                    .await
+                {
                     Ok(1) => {
                         acked.fetch_add(1, Ordering::SeqCst);
                     }
-                    Ok(n) => problems.lock().expect("lock").push(format!("update hit {n} rows")),
+                    Ok(n) => problems
+                        .lock()
+                        .expect("lock")
+                        .push(format!("update hit {n} rows")),
                     Err(e) if e.code().map(|c| c.code()) == Some("57P03") => {
                         refused.fetch_add(1, Ordering::SeqCst);
                         continue;
                     }
                     Err(e) => problems.lock().expect("lock").push(format!("update: {e}")),
                 }
-                match client_b.query_one("SELECT n FROM users WHERE id = $1", &[&user]).await {
+                match client_b
+                    .query_one("SELECT n FROM users WHERE id = $1", &[&user])
+                    .await
+                {
                     Ok(row) => {
                         let n: i64 = row.get(0);
                         let want = acked.load(Ordering::SeqCst) as i64;
                         if n != want {
-                            problems.lock().expect("lock").push(format!("stale read: n = {n}, acknowledged {want}"));
+                            problems
+                                .lock()
+                                .expect("lock")
+                                .push(format!("stale read: n = {n}, acknowledged {want}"));
                         }
                     }
                     Err(e) if e.code().map(|c| c.code()) == Some("57P03") => {
@@ -363,21 +382,38 @@ async fn a_proxy_cut_off_from_etcd_stops_serving_and_the_cutover_waits_for_its_l
     cutter.cut();
     let cut_at = Instant::now();
     let owner = map.assignments[partition as usize].owner.clone();
-    let to = map.servers.keys().find(|s| **s != owner).expect("another server").clone();
+    let to = map
+        .servers
+        .keys()
+        .find(|s| **s != owner)
+        .expect("another server")
+        .clone();
     let id = submit(&jobs, &map, partition, &to).await;
     let job = wait_terminal(&jobs, &id, Duration::from_secs(90)).await;
     assert_phase(&job, Phase::Done);
     let waited = cut_at.elapsed();
     let blocked_ms = job.blocked_ms.unwrap_or(0);
-    let proxies = shardmap::proxies::list(&shardmap::store::connect(&cluster.etcd_endpoints()).await.expect("etcd"), NAME)
-        .await
-        .expect("proxies");
-    assert_eq!(proxies.len(), 1, "proxy B's registration should have expired: {proxies:?}");
+    let proxies = shardmap::proxies::list(
+        &shardmap::store::connect(&cluster.etcd_endpoints())
+            .await
+            .expect("etcd"),
+        NAME,
+    )
+    .await
+    .expect("proxies");
+    assert_eq!(
+        proxies.len(),
+        1,
+        "proxy B's registration should have expired: {proxies:?}"
+    );
     assert!(
         blocked_ms >= 3_000,
         "the cutover did not wait for the cut-off proxy's lease (blocked {blocked_ms} ms)"
     );
-    assert!(!proxy_b.shared.liveness.serving(), "proxy B still serves without its lease");
+    assert!(
+        !proxy_b.shared.liveness.serving(),
+        "proxy B still serves without its lease"
+    );
     let refused_while_cut = refused.load(Ordering::SeqCst);
     assert!(refused_while_cut > 0, "proxy B never refused while cut off");
 
@@ -406,7 +442,11 @@ async fn a_proxy_cut_off_from_etcd_stops_serving_and_the_cutover_waits_for_its_l
     let users = all_users(&cluster).await;
     let copies = &users[&user];
     assert_eq!(copies.len(), 1, "user stored {} times", copies.len());
-    assert_eq!(copies[0].0, acked.load(Ordering::SeqCst) as i64, "acknowledged increments lost");
+    assert_eq!(
+        copies[0].0,
+        acked.load(Ordering::SeqCst) as i64,
+        "acknowledged increments lost"
+    );
     assert_eq!(copies[0].1, to, "the user is not on the new owner");
     println!(
         "cut-off proxy: cutover held the partition {blocked_ms} ms waiting for the lease (job done {:.1} s after the cut); \
@@ -414,4 +454,244 @@ async fn a_proxy_cut_off_from_etcd_stops_serving_and_the_cutover_waits_for_its_l
         waited.as_secs_f64(),
         acked.load(Ordering::SeqCst)
     );
+}
+
+/// The target of a move is down: the move pauses with a clear error and
+/// resumes once the server is back; the moving partition keeps being served
+/// by its source, and partitions on other servers are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_down_pauses_the_move_and_other_partitions_keep_working() {
+    const NAME: &str = "serverdown";
+    let mut cluster = TestCluster::start(3);
+    let (store, map) = setup_schema(&cluster, NAME, 8).await;
+    let proxy = TestProxy::start(&cluster, NAME, |_| {}).await;
+    let _rebalancer = InProcessRebalancer::start(test_config(&cluster, NAME), "r1");
+    let jobs = jobs(&cluster, NAME).await;
+    let client = proxy.connect().await;
+    for id in 0..200i64 {
+        client
+            .execute("INSERT INTO users (id, n) VALUES ($1, 0)", &[&id])
+            .await
+            .expect("insert");
+    }
+    let servers: Vec<String> = cluster
+        .cluster
+        .servers
+        .iter()
+        .map(|s| s.name().to_string())
+        .collect();
+    let partition = (0..8u32)
+        .find(|p| map.assignments[*p as usize].owner == servers[0])
+        .expect("a partition on the first server");
+    let on_partition = (0..200i64)
+        .find(|id| {
+            map.partition_of("users", &shardmap::KeyValue::Int(*id))
+                .ok()
+                == Some(partition)
+        })
+        .expect("a user in the partition");
+    let elsewhere = (0..200i64)
+        .find(|id| owner_of(&map, *id) == servers[2])
+        .expect("a user on the third server");
+
+    // A clean shutdown: the test servers run without fsync, so an immediate
+    // one would lose their own recent commits, which is not what this tests.
+    cluster.cluster.servers[1].stop().expect("stop the target");
+    let id = submit(&jobs, &map, partition, &servers[1]).await;
+    let paused = shardline_tests::eventually(Duration::from_secs(20), || {
+        let jobs = jobs.clone();
+        let id = id.clone();
+        async move {
+            let job = jobs.get(&id).await.ok().flatten().map(|s| s.job);
+            job.is_some_and(|j| j.last_error.is_some())
+        }
+    })
+    .await;
+    assert!(paused, "the move did not report the unreachable target");
+    let job = jobs.get(&id).await.expect("job").expect("exists").job;
+    assert!(
+        !job.phase.is_terminal(),
+        "the move gave up instead of pausing: {job:?}"
+    );
+    let error = job.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains(&servers[1]),
+        "the error does not name the server: {error}"
+    );
+    println!(
+        "server down: move paused in {} with: {}",
+        job.phase,
+        job.last_error.clone().unwrap_or_default()
+    );
+
+    // The moving partition is served by its source; the third server's too.
+    for user in [on_partition, elsewhere] {
+        let updated = client
+            .execute("UPDATE users SET n = n + 1 WHERE id = $1", &[&user])
+            .await
+            .expect("update while the target is down");
+        assert_eq!(updated, 1);
+        let n: i64 = client
+            .query_one("SELECT n FROM users WHERE id = $1", &[&user])
+            .await
+            .expect("read while the target is down")
+            .get(0);
+        assert_eq!(n, 1);
+    }
+
+    cluster.cluster.servers[1]
+        .restart()
+        .expect("restart the target");
+    let job = wait_terminal(&jobs, &id, Duration::from_secs(120)).await;
+    assert_phase(&job, Phase::Done);
+    let final_map = store.load().await.expect("map").map;
+    assert_eq!(final_map.assignments[partition as usize].owner, servers[1]);
+    let users = all_users(&cluster).await;
+    assert_eq!(users.len(), 200, "users lost or added");
+    for (user, copies) in &users {
+        assert_eq!(copies.len(), 1, "user {user} stored {} times", copies.len());
+        assert_eq!(
+            copies[0].1,
+            owner_of(&final_map, *user),
+            "user {user} not on its owner"
+        );
+    }
+    assert_eq!(
+        users[&on_partition][0].0, 1,
+        "the write made while the target was down is lost"
+    );
+    let left = leftovers(&cluster).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// A fourth server joins: `shardctl server add` creates the tables there,
+/// `shardctl rebalance` moves about a quarter of the partitions to it, and
+/// the servers end within 10% of each other in bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn adding_a_fourth_server_and_rebalancing_evens_out_the_sizes() {
+    const NAME: &str = "grow";
+    const PARTITIONS: u32 = 32;
+    let cluster = TestCluster::start(4);
+    let servers = cluster.map_servers();
+    let store = cluster.store(NAME).await;
+    let map = shardmap::ClusterMap::new(NAME, PARTITIONS, servers[..3].to_vec()).expect("map");
+    store.initialize(map, "test").await.expect("init");
+    store
+        .update("test", |map| {
+            map.groups.insert(
+                "users".into(),
+                shardmap::Group {
+                    name: "users".into(),
+                    key_type: shardmap::KeyType::Bigint,
+                    method: shardmap::Method::Hash,
+                },
+            );
+            map.tables.insert(
+                "users".into(),
+                shardmap::Table {
+                    name: "users".into(),
+                    kind: shardmap::TableKind::Sharded {
+                        group: "users".into(),
+                        key_column: "id".into(),
+                        embedded_id: false,
+                    },
+                },
+            );
+            Ok(shardmap::Change::new("test-schema", "users"))
+        })
+        .await
+        .expect("declare users");
+    shardctl(
+        &cluster,
+        NAME,
+        &[
+            "table",
+            "create",
+            "users",
+            "--columns",
+            "id bigint PRIMARY KEY, n bigint NOT NULL DEFAULT 0, payload text",
+        ],
+    );
+    // Fill each leaf on its owner.
+    let map = store.load().await.expect("map").map;
+    for (index, server) in servers[..3].iter().enumerate() {
+        let client = cluster.connect(index).await;
+        for p in (0..PARTITIONS).filter(|p| map.assignments[*p as usize].owner == server.name) {
+            client
+                .batch_execute(&format!(
+                    "INSERT INTO users_p{p} SELECT g, 0, repeat('x', 200) FROM generate_series(1, 64000) g \
+                     WHERE satisfies_hash_partition('users'::regclass, {PARTITIONS}, {p}, g::bigint)"
+                ))
+                .await
+                .expect("fill a leaf");
+        }
+    }
+    let fourth = &servers[3];
+    let added = shardctl(
+        &cluster,
+        NAME,
+        &["server", "add", &fourth.name, &fourth.primary.to_string()],
+    );
+    assert!(added.contains("1 tables created"), "{added}");
+    let parent_on_fourth: bool = cluster
+        .connect(3)
+        .await
+        .query_one("SELECT to_regclass('users') IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_inherits WHERE inhparent = 'users'::regclass)", &[])
+        .await
+        .expect("look at the new server")
+        .get(0);
+    assert!(
+        parent_on_fourth,
+        "the new server should have the parent and no leaves"
+    );
+
+    let plan = shardctl(&cluster, NAME, &["rebalance", "--dry-run"]);
+    println!("{plan}");
+    let _rebalancer = InProcessRebalancer::start(test_config(&cluster, NAME), "r1");
+    let submitted: serde_json::Value =
+        serde_json::from_str(&shardctl(&cluster, NAME, &["rebalance", "--json"]))
+            .expect("json plan");
+    let moves = submitted.as_array().expect("a list of moves").len();
+    let jobs = jobs(&cluster, NAME).await;
+    for job in submitted.as_array().expect("list") {
+        let id = job["job"].as_str().expect("job id");
+        assert_phase(
+            &wait_terminal(&jobs, id, Duration::from_secs(300)).await,
+            Phase::Done,
+        );
+    }
+    let final_map = store.load().await.expect("map").map;
+    let sizes =
+        rebalancer::pg::partition_sizes(&final_map, &rebalancer::pg::Credentials::default())
+            .await
+            .expect("sizes");
+    let loads = rebalancer::planner::loads_after(&final_map, &sizes, &[]);
+    let max = *loads.values().max().expect("loads") as f64;
+    let min = *loads.values().min().expect("loads") as f64;
+    let on_fourth = final_map
+        .assignments
+        .iter()
+        .filter(|a| a.owner == fourth.name)
+        .count();
+    println!(
+        "grow: {moves} of {PARTITIONS} partitions moved, {on_fourth} now on {}; sizes {:?}; spread {:.1}%",
+        fourth.name,
+        loads,
+        (max - min) / max * 100.0
+    );
+    assert!(
+        (6..=10).contains(&moves),
+        "expected about a quarter of {PARTITIONS} partitions to move, moved {moves}"
+    );
+    assert!((max - min) / max < 0.10, "sizes not within 10%: {loads:?}");
+    let status: serde_json::Value =
+        serde_json::from_str(&shardctl(&cluster, NAME, &["status", "--json"]))
+            .expect("status json");
+    assert_eq!(
+        status["orphans"].as_array().map(Vec::len),
+        Some(0),
+        "{status}"
+    );
+    let left = leftovers(&cluster).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
