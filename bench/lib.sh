@@ -7,19 +7,20 @@ bin=target/release
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # Builds, starts the cluster; sets work, pg_port, etcd.
-bench_cluster() { # temp-dir-prefix
-  cargo build --release --locked -q -p shardctl -p proxy
+bench_cluster() { # temp-dir-prefix [servers] [partitions]
+  cargo build --release --locked -q -p shardctl -p proxy -p rebalancer
   work=$(mktemp -d "/tmp/$1.XXXXXX")
   chmod 755 "$work"
   trap bench_cleanup EXIT
   export SHARDLINE_CONFIG="$work/cluster/shardline.toml"
-  "$bin/shardctl" dev up --dir "$work/cluster" --servers 1 --partitions 16 --json > "$work/dev.json"
+  "$bin/shardctl" dev up --dir "$work/cluster" --servers "${2:-1}" --partitions "${3:-16}" --json > "$work/dev.json"
   pg_port=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['servers'][0]['port'])" "$work/dev.json")
   etcd=$(python3 -c "import json,sys; print('http://127.0.0.1:%d' % json.load(open(sys.argv[1]))['etcd']['client_port'])" "$work/dev.json")
 }
 
 bench_cleanup() {
   [ -n "${proxy_pid:-}" ] && kill "$proxy_pid" 2>/dev/null || true
+  [ -n "${rebalancer_pid:-}" ] && kill "$rebalancer_pid" 2>/dev/null || true
   [ -n "${bouncer_pid:-}" ] && kill "$bouncer_pid" 2>/dev/null || true
   "$bin/shardctl" dev down --dir "$work/cluster" >/dev/null 2>&1 || true
   rm -rf "$work"

@@ -26,6 +26,8 @@ pub use tools::Tools;
 pub const STATE_FILE: &str = "cluster.json";
 /// A proxy started for the cluster writes its pid here; `dev down` stops it.
 pub const PROXY_PID_FILE: &str = "proxy.pid";
+/// Likewise for a rebalancer daemon.
+pub const REBALANCER_PID_FILE: &str = "rebalancer.pid";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
@@ -288,9 +290,14 @@ pub fn stop_dir(dir: &Path, keep_data: bool) -> Result<ClusterState, DevError> {
     let state = read_state(dir)?;
     let mut errors = Vec::new();
     // A proxy the quickstart started for this cluster, if any.
-    if let Ok(text) = fs::read_to_string(dir.join(PROXY_PID_FILE)) {
-        if let Ok(pid) = text.trim().parse::<u32>() {
-            process::stop_named_pid(pid, "shardline-proxy");
+    for (file, program) in [
+        (PROXY_PID_FILE, "shardline-proxy"),
+        (REBALANCER_PID_FILE, "shardline-rebalancer"),
+    ] {
+        if let Ok(text) = fs::read_to_string(dir.join(file)) {
+            if let Ok(pid) = text.trim().parse::<u32>() {
+                process::stop_named_pid(pid, program);
+            }
         }
     }
     for server in &state.servers {

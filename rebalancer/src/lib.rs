@@ -48,7 +48,7 @@ impl MoveError {
                 db.message(),
                 db.code().code()
             ),
-            None => format!("{what} on server {server}: {e}"),
+            None => format!("{what} on server {server}: {}", error_chain(&e)),
         };
         match e.code().map(|c| c.code()) {
             None => MoveError::Unreachable(message),
@@ -61,6 +61,18 @@ impl MoveError {
             Some(_) => MoveError::Fatal(message),
         }
     }
+}
+
+/// An error with its causes (tokio-postgres puts the useful part in the source).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 impl From<shardmap::StoreError> for MoveError {

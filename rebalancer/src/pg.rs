@@ -86,7 +86,12 @@ impl Pg {
             config.password(password);
         }
         let (client, connection) = config.connect(NoTls).await.map_err(|e| {
-            MoveError::Unreachable(format!("cannot connect to server {}: {e}", server.name))
+            MoveError::Unreachable(format!(
+                "cannot connect to server {} at {}: {}",
+                server.name,
+                server.primary,
+                crate::error_chain(&e)
+            ))
         })?;
         let name = server.name.clone();
         tokio::spawn(async move {

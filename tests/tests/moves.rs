@@ -695,3 +695,77 @@ async fn adding_a_fourth_server_and_rebalancing_evens_out_the_sizes() {
     let left = leftovers(&cluster).await;
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// `shardctl cancel` during the copy: the move is rolled back, the partition
+/// stays on its source and serving, and nothing of the move is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_move_is_rolled_back_and_leaves_nothing() {
+    const NAME: &str = "cancel";
+    let cluster = TestCluster::start(3);
+    let (store, map) = setup_schema(&cluster, NAME, 8).await;
+    let _rebalancer = InProcessRebalancer::start(test_config(&cluster, NAME), "r1");
+    let jobs = jobs(&cluster, NAME).await;
+    let partition = 0u32;
+    let owner = map.assignments[partition as usize].owner.clone();
+    let index = cluster
+        .cluster
+        .servers
+        .iter()
+        .position(|s| s.name() == owner)
+        .expect("owner index");
+    // Enough rows that the copy takes a moment.
+    cluster
+        .connect(index)
+        .await
+        .batch_execute(
+            "INSERT INTO users_p0 SELECT g, 0 FROM generate_series(1, 2400000) g \
+             WHERE satisfies_hash_partition('users'::regclass, 8, 0, g::bigint)",
+        )
+        .await
+        .expect("fill the partition");
+    let to = map
+        .servers
+        .keys()
+        .find(|s| **s != owner)
+        .expect("another server")
+        .clone();
+    let id = submit(&jobs, &map, partition, &to).await;
+    let copying = shardline_tests::eventually(Duration::from_secs(60), || {
+        let jobs = jobs.clone();
+        let id = id.clone();
+        async move {
+            jobs.get(&id)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.job.phase == Phase::Copying)
+        }
+    })
+    .await;
+    assert!(copying, "the move never reached the copy");
+    jobs.request_cancel(&id).await.expect("cancel");
+    let job = wait_terminal(&jobs, &id, Duration::from_secs(60)).await;
+    assert_phase(&job, Phase::Cancelled);
+    let after = store.load().await.expect("map").map;
+    assert_eq!(after.assignments[partition as usize].owner, owner);
+    assert_eq!(
+        after.assignments[partition as usize].state,
+        shardmap::PartitionState::Serving
+    );
+    let left = leftovers(&cluster).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let rows: i64 = cluster
+        .connect(index)
+        .await
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert!(rows > 250_000, "the source lost rows: {rows}");
+    // A finished job cannot be cancelled again.
+    let error = jobs
+        .request_cancel(&id)
+        .await
+        .expect_err("already cancelled");
+    assert!(error.to_string().contains("already cancelled"), "{error}");
+}
