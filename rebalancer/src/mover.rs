@@ -623,8 +623,11 @@ impl Mover {
         let source = self.connect(&self.job.job.from.clone()).await?;
         let mut checks = Vec::new();
         for leaf in self.leaf_names() {
-            let (source_rows, source_checksum) = source.checksum(&leaf).await?;
-            let (target_rows, target_checksum) = snapshot.checksum(&leaf).await?;
+            // Both sides at once: each is a full scan of the leaf.
+            let (source_side, target_side) =
+                tokio::join!(source.checksum(&leaf), snapshot.checksum(&leaf));
+            let (source_rows, source_checksum) = source_side?;
+            let (target_rows, target_checksum) = target_side?;
             checks.push(LeafCheck {
                 leaf,
                 source_rows,
