@@ -13,18 +13,28 @@ use tracing::{error, info, warn};
 
 use crate::config::RebalancerConfig;
 use crate::leader::{self, Leadership};
+use crate::metrics::Metrics;
 use crate::mover::{self, MoveContext};
 use crate::pg::Credentials;
 use crate::MoveError;
 
 /// Runs forever: campaign, lead, and campaign again after losing leadership.
 pub async fn run(config: RebalancerConfig, id: String) {
+    run_with_metrics(config, id, Arc::new(Metrics::default())).await
+}
+
+/// [`run`], counting into `metrics`.
+pub async fn run_with_metrics(config: RebalancerConfig, id: String, metrics: Arc<Metrics>) {
     loop {
         match shardmap::store::connect(&config.etcd.endpoints).await {
             Ok(client) => {
                 let election = shardmap::store::Keys::new(&config.cluster).election();
                 match leader::campaign(&client, &election, &id, config.leader_ttl_seconds).await {
-                    Ok(leadership) => lead(client, leadership, &config, &id).await,
+                    Ok(leadership) => {
+                        Metrics::set(&metrics.leader, 1);
+                        lead(client, leadership, &config, &id, metrics.clone()).await;
+                        Metrics::set(&metrics.leader, 0);
+                    }
                     Err(e) => warn!(error = %e, "campaign failed; retrying"),
                 }
             }
@@ -41,6 +51,7 @@ pub async fn lead(
     leadership: Leadership,
     config: &RebalancerConfig,
     id: &str,
+    metrics: Arc<Metrics>,
 ) {
     let context = Arc::new(MoveContext {
         etcd: client.clone(),
@@ -53,6 +64,7 @@ pub async fn lead(
         },
         leader: leadership.clone(),
         actor: format!("rebalancer:{id}"),
+        metrics: metrics.clone(),
     });
     let mut running: HashMap<String, JoinHandle<Result<Phase, MoveError>>> = HashMap::new();
     while leadership.is_valid() {
@@ -64,6 +76,7 @@ pub async fn lead(
                 true
             }
         });
+        Metrics::set(&metrics.jobs_running, running.len() as u64);
         match context.jobs.list().await {
             Ok(jobs) => {
                 let mut active = running.len();

@@ -10,11 +10,13 @@
 //! - [`daemon`]: the leader loop that picks jobs and runs several at once.
 //! - [`planner`]: which partitions to move for `rebalance` and `drain`.
 //! - [`failpoint`]: deterministic crash points for the crash tests.
+//! - [`metrics`]: Prometheus metrics of the daemon.
 
 pub mod config;
 pub mod daemon;
 pub mod failpoint;
 pub mod leader;
+pub mod metrics;
 pub mod mover;
 pub mod pg;
 pub mod planner;

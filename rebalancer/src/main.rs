@@ -29,6 +29,9 @@ struct Args {
     /// Moves running at once (overrides the config).
     #[arg(long)]
     max_concurrent_moves: Option<usize>,
+    /// Serve Prometheus metrics at http://ADDRESS/metrics (overrides the config).
+    #[arg(long)]
+    metrics_listen: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -63,6 +66,9 @@ fn main() -> ExitCode {
     if let Some(n) = args.max_concurrent_moves {
         config.max_concurrent_moves = n;
     }
+    if let Some(address) = &args.metrics_listen {
+        config.metrics_listen = Some(address.clone());
+    }
     let id = args.id.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())
@@ -80,10 +86,32 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         tracing::info!(%id, cluster = %config.cluster, "rebalancer starting");
-        tokio::select! {
-            _ = rebalancer::daemon::run(config, id) => {}
-            _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+        let metrics = std::sync::Arc::new(rebalancer::metrics::Metrics::default());
+        if let Some(address) = &config.metrics_listen {
+            match tokio::net::TcpListener::bind(address).await {
+                Ok(listener) => {
+                    tracing::info!(%address, "metrics at /metrics");
+                    tokio::spawn(rebalancer::metrics::serve(listener, metrics.clone()));
+                }
+                Err(e) => {
+                    eprintln!("shardline-rebalancer: cannot listen for metrics on {address}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
         }
-    });
-    ExitCode::SUCCESS
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(e) => {
+                    eprintln!("shardline-rebalancer: cannot handle SIGTERM: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+        tokio::select! {
+            _ = rebalancer::daemon::run_with_metrics(config, id, metrics) => {}
+            _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+            _ = terminate.recv() => tracing::info!("shutting down"),
+        }
+        ExitCode::SUCCESS
+    })
 }

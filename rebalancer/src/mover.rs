@@ -37,6 +37,7 @@ use tracing::{info, warn};
 use crate::config::RebalancerConfig;
 use crate::failpoint;
 use crate::leader::Leadership;
+use crate::metrics::Metrics;
 use crate::pg::{partition_leaves, Credentials, Pg};
 use crate::MoveError;
 
@@ -51,6 +52,7 @@ pub struct MoveContext {
     pub leader: Leadership,
     /// Who changes the map, for its history.
     pub actor: String,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// Runs `job` until it is done, cancelled or failed, or leadership is lost.
@@ -83,6 +85,18 @@ impl Mover {
         loop {
             let phase = self.job.job.phase;
             if phase.is_terminal() {
+                let metrics = &self.ctx().metrics;
+                match phase {
+                    Phase::Done => {
+                        Metrics::add(&metrics.moves_done, 1);
+                        Metrics::add(&metrics.bytes_moved, self.job.job.progress.bytes_total);
+                        if let Some(ms) = self.job.job.blocked_ms {
+                            Metrics::set(&metrics.last_blocked_ms, ms);
+                        }
+                    }
+                    Phase::Cancelled => Metrics::add(&metrics.moves_cancelled, 1),
+                    _ => Metrics::add(&metrics.moves_failed, 1),
+                }
                 return Ok(phase);
             }
             self.ctx().leader.check()?;
@@ -704,6 +718,7 @@ impl Mover {
             }
         }
         self.snapshot = None;
+        Metrics::add(&self.ctx().metrics.cutovers_given_back, 1);
         self.job.job.cutover_attempts += 1;
         self.job.job.final_lsn = None;
         self.job.job.blocked_unix_ms = None;
