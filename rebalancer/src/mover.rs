@@ -475,10 +475,7 @@ impl Mover {
         let job = self.job.job.clone();
         let blocked = self
             .update_map(|map| {
-                let assignment = map
-                    .assignments
-                    .get_mut(job.partition as usize)
-                    .ok_or_else(|| MoveError::Fatal("partition vanished".into()))?;
+                let assignment = assignment_mut(map, job.partition)?;
                 match &assignment.state {
                     PartitionState::Blocked { job: id } if *id == job.id => Ok(None),
                     PartitionState::Moving { job: id } if *id == job.id => {
@@ -566,10 +563,7 @@ impl Mover {
 
     async fn switch(&mut self) -> Result<(), MoveError> {
         let map = self.ctx().store.load().await?.map;
-        let flipped = map
-            .assignments
-            .get(self.job.job.partition as usize)
-            .is_some_and(|a| a.owner == self.job.job.to);
+        let flipped = is_switched(&map, &self.job.job);
         if !flipped {
             let target = self.connect(&self.job.job.to.clone()).await?;
             target
@@ -588,10 +582,7 @@ impl Mover {
             }
             let job = self.job.job.clone();
             self.update_map(|map| {
-                let assignment = map
-                    .assignments
-                    .get_mut(job.partition as usize)
-                    .ok_or_else(|| MoveError::Fatal("partition vanished".into()))?;
+                let assignment = assignment_mut(map, job.partition)?;
                 if assignment.owner == job.to {
                     return Ok(None);
                 }
@@ -694,11 +685,7 @@ impl Mover {
     /// up (or rolls the move back after too many attempts).
     async fn abort_cutover(&mut self, fatal: bool) -> Result<(), MoveError> {
         let map = self.ctx().store.load().await?.map;
-        if map
-            .assignments
-            .get(self.job.job.partition as usize)
-            .is_some_and(|a| a.owner == self.job.job.to)
-        {
+        if is_switched(&map, &self.job.job) {
             // The flip happened (only recording it failed): go forward.
             self.snapshot = None;
             return self.advance(Phase::Verifying).await;
@@ -739,11 +726,7 @@ impl Mover {
     async fn give_back(&mut self) -> Result<(), MoveError> {
         let map = self.ctx().store.load().await?.map;
         let job = self.job.job.clone();
-        if map
-            .assignments
-            .get(job.partition as usize)
-            .is_some_and(|a| a.owner == job.to)
-        {
+        if is_switched(&map, &job) {
             return Err(MoveError::Fatal(
                 "the partition was already switched; the move can only go forward".into(),
             ));
@@ -760,10 +743,7 @@ impl Mover {
             }
         }
         self.update_map(|map| {
-            let assignment = map
-                .assignments
-                .get_mut(job.partition as usize)
-                .ok_or_else(|| MoveError::Fatal("partition vanished".into()))?;
+            let assignment = assignment_mut(map, job.partition)?;
             match &assignment.state {
                 PartitionState::Blocked { job: id } if *id == job.id => {
                     assignment.state = PartitionState::Moving {
@@ -787,11 +767,7 @@ impl Mover {
     async fn roll_back(&mut self) -> Result<(), MoveError> {
         let map = self.ctx().store.load().await?.map;
         let job = self.job.job.clone();
-        if map
-            .assignments
-            .get(job.partition as usize)
-            .is_some_and(|a| a.owner == job.to)
-        {
+        if is_switched(&map, &job) {
             // Switched before the rollback began (a crash between the flip
             // and recording it): finish the move instead.
             return self.advance(Phase::Verifying).await;
@@ -832,10 +808,7 @@ impl Mover {
     async fn release_partition(&self) -> Result<(), MoveError> {
         let job = self.job.job.clone();
         self.update_map(|map| {
-            let assignment = map
-                .assignments
-                .get_mut(job.partition as usize)
-                .ok_or_else(|| MoveError::Fatal("partition vanished".into()))?;
+            let assignment = assignment_mut(map, job.partition)?;
             match &assignment.state {
                 PartitionState::Blocked { job: id } | PartitionState::Moving { job: id }
                     if *id == job.id =>
@@ -855,4 +828,21 @@ impl Mover {
         .await?;
         Ok(())
     }
+}
+
+/// The assignment of `partition`, for a map edit.
+fn assignment_mut(
+    map: &mut ClusterMap,
+    partition: u32,
+) -> Result<&mut shardmap::Assignment, MoveError> {
+    map.assignments
+        .get_mut(partition as usize)
+        .ok_or_else(|| MoveError::Fatal(format!("partition {partition} is not in the map")))
+}
+
+/// Whether the map already names the job's target as the owner.
+fn is_switched(map: &ClusterMap, job: &shardmap::Job) -> bool {
+    map.assignments
+        .get(job.partition as usize)
+        .is_some_and(|a| a.owner == job.to)
 }
