@@ -704,6 +704,42 @@ async fn adding_a_fourth_server_and_rebalancing_evens_out_the_sizes() {
     );
     let left = leftovers(&cluster).await;
     assert!(left.is_empty(), "left behind: {left:?}");
+
+    // And out again: drain the fourth server, then remove it from the map.
+    let drained: serde_json::Value = serde_json::from_str(&shardctl(
+        &cluster,
+        NAME,
+        &["drain", &fourth.name, "--wait", "--json"],
+    ))
+    .expect("drain json");
+    let drained = drained.as_array().expect("finished jobs");
+    assert_eq!(
+        drained.len(),
+        on_fourth,
+        "drain moved {} of {on_fourth}",
+        drained.len()
+    );
+    assert!(drained.iter().all(|j| j["phase"] == "done"), "{drained:?}");
+    shardctl(&cluster, NAME, &["server", "remove", &fourth.name]);
+    let final_map = store.load().await.expect("map").map;
+    assert!(!final_map.servers.contains_key(&fourth.name));
+    let mut rows = 0i64;
+    for index in 0..3 {
+        let n: i64 = cluster
+            .connect(index)
+            .await
+            .query_one("SELECT count(*) FROM users", &[])
+            .await
+            .expect("count")
+            .get(0);
+        rows += n;
+    }
+    assert_eq!(rows, 64_000, "rows lost or duplicated across the moves");
+    println!(
+        "drain: {} partitions moved off {}, server removed, all 64000 rows on the other three",
+        drained.len(),
+        fourth.name
+    );
 }
 
 /// `shardctl cancel` during the copy: the move is rolled back, the partition
