@@ -13,6 +13,9 @@ pub struct RebalancerConfig {
     /// Moves running at once (each holds one replication slot and copies
     /// with Postgres's table-sync workers).
     pub max_concurrent_moves: usize,
+    /// Moves copying from or to one server at once: a server's disks and
+    /// CPU serve live traffic too.
+    pub max_moves_per_server: usize,
     /// Cut over once the subscriber is this close to the source (bytes of WAL).
     pub catch_up_lag_bytes: u64,
     /// How long to wait for every proxy to acknowledge a block before
@@ -54,6 +57,7 @@ impl Default for RebalancerConfig {
             cluster: "default".into(),
             etcd: EtcdConfig::default(),
             max_concurrent_moves: 2,
+            max_moves_per_server: 1,
             catch_up_lag_bytes: 1 << 20,
             ack_timeout_ms: 15_000,
             lock_timeout_ms: 500,

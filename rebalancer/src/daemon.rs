@@ -67,6 +67,8 @@ pub async fn lead(
         metrics: metrics.clone(),
     });
     let mut running: HashMap<String, JoinHandle<Result<Phase, MoveError>>> = HashMap::new();
+    // Servers each running job copies from or to, for the per-server limit.
+    let mut servers_of: HashMap<String, [String; 2]> = HashMap::new();
     while leadership.is_valid() {
         running.retain(|id, task| {
             if task.is_finished() {
@@ -76,6 +78,7 @@ pub async fn lead(
                 true
             }
         });
+        servers_of.retain(|id, _| running.contains_key(id));
         Metrics::set(&metrics.jobs_running, running.len() as u64);
         match context.jobs.list().await {
             Ok(jobs) => {
@@ -86,10 +89,22 @@ pub async fn lead(
                         continue;
                     }
                     let resume = job.phase != Phase::Pending;
-                    if !resume && active >= config.max_concurrent_moves.max(1) {
+                    let busy = |server: &str| {
+                        servers_of
+                            .values()
+                            .filter(|pair| pair.iter().any(|s| s == server))
+                            .count()
+                    };
+                    let per_server = config.max_moves_per_server.max(1);
+                    if !resume
+                        && (active >= config.max_concurrent_moves.max(1)
+                            || busy(&job.from) >= per_server
+                            || busy(&job.to) >= per_server)
+                    {
                         continue;
                     }
                     active += 1;
+                    servers_of.insert(job.id.clone(), [job.from.clone(), job.to.clone()]);
                     info!(job = %job.id, phase = %job.phase, partition = job.partition, "running job");
                     let id = job.id.clone();
                     let context = context.clone();
