@@ -7,7 +7,6 @@
 //!   provably alive. A proxy cut off from etcd stops serving before its lease
 //!   can expire, so a cutover that waited for that expiry is safe.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -17,8 +16,10 @@ use tokio::sync::watch;
 struct State {
     /// The newest map version the registry has seen applied.
     applied: u64,
-    /// Requests in flight, by the `applied` version when they boarded.
-    flights: BTreeMap<u64, usize>,
+    /// Requests in flight, by the `applied` version when they boarded:
+    /// `(version, count)`, oldest first (versions only grow, so boarding
+    /// appends or bumps the last entry; the vector keeps its capacity).
+    flights: Vec<(u64, usize)>,
 }
 
 /// See the module documentation.
@@ -50,7 +51,10 @@ impl Liveness {
     pub fn board(self: &Arc<Self>) -> Flight {
         let mut state = self.lock();
         let version = state.applied;
-        *state.flights.entry(version).or_insert(0) += 1;
+        match state.flights.last_mut() {
+            Some((last, count)) if *last == version => *count += 1,
+            _ => state.flights.push((version, 1)),
+        }
         Flight {
             liveness: self.clone(),
             version,
@@ -73,8 +77,8 @@ impl Liveness {
     /// request still in flight boarded with.
     pub fn acked(&self) -> u64 {
         let state = self.lock();
-        match state.flights.keys().next() {
-            Some(&oldest) => oldest.min(state.applied),
+        match state.flights.first() {
+            Some(&(oldest, _)) => oldest.min(state.applied),
             None => state.applied,
         }
     }
@@ -109,15 +113,16 @@ pub struct Flight {
 impl Drop for Flight {
     fn drop(&mut self) {
         let mut state = self.liveness.lock();
-        let oldest = state.flights.keys().next().copied();
-        if let Some(count) = state.flights.get_mut(&self.version) {
-            *count -= 1;
-            if *count == 0 {
-                state.flights.remove(&self.version);
-                drop(state);
-                if oldest == Some(self.version) {
-                    self.liveness.bump();
-                }
+        let Some(index) = state.flights.iter().rposition(|(v, _)| *v == self.version) else {
+            return;
+        };
+        state.flights[index].1 -= 1;
+        if state.flights[index].1 == 0 {
+            state.flights.remove(index);
+            drop(state);
+            if index == 0 {
+                // The oldest version in flight moved on: the ack may advance.
+                self.liveness.bump();
             }
         }
     }
