@@ -5,9 +5,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tracing::warn;
 
 use crate::server::Shared;
 
@@ -148,32 +146,5 @@ pub fn render(threads: &[Arc<Shared>]) -> String {
 
 /// Serves `GET /metrics` (anything else: 404) until the task is dropped.
 pub async fn serve(listener: TcpListener, threads: Vec<Arc<Shared>>) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let threads = threads.clone();
-        tokio::spawn(async move {
-            let mut request = [0u8; 1024];
-            let n = match tokio::time::timeout(
-                std::time::Duration::from_secs(5),
-                stream.read(&mut request),
-            )
-            .await
-            {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let head = String::from_utf8_lossy(&request[..n]);
-            let response = if head.starts_with("GET /metrics") {
-                let body = render(&threads);
-                format!("HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}", body.len())
-            } else {
-                "HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_string()
-            };
-            if let Err(e) = stream.write_all(response.as_bytes()).await {
-                warn!(error = %e, "metrics response failed");
-            }
-        });
-    }
+    shardmap::metrics_http::serve(listener, move || render(&threads)).await
 }

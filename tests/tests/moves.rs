@@ -30,6 +30,22 @@ struct Load {
     statements: AtomicU64,
 }
 
+impl Load {
+    fn error(&self, what: String) {
+        self.errors.lock().expect("lock").push(what);
+    }
+
+    fn record(&self, started: Instant) {
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        if self.moving.load(Ordering::Relaxed) {
+            self.latencies.lock().expect("lock").push(ms);
+        } else {
+            self.latencies_before.lock().expect("lock").push(ms);
+        }
+        self.statements.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// One client: owns users `first..first+count`; inserts events, increments
 /// its users' counters and reads them back (each read must see the client's
 /// own last write: a read from a stale copy would not).
@@ -44,10 +60,7 @@ async fn client_loop(
         match tokio_postgres::connect(&proxy_conninfo, tokio_postgres::NoTls).await {
             Ok(pair) => pair,
             Err(e) => {
-                load.errors
-                    .lock()
-                    .expect("lock")
-                    .push(format!("connect: {e}"));
+                load.error(format!("connect: {e}"));
                 return;
             }
         };
@@ -57,10 +70,7 @@ async fn client_loop(
             .execute("INSERT INTO users (id, n) VALUES ($1, 0)", &[&id])
             .await
         {
-            load.errors
-                .lock()
-                .expect("lock")
-                .push(format!("insert user {id}: {e}"));
+            load.error(format!("insert user {id}: {e}"));
             return;
         }
     }
@@ -76,76 +86,40 @@ async fn client_loop(
                 &[&id, &seq],
             )
             .await;
-        let record = |load: &Load, started: Instant| {
-            let ms = started.elapsed().as_secs_f64() * 1000.0;
-            if load.moving.load(Ordering::Relaxed) {
-                load.latencies.lock().expect("lock").push(ms);
-            } else {
-                load.latencies_before.lock().expect("lock").push(ms);
-            }
-            load.statements.fetch_add(1, Ordering::Relaxed);
-        };
-        record(&load, started);
+        load.record(started);
         match result {
             Ok(1) => load.inserted.lock().expect("lock").push((id, seq)),
-            Ok(n) => load
-                .errors
-                .lock()
-                .expect("lock")
-                .push(format!("insert affected {n} rows")),
-            Err(e) => load
-                .errors
-                .lock()
-                .expect("lock")
-                .push(format!("insert ({id},{seq}): {e}")),
+            Ok(n) => load.error(format!("insert affected {n} rows")),
+            Err(e) => load.error(format!("insert ({id},{seq}): {e}")),
         }
         let started = Instant::now();
         let result = client
             .execute("UPDATE users SET n = n + 1 WHERE id = $1", &[&id])
             .await;
-        record(&load, started);
+        load.record(started);
         match result {
             Ok(1) => {
                 *expected.entry(id).or_insert(0) += 1;
                 *load.increments.lock().expect("lock").entry(id).or_insert(0) += 1;
             }
-            Ok(n) => load
-                .errors
-                .lock()
-                .expect("lock")
-                .push(format!("update of user {id} affected {n} rows")),
-            Err(e) => load
-                .errors
-                .lock()
-                .expect("lock")
-                .push(format!("update {id}: {e}")),
+            Ok(n) => load.error(format!("update of user {id} affected {n} rows")),
+            Err(e) => load.error(format!("update {id}: {e}")),
         }
         let started = Instant::now();
         let result = client
             .query_opt("SELECT n FROM users WHERE id = $1", &[&id])
             .await;
-        record(&load, started);
+        load.record(started);
         match result {
             Ok(Some(row)) => {
                 let n: i64 = row.get(0);
                 let want = expected.get(&id).copied().unwrap_or(0);
                 if n != want {
-                    load.errors
-                        .lock()
-                        .expect("lock")
-                        .push(format!("stale read of user {id}: n = {n}, wrote {want}"));
+                    load.error(format!("stale read of user {id}: n = {n}, wrote {want}"));
                 }
             }
-            Ok(None) => load
-                .errors
-                .lock()
-                .expect("lock")
-                .push(format!("user {id} not found")),
-            Err(e) => load
-                .errors
-                .lock()
-                .expect("lock")
-                .push(format!("select {id}: {e}")),
+            Ok(None) => load.error(format!("user {id} not found")),
+            Err(e) => load.error(format!("select {id}: {e}")),
         }
     }
 }
