@@ -789,3 +789,98 @@ async fn a_cancelled_move_is_rolled_back_and_leaves_nothing() {
         .expect_err("already cancelled");
     assert!(error.to_string().contains("already cancelled"), "{error}");
 }
+
+/// A long transaction on the source holds a lock on the moving table: the
+/// fence cannot get its lock in time, so the cutover gives the partition
+/// back (re-attach, unblock) and tries again; once the transaction ends the
+/// move finishes. Clients through the proxy see no error meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fence_that_cannot_get_its_lock_gives_the_partition_back_and_retries() {
+    const NAME: &str = "giveback";
+    let cluster = TestCluster::start(3);
+    let (store, map) = setup_schema(&cluster, NAME, 8).await;
+    let proxy = TestProxy::start(&cluster, NAME, |_| {}).await;
+    let _rebalancer = InProcessRebalancer::start(test_config(&cluster, NAME), "r1");
+    let jobs = jobs(&cluster, NAME).await;
+    let client = proxy.connect().await;
+    for id in 0..100i64 {
+        client
+            .execute("INSERT INTO users (id, n) VALUES ($1, 0)", &[&id])
+            .await
+            .expect("insert");
+    }
+    let partition = 2u32;
+    let owner = map.assignments[partition as usize].owner.clone();
+    let owner_index = cluster
+        .cluster
+        .servers
+        .iter()
+        .position(|s| s.name() == owner)
+        .expect("owner index");
+    let user = (0..100i64)
+        .find(|id| {
+            map.partition_of("users", &shardmap::KeyValue::Int(*id))
+                .ok()
+                == Some(partition)
+        })
+        .expect("a user in the partition");
+
+    // A transaction straight on the source that has read the table and
+    // stays open: DETACH must wait for it.
+    let blocker = cluster.connect(owner_index).await;
+    blocker
+        .batch_execute("BEGIN; SELECT count(*) FROM users;")
+        .await
+        .expect("open the long transaction");
+
+    let to = map
+        .servers
+        .keys()
+        .find(|s| **s != owner)
+        .expect("another server")
+        .clone();
+    let id = submit(&jobs, &map, partition, &to).await;
+    let given_back = shardline_tests::eventually(Duration::from_secs(60), || {
+        let jobs = jobs.clone();
+        let id = id.clone();
+        async move {
+            jobs.get(&id)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.job.cutover_attempts >= 1)
+        }
+    })
+    .await;
+    assert!(given_back, "the cutover never gave the partition back");
+    // While the move retries, the partition keeps answering through the proxy.
+    for _ in 0..20 {
+        client
+            .execute("UPDATE users SET n = n + 1 WHERE id = $1", &[&user])
+            .await
+            .expect("update while the cutover retries");
+    }
+    blocker
+        .batch_execute("COMMIT")
+        .await
+        .expect("end the long transaction");
+    let job = wait_terminal(&jobs, &id, Duration::from_secs(120)).await;
+    assert_phase(&job, Phase::Done);
+    let final_map = store.load().await.expect("map").map;
+    assert_eq!(final_map.assignments[partition as usize].owner, to);
+    let users = all_users(&cluster).await;
+    assert_eq!(users.len(), 100);
+    assert_eq!(users[&user].len(), 1);
+    assert_eq!(
+        users[&user][0].0, 20,
+        "increments made during the retries were lost"
+    );
+    assert_eq!(users[&user][0].1, to);
+    let left = leftovers(&cluster).await;
+    assert!(left.is_empty(), "left behind: {left:?}");
+    println!(
+        "give back: {} cutover attempts given back while a transaction held the table; then done, held {} ms",
+        job.cutover_attempts,
+        job.blocked_ms.unwrap_or(0)
+    );
+}
