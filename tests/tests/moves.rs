@@ -884,3 +884,42 @@ async fn a_fence_that_cannot_get_its_lock_gives_the_partition_back_and_retries()
         job.blocked_ms.unwrap_or(0)
     );
 }
+
+/// The verification checksum hashes rows by their columns' hash functions,
+/// falls back to their text for types without one (json), and changes when
+/// a row changes.
+#[tokio::test]
+async fn leaf_checksums_detect_changes_with_and_without_column_hashes() {
+    let cluster = TestCluster::start(1);
+    let server = &cluster.map_servers()[0];
+    let pg = rebalancer::pg::Pg::connect(server, &rebalancer::pg::Credentials::default(), "test")
+        .await
+        .expect("connect");
+    pg.execute(
+        "setup",
+        "CREATE TABLE plain (id bigint PRIMARY KEY, v text);
+         INSERT INTO plain SELECT g, 'v' || g FROM generate_series(1, 1000) g;
+         CREATE TABLE docs (id bigint PRIMARY KEY, doc json);
+         INSERT INTO docs SELECT g, json_build_object('g', g) FROM generate_series(1, 1000) g;",
+    )
+    .await
+    .expect("create tables");
+    for table in ["plain", "docs"] {
+        let (rows, first) = pg.checksum(table).await.expect("checksum");
+        assert_eq!(rows, 1000);
+        assert_eq!(
+            pg.checksum(table).await.expect("again"),
+            (1000, first),
+            "{table}: not stable"
+        );
+        pg.execute(
+            "change a row",
+            &format!("UPDATE {table} SET id = 5000 WHERE id = 7"),
+        )
+        .await
+        .expect("update");
+        let (rows, changed) = pg.checksum(table).await.expect("checksum after");
+        assert_eq!(rows, 1000);
+        assert_ne!(changed, first, "{table}: a changed row went unnoticed");
+    }
+}
