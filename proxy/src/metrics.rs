@@ -23,11 +23,45 @@ pub struct Metrics {
     /// Requests held because a partition was blocked, and for how long in total.
     pub held: AtomicU64,
     pub held_micros: AtomicU64,
+    /// The longest single hold.
+    pub held_max_micros: AtomicU64,
+    /// Holds by duration: `held_buckets[i]` counts holds of at most
+    /// `HOLD_BUCKETS_MS[i]` milliseconds (the last one: longer).
+    pub held_buckets: [AtomicU64; HOLD_BUCKETS_MS.len() + 1],
 }
+
+/// Upper bounds of the hold-duration histogram, in milliseconds.
+pub const HOLD_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 10000];
 
 impl Metrics {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Records one statement held for `micros`.
+    pub fn record_hold(&self, micros: u64) {
+        Metrics::add(&self.held, 1);
+        Metrics::add(&self.held_micros, micros);
+        self.held_max_micros.fetch_max(micros, Ordering::Relaxed);
+        let bucket = HOLD_BUCKETS_MS
+            .iter()
+            .position(|ms| micros <= ms * 1000)
+            .unwrap_or(HOLD_BUCKETS_MS.len());
+        Metrics::add(&self.held_buckets[bucket], 1);
+    }
+
+    /// Hold durations as (upper bound in ms, or `None` for the last bucket; count).
+    pub fn hold_histogram(&self) -> Vec<(Option<u64>, u64)> {
+        self.held_buckets
+            .iter()
+            .enumerate()
+            .map(|(i, count)| {
+                (
+                    HOLD_BUCKETS_MS.get(i).copied(),
+                    count.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
     }
 }
 
@@ -95,6 +129,40 @@ pub fn render(threads: &[Arc<Shared>]) -> String {
         "shardline_blocked_hold_seconds_total",
         "Total time requests were held for blocked partitions.",
         sum(&|m| &m.held_micros) as f64 / 1e6,
+    );
+    let max_micros = threads
+        .iter()
+        .map(|t| t.metrics.held_max_micros.load(Ordering::Relaxed))
+        .max()
+        .unwrap_or(0);
+    gauge(
+        &mut out,
+        "shardline_blocked_hold_max_seconds",
+        "The longest time one request was held for a blocked partition.",
+        max_micros as f64 / 1e6,
+    );
+    let _ = writeln!(out, "# HELP shardline_blocked_hold_seconds Requests held for blocked partitions, by hold time.\n# TYPE shardline_blocked_hold_seconds histogram");
+    let mut cumulative = 0u64;
+    for (i, bound) in HOLD_BUCKETS_MS.iter().map(Some).chain([None]).enumerate() {
+        cumulative += threads
+            .iter()
+            .map(|t| t.metrics.held_buckets[i].load(Ordering::Relaxed))
+            .sum::<u64>();
+        let le = bound.map_or("+Inf".to_string(), |ms| format!("{}", *ms as f64 / 1000.0));
+        let _ = writeln!(
+            out,
+            "shardline_blocked_hold_seconds_bucket{{le=\"{le}\"}} {cumulative}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "shardline_blocked_hold_seconds_sum {}",
+        sum(&|m| &m.held_micros) as f64 / 1e6
+    );
+    let _ = writeln!(
+        out,
+        "shardline_blocked_hold_seconds_count {}",
+        sum(&|m| &m.held)
     );
     let clients: usize = threads
         .iter()

@@ -522,11 +522,9 @@ impl Session {
             });
             if !blocked {
                 if let Some(started) = started {
-                    Metrics::add(&self.shared.metrics.held, 1);
-                    Metrics::add(
-                        &self.shared.metrics.held_micros,
-                        started.elapsed().as_micros() as u64,
-                    );
+                    self.shared
+                        .metrics
+                        .record_hold(started.elapsed().as_micros() as u64);
                 }
                 return Ok(route);
             }

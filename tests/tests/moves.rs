@@ -249,6 +249,30 @@ async fn partitions_move_back_and_forth_under_load_without_client_errors() {
 
     let mut latencies = load.latencies.lock().expect("lock").clone();
     let mut before = load.latencies_before.lock().expect("lock").clone();
+    // The proxy's own record of every statement it held for a blocked partition.
+    let histogram = proxy.shared.metrics.hold_histogram();
+    let held: u64 = histogram.iter().map(|(_, n)| n).sum();
+    let bound_at = |q: f64| -> String {
+        let wanted = (held as f64 * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (bound, n) in &histogram {
+            seen += n;
+            if seen >= wanted {
+                return bound.map_or("> 10000 ms".into(), |ms| format!("<= {ms} ms"));
+            }
+        }
+        "n/a".into()
+    };
+    let held_max_ms = proxy.shared.metrics.held_max_micros.load(Ordering::Relaxed) as f64 / 1000.0;
+    println!(
+        "holds: {held} statements held during cutovers; hold p50 {}, p99 {}, max {held_max_ms:.1} ms",
+        bound_at(0.5),
+        bound_at(0.99)
+    );
+    assert!(
+        held > 0,
+        "no statement was ever held: the cutovers were not exercised by the load"
+    );
     let blocked_p50 = percentile(&mut blocked_ms, 0.5);
     let blocked_p99 = percentile(&mut blocked_ms, 0.99);
     let blocked_max = percentile(&mut blocked_ms, 1.0);
