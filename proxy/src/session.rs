@@ -217,6 +217,45 @@ struct Outcome {
     committed: bool,
 }
 
+/// A client's prepared statements. The unnamed one, which most drivers
+/// parse on every request, lives outside the map: no hashing, no compare.
+#[derive(Default)]
+struct Statements {
+    unnamed: Option<Arc<Prepared>>,
+    named: FxHashMap<String, Arc<Prepared>>,
+}
+
+impl Statements {
+    fn get(&self, name: &str) -> Option<&Arc<Prepared>> {
+        if name.is_empty() {
+            self.unnamed.as_ref()
+        } else {
+            self.named.get(name)
+        }
+    }
+
+    fn insert(&mut self, name: String, statement: Arc<Prepared>) {
+        if name.is_empty() {
+            self.unnamed = Some(statement);
+        } else {
+            self.named.insert(name, statement);
+        }
+    }
+
+    fn remove(&mut self, name: &str) -> Option<Arc<Prepared>> {
+        if name.is_empty() {
+            self.unnamed.take()
+        } else {
+            self.named.remove(name)
+        }
+    }
+
+    fn clear(&mut self) {
+        self.unnamed = None;
+        self.named.clear();
+    }
+}
+
 /// A request ready to send: bytes for the backend and the replies expected.
 #[derive(Default)]
 struct Plan {
@@ -305,7 +344,7 @@ enum PortalUse {
 pub struct Session {
     shared: Arc<Shared>,
     client: ClientIo,
-    statements: FxHashMap<String, Arc<Prepared>>,
+    statements: Statements,
     /// Session settings from startup parameters and SET (name → value as SQL text).
     settings: BTreeMap<String, String>,
     /// SETs made inside the open transaction: kept only if it commits.
@@ -349,7 +388,7 @@ impl Session {
         Session {
             shared,
             client,
-            statements: FxHashMap::default(),
+            statements: Statements::default(),
             settings,
             tx_settings: Vec::new(),
             tx: Tx::Idle,
