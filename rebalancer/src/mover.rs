@@ -139,10 +139,20 @@ impl Mover {
 
     /// Moves to `phase` (the current step is done) and persists it.
     async fn advance(&mut self, phase: Phase) -> Result<(), MoveError> {
+        self.advance_noting(phase, None).await
+    }
+
+    /// Like [`advance`](Self::advance), keeping `error` in the record (why a
+    /// rollback or a retried cutover started) in the same write.
+    async fn advance_noting(
+        &mut self,
+        phase: Phase,
+        error: Option<String>,
+    ) -> Result<(), MoveError> {
         info!(job = %self.job.job.id, from = %self.job.job.phase, to = %phase, "move advances");
         self.job.job.phase = phase;
         self.job.job.attempts = 0;
-        self.job.job.last_error = None;
+        self.job.job.last_error = error;
         self.save().await?;
         failpoint::hit(phase.as_str());
         Ok(())
@@ -193,16 +203,16 @@ impl Mover {
     async fn start_rollback(&mut self, end: Phase) -> Result<(), MoveError> {
         self.job.job.rollback_to = Some(end);
         let error = self.job.job.last_error.take();
-        self.advance(Phase::RollingBack).await?;
-        if error.is_some() {
-            self.job.job.last_error = error;
-            self.save().await?;
-        }
-        Ok(())
+        self.advance_noting(Phase::RollingBack, error).await
     }
 
     async fn connect(&self, server: &str) -> Result<Pg, MoveError> {
         let map = self.ctx().store.load().await?.map;
+        self.connect_in(&map, server).await
+    }
+
+    /// Connects to `server` as `map` defines it (no etcd read).
+    async fn connect_in(&self, map: &ClusterMap, server: &str) -> Result<Pg, MoveError> {
         let definition = map
             .servers
             .get(server)
@@ -356,8 +366,8 @@ impl Mover {
             return self.start_rollback(Phase::Cancelled).await;
         }
         let map = self.ctx().store.load().await?.map;
-        let source = self.connect(&self.job.job.from.clone()).await?;
-        let target = self.connect(&self.job.job.to.clone()).await?;
+        let source = self.connect_in(&map, &self.job.job.from).await?;
+        let target = self.connect_in(&map, &self.job.job.to).await?;
         if self.job.job.leaves.is_empty() {
             let mut leaves = Vec::new();
             for (table, leaf) in partition_leaves(&map, self.job.job.partition)? {
@@ -709,16 +719,15 @@ impl Mover {
         self.job.job.cutover_attempts += 1;
         self.job.job.final_lsn = None;
         self.job.job.blocked_unix_ms = None;
-        let error = self.job.job.last_error.clone();
+        let error = self.job.job.last_error.take();
         if fatal || self.job.job.cutover_attempts >= self.ctx().config.max_cutover_attempts {
             self.job.job.rollback_to = Some(Phase::Failed);
-            self.advance(Phase::RollingBack).await?;
+            self.advance_noting(Phase::RollingBack, error).await
         } else {
-            self.advance(Phase::CatchingUp).await?;
+            self.advance_noting(Phase::CatchingUp, error).await?;
             tokio::time::sleep(Duration::from_millis(500)).await;
+            Ok(())
         }
-        self.job.job.last_error = error;
-        self.save().await
     }
 
     /// Undoes a cutover that has not flipped: source leaves attached again,
@@ -795,13 +804,8 @@ impl Mover {
             self.release_partition().await?;
         }
         let end = job.rollback_to.unwrap_or(Phase::Failed);
-        let error = self.job.job.last_error.clone();
-        self.advance(end).await?;
-        if error.is_some() {
-            self.job.job.last_error = error;
-            self.save().await?;
-        }
-        Ok(())
+        let error = self.job.job.last_error.take();
+        self.advance_noting(end, error).await
     }
 
     /// The partition back to `serving` on its source.

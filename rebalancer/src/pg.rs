@@ -355,26 +355,25 @@ impl Pg {
 
     /// Whether every table of the subscription finished its initial copy.
     pub async fn subscription_synced(&self, name: &str) -> Result<bool, MoveError> {
-        let pending = self
-            .query_one_i64(
-                "reading the subscription state",
+        let row = self
+            .client
+            .query_one(
                 &format!(
-                    "SELECT count(*) FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid \
-                     WHERE s.subname = {} AND r.srsubstate NOT IN ('r', 's')",
-                    literal(name)
-                ),
-            )
-            .await?;
-        let tables = self
-            .query_one_i64(
-                "reading the subscription state",
-                &format!(
-                    "SELECT count(*) FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid \
+                    "SELECT count(*), count(*) FILTER (WHERE r.srsubstate NOT IN ('r', 's')) \
+                     FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid \
                      WHERE s.subname = {}",
                     literal(name)
                 ),
+                &[],
             )
-            .await?;
+            .await
+            .map_err(|e| self.fail("reading the subscription state", e))?;
+        let tables: i64 = row
+            .try_get(0)
+            .map_err(|e| self.fail("reading the subscription state", e))?;
+        let pending: i64 = row
+            .try_get(1)
+            .map_err(|e| self.fail("reading the subscription state", e))?;
         Ok(tables > 0 && pending == 0)
     }
 
