@@ -87,6 +87,15 @@ impl TestCluster {
         (store, saved)
     }
 
+    /// The index of server `name` in this cluster.
+    pub fn server_index(&self, name: &str) -> usize {
+        self.cluster
+            .servers
+            .iter()
+            .position(|s| s.name() == name)
+            .unwrap_or_else(|| panic!("no server {name} in the test cluster"))
+    }
+
     /// A client connected straight to Postgres server `index` (no proxy).
     pub async fn connect(&self, index: usize) -> tokio_postgres::Client {
         let conninfo = self.cluster.servers[index].state().conninfo();

@@ -23,27 +23,7 @@ pub async fn setup_schema(
     let (store, _) = cluster.init_map(name, partitions).await;
     let saved = store
         .update("test", |map| {
-            map.groups.insert(
-                "users".into(),
-                Group {
-                    name: "users".into(),
-                    key_type: KeyType::Bigint,
-                    method: Method::Hash,
-                },
-            );
-            for (table, key) in [("users", "id"), ("events", "user_id")] {
-                map.tables.insert(
-                    table.into(),
-                    Table {
-                        name: table.into(),
-                        kind: TableKind::Sharded {
-                            group: "users".into(),
-                            key_column: key.into(),
-                            embedded_id: false,
-                        },
-                    },
-                );
-            }
+            declare_users_group(map, &[("users", "id"), ("events", "user_id")]);
             Ok(shardmap::Change::new("test-schema", "users and events"))
         })
         .await
@@ -63,6 +43,32 @@ pub async fn setup_schema(
     )
     .await;
     (store, saved.map)
+}
+
+/// Declares the bigint hash group `users` and `(table, key column)`
+/// sharded in it.
+pub fn declare_users_group(map: &mut ClusterMap, tables: &[(&str, &str)]) {
+    map.groups.insert(
+        "users".into(),
+        Group {
+            name: "users".into(),
+            key_type: KeyType::Bigint,
+            method: Method::Hash,
+        },
+    );
+    for (table, key) in tables {
+        map.tables.insert(
+            table.to_string(),
+            Table {
+                name: table.to_string(),
+                kind: TableKind::Sharded {
+                    group: "users".into(),
+                    key_column: key.to_string(),
+                    embedded_id: false,
+                },
+            },
+        );
+    }
 }
 
 /// Rebalancer settings for tests: quick cutover retries.
@@ -344,4 +350,38 @@ pub fn percentile(values: &mut [f64], q: f64) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     let index = ((values.len() - 1) as f64 * q).round() as usize;
     values[index]
+}
+
+/// A server of `map` other than `owner`.
+pub fn other_server(map: &ClusterMap, owner: &str) -> String {
+    map.servers
+        .keys()
+        .find(|s| *s != owner)
+        .expect("another server")
+        .clone()
+}
+
+/// A users id in `partition`, among `0..limit`.
+pub fn user_in_partition(map: &ClusterMap, partition: u32, limit: i64) -> i64 {
+    (0..limit)
+        .find(|id| map.partition_of("users", &KeyValue::Int(*id)).ok() == Some(partition))
+        .expect("a user in the partition")
+}
+
+/// Waits until job `id` satisfies `done`; returns whether it did in time.
+pub async fn wait_job(
+    jobs: &JobStore,
+    id: &str,
+    timeout: Duration,
+    done: impl Fn(&Job) -> bool,
+) -> bool {
+    let done = &done;
+    crate::eventually(timeout, || async move {
+        jobs.get(id)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|stored| done(&stored.job))
+    })
+    .await
 }

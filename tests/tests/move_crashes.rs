@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use rebalancer::failpoint::POINTS;
 use shardline_tests::moves::{
-    all_events, assert_phase, jobs, leftovers, owner_of, setup_schema, submit, test_config,
-    wait_leader, wait_terminal, RebalancerProcess,
+    all_events, assert_phase, jobs, leftovers, other_server, owner_of, setup_schema, submit,
+    test_config, wait_leader, wait_terminal, RebalancerProcess,
 };
 use shardline_tests::{TestCluster, TestProxy};
 use shardmap::{PartitionState, Phase};
@@ -20,7 +20,7 @@ use shardmap::{PartitionState, Phase};
 async fn the_leader_dies_at_every_step_and_the_next_one_finishes_the_move() {
     const NAME: &str = "crashes";
     let cluster = TestCluster::start(3);
-    let (store, map) = setup_schema(&cluster, NAME, 8).await;
+    let (store, _) = setup_schema(&cluster, NAME, 8).await;
     let proxy = TestProxy::start(&cluster, NAME, |_| {}).await;
     let jobs = jobs(&cluster, NAME).await;
     let mut config = test_config(&cluster, NAME);
@@ -58,15 +58,10 @@ async fn the_leader_dies_at_every_step_and_the_next_one_finishes_the_move() {
     };
 
     let partition = 1u32;
-    let servers: Vec<String> = map.servers.keys().cloned().collect();
     for (round, point) in POINTS.iter().enumerate() {
         let current = store.load().await.expect("map").map;
         let owner = current.assignments[partition as usize].owner.clone();
-        let to = servers
-            .iter()
-            .find(|s| **s != owner)
-            .expect("another server")
-            .clone();
+        let to = other_server(&current, &owner);
 
         let crasher_id = format!("crasher-{round}");
         let mut crasher = RebalancerProcess::start(&config, &crasher_id, Some(point), dir.path());

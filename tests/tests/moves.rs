@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shardline_tests::moves::{
-    all_events, all_users, assert_phase, jobs, leftovers, owner_of, percentile, setup_schema,
-    shardctl, submit, test_config, wait_terminal, InProcessRebalancer,
+    all_events, all_users, assert_phase, declare_users_group, jobs, leftovers, other_server,
+    owner_of, percentile, setup_schema, shardctl, submit, test_config, user_in_partition, wait_job,
+    wait_terminal, InProcessRebalancer,
 };
 use shardline_tests::{TestCluster, TestProxy};
 use shardmap::Phase;
@@ -390,12 +391,7 @@ async fn a_proxy_cut_off_from_etcd_stops_serving_and_the_cutover_waits_for_its_l
     cutter.cut();
     let cut_at = Instant::now();
     let owner = map.assignments[partition as usize].owner.clone();
-    let to = map
-        .servers
-        .keys()
-        .find(|s| **s != owner)
-        .expect("another server")
-        .clone();
+    let to = other_server(&map, &owner);
     let id = submit(&jobs, &map, partition, &to).await;
     let job = wait_terminal(&jobs, &id, Duration::from_secs(90)).await;
     assert_phase(&job, Phase::Done);
@@ -491,13 +487,7 @@ async fn a_server_down_pauses_the_move_and_other_partitions_keep_working() {
     let partition = (0..8u32)
         .find(|p| map.assignments[*p as usize].owner == servers[0])
         .expect("a partition on the first server");
-    let on_partition = (0..200i64)
-        .find(|id| {
-            map.partition_of("users", &shardmap::KeyValue::Int(*id))
-                .ok()
-                == Some(partition)
-        })
-        .expect("a user in the partition");
+    let on_partition = user_in_partition(&map, partition, 200);
     let elsewhere = (0..200i64)
         .find(|id| owner_of(&map, *id) == servers[2])
         .expect("a user on the third server");
@@ -586,25 +576,7 @@ async fn adding_a_fourth_server_and_rebalancing_evens_out_the_sizes() {
     store.initialize(map, "test").await.expect("init");
     store
         .update("test", |map| {
-            map.groups.insert(
-                "users".into(),
-                shardmap::Group {
-                    name: "users".into(),
-                    key_type: shardmap::KeyType::Bigint,
-                    method: shardmap::Method::Hash,
-                },
-            );
-            map.tables.insert(
-                "users".into(),
-                shardmap::Table {
-                    name: "users".into(),
-                    kind: shardmap::TableKind::Sharded {
-                        group: "users".into(),
-                        key_column: "id".into(),
-                        embedded_id: false,
-                    },
-                },
-            );
+            declare_users_group(map, &[("users", "id")]);
             Ok(shardmap::Change::new("test-schema", "users"))
         })
         .await
@@ -751,12 +723,7 @@ async fn a_cancelled_move_is_rolled_back_and_leaves_nothing() {
     let jobs = jobs(&cluster, NAME).await;
     let partition = 0u32;
     let owner = map.assignments[partition as usize].owner.clone();
-    let index = cluster
-        .cluster
-        .servers
-        .iter()
-        .position(|s| s.name() == owner)
-        .expect("owner index");
+    let index = cluster.server_index(&owner);
     // Enough rows that the copy takes a moment.
     cluster
         .connect(index)
@@ -767,23 +734,10 @@ async fn a_cancelled_move_is_rolled_back_and_leaves_nothing() {
         )
         .await
         .expect("fill the partition");
-    let to = map
-        .servers
-        .keys()
-        .find(|s| **s != owner)
-        .expect("another server")
-        .clone();
+    let to = other_server(&map, &owner);
     let id = submit(&jobs, &map, partition, &to).await;
-    let copying = shardline_tests::eventually(Duration::from_secs(60), || {
-        let jobs = jobs.clone();
-        let id = id.clone();
-        async move {
-            jobs.get(&id)
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|s| s.job.phase == Phase::Copying)
-        }
+    let copying = wait_job(&jobs, &id, Duration::from_secs(60), |j| {
+        j.phase == Phase::Copying
     })
     .await;
     assert!(copying, "the move never reached the copy");
@@ -835,19 +789,8 @@ async fn a_fence_that_cannot_get_its_lock_gives_the_partition_back_and_retries()
     }
     let partition = 2u32;
     let owner = map.assignments[partition as usize].owner.clone();
-    let owner_index = cluster
-        .cluster
-        .servers
-        .iter()
-        .position(|s| s.name() == owner)
-        .expect("owner index");
-    let user = (0..100i64)
-        .find(|id| {
-            map.partition_of("users", &shardmap::KeyValue::Int(*id))
-                .ok()
-                == Some(partition)
-        })
-        .expect("a user in the partition");
+    let owner_index = cluster.server_index(&owner);
+    let user = user_in_partition(&map, partition, 100);
 
     // A transaction straight on the source that has read the table and
     // stays open: DETACH must wait for it.
@@ -857,23 +800,10 @@ async fn a_fence_that_cannot_get_its_lock_gives_the_partition_back_and_retries()
         .await
         .expect("open the long transaction");
 
-    let to = map
-        .servers
-        .keys()
-        .find(|s| **s != owner)
-        .expect("another server")
-        .clone();
+    let to = other_server(&map, &owner);
     let id = submit(&jobs, &map, partition, &to).await;
-    let given_back = shardline_tests::eventually(Duration::from_secs(60), || {
-        let jobs = jobs.clone();
-        let id = id.clone();
-        async move {
-            jobs.get(&id)
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|s| s.job.cutover_attempts >= 1)
-        }
+    let given_back = wait_job(&jobs, &id, Duration::from_secs(60), |j| {
+        j.cutover_attempts >= 1
     })
     .await;
     assert!(given_back, "the cutover never gave the partition back");

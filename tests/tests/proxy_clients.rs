@@ -251,12 +251,7 @@ async fn psql_scripts_and_copy_through_the_proxy() {
         .expect("owner")
         .name
         .clone();
-    let owner_index = cluster
-        .cluster
-        .servers
-        .iter()
-        .position(|s| s.name() == owner)
-        .expect("index");
+    let owner_index = cluster.server_index(&owner);
     let row = cluster
         .connect(owner_index)
         .await
