@@ -126,6 +126,15 @@ pub struct PoolSettings {
     pub idle_timeout_s: u64,
     #[serde(default = "default_lifetime_s")]
     pub max_lifetime_s: u64,
+    /// An unnamed statement that a client has parsed this many times is kept
+    /// prepared on the server connection (like JDBC's `prepareThreshold`):
+    /// Postgres then skips parse and analysis, and after five executions may
+    /// use a generic plan, as for any named statement. 0 turns it off.
+    #[serde(default = "default_prepare_unnamed_after")]
+    pub prepare_unnamed_after: u32,
+    /// At most this many such statements are kept on one server connection.
+    #[serde(default = "default_max_prepared_unnamed")]
+    pub max_prepared_unnamed: usize,
 }
 
 fn default_pool_size() -> usize {
@@ -143,6 +152,12 @@ fn default_idle_s() -> u64 {
 fn default_lifetime_s() -> u64 {
     3600
 }
+fn default_prepare_unnamed_after() -> u32 {
+    5
+}
+fn default_max_prepared_unnamed() -> usize {
+    200
+}
 
 impl Default for PoolSettings {
     fn default() -> PoolSettings {
@@ -152,6 +167,8 @@ impl Default for PoolSettings {
             checkout_timeout_ms: default_checkout_ms(),
             idle_timeout_s: default_idle_s(),
             max_lifetime_s: default_lifetime_s(),
+            prepare_unnamed_after: default_prepare_unnamed_after(),
+            max_prepared_unnamed: default_max_prepared_unnamed(),
         }
     }
 }

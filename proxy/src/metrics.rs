@@ -20,6 +20,10 @@ pub struct Metrics {
     pub route_errors: AtomicU64,
     /// Requests that lost their backend connection.
     pub backend_errors: AtomicU64,
+    /// Requests whose unnamed statement ran as a statement kept prepared on
+    /// the server, and those sent again because its cached plan went stale.
+    pub kept_prepared_runs: AtomicU64,
+    pub stale_plan_retries: AtomicU64,
     /// Requests held because a partition was blocked, and for how long in total.
     pub held: AtomicU64,
     pub held_micros: AtomicU64,
@@ -117,6 +121,18 @@ pub fn render(threads: &[Arc<Shared>]) -> String {
         "shardline_backend_errors_total",
         "Requests whose server connection failed.",
         sum(&|m| &m.backend_errors),
+    );
+    counter(
+        &mut out,
+        "shardline_kept_prepared_runs_total",
+        "Requests whose repeated unnamed statement ran kept prepared on the server (no parse there).",
+        sum(&|m| &m.kept_prepared_runs),
+    );
+    counter(
+        &mut out,
+        "shardline_stale_plan_retries_total",
+        "Requests sent again unprepared because a kept statement's plan no longer fit its tables.",
+        sum(&|m| &m.stale_plan_retries),
     );
     counter(
         &mut out,

@@ -49,6 +49,9 @@ pub struct ClientIo {
     read_buf: BytesMut,
     pub out: BytesMut,
     max_message: usize,
+    /// How many times `out` was written: a request whose replies are to be
+    /// taken back must not have been flushed in part.
+    flushes: u64,
 }
 
 impl ClientIo {
@@ -59,6 +62,7 @@ impl ClientIo {
             // Allocated on first use: idle clients cost only their task and socket.
             out: BytesMut::new(),
             max_message,
+            flushes: 0,
         }
     }
 
@@ -97,6 +101,7 @@ impl ClientIo {
         if self.out.is_empty() {
             return Ok(());
         }
+        self.flushes += 1;
         let result = self.stream.write_all(&self.out).await;
         self.out.clear();
         if self.out.capacity() > 64 * 1024 {
@@ -204,6 +209,10 @@ enum Expect {
         forward: bool,
         /// A statement to forget on the backend if this message fails.
         unprepare: Option<Arc<str>>,
+        /// A Bind of a client's unnamed statement that the proxy keeps
+        /// prepared under this name: if the server's cached plan went stale
+        /// (a table's columns changed), the request is sent again unprepared.
+        stale_retry: Option<Arc<str>>,
     },
     /// Bytes the proxy answers itself, at this point of the reply stream.
     Synthetic(Bytes),
@@ -215,6 +224,9 @@ struct Outcome {
     errored: bool,
     /// Whether the last CommandComplete was a COMMIT.
     committed: bool,
+    /// The kept-prepared statement whose plan went stale: its replies were
+    /// taken back, and the request must be sent again without it.
+    stale: Option<Arc<str>>,
 }
 
 /// A client's prepared statements. The unnamed one, which most drivers
@@ -223,7 +235,14 @@ struct Outcome {
 struct Statements {
     unnamed: Option<Arc<Prepared>>,
     named: FxHashMap<String, Arc<Prepared>>,
+    /// How often each unnamed statement text was parsed (by backend name):
+    /// a repeated one is worth keeping prepared on the servers.
+    unnamed_parses: FxHashMap<Arc<str>, u32>,
 }
+
+/// Bound on `Statements::unnamed_parses`: a client that never repeats a
+/// statement must not grow it forever (it starts over when full).
+const UNNAMED_PARSES_TRACKED: usize = 256;
 
 impl Statements {
     fn get(&self, name: &str) -> Option<&Arc<Prepared>> {
@@ -254,6 +273,22 @@ impl Statements {
         self.unnamed = None;
         self.named.clear();
     }
+
+    /// Counts one more Parse of the unnamed statement `backend_name`.
+    fn count_unnamed_parse(&mut self, backend_name: &Arc<str>) {
+        if let Some(count) = self.unnamed_parses.get_mut(backend_name) {
+            *count = count.saturating_add(1);
+            return;
+        }
+        if self.unnamed_parses.len() >= UNNAMED_PARSES_TRACKED {
+            self.unnamed_parses.clear();
+        }
+        self.unnamed_parses.insert(backend_name.clone(), 1);
+    }
+
+    fn unnamed_parse_count(&self, backend_name: &str) -> u32 {
+        self.unnamed_parses.get(backend_name).copied().unwrap_or(0)
+    }
 }
 
 /// A request ready to send: bytes for the backend and the replies expected.
@@ -270,6 +305,7 @@ impl Plan {
             end,
             forward: true,
             unprepare: None,
+            stale_retry: None,
         });
     }
 
@@ -279,6 +315,7 @@ impl Plan {
             end,
             forward: false,
             unprepare: None,
+            stale_retry: None,
         });
     }
 
@@ -365,6 +402,9 @@ pub struct Session {
     drops_statements: bool,
     /// True while an extended-protocol request is being relayed.
     in_extended: bool,
+    /// This request's unnamed statement runs as a statement kept prepared
+    /// on the server (see `keeps_unnamed_prepared`).
+    keep_unnamed: bool,
     /// `SET shardline.read_replica = on`: reads outside transactions go to replicas.
     read_replica: bool,
     replica_turn: usize,
@@ -399,6 +439,7 @@ impl Session {
             changes_session_state: false,
             drops_statements: false,
             in_extended: false,
+            keep_unnamed: false,
             read_replica: false,
             replica_turn: 0,
             cancel_slot,
@@ -1051,12 +1092,17 @@ impl Session {
         let synced = matches!(items.last(), Some(Item::Sync(_)));
 
         // Register this request's statements first: its Binds may use them.
+        let counting = self.shared.config.pool.prepare_unnamed_after > 0;
         for item in &items {
             if let Item::Parse(_, parse) = item {
                 if let Some(existing) = self.statements.get(&parse.name) {
                     // Drivers re-parse the same unnamed statement all the time.
                     if parse.same_text(&existing.query) && existing.param_types == parse.param_types
                     {
+                        if counting && parse.name.is_empty() {
+                            let name = existing.backend_name.clone();
+                            self.statements.count_unnamed_parse(&name);
+                        }
                         continue;
                     }
                 }
@@ -1067,6 +1113,9 @@ impl Session {
                     param_types: parse.param_types.clone(),
                     analyzed,
                 });
+                if counting && parse.name.is_empty() {
+                    self.statements.count_unnamed_parse(&prepared.backend_name);
+                }
                 self.statements.insert(parse.name.clone(), prepared);
             }
         }
@@ -1153,11 +1202,50 @@ impl Session {
             read_only,
         };
         self.in_extended = true;
+        self.keep_unnamed = self.keeps_unnamed_prepared(&items, synced);
         let dispatched = self.dispatch(route, flags, &mut build, &mut outcome).await;
         self.in_extended = false;
+        self.keep_unnamed = false;
         dispatched?;
         self.forget_closed(&items);
         Ok(())
+    }
+
+    /// Whether this request's unnamed statement runs as a statement kept
+    /// prepared on the server: the client parsed it often enough, and the
+    /// request is one statement in an implicit transaction (Parse, Bind,
+    /// Describe, Execute, Sync), so that if the server's cached plan went
+    /// stale the whole request can be sent again with nobody noticing.
+    fn keeps_unnamed_prepared(&self, items: &[Item], synced: bool) -> bool {
+        let pool = &self.shared.config.pool;
+        if pool.prepare_unnamed_after == 0
+            || !synced
+            || self.tx != Tx::Idle
+            || self.lease.is_some()
+            || self.unsynced
+        {
+            return false;
+        }
+        let mut binds = 0;
+        for item in items {
+            match item {
+                Item::Parse(_, parse) if !parse.name.is_empty() => return false,
+                Item::Bind(_, bind) if !bind.statement.is_empty() => return false,
+                Item::Bind(..) => binds += 1,
+                Item::Describe(_, target) if target.kind == b'S' && !target.name.is_empty() => {
+                    return false
+                }
+                Item::Close(..) | Item::Flush(_) => return false,
+                _ => {}
+            }
+        }
+        let Some(statement) = self.statements.unnamed.as_ref() else {
+            return false;
+        };
+        binds == 1
+            && matches!(statement.command(), Some(Command::Data(_)))
+            && self.statements.unnamed_parse_count(&statement.backend_name)
+                >= pool.prepare_unnamed_after
     }
 
     /// Decides, per Bind, whether the proxy answers it (transaction control
@@ -1341,6 +1429,19 @@ impl Session {
         mut prepared: Option<&mut HashSet<Arc<str>>>,
     ) {
         let mut unnamed_parsed = false;
+        // Whether the unnamed statement runs kept prepared on this backend
+        // (under its backend name, like a named one).
+        let keep = self.keep_unnamed
+            && match (&prepared, &self.statements.unnamed) {
+                (Some(set), Some(statement)) => {
+                    set.contains(&statement.backend_name)
+                        || set.len() < self.shared.config.pool.max_prepared_unnamed
+                }
+                _ => false,
+            };
+        if keep {
+            Metrics::add(&self.shared.metrics.kept_prepared_runs, 1);
+        }
         for item in items {
             let live = prepared.is_some();
             match item {
@@ -1349,7 +1450,7 @@ impl Session {
                     let runs = statement.is_some_and(|p| !is_tx_control(p.command()));
                     match (prepared.as_deref_mut(), statement) {
                         (Some(set), Some(statement)) if runs => {
-                            if parse.name.is_empty() {
+                            if parse.name.is_empty() && !keep {
                                 plan.send(&frame.raw, End::ParseComplete);
                                 unnamed_parsed = true;
                             } else if set.contains(&statement.backend_name) {
@@ -1368,14 +1469,21 @@ impl Session {
                     let statement = self.statements.get(&bind.statement);
                     match (forwarded, statement, prepared.as_deref_mut()) {
                         (true, Some(statement), Some(set)) => {
-                            if bind.statement.is_empty() {
+                            if bind.statement.is_empty() && !keep {
                                 ensure_unnamed_parsed(plan, statement, &mut unnamed_parsed);
                                 plan.send(&frame.raw, End::BindComplete);
                             } else {
                                 ensure_prepared(plan, set, statement);
-                                let mut out = BytesMut::new();
-                                bind.encode_with_statement(&statement.backend_name, &mut out);
-                                plan.send(&out, End::BindComplete);
+                                bind.encode_with_statement(&statement.backend_name, &mut plan.out);
+                                plan.expects.push_back(Expect::Reply {
+                                    end: End::BindComplete,
+                                    forward: true,
+                                    unprepare: None,
+                                    stale_retry: bind
+                                        .statement
+                                        .is_empty()
+                                        .then(|| statement.backend_name.clone()),
+                                });
                             }
                         }
                         _ => plan.synthetic(simple_reply(b'2')),
@@ -1392,7 +1500,7 @@ impl Session {
                     let statement = self.statements.get(&target.name);
                     match (prepared.as_deref_mut(), statement) {
                         (Some(set), Some(statement)) if !is_tx_control(statement.command()) => {
-                            if target.name.is_empty() {
+                            if target.name.is_empty() && !keep {
                                 ensure_unnamed_parsed(plan, statement, &mut unnamed_parsed);
                                 plan.send(&frame.raw, End::Describe);
                             } else {
@@ -1625,7 +1733,28 @@ impl Session {
             build(self, &mut request, &mut prepared);
             lease.backend().prepared = prepared;
         }
-        let result = self.relay(&mut lease, &mut request, outcome).await;
+        let mut result = self.relay(&mut lease, &mut request, outcome).await;
+        if let (Ok(()), Some(stale)) = (&result, outcome.stale.take()) {
+            // A table under a kept-prepared statement changed its columns:
+            // drop the statement and run the request as the client sent it.
+            debug!(statement = %stale, "kept-prepared statement went stale; sending the request again");
+            Metrics::add(&self.shared.metrics.stale_plan_retries, 1);
+            lease.backend().prepared.remove(&stale);
+            request.out.clear();
+            request.expects.clear();
+            let mut close = BytesMut::new();
+            Target {
+                kind: b'S',
+                name: stale.to_string(),
+            }
+            .encode(b'C', &mut close);
+            request.inject(&close, End::CloseComplete);
+            self.keep_unnamed = false;
+            let mut prepared = std::mem::take(&mut lease.backend().prepared);
+            build(self, &mut request, &mut prepared);
+            lease.backend().prepared = prepared;
+            result = self.relay(&mut lease, &mut request, outcome).await;
+        }
         if std::mem::take(&mut self.drops_statements) {
             // DISCARD/DEALLOCATE on a shared connection: its prepared
             // statements are no longer known; do not reuse it.
@@ -1761,6 +1890,8 @@ impl Session {
         outcome: &mut Outcome,
     ) -> Result<(), RelayError> {
         let backend = lease.backend();
+        // Where this request's replies start, should they be taken back.
+        let (out_mark, flushes) = (self.client.out.len(), self.client.flushes);
         emit_leading_synthetic(&mut plan.expects, &mut self.client.out);
         if plan.out.is_empty() {
             self.client.flush().await.map_err(RelayError::Client)?;
@@ -1785,6 +1916,28 @@ impl Session {
                         continue;
                     }
                     b'E' => {
+                        if let Some(Expect::Reply {
+                            stale_retry: Some(name),
+                            ..
+                        }) = expects.front()
+                        {
+                            if self.client.flushes == flushes
+                                && is_stale_plan_error(&backend.buffered()[..len])
+                            {
+                                // Nothing of the request ran: take its replies
+                                // back; the server now skips to ReadyForQuery.
+                                outcome.stale = Some(name.clone());
+                                self.client.out.truncate(out_mark);
+                                backend.consume(len);
+                                expects.retain(|e| matches!(e, Expect::Reply { end: End::Sync, .. }));
+                                for expect in expects.iter_mut() {
+                                    if let Expect::Reply { forward, .. } = expect {
+                                        *forward = false;
+                                    }
+                                }
+                                continue;
+                            }
+                        }
                         outcome.errored = true;
                         self.client
                             .out
@@ -2047,6 +2200,7 @@ fn prepare_on_backend(
         end: End::ParseComplete,
         forward,
         unprepare: Some(statement.backend_name.clone()),
+        stale_retry: None,
     });
     prepared.insert(statement.backend_name.clone());
 }
@@ -2061,6 +2215,16 @@ fn ensure_unnamed_parsed(plan: &mut Plan, statement: &Prepared, parsed: &mut boo
     messages::parse("", &statement.query, &statement.param_types, &mut out);
     plan.inject(&out, End::ParseComplete);
     *parsed = true;
+}
+
+/// Whether an ErrorResponse says a prepared statement's cached plan no longer
+/// fits its tables (Postgres refuses to change a statement's result columns).
+fn is_stale_plan_error(message: &[u8]) -> bool {
+    let Some(body) = message.get(5..) else {
+        return false;
+    };
+    let (code, text) = messages::error_summary(body);
+    code == "0A000" && text == "cached plan must not change result type"
 }
 
 /// The error of a proxy that cannot prove its map is current.

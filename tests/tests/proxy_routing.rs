@@ -847,3 +847,73 @@ async fn nothing_runs_in_a_failed_transaction() {
         .await
         .expect("the session works after ROLLBACK");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_unnamed_statements_stay_prepared_and_survive_a_column_change() {
+    use std::sync::atomic::Ordering;
+    use tokio_postgres::types::Type;
+    let cluster = TestCluster::start(3);
+    let (_store, map) = setup(&cluster).await;
+    // One connection per server: every request below shares it.
+    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 1).await;
+    let metrics = &proxy.shared.metrics;
+    let client = proxy.connect().await;
+    client
+        .batch_execute("INSERT INTO settings (name, value) VALUES ('color', 'blue')")
+        .await
+        .expect("insert");
+    // query_typed sends Parse/Bind/Describe/Execute/Sync on the unnamed statement.
+    let select = "SELECT * FROM settings WHERE name = $1";
+    let read = |expected_columns: usize| {
+        let client = &client;
+        async move {
+            let rows = client
+                .query_typed(select, &[(&"color", Type::TEXT)])
+                .await
+                .unwrap_or_else(|e| panic!("unnamed select through the proxy: {e}"));
+            assert_eq!(rows.len(), 1);
+            assert_eq!(rows[0].columns().len(), expected_columns);
+            assert_eq!(rows[0].get::<_, String>(1), "blue");
+        }
+    };
+    let threshold = proxy.shared.config.pool.prepare_unnamed_after as u64;
+    for _ in 0..threshold + 3 {
+        read(2).await;
+    }
+    let kept = metrics.kept_prepared_runs.load(Ordering::Relaxed);
+    assert_eq!(
+        kept, 4,
+        "from the {threshold}th parse on, the statement runs kept prepared"
+    );
+
+    // A column added behind the proxy's back: the server refuses the kept
+    // statement's stale plan; the proxy must send the request again, unseen.
+    let TableKind::Unsharded { home } = &map.tables["settings"].kind else {
+        panic!("settings is unsharded");
+    };
+    cluster
+        .connect(cluster.server_index(home))
+        .await
+        .batch_execute("ALTER TABLE settings ADD COLUMN note text DEFAULT 'n'")
+        .await
+        .expect("alter on the home server");
+    read(3).await;
+    assert_eq!(metrics.stale_plan_retries.load(Ordering::Relaxed), 1);
+    for _ in 0..threshold {
+        read(3).await;
+    }
+    assert_eq!(
+        metrics.stale_plan_retries.load(Ordering::Relaxed),
+        1,
+        "the stale statement was dropped, not retried on every request"
+    );
+    assert!(metrics.kept_prepared_runs.load(Ordering::Relaxed) > kept + 1);
+
+    // Inside a transaction nothing could be sent again: the unnamed statement
+    // is parsed as the client sent it, and the transaction works.
+    client.batch_execute("BEGIN").await.expect("begin");
+    let before = metrics.kept_prepared_runs.load(Ordering::Relaxed);
+    read(3).await;
+    client.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!(metrics.kept_prepared_runs.load(Ordering::Relaxed), before);
+}
