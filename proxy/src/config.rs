@@ -132,6 +132,13 @@ pub struct PoolSettings {
     /// use a generic plan, as for any named statement. 0 turns it off.
     #[serde(default = "default_prepare_unnamed_after")]
     pub prepare_unnamed_after: u32,
+    /// A simple Query the proxy can parameterize exactly (one SELECT, INSERT,
+    /// UPDATE or DELETE whose literals are all integers right after a
+    /// comparison, outside a transaction), sent this many times by a client,
+    /// runs the same way: kept prepared, the integers sent as parameters of
+    /// their own type. 0 turns it off.
+    #[serde(default = "default_prepare_unnamed_after")]
+    pub prepare_simple_after: u32,
     /// At most this many such statements are kept on one server connection.
     #[serde(default = "default_max_prepared_unnamed")]
     pub max_prepared_unnamed: usize,
@@ -168,6 +175,7 @@ impl Default for PoolSettings {
             idle_timeout_s: default_idle_s(),
             max_lifetime_s: default_lifetime_s(),
             prepare_unnamed_after: default_prepare_unnamed_after(),
+            prepare_simple_after: default_prepare_unnamed_after(),
             max_prepared_unnamed: default_max_prepared_unnamed(),
         }
     }

@@ -33,7 +33,7 @@ use tracing::{debug, warn};
 use rustc_hash::FxHashMap;
 
 use crate::analyze::lexer::LITERAL_MARKER_BASE;
-use crate::analyze::{Analyzed, Command, Literal};
+use crate::analyze::{Analyzed, Command, DataStatement, Literal};
 use crate::cancel::{CancelTarget, TargetSlot};
 use crate::liveness::Flight;
 use crate::metrics::Metrics;
@@ -181,6 +181,9 @@ enum End {
     BindComplete,
     CloseComplete,
     Describe,
+    /// A Describe sent for a simple Query: its NoData is not forwarded (a
+    /// Query that returns no rows sends no row description).
+    DescribeForQuery,
     Execute,
     Sync,
     Query,
@@ -192,7 +195,7 @@ impl End {
             End::ParseComplete => tag == b'1',
             End::BindComplete => tag == b'2',
             End::CloseComplete => tag == b'3',
-            End::Describe => tag == b'T' || tag == b'n',
+            End::Describe | End::DescribeForQuery => tag == b'T' || tag == b'n',
             End::Execute => matches!(tag, b'C' | b'I' | b's'),
             End::Sync | End::Query => tag == b'Z',
         }
@@ -216,6 +219,14 @@ enum Expect {
     },
     /// Bytes the proxy answers itself, at this point of the reply stream.
     Synthetic(Bytes),
+}
+
+/// A simple Query to run as a statement kept prepared on the server.
+struct KeptSimple {
+    name: Arc<str>,
+    parameterized: Arc<crate::analyze::Parameterized>,
+    types: Vec<u32>,
+    literals: Arc<Vec<Literal>>,
 }
 
 /// What the backend said while relaying one request.
@@ -937,11 +948,122 @@ impl Session {
                     })
                     .await;
                 match route {
-                    Ok(route) => self.forward_simple(frame, route, data.read_only).await,
+                    Ok(route) => match self.kept_simple(analyzed, data, &route) {
+                        Some(kept) => self.forward_kept_simple(frame, route, data.read_only, kept).await,
+                        None => self.forward_simple(frame, route, data.read_only).await,
+                    },
                     Err(e) => self.refuse(&e).await,
                 }
             }
         }
+    }
+
+    /// Whether a simple Query runs as a statement kept prepared on the server,
+    /// its integer literals sent as parameters: it is exactly equivalent (see
+    /// `Parameterized`), the client sent it often enough, and it runs in an
+    /// implicit transaction, so that a stale plan can be retried unseen.
+    fn kept_simple(&mut self, analyzed: &Analyzed, data: &DataStatement, route: &Route) -> Option<KeptSimple> {
+        let after = self.shared.config.pool.prepare_simple_after;
+        if after == 0
+            || self.tx != Tx::Idle
+            || self.lease.is_some()
+            || self.unsynced
+            || route.server().is_none()
+            || data.copy.is_some()
+            || data.unparsed.is_some()
+        {
+            return None;
+        }
+        let parameterized = analyzed.analysis.parameterized()?.clone();
+        if parameterized.params != analyzed.literals.len() {
+            return None;
+        }
+        let mut types = Vec::with_capacity(parameterized.params);
+        for literal in analyzed.literals.iter() {
+            types.push(crate::analyze::integer_literal_type(literal)?);
+        }
+        let name = backend_statement_name(&parameterized.text, &types);
+        self.statements.count_unnamed_parse(&name);
+        if self.statements.unnamed_parse_count(&name) < after {
+            return None;
+        }
+        Some(KeptSimple {
+            name,
+            parameterized,
+            types,
+            literals: analyzed.literals.clone(),
+        })
+    }
+
+    /// Sends a simple Query as Bind/Describe/Execute/Sync of a statement kept
+    /// prepared on the backend, and relays the replies as the Query's would
+    /// be (no BindComplete, no NoData).
+    async fn forward_kept_simple(
+        &mut self,
+        frame: Frame,
+        route: Route,
+        read_only: bool,
+        kept: KeptSimple,
+    ) -> Result<(), SessionError> {
+        let max_kept = self.shared.config.pool.max_prepared_unnamed;
+        let shared = self.shared.clone();
+        let mut build = |session: &mut Session, plan: &mut Plan, set: &mut HashSet<Arc<str>>| {
+            let fits = set.contains(&kept.name) || set.len() < max_kept;
+            if !session.keep_unnamed || !fits {
+                plan.send(&frame.raw, End::Query);
+                return;
+            }
+            Metrics::add(&shared.metrics.kept_prepared_runs, 1);
+            if !set.contains(&kept.name) {
+                let mut out = BytesMut::new();
+                messages::parse(&kept.name, &kept.parameterized.text, &kept.types, &mut out);
+                plan.out.extend_from_slice(&out);
+                plan.expects.push_back(Expect::Reply {
+                    end: End::ParseComplete,
+                    forward: false,
+                    unprepare: Some(kept.name.clone()),
+                    stale_retry: None,
+                });
+                set.insert(kept.name.clone());
+            }
+            let values: Vec<&str> = kept.literals.iter().map(Literal::text).collect();
+            messages::bind_text(&kept.name, &values, &mut plan.out);
+            plan.expects.push_back(Expect::Reply {
+                end: End::BindComplete,
+                forward: false,
+                unprepare: None,
+                stale_retry: Some(kept.name.clone()),
+            });
+            messages::describe_execute_sync(&mut plan.out);
+            plan.expects.push_back(Expect::Reply {
+                end: End::DescribeForQuery,
+                forward: true,
+                unprepare: None,
+                stale_retry: None,
+            });
+            plan.expects.push_back(Expect::Reply {
+                end: End::Execute,
+                forward: true,
+                unprepare: None,
+                stale_retry: None,
+            });
+            plan.expects.push_back(Expect::Reply {
+                end: End::Sync,
+                forward: true,
+                unprepare: None,
+                stale_retry: None,
+            });
+        };
+        let flags = DispatchFlags {
+            binds_tx: true,
+            synced: true,
+            read_only,
+        };
+        let mut outcome = Outcome::default();
+        self.keep_unnamed = true;
+        let result = self.dispatch(route, flags, &mut build, &mut outcome).await;
+        self.keep_unnamed = false;
+        result.map(|_| ())
     }
 
     async fn forward_simple(
@@ -2012,7 +2134,7 @@ impl Session {
                 match expects.front() {
                     Some(Expect::Reply { end, forward, .. }) => {
                         let (end, forward) = (*end, *forward);
-                        if forward {
+                        if forward && !(tag == b'n' && end == End::DescribeForQuery) {
                             self.client
                                 .out
                                 .extend_from_slice(&backend.buffered()[..len]);

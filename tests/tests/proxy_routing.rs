@@ -917,3 +917,95 @@ async fn repeated_unnamed_statements_stay_prepared_and_survive_a_column_change()
     client.batch_execute("COMMIT").await.expect("commit");
     assert_eq!(metrics.kept_prepared_runs.load(Ordering::Relaxed), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_simple_queries_run_prepared_with_the_same_results_and_errors() {
+    use std::sync::atomic::Ordering;
+    use tokio_postgres::SimpleQueryMessage;
+    let cluster = TestCluster::start(3);
+    let (_store, map) = setup(&cluster).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 1).await;
+    let metrics = &proxy.shared.metrics;
+    let client = proxy.connect().await;
+    client
+        .batch_execute("INSERT INTO users (user_id, name) VALUES (42, 'ada')")
+        .await
+        .expect("insert");
+    // Rows as text, as a simple Query returns them, with the column count.
+    let rows = |sql: &'static str| {
+        let client = &client;
+        async move {
+            let messages = client
+                .simple_query(sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            messages
+                .iter()
+                .filter_map(|m| match m {
+                    SimpleQueryMessage::Row(row) => Some(
+                        (0..row.len())
+                            .map(|i| row.get(i).unwrap_or("NULL").to_string())
+                            .collect::<Vec<_>>(),
+                    ),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let select = "SELECT * FROM users WHERE user_id = 42";
+    let after = proxy.shared.config.pool.prepare_simple_after as u64;
+    for _ in 0..after + 3 {
+        assert_eq!(rows(select).await, vec![vec!["42", "ada"]]);
+    }
+    assert_eq!(metrics.kept_prepared_runs.load(Ordering::Relaxed), 4);
+    // No rows, and a statement without a result: same replies as a Query.
+    for _ in 0..after + 1 {
+        assert!(rows("SELECT name FROM users WHERE user_id = 4242")
+            .await
+            .is_empty());
+        let messages = client
+            .simple_query("UPDATE users SET name = name WHERE user_id = 42")
+            .await
+            .expect("update");
+        assert!(
+            matches!(messages.as_slice(), [SimpleQueryMessage::CommandComplete(1)]),
+            "an UPDATE replies with its tag only: {messages:?}"
+        );
+    }
+    assert_eq!(metrics.kept_prepared_runs.load(Ordering::Relaxed), 8);
+    // An error while running (division by zero) reaches the client as is,
+    // and the session goes on.
+    for _ in 0..after + 1 {
+        let error = client
+            .simple_query("SELECT user_id / (user_id - user_id) FROM users WHERE user_id = 42")
+            .await
+            .expect_err("division by zero");
+        assert_eq!(
+            error.code(),
+            Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO)
+        );
+    }
+    assert_eq!(metrics.kept_prepared_runs.load(Ordering::Relaxed), 10);
+    assert_eq!(rows(select).await, vec![vec!["42", "ada"]]);
+    // Literals in places a parameter would change the meaning stay literals.
+    let before = metrics.kept_prepared_runs.load(Ordering::Relaxed);
+    for _ in 0..after + 1 {
+        assert_eq!(
+            rows("SELECT user_id, name FROM users WHERE user_id = 42 ORDER BY 2 LIMIT 1").await,
+            vec![vec!["42", "ada"]]
+        );
+    }
+    assert_eq!(metrics.kept_prepared_runs.load(Ordering::Relaxed), before);
+
+    // A column added on the owner: the kept statement's plan is stale; the
+    // proxy drops it and the client sees the new column, no error.
+    let owner = owner(&map, "users", KeyValue::Int(42));
+    cluster
+        .connect(cluster.server_index(&owner))
+        .await
+        .batch_execute("ALTER TABLE users ADD COLUMN note text DEFAULT 'n'")
+        .await
+        .expect("alter on the owner");
+    assert_eq!(rows(select).await, vec![vec!["42", "ada", "n"]]);
+    assert_eq!(metrics.stale_plan_retries.load(Ordering::Relaxed), 1);
+}

@@ -6,7 +6,7 @@ pub mod lexer;
 pub mod statement;
 
 use rustc_hash::FxHashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 pub use lexer::{lex, Lexed, Literal};
 pub use statement::{Command, DataStatement, KeyExpr};
@@ -15,6 +15,94 @@ pub use statement::{Command, DataStatement, KeyExpr};
 #[derive(Debug)]
 pub struct Analysis {
     pub commands: Vec<Command>,
+    /// The shape this analysis is cached under.
+    pub shape: String,
+    parameterized: OnceLock<Option<Arc<Parameterized>>>,
+}
+
+impl Analysis {
+    /// The statement with its literals as parameters, if that is exactly
+    /// equivalent (see `Parameterized`); worked out once per shape.
+    pub fn parameterized(&self) -> Option<&Arc<Parameterized>> {
+        self.parameterized
+            .get_or_init(|| parameterize(&self.shape).map(Arc::new))
+            .as_ref()
+    }
+}
+
+/// A one-statement query whose literals can be sent as parameters instead:
+/// every literal is an integer right after a comparison (`k = 42`,
+/// `n >= 7`), where a parameter of the literal's own type (int4, or int8 if
+/// it does not fit) means exactly what the literal means. Literals anywhere
+/// else (`LIMIT 5`, `ORDER BY 1`, `VALUES (1)`, `numeric(10,2)`, `-5`) make
+/// the statement ineligible, as does anything but SELECT/INSERT/UPDATE/DELETE.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Parameterized {
+    /// The shape with literal markers renumbered `$1..$n`.
+    pub text: String,
+    pub params: usize,
+}
+
+fn parameterize(shape: &str) -> Option<Parameterized> {
+    let statement = shape.trim().trim_end_matches(';').trim_end();
+    if statement.contains(';') {
+        return None;
+    }
+    let first = statement.split(' ').next()?.to_ascii_lowercase();
+    let lowered = statement.to_ascii_lowercase();
+    match first.as_str() {
+        // SELECT ... INTO creates a table: not a plain query.
+        "select" if !lowered.contains(" into ") => {}
+        "insert" | "update" | "delete" => {}
+        _ => return None,
+    }
+    let bytes = statement.as_bytes();
+    let mut text = String::with_capacity(statement.len());
+    let mut params = 0usize;
+    let mut copied = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'$' || !bytes.get(i + 1).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+            continue;
+        }
+        let end = i + 1 + bytes[i + 1..].iter().take_while(|b| b.is_ascii_digit()).count();
+        let number: usize = statement[i + 1..end].parse().ok()?;
+        if number < lexer::LITERAL_MARKER_BASE {
+            // A real parameter: a simple Query has none to give it.
+            return None;
+        }
+        let before = statement[..i].trim_end().as_bytes();
+        if !before.last().is_some_and(|b| matches!(b, b'=' | b'<' | b'>')) {
+            return None;
+        }
+        params += 1;
+        if number != lexer::LITERAL_MARKER_BASE + params - 1 {
+            return None;
+        }
+        text.push_str(&statement[copied..i]);
+        text.push('$');
+        text.push_str(&params.to_string());
+        copied = end;
+        i = end;
+    }
+    text.push_str(&statement[copied..]);
+    Some(Parameterized { text, params })
+}
+
+/// The type Postgres gives an integer literal: int4 if it fits, else int8;
+/// `None` for anything else (a decimal, an exponent, a numeric-sized integer).
+pub fn integer_literal_type(literal: &Literal) -> Option<u32> {
+    const INT4: u32 = 23;
+    const INT8: u32 = 20;
+    let Literal::Number(text) = literal else {
+        return None;
+    };
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let value: i64 = text.parse().ok()?;
+    Some(if value <= i64::from(i32::MAX) { INT4 } else { INT8 })
 }
 
 /// A query's analysis together with its own literal values.
@@ -82,7 +170,11 @@ fn analyze_lexed(lexed: &Lexed) -> Analysis {
             )
         })
         .collect();
-    Analysis { commands }
+    Analysis {
+        commands,
+        shape: lexed.shape.clone(),
+        parameterized: OnceLock::new(),
+    }
 }
 
 #[cfg(test)]
@@ -97,6 +189,53 @@ mod tests {
         assert!(Arc::ptr_eq(&a.analysis, &b.analysis));
         assert_eq!(b.literals.as_slice(), &[Literal::Number("2".into())]);
         assert_eq!(analyzer.cached_shapes(), 1);
+    }
+
+    #[test]
+    fn only_literals_after_comparisons_become_parameters() {
+        let analyzer = Analyzer::new(100);
+        let text = |sql: &str| {
+            analyzer
+                .analyze(sql)
+                .analysis
+                .parameterized()
+                .map(|p| (p.text.clone(), p.params))
+        };
+        assert_eq!(
+            text("SELECT abalance FROM pgbench_accounts WHERE aid = 41234;"),
+            Some(("SELECT abalance FROM pgbench_accounts WHERE aid = $1".into(), 1))
+        );
+        assert_eq!(
+            text("update t set v = 5 where k >= 7 and j <> 8"),
+            Some(("update t set v = $1 where k >= $2 and j <> $3".into(), 3))
+        );
+        assert_eq!(
+            text("SELECT * FROM t WHERE k = 1 ORDER BY 1"),
+            None,
+            "ORDER BY 1 is a column position"
+        );
+        assert_eq!(text("SELECT * FROM t WHERE k = 1 LIMIT 5"), None);
+        assert_eq!(text("SELECT * FROM t WHERE k = -1"), None);
+        assert_eq!(text("INSERT INTO t VALUES (1, 'x')"), None);
+        assert_eq!(text("SELECT 1 INTO t2 FROM t WHERE k = 1"), None);
+        assert_eq!(text("EXPLAIN SELECT * FROM t WHERE k = 1"), None);
+        assert_eq!(text("SELECT * FROM t WHERE k = 1; SELECT 2"), None);
+        assert_eq!(
+            text("SELECT * FROM t WHERE d = DATE '2024-01-01'"),
+            Some(("SELECT * FROM t WHERE d = DATE '2024-01-01'".into(), 0))
+        );
+    }
+
+    #[test]
+    fn integer_literals_get_the_type_postgres_gives_them() {
+        let number = |s: &str| Literal::Number(s.into());
+        assert_eq!(integer_literal_type(&number("7")), Some(23));
+        assert_eq!(integer_literal_type(&number("2147483647")), Some(23));
+        assert_eq!(integer_literal_type(&number("2147483648")), Some(20));
+        assert_eq!(integer_literal_type(&number("99999999999999999999")), None);
+        assert_eq!(integer_literal_type(&number("1.5")), None);
+        assert_eq!(integer_literal_type(&number("1e3")), None);
+        assert_eq!(integer_literal_type(&Literal::String("7".into())), None);
     }
 
     #[test]

@@ -249,6 +249,29 @@ pub fn parse(name: &str, query: &str, param_types: &[u32], out: &mut BytesMut) {
     finish(out, start);
 }
 
+/// Bind of the unnamed portal to `statement`, parameters in text format,
+/// results in text format (what a simple Query returns).
+pub fn bind_text(statement: &str, values: &[&str], out: &mut BytesMut) {
+    let start = begin(out, b'B');
+    put_cstr(out, "");
+    put_cstr(out, statement);
+    out.put_i16(0);
+    out.put_i16(values.len() as i16);
+    for value in values {
+        out.put_i32(value.len() as i32);
+        out.put_slice(value.as_bytes());
+    }
+    out.put_i16(0);
+    finish(out, start);
+}
+
+/// Describe of the unnamed portal, Execute of it (all rows), and Sync.
+pub fn describe_execute_sync(out: &mut BytesMut) {
+    out.put_slice(&[b'D', 0, 0, 0, 6, b'P', 0]);
+    out.put_slice(&[b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0]);
+    out.put_slice(&[b'S', 0, 0, 0, 4]);
+}
+
 pub fn copy_fail(reason: &str, out: &mut BytesMut) {
     let start = begin(out, b'f');
     put_cstr(out, reason);
