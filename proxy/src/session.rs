@@ -948,7 +948,7 @@ impl Session {
                     })
                     .await;
                 match route {
-                    Ok(route) => match self.kept_simple(analyzed, data, &route) {
+                    Ok(route) => match self.kept_simple(&frame, analyzed, data, &route) {
                         Some(kept) => self.forward_kept_simple(frame, route, data.read_only, kept).await,
                         None => self.forward_simple(frame, route, data.read_only).await,
                     },
@@ -962,7 +962,13 @@ impl Session {
     /// its integer literals sent as parameters: it is exactly equivalent (see
     /// `Parameterized`), the client sent it often enough, and it runs in an
     /// implicit transaction, so that a stale plan can be retried unseen.
-    fn kept_simple(&mut self, analyzed: &Analyzed, data: &DataStatement, route: &Route) -> Option<KeptSimple> {
+    fn kept_simple(
+        &mut self,
+        frame: &Frame,
+        analyzed: &Analyzed,
+        data: &DataStatement,
+        route: &Route,
+    ) -> Option<KeptSimple> {
         let after = self.shared.config.pool.prepare_simple_after;
         if after == 0
             || self.tx != Tx::Idle
@@ -971,6 +977,9 @@ impl Session {
             || route.server().is_none()
             || data.copy.is_some()
             || data.unparsed.is_some()
+            // The shape has no comments: keep planner hints (pg_hint_plan's
+            // `/*+ ... */`) by sending such queries as they are.
+            || memchr::memmem::find(&frame.raw, b"/*").is_some()
         {
             return None;
         }
