@@ -150,6 +150,32 @@ proptest! {
     #[test]
     fn arbitrary_unicode_never_panics(sql in "\\PC{0,200}") {
         let analyzer = Analyzer::new(64);
-        let _ = analyzer.analyze(&sql);
+        let analyzed = analyzer.analyze(&sql);
+        let _ = analyzed.analysis.parameterized();
+    }
+
+    #[test]
+    fn parameterized_text_has_parameters_where_the_literals_were(sql in sqlish()) {
+        let analyzer = Analyzer::new(64);
+        let analyzed = analyzer.analyze(&sql);
+        if let Some(parameterized) = analyzed.analysis.parameterized() {
+            // Lexed again: no literal is left, and there are parameters iff
+            // there were literals.
+            let again = lex(&parameterized.text);
+            prop_assert!(again.literals.is_empty(), "{:?}", parameterized.text);
+            prop_assert_eq!(again.has_params, parameterized.params > 0);
+            prop_assert_eq!(parameterized.params, analyzed.literals.len());
+        }
+    }
+
+    #[test]
+    fn integer_keys_become_parameters_of_their_own_type(key in 0i64..=i64::MAX) {
+        let sql = format!("SELECT * FROM users WHERE user_id = {key}");
+        let analyzer = Analyzer::new(64);
+        let analyzed = analyzer.analyze(&sql);
+        let parameterized = analyzed.analysis.parameterized().expect("eligible");
+        prop_assert_eq!(parameterized.text.as_str(), "SELECT * FROM users WHERE user_id = $1");
+        let expected = if key <= i64::from(i32::MAX) { 23 } else { 20 };
+        prop_assert_eq!(proxy::analyze::integer_literal_type(&analyzed.literals[0]), Some(expected));
     }
 }

@@ -37,6 +37,10 @@ pub struct Lexed {
     /// Every identifier (lowercased unless quoted), for the fallback when a
     /// statement cannot be parsed.
     pub words: Vec<String>,
+    /// Where each literal marker starts in `shape` (collected with the words).
+    pub markers: Vec<usize>,
+    /// The text has real parameters (`$1`).
+    pub has_params: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +69,8 @@ pub fn lex_with(sql: &str, collect_words: bool) -> Lexed {
     let mut shape = String::with_capacity(sql.len());
     let mut literals = Vec::new();
     let mut words = Vec::new();
+    let mut markers = Vec::new();
+    let mut has_params = false;
     let mut prev = Prev::Nothing;
     let mut statements = Vec::new();
     let mut statement_start = (0usize, 0usize);
@@ -110,6 +116,7 @@ pub fn lex_with(sql: &str, collect_words: bool) -> Lexed {
                 literal_or_verbatim(
                     &mut shape,
                     &mut literals,
+                    collect_words.then_some(&mut markers),
                     prev,
                     Literal::String(value),
                     &sql[i..end],
@@ -122,6 +129,7 @@ pub fn lex_with(sql: &str, collect_words: bool) -> Lexed {
                 literal_or_verbatim(
                     &mut shape,
                     &mut literals,
+                    collect_words.then_some(&mut markers),
                     prev,
                     Literal::String(value),
                     &sql[i..end],
@@ -161,11 +169,13 @@ pub fn lex_with(sql: &str, collect_words: bool) -> Lexed {
                         i += 1;
                     }
                     shape.push_str(&sql[start..i]);
+                    has_params = true;
                     prev = Prev::Other;
                 } else if let Some((value, end)) = dollar_quoted(sql, i) {
                     literal_or_verbatim(
                         &mut shape,
                         &mut literals,
+                        collect_words.then_some(&mut markers),
                         prev,
                         Literal::String(value),
                         &sql[i..end],
@@ -189,6 +199,7 @@ pub fn lex_with(sql: &str, collect_words: bool) -> Lexed {
                 literal_or_verbatim(
                     &mut shape,
                     &mut literals,
+                    collect_words.then_some(&mut markers),
                     Prev::Other,
                     Literal::Number(sql[start..i].to_string()),
                     &sql[start..i],
@@ -241,6 +252,8 @@ pub fn lex_with(sql: &str, collect_words: bool) -> Lexed {
         statements,
         literals,
         words,
+        markers,
+        has_params,
     }
 }
 
@@ -281,6 +294,7 @@ fn utf8_len(first: u8) -> usize {
 fn literal_or_verbatim(
     shape: &mut String,
     literals: &mut Vec<Literal>,
+    markers: Option<&mut Vec<usize>>,
     prev: Prev,
     literal: Literal,
     verbatim: &str,
@@ -289,6 +303,9 @@ fn literal_or_verbatim(
         shape.push_str(verbatim);
     } else {
         literals.push(literal);
+        if let Some(markers) = markers {
+            markers.push(shape.len());
+        }
         push_marker(shape, LITERAL_MARKER_BASE + literals.len() - 1);
     }
 }

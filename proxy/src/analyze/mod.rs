@@ -17,6 +17,10 @@ pub struct Analysis {
     pub commands: Vec<Command>,
     /// The shape this analysis is cached under.
     pub shape: String,
+    /// Where the shape's literal markers start, and whether it has real
+    /// parameters: what `parameterized` needs.
+    markers: Vec<usize>,
+    has_params: bool,
     parameterized: OnceLock<Option<Arc<Parameterized>>>,
 }
 
@@ -25,7 +29,12 @@ impl Analysis {
     /// equivalent (see `Parameterized`); worked out once per shape.
     pub fn parameterized(&self) -> Option<&Arc<Parameterized>> {
         self.parameterized
-            .get_or_init(|| parameterize(&self.shape).map(Arc::new))
+            .get_or_init(|| {
+                if self.has_params {
+                    return None;
+                }
+                parameterize(&self.shape, &self.markers).map(Arc::new)
+            })
             .as_ref()
     }
 }
@@ -43,51 +52,43 @@ pub struct Parameterized {
     pub params: usize,
 }
 
-fn parameterize(shape: &str) -> Option<Parameterized> {
-    let statement = shape.trim().trim_end_matches(';').trim_end();
+fn parameterize(shape: &str, markers: &[usize]) -> Option<Parameterized> {
+    let statement = shape.trim_end().trim_end_matches(';').trim_end();
     if statement.contains(';') {
         return None;
     }
-    let first = statement.split(' ').next()?.to_ascii_lowercase();
     let lowered = statement.to_ascii_lowercase();
-    match first.as_str() {
+    match lowered.split(' ').next()? {
         // SELECT ... INTO creates a table: not a plain query.
         "select" if !lowered.contains(" into ") => {}
         "insert" | "update" | "delete" => {}
         _ => return None,
     }
-    let bytes = statement.as_bytes();
     let mut text = String::with_capacity(statement.len());
-    let mut params = 0usize;
     let mut copied = 0;
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] != b'$' || !bytes.get(i + 1).is_some_and(u8::is_ascii_digit) {
-            i += 1;
-            continue;
-        }
-        let end = i + 1 + bytes[i + 1..].iter().take_while(|b| b.is_ascii_digit()).count();
-        let number: usize = statement[i + 1..end].parse().ok()?;
-        if number < lexer::LITERAL_MARKER_BASE {
-            // A real parameter: a simple Query has none to give it.
+    for (index, &at) in markers.iter().enumerate() {
+        let digits = statement.get(at + 1..)?;
+        let len = digits.bytes().take_while(u8::is_ascii_digit).count();
+        let number: usize = digits[..len].parse().ok()?;
+        if statement.as_bytes().get(at) != Some(&b'$')
+            || number != lexer::LITERAL_MARKER_BASE + index
+        {
             return None;
         }
-        let before = statement[..i].trim_end().as_bytes();
+        let before = statement[..at].trim_end().as_bytes();
         if !before.last().is_some_and(|b| matches!(b, b'=' | b'<' | b'>')) {
             return None;
         }
-        params += 1;
-        if number != lexer::LITERAL_MARKER_BASE + params - 1 {
-            return None;
-        }
-        text.push_str(&statement[copied..i]);
+        text.push_str(&statement[copied..at]);
         text.push('$');
-        text.push_str(&params.to_string());
-        copied = end;
-        i = end;
+        text.push_str(&(index + 1).to_string());
+        copied = at + 1 + len;
     }
     text.push_str(&statement[copied..]);
-    Some(Parameterized { text, params })
+    Some(Parameterized {
+        text,
+        params: markers.len(),
+    })
 }
 
 /// The type Postgres gives an integer literal: int4 if it fits, else int8;
@@ -173,6 +174,8 @@ fn analyze_lexed(lexed: &Lexed) -> Analysis {
     Analysis {
         commands,
         shape: lexed.shape.clone(),
+        markers: lexed.markers.clone(),
+        has_params: lexed.has_params,
         parameterized: OnceLock::new(),
     }
 }
@@ -220,6 +223,12 @@ mod tests {
         assert_eq!(text("SELECT 1 INTO t2 FROM t WHERE k = 1"), None);
         assert_eq!(text("EXPLAIN SELECT * FROM t WHERE k = 1"), None);
         assert_eq!(text("SELECT * FROM t WHERE k = 1; SELECT 2"), None);
+        assert_eq!(text("SELECT $1 FROM t WHERE k = 1"), None, "a real parameter");
+        assert_eq!(
+            text("SELECT * FROM t WHERE k = 1 AND s LIKE '=$100001'"),
+            Some(("SELECT * FROM t WHERE k = $1 AND s LIKE '=$100001'".into(), 1)),
+            "marker-like text in a string is not a marker"
+        );
         assert_eq!(
             text("SELECT * FROM t WHERE d = DATE '2024-01-01'"),
             Some(("SELECT * FROM t WHERE d = DATE '2024-01-01'".into(), 0))
