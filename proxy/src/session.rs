@@ -148,11 +148,53 @@ impl Prepared {
     }
 }
 
-fn backend_statement_name(query: &str, param_types: &[u32]) -> Arc<str> {
+/// The settings Postgres reads while parsing a quoted constant
+/// (`TIMESTAMPTZ '2024-06-01 00:00'`, `DATE '01/02/2024'`, `'a\\b'`).
+const PARSE_SETTINGS: [&str; 4] = [
+    "timezone",
+    "datestyle",
+    "intervalstyle",
+    "standard_conforming_strings",
+];
+
+/// Whether `query` has a quoted constant (a string or a dollar-quoted
+/// string): Postgres turns those into values when it parses the statement.
+fn has_quoted_constant(query: &str) -> bool {
+    let bytes = query.as_bytes();
+    memchr::memchr(b'\'', bytes).is_some()
+        || memchr::memchr_iter(b'$', bytes)
+            .any(|at| !bytes.get(at + 1).is_some_and(u8::is_ascii_digit))
+}
+
+/// The name of a statement on the backends: the same for every client
+/// preparing the same text with the same parameter types, so they share it.
+/// A text with quoted constants also depends on the settings that shape
+/// their values; one that may hold `'now'`, `'today'`, `'tomorrow'` or
+/// `'yesterday'` (fixed when parsed) is never shared.
+fn backend_statement_name(
+    query: &str,
+    param_types: &[u32],
+    settings: &BTreeMap<String, String>,
+) -> Arc<str> {
     use std::hash::{Hash, Hasher};
+    static UNSHARED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     query.hash(&mut hasher);
     param_types.hash(&mut hasher);
+    if has_quoted_constant(query) {
+        for name in PARSE_SETTINGS {
+            settings.get(name).hash(&mut hasher);
+        }
+        let lowered = query.to_ascii_lowercase();
+        if ["now", "today", "tomorrow", "yesterday"]
+            .iter()
+            .any(|word| lowered.contains(word))
+        {
+            UNSHARED
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .hash(&mut hasher);
+        }
+    }
     format!("sl_{:016x}_{}", hasher.finish(), query.len()).into()
 }
 
@@ -181,8 +223,11 @@ enum End {
     BindComplete,
     CloseComplete,
     Describe,
-    /// A Describe sent for a simple Query: its NoData is not forwarded (a
-    /// Query that returns no rows sends no row description).
+    /// Parse, Bind and Describe sent for a simple Query: their
+    /// ParseComplete, BindComplete and NoData are not forwarded (a Query has
+    /// none of those), but notices on the way are.
+    ParseForQuery,
+    BindForQuery,
     DescribeForQuery,
     Execute,
     Sync,
@@ -196,9 +241,19 @@ impl End {
             End::BindComplete => tag == b'2',
             End::CloseComplete => tag == b'3',
             End::Describe | End::DescribeForQuery => tag == b'T' || tag == b'n',
+            End::ParseForQuery => tag == b'1',
+            End::BindForQuery => tag == b'2',
             End::Execute => matches!(tag, b'C' | b'I' | b's'),
             End::Sync | End::Query => tag == b'Z',
         }
+    }
+
+    /// Whether the reply `tag` is kept from the client.
+    fn hides(self, tag: u8) -> bool {
+        matches!(
+            (self, tag),
+            (End::ParseForQuery, b'1') | (End::BindForQuery, b'2') | (End::DescribeForQuery, b'n')
+        )
     }
 }
 
@@ -991,7 +1046,7 @@ impl Session {
         for literal in analyzed.literals.iter() {
             types.push(crate::analyze::integer_literal_type(literal)?);
         }
-        let name = backend_statement_name(&parameterized.text, &types);
+        let name = backend_statement_name(&parameterized.text, &types, &self.settings);
         self.statements.count_unnamed_parse(&name);
         if self.statements.unnamed_parse_count(&name) < after {
             return None;
@@ -1028,8 +1083,8 @@ impl Session {
                 messages::parse(&kept.name, &kept.parameterized.text, &kept.types, &mut out);
                 plan.out.extend_from_slice(&out);
                 plan.expects.push_back(Expect::Reply {
-                    end: End::ParseComplete,
-                    forward: false,
+                    end: End::ParseForQuery,
+                    forward: true,
                     unprepare: Some(kept.name.clone()),
                     stale_retry: None,
                 });
@@ -1038,8 +1093,8 @@ impl Session {
             let values: Vec<&str> = kept.literals.iter().map(Literal::text).collect();
             messages::bind_text(&kept.name, &values, &mut plan.out);
             plan.expects.push_back(Expect::Reply {
-                end: End::BindComplete,
-                forward: false,
+                end: End::BindForQuery,
+                forward: true,
                 unprepare: None,
                 stale_retry: Some(kept.name.clone()),
             });
@@ -1239,7 +1294,11 @@ impl Session {
                 }
                 let analyzed = self.shared.analyzer.analyze(parse.query());
                 let prepared = Arc::new(Prepared {
-                    backend_name: backend_statement_name(parse.query(), &parse.param_types),
+                    backend_name: backend_statement_name(
+                        parse.query(),
+                        &parse.param_types,
+                        &self.settings,
+                    ),
                     query: parse.query().to_string(),
                     param_types: parse.param_types.clone(),
                     analyzed,
@@ -1357,10 +1416,11 @@ impl Session {
         {
             return false;
         }
-        let mut binds = 0;
+        let (mut binds, mut parses) = (0, 0);
         for item in items {
             match item {
-                Item::Parse(_, parse) if !parse.name.is_empty() => return false,
+                Item::Parse(_, parse) if !parse.name.is_empty() || binds > 0 => return false,
+                Item::Parse(..) => parses += 1,
                 Item::Bind(_, bind) if !bind.statement.is_empty() => return false,
                 Item::Bind(..) => binds += 1,
                 Item::Describe(_, target) if target.kind == b'S' && !target.name.is_empty() => {
@@ -1374,7 +1434,10 @@ impl Session {
             return false;
         };
         binds == 1
+            && parses <= 1
             && matches!(statement.command(), Some(Command::Data(_)))
+            // Quoted constants are valued when parsed ('now', time zones).
+            && !has_quoted_constant(&statement.query)
             && self.statements.unnamed_parse_count(&statement.backend_name)
                 >= pool.prepare_unnamed_after
     }
@@ -1636,13 +1699,21 @@ impl Session {
                                 plan.send(&frame.raw, End::Describe);
                             } else {
                                 ensure_prepared(plan, set, statement);
-                                let mut out = BytesMut::new();
                                 Target {
                                     kind: b'S',
                                     name: statement.backend_name.to_string(),
                                 }
-                                .encode(b'D', &mut out);
-                                plan.send(&out, End::Describe);
+                                .encode(b'D', &mut plan.out);
+                                plan.expects.push_back(Expect::Reply {
+                                    end: End::Describe,
+                                    forward: true,
+                                    unprepare: None,
+                                    // Postgres revalidates the plan here too.
+                                    stale_retry: target
+                                        .name
+                                        .is_empty()
+                                        .then(|| statement.backend_name.clone()),
+                                });
                             }
                         }
                         (_, Some(_)) => {
@@ -2052,9 +2123,13 @@ impl Session {
                             ..
                         }) = expects.front()
                         {
-                            if self.client.flushes == flushes
-                                && is_stale_plan_error(&backend.buffered()[..len])
-                            {
+                            let stale = is_stale_plan_error(&backend.buffered()[..len]);
+                            if stale && self.client.flushes != flushes {
+                                // Too late to take the replies back: the client
+                                // sees the error, and the connection with the
+                                // stale statement is closed after this request.
+                                backend.broken = true;
+                            } else if stale {
                                 // Nothing of the request ran: take its replies
                                 // back; the server now skips to ReadyForQuery.
                                 outcome.stale = Some(name.clone());
@@ -2143,7 +2218,7 @@ impl Session {
                 match expects.front() {
                     Some(Expect::Reply { end, forward, .. }) => {
                         let (end, forward) = (*end, *forward);
-                        if forward && !(tag == b'n' && end == End::DescribeForQuery) {
+                        if forward && !end.hides(tag) {
                             self.client
                                 .out
                                 .extend_from_slice(&backend.buffered()[..len]);
@@ -2350,12 +2425,21 @@ fn ensure_unnamed_parsed(plan: &mut Plan, statement: &Prepared, parsed: &mut boo
 
 /// Whether an ErrorResponse says a prepared statement's cached plan no longer
 /// fits its tables (Postgres refuses to change a statement's result columns).
+/// The routine field is checked, not the message: messages are translated.
 fn is_stale_plan_error(message: &[u8]) -> bool {
     let Some(body) = message.get(5..) else {
         return false;
     };
-    let (code, text) = messages::error_summary(body);
-    code == "0A000" && text == "cached plan must not change result type"
+    let mut code = None;
+    let mut routine = None;
+    for field in body.split(|&b| b == 0) {
+        match field.split_first() {
+            Some((b'C', value)) => code = Some(value),
+            Some((b'R', value)) => routine = Some(value),
+            _ => {}
+        }
+    }
+    code == Some(b"0A000") && routine == Some(b"RevalidateCachedQuery")
 }
 
 /// The error of a proxy that cannot prove its map is current.
@@ -2547,13 +2631,41 @@ mod tests {
 
     #[test]
     fn statement_names_depend_on_text_and_types() {
+        let none = BTreeMap::new();
         assert_eq!(
-            backend_statement_name("select 1", &[]),
-            backend_statement_name("select 1", &[])
+            backend_statement_name("select 1", &[], &none),
+            backend_statement_name("select 1", &[], &none)
         );
         assert_ne!(
-            backend_statement_name("select 1", &[]),
-            backend_statement_name("select 1", &[23])
+            backend_statement_name("select 1", &[], &none),
+            backend_statement_name("select 1", &[23], &none)
+        );
+    }
+
+    #[test]
+    fn quoted_constants_share_a_statement_only_under_the_same_parse_settings() {
+        let none = BTreeMap::new();
+        let mut berlin = BTreeMap::new();
+        berlin.insert("timezone".to_string(), "'Europe/Berlin'".to_string());
+        let text = "select timestamptz '2024-06-01 00:00'";
+        assert_eq!(
+            backend_statement_name(text, &[], &berlin),
+            backend_statement_name(text, &[], &berlin)
+        );
+        assert_ne!(
+            backend_statement_name(text, &[], &none),
+            backend_statement_name(text, &[], &berlin)
+        );
+        // Without a quoted constant the settings do not matter.
+        assert_eq!(
+            backend_statement_name("select $1::timestamptz", &[], &none),
+            backend_statement_name("select $1::timestamptz", &[], &berlin)
+        );
+        // 'now' is fixed when parsed: never shared.
+        let now = "insert into log (at) values ('now')";
+        assert_ne!(
+            backend_statement_name(now, &[], &none),
+            backend_statement_name(now, &[], &none)
         );
     }
 }

@@ -994,6 +994,11 @@ async fn repeated_simple_queries_run_prepared_with_the_same_results_and_errors()
             rows("SELECT user_id, name FROM users WHERE user_id = 42 ORDER BY 2 LIMIT 1").await,
             vec![vec!["42", "ada"]]
         );
+        // A quoted constant is valued when parsed ('today', time zones).
+        assert_eq!(
+            rows("SELECT name FROM users WHERE user_id = 42 AND name <> 'x'").await,
+            vec![vec!["ada"]]
+        );
     }
     assert_eq!(metrics.kept_prepared_runs.load(Ordering::Relaxed), before);
 

@@ -42,9 +42,12 @@ impl Analysis {
 /// A one-statement query whose literals can be sent as parameters instead:
 /// every literal is an integer right after a comparison (`k = 42`,
 /// `n >= 7`), where a parameter of the literal's own type (int4, or int8 if
-/// it does not fit) means exactly what the literal means. Literals anywhere
-/// else (`LIMIT 5`, `ORDER BY 1`, `VALUES (1)`, `numeric(10,2)`, `-5`) make
-/// the statement ineligible, as does anything but SELECT/INSERT/UPDATE/DELETE.
+/// it does not fit) means exactly what the literal means. Ineligible:
+/// literals anywhere else (`LIMIT 5`, `ORDER BY 1`, `VALUES (1)`,
+/// `numeric(10,2)`, `-5`, `0x1F`); any quoted constant (valued when parsed:
+/// `DATE 'today'`, time zones); clauses that match expressions by their
+/// text or prove predicates (GROUP BY, HAVING, DISTINCT, WINDOW, PARTITION
+/// BY, ON CONFLICT); SELECT ... INTO; anything but SELECT/INSERT/UPDATE/DELETE.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Parameterized {
     /// The shape with literal markers renumbered `$1..$n`.
@@ -52,17 +55,40 @@ pub struct Parameterized {
     pub params: usize,
 }
 
+/// Most parameters a parameterized statement may have.
+const MAX_PARAMETERS: usize = 1000;
+
+/// Whether `word` occurs in `text` as a whole word.
+fn has_word(text: &str, word: &str) -> bool {
+    let is_ident = |b: u8| b == b'_' || b == b'$' || b.is_ascii_alphanumeric() || b >= 0x80;
+    let bytes = text.as_bytes();
+    text.match_indices(word).any(|(at, _)| {
+        let before = at.checked_sub(1).and_then(|i| bytes.get(i));
+        let after = bytes.get(at + word.len());
+        !before.is_some_and(|&b| is_ident(b)) && !after.is_some_and(|&b| is_ident(b))
+    })
+}
+
 fn parameterize(shape: &str, markers: &[usize]) -> Option<Parameterized> {
     let statement = shape.trim_end().trim_end_matches(';').trim_end();
-    if statement.contains(';') {
+    if statement.contains(';') || statement.contains('\'') || markers.len() > MAX_PARAMETERS {
         return None;
     }
     let lowered = statement.to_ascii_lowercase();
-    match lowered.split(' ').next()? {
-        // SELECT ... INTO creates a table: not a plain query.
-        "select" if !lowered.contains(" into ") => {}
+    let first = lowered.split(|c: char| !c.is_ascii_alphabetic()).next()?;
+    match first {
+        "select" if !has_word(&lowered, "into") => {}
         "insert" | "update" | "delete" => {}
         _ => return None,
+    }
+    let by_text = ["group", "having", "distinct", "window", "partition", "conflict"];
+    if by_text.iter().any(|word| has_word(&lowered, word)) {
+        return None;
+    }
+    let bytes = statement.as_bytes();
+    // Every `$` must be a literal marker (no dollar quotes, no `$n`).
+    if bytes.iter().filter(|&&b| b == b'$').count() != markers.len() {
+        return None;
     }
     let mut text = String::with_capacity(statement.len());
     let mut copied = 0;
@@ -70,9 +96,12 @@ fn parameterize(shape: &str, markers: &[usize]) -> Option<Parameterized> {
         let digits = statement.get(at + 1..)?;
         let len = digits.bytes().take_while(u8::is_ascii_digit).count();
         let number: usize = digits[..len].parse().ok()?;
-        if statement.as_bytes().get(at) != Some(&b'$')
-            || number != lexer::LITERAL_MARKER_BASE + index
-        {
+        if bytes.get(at) != Some(&b'$') || number != lexer::LITERAL_MARKER_BASE + index {
+            return None;
+        }
+        // `0x1F` lexes as 0 followed by a word: not an integer literal.
+        let after = bytes.get(at + 1 + len).copied();
+        if after.is_some_and(|b| b == b'_' || b == b'.' || b.is_ascii_alphanumeric() || b >= 0x80) {
             return None;
         }
         let before = statement[..at].trim_end().as_bytes();
@@ -226,12 +255,38 @@ mod tests {
         assert_eq!(text("SELECT $1 FROM t WHERE k = 1"), None, "a real parameter");
         assert_eq!(
             text("SELECT * FROM t WHERE k = 1 AND s LIKE '=$100001'"),
-            Some(("SELECT * FROM t WHERE k = $1 AND s LIKE '=$100001'".into(), 1)),
-            "marker-like text in a string is not a marker"
+            None,
+            "marker-like text in a string is not a marker (and strings stay)"
         );
         assert_eq!(
-            text("SELECT * FROM t WHERE d = DATE '2024-01-01'"),
-            Some(("SELECT * FROM t WHERE d = DATE '2024-01-01'".into(), 0))
+            text("SELECT * FROM t WHERE k = 1 AND d = DATE 'today'"),
+            None,
+            "a quoted constant is valued when parsed"
+        );
+        assert_eq!(text("SELECT*INTO t2 FROM t WHERE k = 1"), None);
+        assert_eq!(
+            text("SELECT s > 100, count(*) FROM t WHERE k = 3 GROUP BY s > 100"),
+            None,
+            "GROUP BY matches expressions by their text"
+        );
+        assert_eq!(
+            text("INSERT INTO t SELECT * FROM u WHERE k = 1 ON CONFLICT (k) WHERE f = 1 DO NOTHING"),
+            None
+        );
+        assert_eq!(text("SELECT * FROM t WHERE k = 0x1F"), None);
+        // A dollar-quoted string is a literal like any string: its marker
+        // qualifies, but a string never gets an integer type (see below).
+        let dollar = analyzer.analyze("SELECT * FROM t WHERE k = $q$x$q$");
+        assert!(matches!(dollar.literals.as_slice(), [Literal::String(_)]));
+        assert_eq!(integer_literal_type(&dollar.literals[0]), None);
+        assert_eq!(
+            text("SELECT * FROM t WHERE k = 7"),
+            Some(("SELECT * FROM t WHERE k = $1".into(), 1))
+        );
+        assert_eq!(
+            text("SELECT * FROM t WHERE grouped = 7"),
+            Some(("SELECT * FROM t WHERE grouped = $1".into(), 1)),
+            "whole words only"
         );
     }
 
