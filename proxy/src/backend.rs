@@ -4,7 +4,7 @@
 //! which statements are prepared on it, which settings it carries, and the
 //! transaction status of its last ReadyForQuery.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
+use rustc_hash::FxHashSet;
 use shardmap::Endpoint;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -55,7 +56,7 @@ pub struct Backend {
     /// ParameterStatus values the server reported at startup.
     pub parameters: Vec<(String, String)>,
     /// Names of the statements prepared on this connection.
-    pub prepared: HashSet<Arc<str>>,
+    pub prepared: FxHashSet<Arc<str>>,
     /// Session settings applied with SET (name → value text).
     pub settings: BTreeMap<String, String>,
     /// Transaction status of the last ReadyForQuery: `I`, `T` or `E`.
@@ -126,7 +127,7 @@ impl Backend {
             process_id: 0,
             secret_key: 0,
             parameters: Vec::new(),
-            prepared: HashSet::new(),
+            prepared: FxHashSet::default(),
             settings: BTreeMap::new(),
             status: b'I',
             broken: false,

@@ -19,7 +19,7 @@
 //! some messages itself (synthetic replies) while keeping the client's reply
 //! order exactly as Postgres would produce it.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,7 +30,7 @@ use shardmap::PartitionState;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, warn};
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::analyze::lexer::LITERAL_MARKER_BASE;
 use crate::analyze::{Analyzed, Command, DataStatement, Literal};
@@ -147,6 +147,8 @@ impl Prepared {
         }
     }
 }
+
+const INT4_OID: u32 = 23;
 
 /// The settings Postgres reads while parsing a quoted constant
 /// (`TIMESTAMPTZ '2024-06-01 00:00'`, `DATE '01/02/2024'`, `'a\\b'`).
@@ -1004,7 +1006,10 @@ impl Session {
                     .await;
                 match route {
                     Ok(route) => match self.kept_simple(&frame, analyzed, data, &route) {
-                        Some(kept) => self.forward_kept_simple(frame, route, data.read_only, kept).await,
+                        Some(kept) => {
+                            self.forward_kept_simple(frame, route, data.read_only, kept)
+                                .await
+                        }
                         None => self.forward_simple(frame, route, data.read_only).await,
                     },
                     Err(e) => self.refuse(&e).await,
@@ -1034,7 +1039,7 @@ impl Session {
             || data.unparsed.is_some()
             // The shape has no comments: keep planner hints (pg_hint_plan's
             // `/*+ ... */`) by sending such queries as they are.
-            || memchr::memmem::find(&frame.raw, b"/*").is_some()
+            || memchr::memchr_iter(b'/', &frame.raw).any(|at| frame.raw.get(at + 1) == Some(&b'*'))
         {
             return None;
         }
@@ -1046,7 +1051,15 @@ impl Session {
         for literal in analyzed.literals.iter() {
             types.push(crate::analyze::integer_literal_type(literal)?);
         }
-        let name = backend_statement_name(&parameterized.text, &types, &self.settings);
+        // The text has no quoted constant: its name does not depend on settings.
+        let name = if types.iter().all(|&t| t == INT4_OID) {
+            parameterized
+                .int4_name
+                .get_or_init(|| backend_statement_name(&parameterized.text, &types, &self.settings))
+                .clone()
+        } else {
+            backend_statement_name(&parameterized.text, &types, &self.settings)
+        };
         self.statements.count_unnamed_parse(&name);
         if self.statements.unnamed_parse_count(&name) < after {
             return None;
@@ -1071,7 +1084,7 @@ impl Session {
     ) -> Result<(), SessionError> {
         let max_kept = self.shared.config.pool.max_prepared_unnamed;
         let shared = self.shared.clone();
-        let mut build = |session: &mut Session, plan: &mut Plan, set: &mut HashSet<Arc<str>>| {
+        let mut build = |session: &mut Session, plan: &mut Plan, set: &mut FxHashSet<Arc<str>>| {
             let fits = set.contains(&kept.name) || set.len() < max_kept;
             if !session.keep_unnamed || !fits {
                 plan.send(&frame.raw, End::Query);
@@ -1381,7 +1394,7 @@ impl Session {
         }
         let mut outcome = Outcome::default();
         let mut build =
-            |session: &mut Session, plan: &mut Plan, prepared: &mut HashSet<Arc<str>>| {
+            |session: &mut Session, plan: &mut Plan, prepared: &mut FxHashSet<Arc<str>>| {
                 session.build_extended(&items, &portals, plan, Some(prepared));
             };
         self.changes_session_state = changes_session_state;
@@ -1620,7 +1633,7 @@ impl Session {
         items: &[Item],
         portals: &Portals,
         plan: &mut Plan,
-        mut prepared: Option<&mut HashSet<Arc<str>>>,
+        mut prepared: Option<&mut FxHashSet<Arc<str>>>,
     ) {
         let mut unnamed_parsed = false;
         // Whether the unnamed statement runs kept prepared on this backend
@@ -1794,7 +1807,7 @@ impl Session {
         query: &Bytes,
         outcome: &mut Outcome,
     ) -> Result<bool, SessionError> {
-        let mut build = |_: &mut Session, plan: &mut Plan, _: &mut HashSet<Arc<str>>| {
+        let mut build = |_: &mut Session, plan: &mut Plan, _: &mut FxHashSet<Arc<str>>| {
             plan.send(query, End::Query);
         };
         let flags = DispatchFlags {
@@ -2135,7 +2148,8 @@ impl Session {
                                 outcome.stale = Some(name.clone());
                                 self.client.out.truncate(out_mark);
                                 backend.consume(len);
-                                expects.retain(|e| matches!(e, Expect::Reply { end: End::Sync, .. }));
+                                expects
+                                    .retain(|e| matches!(e, Expect::Reply { end: End::Sync, .. }));
                                 for expect in expects.iter_mut() {
                                     if let Expect::Reply { forward, .. } = expect {
                                         *forward = false;
@@ -2346,7 +2360,7 @@ fn parse_proxy_setting(setting: &str, value: &str) -> Result<ProxySetting, Route
 }
 
 /// Writes a request into the plan, given the backend's prepared statements.
-type BuildRequest<'a> = dyn FnMut(&mut Session, &mut Plan, &mut HashSet<Arc<str>>) + Send + 'a;
+type BuildRequest<'a> = dyn FnMut(&mut Session, &mut Plan, &mut FxHashSet<Arc<str>>) + Send + 'a;
 
 /// How a request is dispatched.
 #[derive(Debug, Clone, Copy)]
@@ -2379,7 +2393,7 @@ fn emit_leading_synthetic(expects: &mut VecDeque<Expect>, out: &mut BytesMut) {
 
 /// Adds a Parse of `statement` under its backend name if the backend lacks
 /// it; its ParseComplete is dropped (the client did not ask for it).
-fn ensure_prepared(plan: &mut Plan, prepared: &mut HashSet<Arc<str>>, statement: &Prepared) {
+fn ensure_prepared(plan: &mut Plan, prepared: &mut FxHashSet<Arc<str>>, statement: &Prepared) {
     if !prepared.contains(&statement.backend_name) {
         prepare_on_backend(plan, prepared, statement, false);
     }
@@ -2390,7 +2404,7 @@ fn ensure_prepared(plan: &mut Plan, prepared: &mut HashSet<Arc<str>>, statement:
 /// the ParseComplete.
 fn prepare_on_backend(
     plan: &mut Plan,
-    prepared: &mut HashSet<Arc<str>>,
+    prepared: &mut FxHashSet<Arc<str>>,
     statement: &Prepared,
     forward: bool,
 ) {

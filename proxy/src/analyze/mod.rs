@@ -53,6 +53,9 @@ pub struct Parameterized {
     /// The shape with literal markers renumbered `$1..$n`.
     pub text: String,
     pub params: usize,
+    /// Its name on the servers when every parameter is an int4 (the usual
+    /// case), worked out once.
+    pub int4_name: OnceLock<Arc<str>>,
 }
 
 /// Most parameters a parameterized statement may have.
@@ -81,7 +84,14 @@ fn parameterize(shape: &str, markers: &[usize]) -> Option<Parameterized> {
         "insert" | "update" | "delete" => {}
         _ => return None,
     }
-    let by_text = ["group", "having", "distinct", "window", "partition", "conflict"];
+    let by_text = [
+        "group",
+        "having",
+        "distinct",
+        "window",
+        "partition",
+        "conflict",
+    ];
     if by_text.iter().any(|word| has_word(&lowered, word)) {
         return None;
     }
@@ -105,7 +115,10 @@ fn parameterize(shape: &str, markers: &[usize]) -> Option<Parameterized> {
             return None;
         }
         let before = statement[..at].trim_end().as_bytes();
-        if !before.last().is_some_and(|b| matches!(b, b'=' | b'<' | b'>')) {
+        if !before
+            .last()
+            .is_some_and(|b| matches!(b, b'=' | b'<' | b'>'))
+        {
             return None;
         }
         text.push_str(&statement[copied..at]);
@@ -117,6 +130,7 @@ fn parameterize(shape: &str, markers: &[usize]) -> Option<Parameterized> {
     Some(Parameterized {
         text,
         params: markers.len(),
+        int4_name: OnceLock::new(),
     })
 }
 
@@ -132,7 +146,11 @@ pub fn integer_literal_type(literal: &Literal) -> Option<u32> {
         return None;
     }
     let value: i64 = text.parse().ok()?;
-    Some(if value <= i64::from(i32::MAX) { INT4 } else { INT8 })
+    Some(if value <= i64::from(i32::MAX) {
+        INT4
+    } else {
+        INT8
+    })
 }
 
 /// A query's analysis together with its own literal values.
@@ -235,7 +253,10 @@ mod tests {
         };
         assert_eq!(
             text("SELECT abalance FROM pgbench_accounts WHERE aid = 41234;"),
-            Some(("SELECT abalance FROM pgbench_accounts WHERE aid = $1".into(), 1))
+            Some((
+                "SELECT abalance FROM pgbench_accounts WHERE aid = $1".into(),
+                1
+            ))
         );
         assert_eq!(
             text("update t set v = 5 where k >= 7 and j <> 8"),
@@ -252,7 +273,11 @@ mod tests {
         assert_eq!(text("SELECT 1 INTO t2 FROM t WHERE k = 1"), None);
         assert_eq!(text("EXPLAIN SELECT * FROM t WHERE k = 1"), None);
         assert_eq!(text("SELECT * FROM t WHERE k = 1; SELECT 2"), None);
-        assert_eq!(text("SELECT $1 FROM t WHERE k = 1"), None, "a real parameter");
+        assert_eq!(
+            text("SELECT $1 FROM t WHERE k = 1"),
+            None,
+            "a real parameter"
+        );
         assert_eq!(
             text("SELECT * FROM t WHERE k = 1 AND s LIKE '=$100001'"),
             None,
@@ -270,7 +295,9 @@ mod tests {
             "GROUP BY matches expressions by their text"
         );
         assert_eq!(
-            text("INSERT INTO t SELECT * FROM u WHERE k = 1 ON CONFLICT (k) WHERE f = 1 DO NOTHING"),
+            text(
+                "INSERT INTO t SELECT * FROM u WHERE k = 1 ON CONFLICT (k) WHERE f = 1 DO NOTHING"
+            ),
             None
         );
         assert_eq!(text("SELECT * FROM t WHERE k = 0x1F"), None);
