@@ -163,7 +163,7 @@ fn default_prepare_unnamed_after() -> u32 {
     5
 }
 fn default_max_prepared_unnamed() -> usize {
-    200
+    100
 }
 
 impl Default for PoolSettings {

@@ -1014,3 +1014,44 @@ async fn repeated_simple_queries_run_prepared_with_the_same_results_and_errors()
     assert_eq!(rows(select).await, vec![vec!["42", "ada", "n"]]);
     assert_eq!(metrics.stale_plan_retries.load(Ordering::Relaxed), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_server_connection_keeps_no_more_statements() {
+    use std::sync::atomic::Ordering;
+    let cluster = TestCluster::start(3);
+    let (_store, _map) = setup(&cluster).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |c| {
+        c.pool.size = 1;
+        c.pool.max_prepared_unnamed = 1;
+    })
+    .await;
+    let metrics = &proxy.shared.metrics;
+    let client = proxy.connect().await;
+    client
+        .batch_execute("INSERT INTO users (user_id, name) VALUES (7, 'grace')")
+        .await
+        .expect("insert");
+    let after = proxy.shared.config.pool.prepare_simple_after as u64;
+    let count = |sql: &'static str| {
+        let client = &client;
+        async move {
+            let messages = client.simple_query(sql).await.expect("query");
+            messages
+                .iter()
+                .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+                .count()
+        }
+    };
+    for _ in 0..after + 1 {
+        assert_eq!(count("SELECT name FROM users WHERE user_id = 7").await, 1);
+    }
+    assert_eq!(metrics.kept_prepared_runs.load(Ordering::Relaxed), 2);
+    for _ in 0..after + 1 {
+        assert_eq!(count("SELECT user_id FROM users WHERE user_id = 7").await, 1);
+    }
+    assert_eq!(
+        metrics.kept_prepared_runs.load(Ordering::Relaxed),
+        2,
+        "the connection already keeps one statement: the second runs as sent"
+    );
+}
