@@ -126,7 +126,7 @@ pub struct PoolSettings {
     pub idle_timeout_s: u64,
     #[serde(default = "default_lifetime_s")]
     pub max_lifetime_s: u64,
-    /// An unnamed statement that a client has parsed this many times is kept
+    /// An unnamed statement that clients have parsed this many times is kept
     /// prepared on the server connection (like JDBC's `prepareThreshold`):
     /// Postgres then skips parse and analysis, and after five executions may
     /// use a generic plan, as for any named statement. 0 turns it off.
@@ -134,7 +134,7 @@ pub struct PoolSettings {
     pub prepare_unnamed_after: u32,
     /// A simple Query the proxy can parameterize exactly (one SELECT, INSERT,
     /// UPDATE or DELETE whose literals are all integers right after a
-    /// comparison, outside a transaction), sent this many times by a client,
+    /// comparison, outside a transaction), sent this many times by clients,
     /// runs the same way: kept prepared, the integers sent as parameters of
     /// their own type. 0 turns it off.
     #[serde(default = "default_prepare_unnamed_after")]

@@ -35,6 +35,8 @@ pub struct Shared {
     pub config: ProxyConfig,
     pub users: Users,
     pub analyzer: Analyzer,
+    /// Uses of statements that could be kept prepared on the servers.
+    pub statement_uses: crate::session::StatementUses,
     /// The map, as the watch cache last applied it.
     pub map: watch::Receiver<Snapshot>,
     pub pools: Pools,
@@ -82,6 +84,7 @@ impl Shared {
             config,
             users,
             analyzer: Analyzer::new(10_000),
+            statement_uses: Default::default(),
             map,
             pools,
             cancels,

@@ -303,14 +303,40 @@ struct Outcome {
 struct Statements {
     unnamed: Option<Arc<Prepared>>,
     named: FxHashMap<String, Arc<Prepared>>,
-    /// How often each unnamed statement text was parsed (by backend name):
-    /// a repeated one is worth keeping prepared on the servers.
-    unnamed_parses: FxHashMap<Arc<str>, u32>,
 }
 
-/// Bound on `Statements::unnamed_parses`: a client that never repeats a
-/// statement must not grow it forever (it starts over when full).
-const UNNAMED_PARSES_TRACKED: usize = 256;
+/// How often clients of this serving thread sent each statement that could
+/// be kept prepared (by backend name): a repeated one is worth keeping.
+/// Counted across clients, so clients that connect for one query each
+/// benefit too. Bounded: when full it starts over.
+#[derive(Default)]
+pub struct StatementUses {
+    counts: std::sync::Mutex<FxHashMap<Arc<str>, u32>>,
+}
+
+/// Bound on `StatementUses`.
+const STATEMENT_USES_TRACKED: usize = 4096;
+
+impl StatementUses {
+    /// Counts one more use of `name`; returns how many there were.
+    pub fn count(&self, name: &Arc<str>) -> u32 {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(name) {
+            *count = count.saturating_add(1);
+            return *count;
+        }
+        if counts.len() >= STATEMENT_USES_TRACKED {
+            counts.clear();
+        }
+        counts.insert(name.clone(), 1);
+        1
+    }
+
+    pub fn get(&self, name: &str) -> u32 {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.get(name).copied().unwrap_or(0)
+    }
+}
 
 impl Statements {
     fn get(&self, name: &str) -> Option<&Arc<Prepared>> {
@@ -340,22 +366,6 @@ impl Statements {
     fn clear(&mut self) {
         self.unnamed = None;
         self.named.clear();
-    }
-
-    /// Counts one more Parse of the unnamed statement `backend_name`.
-    fn count_unnamed_parse(&mut self, backend_name: &Arc<str>) {
-        if let Some(count) = self.unnamed_parses.get_mut(backend_name) {
-            *count = count.saturating_add(1);
-            return;
-        }
-        if self.unnamed_parses.len() >= UNNAMED_PARSES_TRACKED {
-            self.unnamed_parses.clear();
-        }
-        self.unnamed_parses.insert(backend_name.clone(), 1);
-    }
-
-    fn unnamed_parse_count(&self, backend_name: &str) -> u32 {
-        self.unnamed_parses.get(backend_name).copied().unwrap_or(0)
     }
 }
 
@@ -1060,8 +1070,7 @@ impl Session {
         } else {
             backend_statement_name(&parameterized.text, &types, &self.settings)
         };
-        self.statements.count_unnamed_parse(&name);
-        if self.statements.unnamed_parse_count(&name) < after {
+        if self.shared.statement_uses.count(&name) < after {
             return None;
         }
         Some(KeptSimple {
@@ -1300,7 +1309,7 @@ impl Session {
                     {
                         if counting && parse.name.is_empty() {
                             let name = existing.backend_name.clone();
-                            self.statements.count_unnamed_parse(&name);
+                            self.shared.statement_uses.count(&name);
                         }
                         continue;
                     }
@@ -1317,7 +1326,7 @@ impl Session {
                     analyzed,
                 });
                 if counting && parse.name.is_empty() {
-                    self.statements.count_unnamed_parse(&prepared.backend_name);
+                    self.shared.statement_uses.count(&prepared.backend_name);
                 }
                 self.statements.insert(parse.name.clone(), prepared);
             }
@@ -1451,7 +1460,7 @@ impl Session {
             && matches!(statement.command(), Some(Command::Data(_)))
             // Quoted constants are valued when parsed ('now', time zones).
             && !has_quoted_constant(&statement.query)
-            && self.statements.unnamed_parse_count(&statement.backend_name)
+            && self.shared.statement_uses.get(&statement.backend_name)
                 >= pool.prepare_unnamed_after
     }
 

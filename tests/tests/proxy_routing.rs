@@ -968,7 +968,10 @@ async fn repeated_simple_queries_run_prepared_with_the_same_results_and_errors()
             .await
             .expect("update");
         assert!(
-            matches!(messages.as_slice(), [SimpleQueryMessage::CommandComplete(1)]),
+            matches!(
+                messages.as_slice(),
+                [SimpleQueryMessage::CommandComplete(1)]
+            ),
             "an UPDATE replies with its tag only: {messages:?}"
         );
     }
@@ -1047,11 +1050,43 @@ async fn a_full_server_connection_keeps_no_more_statements() {
     }
     assert_eq!(metrics.kept_prepared_runs.load(Ordering::Relaxed), 2);
     for _ in 0..after + 1 {
-        assert_eq!(count("SELECT user_id FROM users WHERE user_id = 7").await, 1);
+        assert_eq!(
+            count("SELECT user_id FROM users WHERE user_id = 7").await,
+            1
+        );
     }
     assert_eq!(
         metrics.kept_prepared_runs.load(Ordering::Relaxed),
         2,
         "the connection already keeps one statement: the second runs as sent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_query_connections_count_together() {
+    use std::sync::atomic::Ordering;
+    let cluster = TestCluster::start(3);
+    let (_store, _map) = setup(&cluster).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
+    let after = proxy.shared.config.pool.prepare_simple_after as u64;
+    for _ in 0..after + 1 {
+        // A client that connects, runs one query and leaves.
+        let client = proxy.connect().await;
+        let messages = client
+            .simple_query("SELECT name FROM users WHERE user_id = 9")
+            .await
+            .expect("query");
+        assert!(messages
+            .iter()
+            .all(|m| !matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))));
+    }
+    assert_eq!(
+        proxy
+            .shared
+            .metrics
+            .kept_prepared_runs
+            .load(Ordering::Relaxed),
+        2,
+        "the {after}th and later uses run kept, whichever client sends them"
     );
 }
