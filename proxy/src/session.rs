@@ -137,6 +137,10 @@ pub struct Prepared {
     /// with the same parameter types.
     pub backend_name: Arc<str>,
     pub analyzed: Analyzed,
+    /// As the unnamed statement, it may be kept prepared on the servers: it
+    /// reads or writes tables, and has no quoted constant (those are valued
+    /// when parsed: 'now', time zones).
+    pub keepable: bool,
 }
 
 impl Prepared {
@@ -305,6 +309,37 @@ struct Statements {
     named: FxHashMap<String, Arc<Prepared>>,
 }
 
+impl Statements {
+    fn get(&self, name: &str) -> Option<&Arc<Prepared>> {
+        if name.is_empty() {
+            self.unnamed.as_ref()
+        } else {
+            self.named.get(name)
+        }
+    }
+
+    fn insert(&mut self, name: String, statement: Arc<Prepared>) {
+        if name.is_empty() {
+            self.unnamed = Some(statement);
+        } else {
+            self.named.insert(name, statement);
+        }
+    }
+
+    fn remove(&mut self, name: &str) -> Option<Arc<Prepared>> {
+        if name.is_empty() {
+            self.unnamed.take()
+        } else {
+            self.named.remove(name)
+        }
+    }
+
+    fn clear(&mut self) {
+        self.unnamed = None;
+        self.named.clear();
+    }
+}
+
 /// How often clients of this serving thread sent each statement that could
 /// be kept prepared (by backend name): a repeated one is worth keeping.
 /// Counted across clients, so clients that connect for one query each
@@ -338,37 +373,6 @@ impl StatementUses {
     }
 }
 
-impl Statements {
-    fn get(&self, name: &str) -> Option<&Arc<Prepared>> {
-        if name.is_empty() {
-            self.unnamed.as_ref()
-        } else {
-            self.named.get(name)
-        }
-    }
-
-    fn insert(&mut self, name: String, statement: Arc<Prepared>) {
-        if name.is_empty() {
-            self.unnamed = Some(statement);
-        } else {
-            self.named.insert(name, statement);
-        }
-    }
-
-    fn remove(&mut self, name: &str) -> Option<Arc<Prepared>> {
-        if name.is_empty() {
-            self.unnamed.take()
-        } else {
-            self.named.remove(name)
-        }
-    }
-
-    fn clear(&mut self) {
-        self.unnamed = None;
-        self.named.clear();
-    }
-}
-
 /// A request ready to send: bytes for the backend and the replies expected.
 #[derive(Default)]
 struct Plan {
@@ -379,12 +383,7 @@ struct Plan {
 impl Plan {
     fn send(&mut self, bytes: &[u8], end: End) {
         self.out.extend_from_slice(bytes);
-        self.expects.push_back(Expect::Reply {
-            end,
-            forward: true,
-            unprepare: None,
-            stale_retry: None,
-        });
+        self.expect(end, None);
     }
 
     fn inject(&mut self, bytes: &[u8], end: End) {
@@ -394,6 +393,17 @@ impl Plan {
             forward: false,
             unprepare: None,
             stale_retry: None,
+        });
+    }
+
+    /// Expects the forwarded replies of a message already in `out`, up to
+    /// `end`; `stale_retry` as in `Expect::Reply`.
+    fn expect(&mut self, end: End, stale_retry: Option<Arc<str>>) {
+        self.expects.push_back(Expect::Reply {
+            end,
+            forward: true,
+            unprepare: None,
+            stale_retry,
         });
     }
 
@@ -1041,9 +1051,7 @@ impl Session {
     ) -> Option<KeptSimple> {
         let after = self.shared.config.pool.prepare_simple_after;
         if after == 0
-            || self.tx != Tx::Idle
-            || self.lease.is_some()
-            || self.unsynced
+            || !self.in_implicit_transaction()
             || route.server().is_none()
             || data.copy.is_some()
             || data.unparsed.is_some()
@@ -1094,51 +1102,30 @@ impl Session {
         let max_kept = self.shared.config.pool.max_prepared_unnamed;
         let shared = self.shared.clone();
         let mut build = |session: &mut Session, plan: &mut Plan, set: &mut FxHashSet<Arc<str>>| {
-            let fits = set.contains(&kept.name) || set.len() < max_kept;
-            if !session.keep_unnamed || !fits {
+            if !session.keep_unnamed || !can_keep(set, &kept.name, max_kept) {
                 plan.send(&frame.raw, End::Query);
                 return;
             }
             Metrics::add(&shared.metrics.kept_prepared_runs, 1);
             if !set.contains(&kept.name) {
-                let mut out = BytesMut::new();
-                messages::parse(&kept.name, &kept.parameterized.text, &kept.types, &mut out);
-                plan.out.extend_from_slice(&out);
-                plan.expects.push_back(Expect::Reply {
-                    end: End::ParseForQuery,
-                    forward: true,
-                    unprepare: Some(kept.name.clone()),
-                    stale_retry: None,
-                });
-                set.insert(kept.name.clone());
+                let text = &kept.parameterized.text;
+                prepare_on_backend(
+                    plan,
+                    set,
+                    &kept.name,
+                    text,
+                    &kept.types,
+                    End::ParseForQuery,
+                    true,
+                );
             }
             let values: Vec<&str> = kept.literals.iter().map(Literal::text).collect();
             messages::bind_text(&kept.name, &values, &mut plan.out);
-            plan.expects.push_back(Expect::Reply {
-                end: End::BindForQuery,
-                forward: true,
-                unprepare: None,
-                stale_retry: Some(kept.name.clone()),
-            });
+            plan.expect(End::BindForQuery, Some(kept.name.clone()));
             messages::describe_execute_sync(&mut plan.out);
-            plan.expects.push_back(Expect::Reply {
-                end: End::DescribeForQuery,
-                forward: true,
-                unprepare: None,
-                stale_retry: None,
-            });
-            plan.expects.push_back(Expect::Reply {
-                end: End::Execute,
-                forward: true,
-                unprepare: None,
-                stale_retry: None,
-            });
-            plan.expects.push_back(Expect::Reply {
-                end: End::Sync,
-                forward: true,
-                unprepare: None,
-                stale_retry: None,
-            });
+            plan.expect(End::DescribeForQuery, None);
+            plan.expect(End::Execute, None);
+            plan.expect(End::Sync, None);
         };
         let flags = DispatchFlags {
             binds_tx: true,
@@ -1302,33 +1289,37 @@ impl Session {
         // Register this request's statements first: its Binds may use them.
         let counting = self.shared.config.pool.prepare_unnamed_after > 0;
         for item in &items {
-            if let Item::Parse(_, parse) = item {
-                if let Some(existing) = self.statements.get(&parse.name) {
-                    // Drivers re-parse the same unnamed statement all the time.
-                    if parse.same_text(&existing.query) && existing.param_types == parse.param_types
-                    {
-                        if counting && parse.name.is_empty() {
-                            let name = existing.backend_name.clone();
-                            self.shared.statement_uses.count(&name);
-                        }
-                        continue;
-                    }
+            let Item::Parse(_, parse) = item else {
+                continue;
+            };
+            // Drivers re-parse the same unnamed statement all the time.
+            let reused = self.statements.get(&parse.name).filter(|existing| {
+                parse.same_text(&existing.query) && existing.param_types == parse.param_types
+            });
+            let statement = match reused {
+                Some(existing) => existing.clone(),
+                None => {
+                    let analyzed = self.shared.analyzer.analyze(parse.query());
+                    let keepable =
+                        matches!(analyzed.analysis.commands.as_slice(), [Command::Data(_)])
+                            && !has_quoted_constant(parse.query());
+                    let prepared = Arc::new(Prepared {
+                        backend_name: backend_statement_name(
+                            parse.query(),
+                            &parse.param_types,
+                            &self.settings,
+                        ),
+                        query: parse.query().to_string(),
+                        param_types: parse.param_types.clone(),
+                        analyzed,
+                        keepable,
+                    });
+                    self.statements.insert(parse.name.clone(), prepared.clone());
+                    prepared
                 }
-                let analyzed = self.shared.analyzer.analyze(parse.query());
-                let prepared = Arc::new(Prepared {
-                    backend_name: backend_statement_name(
-                        parse.query(),
-                        &parse.param_types,
-                        &self.settings,
-                    ),
-                    query: parse.query().to_string(),
-                    param_types: parse.param_types.clone(),
-                    analyzed,
-                });
-                if counting && parse.name.is_empty() {
-                    self.shared.statement_uses.count(&prepared.backend_name);
-                }
-                self.statements.insert(parse.name.clone(), prepared);
+            };
+            if counting && parse.name.is_empty() && statement.keepable {
+                self.shared.statement_uses.count(&statement.backend_name);
             }
         }
 
@@ -1423,6 +1414,13 @@ impl Session {
         Ok(())
     }
 
+    /// Whether the next request runs in an implicit transaction of its own:
+    /// no transaction open or held back, no backend kept from an unsynced
+    /// request. Only then can a request be sent a second time unseen.
+    fn in_implicit_transaction(&self) -> bool {
+        self.tx == Tx::Idle && self.lease.is_none() && !self.unsynced
+    }
+
     /// Whether this request's unnamed statement runs as a statement kept
     /// prepared on the server: the client parsed it often enough, and the
     /// request is one statement in an implicit transaction (Parse, Bind,
@@ -1430,12 +1428,7 @@ impl Session {
     /// stale the whole request can be sent again with nobody noticing.
     fn keeps_unnamed_prepared(&self, items: &[Item], synced: bool) -> bool {
         let pool = &self.shared.config.pool;
-        if pool.prepare_unnamed_after == 0
-            || !synced
-            || self.tx != Tx::Idle
-            || self.lease.is_some()
-            || self.unsynced
-        {
+        if pool.prepare_unnamed_after == 0 || !synced || !self.in_implicit_transaction() {
             return false;
         }
         let (mut binds, mut parses) = (0, 0);
@@ -1457,11 +1450,8 @@ impl Session {
         };
         binds == 1
             && parses <= 1
-            && matches!(statement.command(), Some(Command::Data(_)))
-            // Quoted constants are valued when parsed ('now', time zones).
-            && !has_quoted_constant(&statement.query)
-            && self.shared.statement_uses.get(&statement.backend_name)
-                >= pool.prepare_unnamed_after
+            && statement.keepable
+            && self.shared.statement_uses.get(&statement.backend_name) >= pool.prepare_unnamed_after
     }
 
     /// Decides, per Bind, whether the proxy answers it (transaction control
@@ -1649,10 +1639,11 @@ impl Session {
         // (under its backend name, like a named one).
         let keep = self.keep_unnamed
             && match (&prepared, &self.statements.unnamed) {
-                (Some(set), Some(statement)) => {
-                    set.contains(&statement.backend_name)
-                        || set.len() < self.shared.config.pool.max_prepared_unnamed
-                }
+                (Some(set), Some(statement)) => can_keep(
+                    set,
+                    &statement.backend_name,
+                    self.shared.config.pool.max_prepared_unnamed,
+                ),
                 _ => false,
             };
         if keep {
@@ -1673,7 +1664,7 @@ impl Session {
                                 plan.synthetic(simple_reply(b'1'));
                             } else {
                                 // The client's own Parse: its reply goes to the client.
-                                prepare_on_backend(plan, set, statement, true);
+                                prepare_statement(plan, set, statement, true);
                             }
                         }
                         _ => plan.synthetic(simple_reply(b'1')),
@@ -1691,15 +1682,11 @@ impl Session {
                             } else {
                                 ensure_prepared(plan, set, statement);
                                 bind.encode_with_statement(&statement.backend_name, &mut plan.out);
-                                plan.expects.push_back(Expect::Reply {
-                                    end: End::BindComplete,
-                                    forward: true,
-                                    unprepare: None,
-                                    stale_retry: bind
-                                        .statement
-                                        .is_empty()
-                                        .then(|| statement.backend_name.clone()),
-                                });
+                                let kept = bind.statement.is_empty();
+                                plan.expect(
+                                    End::BindComplete,
+                                    kept.then(|| statement.backend_name.clone()),
+                                );
                             }
                         }
                         _ => plan.synthetic(simple_reply(b'2')),
@@ -1726,16 +1713,12 @@ impl Session {
                                     name: statement.backend_name.to_string(),
                                 }
                                 .encode(b'D', &mut plan.out);
-                                plan.expects.push_back(Expect::Reply {
-                                    end: End::Describe,
-                                    forward: true,
-                                    unprepare: None,
-                                    // Postgres revalidates the plan here too.
-                                    stale_retry: target
-                                        .name
-                                        .is_empty()
-                                        .then(|| statement.backend_name.clone()),
-                                });
+                                // Postgres revalidates the plan here too.
+                                let kept = target.name.is_empty();
+                                plan.expect(
+                                    End::Describe,
+                                    kept.then(|| statement.backend_name.clone()),
+                                );
                             }
                         }
                         (_, Some(_)) => {
@@ -2404,34 +2387,55 @@ fn emit_leading_synthetic(expects: &mut VecDeque<Expect>, out: &mut BytesMut) {
 /// it; its ParseComplete is dropped (the client did not ask for it).
 fn ensure_prepared(plan: &mut Plan, prepared: &mut FxHashSet<Arc<str>>, statement: &Prepared) {
     if !prepared.contains(&statement.backend_name) {
-        prepare_on_backend(plan, prepared, statement, false);
+        prepare_statement(plan, prepared, statement, false);
     }
 }
 
-/// Sends a Parse of `statement` under its backend name and records it as
-/// prepared (undone if the Parse fails). `forward`: whether the client sees
-/// the ParseComplete.
-fn prepare_on_backend(
+/// `prepare_on_backend` for a client's statement, its ParseComplete ending
+/// the reply; `forward`: whether the client sees it.
+fn prepare_statement(
     plan: &mut Plan,
     prepared: &mut FxHashSet<Arc<str>>,
     statement: &Prepared,
     forward: bool,
 ) {
-    let mut out = BytesMut::new();
-    messages::parse(
+    prepare_on_backend(
+        plan,
+        prepared,
         &statement.backend_name,
         &statement.query,
         &statement.param_types,
-        &mut out,
-    );
-    plan.out.extend_from_slice(&out);
-    plan.expects.push_back(Expect::Reply {
-        end: End::ParseComplete,
+        End::ParseComplete,
         forward,
-        unprepare: Some(statement.backend_name.clone()),
+    );
+}
+
+/// Sends a Parse of `query` as statement `name` and records it as prepared
+/// (undone if the Parse fails). Its reply ends at `end`; `forward`: whether
+/// the client sees it.
+fn prepare_on_backend(
+    plan: &mut Plan,
+    prepared: &mut FxHashSet<Arc<str>>,
+    name: &Arc<str>,
+    query: &str,
+    param_types: &[u32],
+    end: End,
+    forward: bool,
+) {
+    messages::parse(name, query, param_types, &mut plan.out);
+    plan.expects.push_back(Expect::Reply {
+        end,
+        forward,
+        unprepare: Some(name.clone()),
         stale_retry: None,
     });
-    prepared.insert(statement.backend_name.clone());
+    prepared.insert(name.clone());
+}
+
+/// Whether a backend with statements `prepared` may keep statement `name`:
+/// it has it already, or it keeps fewer than `max`.
+fn can_keep(prepared: &FxHashSet<Arc<str>>, name: &str, max: usize) -> bool {
+    prepared.contains(name) || prepared.len() < max
 }
 
 /// The unnamed statement may have been parsed in an earlier request, maybe

@@ -15,27 +15,14 @@ pub use statement::{Command, DataStatement, KeyExpr};
 #[derive(Debug)]
 pub struct Analysis {
     pub commands: Vec<Command>,
-    /// The shape this analysis is cached under.
-    pub shape: String,
-    /// Where the shape's literal markers start, and whether it has real
-    /// parameters: what `parameterized` needs.
-    markers: Vec<usize>,
-    has_params: bool,
-    parameterized: OnceLock<Option<Arc<Parameterized>>>,
+    /// The statement with its literals as parameters, if that is exactly
+    /// equivalent (see `Parameterized`); worked out once per shape.
+    parameterized: Option<Arc<Parameterized>>,
 }
 
 impl Analysis {
-    /// The statement with its literals as parameters, if that is exactly
-    /// equivalent (see `Parameterized`); worked out once per shape.
     pub fn parameterized(&self) -> Option<&Arc<Parameterized>> {
-        self.parameterized
-            .get_or_init(|| {
-                if self.has_params {
-                    return None;
-                }
-                parameterize(&self.shape, &self.markers).map(Arc::new)
-            })
-            .as_ref()
+        self.parameterized.as_ref()
     }
 }
 
@@ -218,12 +205,15 @@ fn analyze_lexed(lexed: &Lexed) -> Analysis {
             )
         })
         .collect();
+    // A simple Query cannot give real parameters a value.
+    let parameterized = if lexed.has_params {
+        None
+    } else {
+        parameterize(&lexed.shape, &lexed.markers).map(Arc::new)
+    };
     Analysis {
         commands,
-        shape: lexed.shape.clone(),
-        markers: lexed.markers.clone(),
-        has_params: lexed.has_params,
-        parameterized: OnceLock::new(),
+        parameterized,
     }
 }
 
