@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use shardline_tests::moves::declare_users_group;
 use shardline_tests::{create_table, eventually, TestCluster, TestProxy};
 use shardmap::embedded::{IdGenerator, IdLayout};
 use shardmap::{
@@ -31,14 +32,7 @@ async fn setup(cluster: &TestCluster) -> (MapStore, ClusterMap) {
     let (store, _) = cluster.init_map(CLUSTER, PARTITIONS).await;
     let saved = store
         .update("test", |map| {
-            map.groups.insert(
-                "users".into(),
-                Group {
-                    name: "users".into(),
-                    key_type: KeyType::Bigint,
-                    method: Method::Hash,
-                },
-            );
+            declare_users_group(map, &[("users", "user_id")]);
             map.groups.insert(
                 "regions".into(),
                 Group {
@@ -86,7 +80,6 @@ async fn setup(cluster: &TestCluster) -> (MapStore, ClusterMap) {
                 },
             );
             for table in [
-                sharded("users", "users", "user_id", false),
                 sharded("photos", "users", "photo_id", true),
                 sharded("votes", "regions", "country", false),
                 sharded("accounts", "accounts", "account_id", false),
@@ -185,6 +178,34 @@ async fn servers_holding(cluster: &TestCluster, table: &str, predicate: &str) ->
 }
 
 /// A users key whose owner differs from `key`'s.
+/// The rows of a simple Query, as text (NULL as `NULL`).
+async fn text_rows(client: &tokio_postgres::Client, sql: &str) -> Vec<Vec<String>> {
+    let messages = client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).unwrap_or("NULL").to_string())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The first value of a simple Query's first row.
+async fn first_value(client: &tokio_postgres::Client, sql: &str) -> Option<String> {
+    text_rows(client, sql)
+        .await
+        .into_iter()
+        .next()
+        .and_then(|row| row.into_iter().next())
+}
+
 fn key_on_another_server(map: &ClusterMap, key: i64) -> i64 {
     (2..100)
         .find(|k| owner(map, "users", KeyValue::Int(*k)) != owner(map, "users", KeyValue::Int(key)))
@@ -696,14 +717,7 @@ async fn reads_go_to_a_replica_only_when_asked_and_writes_never_do() {
         )
         .await
         .expect("writes still go to the primary");
-    let shown = client
-        .simple_query("SHOW shardline.read_replica")
-        .await
-        .expect("show");
-    let value = shown.iter().find_map(|m| match m {
-        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
-        _ => None,
-    });
+    let value = first_value(&client, "SHOW shardline.read_replica").await;
     assert_eq!(value.as_deref(), Some("on"));
     // A read-write transaction stays on the primary, even for reads.
     client.batch_execute("BEGIN").await.expect("begin");
@@ -763,14 +777,7 @@ async fn settings_never_leak_between_clients_sharing_a_backend() {
     // One connection per server: both clients must share it.
     let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 1).await;
     let show = |client: tokio_postgres::Client| async move {
-        let messages = client
-            .simple_query("SHOW statement_timeout")
-            .await
-            .expect("show");
-        let value = messages.iter().find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
-            _ => None,
-        });
+        let value = first_value(&client, "SHOW statement_timeout").await;
         (client, value.expect("a value"))
     };
     let a = proxy.connect().await;
@@ -932,26 +939,7 @@ async fn repeated_simple_queries_run_prepared_with_the_same_results_and_errors()
         .await
         .expect("insert");
     // Rows as text, as a simple Query returns them, with the column count.
-    let rows = |sql: &'static str| {
-        let client = &client;
-        async move {
-            let messages = client
-                .simple_query(sql)
-                .await
-                .unwrap_or_else(|e| panic!("{sql}: {e}"));
-            messages
-                .iter()
-                .filter_map(|m| match m {
-                    SimpleQueryMessage::Row(row) => Some(
-                        (0..row.len())
-                            .map(|i| row.get(i).unwrap_or("NULL").to_string())
-                            .collect::<Vec<_>>(),
-                    ),
-                    _ => None,
-                })
-                .collect::<Vec<_>>()
-        }
-    };
+    let rows = |sql: &'static str| text_rows(&client, sql);
     let select = "SELECT * FROM users WHERE user_id = 42";
     let after = proxy.shared.config.pool.prepare_simple_after as u64;
     for _ in 0..after + 3 {
@@ -1037,13 +1025,7 @@ async fn a_full_server_connection_keeps_no_more_statements() {
     let after = proxy.shared.config.pool.prepare_simple_after as u64;
     let count = |sql: &'static str| {
         let client = &client;
-        async move {
-            let messages = client.simple_query(sql).await.expect("query");
-            messages
-                .iter()
-                .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
-                .count()
-        }
+        async move { text_rows(client, sql).await.len() }
     };
     for _ in 0..after + 1 {
         assert_eq!(count("SELECT name FROM users WHERE user_id = 7").await, 1);
@@ -1072,13 +1054,11 @@ async fn one_query_connections_count_together() {
     for _ in 0..after + 1 {
         // A client that connects, runs one query and leaves.
         let client = proxy.connect().await;
-        let messages = client
-            .simple_query("SELECT name FROM users WHERE user_id = 9")
-            .await
-            .expect("query");
-        assert!(messages
-            .iter()
-            .all(|m| !matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))));
+        assert!(
+            text_rows(&client, "SELECT name FROM users WHERE user_id = 9")
+                .await
+                .is_empty()
+        );
     }
     assert_eq!(
         proxy
