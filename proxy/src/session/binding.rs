@@ -1,0 +1,340 @@
+//! Binding a request to a backend: the server its route names (or the
+//! transaction's), a connection from that server's pool or a replica's,
+//! the cancel target, the session's settings and held-back BEGIN, then
+//! sending the request and retrying once a stale kept statement is dropped.
+
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use rustc_hash::FxHashSet;
+use tracing::{debug, warn};
+
+use crate::cancel::CancelTarget;
+use crate::metrics::Metrics;
+use crate::pool::{Lease, Pool};
+use crate::route::{Route, RouteError};
+use crate::wire::messages::{self, Target};
+
+use super::client::SessionError;
+use super::hold::not_serving;
+use super::plan::{End, Outcome, Plan};
+use super::relay::RelayError;
+use super::settings::{replayed_settings, settings_sync_sql, RESET_ALL};
+use super::tx::Tx;
+use super::Session;
+
+/// Writes a request into the plan, given the backend's prepared statements.
+pub(super) type BuildRequest<'a> =
+    dyn FnMut(&mut Session, &mut Plan, &mut FxHashSet<Arc<str>>) + Send + 'a;
+
+/// How a request is dispatched.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct DispatchFlags {
+    /// Runs inside a held-back transaction, and so opens it on the server.
+    pub(super) binds_tx: bool,
+    /// The request ends with Sync (not Flush): the backend can be released.
+    pub(super) synced: bool,
+    /// Only reads: may go to a read replica if the client asked for that.
+    pub(super) read_only: bool,
+}
+
+impl Session {
+    /// Sends a simple Query message as it came from the client.
+    pub(super) async fn dispatch_query(
+        &mut self,
+        route: Route,
+        binds_tx: bool,
+        read_only: bool,
+        query: &Bytes,
+        outcome: &mut Outcome,
+    ) -> Result<bool, SessionError> {
+        let mut build = |_: &mut Session, plan: &mut Plan, _: &mut FxHashSet<Arc<str>>| {
+            plan.send(query, End::Query);
+        };
+        let flags = DispatchFlags {
+            binds_tx,
+            synced: true,
+            read_only,
+        };
+        self.dispatch(route, flags, &mut build, outcome).await
+    }
+
+    /// Binds a backend for `route`, brings it in line with the session
+    /// (settings; the held-back BEGIN when `binds_tx`), sends the request
+    /// `build` produces and relays the replies. Returns false if no backend
+    /// could be used (an error went to the client instead). `synced` is false
+    /// for a request ending in Flush: the backend is then kept for the Sync.
+    pub(super) async fn dispatch(
+        &mut self,
+        route: Route,
+        flags: DispatchFlags,
+        build: &mut BuildRequest<'_>,
+        outcome: &mut Outcome,
+    ) -> Result<bool, SessionError> {
+        let DispatchFlags {
+            binds_tx,
+            synced,
+            read_only,
+        } = flags;
+        let held = self.lease.as_ref().map(|l| l.server().to_string());
+        let target = match (route.server(), &held) {
+            (Some(server), Some(held)) if server != held => {
+                let error = RouteError::new(
+                    "0A000",
+                    format!("this statement runs on server {server}, but the transaction is on server {held}"),
+                    "a transaction stays on one server: start a new transaction for the other key",
+                );
+                self.route_error(&error);
+                self.fail_transaction().await;
+                self.end_request(synced).await?;
+                return Ok(false);
+            }
+            (Some(server), _) => server.to_string(),
+            (None, Some(held)) => held.clone(),
+            (None, None) => match self.any_server() {
+                Some(server) => server,
+                None => {
+                    self.client
+                        .error("57P03", "the shard map has no servers", None);
+                    self.end_request(synced).await?;
+                    return Ok(false);
+                }
+            },
+        };
+        // Reads may go to a replica when the client asked for it (session
+        // setting, or a READ ONLY transaction); writes never do.
+        let replica = read_only
+            && match &self.tx {
+                Tx::Idle => self.read_replica,
+                Tx::Deferred {
+                    read_only: true, ..
+                } => binds_tx,
+                _ => false,
+            };
+        let mut lease = match self.lease.take() {
+            Some(lease) => lease,
+            None => match self.acquire(&target, replica).await {
+                Ok(lease) => lease,
+                Err((code, message)) => {
+                    self.client.error(
+                        code,
+                        &message,
+                        Some("retry later; keys on other servers are unaffected"),
+                    );
+                    self.fail_transaction().await;
+                    self.end_request(synced).await?;
+                    return Ok(false);
+                }
+            },
+        };
+        if !self.shared.liveness.serving() && !matches!(route, Route::Any) {
+            // Routed while the lease was alive, but it lapsed while this
+            // request waited for a backend: the route may be stale now.
+            // (Requests that touch no partition, such as a Parse/Describe
+            // or a catalog query, do not depend on the map.)
+            if self.tx == Tx::Bound {
+                self.lease = Some(lease);
+            }
+            self.route_error(&not_serving());
+            self.fail_transaction().await;
+            self.end_request(synced).await?;
+            return Ok(false);
+        }
+        {
+            let backend = lease.backend();
+            self.set_cancel_target(Some(CancelTarget {
+                addr: backend.addr,
+                process_id: backend.process_id,
+                secret_key: backend.secret_key,
+            }));
+        }
+        // Prefix: settings the backend lacks, then a held-back BEGIN.
+        let mut request = std::mem::take(&mut self.request);
+        request.out.clear();
+        request.expects.clear();
+        if lease.backend().settings_unknown {
+            // Someone changed this connection's session state in a way not
+            // recorded exactly: start from the server defaults.
+            let backend = lease.backend();
+            backend.settings.clear();
+            backend.settings.insert(RESET_ALL.into(), String::new());
+            backend.settings_unknown = false;
+        }
+        if let Some(sql) = settings_sync_sql(&self.settings, &lease.backend().settings) {
+            let mut out = BytesMut::new();
+            messages::query(&sql, &mut out);
+            request.inject(&out, End::Query);
+            lease.backend().settings = replayed_settings(&self.settings);
+        }
+        if binds_tx {
+            if let Tx::Deferred { prelude, .. } = &self.tx {
+                let mut out = BytesMut::new();
+                messages::query(&prelude.join("; "), &mut out);
+                request.inject(&out, End::Query);
+                if prelude.len() > 1 {
+                    // SET/SAVEPOINT sent with the BEGIN: not tracked exactly.
+                    lease.backend().settings_unknown = true;
+                }
+                self.tx = Tx::Bound;
+            }
+        }
+        if self.changes_session_state {
+            lease.backend().settings_unknown = true;
+        }
+        if !synced {
+            lease.backend().pending_sync = true;
+        }
+        {
+            let mut prepared = std::mem::take(&mut lease.backend().prepared);
+            build(self, &mut request, &mut prepared);
+            lease.backend().prepared = prepared;
+        }
+        let mut result = self.relay(&mut lease, &mut request, outcome).await;
+        if let (Ok(()), Some(stale)) = (&result, outcome.stale.take()) {
+            // A table under a kept-prepared statement changed its columns:
+            // drop the statement and run the request as the client sent it.
+            debug!(statement = %stale, "kept-prepared statement went stale; sending the request again");
+            Metrics::add(&self.shared.metrics.stale_plan_retries, 1);
+            lease.backend().prepared.remove(&stale);
+            request.out.clear();
+            request.expects.clear();
+            let mut close = BytesMut::new();
+            Target {
+                kind: b'S',
+                name: stale.to_string(),
+            }
+            .encode(b'C', &mut close);
+            request.inject(&close, End::CloseComplete);
+            self.keep_unnamed = false;
+            let mut prepared = std::mem::take(&mut lease.backend().prepared);
+            build(self, &mut request, &mut prepared);
+            lease.backend().prepared = prepared;
+            result = self.relay(&mut lease, &mut request, outcome).await;
+        }
+        if std::mem::take(&mut self.drops_statements) {
+            // DISCARD/DEALLOCATE on a shared connection: its prepared
+            // statements are no longer known; do not reuse it.
+            lease.backend().broken = true;
+        }
+        self.changes_session_state = false;
+        // Keep the buffers for the next request (bounded, so one huge request
+        // does not pin memory for the session's life).
+        if request.out.capacity() <= 64 * 1024 {
+            self.request = request;
+        }
+        match result {
+            Ok(()) => {}
+            Err(RelayError::Client(e)) => {
+                lease.backend().broken = true;
+                return Err(e);
+            }
+            Err(RelayError::Backend(e)) => {
+                lease.backend().broken = true;
+                Metrics::add(&self.shared.metrics.backend_errors, 1);
+                warn!(server = %target, error = %e, "backend connection lost");
+                let was_in_tx = !matches!(self.tx, Tx::Idle);
+                self.client.error(
+                    "08006",
+                    &format!("connection to server {target} was lost: {e}"),
+                    Some(if was_in_tx {
+                        "the transaction was rolled back; retry it"
+                    } else {
+                        "retry the statement"
+                    }),
+                );
+                self.tx = if was_in_tx { Tx::Aborted } else { Tx::Idle };
+                self.tx_settings.clear();
+                self.set_cancel_target(None);
+                drop(lease);
+                self.end_request(synced).await?;
+                return Ok(true);
+            }
+        }
+        let status = lease.status();
+        if status == b'I' {
+            if self.tx == Tx::Bound {
+                self.apply_tx_settings(outcome.committed);
+                self.tx = Tx::Idle;
+            }
+        } else {
+            self.tx = Tx::Bound;
+        }
+        self.unsynced = !synced;
+        if status == b'I' && synced {
+            self.set_cancel_target(None);
+            drop(lease);
+        } else {
+            self.lease = Some(lease);
+        }
+        Ok(true)
+    }
+
+    pub(super) async fn acquire(
+        &mut self,
+        target: &str,
+        replica: bool,
+    ) -> Result<Lease, (&'static str, String)> {
+        let pool = if replica {
+            self.replica_pool_for(target)?
+        } else {
+            self.pool_for(target)?
+        };
+        pool.acquire().await.map_err(|e| {
+            warn!(server = %target, error = %e, "no backend connection");
+            ("08006", format!("cannot reach server {target}: {e}"))
+        })
+    }
+
+    /// The pool of `target`, remembered per map version so the common case
+    /// (same server, same map) costs no lookups.
+    pub(super) fn pool_for(&mut self, target: &str) -> Result<Arc<Pool>, (&'static str, String)> {
+        let snapshot = self.shared.map.borrow();
+        let version = snapshot.as_ref().map_or(0, |v| v.revision);
+        if let Some((cached_version, name, pool)) = &self.last_pool {
+            if *cached_version == version && name.as_str() == target {
+                return Ok(pool.clone());
+            }
+        }
+        let server = snapshot
+            .as_ref()
+            .and_then(|v| v.map.servers.get(target))
+            .ok_or_else(|| ("57P03", format!("server {target} is not in the shard map")))?;
+        let pool = self.shared.pools.for_server(server);
+        drop(snapshot);
+        self.last_pool = Some((version, target.to_string(), pool.clone()));
+        Ok(pool)
+    }
+
+    /// A pool of one of `target`'s read replicas (round robin), or of the
+    /// primary if it has none.
+    pub(super) fn replica_pool_for(
+        &mut self,
+        target: &str,
+    ) -> Result<Arc<Pool>, (&'static str, String)> {
+        let snapshot = self.shared.map.borrow();
+        let server = snapshot
+            .as_ref()
+            .and_then(|v| v.map.servers.get(target))
+            .ok_or_else(|| ("57P03", format!("server {target} is not in the shard map")))?;
+        if server.replicas.is_empty() {
+            let pool = self.shared.pools.for_server(server);
+            return Ok(pool);
+        }
+        let index = self.replica_turn % server.replicas.len();
+        self.replica_turn = self.replica_turn.wrapping_add(1);
+        Ok(self.shared.pools.for_replica(server, index))
+    }
+
+    /// The server for statements any server could run (catalog queries,
+    /// statements without tables): always the same one — the first by name —
+    /// so that a client sees one consistent catalog.
+    pub(super) fn any_server(&self) -> Option<String> {
+        let snapshot = self.shared.map.borrow().clone()?;
+        let first = snapshot.map.servers.keys().next().cloned();
+        first
+    }
+
+    pub(super) fn set_cancel_target(&self, target: Option<CancelTarget>) {
+        *self.cancel_slot.lock().unwrap_or_else(|e| e.into_inner()) = target;
+    }
+}

@@ -1,0 +1,597 @@
+//! The extended protocol: a request's messages (Parse, Bind, Describe,
+//! Execute, Close up to Sync or Flush), the statements it parses, deciding
+//! which Binds run where (or are answered by the proxy), and turning the
+//! request into a `Plan` for its backend.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use rustc_hash::FxHashSet;
+
+use crate::analyze::Command;
+use crate::metrics::Metrics;
+use crate::route::{route_data, Params, Resolution, Route, RouteError};
+use crate::wire::frame::Frame;
+use crate::wire::messages::{self, Bind, Parse, Target};
+
+use super::binding::DispatchFlags;
+use super::client::SessionError;
+use super::plan::{emit_leading_synthetic, simple_reply, End, Outcome, Plan};
+use super::settings::{changes_session, parse_proxy_setting, render, ProxySetting};
+use super::statements::{
+    backend_statement_name, can_keep, ensure_prepared, ensure_unnamed_parsed, has_quoted_constant,
+    prepare_statement, Prepared,
+};
+use super::tx::{is_tx_control, Tx};
+use super::{cross_server, unsupported, Session};
+
+/// An extended-protocol message of a request.
+pub(super) enum Item {
+    Parse(Frame, Parse),
+    Bind(Frame, Bind),
+    Describe(Frame, Target),
+    Execute(Frame, String),
+    Close(Frame, Target),
+    Sync(Frame),
+    Flush(Frame),
+}
+
+/// What `decide_binds` found out about a request's Binds.
+pub(super) struct BindPlan {
+    pub(super) portals: Portals,
+    pub(super) route: Route,
+    /// The transaction state the first forwarded statement runs in.
+    pub(super) tx_before_forward: Tx,
+    /// The state after the request, as far as the proxy answers it.
+    pub(super) tx_after: Tx,
+    /// `SET shardline.*` to apply.
+    pub(super) settings: Vec<ProxySetting>,
+    pub(super) changes_session_state: bool,
+    pub(super) drops_statements: bool,
+    /// Every Bind is of a read-only statement (and there is at least one).
+    pub(super) read_only: bool,
+}
+
+/// The portals a request binds, in order (usually one: a map would cost
+/// more than it saves).
+#[derive(Default)]
+pub(super) struct Portals(Vec<(String, PortalUse)>);
+
+impl Portals {
+    pub(super) fn get(&self, name: &str) -> Option<&PortalUse> {
+        self.0.iter().rev().find(|(n, _)| n == name).map(|(_, u)| u)
+    }
+
+    pub(super) fn insert(&mut self, name: String, usage: PortalUse) {
+        self.0.push((name, usage));
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &PortalUse> {
+        self.0.iter().map(|(_, u)| u)
+    }
+}
+
+/// How the proxy handles a bound portal.
+#[derive(Clone)]
+pub(super) enum PortalUse {
+    Forward,
+    /// Transaction control answered by the proxy: CommandComplete tag.
+    Answer(&'static str),
+}
+
+impl Session {
+    /// Runs one extended-protocol request; drains `frames` (the caller's
+    /// buffer is reused for the next request).
+    pub(super) async fn extended(&mut self, frames: &mut Vec<Frame>) -> Result<(), SessionError> {
+        Metrics::add(&self.shared.metrics.requests, 1);
+        let mut items = Vec::with_capacity(frames.len());
+        for frame in frames.drain(..) {
+            let body = frame.body();
+            let item = match frame.tag {
+                b'P' => Parse::decode(body).map(|p| Item::Parse(frame, p)),
+                b'B' => Bind::decode(body).map(|b| Item::Bind(frame, b)),
+                b'D' => Target::decode(body, "Describe").map(|t| Item::Describe(frame, t)),
+                b'E' => messages::decode_execute_portal(body).map(|p| Item::Execute(frame, p)),
+                b'C' => Target::decode(body, "Close").map(|t| Item::Close(frame, t)),
+                b'S' => Ok(Item::Sync(frame)),
+                _ => Ok(Item::Flush(frame)),
+            };
+            items.push(item.map_err(|e| SessionError::ClientProtocol(e.to_string()))?);
+        }
+        let synced = matches!(items.last(), Some(Item::Sync(_)));
+
+        // Register this request's statements first: its Binds may use them.
+        let counting = self.shared.config.pool.prepare_unnamed_after > 0;
+        for item in &items {
+            let Item::Parse(_, parse) = item else {
+                continue;
+            };
+            // Drivers re-parse the same unnamed statement all the time.
+            let reused = self.statements.get(&parse.name).filter(|existing| {
+                parse.same_text(&existing.query) && existing.param_types == parse.param_types
+            });
+            let statement = match reused {
+                Some(existing) => existing.clone(),
+                None => {
+                    let analyzed = self.shared.analyzer.analyze(parse.query());
+                    let keepable =
+                        matches!(analyzed.analysis.commands.as_slice(), [Command::Data(_)])
+                            && !has_quoted_constant(parse.query());
+                    let prepared = Arc::new(Prepared {
+                        backend_name: backend_statement_name(
+                            parse.query(),
+                            &parse.param_types,
+                            &self.settings,
+                        ),
+                        query: parse.query().to_string(),
+                        param_types: parse.param_types.clone(),
+                        analyzed,
+                        keepable,
+                    });
+                    self.statements.insert(parse.name.clone(), prepared.clone());
+                    prepared
+                }
+            };
+            if counting && parse.name.is_empty() && statement.keepable {
+                self.shared.statement_uses.count(&statement.backend_name);
+            }
+        }
+
+        let decided = self.decide_binds(&items).await;
+        let BindPlan {
+            portals,
+            route,
+            tx_before_forward,
+            tx_after,
+            settings,
+            changes_session_state,
+            drops_statements,
+            read_only,
+        } = match decided {
+            Ok(decision) => decision,
+            Err(error) => {
+                // Nothing of this request ran: report the error and skip to Sync.
+                self.route_error(&error);
+                self.fail_transaction().await;
+                self.forget_closed(&items);
+                return if synced {
+                    self.ready().await
+                } else {
+                    self.client.flush().await
+                };
+            }
+        };
+        for setting in settings {
+            match setting {
+                ProxySetting::ReadReplica(on) => self.read_replica = on,
+            }
+        }
+        let forwards = portals.values().any(|u| matches!(u, PortalUse::Forward));
+        let route = if route == Route::Any {
+            self.prepare_route(&items)
+        } else {
+            route
+        };
+
+        if !self.needs_backend(&items, &portals) {
+            // The proxy answers everything itself.
+            if let (Tx::Deferred { .. } | Tx::Aborted, Tx::Idle) = (&self.tx, &tx_after) {
+                let committed = portals
+                    .values()
+                    .any(|u| matches!(u, PortalUse::Answer("COMMIT")));
+                self.apply_tx_settings(committed);
+            }
+            if self.tx != Tx::Bound {
+                self.tx = tx_after;
+            }
+            let mut plan = Plan::default();
+            self.build_extended(&items, &portals, &mut plan, None);
+            emit_leading_synthetic(&mut plan.expects, &mut self.client.out);
+            self.forget_closed(&items);
+            return if synced {
+                self.ready().await
+            } else {
+                self.client.flush().await
+            };
+        }
+
+        if forwards {
+            if let (Tx::Deferred { .. } | Tx::Aborted, Tx::Idle) = (&self.tx, &tx_before_forward) {
+                let committed = portals
+                    .values()
+                    .any(|u| matches!(u, PortalUse::Answer("COMMIT")));
+                self.apply_tx_settings(committed);
+            }
+            if self.tx != Tx::Bound {
+                self.tx = tx_before_forward;
+            }
+        }
+        let mut outcome = Outcome::default();
+        let mut build =
+            |session: &mut Session, plan: &mut Plan, prepared: &mut FxHashSet<Arc<str>>| {
+                session.build_extended(&items, &portals, plan, Some(prepared));
+            };
+        self.changes_session_state = changes_session_state;
+        self.drops_statements = drops_statements;
+        let flags = DispatchFlags {
+            binds_tx: forwards,
+            synced,
+            read_only,
+        };
+        self.in_extended = true;
+        self.keep_unnamed = self.keeps_unnamed_prepared(&items, synced);
+        let dispatched = self.dispatch(route, flags, &mut build, &mut outcome).await;
+        self.in_extended = false;
+        self.keep_unnamed = false;
+        dispatched?;
+        self.forget_closed(&items);
+        Ok(())
+    }
+
+    /// Whether this request's unnamed statement runs as a statement kept
+    /// prepared on the server: the client parsed it often enough, and the
+    /// request is one statement in an implicit transaction (Parse, Bind,
+    /// Describe, Execute, Sync), so that if the server's cached plan went
+    /// stale the whole request can be sent again with nobody noticing.
+    pub(super) fn keeps_unnamed_prepared(&self, items: &[Item], synced: bool) -> bool {
+        let pool = &self.shared.config.pool;
+        if pool.prepare_unnamed_after == 0 || !synced || !self.in_implicit_transaction() {
+            return false;
+        }
+        let (mut binds, mut parses) = (0, 0);
+        for item in items {
+            match item {
+                Item::Parse(_, parse) if !parse.name.is_empty() || binds > 0 => return false,
+                Item::Parse(..) => parses += 1,
+                Item::Bind(_, bind) if !bind.statement.is_empty() => return false,
+                Item::Bind(..) => binds += 1,
+                Item::Describe(_, target) if target.kind == b'S' && !target.name.is_empty() => {
+                    return false
+                }
+                Item::Close(..) | Item::Flush(_) => return false,
+                _ => {}
+            }
+        }
+        let Some(statement) = self.statements.unnamed.as_ref() else {
+            return false;
+        };
+        binds == 1
+            && parses <= 1
+            && statement.keepable
+            && self.shared.statement_uses.get(&statement.backend_name) >= pool.prepare_unnamed_after
+    }
+
+    /// Decides, per Bind, whether the proxy answers it (transaction control
+    /// outside a server) or it runs on a backend, and routes those that run.
+    /// Returns the decisions, the merged route, the transaction state the
+    /// first forwarded statement runs in, and the state after the request.
+    pub(super) async fn decide_binds(&self, items: &[Item]) -> Result<BindPlan, RouteError> {
+        let mut portals = Portals::default();
+        let mut settings = Vec::new();
+        let mut changes_session_state = false;
+        let mut drops_statements = false;
+        let mut binds = 0usize;
+        let mut read_only = true;
+        let mut route = Route::Any;
+        let mut tx = self.tx.clone();
+        let mut before_forward: Option<Tx> = None;
+        for item in items {
+            let Item::Bind(_, bind) = item else { continue };
+            let prepared = self
+                .statements
+                .get(&bind.statement)
+                .cloned()
+                .ok_or_else(|| RouteError {
+                    code: "26000",
+                    message: format!("prepared statement \"{}\" does not exist", bind.statement),
+                    hint: None,
+                })?;
+            let command = prepared.command().unwrap_or(&Command::Empty);
+            // Once something in this request runs on a backend, transaction
+            // control runs there too.
+            let on_backend = before_forward.is_some() || tx == Tx::Bound;
+            let usage = match command {
+                _ if tx == Tx::Aborted && !matches!(command, Command::Commit | Command::Rollback) => {
+                    return Err(RouteError {
+                        code: "25P02",
+                        message: "current transaction is aborted, commands ignored until end of transaction block".into(),
+                        hint: None,
+                    })
+                }
+                Command::Begin { read_only } if !on_backend => {
+                    if tx == Tx::Idle {
+                        tx = Tx::Deferred {
+                            prelude: vec![prepared.query.clone()],
+                            read_only: *read_only,
+                        };
+                    }
+                    PortalUse::Answer("BEGIN")
+                }
+                Command::Commit | Command::Rollback if !on_backend => {
+                    let tag = if *command == Command::Commit && tx != Tx::Aborted { "COMMIT" } else { "ROLLBACK" };
+                    tx = Tx::Idle;
+                    PortalUse::Answer(tag)
+                }
+                Command::Unsupported(what) => return Err(unsupported(what)),
+                Command::Set { name, value } if name.starts_with("shardline.") => {
+                    let value = render(value, &prepared.analyzed.literals);
+                    let setting = name.trim_start_matches("shardline.");
+                    settings.push(parse_proxy_setting(setting, &value)?);
+                    PortalUse::Answer("SET")
+                }
+                Command::Data(data) => {
+                    let literals = prepared.analyzed.literals.clone();
+                    let resolved = self
+                        .route_holding(|map| {
+                            let params = Params {
+                                bind,
+                                types: &prepared.param_types,
+                            };
+                            match route_data(data, map, &literals, Some(&params))? {
+                                Resolution::Route(r) => Ok(r),
+                                Resolution::NeedsParams => Ok(Route::Any),
+                            }
+                        })
+                        .await?;
+                    route = route.merge(resolved).map_err(|(a, b)| cross_server(&a, &b))?;
+                    PortalUse::Forward
+                }
+                _ => PortalUse::Forward,
+            };
+            binds += 1;
+            read_only &= matches!(command, Command::Data(d) if d.read_only);
+            if matches!(usage, PortalUse::Forward) {
+                changes_session_state |= changes_session(command);
+                drops_statements |=
+                    matches!(command, Command::Discard | Command::Deallocate { .. });
+                if before_forward.is_none() {
+                    before_forward = Some(tx.clone());
+                    if matches!(tx, Tx::Deferred { .. }) {
+                        tx = Tx::Bound;
+                    }
+                }
+            }
+            portals.insert(bind.portal.clone(), usage);
+        }
+        let before = before_forward.unwrap_or_else(|| tx.clone());
+        Ok(BindPlan {
+            portals,
+            route,
+            tx_before_forward: before,
+            tx_after: tx,
+            settings,
+            changes_session_state,
+            drops_statements,
+            // Preparing (Parse/Describe without Bind) uses the primary: a
+            // replica may not have replayed the newest schema yet.
+            read_only: binds > 0 && read_only,
+        })
+    }
+
+    /// Where to prepare or describe statements that do not run yet: where
+    /// they would run if that is known without parameters (an unsharded
+    /// table's home), else anywhere (every server has the same tables).
+    pub(super) fn prepare_route(&self, items: &[Item]) -> Route {
+        let Some(snapshot) = self.shared.map.borrow().clone() else {
+            return Route::Any;
+        };
+        let mut route = Route::Any;
+        for item in items {
+            let name = match item {
+                Item::Parse(_, parse) => &parse.name,
+                Item::Describe(_, target) if target.kind == b'S' => &target.name,
+                _ => continue,
+            };
+            let Some(prepared) = self.statements.get(name) else {
+                continue;
+            };
+            let Some(Command::Data(data)) = prepared.command() else {
+                continue;
+            };
+            if let Ok(Resolution::Route(r)) =
+                route_data(data, &snapshot.map, &prepared.analyzed.literals, None)
+            {
+                match route.clone().merge(r) {
+                    Ok(merged) => route = merged,
+                    Err(_) => return route,
+                }
+            }
+        }
+        route
+    }
+
+    /// Whether any message of the request must reach a server.
+    pub(super) fn needs_backend(&self, items: &[Item], portals: &Portals) -> bool {
+        let statement_runs = |name: &str| {
+            self.statements
+                .get(name)
+                .is_some_and(|p| !is_tx_control(p.command()))
+        };
+        let portal_runs = |name: &str| !matches!(portals.get(name), Some(PortalUse::Answer(_)));
+        items.iter().any(|item| match item {
+            Item::Parse(_, parse) => statement_runs(&parse.name),
+            Item::Bind(_, bind) => portal_runs(&bind.portal),
+            Item::Describe(_, target) if target.kind == b'S' => statement_runs(&target.name),
+            Item::Describe(_, target) | Item::Close(_, target) if target.kind == b'P' => {
+                portal_runs(&target.name)
+            }
+            Item::Execute(_, portal) => portal_runs(portal),
+            _ => false,
+        }) || (self.unsynced && self.lease.is_some())
+    }
+
+    /// Forgets statements the client closed in this request.
+    pub(super) fn forget_closed(&mut self, items: &[Item]) {
+        for item in items {
+            if let Item::Close(_, target) = item {
+                if target.kind == b'S' {
+                    self.statements.remove(&target.name);
+                }
+            }
+        }
+    }
+
+    /// Turns the request's messages into backend bytes and expected replies.
+    /// `prepared` is the backend's prepared-statement set (None: no backend,
+    /// everything answered by the proxy).
+    pub(super) fn build_extended(
+        &self,
+        items: &[Item],
+        portals: &Portals,
+        plan: &mut Plan,
+        mut prepared: Option<&mut FxHashSet<Arc<str>>>,
+    ) {
+        let mut unnamed_parsed = false;
+        // Whether the unnamed statement runs kept prepared on this backend
+        // (under its backend name, like a named one).
+        let keep = self.keep_unnamed
+            && match (&prepared, &self.statements.unnamed) {
+                (Some(set), Some(statement)) => can_keep(
+                    set,
+                    &statement.backend_name,
+                    self.shared.config.pool.max_prepared_unnamed,
+                ),
+                _ => false,
+            };
+        if keep {
+            Metrics::add(&self.shared.metrics.kept_prepared_runs, 1);
+        }
+        for item in items {
+            let live = prepared.is_some();
+            match item {
+                Item::Parse(frame, parse) => {
+                    let statement = self.statements.get(&parse.name);
+                    let runs = statement.is_some_and(|p| !is_tx_control(p.command()));
+                    match (prepared.as_deref_mut(), statement) {
+                        (Some(set), Some(statement)) if runs => {
+                            if parse.name.is_empty() && !keep {
+                                plan.send(&frame.raw, End::ParseComplete);
+                                unnamed_parsed = true;
+                            } else if set.contains(&statement.backend_name) {
+                                plan.synthetic(simple_reply(b'1'));
+                            } else {
+                                // The client's own Parse: its reply goes to the client.
+                                prepare_statement(plan, set, statement, true);
+                            }
+                        }
+                        _ => plan.synthetic(simple_reply(b'1')),
+                    }
+                }
+                Item::Bind(frame, bind) => {
+                    let forwarded =
+                        live && matches!(portals.get(&bind.portal), Some(PortalUse::Forward));
+                    let statement = self.statements.get(&bind.statement);
+                    match (forwarded, statement, prepared.as_deref_mut()) {
+                        (true, Some(statement), Some(set)) => {
+                            if bind.statement.is_empty() && !keep {
+                                ensure_unnamed_parsed(plan, statement, &mut unnamed_parsed);
+                                plan.send(&frame.raw, End::BindComplete);
+                            } else {
+                                ensure_prepared(plan, set, statement);
+                                bind.encode_with_statement(&statement.backend_name, &mut plan.out);
+                                let kept = bind.statement.is_empty();
+                                plan.expect(
+                                    End::BindComplete,
+                                    kept.then(|| statement.backend_name.clone()),
+                                );
+                            }
+                        }
+                        _ => plan.synthetic(simple_reply(b'2')),
+                    }
+                }
+                Item::Describe(frame, target) if target.kind == b'P' => {
+                    match portals.get(&target.name) {
+                        Some(PortalUse::Answer(_)) => plan.synthetic(simple_reply(b'n')),
+                        _ if live => plan.send(&frame.raw, End::Describe),
+                        _ => plan.synthetic(simple_reply(b'n')),
+                    }
+                }
+                Item::Describe(frame, target) => {
+                    let statement = self.statements.get(&target.name);
+                    match (prepared.as_deref_mut(), statement) {
+                        (Some(set), Some(statement)) if !is_tx_control(statement.command()) => {
+                            if target.name.is_empty() && !keep {
+                                ensure_unnamed_parsed(plan, statement, &mut unnamed_parsed);
+                                plan.send(&frame.raw, End::Describe);
+                            } else {
+                                ensure_prepared(plan, set, statement);
+                                Target {
+                                    kind: b'S',
+                                    name: statement.backend_name.to_string(),
+                                }
+                                .encode(b'D', &mut plan.out);
+                                // Postgres revalidates the plan here too.
+                                let kept = target.name.is_empty();
+                                plan.expect(
+                                    End::Describe,
+                                    kept.then(|| statement.backend_name.clone()),
+                                );
+                            }
+                        }
+                        (_, Some(_)) => {
+                            // Transaction control: no parameters, no rows.
+                            let mut out = BytesMut::new();
+                            out.extend_from_slice(&[b't', 0, 0, 0, 6, 0, 0]);
+                            out.extend_from_slice(&simple_reply(b'n'));
+                            plan.synthetic(out);
+                        }
+                        (_, None) => {
+                            let mut out = BytesMut::new();
+                            messages::error_fields(
+                                b'E',
+                                "ERROR",
+                                "26000",
+                                &format!("prepared statement \"{}\" does not exist", target.name),
+                                None,
+                                &mut out,
+                            );
+                            plan.synthetic(out);
+                        }
+                    }
+                }
+                Item::Execute(frame, portal) => match portals.get(portal) {
+                    Some(PortalUse::Answer(tag)) => {
+                        let mut out = BytesMut::new();
+                        messages::command_complete(tag, &mut out);
+                        plan.synthetic(out);
+                    }
+                    _ if live => plan.send(&frame.raw, End::Execute),
+                    _ => {
+                        let mut out = BytesMut::new();
+                        messages::error_fields(
+                            b'E',
+                            "ERROR",
+                            "34000",
+                            &format!("portal \"{portal}\" does not exist"),
+                            None,
+                            &mut out,
+                        );
+                        plan.synthetic(out);
+                    }
+                },
+                Item::Close(frame, target) => {
+                    // Statements on backends are shared by clients: closing one
+                    // only forgets it for this client (see `forget_closed`).
+                    if target.kind == b'P'
+                        && live
+                        && !matches!(portals.get(&target.name), Some(PortalUse::Answer(_)))
+                    {
+                        plan.send(&frame.raw, End::CloseComplete);
+                    } else {
+                        plan.synthetic(simple_reply(b'3'));
+                    }
+                }
+                Item::Sync(frame) => {
+                    if live {
+                        plan.send(&frame.raw, End::Sync);
+                    }
+                }
+                Item::Flush(frame) => {
+                    if live {
+                        plan.out.extend_from_slice(&frame.raw);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! Routing under the live map: a statement for a partition that is blocked
+//! for a cutover waits (it does not fail), and the request's flight is
+//! released while it waits so the cutover's acknowledgement is not stalled.
+
+use std::time::{Duration, Instant};
+
+use shardmap::PartitionState;
+
+use crate::route::{Route, RouteError};
+
+use super::Session;
+
+/// The error of a proxy that cannot prove its map is current.
+pub(super) fn not_serving() -> RouteError {
+    RouteError::new(
+        "57P03",
+        "this shardline proxy lost its registration in etcd and is not serving until it re-syncs",
+        "retry shortly, or connect to another proxy; check that etcd is reachable from this proxy",
+    )
+}
+
+impl Session {
+    /// A request starts: until it lands, this proxy does not acknowledge
+    /// map versions newer than the one it starts under.
+    pub(super) fn board(&mut self) {
+        let flight = self.shared.liveness.board();
+        *self.flight.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(flight);
+    }
+
+    pub(super) fn land(&mut self) {
+        self.flight
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    /// Releases the request's flight while it waits (held statements must not
+    /// stall the acknowledgement the cutover waits for), and boards again after.
+    pub(super) fn set_waiting(&self, waiting: bool) {
+        let mut flight = self.flight.lock().unwrap_or_else(|e| e.into_inner());
+        if waiting {
+            flight.take();
+        } else if flight.is_none() {
+            *flight = Some(self.shared.liveness.board());
+        }
+    }
+
+    /// Routes with the current map, holding (not failing) while a partition
+    /// it needs is blocked for a cutover, up to the configured wait.
+    pub(super) async fn route_holding<F>(&self, mut compute: F) -> Result<Route, RouteError>
+    where
+        F: FnMut(&shardmap::ClusterMap) -> Result<Route, RouteError>,
+    {
+        // The clock is read only once a partition turns out to be blocked.
+        let mut started: Option<Instant> = None;
+        let max_wait = Duration::from_millis(self.shared.config.limits.blocked_wait_ms);
+        let mut rx = self.shared.map.clone();
+        let liveness = &self.shared.liveness;
+        loop {
+            if !liveness.serving() {
+                // Cut off from etcd: the map may be stale. Hold like a blocked
+                // partition until the registry re-syncs, up to the same wait.
+                let remaining =
+                    max_wait.saturating_sub(started.get_or_insert_with(Instant::now).elapsed());
+                self.set_waiting(true);
+                let mut changes = liveness.watch();
+                let resumed = remaining > Duration::ZERO
+                    && tokio::time::timeout(remaining, async {
+                        while !liveness.serving() {
+                            if changes.changed().await.is_err() {
+                                break;
+                            }
+                        }
+                    })
+                    .await
+                    .is_ok()
+                    && liveness.serving();
+                self.set_waiting(false);
+                if !resumed {
+                    return Err(not_serving());
+                }
+                continue;
+            }
+            let snapshot = rx.borrow_and_update().clone();
+            let Some(versioned) = snapshot else {
+                return Err(RouteError::new(
+                    "57P03",
+                    "the proxy has no shard map yet",
+                    "check that etcd is reachable and the cluster is initialised (shardctl init)",
+                ));
+            };
+            let route = compute(&versioned.map)?;
+            let blocked = route.partitions().iter().any(|p| {
+                matches!(
+                    versioned.map.assignments.get(*p as usize).map(|a| &a.state),
+                    Some(PartitionState::Blocked { .. })
+                )
+            });
+            if !blocked {
+                if let Some(started) = started {
+                    self.shared
+                        .metrics
+                        .record_hold(started.elapsed().as_micros() as u64);
+                }
+                return Ok(route);
+            }
+            let remaining =
+                max_wait.saturating_sub(started.get_or_insert_with(Instant::now).elapsed());
+            self.set_waiting(true);
+            let expired =
+                remaining.is_zero() || tokio::time::timeout(remaining, rx.changed()).await.is_err();
+            self.set_waiting(false);
+            if expired {
+                return Err(RouteError::new(
+                    "55006",
+                    format!("partition is being moved and stayed blocked for over {max_wait:?}"),
+                    "retry the statement",
+                ));
+            }
+        }
+    }
+}

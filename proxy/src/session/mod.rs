@@ -1,0 +1,241 @@
+//! One client session after login: read the client's messages, group them
+//! into requests (a simple Query, or extended-protocol messages up to Sync or
+//! Flush), route each request once, bind it to a backend connection, forward
+//! it and relay the replies.
+//!
+//! Transaction pooling: a backend is held only while a transaction is open
+//! (or a request is in flight) and goes back to its pool at ReadyForQuery
+//! `I`. What a client expects to outlive a transaction is re-established on
+//! whichever backend it lands on:
+//! - named prepared statements are prepared on that backend under a name
+//!   derived from their text (shared by all clients), before first use;
+//! - session settings (`SET name = value`) are replayed when the backend's
+//!   settings differ from the client's;
+//! - `BEGIN` is held back until the first statement that has a route, and
+//!   then sent to that statement's server.
+//!
+//! Replies are matched to requests with a queue of expected replies, so the
+//! proxy can insert its own messages (swallowing their replies) and answer
+//! some messages itself (synthetic replies) while keeping the client's reply
+//! order exactly as Postgres would produce it.
+
+mod binding;
+mod client;
+mod extended;
+mod hold;
+mod plan;
+mod relay;
+mod settings;
+mod simple;
+mod statements;
+mod tx;
+
+pub use client::{ClientIo, SessionError};
+pub use settings::quote_literal;
+pub use statements::StatementUses;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::cancel::TargetSlot;
+use crate::liveness::Flight;
+use crate::metrics::Metrics;
+use crate::pool::{Lease, Pool};
+use crate::route::RouteError;
+use crate::server::Shared;
+use crate::wire::frame::Frame;
+use crate::wire::messages::{self};
+
+use plan::Plan;
+use statements::Statements;
+use tx::Tx;
+
+pub struct Session {
+    shared: Arc<Shared>,
+    client: ClientIo,
+    statements: Statements,
+    /// Session settings from startup parameters and SET (name → value as SQL text).
+    settings: BTreeMap<String, String>,
+    /// SETs made inside the open transaction: kept only if it commits.
+    tx_settings: Vec<(String, Option<String>)>,
+    tx: Tx,
+    lease: Option<Lease>,
+    /// Set when a request ended with Flush: the backend is kept until Sync.
+    unsynced: bool,
+    /// The pool used last, with the map revision it was looked up in.
+    last_pool: Option<(i64, String, Arc<Pool>)>,
+    /// Buffers of the request being sent, reused from one request to the next.
+    request: Plan,
+    /// Set by a request that changes session state in ways the settings
+    /// record cannot follow (SET/RESET/DISCARD inside a multi-statement
+    /// Query or through the extended protocol, SET in a transaction).
+    changes_session_state: bool,
+    /// Set by a request that runs DISCARD or DEALLOCATE on the backend.
+    drops_statements: bool,
+    /// True while an extended-protocol request is being relayed.
+    in_extended: bool,
+    /// This request's unnamed statement runs as a statement kept prepared
+    /// on the server (see `keeps_unnamed_prepared`).
+    keep_unnamed: bool,
+    /// `SET shardline.read_replica = on`: reads outside transactions go to replicas.
+    read_replica: bool,
+    replica_turn: usize,
+    cancel_slot: TargetSlot,
+    /// The request being served, for the map acknowledgement (released while
+    /// a statement is held for a blocked partition).
+    flight: std::sync::Mutex<Option<Flight>>,
+}
+
+impl Session {
+    pub fn new(
+        shared: Arc<Shared>,
+        client: ClientIo,
+        settings: BTreeMap<String, String>,
+        cancel_slot: TargetSlot,
+    ) -> Session {
+        Session {
+            shared,
+            client,
+            statements: Statements::default(),
+            settings,
+            tx_settings: Vec::new(),
+            tx: Tx::Idle,
+            lease: None,
+            unsynced: false,
+            last_pool: None,
+            request: Plan::default(),
+            changes_session_state: false,
+            drops_statements: false,
+            in_extended: false,
+            keep_unnamed: false,
+            read_replica: false,
+            replica_turn: 0,
+            cancel_slot,
+            flight: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// The transaction status to report in ReadyForQuery.
+    pub(super) fn status(&self) -> u8 {
+        match self.tx {
+            Tx::Idle => b'I',
+            Tx::Deferred { .. } => b'T',
+            Tx::Aborted => b'E',
+            Tx::Bound => self.lease.as_ref().map_or(b'I', |l| l.status()),
+        }
+    }
+
+    pub async fn run(&mut self) -> Result<(), SessionError> {
+        let mut batch: Vec<Frame> = Vec::new();
+        let mut batch_bytes = 0usize;
+        loop {
+            let Some(frame) = self.client.read_frame().await? else {
+                return Ok(());
+            };
+            match frame.tag {
+                b'Q' => {
+                    self.board();
+                    if !batch.is_empty() {
+                        // A Query ends any unsynced extended messages, as in Postgres.
+                        batch_bytes = 0;
+                        self.extended(&mut batch).await?;
+                    }
+                    self.simple_query(frame).await?;
+                    self.land();
+                }
+                b'P' | b'B' | b'D' | b'E' | b'C' => {
+                    batch_bytes += frame.raw.len();
+                    batch.push(frame);
+                    if batch_bytes > self.client.max_message {
+                        return Err(SessionError::ClientProtocol(
+                            "too many extended-protocol messages without Sync".into(),
+                        ));
+                    }
+                }
+                b'S' | b'H' => {
+                    batch.push(frame);
+                    batch_bytes = 0;
+                    self.board();
+                    self.extended(&mut batch).await?;
+                    self.land();
+                }
+                b'X' => return Ok(()),
+                b'd' | b'c' | b'f' => {
+                    // Stray COPY messages outside a COPY: Postgres ignores them.
+                }
+                other => {
+                    return Err(SessionError::ClientProtocol(format!(
+                        "invalid frontend message type {}",
+                        other
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Tells the client why the connection closes (a protocol violation).
+    pub async fn fatal_and_close(&mut self, message: &str) {
+        self.client.fatal("08P01", message);
+        let _ = self.client.flush().await;
+    }
+
+    /// Closes the session: a transaction still open on a backend is rolled back
+    /// by dropping the connection (never returned to the pool mid-transaction).
+    pub fn finish(&mut self) {
+        if let Some(mut lease) = self.lease.take() {
+            if lease.status() != b'I' || lease.backend().pending_sync {
+                lease.backend().broken = true;
+            }
+        }
+        self.set_cancel_target(None);
+    }
+
+    pub(super) fn route_error(&mut self, error: &RouteError) {
+        Metrics::add(&self.shared.metrics.route_errors, 1);
+        self.client
+            .error(error.code, &error.message, error.hint.as_deref());
+    }
+
+    /// Answers a simple-protocol request with `error`: a failure inside a
+    /// transaction aborts it, as in Postgres.
+    pub(super) async fn refuse(&mut self, error: &RouteError) -> Result<(), SessionError> {
+        self.route_error(error);
+        self.fail_transaction().await;
+        self.ready().await
+    }
+
+    /// Ends a request the proxy answered: ReadyForQuery if the client sent
+    /// Sync (or a Query), else just what is buffered (after Flush).
+    pub(super) async fn end_request(&mut self, synced: bool) -> Result<(), SessionError> {
+        if synced {
+            self.ready().await
+        } else {
+            self.client.flush().await
+        }
+    }
+
+    /// Writes ReadyForQuery with the session's status and flushes.
+    pub(super) async fn ready(&mut self) -> Result<(), SessionError> {
+        let status = self.status();
+        messages::ready_for_query(status, &mut self.client.out);
+        self.client.flush().await
+    }
+}
+
+pub(super) fn cross_server(a: &str, b: &str) -> RouteError {
+    RouteError::new(
+        "0A000",
+        format!(
+            "this request touches data on servers {a} and {b}; shardline runs it on one server"
+        ),
+        "split it so that each request (and each transaction) touches one server",
+    )
+}
+
+pub(super) fn unsupported(what: &str) -> RouteError {
+    RouteError::new(
+        "0A000",
+        format!("{what} is not supported by shardline"),
+        "see docs/ARCHITECTURE.md",
+    )
+}

@@ -1,0 +1,254 @@
+//! Session settings: what the client SET (kept only if its transaction
+//! commits), bringing a pooled backend's settings in line before use, and
+//! the proxy's own `shardline.*` settings.
+
+use std::collections::BTreeMap;
+
+use tracing::debug;
+
+use crate::analyze::lexer::LITERAL_MARKER_BASE;
+use crate::analyze::{Command, Literal};
+use crate::route::RouteError;
+use crate::wire::messages::{self};
+
+use super::client::SessionError;
+use super::tx::Tx;
+use super::Session;
+
+pub(super) const SETTING_NOT_REPLAYED: &[&str] = &["application_name"];
+
+/// Marker in a backend's settings: its state is unknown, reset it first.
+pub(super) const RESET_ALL: &str = "\u{0}reset all";
+
+/// A setting of the proxy itself (`SET shardline.<name>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ProxySetting {
+    ReadReplica(bool),
+}
+
+pub(super) fn parse_proxy_setting(setting: &str, value: &str) -> Result<ProxySetting, RouteError> {
+    let value = value.trim().trim_matches('\'').to_ascii_lowercase();
+    match setting {
+        "read_replica" => match value.as_str() {
+            "on" | "true" | "1" | "yes" => Ok(ProxySetting::ReadReplica(true)),
+            "off" | "false" | "0" | "no" | "default" => Ok(ProxySetting::ReadReplica(false)),
+            _ => Err(RouteError::new(
+                "22023",
+                format!("parameter \"shardline.read_replica\" requires a Boolean value, not \"{value}\""),
+                "use on or off",
+            )),
+        },
+        _ => Err(RouteError::new(
+            "42704",
+            format!("unrecognized configuration parameter \"shardline.{setting}\""),
+            "shardline's own settings: shardline.read_replica",
+        )),
+    }
+}
+
+/// Whether running `command` on a backend changes its session state.
+pub(super) fn changes_session(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Set { .. } | Command::Reset { .. } | Command::Discard | Command::Deallocate { .. }
+    )
+}
+
+/// Replaces literal markers in shape text by the literals, quoted as SQL.
+pub(super) fn render(shape: &str, literals: &[Literal]) -> String {
+    if !shape.contains('$') {
+        return shape.to_string();
+    }
+    let mut out = String::with_capacity(shape.len());
+    let mut rest = shape;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        let number: Option<usize> = after[..digits].parse().ok();
+        match number
+            .filter(|n| *n >= LITERAL_MARKER_BASE)
+            .and_then(|n| literals.get(n - LITERAL_MARKER_BASE))
+        {
+            Some(Literal::Number(n)) => out.push_str(n),
+            Some(Literal::String(s)) => out.push_str(&quote_literal(s)),
+            None => {
+                out.push('$');
+                out.push_str(&after[..digits]);
+            }
+        }
+        rest = &after[digits..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// SQL bringing a backend's settings to the client's, if they differ.
+pub(super) fn settings_sync_sql(
+    client: &BTreeMap<String, String>,
+    backend: &BTreeMap<String, String>,
+) -> Option<String> {
+    let mut statements = Vec::new();
+    // A backend whose state is unknown starts from the server defaults.
+    let reset_all = backend.contains_key(RESET_ALL);
+    if reset_all {
+        statements.push("RESET ALL".to_string());
+    }
+    for (name, value) in client {
+        if SETTING_NOT_REPLAYED.contains(&name.as_str()) {
+            continue;
+        }
+        if reset_all || backend.get(name) != Some(value) {
+            statements.push(format!("SET {} TO {}", quote_ident(name), value));
+        }
+    }
+    if !reset_all {
+        for name in backend.keys() {
+            if !client.contains_key(name) {
+                statements.push(format!("RESET {}", quote_ident(name)));
+            }
+        }
+    }
+    if statements.is_empty() {
+        None
+    } else {
+        debug!(count = statements.len(), "replaying session settings");
+        Some(statements.join("; "))
+    }
+}
+
+/// The settings a backend carries after a replay.
+pub(super) fn replayed_settings(client: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    client
+        .iter()
+        .filter(|(k, _)| !SETTING_NOT_REPLAYED.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// A string as an escape-string literal: means the same whatever the
+/// session's standard_conforming_strings.
+pub fn quote_literal(value: &str) -> String {
+    format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+pub(super) fn quote_ident(name: &str) -> String {
+    if name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
+    {
+        name.to_string()
+    } else {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    }
+}
+
+impl Session {
+    pub(super) fn record_setting(&mut self, name: String, value: Option<String>) {
+        if matches!(self.tx, Tx::Bound | Tx::Deferred { .. }) {
+            self.tx_settings.push((name, value));
+            return;
+        }
+        match value {
+            Some(value) => {
+                self.settings.insert(name, value);
+            }
+            None => {
+                self.settings.remove(&name);
+            }
+        }
+    }
+
+    pub(super) fn apply_tx_settings(&mut self, committed: bool) {
+        let changes = std::mem::take(&mut self.tx_settings);
+        if committed {
+            for (name, value) in changes {
+                match value {
+                    Some(value) => {
+                        self.settings.insert(name, value);
+                    }
+                    None => {
+                        self.settings.remove(&name);
+                    }
+                }
+            }
+        }
+    }
+
+    /// `SET shardline.<setting>`: settings of the proxy itself.
+    pub(super) async fn proxy_setting(
+        &mut self,
+        setting: &str,
+        value: &str,
+    ) -> Result<(), SessionError> {
+        match parse_proxy_setting(setting, value) {
+            Ok(ProxySetting::ReadReplica(on)) => {
+                self.read_replica = on;
+                messages::command_complete("SET", &mut self.client.out);
+            }
+            Err(e) => self.route_error(&e),
+        }
+        self.ready().await
+    }
+
+    pub(super) async fn show_proxy_setting(&mut self, name: &str) -> Result<(), SessionError> {
+        let value = match name {
+            "shardline.version" => Some(env!("CARGO_PKG_VERSION").to_string()),
+            "shardline.read_replica" => {
+                Some(if self.read_replica { "on" } else { "off" }.to_string())
+            }
+            "shardline.map_version" => self
+                .shared
+                .map
+                .borrow()
+                .as_ref()
+                .map(|v| v.map.version.to_string()),
+            _ => None,
+        };
+        match value {
+            Some(value) => {
+                messages::row_description(&[name], &mut self.client.out);
+                messages::data_row(&[Some(&value)], &mut self.client.out);
+                messages::command_complete("SHOW", &mut self.client.out);
+            }
+            None => self.client.error(
+                "42704",
+                &format!("unrecognized configuration parameter \"{name}\""),
+                None,
+            ),
+        }
+        self.ready().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn render_puts_literals_back() {
+        let literals = vec![Literal::String("it's".into()), Literal::Number("5".into())];
+        assert_eq!(
+            render("SET a TO $100001, $100002, $1", &literals),
+            "SET a TO E'it''s', 5, $1"
+        );
+        assert_eq!(quote_literal(r"a\'b"), r"E'a\\''b'");
+    }
+
+    #[test]
+    fn settings_sync_only_differences() {
+        let mut client = BTreeMap::new();
+        client.insert("search_path".to_string(), "app".to_string());
+        client.insert("application_name".to_string(), "'x'".to_string());
+        let mut backend = BTreeMap::new();
+        backend.insert("timezone".to_string(), "'UTC'".to_string());
+        assert_eq!(
+            settings_sync_sql(&client, &backend).as_deref(),
+            Some("SET search_path TO app; RESET timezone")
+        );
+        backend.clear();
+        backend.insert("search_path".to_string(), "app".to_string());
+        assert_eq!(settings_sync_sql(&client, &backend), None);
+    }
+}

@@ -1,0 +1,364 @@
+//! Prepared statements: the client's own (named and unnamed), their names on
+//! the backends (shared by every client preparing the same text), statements
+//! the proxy keeps prepared on its own (repeated unnamed statements and
+//! simple queries), preparing them on a backend, and recognising a kept
+//! statement whose cached plan went stale.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use rustc_hash::{FxHashMap, FxHashSet};
+
+use crate::analyze::{Analyzed, Command, DataStatement, Literal};
+use crate::route::Route;
+use crate::wire::frame::Frame;
+use crate::wire::messages::{self};
+
+use super::plan::{End, Expect, Plan};
+use super::Session;
+
+/// A statement the client prepared (extended protocol Parse).
+#[derive(Debug)]
+pub struct Prepared {
+    pub query: String,
+    pub param_types: Vec<u32>,
+    /// Name on the backends: the same for every client preparing the same text
+    /// with the same parameter types.
+    pub backend_name: Arc<str>,
+    pub analyzed: Analyzed,
+    /// As the unnamed statement, it may be kept prepared on the servers: it
+    /// reads or writes tables, and has no quoted constant (those are valued
+    /// when parsed: 'now', time zones).
+    pub keepable: bool,
+}
+
+impl Prepared {
+    pub(super) fn command(&self) -> Option<&Command> {
+        match self.analyzed.analysis.commands.as_slice() {
+            [one] => Some(one),
+            _ => None,
+        }
+    }
+}
+
+pub(super) const INT4_OID: u32 = 23;
+
+/// The settings Postgres reads while parsing a quoted constant
+/// (`TIMESTAMPTZ '2024-06-01 00:00'`, `DATE '01/02/2024'`, `'a\\b'`).
+pub(super) const PARSE_SETTINGS: [&str; 4] = [
+    "timezone",
+    "datestyle",
+    "intervalstyle",
+    "standard_conforming_strings",
+];
+
+/// Whether `query` has a quoted constant (a string or a dollar-quoted
+/// string): Postgres turns those into values when it parses the statement.
+pub(super) fn has_quoted_constant(query: &str) -> bool {
+    let bytes = query.as_bytes();
+    memchr::memchr(b'\'', bytes).is_some()
+        || memchr::memchr_iter(b'$', bytes)
+            .any(|at| !bytes.get(at + 1).is_some_and(u8::is_ascii_digit))
+}
+
+/// The name of a statement on the backends: the same for every client
+/// preparing the same text with the same parameter types, so they share it.
+/// A text with quoted constants also depends on the settings that shape
+/// their values; one that may hold `'now'`, `'today'`, `'tomorrow'` or
+/// `'yesterday'` (fixed when parsed) is never shared.
+pub(super) fn backend_statement_name(
+    query: &str,
+    param_types: &[u32],
+    settings: &BTreeMap<String, String>,
+) -> Arc<str> {
+    use std::hash::{Hash, Hasher};
+    static UNSHARED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    query.hash(&mut hasher);
+    param_types.hash(&mut hasher);
+    if has_quoted_constant(query) {
+        for name in PARSE_SETTINGS {
+            settings.get(name).hash(&mut hasher);
+        }
+        let lowered = query.to_ascii_lowercase();
+        if ["now", "today", "tomorrow", "yesterday"]
+            .iter()
+            .any(|word| lowered.contains(word))
+        {
+            UNSHARED
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                .hash(&mut hasher);
+        }
+    }
+    format!("sl_{:016x}_{}", hasher.finish(), query.len()).into()
+}
+
+/// A simple Query to run as a statement kept prepared on the server.
+pub(super) struct KeptSimple {
+    pub(super) name: Arc<str>,
+    pub(super) parameterized: Arc<crate::analyze::Parameterized>,
+    pub(super) types: Vec<u32>,
+    pub(super) literals: Arc<Vec<Literal>>,
+}
+
+/// A client's prepared statements. The unnamed one, which most drivers
+/// parse on every request, lives outside the map: no hashing, no compare.
+#[derive(Default)]
+pub(super) struct Statements {
+    pub(super) unnamed: Option<Arc<Prepared>>,
+    pub(super) named: FxHashMap<String, Arc<Prepared>>,
+}
+
+impl Statements {
+    pub(super) fn get(&self, name: &str) -> Option<&Arc<Prepared>> {
+        if name.is_empty() {
+            self.unnamed.as_ref()
+        } else {
+            self.named.get(name)
+        }
+    }
+
+    pub(super) fn insert(&mut self, name: String, statement: Arc<Prepared>) {
+        if name.is_empty() {
+            self.unnamed = Some(statement);
+        } else {
+            self.named.insert(name, statement);
+        }
+    }
+
+    pub(super) fn remove(&mut self, name: &str) -> Option<Arc<Prepared>> {
+        if name.is_empty() {
+            self.unnamed.take()
+        } else {
+            self.named.remove(name)
+        }
+    }
+
+    pub(super) fn clear(&mut self) {
+        self.unnamed = None;
+        self.named.clear();
+    }
+}
+
+/// How often clients of this serving thread sent each statement that could
+/// be kept prepared (by backend name): a repeated one is worth keeping.
+/// Counted across clients, so clients that connect for one query each
+/// benefit too. Bounded: when full it starts over.
+#[derive(Default)]
+pub struct StatementUses {
+    pub(super) counts: std::sync::Mutex<FxHashMap<Arc<str>, u32>>,
+}
+
+/// Bound on `StatementUses`.
+pub(super) const STATEMENT_USES_TRACKED: usize = 4096;
+
+impl StatementUses {
+    /// Counts one more use of `name`; returns how many there were.
+    pub fn count(&self, name: &Arc<str>) -> u32 {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = counts.get_mut(name) {
+            *count = count.saturating_add(1);
+            return *count;
+        }
+        if counts.len() >= STATEMENT_USES_TRACKED {
+            counts.clear();
+        }
+        counts.insert(name.clone(), 1);
+        1
+    }
+
+    pub fn get(&self, name: &str) -> u32 {
+        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.get(name).copied().unwrap_or(0)
+    }
+}
+
+/// Adds a Parse of `statement` under its backend name if the backend lacks
+/// it; its ParseComplete is dropped (the client did not ask for it).
+pub(super) fn ensure_prepared(
+    plan: &mut Plan,
+    prepared: &mut FxHashSet<Arc<str>>,
+    statement: &Prepared,
+) {
+    if !prepared.contains(&statement.backend_name) {
+        prepare_statement(plan, prepared, statement, false);
+    }
+}
+
+/// `prepare_on_backend` for a client's statement, its ParseComplete ending
+/// the reply; `forward`: whether the client sees it.
+pub(super) fn prepare_statement(
+    plan: &mut Plan,
+    prepared: &mut FxHashSet<Arc<str>>,
+    statement: &Prepared,
+    forward: bool,
+) {
+    prepare_on_backend(
+        plan,
+        prepared,
+        &statement.backend_name,
+        &statement.query,
+        &statement.param_types,
+        End::ParseComplete,
+        forward,
+    );
+}
+
+/// Sends a Parse of `query` as statement `name` and records it as prepared
+/// (undone if the Parse fails). Its reply ends at `end`; `forward`: whether
+/// the client sees it.
+pub(super) fn prepare_on_backend(
+    plan: &mut Plan,
+    prepared: &mut FxHashSet<Arc<str>>,
+    name: &Arc<str>,
+    query: &str,
+    param_types: &[u32],
+    end: End,
+    forward: bool,
+) {
+    messages::parse(name, query, param_types, &mut plan.out);
+    plan.expects.push_back(Expect::Reply {
+        end,
+        forward,
+        unprepare: Some(name.clone()),
+        stale_retry: None,
+    });
+    prepared.insert(name.clone());
+}
+
+/// Whether a backend with statements `prepared` may keep statement `name`:
+/// it has it already, or it keeps fewer than `max`.
+pub(super) fn can_keep(prepared: &FxHashSet<Arc<str>>, name: &str, max: usize) -> bool {
+    prepared.contains(name) || prepared.len() < max
+}
+
+/// The unnamed statement may have been parsed in an earlier request, maybe
+/// on another backend: parse it again here unless this request already did.
+pub(super) fn ensure_unnamed_parsed(plan: &mut Plan, statement: &Prepared, parsed: &mut bool) {
+    if *parsed {
+        return;
+    }
+    let mut out = BytesMut::new();
+    messages::parse("", &statement.query, &statement.param_types, &mut out);
+    plan.inject(&out, End::ParseComplete);
+    *parsed = true;
+}
+
+/// Whether an ErrorResponse says a prepared statement's cached plan no longer
+/// fits its tables (Postgres refuses to change a statement's result columns).
+/// The routine field is checked, not the message: messages are translated.
+pub(super) fn is_stale_plan_error(message: &[u8]) -> bool {
+    let Some(body) = message.get(5..) else {
+        return false;
+    };
+    let mut code = None;
+    let mut routine = None;
+    for field in body.split(|&b| b == 0) {
+        match field.split_first() {
+            Some((b'C', value)) => code = Some(value),
+            Some((b'R', value)) => routine = Some(value),
+            _ => {}
+        }
+    }
+    code == Some(b"0A000") && routine == Some(b"RevalidateCachedQuery")
+}
+
+impl Session {
+    /// Whether a simple Query runs as a statement kept prepared on the server,
+    /// its integer literals sent as parameters: it is exactly equivalent (see
+    /// `Parameterized`), the client sent it often enough, and it runs in an
+    /// implicit transaction, so that a stale plan can be retried unseen.
+    pub(super) fn kept_simple(
+        &mut self,
+        frame: &Frame,
+        analyzed: &Analyzed,
+        data: &DataStatement,
+        route: &Route,
+    ) -> Option<KeptSimple> {
+        let after = self.shared.config.pool.prepare_simple_after;
+        if after == 0
+            || !self.in_implicit_transaction()
+            || route.server().is_none()
+            || data.copy.is_some()
+            || data.unparsed.is_some()
+            // The shape has no comments: keep planner hints (pg_hint_plan's
+            // `/*+ ... */`) by sending such queries as they are.
+            || memchr::memchr_iter(b'/', &frame.raw).any(|at| frame.raw.get(at + 1) == Some(&b'*'))
+        {
+            return None;
+        }
+        let parameterized = analyzed.analysis.parameterized()?.clone();
+        if parameterized.params != analyzed.literals.len() {
+            return None;
+        }
+        let mut types = Vec::with_capacity(parameterized.params);
+        for literal in analyzed.literals.iter() {
+            types.push(crate::analyze::integer_literal_type(literal)?);
+        }
+        // The text has no quoted constant: its name does not depend on settings.
+        let name = if types.iter().all(|&t| t == INT4_OID) {
+            parameterized
+                .int4_name
+                .get_or_init(|| backend_statement_name(&parameterized.text, &types, &self.settings))
+                .clone()
+        } else {
+            backend_statement_name(&parameterized.text, &types, &self.settings)
+        };
+        if self.shared.statement_uses.count(&name) < after {
+            return None;
+        }
+        Some(KeptSimple {
+            name,
+            parameterized,
+            types,
+            literals: analyzed.literals.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn statement_names_depend_on_text_and_types() {
+        let none = BTreeMap::new();
+        assert_eq!(
+            backend_statement_name("select 1", &[], &none),
+            backend_statement_name("select 1", &[], &none)
+        );
+        assert_ne!(
+            backend_statement_name("select 1", &[], &none),
+            backend_statement_name("select 1", &[23], &none)
+        );
+    }
+
+    #[test]
+    fn quoted_constants_share_a_statement_only_under_the_same_parse_settings() {
+        let none = BTreeMap::new();
+        let mut berlin = BTreeMap::new();
+        berlin.insert("timezone".to_string(), "'Europe/Berlin'".to_string());
+        let text = "select timestamptz '2024-06-01 00:00'";
+        assert_eq!(
+            backend_statement_name(text, &[], &berlin),
+            backend_statement_name(text, &[], &berlin)
+        );
+        assert_ne!(
+            backend_statement_name(text, &[], &none),
+            backend_statement_name(text, &[], &berlin)
+        );
+        // Without a quoted constant the settings do not matter.
+        assert_eq!(
+            backend_statement_name("select $1::timestamptz", &[], &none),
+            backend_statement_name("select $1::timestamptz", &[], &berlin)
+        );
+        // 'now' is fixed when parsed: never shared.
+        let now = "insert into log (at) values ('now')";
+        assert_ne!(
+            backend_statement_name(now, &[], &none),
+            backend_statement_name(now, &[], &none)
+        );
+    }
+}

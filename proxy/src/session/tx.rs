@@ -1,0 +1,110 @@
+//! The client's transaction as the proxy sees it: held back until its first
+//! routed statement, bound to one backend, or aborted by a routing error.
+
+use std::io;
+
+use bytes::BytesMut;
+
+use crate::analyze::Command;
+use crate::wire::messages::{self};
+
+use super::client::SessionError;
+use super::Session;
+
+/// The client's transaction, as the proxy sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Tx {
+    Idle,
+    /// BEGIN was acknowledged but not sent yet: it goes to the server of the
+    /// first statement that has a route, followed by `prelude`'s other parts.
+    Deferred {
+        prelude: Vec<String>,
+        /// BEGIN READ ONLY: may run on a read replica.
+        read_only: bool,
+    },
+    /// Open on the held backend.
+    Bound,
+    /// Failed without a backend holding it (a routing error): everything
+    /// but COMMIT/ROLLBACK fails until the client ends it.
+    Aborted,
+}
+
+pub(super) fn is_tx_control(command: Option<&Command>) -> bool {
+    matches!(
+        command,
+        Some(Command::Begin { .. } | Command::Commit | Command::Rollback)
+    )
+}
+
+/// The CommandComplete tag Postgres gives a transaction-scoped statement.
+pub(super) fn transaction_scoped_tag(sql: &str) -> String {
+    let mut words = sql.split_whitespace().map(|w| w.to_uppercase());
+    match words.next().as_deref() {
+        Some("SAVEPOINT") => "SAVEPOINT".into(),
+        Some("RELEASE") => "RELEASE".into(),
+        Some("ROLLBACK") => "ROLLBACK".into(),
+        Some("SET") => "SET".into(),
+        Some(other) => other.to_string(),
+        None => String::new(),
+    }
+}
+
+impl Session {
+    /// A routing failure inside a transaction aborts it, as any error would in Postgres.
+    pub(super) async fn fail_transaction(&mut self) {
+        match self.tx {
+            Tx::Idle => {}
+            Tx::Deferred { .. } | Tx::Aborted => self.tx = Tx::Aborted,
+            Tx::Bound => {
+                // Roll the backend back now, so nothing of it can be committed.
+                if let Some(mut lease) = self.lease.take() {
+                    if lease.backend().pending_sync {
+                        // Mid extended-protocol sequence: closing the connection
+                        // rolls the transaction back.
+                        lease.backend().broken = true;
+                        self.set_cancel_target(None);
+                        self.tx = Tx::Aborted;
+                        self.tx_settings.clear();
+                        return;
+                    }
+                    let mut out = BytesMut::new();
+                    messages::query("ROLLBACK", &mut out);
+                    let ok = async {
+                        let backend = lease.backend();
+                        backend.write_all(&out).await?;
+                        loop {
+                            let frame = backend.read_frame().await?;
+                            if frame.tag == b'Z' {
+                                backend.status = frame.body().first().copied().unwrap_or(b'I');
+                                return Ok::<_, io::Error>(());
+                            }
+                        }
+                    }
+                    .await;
+                    if ok.is_err() {
+                        lease.backend().broken = true;
+                    }
+                }
+                self.set_cancel_target(None);
+                self.tx = Tx::Aborted;
+                self.tx_settings.clear();
+            }
+        }
+    }
+
+    pub(super) async fn aborted_error(&mut self) -> Result<(), SessionError> {
+        self.client.error(
+            "25P02",
+            "current transaction is aborted, commands ignored until end of transaction block",
+            None,
+        );
+        self.ready().await
+    }
+
+    /// Whether the next request runs in an implicit transaction of its own:
+    /// no transaction open or held back, no backend kept from an unsynced
+    /// request. Only then can a request be sent a second time unseen.
+    pub(super) fn in_implicit_transaction(&self) -> bool {
+        self.tx == Tx::Idle && self.lease.is_none() && !self.unsynced
+    }
+}
