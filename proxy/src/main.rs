@@ -9,7 +9,8 @@ use clap::Parser;
 use proxy::config::ProxyConfig;
 use proxy::pool::Pools;
 
-use proxy::server::{self, Shared};
+use proxy::context::Shared;
+use proxy::server;
 use shardmap::MapCache;
 
 /// Every request allocates a few small buffers; mimalloc's thread-local free
@@ -194,7 +195,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(metrics_listen) = &config.metrics_listen {
         let metrics_listener = tokio::net::TcpListener::bind(metrics_listen).await?;
         tracing::info!(address = %metrics_listener.local_addr()?, "metrics at /metrics");
-        tokio::spawn(proxy::metrics::serve(metrics_listener, all_shared.clone()));
+        tokio::spawn(proxy::scrape::serve(metrics_listener, all_shared.clone()));
     }
     let serving = tokio::spawn(server::serve(listener, all_shared[0].clone()));
     tokio::select! {

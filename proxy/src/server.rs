@@ -3,24 +3,18 @@
 //! send the server's parameters, then hand the connection to a `Session`.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
-use shardmap::cache::Snapshot;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
 
 use crate::tls::ClientStream;
-use tokio::sync::{watch, Semaphore};
 use tracing::{debug, info, warn};
 
-use crate::analyze::Analyzer;
-use crate::auth::{md5_expected, AuthMethod, ScramServer, Users};
-use crate::cancel::CancelRegistry;
-use crate::config::ProxyConfig;
-use crate::pool::Pools;
+use crate::auth::{md5_expected, AuthMethod, ScramServer};
+use crate::context::Shared;
 use crate::session::{ClientIo, Session, SessionError};
 use crate::wire::frame::{next_frame, next_startup_packet, Reader};
 use crate::wire::messages;
@@ -29,74 +23,6 @@ const SSL_REQUEST: i32 = 80_877_103;
 const GSSENC_REQUEST: i32 = 80_877_104;
 const CANCEL_REQUEST: i32 = 80_877_102;
 const PROTOCOL_3: i32 = 196_608;
-
-/// Everything sessions share.
-pub struct Shared {
-    pub config: ProxyConfig,
-    pub users: Users,
-    pub analyzer: Analyzer,
-    /// Uses of statements that could be kept prepared on the servers.
-    pub statement_uses: crate::session::StatementUses,
-    /// The map, as the watch cache last applied it.
-    pub map: watch::Receiver<Snapshot>,
-    pub pools: Pools,
-    /// Shared by every serving thread: a cancel request may reach any of them.
-    pub cancels: Arc<CancelRegistry>,
-    /// ParameterStatus values reported to clients at login, learned from a
-    /// backend (the first login that reaches one).
-    pub server_parameters: Mutex<Option<Vec<(String, String)>>>,
-    pub active_clients: AtomicUsize,
-    client_slots: Arc<Semaphore>,
-    /// Set when TLS is configured.
-    pub tls: Option<TlsAcceptor>,
-    pub metrics: crate::metrics::Metrics,
-    /// Acknowledged map version and lease-based permission to serve, shared
-    /// by every serving thread and the registry.
-    pub liveness: Arc<crate::liveness::Liveness>,
-}
-
-impl Shared {
-    pub fn new(
-        config: ProxyConfig,
-        users: Users,
-        map: watch::Receiver<Snapshot>,
-        pools: Pools,
-    ) -> Shared {
-        Shared::with_cancels(
-            config,
-            users,
-            map,
-            pools,
-            Arc::new(CancelRegistry::default()),
-        )
-    }
-
-    /// Like `new`, sharing a cancel registry with other serving threads.
-    pub fn with_cancels(
-        config: ProxyConfig,
-        users: Users,
-        map: watch::Receiver<Snapshot>,
-        pools: Pools,
-        cancels: Arc<CancelRegistry>,
-    ) -> Shared {
-        let max_clients = config.limits.max_clients;
-        Shared {
-            config,
-            users,
-            analyzer: Analyzer::new(10_000),
-            statement_uses: Default::default(),
-            map,
-            pools,
-            cancels,
-            server_parameters: Mutex::new(None),
-            active_clients: AtomicUsize::new(0),
-            client_slots: Arc::new(Semaphore::new(max_clients)),
-            tls: None,
-            metrics: crate::metrics::Metrics::default(),
-            liveness: crate::liveness::Liveness::new(true),
-        }
-    }
-}
 
 /// Accepts clients forever.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {

@@ -1,9 +1,16 @@
-//! Prometheus metrics of a rebalancer daemon, served as text at
-//! `GET /metrics` when `metrics_listen` is set.
+//! Prometheus metrics of a rebalancer daemon: atomics bumped by the daemon,
+//! encoded by `prometheus-client` and served at `GET /metrics` when
+//! `metrics_listen` is set.
 
-use std::fmt::Write as _;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
 
 use tokio::net::TcpListener;
 
@@ -33,64 +40,73 @@ impl Metrics {
         gauge.store(n, Ordering::Relaxed);
     }
 
-    pub fn render(&self) -> String {
+    /// The metrics as OpenMetrics text (see `CONTENT_TYPE`).
+    pub fn render(self: &Arc<Self>) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(self.clone()));
         let mut out = String::with_capacity(1024);
-        let mut line = |name: &str, kind: &str, help: &str, value: &AtomicU64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {}",
-                value.load(Ordering::Relaxed)
-            );
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+            tracing::warn!(error = %e, "cannot encode the metrics");
+        }
+        out
+    }
+}
+
+/// The content type of `Metrics::render`'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+impl Collector for Metrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let read = |value: &AtomicU64| value.load(Ordering::Relaxed);
+        let mut gauge = |name: &str, help: &str, value: &AtomicU64| {
+            let gauge = ConstGauge::new(read(value) as i64);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
         };
-        line(
+        gauge(
             "shardline_rebalancer_leader",
-            "gauge",
             "1 while this daemon leads.",
             &self.leader,
-        );
-        line(
+        )?;
+        gauge(
             "shardline_rebalancer_jobs_running",
-            "gauge",
             "Move jobs this daemon runs now.",
             &self.jobs_running,
-        );
-        line(
-            "shardline_rebalancer_moves_done_total",
-            "counter",
-            "Moves finished.",
-            &self.moves_done,
-        );
-        line(
-            "shardline_rebalancer_moves_failed_total",
-            "counter",
-            "Moves that failed.",
-            &self.moves_failed,
-        );
-        line(
-            "shardline_rebalancer_moves_cancelled_total",
-            "counter",
-            "Moves cancelled and rolled back.",
-            &self.moves_cancelled,
-        );
-        line(
-            "shardline_rebalancer_cutovers_given_back_total",
-            "counter",
-            "Cutovers that gave the partition back to its source to retry later.",
-            &self.cutovers_given_back,
-        );
-        line(
-            "shardline_rebalancer_bytes_moved_total",
-            "counter",
-            "Bytes of the partitions moved.",
-            &self.bytes_moved,
-        );
-        line(
+        )?;
+        gauge(
             "shardline_rebalancer_last_blocked_milliseconds",
-            "gauge",
             "How long the last cutover blocked its partition.",
             &self.last_blocked_ms,
-        );
-        out
+        )?;
+        // The encoder adds `_total` to counter names.
+        let mut counter = |name: &str, help: &str, value: &AtomicU64| {
+            let counter = ConstCounter::new(read(value));
+            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)
+        };
+        counter(
+            "shardline_rebalancer_moves_done",
+            "Moves finished.",
+            &self.moves_done,
+        )?;
+        counter(
+            "shardline_rebalancer_moves_failed",
+            "Moves that failed.",
+            &self.moves_failed,
+        )?;
+        counter(
+            "shardline_rebalancer_moves_cancelled",
+            "Moves cancelled and rolled back.",
+            &self.moves_cancelled,
+        )?;
+        counter(
+            "shardline_rebalancer_cutovers_given_back",
+            "Cutovers that gave the partition back to its source to retry later.",
+            &self.cutovers_given_back,
+        )?;
+        counter(
+            "shardline_rebalancer_bytes_moved",
+            "Bytes of the partitions moved.",
+            &self.bytes_moved,
+        )
     }
 }
 
@@ -105,7 +121,7 @@ mod tests {
 
     #[test]
     fn renders_every_metric() {
-        let metrics = Metrics::default();
+        let metrics = Arc::new(Metrics::default());
         Metrics::add(&metrics.moves_done, 3);
         Metrics::set(&metrics.leader, 1);
         let text = metrics.render();
@@ -115,5 +131,6 @@ mod tests {
         );
         assert!(text.contains("shardline_rebalancer_leader 1"), "{text}");
         assert_eq!(text.matches("# TYPE").count(), 8);
+        assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

@@ -149,7 +149,7 @@ pub async fn create_table(cluster: &TestCluster, map: &ClusterMap, table: &str, 
 /// A proxy running inside the test process.
 pub struct TestProxy {
     pub addr: std::net::SocketAddr,
-    pub shared: std::sync::Arc<proxy::server::Shared>,
+    pub shared: std::sync::Arc<proxy::context::Shared>,
     _cache: std::sync::Arc<shardmap::MapCache>,
     task: tokio::task::JoinHandle<()>,
     registry: tokio::task::JoinHandle<()>,
@@ -211,7 +211,7 @@ impl TestProxy {
             cache.clone(),
             liveness.clone(),
         ));
-        let mut shared = proxy::server::Shared::new(config, users, cache.subscribe(), pools);
+        let mut shared = proxy::context::Shared::new(config, users, cache.subscribe(), pools);
         shared.tls = tls;
         shared.liveness = liveness.clone();
         let shared = std::sync::Arc::new(shared);

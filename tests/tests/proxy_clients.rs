@@ -623,7 +623,7 @@ async fn prometheus_metrics_count_requests_errors_and_pools() {
         .await
         .expect("bind metrics");
     let address = listener.local_addr().expect("metrics address");
-    let server = tokio::spawn(proxy::metrics::serve(listener, vec![proxy.shared.clone()]));
+    let server = tokio::spawn(proxy::scrape::serve(listener, vec![proxy.shared.clone()]));
     let mut stream = tokio::net::TcpStream::connect(address)
         .await
         .expect("connect to metrics");

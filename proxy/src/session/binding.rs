@@ -21,61 +21,45 @@ use super::plan::{End, Outcome, Plan};
 use super::relay::RelayError;
 use super::settings::{replayed_settings, settings_sync_sql, RESET_ALL};
 use super::tx::Tx;
-use super::Session;
+use super::{Request, Session};
 
 /// Writes a request into the plan, given the backend's prepared statements.
 pub(super) type BuildRequest<'a> =
-    dyn FnMut(&mut Session, &mut Plan, &mut FxHashSet<Arc<str>>) + Send + 'a;
-
-/// How a request is dispatched.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct DispatchFlags {
-    /// Runs inside a held-back transaction, and so opens it on the server.
-    pub(super) binds_tx: bool,
-    /// The request ends with Sync (not Flush): the backend can be released.
-    pub(super) synced: bool,
-    /// Only reads: may go to a read replica if the client asked for that.
-    pub(super) read_only: bool,
-}
+    dyn FnMut(&Session, &Request, &mut Plan, &mut FxHashSet<Arc<str>>) + Send + 'a;
 
 impl Session {
     /// Sends a simple Query message as it came from the client.
     pub(super) async fn dispatch_query(
         &mut self,
         route: Route,
-        binds_tx: bool,
-        read_only: bool,
+        request: Request,
         query: &Bytes,
         outcome: &mut Outcome,
     ) -> Result<bool, SessionError> {
-        let mut build = |_: &mut Session, plan: &mut Plan, _: &mut FxHashSet<Arc<str>>| {
+        let mut build = |_: &Session, _: &Request, plan: &mut Plan, _: &mut FxHashSet<Arc<str>>| {
             plan.send(query, End::Query);
         };
-        let flags = DispatchFlags {
-            binds_tx,
-            synced: true,
-            read_only,
-        };
-        self.dispatch(route, flags, &mut build, outcome).await
+        self.dispatch(route, request, &mut build, outcome).await
     }
 
     /// Binds a backend for `route`, brings it in line with the session
-    /// (settings; the held-back BEGIN when `binds_tx`), sends the request
-    /// `build` produces and relays the replies. Returns false if no backend
-    /// could be used (an error went to the client instead). `synced` is false
-    /// for a request ending in Flush: the backend is then kept for the Sync.
+    /// (settings; the held-back BEGIN when the request `binds_tx`), sends the
+    /// request `build` produces and relays the replies. Returns false if no
+    /// backend could be used (an error went to the client instead). A request
+    /// that is not `synced` (it ended in Flush) keeps the backend for the Sync.
     pub(super) async fn dispatch(
         &mut self,
         route: Route,
-        flags: DispatchFlags,
+        mut request: Request,
         build: &mut BuildRequest<'_>,
         outcome: &mut Outcome,
     ) -> Result<bool, SessionError> {
-        let DispatchFlags {
+        let Request {
             binds_tx,
             synced,
             read_only,
-        } = flags;
+            ..
+        } = request;
         let held = self.lease.as_ref().map(|l| l.server().to_string());
         let target = match (route.server(), &held) {
             (Some(server), Some(held)) if server != held => {
@@ -149,9 +133,9 @@ impl Session {
             }));
         }
         // Prefix: settings the backend lacks, then a held-back BEGIN.
-        let mut request = std::mem::take(&mut self.request);
-        request.out.clear();
-        request.expects.clear();
+        let mut plan = std::mem::take(&mut self.plan_buffers);
+        plan.out.clear();
+        plan.expects.clear();
         if lease.backend().settings_unknown {
             // Someone changed this connection's session state in a way not
             // recorded exactly: start from the server defaults.
@@ -163,14 +147,14 @@ impl Session {
         if let Some(sql) = settings_sync_sql(&self.settings, &lease.backend().settings) {
             let mut out = BytesMut::new();
             messages::query(&sql, &mut out);
-            request.inject(&out, End::Query);
+            plan.inject(&out, End::Query);
             lease.backend().settings = replayed_settings(&self.settings);
         }
         if binds_tx {
             if let Tx::Deferred { prelude, .. } = &self.tx {
                 let mut out = BytesMut::new();
                 messages::query(&prelude.join("; "), &mut out);
-                request.inject(&out, End::Query);
+                plan.inject(&out, End::Query);
                 if prelude.len() > 1 {
                     // SET/SAVEPOINT sent with the BEGIN: not tracked exactly.
                     lease.backend().settings_unknown = true;
@@ -178,7 +162,7 @@ impl Session {
                 self.tx = Tx::Bound;
             }
         }
-        if self.changes_session_state {
+        if request.changes_session_state {
             lease.backend().settings_unknown = true;
         }
         if !synced {
@@ -186,41 +170,40 @@ impl Session {
         }
         {
             let mut prepared = std::mem::take(&mut lease.backend().prepared);
-            build(self, &mut request, &mut prepared);
+            build(self, &request, &mut plan, &mut prepared);
             lease.backend().prepared = prepared;
         }
-        let mut result = self.relay(&mut lease, &mut request, outcome).await;
+        let mut result = self.relay(&mut lease, &mut plan, &request, outcome).await;
         if let (Ok(()), Some(stale)) = (&result, outcome.stale.take()) {
             // A table under a kept-prepared statement changed its columns:
             // drop the statement and run the request as the client sent it.
             debug!(statement = %stale, "kept-prepared statement went stale; sending the request again");
             Metrics::add(&self.shared.metrics.stale_plan_retries, 1);
             lease.backend().prepared.remove(&stale);
-            request.out.clear();
-            request.expects.clear();
+            plan.out.clear();
+            plan.expects.clear();
             let mut close = BytesMut::new();
             Target {
                 kind: b'S',
                 name: stale.to_string(),
             }
             .encode(b'C', &mut close);
-            request.inject(&close, End::CloseComplete);
-            self.keep_unnamed = false;
+            plan.inject(&close, End::CloseComplete);
+            request.keep_unnamed = false;
             let mut prepared = std::mem::take(&mut lease.backend().prepared);
-            build(self, &mut request, &mut prepared);
+            build(self, &request, &mut plan, &mut prepared);
             lease.backend().prepared = prepared;
-            result = self.relay(&mut lease, &mut request, outcome).await;
+            result = self.relay(&mut lease, &mut plan, &request, outcome).await;
         }
-        if std::mem::take(&mut self.drops_statements) {
+        if request.drops_statements {
             // DISCARD/DEALLOCATE on a shared connection: its prepared
             // statements are no longer known; do not reuse it.
             lease.backend().broken = true;
         }
-        self.changes_session_state = false;
         // Keep the buffers for the next request (bounded, so one huge request
         // does not pin memory for the session's life).
-        if request.out.capacity() <= 64 * 1024 {
-            self.request = request;
+        if plan.out.capacity() <= 64 * 1024 {
+            self.plan_buffers = plan;
         }
         match result {
             Ok(()) => {}

@@ -14,7 +14,6 @@ use crate::route::{route_data, Params, Resolution, Route, RouteError};
 use crate::wire::frame::Frame;
 use crate::wire::messages::{self, Bind, Parse, Target};
 
-use super::binding::DispatchFlags;
 use super::client::SessionError;
 use super::plan::{emit_leading_synthetic, simple_reply, End, Outcome, Plan};
 use super::settings::{changes_session, parse_proxy_setting, render, ProxySetting};
@@ -23,7 +22,7 @@ use super::statements::{
     prepare_statement, Prepared,
 };
 use super::tx::{is_tx_control, Tx};
-use super::{cross_server, unsupported, Session};
+use super::{cross_server, unsupported, Request, Session};
 
 /// An extended-protocol message of a request.
 pub(super) enum Item {
@@ -185,7 +184,7 @@ impl Session {
                 self.tx = tx_after;
             }
             let mut plan = Plan::default();
-            self.build_extended(&items, &portals, &mut plan, None);
+            self.build_extended(&items, &portals, &mut plan, None, false);
             emit_leading_synthetic(&mut plan.expects, &mut self.client.out);
             self.forget_closed(&items);
             return if synced {
@@ -207,23 +206,24 @@ impl Session {
             }
         }
         let mut outcome = Outcome::default();
-        let mut build =
-            |session: &mut Session, plan: &mut Plan, prepared: &mut FxHashSet<Arc<str>>| {
-                session.build_extended(&items, &portals, plan, Some(prepared));
-            };
-        self.changes_session_state = changes_session_state;
-        self.drops_statements = drops_statements;
-        let flags = DispatchFlags {
+        let mut build = |session: &Session,
+                         request: &Request,
+                         plan: &mut Plan,
+                         prepared: &mut FxHashSet<Arc<str>>| {
+            let keep = request.keep_unnamed;
+            session.build_extended(&items, &portals, plan, Some(prepared), keep);
+        };
+        let request = Request {
             binds_tx: forwards,
             synced,
             read_only,
+            changes_session_state,
+            drops_statements,
+            extended: true,
+            keep_unnamed: self.keeps_unnamed_prepared(&items, synced),
         };
-        self.in_extended = true;
-        self.keep_unnamed = self.keeps_unnamed_prepared(&items, synced);
-        let dispatched = self.dispatch(route, flags, &mut build, &mut outcome).await;
-        self.in_extended = false;
-        self.keep_unnamed = false;
-        dispatched?;
+        self.dispatch(route, request, &mut build, &mut outcome)
+            .await?;
         self.forget_closed(&items);
         Ok(())
     }
@@ -433,18 +433,19 @@ impl Session {
 
     /// Turns the request's messages into backend bytes and expected replies.
     /// `prepared` is the backend's prepared-statement set (None: no backend,
-    /// everything answered by the proxy).
+    /// everything answered by the proxy); `keep_unnamed` as in `Request`.
     pub(super) fn build_extended(
         &self,
         items: &[Item],
         portals: &Portals,
         plan: &mut Plan,
         mut prepared: Option<&mut FxHashSet<Arc<str>>>,
+        keep_unnamed: bool,
     ) {
         let mut unnamed_parsed = false;
         // Whether the unnamed statement runs kept prepared on this backend
         // (under its backend name, like a named one).
-        let keep = self.keep_unnamed
+        let keep = keep_unnamed
             && match (&prepared, &self.statements.unnamed) {
                 (Some(set), Some(statement)) => can_keep(
                     set,

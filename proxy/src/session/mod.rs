@@ -32,17 +32,16 @@ mod tx;
 
 pub use client::{ClientIo, SessionError};
 pub use settings::quote_literal;
-pub use statements::StatementUses;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::cancel::TargetSlot;
+use crate::context::Shared;
 use crate::liveness::Flight;
 use crate::metrics::Metrics;
 use crate::pool::{Lease, Pool};
 use crate::route::RouteError;
-use crate::server::Shared;
 use crate::wire::frame::Frame;
 use crate::wire::messages::{self};
 
@@ -50,6 +49,44 @@ use plan::Plan;
 use statements::Statements;
 use tx::Tx;
 
+/// What one client request needs on its way to a backend and back. Made
+/// for each request (never kept on the `Session`), so nothing of one request
+/// can leak into the next, whichever way the request ends.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Request {
+    /// Runs inside a held-back transaction, and so opens it on the server.
+    pub(super) binds_tx: bool,
+    /// Ends with Sync or is a Query (not Flush): the backend can be released.
+    pub(super) synced: bool,
+    /// Only reads: may go to a read replica if the client asked for that.
+    pub(super) read_only: bool,
+    /// Changes session state in ways the settings record cannot follow
+    /// (SET/RESET/DISCARD inside a multi-statement Query or through the
+    /// extended protocol): the backend's settings become unknown.
+    pub(super) changes_session_state: bool,
+    /// Runs DISCARD or DEALLOCATE on the backend, whose prepared statements
+    /// are shared: the connection is not reused.
+    pub(super) drops_statements: bool,
+    /// An extended-protocol request (a COPY in it ends with the client's Sync).
+    pub(super) extended: bool,
+    /// The unnamed statement runs as a statement kept prepared on the server
+    /// (see `keeps_unnamed_prepared`); cleared for the retry of a stale plan.
+    pub(super) keep_unnamed: bool,
+}
+
+impl Request {
+    /// A simple Query; `binds_tx` and `read_only` as in the fields.
+    pub(super) fn query(binds_tx: bool, read_only: bool) -> Request {
+        Request {
+            binds_tx,
+            synced: true,
+            read_only,
+            ..Request::default()
+        }
+    }
+}
+
+/// One client's session after login.
 pub struct Session {
     shared: Arc<Shared>,
     client: ClientIo,
@@ -65,18 +102,7 @@ pub struct Session {
     /// The pool used last, with the map revision it was looked up in.
     last_pool: Option<(i64, String, Arc<Pool>)>,
     /// Buffers of the request being sent, reused from one request to the next.
-    request: Plan,
-    /// Set by a request that changes session state in ways the settings
-    /// record cannot follow (SET/RESET/DISCARD inside a multi-statement
-    /// Query or through the extended protocol, SET in a transaction).
-    changes_session_state: bool,
-    /// Set by a request that runs DISCARD or DEALLOCATE on the backend.
-    drops_statements: bool,
-    /// True while an extended-protocol request is being relayed.
-    in_extended: bool,
-    /// This request's unnamed statement runs as a statement kept prepared
-    /// on the server (see `keeps_unnamed_prepared`).
-    keep_unnamed: bool,
+    plan_buffers: Plan,
     /// `SET shardline.read_replica = on`: reads outside transactions go to replicas.
     read_replica: bool,
     replica_turn: usize,
@@ -103,11 +129,7 @@ impl Session {
             lease: None,
             unsynced: false,
             last_pool: None,
-            request: Plan::default(),
-            changes_session_state: false,
-            drops_statements: false,
-            in_extended: false,
-            keep_unnamed: false,
+            plan_buffers: Plan::default(),
             read_replica: false,
             replica_turn: 0,
             cancel_slot,

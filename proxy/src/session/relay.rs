@@ -11,7 +11,7 @@ use crate::wire::messages::{self};
 use super::client::SessionError;
 use super::plan::{emit_leading_synthetic, forwarding, End, Expect, Outcome, Plan};
 use super::statements::is_stale_plan_error;
-use super::Session;
+use super::{Request, Session};
 
 #[derive(Debug)]
 pub(super) enum RelayError {
@@ -28,6 +28,7 @@ impl Session {
         &mut self,
         lease: &mut Lease,
         plan: &mut Plan,
+        request: &Request,
         outcome: &mut Outcome,
     ) -> Result<(), RelayError> {
         let backend = lease.backend();
@@ -141,7 +142,7 @@ impl Session {
                                 "COPY BOTH is not supported",
                             )));
                         }
-                        self.copy_in(backend).await?;
+                        self.copy_in(backend, request.extended).await?;
                         continue;
                     }
                     _ => {}
@@ -192,10 +193,12 @@ impl Session {
         }
     }
 
-    /// Pumps COPY data from the client to the backend until CopyDone or CopyFail.
+    /// Pumps COPY data from the client to the backend until CopyDone or
+    /// CopyFail; `extended`: the COPY was started by an Execute.
     pub(super) async fn copy_in(
         &mut self,
         backend: &mut crate::backend::Backend,
+        extended: bool,
     ) -> Result<(), RelayError> {
         loop {
             let frame = match self.client.read_frame().await {
@@ -218,7 +221,7 @@ impl Session {
                         .write_all(&frame.raw)
                         .await
                         .map_err(RelayError::Backend)?;
-                    if self.in_extended {
+                    if extended {
                         // The Sync sent with the Execute was ignored during the
                         // COPY; libpq sends another after CopyDone, which the
                         // server needs before it answers ReadyForQuery.

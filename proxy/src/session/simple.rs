@@ -6,22 +6,22 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashSet;
 
-use crate::analyze::{Analyzed, Command, Literal};
+use crate::analyze::{Analyzed, Command, DataStatement, Literal};
 use crate::metrics::Metrics;
 use crate::route::{route_data, Resolution, Route, RouteError};
 use crate::wire::frame::Frame;
-use crate::wire::messages::{self};
+use crate::wire::messages;
 
-use super::binding::DispatchFlags;
 use super::client::SessionError;
 use super::plan::{End, Outcome, Plan};
 use super::settings::{changes_session, render};
 use super::statements::{can_keep, prepare_on_backend, KeptSimple};
 use super::tx::{transaction_scoped_tag, Tx};
-use super::{cross_server, unsupported, Session};
+use super::{cross_server, unsupported, Request, Session};
 
-/// The text of the (single) statement of a Query message, for re-sending.
-pub(super) fn analyzed_text(_analyzed: &Analyzed, frame: &Frame) -> String {
+/// The text of the (single) statement of a Query message, as the client
+/// wrote it, for sending later (with a held-back BEGIN).
+fn statement_text(frame: &Frame) -> String {
     messages::decode_query(frame.body())
         .map(|t| t.trim().trim_end_matches(';').trim().to_string())
         .unwrap_or_default()
@@ -36,32 +36,35 @@ impl Session {
             Err(e) => return Err(SessionError::ClientProtocol(e.to_string())),
         };
         let analyzed = self.shared.analyzer.analyze(text);
-        let analysis = analyzed.analysis.clone();
-        let commands = &analysis.commands;
-        if commands.is_empty() {
-            messages::empty(b'I', &mut self.client.out);
-            return self.ready().await;
+        match analyzed.analysis.commands.as_slice() {
+            [] => {
+                messages::empty(b'I', &mut self.client.out);
+                self.ready().await
+            }
+            [command] => self.single_statement(frame, &analyzed, command).await,
+            _ => self.several_statements(frame, &analyzed).await,
         }
-        if commands.len() == 1 {
-            return self.single_statement(frame, &analyzed, &commands[0]).await;
-        }
-        // Several statements in one Query run as one unit on one server.
+    }
+
+    /// Several statements in one Query run as one unit on one server.
+    async fn several_statements(
+        &mut self,
+        frame: Frame,
+        analyzed: &Analyzed,
+    ) -> Result<(), SessionError> {
         // In a failed transaction Postgres rejects the first statement and
         // skips the rest of the string: nothing of it may run.
         if self.tx == Tx::Aborted {
             return self.aborted_error().await;
         }
-        self.changes_session_state = commands.iter().any(changes_session);
-        self.drops_statements = commands
-            .iter()
-            .any(|c| matches!(c, Command::Discard | Command::Deallocate { .. }));
-        let literals = analyzed.literals.clone();
+        let commands = &analyzed.analysis.commands;
+        let literals = &analyzed.literals;
         let route = self
             .route_holding(|map| {
                 let mut route = Route::Any;
                 for command in commands {
                     if let Command::Data(data) = command {
-                        if let Resolution::Route(r) = route_data(data, map, &literals, None)? {
+                        if let Resolution::Route(r) = route_data(data, map, literals, None)? {
                             route = route.merge(r).map_err(|(a, b)| cross_server(&a, &b))?;
                         }
                     } else if let Command::Unsupported(what) = command {
@@ -71,21 +74,27 @@ impl Session {
                 Ok(route)
             })
             .await;
-        match route {
-            Ok(route) => {
-                let read_only = commands
-                    .iter()
-                    .all(|c| matches!(c, Command::Data(d) if d.read_only));
-                let mut outcome = Outcome::default();
-                self.dispatch_query(route, true, read_only, &frame.raw, &mut outcome)
-                    .await
-                    .map(|_| ())
-            }
-            Err(e) => self.refuse(&e).await,
-        }
+        let route = match route {
+            Ok(route) => route,
+            Err(e) => return self.refuse(&e).await,
+        };
+        let read_only = commands
+            .iter()
+            .all(|c| matches!(c, Command::Data(d) if d.read_only));
+        let request = Request {
+            changes_session_state: commands.iter().any(changes_session),
+            drops_statements: commands
+                .iter()
+                .any(|c| matches!(c, Command::Discard | Command::Deallocate { .. })),
+            ..Request::query(true, read_only)
+        };
+        let mut outcome = Outcome::default();
+        self.dispatch_query(route, request, &frame.raw, &mut outcome)
+            .await
+            .map(|_| ())
     }
 
-    pub(super) async fn single_statement(
+    async fn single_statement(
         &mut self,
         frame: Frame,
         analyzed: &Analyzed,
@@ -99,207 +108,228 @@ impl Session {
                 messages::empty(b'I', &mut self.client.out);
                 self.ready().await
             }
-            Command::Begin { read_only } => match self.tx {
-                Tx::Idle => {
-                    let statement = render(&analyzed_text(analyzed, &frame), &analyzed.literals);
-                    self.tx = Tx::Deferred {
-                        prelude: vec![statement],
-                        read_only: *read_only,
-                    };
-                    messages::command_complete("BEGIN", &mut self.client.out);
-                    self.ready().await
-                }
-                Tx::Deferred { .. } => {
-                    messages::error_fields(
-                        b'N',
-                        "WARNING",
-                        "25001",
-                        "there is already a transaction in progress",
-                        None,
-                        &mut self.client.out,
-                    );
-                    messages::command_complete("BEGIN", &mut self.client.out);
-                    self.ready().await
-                }
-                _ => self.forward_simple(frame, Route::Any, false).await,
-            },
-            Command::Commit | Command::Rollback => match self.tx {
-                Tx::Idle => {
-                    messages::error_fields(
-                        b'N',
-                        "WARNING",
-                        "25P01",
-                        "there is no transaction in progress",
-                        None,
-                        &mut self.client.out,
-                    );
-                    let tag = if *command == Command::Commit {
-                        "COMMIT"
-                    } else {
-                        "ROLLBACK"
-                    };
-                    messages::command_complete(tag, &mut self.client.out);
-                    self.ready().await
-                }
-                Tx::Deferred { .. } => {
-                    self.tx = Tx::Idle;
-                    self.apply_tx_settings(*command == Command::Commit);
-                    let tag = if *command == Command::Commit {
-                        "COMMIT"
-                    } else {
-                        "ROLLBACK"
-                    };
-                    messages::command_complete(tag, &mut self.client.out);
-                    self.ready().await
-                }
-                Tx::Aborted => {
-                    self.tx = Tx::Idle;
-                    self.tx_settings.clear();
-                    messages::command_complete("ROLLBACK", &mut self.client.out);
-                    self.ready().await
-                }
-                Tx::Bound => self.forward_simple(frame, Route::Any, false).await,
-            },
-            Command::TransactionScoped => match &mut self.tx {
-                Tx::Deferred { prelude, .. } => {
-                    // Runs with the BEGIN, once the transaction has a server.
-                    prelude.push(render(&analyzed_text(analyzed, &frame), &analyzed.literals));
-                    let tag = transaction_scoped_tag(&analyzed_text(analyzed, &frame));
-                    messages::command_complete(&tag, &mut self.client.out);
-                    self.ready().await
-                }
-                _ => self.forward_simple(frame, Route::Any, false).await,
-            },
+            Command::Begin { read_only } => self.begin(frame, *read_only).await,
+            Command::Commit => self.end_transaction(frame, true).await,
+            Command::Rollback => self.end_transaction(frame, false).await,
+            Command::TransactionScoped => self.transaction_scoped(frame).await,
             Command::Set { name, value } => {
                 let value = render(value, &analyzed.literals);
-                if let Some(setting) = name.strip_prefix("shardline.") {
-                    return self.proxy_setting(setting, &value).await;
-                }
-                if let Tx::Deferred { prelude, .. } = &mut self.tx {
-                    // Runs with the BEGIN, once the transaction has a server.
-                    prelude.push(render(&analyzed_text(analyzed, &frame), &analyzed.literals));
-                    self.tx_settings.push((name.clone(), Some(value)));
-                    messages::command_complete("SET", &mut self.client.out);
-                    return self.ready().await;
-                }
-                self.changes_session_state = true;
-                let outcome = self
-                    .forward_simple_outcome(frame, Route::Any, true, false)
-                    .await?;
-                if outcome.is_some_and(|o| !o.errored) {
-                    self.record_setting(name.clone(), Some(value));
-                }
-                Ok(())
+                self.set(frame, name, value).await
             }
-            Command::Reset { name } => {
-                if let Tx::Deferred { prelude, .. } = &mut self.tx {
-                    prelude.push(render(&analyzed_text(analyzed, &frame), &analyzed.literals));
-                    match &name {
-                        Some(name) => self.tx_settings.push((name.clone(), None)),
-                        None => {
-                            let names: Vec<String> = self.settings.keys().cloned().collect();
-                            self.tx_settings
-                                .extend(names.into_iter().map(|n| (n, None)));
-                        }
-                    }
-                    messages::command_complete("RESET", &mut self.client.out);
-                    return self.ready().await;
-                }
-                self.changes_session_state = true;
-                let outcome = self
-                    .forward_simple_outcome(frame, Route::Any, true, false)
-                    .await?;
-                if outcome.is_some_and(|o| !o.errored) {
-                    match name {
-                        Some(name) => self.record_setting(name.clone(), None),
-                        None => {
-                            let names: Vec<String> = self.settings.keys().cloned().collect();
-                            for name in names {
-                                self.record_setting(name, None);
-                            }
-                        }
-                    }
-                }
-                Ok(())
+            Command::Reset { name } => self.reset(frame, name.as_deref()).await,
+            Command::Show { name } => self.show(frame, name).await,
+            Command::Discard => self.discard(frame).await,
+            Command::Deallocate { name } => self.deallocate(name.as_deref()).await,
+            Command::Unsupported(what) => self.refuse(&unsupported(what)).await,
+            Command::Data(data) => self.data_statement(frame, analyzed, data).await,
+        }
+    }
+
+    /// BEGIN is held back until the transaction's first routed statement,
+    /// which decides its server.
+    async fn begin(&mut self, frame: Frame, read_only: bool) -> Result<(), SessionError> {
+        match self.tx {
+            Tx::Idle => {
+                self.tx = Tx::Deferred {
+                    prelude: vec![statement_text(&frame)],
+                    read_only,
+                };
             }
-            Command::Show { name } if name.starts_with("shardline.") => {
-                self.show_proxy_setting(name).await
-            }
-            // SHOW reads a setting: it need not open a held-back transaction.
-            Command::Show { .. } => self
-                .forward_simple_outcome(frame, Route::Any, false, true)
-                .await
-                .map(|_| ()),
-            Command::Discard => {
-                // The backend's prepared statements are shared: forget only this
-                // client's, and its settings.
-                self.statements.clear();
-                let names: Vec<String> = self.settings.keys().cloned().collect();
-                for name in names {
-                    self.record_setting(name, None);
-                }
-                let tag = format!(
-                    "DISCARD {}",
-                    analyzed_text(analyzed, &frame)
-                        .split_whitespace()
-                        .nth(1)
-                        .unwrap_or("ALL")
-                        .to_uppercase()
+            Tx::Deferred { .. } => {
+                messages::error_fields(
+                    b'N',
+                    "WARNING",
+                    "25001",
+                    "there is already a transaction in progress",
+                    None,
+                    &mut self.client.out,
                 );
-                messages::command_complete(&tag, &mut self.client.out);
-                self.ready().await
             }
-            Command::Deallocate { name } => {
-                match name {
-                    None => self.statements.clear(),
-                    Some(name) => {
-                        if self.statements.remove(name).is_none() {
-                            self.client.error(
-                                "26000",
-                                &format!("prepared statement \"{name}\" does not exist"),
-                                None,
-                            );
-                            return self.ready().await;
-                        }
-                    }
+            Tx::Bound | Tx::Aborted => return self.forward_simple(frame, Route::Any, false).await,
+        }
+        messages::command_complete("BEGIN", &mut self.client.out);
+        self.ready().await
+    }
+
+    /// COMMIT or ROLLBACK: answered by the proxy unless a server holds the
+    /// transaction.
+    async fn end_transaction(&mut self, frame: Frame, commit: bool) -> Result<(), SessionError> {
+        let tag = if commit { "COMMIT" } else { "ROLLBACK" };
+        match self.tx {
+            Tx::Idle => {
+                messages::error_fields(
+                    b'N',
+                    "WARNING",
+                    "25P01",
+                    "there is no transaction in progress",
+                    None,
+                    &mut self.client.out,
+                );
+                messages::command_complete(tag, &mut self.client.out);
+            }
+            Tx::Deferred { .. } => {
+                self.tx = Tx::Idle;
+                self.apply_tx_settings(commit);
+                messages::command_complete(tag, &mut self.client.out);
+            }
+            Tx::Aborted => {
+                self.tx = Tx::Idle;
+                self.tx_settings.clear();
+                messages::command_complete("ROLLBACK", &mut self.client.out);
+            }
+            Tx::Bound => return self.forward_simple(frame, Route::Any, false).await,
+        }
+        self.ready().await
+    }
+
+    /// SAVEPOINT, SET TRANSACTION and the like: in a held-back transaction
+    /// they run with the BEGIN, once the transaction has a server.
+    async fn transaction_scoped(&mut self, frame: Frame) -> Result<(), SessionError> {
+        let Tx::Deferred { prelude, .. } = &mut self.tx else {
+            return self.forward_simple(frame, Route::Any, false).await;
+        };
+        let text = statement_text(&frame);
+        let tag = transaction_scoped_tag(&text);
+        prelude.push(text);
+        messages::command_complete(&tag, &mut self.client.out);
+        self.ready().await
+    }
+
+    /// `SET name = value` (`value` as SQL text): recorded so that it can be
+    /// replayed on whichever backend the session lands on next.
+    async fn set(&mut self, frame: Frame, name: &str, value: String) -> Result<(), SessionError> {
+        if let Some(setting) = name.strip_prefix("shardline.") {
+            return self.proxy_setting(setting, &value).await;
+        }
+        if let Tx::Deferred { prelude, .. } = &mut self.tx {
+            prelude.push(statement_text(&frame));
+            self.tx_settings.push((name.to_string(), Some(value)));
+            messages::command_complete("SET", &mut self.client.out);
+            return self.ready().await;
+        }
+        let request = Request {
+            changes_session_state: true,
+            ..Request::query(true, false)
+        };
+        let outcome = self
+            .forward_simple_outcome(frame, Route::Any, request)
+            .await?;
+        if outcome.is_some_and(|o| !o.errored) {
+            self.record_setting(name.to_string(), Some(value));
+        }
+        Ok(())
+    }
+
+    /// `RESET name` or `RESET ALL` (`name` None).
+    async fn reset(&mut self, frame: Frame, name: Option<&str>) -> Result<(), SessionError> {
+        let names: Vec<String> = match name {
+            Some(name) => vec![name.to_string()],
+            None => self.settings.keys().cloned().collect(),
+        };
+        if let Tx::Deferred { prelude, .. } = &mut self.tx {
+            prelude.push(statement_text(&frame));
+            self.tx_settings
+                .extend(names.into_iter().map(|name| (name, None)));
+            messages::command_complete("RESET", &mut self.client.out);
+            return self.ready().await;
+        }
+        let request = Request {
+            changes_session_state: true,
+            ..Request::query(true, false)
+        };
+        let outcome = self
+            .forward_simple_outcome(frame, Route::Any, request)
+            .await?;
+        if outcome.is_some_and(|o| !o.errored) {
+            for name in names {
+                self.record_setting(name, None);
+            }
+        }
+        Ok(())
+    }
+
+    /// SHOW reads a setting: it need not open a held-back transaction.
+    async fn show(&mut self, frame: Frame, name: &str) -> Result<(), SessionError> {
+        if name.starts_with("shardline.") {
+            return self.show_proxy_setting(name).await;
+        }
+        self.forward_simple_outcome(frame, Route::Any, Request::query(false, true))
+            .await
+            .map(|_| ())
+    }
+
+    /// DISCARD: the backend's prepared statements are shared, so the proxy
+    /// forgets only this client's, and its settings.
+    async fn discard(&mut self, frame: Frame) -> Result<(), SessionError> {
+        self.statements.clear();
+        let names: Vec<String> = self.settings.keys().cloned().collect();
+        for name in names {
+            self.record_setting(name, None);
+        }
+        let what = statement_text(&frame)
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("ALL")
+            .to_uppercase();
+        messages::command_complete(&format!("DISCARD {what}"), &mut self.client.out);
+        self.ready().await
+    }
+
+    /// DEALLOCATE (ALL when `name` is None): forgets the client's statements;
+    /// the backends keep theirs, which other clients share.
+    async fn deallocate(&mut self, name: Option<&str>) -> Result<(), SessionError> {
+        match name {
+            None => self.statements.clear(),
+            Some(name) => {
+                if self.statements.remove(name).is_none() {
+                    self.client.error(
+                        "26000",
+                        &format!("prepared statement \"{name}\" does not exist"),
+                        None,
+                    );
+                    return self.ready().await;
                 }
-                messages::command_complete("DEALLOCATE", &mut self.client.out);
-                self.ready().await
             }
-            Command::Unsupported(what) => {
-                let e = unsupported(what);
-                self.refuse(&e).await
+        }
+        messages::command_complete("DEALLOCATE", &mut self.client.out);
+        self.ready().await
+    }
+
+    /// A statement that reads or writes tables: routed by its key.
+    async fn data_statement(
+        &mut self,
+        frame: Frame,
+        analyzed: &Analyzed,
+        data: &DataStatement,
+    ) -> Result<(), SessionError> {
+        let literals = &analyzed.literals;
+        let route = self
+            .route_holding(|map| match route_data(data, map, literals, None)? {
+                Resolution::Route(route) => Ok(route),
+                Resolution::NeedsParams => Err(RouteError::new(
+                    "42P02",
+                    "there is no parameter $1",
+                    "a simple Query cannot have parameters",
+                )),
+            })
+            .await;
+        let route = match route {
+            Ok(route) => route,
+            Err(e) => return self.refuse(&e).await,
+        };
+        match self.kept_simple(&frame, analyzed, data, &route) {
+            Some(kept) => {
+                self.forward_kept_simple(frame, route, data.read_only, kept)
+                    .await
             }
-            Command::Data(data) => {
-                let literals = analyzed.literals.clone();
-                let route = self
-                    .route_holding(|map| match route_data(data, map, &literals, None)? {
-                        Resolution::Route(route) => Ok(route),
-                        Resolution::NeedsParams => Err(RouteError::new(
-                            "42P02",
-                            "there is no parameter $1",
-                            "a simple Query cannot have parameters",
-                        )),
-                    })
-                    .await;
-                match route {
-                    Ok(route) => match self.kept_simple(&frame, analyzed, data, &route) {
-                        Some(kept) => {
-                            self.forward_kept_simple(frame, route, data.read_only, kept)
-                                .await
-                        }
-                        None => self.forward_simple(frame, route, data.read_only).await,
-                    },
-                    Err(e) => self.refuse(&e).await,
-                }
-            }
+            None => self.forward_simple(frame, route, data.read_only).await,
         }
     }
 
     /// Sends a simple Query as Bind/Describe/Execute/Sync of a statement kept
     /// prepared on the backend, and relays the replies as the Query's would
     /// be (no BindComplete, no NoData).
-    pub(super) async fn forward_kept_simple(
+    async fn forward_kept_simple(
         &mut self,
         frame: Frame,
         route: Route,
@@ -308,67 +338,66 @@ impl Session {
     ) -> Result<(), SessionError> {
         let max_kept = self.shared.config.pool.max_prepared_unnamed;
         let shared = self.shared.clone();
-        let mut build = |session: &mut Session, plan: &mut Plan, set: &mut FxHashSet<Arc<str>>| {
-            if !session.keep_unnamed || !can_keep(set, &kept.name, max_kept) {
-                plan.send(&frame.raw, End::Query);
-                return;
-            }
-            Metrics::add(&shared.metrics.kept_prepared_runs, 1);
-            if !set.contains(&kept.name) {
-                let text = &kept.parameterized.text;
-                prepare_on_backend(
-                    plan,
-                    set,
-                    &kept.name,
-                    text,
-                    &kept.types,
-                    End::ParseForQuery,
-                    true,
-                );
-            }
-            let values: Vec<&str> = kept.literals.iter().map(Literal::text).collect();
-            messages::bind_text(&kept.name, &values, &mut plan.out);
-            plan.expect(End::BindForQuery, Some(kept.name.clone()));
-            messages::describe_execute_sync(&mut plan.out);
-            plan.expect(End::DescribeForQuery, None);
-            plan.expect(End::Execute, None);
-            plan.expect(End::Sync, None);
-        };
-        let flags = DispatchFlags {
-            binds_tx: true,
-            synced: true,
-            read_only,
+        let mut build =
+            |_: &Session, request: &Request, plan: &mut Plan, set: &mut FxHashSet<Arc<str>>| {
+                if !request.keep_unnamed || !can_keep(set, &kept.name, max_kept) {
+                    plan.send(&frame.raw, End::Query);
+                    return;
+                }
+                Metrics::add(&shared.metrics.kept_prepared_runs, 1);
+                if !set.contains(&kept.name) {
+                    let text = &kept.parameterized.text;
+                    prepare_on_backend(
+                        plan,
+                        set,
+                        &kept.name,
+                        text,
+                        &kept.types,
+                        End::ParseForQuery,
+                        true,
+                    );
+                }
+                let values: Vec<&str> = kept.literals.iter().map(Literal::text).collect();
+                messages::bind_text(&kept.name, &values, &mut plan.out);
+                plan.expect(End::BindForQuery, Some(kept.name.clone()));
+                messages::describe_execute_sync(&mut plan.out);
+                plan.expect(End::DescribeForQuery, None);
+                plan.expect(End::Execute, None);
+                plan.expect(End::Sync, None);
+            };
+        let request = Request {
+            keep_unnamed: true,
+            ..Request::query(true, read_only)
         };
         let mut outcome = Outcome::default();
-        self.keep_unnamed = true;
-        let result = self.dispatch(route, flags, &mut build, &mut outcome).await;
-        self.keep_unnamed = false;
-        result.map(|_| ())
+        self.dispatch(route, request, &mut build, &mut outcome)
+            .await
+            .map(|_| ())
     }
 
-    pub(super) async fn forward_simple(
+    /// Forwards a Query inside the session's transaction (opening a
+    /// held-back one).
+    async fn forward_simple(
         &mut self,
         frame: Frame,
         route: Route,
         read_only: bool,
     ) -> Result<(), SessionError> {
-        self.forward_simple_outcome(frame, route, true, read_only)
+        self.forward_simple_outcome(frame, route, Request::query(true, read_only))
             .await
             .map(|_| ())
     }
 
-    /// Forwards a Query; `None` when it never reached a backend. `binds_tx`:
-    /// whether it runs inside a held-back transaction (and so opens it).
-    pub(super) async fn forward_simple_outcome(
+    /// Forwards a Query; `None` when it never reached a backend.
+    async fn forward_simple_outcome(
         &mut self,
         frame: Frame,
         route: Route,
-        binds_tx: bool,
-        read_only: bool,
+        request: Request,
     ) -> Result<Option<Outcome>, SessionError> {
         let mut outcome = Outcome::default();
         let reached = self
-            .dispatch_query(route, binds_tx, read_only, &frame.raw, &mut outcome)
+            .dispatch_query(route, request, &frame.raw, &mut outcome)
             .await?;
         Ok(reached.then_some(outcome))
     }

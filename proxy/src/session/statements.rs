@@ -141,39 +141,6 @@ impl Statements {
     }
 }
 
-/// How often clients of this serving thread sent each statement that could
-/// be kept prepared (by backend name): a repeated one is worth keeping.
-/// Counted across clients, so clients that connect for one query each
-/// benefit too. Bounded: when full it starts over.
-#[derive(Default)]
-pub struct StatementUses {
-    pub(super) counts: std::sync::Mutex<FxHashMap<Arc<str>, u32>>,
-}
-
-/// Bound on `StatementUses`.
-pub(super) const STATEMENT_USES_TRACKED: usize = 4096;
-
-impl StatementUses {
-    /// Counts one more use of `name`; returns how many there were.
-    pub fn count(&self, name: &Arc<str>) -> u32 {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = counts.get_mut(name) {
-            *count = count.saturating_add(1);
-            return *count;
-        }
-        if counts.len() >= STATEMENT_USES_TRACKED {
-            counts.clear();
-        }
-        counts.insert(name.clone(), 1);
-        1
-    }
-
-    pub fn get(&self, name: &str) -> u32 {
-        let counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        counts.get(name).copied().unwrap_or(0)
-    }
-}
-
 /// Adds a Parse of `statement` under its backend name if the backend lacks
 /// it; its ParseComplete is dropped (the client did not ask for it).
 pub(super) fn ensure_prepared(

@@ -1,0 +1,245 @@
+//! What Prometheus sees at `GET /metrics` of a proxy: the counters of every
+//! serving thread summed, connected clients, the map version in use and the
+//! backend pools, encoded by `prometheus-client` (OpenMetrics text). It
+//! sits above the serving threads' contexts and reads them only when
+//! scraped: nothing on the request path calls into here.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::net::TcpListener;
+
+use crate::context::Shared;
+use crate::metrics::{Metrics, HOLD_BUCKETS_MS};
+
+/// The content type of `render`'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The serving threads' metrics, read at each scrape.
+struct ProxyCollector {
+    threads: Vec<Arc<Shared>>,
+}
+
+impl fmt::Debug for ProxyCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProxyCollector")
+            .field("threads", &self.threads.len())
+            .finish()
+    }
+}
+
+impl ProxyCollector {
+    fn sum(&self, counter: impl Fn(&Metrics) -> &AtomicU64) -> u64 {
+        self.threads
+            .iter()
+            .map(|t| counter(&t.metrics).load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// A counter; the encoder adds the `_total` suffix to `name`.
+fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    let value = ConstCounter::new(value);
+    value.encode(encoder.encode_descriptor(name, help, None, value.metric_type())?)
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    value: f64,
+) -> fmt::Result {
+    let value = ConstGauge::new(value);
+    value.encode(encoder.encode_descriptor(name, help, unit, value.metric_type())?)
+}
+
+impl Collector for ProxyCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        let e = &mut encoder;
+        counter(
+            e,
+            "shardline_logins",
+            "Client logins that succeeded.",
+            self.sum(|m| &m.logins),
+        )?;
+        counter(
+            e,
+            "shardline_login_failures",
+            "Client logins refused.",
+            self.sum(|m| &m.login_failures),
+        )?;
+        counter(
+            e,
+            "shardline_requests",
+            "Client requests (Query, or extended messages up to Sync).",
+            self.sum(|m| &m.requests),
+        )?;
+        counter(
+            e,
+            "shardline_route_errors",
+            "Requests refused because they could not be routed to one server.",
+            self.sum(|m| &m.route_errors),
+        )?;
+        counter(
+            e,
+            "shardline_backend_errors",
+            "Requests whose server connection failed.",
+            self.sum(|m| &m.backend_errors),
+        )?;
+        counter(
+            e,
+            "shardline_kept_prepared_runs",
+            "Requests whose repeated unnamed statement ran kept prepared on the server (no parse there).",
+            self.sum(|m| &m.kept_prepared_runs),
+        )?;
+        counter(
+            e,
+            "shardline_stale_plan_retries",
+            "Requests sent again unprepared because a kept statement's plan no longer fit its tables.",
+            self.sum(|m| &m.stale_plan_retries),
+        )?;
+        counter(
+            e,
+            "shardline_blocked_holds",
+            "Requests held while a partition was blocked for a move.",
+            self.sum(|m| &m.held),
+        )?;
+        let longest = self
+            .threads
+            .iter()
+            .map(|t| t.metrics.held_max_micros.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        gauge(
+            e,
+            "shardline_blocked_hold_max",
+            "The longest time one request was held for a blocked partition.",
+            Some(&Unit::Seconds),
+            longest as f64 / 1e6,
+        )?;
+        self.encode_holds(e)?;
+        let clients: usize = self
+            .threads
+            .iter()
+            .map(|t| t.active_clients.load(Ordering::Relaxed))
+            .sum();
+        gauge(
+            e,
+            "shardline_clients",
+            "Connected clients.",
+            None,
+            clients as f64,
+        )?;
+        if let Some(first) = self.threads.first() {
+            let version = first.map.borrow().as_ref().map_or(0, |v| v.map.version);
+            gauge(
+                e,
+                "shardline_map_version",
+                "Version of the shard map in use.",
+                None,
+                version as f64,
+            )?;
+        }
+        self.encode_pools(e)
+    }
+}
+
+impl ProxyCollector {
+    /// Hold times as a histogram; its `_sum` is the total time held.
+    fn encode_holds(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
+        let buckets: Vec<(f64, u64)> = HOLD_BUCKETS_MS
+            .iter()
+            .map(|ms| *ms as f64 / 1000.0)
+            .chain([f64::INFINITY])
+            .enumerate()
+            .map(|(i, bound)| (bound, self.sum(|m| &m.held_buckets[i])))
+            .collect();
+        let mut metric = encoder.encode_descriptor(
+            "shardline_blocked_hold",
+            "Requests held for blocked partitions, by hold time.",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        metric.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            self.sum(|m| &m.held_micros) as f64 / 1e6,
+            self.sum(|m| &m.held),
+            &buckets,
+            None,
+        )
+    }
+
+    /// Connections per server pool (each serving thread has its own pools).
+    fn encode_pools(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
+        let pools: Vec<_> = self.threads.iter().flat_map(|t| t.pools.all()).collect();
+        let labels = |pool: &crate::pool::Pool| {
+            [
+                ("server", pool.server.to_string()),
+                ("endpoint", pool.endpoint.to_string()),
+            ]
+        };
+        let mut family = encoder.encode_descriptor(
+            "shardline_pool_connections",
+            "Server connections by pool and state.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for pool in &pools {
+            let [server, endpoint] = labels(pool);
+            for (state, count) in [("in_use", pool.in_use()), ("idle", pool.idle_count())] {
+                let set = [
+                    server.clone(),
+                    endpoint.clone(),
+                    ("state", state.to_string()),
+                ];
+                ConstGauge::new(count as i64).encode(family.encode_family(&set)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "shardline_pool_connects",
+            "Server connections opened.",
+            None,
+            MetricType::Counter,
+        )?;
+        for pool in &pools {
+            let connects = pool.stats.connects.load(Ordering::Relaxed);
+            ConstCounter::new(connects).encode(family.encode_family(&labels(pool))?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "shardline_pool_checkouts",
+            "Server connections handed to clients.",
+            None,
+            MetricType::Counter,
+        )?;
+        for pool in &pools {
+            let checkouts = pool.stats.checkouts.load(Ordering::Relaxed);
+            ConstCounter::new(checkouts).encode(family.encode_family(&labels(pool))?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The metrics of every serving thread, summed, as OpenMetrics text.
+pub fn render(threads: &[Arc<Shared>]) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(ProxyCollector {
+        threads: threads.to_vec(),
+    }));
+    let mut out = String::with_capacity(4096);
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        tracing::warn!(error = %e, "cannot encode the metrics");
+    }
+    out
+}
+
+/// Serves `GET /metrics` (anything else: 404) until the task is dropped.
+pub async fn serve(listener: TcpListener, threads: Vec<Arc<Shared>>) {
+    shardmap::metrics_http::serve(listener, move || render(&threads)).await
+}
