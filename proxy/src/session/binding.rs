@@ -60,6 +60,7 @@ impl Session {
             read_only,
             ..
         } = request;
+        let client_synced = synced && !request.flush_as_sync;
         let held = self.lease.as_ref().map(|l| l.server().to_string());
         let target = match (route.server(), &held) {
             (Some(server), Some(held)) if server != held => {
@@ -70,7 +71,7 @@ impl Session {
                 );
                 self.route_error(&error);
                 self.fail_transaction().await;
-                self.end_request(synced).await?;
+                self.end_failed_request(client_synced).await?;
                 return Ok(false);
             }
             (Some(server), _) => server.to_string(),
@@ -80,7 +81,7 @@ impl Session {
                 None => {
                     self.client
                         .error("57P03", "the shard map has no servers", None);
-                    self.end_request(synced).await?;
+                    self.end_failed_request(client_synced).await?;
                     return Ok(false);
                 }
             },
@@ -106,7 +107,7 @@ impl Session {
                         Some("retry later; keys on other servers are unaffected"),
                     );
                     self.fail_transaction().await;
-                    self.end_request(synced).await?;
+                    self.end_failed_request(client_synced).await?;
                     return Ok(false);
                 }
             },
@@ -121,7 +122,7 @@ impl Session {
             }
             self.route_error(&not_serving());
             self.fail_transaction().await;
-            self.end_request(synced).await?;
+            self.end_failed_request(client_synced).await?;
             return Ok(false);
         }
         {
@@ -229,7 +230,7 @@ impl Session {
                 self.tx_settings.clear();
                 self.set_cancel_target(None);
                 drop(lease);
-                self.end_request(synced).await?;
+                self.end_failed_request(client_synced).await?;
                 return Ok(true);
             }
         }

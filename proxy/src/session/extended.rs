@@ -24,15 +24,29 @@ use super::statements::{
 use super::tx::{is_tx_control, Tx};
 use super::{cross_server, unsupported, Request, Session};
 
-/// An extended-protocol message of a request.
+/// An extended-protocol message of a request. Messages that name a
+/// statement carry the statement that name meant at that point of the
+/// request: a request may parse the unnamed statement several times
+/// (pipelines, JDBC's BEGIN ahead of the first statement), and each Bind
+/// binds the one parsed last before it.
 pub(super) enum Item {
-    Parse(Frame, Parse),
-    Bind(Frame, Bind),
-    Describe(Frame, Target),
+    Parse(Frame, Parse, Arc<Prepared>),
+    /// The statement bound, if it exists.
+    Bind(Frame, Bind, Option<Arc<Prepared>>),
+    /// The statement described (for a Describe of a statement), if it exists.
+    Describe(Frame, Target, Option<Arc<Prepared>>),
     Execute(Frame, String),
     Close(Frame, Target),
     Sync(Frame),
     Flush(Frame),
+}
+
+impl Item {
+    /// Whether the message runs something (binds or executes a portal):
+    /// a request without one only prepares or describes statements.
+    fn runs(&self) -> bool {
+        matches!(self, Item::Bind(..) | Item::Execute(..))
+    }
 }
 
 /// What `decide_binds` found out about a request's Binds.
@@ -84,56 +98,56 @@ impl Session {
     pub(super) async fn extended(&mut self, frames: &mut Vec<Frame>) -> Result<(), SessionError> {
         Metrics::add(&self.shared.metrics.requests, 1);
         let mut items = Vec::with_capacity(frames.len());
+        // Statements are defined and closed in message order, as Postgres
+        // does; after a failing message nothing more takes effect.
+        let mut refused: Option<RouteError> = None;
         for frame in frames.drain(..) {
             let body = frame.body();
+            let protocol =
+                |e: crate::wire::frame::Malformed| SessionError::ClientProtocol(e.to_string());
             let item = match frame.tag {
-                b'P' => Parse::decode(body).map(|p| Item::Parse(frame, p)),
-                b'B' => Bind::decode(body).map(|b| Item::Bind(frame, b)),
-                b'D' => Target::decode(body, "Describe").map(|t| Item::Describe(frame, t)),
-                b'E' => messages::decode_execute_portal(body).map(|p| Item::Execute(frame, p)),
-                b'C' => Target::decode(body, "Close").map(|t| Item::Close(frame, t)),
-                b'S' => Ok(Item::Sync(frame)),
-                _ => Ok(Item::Flush(frame)),
+                b'P' => {
+                    let parse = Parse::decode(body).map_err(protocol)?;
+                    if refused.is_none() {
+                        refused = self.parse_conflict(&parse);
+                    }
+                    let statement = self.define_statement(&parse, refused.is_none());
+                    Item::Parse(frame, parse, statement)
+                }
+                b'B' => {
+                    let bind = Bind::decode(body).map_err(protocol)?;
+                    let statement = self.statements.get(&bind.statement).cloned();
+                    Item::Bind(frame, bind, statement)
+                }
+                b'D' => {
+                    let target = Target::decode(body, "Describe").map_err(protocol)?;
+                    let statement = match target.kind {
+                        b'S' => self.statements.get(&target.name).cloned(),
+                        _ => None,
+                    };
+                    Item::Describe(frame, target, statement)
+                }
+                b'E' => Item::Execute(
+                    frame,
+                    messages::decode_execute_portal(body).map_err(protocol)?,
+                ),
+                b'C' => {
+                    let target = Target::decode(body, "Close").map_err(protocol)?;
+                    if target.kind == b'S' && refused.is_none() {
+                        // Statements on backends are shared by clients:
+                        // closing one only forgets it for this client.
+                        self.statements.remove(&target.name);
+                    }
+                    Item::Close(frame, target)
+                }
+                b'S' => Item::Sync(frame),
+                _ => Item::Flush(frame),
             };
-            items.push(item.map_err(|e| SessionError::ClientProtocol(e.to_string()))?);
+            items.push(item);
         }
         let synced = matches!(items.last(), Some(Item::Sync(_)));
-
-        // Register this request's statements first: its Binds may use them.
-        let counting = self.shared.config.pool.prepare_unnamed_after > 0;
-        for item in &items {
-            let Item::Parse(_, parse) = item else {
-                continue;
-            };
-            // Drivers re-parse the same unnamed statement all the time.
-            let reused = self.statements.get(&parse.name).filter(|existing| {
-                parse.same_text(&existing.query) && existing.param_types == parse.param_types
-            });
-            let statement = match reused {
-                Some(existing) => existing.clone(),
-                None => {
-                    let analyzed = self.shared.analyzer.analyze(parse.query());
-                    let keepable =
-                        matches!(analyzed.analysis.commands.as_slice(), [Command::Data(_)])
-                            && !has_quoted_constant(parse.query());
-                    let prepared = Arc::new(Prepared {
-                        backend_name: backend_statement_name(
-                            parse.query(),
-                            &parse.param_types,
-                            &self.settings,
-                        ),
-                        query: parse.query().to_string(),
-                        param_types: parse.param_types.clone(),
-                        analyzed,
-                        keepable,
-                    });
-                    self.statements.insert(parse.name.clone(), prepared.clone());
-                    prepared
-                }
-            };
-            if counting && parse.name.is_empty() && statement.keepable {
-                self.shared.statement_uses.count(&statement.backend_name);
-            }
+        if let Some(error) = refused {
+            return self.refuse_extended(&error, synced).await;
         }
 
         let decided = self.decide_binds(&items).await;
@@ -148,17 +162,7 @@ impl Session {
             read_only,
         } = match decided {
             Ok(decision) => decision,
-            Err(error) => {
-                // Nothing of this request ran: report the error and skip to Sync.
-                self.route_error(&error);
-                self.fail_transaction().await;
-                self.forget_closed(&items);
-                return if synced {
-                    self.ready().await
-                } else {
-                    self.client.flush().await
-                };
-            }
+            Err(error) => return self.refuse_extended(&error, synced).await,
         };
         for setting in settings {
             match setting {
@@ -184,9 +188,8 @@ impl Session {
                 self.tx = tx_after;
             }
             let mut plan = Plan::default();
-            self.build_extended(&items, &portals, &mut plan, None, false);
+            self.build_extended(&items, &portals, &mut plan, None, &Request::default());
             emit_leading_synthetic(&mut plan.expects, &mut self.client.out);
-            self.forget_closed(&items);
             return if synced {
                 self.ready().await
             } else {
@@ -210,22 +213,91 @@ impl Session {
                          request: &Request,
                          plan: &mut Plan,
                          prepared: &mut FxHashSet<Arc<str>>| {
-            let keep = request.keep_unnamed;
-            session.build_extended(&items, &portals, plan, Some(prepared), keep);
+            session.build_extended(&items, &portals, plan, Some(prepared), request);
         };
+        // A request that only prepares or describes statements and ends in
+        // Flush (asyncpg, before it binds) needs no particular server: it is
+        // synced on the server, which goes back to its pool, and the Binds
+        // that follow are routed by their own keys.
+        let flush_as_sync = !synced && self.lease.is_none() && !items.iter().any(Item::runs);
         let request = Request {
             binds_tx: forwards,
-            synced,
+            synced: synced || flush_as_sync,
+            flush_as_sync,
             read_only,
             changes_session_state,
             drops_statements,
             extended: true,
             keep_unnamed: self.keeps_unnamed_prepared(&items, synced),
         };
-        self.dispatch(route, request, &mut build, &mut outcome)
+        let reached = self
+            .dispatch(route, request, &mut build, &mut outcome)
             .await?;
-        self.forget_closed(&items);
+        if reached && flush_as_sync && outcome.errored {
+            // Postgres skips the client's messages up to its Sync after an
+            // error; the server was synced already, so the proxy does.
+            self.skipping = true;
+        }
         Ok(())
+    }
+
+    /// Answers a request that cannot run with `error`; nothing of it ran.
+    async fn refuse_extended(
+        &mut self,
+        error: &RouteError,
+        synced: bool,
+    ) -> Result<(), SessionError> {
+        self.route_error(error);
+        self.fail_transaction().await;
+        self.end_failed_request(synced).await
+    }
+
+    /// A Parse of a named statement that exists already fails, as in Postgres.
+    fn parse_conflict(&self, parse: &Parse) -> Option<RouteError> {
+        if parse.name.is_empty() || self.statements.get(&parse.name).is_none() {
+            return None;
+        }
+        Some(RouteError {
+            code: "42P05",
+            message: format!("prepared statement \"{}\" already exists", parse.name),
+            hint: Some("close it first (Close, or DEALLOCATE), or use another name".into()),
+        })
+    }
+
+    /// The statement a Parse defines; recorded as the client's when `takes_effect`.
+    fn define_statement(&mut self, parse: &Parse, takes_effect: bool) -> Arc<Prepared> {
+        // Drivers re-parse the same unnamed statement all the time.
+        let reused = self.statements.get(&parse.name).filter(|existing| {
+            parse.same_text(&existing.query) && existing.param_types == parse.param_types
+        });
+        let statement = match reused {
+            Some(existing) => existing.clone(),
+            None => {
+                let analyzed = self.shared.analyzer.analyze(parse.query());
+                let keepable = matches!(analyzed.analysis.commands.as_slice(), [Command::Data(_)])
+                    && !has_quoted_constant(parse.query());
+                Arc::new(Prepared {
+                    backend_name: backend_statement_name(
+                        parse.query(),
+                        &parse.param_types,
+                        &self.settings,
+                    ),
+                    query: parse.query().to_string(),
+                    param_types: parse.param_types.clone(),
+                    analyzed,
+                    keepable,
+                })
+            }
+        };
+        if takes_effect {
+            self.statements
+                .insert(parse.name.clone(), statement.clone());
+            let counting = self.shared.config.pool.prepare_unnamed_after > 0;
+            if counting && parse.name.is_empty() && statement.keepable {
+                self.shared.statement_uses.count(&statement.backend_name);
+            }
+        }
+        statement
     }
 
     /// Whether this request's unnamed statement runs as a statement kept
@@ -238,21 +310,24 @@ impl Session {
         if pool.prepare_unnamed_after == 0 || !synced || !self.in_implicit_transaction() {
             return false;
         }
-        let (mut binds, mut parses) = (0, 0);
+        let (mut bound, mut binds, mut parses) = (None, 0, 0);
         for item in items {
             match item {
-                Item::Parse(_, parse) if !parse.name.is_empty() || binds > 0 => return false,
+                Item::Parse(_, parse, _) if !parse.name.is_empty() || binds > 0 => return false,
                 Item::Parse(..) => parses += 1,
-                Item::Bind(_, bind) if !bind.statement.is_empty() => return false,
-                Item::Bind(..) => binds += 1,
-                Item::Describe(_, target) if target.kind == b'S' && !target.name.is_empty() => {
+                Item::Bind(_, bind, _) if !bind.statement.is_empty() => return false,
+                Item::Bind(_, _, statement) => {
+                    bound = statement.as_ref();
+                    binds += 1;
+                }
+                Item::Describe(_, target, _) if target.kind == b'S' && !target.name.is_empty() => {
                     return false
                 }
                 Item::Close(..) | Item::Flush(_) => return false,
                 _ => {}
             }
         }
-        let Some(statement) = self.statements.unnamed.as_ref() else {
+        let Some(statement) = bound else {
             return false;
         };
         binds == 1
@@ -276,16 +351,14 @@ impl Session {
         let mut tx = self.tx.clone();
         let mut before_forward: Option<Tx> = None;
         for item in items {
-            let Item::Bind(_, bind) = item else { continue };
-            let prepared = self
-                .statements
-                .get(&bind.statement)
-                .cloned()
-                .ok_or_else(|| RouteError {
-                    code: "26000",
-                    message: format!("prepared statement \"{}\" does not exist", bind.statement),
-                    hint: None,
-                })?;
+            let Item::Bind(_, bind, statement) = item else {
+                continue;
+            };
+            let prepared = statement.clone().ok_or_else(|| RouteError {
+                code: "26000",
+                message: format!("prepared statement \"{}\" does not exist", bind.statement),
+                hint: None,
+            })?;
             let command = prepared.command().unwrap_or(&Command::Empty);
             // Once something in this request runs on a backend, transaction
             // control runs there too.
@@ -377,13 +450,10 @@ impl Session {
         };
         let mut route = Route::Any;
         for item in items {
-            let name = match item {
-                Item::Parse(_, parse) => &parse.name,
-                Item::Describe(_, target) if target.kind == b'S' => &target.name,
+            let prepared = match item {
+                Item::Parse(_, _, statement) => statement,
+                Item::Describe(_, _, Some(statement)) => statement,
                 _ => continue,
-            };
-            let Some(prepared) = self.statements.get(name) else {
-                continue;
             };
             let Some(Command::Data(data)) = prepared.command() else {
                 continue;
@@ -402,17 +472,15 @@ impl Session {
 
     /// Whether any message of the request must reach a server.
     pub(super) fn needs_backend(&self, items: &[Item], portals: &Portals) -> bool {
-        let statement_runs = |name: &str| {
-            self.statements
-                .get(name)
-                .is_some_and(|p| !is_tx_control(p.command()))
-        };
+        let statement_runs = |statement: &Prepared| !is_tx_control(statement.command());
         let portal_runs = |name: &str| !matches!(portals.get(name), Some(PortalUse::Answer(_)));
         items.iter().any(|item| match item {
-            Item::Parse(_, parse) => statement_runs(&parse.name),
-            Item::Bind(_, bind) => portal_runs(&bind.portal),
-            Item::Describe(_, target) if target.kind == b'S' => statement_runs(&target.name),
-            Item::Describe(_, target) | Item::Close(_, target) if target.kind == b'P' => {
+            Item::Parse(_, _, statement) => statement_runs(statement),
+            Item::Bind(_, bind, _) => portal_runs(&bind.portal),
+            Item::Describe(_, target, statement) if target.kind == b'S' => {
+                statement.as_deref().is_some_and(statement_runs)
+            }
+            Item::Describe(_, target, _) | Item::Close(_, target) if target.kind == b'P' => {
                 portal_runs(&target.name)
             }
             Item::Execute(_, portal) => portal_runs(portal),
@@ -420,33 +488,27 @@ impl Session {
         }) || (self.unsynced && self.lease.is_some())
     }
 
-    /// Forgets statements the client closed in this request.
-    pub(super) fn forget_closed(&mut self, items: &[Item]) {
-        for item in items {
-            if let Item::Close(_, target) = item {
-                if target.kind == b'S' {
-                    self.statements.remove(&target.name);
-                }
-            }
-        }
-    }
-
     /// Turns the request's messages into backend bytes and expected replies.
     /// `prepared` is the backend's prepared-statement set (None: no backend,
-    /// everything answered by the proxy); `keep_unnamed` as in `Request`.
+    /// everything answered by the proxy).
     pub(super) fn build_extended(
         &self,
         items: &[Item],
         portals: &Portals,
         plan: &mut Plan,
         mut prepared: Option<&mut FxHashSet<Arc<str>>>,
-        keep_unnamed: bool,
+        request: &Request,
     ) {
-        let mut unnamed_parsed = false;
+        // The backend's unnamed statement as this request left it so far.
+        let mut backend_unnamed: Option<&Arc<Prepared>> = None;
+        let bound_unnamed = items.iter().find_map(|item| match item {
+            Item::Bind(_, bind, statement) if bind.statement.is_empty() => statement.as_ref(),
+            _ => None,
+        });
         // Whether the unnamed statement runs kept prepared on this backend
         // (under its backend name, like a named one).
-        let keep = keep_unnamed
-            && match (&prepared, &self.statements.unnamed) {
+        let keep = request.keep_unnamed
+            && match (&prepared, bound_unnamed) {
                 (Some(set), Some(statement)) => can_keep(
                     set,
                     &statement.backend_name,
@@ -460,14 +522,13 @@ impl Session {
         for item in items {
             let live = prepared.is_some();
             match item {
-                Item::Parse(frame, parse) => {
-                    let statement = self.statements.get(&parse.name);
-                    let runs = statement.is_some_and(|p| !is_tx_control(p.command()));
-                    match (prepared.as_deref_mut(), statement) {
-                        (Some(set), Some(statement)) if runs => {
+                Item::Parse(frame, parse, statement) => {
+                    let runs = !is_tx_control(statement.command());
+                    match prepared.as_deref_mut() {
+                        Some(set) if runs => {
                             if parse.name.is_empty() && !keep {
                                 plan.send(&frame.raw, End::ParseComplete);
-                                unnamed_parsed = true;
+                                backend_unnamed = Some(statement);
                             } else if set.contains(&statement.backend_name) {
                                 plan.synthetic(simple_reply(b'1'));
                             } else {
@@ -478,14 +539,13 @@ impl Session {
                         _ => plan.synthetic(simple_reply(b'1')),
                     }
                 }
-                Item::Bind(frame, bind) => {
+                Item::Bind(frame, bind, statement) => {
                     let forwarded =
                         live && matches!(portals.get(&bind.portal), Some(PortalUse::Forward));
-                    let statement = self.statements.get(&bind.statement);
                     match (forwarded, statement, prepared.as_deref_mut()) {
                         (true, Some(statement), Some(set)) => {
                             if bind.statement.is_empty() && !keep {
-                                ensure_unnamed_parsed(plan, statement, &mut unnamed_parsed);
+                                ensure_unnamed_parsed(plan, statement, &mut backend_unnamed);
                                 plan.send(&frame.raw, End::BindComplete);
                             } else {
                                 ensure_prepared(plan, set, statement);
@@ -500,19 +560,18 @@ impl Session {
                         _ => plan.synthetic(simple_reply(b'2')),
                     }
                 }
-                Item::Describe(frame, target) if target.kind == b'P' => {
+                Item::Describe(frame, target, _) if target.kind == b'P' => {
                     match portals.get(&target.name) {
                         Some(PortalUse::Answer(_)) => plan.synthetic(simple_reply(b'n')),
                         _ if live => plan.send(&frame.raw, End::Describe),
                         _ => plan.synthetic(simple_reply(b'n')),
                     }
                 }
-                Item::Describe(frame, target) => {
-                    let statement = self.statements.get(&target.name);
+                Item::Describe(frame, target, statement) => {
                     match (prepared.as_deref_mut(), statement) {
                         (Some(set), Some(statement)) if !is_tx_control(statement.command()) => {
                             if target.name.is_empty() && !keep {
-                                ensure_unnamed_parsed(plan, statement, &mut unnamed_parsed);
+                                ensure_unnamed_parsed(plan, statement, &mut backend_unnamed);
                                 plan.send(&frame.raw, End::Describe);
                             } else {
                                 ensure_prepared(plan, set, statement);
@@ -572,7 +631,7 @@ impl Session {
                 },
                 Item::Close(frame, target) => {
                     // Statements on backends are shared by clients: closing one
-                    // only forgets it for this client (see `forget_closed`).
+                    // only forgets it for this client (done when decoded).
                     if target.kind == b'P'
                         && live
                         && !matches!(portals.get(&target.name), Some(PortalUse::Answer(_)))
@@ -588,7 +647,9 @@ impl Session {
                     }
                 }
                 Item::Flush(frame) => {
-                    if live {
+                    if live && request.flush_as_sync {
+                        plan.inject(&[b'S', 0, 0, 0, 4], End::Sync);
+                    } else if live {
                         plan.out.extend_from_slice(&frame.raw);
                     }
                 }

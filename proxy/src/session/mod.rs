@@ -69,6 +69,10 @@ pub(super) struct Request {
     pub(super) drops_statements: bool,
     /// An extended-protocol request (a COPY in it ends with the client's Sync).
     pub(super) extended: bool,
+    /// The client ended the request with Flush, but it needs no backend
+    /// beyond its replies: the proxy sends Sync instead, so that the
+    /// backend goes back to its pool (`synced` is then set too).
+    pub(super) flush_as_sync: bool,
     /// The unnamed statement runs as a statement kept prepared on the server
     /// (see `keeps_unnamed_prepared`); cleared for the retry of a stale plan.
     pub(super) keep_unnamed: bool,
@@ -99,6 +103,9 @@ pub struct Session {
     lease: Option<Lease>,
     /// Set when a request ended with Flush: the backend is kept until Sync.
     unsynced: bool,
+    /// Set when a request that did not end in Sync failed where no backend
+    /// skips for the client: messages are ignored up to the client's Sync.
+    skipping: bool,
     /// The pool used last, with the map revision it was looked up in.
     last_pool: Option<(i64, String, Arc<Pool>)>,
     /// Buffers of the request being sent, reused from one request to the next.
@@ -128,6 +135,7 @@ impl Session {
             tx: Tx::Idle,
             lease: None,
             unsynced: false,
+            skipping: false,
             last_pool: None,
             plan_buffers: Plan::default(),
             read_replica: false,
@@ -154,6 +162,18 @@ impl Session {
             let Some(frame) = self.client.read_frame().await? else {
                 return Ok(());
             };
+            if self.skipping {
+                match frame.tag {
+                    b'S' => {
+                        self.skipping = false;
+                        self.ready().await?;
+                    }
+                    b'X' => return Ok(()),
+                    // Ignored after an error until Sync, as in Postgres.
+                    _ => {}
+                }
+                continue;
+            }
             match frame.tag {
                 b'Q' => {
                     self.board();
@@ -226,14 +246,33 @@ impl Session {
         self.ready().await
     }
 
-    /// Ends a request the proxy answered: ReadyForQuery if the client sent
-    /// Sync (or a Query), else just what is buffered (after Flush).
-    pub(super) async fn end_request(&mut self, synced: bool) -> Result<(), SessionError> {
+    /// Ends a request whose error the proxy reported: ReadyForQuery if the
+    /// client sent Sync (or a Query), else what is buffered (after Flush).
+    pub(super) async fn end_failed_request(&mut self, synced: bool) -> Result<(), SessionError> {
         if synced {
-            self.ready().await
-        } else {
-            self.client.flush().await
+            return self.ready().await;
         }
+        // Postgres skips the client's messages up to its Sync after an
+        // error, and so does the proxy. A backend left in the middle of a
+        // sequence may hold messages that must not run: it is closed, which
+        // rolls back what it had begun.
+        if self
+            .lease
+            .as_mut()
+            .is_some_and(|l| l.backend().pending_sync)
+        {
+            if let Some(mut lease) = self.lease.take() {
+                lease.backend().broken = true;
+            }
+            self.set_cancel_target(None);
+            if self.tx == Tx::Bound {
+                self.tx = Tx::Aborted;
+                self.tx_settings.clear();
+            }
+        }
+        self.unsynced = false;
+        self.skipping = true;
+        self.client.flush().await
     }
 
     /// Writes ReadyForQuery with the session's status and flushes.

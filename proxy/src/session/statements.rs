@@ -202,14 +202,18 @@ pub(super) fn can_keep(prepared: &FxHashSet<Arc<str>>, name: &str, max: usize) -
 
 /// The unnamed statement may have been parsed in an earlier request, maybe
 /// on another backend: parse it again here unless this request already did.
-pub(super) fn ensure_unnamed_parsed(plan: &mut Plan, statement: &Prepared, parsed: &mut bool) {
-    if *parsed {
+pub(super) fn ensure_unnamed_parsed<'a>(
+    plan: &mut Plan,
+    statement: &'a Arc<Prepared>,
+    backend_unnamed: &mut Option<&'a Arc<Prepared>>,
+) {
+    if backend_unnamed.is_some_and(|parsed| Arc::ptr_eq(parsed, statement)) {
         return;
     }
     let mut out = BytesMut::new();
     messages::parse("", &statement.query, &statement.param_types, &mut out);
     plan.inject(&out, End::ParseComplete);
-    *parsed = true;
+    *backend_unnamed = Some(statement);
 }
 
 /// Whether an ErrorResponse says a prepared statement's cached plan no longer
