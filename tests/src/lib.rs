@@ -7,7 +7,7 @@ pub mod moves;
 use std::time::Duration;
 
 use devcluster::{DevOptions, LocalCluster};
-use shardmap::{ClusterMap, Endpoint, MapStore, Server, ServerState, Versioned};
+use shardmap::{ClusterMap, Endpoint, MapStore, Server, Versioned};
 
 pub struct TestCluster {
     pub cluster: LocalCluster,
@@ -57,12 +57,9 @@ impl TestCluster {
         self.cluster
             .servers
             .iter()
-            .map(|s| Server {
-                name: s.name().to_string(),
-                primary: Endpoint::parse(&s.state().url()).expect("dev URLs parse"),
-                replicas: Vec::new(),
-                region: None,
-                state: ServerState::Active,
+            .map(|s| {
+                let primary = Endpoint::parse(&s.state().url()).expect("dev URLs parse");
+                Server::active(s.name(), primary)
             })
             .collect()
     }
@@ -72,14 +69,8 @@ impl TestCluster {
     pub async fn init_map(&self, cluster: &str, partitions: u32) -> (MapStore, Versioned) {
         let mut servers = self.map_servers();
         if servers.is_empty() {
-            servers.push(Server {
-                name: "placeholder".into(),
-                primary: Endpoint::parse("postgres://postgres@127.0.0.1:9/postgres")
-                    .expect("parses"),
-                replicas: Vec::new(),
-                region: None,
-                state: ServerState::Active,
-            });
+            let nowhere = Endpoint::parse("postgres://postgres@127.0.0.1:9/postgres");
+            servers.push(Server::active("placeholder", nowhere.expect("parses")));
         }
         let store = self.store(cluster).await;
         let map = ClusterMap::new(cluster, partitions, servers).expect("valid map");

@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use rebalancer::config::RebalancerConfig;
 use shardmap::jobs::Job;
-use shardmap::{
-    ClusterMap, Group, JobStore, KeyType, KeyValue, MapStore, Method, Phase, Table, TableKind,
-};
+use shardmap::{ClusterMap, Group, JobStore, KeyType, KeyValue, MapStore, Phase};
 
 use crate::{create_table, TestCluster};
 
@@ -23,7 +21,11 @@ pub async fn setup_schema(
     let (store, _) = cluster.init_map(name, partitions).await;
     let saved = store
         .update("test", |map| {
-            declare_users_group(map, &[("users", "id"), ("events", "user_id")]);
+            map.declare(
+                Group::hash("users", KeyType::Bigint)
+                    .table("users", "id")
+                    .table("events", "user_id"),
+            );
             Ok(shardmap::Change::new("test-schema", "users and events"))
         })
         .await
@@ -43,32 +45,6 @@ pub async fn setup_schema(
     )
     .await;
     (store, saved.map)
-}
-
-/// Declares the bigint hash group `users` and `(table, key column)`
-/// sharded in it.
-pub fn declare_users_group(map: &mut ClusterMap, tables: &[(&str, &str)]) {
-    map.groups.insert(
-        "users".into(),
-        Group {
-            name: "users".into(),
-            key_type: KeyType::Bigint,
-            method: Method::Hash,
-        },
-    );
-    for (table, key) in tables {
-        map.tables.insert(
-            table.to_string(),
-            Table {
-                name: table.to_string(),
-                kind: TableKind::Sharded {
-                    group: "users".into(),
-                    key_column: key.to_string(),
-                    embedded_id: false,
-                },
-            },
-        );
-    }
 }
 
 /// Rebalancer settings for tests: quick cutover retries.

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use shardline_tests::{create_table, TestCluster, TestProxy};
-use shardmap::{Change, ClusterMap, Group, KeyType, KeyValue, MapStore, Method, Table, TableKind};
+use shardmap::{Change, ClusterMap, Group, KeyType, KeyValue, MapStore, Table};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLUSTER: &str = "clients";
@@ -19,43 +19,12 @@ async fn setup(cluster: &TestCluster) -> (MapStore, ClusterMap) {
     let (store, _) = cluster.init_map(CLUSTER, PARTITIONS).await;
     let saved = store
         .update("test", |map| {
-            map.groups.insert(
-                "accounts".into(),
-                Group {
-                    name: "accounts".into(),
-                    key_type: KeyType::Int,
-                    method: Method::Hash,
-                },
+            map.declare(
+                Group::hash("accounts", KeyType::Int)
+                    .table("pgbench_accounts", "aid")
+                    .table("users", "user_id"),
             );
-            map.tables.insert(
-                "pgbench_accounts".into(),
-                Table {
-                    name: "pgbench_accounts".into(),
-                    kind: TableKind::Sharded {
-                        group: "accounts".into(),
-                        key_column: "aid".into(),
-                        embedded_id: false,
-                    },
-                },
-            );
-            map.tables.insert(
-                "users".into(),
-                Table {
-                    name: "users".into(),
-                    kind: TableKind::Sharded {
-                        group: "accounts".into(),
-                        key_column: "user_id".into(),
-                        embedded_id: false,
-                    },
-                },
-            );
-            map.tables.insert(
-                "notes".into(),
-                Table {
-                    name: "notes".into(),
-                    kind: TableKind::Unsharded { home: "pg1".into() },
-                },
-            );
+            map.declare_table(Table::unsharded("notes", "pg1"));
             Ok(Change::new("schema", "client tests"))
         })
         .await
