@@ -1,8 +1,18 @@
 //! The integration-test harness: a [`TestCluster`] is a real etcd and real
 //! Postgres 15 servers on free loopback ports in a temporary directory,
 //! stopped and deleted when the value is dropped (also when a test panics).
+//! Also here: [`TestProxy`], a proxy inside the test process, and
+//! [`Cutter`], a TCP forwarder that simulates a network partition.
+//!
+//! - [`fixtures`]: tables and test data on the servers, and reading them back.
+//! - [`move_jobs`]: driving and observing partition moves.
+//! - [`binaries`]: `shardctl` and `shardline-rebalancer` as real processes.
+//! - [`latency`]: percentiles of measured latencies.
 
-pub mod moves;
+pub mod binaries;
+pub mod fixtures;
+pub mod latency;
+pub mod move_jobs;
 
 use std::time::Duration;
 
@@ -115,25 +125,6 @@ where
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Creates `table` with `columns` on the servers that should hold it,
-/// following the map: a sharded table as a partitioned parent on every
-/// server with the leaves of the partitions that server owns; a reference
-/// table everywhere; an unsharded table on its home.
-pub async fn create_table(cluster: &TestCluster, map: &ClusterMap, table: &str, columns: &str) {
-    for (index, server) in cluster.cluster.servers.iter().enumerate() {
-        let statements = shardmap::ddl::create_statements(map, table, columns, server.name())
-            .unwrap_or_else(|e| panic!("DDL for {table}: {e}"));
-        if !statements.is_empty() {
-            cluster
-                .connect(index)
-                .await
-                .batch_execute(&statements.join(";\n"))
-                .await
-                .unwrap_or_else(|e| panic!("create {table}: {e}"));
-        }
     }
 }
 

@@ -8,9 +8,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shardline_tests::moves::{
-    all_events, all_users, assert_phase, jobs, leftovers, other_server, owner_of, percentile,
-    setup_schema, shardctl, submit, test_config, user_in_partition, wait_job, wait_terminal,
+use shardline_tests::binaries::shardctl;
+use shardline_tests::fixtures::{all_events, all_users, owner_of, setup_schema, user_in_partition};
+use shardline_tests::latency::percentile;
+use shardline_tests::move_jobs::{
+    assert_phase, jobs, leftovers, other_server, submit, test_config, wait_job, wait_terminal,
     InProcessRebalancer,
 };
 use shardline_tests::{TestCluster, TestProxy};

@@ -7,7 +7,8 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use shardline_tests::{create_table, TestCluster, TestProxy};
+use shardline_tests::fixtures::create_table;
+use shardline_tests::{TestCluster, TestProxy};
 use shardmap::{Change, ClusterMap, Group, KeyType, KeyValue, MapStore, Table};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

@@ -5,7 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use shardline_tests::{create_table, eventually, TestCluster, TestProxy};
+use shardline_tests::fixtures::create_table;
+use shardline_tests::{eventually, TestCluster, TestProxy};
 use shardmap::embedded::{IdGenerator, IdLayout};
 use shardmap::{
     Change, ClusterMap, Group, KeyType, KeyValue, ListRule, MapStore, PartitionState, RangeRule,

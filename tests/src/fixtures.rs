@@ -1,0 +1,114 @@
+//! The data the tests start from and read back: tables created on the
+//! servers where the map places them, the `users`/`events` schema of the move
+//! tests, and where those rows and users are.
+
+use std::collections::BTreeMap;
+
+use shardmap::{Change, ClusterMap, Group, KeyType, KeyValue, MapStore};
+
+use crate::TestCluster;
+
+/// Creates `table` with `columns` on the servers that should hold it,
+/// following the map: a sharded table as a partitioned parent on every
+/// server with the leaves of the partitions that server owns; a reference
+/// table everywhere; an unsharded table on its home.
+pub async fn create_table(cluster: &TestCluster, map: &ClusterMap, table: &str, columns: &str) {
+    for (index, server) in cluster.cluster.servers.iter().enumerate() {
+        let statements = shardmap::ddl::create_statements(map, table, columns, server.name())
+            .unwrap_or_else(|e| panic!("DDL for {table}: {e}"));
+        if !statements.is_empty() {
+            cluster
+                .connect(index)
+                .await
+                .batch_execute(&statements.join(";\n"))
+                .await
+                .unwrap_or_else(|e| panic!("create {table}: {e}"));
+        }
+    }
+}
+
+/// `users(id, n)` and `events(user_id, seq, payload)`, both sharded by user id.
+pub async fn setup_schema(
+    cluster: &TestCluster,
+    name: &str,
+    partitions: u32,
+) -> (MapStore, ClusterMap) {
+    let (store, _) = cluster.init_map(name, partitions).await;
+    let saved = store
+        .update("test", |map| {
+            map.declare(
+                Group::hash("users", KeyType::Bigint)
+                    .table("users", "id")
+                    .table("events", "user_id"),
+            );
+            Ok(Change::new("test-schema", "users and events"))
+        })
+        .await
+        .expect("declare the schema");
+    create_table(
+        cluster,
+        &saved.map,
+        "users",
+        "id bigint PRIMARY KEY, n bigint NOT NULL DEFAULT 0",
+    )
+    .await;
+    create_table(
+        cluster,
+        &saved.map,
+        "events",
+        "user_id bigint NOT NULL, seq bigint NOT NULL, payload text, PRIMARY KEY (user_id, seq)",
+    )
+    .await;
+    (store, saved.map)
+}
+
+/// `(user_id, seq)` of every event row on every server, with the server
+/// each was found on.
+pub async fn all_events(cluster: &TestCluster) -> Vec<((i64, i64), String)> {
+    let mut rows = Vec::new();
+    for (index, server) in cluster.cluster.servers.iter().enumerate() {
+        let client = cluster.connect(index).await;
+        for row in client
+            .query("SELECT user_id, seq FROM events", &[])
+            .await
+            .expect("read events")
+        {
+            rows.push(((row.get(0), row.get(1)), server.name().to_string()));
+        }
+    }
+    rows
+}
+
+/// `id -> (n, server)` for every users row on every server.
+pub async fn all_users(cluster: &TestCluster) -> BTreeMap<i64, Vec<(i64, String)>> {
+    let mut users: BTreeMap<i64, Vec<(i64, String)>> = BTreeMap::new();
+    for (index, server) in cluster.cluster.servers.iter().enumerate() {
+        let client = cluster.connect(index).await;
+        for row in client
+            .query("SELECT id, n FROM users", &[])
+            .await
+            .expect("read users")
+        {
+            users
+                .entry(row.get(0))
+                .or_default()
+                .push((row.get(1), server.name().to_string()));
+        }
+    }
+    users
+}
+
+/// The server owning user `id` in `map`.
+pub fn owner_of(map: &ClusterMap, id: i64) -> String {
+    let partition = map
+        .partition_of("users", &KeyValue::Int(id))
+        .expect("partition of a user id");
+    map.assignments[partition as usize].owner.clone()
+}
+
+/// A users id in `partition`, among `0..limit`.
+pub fn user_in_partition(map: &ClusterMap, partition: u32, limit: i64) -> i64 {
+    (0..limit)
+        .find(|id| map.partition_of("users", &KeyValue::Int(*id)).ok() == Some(partition))
+        .expect("a user in the partition")
+}
