@@ -27,39 +27,55 @@ pub async fn create_table(cluster: &TestCluster, map: &ClusterMap, table: &str, 
     }
 }
 
+/// A new map of `partitions` over the cluster's servers, then the test's
+/// groups and tables declared by `declare` in a change of their own, as
+/// `shardctl` would make it (so the schema arrives at version 2).
+pub async fn init_schema(
+    cluster: &TestCluster,
+    name: &str,
+    partitions: u32,
+    declare: impl Fn(&mut ClusterMap),
+) -> (MapStore, ClusterMap) {
+    let (store, _) = cluster.init_map(name, partitions).await;
+    let saved = store
+        .update("test", |map| {
+            declare(map);
+            Ok(Change::new("test-schema", "the test's groups and tables"))
+        })
+        .await
+        .expect("declare the schema");
+    (store, saved.map)
+}
+
 /// `users(id, n)` and `events(user_id, seq, payload)`, both sharded by user id.
 pub async fn setup_schema(
     cluster: &TestCluster,
     name: &str,
     partitions: u32,
 ) -> (MapStore, ClusterMap) {
-    let (store, _) = cluster.init_map(name, partitions).await;
-    let saved = store
-        .update("test", |map| {
-            map.declare(
-                Group::hash("users", KeyType::Bigint)
-                    .table("users", "id")
-                    .table("events", "user_id"),
-            );
-            Ok(Change::new("test-schema", "users and events"))
-        })
-        .await
-        .expect("declare the schema");
+    let (store, map) = init_schema(cluster, name, partitions, |map| {
+        map.declare(
+            Group::hash("users", KeyType::Bigint)
+                .table("users", "id")
+                .table("events", "user_id"),
+        );
+    })
+    .await;
     create_table(
         cluster,
-        &saved.map,
+        &map,
         "users",
         "id bigint PRIMARY KEY, n bigint NOT NULL DEFAULT 0",
     )
     .await;
     create_table(
         cluster,
-        &saved.map,
+        &map,
         "events",
         "user_id bigint NOT NULL, seq bigint NOT NULL, payload text, PRIMARY KEY (user_id, seq)",
     )
     .await;
-    (store, saved.map)
+    (store, map)
 }
 
 /// `(user_id, seq)` of every event row on every server, with the server

@@ -7,9 +7,9 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use shardline_tests::fixtures::create_table;
+use shardline_tests::fixtures::{create_table, init_schema};
 use shardline_tests::{TestCluster, TestProxy};
-use shardmap::{Change, ClusterMap, Group, KeyType, KeyValue, MapStore, Table};
+use shardmap::{ClusterMap, Group, KeyType, KeyValue, MapStore, Table};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLUSTER: &str = "clients";
@@ -17,20 +17,15 @@ const PARTITIONS: u32 = 16;
 const ACCOUNTS: i64 = 2000;
 
 async fn setup(cluster: &TestCluster) -> (MapStore, ClusterMap) {
-    let (store, _) = cluster.init_map(CLUSTER, PARTITIONS).await;
-    let saved = store
-        .update("test", |map| {
-            map.declare(
-                Group::hash("accounts", KeyType::Int)
-                    .table("pgbench_accounts", "aid")
-                    .table("users", "user_id"),
-            );
-            map.declare_table(Table::unsharded("notes", "pg1"));
-            Ok(Change::new("schema", "client tests"))
-        })
-        .await
-        .expect("schema");
-    let map = saved.map;
+    let (store, map) = init_schema(cluster, CLUSTER, PARTITIONS, |map| {
+        map.declare(
+            Group::hash("accounts", KeyType::Int)
+                .table("pgbench_accounts", "aid")
+                .table("users", "user_id"),
+        );
+        map.declare_table(Table::unsharded("notes", "pg1"));
+    })
+    .await;
     create_table(
         cluster,
         &map,

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use shardline_tests::fixtures::create_table;
+use shardline_tests::fixtures::{create_table, init_schema};
 use shardline_tests::{eventually, TestCluster, TestProxy};
 use shardmap::embedded::{IdGenerator, IdLayout};
 use shardmap::{
@@ -18,33 +18,28 @@ const PARTITIONS: u32 = 16;
 
 /// Declares the test schema in the map and creates it on the servers.
 async fn setup(cluster: &TestCluster) -> (MapStore, ClusterMap) {
-    let (store, _) = cluster.init_map(CLUSTER, PARTITIONS).await;
-    let saved = store
-        .update("test", |map| {
-            map.declare(
-                Group::hash("users", KeyType::Bigint)
-                    .table("users", "user_id")
-                    .embedded_table("photos", "photo_id"),
-            );
-            let regions = vec![ListRule::new(&["DE", "FR"], 0), ListRule::new(&["US"], 7)];
-            map.declare(
-                Group::list("regions", KeyType::Text, regions, Some(12)).table("votes", "country"),
-            );
-            let accounts = vec![
-                RangeRule::new(None, Some("1000"), 1),
-                RangeRule::new(Some("1000"), Some("2000"), 8),
-                RangeRule::new(Some("2000"), None, 14),
-            ];
-            map.declare(
-                Group::range("accounts", KeyType::Bigint, accounts).table("accounts", "account_id"),
-            );
-            map.declare_table(Table::reference("countries"));
-            map.declare_table(Table::unsharded("settings", "pg2"));
-            Ok(Change::new("schema", "test tables"))
-        })
-        .await
-        .expect("schema");
-    let map = saved.map;
+    let (store, map) = init_schema(cluster, CLUSTER, PARTITIONS, |map| {
+        map.declare(
+            Group::hash("users", KeyType::Bigint)
+                .table("users", "user_id")
+                .embedded_table("photos", "photo_id"),
+        );
+        let regions = vec![ListRule::new(&["DE", "FR"], 0), ListRule::new(&["US"], 7)];
+        map.declare(
+            Group::list("regions", KeyType::Text, regions, Some(12)).table("votes", "country"),
+        );
+        let accounts = vec![
+            RangeRule::new(None, Some("1000"), 1),
+            RangeRule::new(Some("1000"), Some("2000"), 8),
+            RangeRule::new(Some("2000"), None, 14),
+        ];
+        map.declare(
+            Group::range("accounts", KeyType::Bigint, accounts).table("accounts", "account_id"),
+        );
+        map.declare_table(Table::reference("countries"));
+        map.declare_table(Table::unsharded("settings", "pg2"));
+    })
+    .await;
     create_table(
         cluster,
         &map,
