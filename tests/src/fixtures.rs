@@ -78,38 +78,42 @@ pub async fn setup_schema(
     (store, map)
 }
 
+/// The rows `sql` returns on each server, each with that server's name.
+pub async fn rows_on_every_server(
+    cluster: &TestCluster,
+    sql: &str,
+) -> Vec<(tokio_postgres::Row, String)> {
+    let mut found = Vec::new();
+    for (index, server) in cluster.cluster.servers.iter().enumerate() {
+        let rows = cluster
+            .connect(index)
+            .await
+            .query(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql} on {}: {e}", server.name()));
+        found.extend(rows.into_iter().map(|row| (row, server.name().to_string())));
+    }
+    found
+}
+
 /// `(user_id, seq)` of every event row on every server, with the server
 /// each was found on.
 pub async fn all_events(cluster: &TestCluster) -> Vec<((i64, i64), String)> {
-    let mut rows = Vec::new();
-    for (index, server) in cluster.cluster.servers.iter().enumerate() {
-        let client = cluster.connect(index).await;
-        for row in client
-            .query("SELECT user_id, seq FROM events", &[])
-            .await
-            .expect("read events")
-        {
-            rows.push(((row.get(0), row.get(1)), server.name().to_string()));
-        }
-    }
-    rows
+    rows_on_every_server(cluster, "SELECT user_id, seq FROM events")
+        .await
+        .into_iter()
+        .map(|(row, server)| ((row.get(0), row.get(1)), server))
+        .collect()
 }
 
 /// `id -> (n, server)` for every users row on every server.
 pub async fn all_users(cluster: &TestCluster) -> BTreeMap<i64, Vec<(i64, String)>> {
     let mut users: BTreeMap<i64, Vec<(i64, String)>> = BTreeMap::new();
-    for (index, server) in cluster.cluster.servers.iter().enumerate() {
-        let client = cluster.connect(index).await;
-        for row in client
-            .query("SELECT id, n FROM users", &[])
-            .await
-            .expect("read users")
-        {
-            users
-                .entry(row.get(0))
-                .or_default()
-                .push((row.get(1), server.name().to_string()));
-        }
+    for (row, server) in rows_on_every_server(cluster, "SELECT id, n FROM users").await {
+        users
+            .entry(row.get(0))
+            .or_default()
+            .push((row.get(1), server));
     }
     users
 }

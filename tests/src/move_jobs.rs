@@ -8,6 +8,7 @@ use rebalancer::config::RebalancerConfig;
 use shardmap::jobs::Job;
 use shardmap::{ClusterMap, JobStore, Phase};
 
+use crate::fixtures::rows_on_every_server;
 use crate::TestCluster;
 
 /// Rebalancer settings for tests: quick cutover retries.
@@ -134,26 +135,18 @@ pub fn assert_phase(job: &Job, expected: Phase) {
 /// Slots, publications, subscriptions of moves, and standalone tables that
 /// look like leaves, on every server (`server: kind name`).
 pub async fn leftovers(cluster: &TestCluster) -> Vec<String> {
-    let mut found = Vec::new();
-    for (index, server) in cluster.cluster.servers.iter().enumerate() {
-        let client = cluster.connect(index).await;
-        let rows = client
-            .query(
-                "SELECT 'slot', slot_name::text FROM pg_replication_slots \
-                 UNION ALL SELECT 'publication', pubname::text FROM pg_publication \
-                 UNION ALL SELECT 'subscription', subname::text FROM pg_subscription \
-                 UNION ALL SELECT 'detached table', c.relname::text FROM pg_class c \
-                   WHERE c.relkind = 'r' AND c.relname ~ '_p[0-9]+' \
-                   AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid)",
-                &[],
-            )
-            .await
-            .expect("list leftovers");
-        for row in rows {
-            let kind: String = row.get(0);
-            let name: String = row.get(1);
-            found.push(format!("{}: {kind} {name}", server.name()));
-        }
-    }
-    found
+    let sql = "SELECT 'slot', slot_name::text FROM pg_replication_slots \
+               UNION ALL SELECT 'publication', pubname::text FROM pg_publication \
+               UNION ALL SELECT 'subscription', subname::text FROM pg_subscription \
+               UNION ALL SELECT 'detached table', c.relname::text FROM pg_class c \
+                 WHERE c.relkind = 'r' AND c.relname ~ '_p[0-9]+' \
+                 AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid)";
+    rows_on_every_server(cluster, sql)
+        .await
+        .into_iter()
+        .map(|(row, server)| {
+            let (kind, name): (String, String) = (row.get(0), row.get(1));
+            format!("{server}: {kind} {name}")
+        })
+        .collect()
 }
