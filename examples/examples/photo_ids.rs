@@ -5,47 +5,23 @@
 //! Run: `cargo run -p shardline-examples --example photo_ids`
 
 use shardmap::embedded::{IdGenerator, IdLayout};
-use shardmap::{
-    ClusterMap, Endpoint, Group, KeyType, KeyValue, Method, Server, ServerState, Table, TableKind,
-};
+use shardmap::{ClusterMap, Endpoint, Group, KeyType, KeyValue, Server};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let servers = ["pg1", "pg2", "pg3"]
         .iter()
         .enumerate()
         .map(|(i, name)| {
-            Ok(Server {
-                name: name.to_string(),
-                primary: Endpoint::parse(&format!("postgres://app@10.0.0.{}:5432/photos", i + 1))?,
-                replicas: Vec::new(),
-                region: None,
-                state: ServerState::Active,
-            })
+            let url = format!("postgres://app@10.0.0.{}:5432/photos", i + 1);
+            Ok(Server::active(name, Endpoint::parse(&url)?))
         })
         .collect::<Result<Vec<_>, String>>()?;
     let mut map = ClusterMap::new("photos-demo", 1024, servers)?;
-    map.groups.insert(
-        "users".into(),
-        Group {
-            name: "users".into(),
-            key_type: KeyType::Bigint,
-            method: Method::Hash,
-        },
+    map.declare(
+        Group::hash("users", KeyType::Bigint)
+            .table("users", "user_id")
+            .embedded_table("photos", "photo_id"),
     );
-    for (table, column, embedded_id) in [("users", "user_id", false), ("photos", "photo_id", true)]
-    {
-        map.tables.insert(
-            table.into(),
-            Table {
-                name: table.into(),
-                kind: TableKind::Sharded {
-                    group: "users".into(),
-                    key_column: column.into(),
-                    embedded_id,
-                },
-            },
-        );
-    }
     map.validate()?;
 
     let layout =

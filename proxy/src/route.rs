@@ -448,48 +448,17 @@ fn uuid_from(bytes: &[u8]) -> Option<shardmap::keys::Uuid> {
 mod tests {
     use super::*;
     use crate::analyze::{Analyzer, Command};
-    use shardmap::{Endpoint, Group, Method, Server, ServerState, Table};
+    use shardmap::{Endpoint, Group, Server, Table};
 
     fn map() -> ClusterMap {
         let servers = ["a", "b"]
             .iter()
-            .map(|n| Server {
-                name: n.to_string(),
-                primary: Endpoint::parse("postgres://h:1/d").expect("url"),
-                replicas: vec![],
-                region: None,
-                state: ServerState::Active,
-            })
+            .map(|n| Server::active(n, Endpoint::parse("postgres://h:1/d").expect("url")))
             .collect();
         let mut map = ClusterMap::new("t", 8, servers).expect("map");
-        map.groups.insert(
-            "users".into(),
-            Group {
-                name: "users".into(),
-                key_type: KeyType::Bigint,
-                method: Method::Hash,
-            },
-        );
-        for (name, kind) in [
-            (
-                "users",
-                TableKind::Sharded {
-                    group: "users".into(),
-                    key_column: "user_id".into(),
-                    embedded_id: false,
-                },
-            ),
-            ("countries", TableKind::Reference),
-            ("settings", TableKind::Unsharded { home: "b".into() }),
-        ] {
-            map.tables.insert(
-                name.into(),
-                Table {
-                    name: name.into(),
-                    kind,
-                },
-            );
-        }
+        map.declare(Group::hash("users", KeyType::Bigint).table("users", "user_id"));
+        map.declare_table(Table::reference("countries"));
+        map.declare_table(Table::unsharded("settings", "b"));
         map
     }
 

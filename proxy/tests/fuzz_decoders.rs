@@ -10,6 +10,7 @@ use proxy::analyze::{lex, Analyzer, Command};
 use proxy::route::route_data;
 use proxy::wire::frame::{next_frame, next_startup_packet};
 use proxy::wire::messages::{query_text, Bind, Parse, Target};
+use shardmap::{ClusterMap, Endpoint, Group, KeyType, Server};
 
 fn config() -> ProptestConfig {
     let cases = std::env::var("PROPTEST_CASES")
@@ -55,34 +56,10 @@ fn sqlish() -> impl Strategy<Value = String> {
     prop::collection::vec(token, 0..40).prop_map(|tokens| tokens.concat())
 }
 
-fn map() -> shardmap::ClusterMap {
-    let server = shardmap::Server {
-        name: "a".into(),
-        primary: shardmap::Endpoint::parse("postgres://h:1/d").expect("url"),
-        replicas: vec![],
-        region: None,
-        state: shardmap::ServerState::Active,
-    };
-    let mut map = shardmap::ClusterMap::new("f", 8, vec![server]).expect("map");
-    map.groups.insert(
-        "users".into(),
-        shardmap::Group {
-            name: "users".into(),
-            key_type: shardmap::KeyType::Bigint,
-            method: shardmap::Method::Hash,
-        },
-    );
-    map.tables.insert(
-        "users".into(),
-        shardmap::Table {
-            name: "users".into(),
-            kind: shardmap::TableKind::Sharded {
-                group: "users".into(),
-                key_column: "user_id".into(),
-                embedded_id: false,
-            },
-        },
-    );
+fn map() -> ClusterMap {
+    let server = Server::active("a", Endpoint::parse("postgres://h:1/d").expect("url"));
+    let mut map = ClusterMap::new("f", 8, vec![server]).expect("map");
+    map.declare(Group::hash("users", KeyType::Bigint).table("users", "user_id"));
     map
 }
 

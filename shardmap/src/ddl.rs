@@ -206,42 +206,23 @@ pub fn create_statements(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Endpoint, Group, ListRule, RangeRule, Server, ServerState, Table};
+    use crate::model::{Endpoint, Group, ListRule, RangeRule, Server};
 
-    fn map_with(method: Method, key_type: KeyType, embedded_id: bool) -> ClusterMap {
-        let server = Server {
-            name: "a".into(),
-            primary: Endpoint::parse("postgres://h:1/d").expect("url"),
-            replicas: vec![],
-            region: None,
-            state: ServerState::Active,
-        };
+    /// A map of one server where table `t` is sharded by `k` in `group`.
+    fn map_with(group: Group, embedded_id: bool) -> ClusterMap {
+        let server = Server::active("a", Endpoint::parse("postgres://h:1/d").expect("url"));
         let mut map = ClusterMap::new("t", 4, vec![server]).expect("map");
-        map.groups.insert(
-            "g".into(),
-            Group {
-                name: "g".into(),
-                key_type,
-                method,
-            },
-        );
-        map.tables.insert(
-            "t".into(),
-            Table {
-                name: "t".into(),
-                kind: TableKind::Sharded {
-                    group: "g".into(),
-                    key_column: "k".into(),
-                    embedded_id,
-                },
-            },
-        );
+        map.declare(if embedded_id {
+            group.embedded_table("t", "k")
+        } else {
+            group.table("t", "k")
+        });
         map
     }
 
     #[test]
     fn hash_and_embedded_leaves() {
-        let map = map_with(Method::Hash, KeyType::Bigint, false);
+        let map = map_with(Group::hash("g", KeyType::Bigint), false);
         assert_eq!(
             partition_clause(&map, "t").as_deref(),
             Ok("PARTITION BY HASH (k)")
@@ -250,7 +231,7 @@ mod tests {
             leaves(&map, "t", 3).expect("leaves")[0].create_sql("t"),
             "CREATE TABLE t_p3 PARTITION OF t FOR VALUES WITH (MODULUS 4, REMAINDER 3)"
         );
-        let map = map_with(Method::Hash, KeyType::Bigint, true);
+        let map = map_with(Group::hash("g", KeyType::Bigint), true);
         assert_eq!(
             partition_clause(&map, "t").as_deref(),
             Ok("PARTITION BY RANGE (k)")
@@ -262,34 +243,18 @@ mod tests {
 
     #[test]
     fn range_and_list_leaves() {
-        let ranges = Method::Range {
-            ranges: vec![
-                RangeRule {
-                    from: None,
-                    to: Some("100".into()),
-                    partition: 1,
-                },
-                RangeRule {
-                    from: Some("500".into()),
-                    to: None,
-                    partition: 1,
-                },
-            ],
-        };
-        let map = map_with(ranges, KeyType::Bigint, false);
+        let ranges = vec![
+            RangeRule::new(None, Some("100"), 1),
+            RangeRule::new(Some("500"), None, 1),
+        ];
+        let map = map_with(Group::range("g", KeyType::Bigint, ranges), false);
         let l = leaves(&map, "t", 1).expect("leaves");
         assert_eq!(l.len(), 2);
         assert_eq!(l[0].bound, "FOR VALUES FROM (MINVALUE) TO (100)");
         assert_eq!(l[1].bound, "FOR VALUES FROM (500) TO (MAXVALUE)");
         assert!(leaves(&map, "t", 0).expect("leaves").is_empty());
-        let lists = Method::List {
-            lists: vec![ListRule {
-                values: vec!["DE".into(), "it's".into()],
-                partition: 2,
-            }],
-            default: Some(2),
-        };
-        let map = map_with(lists, KeyType::Text, false);
+        let lists = vec![ListRule::new(&["DE", "it's"], 2)];
+        let map = map_with(Group::list("g", KeyType::Text, lists, Some(2)), false);
         let l = leaves(&map, "t", 2).expect("leaves");
         assert_eq!(l[0].bound, "FOR VALUES IN ('DE', 'it''s')");
         assert_eq!(l[1].bound, "DEFAULT");

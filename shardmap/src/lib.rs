@@ -2,6 +2,7 @@
 //!
 //! - [`model`]: partitions, servers, co-location groups, tables; validation;
 //!   key → partition lookup.
+//! - [`builder`]: short constructors for servers, groups and tables.
 //! - [`pghash`]: Postgres's hash-partition function, so that the proxy and
 //!   Postgres agree on every row's partition.
 //! - [`embedded`]: ids that carry their partition, and their generator.
@@ -13,6 +14,7 @@
 //!
 //! Nothing here talks to Postgres.
 
+pub mod builder;
 pub mod cache;
 pub mod ddl;
 pub mod embedded;

@@ -699,13 +699,11 @@ mod tests {
     use super::*;
 
     fn server(name: &str, region: Option<&str>) -> Server {
+        let primary =
+            Endpoint::parse(&format!("postgres://postgres@127.0.0.1:1/{name}")).expect("valid url");
         Server {
-            name: name.into(),
-            primary: Endpoint::parse(&format!("postgres://postgres@127.0.0.1:1/{name}"))
-                .expect("valid url"),
-            replicas: vec![],
             region: region.map(Into::into),
-            state: ServerState::Active,
+            ..Server::active(name, primary)
         }
     }
 
@@ -776,27 +774,14 @@ mod tests {
     #[test]
     fn overlapping_ranges_are_refused() {
         let mut map = two_server_map();
-        map.groups.insert(
-            "users".into(),
-            Group {
-                name: "users".into(),
-                key_type: KeyType::Bigint,
-                method: Method::Range {
-                    ranges: vec![
-                        RangeRule {
-                            from: Some("0".into()),
-                            to: Some("100".into()),
-                            partition: 0,
-                        },
-                        RangeRule {
-                            from: Some("50".into()),
-                            to: Some("200".into()),
-                            partition: 1,
-                        },
-                    ],
-                },
-            },
-        );
+        map.declare(Group::range(
+            "users",
+            KeyType::Bigint,
+            vec![
+                RangeRule::new(Some("0"), Some("100"), 0),
+                RangeRule::new(Some("50"), Some("200"), 1),
+            ],
+        ));
         let err = map.validate().expect_err("overlap");
         assert!(
             err.to_string()
@@ -808,54 +793,13 @@ mod tests {
     #[test]
     fn range_and_list_lookup() {
         let mut map = two_server_map();
-        map.groups.insert(
-            "users".into(),
-            Group {
-                name: "users".into(),
-                key_type: KeyType::Bigint,
-                method: Method::Range {
-                    ranges: vec![
-                        RangeRule {
-                            from: None,
-                            to: Some("100".into()),
-                            partition: 2,
-                        },
-                        RangeRule {
-                            from: Some("100".into()),
-                            to: None,
-                            partition: 5,
-                        },
-                    ],
-                },
-            },
-        );
-        map.groups.insert(
-            "geo".into(),
-            Group {
-                name: "geo".into(),
-                key_type: KeyType::Text,
-                method: Method::List {
-                    lists: vec![ListRule {
-                        values: vec!["DE".into(), "FR".into()],
-                        partition: 4,
-                    }],
-                    default: None,
-                },
-            },
-        );
-        for (name, group) in [("accounts", "users"), ("votes", "geo")] {
-            map.tables.insert(
-                name.into(),
-                Table {
-                    name: name.into(),
-                    kind: TableKind::Sharded {
-                        group: group.into(),
-                        key_column: "k".into(),
-                        embedded_id: false,
-                    },
-                },
-            );
-        }
+        let ranges = vec![
+            RangeRule::new(None, Some("100"), 2),
+            RangeRule::new(Some("100"), None, 5),
+        ];
+        map.declare(Group::range("users", KeyType::Bigint, ranges).table("accounts", "k"));
+        let lists = vec![ListRule::new(&["DE", "FR"], 4)];
+        map.declare(Group::list("geo", KeyType::Text, lists, None).table("votes", "k"));
         map.validate().expect("valid");
         assert_eq!(map.partition_of("accounts", &KeyValue::Int(-7)), Ok(2));
         assert_eq!(map.partition_of("accounts", &KeyValue::Int(100)), Ok(5));
@@ -880,35 +824,10 @@ mod tests {
     #[test]
     fn embedded_id_tables_route_to_the_id_partition() {
         let mut map = two_server_map();
-        map.groups.insert(
-            "users".into(),
-            Group {
-                name: "users".into(),
-                key_type: KeyType::Bigint,
-                method: Method::Hash,
-            },
-        );
-        map.tables.insert(
-            "photos".into(),
-            Table {
-                name: "photos".into(),
-                kind: TableKind::Sharded {
-                    group: "users".into(),
-                    key_column: "photo_id".into(),
-                    embedded_id: true,
-                },
-            },
-        );
-        map.tables.insert(
-            "users".into(),
-            Table {
-                name: "users".into(),
-                kind: TableKind::Sharded {
-                    group: "users".into(),
-                    key_column: "user_id".into(),
-                    embedded_id: false,
-                },
-            },
+        map.declare(
+            Group::hash("users", KeyType::Bigint)
+                .embedded_table("photos", "photo_id")
+                .table("users", "user_id"),
         );
         map.validate().expect("valid");
         let user_partition = map.partition_of("users", &KeyValue::Int(42)).expect("hash");

@@ -1,13 +1,23 @@
 //! The integration-test harness: a [`TestCluster`] is a real etcd and real
 //! Postgres 15 servers on free loopback ports in a temporary directory,
 //! stopped and deleted when the value is dropped (also when a test panics).
+//! Also here: [`TestProxy`], a proxy inside the test process, and
+//! [`Cutter`], a TCP forwarder that simulates a network partition.
+//!
+//! - [`fixtures`]: tables and test data on the servers, and reading them back.
+//! - [`move_jobs`]: driving and observing partition moves.
+//! - [`binaries`]: `shardctl` and `shardline-rebalancer` as real processes.
+//! - [`latency`]: percentiles of measured latencies.
 
-pub mod moves;
+pub mod binaries;
+pub mod fixtures;
+pub mod latency;
+pub mod move_jobs;
 
 use std::time::Duration;
 
 use devcluster::{DevOptions, LocalCluster};
-use shardmap::{ClusterMap, Endpoint, MapStore, Server, ServerState, Versioned};
+use shardmap::{ClusterMap, Endpoint, MapStore, Server, Versioned};
 
 pub struct TestCluster {
     pub cluster: LocalCluster,
@@ -57,12 +67,9 @@ impl TestCluster {
         self.cluster
             .servers
             .iter()
-            .map(|s| Server {
-                name: s.name().to_string(),
-                primary: Endpoint::parse(&s.state().url()).expect("dev URLs parse"),
-                replicas: Vec::new(),
-                region: None,
-                state: ServerState::Active,
+            .map(|s| {
+                let primary = Endpoint::parse(&s.state().url()).expect("dev URLs parse");
+                Server::active(s.name(), primary)
             })
             .collect()
     }
@@ -72,14 +79,8 @@ impl TestCluster {
     pub async fn init_map(&self, cluster: &str, partitions: u32) -> (MapStore, Versioned) {
         let mut servers = self.map_servers();
         if servers.is_empty() {
-            servers.push(Server {
-                name: "placeholder".into(),
-                primary: Endpoint::parse("postgres://postgres@127.0.0.1:9/postgres")
-                    .expect("parses"),
-                replicas: Vec::new(),
-                region: None,
-                state: ServerState::Active,
-            });
+            let nowhere = Endpoint::parse("postgres://postgres@127.0.0.1:9/postgres");
+            servers.push(Server::active("placeholder", nowhere.expect("parses")));
         }
         let store = self.store(cluster).await;
         let map = ClusterMap::new(cluster, partitions, servers).expect("valid map");
@@ -124,25 +125,6 @@ where
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Creates `table` with `columns` on the servers that should hold it,
-/// following the map: a sharded table as a partitioned parent on every
-/// server with the leaves of the partitions that server owns; a reference
-/// table everywhere; an unsharded table on its home.
-pub async fn create_table(cluster: &TestCluster, map: &ClusterMap, table: &str, columns: &str) {
-    for (index, server) in cluster.cluster.servers.iter().enumerate() {
-        let statements = shardmap::ddl::create_statements(map, table, columns, server.name())
-            .unwrap_or_else(|e| panic!("DDL for {table}: {e}"));
-        if !statements.is_empty() {
-            cluster
-                .connect(index)
-                .await
-                .batch_execute(&statements.join(";\n"))
-                .await
-                .unwrap_or_else(|e| panic!("create {table}: {e}"));
-        }
     }
 }
 

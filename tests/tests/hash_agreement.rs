@@ -5,7 +5,7 @@
 use rand::{Rng, SeedableRng};
 use shardline_tests::TestCluster;
 use shardmap::model::group_partition;
-use shardmap::{Group, KeyType, KeyValue, Method};
+use shardmap::{Group, KeyType, KeyValue};
 
 const MODULUS: u32 = 64;
 const KEYS_PER_TYPE: usize = 10_000;
@@ -26,11 +26,7 @@ async fn create_hash_table(client: &tokio_postgres::Client, table: &str, sql_typ
 /// Reads back every row's key (as text) and leaf, and checks our partition
 /// function against Postgres's choice. Returns the number of rows checked.
 async fn check_agreement(client: &tokio_postgres::Client, table: &str, key_type: KeyType) -> usize {
-    let group = Group {
-        name: "g".into(),
-        key_type,
-        method: Method::Hash,
-    };
+    let group = Group::hash("g", key_type);
     let rows = client
         .query(
             &format!("SELECT k::text, tableoid::regclass::text FROM {table}"),
@@ -78,11 +74,7 @@ async fn check_remainders<T>(
 ) where
     T: tokio_postgres::types::ToSql + Sync + ToString,
 {
-    let group = Group {
-        name: "g".into(),
-        key_type,
-        method: Method::Hash,
-    };
+    let group = Group::hash("g", key_type);
     let remainders: Vec<i32> = keys
         .iter()
         .map(|k| {
@@ -230,11 +222,7 @@ async fn postgres_and_shardline_agree_on_hash_partitions() {
 
     // A literal from the SQL side too: the value Postgres's own
     // satisfies_hash_partition() accepts must be the remainder we compute.
-    let group = Group {
-        name: "g".into(),
-        key_type: KeyType::Bigint,
-        method: Method::Hash,
-    };
+    let group = Group::hash("g", KeyType::Bigint);
     for key in [42_i64, -7, 1 << 40] {
         let ours = group_partition(&group, MODULUS, &KeyValue::Int(key)).expect("hash");
         let row = client

@@ -9,9 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rebalancer::failpoint::POINTS;
-use shardline_tests::moves::{
-    all_events, assert_phase, jobs, leftovers, other_server, owner_of, setup_schema, submit,
-    test_config, wait_leader, wait_terminal, RebalancerProcess,
+use shardline_tests::binaries::RebalancerProcess;
+use shardline_tests::fixtures::{all_events, owner_of, setup_schema};
+use shardline_tests::move_jobs::{
+    assert_phase, jobs, leftovers, other_server, submit, test_config, wait_leader, wait_terminal,
 };
 use shardline_tests::{TestCluster, TestProxy};
 use shardmap::{PartitionState, Phase};

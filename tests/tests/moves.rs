@@ -8,13 +8,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shardline_tests::moves::{
-    all_events, all_users, assert_phase, declare_users_group, jobs, leftovers, other_server,
-    owner_of, percentile, setup_schema, shardctl, submit, test_config, user_in_partition, wait_job,
-    wait_terminal, InProcessRebalancer,
+use shardline_tests::binaries::shardctl;
+use shardline_tests::fixtures::{all_events, all_users, owner_of, setup_schema, user_in_partition};
+use shardline_tests::latency::percentile;
+use shardline_tests::move_jobs::{
+    assert_phase, jobs, leftovers, other_server, submit, test_config, wait_job, wait_terminal,
+    InProcessRebalancer,
 };
 use shardline_tests::{TestCluster, TestProxy};
-use shardmap::Phase;
+use shardmap::{Group, KeyType, Phase};
 
 /// What the clients saw.
 #[derive(Default)]
@@ -576,7 +578,7 @@ async fn adding_a_fourth_server_and_rebalancing_evens_out_the_sizes() {
     store.initialize(map, "test").await.expect("init");
     store
         .update("test", |map| {
-            declare_users_group(map, &[("users", "id")]);
+            map.declare(Group::hash("users", KeyType::Bigint).table("users", "id"));
             Ok(shardmap::Change::new("test-schema", "users"))
         })
         .await

@@ -7,8 +7,9 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use shardline_tests::{create_table, TestCluster, TestProxy};
-use shardmap::{Change, ClusterMap, Group, KeyType, KeyValue, MapStore, Method, Table, TableKind};
+use shardline_tests::fixtures::{create_table, init_schema};
+use shardline_tests::{TestCluster, TestProxy};
+use shardmap::{ClusterMap, Group, KeyType, KeyValue, MapStore, Table};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLUSTER: &str = "clients";
@@ -16,51 +17,15 @@ const PARTITIONS: u32 = 16;
 const ACCOUNTS: i64 = 2000;
 
 async fn setup(cluster: &TestCluster) -> (MapStore, ClusterMap) {
-    let (store, _) = cluster.init_map(CLUSTER, PARTITIONS).await;
-    let saved = store
-        .update("test", |map| {
-            map.groups.insert(
-                "accounts".into(),
-                Group {
-                    name: "accounts".into(),
-                    key_type: KeyType::Int,
-                    method: Method::Hash,
-                },
-            );
-            map.tables.insert(
-                "pgbench_accounts".into(),
-                Table {
-                    name: "pgbench_accounts".into(),
-                    kind: TableKind::Sharded {
-                        group: "accounts".into(),
-                        key_column: "aid".into(),
-                        embedded_id: false,
-                    },
-                },
-            );
-            map.tables.insert(
-                "users".into(),
-                Table {
-                    name: "users".into(),
-                    kind: TableKind::Sharded {
-                        group: "accounts".into(),
-                        key_column: "user_id".into(),
-                        embedded_id: false,
-                    },
-                },
-            );
-            map.tables.insert(
-                "notes".into(),
-                Table {
-                    name: "notes".into(),
-                    kind: TableKind::Unsharded { home: "pg1".into() },
-                },
-            );
-            Ok(Change::new("schema", "client tests"))
-        })
-        .await
-        .expect("schema");
-    let map = saved.map;
+    let (store, map) = init_schema(cluster, CLUSTER, PARTITIONS, |map| {
+        map.declare(
+            Group::hash("accounts", KeyType::Int)
+                .table("pgbench_accounts", "aid")
+                .table("users", "user_id"),
+        );
+        map.declare_table(Table::unsharded("notes", "pg1"));
+    })
+    .await;
     create_table(
         cluster,
         &map,

@@ -5,106 +5,41 @@
 
 use std::time::{Duration, Instant};
 
-use shardline_tests::moves::declare_users_group;
-use shardline_tests::{create_table, eventually, TestCluster, TestProxy};
+use shardline_tests::fixtures::{create_table, init_schema};
+use shardline_tests::{eventually, TestCluster, TestProxy};
 use shardmap::embedded::{IdGenerator, IdLayout};
 use shardmap::{
-    Change, ClusterMap, Group, KeyType, KeyValue, ListRule, MapStore, Method, PartitionState,
-    RangeRule, Table, TableKind,
+    Change, ClusterMap, Group, KeyType, KeyValue, ListRule, MapStore, PartitionState, RangeRule,
+    Table, TableKind,
 };
 
 const CLUSTER: &str = "routing";
 const PARTITIONS: u32 = 16;
 
-fn sharded(name: &str, group: &str, key: &str, embedded_id: bool) -> Table {
-    Table {
-        name: name.into(),
-        kind: TableKind::Sharded {
-            group: group.into(),
-            key_column: key.into(),
-            embedded_id,
-        },
-    }
-}
-
 /// Declares the test schema in the map and creates it on the servers.
 async fn setup(cluster: &TestCluster) -> (MapStore, ClusterMap) {
-    let (store, _) = cluster.init_map(CLUSTER, PARTITIONS).await;
-    let saved = store
-        .update("test", |map| {
-            declare_users_group(map, &[("users", "user_id")]);
-            map.groups.insert(
-                "regions".into(),
-                Group {
-                    name: "regions".into(),
-                    key_type: KeyType::Text,
-                    method: Method::List {
-                        lists: vec![
-                            ListRule {
-                                values: vec!["DE".into(), "FR".into()],
-                                partition: 0,
-                            },
-                            ListRule {
-                                values: vec!["US".into()],
-                                partition: 7,
-                            },
-                        ],
-                        default: Some(12),
-                    },
-                },
-            );
-            map.groups.insert(
-                "accounts".into(),
-                Group {
-                    name: "accounts".into(),
-                    key_type: KeyType::Bigint,
-                    method: Method::Range {
-                        ranges: vec![
-                            RangeRule {
-                                from: None,
-                                to: Some("1000".into()),
-                                partition: 1,
-                            },
-                            RangeRule {
-                                from: Some("1000".into()),
-                                to: Some("2000".into()),
-                                partition: 8,
-                            },
-                            RangeRule {
-                                from: Some("2000".into()),
-                                to: None,
-                                partition: 14,
-                            },
-                        ],
-                    },
-                },
-            );
-            for table in [
-                sharded("photos", "users", "photo_id", true),
-                sharded("votes", "regions", "country", false),
-                sharded("accounts", "accounts", "account_id", false),
-            ] {
-                map.tables.insert(table.name.clone(), table);
-            }
-            map.tables.insert(
-                "countries".into(),
-                Table {
-                    name: "countries".into(),
-                    kind: TableKind::Reference,
-                },
-            );
-            map.tables.insert(
-                "settings".into(),
-                Table {
-                    name: "settings".into(),
-                    kind: TableKind::Unsharded { home: "pg2".into() },
-                },
-            );
-            Ok(Change::new("schema", "test tables"))
-        })
-        .await
-        .expect("schema");
-    let map = saved.map;
+    let (store, map) = init_schema(cluster, CLUSTER, PARTITIONS, |map| {
+        map.declare(
+            Group::hash("users", KeyType::Bigint)
+                .table("users", "user_id")
+                .embedded_table("photos", "photo_id"),
+        );
+        let regions = vec![ListRule::new(&["DE", "FR"], 0), ListRule::new(&["US"], 7)];
+        map.declare(
+            Group::list("regions", KeyType::Text, regions, Some(12)).table("votes", "country"),
+        );
+        let accounts = vec![
+            RangeRule::new(None, Some("1000"), 1),
+            RangeRule::new(Some("1000"), Some("2000"), 8),
+            RangeRule::new(Some("2000"), None, 14),
+        ];
+        map.declare(
+            Group::range("accounts", KeyType::Bigint, accounts).table("accounts", "account_id"),
+        );
+        map.declare_table(Table::reference("countries"));
+        map.declare_table(Table::unsharded("settings", "pg2"));
+    })
+    .await;
     create_table(
         cluster,
         &map,
@@ -659,16 +594,7 @@ async fn reads_go_to_a_replica_only_when_asked_and_writes_never_do() {
             server
                 .replicas
                 .push(shardmap::Endpoint::parse(&replica.url()).map_err(|e| e.to_string())?);
-            map.groups.insert(
-                "users".into(),
-                Group {
-                    name: "users".into(),
-                    key_type: KeyType::Bigint,
-                    method: Method::Hash,
-                },
-            );
-            map.tables
-                .insert("users".into(), sharded("users", "users", "user_id", false));
+            map.declare(Group::hash("users", KeyType::Bigint).table("users", "user_id"));
             Ok(Change::new("replica", "pg1 has a replica"))
         })
         .await

@@ -6,14 +6,10 @@
 
 use std::time::{Duration, Instant};
 
+use shardline_tests::latency::percentile;
 use shardline_tests::TestCluster;
 use shardmap::{Change, MapCache};
 use tokio::sync::mpsc;
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -65,42 +61,34 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         let visible = Instant::now();
-        write_rtt.push(acknowledged - started);
-        propagation.push(visible - acknowledged);
-        total.push(visible - started);
+        write_rtt.push(ms(acknowledged - started));
+        propagation.push(ms(visible - acknowledged));
+        total.push(ms(visible - started));
         current = saved;
     }
-    write_rtt.sort();
-    propagation.sort();
-    total.sort();
-    let (w50, w99) = (percentile(&write_rtt, 0.5), percentile(&write_rtt, 0.99));
+    let (w50, w99) = (
+        percentile(&mut write_rtt, 0.5),
+        percentile(&mut write_rtt, 0.99),
+    );
     let (p50, p99) = (
-        percentile(&propagation, 0.5),
-        percentile(&propagation, 0.99),
+        percentile(&mut propagation, 0.5),
+        percentile(&mut propagation, 0.99),
     );
     println!(
         "changes: {changes} (map of 1024 partitions, {} bytes JSON)",
         serde_json_len(&current.map)
     );
-    println!(
-        "etcd CAS write round trip  : median {:.3} ms  p99 {:.3} ms",
-        ms(w50),
-        ms(w99)
-    );
-    println!(
-        "write ack -> watcher applied: median {:.3} ms  p99 {:.3} ms",
-        ms(p50),
-        ms(p99)
-    );
+    println!("etcd CAS write round trip  : median {w50:.3} ms  p99 {w99:.3} ms");
+    println!("write ack -> watcher applied: median {p50:.3} ms  p99 {p99:.3} ms");
     println!(
         "ratio propagation/write    : median {:.2}  p99 {:.2}",
-        ms(p50) / ms(w50),
-        ms(p99) / ms(w99)
+        p50 / w50,
+        p99 / w99
     );
     println!(
         "write start -> visible     : median {:.3} ms  p99 {:.3} ms",
-        ms(percentile(&total, 0.5)),
-        ms(percentile(&total, 0.99))
+        percentile(&mut total, 0.5),
+        percentile(&mut total, 0.99)
     );
     Ok(())
 }

@@ -1,0 +1,116 @@
+//! The workspace's own programs as real processes: `shardctl` commands, and
+//! `shardline-rebalancer` daemons that a test can kill mid-move.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rebalancer::config::RebalancerConfig;
+
+use crate::TestCluster;
+
+/// The `shardline-rebalancer` binary of this build. `cargo test --workspace`
+/// builds it (the rebalancer package has integration tests of its own); a
+/// narrower `cargo test` run builds it here.
+pub fn rebalancer_binary() -> PathBuf {
+    workspace_binary("rebalancer", "shardline-rebalancer")
+}
+
+/// A binary of this workspace's build (built here if a narrow test run did
+/// not build it).
+pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>")
+        .to_path_buf();
+    let binary = profile_dir.join(name);
+    if !binary.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "-p", package, "--bin", name])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "cannot build {name}");
+    }
+    binary
+}
+
+/// Runs `shardctl` against `cluster`/`name`; returns stdout, panics on failure.
+pub fn shardctl(cluster: &TestCluster, name: &str, args: &[&str]) -> String {
+    let output = std::process::Command::new(workspace_binary("shardctl", "shardctl"))
+        .args(args)
+        .env("SHARDLINE_ETCD", cluster.etcd_endpoints().join(","))
+        .env("SHARDLINE_CLUSTER", name)
+        .env("SHARDLINE_ACTOR", "test")
+        .env_remove("SHARDLINE_CONFIG")
+        .output()
+        .expect("run shardctl");
+    assert!(
+        output.status.success(),
+        "shardctl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A `shardline-rebalancer` process; killed (SIGKILL) when dropped.
+pub struct RebalancerProcess {
+    pub child: std::process::Child,
+    pub id: String,
+}
+
+impl RebalancerProcess {
+    /// Starts one with `config`, crashing at `failpoint` if given.
+    pub fn start(
+        config: &RebalancerConfig,
+        id: &str,
+        failpoint: Option<&str>,
+        dir: &std::path::Path,
+    ) -> RebalancerProcess {
+        let path = dir.join(format!("{id}.toml"));
+        let text = format!(
+            "cluster = {:?}\nleader_ttl_seconds = {}\n[etcd]\nendpoints = [{:?}]\n",
+            config.cluster,
+            config.leader_ttl_seconds,
+            config.etcd.endpoints.join(",")
+        );
+        std::fs::write(&path, text).expect("write rebalancer config");
+        let mut command = std::process::Command::new(rebalancer_binary());
+        command
+            .arg("--config")
+            .arg(&path)
+            .args(["--id", id])
+            .env("SHARDLINE_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(point) = failpoint {
+            command.env("SHARDLINE_FAILPOINT", point);
+        }
+        RebalancerProcess {
+            child: command.spawn().expect("start shardline-rebalancer"),
+            id: id.to_string(),
+        }
+    }
+
+    /// Waits for the process to end by itself; `None` on timeout.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for RebalancerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,134 @@
+//! The data the tests start from and read back: tables created on the
+//! servers where the map places them, the `users`/`events` schema of the move
+//! tests, and where those rows and users are.
+
+use std::collections::BTreeMap;
+
+use shardmap::{Change, ClusterMap, Group, KeyType, KeyValue, MapStore};
+
+use crate::TestCluster;
+
+/// Creates `table` with `columns` on the servers that should hold it,
+/// following the map: a sharded table as a partitioned parent on every
+/// server with the leaves of the partitions that server owns; a reference
+/// table everywhere; an unsharded table on its home.
+pub async fn create_table(cluster: &TestCluster, map: &ClusterMap, table: &str, columns: &str) {
+    for (index, server) in cluster.cluster.servers.iter().enumerate() {
+        let statements = shardmap::ddl::create_statements(map, table, columns, server.name())
+            .unwrap_or_else(|e| panic!("DDL for {table}: {e}"));
+        if !statements.is_empty() {
+            cluster
+                .connect(index)
+                .await
+                .batch_execute(&statements.join(";\n"))
+                .await
+                .unwrap_or_else(|e| panic!("create {table}: {e}"));
+        }
+    }
+}
+
+/// A new map of `partitions` over the cluster's servers, then the test's
+/// groups and tables declared by `declare` in a change of their own, as
+/// `shardctl` would make it (so the schema arrives at version 2).
+pub async fn init_schema(
+    cluster: &TestCluster,
+    name: &str,
+    partitions: u32,
+    declare: impl Fn(&mut ClusterMap),
+) -> (MapStore, ClusterMap) {
+    let (store, _) = cluster.init_map(name, partitions).await;
+    let saved = store
+        .update("test", |map| {
+            declare(map);
+            Ok(Change::new("test-schema", "the test's groups and tables"))
+        })
+        .await
+        .expect("declare the schema");
+    (store, saved.map)
+}
+
+/// `users(id, n)` and `events(user_id, seq, payload)`, both sharded by user id.
+pub async fn setup_schema(
+    cluster: &TestCluster,
+    name: &str,
+    partitions: u32,
+) -> (MapStore, ClusterMap) {
+    let (store, map) = init_schema(cluster, name, partitions, |map| {
+        map.declare(
+            Group::hash("users", KeyType::Bigint)
+                .table("users", "id")
+                .table("events", "user_id"),
+        );
+    })
+    .await;
+    create_table(
+        cluster,
+        &map,
+        "users",
+        "id bigint PRIMARY KEY, n bigint NOT NULL DEFAULT 0",
+    )
+    .await;
+    create_table(
+        cluster,
+        &map,
+        "events",
+        "user_id bigint NOT NULL, seq bigint NOT NULL, payload text, PRIMARY KEY (user_id, seq)",
+    )
+    .await;
+    (store, map)
+}
+
+/// The rows `sql` returns on each server, each with that server's name.
+pub async fn rows_on_every_server(
+    cluster: &TestCluster,
+    sql: &str,
+) -> Vec<(tokio_postgres::Row, String)> {
+    let mut found = Vec::new();
+    for (index, server) in cluster.cluster.servers.iter().enumerate() {
+        let rows = cluster
+            .connect(index)
+            .await
+            .query(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql} on {}: {e}", server.name()));
+        found.extend(rows.into_iter().map(|row| (row, server.name().to_string())));
+    }
+    found
+}
+
+/// `(user_id, seq)` of every event row on every server, with the server
+/// each was found on.
+pub async fn all_events(cluster: &TestCluster) -> Vec<((i64, i64), String)> {
+    rows_on_every_server(cluster, "SELECT user_id, seq FROM events")
+        .await
+        .into_iter()
+        .map(|(row, server)| ((row.get(0), row.get(1)), server))
+        .collect()
+}
+
+/// `id -> (n, server)` for every users row on every server.
+pub async fn all_users(cluster: &TestCluster) -> BTreeMap<i64, Vec<(i64, String)>> {
+    let mut users: BTreeMap<i64, Vec<(i64, String)>> = BTreeMap::new();
+    for (row, server) in rows_on_every_server(cluster, "SELECT id, n FROM users").await {
+        users
+            .entry(row.get(0))
+            .or_default()
+            .push((row.get(1), server));
+    }
+    users
+}
+
+/// The server owning user `id` in `map`.
+pub fn owner_of(map: &ClusterMap, id: i64) -> String {
+    let partition = map
+        .partition_of("users", &KeyValue::Int(id))
+        .expect("partition of a user id");
+    map.assignments[partition as usize].owner.clone()
+}
+
+/// A users id in `partition`, among `0..limit`.
+pub fn user_in_partition(map: &ClusterMap, partition: u32, limit: i64) -> i64 {
+    (0..limit)
+        .find(|id| map.partition_of("users", &KeyValue::Int(*id)).ok() == Some(partition))
+        .expect("a user in the partition")
+}
