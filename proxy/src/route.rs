@@ -227,7 +227,7 @@ fn route_table(
                     .get(group)
                     .map_or(KeyType::Bigint, |g| g.key_type)
             };
-            let exprs = key_exprs(statement, table, key_column)?;
+            let exprs = key_exprs(statement, table, key_column, map)?;
             if exprs.is_empty() {
                 return Err(RouteError::new(
                     "0A000",
@@ -297,6 +297,7 @@ fn key_exprs<'s>(
     statement: &'s DataStatement,
     table: &TableUse,
     key_column: &str,
+    map: &ClusterMap,
 ) -> Result<Vec<&'s KeyExpr>, RouteError> {
     let mut exprs = Vec::new();
     for equality in &statement.equalities {
@@ -319,13 +320,29 @@ fn key_exprs<'s>(
                 "insert with VALUES and the key as a literal or parameter",
             ));
         }
-        let index = insert.columns.iter().position(|c| c == key_column).ok_or_else(|| {
-            RouteError::new(
-                "0A000",
-                format!("INSERT into sharded table \"{}\" must name its key column \"{key_column}\"", table.name),
-                format!("list the columns: INSERT INTO {} ({key_column}, ...) VALUES (...)", table.name),
-            )
-        })?;
+        let index = if insert.columns.is_empty() {
+            // No column list: the values follow the table's columns, as the
+            // map recorded them when the table was created.
+            let recorded = map
+                .columns
+                .get(&table.name)
+                .and_then(|c| shardmap::ddl::column_names(c));
+            recorded.and_then(|names| names.iter().position(|c| c == key_column)).ok_or_else(|| {
+                RouteError::new(
+                    "0A000",
+                    format!("INSERT into sharded table \"{}\" names no columns, and the shard map does not record its columns", table.name),
+                    format!("list the columns: INSERT INTO {} ({key_column}, ...) VALUES (...), or create the table with `shardctl table create` so its columns are known", table.name),
+                )
+            })?
+        } else {
+            insert.columns.iter().position(|c| c == key_column).ok_or_else(|| {
+                RouteError::new(
+                    "0A000",
+                    format!("INSERT into sharded table \"{}\" must name its key column \"{key_column}\"", table.name),
+                    format!("list the columns: INSERT INTO {} ({key_column}, ...) VALUES (...)", table.name),
+                )
+            })?
+        };
         for row in &insert.rows {
             match row.get(index).and_then(Option::as_ref) {
                 Some(expr) => exprs.push(expr),
@@ -497,6 +514,31 @@ mod tests {
                 }
             })
         );
+    }
+
+    #[test]
+    fn insert_without_columns_finds_the_key_by_the_recorded_columns() {
+        let sql = "INSERT INTO users VALUES ('ann', 42)";
+        let error = route(sql).expect_err("columns unknown");
+        assert!(
+            error.message.contains("does not record its columns"),
+            "{error:?}"
+        );
+        let analyzer = Analyzer::new(10);
+        let analyzed = analyzer.analyze(sql);
+        let Command::Data(data) = &analyzed.analysis.commands[0] else {
+            panic!("not data")
+        };
+        let mut with_columns = map();
+        with_columns.columns.insert(
+            "users".into(),
+            "name text, user_id bigint PRIMARY KEY".into(),
+        );
+        let r = route_data(data, &with_columns, &analyzed.literals, None).expect("routes");
+        let Resolution::Route(Route::Partitions { server, .. }) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(server, owner_of(42));
     }
 
     #[test]

@@ -164,6 +164,92 @@ pub fn leaves(map: &ClusterMap, table: &str, partition: u32) -> Result<Vec<Leaf>
     }
 }
 
+/// The column names of a column list as given to `shardctl table create`
+/// (`"user_id bigint PRIMARY KEY, name text, PRIMARY KEY (a, b)"`), in
+/// order: table constraints are skipped, quoted names unquoted, plain
+/// names folded to lower case as Postgres does. `None` if the list cannot
+/// be read that way.
+pub fn column_names(columns: &str) -> Option<Vec<String>> {
+    const CONSTRAINTS: [&str; 7] = [
+        "constraint",
+        "primary",
+        "unique",
+        "check",
+        "foreign",
+        "exclude",
+        "like",
+    ];
+    let mut names = Vec::new();
+    for element in split_top_level(columns)? {
+        let element = element.trim();
+        if element.is_empty() {
+            return None;
+        }
+        let name = if let Some(rest) = element.strip_prefix('"') {
+            // A quoted name: `""` stands for one quote.
+            let mut name = String::new();
+            let mut chars = rest.chars().peekable();
+            loop {
+                match chars.next()? {
+                    '"' if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        name.push('"');
+                    }
+                    '"' => break,
+                    c => name.push(c),
+                }
+            }
+            name
+        } else {
+            let word: String = element
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == '$')
+                .collect();
+            let word = word.to_lowercase();
+            if word.is_empty() {
+                return None;
+            }
+            if CONSTRAINTS.contains(&word.as_str()) {
+                continue;
+            }
+            word
+        };
+        names.push(name);
+    }
+    Some(names)
+}
+
+/// `text` split at commas outside parentheses, quotes and string literals.
+fn split_top_level(text: &str) -> Option<Vec<&str>> {
+    let mut parts = Vec::new();
+    let (mut depth, mut start) = (0i32, 0usize);
+    let mut quote: Option<char> = None;
+    for (at, c) in text.char_indices() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '(') => depth += 1,
+            (None, ')') => {
+                depth -= 1;
+                if depth < 0 {
+                    return None;
+                }
+            }
+            (None, ',') if depth == 0 => {
+                parts.push(&text[start..at]);
+                start = at + 1;
+            }
+            _ => {}
+        }
+    }
+    if depth != 0 || quote.is_some() {
+        return None;
+    }
+    parts.push(&text[start..]);
+    Some(parts)
+}
+
 /// The statements creating `table` (with `columns`, the SQL column list) on
 /// `server`: for a sharded table the partitioned parent and the leaves of the
 /// partitions `server` owns; a reference table everywhere; an unsharded table
@@ -205,6 +291,25 @@ pub fn create_statements(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn column_names_in_order_without_constraints() {
+        assert_eq!(
+            column_names(
+                "photo_id bigint PRIMARY KEY, User_Id bigint NOT NULL, \"Cap, tion\" text DEFAULT 'a,b', \
+                 amount numeric(10, 2), PRIMARY KEY (photo_id, user_id), CONSTRAINT c CHECK (amount > 0)"
+            ),
+            Some(vec![
+                "photo_id".to_string(),
+                "user_id".to_string(),
+                "Cap, tion".to_string(),
+                "amount".to_string()
+            ])
+        );
+        assert_eq!(column_names("a int, (b int"), None);
+        assert_eq!(column_names("a int,, b int"), None);
+    }
+
     use super::*;
     use crate::model::{Endpoint, Group, ListRule, RangeRule, Server};
 
