@@ -57,6 +57,8 @@ pub struct PoolStats {
     pub connects: AtomicU64,
     pub checkouts: AtomicU64,
     pub closed_unhealthy: AtomicU64,
+    /// Idle connections closed by `prune` (idle timeout or lifetime).
+    pub closed_idle: AtomicU64,
 }
 
 pub struct Pool {
@@ -193,10 +195,18 @@ impl Pool {
         })
     }
 
-    /// Closes idle connections past their idle timeout.
+    /// Closes idle connections past their idle timeout or their lifetime.
+    /// Idle connections are reused newest first, so under steady load the
+    /// older ones are never taken again: only this closes them.
     pub fn prune(&self) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|b| b.last_used.elapsed() < self.config.idle_timeout);
+        let before = idle.len();
+        idle.retain(|b| {
+            b.last_used.elapsed() < self.config.idle_timeout
+                && b.created.elapsed() < self.config.max_lifetime
+        });
+        let closed = (before - idle.len()) as u64;
+        self.stats.closed_idle.fetch_add(closed, Ordering::Relaxed);
     }
 
     pub fn idle_count(&self) -> usize {
@@ -289,6 +299,19 @@ impl Pools {
                 pools.insert(key, pool.clone());
                 pool
             }
+        }
+    }
+
+    /// How often to prune: a connection then outlives its idle timeout by
+    /// at most half of it.
+    pub fn prune_every(&self) -> Duration {
+        (self.config.idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(5))
+    }
+
+    /// Prunes every pool (see `Pool::prune`).
+    pub fn prune_all(&self) {
+        for pool in self.all() {
+            pool.prune();
         }
     }
 

@@ -26,6 +26,8 @@ const PROTOCOL_3: i32 = 196_608;
 
 /// Accepts clients forever.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    // Stops with the listener (a task dropped or aborted drops this guard).
+    let _pruner = AbortOnDrop(tokio::spawn(prune_idle(shared.clone())));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -42,6 +44,25 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 debug!(%peer, error = %e, "client session ended");
             }
         });
+    }
+}
+
+/// Closes the serving thread's idle backend connections past their idle
+/// timeout or lifetime, forever.
+async fn prune_idle(shared: Arc<Shared>) {
+    let mut ticks = tokio::time::interval(shared.pools.prune_every());
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        shared.pools.prune_all();
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -619,3 +619,50 @@ async fn prometheus_metrics_count_requests_errors_and_pools() {
         "{body}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_backends_close_after_their_idle_timeout_under_steady_load() {
+    let cluster = TestCluster::start(1);
+    let _ = setup(&cluster).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |config| config.pool.idle_timeout_s = 1).await;
+    // Three transactions at once open three server connections.
+    let clients = [
+        proxy.connect().await,
+        proxy.connect().await,
+        proxy.connect().await,
+    ];
+    for client in &clients {
+        client
+            .batch_execute("BEGIN; SELECT 1")
+            .await
+            .expect("begin");
+    }
+    for client in &clients {
+        client.batch_execute("COMMIT").await.expect("commit");
+    }
+    let pool = proxy
+        .shared
+        .pools
+        .all()
+        .into_iter()
+        .find(|p| &*p.server == "pg1")
+        .expect("pg1's pool");
+    assert_eq!(pool.idle_count(), 3);
+    // Steady load reuses the newest connection; the two others idle on.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        clients[0].batch_execute("SELECT 1").await.expect("select");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        pool.idle_count() + pool.in_use(),
+        1,
+        "connections idle past idle_timeout_s are closed even while others are busy"
+    );
+    assert_eq!(
+        pool.stats
+            .closed_idle
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+}
