@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
-use rustc_hash::FxHashSet;
+use rustc_hash::FxHashMap;
 use shardmap::Endpoint;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -55,8 +55,8 @@ pub struct Backend {
     pub secret_key: i32,
     /// ParameterStatus values the server reported at startup.
     pub parameters: Vec<(String, String)>,
-    /// Names of the statements prepared on this connection.
-    pub prepared: FxHashSet<Arc<str>>,
+    /// The statements prepared on this connection.
+    pub prepared: PreparedStatements,
     /// Session settings applied with SET (name → value text).
     pub settings: BTreeMap<String, String>,
     /// Transaction status of the last ReadyForQuery: `I`, `T` or `E`.
@@ -127,7 +127,7 @@ impl Backend {
             process_id: 0,
             secret_key: 0,
             parameters: Vec::new(),
-            prepared: FxHashSet::default(),
+            prepared: PreparedStatements::default(),
             settings: BTreeMap::new(),
             status: b'I',
             broken: false,
@@ -353,5 +353,40 @@ impl Backend {
         }
         let mut probe = [0u8; 1];
         !matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+/// The statements prepared on one server connection, by name, with their
+/// text. Names are derived from texts by a hash (shared by every client), so
+/// a name is reused only for the same text: two texts that happen to share
+/// a name never run one for the other.
+#[derive(Debug, Default)]
+pub struct PreparedStatements(FxHashMap<Arc<str>, Box<str>>);
+
+impl PreparedStatements {
+    /// Whether `name` is prepared here with exactly `text`.
+    pub fn has(&self, name: &str, text: &str) -> bool {
+        self.0.get(name).is_some_and(|prepared| &**prepared == text)
+    }
+
+    /// Whether `name` is prepared here, with whatever text.
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.contains_key(name)
+    }
+
+    pub fn insert(&mut self, name: Arc<str>, text: &str) {
+        self.0.insert(name, text.into());
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        self.0.remove(name);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }

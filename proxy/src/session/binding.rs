@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
+use crate::backend::PreparedStatements;
 use bytes::{Bytes, BytesMut};
-use rustc_hash::FxHashSet;
 use tracing::{debug, warn};
 
 use crate::cancel::CancelTarget;
@@ -25,7 +25,7 @@ use super::{Request, Session};
 
 /// Writes a request into the plan, given the backend's prepared statements.
 pub(super) type BuildRequest<'a> =
-    dyn FnMut(&Session, &Request, &mut Plan, &mut FxHashSet<Arc<str>>) + Send + 'a;
+    dyn FnMut(&Session, &Request, &mut Plan, &mut PreparedStatements) + Send + 'a;
 
 impl Session {
     /// Sends a simple Query message as it came from the client.
@@ -36,7 +36,7 @@ impl Session {
         query: &Bytes,
         outcome: &mut Outcome,
     ) -> Result<bool, SessionError> {
-        let mut build = |_: &Session, _: &Request, plan: &mut Plan, _: &mut FxHashSet<Arc<str>>| {
+        let mut build = |_: &Session, _: &Request, plan: &mut Plan, _: &mut PreparedStatements| {
             plan.send(query, End::Query);
         };
         self.dispatch(route, request, &mut build, outcome).await

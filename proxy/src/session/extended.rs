@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
+use crate::backend::PreparedStatements;
 use bytes::BytesMut;
-use rustc_hash::FxHashSet;
 
 use crate::analyze::Command;
 use crate::metrics::Metrics;
@@ -212,7 +212,7 @@ impl Session {
         let mut build = |session: &Session,
                          request: &Request,
                          plan: &mut Plan,
-                         prepared: &mut FxHashSet<Arc<str>>| {
+                         prepared: &mut PreparedStatements| {
             session.build_extended(&items, &portals, plan, Some(prepared), request);
         };
         // A request that only prepares or describes statements and ends in
@@ -496,7 +496,7 @@ impl Session {
         items: &[Item],
         portals: &Portals,
         plan: &mut Plan,
-        mut prepared: Option<&mut FxHashSet<Arc<str>>>,
+        mut prepared: Option<&mut PreparedStatements>,
         request: &Request,
     ) {
         // The backend's unnamed statement as this request left it so far.
@@ -529,7 +529,7 @@ impl Session {
                             if parse.name.is_empty() && !keep {
                                 plan.send(&frame.raw, End::ParseComplete);
                                 backend_unnamed = Some(statement);
-                            } else if set.contains(&statement.backend_name) {
+                            } else if set.has(&statement.backend_name, &statement.query) {
                                 plan.synthetic(simple_reply(b'1'));
                             } else {
                                 // The client's own Parse: its reply goes to the client.

@@ -2,9 +2,7 @@
 //! (transaction control, SET/RESET, SHOW, DISCARD, DEALLOCATE, data), and
 //! repeated queries run as statements kept prepared on the server.
 
-use std::sync::Arc;
-
-use rustc_hash::FxHashSet;
+use crate::backend::PreparedStatements;
 
 use crate::analyze::{Analyzed, Command, DataStatement, Literal};
 use crate::metrics::Metrics;
@@ -339,13 +337,13 @@ impl Session {
         let max_kept = self.shared.config.pool.max_prepared_unnamed;
         let shared = self.shared.clone();
         let mut build =
-            |_: &Session, request: &Request, plan: &mut Plan, set: &mut FxHashSet<Arc<str>>| {
+            |_: &Session, request: &Request, plan: &mut Plan, set: &mut PreparedStatements| {
                 if !request.keep_unnamed || !can_keep(set, &kept.name, max_kept) {
                     plan.send(&frame.raw, End::Query);
                     return;
                 }
                 Metrics::add(&shared.metrics.kept_prepared_runs, 1);
-                if !set.contains(&kept.name) {
+                if !set.has(&kept.name, &kept.parameterized.text) {
                     let text = &kept.parameterized.text;
                     prepare_on_backend(
                         plan,

@@ -8,12 +8,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 
 use crate::analyze::{Analyzed, Command, DataStatement, Literal};
+use crate::backend::PreparedStatements;
 use crate::route::Route;
 use crate::wire::frame::Frame;
-use crate::wire::messages::{self};
+use crate::wire::messages::{self, Target};
 
 use super::plan::{End, Expect, Plan};
 use super::Session;
@@ -145,10 +146,10 @@ impl Statements {
 /// it; its ParseComplete is dropped (the client did not ask for it).
 pub(super) fn ensure_prepared(
     plan: &mut Plan,
-    prepared: &mut FxHashSet<Arc<str>>,
+    prepared: &mut PreparedStatements,
     statement: &Prepared,
 ) {
-    if !prepared.contains(&statement.backend_name) {
+    if !prepared.has(&statement.backend_name, &statement.query) {
         prepare_statement(plan, prepared, statement, false);
     }
 }
@@ -157,7 +158,7 @@ pub(super) fn ensure_prepared(
 /// the reply; `forward`: whether the client sees it.
 pub(super) fn prepare_statement(
     plan: &mut Plan,
-    prepared: &mut FxHashSet<Arc<str>>,
+    prepared: &mut PreparedStatements,
     statement: &Prepared,
     forward: bool,
 ) {
@@ -174,16 +175,27 @@ pub(super) fn prepare_statement(
 
 /// Sends a Parse of `query` as statement `name` and records it as prepared
 /// (undone if the Parse fails). Its reply ends at `end`; `forward`: whether
-/// the client sees it.
+/// the client sees it. A statement of another text under the same name is
+/// closed first.
 pub(super) fn prepare_on_backend(
     plan: &mut Plan,
-    prepared: &mut FxHashSet<Arc<str>>,
+    prepared: &mut PreparedStatements,
     name: &Arc<str>,
     query: &str,
     param_types: &[u32],
     end: End,
     forward: bool,
 ) {
+    if prepared.contains(name) {
+        let mut close = BytesMut::new();
+        Target {
+            kind: b'S',
+            name: name.to_string(),
+        }
+        .encode(b'C', &mut close);
+        plan.inject(&close, End::CloseComplete);
+        prepared.remove(name);
+    }
     messages::parse(name, query, param_types, &mut plan.out);
     plan.expects.push_back(Expect::Reply {
         end,
@@ -191,12 +203,12 @@ pub(super) fn prepare_on_backend(
         unprepare: Some(name.clone()),
         stale_retry: None,
     });
-    prepared.insert(name.clone());
+    prepared.insert(name.clone(), query);
 }
 
 /// Whether a backend with statements `prepared` may keep statement `name`:
 /// it has it already, or it keeps fewer than `max`.
-pub(super) fn can_keep(prepared: &FxHashSet<Arc<str>>, name: &str, max: usize) -> bool {
+pub(super) fn can_keep(prepared: &PreparedStatements, name: &str, max: usize) -> bool {
     prepared.contains(name) || prepared.len() < max
 }
 
@@ -291,6 +303,37 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_taken_by_another_text_is_closed_before_it_is_prepared_again() {
+        let mut prepared = PreparedStatements::default();
+        let name: Arc<str> = "sl_0000000000000001_8".into();
+        prepared.insert(name.clone(), "select 1");
+        assert!(prepared.has(&name, "select 1"));
+        assert!(!prepared.has(&name, "select 2"));
+        let mut plan = Plan::default();
+        prepare_on_backend(
+            &mut plan,
+            &mut prepared,
+            &name,
+            "select 2",
+            &[],
+            End::ParseComplete,
+            false,
+        );
+        assert_eq!(plan.out.first(), Some(&b'C'), "Close first");
+        let ends: Vec<End> = plan
+            .expects
+            .iter()
+            .filter_map(|e| match e {
+                Expect::Reply { end, .. } => Some(*end),
+                Expect::Synthetic(_) => None,
+            })
+            .collect();
+        assert_eq!(ends, vec![End::CloseComplete, End::ParseComplete]);
+        assert!(prepared.has(&name, "select 2"));
+        assert_eq!(prepared.len(), 1);
+    }
     use std::collections::BTreeMap;
 
     #[test]
