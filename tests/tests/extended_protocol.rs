@@ -7,6 +7,7 @@
 //!   of a transaction, in the same request: each Bind binds the statement
 //!   parsed last before it;
 //! - psycopg pipelines several unnamed statements before one Sync;
+//! - an INSERT without a column list is routed by the columns the map records;
 //! - a Parse of an existing named statement fails with 42P05, and after an
 //!   error in a request ended by Flush every message up to Sync is ignored.
 
@@ -221,17 +222,14 @@ async fn notes_of(cluster: &TestCluster, user: i64) -> Vec<(String, i64)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn driver_sequences_route_each_bind_by_its_own_statement() {
     let cluster = TestCluster::start(3);
+    let columns = "user_id bigint, n bigint, PRIMARY KEY (user_id, n)";
     let (_store, map) = init_schema(&cluster, CLUSTER, 16, |map| {
         map.declare(Group::hash("users", KeyType::Bigint).table("notes", "user_id"));
+        // As `shardctl table create` records them.
+        map.columns.insert("notes".into(), columns.into());
     })
     .await;
-    create_table(
-        &cluster,
-        &map,
-        "notes",
-        "user_id bigint, n bigint, PRIMARY KEY (user_id, n)",
-    )
-    .await;
+    create_table(&cluster, &map, "notes", columns).await;
     let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
     let users = user_per_server(&map);
     let insert = "INSERT INTO notes (user_id, n) VALUES ($1, $2)";
@@ -307,9 +305,24 @@ async fn driver_sequences_route_each_bind_by_its_own_statement() {
         );
         assert_eq!(piped.last(), Some(&reply('Z', "I")), "{piped:?}");
 
+        // No column list: the key's position comes from the recorded columns.
+        c.parse("", "INSERT INTO notes VALUES ($1, $2)")
+            .bind("", &[&uid, "6"])
+            .execute()
+            .sync();
+        assert_eq!(
+            c.until_ready().await,
+            vec![
+                reply('1', ""),
+                reply('2', ""),
+                reply('C', "INSERT 0 1"),
+                reply('Z', "I")
+            ]
+        );
+
         assert_eq!(
             notes_of(&cluster, *user).await,
-            (1..6).map(|n| (owner.clone(), n)).collect::<Vec<_>>(),
+            (1..7).map(|n| (owner.clone(), n)).collect::<Vec<_>>(),
             "user {user}'s rows are all on {owner}, once"
         );
     }

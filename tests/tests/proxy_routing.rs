@@ -394,7 +394,7 @@ async fn unroutable_statements_get_clear_errors_and_the_session_survives() {
         (
             "INSERT INTO users VALUES (1, 'x')",
             "0A000",
-            "must name its key column",
+            "does not record its columns",
         ),
         (
             "UPDATE countries SET name = 'x'",
