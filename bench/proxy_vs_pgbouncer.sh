@@ -7,12 +7,25 @@
 # `prepare_simple_after` = 0) shows what they bring. Machines are shared and
 # noisy: compare ratios within one run only.
 #
-# Usage: bench/proxy_vs_pgbouncer.sh [SECONDS_PER_RUN] [ROUNDS] [MODES]
+# WORKLOAD `select` is pgbench -S (one SELECT per transaction); `tpcb` is
+# pgbench -N (BEGIN; UPDATE; SELECT; INSERT; END: a multi-statement
+# transaction). With BASELINE_PROXY set to another shardline-proxy binary
+# (say, built from an earlier commit), it runs in the same rounds and the
+# last column is proxy/baseline: a regression check that the machine's noise
+# affects equally.
+#
+# Usage: [BASELINE_PROXY=path] bench/proxy_vs_pgbouncer.sh [SECONDS_PER_RUN] [ROUNDS] [MODES] [WORKLOAD]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
 rounds=${2:-3}
 modes=${3:-"simple extended prepared"}
+workload=${4:-select}
+case "$workload" in
+  select) pgbench_flags="-S" ;;
+  tpcb) pgbench_flags="-N" ;;
+  *) echo "unknown workload $workload: select or tpcb" >&2; exit 2 ;;
+esac
 clients=16
 
 command -v pgbouncer >/dev/null 2>&1 || {
@@ -33,11 +46,18 @@ printf '[pool]\nprepare_unnamed_after = 0\nprepare_simple_after = 0\n' > "$work/
 SHARDLINE_LOG=warn "$bin/shardline-proxy" --config "$work/unkept.toml" --etcd "$etcd" \
   --listen "127.0.0.1:$unkept_port" --auth-method trust > "$work/unkept.log" 2>&1 &
 unkept_pid=$!
-trap 'kill $unkept_pid 2>/dev/null; bench_cleanup' EXIT
+baseline_pid=""
+if [ -n "${BASELINE_PROXY:-}" ]; then
+  baseline_port=$(free_port)
+  SHARDLINE_LOG=warn "$BASELINE_PROXY" --etcd "$etcd" --listen "127.0.0.1:$baseline_port" \
+    --auth-method trust > "$work/baseline.log" 2>&1 &
+  baseline_pid=$!
+fi
+trap 'kill $unkept_pid $baseline_pid 2>/dev/null; bench_cleanup' EXIT
 
 run() { # target port mode -> tps or "fail"
   local out
-  if out=$(pgbench -n -S -M "$3" -c $clients -j 2 -T "$secs" -h 127.0.0.1 -p "$2" -U postgres postgres 2>&1); then
+  if out=$(pgbench -n $pgbench_flags -M "$3" -c $clients -j 2 -T "$secs" -h 127.0.0.1 -p "$2" -U postgres postgres 2>&1); then
     echo "$out" | awk '/^tps = / {print $3}' | head -1
   else
     echo "fail"
@@ -45,20 +65,30 @@ run() { # target port mode -> tps or "fail"
 }
 median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print "fail"; else print a[int((NR+1)/2)]}'; }
 
-printf "pgbench -S -c %d -j 2, %ss per run, %d interleaved rounds, median tps\n" $clients "$secs" "$rounds"
-printf "%-9s %10s %10s %10s %13s %16s %14s %17s\n" mode direct pgbouncer proxy proxy/direct proxy/pgbouncer "proxy(unkept)" unkept/pgbouncer
+printf "pgbench %s -c %d -j 2, %ss per run, %d interleaved rounds, median tps\n" "$pgbench_flags" $clients "$secs" "$rounds"
+header="%-9s %10s %10s %10s %13s %16s %14s %17s"
+[ -n "$baseline_pid" ] && header="$header %10s %15s"
+# shellcheck disable=SC2059
+printf "$header\n" mode direct pgbouncer proxy proxy/direct proxy/pgbouncer "proxy(unkept)" unkept/pgbouncer baseline proxy/baseline
 for mode in $modes; do
-  : > "$work/direct"; : > "$work/bouncer.tps"; : > "$work/proxy.tps"; : > "$work/unkept.tps"
+  : > "$work/direct"; : > "$work/bouncer.tps"; : > "$work/proxy.tps"; : > "$work/unkept.tps"; : > "$work/baseline.tps"
   for _ in $(seq "$rounds"); do
     run direct "$pg_port" "$mode" >> "$work/direct"
     run pgbouncer "$bouncer_port" "$mode" >> "$work/bouncer.tps"
     run proxy "$proxy_port" "$mode" >> "$work/proxy.tps"
     run proxy "$unkept_port" "$mode" >> "$work/unkept.tps"
+    [ -n "$baseline_pid" ] && run baseline "$baseline_port" "$mode" >> "$work/baseline.tps"
   done
   d=$({ grep -v fail "$work/direct" || true; } | median)
   b=$({ grep -v fail "$work/bouncer.tps" || true; } | median)
   p=$({ grep -v fail "$work/proxy.tps" || true; } | median)
   u=$({ grep -v fail "$work/unkept.tps" || true; } | median)
   ratio() { python3 -c "import sys; a,b=sys.argv[1],sys.argv[2]; print('n/a' if 'fail' in (a,b) else '%.2f' % (float(a)/float(b)))" "$1" "$2"; }
-  printf "%-9s %10s %10s %10s %13s %16s %14s %17s\n" "$mode" "$d" "$b" "$p" "$(ratio "$p" "$d")" "$(ratio "$p" "$b")" "$u" "$(ratio "$u" "$b")"
+  row=("$mode" "$d" "$b" "$p" "$(ratio "$p" "$d")" "$(ratio "$p" "$b")" "$u" "$(ratio "$u" "$b")")
+  if [ -n "$baseline_pid" ]; then
+    l=$({ grep -v fail "$work/baseline.tps" || true; } | median)
+    row+=("$l" "$(ratio "$p" "$l")")
+  fi
+  # shellcheck disable=SC2059
+  printf "$header\n" "${row[@]}"
 done
