@@ -55,13 +55,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SHARDLINE_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    telemetry::init_logging("info");
     let args = Args::parse();
     // The main thread's runtime follows etcd and serves clients; `--threads`
     // adds serving threads, each with its own runtime, listener and pools.

@@ -230,5 +230,5 @@ pub fn render(threads: &[Arc<Shared>]) -> String {
 
 /// Serves `GET /metrics` (anything else: 404) until the task is dropped.
 pub async fn serve(listener: TcpListener, threads: Vec<Arc<Shared>>) {
-    shardmap::metrics_http::serve(listener, move || render(&threads)).await
+    telemetry::serve(listener, move || render(&threads)).await
 }

@@ -96,7 +96,7 @@ impl Metrics {
 
 /// Serves `GET /metrics` (anything else: 404) until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    shardmap::metrics_http::serve(listener, move || metrics.render()).await
+    telemetry::serve(listener, move || metrics.render()).await
 }
 
 #[cfg(test)]

@@ -41,3 +41,34 @@ where
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn request(address: std::net::SocketAddr, line: &str) -> String {
+        let mut stream = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        stream.write_all(line.as_bytes()).await.expect("send");
+        let mut response = String::new();
+        stream
+            .read_to_string(&mut response)
+            .await
+            .expect("response");
+        response
+    }
+
+    #[tokio::test]
+    async fn metrics_path_gets_the_rendered_text_and_others_404() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let server = tokio::spawn(serve(listener, || "up 1\n".to_string()));
+        let metrics = request(address, "GET /metrics HTTP/1.0\r\n\r\n").await;
+        assert!(metrics.starts_with("HTTP/1.0 200 OK"), "{metrics}");
+        assert!(metrics.ends_with("\r\n\r\nup 1\n"), "{metrics}");
+        let other = request(address, "GET / HTTP/1.0\r\n\r\n").await;
+        assert!(other.starts_with("HTTP/1.0 404"), "{other}");
+        server.abort();
+    }
+}
