@@ -492,7 +492,7 @@ pub async fn status(context: &Context, args: StatusArgs) -> Result<()> {
         .await
         .with_context(|| format!("cannot connect to etcd at {}", settings.endpoints.join(",")))?;
     let jobs = JobStore::new(client.clone(), &settings.cluster);
-    let keys = shardmap::store::Keys::new(&settings.cluster);
+    let keys = shardmap::store::EtcdPaths::new(&settings.cluster);
     let leader = rebalancer::leader::current_leader(&client, &keys.election()).await?;
     let all = jobs.list().await?;
     if args.prune {

@@ -28,7 +28,7 @@ pub async fn run_with_metrics(config: RebalancerConfig, id: String, metrics: Arc
     loop {
         match shardmap::store::connect(&config.etcd.endpoints).await {
             Ok(client) => {
-                let election = shardmap::store::Keys::new(&config.cluster).election();
+                let election = shardmap::store::EtcdPaths::new(&config.cluster).election();
                 match leader::campaign(&client, &election, &id, config.leader_ttl_seconds).await {
                     Ok(leadership) => {
                         Metrics::set(&metrics.leader, 1);
