@@ -10,15 +10,23 @@ use shardmap::{
     ServerState, Table, TableKind,
 };
 
+use rebalancer::pg::{Credentials, Pg};
+use settings::Overrides;
+
 use crate::config::{self, Settings};
 use crate::output::{print_json, ranges, ranges_short, table as new_table};
 use crate::Cli;
 
-/// What every command needs: where etcd is, how to print, who acts.
+/// What every command needs: where etcd is, how to log in to the servers,
+/// how to print, who acts.
 pub struct Context {
+    /// `--config` / `SHARDLINE_CONFIG`.
     config: Option<PathBuf>,
-    etcd: Vec<String>,
-    cluster: Option<String>,
+    /// The environment and flags over the config file's etcd and cluster.
+    overrides: Overrides,
+    /// Passwords for the servers: from the environment only (shardctl's
+    /// config file has none, and etcd never holds them).
+    pub credentials: Credentials,
     pub json: bool,
     pub actor: String,
 }
@@ -27,21 +35,24 @@ impl Context {
     pub fn new(cli: &Cli) -> Context {
         Context {
             config: cli.config.clone(),
-            etcd: cli.etcd.clone(),
-            cluster: cli.cluster.clone(),
+            overrides: Overrides::env_then_flags(&cli.etcd, cli.cluster.as_deref()),
+            credentials: Credentials::from_env(),
             json: cli.json,
             actor: cli.actor.clone().unwrap_or_else(config::default_actor),
         }
     }
 
     pub fn settings(&self) -> Result<Settings> {
-        config::resolve(&self.etcd, self.cluster.as_deref(), self.config.as_deref())
+        config::resolve(&self.overrides, self.config.as_deref())
     }
 
+    /// The cluster named by the environment or `--cluster`, before any
+    /// config file exists (for `dev up`, which writes that file).
     pub fn cluster_name(&self) -> String {
-        self.cluster
-            .clone()
-            .unwrap_or_else(|| config::DEFAULT_CLUSTER.to_string())
+        self.overrides
+            .cluster()
+            .unwrap_or(settings::DEFAULT_CLUSTER)
+            .to_string()
     }
 
     pub async fn store(&self) -> Result<MapStore> {
@@ -197,7 +208,7 @@ pub async fn server(context: &Context, command: ServerCommand) -> Result<()> {
                     Ok(Change::new("server add", format!("{name} at {primary}")))
                 })
                 .await?;
-            let tables = prepare_new_server(&saved.map, &name).await.with_context(|| {
+            let tables = prepare_new_server(&saved.map, &name, &context.credentials).await.with_context(|| {
                 format!(
                     "server {name} was added to the map (version {}), but creating the tables there failed; \
                      fix the server and run `shardctl table create` for each table again",
@@ -708,7 +719,7 @@ async fn create_table(context: &Context, name: &str, columns: &str) -> Result<()
     let map = saved.map;
     let mut created = Vec::new();
     for server in map.servers.values() {
-        let leaves = run_table_ddl(&map, name, columns, server).await?;
+        let leaves = run_table_ddl(&map, name, columns, server, &context.credentials).await?;
         if let Some(leaves) = leaves {
             created.push((server.name.clone(), leaves));
         }
@@ -722,35 +733,6 @@ async fn create_table(context: &Context, name: &str, columns: &str) -> Result<()
     Ok(())
 }
 
-/// A connection to `server` (password from the environment, never from etcd).
-pub async fn connect_server(server: &Server) -> Result<tokio_postgres::Client> {
-    let password = std::env::var("SHARDLINE_BACKEND_PASSWORD")
-        .or_else(|_| std::env::var("PGPASSWORD"))
-        .ok();
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(&server.primary.host)
-        .port(server.primary.port)
-        .user(&server.primary.user)
-        .dbname(&server.primary.dbname)
-        .application_name("shardctl")
-        .connect_timeout(std::time::Duration::from_secs(5));
-    if let Some(password) = &password {
-        config.password(password);
-    }
-    let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to server {} at {}",
-                server.name, server.primary
-            )
-        })?;
-    tokio::spawn(connection);
-    Ok(client)
-}
-
 /// Creates `table` on `server` as the map says; the number of leaves
 /// created, or `None` when the table does not live there.
 async fn run_table_ddl(
@@ -758,15 +740,16 @@ async fn run_table_ddl(
     table: &str,
     columns: &str,
     server: &Server,
+    credentials: &Credentials,
 ) -> Result<Option<usize>> {
     let statements = shardmap::ddl::create_statements(map, table, columns, &server.name)
         .map_err(anyhow::Error::msg)?;
     if statements.is_empty() {
         return Ok(None);
     }
-    let client = connect_server(server).await?;
+    let pg = Pg::connect(server, credentials, "shardctl").await?;
     let script = format!("BEGIN;\n{};\nCOMMIT;", statements.join(";\n"));
-    client
+    pg.client
         .batch_execute(&script)
         .await
         .with_context(|| format!("creating {table} on server {}", server.name))?;
@@ -775,7 +758,11 @@ async fn run_table_ddl(
 
 /// Creates every table made with `table create` on a newly added server
 /// (partitioned parents with no leaves: it owns no partitions yet).
-async fn prepare_new_server(map: &ClusterMap, name: &str) -> Result<usize> {
+async fn prepare_new_server(
+    map: &ClusterMap,
+    name: &str,
+    credentials: &Credentials,
+) -> Result<usize> {
     let server = map
         .servers
         .get(name)
@@ -785,7 +772,10 @@ async fn prepare_new_server(map: &ClusterMap, name: &str) -> Result<usize> {
         if !map.tables.contains_key(table) {
             continue;
         }
-        if run_table_ddl(map, table, columns, server).await?.is_some() {
+        if run_table_ddl(map, table, columns, server, credentials)
+            .await?
+            .is_some()
+        {
             tables += 1;
         }
     }

@@ -11,7 +11,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use shardmap::{Change, ClusterMap, Endpoint, MapStore, Server, ServerState};
 
 use crate::commands::Context;
-use crate::config::{default_dev_dir, EtcdConfig, FileConfig};
+use settings::{EtcdSettings, SharedFile};
+
+use crate::config::default_dev_dir;
 use crate::output::{print_json, table};
 
 #[derive(Debug, Subcommand)]
@@ -179,16 +181,14 @@ async fn init_map(
         let map = ClusterMap::new(&cluster_name, partitions, members)?;
         store.initialize(map, &context.actor).await?;
     }
-    let config = FileConfig {
+    let config = SharedFile {
         cluster: Some(cluster_name),
-        etcd: EtcdConfig {
+        etcd: EtcdSettings {
             endpoints: vec![state.etcd.endpoint()],
         },
     };
     let config_path = dir.join("shardline.toml");
-    config
-        .write(&config_path)
-        .context("cannot write the dev cluster's config")?;
+    crate::config::write(&config, &config_path).context("cannot write the dev cluster's config")?;
     Ok(config_path)
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Args, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use rebalancer::pg::{partition_sizes, Credentials, Pg};
+use rebalancer::pg::{partition_sizes, Pg};
 use rebalancer::planner::{self, Balance, PlannedMove};
 use serde::Serialize;
 use shardmap::jobs::Job;
@@ -85,14 +85,6 @@ async fn job_store(context: &Context) -> Result<JobStore> {
         .await
         .with_context(|| format!("cannot connect to etcd at {}", settings.endpoints.join(",")))?;
     Ok(JobStore::new(client, &settings.cluster))
-}
-
-fn credentials() -> Credentials {
-    Credentials {
-        password: std::env::var("SHARDLINE_BACKEND_PASSWORD")
-            .or_else(|_| std::env::var("PGPASSWORD"))
-            .ok(),
-    }
 }
 
 /// Refuses a move the rebalancer would refuse anyway, with a clear reason.
@@ -173,7 +165,7 @@ pub async fn rebalance(context: &Context, args: RebalanceArgs) -> Result<()> {
         By::Count => Balance::Count,
     };
     let sizes = match balance {
-        Balance::Bytes => partition_sizes(&map, &credentials()).await?,
+        Balance::Bytes => partition_sizes(&map, &context.credentials).await?,
         Balance::Count => vec![0; map.partitions as usize],
     };
     let moves = planner::plan(&map, &sizes, balance, args.tolerance).map_err(anyhow::Error::msg)?;
@@ -216,7 +208,7 @@ pub async fn drain(context: &Context, args: DrainArgs) -> Result<()> {
                 .map;
         }
     }
-    let sizes = partition_sizes(&map, &credentials()).await?;
+    let sizes = partition_sizes(&map, &context.credentials).await?;
     let moves: Vec<PlannedMove> = planner::plan(&map, &sizes, Balance::Bytes, 1.0)
         .map_err(anyhow::Error::msg)?
         .into_iter()
@@ -514,7 +506,7 @@ pub async fn status(context: &Context, args: StatusArgs) -> Result<()> {
     let mut orphans = Vec::new();
     let mut unreachable = Vec::new();
     for server in map.servers.values() {
-        match Pg::connect(server, &credentials(), "shardctl").await {
+        match Pg::connect(server, &context.credentials, "shardctl").await {
             Ok(pg) => {
                 for (kind, name) in pg.leftovers().await? {
                     if !active_names.iter().any(|n| name.starts_with(n.as_str())) {

@@ -24,11 +24,12 @@ pub struct Cli {
     /// TOML config file (cluster name, etcd endpoints).
     #[arg(long, env = "SHARDLINE_CONFIG", global = true)]
     config: Option<PathBuf>,
-    /// etcd endpoints, comma-separated (e.g. http://127.0.0.1:2379).
-    #[arg(long, env = "SHARDLINE_ETCD", global = true, value_delimiter = ',')]
+    /// etcd endpoints, comma-separated, e.g. http://127.0.0.1:2379
+    /// (overrides SHARDLINE_ETCD and the config).
+    #[arg(long, global = true, value_delimiter = ',')]
     etcd: Vec<String>,
-    /// Cluster name (default: "default").
-    #[arg(long, env = "SHARDLINE_CLUSTER", global = true)]
+    /// Cluster name (overrides SHARDLINE_CLUSTER and the config; default: "default").
+    #[arg(long, global = true)]
     cluster: Option<String>,
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true)]

@@ -15,7 +15,6 @@ use crate::config::RebalancerConfig;
 use crate::leader::{self, Leadership};
 use crate::metrics::Metrics;
 use crate::mover::{self, MoveContext};
-use crate::pg::Credentials;
 use crate::MoveError;
 
 /// Runs forever: campaign, lead, and campaign again after losing leadership.
@@ -59,9 +58,7 @@ pub async fn lead(
         jobs: JobStore::new(client, &config.cluster),
         cluster: config.cluster.clone(),
         config: config.clone(),
-        credentials: Credentials {
-            password: config.backend_password.clone(),
-        },
+        credentials: config.credentials(),
         leader: leadership.clone(),
         actor: format!("rebalancer:{id}"),
         metrics: metrics.clone(),
