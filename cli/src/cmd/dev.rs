@@ -7,14 +7,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use clap::Subcommand;
 use devcluster::{DevOptions, LocalCluster};
-use indicatif::{ProgressBar, ProgressStyle};
 use shardmap::{Change, ClusterMap, Endpoint, MapStore, Server, ServerState};
 
-use crate::commands::Context;
 use settings::{EtcdSettings, SharedFile};
 
 use crate::config::default_dev_dir;
+use crate::context::Context;
 use crate::output::{print_json, table};
+use crate::progress;
 
 #[derive(Debug, Subcommand)]
 pub enum DevCommand {
@@ -106,12 +106,7 @@ async fn up(
         shardmap::model::MAX_PARTITIONS
     );
     let started = Instant::now();
-    let bar = ProgressBar::new(servers as u64 + 3);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed}] {bar:30} {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.enable_steady_tick(Duration::from_millis(100));
+    let bar = progress::startup_bar(servers as u64 + 3);
     let options = DevOptions {
         dir: dir.clone(),
         servers,
