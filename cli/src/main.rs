@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use cmd::{dev, groups, history, init, map, moves, partitions, servers, status, tables};
+use cmd::{dev, groups, history, init, map, moves, partitions, prune, servers, status, tables};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -77,6 +77,8 @@ enum Command {
     Drain(moves::DrainArgs),
     /// Show move jobs (phase, bytes copied, lag, ETA) and leftover replication objects.
     Status(status::StatusArgs),
+    /// Delete the records of finished move jobs (`status --all` lists them).
+    Prune(prune::PruneArgs),
     /// Cancel a move that has not switched yet (it is rolled back).
     Cancel(moves::CancelArgs),
     /// Run a local cluster (etcd + Postgres servers) for development.
@@ -121,6 +123,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rebalance(args) => moves::rebalance(&context, args).await,
         Command::Drain(args) => moves::drain(&context, args).await,
         Command::Status(args) => status::status(&context, args).await,
+        Command::Prune(args) => prune::prune(&context, args).await,
         Command::Cancel(args) => moves::cancel(&context, args).await,
         Command::Dev(command) => dev::run(&context, command).await,
     }

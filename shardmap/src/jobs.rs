@@ -417,7 +417,7 @@ impl JobStore {
         )))
     }
 
-    /// Deletes a job record (finished jobs are kept until `shardctl status --prune`).
+    /// Deletes a job record (finished jobs are kept until `shardctl prune`).
     pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
         let mut kv = self.client.kv_client();
         with_timeout(kv.delete(self.key(id), None)).await?;

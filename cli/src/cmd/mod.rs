@@ -4,7 +4,7 @@
 //! - [`servers`], [`groups`], [`tables`], [`partitions`]: change the map;
 //! - [`map`], [`history`]: read it;
 //! - [`moves`]: move, rebalance, drain, cancel (jobs for the rebalancer);
-//! - [`status`]: the job records and leftovers on the servers;
+//! - [`status`], [`prune`]: read and clean up the job records;
 //! - [`dev`]: a local cluster for development.
 //!
 //! Each takes the [`crate::context::Context`] and its own arguments.
@@ -16,6 +16,7 @@ pub mod init;
 pub mod map;
 pub mod moves;
 pub mod partitions;
+pub mod prune;
 pub mod servers;
 pub mod status;
 pub mod tables;

@@ -1,9 +1,9 @@
 //! `shardctl status`: move jobs (phase, bytes copied, lag, ETA), the
 //! rebalancer leader, and replication objects on the servers that no
-//! unfinished job owns (a leftover slot keeps WAL forever). With `--prune`
-//! it also deletes the records of finished jobs.
+//! unfinished job owns (a leftover slot keeps WAL forever). Read-only:
+//! `shardctl prune` deletes finished jobs.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::Args;
 use rebalancer::pg::Pg;
 use serde::Serialize;
@@ -19,8 +19,8 @@ pub struct StatusArgs {
     /// Also list finished jobs.
     #[arg(long)]
     pub all: bool,
-    /// Delete the records of finished jobs.
-    #[arg(long)]
+    /// Replaced by `shardctl prune` (kept hidden only to say so).
+    #[arg(long, hide = true)]
     pub prune: bool,
 }
 
@@ -41,21 +41,14 @@ struct Orphan {
 }
 
 pub async fn status(context: &Context, args: StatusArgs) -> Result<()> {
+    if args.prune {
+        bail!("`status --prune` is now its own command: run `shardctl prune`");
+    }
     let (client, settings) = context.etcd().await?;
     let jobs = JobStore::new(client.clone(), &settings.cluster);
     let election = EtcdPaths::new(&settings.cluster).election();
     let leader = rebalancer::leader::current_leader(&client, &election).await?;
     let all = jobs.list().await?;
-    if args.prune {
-        let mut pruned = 0;
-        for stored in all.iter().filter(|j| j.job.phase.is_terminal()) {
-            jobs.delete(&stored.job.id).await?;
-            pruned += 1;
-        }
-        if !context.json {
-            println!("{pruned} finished jobs pruned");
-        }
-    }
     let active_names: Vec<String> = all
         .iter()
         .filter(|j| !j.job.phase.is_terminal())
