@@ -9,10 +9,12 @@ use serde::de::DeserializeOwned;
 /// A config file that cannot be used, saying which and why.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    #[error("cannot read config file {}: {source}", path.display())]
+    // `error` is deliberately not a `source`: it is in the message already,
+    // and a source would print it twice in an error chain.
+    #[error("cannot read config file {}: {error}", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("config file {}: {why}", path.display())]
     Invalid { path: PathBuf, why: String },
@@ -20,9 +22,9 @@ pub enum FileError {
 
 /// Reads and decodes the TOML file at `path`.
 pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, FileError> {
-    let text = std::fs::read_to_string(path).map_err(|source| FileError::Read {
+    let text = std::fs::read_to_string(path).map_err(|error| FileError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     parse_toml(&text).map_err(|why| FileError::Invalid {
         path: path.to_path_buf(),
