@@ -1,45 +1,14 @@
-//! Where shardctl finds etcd and which cluster it manages: command-line flags,
-//! then environment variables (`SHARDLINE_ETCD`, `SHARDLINE_CLUSTER`, handled
-//! by clap), then a TOML file (`--config` / `SHARDLINE_CONFIG`), then the
-//! default dev cluster's own config if `shardctl dev up` started one.
+//! Where shardctl finds etcd and which cluster it manages. The layers are
+//! the shared ones (see `settings::etcd`): a TOML file, then
+//! `SHARDLINE_ETCD` / `SHARDLINE_CLUSTER`, then `--etcd` / `--cluster`. The
+//! file is `--config` / `SHARDLINE_CONFIG`; without one, and with no
+//! endpoints from the environment or flags, it is the default dev cluster's
+//! file if `shardctl dev up` started one.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
-
-/// Cluster name used when none is configured.
-pub const DEFAULT_CLUSTER: &str = "default";
-
-/// The TOML config file.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    #[serde(default)]
-    pub cluster: Option<String>,
-    #[serde(default)]
-    pub etcd: EtcdConfig,
-}
-
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EtcdConfig {
-    #[serde(default)]
-    pub endpoints: Vec<String>,
-}
-
-impl FileConfig {
-    pub fn read(path: &Path) -> Result<FileConfig> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("config {} is not valid", path.display()))
-    }
-
-    pub fn write(&self, path: &Path) -> Result<()> {
-        let text = toml::to_string(self).context("cannot encode config")?;
-        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
-    }
-}
+use anyhow::{bail, Context as _, Result};
+use settings::{Overrides, SharedFile};
 
 /// Where the default dev cluster lives.
 pub fn default_dev_dir() -> PathBuf {
@@ -53,39 +22,39 @@ pub struct Settings {
     pub cluster: String,
 }
 
-/// Resolves settings from flags/env (`flag_*`) and the config files.
-pub fn resolve(
-    flag_endpoints: &[String],
-    flag_cluster: Option<&str>,
-    config: Option<&Path>,
-) -> Result<Settings> {
-    let file = match config {
-        Some(path) => FileConfig::read(path)?,
+/// Resolves settings: the file (`config`, else the dev cluster's), with
+/// `overrides` (environment, then flags) over it.
+pub fn resolve(overrides: &Overrides, config: Option<&Path>) -> Result<Settings> {
+    let file: SharedFile = match config {
+        Some(path) => settings::read_toml(path)?,
         None => {
             let dev_config = default_dev_dir().join("shardline.toml");
-            if flag_endpoints.is_empty() && dev_config.is_file() {
-                FileConfig::read(&dev_config)?
+            if !overrides.gives_endpoints() && dev_config.is_file() {
+                settings::read_toml(&dev_config)?
             } else {
-                FileConfig::default()
+                SharedFile::default()
             }
         }
     };
-    let endpoints: Vec<String> = if flag_endpoints.is_empty() {
-        file.etcd.endpoints.clone()
-    } else {
-        flag_endpoints.to_vec()
-    };
-    if endpoints.is_empty() {
+    let mut etcd = file.etcd;
+    let mut cluster = file.cluster.unwrap_or_else(settings::default_cluster);
+    overrides.apply(&mut etcd, &mut cluster);
+    if etcd.endpoints.is_empty() {
         bail!(
             "no etcd endpoints configured: pass --etcd http://HOST:PORT, set SHARDLINE_ETCD, \
              give --config FILE, or start a local cluster with `shardctl dev up`"
         );
     }
-    let cluster = flag_cluster
-        .map(str::to_string)
-        .or(file.cluster)
-        .unwrap_or_else(|| DEFAULT_CLUSTER.to_string());
-    Ok(Settings { endpoints, cluster })
+    Ok(Settings {
+        endpoints: etcd.endpoints,
+        cluster,
+    })
+}
+
+/// Writes the file `shardctl dev up` leaves for its cluster.
+pub fn write(file: &SharedFile, path: &Path) -> Result<()> {
+    let text = toml::to_string(file).context("cannot encode config")?;
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Who is making a change, for the history: `user@host`.
@@ -118,14 +87,14 @@ mod tests {
             "cluster = \"prod\"\n[etcd]\nendpoints = [\"http://10.0.0.1:2379\"]\n",
         )
         .expect("write");
-        let from_file = resolve(&[], None, Some(&path)).expect("resolves");
+        let from_file = resolve(&Overrides::default(), Some(&path)).expect("resolves");
         assert_eq!(from_file.cluster, "prod");
         assert_eq!(
             from_file.endpoints,
             vec!["http://10.0.0.1:2379".to_string()]
         );
-        let flags =
-            resolve(&["http://127.0.0.1:1".into()], Some("x"), Some(&path)).expect("resolves");
+        let flags = Overrides::given(&["http://127.0.0.1:1".into()], Some("x"));
+        let flags = resolve(&flags, Some(&path)).expect("resolves");
         assert_eq!(flags.cluster, "x");
         assert_eq!(flags.endpoints, vec!["http://127.0.0.1:1".to_string()]);
     }
@@ -135,7 +104,22 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "clustr = \"prod\"\n").expect("write");
-        let err = resolve(&[], None, Some(&path)).expect_err("typo refused");
+        let err = resolve(&Overrides::default(), Some(&path)).expect_err("typo refused");
         assert!(format!("{err:#}").contains("clustr"), "{err:#}");
+    }
+
+    #[test]
+    fn written_files_read_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("shardline.toml");
+        let file = SharedFile {
+            cluster: Some("dev".into()),
+            etcd: settings::EtcdSettings {
+                endpoints: vec!["http://127.0.0.1:2379".into()],
+            },
+        };
+        write(&file, &path).expect("writes");
+        let settings = resolve(&Overrides::default(), Some(&path)).expect("resolves");
+        assert_eq!(settings.cluster, "dev");
     }
 }

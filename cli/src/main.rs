@@ -2,17 +2,23 @@
 //!
 //! Commands that change the map go through `MapStore::update`: one
 //! compare-and-swap transaction per change, recorded in the history.
+//!
+//! - [`cmd`]: the commands, one module per group;
+//! - [`context`]: what every command is given (etcd, credentials, output);
+//! - [`config`]: where the settings come from;
+//! - [`output`], [`progress`]: tables and JSON; progress bars.
 
-mod commands;
+mod cmd;
 mod config;
-mod dev;
-mod jobs;
+mod context;
 mod output;
+mod progress;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use cmd::{dev, groups, history, init, map, moves, partitions, prune, servers, status, tables};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,11 +30,12 @@ pub struct Cli {
     /// TOML config file (cluster name, etcd endpoints).
     #[arg(long, env = "SHARDLINE_CONFIG", global = true)]
     config: Option<PathBuf>,
-    /// etcd endpoints, comma-separated (e.g. http://127.0.0.1:2379).
-    #[arg(long, env = "SHARDLINE_ETCD", global = true, value_delimiter = ',')]
+    /// etcd endpoints, comma-separated, e.g. http://127.0.0.1:2379
+    /// (overrides SHARDLINE_ETCD and the config).
+    #[arg(long, global = true, value_delimiter = ',')]
     etcd: Vec<String>,
-    /// Cluster name (default: "default").
-    #[arg(long, env = "SHARDLINE_CLUSTER", global = true)]
+    /// Cluster name (overrides SHARDLINE_CLUSTER and the config; default: "default").
+    #[arg(long, global = true)]
     cluster: Option<String>,
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true)]
@@ -43,35 +50,37 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create the cluster map in etcd: partition count and first servers.
-    Init(commands::InitArgs),
+    Init(init::InitArgs),
     /// Add, list, drain, activate or remove Postgres servers.
     #[command(subcommand)]
-    Server(commands::ServerCommand),
+    Server(servers::ServerCommand),
     /// Declare co-location groups: key type and sharding method.
     #[command(subcommand)]
-    Group(commands::GroupCommand),
+    Group(groups::GroupCommand),
     /// Declare sharded, reference and unsharded tables.
     #[command(subcommand)]
-    Table(commands::TableCommand),
+    Table(tables::TableCommand),
     /// Pin partitions to a region (data residency), or unpin them.
     #[command(subcommand)]
-    Partition(commands::PartitionCommand),
+    Partition(partitions::PartitionCommand),
     /// Show who owns what: partitions per server.
-    Map(commands::MapArgs),
+    Map(map::MapArgs),
     /// Show which partition and server a key of a table belongs to.
-    Lookup(commands::LookupArgs),
+    Lookup(map::LookupArgs),
     /// Show the history of map changes.
-    History(commands::HistoryArgs),
+    History(history::HistoryArgs),
     /// Move one partition to another server (a job the rebalancer runs).
-    Move(jobs::MoveArgs),
+    Move(moves::MoveArgs),
     /// Plan moves that even out the servers, and submit them (or --dry-run).
-    Rebalance(jobs::RebalanceArgs),
+    Rebalance(moves::RebalanceArgs),
     /// Mark a server draining and move every partition off it.
-    Drain(jobs::DrainArgs),
+    Drain(moves::DrainArgs),
     /// Show move jobs (phase, bytes copied, lag, ETA) and leftover replication objects.
-    Status(jobs::StatusArgs),
+    Status(status::StatusArgs),
+    /// Delete the records of finished move jobs (`status --all` lists them).
+    Prune(prune::PruneArgs),
     /// Cancel a move that has not switched yet (it is rolled back).
-    Cancel(jobs::CancelArgs),
+    Cancel(moves::CancelArgs),
     /// Run a local cluster (etcd + Postgres servers) for development.
     #[command(subcommand)]
     Dev(dev::DevCommand),
@@ -79,13 +88,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SHARDLINE_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    telemetry::init_logging("warn");
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -106,21 +109,22 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let context = commands::Context::new(&cli);
+    let context = context::Context::new(&cli);
     match cli.command {
-        Command::Init(args) => commands::init(&context, args).await,
-        Command::Server(command) => commands::server(&context, command).await,
-        Command::Group(command) => commands::group(&context, command).await,
-        Command::Table(command) => commands::table(&context, command).await,
-        Command::Partition(command) => commands::partition(&context, command).await,
-        Command::Map(args) => commands::map(&context, args).await,
-        Command::Lookup(args) => commands::lookup(&context, args).await,
-        Command::History(args) => commands::history(&context, args).await,
-        Command::Move(args) => jobs::move_partition(&context, args).await,
-        Command::Rebalance(args) => jobs::rebalance(&context, args).await,
-        Command::Drain(args) => jobs::drain(&context, args).await,
-        Command::Status(args) => jobs::status(&context, args).await,
-        Command::Cancel(args) => jobs::cancel(&context, args).await,
+        Command::Init(args) => init::init(&context, args).await,
+        Command::Server(command) => servers::server(&context, command).await,
+        Command::Group(command) => groups::group(&context, command).await,
+        Command::Table(command) => tables::table(&context, command).await,
+        Command::Partition(command) => partitions::partition(&context, command).await,
+        Command::Map(args) => map::map(&context, args).await,
+        Command::Lookup(args) => map::lookup(&context, args).await,
+        Command::History(args) => history::history(&context, args).await,
+        Command::Move(args) => moves::move_partition(&context, args).await,
+        Command::Rebalance(args) => moves::rebalance(&context, args).await,
+        Command::Drain(args) => moves::drain(&context, args).await,
+        Command::Status(args) => status::status(&context, args).await,
+        Command::Prune(args) => prune::prune(&context, args).await,
+        Command::Cancel(args) => moves::cancel(&context, args).await,
         Command::Dev(command) => dev::run(&context, command).await,
     }
 }

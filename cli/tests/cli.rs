@@ -174,6 +174,20 @@ fn dev_cluster_and_map_commands_end_to_end() {
         .all(|e| e["actor"] == "cli-test"));
     assert!(ok(&dir, &["history"]).contains("server drain"));
 
+    // Job records: `prune` deletes finished jobs only. No rebalancer runs
+    // here, so a submitted move stays pending and must survive it.
+    let moved: serde_json::Value =
+        serde_json::from_str(&ok(&dir, &["move", "0", "--to", "pg2", "--json"])).expect("JSON");
+    let job = moved[0]["id"].as_str().expect("job id").to_string();
+    let pruned: serde_json::Value =
+        serde_json::from_str(&ok(&dir, &["prune", "--json"])).expect("prune JSON");
+    assert_eq!(pruned["jobs"], serde_json::json!([]), "{pruned}");
+    let status: serde_json::Value =
+        serde_json::from_str(&ok(&dir, &["status", "--json"])).expect("status JSON");
+    let jobs = status["jobs"].as_array().expect("jobs");
+    assert!(jobs.iter().any(|j| j["id"] == job.as_str()), "{status}");
+    assert!(fails(&dir, &["status", "--prune"]).contains("`shardctl prune`"));
+
     let pg_pids: Vec<u64> = state["servers"]
         .as_array()
         .expect("servers")

@@ -1,12 +1,16 @@
 //! The proxy's configuration: a TOML file, with environment variables and
-//! flags on top (see `main.rs`). Secrets (user passwords, backend
-//! passwords) live only here, never in etcd, and are never logged.
+//! flags on top (see `main.rs`). The parts every shardline binary shares —
+//! `cluster`, `[etcd]`, the `[backend]` passwords — are types of the
+//! `settings` crate, which also lays the environment and flags over them;
+//! what only the proxy has (listen address, client auth, pools, TLS, limits)
+//! is here. Secrets (user passwords, backend passwords) live only here,
+//! never in etcd, and are never logged.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
+use settings::{Credentials, EtcdSettings};
 
 use crate::auth::{AuthMethod, ScramSecret, User, Users};
 use crate::pool::{PoolConfig, Secrets};
@@ -18,7 +22,7 @@ pub struct ProxyConfig {
     #[serde(default = "default_listen")]
     pub listen: String,
     /// Cluster name in etcd.
-    #[serde(default = "default_cluster")]
+    #[serde(default = "settings::default_cluster")]
     pub cluster: String,
     #[serde(default)]
     pub etcd: EtcdSettings,
@@ -26,8 +30,9 @@ pub struct ProxyConfig {
     pub auth: AuthSettings,
     #[serde(default)]
     pub pool: PoolSettings,
+    /// Passwords the proxy uses to log in to the servers (per server, or one for all).
     #[serde(default)]
-    pub backend: BackendSettings,
+    pub backend: Credentials,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
@@ -54,16 +59,6 @@ pub struct TlsSettings {
 
 fn default_listen() -> String {
     "127.0.0.1:6432".into()
-}
-fn default_cluster() -> String {
-    "default".into()
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EtcdSettings {
-    #[serde(default)]
-    pub endpoints: Vec<String>,
 }
 
 #[derive(Clone, Deserialize)]
@@ -193,38 +188,9 @@ impl PoolSettings {
     }
 }
 
-/// Passwords the proxy uses to log in to the servers (per server, or one for all).
-#[derive(Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BackendSettings {
-    #[serde(default)]
-    pub password: Option<String>,
-    #[serde(default)]
-    pub servers: BTreeMap<String, BackendServer>,
-}
-
-impl std::fmt::Debug for BackendSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BackendSettings")
-            .field("password", &self.password.as_ref().map(|_| "<set>"))
-            .field("servers", &self.servers.keys().collect::<Vec<_>>())
-            .finish()
-    }
-}
-
-#[derive(Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BackendServer {
-    #[serde(default)]
-    pub password: Option<String>,
-}
-
-impl Secrets for BackendSettings {
+impl Secrets for Credentials {
     fn password_for(&self, server: &str, _user: &str) -> Option<String> {
-        self.servers
-            .get(server)
-            .and_then(|s| s.password.clone())
-            .or_else(|| self.password.clone())
+        self.password_for_server(server).map(String::from)
     }
 }
 
@@ -266,11 +232,11 @@ impl Default for ProxyConfig {
     fn default() -> ProxyConfig {
         ProxyConfig {
             listen: default_listen(),
-            cluster: default_cluster(),
+            cluster: settings::default_cluster(),
             etcd: EtcdSettings::default(),
             auth: AuthSettings::default(),
             pool: PoolSettings::default(),
-            backend: BackendSettings::default(),
+            backend: Credentials::default(),
             limits: Limits::default(),
             tls: TlsSettings::default(),
             metrics_listen: None,
@@ -280,13 +246,11 @@ impl Default for ProxyConfig {
 
 impl ProxyConfig {
     pub fn from_toml(text: &str) -> Result<ProxyConfig, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        settings::parse_toml(text)
     }
 
     pub fn read(path: &Path) -> Result<ProxyConfig, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        ProxyConfig::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+        settings::read_toml(path).map_err(|e| e.to_string())
     }
 
     /// The user table, with SCRAM secrets derived once from clear passwords.
@@ -377,7 +341,8 @@ mod tests {
 
     #[test]
     fn typos_and_missing_users_are_errors() {
-        assert!(ProxyConfig::from_toml("listne = \"x\"").is_err());
+        let typo = ProxyConfig::from_toml("listne = \"x\"").expect_err("unknown key");
+        assert!(typo.contains("listne") && typo.contains("line 1"), "{typo}");
         let config = ProxyConfig::from_toml("").expect("defaults");
         assert!(config.users().is_err(), "scram without users is refused");
     }

@@ -11,6 +11,7 @@ use proxy::pool::Pools;
 
 use proxy::context::Shared;
 use proxy::server;
+use settings::{Overrides, Password};
 use shardmap::MapCache;
 
 /// Every request allocates a few small buffers; mimalloc's thread-local free
@@ -31,17 +32,19 @@ struct Args {
     /// Listen address (overrides the config).
     #[arg(long, env = "SHARDLINE_PROXY_LISTEN")]
     listen: Option<String>,
-    /// etcd endpoints, comma-separated (overrides the config).
-    #[arg(long, env = "SHARDLINE_ETCD", value_delimiter = ',')]
+    /// etcd endpoints, comma-separated (overrides SHARDLINE_ETCD and the config).
+    #[arg(long, value_delimiter = ',')]
     etcd: Vec<String>,
-    /// Cluster name (overrides the config).
-    #[arg(long, env = "SHARDLINE_CLUSTER")]
+    /// Cluster name (overrides SHARDLINE_CLUSTER and the config).
+    #[arg(long)]
     cluster: Option<String>,
     /// Client authentication: scram-sha-256, md5 or trust (overrides the config).
     #[arg(long, env = "SHARDLINE_AUTH_METHOD")]
     auth_method: Option<String>,
-    /// Password for logging in to the servers (overrides the config; prefer the env variable).
-    #[arg(long, env = "SHARDLINE_BACKEND_PASSWORD", hide_env_values = true)]
+    /// Password for logging in to the servers (overrides `[backend] password`).
+    /// Other users can read flags in `ps`: prefer the config file or
+    /// SHARDLINE_BACKEND_PASSWORD, which is used when neither is set.
+    #[arg(long)]
     backend_password: Option<String>,
     /// Serve Prometheus metrics here, e.g. 127.0.0.1:9930 (overrides the config).
     #[arg(long, env = "SHARDLINE_METRICS_LISTEN")]
@@ -56,13 +59,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SHARDLINE_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    telemetry::init_logging("info");
     let args = Args::parse();
     // The main thread's runtime follows etcd and serves clients; `--threads`
     // adds serving threads, each with its own runtime, listener and pools.
@@ -93,12 +90,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
-    if !args.etcd.is_empty() {
-        config.etcd.endpoints = args.etcd;
-    }
-    if let Some(cluster) = args.cluster {
-        config.cluster = cluster;
-    }
+    Overrides::env_then_flags(&args.etcd, args.cluster.as_deref())
+        .apply(&mut config.etcd, &mut config.cluster);
     if let Some(method) = args.auth_method {
         config.auth.method = serde_json::from_value(serde_json::Value::String(method.clone()))
             .map_err(|_| {
@@ -109,8 +102,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         config.metrics_listen = Some(metrics);
     }
     if let Some(password) = args.backend_password {
-        config.backend.password = Some(password);
+        config.backend.password = Some(Password::new(password));
     }
+    config.backend = config.backend.or_from_env();
     anyhow::ensure!(
         !config.etcd.endpoints.is_empty(),
         "no etcd endpoints: set [etcd] endpoints in the config, --etcd, or SHARDLINE_ETCD"

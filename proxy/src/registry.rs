@@ -12,8 +12,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, PutOptions};
+use etcd_client::Client;
 use shardmap::proxies::{ProxyRecord, LEASE_TTL_SECONDS};
+use shardmap::store::EtcdPaths;
 use shardmap::MapCache;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -24,6 +25,10 @@ use crate::liveness::Liveness;
 /// timer lateness and a request routed just before the deadline reaching
 /// its backend just after.
 pub const SAFETY_MARGIN: Duration = Duration::from_secs(3);
+
+/// Longest wait for one etcd request: well inside the lease, so a slow etcd
+/// is noticed while the lease can still be renewed.
+const ETCD_DEADLINE: Duration = Duration::from_secs(2);
 
 /// How the registry reaches etcd and what it registers.
 #[derive(Clone)]
@@ -42,10 +47,7 @@ pub async fn keep_registered(
     cache: Arc<MapCache>,
     liveness: Arc<Liveness>,
 ) {
-    let key = format!(
-        "/shardline/{}/proxies/{}",
-        registration.cluster, registration.id
-    );
+    let key = EtcdPaths::new(&registration.cluster).proxy(&registration.id);
     let started_unix_ms = shardmap::store::now_unix_ms();
     // Serving ends at this instant unless a keep-alive moves it.
     let (deadline_tx, deadline_rx) = watch::channel::<Option<Instant>>(None);
@@ -144,7 +146,7 @@ async fn register_once(
         acked_map_version: acked,
     };
     let mut acked = liveness.acked();
-    put(&mut client, key, &record(acked), lease_id).await?;
+    put(&client, &registration.cluster, &record(acked), lease_id).await?;
     info!(%key, lease = lease_id, "proxy registered");
     if !liveness.serving() {
         // Serve again only with a map at least as new as the stored one after
@@ -164,7 +166,7 @@ async fn register_once(
         timed_unit(caught_up).await?;
         // Re-acknowledge: the applied version may have moved while catching up.
         acked = liveness.acked();
-        put(&mut client, key, &record(acked), lease_id).await?;
+        put(&client, &registration.cluster, &record(acked), lease_id).await?;
         info!("proxy serving again: registered and map caught up");
     }
     deadline.send_replace(Some(valid_until.checked_sub(SAFETY_MARGIN).unwrap_or(sent)));
@@ -195,7 +197,7 @@ async fn register_once(
                 let now_acked = liveness.acked();
                 if now_acked != acked {
                     acked = now_acked;
-                    put(&mut client, key, &record(acked), lease_id).await?;
+                    put(&client, &registration.cluster, &record(acked), lease_id).await?;
                 }
             }
         }
@@ -203,23 +205,23 @@ async fn register_once(
 }
 
 async fn put(
-    client: &mut Client,
-    key: &str,
+    client: &Client,
+    cluster: &str,
     record: &ProxyRecord,
     lease: i64,
 ) -> Result<(), String> {
-    let value = serde_json::to_vec(record).map_err(|e| e.to_string())?;
-    timed(client.put(key, value, Some(PutOptions::new().with_lease(lease)))).await?;
-    Ok(())
+    shardmap::proxies::register(client, cluster, record, lease, ETCD_DEADLINE)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// An etcd call with a deadline well inside the lease.
 async fn timed<T>(
     call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, String> {
-    match tokio::time::timeout(Duration::from_secs(2), call).await {
+    match tokio::time::timeout(ETCD_DEADLINE, call).await {
         Ok(result) => result.map_err(|e| e.to_string()),
-        Err(_) => Err("etcd did not answer within 2s".into()),
+        Err(_) => Err(format!("etcd did not answer within {ETCD_DEADLINE:?}")),
     }
 }
 

@@ -13,14 +13,11 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::Unit;
 use tokio::net::TcpListener;
 
 use crate::context::Shared;
 use crate::metrics::{Metrics, HOLD_BUCKETS_MS};
-
-/// The content type of `render`'s text.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The serving threads' metrics, read at each scrape.
 struct ProxyCollector {
@@ -228,18 +225,12 @@ impl ProxyCollector {
 
 /// The metrics of every serving thread, summed, as OpenMetrics text.
 pub fn render(threads: &[Arc<Shared>]) -> String {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(ProxyCollector {
+    telemetry::encode(ProxyCollector {
         threads: threads.to_vec(),
-    }));
-    let mut out = String::with_capacity(4096);
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
-        tracing::warn!(error = %e, "cannot encode the metrics");
-    }
-    out
+    })
 }
 
 /// Serves `GET /metrics` (anything else: 404) until the task is dropped.
 pub async fn serve(listener: TcpListener, threads: Vec<Arc<Shared>>) {
-    shardmap::metrics_http::serve(listener, move || render(&threads)).await
+    telemetry::serve(listener, move || render(&threads)).await
 }

@@ -1,15 +1,19 @@
-//! The rebalancer daemon's settings: TOML file, then `SHARDLINE_*`
-//! environment overrides, then flags (in `main`).
+//! The rebalancer daemon's settings: its TOML file, with the environment
+//! and flags over the shared parts (etcd, cluster; see [`settings::etcd`]).
+//! The backend password is found as [`settings::credentials`] says.
 
+use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
+use settings::{Credentials, EtcdSettings, Overrides, Password};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RebalancerConfig {
     pub cluster: String,
-    pub etcd: EtcdConfig,
+    /// `[etcd] endpoints`; `http://127.0.0.1:2379` when no layer names any.
+    pub etcd: EtcdSettings,
     /// Moves running at once (each holds one replication slot and copies
     /// with Postgres's table-sync workers).
     pub max_concurrent_moves: usize,
@@ -30,32 +34,20 @@ pub struct RebalancerConfig {
     pub max_cutover_attempts: u32,
     /// Election lease: a dead leader is replaced after about this long.
     pub leader_ttl_seconds: i64,
-    /// Password for the servers' users; never stored in etcd. Also read from
-    /// `SHARDLINE_BACKEND_PASSWORD` or `PGPASSWORD`.
-    pub backend_password: Option<String>,
+    /// Password for the servers' users; never stored in etcd. When unset,
+    /// `SHARDLINE_BACKEND_PASSWORD` or `PGPASSWORD` (see [`RebalancerConfig::credentials`]).
+    pub backend_password: Option<Password>,
     /// Where to serve Prometheus metrics (`host:port`), if anywhere.
     pub metrics_listen: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct EtcdConfig {
-    pub endpoints: Vec<String>,
-}
-
-impl Default for EtcdConfig {
-    fn default() -> Self {
-        EtcdConfig {
-            endpoints: vec!["http://127.0.0.1:2379".into()],
-        }
-    }
 }
 
 impl Default for RebalancerConfig {
     fn default() -> Self {
         RebalancerConfig {
-            cluster: "default".into(),
-            etcd: EtcdConfig::default(),
+            cluster: settings::default_cluster(),
+            etcd: EtcdSettings {
+                endpoints: vec![settings::LOCAL_ETCD.into()],
+            },
             max_concurrent_moves: 2,
             max_moves_per_server: 1,
             catch_up_lag_bytes: 1 << 20,
@@ -72,32 +64,28 @@ impl Default for RebalancerConfig {
 
 impl RebalancerConfig {
     pub fn from_toml(text: &str) -> Result<RebalancerConfig, String> {
-        toml::from_str(text).map_err(|e| format!("invalid rebalancer config: {e}"))
+        settings::parse_toml(text).map_err(|e| format!("invalid rebalancer config: {e}"))
     }
 
-    /// Applies `SHARDLINE_ETCD`, `SHARDLINE_CLUSTER` and the password variables.
-    pub fn apply_env(&mut self) {
-        if let Ok(etcd) = std::env::var("SHARDLINE_ETCD") {
-            let endpoints: Vec<String> = etcd
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect();
-            if !endpoints.is_empty() {
-                self.etcd.endpoints = endpoints;
-            }
+    pub fn read(path: &Path) -> Result<RebalancerConfig, String> {
+        settings::read_toml(path).map_err(|e| e.to_string())
+    }
+
+    /// Lays `overrides` (the environment, then flags: see
+    /// [`Overrides::env_then_flags`]) over the file's etcd endpoints and cluster.
+    pub fn layered(mut self, overrides: &Overrides) -> RebalancerConfig {
+        overrides.apply(&mut self.etcd, &mut self.cluster);
+        if self.etcd.endpoints.is_empty() {
+            // An `[etcd]` table without endpoints: the daemon's default.
+            self.etcd.endpoints = RebalancerConfig::default().etcd.endpoints;
         }
-        if let Ok(cluster) = std::env::var("SHARDLINE_CLUSTER") {
-            if !cluster.is_empty() {
-                self.cluster = cluster;
-            }
-        }
-        if self.backend_password.is_none() {
-            self.backend_password = std::env::var("SHARDLINE_BACKEND_PASSWORD")
-                .or_else(|_| std::env::var("PGPASSWORD"))
-                .ok();
-        }
+        self
+    }
+
+    /// How the daemon logs in to the servers: `backend_password`, else the
+    /// environment (read each time a daemon starts leading).
+    pub fn credentials(&self) -> Credentials {
+        Credentials::with_password(self.backend_password.clone()).or_from_env()
     }
 
     pub fn lock_timeout(&self) -> Duration {
@@ -128,6 +116,18 @@ mod tests {
         assert!(
             config.ack_timeout_ms > 10_000,
             "must exceed the proxy lease TTL"
+        );
+    }
+
+    #[test]
+    fn flags_and_an_empty_etcd_table_layer_like_the_other_binaries() {
+        let config = RebalancerConfig::from_toml("cluster = \"c1\"\n[etcd]\n")
+            .expect("parse")
+            .layered(&Overrides::given(&[], Some("c2")));
+        assert_eq!(config.cluster, "c2");
+        assert_eq!(
+            config.etcd.endpoints,
+            vec![settings::LOCAL_ETCD.to_string()]
         );
     }
 

@@ -15,7 +15,6 @@ use crate::config::RebalancerConfig;
 use crate::leader::{self, Leadership};
 use crate::metrics::Metrics;
 use crate::mover::{self, MoveContext};
-use crate::pg::Credentials;
 use crate::MoveError;
 
 /// Runs forever: campaign, lead, and campaign again after losing leadership.
@@ -28,7 +27,7 @@ pub async fn run_with_metrics(config: RebalancerConfig, id: String, metrics: Arc
     loop {
         match shardmap::store::connect(&config.etcd.endpoints).await {
             Ok(client) => {
-                let election = shardmap::store::Keys::new(&config.cluster).election();
+                let election = shardmap::store::EtcdPaths::new(&config.cluster).election();
                 match leader::campaign(&client, &election, &id, config.leader_ttl_seconds).await {
                     Ok(leadership) => {
                         Metrics::set(&metrics.leader, 1);
@@ -59,9 +58,7 @@ pub async fn lead(
         jobs: JobStore::new(client, &config.cluster),
         cluster: config.cluster.clone(),
         config: config.clone(),
-        credentials: Credentials {
-            password: config.backend_password.clone(),
-        },
+        credentials: config.credentials(),
         leader: leadership.clone(),
         actor: format!("rebalancer:{id}"),
         metrics: metrics.clone(),

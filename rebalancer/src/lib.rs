@@ -1,8 +1,9 @@
 //! The shardline rebalancer: plans and runs partition moves (copy with logical
 //! replication, catch up, cut over, verify, clean up) as durable jobs in etcd.
-//! Depends on `shardmap` only; never on `proxy`.
+//! Depends on `shardmap` and the small `settings` and `telemetry` crates;
+//! never on `proxy`.
 //!
-//! - [`config`]: the daemon's settings.
+//! - [`config`]: the daemon's settings (shared parts from the `settings` crate).
 //! - [`leader`]: etcd election; only the leader acts, and its etcd writes are
 //!   guarded by its election key.
 //! - [`pg`]: every catalog fact and action on a Postgres server, idempotent.

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use rebalancer::config::RebalancerConfig;
+use settings::Overrides;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -17,10 +18,10 @@ struct Args {
     /// TOML config file.
     #[arg(long, env = "SHARDLINE_REBALANCER_CONFIG")]
     config: Option<PathBuf>,
-    /// etcd endpoints, comma-separated (overrides the config).
+    /// etcd endpoints, comma-separated (overrides SHARDLINE_ETCD and the config).
     #[arg(long, value_delimiter = ',')]
     etcd: Vec<String>,
-    /// Cluster name (overrides the config).
+    /// Cluster name (overrides SHARDLINE_CLUSTER and the config).
     #[arg(long)]
     cluster: Option<String>,
     /// This daemon's id in the election (default: hostname and pid).
@@ -35,34 +36,22 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SHARDLINE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    telemetry::init_logging("info");
     let args = Args::parse();
-    let mut config = match &args.config {
-        Some(path) => match std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))
-            .and_then(|text| RebalancerConfig::from_toml(&text))
-        {
-            Ok(config) => config,
-            Err(e) => {
-                eprintln!("shardline-rebalancer: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
-        None => RebalancerConfig::default(),
+    let config = match &args.config {
+        Some(path) => RebalancerConfig::read(path),
+        None => Ok(RebalancerConfig::default()),
     };
-    config.apply_env();
-    if !args.etcd.is_empty() {
-        config.etcd.endpoints = args.etcd.clone();
-    }
-    if let Some(cluster) = &args.cluster {
-        config.cluster = cluster.clone();
-    }
+    let mut config = match config {
+        Ok(config) => config.layered(&Overrides::env_then_flags(
+            &args.etcd,
+            args.cluster.as_deref(),
+        )),
+        Err(e) => {
+            eprintln!("shardline-rebalancer: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     if let Some(n) = args.max_concurrent_moves {
         config.max_concurrent_moves = n;
     }

@@ -10,7 +10,6 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::registry::Registry;
 
 use tokio::net::TcpListener;
 
@@ -40,20 +39,11 @@ impl Metrics {
         gauge.store(n, Ordering::Relaxed);
     }
 
-    /// The metrics as OpenMetrics text (see `CONTENT_TYPE`).
+    /// The metrics as OpenMetrics text.
     pub fn render(self: &Arc<Self>) -> String {
-        let mut registry = Registry::default();
-        registry.register_collector(Box::new(self.clone()));
-        let mut out = String::with_capacity(1024);
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
-            tracing::warn!(error = %e, "cannot encode the metrics");
-        }
-        out
+        telemetry::encode(self.clone())
     }
 }
-
-/// The content type of `Metrics::render`'s text.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 impl Collector for Metrics {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
@@ -112,7 +102,7 @@ impl Collector for Metrics {
 
 /// Serves `GET /metrics` (anything else: 404) until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    shardmap::metrics_http::serve(listener, move || metrics.render()).await
+    telemetry::serve(listener, move || metrics.render()).await
 }
 
 #[cfg(test)]

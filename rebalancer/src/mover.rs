@@ -38,7 +38,7 @@ use crate::config::RebalancerConfig;
 use crate::failpoint;
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
-use crate::pg::{partition_leaves, Credentials, Pg};
+use crate::pg::{self, partition_leaves, Credentials, Pg};
 use crate::MoveError;
 
 /// Everything a job needs, shared by the jobs the leader runs.
@@ -401,7 +401,7 @@ impl Mover {
             let source_server = map.servers.get(&self.job.job.from).ok_or_else(|| {
                 MoveError::Fatal(format!("server {} is not in the map", self.job.job.from))
             })?;
-            let conninfo = self.ctx().credentials.conninfo(source_server);
+            let conninfo = pg::conninfo(source_server, &self.ctx().credentials);
             if !target.subscription_exists(&name).await? {
                 // A slot left by an attempt that died between creating the
                 // slot and committing the subscription.

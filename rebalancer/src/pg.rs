@@ -16,29 +16,24 @@ pub struct Pg {
     pub client: Client,
 }
 
-/// Connection settings shared by every connection the rebalancer opens.
-#[derive(Clone, Default)]
-pub struct Credentials {
-    /// Password for the servers' users (never from etcd).
-    pub password: Option<String>,
-}
+/// The passwords every connection the rebalancer (and shardctl) opens uses
+/// (never from etcd).
+pub use settings::Credentials;
 
-impl Credentials {
-    /// libpq conninfo for `server`, as a subscription on another server uses it.
-    pub fn conninfo(&self, server: &Server) -> String {
-        let e = &server.primary;
-        let mut info = format!(
-            "host={} port={} user={} dbname={} application_name=shardline_move",
-            quote_conninfo(&e.host),
-            e.port,
-            quote_conninfo(&e.user),
-            quote_conninfo(&e.dbname)
-        );
-        if let Some(password) = &self.password {
-            info.push_str(&format!(" password={}", quote_conninfo(password)));
-        }
-        info
+/// libpq conninfo for `server`, as a subscription on another server uses it.
+pub fn conninfo(server: &Server, credentials: &Credentials) -> String {
+    let e = &server.primary;
+    let mut info = format!(
+        "host={} port={} user={} dbname={} application_name=shardline_move",
+        quote_conninfo(&e.host),
+        e.port,
+        quote_conninfo(&e.user),
+        quote_conninfo(&e.dbname)
+    );
+    if let Some(password) = credentials.password_for_server(&server.name) {
+        info.push_str(&format!(" password={}", quote_conninfo(password)));
     }
+    info
 }
 
 fn quote_conninfo(value: &str) -> String {
@@ -82,7 +77,7 @@ impl Pg {
             .application_name(application)
             .connect_timeout(Duration::from_secs(5))
             .keepalives_idle(Duration::from_secs(10));
-        if let Some(password) = &credentials.password {
+        if let Some(password) = credentials.password_for_server(&server.name) {
             config.password(password);
         }
         let (client, connection) = config.connect(NoTls).await.map_err(|e| {
@@ -703,11 +698,9 @@ mod tests {
             region: None,
             state: shardmap::ServerState::Active,
         };
-        let credentials = Credentials {
-            password: Some("p'w d".into()),
-        };
+        let credentials = Credentials::with_password(Some(settings::Password::new("p'w d")));
         assert_eq!(
-            credentials.conninfo(&server),
+            conninfo(&server, &credentials),
             "host='db.example' port=5433 user='app' dbname='main' application_name=shardline_move password='p\\'w d'"
         );
     }

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info};
 
-use crate::store::{connect, decode_map, Keys, StoreError, Versioned};
+use crate::store::{connect, decode_map, EtcdPaths, StoreError, Versioned};
 
 /// How long a full reload may take before the session is retried.
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,7 +75,7 @@ impl MapCache {
         let follower = Follower {
             endpoints,
             cluster: cluster.to_string(),
-            keys: Keys::new(cluster),
+            keys: EtcdPaths::new(cluster),
             snapshot: snapshot_tx,
             health: health_tx,
             observer,
@@ -152,7 +152,7 @@ impl Drop for MapCache {
 struct Follower {
     endpoints: Vec<String>,
     cluster: String,
-    keys: Keys,
+    keys: EtcdPaths,
     snapshot: watch::Sender<Snapshot>,
     health: watch::Sender<CacheHealth>,
     observer: Option<mpsc::UnboundedSender<Arc<Versioned>>>,

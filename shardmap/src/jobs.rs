@@ -11,7 +11,7 @@ use std::fmt;
 use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 
-use crate::store::{now_unix_ms, with_timeout, Keys, StoreError};
+use crate::store::{now_unix_ms, with_timeout, EtcdPaths, StoreError};
 
 /// The steps of a move, in order (then the terminal states).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -287,14 +287,14 @@ pub struct StoredJob {
 #[derive(Clone)]
 pub struct JobStore {
     client: Client,
-    keys: Keys,
+    keys: EtcdPaths,
 }
 
 impl JobStore {
     pub fn new(client: Client, cluster: &str) -> JobStore {
         JobStore {
             client,
-            keys: Keys::new(cluster),
+            keys: EtcdPaths::new(cluster),
         }
     }
 
@@ -417,7 +417,7 @@ impl JobStore {
         )))
     }
 
-    /// Deletes a job record (finished jobs are kept until `shardctl status --prune`).
+    /// Deletes a job record (finished jobs are kept until `shardctl prune`).
     pub async fn delete(&self, id: &str) -> Result<(), StoreError> {
         let mut kv = self.client.kv_client();
         with_timeout(kv.delete(self.key(id), None)).await?;

@@ -10,7 +10,6 @@
 //! - [`cache`]: an in-memory map that follows etcd's watch.
 //! - [`jobs`]: partition moves as durable job records.
 //! - [`proxies`]: proxy registrations and their acknowledgements.
-//! - [`metrics_http`]: the `GET /metrics` endpoint of the daemons.
 //!
 //! Nothing here talks to Postgres.
 
@@ -20,7 +19,6 @@ pub mod ddl;
 pub mod embedded;
 pub mod jobs;
 pub mod keys;
-pub mod metrics_http;
 pub mod model;
 pub mod pghash;
 pub mod proxies;

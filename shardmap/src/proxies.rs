@@ -6,10 +6,12 @@
 //! partition, or until its key disappears (its lease expired, and a proxy
 //! whose lease expired has stopped serving).
 
-use etcd_client::{Client, GetOptions};
+use std::time::Duration;
+
+use etcd_client::{Client, GetOptions, PutOptions};
 use serde::{Deserialize, Serialize};
 
-use crate::store::{with_timeout, Keys, StoreError};
+use crate::store::{with_deadline, with_timeout, EtcdPaths, StoreError};
 
 /// Lease time-to-live of a proxy registration.
 pub const LEASE_TTL_SECONDS: i64 = 10;
@@ -35,10 +37,37 @@ pub struct LiveProxy {
     pub key: String,
 }
 
+/// Writes a proxy's registration, or refreshes it with a newer
+/// acknowledgement. It is bound to `lease`, so etcd deletes it when the proxy
+/// stops keeping the lease alive. `deadline` bounds the request: a proxy
+/// must hear back well inside its lease to know it may go on serving.
+pub async fn register(
+    client: &Client,
+    cluster: &str,
+    record: &ProxyRecord,
+    lease: i64,
+    deadline: Duration,
+) -> Result<(), StoreError> {
+    let key = EtcdPaths::new(cluster).proxy(&record.id);
+    let value = serde_json::to_vec(record).map_err(|e| {
+        StoreError::Rejected(format!(
+            "cannot encode the registration of proxy {:?}: {e}",
+            record.id
+        ))
+    })?;
+    let mut kv = client.kv_client();
+    with_deadline(
+        deadline,
+        kv.put(key, value, Some(PutOptions::new().with_lease(lease))),
+    )
+    .await?;
+    Ok(())
+}
+
 /// Every registered proxy. A record that cannot be decoded is reported with
 /// `acked_map_version` 0 (it never acknowledges, so a cutover waits for its lease).
 pub async fn list(client: &Client, cluster: &str) -> Result<Vec<LiveProxy>, StoreError> {
-    let keys = Keys::new(cluster);
+    let keys = EtcdPaths::new(cluster);
     let mut kv = client.kv_client();
     let response =
         with_timeout(kv.get(keys.proxies_prefix(), Some(GetOptions::new().with_prefix()))).await?;

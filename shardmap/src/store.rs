@@ -17,15 +17,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{ClusterMap, InvalidMap};
 
-/// etcd keys of one cluster.
+/// Where each thing of one cluster lives in etcd (the layout in the module
+/// doc). Not to be confused with [`crate::keys`], the sharding-key values.
 #[derive(Debug, Clone)]
-pub struct Keys {
+pub struct EtcdPaths {
     prefix: String,
 }
 
-impl Keys {
-    pub fn new(cluster: &str) -> Keys {
-        Keys {
+impl EtcdPaths {
+    pub fn new(cluster: &str) -> EtcdPaths {
+        EtcdPaths {
             prefix: format!("/shardline/{cluster}/"),
         }
     }
@@ -49,6 +50,10 @@ impl Keys {
     /// Live proxies, one leased key each (see [`crate::proxies`]).
     pub fn proxies_prefix(&self) -> String {
         format!("{}proxies/", self.prefix)
+    }
+    /// The registration of the proxy named `id`.
+    pub fn proxy(&self, id: &str) -> String {
+        format!("{}proxies/{id}", self.prefix)
     }
     /// The rebalancer leader election.
     pub fn election(&self) -> String {
@@ -136,9 +141,17 @@ pub async fn connect(endpoints: &[String]) -> Result<Client, StoreError> {
 pub(crate) async fn with_timeout<T>(
     future: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, StoreError> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, future).await {
+    with_deadline(REQUEST_TIMEOUT, future).await
+}
+
+/// An etcd request that fails with [`StoreError::Timeout`] after `deadline`.
+pub(crate) async fn with_deadline<T>(
+    deadline: Duration,
+    future: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(deadline, future).await {
         Ok(result) => result.map_err(StoreError::from),
-        Err(_) => Err(StoreError::Timeout(REQUEST_TIMEOUT)),
+        Err(_) => Err(StoreError::Timeout(deadline)),
     }
 }
 
@@ -155,7 +168,7 @@ pub fn now_unix_ms() -> u64 {
 pub struct MapStore {
     client: Client,
     cluster: String,
-    keys: Keys,
+    keys: EtcdPaths,
 }
 
 impl MapStore {
@@ -167,11 +180,11 @@ impl MapStore {
         MapStore {
             client,
             cluster: cluster.to_string(),
-            keys: Keys::new(cluster),
+            keys: EtcdPaths::new(cluster),
         }
     }
 
-    pub fn keys(&self) -> &Keys {
+    pub fn keys(&self) -> &EtcdPaths {
         &self.keys
     }
 
@@ -388,4 +401,29 @@ pub fn decode_map(cluster: &str, bytes: &[u8]) -> Result<ClusterMap, StoreError>
         why: e.to_string(),
     })?;
     Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_path_of_a_cluster_is_under_its_prefix() {
+        let paths = EtcdPaths::new("prod");
+        assert_eq!(paths.map(), "/shardline/prod/map");
+        assert_eq!(
+            paths.history(7),
+            "/shardline/prod/history/00000000000000000007"
+        );
+        // A registration is found by listing the proxies prefix.
+        assert_eq!(paths.proxy("p1"), format!("{}p1", paths.proxies_prefix()));
+        for path in [
+            paths.map(),
+            paths.history_prefix(),
+            paths.jobs_prefix(),
+            paths.election(),
+        ] {
+            assert!(path.starts_with(paths.prefix()), "{path}");
+        }
+    }
 }

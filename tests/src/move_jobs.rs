@@ -46,7 +46,7 @@ pub async fn wait_leader(cluster: &TestCluster, name: &str, id: &str, timeout: D
     let client = shardmap::store::connect(&cluster.etcd_endpoints())
         .await
         .expect("etcd");
-    let election = shardmap::store::Keys::new(name).election();
+    let election = shardmap::store::EtcdPaths::new(name).election();
     crate::eventually(timeout, || {
         let client = client.clone();
         let election = election.clone();

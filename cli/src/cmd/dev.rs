@@ -7,12 +7,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 use clap::Subcommand;
 use devcluster::{DevOptions, LocalCluster};
-use indicatif::{ProgressBar, ProgressStyle};
 use shardmap::{Change, ClusterMap, Endpoint, MapStore, Server, ServerState};
 
-use crate::commands::Context;
-use crate::config::{default_dev_dir, EtcdConfig, FileConfig};
+use settings::{EtcdSettings, SharedFile};
+
+use crate::config::default_dev_dir;
+use crate::context::Context;
 use crate::output::{print_json, table};
+use crate::progress;
 
 #[derive(Debug, Subcommand)]
 pub enum DevCommand {
@@ -104,12 +106,7 @@ async fn up(
         shardmap::model::MAX_PARTITIONS
     );
     let started = Instant::now();
-    let bar = ProgressBar::new(servers as u64 + 3);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed}] {bar:30} {pos}/{len} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    bar.enable_steady_tick(Duration::from_millis(100));
+    let bar = progress::startup_bar(servers as u64 + 3);
     let options = DevOptions {
         dir: dir.clone(),
         servers,
@@ -179,16 +176,14 @@ async fn init_map(
         let map = ClusterMap::new(&cluster_name, partitions, members)?;
         store.initialize(map, &context.actor).await?;
     }
-    let config = FileConfig {
+    let config = SharedFile {
         cluster: Some(cluster_name),
-        etcd: EtcdConfig {
+        etcd: EtcdSettings {
             endpoints: vec![state.etcd.endpoint()],
         },
     };
     let config_path = dir.join("shardline.toml");
-    config
-        .write(&config_path)
-        .context("cannot write the dev cluster's config")?;
+    crate::config::write(&config, &config_path).context("cannot write the dev cluster's config")?;
     Ok(config_path)
 }
 

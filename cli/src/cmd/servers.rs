@@ -1,0 +1,206 @@
+//! `shardctl server ...`: add, list, drain, activate and remove the
+//! Postgres servers of the map. Adding one also creates the map's tables
+//! there (no leaves: it owns no partitions until a move).
+
+use anyhow::{anyhow, Context as _, Result};
+use clap::Subcommand;
+use rebalancer::pg::Credentials;
+use serde::Serialize;
+use shardmap::{Change, ClusterMap, Endpoint, Server, ServerState, TableKind};
+
+use crate::cmd::tables::run_table_ddl;
+use crate::context::Context;
+use crate::output::{print_json, table as new_table};
+
+#[derive(Debug, Subcommand)]
+pub enum ServerCommand {
+    /// Add a server (it owns no partitions until a move or rebalance).
+    Add {
+        name: String,
+        /// postgres://user@host:port/dbname (no password).
+        url: String,
+        #[arg(long)]
+        region: Option<String>,
+        /// A read replica URL (repeat).
+        #[arg(long = "replica")]
+        replicas: Vec<String>,
+    },
+    /// List servers with their partition counts.
+    List,
+    /// Mark a server draining: the rebalancer moves its partitions away and places none on it.
+    Drain { name: String },
+    /// Mark a draining server active again.
+    Activate { name: String },
+    /// Remove a server that owns no partitions and is no table's home.
+    Remove { name: String },
+}
+
+#[derive(Serialize)]
+struct ServerRow<'a> {
+    name: &'a str,
+    primary: String,
+    replicas: Vec<String>,
+    region: Option<&'a str>,
+    state: ServerState,
+    partitions: usize,
+}
+
+pub async fn server(context: &Context, command: ServerCommand) -> Result<()> {
+    match command {
+        ServerCommand::Add {
+            name,
+            url,
+            region,
+            replicas,
+        } => {
+            let primary = Endpoint::parse(&url).map_err(|e| anyhow!("server {name}: {e}"))?;
+            let replicas = replicas
+                .iter()
+                .map(|r| Endpoint::parse(r).map_err(|e| anyhow!("replica of {name}: {e}")))
+                .collect::<Result<Vec<_>>>()?;
+            let store = context.store().await?;
+            let saved = store
+                .update(&context.actor, |map| {
+                    if map.servers.contains_key(&name) {
+                        return Err(format!("server {name:?} already exists"));
+                    }
+                    map.servers.insert(
+                        name.clone(),
+                        Server {
+                            name: name.clone(),
+                            primary: primary.clone(),
+                            replicas: replicas.clone(),
+                            region: region.clone(),
+                            state: ServerState::Active,
+                        },
+                    );
+                    Ok(Change::new("server add", format!("{name} at {primary}")))
+                })
+                .await?;
+            let tables = prepare_new_server(&saved.map, &name, &context.credentials).await.with_context(|| {
+                format!(
+                    "server {name} was added to the map (version {}), but creating the tables there failed; \
+                     fix the server and run `shardctl table create` for each table again",
+                    saved.map.version
+                )
+            })?;
+            if context.json {
+                return print_json(&serde_json::json!({
+                    "version": saved.map.version,
+                    "revision": saved.revision,
+                    "tables_created": tables,
+                }));
+            }
+            println!(
+                "map version {} saved; {tables} tables created on {name} (no leaves: it owns no partitions yet)",
+                saved.map.version
+            );
+            Ok(())
+        }
+        ServerCommand::List => {
+            let map = context.store().await?.load().await?.map;
+            let by_server = map.partitions_by_server();
+            let rows: Vec<ServerRow> = map
+                .servers
+                .values()
+                .map(|s| ServerRow {
+                    name: &s.name,
+                    primary: s.primary.to_string(),
+                    replicas: s.replicas.iter().map(ToString::to_string).collect(),
+                    region: s.region.as_deref(),
+                    state: s.state,
+                    partitions: by_server.get(s.name.as_str()).map_or(0, Vec::len),
+                })
+                .collect();
+            if context.json {
+                return print_json(&rows);
+            }
+            let mut out = new_table(&["server", "primary", "replicas", "region", "state", "partitions"]);
+            for row in &rows {
+                out.add_row(vec![
+                    row.name.to_string(),
+                    row.primary.clone(),
+                    if row.replicas.is_empty() { "-".into() } else { row.replicas.join(", ") },
+                    row.region.unwrap_or("-").to_string(),
+                    row.state.to_string(),
+                    row.partitions.to_string(),
+                ]);
+            }
+            println!("{out}");
+            Ok(())
+        }
+        ServerCommand::Drain { name } => set_server_state(context, name, ServerState::Draining).await,
+        ServerCommand::Activate { name } => set_server_state(context, name, ServerState::Active).await,
+        ServerCommand::Remove { name } => {
+            context
+                .change(|map| {
+                    if !map.servers.contains_key(&name) {
+                        return Err(format!("no server named {name:?}"));
+                    }
+                    let owned = map.assignments.iter().filter(|a| a.owner == name).count();
+                    if owned > 0 {
+                        return Err(format!(
+                            "server {name:?} still owns {owned} partitions: drain it and let the rebalancer move them first"
+                        ));
+                    }
+                    if let Some(table) = map
+                        .tables
+                        .values()
+                        .find(|t| matches!(&t.kind, TableKind::Unsharded { home } if *home == name))
+                    {
+                        return Err(format!("server {name:?} is the home of unsharded table {:?}", table.name));
+                    }
+                    map.servers.remove(&name);
+                    Ok(Change::new("server remove", name.clone()))
+                })
+                .await
+        }
+    }
+}
+
+async fn set_server_state(context: &Context, name: String, state: ServerState) -> Result<()> {
+    context
+        .change(|map| {
+            let server = map
+                .servers
+                .get_mut(&name)
+                .ok_or_else(|| format!("no server named {name:?}: see `shardctl server list`"))?;
+            if server.state == state {
+                return Err(format!("server {name:?} is already {state}"));
+            }
+            server.state = state;
+            let action = if state == ServerState::Draining {
+                "server drain"
+            } else {
+                "server activate"
+            };
+            Ok(Change::new(action, name.clone()))
+        })
+        .await
+}
+
+/// Creates every table made with `table create` on a newly added server
+/// (partitioned parents with no leaves: it owns no partitions yet).
+async fn prepare_new_server(
+    map: &ClusterMap,
+    name: &str,
+    credentials: &Credentials,
+) -> Result<usize> {
+    let server = map
+        .servers
+        .get(name)
+        .ok_or_else(|| anyhow!("server {name} is not in the map"))?;
+    let mut tables = 0;
+    for (table, columns) in &map.columns {
+        if !map.tables.contains_key(table) {
+            continue;
+        }
+        if run_table_ddl(map, table, columns, server, credentials)
+            .await?
+            .is_some()
+        {
+            tables += 1;
+        }
+    }
+    Ok(tables)
+}

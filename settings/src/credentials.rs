@@ -1,0 +1,162 @@
+//! How shardline logs in to the Postgres servers of the map. The map in etcd
+//! holds host, port, user and database only: passwords come from the machine
+//! a binary runs on. For a server named `pg1` the password is the first of
+//!
+//! 1. the configured password of that server (`[backend.servers.pg1] password`),
+//! 2. the configured password for all servers (`[backend] password`, or
+//!    `--backend-password`),
+//! 3. `SHARDLINE_BACKEND_PASSWORD`,
+//! 4. `PGPASSWORD`,
+//!
+//! and none at all (trust authentication) when all four are unset.
+//! Passwords are held as [`Password`], whose `Debug` never shows them, so a
+//! config that holds one can be logged.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// The variable shardline reads a backend password from.
+pub const PASSWORD_VAR: &str = "SHARDLINE_BACKEND_PASSWORD";
+
+/// libpq's own password variable, read after shardline's.
+pub const PGPASSWORD_VAR: &str = "PGPASSWORD";
+
+/// A secret, written in a config file as a plain string.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Password(String);
+
+impl Password {
+    pub fn new(password: impl Into<String>) -> Password {
+        Password(password.into())
+    }
+
+    /// The secret itself: only for handing to a Postgres connection.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<set>")
+    }
+}
+
+/// Passwords for the servers: one for all, and per server. As a TOML table:
+/// `[backend] password = "..."` and `[backend.servers.NAME] password = "..."`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    /// For every server without its own.
+    #[serde(default)]
+    pub password: Option<Password>,
+    /// By server name.
+    #[serde(default)]
+    pub servers: BTreeMap<String, ServerCredentials>,
+}
+
+/// One server's own login.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerCredentials {
+    #[serde(default)]
+    pub password: Option<Password>,
+}
+
+impl Credentials {
+    /// One password (or none) for every server.
+    pub fn with_password(password: Option<Password>) -> Credentials {
+        Credentials {
+            password,
+            servers: BTreeMap::new(),
+        }
+    }
+
+    /// Only what the environment gives, for a program without a config file.
+    pub fn from_env() -> Credentials {
+        Credentials::default().or_from_env()
+    }
+
+    /// When no password for all servers is configured, takes it from
+    /// `SHARDLINE_BACKEND_PASSWORD`, else `PGPASSWORD`.
+    pub fn or_from_env(self) -> Credentials {
+        self.or_from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// Like [`Credentials::or_from_env`], with `var` standing for the environment.
+    pub fn or_from_vars(mut self, var: impl Fn(&str) -> Option<String>) -> Credentials {
+        if self.password.is_none() {
+            self.password = var(PASSWORD_VAR)
+                .or_else(|| var(PGPASSWORD_VAR))
+                .map(Password);
+        }
+        self
+    }
+
+    /// The password to log in to the server named `server`, if any.
+    pub fn password_for_server(&self, server: &str) -> Option<&str> {
+        self.servers
+            .get(server)
+            .and_then(|s| s.password.as_ref())
+            .or(self.password.as_ref())
+            .map(Password::expose)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars<'a>(set: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            set.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn configured_then_shardline_variable_then_pgpassword() {
+        let both = [
+            (PASSWORD_VAR, "from-shardline"),
+            (PGPASSWORD_VAR, "from-pg"),
+        ];
+        let configured =
+            Credentials::with_password(Some(Password::new("configured"))).or_from_vars(vars(&both));
+        assert_eq!(configured.password_for_server("pg1"), Some("configured"));
+        let from_env = Credentials::default().or_from_vars(vars(&both));
+        assert_eq!(from_env.password_for_server("pg1"), Some("from-shardline"));
+        let pg_only = Credentials::default().or_from_vars(vars(&[(PGPASSWORD_VAR, "from-pg")]));
+        assert_eq!(pg_only.password_for_server("pg1"), Some("from-pg"));
+        assert_eq!(
+            Credentials::default()
+                .or_from_vars(vars(&[]))
+                .password_for_server("pg1"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_server_of_its_own_wins_and_nothing_is_printed() {
+        let credentials: Credentials =
+            crate::parse_toml("password = \"for-all\"\n[servers.pg1]\npassword = \"pg1-only\"\n")
+                .expect("parses");
+        let credentials = credentials.or_from_vars(vars(&[(PASSWORD_VAR, "from-env")]));
+        assert_eq!(credentials.password_for_server("pg1"), Some("pg1-only"));
+        assert_eq!(credentials.password_for_server("pg2"), Some("for-all"));
+        let debug = format!("{credentials:?}");
+        assert!(
+            !debug.contains("for-all") && !debug.contains("pg1-only"),
+            "{debug}"
+        );
+        assert!(debug.contains("pg1") && debug.contains("<set>"), "{debug}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let error = crate::parse_toml::<Credentials>("pasword = \"x\"\n").expect_err("typo");
+        assert!(error.contains("pasword"), "{error}");
+    }
+}
