@@ -6,7 +6,8 @@ Usage: asyncpg_cases.py HOST PORT KEYS [CASE...]
   CASE  run only these cases (default: all)
 
 asyncpg prepares every statement with arguments as a named statement (Parse, Describe,
-Sync), then binds and executes it (Bind, Execute, Sync); its statement cache reuses them.
+Flush — asyncpg 0.32's coreproto._prepare_and_describe ends with Flush, not Sync), then binds
+and executes it (Bind, Execute, Sync); its statement cache reuses them.
 
 Prints PLAN / VERSION / EXPECT / CASE ... PASS|FAIL <reason> / DONE lines (see
 psycopg_cases.py) and exits 1 if a case failed. Each case has its own connection(s) and a
@@ -248,7 +249,7 @@ async def case_transaction(c, conn):
 
 async def case_transaction_first_statement(c, conn):
     """A new connection per server, whose first statement is prepared (Parse, Describe,
-    Sync) inside `async with conn.transaction()` and then bound to the server's key."""
+    Flush) inside `async with conn.transaction()` and then bound to the server's key."""
     for key in per_server():
         item = c.item()
         c.step = f"connect for {where(key)}"
