@@ -1,0 +1,311 @@
+#!/usr/bin/env node
+// node-postgres (pg) cases of shardline's driver matrix (run by tests/tests/drivers.rs).
+//
+// Usage: node pg_cases.js HOST PORT KEYS [CASE...]
+//   KEYS  user ids per server, e.g. "pg1=3,7;pg2=1,2;pg3=5,6" (every statement names one of them)
+//   CASE  run only these cases (default: all)
+//
+// node-postgres sends a query without values with the simple protocol; with values as one
+// request Parse/Bind/Describe/Execute/Sync (unnamed statement), and with a `name` it parses
+// the named statement once per connection and later only binds it.
+//
+// Prints PLAN / VERSION / EXPECT / CASE ... PASS|FAIL <reason> / DONE lines (see
+// ../psycopg_cases.py) and exits 1 if a case failed. Each case has its own connection and a
+// time limit (SHARDLINE_CASE_TIMEOUT seconds, default 20). Run `npm ci` here (scripts/setup
+// does) to install pg.
+'use strict';
+
+const { isDeepStrictEqual } = require('node:util');
+
+let pg;
+try {
+  pg = require('pg');
+} catch (e) {
+  console.log(`MISSING node-postgres (pg) cannot be loaded from ${__dirname}/node_modules (${e.code || e.message}): run scripts/setup`);
+  process.exit(3);
+}
+
+const [HOST, PORT, KEYS_ARG, ...ONLY] = process.argv.slice(2);
+const CASE_TIMEOUT = Number(process.env.SHARDLINE_CASE_TIMEOUT || '20');
+
+const SERVER_KEYS = new Map();
+for (const part of KEYS_ARG.split(';')) {
+  const [server, ids] = part.split('=');
+  SERVER_KEYS.set(server, ids.split(',').map(Number));
+}
+const SERVER_OF = new Map();
+for (const [server, keys] of SERVER_KEYS) for (const k of keys) SERVER_OF.set(k, server);
+
+function perServer() {
+  return [...SERVER_KEYS.values()].map((keys) => keys[0]);
+}
+
+function spread(n) {
+  const columns = [...SERVER_KEYS.values()];
+  const out = [];
+  for (let i = 0; out.length < n; i++) {
+    const column = columns[i % columns.length];
+    out.push(column[Math.floor(i / columns.length) % column.length]);
+  }
+  return out;
+}
+
+const where = (key) => `user_id ${key} (${SERVER_OF.get(key)})`;
+
+class CaseFailed extends Error {}
+
+function describe(e) {
+  if (e && e.code && /^[0-9A-Z]{5}$/.test(e.code)) return `${e.code} ${e.message}`;
+  return `${(e && e.name) || 'Error'}: ${(e && e.message) || e}`;
+}
+
+let nextItem = 1;
+
+class Case {
+  constructor(name) {
+    this.name = name;
+    this.step = 'start';
+    this.expects = [];
+  }
+  item() {
+    return nextItem++;
+  }
+  present(user, item) {
+    this.expects.push([user, item, 'present']);
+  }
+  absent(user, item) {
+    this.expects.push([user, item, 'absent']);
+  }
+  check(condition, what) {
+    if (!condition) throw new CaseFailed(`at ${this.step}: ${what}`);
+  }
+  async expectError(sqlstate, promise) {
+    try {
+      await promise;
+    } catch (e) {
+      if (e.code !== sqlstate) throw new CaseFailed(`at ${this.step}: expected ${sqlstate}, got ${describe(e)}`);
+      return e;
+    }
+    throw new CaseFailed(`at ${this.step}: expected ${sqlstate}, the statement succeeded`);
+  }
+}
+
+const INSERT = 'INSERT INTO drv (user_id, item_id, note) VALUES ($1, $2, $3)';
+const NOTE = 'SELECT note FROM drv WHERE user_id = $1 AND item_id = $2';
+
+// int8 comes back as a string by default: compare numbers.
+const num = (v) => (v === null ? null : Number(v));
+
+const cases = {
+  // A query without values: the simple protocol.
+  async simple_query(c, client) {
+    for (const key of perServer()) {
+      const item = c.item();
+      c.step = `INSERT ${where(key)}`;
+      await client.query(`INSERT INTO drv (user_id, item_id, note) VALUES (${key}, ${item}, '${c.name}')`);
+      c.step = `SELECT ${where(key)}`;
+      const r = await client.query(`SELECT note FROM drv WHERE user_id = ${key} AND item_id = ${item}`);
+      c.check(r.rows.length === 1 && r.rows[0].note === c.name, `rows ${JSON.stringify(r.rows)}`);
+      c.present(key, item);
+    }
+  },
+
+  // Values: an unnamed statement, Parse/Bind/Describe/Execute/Sync in one request.
+  async unnamed_params(c, client) {
+    for (const key of spread(6)) {
+      const item = c.item();
+      c.step = `INSERT ${where(key)}`;
+      await client.query(INSERT, [key, item, c.name]);
+      c.step = `SELECT ${where(key)}`;
+      const r = await client.query(NOTE, [key, item]);
+      c.check(r.rows.length === 1 && r.rows[0].note === c.name, `rows ${JSON.stringify(r.rows)}`);
+      c.present(key, item);
+    }
+  },
+
+  // {name, text, values}: parsed once per connection, then bound with 20 different keys.
+  async named_prepared_reused_20_keys(c, client) {
+    const pairs = spread(20).map((key) => [key, c.item()]);
+    for (const [key, item] of pairs) {
+      c.step = `named INSERT ${where(key)}`;
+      await client.query({ name: 'drv_insert', text: INSERT, values: [key, item, c.name] });
+    }
+    for (const [key, item] of pairs) {
+      c.step = `named SELECT ${where(key)}`;
+      const r = await client.query({ name: 'drv_note', text: NOTE, values: [key, item] });
+      c.check(r.rows.length === 1 && r.rows[0].note === c.name, `rows ${JSON.stringify(r.rows)}`);
+      c.present(key, item);
+    }
+  },
+
+  // BEGIN ... COMMIT and BEGIN ... ROLLBACK with parameterized statements.
+  async transaction_commit_and_rollback(c, client) {
+    for (const key of perServer()) {
+      const kept = c.item();
+      const dropped = c.item();
+      c.step = `committed transaction ${where(key)}`;
+      await client.query('BEGIN');
+      await client.query(INSERT, [key, kept, 'tmp']);
+      await client.query('UPDATE drv SET note = $1, n = 1 WHERE user_id = $2 AND item_id = $3', [c.name, key, kept]);
+      await client.query('COMMIT');
+      c.step = `rolled-back transaction ${where(key)}`;
+      await client.query('BEGIN');
+      await client.query(INSERT, [key, dropped, c.name]);
+      await client.query('ROLLBACK');
+      c.step = `SELECT after ${where(key)}`;
+      const r = await client.query('SELECT item_id, note, n FROM drv WHERE user_id = $1 AND item_id = ANY($2::bigint[])', [key, [kept, dropped]]);
+      const rows = r.rows.map((x) => [num(x.item_id), x.note, x.n]);
+      c.check(JSON.stringify(rows) === JSON.stringify([[kept, c.name, 1]]), `rows ${JSON.stringify(rows)}`);
+      c.present(key, kept);
+      c.absent(key, dropped);
+    }
+  },
+
+  // Named statements inside a transaction, reused across the servers' keys (one key per transaction).
+  async named_prepared_in_transaction(c, client) {
+    for (const key of spread(6)) {
+      const item = c.item();
+      c.step = `transaction with named statements ${where(key)}`;
+      await client.query('BEGIN');
+      await client.query({ name: 'tx_insert', text: INSERT, values: [key, item, c.name] });
+      const r = await client.query({ name: 'tx_note', text: NOTE, values: [key, item] });
+      await client.query('COMMIT');
+      c.check(r.rows.length === 1 && r.rows[0].note === c.name, `rows ${JSON.stringify(r.rows)}`);
+      c.present(key, item);
+    }
+  },
+
+  // Parameters of several types: jsonb, uuid, text[], timestamptz and NULL, in a transaction.
+  async types_null_jsonb_uuid_array_timestamptz(c, client) {
+    for (const key of perServer()) {
+      const item = c.item();
+      const doc = { driver: 'node-postgres', key, nested: [1, 2, { x: null }] };
+      const tag = `00000000-0000-4000-8000-${String(item).padStart(12, '0')}`;
+      const labels = ['a', 'b c', 'ünï'];
+      const at = new Date('2024-05-06T07:08:09.123Z');
+      c.step = `INSERT ${where(key)}`;
+      await client.query('BEGIN');
+      await client.query(
+        'INSERT INTO drv (user_id, item_id, note, n, doc, tag, labels, at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)',
+        [key, item, c.name, null, doc, tag, labels, at],
+      );
+      await client.query('COMMIT');
+      c.step = `SELECT ${where(key)}`;
+      const r = await client.query('SELECT note, n, doc, tag, labels, at FROM drv WHERE user_id = $1 AND item_id = $2', [key, item]);
+      c.check(r.rows.length === 1, `rows ${JSON.stringify(r.rows)}`);
+      const row = r.rows[0];
+      const got = [row.note, row.n, row.doc, row.tag, row.labels, row.at && row.at.toISOString()];
+      const want = [c.name, null, doc, tag, labels, at.toISOString()];
+      // (jsonb keeps its own key order: compare values, not texts)
+      c.check(isDeepStrictEqual(got, want), `read back ${JSON.stringify(got)}`);
+      c.present(key, item);
+    }
+  },
+
+  // A duplicate key gives 23505 and the connection stays usable.
+  async duplicate_key_then_usable(c, client) {
+    for (const key of perServer()) {
+      const item = c.item();
+      const after = c.item();
+      c.step = `INSERT ${where(key)}`;
+      await client.query({ name: 'dup_insert', text: INSERT, values: [key, item, c.name] });
+      c.step = `duplicate INSERT ${where(key)}`;
+      await c.expectError('23505', client.query({ name: 'dup_insert', text: INSERT, values: [key, item, c.name] }));
+      c.step = `next INSERT ${where(key)}`;
+      await client.query(INSERT, [key, after, c.name]);
+      const r = await client.query(NOTE, [key, after]);
+      c.check(r.rows.length === 1 && r.rows[0].note === c.name, `rows ${JSON.stringify(r.rows)}`);
+      c.present(key, item);
+      c.present(key, after);
+    }
+  },
+
+  // Inside a transaction: 23505, then 25P02 for the next statement, then ROLLBACK recovers.
+  async transaction_error_25p02_rollback(c, client) {
+    for (const key of perServer()) {
+      const existing = c.item();
+      const inside = c.item();
+      const after = c.item();
+      c.step = `setup INSERT ${where(key)}`;
+      await client.query(INSERT, [key, existing, c.name]);
+      c.step = `BEGIN ${where(key)}`;
+      await client.query('BEGIN');
+      c.step = `INSERT in transaction ${where(key)}`;
+      await client.query(INSERT, [key, inside, c.name]);
+      c.step = `duplicate INSERT in transaction ${where(key)}`;
+      await c.expectError('23505', client.query(INSERT, [key, existing, c.name]));
+      c.step = `statement after the error ${where(key)}`;
+      await c.expectError('25P02', client.query(NOTE, [key, existing]));
+      c.step = `ROLLBACK ${where(key)}`;
+      await client.query('ROLLBACK');
+      c.step = `after ROLLBACK ${where(key)}`;
+      await client.query(INSERT, [key, after, c.name]);
+      const r = await client.query('SELECT item_id FROM drv WHERE user_id = $1 AND item_id = ANY($2::bigint[]) ORDER BY item_id', [key, [existing, inside, after]]);
+      const rows = r.rows.map((x) => num(x.item_id));
+      c.check(JSON.stringify(rows) === JSON.stringify([existing, after]), `rows ${JSON.stringify(rows)}`);
+      c.present(key, existing);
+      c.absent(key, inside);
+      c.present(key, after);
+    }
+  },
+};
+
+async function runCase(name, fn) {
+  const c = new Case(name);
+  const client = new pg.Client({
+    host: HOST,
+    port: Number(PORT),
+    user: 'postgres',
+    database: 'postgres',
+    connectionTimeoutMillis: 10000,
+  });
+  // An error event on an idle client (the proxy closing the connection) must not crash the program.
+  client.on('error', () => {});
+  let timer;
+  const limit = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new CaseFailed(`at ${c.step}: no answer within ${CASE_TIMEOUT} s`)), CASE_TIMEOUT * 1000);
+  });
+  try {
+    await Promise.race([
+      (async () => {
+        c.step = 'connect';
+        await client.connect();
+        await fn(c, client);
+      })(),
+      limit,
+    ]);
+    return [c, null];
+  } catch (e) {
+    return [c, e instanceof CaseFailed ? e.message : `at ${c.step}: ${describe(e)}`];
+  } finally {
+    clearTimeout(timer);
+    client.end().catch(() => {});
+    // A client stuck on a query never ends cleanly: drop its socket.
+    if (client.connection && client.connection.stream) client.connection.stream.destroy();
+  }
+}
+
+async function main() {
+  const selected = Object.entries(cases).filter(([name]) => ONLY.length === 0 || ONLY.includes(name));
+  console.log(`VERSION pg ${require('pg/package.json').version} (node ${process.version})`);
+  console.log(`PLAN ${selected.map(([name]) => name).join(' ')}`);
+  let failed = 0;
+  for (const [name, fn] of selected) {
+    const [c, error] = await runCase(name, fn);
+    if (error !== null) {
+      failed++;
+      console.log(`CASE ${name} FAIL ${error.replace(/\n/g, ' ')}`);
+      continue;
+    }
+    for (const [user, item, state] of c.expects) console.log(`EXPECT ${name} ${user} ${item} ${state}`);
+    console.log(`CASE ${name} PASS`);
+  }
+  console.log('DONE');
+  // Writes to a pipe are synchronous on Linux: nothing printed is lost by exiting now.
+  process.exit(failed ? 1 : 0);
+}
+
+main().catch((e) => {
+  console.log(`FATAL ${describe(e)}`);
+  process.exit(2);
+});

@@ -1,0 +1,1639 @@
+//! The driver matrix (issue 10): mainstream Postgres drivers, each used from
+//! the language its users use it from, against the real proxy over three real
+//! servers. Every statement names exactly one `user_id`, and the keys are
+//! spread over all three servers (a few per server, computed from the map).
+//!
+//! - psycopg 3, asyncpg (Python), node-postgres (Node.js), pgjdbc (Java): the
+//!   programs under `tests/drivers/` run as subprocesses and print one
+//!   `CASE <name> PASS|FAIL <reason>` line per case, plus `EXPECT` lines: the
+//!   rows a passed case committed (or rolled back).
+//! - psql and pgbench (simple/extended/prepared) run as subprocesses too; their
+//!   cases are judged here.
+//! - tokio-postgres and sqlx (its statement cache) run in this process.
+//!
+//! After a driver's cases, every `EXPECT` is checked on the servers directly:
+//! a committed row is there exactly once, on the owner of its key, and absent
+//! from the others; a rolled-back row is nowhere. Each test prints the table
+//! of its cases (also written to `$CARGO_TARGET_TMPDIR/driver-matrix-*.txt`)
+//! and panics naming the failed ones. A driver whose runtime is missing fails
+//! with a message naming `scripts/setup`: nothing is skipped.
+//!
+//! `SHARDLINE_DRIVER_OUTPUT=1` prints each driver program's raw output; a
+//! program can also be run by hand against any proxy, e.g.
+//! `python3 tests/drivers/asyncpg_cases.py 127.0.0.1 6432 'pg3=1,5;pg2=2;pg1=3' fetch`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use shardline_tests::{create_table, TestCluster, TestProxy};
+use shardmap::{Change, ClusterMap, Group, KeyType, KeyValue, Method, Table, TableKind};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const CLUSTER: &str = "drivers";
+const PARTITIONS: u32 = 16;
+/// User ids picked on each server (the drivers take one or several of each).
+const KEYS_PER_SERVER: usize = 8;
+/// One case's time limit (the driver programs apply it themselves).
+const CASE_TIMEOUT: Duration = Duration::from_secs(20);
+/// A whole driver program's time limit.
+const PROGRAM_TIMEOUT: Duration = Duration::from_secs(150);
+/// pgbench picks `\set uid random(1, COUNTER_USERS)`: ids on every server.
+const COUNTER_USERS: i64 = 60;
+
+const DRV_COLUMNS: &str = "user_id bigint NOT NULL, item_id bigint NOT NULL, note text NOT NULL, \
+     n int, doc jsonb, tag uuid, labels text[], at timestamptz, PRIMARY KEY (user_id, item_id)";
+const INSERT: &str = "INSERT INTO drv (user_id, item_id, note) VALUES ($1, $2, $3)";
+const NOTE: &str = "SELECT note FROM drv WHERE user_id = $1 AND item_id = $2";
+
+/// Three servers, the sharded tables `drv` and `drv_counters` (bigint hash on
+/// `user_id`), and a proxy.
+struct Matrix {
+    proxy: TestProxy,
+    map: ClusterMap,
+    /// Server name → user ids it owns.
+    keys: BTreeMap<String, Vec<i64>>,
+    /// The servers in the order the drivers take their keys: the server the
+    /// proxy sends statements without a route to (the first by name) comes
+    /// last, so that a statement prepared "anywhere" and then bound to a key
+    /// elsewhere is what every driver does first.
+    order: Vec<String>,
+    cluster: TestCluster,
+}
+
+impl Matrix {
+    async fn start() -> Matrix {
+        let cluster = TestCluster::start(3);
+        let (store, _) = cluster.init_map(CLUSTER, PARTITIONS).await;
+        let saved = store
+            .update("test", |map| {
+                map.groups.insert(
+                    "users".into(),
+                    Group {
+                        name: "users".into(),
+                        key_type: KeyType::Bigint,
+                        method: Method::Hash,
+                    },
+                );
+                for table in ["drv", "drv_counters"] {
+                    map.tables.insert(
+                        table.into(),
+                        Table {
+                            name: table.into(),
+                            kind: TableKind::Sharded {
+                                group: "users".into(),
+                                key_column: "user_id".into(),
+                                embedded_id: false,
+                            },
+                        },
+                    );
+                }
+                Ok(Change::new("schema", "driver matrix"))
+            })
+            .await
+            .expect("declare the schema");
+        let map = saved.map;
+        create_table(&cluster, &map, "drv", DRV_COLUMNS).await;
+        create_table(
+            &cluster,
+            &map,
+            "drv_counters",
+            "user_id bigint PRIMARY KEY, n bigint NOT NULL DEFAULT 0",
+        )
+        .await;
+        let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
+        let mut order: Vec<String> = map.servers.keys().cloned().collect();
+        order.reverse();
+        let mut matrix = Matrix {
+            proxy,
+            map,
+            keys: BTreeMap::new(),
+            order,
+            cluster,
+        };
+        for server in &matrix.cluster.cluster.servers {
+            matrix.keys.insert(server.name().to_string(), Vec::new());
+        }
+        let mut user = 1;
+        while matrix.keys.values().any(|k| k.len() < KEYS_PER_SERVER) {
+            let owner = matrix.owner(user);
+            let keys = matrix.keys.get_mut(&owner).expect("owner is a server");
+            if keys.len() < KEYS_PER_SERVER {
+                keys.push(user);
+            }
+            user += 1;
+            assert!(user < 100_000, "some server owns no partition");
+        }
+        matrix
+    }
+
+    fn owner(&self, user: i64) -> String {
+        let partition = self
+            .map
+            .partition_of("drv", &KeyValue::Int(user))
+            .expect("partition of a user id");
+        self.map
+            .owner_of(partition)
+            .expect("every partition has an owner")
+            .name
+            .clone()
+    }
+
+    /// The servers' keys, in `order`.
+    fn columns(&self) -> Vec<(&String, &Vec<i64>)> {
+        self.order.iter().map(|s| (s, &self.keys[s])).collect()
+    }
+
+    /// `pg3=3,7,...;pg2=1,2,...;pg1=...`, the drivers' KEYS argument (in `order`).
+    fn keys_arg(&self) -> String {
+        self.columns()
+            .into_iter()
+            .map(|(server, keys)| {
+                let ids: Vec<String> = keys.iter().map(i64::to_string).collect();
+                format!("{server}={}", ids.join(","))
+            })
+            .collect::<Vec<_>>()
+            .join(";")
+    }
+
+    /// One key on each server.
+    fn per_server(&self) -> Vec<i64> {
+        self.columns().into_iter().map(|(_, k)| k[0]).collect()
+    }
+
+    /// `n` keys taking turns over the servers.
+    fn spread(&self, n: usize) -> Vec<i64> {
+        let columns: Vec<&Vec<i64>> = self.columns().into_iter().map(|(_, k)| k).collect();
+        (0..n)
+            .map(|i| {
+                let column = columns[i % columns.len()];
+                column[(i / columns.len()) % column.len()]
+            })
+            .collect()
+    }
+
+    fn where_(&self, user: i64) -> String {
+        format!("user_id {user} ({})", self.owner(user))
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres",
+            self.proxy.addr.port()
+        )
+    }
+
+    /// Runs a driver program (`KEYS`-style arguments appended) and records
+    /// its cases in `report`.
+    async fn run_program(&self, report: &mut Report, mut command: tokio::process::Command) {
+        let shown = format!("{:?}", command.as_std());
+        command
+            .arg("127.0.0.1")
+            .arg(self.proxy.addr.port().to_string())
+            .arg(self.keys_arg())
+            .env("SHARDLINE_CASE_TIMEOUT", CASE_TIMEOUT.as_secs().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                report.fail(
+                    "runtime",
+                    format!("cannot start {shown}: {e}: install the driver's runtime with scripts/setup"),
+                );
+                return;
+            }
+        };
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let out_reader = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let _ = stdout.read_to_end(&mut buf).await;
+            String::from_utf8_lossy(&buf).into_owned()
+        });
+        let err_reader = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let _ = stderr.read_to_end(&mut buf).await;
+            String::from_utf8_lossy(&buf).into_owned()
+        });
+        let ended = match tokio::time::timeout(PROGRAM_TIMEOUT, child.wait()).await {
+            Ok(Ok(status)) => format!("the program ended ({status})"),
+            Ok(Err(e)) => format!("waiting for the program failed: {e}"),
+            Err(_) => {
+                let _ = child.kill().await;
+                format!(
+                    "the program was killed after {} s",
+                    PROGRAM_TIMEOUT.as_secs()
+                )
+            }
+        };
+        let stdout = out_reader.await.unwrap_or_default();
+        let stderr = err_reader.await.unwrap_or_default();
+        if std::env::var_os("SHARDLINE_DRIVER_OUTPUT").is_some() {
+            println!("--- {shown}: {ended}\n--- stdout:\n{stdout}--- stderr:\n{stderr}---");
+        }
+        let stderr_tail: String = {
+            let lines: Vec<&str> = stderr.lines().collect();
+            lines[lines.len().saturating_sub(8)..].join(" | ")
+        };
+        let mut plan: Option<Vec<String>> = None;
+        let mut missing = None;
+        let mut expects: HashMap<String, Vec<Expect>> = HashMap::new();
+        let mut results: HashMap<String, Result<(), String>> = HashMap::new();
+        let mut order = Vec::new();
+        for line in stdout.lines() {
+            let (tag, rest) = line.split_once(' ').unwrap_or((line, ""));
+            match tag {
+                "VERSION" => report.version = Some(rest.to_string()),
+                "PLAN" => plan = Some(rest.split_whitespace().map(str::to_string).collect()),
+                "MISSING" | "FATAL" => missing = Some(rest.to_string()),
+                "NOTE" => report.notes.push(rest.to_string()),
+                "EXPECT" => {
+                    let f: Vec<&str> = rest.split_whitespace().collect();
+                    if let [case, user, item, state] = f[..] {
+                        expects.entry(case.to_string()).or_default().push(Expect {
+                            user: user.parse().expect("EXPECT user id"),
+                            item: item.parse().expect("EXPECT item id"),
+                            present: state == "present",
+                        });
+                    }
+                }
+                "CASE" => {
+                    let (name, verdict) = rest.split_once(' ').unwrap_or((rest, ""));
+                    let result = match verdict.strip_prefix("FAIL") {
+                        Some(reason) => Err(reason.trim().to_string()),
+                        None if verdict == "PASS" => Ok(()),
+                        None => Err(format!("unreadable result line: {line}")),
+                    };
+                    if !results.contains_key(name) {
+                        order.push(name.to_string());
+                    }
+                    results.insert(name.to_string(), result);
+                }
+                _ => {}
+            }
+        }
+        let Some(plan) = plan else {
+            let why = missing.unwrap_or_else(|| {
+                format!(
+                    "{ended} before running any case (is its runtime installed? run scripts/setup); \
+                     stderr: {stderr_tail}"
+                )
+            });
+            report.fail("runtime", format!("{shown}: {why}"));
+            return;
+        };
+        for name in plan
+            .iter()
+            .chain(order.iter().filter(|n| !plan.contains(*n)))
+        {
+            let result = results.remove(name).unwrap_or_else(|| {
+                Err(format!(
+                    "no result: {ended} before this case finished; stderr: {stderr_tail}"
+                ))
+            });
+            let expects = if result.is_ok() {
+                expects.remove(name).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            report.cases.push(Outcome {
+                name: name.clone(),
+                result,
+                expects,
+            });
+        }
+        if let Some(why) = missing {
+            report.notes.push(why);
+        }
+    }
+
+    /// Checks every passed case's expected rows on the servers directly, and
+    /// that every row of `drv` is on its owner only.
+    async fn verify(&self, report: &mut Report) {
+        let mut found: HashMap<(i64, i64), Vec<(String, String)>> = HashMap::new();
+        for (index, server) in self.cluster.cluster.servers.iter().enumerate() {
+            let rows = self
+                .cluster
+                .connect(index)
+                .await
+                .query("SELECT user_id, item_id, note FROM drv", &[])
+                .await
+                .unwrap_or_else(|e| panic!("read drv on {}: {e}", server.name()));
+            for row in rows {
+                found
+                    .entry((row.get(0), row.get(1)))
+                    .or_default()
+                    .push((server.name().to_string(), row.get(2)));
+            }
+        }
+        for case in &mut report.cases {
+            if case.result.is_err() {
+                continue;
+            }
+            let mut problems = Vec::new();
+            for e in &case.expects {
+                let owner = self.owner(e.user);
+                let places = found
+                    .get(&(e.user, e.item))
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[]);
+                let ok = if e.present {
+                    matches!(places, [(server, note)] if *server == owner && *note == case.name)
+                } else {
+                    places.is_empty()
+                };
+                if !ok {
+                    problems.push(format!(
+                        "row (user_id {}, item_id {}) should be {}: found {:?}",
+                        e.user,
+                        e.item,
+                        if e.present {
+                            format!("once on {owner} with note '{}'", case.name)
+                        } else {
+                            "on no server (rolled back or refused)".to_string()
+                        },
+                        places
+                    ));
+                }
+            }
+            if !problems.is_empty() {
+                case.result = Err(format!("server check: {}", problems.join("; ")));
+            }
+        }
+        let mut misplaced: Vec<String> = found
+            .iter()
+            .filter(|((user, _), places)| places.len() != 1 || places[0].0 != self.owner(*user))
+            .map(|((user, item), places)| {
+                format!(
+                    "(user_id {user}, item_id {item}) owned by {} found on {:?}",
+                    self.owner(*user),
+                    places.iter().map(|p| &p.0).collect::<Vec<_>>()
+                )
+            })
+            .collect();
+        misplaced.sort();
+        if found.is_empty() && report.cases.iter().all(|c| c.result.is_err()) {
+            return; // nothing ran: nothing to check
+        }
+        report.cases.push(Outcome {
+            name: "servers: every row once, on its owner".into(),
+            result: if misplaced.is_empty() {
+                Ok(())
+            } else {
+                Err(misplaced.join("; "))
+            },
+            expects: Vec::new(),
+        });
+    }
+}
+
+struct Expect {
+    user: i64,
+    item: i64,
+    present: bool,
+}
+
+struct Outcome {
+    name: String,
+    result: Result<(), String>,
+    expects: Vec<Expect>,
+}
+
+struct Report {
+    driver: String,
+    version: Option<String>,
+    cases: Vec<Outcome>,
+    notes: Vec<String>,
+    started: Instant,
+}
+
+impl Report {
+    fn new(driver: &str) -> Report {
+        Report {
+            driver: driver.into(),
+            version: None,
+            cases: Vec::new(),
+            notes: Vec::new(),
+            started: Instant::now(),
+        }
+    }
+
+    fn fail(&mut self, name: &str, reason: String) {
+        self.cases.push(Outcome {
+            name: name.into(),
+            result: Err(reason),
+            expects: Vec::new(),
+        });
+    }
+
+    fn record(
+        &mut self,
+        ctx: Ctx,
+        outcome: Result<Result<(), String>, tokio::time::error::Elapsed>,
+    ) {
+        let result = outcome.unwrap_or_else(|_| {
+            Err(format!(
+                "at {}: no answer within {} s",
+                ctx.step,
+                CASE_TIMEOUT.as_secs()
+            ))
+        });
+        let expects = if result.is_ok() {
+            ctx.expects
+        } else {
+            Vec::new()
+        };
+        self.cases.push(Outcome {
+            name: ctx.name.into(),
+            result,
+            expects,
+        });
+    }
+
+    /// Prints the table of cases (and writes it next to the test binaries);
+    /// panics naming the failed cases.
+    fn finish(self) {
+        let failed: Vec<&Outcome> = self.cases.iter().filter(|c| c.result.is_err()).collect();
+        let width = self.cases.iter().map(|c| c.name.len()).max().unwrap_or(0);
+        let mut table = format!(
+            "== driver matrix: {} ({}): {} cases, {} passed, {} failed, {:.1} s\n",
+            self.driver,
+            self.version.as_deref().unwrap_or("version unknown"),
+            self.cases.len(),
+            self.cases.len() - failed.len(),
+            failed.len(),
+            self.started.elapsed().as_secs_f64()
+        );
+        for case in &self.cases {
+            match &case.result {
+                Ok(()) => table.push_str(&format!("  PASS  {}\n", case.name)),
+                Err(reason) => table.push_str(&format!("  FAIL  {:width$}  {reason}\n", case.name)),
+            }
+        }
+        for note in &self.notes {
+            table.push_str(&format!("  note: {note}\n"));
+        }
+        println!("\n{table}");
+        let file = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "driver-matrix-{}.txt",
+            self.driver
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+        ));
+        let _ = std::fs::write(file, &table);
+        if !failed.is_empty() {
+            let list: Vec<String> = failed
+                .iter()
+                .map(|c| format!("{}: {}", c.name, c.result.as_ref().unwrap_err()))
+                .collect();
+            panic!(
+                "{}: {} of {} cases failed:\n  {}",
+                self.driver,
+                failed.len(),
+                self.cases.len(),
+                list.join("\n  ")
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The external drivers.
+
+fn drivers_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("drivers")
+}
+
+async fn external(driver: &str, command: tokio::process::Command) {
+    let matrix = Matrix::start().await;
+    let mut report = Report::new(driver);
+    matrix.run_program(&mut report, command).await;
+    matrix.verify(&mut report).await;
+    report.finish();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg3() {
+    let mut command = tokio::process::Command::new("python3");
+    command.arg(drivers_dir().join("psycopg_cases.py"));
+    external("psycopg 3", command).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg() {
+    let mut command = tokio::process::Command::new("python3");
+    command.arg(drivers_dir().join("asyncpg_cases.py"));
+    external("asyncpg", command).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_postgres() {
+    let dir = drivers_dir().join("node");
+    let mut command = tokio::process::Command::new("node");
+    command.arg(dir.join("pg_cases.js")).current_dir(&dir);
+    external("node-postgres", command).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbc() {
+    let jar = std::env::var_os("SHARDLINE_PGJDBC_JAR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/share/java/postgresql.jar"));
+    if !jar.is_file() {
+        let mut report = Report::new("pgjdbc");
+        report.fail(
+            "runtime",
+            format!(
+                "the pgjdbc jar {} is missing (Debian package libpostgresql-jdbc-java): run scripts/setup",
+                jar.display()
+            ),
+        );
+        report.finish();
+        return;
+    }
+    let mut command = tokio::process::Command::new("java");
+    command
+        .arg("-cp")
+        .arg(&jar)
+        .arg(drivers_dir().join("jdbc").join("JdbcCases.java"));
+    external("pgjdbc", command).await;
+}
+
+// ---------------------------------------------------------------------------
+// The Rust drivers and the command-line tools, judged here.
+
+static NEXT_ITEM: AtomicI64 = AtomicI64::new(1_000_000);
+
+/// One case run in this process.
+struct Ctx {
+    name: &'static str,
+    step: String,
+    expects: Vec<Expect>,
+}
+
+impl Ctx {
+    fn new(name: &'static str) -> Ctx {
+        Ctx {
+            name,
+            step: "start".into(),
+            expects: Vec::new(),
+        }
+    }
+
+    fn item(&self) -> i64 {
+        NEXT_ITEM.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn present(&mut self, user: i64, item: i64) {
+        self.expects.push(Expect {
+            user,
+            item,
+            present: true,
+        });
+    }
+
+    fn absent(&mut self, user: i64, item: i64) {
+        self.expects.push(Expect {
+            user,
+            item,
+            present: false,
+        });
+    }
+
+    fn check(&self, condition: bool, what: impl std::fmt::Display) -> Result<(), String> {
+        if condition {
+            Ok(())
+        } else {
+            Err(format!("at {}: {what}", self.step))
+        }
+    }
+
+    /// `result` must be an error with `sqlstate`.
+    fn expect_error<T, E: DbError>(
+        &self,
+        sqlstate: &str,
+        result: Result<T, E>,
+    ) -> Result<(), String> {
+        match result {
+            Ok(_) => Err(format!(
+                "at {}: expected {sqlstate}, the statement succeeded",
+                self.step
+            )),
+            Err(e) if e.sqlstate().as_deref() == Some(sqlstate) => Ok(()),
+            Err(e) => Err(format!(
+                "at {}: expected {sqlstate}, got {}",
+                self.step,
+                e.describe()
+            )),
+        }
+    }
+}
+
+/// Runs a case of this process under the case time limit and records it.
+macro_rules! case {
+    ($report:expr, $name:expr, $c:ident => $call:expr) => {{
+        let mut ctx = Ctx::new($name);
+        let outcome = {
+            let $c = &mut ctx;
+            tokio::time::timeout(CASE_TIMEOUT, $call).await
+        };
+        $report.record(ctx, outcome);
+    }};
+}
+
+trait DbError: std::fmt::Display {
+    fn sqlstate(&self) -> Option<String>;
+    fn describe(&self) -> String;
+}
+
+impl DbError for tokio_postgres::Error {
+    fn sqlstate(&self) -> Option<String> {
+        self.code().map(|c| c.code().to_string())
+    }
+    fn describe(&self) -> String {
+        match self.as_db_error() {
+            Some(db) => format!("{} {}", db.code().code(), db.message()),
+            None => self.to_string(),
+        }
+    }
+}
+
+impl DbError for sqlx::Error {
+    fn sqlstate(&self) -> Option<String> {
+        self.as_database_error()
+            .and_then(|db| db.code())
+            .map(|c| c.into_owned())
+    }
+    fn describe(&self) -> String {
+        match self.as_database_error() {
+            Some(db) => format!("{} {}", db.code().unwrap_or_default(), db.message()),
+            None => self.to_string(),
+        }
+    }
+}
+
+/// `?` with the case's step and the error's SQLSTATE and message.
+trait At<T> {
+    fn at(self, c: &Ctx) -> Result<T, String>;
+}
+
+impl<T, E: DbError> At<T> for Result<T, E> {
+    fn at(self, c: &Ctx) -> Result<T, String> {
+        self.map_err(|e| format!("at {}: {}", c.step, e.describe()))
+    }
+}
+
+/// The version of crate `name` in the workspace's Cargo.lock.
+fn lock_version(name: &str) -> Option<String> {
+    let lock = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.lock"))
+        .ok()?;
+    let mut lines = lock.lines();
+    let wanted = format!("name = \"{name}\"");
+    lines.find(|l| *l == wanted)?;
+    let version = lines.next()?.strip_prefix("version = ")?.trim_matches('"');
+    Some(format!("{name} {version}"))
+}
+
+// --- tokio-postgres ---
+
+async fn tp_connect(m: &Matrix, c: &mut Ctx) -> Result<tokio_postgres::Client, String> {
+    c.step = "connect".into();
+    let (client, connection) = tokio_postgres::connect(&m.proxy.conninfo(), tokio_postgres::NoTls)
+        .await
+        .at(c)?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// batch_execute / simple_query: the simple protocol.
+async fn tp_simple_query(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let client = tp_connect(m, c).await?;
+    for key in m.per_server() {
+        let item = c.item();
+        c.step = format!("INSERT {}", m.where_(key));
+        client
+            .batch_execute(&format!(
+                "INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {item}, '{}')",
+                c.name
+            ))
+            .await
+            .at(c)?;
+        c.step = format!("SELECT {}", m.where_(key));
+        let messages = client
+            .simple_query(&format!(
+                "SELECT note FROM drv WHERE user_id = {key} AND item_id = {item}"
+            ))
+            .await
+            .at(c)?;
+        let notes: Vec<String> = messages
+            .iter()
+            .filter_map(|msg| match msg {
+                tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+                _ => None,
+            })
+            .collect();
+        c.check(notes == [c.name], format!("read back {notes:?}"))?;
+        c.present(key, item);
+    }
+    Ok(())
+}
+
+/// execute / query_one with parameters: tokio-postgres prepares a named
+/// statement (Parse, Describe, Sync), then binds it.
+async fn tp_execute_params(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let client = tp_connect(m, c).await?;
+    for key in m.spread(6) {
+        let item = c.item();
+        c.step = format!("execute INSERT {}", m.where_(key));
+        let n = client
+            .execute(INSERT, &[&key, &item, &c.name])
+            .await
+            .at(c)?;
+        c.check(n == 1, format!("{n} rows inserted"))?;
+        c.step = format!("query_one SELECT {}", m.where_(key));
+        let note: String = client.query_one(NOTE, &[&key, &item]).await.at(c)?.get(0);
+        c.check(note == c.name, format!("read back {note:?}"))?;
+        c.present(key, item);
+    }
+    Ok(())
+}
+
+/// One prepared statement bound with 20 different keys.
+async fn tp_prepared_reused(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let client = tp_connect(m, c).await?;
+    c.step = "prepare".into();
+    let insert = client.prepare(INSERT).await.at(c)?;
+    let select = client.prepare(NOTE).await.at(c)?;
+    let pairs: Vec<(i64, i64)> = m.spread(20).into_iter().map(|k| (k, c.item())).collect();
+    for &(key, item) in &pairs {
+        c.step = format!("prepared INSERT {}", m.where_(key));
+        client
+            .execute(&insert, &[&key, &item, &c.name])
+            .await
+            .at(c)?;
+    }
+    for &(key, item) in &pairs {
+        c.step = format!("prepared SELECT {}", m.where_(key));
+        let note: String = client
+            .query_one(&select, &[&key, &item])
+            .await
+            .at(c)?
+            .get(0);
+        c.check(note == c.name, format!("read back {note:?}"))?;
+        c.present(key, item);
+    }
+    Ok(())
+}
+
+/// Several queries in flight on one connection at once (tokio-postgres
+/// pipelines them, each with its own Sync), all for one user.
+async fn tp_pipelined(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let client = tp_connect(m, c).await?;
+    let insert = client.prepare(INSERT).await.at(c)?;
+    for key in m.per_server() {
+        let items: Vec<i64> = (0..10).map(|_| c.item()).collect();
+        c.step = format!("10 pipelined INSERTs {}", m.where_(key));
+        let name = c.name;
+        let (client, insert) = (&client, &insert);
+        futures_util::future::try_join_all(
+            items
+                .iter()
+                .map(|item| async move { client.execute(insert, &[&key, item, &name]).await }),
+        )
+        .await
+        .at(c)?;
+        c.step = format!("count {}", m.where_(key));
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM drv WHERE user_id = $1 AND note = $2",
+                &[&key, &c.name],
+            )
+            .await
+            .at(c)?
+            .get(0);
+        c.check(n == 10, format!("{n} rows instead of 10"))?;
+        for item in items {
+            c.present(key, item);
+        }
+    }
+    Ok(())
+}
+
+/// client.transaction(): committed, and rolled back.
+async fn tp_transaction(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let mut client = tp_connect(m, c).await?;
+    for key in m.per_server() {
+        let (kept, dropped) = (c.item(), c.item());
+        c.step = format!("committed transaction {}", m.where_(key));
+        let tx = client.transaction().await.at(c)?;
+        tx.execute(INSERT, &[&key, &kept, &"tmp"]).await.at(c)?;
+        tx.execute(
+            "UPDATE drv SET note = $1, n = 1 WHERE user_id = $2 AND item_id = $3",
+            &[&c.name, &key, &kept],
+        )
+        .await
+        .at(c)?;
+        tx.commit().await.at(c)?;
+        c.step = format!("rolled-back transaction {}", m.where_(key));
+        let tx = client.transaction().await.at(c)?;
+        tx.execute(INSERT, &[&key, &dropped, &c.name]).await.at(c)?;
+        tx.rollback().await.at(c)?;
+        c.step = format!("SELECT after {}", m.where_(key));
+        let rows = client
+            .query(
+                "SELECT item_id, note, n FROM drv WHERE user_id = $1 AND item_id = ANY($2)",
+                &[&key, &vec![kept, dropped]],
+            )
+            .await
+            .at(c)?;
+        let got: Vec<(i64, String, Option<i32>)> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        c.check(
+            got == [(kept, c.name.to_string(), Some(1))],
+            format!("rows {got:?}"),
+        )?;
+        c.present(key, kept);
+        c.absent(key, dropped);
+    }
+    Ok(())
+}
+
+/// Binary parameters and results: jsonb, uuid, text[], timestamptz, NULL.
+async fn tp_types(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let client = tp_connect(m, c).await?;
+    for key in m.per_server() {
+        let item = c.item();
+        let doc = serde_json::json!({"driver": "tokio-postgres", "key": key, "nested": [1, 2, {"x": null}]});
+        let tag = uuid::Uuid::new_v4();
+        let labels = vec!["a".to_string(), "b c".to_string(), "ünï".to_string()];
+        let at = SystemTime::UNIX_EPOCH + Duration::from_micros(1_714_979_289_123_456);
+        c.step = format!("INSERT {}", m.where_(key));
+        client
+            .execute(
+                "INSERT INTO drv (user_id, item_id, note, n, doc, tag, labels, at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[&key, &item, &c.name, &None::<i32>, &doc, &tag, &labels, &at],
+            )
+            .await
+            .at(c)?;
+        c.step = format!("SELECT {}", m.where_(key));
+        let row = client
+            .query_one(
+                "SELECT note, n, doc, tag, labels, at FROM drv WHERE user_id = $1 AND item_id = $2 AND tag = $3",
+                &[&key, &item, &tag],
+            )
+            .await
+            .at(c)?;
+        let got: (
+            String,
+            Option<i32>,
+            serde_json::Value,
+            uuid::Uuid,
+            Vec<String>,
+            SystemTime,
+        ) = (
+            row.get(0),
+            row.get(1),
+            row.get(2),
+            row.get(3),
+            row.get(4),
+            row.get(5),
+        );
+        c.check(
+            got == (c.name.to_string(), None, doc, tag, labels, at),
+            format!("read back {got:?}"),
+        )?;
+        c.present(key, item);
+    }
+    Ok(())
+}
+
+async fn tp_duplicate_key(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let client = tp_connect(m, c).await?;
+    for key in m.per_server() {
+        let (item, after) = (c.item(), c.item());
+        c.step = format!("INSERT {}", m.where_(key));
+        client
+            .execute(INSERT, &[&key, &item, &c.name])
+            .await
+            .at(c)?;
+        c.step = format!("duplicate INSERT {}", m.where_(key));
+        c.expect_error(
+            "23505",
+            client.execute(INSERT, &[&key, &item, &c.name]).await,
+        )?;
+        c.step = format!("next INSERT {}", m.where_(key));
+        client
+            .execute(INSERT, &[&key, &after, &c.name])
+            .await
+            .at(c)?;
+        let note: String = client.query_one(NOTE, &[&key, &after]).await.at(c)?.get(0);
+        c.check(note == c.name, format!("read back {note:?}"))?;
+        c.present(key, item);
+        c.present(key, after);
+    }
+    Ok(())
+}
+
+async fn tp_transaction_error(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let mut client = tp_connect(m, c).await?;
+    for key in m.per_server() {
+        let (existing, inside, after) = (c.item(), c.item(), c.item());
+        c.step = format!("setup INSERT {}", m.where_(key));
+        client
+            .execute(INSERT, &[&key, &existing, &c.name])
+            .await
+            .at(c)?;
+        c.step = format!("BEGIN {}", m.where_(key));
+        let tx = client.transaction().await.at(c)?;
+        c.step = format!("INSERT in transaction {}", m.where_(key));
+        tx.execute(INSERT, &[&key, &inside, &c.name]).await.at(c)?;
+        c.step = format!("duplicate INSERT in transaction {}", m.where_(key));
+        c.expect_error(
+            "23505",
+            tx.execute(INSERT, &[&key, &existing, &c.name]).await,
+        )?;
+        c.step = format!("statement after the error {}", m.where_(key));
+        c.expect_error("25P02", tx.query_one(NOTE, &[&key, &existing]).await)?;
+        c.step = format!("ROLLBACK {}", m.where_(key));
+        tx.rollback().await.at(c)?;
+        c.step = format!("after ROLLBACK {}", m.where_(key));
+        client
+            .execute(INSERT, &[&key, &after, &c.name])
+            .await
+            .at(c)?;
+        let rows = client
+            .query(
+                "SELECT item_id FROM drv WHERE user_id = $1 AND item_id = ANY($2) ORDER BY item_id",
+                &[&key, &vec![existing, inside, after]],
+            )
+            .await
+            .at(c)?;
+        let got: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        c.check(got == [existing, after], format!("rows {got:?}"))?;
+        c.present(key, existing);
+        c.absent(key, inside);
+        c.present(key, after);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres() {
+    let m = Matrix::start().await;
+    let mut report = Report::new("tokio-postgres");
+    report.version = lock_version("tokio-postgres");
+    case!(report, "simple_query", c => tp_simple_query(&m, c));
+    case!(report, "execute_params", c => tp_execute_params(&m, c));
+    case!(report, "prepared_reused_20_keys", c => tp_prepared_reused(&m, c));
+    case!(report, "pipelined_queries_one_user", c => tp_pipelined(&m, c));
+    case!(report, "transaction_commit_and_rollback", c => tp_transaction(&m, c));
+    case!(report, "types_null_jsonb_uuid_array_timestamptz", c => tp_types(&m, c));
+    case!(report, "duplicate_key_then_usable", c => tp_duplicate_key(&m, c));
+    case!(report, "transaction_error_25p02_rollback", c => tp_transaction_error(&m, c));
+    m.verify(&mut report).await;
+    report.finish();
+}
+
+// --- sqlx ---
+
+async fn sx_connect(m: &Matrix, c: &mut Ctx) -> Result<sqlx::PgConnection, String> {
+    use sqlx::Connection;
+    c.step = "connect".into();
+    sqlx::PgConnection::connect(&m.url()).await.at(c)
+}
+
+/// The same `sqlx::query("... $1").bind(k)` with 30 keys: sqlx prepares each
+/// text once as a named statement (its statement cache) and binds it again.
+async fn sx_statement_cache(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let mut conn = sx_connect(m, c).await?;
+    let pairs: Vec<(i64, i64)> = m.spread(30).into_iter().map(|k| (k, c.item())).collect();
+    for &(key, item) in &pairs {
+        c.step = format!("INSERT {}", m.where_(key));
+        sqlx::query(INSERT)
+            .bind(key)
+            .bind(item)
+            .bind(c.name)
+            .execute(&mut conn)
+            .await
+            .at(c)?;
+    }
+    for &(key, item) in &pairs {
+        c.step = format!("SELECT {}", m.where_(key));
+        let note: String = sqlx::query_scalar(NOTE)
+            .bind(key)
+            .bind(item)
+            .fetch_one(&mut conn)
+            .await
+            .at(c)?;
+        c.check(note == c.name, format!("read back {note:?}"))?;
+        c.present(key, item);
+    }
+    Ok(())
+}
+
+/// `.persistent(false)`: unnamed statements, not cached.
+async fn sx_not_persistent(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let mut conn = sx_connect(m, c).await?;
+    for key in m.spread(6) {
+        let item = c.item();
+        c.step = format!("INSERT {}", m.where_(key));
+        sqlx::query(INSERT)
+            .bind(key)
+            .bind(item)
+            .bind(c.name)
+            .persistent(false)
+            .execute(&mut conn)
+            .await
+            .at(c)?;
+        c.step = format!("SELECT {}", m.where_(key));
+        let note: String = sqlx::query_scalar(NOTE)
+            .bind(key)
+            .bind(item)
+            .persistent(false)
+            .fetch_one(&mut conn)
+            .await
+            .at(c)?;
+        c.check(note == c.name, format!("read back {note:?}"))?;
+        c.present(key, item);
+    }
+    Ok(())
+}
+
+async fn sx_transaction(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    use sqlx::Connection;
+    let mut conn = sx_connect(m, c).await?;
+    for key in m.per_server() {
+        let (kept, dropped) = (c.item(), c.item());
+        c.step = format!("committed transaction {}", m.where_(key));
+        let mut tx = conn.begin().await.at(c)?;
+        sqlx::query(INSERT)
+            .bind(key)
+            .bind(kept)
+            .bind("tmp")
+            .execute(&mut *tx)
+            .await
+            .at(c)?;
+        sqlx::query("UPDATE drv SET note = $1, n = 1 WHERE user_id = $2 AND item_id = $3")
+            .bind(c.name)
+            .bind(key)
+            .bind(kept)
+            .execute(&mut *tx)
+            .await
+            .at(c)?;
+        tx.commit().await.at(c)?;
+        c.step = format!("rolled-back transaction {}", m.where_(key));
+        let mut tx = conn.begin().await.at(c)?;
+        sqlx::query(INSERT)
+            .bind(key)
+            .bind(dropped)
+            .bind(c.name)
+            .execute(&mut *tx)
+            .await
+            .at(c)?;
+        tx.rollback().await.at(c)?;
+        c.step = format!("SELECT after {}", m.where_(key));
+        let got: Vec<(i64, String, Option<i32>)> = sqlx::query_as(
+            "SELECT item_id, note, n FROM drv WHERE user_id = $1 AND item_id = ANY($2)",
+        )
+        .bind(key)
+        .bind(vec![kept, dropped])
+        .fetch_all(&mut conn)
+        .await
+        .at(c)?;
+        c.check(
+            got == [(kept, c.name.to_string(), Some(1))],
+            format!("rows {got:?}"),
+        )?;
+        c.present(key, kept);
+        c.absent(key, dropped);
+    }
+    Ok(())
+}
+
+/// NULL and text[] bound natively; jsonb, uuid and timestamptz as text cast
+/// by the server (the matrix builds sqlx without its json/uuid/chrono features).
+async fn sx_types(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let mut conn = sx_connect(m, c).await?;
+    for key in m.per_server() {
+        let item = c.item();
+        let tag = uuid::Uuid::new_v4().to_string();
+        let labels = vec!["a".to_string(), "b c".to_string(), "ünï".to_string()];
+        c.step = format!("INSERT {}", m.where_(key));
+        sqlx::query(
+            "INSERT INTO drv (user_id, item_id, note, n, doc, tag, labels, at) \
+             VALUES ($1, $2, $3, $4, $5::jsonb, $6::uuid, $7, $8::timestamptz)",
+        )
+        .bind(key)
+        .bind(item)
+        .bind(c.name)
+        .bind(None::<i32>)
+        .bind(r#"{"driver": "sqlx"}"#)
+        .bind(&tag)
+        .bind(&labels)
+        .bind("2024-05-06 07:08:09.123456+00")
+        .execute(&mut conn)
+        .await
+        .at(c)?;
+        c.step = format!("SELECT {}", m.where_(key));
+        let got: (String, Option<i32>, String, Vec<String>, String) = sqlx::query_as(
+            "SELECT note, n, doc->>'driver', labels, to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') \
+             FROM drv WHERE user_id = $1 AND item_id = $2 AND tag = $3::uuid",
+        )
+        .bind(key)
+        .bind(item)
+        .bind(&tag)
+        .fetch_one(&mut conn)
+        .await
+        .at(c)?;
+        let want = (
+            c.name.to_string(),
+            None,
+            "sqlx".to_string(),
+            labels,
+            "2024-05-06 07:08:09.123456".to_string(),
+        );
+        c.check(got == want, format!("read back {got:?}"))?;
+        c.present(key, item);
+    }
+    Ok(())
+}
+
+async fn sx_duplicate_key(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let mut conn = sx_connect(m, c).await?;
+    for key in m.per_server() {
+        let (item, after) = (c.item(), c.item());
+        let insert = |item: i64| sqlx::query(INSERT).bind(key).bind(item).bind(c.name);
+        c.step = format!("INSERT {}", m.where_(key));
+        insert(item).execute(&mut conn).await.at(c)?;
+        c.step = format!("duplicate INSERT {}", m.where_(key));
+        c.expect_error("23505", insert(item).execute(&mut conn).await)?;
+        c.step = format!("next INSERT {}", m.where_(key));
+        insert(after).execute(&mut conn).await.at(c)?;
+        let note: String = sqlx::query_scalar(NOTE)
+            .bind(key)
+            .bind(after)
+            .fetch_one(&mut conn)
+            .await
+            .at(c)?;
+        c.check(note == c.name, format!("read back {note:?}"))?;
+        c.present(key, item);
+        c.present(key, after);
+    }
+    Ok(())
+}
+
+async fn sx_transaction_error(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    use sqlx::Connection;
+    let mut conn = sx_connect(m, c).await?;
+    for key in m.per_server() {
+        let (existing, inside, after) = (c.item(), c.item(), c.item());
+        let name = c.name;
+        let insert = move |item: i64| sqlx::query(INSERT).bind(key).bind(item).bind(name);
+        c.step = format!("setup INSERT {}", m.where_(key));
+        insert(existing).execute(&mut conn).await.at(c)?;
+        c.step = format!("BEGIN {}", m.where_(key));
+        let mut tx = conn.begin().await.at(c)?;
+        c.step = format!("INSERT in transaction {}", m.where_(key));
+        insert(inside).execute(&mut *tx).await.at(c)?;
+        c.step = format!("duplicate INSERT in transaction {}", m.where_(key));
+        c.expect_error("23505", insert(existing).execute(&mut *tx).await)?;
+        c.step = format!("statement after the error {}", m.where_(key));
+        c.expect_error(
+            "25P02",
+            sqlx::query_scalar::<_, String>(NOTE)
+                .bind(key)
+                .bind(existing)
+                .fetch_one(&mut *tx)
+                .await,
+        )?;
+        c.step = format!("ROLLBACK {}", m.where_(key));
+        tx.rollback().await.at(c)?;
+        c.step = format!("after ROLLBACK {}", m.where_(key));
+        insert(after).execute(&mut conn).await.at(c)?;
+        let got: Vec<i64> = sqlx::query_scalar(
+            "SELECT item_id FROM drv WHERE user_id = $1 AND item_id = ANY($2) ORDER BY item_id",
+        )
+        .bind(key)
+        .bind(vec![existing, inside, after])
+        .fetch_all(&mut conn)
+        .await
+        .at(c)?;
+        c.check(got == [existing, after], format!("rows {got:?}"))?;
+        c.present(key, existing);
+        c.absent(key, inside);
+        c.present(key, after);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlx() {
+    let m = Matrix::start().await;
+    let mut report = Report::new("sqlx");
+    report.version = lock_version("sqlx");
+    case!(report, "statement_cache_30_keys", c => sx_statement_cache(&m, c));
+    case!(report, "not_persistent", c => sx_not_persistent(&m, c));
+    case!(report, "transaction_commit_and_rollback", c => sx_transaction(&m, c));
+    case!(report, "types_null_array_and_text_casts", c => sx_types(&m, c));
+    case!(report, "duplicate_key_then_usable", c => sx_duplicate_key(&m, c));
+    case!(report, "transaction_error_25p02_rollback", c => sx_transaction_error(&m, c));
+    m.verify(&mut report).await;
+    report.finish();
+}
+
+// --- psql ---
+
+struct PsqlRun {
+    ok: bool,
+    stdout: Vec<String>,
+    /// SQLSTATEs of the errors psql printed, in order.
+    errors: Vec<String>,
+    stderr: String,
+}
+
+/// Runs `script` through psql (-X -q -At, errors don't stop it, VERBOSITY
+/// verbose so each error shows its SQLSTATE).
+async fn psql(m: &Matrix, c: &mut Ctx, script: &str) -> Result<PsqlRun, String> {
+    let mut child = tokio::process::Command::new("psql")
+        .args(["-X", "-q", "-At", "-v", "VERBOSITY=verbose"])
+        .arg(m.proxy.conninfo())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            format!("cannot start psql: {e}: install postgresql-client-15 with scripts/setup")
+        })?;
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin
+        .write_all(script.as_bytes())
+        .await
+        .map_err(|e| format!("at {}: writing to psql: {e}", c.step))?;
+    drop(stdin);
+    let output = child
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("at {}: psql: {e}", c.step))?;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    let errors = stderr
+        .lines()
+        .filter_map(|l| l.split_once("ERROR:  ").map(|(_, rest)| rest))
+        .map(|rest| rest.split(':').next().unwrap_or("").to_string())
+        .collect();
+    Ok(PsqlRun {
+        ok: output.status.success(),
+        stdout: String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect(),
+        errors,
+        stderr,
+    })
+}
+
+fn psql_errors(run: &PsqlRun) -> String {
+    run.stderr
+        .lines()
+        .filter(|l| l.contains("ERROR:") || l.contains("FATAL:"))
+        .map(|l| l.split_once("ERROR:  ").map(|x| x.1).unwrap_or(l).trim())
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+async fn psql_statements(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let mut script = String::new();
+    let mut want = Vec::new();
+    for key in m.per_server() {
+        let item = c.item();
+        script.push_str(&format!(
+            "INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {item}, '{}');\n\
+             SELECT note FROM drv WHERE user_id = {key} AND item_id = {item};\n\
+             UPDATE drv SET n = 7 WHERE user_id = {key} AND item_id = {item};\n\
+             SELECT n FROM drv WHERE item_id = {item} AND user_id = {key};\n",
+            c.name
+        ));
+        want.extend([c.name.to_string(), "7".to_string()]);
+        c.present(key, item);
+    }
+    c.step = format!("psql script over {:?}", m.per_server());
+    let run = psql(m, c, &script).await?;
+    c.check(run.errors.is_empty(), psql_errors(&run))?;
+    c.check(
+        run.ok && run.stdout == want,
+        format!("output {:?}", run.stdout),
+    )
+}
+
+async fn psql_transaction(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let mut script = String::new();
+    let mut want = Vec::new();
+    for key in m.per_server() {
+        let (kept, dropped) = (c.item(), c.item());
+        script.push_str(&format!(
+            "BEGIN;\n\
+             INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {kept}, 'tmp');\n\
+             UPDATE drv SET note = '{name}', n = 1 WHERE user_id = {key} AND item_id = {kept};\n\
+             COMMIT;\n\
+             BEGIN;\n\
+             INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {dropped}, '{name}');\n\
+             ROLLBACK;\n\
+             SELECT count(*) FROM drv WHERE user_id = {key} AND item_id IN ({kept}, {dropped});\n",
+            name = c.name
+        ));
+        want.push("1".to_string());
+        c.present(key, kept);
+        c.absent(key, dropped);
+    }
+    c.step = format!("psql transactions over {:?}", m.per_server());
+    let run = psql(m, c, &script).await?;
+    c.check(run.errors.is_empty(), psql_errors(&run))?;
+    c.check(
+        run.ok && run.stdout == want,
+        format!("output {:?}", run.stdout),
+    )
+}
+
+async fn psql_duplicate_key(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let mut script = String::new();
+    let mut want = Vec::new();
+    let mut want_errors = Vec::new();
+    for key in m.per_server() {
+        let (item, after) = (c.item(), c.item());
+        script.push_str(&format!(
+            "INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {item}, '{name}');\n\
+             INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {item}, '{name}');\n\
+             INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {after}, '{name}');\n\
+             SELECT note FROM drv WHERE user_id = {key} AND item_id = {after};\n",
+            name = c.name
+        ));
+        want.push(c.name.to_string());
+        want_errors.push("23505".to_string());
+        c.present(key, item);
+        c.present(key, after);
+    }
+    c.step = format!("psql duplicate keys over {:?}", m.per_server());
+    let run = psql(m, c, &script).await?;
+    c.check(
+        run.errors == want_errors,
+        format!(
+            "errors {:?}, expected {want_errors:?}: {}",
+            run.errors,
+            psql_errors(&run)
+        ),
+    )?;
+    c.check(run.stdout == want, format!("output {:?}", run.stdout))
+}
+
+async fn psql_transaction_error(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let mut script = String::new();
+    let mut want = Vec::new();
+    let mut want_errors = Vec::new();
+    for key in m.per_server() {
+        let (existing, inside, after) = (c.item(), c.item(), c.item());
+        script.push_str(&format!(
+            "INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {existing}, '{name}');\n\
+             BEGIN;\n\
+             INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {inside}, '{name}');\n\
+             INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {existing}, '{name}');\n\
+             SELECT note FROM drv WHERE user_id = {key} AND item_id = {existing};\n\
+             ROLLBACK;\n\
+             INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {after}, '{name}');\n\
+             SELECT string_agg(item_id::text, ',' ORDER BY item_id) FROM drv WHERE user_id = {key} AND item_id IN ({existing}, {inside}, {after});\n",
+            name = c.name
+        ));
+        want.push(format!("{existing},{after}"));
+        want_errors.extend(["23505".to_string(), "25P02".to_string()]);
+        c.present(key, existing);
+        c.absent(key, inside);
+        c.present(key, after);
+    }
+    c.step = format!("psql transaction errors over {:?}", m.per_server());
+    let run = psql(m, c, &script).await?;
+    c.check(
+        run.errors == want_errors,
+        format!(
+            "errors {:?}, expected {want_errors:?}: {}",
+            run.errors,
+            psql_errors(&run)
+        ),
+    )?;
+    c.check(run.stdout == want, format!("output {:?}", run.stdout))
+}
+
+/// `\bind` (psql 16 and later): the extended protocol from psql.
+async fn psql_bind(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let mut script = String::new();
+    let mut want = Vec::new();
+    for key in m.per_server() {
+        let item = c.item();
+        script.push_str(&format!(
+            "INSERT INTO drv (user_id, item_id, note) VALUES ($1, $2, $3) \\bind {key} {item} {name} \\g\n\
+             SELECT note FROM drv WHERE user_id = $1 AND item_id = $2 \\bind {key} {item} \\g\n",
+            name = c.name
+        ));
+        want.push(c.name.to_string());
+        c.present(key, item);
+    }
+    c.step = format!("psql \\bind over {:?}", m.per_server());
+    let run = psql(m, c, &script).await?;
+    c.check(run.errors.is_empty(), psql_errors(&run))?;
+    c.check(
+        run.ok && run.stdout == want,
+        format!("output {:?}", run.stdout),
+    )
+}
+
+async fn psql_major() -> Option<u32> {
+    let out = tokio::process::Command::new("psql")
+        .arg("--version")
+        .output()
+        .await
+        .ok()?;
+    // "psql (PostgreSQL) 15.18 (Debian ...)"
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(2)?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_cases() {
+    let m = Matrix::start().await;
+    let mut report = Report::new("psql");
+    let major = psql_major().await;
+    report.version = major.map(|v| format!("psql {v}"));
+    case!(report, "statements_on_every_server", c => psql_statements(&m, c));
+    case!(report, "transaction_commit_and_rollback", c => psql_transaction(&m, c));
+    case!(report, "duplicate_key_then_usable", c => psql_duplicate_key(&m, c));
+    case!(report, "transaction_error_25p02_rollback", c => psql_transaction_error(&m, c));
+    if major.unwrap_or(0) >= 16 {
+        case!(report, "bind_extended_protocol", c => psql_bind(&m, c));
+    } else {
+        report.notes.push(format!(
+            "psql {} has no \\bind (psql 16+): psql's extended protocol is not in this run",
+            major.map_or("?".into(), |v| v.to_string())
+        ));
+    }
+    m.verify(&mut report).await;
+    report.finish();
+}
+
+// --- pgbench ---
+
+/// The counters' total on all servers, and whether each server holds exactly
+/// the counter rows of the users it owns.
+async fn counters(m: &Matrix) -> Result<i64, String> {
+    let mut total = 0;
+    for (index, server) in m.cluster.cluster.servers.iter().enumerate() {
+        let rows = m
+            .cluster
+            .connect(index)
+            .await
+            .query("SELECT user_id, n FROM drv_counters ORDER BY user_id", &[])
+            .await
+            .map_err(|e| format!("read drv_counters on {}: {e}", server.name()))?;
+        let users: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        let owned: Vec<i64> = (1..=COUNTER_USERS)
+            .filter(|u| m.owner(*u) == server.name())
+            .collect();
+        if users != owned {
+            return Err(format!(
+                "server check: {} holds counters of users {users:?}, owns {owned:?}",
+                server.name()
+            ));
+        }
+        total += rows.iter().map(|r| r.get::<_, i64>(1)).sum::<i64>();
+    }
+    Ok(total)
+}
+
+async fn pgbench_mode(
+    m: &Matrix,
+    c: &mut Ctx,
+    mode: &str,
+    script: &Path,
+    before: i64,
+) -> Result<(), String> {
+    const CLIENTS: i64 = 4;
+    const TRANSACTIONS: i64 = 25;
+    c.step = format!("pgbench -M {mode}");
+    let output = tokio::process::Command::new("pgbench")
+        .args(["-n", "-M", mode, "-c", &CLIENTS.to_string(), "-j", "2"])
+        .args(["-t", &TRANSACTIONS.to_string()])
+        .args(["-h", "127.0.0.1", "-p", &m.proxy.addr.port().to_string()])
+        .args(["-U", "postgres", "-f"])
+        .arg(script)
+        .arg("postgres")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| {
+            format!("cannot start pgbench: {e}: install postgresql-client-15 with scripts/setup")
+        })?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let processed = CLIENTS * TRANSACTIONS;
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("error") || l.contains("ERROR"))
+        .take(3)
+        .collect();
+    c.check(
+        output.status.success()
+            && stdout.contains(&format!(
+                "number of transactions actually processed: {processed}/{processed}"
+            )),
+        format!(
+            "{} ({})",
+            errors.join(" | "),
+            stdout
+                .lines()
+                .find(|l| l.contains("actually processed"))
+                .unwrap_or("no summary")
+        ),
+    )?;
+    c.step = format!("server check after -M {mode}");
+    let total = counters(m).await?;
+    c.check(
+        total == before + processed,
+        format!(
+            "server check: counters total {total}, expected {}",
+            before + processed
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench() {
+    let m = Matrix::start().await;
+    let mut report = Report::new("pgbench");
+    // The counters each server owns, loaded directly.
+    let owners: Vec<String> = (1..=COUNTER_USERS).map(|u| m.owner(u)).collect();
+    for server in m.keys.keys() {
+        assert!(
+            owners.contains(server),
+            "users 1..={COUNTER_USERS} miss {server}"
+        );
+    }
+    for (index, server) in m.cluster.cluster.servers.iter().enumerate() {
+        let owned: Vec<i64> = (1..=COUNTER_USERS)
+            .filter(|u| owners[(*u - 1) as usize] == server.name())
+            .collect();
+        m.cluster
+            .connect(index)
+            .await
+            .execute(
+                "INSERT INTO drv_counters (user_id) SELECT unnest($1::bigint[])",
+                &[&owned],
+            )
+            .await
+            .expect("load counters");
+    }
+    let script = tempfile::NamedTempFile::new().expect("script file");
+    std::fs::write(
+        script.path(),
+        format!(
+            "\\set uid random(1, {COUNTER_USERS})\n\
+             BEGIN;\n\
+             UPDATE drv_counters SET n = n + 1 WHERE user_id = :uid;\n\
+             SELECT n FROM drv_counters WHERE user_id = :uid;\n\
+             END;\n"
+        ),
+    )
+    .expect("write script");
+    let out = tokio::process::Command::new("pgbench")
+        .arg("--version")
+        .output()
+        .await;
+    report.version = out
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    for (name, mode) in [
+        ("pgbench_simple", "simple"),
+        ("pgbench_extended", "extended"),
+        ("pgbench_prepared", "prepared"),
+    ] {
+        let before = match counters(&m).await {
+            Ok(total) => total,
+            Err(e) => {
+                report.fail(name, e);
+                continue;
+            }
+        };
+        case!(report, name, c => pgbench_mode(&m, c, mode, script.path(), before));
+    }
+    m.verify(&mut report).await;
+    report.finish();
+}
