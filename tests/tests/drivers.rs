@@ -28,8 +28,9 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use shardline_tests::{create_table, TestCluster, TestProxy};
-use shardmap::{Change, ClusterMap, Group, KeyType, KeyValue, Method, Table, TableKind};
+use shardline_tests::fixtures::{create_table, init_schema};
+use shardline_tests::{TestCluster, TestProxy};
+use shardmap::{ClusterMap, Group, KeyType, KeyValue};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLUSTER: &str = "drivers";
@@ -66,35 +67,14 @@ struct Matrix {
 impl Matrix {
     async fn start() -> Matrix {
         let cluster = TestCluster::start(3);
-        let (store, _) = cluster.init_map(CLUSTER, PARTITIONS).await;
-        let saved = store
-            .update("test", |map| {
-                map.groups.insert(
-                    "users".into(),
-                    Group {
-                        name: "users".into(),
-                        key_type: KeyType::Bigint,
-                        method: Method::Hash,
-                    },
-                );
-                for table in ["drv", "drv_counters"] {
-                    map.tables.insert(
-                        table.into(),
-                        Table {
-                            name: table.into(),
-                            kind: TableKind::Sharded {
-                                group: "users".into(),
-                                key_column: "user_id".into(),
-                                embedded_id: false,
-                            },
-                        },
-                    );
-                }
-                Ok(Change::new("schema", "driver matrix"))
-            })
-            .await
-            .expect("declare the schema");
-        let map = saved.map;
+        let (_store, map) = init_schema(&cluster, CLUSTER, PARTITIONS, |map| {
+            map.declare(
+                Group::hash("users", KeyType::Bigint)
+                    .table("drv", "user_id")
+                    .table("drv_counters", "user_id"),
+            );
+        })
+        .await;
         create_table(&cluster, &map, "drv", DRV_COLUMNS).await;
         create_table(
             &cluster,
