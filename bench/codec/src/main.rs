@@ -177,7 +177,8 @@ impl ProxyPath {
     /// Frames and decodes `request`; returns the key parameter's length.
     fn decode(&mut self, request: &[u8]) -> usize {
         self.read_buf.extend_from_slice(request);
-        while let Some(frame) = next_frame(&mut self.read_buf, DEFAULT_MAX_MESSAGE).expect("frame") {
+        while let Some(frame) = next_frame(&mut self.read_buf, DEFAULT_MAX_MESSAGE).expect("frame")
+        {
             let body = frame.body();
             let item = match frame.tag {
                 b'P' => Item::Parse(frame, Parse::decode(body).expect("Parse")),
@@ -353,7 +354,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn check_paths(state: &mut State, request: &[u8]) -> bool {
     state.proxy.decode(request);
     state.proxy.forward();
-    assert_eq!(&state.proxy.out[..], request, "proxy forwards the bytes as received");
+    assert_eq!(
+        &state.proxy.out[..],
+        request,
+        "proxy forwards the bytes as received"
+    );
     let proxy_key = state.proxy.items.iter().find_map(|i| match i {
         Item::Bind(_, b) => b.params[0].clone(),
         _ => None,
@@ -377,6 +382,19 @@ fn check_paths(state: &mut State, request: &[u8]) -> bool {
 /// What each decoder makes of a malformed request.
 fn malformed() {
     let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("Bind parameter length 12 > message, then Execute+Sync", {
+            let mut r = Vec::new();
+            message(&mut r, b'B', |b| {
+                b.put_slice(b"\0\0");
+                b.put_i16(0);
+                b.put_i16(1);
+                b.put_i32(12);
+                b.put_slice(b"42");
+                b.put_i16(0);
+            });
+            execute_sync(&mut r);
+            r
+        }),
         ("Bind parameter length 1000 > message, then Execute+Sync", {
             let mut r = Vec::new();
             message(&mut r, b'B', |b| {
@@ -401,7 +419,10 @@ fn malformed() {
             });
             r
         }),
-        ("Bind body cut short (2 bytes), last in buffer", b"B\0\0\0\x06\0\0".to_vec()),
+        (
+            "Bind body cut short (2 bytes), last in buffer",
+            b"B\0\0\0\x06\0\0".to_vec(),
+        ),
         ("Parse query not UTF-8", {
             let mut r = Vec::new();
             message(&mut r, b'P', |b| {
@@ -509,10 +530,15 @@ fn summary(m: &PgWireFrontendMessage) -> String {
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let n: u64 = args.next().map_or(2_000_000, |a| a.parse().expect("REQUESTS"));
+    let n: u64 = args
+        .next()
+        .map_or(2_000_000, |a| a.parse().expect("REQUESTS"));
     let reps: usize = args.next().map_or(5, |a| a.parse().expect("REPETITIONS"));
     let requests = [
-        ("extended: Parse+Bind+Describe+Execute+Sync", extended_request()),
+        (
+            "extended: Parse+Bind+Describe+Execute+Sync",
+            extended_request(),
+        ),
         ("prepared: Bind+Execute+Sync", prepared_request()),
     ];
     let mut state = State {
@@ -543,16 +569,21 @@ fn main() {
     }
 
     println!(
-        "{n} requests x {reps} repetitions per path; median ns/request; \
+        "{n} requests x {reps} repetitions per path; median ns/request (min-max); \
          allocations/request counted over 100000 requests (mimalloc underneath)"
     );
     for (r, (name, request)) in requests.iter().enumerate() {
         let ns: Vec<f64> = samples[r].iter().map(|s| median(s.clone())).collect();
+        let range = |s: &[f64]| {
+            let min = s.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = s.iter().copied().fold(0.0, f64::max);
+            format!("{min:.0}-{max:.0}")
+        };
         println!();
         println!("{name} ({} bytes)", request.len());
         println!(
-            "  {:<34} {:>8} {:>11} {:>13}",
-            "path", "ns/req", "allocs/req", "pgwire/proxy"
+            "  {:<34} {:>8} {:>10} {:>11} {:>13}",
+            "path", "ns/req", "(min-max)", "allocs/req", "pgwire/proxy"
         );
         for (p, (_, label)) in PATHS.iter().enumerate() {
             // pgwire rows compare with the proxy row above them.
@@ -562,8 +593,12 @@ fn main() {
                 String::new()
             };
             println!(
-                "  {:<34} {:>8.1} {:>11.1} {:>13}",
-                label, ns[p], allocs[r][p], ratio
+                "  {:<34} {:>8.1} {:>10} {:>11.1} {:>13}",
+                label,
+                ns[p],
+                range(&samples[r][p]),
+                allocs[r][p],
+                ratio
             );
         }
         println!(
