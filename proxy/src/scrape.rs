@@ -41,74 +41,51 @@ impl ProxyCollector {
     }
 }
 
-/// A counter; the encoder adds the `_total` suffix to `name`.
-fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
-    let value = ConstCounter::new(value);
-    value.encode(encoder.encode_descriptor(name, help, None, value.metric_type())?)
-}
-
-fn gauge(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    unit: Option<&Unit>,
-    value: f64,
-) -> fmt::Result {
-    let value = ConstGauge::new(value);
-    value.encode(encoder.encode_descriptor(name, help, unit, value.metric_type())?)
-}
+/// The per-thread counters, summed: name (the encoder adds `_total`), help,
+/// and where the counter is.
+type CounterOf = fn(&Metrics) -> &AtomicU64;
+const COUNTERS: [(&str, &str, CounterOf); 8] = [
+    ("shardline_logins", "Client logins that succeeded.", |m| &m.logins),
+    ("shardline_login_failures", "Client logins refused.", |m| &m.login_failures),
+    (
+        "shardline_requests",
+        "Client requests (Query, or extended messages up to Sync).",
+        |m| &m.requests,
+    ),
+    (
+        "shardline_route_errors",
+        "Requests refused because they could not be routed to one server.",
+        |m| &m.route_errors,
+    ),
+    (
+        "shardline_backend_errors",
+        "Requests whose server connection failed.",
+        |m| &m.backend_errors,
+    ),
+    (
+        "shardline_kept_prepared_runs",
+        "Requests whose repeated unnamed statement ran kept prepared on the server (no parse there).",
+        |m| &m.kept_prepared_runs,
+    ),
+    (
+        "shardline_stale_plan_retries",
+        "Requests sent again unprepared because a kept statement's plan no longer fit its tables.",
+        |m| &m.stale_plan_retries,
+    ),
+    (
+        "shardline_blocked_holds",
+        "Requests held while a partition was blocked for a move.",
+        |m| &m.held,
+    ),
+];
 
 impl Collector for ProxyCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
+        use telemetry::{counter, gauge};
         let e = &mut encoder;
-        counter(
-            e,
-            "shardline_logins",
-            "Client logins that succeeded.",
-            self.sum(|m| &m.logins),
-        )?;
-        counter(
-            e,
-            "shardline_login_failures",
-            "Client logins refused.",
-            self.sum(|m| &m.login_failures),
-        )?;
-        counter(
-            e,
-            "shardline_requests",
-            "Client requests (Query, or extended messages up to Sync).",
-            self.sum(|m| &m.requests),
-        )?;
-        counter(
-            e,
-            "shardline_route_errors",
-            "Requests refused because they could not be routed to one server.",
-            self.sum(|m| &m.route_errors),
-        )?;
-        counter(
-            e,
-            "shardline_backend_errors",
-            "Requests whose server connection failed.",
-            self.sum(|m| &m.backend_errors),
-        )?;
-        counter(
-            e,
-            "shardline_kept_prepared_runs",
-            "Requests whose repeated unnamed statement ran kept prepared on the server (no parse there).",
-            self.sum(|m| &m.kept_prepared_runs),
-        )?;
-        counter(
-            e,
-            "shardline_stale_plan_retries",
-            "Requests sent again unprepared because a kept statement's plan no longer fit its tables.",
-            self.sum(|m| &m.stale_plan_retries),
-        )?;
-        counter(
-            e,
-            "shardline_blocked_holds",
-            "Requests held while a partition was blocked for a move.",
-            self.sum(|m| &m.held),
-        )?;
+        for (name, help, value) in COUNTERS {
+            counter(e, name, help, self.sum(value))?;
+        }
         let longest = self
             .threads
             .iter()

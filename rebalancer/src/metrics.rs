@@ -7,9 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::encoding::DescriptorEncoder;
 
 use tokio::net::TcpListener;
 
@@ -45,58 +43,64 @@ impl Metrics {
     }
 }
 
+type Field = fn(&Metrics) -> &AtomicU64;
+
+/// Name, help and field of each gauge.
+const GAUGES: [(&str, &str, Field); 3] = [
+    (
+        "shardline_rebalancer_leader",
+        "1 while this daemon leads.",
+        |m| &m.leader,
+    ),
+    (
+        "shardline_rebalancer_jobs_running",
+        "Move jobs this daemon runs now.",
+        |m| &m.jobs_running,
+    ),
+    (
+        "shardline_rebalancer_last_blocked_milliseconds",
+        "How long the last cutover blocked its partition.",
+        |m| &m.last_blocked_ms,
+    ),
+];
+
+/// Name (the encoder adds `_total`), help and field of each counter.
+const COUNTERS: [(&str, &str, Field); 5] = [
+    ("shardline_rebalancer_moves_done", "Moves finished.", |m| {
+        &m.moves_done
+    }),
+    (
+        "shardline_rebalancer_moves_failed",
+        "Moves that failed.",
+        |m| &m.moves_failed,
+    ),
+    (
+        "shardline_rebalancer_moves_cancelled",
+        "Moves cancelled and rolled back.",
+        |m| &m.moves_cancelled,
+    ),
+    (
+        "shardline_rebalancer_cutovers_given_back",
+        "Cutovers that gave the partition back to its source to retry later.",
+        |m| &m.cutovers_given_back,
+    ),
+    (
+        "shardline_rebalancer_bytes_moved",
+        "Bytes of the partitions moved.",
+        |m| &m.bytes_moved,
+    ),
+];
+
 impl Collector for Metrics {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> fmt::Result {
-        let read = |value: &AtomicU64| value.load(Ordering::Relaxed);
-        let mut gauge = |name: &str, help: &str, value: &AtomicU64| {
-            let gauge = ConstGauge::new(read(value) as i64);
-            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
-        };
-        gauge(
-            "shardline_rebalancer_leader",
-            "1 while this daemon leads.",
-            &self.leader,
-        )?;
-        gauge(
-            "shardline_rebalancer_jobs_running",
-            "Move jobs this daemon runs now.",
-            &self.jobs_running,
-        )?;
-        gauge(
-            "shardline_rebalancer_last_blocked_milliseconds",
-            "How long the last cutover blocked its partition.",
-            &self.last_blocked_ms,
-        )?;
-        // The encoder adds `_total` to counter names.
-        let mut counter = |name: &str, help: &str, value: &AtomicU64| {
-            let counter = ConstCounter::new(read(value));
-            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)
-        };
-        counter(
-            "shardline_rebalancer_moves_done",
-            "Moves finished.",
-            &self.moves_done,
-        )?;
-        counter(
-            "shardline_rebalancer_moves_failed",
-            "Moves that failed.",
-            &self.moves_failed,
-        )?;
-        counter(
-            "shardline_rebalancer_moves_cancelled",
-            "Moves cancelled and rolled back.",
-            &self.moves_cancelled,
-        )?;
-        counter(
-            "shardline_rebalancer_cutovers_given_back",
-            "Cutovers that gave the partition back to its source to retry later.",
-            &self.cutovers_given_back,
-        )?;
-        counter(
-            "shardline_rebalancer_bytes_moved",
-            "Bytes of the partitions moved.",
-            &self.bytes_moved,
-        )
+        let value = |field: Field| field(self).load(Ordering::Relaxed);
+        for (name, help, field) in GAUGES {
+            telemetry::gauge(&mut encoder, name, help, None, value(field) as f64)?;
+        }
+        for (name, help, field) in COUNTERS {
+            telemetry::counter(&mut encoder, name, help, value(field))?;
+        }
+        Ok(())
     }
 }
 

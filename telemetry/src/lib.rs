@@ -10,7 +10,7 @@
 
 pub mod metrics_http;
 
-pub use metrics_http::{encode, serve, CONTENT_TYPE};
+pub use metrics_http::{counter, encode, gauge, serve, CONTENT_TYPE};
 
 /// Sends `tracing` events to stderr. `SHARDLINE_LOG` (an `EnvFilter`
 /// directive such as `debug` or `proxy=trace,info`) picks what is shown;

@@ -2,8 +2,13 @@
 //! answers with whatever `render` returns (OpenMetrics text, see `encode`),
 //! anything else gets 404. Shared by the proxy and the rebalancer daemons.
 
+use std::fmt;
+
 use prometheus_client::collector::Collector;
-use prometheus_client::registry::Registry;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::{Registry, Unit};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -20,6 +25,24 @@ pub fn encode(collector: impl Collector) -> String {
         tracing::warn!(error = %e, "cannot encode the metrics");
     }
     out
+}
+
+/// Encodes a counter read at scrape time; the encoder adds `_total` to `name`.
+pub fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> fmt::Result {
+    let value = ConstCounter::new(value);
+    value.encode(encoder.encode_descriptor(name, help, None, value.metric_type())?)
+}
+
+/// Encodes a gauge read at scrape time; `unit`, if any, is appended to `name`.
+pub fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    value: f64,
+) -> fmt::Result {
+    let value = ConstGauge::new(value);
+    value.encode(encoder.encode_descriptor(name, help, unit, value.metric_type())?)
 }
 
 /// Serves until the task is dropped.

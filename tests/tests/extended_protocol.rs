@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use shardline_tests::fixtures::{create_table, init_schema};
+use shardline_tests::fixtures::{create_table, init_schema, rows_on_every_server};
 use shardline_tests::{TestCluster, TestProxy};
 use shardmap::{ClusterMap, Group, KeyType, KeyValue};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -203,20 +203,23 @@ fn user_per_server(map: &ClusterMap) -> Vec<(i64, String)> {
 
 /// `(server, n)` of every notes row of `user`, read on the servers directly.
 async fn notes_of(cluster: &TestCluster, user: i64) -> Vec<(String, i64)> {
-    let mut found = Vec::new();
-    for (index, server) in cluster.cluster.servers.iter().enumerate() {
-        let rows = cluster
-            .connect(index)
-            .await
-            .query(
-                "SELECT n FROM notes WHERE user_id = $1 ORDER BY n",
-                &[&user],
-            )
-            .await
-            .expect("read notes");
-        found.extend(rows.iter().map(|r| (server.name().to_string(), r.get(0))));
-    }
-    found
+    let sql = format!("SELECT n FROM notes WHERE user_id = {user} ORDER BY n");
+    rows_on_every_server(cluster, &sql)
+        .await
+        .into_iter()
+        .map(|(row, server)| (server, row.get(0)))
+        .collect()
+}
+
+/// The replies to Parse, Bind, Execute and Sync of a statement that ran
+/// outside a transaction with CommandComplete `tag`.
+fn ran(tag: &str) -> Vec<Reply> {
+    vec![
+        reply('1', ""),
+        reply('2', ""),
+        reply('C', tag),
+        reply('Z', "I"),
+    ]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,15 +280,7 @@ async fn driver_sequences_route_each_bind_by_its_own_statement() {
             "JDBC-style BEGIN + INSERT for user {user} on {owner}"
         );
         c.parse("", "COMMIT").bind("", &[]).execute().sync();
-        assert_eq!(
-            c.until_ready().await,
-            vec![
-                reply('1', ""),
-                reply('2', ""),
-                reply('C', "COMMIT"),
-                reply('Z', "I")
-            ]
-        );
+        assert_eq!(c.until_ready().await, ran("COMMIT"));
 
         // psycopg pipeline: several unnamed statements, one Sync.
         for n in 3..6 {
@@ -310,15 +305,7 @@ async fn driver_sequences_route_each_bind_by_its_own_statement() {
             .bind("", &[&uid, "6"])
             .execute()
             .sync();
-        assert_eq!(
-            c.until_ready().await,
-            vec![
-                reply('1', ""),
-                reply('2', ""),
-                reply('C', "INSERT 0 1"),
-                reply('Z', "I")
-            ]
-        );
+        assert_eq!(c.until_ready().await, ran("INSERT 0 1"));
 
         assert_eq!(
             notes_of(&cluster, *user).await,

@@ -13,7 +13,7 @@ use crate::cancel::CancelTarget;
 use crate::metrics::Metrics;
 use crate::pool::{Lease, Pool};
 use crate::route::{Route, RouteError};
-use crate::wire::messages::{self, Target};
+use crate::wire::messages;
 
 use super::client::SessionError;
 use super::hold::not_serving;
@@ -183,13 +183,7 @@ impl Session {
             lease.backend().prepared.remove(&stale);
             plan.out.clear();
             plan.expects.clear();
-            let mut close = BytesMut::new();
-            Target {
-                kind: b'S',
-                name: stale.to_string(),
-            }
-            .encode(b'C', &mut close);
-            plan.inject(&close, End::CloseComplete);
+            plan.close_statement(&stale);
             request.keep_unnamed = false;
             let mut prepared = std::mem::take(&mut lease.backend().prepared);
             build(self, &request, &mut plan, &mut prepared);

@@ -6,7 +6,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::tls::ClientStream;
 use crate::wire::frame::{next_frame, Frame};
-use crate::wire::messages::{self};
+use crate::wire::messages;
 
 /// The client side of a session: a socket with a read and a write buffer.
 pub struct ClientIo {

@@ -178,15 +178,7 @@ impl Session {
 
         if !self.needs_backend(&items, &portals) {
             // The proxy answers everything itself.
-            if let (Tx::Deferred { .. } | Tx::Aborted, Tx::Idle) = (&self.tx, &tx_after) {
-                let committed = portals
-                    .values()
-                    .any(|u| matches!(u, PortalUse::Answer("COMMIT")));
-                self.apply_tx_settings(committed);
-            }
-            if self.tx != Tx::Bound {
-                self.tx = tx_after;
-            }
+            self.enter_answered_state(tx_after, &portals);
             let mut plan = Plan::default();
             self.build_extended(&items, &portals, &mut plan, None, &Request::default());
             emit_leading_synthetic(&mut plan.expects, &mut self.client.out);
@@ -198,15 +190,7 @@ impl Session {
         }
 
         if forwards {
-            if let (Tx::Deferred { .. } | Tx::Aborted, Tx::Idle) = (&self.tx, &tx_before_forward) {
-                let committed = portals
-                    .values()
-                    .any(|u| matches!(u, PortalUse::Answer("COMMIT")));
-                self.apply_tx_settings(committed);
-            }
-            if self.tx != Tx::Bound {
-                self.tx = tx_before_forward;
-            }
+            self.enter_answered_state(tx_before_forward, &portals);
         }
         let mut outcome = Outcome::default();
         let mut build = |session: &Session,
@@ -239,6 +223,23 @@ impl Session {
             self.skipping = true;
         }
         Ok(())
+    }
+
+    /// Takes the transaction state the proxy's own answers (BEGIN, COMMIT,
+    /// ROLLBACK outside a server) lead to; a transaction a server holds
+    /// changes only by what the server says. Settings made in a held-back
+    /// transaction are kept if it committed.
+    fn enter_answered_state(&mut self, answered: Tx, portals: &Portals) {
+        if self.tx == Tx::Bound {
+            return;
+        }
+        if matches!(self.tx, Tx::Deferred { .. } | Tx::Aborted) && answered == Tx::Idle {
+            let committed = portals
+                .values()
+                .any(|u| matches!(u, PortalUse::Answer("COMMIT")));
+            self.apply_tx_settings(committed);
+        }
+        self.tx = answered;
     }
 
     /// Answers a request that cannot run with `error`; nothing of it ran.

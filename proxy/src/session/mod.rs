@@ -43,7 +43,7 @@ use crate::metrics::Metrics;
 use crate::pool::{Lease, Pool};
 use crate::route::RouteError;
 use crate::wire::frame::Frame;
-use crate::wire::messages::{self};
+use crate::wire::messages;
 
 use plan::Plan;
 use statements::Statements;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::wire::messages::{self};
+use crate::wire::messages::{self, Target};
 
 /// Which reply ends the replies to one forwarded message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +88,17 @@ pub(super) struct Plan {
 }
 
 impl Plan {
+    /// Closes statement `name` on the backend; the client sees nothing of it.
+    pub(super) fn close_statement(&mut self, name: &str) {
+        let mut close = BytesMut::new();
+        Target {
+            kind: b'S',
+            name: name.to_string(),
+        }
+        .encode(b'C', &mut close);
+        self.inject(&close, End::CloseComplete);
+    }
+
     pub(super) fn send(&mut self, bytes: &[u8], end: End) {
         self.out.extend_from_slice(bytes);
         self.expect(end, None);

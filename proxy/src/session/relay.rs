@@ -6,7 +6,7 @@ use std::io;
 use bytes::BytesMut;
 
 use crate::pool::Lease;
-use crate::wire::messages::{self};
+use crate::wire::messages;
 
 use super::client::SessionError;
 use super::plan::{emit_leading_synthetic, forwarding, End, Expect, Outcome, Plan};

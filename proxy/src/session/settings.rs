@@ -9,7 +9,7 @@ use tracing::debug;
 use crate::analyze::lexer::LITERAL_MARKER_BASE;
 use crate::analyze::{Command, Literal};
 use crate::route::RouteError;
-use crate::wire::messages::{self};
+use crate::wire::messages;
 
 use super::client::SessionError;
 use super::tx::Tx;

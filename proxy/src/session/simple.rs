@@ -205,14 +205,7 @@ impl Session {
             messages::command_complete("SET", &mut self.client.out);
             return self.ready().await;
         }
-        let request = Request {
-            changes_session_state: true,
-            ..Request::query(true, false)
-        };
-        let outcome = self
-            .forward_simple_outcome(frame, Route::Any, request)
-            .await?;
-        if outcome.is_some_and(|o| !o.errored) {
+        if self.forward_setting_change(frame).await? {
             self.record_setting(name.to_string(), Some(value));
         }
         Ok(())
@@ -231,6 +224,17 @@ impl Session {
             messages::command_complete("RESET", &mut self.client.out);
             return self.ready().await;
         }
+        if self.forward_setting_change(frame).await? {
+            for name in names {
+                self.record_setting(name, None);
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a SET or RESET on a backend (which then counts as changed in
+    /// ways the proxy does not follow exactly); true if it succeeded.
+    async fn forward_setting_change(&mut self, frame: Frame) -> Result<bool, SessionError> {
         let request = Request {
             changes_session_state: true,
             ..Request::query(true, false)
@@ -238,12 +242,7 @@ impl Session {
         let outcome = self
             .forward_simple_outcome(frame, Route::Any, request)
             .await?;
-        if outcome.is_some_and(|o| !o.errored) {
-            for name in names {
-                self.record_setting(name, None);
-            }
-        }
-        Ok(())
+        Ok(outcome.is_some_and(|o| !o.errored))
     }
 
     /// SHOW reads a setting: it need not open a held-back transaction.

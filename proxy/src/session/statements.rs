@@ -14,7 +14,7 @@ use crate::analyze::{Analyzed, Command, DataStatement, Literal};
 use crate::backend::PreparedStatements;
 use crate::route::Route;
 use crate::wire::frame::Frame;
-use crate::wire::messages::{self, Target};
+use crate::wire::messages;
 
 use super::plan::{End, Expect, Plan};
 use super::Session;
@@ -187,13 +187,7 @@ pub(super) fn prepare_on_backend(
     forward: bool,
 ) {
     if prepared.contains(name) {
-        let mut close = BytesMut::new();
-        Target {
-            kind: b'S',
-            name: name.to_string(),
-        }
-        .encode(b'C', &mut close);
-        plan.inject(&close, End::CloseComplete);
+        plan.close_statement(name);
         prepared.remove(name);
     }
     messages::parse(name, query, param_types, &mut plan.out);

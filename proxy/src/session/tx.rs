@@ -6,7 +6,7 @@ use std::io;
 use bytes::BytesMut;
 
 use crate::analyze::Command;
-use crate::wire::messages::{self};
+use crate::wire::messages;
 
 use super::client::SessionError;
 use super::Session;
