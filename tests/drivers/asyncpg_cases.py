@@ -1,65 +1,26 @@
 #!/usr/bin/env python3
 """asyncpg cases of shardline's driver matrix (run by tests/tests/drivers.rs).
 
-Usage: asyncpg_cases.py HOST PORT KEYS [CASE...]
-  KEYS  user ids per server, e.g. "pg1=3,7;pg2=1,2;pg3=5,6" (every statement names one of them)
-  CASE  run only these cases (default: all)
+Usage: asyncpg_cases.py HOST PORT KEYS [CASE...] (see cases.py, which also says what it
+prints; it exits 1 if a case failed).
 
 asyncpg prepares every statement with arguments as a named statement (Parse, Describe,
 Flush — asyncpg 0.32's coreproto._prepare_and_describe ends with Flush, not Sync), then binds
-and executes it (Bind, Execute, Sync); its statement cache reuses them.
-
-Prints PLAN / VERSION / EXPECT / CASE ... PASS|FAIL <reason> / DONE lines (see
-psycopg_cases.py) and exits 1 if a case failed. Each case has its own connection(s) and a
-time limit (SHARDLINE_CASE_TIMEOUT seconds, default 20).
+and executes it (Bind, Execute, Sync); its statement cache reuses them. Each case has its
+own connection(s) and a time limit.
 """
 import asyncio
-import datetime
 import json
-import os
 import sys
-import uuid
+
+import cases
+from cases import per_server, spread, where
 
 try:
     import asyncpg
 except ImportError as e:  # the Rust side reports this line
     print(f"MISSING asyncpg cannot be imported ({e}): run scripts/setup", flush=True)
     sys.exit(3)
-
-HOST, PORT, KEYS_ARG = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-ONLY = sys.argv[4:]
-CASE_TIMEOUT = int(os.environ.get("SHARDLINE_CASE_TIMEOUT", "20"))
-
-SERVER_KEYS = {}
-for part in KEYS_ARG.split(";"):
-    server, ids = part.split("=")
-    SERVER_KEYS[server] = [int(k) for k in ids.split(",")]
-SERVER_OF = {k: s for s, ks in SERVER_KEYS.items() for k in ks}
-
-
-def per_server():
-    """One key on each server."""
-    return [ks[0] for ks in SERVER_KEYS.values()]
-
-
-def spread(n):
-    """n keys taking turns over the servers."""
-    columns = list(SERVER_KEYS.values())
-    out = []
-    i = 0
-    while len(out) < n:
-        column = columns[i % len(columns)]
-        out.append(column[(i // len(columns)) % len(column)])
-        i += 1
-    return out
-
-
-def where(key):
-    return f"user_id {key} ({SERVER_OF[key]})"
-
-
-class CaseFailed(Exception):
-    pass
 
 
 def describe(e):
@@ -70,42 +31,40 @@ def describe(e):
     return f"{type(e).__name__}: {e}"
 
 
-class Case:
-    next_item = 1
+class Case(cases.Case):
+    """An asyncpg case: an async function of the case and its connection."""
 
-    def __init__(self, name):
-        self.name = name
-        self.step = "start"
-        self.expects = []
-        self.notes = []
+    describe = staticmethod(describe)
 
-    def item(self):
-        i = Case.next_item
-        Case.next_item += 1
-        return i
+    def run(self, fn):
+        try:
+            asyncio.run(asyncio.wait_for(self.connected(fn), cases.CASE_TIMEOUT))
+        except (asyncio.TimeoutError, TimeoutError) as e:
+            raise cases.TimedOut() from e
 
-    def present(self, user, item):
-        self.expects.append((user, item, "present"))
+    async def connected(self, fn):
+        """fn(self, conn) on a connection of its own, dropped afterwards."""
+        self.step = "connect"
+        conn = await connect()
+        try:
+            await fn(self, conn)
+        finally:
+            conn.terminate()
 
-    def absent(self, user, item):
-        self.expects.append((user, item, "absent"))
-
-    def check(self, condition, what):
-        if not condition:
-            raise CaseFailed(f"at {self.step}: {what}")
-
-    async def expect_error(self, sqlstate, awaitable):
+    async def error_of(self, awaitable):
+        """The asyncpg error `awaitable` raises, or None."""
         try:
             await awaitable
         except asyncpg.PostgresError as e:
-            if e.sqlstate != sqlstate:
-                raise CaseFailed(f"at {self.step}: expected {sqlstate}, got {describe(e)}")
             return e
-        raise CaseFailed(f"at {self.step}: expected {sqlstate}, the statement succeeded")
+        return None
+
+    async def expect_error(self, sqlstate, awaitable):
+        return self.check_error(sqlstate, await self.error_of(awaitable))
 
 
 async def connect():
-    return await asyncpg.connect(host=HOST, port=PORT, user="postgres", database="postgres", timeout=10)
+    return await asyncpg.connect(host=cases.HOST, port=int(cases.PORT), user="postgres", database="postgres", timeout=10)
 
 
 INSERT = "INSERT INTO drv (user_id, item_id, note) VALUES ($1, $2, $3)"
@@ -186,14 +145,7 @@ async def case_executemany_across_servers_atomic(c, conn):
     executemany is atomic). All rows committed, or 0A000 and none — never part."""
     rows = [(key, c.item(), c.name) for key in spread(6)]
     c.step = "executemany over all servers"
-    try:
-        await conn.executemany(INSERT, rows)
-        committed = True
-        c.notes.append("committed all rows")
-    except asyncpg.PostgresError as e:
-        c.check(e.sqlstate == "0A000", f"expected success or 0A000, got {describe(e)}")
-        committed = False
-        c.notes.append(f"refused: {describe(e)}")
+    committed = c.check_all_or_none(await c.error_of(conn.executemany(INSERT, rows)))
     check = await connect()
     try:
         for key, item, _ in rows:
@@ -205,7 +157,7 @@ async def case_executemany_across_servers_atomic(c, conn):
         await check.close()
 
 
-async def case_prepare_reused(c, conn):
+async def case_prepare_reused_20_keys(c, conn):
     """conn.prepare() once, then the statement bound with 20 different keys."""
     insert = await conn.prepare(INSERT + " RETURNING item_id")
     select = await conn.prepare(NOTE)
@@ -247,7 +199,7 @@ async def case_transaction(c, conn):
         c.absent(key, dropped)
 
 
-async def case_transaction_first_statement(c, conn):
+async def case_transaction_first_statement_per_server(c, conn):
     """A new connection per server, whose first statement is prepared (Parse, Describe,
     Flush) inside `async with conn.transaction()` and then bound to the server's key."""
     for key in per_server():
@@ -270,10 +222,7 @@ async def case_binary_types(c, conn):
     """asyncpg's binary codecs: uuid, jsonb, text[], timestamptz, NULL."""
     for key in per_server():
         item = c.item()
-        tag = uuid.uuid4()
-        doc = {"driver": "asyncpg", "key": key, "nested": [1, 2, {"x": None}]}
-        labels = ["a", "b c", "ünï"]
-        at = datetime.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=datetime.timezone.utc)
+        tag, doc, labels, at = cases.typed_values("asyncpg", key)
         c.step = f"INSERT {where(key)}"
         await conn.execute(
             "INSERT INTO drv (user_id, item_id, note, n, doc, tag, labels, at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -332,65 +281,5 @@ async def case_transaction_error_25p02_rollback(c, conn):
         c.present(key, after)
 
 
-CASES = [
-    ("execute_simple", case_execute_simple),
-    ("execute_args", case_execute_args),
-    ("fetch", case_fetch),
-    ("fetchrow", case_fetchrow),
-    ("fetchval", case_fetchval),
-    ("executemany_per_user", case_executemany_per_user),
-    ("executemany_across_servers_atomic", case_executemany_across_servers_atomic),
-    ("prepare_reused_20_keys", case_prepare_reused),
-    ("transaction", case_transaction),
-    ("transaction_first_statement_per_server", case_transaction_first_statement),
-    ("binary_types", case_binary_types),
-    ("duplicate_key_then_usable", case_duplicate_key_then_usable),
-    ("transaction_error_25p02_rollback", case_transaction_error_25p02_rollback),
-]
-
-
-async def run(name, fn):
-    c = Case(name)
-    conn = None
-    try:
-        async def body():
-            nonlocal conn
-            c.step = "connect"
-            conn = await connect()
-            await fn(c, conn)
-
-        await asyncio.wait_for(body(), CASE_TIMEOUT)
-    except (asyncio.TimeoutError, TimeoutError):
-        return c, f"at {c.step}: no answer within {CASE_TIMEOUT} s"
-    except CaseFailed as e:
-        return c, str(e)
-    except Exception as e:  # noqa: BLE001 - every error is a case result
-        return c, f"at {c.step}: {describe(e)}"
-    finally:
-        if conn is not None:
-            conn.terminate()
-    return c, None
-
-
-async def main():
-    cases = [(n, f) for n, f in CASES if not ONLY or n in ONLY]
-    print(f"VERSION asyncpg {asyncpg.__version__}", flush=True)
-    print("PLAN " + " ".join(n for n, _ in cases), flush=True)
-    failed = 0
-    for name, fn in cases:
-        c, error = await run(name, fn)
-        for note in c.notes:
-            print(f"NOTE {name}: {note}")
-        if error is not None:
-            failed += 1
-            print(f"CASE {name} FAIL " + error.replace("\n", " "), flush=True)
-            continue
-        for user, item, state in c.expects:
-            print(f"EXPECT {name} {user} {item} {state}")
-        print(f"CASE {name} PASS", flush=True)
-    print("DONE", flush=True)
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(cases.main(f"asyncpg {asyncpg.__version__}", Case, globals()))

@@ -1,30 +1,15 @@
 #!/usr/bin/env python3
 """psycopg 3 cases of shardline's driver matrix (run by tests/tests/drivers.rs).
 
-Usage: psycopg_cases.py HOST PORT KEYS [CASE...]
-  KEYS  user ids per server, e.g. "pg1=3,7;pg2=1,2;pg3=5,6" (every statement names one of them)
-  CASE  run only these cases (default: all)
-
-Table drv(user_id bigint, item_id bigint, note text NOT NULL, n int, doc jsonb, tag uuid,
-labels text[], at timestamptz, PRIMARY KEY (user_id, item_id)), sharded by user_id.
-
-Prints, one line each:
-  VERSION <driver version>
-  PLAN <case> <case> ...                   the cases it will run
-  EXPECT <case> <user_id> <item_id> present|absent
-                                           what the servers must hold after a passed case
-                                           (checked there directly by the Rust side)
-  NOTE <case>: <text>                      something worth knowing that is no failure
-  CASE <case> PASS | CASE <case> FAIL <reason>
-  DONE
-and exits 1 if a case failed. Each case uses its own connection(s) and a time limit
-(SHARDLINE_CASE_TIMEOUT seconds, default 20).
+Usage: psycopg_cases.py HOST PORT KEYS [CASE...] (see cases.py, which also says what it
+prints; it exits 1 if a case failed). Each case uses its own connection(s) and a time
+limit, kept by SIGALRM.
 """
-import datetime
-import os
 import signal
 import sys
-import uuid
+
+import cases
+from cases import per_server, spread, where
 
 try:
     import psycopg
@@ -34,75 +19,7 @@ except ImportError as e:  # the Rust side reports this line
     print(f"MISSING psycopg 3 cannot be imported ({e}): run scripts/setup", flush=True)
     sys.exit(3)
 
-HOST, PORT, KEYS_ARG = sys.argv[1], sys.argv[2], sys.argv[3]
-ONLY = sys.argv[4:]
-CASE_TIMEOUT = int(os.environ.get("SHARDLINE_CASE_TIMEOUT", "20"))
-CONNINFO = f"host={HOST} port={PORT} user=postgres dbname=postgres connect_timeout=10"
-
-SERVER_KEYS = {}
-for part in KEYS_ARG.split(";"):
-    server, ids = part.split("=")
-    SERVER_KEYS[server] = [int(k) for k in ids.split(",")]
-SERVER_OF = {k: s for s, ks in SERVER_KEYS.items() for k in ks}
-
-
-def per_server():
-    """One key on each server."""
-    return [ks[0] for ks in SERVER_KEYS.values()]
-
-
-def spread(n):
-    """n keys taking turns over the servers."""
-    columns = list(SERVER_KEYS.values())
-    out = []
-    i = 0
-    while len(out) < n:
-        column = columns[i % len(columns)]
-        out.append(column[(i // len(columns)) % len(column)])
-        i += 1
-    return out
-
-
-def where(key):
-    return f"user_id {key} ({SERVER_OF[key]})"
-
-
-class CaseFailed(Exception):
-    pass
-
-
-class Case:
-    next_item = 1
-
-    def __init__(self, name):
-        self.name = name
-        self.step = "start"
-        self.expects = []
-        self.notes = []
-
-    def item(self):
-        i = Case.next_item
-        Case.next_item += 1
-        return i
-
-    def present(self, user, item):
-        self.expects.append((user, item, "present"))
-
-    def absent(self, user, item):
-        self.expects.append((user, item, "absent"))
-
-    def check(self, condition, what):
-        if not condition:
-            raise CaseFailed(f"at {self.step}: {what}")
-
-    def expect_error(self, sqlstate, fn):
-        try:
-            fn()
-        except psycopg.Error as e:
-            if e.sqlstate != sqlstate:
-                raise CaseFailed(f"at {self.step}: expected {sqlstate}, got {describe(e)}")
-            return e
-        raise CaseFailed(f"at {self.step}: expected {sqlstate}, the statement succeeded")
+CONNINFO = f"host={cases.HOST} port={cases.PORT} user=postgres dbname=postgres connect_timeout=10"
 
 
 def describe(e):
@@ -110,6 +27,35 @@ def describe(e):
         primary = e.diag.message_primary if e.diag else None
         return f"{e.sqlstate or '-----'} {primary or str(e).strip()}"
     return f"{type(e).__name__}: {e}"
+
+
+def on_alarm(signum, frame):
+    signal.alarm(5)  # again, should the clean-up after this one hang too
+    raise cases.TimedOut()
+
+
+class Case(cases.Case):
+    """A psycopg case: a function of the case, which opens its own connections."""
+
+    describe = staticmethod(describe)
+
+    def run(self, fn):
+        signal.alarm(cases.CASE_TIMEOUT)
+        try:
+            fn(self)
+        finally:
+            signal.alarm(0)
+
+    def error_of(self, fn):
+        """The psycopg error `fn()` raises, or None."""
+        try:
+            fn()
+        except psycopg.Error as e:
+            return e
+        return None
+
+    def expect_error(self, sqlstate, fn):
+        return self.check_error(sqlstate, self.error_of(fn))
 
 
 def connect(**kwargs):
@@ -135,30 +81,28 @@ def case_simple_literals(c):
             c.present(key, item)
 
 
+def insert_and_read_back(c, conn, keys):
+    """INSERT and SELECT with parameters, once per key."""
+    for key in keys:
+        item = c.item()
+        c.step = f"INSERT {where(key)}"
+        conn.execute(INSERT, (key, item, c.name))
+        c.step = f"SELECT {where(key)}"
+        row = conn.execute(NOTE, (key, item)).fetchone()
+        c.check(row == (c.name,), f"read back {row}")
+        c.present(key, item)
+
+
 def case_client_side_binding(c):
     """ClientCursor: parameters merged into the text client-side, simple protocol."""
     with connect(autocommit=True, cursor_factory=psycopg.ClientCursor) as conn:
-        for key in per_server():
-            item = c.item()
-            c.step = f"INSERT {where(key)}"
-            conn.execute(INSERT, (key, item, c.name))
-            c.step = f"SELECT {where(key)}"
-            row = conn.execute(NOTE, (key, item)).fetchone()
-            c.check(row == (c.name,), f"read back {row}")
-            c.present(key, item)
+        insert_and_read_back(c, conn, per_server())
 
 
 def case_extended_params(c):
     """Server-side parameters (extended protocol, unnamed statements)."""
     with connect(autocommit=True, prepare_threshold=None) as conn:
-        for key in spread(6):
-            item = c.item()
-            c.step = f"INSERT {where(key)}"
-            conn.execute(INSERT, (key, item, c.name))
-            c.step = f"SELECT {where(key)}"
-            row = conn.execute(NOTE, (key, item)).fetchone()
-            c.check(row == (c.name,), f"read back {row}")
-            c.present(key, item)
+        insert_and_read_back(c, conn, spread(6))
 
 
 def case_binary_params_and_results(c):
@@ -167,10 +111,7 @@ def case_binary_params_and_results(c):
         cur = conn.cursor(binary=True)
         for key in per_server():
             item = c.item()
-            tag = uuid.uuid4()
-            doc = {"driver": "psycopg", "key": key, "nested": [1, 2, {"x": None}]}
-            labels = ["a", "b c", "ünï"]
-            at = datetime.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=datetime.timezone.utc)
+            tag, doc, labels, at = cases.typed_values("psycopg", key)
             c.step = f"INSERT {where(key)}"
             cur.execute(
                 "INSERT INTO drv (user_id, item_id, note, n, doc, tag, labels, at) "
@@ -208,14 +149,7 @@ def case_executemany_across_servers_atomic(c):
     rows = [(key, c.item(), c.name) for key in spread(6)]
     with connect(autocommit=True) as conn:
         c.step = "executemany over all servers"
-        try:
-            conn.cursor().executemany(INSERT, rows)
-            committed = True
-            c.notes.append("committed all rows")
-        except psycopg.Error as e:
-            c.check(e.sqlstate == "0A000", f"expected success or 0A000, got {describe(e)}")
-            committed = False
-            c.notes.append(f"refused: {describe(e)}")
+        committed = c.check_all_or_none(c.error_of(lambda: conn.cursor().executemany(INSERT, rows)))
     with connect(autocommit=True) as conn:
         for key, item, _ in rows:
             c.step = f"SELECT {where(key)}"
@@ -345,73 +279,7 @@ def case_transaction_error_25p02_rollback(c):
             c.present(key, after)
 
 
-CASES = [
-    ("simple_literals", case_simple_literals),
-    ("client_side_binding", case_client_side_binding),
-    ("extended_params", case_extended_params),
-    ("binary_params_and_results", case_binary_params_and_results),
-    ("executemany_per_user", case_executemany_per_user),
-    ("executemany_across_servers_atomic", case_executemany_across_servers_atomic),
-    ("prepared_reused_20_keys", case_prepared_reused_20_keys),
-    ("pipeline_one_user", case_pipeline_one_user),
-    ("pipeline_in_transaction", case_pipeline_in_transaction),
-    ("transaction_commit_and_rollback", case_transaction_commit_and_rollback),
-    ("duplicate_key_then_usable", case_duplicate_key_then_usable),
-    ("transaction_error_25p02_rollback", case_transaction_error_25p02_rollback),
-]
-
-
-class TimedOut(Exception):
-    pass
-
-
-def on_alarm(signum, frame):
-    signal.alarm(5)  # again, should the clean-up after this one hang too
-    raise TimedOut()
-
-
-def print_notes(c):
-    for note in c.notes:
-        print(f"NOTE {c.name}: {note}")
-
-
-def main():
-    cases = [(n, f) for n, f in CASES if not ONLY or n in ONLY]
-    print(f"VERSION psycopg {psycopg.__version__} ({psycopg.pq.__impl__} implementation, libpq {psycopg.pq.version()})", flush=True)
-    print("PLAN " + " ".join(n for n, _ in cases), flush=True)
-    signal.signal(signal.SIGALRM, on_alarm)
-    failed = 0
-    for name, fn in cases:
-        c = Case(name)
-        signal.alarm(CASE_TIMEOUT)
-        try:
-            fn(c)
-            signal.alarm(0)
-        except TimedOut:
-            signal.alarm(0)
-            failed += 1
-            print_notes(c)
-            print(f"CASE {name} FAIL at {c.step}: no answer within {CASE_TIMEOUT} s", flush=True)
-            continue
-        except CaseFailed as e:
-            signal.alarm(0)
-            failed += 1
-            print_notes(c)
-            print(f"CASE {name} FAIL {e}", flush=True)
-            continue
-        except Exception as e:  # noqa: BLE001 - every error is a case result
-            signal.alarm(0)
-            failed += 1
-            print_notes(c)
-            print(f"CASE {name} FAIL at {c.step}: {describe(e)}".replace("\n", " "), flush=True)
-            continue
-        print_notes(c)
-        for user, item, state in c.expects:
-            print(f"EXPECT {name} {user} {item} {state}")
-        print(f"CASE {name} PASS", flush=True)
-    print("DONE", flush=True)
-    sys.exit(1 if failed else 0)
-
-
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGALRM, on_alarm)
+    version = f"psycopg {psycopg.__version__} ({psycopg.pq.__impl__} implementation, libpq {psycopg.pq.version()})"
+    sys.exit(cases.main(version, Case, globals()))

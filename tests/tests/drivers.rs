@@ -23,6 +23,7 @@
 //! `python3 tests/drivers/asyncpg_cases.py 127.0.0.1 6432 'pg3=1,5;pg2=2;pg1=3' fetch`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::DerefMut;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -48,6 +49,9 @@ const DRV_COLUMNS: &str = "user_id bigint NOT NULL, item_id bigint NOT NULL, not
      n int, doc jsonb, tag uuid, labels text[], at timestamptz, PRIMARY KEY (user_id, item_id)";
 const INSERT: &str = "INSERT INTO drv (user_id, item_id, note) VALUES ($1, $2, $3)";
 const NOTE: &str = "SELECT note FROM drv WHERE user_id = $1 AND item_id = $2";
+const SET_NOTE: &str = "UPDATE drv SET note = $1, n = 1 WHERE user_id = $2 AND item_id = $3";
+const ROWS: &str =
+    "SELECT item_id, note, n FROM drv WHERE user_id = $1 AND item_id = ANY($2) ORDER BY item_id";
 
 /// Three servers, the sharded tables `drv` and `drv_counters` (bigint hash on
 /// `user_id`), and a proxy.
@@ -165,6 +169,26 @@ impl Matrix {
         )
     }
 
+    /// `sql` run on each server directly (not through the proxy): the
+    /// server's name and its rows.
+    async fn on_each_server(
+        &self,
+        sql: &str,
+    ) -> Result<Vec<(String, Vec<tokio_postgres::Row>)>, String> {
+        let mut out = Vec::new();
+        for (index, server) in self.cluster.cluster.servers.iter().enumerate() {
+            let rows = self
+                .cluster
+                .connect(index)
+                .await
+                .query(sql, &[])
+                .await
+                .map_err(|e| format!("{sql} on {}: {e}", server.name()))?;
+            out.push((server.name().to_string(), rows));
+        }
+        Ok(out)
+    }
+
     /// Runs a driver program (`KEYS`-style arguments appended) and records
     /// its cases in `report`.
     async fn run_program(&self, report: &mut Report, mut command: tokio::process::Command) {
@@ -188,18 +212,9 @@ impl Matrix {
                 return;
             }
         };
-        let mut stdout = child.stdout.take().expect("piped stdout");
-        let mut stderr = child.stderr.take().expect("piped stderr");
-        let out_reader = tokio::spawn(async move {
-            let mut buf = Vec::new();
-            let _ = stdout.read_to_end(&mut buf).await;
-            String::from_utf8_lossy(&buf).into_owned()
-        });
-        let err_reader = tokio::spawn(async move {
-            let mut buf = Vec::new();
-            let _ = stderr.read_to_end(&mut buf).await;
-            String::from_utf8_lossy(&buf).into_owned()
-        });
+        // Read while the program runs: a full pipe would stop it.
+        let out_reader = tokio::spawn(read_all(child.stdout.take().expect("piped stdout")));
+        let err_reader = tokio::spawn(read_all(child.stderr.take().expect("piped stderr")));
         let ended = match tokio::time::timeout(PROGRAM_TIMEOUT, child.wait()).await {
             Ok(Ok(status)) => format!("the program ended ({status})"),
             Ok(Err(e)) => format!("waiting for the program failed: {e}"),
@@ -276,16 +291,7 @@ impl Matrix {
                     "no result: {ended} before this case finished; stderr: {stderr_tail}"
                 ))
             });
-            let expects = if result.is_ok() {
-                expects.remove(name).unwrap_or_default()
-            } else {
-                Vec::new()
-            };
-            report.cases.push(Outcome {
-                name: name.clone(),
-                result,
-                expects,
-            });
+            report.push(name, result, expects.remove(name).unwrap_or_default());
         }
         if let Some(why) = missing {
             report.notes.push(why);
@@ -296,19 +302,16 @@ impl Matrix {
     /// that every row of `drv` is on its owner only.
     async fn verify(&self, report: &mut Report) {
         let mut found: HashMap<(i64, i64), Vec<(String, String)>> = HashMap::new();
-        for (index, server) in self.cluster.cluster.servers.iter().enumerate() {
-            let rows = self
-                .cluster
-                .connect(index)
-                .await
-                .query("SELECT user_id, item_id, note FROM drv", &[])
-                .await
-                .unwrap_or_else(|e| panic!("read drv on {}: {e}", server.name()));
+        let servers = self
+            .on_each_server("SELECT user_id, item_id, note FROM drv")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        for (server, rows) in servers {
             for row in rows {
                 found
                     .entry((row.get(0), row.get(1)))
                     .or_default()
-                    .push((server.name().to_string(), row.get(2)));
+                    .push((server.clone(), row.get(2)));
             }
         }
         for case in &mut report.cases {
@@ -360,16 +363,20 @@ impl Matrix {
         if found.is_empty() && report.cases.iter().all(|c| c.result.is_err()) {
             return; // nothing ran: nothing to check
         }
-        report.cases.push(Outcome {
-            name: "servers: every row once, on its owner".into(),
-            result: if misplaced.is_empty() {
-                Ok(())
-            } else {
-                Err(misplaced.join("; "))
-            },
-            expects: Vec::new(),
-        });
+        let result = if misplaced.is_empty() {
+            Ok(())
+        } else {
+            Err(misplaced.join("; "))
+        };
+        report.push("servers: every row once, on its owner", result, Vec::new());
     }
+}
+
+/// All a program's output on a pipe, as text.
+async fn read_all(mut pipe: impl tokio::io::AsyncRead + Unpin) -> String {
+    let mut buf = Vec::new();
+    let _ = pipe.read_to_end(&mut buf).await;
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 struct Expect {
@@ -403,12 +410,18 @@ impl Report {
         }
     }
 
-    fn fail(&mut self, name: &str, reason: String) {
+    /// Records a case; the rows a failed case expected are not checked.
+    fn push(&mut self, name: &str, result: Result<(), String>, expects: Vec<Expect>) {
+        let expects = if result.is_ok() { expects } else { Vec::new() };
         self.cases.push(Outcome {
             name: name.into(),
-            result: Err(reason),
-            expects: Vec::new(),
+            result,
+            expects,
         });
+    }
+
+    fn fail(&mut self, name: &str, reason: String) {
+        self.push(name, Err(reason), Vec::new());
     }
 
     fn record(
@@ -423,16 +436,7 @@ impl Report {
                 CASE_TIMEOUT.as_secs()
             ))
         });
-        let expects = if result.is_ok() {
-            ctx.expects
-        } else {
-            Vec::new()
-        };
-        self.cases.push(Outcome {
-            name: ctx.name.into(),
-            result,
-            expects,
-        });
+        self.push(ctx.name, result, ctx.expects);
     }
 
     /// Prints the table of cases (and writes it next to the test binaries);
@@ -592,6 +596,14 @@ impl Ctx {
         }
     }
 
+    /// The row's note, read back through the proxy, must be the case's name;
+    /// the servers must then hold the row.
+    fn read_back(&mut self, user: i64, item: i64, note: &str) -> Result<(), String> {
+        self.check(note == self.name, format!("read back {note:?}"))?;
+        self.present(user, item);
+        Ok(())
+    }
+
     /// `result` must be an error with `sqlstate`.
     fn expect_error<T, E: DbError>(
         &self,
@@ -678,22 +690,224 @@ fn lock_version(name: &str) -> Option<String> {
     Some(format!("{name} {version}"))
 }
 
+// --- What the Rust drivers' cases share ---
+//
+// Errors and transactions are the same story in every driver, so
+// tokio-postgres and sqlx run one copy of those cases: each statement still
+// goes through the driver's own API (its connection, or the transaction
+// object the driver hands out).
+
+/// The statements the shared cases send, on a connection or in a transaction.
+trait Statements {
+    type Error: DbError;
+
+    /// INSERT INTO drv: the rows inserted.
+    async fn insert(&mut self, user: i64, item: i64, note: &str) -> Result<u64, Self::Error>;
+
+    /// The row's note and `n = 1` (`SET_NOTE`): the rows updated.
+    async fn set_note(&mut self, user: i64, item: i64, note: &str) -> Result<u64, Self::Error>;
+
+    /// The row's note (an error when there is no such row).
+    async fn note(&mut self, user: i64, item: i64) -> Result<String, Self::Error>;
+
+    /// The user's rows among `items`, by item (`ROWS`).
+    async fn rows(&mut self, user: i64, items: &[i64]) -> Result<Vec<DrvRow>, Self::Error>;
+}
+
+/// `(item_id, note, n)` of a row of drv.
+type DrvRow = (i64, String, Option<i32>);
+
+/// A Rust driver's connection through the proxy.
+trait Driver: Statements + Sized {
+    /// The driver's transaction object.
+    type Tx<'a>: Statements<Error = Self::Error>
+    where
+        Self: 'a;
+
+    async fn connect(m: &Matrix) -> Result<Self, Self::Error>;
+    async fn begin(&mut self) -> Result<Self::Tx<'_>, Self::Error>;
+    async fn commit(tx: Self::Tx<'_>) -> Result<(), Self::Error>;
+    async fn rollback(tx: Self::Tx<'_>) -> Result<(), Self::Error>;
+}
+
+/// Connects through the proxy (the case's step `connect`).
+async fn connect<D: Driver>(m: &Matrix, c: &mut Ctx) -> Result<D, String> {
+    c.step = "connect".into();
+    D::connect(m).await.at(c)
+}
+
+/// A committed and a rolled-back transaction per server.
+async fn transaction_commit_and_rollback<D: Driver>(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let mut db: D = connect(m, c).await?;
+    for key in m.per_server() {
+        let (kept, dropped) = (c.item(), c.item());
+        c.step = format!("committed transaction {}", m.where_(key));
+        let mut tx = db.begin().await.at(c)?;
+        tx.insert(key, kept, "tmp").await.at(c)?;
+        tx.set_note(key, kept, c.name).await.at(c)?;
+        D::commit(tx).await.at(c)?;
+        c.step = format!("rolled-back transaction {}", m.where_(key));
+        let mut tx = db.begin().await.at(c)?;
+        tx.insert(key, dropped, c.name).await.at(c)?;
+        D::rollback(tx).await.at(c)?;
+        c.step = format!("SELECT after {}", m.where_(key));
+        let got = db.rows(key, &[kept, dropped]).await.at(c)?;
+        c.check(
+            got == [(kept, c.name.to_string(), Some(1))],
+            format!("rows {got:?}"),
+        )?;
+        c.present(key, kept);
+        c.absent(key, dropped);
+    }
+    Ok(())
+}
+
+/// A duplicate key gives 23505 and the connection stays usable.
+async fn duplicate_key_then_usable<D: Driver>(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let mut db: D = connect(m, c).await?;
+    for key in m.per_server() {
+        let (item, after) = (c.item(), c.item());
+        c.step = format!("INSERT {}", m.where_(key));
+        db.insert(key, item, c.name).await.at(c)?;
+        c.step = format!("duplicate INSERT {}", m.where_(key));
+        c.expect_error("23505", db.insert(key, item, c.name).await)?;
+        c.step = format!("next INSERT {}", m.where_(key));
+        db.insert(key, after, c.name).await.at(c)?;
+        c.present(key, item);
+        let note = db.note(key, after).await.at(c)?;
+        c.read_back(key, after, &note)?;
+    }
+    Ok(())
+}
+
+/// Inside a transaction: 23505, then 25P02 for the next statement, then
+/// ROLLBACK recovers.
+async fn transaction_error_25p02_rollback<D: Driver>(
+    m: &Matrix,
+    c: &mut Ctx,
+) -> Result<(), String> {
+    let mut db: D = connect(m, c).await?;
+    for key in m.per_server() {
+        let (existing, inside, after) = (c.item(), c.item(), c.item());
+        c.step = format!("setup INSERT {}", m.where_(key));
+        db.insert(key, existing, c.name).await.at(c)?;
+        c.step = format!("BEGIN {}", m.where_(key));
+        let mut tx = db.begin().await.at(c)?;
+        c.step = format!("INSERT in transaction {}", m.where_(key));
+        tx.insert(key, inside, c.name).await.at(c)?;
+        c.step = format!("duplicate INSERT in transaction {}", m.where_(key));
+        c.expect_error("23505", tx.insert(key, existing, c.name).await)?;
+        c.step = format!("statement after the error {}", m.where_(key));
+        c.expect_error("25P02", tx.note(key, existing).await)?;
+        c.step = format!("ROLLBACK {}", m.where_(key));
+        D::rollback(tx).await.at(c)?;
+        c.step = format!("after ROLLBACK {}", m.where_(key));
+        db.insert(key, after, c.name).await.at(c)?;
+        let rows = db.rows(key, &[existing, inside, after]).await.at(c)?;
+        let got: Vec<i64> = rows.iter().map(|r| r.0).collect();
+        c.check(got == [existing, after], format!("rows {got:?}"))?;
+        c.present(key, existing);
+        c.absent(key, inside);
+        c.present(key, after);
+    }
+    Ok(())
+}
+
+/// The test of a Rust driver (crate `$driver`, connection `$conn`): a fresh
+/// matrix; the driver's own cases in order (each an `async fn(&Matrix, &mut
+/// Ctx)`), then the cases all Rust drivers share; the server check; the table.
+macro_rules! rust_driver_test {
+    ($test:ident, $driver:literal, $conn:ty, [$(($name:literal, $case:expr)),* $(,)?]) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $test() {
+            let m = Matrix::start().await;
+            let mut report = Report::new($driver);
+            report.version = lock_version($driver);
+            $(case!(report, $name, c => $case(&m, c));)*
+            case!(report, "transaction_commit_and_rollback",
+                c => transaction_commit_and_rollback::<$conn>(&m, c));
+            case!(report, "duplicate_key_then_usable",
+                c => duplicate_key_then_usable::<$conn>(&m, c));
+            case!(report, "transaction_error_25p02_rollback",
+                c => transaction_error_25p02_rollback::<$conn>(&m, c));
+            m.verify(&mut report).await;
+            report.finish();
+        }
+    };
+}
+
 // --- tokio-postgres ---
 
-async fn tp_connect(m: &Matrix, c: &mut Ctx) -> Result<tokio_postgres::Client, String> {
-    c.step = "connect".into();
-    let (client, connection) = tokio_postgres::connect(&m.proxy.conninfo(), tokio_postgres::NoTls)
-        .await
-        .at(c)?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
+/// tokio-postgres: a `Client`, or a `Transaction` it began.
+struct Tp<C>(C);
+
+type TokioPostgres = Tp<tokio_postgres::Client>;
+
+impl<C: tokio_postgres::GenericClient + Sync> Statements for Tp<C> {
+    type Error = tokio_postgres::Error;
+
+    async fn insert(&mut self, user: i64, item: i64, note: &str) -> Result<u64, Self::Error> {
+        self.0.execute(INSERT, &[&user, &item, &note]).await
+    }
+
+    async fn set_note(&mut self, user: i64, item: i64, note: &str) -> Result<u64, Self::Error> {
+        self.0.execute(SET_NOTE, &[&note, &user, &item]).await
+    }
+
+    async fn note(&mut self, user: i64, item: i64) -> Result<String, Self::Error> {
+        Ok(self.0.query_one(NOTE, &[&user, &item]).await?.get(0))
+    }
+
+    async fn rows(&mut self, user: i64, items: &[i64]) -> Result<Vec<DrvRow>, Self::Error> {
+        let rows = self.0.query(ROWS, &[&user, &items]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+}
+
+impl Driver for TokioPostgres {
+    type Tx<'a> = Tp<tokio_postgres::Transaction<'a>>;
+
+    async fn connect(m: &Matrix) -> Result<Self, Self::Error> {
+        let (client, connection) =
+            tokio_postgres::connect(&m.proxy.conninfo(), tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Tp(client))
+    }
+
+    async fn begin(&mut self) -> Result<Self::Tx<'_>, Self::Error> {
+        Ok(Tp(self.0.transaction().await?))
+    }
+
+    async fn commit(tx: Self::Tx<'_>) -> Result<(), Self::Error> {
+        tx.0.commit().await
+    }
+
+    async fn rollback(tx: Self::Tx<'_>) -> Result<(), Self::Error> {
+        tx.0.rollback().await
+    }
+}
+
+rust_driver_test! {
+    tokio_postgres,
+    "tokio-postgres",
+    TokioPostgres,
+    [
+        ("simple_query", tp_simple_query),
+        ("execute_params", tp_execute_params),
+        ("prepared_reused_20_keys", tp_prepared_reused),
+        ("pipelined_queries_one_user", tp_pipelined),
+        ("types_null_jsonb_uuid_array_timestamptz", tp_types),
+    ]
 }
 
 /// batch_execute / simple_query: the simple protocol.
 async fn tp_simple_query(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
-    let client = tp_connect(m, c).await?;
+    let Tp(client): TokioPostgres = connect(m, c).await?;
     for key in m.per_server() {
         let item = c.item();
         c.step = format!("INSERT {}", m.where_(key));
@@ -727,26 +941,22 @@ async fn tp_simple_query(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
 /// execute / query_one with parameters: tokio-postgres prepares a named
 /// statement (Parse, Describe, Sync), then binds it.
 async fn tp_execute_params(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
-    let client = tp_connect(m, c).await?;
+    let mut client: TokioPostgres = connect(m, c).await?;
     for key in m.spread(6) {
         let item = c.item();
         c.step = format!("execute INSERT {}", m.where_(key));
-        let n = client
-            .execute(INSERT, &[&key, &item, &c.name])
-            .await
-            .at(c)?;
+        let n = client.insert(key, item, c.name).await.at(c)?;
         c.check(n == 1, format!("{n} rows inserted"))?;
         c.step = format!("query_one SELECT {}", m.where_(key));
-        let note: String = client.query_one(NOTE, &[&key, &item]).await.at(c)?.get(0);
-        c.check(note == c.name, format!("read back {note:?}"))?;
-        c.present(key, item);
+        let note = client.note(key, item).await.at(c)?;
+        c.read_back(key, item, &note)?;
     }
     Ok(())
 }
 
 /// One prepared statement bound with 20 different keys.
 async fn tp_prepared_reused(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
-    let client = tp_connect(m, c).await?;
+    let Tp(client): TokioPostgres = connect(m, c).await?;
     c.step = "prepare".into();
     let insert = client.prepare(INSERT).await.at(c)?;
     let select = client.prepare(NOTE).await.at(c)?;
@@ -760,13 +970,8 @@ async fn tp_prepared_reused(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
     }
     for &(key, item) in &pairs {
         c.step = format!("prepared SELECT {}", m.where_(key));
-        let note: String = client
-            .query_one(&select, &[&key, &item])
-            .await
-            .at(c)?
-            .get(0);
-        c.check(note == c.name, format!("read back {note:?}"))?;
-        c.present(key, item);
+        let row = client.query_one(&select, &[&key, &item]).await.at(c)?;
+        c.read_back(key, item, row.get(0))?;
     }
     Ok(())
 }
@@ -774,7 +979,7 @@ async fn tp_prepared_reused(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
 /// Several queries in flight on one connection at once (tokio-postgres
 /// pipelines them, each with its own Sync), all for one user.
 async fn tp_pipelined(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
-    let client = tp_connect(m, c).await?;
+    let Tp(client): TokioPostgres = connect(m, c).await?;
     let insert = client.prepare(INSERT).await.at(c)?;
     for key in m.per_server() {
         let items: Vec<i64> = (0..10).map(|_| c.item()).collect();
@@ -805,50 +1010,9 @@ async fn tp_pipelined(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
     Ok(())
 }
 
-/// client.transaction(): committed, and rolled back.
-async fn tp_transaction(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
-    let mut client = tp_connect(m, c).await?;
-    for key in m.per_server() {
-        let (kept, dropped) = (c.item(), c.item());
-        c.step = format!("committed transaction {}", m.where_(key));
-        let tx = client.transaction().await.at(c)?;
-        tx.execute(INSERT, &[&key, &kept, &"tmp"]).await.at(c)?;
-        tx.execute(
-            "UPDATE drv SET note = $1, n = 1 WHERE user_id = $2 AND item_id = $3",
-            &[&c.name, &key, &kept],
-        )
-        .await
-        .at(c)?;
-        tx.commit().await.at(c)?;
-        c.step = format!("rolled-back transaction {}", m.where_(key));
-        let tx = client.transaction().await.at(c)?;
-        tx.execute(INSERT, &[&key, &dropped, &c.name]).await.at(c)?;
-        tx.rollback().await.at(c)?;
-        c.step = format!("SELECT after {}", m.where_(key));
-        let rows = client
-            .query(
-                "SELECT item_id, note, n FROM drv WHERE user_id = $1 AND item_id = ANY($2)",
-                &[&key, &vec![kept, dropped]],
-            )
-            .await
-            .at(c)?;
-        let got: Vec<(i64, String, Option<i32>)> = rows
-            .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
-            .collect();
-        c.check(
-            got == [(kept, c.name.to_string(), Some(1))],
-            format!("rows {got:?}"),
-        )?;
-        c.present(key, kept);
-        c.absent(key, dropped);
-    }
-    Ok(())
-}
-
 /// Binary parameters and results: jsonb, uuid, text[], timestamptz, NULL.
 async fn tp_types(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
-    let client = tp_connect(m, c).await?;
+    let Tp(client): TokioPostgres = connect(m, c).await?;
     for key in m.per_server() {
         let item = c.item();
         let doc = serde_json::json!({"driver": "tokio-postgres", "key": key, "nested": [1, 2, {"x": null}]});
@@ -871,14 +1035,8 @@ async fn tp_types(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
             )
             .await
             .at(c)?;
-        let got: (
-            String,
-            Option<i32>,
-            serde_json::Value,
-            uuid::Uuid,
-            Vec<String>,
-            SystemTime,
-        ) = (
+        let want = (c.name.to_string(), None::<i32>, doc, tag, labels, at);
+        let got = (
             row.get(0),
             row.get(1),
             row.get(2),
@@ -886,214 +1044,105 @@ async fn tp_types(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
             row.get(4),
             row.get(5),
         );
-        c.check(
-            got == (c.name.to_string(), None, doc, tag, labels, at),
-            format!("read back {got:?}"),
-        )?;
+        c.check(got == want, format!("read back {got:?}"))?;
         c.present(key, item);
     }
     Ok(())
-}
-
-async fn tp_duplicate_key(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
-    let client = tp_connect(m, c).await?;
-    for key in m.per_server() {
-        let (item, after) = (c.item(), c.item());
-        c.step = format!("INSERT {}", m.where_(key));
-        client
-            .execute(INSERT, &[&key, &item, &c.name])
-            .await
-            .at(c)?;
-        c.step = format!("duplicate INSERT {}", m.where_(key));
-        c.expect_error(
-            "23505",
-            client.execute(INSERT, &[&key, &item, &c.name]).await,
-        )?;
-        c.step = format!("next INSERT {}", m.where_(key));
-        client
-            .execute(INSERT, &[&key, &after, &c.name])
-            .await
-            .at(c)?;
-        let note: String = client.query_one(NOTE, &[&key, &after]).await.at(c)?.get(0);
-        c.check(note == c.name, format!("read back {note:?}"))?;
-        c.present(key, item);
-        c.present(key, after);
-    }
-    Ok(())
-}
-
-async fn tp_transaction_error(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
-    let mut client = tp_connect(m, c).await?;
-    for key in m.per_server() {
-        let (existing, inside, after) = (c.item(), c.item(), c.item());
-        c.step = format!("setup INSERT {}", m.where_(key));
-        client
-            .execute(INSERT, &[&key, &existing, &c.name])
-            .await
-            .at(c)?;
-        c.step = format!("BEGIN {}", m.where_(key));
-        let tx = client.transaction().await.at(c)?;
-        c.step = format!("INSERT in transaction {}", m.where_(key));
-        tx.execute(INSERT, &[&key, &inside, &c.name]).await.at(c)?;
-        c.step = format!("duplicate INSERT in transaction {}", m.where_(key));
-        c.expect_error(
-            "23505",
-            tx.execute(INSERT, &[&key, &existing, &c.name]).await,
-        )?;
-        c.step = format!("statement after the error {}", m.where_(key));
-        c.expect_error("25P02", tx.query_one(NOTE, &[&key, &existing]).await)?;
-        c.step = format!("ROLLBACK {}", m.where_(key));
-        tx.rollback().await.at(c)?;
-        c.step = format!("after ROLLBACK {}", m.where_(key));
-        client
-            .execute(INSERT, &[&key, &after, &c.name])
-            .await
-            .at(c)?;
-        let rows = client
-            .query(
-                "SELECT item_id FROM drv WHERE user_id = $1 AND item_id = ANY($2) ORDER BY item_id",
-                &[&key, &vec![existing, inside, after]],
-            )
-            .await
-            .at(c)?;
-        let got: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-        c.check(got == [existing, after], format!("rows {got:?}"))?;
-        c.present(key, existing);
-        c.absent(key, inside);
-        c.present(key, after);
-    }
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokio_postgres() {
-    let m = Matrix::start().await;
-    let mut report = Report::new("tokio-postgres");
-    report.version = lock_version("tokio-postgres");
-    case!(report, "simple_query", c => tp_simple_query(&m, c));
-    case!(report, "execute_params", c => tp_execute_params(&m, c));
-    case!(report, "prepared_reused_20_keys", c => tp_prepared_reused(&m, c));
-    case!(report, "pipelined_queries_one_user", c => tp_pipelined(&m, c));
-    case!(report, "transaction_commit_and_rollback", c => tp_transaction(&m, c));
-    case!(report, "types_null_jsonb_uuid_array_timestamptz", c => tp_types(&m, c));
-    case!(report, "duplicate_key_then_usable", c => tp_duplicate_key(&m, c));
-    case!(report, "transaction_error_25p02_rollback", c => tp_transaction_error(&m, c));
-    m.verify(&mut report).await;
-    report.finish();
 }
 
 // --- sqlx ---
 
-async fn sx_connect(m: &Matrix, c: &mut Ctx) -> Result<sqlx::PgConnection, String> {
-    use sqlx::Connection;
-    c.step = "connect".into();
-    sqlx::PgConnection::connect(&m.url()).await.at(c)
+/// sqlx runs statements on a `PgConnection`, reached through the
+/// connection's box or through a `Transaction` it began.
+type Sqlx = Box<sqlx::PgConnection>;
+
+impl<C: DerefMut<Target = sqlx::PgConnection>> Statements for C {
+    type Error = sqlx::Error;
+
+    async fn insert(&mut self, user: i64, item: i64, note: &str) -> Result<u64, Self::Error> {
+        let query = sqlx::query(INSERT).bind(user).bind(item).bind(note);
+        Ok(query.execute(&mut **self).await?.rows_affected())
+    }
+
+    async fn set_note(&mut self, user: i64, item: i64, note: &str) -> Result<u64, Self::Error> {
+        let query = sqlx::query(SET_NOTE).bind(note).bind(user).bind(item);
+        Ok(query.execute(&mut **self).await?.rows_affected())
+    }
+
+    async fn note(&mut self, user: i64, item: i64) -> Result<String, Self::Error> {
+        let query = sqlx::query_scalar(NOTE).bind(user).bind(item);
+        query.fetch_one(&mut **self).await
+    }
+
+    async fn rows(&mut self, user: i64, items: &[i64]) -> Result<Vec<DrvRow>, Self::Error> {
+        let query = sqlx::query_as(ROWS).bind(user).bind(items);
+        query.fetch_all(&mut **self).await
+    }
 }
 
-/// The same `sqlx::query("... $1").bind(k)` with 30 keys: sqlx prepares each
-/// text once as a named statement (its statement cache) and binds it again.
+impl Driver for Sqlx {
+    type Tx<'a> = sqlx::Transaction<'a, sqlx::Postgres>;
+
+    async fn connect(m: &Matrix) -> Result<Self, Self::Error> {
+        use sqlx::Connection;
+        Ok(Box::new(sqlx::PgConnection::connect(&m.url()).await?))
+    }
+
+    async fn begin(&mut self) -> Result<Self::Tx<'_>, Self::Error> {
+        use sqlx::Connection;
+        (**self).begin().await
+    }
+
+    async fn commit(tx: Self::Tx<'_>) -> Result<(), Self::Error> {
+        tx.commit().await
+    }
+
+    async fn rollback(tx: Self::Tx<'_>) -> Result<(), Self::Error> {
+        tx.rollback().await
+    }
+}
+
+rust_driver_test! {
+    sqlx,
+    "sqlx",
+    Sqlx,
+    [
+        ("statement_cache_30_keys", sx_statement_cache),
+        ("not_persistent", sx_not_persistent),
+        ("types_null_array_and_text_casts", sx_types),
+    ]
+}
+
+/// The same `sqlx::query("... $1").bind(k)` (`Statements` for sqlx) with 30
+/// keys: sqlx prepares each text once as a named statement (its statement
+/// cache) and binds it again.
 async fn sx_statement_cache(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
-    let mut conn = sx_connect(m, c).await?;
+    let mut conn: Sqlx = connect(m, c).await?;
     let pairs: Vec<(i64, i64)> = m.spread(30).into_iter().map(|k| (k, c.item())).collect();
     for &(key, item) in &pairs {
         c.step = format!("INSERT {}", m.where_(key));
-        sqlx::query(INSERT)
-            .bind(key)
-            .bind(item)
-            .bind(c.name)
-            .execute(&mut conn)
-            .await
-            .at(c)?;
+        conn.insert(key, item, c.name).await.at(c)?;
     }
     for &(key, item) in &pairs {
         c.step = format!("SELECT {}", m.where_(key));
-        let note: String = sqlx::query_scalar(NOTE)
-            .bind(key)
-            .bind(item)
-            .fetch_one(&mut conn)
-            .await
-            .at(c)?;
-        c.check(note == c.name, format!("read back {note:?}"))?;
-        c.present(key, item);
+        let note = conn.note(key, item).await.at(c)?;
+        c.read_back(key, item, &note)?;
     }
     Ok(())
 }
 
 /// `.persistent(false)`: unnamed statements, not cached.
 async fn sx_not_persistent(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
-    let mut conn = sx_connect(m, c).await?;
+    let mut conn = *connect::<Sqlx>(m, c).await?;
     for key in m.spread(6) {
         let item = c.item();
         c.step = format!("INSERT {}", m.where_(key));
-        sqlx::query(INSERT)
-            .bind(key)
-            .bind(item)
-            .bind(c.name)
-            .persistent(false)
-            .execute(&mut conn)
-            .await
-            .at(c)?;
+        let insert = sqlx::query(INSERT).bind(key).bind(item).bind(c.name);
+        insert.persistent(false).execute(&mut conn).await.at(c)?;
         c.step = format!("SELECT {}", m.where_(key));
-        let note: String = sqlx::query_scalar(NOTE)
-            .bind(key)
-            .bind(item)
-            .persistent(false)
-            .fetch_one(&mut conn)
-            .await
-            .at(c)?;
-        c.check(note == c.name, format!("read back {note:?}"))?;
-        c.present(key, item);
-    }
-    Ok(())
-}
-
-async fn sx_transaction(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
-    use sqlx::Connection;
-    let mut conn = sx_connect(m, c).await?;
-    for key in m.per_server() {
-        let (kept, dropped) = (c.item(), c.item());
-        c.step = format!("committed transaction {}", m.where_(key));
-        let mut tx = conn.begin().await.at(c)?;
-        sqlx::query(INSERT)
-            .bind(key)
-            .bind(kept)
-            .bind("tmp")
-            .execute(&mut *tx)
-            .await
-            .at(c)?;
-        sqlx::query("UPDATE drv SET note = $1, n = 1 WHERE user_id = $2 AND item_id = $3")
-            .bind(c.name)
-            .bind(key)
-            .bind(kept)
-            .execute(&mut *tx)
-            .await
-            .at(c)?;
-        tx.commit().await.at(c)?;
-        c.step = format!("rolled-back transaction {}", m.where_(key));
-        let mut tx = conn.begin().await.at(c)?;
-        sqlx::query(INSERT)
-            .bind(key)
-            .bind(dropped)
-            .bind(c.name)
-            .execute(&mut *tx)
-            .await
-            .at(c)?;
-        tx.rollback().await.at(c)?;
-        c.step = format!("SELECT after {}", m.where_(key));
-        let got: Vec<(i64, String, Option<i32>)> = sqlx::query_as(
-            "SELECT item_id, note, n FROM drv WHERE user_id = $1 AND item_id = ANY($2)",
-        )
-        .bind(key)
-        .bind(vec![kept, dropped])
-        .fetch_all(&mut conn)
-        .await
-        .at(c)?;
-        c.check(
-            got == [(kept, c.name.to_string(), Some(1))],
-            format!("rows {got:?}"),
-        )?;
-        c.present(key, kept);
-        c.absent(key, dropped);
+        let select = sqlx::query_scalar(NOTE).bind(key).bind(item);
+        let note: String = select.persistent(false).fetch_one(&mut conn).await.at(c)?;
+        c.read_back(key, item, &note)?;
     }
     Ok(())
 }
@@ -1101,7 +1150,7 @@ async fn sx_transaction(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
 /// NULL and text[] bound natively; jsonb, uuid and timestamptz as text cast
 /// by the server (the matrix builds sqlx without its json/uuid/chrono features).
 async fn sx_types(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
-    let mut conn = sx_connect(m, c).await?;
+    let mut conn = *connect::<Sqlx>(m, c).await?;
     for key in m.per_server() {
         let item = c.item();
         let tag = uuid::Uuid::new_v4().to_string();
@@ -1146,90 +1195,40 @@ async fn sx_types(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
     Ok(())
 }
 
-async fn sx_duplicate_key(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
-    let mut conn = sx_connect(m, c).await?;
-    for key in m.per_server() {
-        let (item, after) = (c.item(), c.item());
-        let insert = |item: i64| sqlx::query(INSERT).bind(key).bind(item).bind(c.name);
-        c.step = format!("INSERT {}", m.where_(key));
-        insert(item).execute(&mut conn).await.at(c)?;
-        c.step = format!("duplicate INSERT {}", m.where_(key));
-        c.expect_error("23505", insert(item).execute(&mut conn).await)?;
-        c.step = format!("next INSERT {}", m.where_(key));
-        insert(after).execute(&mut conn).await.at(c)?;
-        let note: String = sqlx::query_scalar(NOTE)
-            .bind(key)
-            .bind(after)
-            .fetch_one(&mut conn)
-            .await
-            .at(c)?;
-        c.check(note == c.name, format!("read back {note:?}"))?;
-        c.present(key, item);
-        c.present(key, after);
-    }
-    Ok(())
-}
+// --- psql and pgbench ---
 
-async fn sx_transaction_error(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
-    use sqlx::Connection;
-    let mut conn = sx_connect(m, c).await?;
-    for key in m.per_server() {
-        let (existing, inside, after) = (c.item(), c.item(), c.item());
-        let name = c.name;
-        let insert = move |item: i64| sqlx::query(INSERT).bind(key).bind(item).bind(name);
-        c.step = format!("setup INSERT {}", m.where_(key));
-        insert(existing).execute(&mut conn).await.at(c)?;
-        c.step = format!("BEGIN {}", m.where_(key));
-        let mut tx = conn.begin().await.at(c)?;
-        c.step = format!("INSERT in transaction {}", m.where_(key));
-        insert(inside).execute(&mut *tx).await.at(c)?;
-        c.step = format!("duplicate INSERT in transaction {}", m.where_(key));
-        c.expect_error("23505", insert(existing).execute(&mut *tx).await)?;
-        c.step = format!("statement after the error {}", m.where_(key));
-        c.expect_error(
-            "25P02",
-            sqlx::query_scalar::<_, String>(NOTE)
-                .bind(key)
-                .bind(existing)
-                .fetch_one(&mut *tx)
-                .await,
-        )?;
-        c.step = format!("ROLLBACK {}", m.where_(key));
-        tx.rollback().await.at(c)?;
-        c.step = format!("after ROLLBACK {}", m.where_(key));
-        insert(after).execute(&mut conn).await.at(c)?;
-        let got: Vec<i64> = sqlx::query_scalar(
-            "SELECT item_id FROM drv WHERE user_id = $1 AND item_id = ANY($2) ORDER BY item_id",
-        )
-        .bind(key)
-        .bind(vec![existing, inside, after])
-        .fetch_all(&mut conn)
+/// Runs a PostgreSQL client program (psql, pgbench) with `script` on its
+/// standard input, to its end.
+async fn run_client(
+    c: &Ctx,
+    command: &mut tokio::process::Command,
+    script: &str,
+) -> Result<std::process::Output, String> {
+    let program = command
+        .as_std()
+        .get_program()
+        .to_string_lossy()
+        .into_owned();
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| {
+            format!("cannot start {program}: {e}: install postgresql-client-15 with scripts/setup")
+        })?;
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin
+        .write_all(script.as_bytes())
         .await
-        .at(c)?;
-        c.check(got == [existing, after], format!("rows {got:?}"))?;
-        c.present(key, existing);
-        c.absent(key, inside);
-        c.present(key, after);
-    }
-    Ok(())
+        .map_err(|e| format!("at {}: writing to {program}: {e}", c.step))?;
+    drop(stdin);
+    child
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("at {}: {program}: {e}", c.step))
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlx() {
-    let m = Matrix::start().await;
-    let mut report = Report::new("sqlx");
-    report.version = lock_version("sqlx");
-    case!(report, "statement_cache_30_keys", c => sx_statement_cache(&m, c));
-    case!(report, "not_persistent", c => sx_not_persistent(&m, c));
-    case!(report, "transaction_commit_and_rollback", c => sx_transaction(&m, c));
-    case!(report, "types_null_array_and_text_casts", c => sx_types(&m, c));
-    case!(report, "duplicate_key_then_usable", c => sx_duplicate_key(&m, c));
-    case!(report, "transaction_error_25p02_rollback", c => sx_transaction_error(&m, c));
-    m.verify(&mut report).await;
-    report.finish();
-}
-
-// --- psql ---
 
 struct PsqlRun {
     ok: bool,
@@ -1241,28 +1240,12 @@ struct PsqlRun {
 
 /// Runs `script` through psql (-X -q -At, errors don't stop it, VERBOSITY
 /// verbose so each error shows its SQLSTATE).
-async fn psql(m: &Matrix, c: &mut Ctx, script: &str) -> Result<PsqlRun, String> {
-    let mut child = tokio::process::Command::new("psql")
+async fn psql(m: &Matrix, c: &Ctx, script: &str) -> Result<PsqlRun, String> {
+    let mut command = tokio::process::Command::new("psql");
+    command
         .args(["-X", "-q", "-At", "-v", "VERBOSITY=verbose"])
-        .arg(m.proxy.conninfo())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| {
-            format!("cannot start psql: {e}: install postgresql-client-15 with scripts/setup")
-        })?;
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    stdin
-        .write_all(script.as_bytes())
-        .await
-        .map_err(|e| format!("at {}: writing to psql: {e}", c.step))?;
-    drop(stdin);
-    let output = child
-        .wait_with_output()
-        .await
-        .map_err(|e| format!("at {}: psql: {e}", c.step))?;
+        .arg(m.proxy.conninfo());
+    let output = run_client(c, &mut command, script).await?;
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     let errors = stderr
         .lines()
@@ -1289,36 +1272,75 @@ fn psql_errors(run: &PsqlRun) -> String {
         .join(" | ")
 }
 
-async fn psql_statements(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
-    let mut script = String::new();
-    let mut want = Vec::new();
+/// One server's key's share of a psql case: statements, what psql must print
+/// for them, and the rows they leave.
+#[derive(Default)]
+struct PsqlPart {
+    script: String,
+    /// The lines psql prints (-At: one value a line).
+    stdout: Vec<String>,
+    /// The SQLSTATEs of the errors psql reports, in order.
+    errors: Vec<&'static str>,
+    /// Items of the key the servers must hold afterwards, and must not.
+    present: Vec<i64>,
+    absent: Vec<i64>,
+}
+
+/// Runs one psql script made of a part per server, `part(case name, key,
+/// N fresh items)`, and checks that psql printed exactly what the parts say.
+async fn psql_per_server<const N: usize>(
+    m: &Matrix,
+    c: &mut Ctx,
+    what: &str,
+    part: fn(&str, i64, [i64; N]) -> PsqlPart,
+) -> Result<(), String> {
+    let mut want = PsqlPart::default();
     for key in m.per_server() {
-        let item = c.item();
-        script.push_str(&format!(
-            "INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {item}, '{}');\n\
-             SELECT note FROM drv WHERE user_id = {key} AND item_id = {item};\n\
-             UPDATE drv SET n = 7 WHERE user_id = {key} AND item_id = {item};\n\
-             SELECT n FROM drv WHERE item_id = {item} AND user_id = {key};\n",
-            c.name
-        ));
-        want.extend([c.name.to_string(), "7".to_string()]);
-        c.present(key, item);
+        let share = part(c.name, key, std::array::from_fn(|_| c.item()));
+        want.script.push_str(&share.script);
+        want.stdout.extend(share.stdout);
+        want.errors.extend(share.errors);
+        for item in share.present {
+            c.present(key, item);
+        }
+        for item in share.absent {
+            c.absent(key, item);
+        }
     }
-    c.step = format!("psql script over {:?}", m.per_server());
-    let run = psql(m, c, &script).await?;
-    c.check(run.errors.is_empty(), psql_errors(&run))?;
+    c.step = format!("psql {what} over {:?}", m.per_server());
+    let run = psql(m, c, &want.script).await?;
     c.check(
-        run.ok && run.stdout == want,
+        run.errors == want.errors,
+        format!(
+            "errors {:?}, expected {:?}: {}",
+            run.errors,
+            want.errors,
+            psql_errors(&run)
+        ),
+    )?;
+    c.check(
+        run.ok && run.stdout == want.stdout,
         format!("output {:?}", run.stdout),
     )
 }
 
-async fn psql_transaction(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
-    let mut script = String::new();
-    let mut want = Vec::new();
-    for key in m.per_server() {
-        let (kept, dropped) = (c.item(), c.item());
-        script.push_str(&format!(
+fn psql_statements(name: &str, key: i64, [item]: [i64; 1]) -> PsqlPart {
+    PsqlPart {
+        script: format!(
+            "INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {item}, '{name}');\n\
+             SELECT note FROM drv WHERE user_id = {key} AND item_id = {item};\n\
+             UPDATE drv SET n = 7 WHERE user_id = {key} AND item_id = {item};\n\
+             SELECT n FROM drv WHERE item_id = {item} AND user_id = {key};\n"
+        ),
+        stdout: vec![name.to_string(), "7".to_string()],
+        present: vec![item],
+        ..PsqlPart::default()
+    }
+}
+
+fn psql_transaction(name: &str, key: i64, [kept, dropped]: [i64; 2]) -> PsqlPart {
+    PsqlPart {
+        script: format!(
             "BEGIN;\n\
              INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {kept}, 'tmp');\n\
              UPDATE drv SET note = '{name}', n = 1 WHERE user_id = {key} AND item_id = {kept};\n\
@@ -1326,60 +1348,33 @@ async fn psql_transaction(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
              BEGIN;\n\
              INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {dropped}, '{name}');\n\
              ROLLBACK;\n\
-             SELECT count(*) FROM drv WHERE user_id = {key} AND item_id IN ({kept}, {dropped});\n",
-            name = c.name
-        ));
-        want.push("1".to_string());
-        c.present(key, kept);
-        c.absent(key, dropped);
+             SELECT count(*) FROM drv WHERE user_id = {key} AND item_id IN ({kept}, {dropped});\n"
+        ),
+        stdout: vec!["1".to_string()],
+        present: vec![kept],
+        absent: vec![dropped],
+        ..PsqlPart::default()
     }
-    c.step = format!("psql transactions over {:?}", m.per_server());
-    let run = psql(m, c, &script).await?;
-    c.check(run.errors.is_empty(), psql_errors(&run))?;
-    c.check(
-        run.ok && run.stdout == want,
-        format!("output {:?}", run.stdout),
-    )
 }
 
-async fn psql_duplicate_key(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
-    let mut script = String::new();
-    let mut want = Vec::new();
-    let mut want_errors = Vec::new();
-    for key in m.per_server() {
-        let (item, after) = (c.item(), c.item());
-        script.push_str(&format!(
+fn psql_duplicate_key(name: &str, key: i64, [item, after]: [i64; 2]) -> PsqlPart {
+    PsqlPart {
+        script: format!(
             "INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {item}, '{name}');\n\
              INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {item}, '{name}');\n\
              INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {after}, '{name}');\n\
-             SELECT note FROM drv WHERE user_id = {key} AND item_id = {after};\n",
-            name = c.name
-        ));
-        want.push(c.name.to_string());
-        want_errors.push("23505".to_string());
-        c.present(key, item);
-        c.present(key, after);
-    }
-    c.step = format!("psql duplicate keys over {:?}", m.per_server());
-    let run = psql(m, c, &script).await?;
-    c.check(
-        run.errors == want_errors,
-        format!(
-            "errors {:?}, expected {want_errors:?}: {}",
-            run.errors,
-            psql_errors(&run)
+             SELECT note FROM drv WHERE user_id = {key} AND item_id = {after};\n"
         ),
-    )?;
-    c.check(run.stdout == want, format!("output {:?}", run.stdout))
+        stdout: vec![name.to_string()],
+        errors: vec!["23505"],
+        present: vec![item, after],
+        ..PsqlPart::default()
+    }
 }
 
-async fn psql_transaction_error(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
-    let mut script = String::new();
-    let mut want = Vec::new();
-    let mut want_errors = Vec::new();
-    for key in m.per_server() {
-        let (existing, inside, after) = (c.item(), c.item(), c.item());
-        script.push_str(&format!(
+fn psql_transaction_error(name: &str, key: i64, [existing, inside, after]: [i64; 3]) -> PsqlPart {
+    PsqlPart {
+        script: format!(
             "INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {existing}, '{name}');\n\
              BEGIN;\n\
              INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {inside}, '{name}');\n\
@@ -1387,49 +1382,26 @@ async fn psql_transaction_error(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
              SELECT note FROM drv WHERE user_id = {key} AND item_id = {existing};\n\
              ROLLBACK;\n\
              INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {after}, '{name}');\n\
-             SELECT string_agg(item_id::text, ',' ORDER BY item_id) FROM drv WHERE user_id = {key} AND item_id IN ({existing}, {inside}, {after});\n",
-            name = c.name
-        ));
-        want.push(format!("{existing},{after}"));
-        want_errors.extend(["23505".to_string(), "25P02".to_string()]);
-        c.present(key, existing);
-        c.absent(key, inside);
-        c.present(key, after);
-    }
-    c.step = format!("psql transaction errors over {:?}", m.per_server());
-    let run = psql(m, c, &script).await?;
-    c.check(
-        run.errors == want_errors,
-        format!(
-            "errors {:?}, expected {want_errors:?}: {}",
-            run.errors,
-            psql_errors(&run)
+             SELECT string_agg(item_id::text, ',' ORDER BY item_id) FROM drv WHERE user_id = {key} AND item_id IN ({existing}, {inside}, {after});\n"
         ),
-    )?;
-    c.check(run.stdout == want, format!("output {:?}", run.stdout))
+        stdout: vec![format!("{existing},{after}")],
+        errors: vec!["23505", "25P02"],
+        present: vec![existing, after],
+        absent: vec![inside],
+    }
 }
 
 /// `\bind` (psql 16 and later): the extended protocol from psql.
-async fn psql_bind(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
-    let mut script = String::new();
-    let mut want = Vec::new();
-    for key in m.per_server() {
-        let item = c.item();
-        script.push_str(&format!(
+fn psql_bind(name: &str, key: i64, [item]: [i64; 1]) -> PsqlPart {
+    PsqlPart {
+        script: format!(
             "INSERT INTO drv (user_id, item_id, note) VALUES ($1, $2, $3) \\bind {key} {item} {name} \\g\n\
-             SELECT note FROM drv WHERE user_id = $1 AND item_id = $2 \\bind {key} {item} \\g\n",
-            name = c.name
-        ));
-        want.push(c.name.to_string());
-        c.present(key, item);
+             SELECT note FROM drv WHERE user_id = $1 AND item_id = $2 \\bind {key} {item} \\g\n"
+        ),
+        stdout: vec![name.to_string()],
+        present: vec![item],
+        ..PsqlPart::default()
     }
-    c.step = format!("psql \\bind over {:?}", m.per_server());
-    let run = psql(m, c, &script).await?;
-    c.check(run.errors.is_empty(), psql_errors(&run))?;
-    c.check(
-        run.ok && run.stdout == want,
-        format!("output {:?}", run.stdout),
-    )
 }
 
 async fn psql_major() -> Option<u32> {
@@ -1454,12 +1426,16 @@ async fn psql_cases() {
     let mut report = Report::new("psql");
     let major = psql_major().await;
     report.version = major.map(|v| format!("psql {v}"));
-    case!(report, "statements_on_every_server", c => psql_statements(&m, c));
-    case!(report, "transaction_commit_and_rollback", c => psql_transaction(&m, c));
-    case!(report, "duplicate_key_then_usable", c => psql_duplicate_key(&m, c));
-    case!(report, "transaction_error_25p02_rollback", c => psql_transaction_error(&m, c));
+    case!(report, "statements_on_every_server",
+        c => psql_per_server(&m, c, "script", psql_statements));
+    case!(report, "transaction_commit_and_rollback",
+        c => psql_per_server(&m, c, "transactions", psql_transaction));
+    case!(report, "duplicate_key_then_usable",
+        c => psql_per_server(&m, c, "duplicate keys", psql_duplicate_key));
+    case!(report, "transaction_error_25p02_rollback",
+        c => psql_per_server(&m, c, "transaction errors", psql_transaction_error));
     if major.unwrap_or(0) >= 16 {
-        case!(report, "bind_extended_protocol", c => psql_bind(&m, c));
+        case!(report, "bind_extended_protocol", c => psql_per_server(&m, c, "\\bind", psql_bind));
     } else {
         report.notes.push(format!(
             "psql {} has no \\bind (psql 16+): psql's extended protocol is not in this run",
@@ -1470,28 +1446,21 @@ async fn psql_cases() {
     report.finish();
 }
 
-// --- pgbench ---
-
 /// The counters' total on all servers, and whether each server holds exactly
 /// the counter rows of the users it owns.
 async fn counters(m: &Matrix) -> Result<i64, String> {
     let mut total = 0;
-    for (index, server) in m.cluster.cluster.servers.iter().enumerate() {
-        let rows = m
-            .cluster
-            .connect(index)
-            .await
-            .query("SELECT user_id, n FROM drv_counters ORDER BY user_id", &[])
-            .await
-            .map_err(|e| format!("read drv_counters on {}: {e}", server.name()))?;
+    let servers = m
+        .on_each_server("SELECT user_id, n FROM drv_counters ORDER BY user_id")
+        .await?;
+    for (server, rows) in servers {
         let users: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
         let owned: Vec<i64> = (1..=COUNTER_USERS)
-            .filter(|u| m.owner(*u) == server.name())
+            .filter(|u| m.owner(*u) == server)
             .collect();
         if users != owned {
             return Err(format!(
-                "server check: {} holds counters of users {users:?}, owns {owned:?}",
-                server.name()
+                "server check: {server} holds counters of users {users:?}, owns {owned:?}"
             ));
         }
         total += rows.iter().map(|r| r.get::<_, i64>(1)).sum::<i64>();
@@ -1499,29 +1468,30 @@ async fn counters(m: &Matrix) -> Result<i64, String> {
     Ok(total)
 }
 
-async fn pgbench_mode(
-    m: &Matrix,
-    c: &mut Ctx,
-    mode: &str,
-    script: &Path,
-    before: i64,
-) -> Result<(), String> {
+/// pgbench's transaction: one random user's counter, plus 1.
+fn pgbench_script() -> String {
+    [
+        format!("\\set uid random(1, {COUNTER_USERS})"),
+        "BEGIN;".into(),
+        "UPDATE drv_counters SET n = n + 1 WHERE user_id = :uid;".into(),
+        "SELECT n FROM drv_counters WHERE user_id = :uid;".into(),
+        "END;\n".into(),
+    ]
+    .join("\n")
+}
+
+async fn pgbench_mode(m: &Matrix, c: &mut Ctx, mode: &str, before: i64) -> Result<(), String> {
     const CLIENTS: i64 = 4;
     const TRANSACTIONS: i64 = 25;
     c.step = format!("pgbench -M {mode}");
-    let output = tokio::process::Command::new("pgbench")
+    let mut command = tokio::process::Command::new("pgbench");
+    command
         .args(["-n", "-M", mode, "-c", &CLIENTS.to_string(), "-j", "2"])
         .args(["-t", &TRANSACTIONS.to_string()])
         .args(["-h", "127.0.0.1", "-p", &m.proxy.addr.port().to_string()])
-        .args(["-U", "postgres", "-f"])
-        .arg(script)
-        .arg("postgres")
-        .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| {
-            format!("cannot start pgbench: {e}: install postgresql-client-15 with scripts/setup")
-        })?;
+        // the script from standard input
+        .args(["-U", "postgres", "-f", "-", "postgres"]);
+    let output = run_client(c, &mut command, &pgbench_script()).await?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     let processed = CLIENTS * TRANSACTIONS;
@@ -1581,18 +1551,6 @@ async fn pgbench() {
             .await
             .expect("load counters");
     }
-    let script = tempfile::NamedTempFile::new().expect("script file");
-    std::fs::write(
-        script.path(),
-        format!(
-            "\\set uid random(1, {COUNTER_USERS})\n\
-             BEGIN;\n\
-             UPDATE drv_counters SET n = n + 1 WHERE user_id = :uid;\n\
-             SELECT n FROM drv_counters WHERE user_id = :uid;\n\
-             END;\n"
-        ),
-    )
-    .expect("write script");
     let out = tokio::process::Command::new("pgbench")
         .arg("--version")
         .output()
@@ -1612,7 +1570,7 @@ async fn pgbench() {
                 continue;
             }
         };
-        case!(report, name, c => pgbench_mode(&m, c, mode, script.path(), before));
+        case!(report, name, c => pgbench_mode(&m, c, mode, before));
     }
     m.verify(&mut report).await;
     report.finish();

@@ -10,7 +10,7 @@
 // the same request.
 //
 // Prints PLAN / VERSION / EXPECT / CASE ... PASS|FAIL <reason> / DONE lines (see
-// ../psycopg_cases.py) and exits 1 if a case failed. Each case has its own connection and a
+// ../cases.py) and exits 1 if a case failed. Each case has its own connection and a
 // time limit (SHARDLINE_CASE_TIMEOUT seconds, default 20).
 
 import java.sql.Array;
@@ -72,12 +72,20 @@ public class JdbcCases {
             return nextItem++;
         }
 
-        void present(long user, long item) {
-            expects.add(user + " " + item + " present");
+        // The servers must hold these rows of the user after the case passed...
+        void present(long user, long... items) {
+            expect(user, items, "present");
         }
 
-        void absent(long user, long item) {
-            expects.add(user + " " + item + " absent");
+        // ... and must not hold these.
+        void absent(long user, long... items) {
+            expect(user, items, "absent");
+        }
+
+        private void expect(long user, long[] items, String state) {
+            for (long item : items) {
+                expects.add(user + " " + item + " " + state);
+            }
         }
 
         void check(boolean condition, String what) throws CaseFailed {
@@ -408,8 +416,7 @@ public class JdbcCases {
             c.step = "next INSERT " + where(key);
             insert(conn, key, after, c.name);
             c.check(c.name.equals(note(conn, key, after)), "row not read back");
-            c.present(key, item);
-            c.present(key, after);
+            c.present(key, item, after);
         }
     }
 
@@ -437,9 +444,8 @@ public class JdbcCases {
             c.check(count(conn, key, inside) == 0, "the rolled-back row is there");
             c.check(count(conn, key, after) == 1, "the row after rollback is missing");
             conn.commit();
-            c.present(key, existing);
+            c.present(key, existing, after);
             c.absent(key, inside);
-            c.present(key, after);
         }
     }
 

@@ -10,7 +10,7 @@
 // the named statement once per connection and later only binds it.
 //
 // Prints PLAN / VERSION / EXPECT / CASE ... PASS|FAIL <reason> / DONE lines (see
-// ../psycopg_cases.py) and exits 1 if a case failed. Each case has its own connection and a
+// ../cases.py) and exits 1 if a case failed. Each case has its own connection and a
 // time limit (SHARDLINE_CASE_TIMEOUT seconds, default 20). Run `npm ci` here (scripts/setup
 // does) to install pg.
 'use strict';
