@@ -253,23 +253,8 @@ impl Session {
             return self.ready().await;
         }
         // Postgres skips the client's messages up to its Sync after an
-        // error, and so does the proxy. A backend left in the middle of a
-        // sequence may hold messages that must not run: it is closed, which
-        // rolls back what it had begun.
-        if self
-            .lease
-            .as_mut()
-            .is_some_and(|l| l.backend().pending_sync)
-        {
-            if let Some(mut lease) = self.lease.take() {
-                lease.backend().broken = true;
-            }
-            self.set_cancel_target(None);
-            if self.tx == Tx::Bound {
-                self.tx = Tx::Aborted;
-                self.tx_settings.clear();
-            }
-        }
+        // error, and so does the proxy.
+        self.close_mid_sequence_backend();
         self.unsynced = false;
         self.skipping = true;
         self.client.flush().await

@@ -51,22 +51,39 @@ pub(super) fn transaction_scoped_tag(sql: &str) -> String {
 
 impl Session {
     /// A routing failure inside a transaction aborts it, as any error would in Postgres.
+    /// Closes the held backend if it is in the middle of an extended-protocol
+    /// sequence (messages sent, Sync not yet): it may hold messages that must
+    /// not run, and closing the connection rolls back what it had begun, its
+    /// transaction included. Returns whether it did.
+    pub(super) fn close_mid_sequence_backend(&mut self) -> bool {
+        if !self
+            .lease
+            .as_mut()
+            .is_some_and(|l| l.backend().pending_sync)
+        {
+            return false;
+        }
+        if let Some(mut lease) = self.lease.take() {
+            lease.backend().broken = true;
+        }
+        self.set_cancel_target(None);
+        if self.tx == Tx::Bound {
+            self.tx = Tx::Aborted;
+            self.tx_settings.clear();
+        }
+        true
+    }
+
     pub(super) async fn fail_transaction(&mut self) {
         match self.tx {
             Tx::Idle => {}
             Tx::Deferred { .. } | Tx::Aborted => self.tx = Tx::Aborted,
             Tx::Bound => {
+                if self.close_mid_sequence_backend() {
+                    return;
+                }
                 // Roll the backend back now, so nothing of it can be committed.
                 if let Some(mut lease) = self.lease.take() {
-                    if lease.backend().pending_sync {
-                        // Mid extended-protocol sequence: closing the connection
-                        // rolls the transaction back.
-                        lease.backend().broken = true;
-                        self.set_cancel_target(None);
-                        self.tx = Tx::Aborted;
-                        self.tx_settings.clear();
-                        return;
-                    }
                     let mut out = BytesMut::new();
                     messages::query("ROLLBACK", &mut out);
                     let ok = async {
