@@ -22,27 +22,76 @@ pub enum Route {
     /// Touches no partitioned data (catalogs, reference-table reads, no
     /// tables at all): any server gives the same answer.
     Any,
+    /// A read of partitions on several servers: runs on each, and the proxy
+    /// merges the results (see `analyze::scatter`). Only ever made for a
+    /// read-only SELECT while scatter reads are allowed, never as a fallback.
+    Scatter {
+        /// Servers in map order, without repeats.
+        servers: Vec<String>,
+        partitions: Vec<u32>,
+    },
 }
 
 impl Route {
+    /// The one server that runs the statement; `None` for `Any` and for
+    /// `Scatter` (which never reaches a single backend).
     pub fn server(&self) -> Option<&str> {
         match self {
             Route::Partitions { server, .. } | Route::Server(server) => Some(server),
-            Route::Any => None,
+            Route::Any | Route::Scatter { .. } => None,
         }
     }
 
     pub fn partitions(&self) -> &[u32] {
         match self {
-            Route::Partitions { partitions, .. } => partitions,
+            Route::Partitions { partitions, .. } | Route::Scatter { partitions, .. } => partitions,
             _ => &[],
         }
     }
 
-    /// The route covering both, if one server can run both.
+    /// A route over `partitions`, given each one's owner: one server's
+    /// partitions, or a scatter over their owners (in the order first seen).
+    fn over_partitions(mut partitions: Vec<u32>, owners: Vec<String>) -> Route {
+        partitions.sort_unstable();
+        partitions.dedup();
+        let mut servers: Vec<String> = Vec::new();
+        for owner in owners {
+            if !servers.contains(&owner) {
+                servers.push(owner);
+            }
+        }
+        if servers.len() == 1 {
+            Route::Partitions {
+                server: servers.remove(0),
+                partitions,
+            }
+        } else {
+            Route::Scatter {
+                servers,
+                partitions,
+            }
+        }
+    }
+
+    /// The route covering both, if one server can run both, or both are
+    /// partitions a scatter read can cover.
     pub fn merge(self, other: Route) -> Result<Route, (String, String)> {
         match (self, other) {
             (Route::Any, r) | (r, Route::Any) => Ok(r),
+            (a @ (Route::Scatter { .. } | Route::Partitions { .. }), b @ (Route::Scatter { .. } | Route::Partitions { .. }))
+                if matches!(a, Route::Scatter { .. }) || matches!(b, Route::Scatter { .. }) =>
+            {
+                let (servers_a, partitions_a) = a.into_parts();
+                let (servers_b, partitions_b) = b.into_parts();
+                Ok(Route::over_partitions(
+                    partitions_a.into_iter().chain(partitions_b).collect(),
+                    servers_a.into_iter().chain(servers_b).collect(),
+                ))
+            }
+            (Route::Scatter { servers, .. }, other) | (other, Route::Scatter { servers, .. }) => Err((
+                servers.join(", "),
+                other.server().unwrap_or_default().to_string(),
+            )),
             (a, b) => {
                 let (sa, sb) = (
                     a.server().unwrap_or_default().to_string(),
@@ -68,6 +117,20 @@ impl Route {
                     }
                 })
             }
+        }
+    }
+}
+
+impl Route {
+    fn into_parts(self) -> (Vec<String>, Vec<u32>) {
+        match self {
+            Route::Scatter {
+                servers,
+                partitions,
+            } => (servers, partitions),
+            Route::Partitions { server, partitions } => (vec![server], partitions),
+            Route::Server(server) => (vec![server], Vec::new()),
+            Route::Any => (Vec::new(), Vec::new()),
         }
     }
 }
@@ -108,13 +171,17 @@ pub enum Resolution {
     NeedsParams,
 }
 
-/// Routes one data statement.
+/// Routes one data statement. With `scatter` allowed, a read-only
+/// statement whose sharded tables' keys are not fixed to one server routes
+/// to a `Scatter` over the servers that own the partitions it reads.
 pub fn route_data(
     statement: &DataStatement,
     map: &ClusterMap,
     literals: &[Literal],
     params: Option<&Params<'_>>,
+    scatter: bool,
 ) -> Result<Resolution, RouteError> {
+    let scatter = scatter && statement.read_only;
     if let Some(why) = &statement.unparsed {
         let mentioned: Vec<&str> = statement
             .words
@@ -142,7 +209,7 @@ pub fn route_data(
         if table.is_catalog() {
             continue;
         }
-        let table_route = match route_table(statement, table, map, literals, params)? {
+        let table_route = match route_table(statement, table, map, literals, params, scatter)? {
             Some(r) => r,
             None => {
                 needs_params = true;
@@ -150,11 +217,19 @@ pub fn route_data(
             }
         };
         route = route.merge(table_route).map_err(|(a, b)| {
-            RouteError::new(
-                "0A000",
-                format!("statement touches data on servers {a} and {b}; shardline runs each statement on one server"),
-                "split it into statements that each touch one key's data",
-            )
+            if scatter {
+                RouteError::new(
+                    "0A000",
+                    format!("statement reads partitions on servers {a} together with a table that lives only on server {b}"),
+                    "read the unsharded table in a statement of its own",
+                )
+            } else {
+                RouteError::new(
+                    "0A000",
+                    format!("statement touches data on servers {a} and {b}; shardline runs each statement on one server"),
+                    "split it into statements that each touch one key's data",
+                )
+            }
         })?;
     }
     if let Some(copy) = &statement.copy {
@@ -186,6 +261,7 @@ fn route_table(
     map: &ClusterMap,
     literals: &[Literal],
     params: Option<&Params<'_>>,
+    scatter: bool,
 ) -> Result<Option<Route>, RouteError> {
     let Some(def) = map
         .tables
@@ -228,6 +304,11 @@ fn route_table(
                     .map_or(KeyType::Bigint, |g| g.key_type)
             };
             let exprs = key_exprs(statement, table, key_column, map)?;
+            if exprs.is_empty() && scatter {
+                let partitions: Vec<u32> = (0..map.assignments.len() as u32).collect();
+                let owners = map.assignments.iter().map(|a| a.owner.clone()).collect();
+                return Ok(Some(Route::over_partitions(partitions, owners)));
+            }
             if exprs.is_empty() {
                 return Err(RouteError::new(
                     "0A000",
@@ -236,8 +317,8 @@ fn route_table(
                         table.name
                     ),
                     format!(
-                        "add `WHERE {key_column} = <value>` (or `= $1`, or `IN (...)` with values on one server); \
-                         queries across all partitions are not supported yet"
+                        "add `WHERE {key_column} = <value>` (or `= $1`, or `IN (...)`); \
+                         reads across partitions need `SET shardline.scatter = on` (this session or the proxy has it off)"
                     ),
                 ));
             }
@@ -258,19 +339,16 @@ fn route_table(
                 }
             }
             partitions.sort_unstable();
+            if scatter {
+                let mut owners = Vec::with_capacity(partitions.len());
+                for p in &partitions {
+                    owners.push(owner_of(map, *p)?.to_string());
+                }
+                return Ok(Some(Route::over_partitions(partitions, owners)));
+            }
             let mut server: Option<&str> = None;
             for p in &partitions {
-                let owner = map
-                    .assignments
-                    .get(*p as usize)
-                    .map(|a| a.owner.as_str())
-                    .ok_or_else(|| {
-                        RouteError::new(
-                            "XX000",
-                            format!("partition {p} has no owner in the map"),
-                            "check `shardctl map`",
-                        )
-                    })?;
+                let owner = owner_of(map, *p)?;
                 match server {
                     None => server = Some(owner),
                     Some(first) if first != owner => {
@@ -280,7 +358,7 @@ fn route_table(
                                 "the keys of \"{}\" in this statement live on servers {first} and {owner}; shardline runs each statement on one server",
                                 table.name
                             ),
-                            "send one statement per key, or per server",
+                            "send one statement per key, or per server (reads across servers need `SET shardline.scatter = on`)",
                         ))
                     }
                     Some(_) => {}
@@ -290,6 +368,19 @@ fn route_table(
             Ok(Some(Route::Partitions { server, partitions }))
         }
     }
+}
+
+fn owner_of(map: &ClusterMap, partition: u32) -> Result<&str, RouteError> {
+    map.assignments
+        .get(partition as usize)
+        .map(|a| a.owner.as_str())
+        .ok_or_else(|| {
+            RouteError::new(
+                "XX000",
+                format!("partition {partition} has no owner in the map"),
+                "check `shardctl map`",
+            )
+        })
 }
 
 /// The expressions giving `table`'s key in this statement.
@@ -485,7 +576,7 @@ mod tests {
         let Command::Data(data) = &analyzed.analysis.commands[0] else {
             panic!("not data: {sql}")
         };
-        route_data(data, &map(), &analyzed.literals, None)
+        route_data(data, &map(), &analyzed.literals, None, false)
     }
 
     fn owner_of(key: i64) -> String {
@@ -534,7 +625,7 @@ mod tests {
             "users".into(),
             "name text, user_id bigint PRIMARY KEY".into(),
         );
-        let r = route_data(data, &with_columns, &analyzed.literals, None).expect("routes");
+        let r = route_data(data, &with_columns, &analyzed.literals, None, false).expect("routes");
         let Resolution::Route(Route::Partitions { server, .. }) = r else {
             panic!("{r:?}")
         };
