@@ -324,19 +324,25 @@ fn route_table(
             }
             let mut partitions: Vec<u32> = Vec::with_capacity(exprs.len());
             for expr in exprs {
-                let Some(key) = evaluate(expr, key_type, literals, params)? else {
+                let Some(keys) = evaluate_keys(expr, key_type, literals, params)? else {
                     return Ok(None);
                 };
-                let partition = map.partition_of(&table.name, &key).map_err(|e| {
-                    RouteError::new(
-                        "22023",
-                        format!("cannot route key {key} of \"{}\": {e}", table.name),
-                        "check the key value",
-                    )
-                })?;
-                if !partitions.contains(&partition) {
-                    partitions.push(partition);
+                for key in keys {
+                    let partition = map.partition_of(&table.name, &key).map_err(|e| {
+                        RouteError::new(
+                            "22023",
+                            format!("cannot route key {key} of \"{}\": {e}", table.name),
+                            "check the key value",
+                        )
+                    })?;
+                    if !partitions.contains(&partition) {
+                        partitions.push(partition);
+                    }
                 }
+            }
+            if partitions.is_empty() {
+                // `key = ANY('{}')`: no row of this table can match, on any server.
+                return Ok(Some(Route::Any));
             }
             partitions.sort_unstable();
             if scatter {
@@ -460,6 +466,140 @@ fn invalid_key(text: impl std::fmt::Display) -> RouteError {
     )
 }
 
+/// The keys a key expression stands for (several for an array); `None`
+/// for a parameter not bound yet.
+fn evaluate_keys(
+    expr: &KeyExpr,
+    key_type: KeyType,
+    literals: &[Literal],
+    params: Option<&Params<'_>>,
+) -> Result<Option<Vec<KeyValue>>, RouteError> {
+    let KeyExpr::Array(inner) = expr else {
+        return Ok(evaluate(expr, key_type, literals, params)?.map(|key| vec![key]));
+    };
+    let elements: Vec<KeyValue> = match inner.as_ref() {
+        KeyExpr::Literal(i) => {
+            let literal = literals
+                .get(*i)
+                .ok_or_else(|| invalid_key(format!("literal {i} missing")))?;
+            parse_text_keys(literal.text(), key_type)?
+        }
+        KeyExpr::Const(text) => parse_text_keys(text, key_type)?,
+        KeyExpr::Param(i) => {
+            let Some(params) = params else {
+                return Ok(None);
+            };
+            let value = params
+                .bind
+                .params
+                .get(*i)
+                .ok_or_else(|| invalid_key(format!("parameter ${} was not bound", i + 1)))?;
+            let Some(bytes) = value else {
+                // `= ANY(NULL)` matches nothing.
+                return Ok(Some(Vec::new()));
+            };
+            if params.bind.is_binary(*i) {
+                binary_array_keys(bytes, key_type)?
+            } else {
+                let text = std::str::from_utf8(bytes)
+                    .map_err(|_| invalid_key("parameter is not valid UTF-8"))?;
+                parse_text_keys(text, key_type)?
+            }
+        }
+        other => return Err(invalid_key(format!("ANY over {other:?}"))),
+    };
+    Ok(Some(elements))
+}
+
+/// The elements of an array in Postgres's text form (`{1,2,"x y"}`, with an
+/// optional `[1:2]=` prefix); NULL elements match no row and are left out.
+fn parse_text_keys(text: &str, key_type: KeyType) -> Result<Vec<KeyValue>, RouteError> {
+    let text = text.trim();
+    let text = match text.find("={") {
+        Some(at) if text.starts_with('[') => &text[at + 1..],
+        _ => text,
+    };
+    let body = text
+        .strip_prefix('{')
+        .and_then(|t| t.strip_suffix('}'))
+        .ok_or_else(|| invalid_key(format!("{text:?} is not an array")))?;
+    let mut keys = Vec::new();
+    let mut chars = body.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let Some(&first) = chars.peek() else {
+            break;
+        };
+        let mut element = String::new();
+        let quoted = first == '"';
+        if first == '{' {
+            return Err(invalid_key("a multidimensional array of keys"));
+        }
+        if quoted {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('\\') => element.extend(chars.next()),
+                    Some('"') => break,
+                    Some(c) => element.push(c),
+                    None => return Err(invalid_key("unterminated quoted array element")),
+                }
+            }
+        }
+        while let Some(&c) = chars.peek() {
+            if c == ',' {
+                break;
+            }
+            chars.next();
+            if !quoted {
+                element.push(c);
+            }
+        }
+        chars.next();
+        let element = if quoted { element.as_str() } else { element.trim() };
+        if !quoted && element.eq_ignore_ascii_case("null") {
+            continue;
+        }
+        keys.push(key_type.parse_value(element).map_err(invalid_key)?);
+    }
+    Ok(keys)
+}
+
+/// The elements of an array in Postgres's binary form (one dimension);
+/// NULL elements are left out.
+fn binary_array_keys(bytes: &[u8], key_type: KeyType) -> Result<Vec<KeyValue>, RouteError> {
+    let malformed = || invalid_key("malformed binary array");
+    let word = |at: usize| -> Result<i32, RouteError> {
+        bytes
+            .get(at..at + 4)
+            .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or_else(malformed)
+    };
+    let dimensions = word(0)?;
+    match dimensions {
+        0 => return Ok(Vec::new()),
+        1 => {}
+        _ => return Err(invalid_key("a multidimensional array of keys")),
+    }
+    let count = usize::try_from(word(12)?).map_err(|_| malformed())?;
+    let mut at = 20;
+    let mut keys = Vec::with_capacity(count.min(bytes.len() / 4));
+    for _ in 0..count {
+        let len = word(at)?;
+        at += 4;
+        if len < 0 {
+            continue;
+        }
+        let end = at.checked_add(len as usize).ok_or_else(malformed)?;
+        let element = bytes.get(at..end).ok_or_else(malformed)?;
+        keys.push(decode_binary(element, key_type)?);
+        at = end;
+    }
+    Ok(keys)
+}
+
 /// The value of a key expression; `None` for a parameter not bound yet.
 fn evaluate(
     expr: &KeyExpr,
@@ -478,6 +618,7 @@ fn evaluate(
                 .map_err(invalid_key)
         }
         KeyExpr::Const(text) => key_type.parse_value(text).map(Some).map_err(invalid_key),
+        KeyExpr::Array(_) => Err(invalid_key("an array where one key was expected")),
         KeyExpr::Negate(inner) => match evaluate(inner, key_type, literals, params)? {
             None => Ok(None),
             Some(KeyValue::Int(v)) => v
@@ -719,6 +860,57 @@ mod tests {
             other.expect("another server")
         );
         assert_eq!(route(&sql).expect_err("two servers").code, "0A000");
+    }
+
+    #[test]
+    fn arrays_of_keys_route_to_their_owners() {
+        let mut keys = Vec::new();
+        let mut owners = std::collections::BTreeSet::new();
+        for k in 0..40 {
+            if owners.insert(owner_of(k)) || keys.len() < 4 {
+                keys.push(k);
+            }
+        }
+        let list = keys.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        let analyzer = Analyzer::new(10);
+        let analyzed = analyzer.analyze(&format!("SELECT * FROM users WHERE user_id = ANY('{{{list}}}'::bigint[])"));
+        let Command::Data(data) = &analyzed.analysis.commands[0] else {
+            panic!("not data")
+        };
+        let strict = route_data(data, &map(), &analyzed.literals, None, false);
+        assert_eq!(strict.expect_err("two servers, scatter off").code, "0A000");
+        let scatter = route_data(data, &map(), &analyzed.literals, None, true).expect("routes");
+        let Resolution::Route(Route::Scatter { servers, .. }) = scatter else {
+            panic!("{scatter:?}")
+        };
+        assert_eq!(servers.len(), 2);
+        assert_eq!(
+            parse_text_keys("{1, \"2\",NULL}", KeyType::Bigint),
+            Ok(vec![KeyValue::Int(1), KeyValue::Int(2)])
+        );
+        assert!(parse_text_keys("{{1}}", KeyType::Bigint).is_err());
+        assert!(parse_text_keys("1,2", KeyType::Bigint).is_err());
+        let mut binary = Vec::new();
+        for word in [1i32, 0, 20, 2, 1] {
+            binary.extend_from_slice(&word.to_be_bytes());
+        }
+        for key in [7i64, -9] {
+            binary.extend_from_slice(&8i32.to_be_bytes());
+            binary.extend_from_slice(&key.to_be_bytes());
+        }
+        assert_eq!(
+            binary_array_keys(&binary, KeyType::Bigint),
+            Ok(vec![KeyValue::Int(7), KeyValue::Int(-9)])
+        );
+        assert!(binary_array_keys(&binary[..30], KeyType::Bigint).is_err());
+        let empty = analyzer.analyze("SELECT * FROM users WHERE user_id = ANY('{}')");
+        let Command::Data(data) = &empty.analysis.commands[0] else {
+            panic!("not data")
+        };
+        assert_eq!(
+            route_data(data, &map(), &empty.literals, None, true),
+            Ok(Resolution::Route(Route::Any))
+        );
     }
 
     #[test]

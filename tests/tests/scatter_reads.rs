@@ -85,7 +85,7 @@ async fn reads_across_servers_merge_like_one_postgres() {
     let one = |sql: &'static str| {
         let client = &client;
         async move {
-            let rows = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+            let rows = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
             rows.into_iter()
                 .filter_map(|m| match m {
                     tokio_postgres::SimpleQueryMessage::Row(row) => {

@@ -101,7 +101,8 @@ pub enum Merge {
     /// Each server returns its rows sorted; the proxy k-way merges. For key
     /// i, partial_sql has two hidden columns after the visible ones: at
     /// `visible + 2*i` the key value `(expr) AS _sl_k{i}`, at
-    /// `visible + 2*i + 1` `pg_collation_for((expr)) AS _sl_c{i}`.
+    /// `visible + 2*i + 1` the name of the collation it sorts under, as
+    /// `pg_collation_for` prints it (`"default"` for non-text keys), `_sl_c{i}`.
     Sorted { keys: Vec<SortKey> },
     /// Partial rows from every server are combined by running `final_sql`
     /// on one server, its FROM being `(VALUES __SL_ROWS__) AS _sl(c1, ..., cN)`
@@ -615,7 +616,12 @@ fn rows(
             alias: Ident::new(format!("_sl_k{i}")),
         });
         partial_select.projection.push(SelectItem::ExprWithAlias {
-            expr: generated(&format!("pg_collation_for({nested})"))?,
+            // The collation is fixed when the statement is parsed, so a
+            // never-evaluated argument carries it at no cost per row (and
+            // the cast to text makes it valid for any key type).
+            expr: generated(&format!(
+                "pg_collation_for(CASE WHEN false THEN ({nested})::text END)"
+            ))?,
             alias: Ident::new(format!("_sl_c{i}")),
         });
         let descending = matches!(by.options.sort, Some(OrderBySort::Desc));

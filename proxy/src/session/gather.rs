@@ -11,14 +11,13 @@
 //!
 //! LIMIT/OFFSET are applied once here (the servers got LIMIT n+m).
 
-use std::cmp::Ordering;
 use std::collections::VecDeque;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::mpsc;
 
 use crate::analyze::scatter::{plan, Bound, Merge, Refusal, ScatterPlan, SortKey, TableInfo};
-use crate::merge::sortkey::{collation_is_bytewise, compare, KeyKind, SortSpec};
+use crate::merge::{collation_is_bytewise, KWayMerge, KeyKind, SortSpec};
 use crate::metrics::Metrics;
 use crate::route::RouteError;
 use crate::wire::messages;
@@ -368,33 +367,27 @@ impl Session {
             });
         }
         self.describe_for_client(&fields, visible, statement);
+        let merge = KWayMerge::new(specs);
         for index in 0..streams.len() {
             if let Err(failure) = streams[index].advance().await {
                 self.server_failed(failure, servers);
                 return Err(Stop::Failed);
             }
-            if let Some(problem) = streams[index].collation_problem(&specs) {
+            if let Some(problem) = streams[index].collation_problem(merge.specs()) {
                 return self.refuse_merge(problem);
             }
         }
         let mut out_row = BytesMut::new();
         while !window.full() {
-            let mut first: Option<usize> = None;
-            for index in 0..streams.len() {
-                let Some(head) = &streams[index].head else {
-                    continue;
-                };
-                let better = match first.and_then(|f| streams[f].head.as_ref()) {
-                    None => true,
-                    Some(best) => match compare_heads(&specs, &head.keys, &best.keys) {
-                        Ok(order) => order == Ordering::Less,
-                        Err(problem) => return self.refuse_merge(problem),
-                    },
-                };
-                if better {
-                    first = Some(index);
-                }
-            }
+            let keys: Vec<Option<Vec<Option<&[u8]>>>> = streams
+                .iter()
+                .map(|s| s.head.as_ref().map(|h| h.keys.iter().map(|k| k.as_deref()).collect()))
+                .collect();
+            let heads: Vec<Option<&[Option<&[u8]>]>> = keys.iter().map(|k| k.as_deref()).collect();
+            let first = match merge.first(&heads) {
+                Ok(first) => first,
+                Err(e) => return self.refuse_merge(format!("a sort key could not be decoded: {}", e.0)),
+            };
             let Some(index) = first else {
                 break;
             };
@@ -605,8 +598,10 @@ struct Stream {
 /// The next row of a stream with its decoded sort keys.
 struct Head {
     row: Bytes,
-    /// Per key: the binary value and the collation name.
-    keys: Vec<(Option<Bytes>, Option<Bytes>)>,
+    /// Per key: the binary value.
+    keys: Vec<Option<Bytes>>,
+    /// Per key: the name of the collation it sorts under (or NULL).
+    collations: Vec<Option<Bytes>>,
 }
 
 impl Stream {
@@ -615,16 +610,17 @@ impl Stream {
         self.head = None;
         loop {
             if let Some(row) = self.rows.pop_front() {
-                let keys = match key_values(&row, self.visible) {
-                    Some(keys) => keys,
-                    None => {
-                        return Err(Event::Lost {
-                            server: self.server,
-                            error: "malformed row".into(),
-                        })
-                    }
+                let Some((keys, collations)) = key_values(&row, self.visible) else {
+                    return Err(Event::Lost {
+                        server: self.server,
+                        error: "malformed row".into(),
+                    });
                 };
-                self.head = Some(Head { row, keys });
+                self.head = Some(Head {
+                    row,
+                    keys,
+                    collations,
+                });
                 return Ok(());
             }
             if self.done {
@@ -646,7 +642,7 @@ impl Stream {
             if !spec.kind.collatable() {
                 continue;
             }
-            let Some((_, Some(collation))) = head.keys.get(i) else {
+            let Some(Some(collation)) = head.collations.get(i) else {
                 continue;
             };
             let collation = String::from_utf8_lossy(collation);
@@ -662,33 +658,14 @@ impl Stream {
     }
 }
 
-/// The hidden key columns of a sorted row: they follow the `visible` ones
-/// in pairs (value, collation name).
-fn key_values(row: &Bytes, visible: usize) -> Option<Vec<(Option<Bytes>, Option<Bytes>)>> {
+/// The hidden columns of a sorted row: after the `visible` ones, per key
+/// its value and its collation's name.
+fn key_values(row: &Bytes, visible: usize) -> Option<(Vec<Option<Bytes>>, Vec<Option<Bytes>>)> {
     let values = rows::data_row_values(row).ok()?;
-    let keys = values.get(visible..)?;
-    Some(
-        keys.chunks(2)
-            .map(|pair| (pair.first().cloned().flatten(), pair.get(1).cloned().flatten()))
-            .collect(),
-    )
-}
-
-fn compare_heads(
-    specs: &[SortSpec],
-    a: &[(Option<Bytes>, Option<Bytes>)],
-    b: &[(Option<Bytes>, Option<Bytes>)],
-) -> Result<Ordering, String> {
-    for (i, spec) in specs.iter().enumerate() {
-        let left = a.get(i).and_then(|(v, _)| v.as_deref());
-        let right = b.get(i).and_then(|(v, _)| v.as_deref());
-        match compare(spec, left, right) {
-            Ok(Ordering::Equal) => continue,
-            Ok(order) => return Ok(order),
-            Err(e) => return Err(format!("a sort key could not be decoded: {}", e.0)),
-        }
-    }
-    Ok(Ordering::Equal)
+    let hidden = values.get(visible..)?;
+    let keys = hidden.iter().step_by(2).cloned().collect();
+    let collations = hidden.iter().skip(1).step_by(2).cloned().collect();
+    Some((keys, collations))
 }
 
 fn put_message(tag: u8, body: &[u8], out: &mut BytesMut) {
