@@ -108,9 +108,12 @@ proptest! {
         let map = map();
         for command in &analyzed.analysis.commands {
             if let Command::Data(data) = command {
-                let _ = route_data(data, &map, &analyzed.literals, None);
+                let _ = route_data(data, &map, &analyzed.literals, None, false);
+                let _ = route_data(data, &map, &analyzed.literals, None, true);
             }
         }
+        // The scatter planner sees the text as the client sent it.
+        let _ = proxy::analyze::scatter::plan(&sql, &FuzzTables);
     }
 
     #[test]
@@ -120,7 +123,7 @@ proptest! {
         let analyzer = Analyzer::new(64);
         let analyzed = analyzer.analyze(&sql);
         let Command::Data(data) = &analyzed.analysis.commands[0] else { panic!("data statement") };
-        let routed = route_data(data, &map(), &analyzed.literals, None);
+        let routed = route_data(data, &map(), &analyzed.literals, None, false);
         prop_assert!(routed.is_ok(), "{:?}", routed);
     }
 
@@ -154,5 +157,19 @@ proptest! {
         prop_assert_eq!(parameterized.text.as_str(), "SELECT * FROM users WHERE user_id = $1");
         let expected = if key <= i64::from(i32::MAX) { 23 } else { 20 };
         prop_assert_eq!(proxy::analyze::integer_literal_type(&analyzed.literals[0]), Some(expected));
+    }
+}
+
+/// The planner's view of the fuzzed schema: `users` sharded, `countries` a
+/// reference table.
+struct FuzzTables;
+
+impl proxy::analyze::scatter::TableInfo for FuzzTables {
+    fn sharded(&self, name: &str) -> Option<(&str, &str)> {
+        (name == "users").then_some(("user_id", "users"))
+    }
+
+    fn is_reference(&self, name: &str) -> bool {
+        name == "countries"
     }
 }

@@ -21,6 +21,7 @@
 
 mod binding;
 mod client;
+mod combine;
 mod extended;
 mod gather;
 mod hold;
