@@ -150,11 +150,8 @@ pub(super) fn distinct(
         };
         order_items.push(format!("{at}{}", direction(order_by)));
     }
-    let mut partial = select.clone();
-    partial.projection = exprs
-        .iter()
-        .map(|e| SelectItem::UnnamedExpr((*e).clone()))
-        .collect();
+    // As written: GROUP BY may name the select items' aliases.
+    let partial = select.clone();
     let final_sql = format!(
         "SELECT DISTINCT {} FROM {}{}",
         final_select_list(select, (1..=visible).map(column).collect()),
