@@ -479,19 +479,20 @@ fn order_targets<'q>(
 /// does for ORDER BY (GROUP BY resolves names differently: `group_exprs`).
 fn select_item_target(expr: &Expr, select: &Select, clause: &str) -> Result<OrderTarget, Refusal> {
     if let Some(at) = position(expr) {
-        let at = at.ok().filter(|&n| n >= 1 && n <= select.projection.len());
-        let Some(at) = at else {
+        let at = at.ok().filter(|&n| n >= 1);
+        let before = at.map_or(0, |n| n.min(select.projection.len()));
+        if select.projection[..before].iter().any(|i| output_name(i).is_none()) {
+            return Err(refuse(
+                format!("cannot resolve {clause} {expr} with * in the select list: the proxy does not know the columns * stands for"),
+                "Name the columns in the select list, or write the expression instead of its position.",
+            ));
+        }
+        let Some(at) = at.filter(|&n| n <= select.projection.len()) else {
             return Err(refuse(
                 format!("{clause} position {expr} is not in the select list"),
                 "Use a position between 1 and the number of select items.",
             ));
         };
-        if select.projection[..at].iter().any(|i| output_name(i).is_none()) {
-            return Err(refuse(
-                format!("cannot resolve {clause} {at} with * in the select list: the proxy does not know the columns * stands for"),
-                "Name the columns in the select list, or write the expression instead of its position.",
-            ));
-        }
         return Ok(OrderTarget::Position(at));
     }
     if let Expr::Identifier(ident) = expr {
