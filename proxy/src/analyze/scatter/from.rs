@@ -39,9 +39,10 @@ impl FromInfo {
     /// The instance whose key column `expr` is, if it is one.
     fn key_of(&self, expr: &Expr) -> Option<usize> {
         let (qualifier, column) = column_ref(expr)?;
-        let mut matching = self.instances.iter().enumerate().filter(|(_, i)| {
-            i.key == column && qualifier.as_ref().is_none_or(|q| *q == i.label)
-        });
+        let mut matching =
+            self.instances.iter().enumerate().filter(|(_, i)| {
+                i.key == column && qualifier.as_ref().is_none_or(|q| *q == i.label)
+            });
         let (found, _) = matching.next()?;
         // An unqualified name shared by several instances is ambiguous
         // (Postgres refuses it), so it is nobody's key.
@@ -194,12 +195,12 @@ impl Walk<'_> {
                 ))
             }
             // Subqueries that read sharded tables are refused before this.
-            TableFactor::Derived { .. } | TableFactor::UNNEST { .. } | TableFactor::Function { .. } => {
-                Ok(Side {
-                    sharded: Vec::new(),
-                    single: true,
-                })
-            }
+            TableFactor::Derived { .. }
+            | TableFactor::UNNEST { .. }
+            | TableFactor::Function { .. } => Ok(Side {
+                sharded: Vec::new(),
+                single: true,
+            }),
             TableFactor::NestedJoin {
                 table_with_joins, ..
             } => {
@@ -287,11 +288,13 @@ impl Walk<'_> {
             ));
         }
         let edges = self.constraint_edges(constraint, preserved, nullable);
-        let partner = edges.iter().find_map(|&(a, b)| match (a == only, b == only) {
-            (true, false) if preserved.sharded.contains(&b) => Some(b),
-            (false, true) if preserved.sharded.contains(&a) => Some(a),
-            _ => None,
-        });
+        let partner = edges
+            .iter()
+            .find_map(|&(a, b)| match (a == only, b == only) {
+                (true, false) if preserved.sharded.contains(&b) => Some(b),
+                (false, true) if preserved.sharded.contains(&a) => Some(a),
+                _ => None,
+            });
         let Some(partner) = partner else {
             return Err(self.missing_join(
                 preserved.sharded[0],
@@ -304,7 +307,12 @@ impl Walk<'_> {
         Ok(())
     }
 
-    fn constraint_edges(&self, constraint: &JoinConstraint, left: &Side, right: &Side) -> Vec<Edge> {
+    fn constraint_edges(
+        &self,
+        constraint: &JoinConstraint,
+        left: &Side,
+        right: &Side,
+    ) -> Vec<Edge> {
         match constraint {
             JoinConstraint::On(on) => self.edges(on),
             JoinConstraint::Using(columns) => {

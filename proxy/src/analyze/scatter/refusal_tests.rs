@@ -13,7 +13,11 @@ fn refused(sql: &str, why: &str) -> Refusal {
                 "{sql}: the message should say {why:?}: {}",
                 refusal.message
             );
-            assert!(refusal.hint.ends_with('.'), "{sql}: hint: {:?}", refusal.hint);
+            assert!(
+                refusal.hint.ends_with('.'),
+                "{sql}: hint: {:?}",
+                refusal.hint
+            );
             refusal
         }
     }
@@ -28,6 +32,10 @@ fn window_functions() {
     refused(
         "SELECT sum(likes) OVER (PARTITION BY user_id) FROM photos",
         "window functions (sum() OVER)",
+    );
+    refused(
+        "SELECT photo_id FROM photos ORDER BY row_number() OVER (ORDER BY likes)",
+        "window functions (row_number() OVER)",
     );
     refused(
         "SELECT photo_id FROM photos WINDOW w AS (ORDER BY likes)",
@@ -64,18 +72,33 @@ fn subqueries_and_ctes_over_sharded_tables() {
 fn writes_locks_and_other_statements() {
     refused("SELECT * INTO archive FROM photos", "SELECT ... INTO");
     refused("SELECT * FROM photos FOR UPDATE", "FOR UPDATE/SHARE");
-    refused("SELECT * FROM photos FOR SHARE SKIP LOCKED", "FOR UPDATE/SHARE");
+    refused(
+        "SELECT * FROM photos FOR SHARE SKIP LOCKED",
+        "FOR UPDATE/SHARE",
+    );
     refused("UPDATE photos SET likes = 0", "only a single SELECT");
-    refused("SELECT 1 FROM photos; SELECT 2 FROM photos", "only a single SELECT");
+    refused(
+        "SELECT 1 FROM photos; SELECT 2 FROM photos",
+        "only a single SELECT",
+    );
     refused("SELEC * FROM photos", "does not parse");
     refused("VALUES (1)", "cannot run this statement");
-    refused("SELECT * FROM photos FETCH FIRST 3 ROWS ONLY", "FETCH FIRST");
+    refused(
+        "SELECT * FROM photos FETCH FIRST 3 ROWS ONLY",
+        "FETCH FIRST",
+    );
 }
 
 #[test]
 fn volatile_functions_in_order_group_and_distinct() {
-    refused("SELECT * FROM photos ORDER BY random()", "random() in ORDER BY");
-    refused("SELECT random() AS r FROM photos ORDER BY r", "random() in ORDER BY");
+    refused(
+        "SELECT * FROM photos ORDER BY random()",
+        "random() in ORDER BY",
+    );
+    refused(
+        "SELECT random() AS r FROM photos ORDER BY r",
+        "random() in ORDER BY",
+    );
     refused(
         "SELECT count(*) FROM photos GROUP BY likes > random()",
         "random() in GROUP BY",
@@ -108,7 +131,11 @@ fn joins_of_sharded_tables_need_equal_keys_in_one_group() {
         "SELECT * FROM photos JOIN user_follow ON photos.photo_id = user_follow.user_id",
         "join \"photos\" and \"user_follow\" on photos.user_id = user_follow.follower_id",
     );
-    assert!(r.hint.contains("photos.user_id = user_follow.follower_id"), "{}", r.hint);
+    assert!(
+        r.hint.contains("photos.user_id = user_follow.follower_id"),
+        "{}",
+        r.hint
+    );
     refused(
         "SELECT * FROM photos p, user_follow f WHERE p.user_id = f.follower_id OR p.likes > 3",
         "join \"photos\" and \"user_follow\" on p.user_id = f.follower_id",
@@ -163,7 +190,10 @@ fn outer_joins_that_keep_reference_rows() {
 
 #[test]
 fn tables_that_are_not_everywhere() {
-    refused("SELECT * FROM photos JOIN audit_log a ON true", "\"audit_log\" in a statement");
+    refused(
+        "SELECT * FROM photos JOIN audit_log a ON true",
+        "\"audit_log\" in a statement",
+    );
     refused("SELECT * FROM other.photos", "\"other.photos\"");
     refused("SELECT * FROM countries", "no sharded table is read");
 }
@@ -212,17 +242,26 @@ fn grouped_shapes_that_cannot_be_combined() {
         "SELECT count(*) FROM photos HAVING max(likes) > likes",
         "column likes must appear",
     );
-    refused("SELECT *, count(*) FROM photos GROUP BY country", "the columns of * are not known");
+    refused(
+        "SELECT *, count(*) FROM photos GROUP BY country",
+        "the columns of * are not known",
+    );
     refused(
         "SELECT country, count(*) * (SELECT rate FROM currencies LIMIT 1) FROM photos GROUP BY country",
         "cannot compute a subquery over combined results",
     );
-    refused("SELECT count(*) FROM photos GROUP BY ROLLUP (country)", "ROLLUP");
+    refused(
+        "SELECT count(*) FROM photos GROUP BY ROLLUP (country)",
+        "ROLLUP",
+    );
     refused(
         "SELECT count(*) FROM photos GROUP BY GROUPING SETS ((country), ())",
         "GROUPING SETS",
     );
-    refused("SELECT 1 FROM photos HAVING true", "HAVING without GROUP BY");
+    refused(
+        "SELECT 1 FROM photos HAVING true",
+        "HAVING without GROUP BY",
+    );
     refused(
         "SELECT DISTINCT country FROM photos ORDER BY city",
         "ORDER BY expressions must appear in the select list",
@@ -231,9 +270,18 @@ fn grouped_shapes_that_cannot_be_combined() {
 
 #[test]
 fn order_by_that_cannot_be_merged() {
-    refused("SELECT * FROM photos ORDER BY 2", "with * in the select list");
-    refused("SELECT photo_id FROM photos ORDER BY 3", "position 3 is not in the select list");
-    refused("SELECT photo_id FROM photos ORDER BY likes USING >", "USING >");
+    refused(
+        "SELECT * FROM photos ORDER BY 2",
+        "with * in the select list",
+    );
+    refused(
+        "SELECT photo_id FROM photos ORDER BY 3",
+        "position 3 is not in the select list",
+    );
+    refused(
+        "SELECT photo_id FROM photos ORDER BY likes USING >",
+        "USING >",
+    );
     refused(
         "SELECT likes AS x, -likes AS x FROM photos ORDER BY x",
         "ORDER BY \"x\" is ambiguous",

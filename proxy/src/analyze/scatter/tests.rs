@@ -95,7 +95,10 @@ fn plain_rows_are_concatenated_and_keep_parameters() {
 fn limit_and_offset_are_pushed_as_their_sum_and_applied_once() {
     let p = plan_of("SELECT photo_id FROM photos LIMIT 10 OFFSET 5");
     assert_eq!(p.partial_sql, "SELECT photo_id FROM photos LIMIT 15");
-    assert_eq!((p.limit, p.offset), (Some(Bound::Const(10)), Some(Bound::Const(5))));
+    assert_eq!(
+        (p.limit, p.offset),
+        (Some(Bound::Const(10)), Some(Bound::Const(5)))
+    );
 
     let p = plan_of("SELECT photo_id FROM photos WHERE likes > $3 LIMIT $1 OFFSET $2");
     assert!(
@@ -104,10 +107,17 @@ fn limit_and_offset_are_pushed_as_their_sum_and_applied_once() {
         "{}",
         p.partial_sql
     );
-    assert_eq!((p.limit, p.offset), (Some(Bound::Param(0)), Some(Bound::Param(1))));
+    assert_eq!(
+        (p.limit, p.offset),
+        (Some(Bound::Param(0)), Some(Bound::Param(1)))
+    );
 
     let p = plan_of("SELECT photo_id FROM photos LIMIT $1::int8");
-    assert!(p.partial_sql.ends_with("LIMIT CAST($1 AS INT8)"), "{}", p.partial_sql);
+    assert!(
+        p.partial_sql.ends_with("LIMIT CAST($1 AS INT8)"),
+        "{}",
+        p.partial_sql
+    );
 
     for unlimited in [
         "SELECT photo_id FROM photos LIMIT ALL",
@@ -122,7 +132,10 @@ fn limit_and_offset_are_pushed_as_their_sum_and_applied_once() {
     assert_eq!((p.limit, p.offset), (None, Some(Bound::Const(3))));
 
     let p = plan_of("SELECT photo_id FROM photos LIMIT 9223372036854775807 OFFSET 1");
-    assert_eq!(p.partial_sql, "SELECT photo_id FROM photos", "a sum past int8 is no limit");
+    assert_eq!(
+        p.partial_sql, "SELECT photo_id FROM photos",
+        "a sum past int8 is no limit"
+    );
 }
 
 #[test]
@@ -146,7 +159,11 @@ fn order_by_aliases_positions_and_expressions_resolve_like_postgres() {
          ORDER BY c NULLS FIRST, 2 DESC NULLS LAST, likes * 2 ASC",
     );
     assert_eq!(keys(&p), vec![(false, true), (true, false), (false, false)]);
-    assert!(p.partial_sql.contains("(lower(caption)) AS _sl_k0"), "{}", p.partial_sql);
+    assert!(
+        p.partial_sql.contains("(lower(caption)) AS _sl_k0"),
+        "{}",
+        p.partial_sql
+    );
     assert!(p.partial_sql.contains("(user_id) AS _sl_k1"));
     assert!(p.partial_sql.contains("(likes * 2) AS _sl_k2"));
     assert!(
@@ -162,13 +179,23 @@ fn order_by_aliases_positions_and_expressions_resolve_like_postgres() {
     assert!(p.partial_sql.contains("(taken) AS _sl_k0"));
     // An output name wins over the input column of that name.
     let p = plan_of("SELECT -likes AS likes FROM photos ORDER BY likes");
-    assert!(p.partial_sql.contains("(-likes) AS _sl_k0"), "{}", p.partial_sql);
+    assert!(
+        p.partial_sql.contains("(-likes) AS _sl_k0"),
+        "{}",
+        p.partial_sql
+    );
     // Output names include the ones Postgres makes up.
     let p = plan_of("SELECT upper(caption) FROM photos ORDER BY upper DESC");
-    assert!(p.partial_sql.contains("(upper(caption)) AS _sl_k0"), "{}", p.partial_sql);
+    assert!(
+        p.partial_sql.contains("(upper(caption)) AS _sl_k0"),
+        "{}",
+        p.partial_sql
+    );
     // With *, an expression key is fine (hidden columns come after *).
     let p = plan_of("SELECT * FROM photos ORDER BY taken COLLATE \"C\" DESC");
-    assert!(p.partial_sql.contains("pg_collation_for((taken COLLATE \"C\")) AS _sl_c0"));
+    assert!(p
+        .partial_sql
+        .contains("pg_collation_for((taken COLLATE \"C\")) AS _sl_c0"));
     assert_eq!((p.visible, p.hidden), (0, 2));
 }
 
@@ -232,7 +259,10 @@ fn grouping_by_the_sharding_key_runs_any_aggregate_on_the_servers() {
 #[test]
 fn plain_aggregates_combine_partials() {
     let p = plan_of("SELECT count(*) FROM photos WHERE likes > $1");
-    assert_eq!(p.partial_sql, "SELECT count(*) FROM photos WHERE likes > $1");
+    assert_eq!(
+        p.partial_sql,
+        "SELECT count(*) FROM photos WHERE likes > $1"
+    );
     assert_eq!(
         final_sql(&p),
         "SELECT CAST(sum(c1) AS INT8) AS \"count\" FROM (VALUES __SL_ROWS__) AS _sl(c1)"
@@ -261,9 +291,18 @@ fn grouped_aggregates_combine_by_kind() {
          FROM (VALUES __SL_ROWS__) AS _sl(c1, c2, c3, c4, c5, c6, c7, c8, c9) \
          GROUP BY c1 ORDER BY 3 DESC"
     );
-    assert_eq!((p.limit, p.offset), (Some(Bound::Const(10)), Some(Bound::Param(0))));
+    assert_eq!(
+        (p.limit, p.offset),
+        (Some(Bound::Const(10)), Some(Bound::Param(0)))
+    );
     assert_eq!(p.visible, 9);
-    assert!(matches!(p.merge, Merge::Combine { partial_columns: 9, .. }));
+    assert!(matches!(
+        p.merge,
+        Merge::Combine {
+            partial_columns: 9,
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -278,8 +317,14 @@ fn aggregates_inside_expressions_having_and_order_by() {
     );
     let f = final_sql(&p);
     assert!(f.contains("round(__SL_AVG_c2_c3__, 2) AS \"a\""), "{f}");
-    assert!(f.contains("CAST(sum(c2) AS __SL_TYPE_c2__) * 2 AS \"?column?\""), "{f}");
-    assert!(f.contains("CAST(sum(c4) AS INT8) + 1 AS \"?column?\""), "{f}");
+    assert!(
+        f.contains("CAST(sum(c2) AS __SL_TYPE_c2__) * 2 AS \"?column?\""),
+        "{f}"
+    );
+    assert!(
+        f.contains("CAST(sum(c4) AS INT8) + 1 AS \"?column?\""),
+        "{f}"
+    );
     assert!(
         f.ends_with(
             "GROUP BY c1 HAVING CAST(sum(c2) AS __SL_TYPE_c2__) > $1 AND c1 <> 'xx' \
@@ -301,7 +346,10 @@ fn filter_and_distinct_key_aggregates_stay_in_the_partial() {
          sum(DISTINCT photos.user_id), max(DISTINCT likes) FROM photos"
     );
     let f = final_sql(&p);
-    assert!(f.starts_with("SELECT CAST(sum(c1) AS INT8) AS \"count\", CAST(sum(c2) AS INT8)"), "{f}");
+    assert!(
+        f.starts_with("SELECT CAST(sum(c1) AS INT8) AS \"count\", CAST(sum(c2) AS INT8)"),
+        "{f}"
+    );
     assert!(!f.contains("FILTER") && !f.contains("DISTINCT"), "{f}");
 }
 
@@ -314,7 +362,11 @@ fn group_by_aliases_positions_and_dependent_items() {
         p.partial_sql,
         "SELECT date_trunc('day', taken), count(*) FROM photos GROUP BY date_trunc('day', taken)"
     );
-    assert!(final_sql(&p).ends_with("GROUP BY c1 ORDER BY 1"), "{}", final_sql(&p));
+    assert!(
+        final_sql(&p).ends_with("GROUP BY c1 ORDER BY 1"),
+        "{}",
+        final_sql(&p)
+    );
 
     // `caption` is read as a column, so GROUP BY caption is the column, not the alias.
     let p = plan_of("SELECT lower(caption) AS caption, count(*) FROM photos GROUP BY caption");
@@ -322,7 +374,11 @@ fn group_by_aliases_positions_and_dependent_items() {
         p.partial_sql,
         "SELECT caption, lower(caption), count(*) FROM photos GROUP BY caption"
     );
-    assert!(final_sql(&p).contains("GROUP BY c1, c2"), "{}", final_sql(&p));
+    assert!(
+        final_sql(&p).contains("GROUP BY c1, c2"),
+        "{}",
+        final_sql(&p)
+    );
     assert!(final_sql(&p).starts_with("SELECT c2 AS \"caption\""));
 
     // Items computed from the groups are partial columns grouped by too.
@@ -354,16 +410,24 @@ fn constants_without_group_by_are_computed_once_by_the_final_query() {
 
 #[test]
 fn final_columns_keep_the_names_one_server_would_send() {
-    let p = plan_of("SELECT country AS \"Country\", count(*) AS N, sum(likes)::int8 FROM photos GROUP BY 1");
+    let p = plan_of(
+        "SELECT country AS \"Country\", count(*) AS N, sum(likes)::int8 FROM photos GROUP BY 1",
+    );
     let f = final_sql(&p);
-    assert!(f.starts_with("SELECT c1 AS \"Country\", CAST(sum(c2) AS INT8) AS \"n\", "), "{f}");
+    assert!(
+        f.starts_with("SELECT c1 AS \"Country\", CAST(sum(c2) AS INT8) AS \"n\", "),
+        "{f}"
+    );
     assert!(f.contains("::INT8 AS \"sum\""), "{f}");
 }
 
 #[test]
 fn distinct_is_combined_by_a_final_distinct() {
     let p = plan_of("SELECT DISTINCT country, city AS town FROM photos ORDER BY town DESC LIMIT 3");
-    assert_eq!(p.partial_sql, "SELECT DISTINCT country, city AS town FROM photos");
+    assert_eq!(
+        p.partial_sql,
+        "SELECT DISTINCT country, city AS town FROM photos"
+    );
     assert_eq!(
         final_sql(&p),
         "SELECT DISTINCT c1 AS \"country\", c2 AS \"town\" \
@@ -375,6 +439,24 @@ fn distinct_is_combined_by_a_final_distinct() {
 
     // Per-server groups, then DISTINCT across servers.
     let p = plan_of("SELECT DISTINCT count(*) AS n FROM photos GROUP BY user_id ORDER BY 1");
-    assert_eq!(p.partial_sql, "SELECT DISTINCT count(*) AS n FROM photos GROUP BY user_id");
+    assert_eq!(
+        p.partial_sql,
+        "SELECT DISTINCT count(*) AS n FROM photos GROUP BY user_id"
+    );
     assert!(final_sql(&p).ends_with("ORDER BY 1"));
+}
+
+#[test]
+fn aggregates_only_in_order_by_still_combine() {
+    let p = plan_of("SELECT country FROM photos GROUP BY country ORDER BY count(*) DESC LIMIT 3");
+    assert_eq!(
+        p.partial_sql,
+        "SELECT country, count(*) FROM photos GROUP BY country"
+    );
+    assert_eq!(
+        final_sql(&p),
+        "SELECT c1 AS \"country\" FROM (VALUES __SL_ROWS__) AS _sl(c1, c2) \
+         GROUP BY c1 ORDER BY CAST(sum(c2) AS INT8) DESC"
+    );
+    assert_eq!((p.visible, p.limit), (1, Some(Bound::Const(3))));
 }
