@@ -24,8 +24,8 @@ use std::fmt;
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    Distinct, Expr, GroupByExpr, ObjectName, ObjectNamePart, OrderByExpr, OrderByKind,
-    OrderBySort, Query, Select, SelectItem, SetExpr, Statement, Value, Visit, Visitor,
+    Distinct, Expr, GroupByExpr, ObjectName, ObjectNamePart, OrderByExpr, OrderByKind, OrderBySort,
+    Query, Select, SelectItem, SetExpr, Statement, Value, Visit, Visitor,
 };
 use sqlparser::ast::{Ident, LimitClause};
 use sqlparser::dialect::PostgreSqlDialect;
@@ -127,7 +127,7 @@ pub struct SortKey {
 enum OrderTarget {
     /// 1-based.
     Position(usize),
-    Expr(Expr),
+    Expr(Box<Expr>),
 }
 
 pub fn plan(sql: &str, tables: &dyn TableInfo) -> Result<ScatterPlan, Refusal> {
@@ -135,7 +135,10 @@ pub fn plan(sql: &str, tables: &dyn TableInfo) -> Result<ScatterPlan, Refusal> {
     let ctes = check_query(&query)?;
     let SetExpr::Select(select) = query.body.as_ref() else {
         return Err(refuse(
-            format!("cannot run this statement on several servers: {}", query.body),
+            format!(
+                "cannot run this statement on several servers: {}",
+                query.body
+            ),
             "Write a plain SELECT, or add the sharding key to the WHERE clause.",
         ));
     };
@@ -147,24 +150,26 @@ pub fn plan(sql: &str, tables: &dyn TableInfo) -> Result<ScatterPlan, Refusal> {
     for (target, _) in &order {
         if let OrderTarget::Expr(expr) = target {
             refuse_volatile(expr, "ORDER BY")?;
+            if let Some(name) = window_function(expr) {
+                return Err(window_refusal(Some(name)));
+            }
         }
     }
     let groups = group_exprs(select, &from)?;
     for expr in &groups {
         refuse_volatile(expr, "GROUP BY")?;
     }
-    let distinct = match &select.distinct {
-        None | Some(Distinct::All) => false,
-        Some(Distinct::Distinct) => true,
-        Some(Distinct::On(_)) => {
-            return Err(refuse(
+    let distinct =
+        match &select.distinct {
+            None | Some(Distinct::All) => false,
+            Some(Distinct::Distinct) => true,
+            Some(Distinct::On(_)) => return Err(refuse(
                 "cannot run SELECT DISTINCT ON on several servers: which row of each group comes \
                  first depends on rows of all servers, and the proxy does not re-pick them"
                     .into(),
                 "Use GROUP BY with aggregates, or add the sharding key to the WHERE clause.",
-            ))
-        }
-    };
+            )),
+        };
     if distinct {
         for item in &select.projection {
             if let SelectItem::UnnamedExpr(expr) | SelectItem::ExprWithAlias { expr, .. } = item {
@@ -240,7 +245,9 @@ fn parse(sql: &str) -> Result<Query, Refusal> {
 fn check_query(query: &Query) -> Result<BTreeSet<String>, Refusal> {
     if let SetExpr::SetOperation { op, .. } = query.body.as_ref() {
         return Err(refuse(
-            format!("cannot run {op} on several servers: the proxy does not combine set operations"),
+            format!(
+                "cannot run {op} on several servers: the proxy does not combine set operations"
+            ),
             "Run each SELECT separately and combine them in the application, or add the \
              sharding key to the WHERE clause.",
         ));
@@ -282,16 +289,20 @@ fn check_select(select: &Select) -> Result<(), Refusal> {
         .chain(&select.having)
         .find_map(window_function);
     if window.is_some() || !select.named_window.is_empty() {
-        return Err(refuse(
-            format!(
-                "cannot run window functions ({}OVER) across servers: a window sees rows of \
-                 every server",
-                window.map_or(String::new(), |name| format!("{name}() "))
-            ),
-            "Compute the window in the application, or add the sharding key to the WHERE clause.",
-        ));
+        return Err(window_refusal(window));
     }
     Ok(())
+}
+
+fn window_refusal(function: Option<String>) -> Refusal {
+    refuse(
+        format!(
+            "cannot run window functions ({}OVER) across servers: a window sees rows of every \
+             server",
+            function.map_or(String::new(), |name| format!("{name}() "))
+        ),
+        "Compute the window in the application, or add the sharding key to the WHERE clause.",
+    )
 }
 
 /// Subqueries and CTEs may read reference tables only: a sharded table in
@@ -374,7 +385,7 @@ fn select_level_exprs<'a>(
         })
         .chain(&select.having)
         .chain(order.iter().filter_map(|(target, _)| match target {
-            OrderTarget::Expr(e) => Some(e),
+            OrderTarget::Expr(e) => Some(&**e),
             OrderTarget::Position(_) => None,
         }))
         .collect()
@@ -391,11 +402,16 @@ fn bound(expr: &Expr, clause: &str) -> Result<Option<Bound>, Refusal> {
         Expr::Nested(inner) | Expr::Cast { expr: inner, .. } => bound(inner, clause),
         Expr::Value(v) => match &v.value {
             Value::Null => Ok(None),
-            Value::Number(text, _) => text.parse().map(|n| Some(Bound::Const(n))).map_err(|_| not_constant()),
-            Value::Placeholder(p) => match p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
-                Some(n) if n >= 1 => Ok(Some(Bound::Param(n - 1))),
-                _ => Err(not_constant()),
-            },
+            Value::Number(text, _) => text
+                .parse()
+                .map(|n| Some(Bound::Const(n)))
+                .map_err(|_| not_constant()),
+            Value::Placeholder(p) => {
+                match p.strip_prefix('$').and_then(|n| n.parse::<usize>().ok()) {
+                    Some(n) if n >= 1 => Ok(Some(Bound::Param(n - 1))),
+                    _ => Err(not_constant()),
+                }
+            }
             _ => Err(not_constant()),
         },
         _ => Err(not_constant()),
@@ -410,7 +426,11 @@ fn bounds(query: &Query) -> Result<(Option<Bound>, Option<Bound>), Refusal> {
             offset,
             limit_by,
         }) if limit_by.is_empty() => Ok((
-            limit.as_ref().map(|l| bound(l, "LIMIT")).transpose()?.flatten(),
+            limit
+                .as_ref()
+                .map(|l| bound(l, "LIMIT"))
+                .transpose()?
+                .flatten(),
             offset
                 .as_ref()
                 .map(|o| bound(&o.value, "OFFSET"))
@@ -480,19 +500,23 @@ fn order_targets<'q>(
 /// does for ORDER BY (GROUP BY resolves names differently: `group_exprs`).
 fn select_item_target(expr: &Expr, select: &Select, clause: &str) -> Result<OrderTarget, Refusal> {
     if let Some(at) = position(expr) {
-        let at = at.ok().filter(|&n| n >= 1 && n <= select.projection.len());
-        let Some(at) = at else {
+        let at = at.ok().filter(|&n| n >= 1);
+        let before = at.map_or(0, |n| n.min(select.projection.len()));
+        if select.projection[..before]
+            .iter()
+            .any(|i| output_name(i).is_none())
+        {
+            return Err(refuse(
+                format!("cannot resolve {clause} {expr} with * in the select list: the proxy does not know the columns * stands for"),
+                "Name the columns in the select list, or write the expression instead of its position.",
+            ));
+        }
+        let Some(at) = at.filter(|&n| n <= select.projection.len()) else {
             return Err(refuse(
                 format!("{clause} position {expr} is not in the select list"),
                 "Use a position between 1 and the number of select items.",
             ));
         };
-        if select.projection[..at].iter().any(|i| output_name(i).is_none()) {
-            return Err(refuse(
-                format!("cannot resolve {clause} {at} with * in the select list: the proxy does not know the columns * stands for"),
-                "Name the columns in the select list, or write the expression instead of its position.",
-            ));
-        }
         return Ok(OrderTarget::Position(at));
     }
     if let Expr::Identifier(ident) = expr {
@@ -502,7 +526,10 @@ fn select_item_target(expr: &Expr, select: &Select, clause: &str) -> Result<Orde
             .collect();
         if let Some(&first) = matching.first() {
             let first_expr = item_expr(&select.projection[first]);
-            if matching.iter().any(|&i| item_expr(&select.projection[i]) != first_expr) {
+            if matching
+                .iter()
+                .any(|&i| item_expr(&select.projection[i]) != first_expr)
+            {
                 return Err(refuse(
                     format!("{clause} \"{name}\" is ambiguous"),
                     "Use a position or a distinct alias.",
@@ -511,7 +538,7 @@ fn select_item_target(expr: &Expr, select: &Select, clause: &str) -> Result<Orde
             return Ok(OrderTarget::Position(first + 1));
         }
     }
-    Ok(OrderTarget::Expr(expr.clone()))
+    Ok(OrderTarget::Expr(Box::new(expr.clone())))
 }
 
 fn item_expr(item: &SelectItem) -> Option<&Expr> {
@@ -525,7 +552,7 @@ fn item_expr(item: &SelectItem) -> Option<&Expr> {
 fn target_expr<'a>(target: &'a OrderTarget, select: &'a Select) -> Option<&'a Expr> {
     match target {
         OrderTarget::Position(at) => select.projection.get(at - 1).and_then(item_expr),
-        OrderTarget::Expr(expr) => Some(expr),
+        OrderTarget::Expr(expr) => Some(&**expr),
     }
 }
 
@@ -561,7 +588,10 @@ fn group_exprs(select: &Select, from: &FromInfo) -> Result<Vec<Expr>, Refusal> {
         .collect();
     let mut out = Vec::new();
     for item in items {
-        if matches!(item, Expr::GroupingSets(_) | Expr::Cube(_) | Expr::Rollup(_)) {
+        if matches!(
+            item,
+            Expr::GroupingSets(_) | Expr::Cube(_) | Expr::Rollup(_)
+        ) {
             return Err(refuse(
                 format!("cannot run GROUP BY {item} on several servers"),
                 "Run one GROUP BY per grouping set.",
@@ -579,8 +609,10 @@ fn group_exprs(select: &Select, from: &FromInfo) -> Result<Vec<Expr>, Refusal> {
             continue;
         }
         match select_item_target(item, select, "GROUP BY")? {
-            OrderTarget::Position(at) => out.extend(select.projection.get(at - 1).and_then(item_expr).cloned()),
-            OrderTarget::Expr(expr) => out.push(expr),
+            OrderTarget::Position(at) => {
+                out.extend(select.projection.get(at - 1).and_then(item_expr).cloned())
+            }
+            OrderTarget::Expr(expr) => out.push(*expr),
         }
     }
     Ok(out)
@@ -630,7 +662,7 @@ fn rows(
             nulls_first: by.options.nulls_first.unwrap_or(descending),
         });
     }
-    partial.body = Box::new(SetExpr::Select(Box::new(partial_select)));
+    *partial.body = SetExpr::Select(Box::new(partial_select));
     let known = select.projection.iter().all(|i| output_name(i).is_some());
     Ok(ScatterPlan {
         partial_sql: partial.to_string(),

@@ -7,8 +7,7 @@ use std::ops::ControlFlow;
 
 use sqlparser::ast::{
     DuplicateTreatment, Expr, Function, FunctionArgumentClause, FunctionArguments, GroupByExpr,
-    Ident, ObjectName, OrderByExpr, Query, Select, SelectItem, SetExpr, VisitMut,
-    VisitorMut,
+    Ident, ObjectName, OrderByExpr, Query, Select, SelectItem, SetExpr, VisitMut, VisitorMut,
 };
 
 use super::exprs::{
@@ -118,7 +117,7 @@ fn direction(order: &OrderByExpr) -> String {
 
 fn partial_query(query: &Query, select: Select) -> String {
     let mut partial = query.clone();
-    partial.body = Box::new(SetExpr::Select(Box::new(select)));
+    *partial.body = SetExpr::Select(Box::new(select));
     partial.order_by = None;
     partial.limit_clause = None;
     partial.to_string()
@@ -139,22 +138,25 @@ pub(super) fn distinct(
             OrderTarget::Position(at) => Some(*at),
             OrderTarget::Expr(expr) => {
                 let key = normalized(expr);
-                exprs.iter().position(|e| normalized(e) == key).map(|i| i + 1)
+                exprs
+                    .iter()
+                    .position(|e| normalized(e) == key)
+                    .map(|i| i + 1)
             }
         };
         let Some(at) = at else {
             return Err(refuse(
-                format!("for SELECT DISTINCT, ORDER BY expressions must appear in the select list: {}", order_by.expr),
+                format!(
+                    "for SELECT DISTINCT, ORDER BY expressions must appear in the select list: {}",
+                    order_by.expr
+                ),
                 "Add the expression to the select list.",
             ));
         };
         order_items.push(format!("{at}{}", direction(order_by)));
     }
-    let mut partial = select.clone();
-    partial.projection = exprs
-        .iter()
-        .map(|e| SelectItem::UnnamedExpr((*e).clone()))
-        .collect();
+    // As written: GROUP BY may name the select items' aliases.
+    let partial = select.clone();
     let final_sql = format!(
         "SELECT DISTINCT {} FROM {}{}",
         final_select_list(select, (1..=visible).map(column).collect()),
@@ -186,11 +188,14 @@ pub(super) fn aggregate(
     // checked that), so servers can compute them; ones that read no column
     // (constants, now()) are computed once, by the final query.
     let order_exprs = order.iter().filter_map(|(target, _)| match target {
-        OrderTarget::Expr(expr) => Some(expr),
+        OrderTarget::Expr(expr) => Some(&**expr),
         OrderTarget::Position(_) => None,
     });
     for expr in exprs.iter().copied().chain(order_exprs) {
-        if !contains_aggregate(expr) && mentions_column(expr) && partials.grouping_column(expr).is_none() {
+        if !contains_aggregate(expr)
+            && mentions_column(expr)
+            && partials.grouping_column(expr).is_none()
+        {
             if let Some(name) = volatile_function(expr) {
                 return Err(refuse(
                     format!("cannot group results from several servers by an expression using {name}(): its value differs per server"),
@@ -307,17 +312,24 @@ impl Rewriter<'_> {
             .iter()
             .any(|c| matches!(c, FunctionArgumentClause::OrderBy(_)))
         {
-            return Err(unsupported("an ORDER BY inside the aggregate needs all rows in one place"));
+            return Err(unsupported(
+                "an ORDER BY inside the aggregate needs all rows in one place",
+            ));
         }
         if !list.clauses.is_empty() || call.null_treatment.is_some() {
             return Err(unsupported("its argument clauses are not supported"));
         }
         let distinct = list.duplicate_treatment == Some(DuplicateTreatment::Distinct);
-        if distinct && !matches!(name.as_str(), "min" | "max" | "bool_and" | "bool_or" | "every") {
+        if distinct
+            && !matches!(
+                name.as_str(),
+                "min" | "max" | "bool_and" | "bool_or" | "every"
+            )
+        {
             let on_key = match &list.args[..] {
-                [sqlparser::ast::FunctionArg::Unnamed(sqlparser::ast::FunctionArgExpr::Expr(arg))] => {
-                    self.from.is_key(arg)
-                }
+                [sqlparser::ast::FunctionArg::Unnamed(sqlparser::ast::FunctionArgExpr::Expr(
+                    arg,
+                ))] => self.from.is_key(arg),
                 _ => false,
             };
             if !on_key {
@@ -355,7 +367,11 @@ impl Rewriter<'_> {
                 let c = self.partials.column(&renamed("count"), Role::Aggregate);
                 format!("__SL_AVG_c{s}_c{c}__")
             }
-            _ => return Err(unsupported("only the server holding all rows can compute it")),
+            _ => {
+                return Err(unsupported(
+                    "only the server holding all rows can compute it",
+                ))
+            }
         };
         generated(&text)
     }
@@ -366,7 +382,9 @@ impl VisitorMut for Rewriter<'_> {
 
     fn pre_visit_query(&mut self, query: &mut Query) -> ControlFlow<Refusal> {
         ControlFlow::Break(refuse(
-            format!("cannot compute a subquery over combined results from several servers: ({query})"),
+            format!(
+                "cannot compute a subquery over combined results from several servers: ({query})"
+            ),
             "Move the subquery into the FROM clause or compute it in a separate statement.",
         ))
     }
@@ -380,7 +398,10 @@ impl VisitorMut for Rewriter<'_> {
             Expr::Function(call) if is_aggregate(call) => match self.final_aggregate(call) {
                 Ok(combined) => {
                     self.finals.push(combined);
-                    *expr = Expr::Identifier(Ident::new(format!("{FINAL_MARK}{}", self.finals.len() - 1)));
+                    *expr = Expr::Identifier(Ident::new(format!(
+                        "{FINAL_MARK}{}",
+                        self.finals.len() - 1
+                    )));
                 }
                 Err(refusal) => return ControlFlow::Break(refusal),
             },

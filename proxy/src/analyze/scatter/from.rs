@@ -39,9 +39,10 @@ impl FromInfo {
     /// The instance whose key column `expr` is, if it is one.
     fn key_of(&self, expr: &Expr) -> Option<usize> {
         let (qualifier, column) = column_ref(expr)?;
-        let mut matching = self.instances.iter().enumerate().filter(|(_, i)| {
-            i.key == column && qualifier.as_ref().is_none_or(|q| *q == i.label)
-        });
+        let mut matching =
+            self.instances.iter().enumerate().filter(|(_, i)| {
+                i.key == column && qualifier.as_ref().is_none_or(|q| *q == i.label)
+            });
         let (found, _) = matching.next()?;
         // An unqualified name shared by several instances is ambiguous
         // (Postgres refuses it), so it is nobody's key.
@@ -83,6 +84,11 @@ struct Walk<'t> {
     info: FromInfo,
     /// Equalities that every output row satisfies (WHERE, inner ON).
     inner_edges: Vec<Edge>,
+    /// One per outer join with a sharded optional side: the key equality of
+    /// its ON clause that ties the optional table to a preserved one. Only
+    /// one: an ON clause does not remove rows, so two of its equalities do
+    /// not tie the preserved tables to each other.
+    attach_edges: Vec<Edge>,
 }
 
 pub(super) fn analyze(
@@ -95,6 +101,7 @@ pub(super) fn analyze(
         ctes,
         info: FromInfo::default(),
         inner_edges: Vec::new(),
+        attach_edges: Vec::new(),
     };
     for item in &select.from {
         walk.table_with_joins(item)?;
@@ -188,12 +195,12 @@ impl Walk<'_> {
                 ))
             }
             // Subqueries that read sharded tables are refused before this.
-            TableFactor::Derived { .. } | TableFactor::UNNEST { .. } | TableFactor::Function { .. } => {
-                Ok(Side {
-                    sharded: Vec::new(),
-                    single: true,
-                })
-            }
+            TableFactor::Derived { .. }
+            | TableFactor::UNNEST { .. }
+            | TableFactor::Function { .. } => Ok(Side {
+                sharded: Vec::new(),
+                single: true,
+            }),
             TableFactor::NestedJoin {
                 table_with_joins, ..
             } => {
@@ -281,18 +288,31 @@ impl Walk<'_> {
             ));
         }
         let edges = self.constraint_edges(constraint, preserved, nullable);
-        let attached = edges
+        let partner = edges
             .iter()
-            .any(|&(a, b)| a == only || b == only);
-        if !attached {
-            let partner = preserved.sharded[0];
-            return Err(self.missing_join(partner, only, &format!("in the ON clause of the {kind} JOIN ")));
-        }
+            .find_map(|&(a, b)| match (a == only, b == only) {
+                (true, false) if preserved.sharded.contains(&b) => Some(b),
+                (false, true) if preserved.sharded.contains(&a) => Some(a),
+                _ => None,
+            });
+        let Some(partner) = partner else {
+            return Err(self.missing_join(
+                preserved.sharded[0],
+                only,
+                &format!("in the ON clause of the {kind} JOIN "),
+            ));
+        };
+        self.attach_edges.push((partner, only));
         self.info.instances[only].nullable = true;
         Ok(())
     }
 
-    fn constraint_edges(&self, constraint: &JoinConstraint, left: &Side, right: &Side) -> Vec<Edge> {
+    fn constraint_edges(
+        &self,
+        constraint: &JoinConstraint,
+        left: &Side,
+        right: &Side,
+    ) -> Vec<Edge> {
         match constraint {
             JoinConstraint::On(on) => self.edges(on),
             JoinConstraint::Using(columns) => {
@@ -345,20 +365,16 @@ impl Walk<'_> {
             .collect()
     }
 
+    /// Every sharded row of an output row must be on one server: all
+    /// instances must be tied together by key equalities.
     fn check_connected(&self) -> Result<(), Refusal> {
         let instances = &self.info.instances;
-        let inner: Vec<usize> = (0..instances.len())
-            .filter(|&i| !instances[i].nullable)
-            .collect();
-        let Some(&first) = inner.first() else {
+        if instances.is_empty() {
             return Err(refusal(
-                "no sharded table is read outside the optional side of an outer join, so there \
-                 is nothing to run on every server"
-                    .into(),
+                "no sharded table is read, so there is nothing to run on every server".into(),
                 "Send statements over reference tables only as they are; they run on one server.",
             ));
-        };
-        // Union-find over the inner instances.
+        }
         let mut parent: Vec<usize> = (0..instances.len()).collect();
         fn root(parent: &mut [usize], mut i: usize) -> usize {
             while parent[i] != i {
@@ -367,16 +383,14 @@ impl Walk<'_> {
             }
             i
         }
-        for &(a, b) in &self.inner_edges {
-            if instances[a].nullable || instances[b].nullable {
-                continue;
-            }
+        // Inner equalities reject NULLs, so they tie optional tables too.
+        for &(a, b) in self.inner_edges.iter().chain(&self.attach_edges) {
             let (ra, rb) = (root(&mut parent, a), root(&mut parent, b));
             parent[ra] = rb;
         }
-        for &other in &inner[1..] {
-            if root(&mut parent, first) != root(&mut parent, other) {
-                return Err(self.missing_join(first, other, ""));
+        for other in 1..instances.len() {
+            if root(&mut parent, 0) != root(&mut parent, other) {
+                return Err(self.missing_join(0, other, ""));
             }
         }
         Ok(())

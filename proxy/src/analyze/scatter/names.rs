@@ -77,9 +77,9 @@ fn type_name(data_type: &DataType) -> Option<String> {
             DataType::Numeric(_) | DataType::Decimal(_) | DataType::Dec(_) => "numeric",
             DataType::Bool | DataType::Boolean => "bool",
             DataType::Text => "text",
-            DataType::Varchar(_)
-            | DataType::CharacterVarying(_)
-            | DataType::CharVarying(_) => "varchar",
+            DataType::Varchar(_) | DataType::CharacterVarying(_) | DataType::CharVarying(_) => {
+                "varchar"
+            }
             DataType::Char(_) | DataType::Character(_) => "bpchar",
             DataType::Date => "date",
             DataType::Uuid => "uuid",
