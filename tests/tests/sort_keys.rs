@@ -18,7 +18,7 @@ use std::cmp::Ordering;
 
 use proxy::merge::{collation_is_bytewise, compare, KWayMerge, KeyKind, SortSpec};
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, RngCore, SeedableRng};
 use shardline_tests::TestCluster;
 use tokio_postgres::types::{FromSql, Type};
 use tokio_postgres::Client;
@@ -52,7 +52,7 @@ impl Raw {
 struct Case {
     column_type: &'static str,
     kind: KeyKind,
-    values: &'static [&'static str],
+    values: Vec<String>,
 }
 
 // The value lists are tables: rustfmt would put one value per line.
@@ -72,10 +72,10 @@ const BPCHARS: &[&str] = &[
 
 #[rustfmt::skip]
 fn cases() -> Vec<Case> {
-    let case = |column_type, kind, values| Case {
+    let case = |column_type, kind, values: &[&str]| Case {
         column_type,
         kind,
-        values,
+        values: values.iter().map(|v| v.to_string()).collect(),
     };
     vec![
         case("smallint", KeyKind::Int2, &[
@@ -156,6 +156,7 @@ fn cases() -> Vec<Case> {
         case("text COLLATE \"C\"", KeyKind::Text, TEXTS),
         case("text COLLATE \"POSIX\"", KeyKind::Text, TEXTS),
         case("text COLLATE ucs_basic", KeyKind::Text, TEXTS),
+        case("text COLLATE \"C.utf8\"", KeyKind::Text, TEXTS),
         case("varchar(20)", KeyKind::Text, TEXTS),
         case("name", KeyKind::Text, TEXTS),
         case("bpchar", KeyKind::Bpchar, BPCHARS),
@@ -277,7 +278,7 @@ async fn check_every_pair(client: &Client, table: &str, case: &Case) -> Vec<Stri
         )
         .await
         .expect("pairs");
-    let non_null = case.values.iter().filter(|v| **v != "NULL").count();
+    let non_null = case.values.iter().filter(|v| *v != "NULL").count();
     assert_eq!(rows.len(), non_null * non_null, "{table}: every pair");
     let spec = SortSpec::with_default_nulls(case.kind, false);
     let mut wrong = Vec::new();
@@ -421,70 +422,199 @@ fn merge_streams(merge: &KWayMerge, streams: &[Vec<Raw>]) -> Vec<Raw> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_proxy_orders_every_key_type_as_postgres_does() {
+/// Creates the case's table and checks the proxy's view of its key type,
+/// then every check of the module doc; returns the disagreements.
+async fn check_case(
+    client: &Client,
+    database_collate: &str,
+    table: &str,
+    case: &Case,
+) -> Vec<String> {
+    create_table(client, table, case).await;
+    let (oid, collatable) = described_type(client, table).await;
+    let what = case.column_type;
+    assert_eq!(
+        KeyKind::from_oid(oid),
+        Some(case.kind),
+        "the kind of {what}"
+    );
+    assert_eq!(case.kind.collatable(), collatable, "{what}: collatable");
+    let collation = key_collation(client, table).await;
+    if collatable {
+        assert_eq!(collation, column_collation(client, table).await, "{what}");
+        assert!(
+            collation_is_bytewise(&collation, database_collate),
+            "{what}: collation {collation} in a {database_collate} database should be accepted"
+        );
+    }
+    let mut wrong: Vec<String> = check_every_pair(client, table, case)
+        .await
+        .into_iter()
+        .map(|w| format!("{what}: every pair: {w}"))
+        .collect();
+    for (direction, descending, nulls_first) in DIRECTIONS {
+        let spec = SortSpec {
+            kind: case.kind,
+            descending,
+            nulls_first,
+        };
+        let found = check_direction(client, table, spec, direction).await;
+        wrong.extend(found.into_iter().map(|w| format!("{what}: {w}")));
+    }
+    wrong
+}
+
+async fn check_cases(prefix: &str, cases: &[Case]) {
     let cluster = TestCluster::start(1);
     let client = cluster.connect(0).await;
     let database_collate = database_collate(&client).await;
     let mut wrong = Vec::new();
-    let mut checked = 0;
-    for (index, case) in cases().iter().enumerate() {
-        let table = format!("keys_{index}");
-        create_table(&client, &table, case).await;
-        let (oid, collatable) = described_type(&client, &table).await;
-        assert_eq!(
-            KeyKind::from_oid(oid),
-            Some(case.kind),
-            "the kind of {}",
-            case.column_type
-        );
-        assert_eq!(
-            case.kind.collatable(),
-            collatable,
-            "{} collatable",
-            case.column_type
-        );
-        let collation = key_collation(&client, &table).await;
-        if collatable {
-            assert_eq!(
-                collation,
-                column_collation(&client, &table).await,
-                "{table}"
-            );
-            assert!(
-                collation_is_bytewise(&collation, &database_collate),
-                "{}: collation {collation} in a {database_collate} database should be accepted",
-                case.column_type
-            );
-        }
-        let found = check_every_pair(&client, &table, case).await;
-        wrong.extend(
-            found
-                .into_iter()
-                .map(|w| format!("{}: every pair: {w}", case.column_type)),
-        );
-        for (direction, descending, nulls_first) in DIRECTIONS {
-            let spec = SortSpec {
-                kind: case.kind,
-                descending,
-                nulls_first,
-            };
-            let found = check_direction(&client, &table, spec, direction).await;
-            wrong.extend(
-                found
-                    .into_iter()
-                    .map(|w| format!("{}: {w}", case.column_type)),
-            );
-        }
-        checked += 1;
+    for (index, case) in cases.iter().enumerate() {
+        let table = format!("{prefix}_{index}");
+        wrong.extend(check_case(&client, &database_collate, &table, case).await);
     }
-    assert_eq!(checked, cases().len());
     assert!(
         wrong.is_empty(),
         "{} disagreements:\n{}",
         wrong.len(),
         wrong.join("\n")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_orders_every_key_type_as_postgres_does() {
+    check_cases("edge", &cases()).await;
+}
+
+/// Random values, drawn from small ranges so that many are equal by
+/// Postgres but not by bytes (1.50 = 1.5, '1 mon' = '30 days', 13:00+01 =
+/// 12:00+00 as instants), for the kinds whose comparison is more than an
+/// integer compare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_values_order_as_postgres_does() {
+    check_cases(
+        "random",
+        &random_cases(&mut rand::rngs::StdRng::seed_from_u64(11)),
+    )
+    .await;
+}
+
+const RANDOM_VALUES: usize = 120;
+
+fn random_cases(rng: &mut impl Rng) -> Vec<Case> {
+    let draw = |rng: &mut _, make: fn(&mut dyn RngCore) -> String| -> Vec<String> {
+        let rng: &mut dyn RngCore = rng;
+        (0..RANDOM_VALUES).map(|_| make(rng)).collect()
+    };
+    let case = |column_type, kind, values| Case {
+        column_type,
+        kind,
+        values,
+    };
+    vec![
+        case("numeric", KeyKind::Numeric, draw(rng, random_numeric)),
+        case(
+            "double precision",
+            KeyKind::Float8,
+            draw(rng, |rng| {
+                sql_string(&format!("{:e}", f64::from_bits(rng.next_u64())))
+            }),
+        ),
+        case(
+            "real",
+            KeyKind::Float4,
+            draw(rng, |rng| {
+                sql_string(&format!("{:e}", f32::from_bits(rng.next_u32())))
+            }),
+        ),
+        case(
+            "interval",
+            KeyKind::Interval,
+            draw(rng, |rng| {
+                format!(
+                    "'{} mons {} days {} hours {} microseconds'",
+                    rng.random_range(-3..=3),
+                    rng.random_range(-100..=100),
+                    rng.random_range(-2400..=2400),
+                    rng.random_range(-1..=1)
+                )
+            }),
+        ),
+        case(
+            "time with time zone",
+            KeyKind::TimeTz,
+            draw(rng, |rng| {
+                format!(
+                    "'{:02}:{:02}{:+03}'",
+                    rng.random_range(0..24),
+                    rng.random_range(0..2) * 30,
+                    rng.random_range(-3..=3)
+                )
+            }),
+        ),
+        case(
+            "text",
+            KeyKind::Text,
+            draw(rng, |rng| random_text(rng, &TEXT_PIECES)),
+        ),
+        case(
+            "bpchar",
+            KeyKind::Bpchar,
+            draw(rng, |rng| random_text(rng, &BPCHAR_PIECES)),
+        ),
+    ]
+}
+
+/// Text made of pieces chosen for their byte patterns: ASCII, 2-, 3- and
+/// 4-byte UTF-8, a combining mark, spaces and a tab.
+const TEXT_PIECES: [&str; 10] = [
+    "a", "b", "B", " ", "\t", "é", "\u{301}", "ﬀ", "😀", "\u{FFFD}",
+];
+const BPCHAR_PIECES: [&str; 5] = ["a", "b", " ", " ", "é"];
+
+fn random_text(rng: &mut dyn RngCore, pieces: &[&str]) -> String {
+    let length = rng.random_range(0..5);
+    let text: String = (0..length)
+        .map(|_| pieces[rng.random_range(0..pieces.len())])
+        .collect();
+    sql_string(&text)
+}
+
+/// A numeric literal with random digits on both sides of the point, or in
+/// exponent form, or special; trailing zeros are common so that equal
+/// values of different scales occur.
+fn random_numeric(rng: &mut dyn RngCore) -> String {
+    match rng.random_range(0..20) {
+        0 => return "'NaN'".into(),
+        1 => return "'Infinity'".into(),
+        2 => return "'-Infinity'".into(),
+        3 => return "NULL".into(),
+        _ => {}
+    }
+    let whole = random_digits(rng);
+    let fraction = random_digits(rng);
+    let sign = if rng.random_bool(0.5) { "-" } else { "" };
+    let exponent = match rng.random_range(0..4) {
+        0 => format!("e{}", rng.random_range(-40..40)),
+        _ => String::new(),
+    };
+    format!(
+        "{sign}{}.{fraction}0{exponent}",
+        if whole.is_empty() { "0" } else { &whole }
+    )
+}
+
+/// Up to 9 digits, mostly zeros and nines (carries, trailing zeros).
+fn random_digits(rng: &mut dyn RngCore) -> String {
+    let count = rng.random_range(0..10);
+    (0..count)
+        .map(|_| ['0', '0', '1', '5', '9'][rng.random_range(0..5)])
+        .collect()
+}
+
+/// A single-quoted SQL string (standard_conforming_strings is on).
+fn sql_string(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
 }
 
 /// A collation `collation_is_bytewise` refuses does order text differently
