@@ -9,9 +9,19 @@
 //! - `"C.utf8"` / `C.UTF-8` (libc): strcoll under glibc's C.UTF-8, which sorts
 //!   by code point (strict code-point order since glibc 2.35).
 //!
+//! Asking the servers for a key's collation: `pg_collation_for(expr)` fails
+//! (42804, "collations are not supported by type integer") when the key's
+//! type has no collation, and the proxy does not know key types before the
+//! servers answer. `pg_collation_for((expr)::text)` works for every type: a
+//! cast to text keeps a collatable value's collation, and gives "default"
+//! for any other type, whose collation the proxy ignores
+//! ([`KeyKind::collatable`](super::KeyKind::collatable) is false); the test
+//! tests/tests/sort_keys.rs checks both against Postgres 15.
+//!
 //! Two conditions this function cannot see, which the caller must hold:
-//! the servers' encoding is UTF8 (binary text arrives in the client encoding,
-//! and only for UTF-8 is byte order the servers' order), and the database's
+//! the servers' encoding and the backend connections' client_encoding are
+//! UTF8 (binary text arrives in the client encoding, and only in UTF-8 is
+//! byte order the order of the servers' code points), and the database's
 //! locale provider is libc (`pg_database.datlocprovider = 'c'`): an ICU
 //! database still reports an `lc_collate`, but its `"default"` collation is ICU.
 
@@ -77,7 +87,10 @@ mod tests {
             "pg_catalog.\"C\"",
             "pg_catalog.ucs_basic",
         ] {
-            assert!(collation_is_bytewise(collation, "en_US.UTF-8"), "{collation}");
+            assert!(
+                collation_is_bytewise(collation, "en_US.UTF-8"),
+                "{collation}"
+            );
         }
     }
 
@@ -87,7 +100,10 @@ mod tests {
             assert!(collation_is_bytewise("\"default\"", database), "{database}");
         }
         for database in ["en_US.UTF-8", "C.ISO-8859-1", "", "c", "und-x-icu", "de_DE"] {
-            assert!(!collation_is_bytewise("\"default\"", database), "{database}");
+            assert!(
+                !collation_is_bytewise("\"default\"", database),
+                "{database}"
+            );
         }
     }
 

@@ -108,10 +108,16 @@ mod tests {
     fn merging_sorted_streams_gives_the_sorted_whole() {
         // Key 1: int4 descending (NULLs first); key 2: text ascending.
         let merge = KWayMerge::new(vec![spec(KeyKind::Int4, true), spec(KeyKind::Text, false)]);
-        let row = |n: Option<i32>, t: &str| vec![n.map(|n| n.to_be_bytes().to_vec()), Some(t.into())];
+        let row =
+            |n: Option<i32>, t: &str| vec![n.map(|n| n.to_be_bytes().to_vec()), Some(t.into())];
         let streams = vec![
             vec![row(None, "b"), row(Some(5), "a"), row(Some(1), "z")],
-            vec![row(None, "a"), row(Some(5), "b"), row(Some(5), "c"), row(Some(-3), "a")],
+            vec![
+                row(None, "a"),
+                row(Some(5), "b"),
+                row(Some(5), "c"),
+                row(Some(-3), "a"),
+            ],
             vec![],
             vec![row(Some(7), "q"), row(Some(5), "a"), row(Some(1), "a")],
         ];
@@ -124,7 +130,11 @@ mod tests {
             let (a, b) = (borrowed(pair[0]), borrowed(pair[1]));
             let a: Vec<Option<&[u8]>> = a.iter().map(|k| k.as_deref()).collect();
             let b: Vec<Option<&[u8]>> = b.iter().map(|k| k.as_deref()).collect();
-            assert_ne!(merge.compare_rows(&a, &b), Ok(Ordering::Greater), "{pair:?}");
+            assert_ne!(
+                merge.compare_rows(&a, &b),
+                Ok(Ordering::Greater),
+                "{pair:?}"
+            );
         }
         // (5, "a") is on streams 0 and 3: the lower index goes first.
         let five_a: Vec<usize> = merged

@@ -57,9 +57,12 @@ impl Numeric<'_> {
 /// Checks a binary numeric as numeric_recv does, and decodes it.
 pub(super) fn decode(raw: &[u8]) -> Result<Numeric<'_>, KeyError> {
     let malformed = |problem: String| KeyError::malformed(KeyKind::Numeric, &problem);
-    let header = raw
-        .get(..HEADER_BYTES)
-        .ok_or_else(|| malformed(format!("{} bytes, shorter than its 8-byte header", raw.len())))?;
+    let header = raw.get(..HEADER_BYTES).ok_or_else(|| {
+        malformed(format!(
+            "{} bytes, shorter than its 8-byte header",
+            raw.len()
+        ))
+    })?;
     let field = |at: usize| u16::from_be_bytes([header[at], header[at + 1]]);
     let declared_digits = i16::from_be_bytes([header[0], header[1]]);
     let weight = i16::from_be_bytes([header[2], header[3]]);
@@ -75,7 +78,9 @@ pub(super) fn decode(raw: &[u8]) -> Result<Numeric<'_>, KeyError> {
         )));
     }
     if dscale & !DSCALE_MASK != 0 {
-        return Err(malformed(format!("an impossible display scale {dscale:#06x}")));
+        return Err(malformed(format!(
+            "an impossible display scale {dscale:#06x}"
+        )));
     }
     let (rank, negative) = match sign {
         POSITIVE => (Rank::Finite, false),
@@ -186,8 +191,14 @@ mod tests {
         let one_point_zero = binary(POSITIVE, 0, 1, &[1]);
         let one_point_zero_zero = binary(POSITIVE, 0, 2, &[1]);
         let one_with_zero_digit = binary(POSITIVE, 0, 4, &[1, 0]);
-        assert_eq!(ordered(&one_point_zero, &one_point_zero_zero), Ordering::Equal);
-        assert_eq!(ordered(&one_point_zero, &one_with_zero_digit), Ordering::Equal);
+        assert_eq!(
+            ordered(&one_point_zero, &one_point_zero_zero),
+            Ordering::Equal
+        );
+        assert_eq!(
+            ordered(&one_point_zero, &one_with_zero_digit),
+            Ordering::Equal
+        );
     }
 
     #[test]
@@ -207,7 +218,10 @@ mod tests {
         assert_eq!(ordered(&tiny, &just_below), Ordering::Less);
         // A leading zero digit (never sent, but numeric_recv accepts it).
         let padded_ten_thousand = binary(POSITIVE, 2, 0, &[0, 1]);
-        assert_eq!(ordered(&padded_ten_thousand, &ten_thousand), Ordering::Equal);
+        assert_eq!(
+            ordered(&padded_ten_thousand, &ten_thousand),
+            Ordering::Equal
+        );
     }
 
     #[test]

@@ -154,11 +154,7 @@ impl KeyError {
 /// Compares two binary values (None = SQL NULL) as Postgres's ORDER BY would
 /// with this spec. Both values are checked even when one is NULL, so a
 /// malformed value is reported whatever it is compared with.
-pub fn compare(
-    spec: &SortSpec,
-    a: Option<&[u8]>,
-    b: Option<&[u8]>,
-) -> Result<Ordering, KeyError> {
+pub fn compare(spec: &SortSpec, a: Option<&[u8]>, b: Option<&[u8]>) -> Result<Ordering, KeyError> {
     let a = a.map(|raw| Key::decode(spec.kind, raw)).transpose()?;
     let b = b.map(|raw| Key::decode(spec.kind, raw)).transpose()?;
     let null_before_value = if spec.nulls_first {
@@ -282,10 +278,7 @@ fn float_order(a: f64, b: f64) -> Ordering {
 /// The whole value as an array of exactly N bytes.
 fn fixed<const N: usize>(kind: KeyKind, raw: &[u8]) -> Result<[u8; N], KeyError> {
     raw.try_into().map_err(|_| {
-        KeyError::malformed(
-            kind,
-            &format!("{} bytes where the type has {N}", raw.len()),
-        )
+        KeyError::malformed(kind, &format!("{} bytes where the type has {N}", raw.len()))
     })
 }
 
@@ -322,7 +315,12 @@ mod tests {
     }
 
     fn interval(time: i64, days: i32, months: i32) -> Vec<u8> {
-        [&time.to_be_bytes()[..], &days.to_be_bytes(), &months.to_be_bytes()].concat()
+        [
+            &time.to_be_bytes()[..],
+            &days.to_be_bytes(),
+            &months.to_be_bytes(),
+        ]
+        .concat()
     }
 
     fn timetz(time: i64, zone: i32) -> Vec<u8> {
@@ -332,14 +330,26 @@ mod tests {
     #[test]
     fn floats_put_nan_above_infinity_and_equate_signed_zeros() {
         let k = KeyKind::Float8;
-        assert_eq!(order(k, &f8(f64::NAN), &f8(f64::INFINITY)), Ordering::Greater);
+        assert_eq!(
+            order(k, &f8(f64::NAN), &f8(f64::INFINITY)),
+            Ordering::Greater
+        );
         assert_eq!(order(k, &f8(f64::NAN), &f8(-f64::NAN)), Ordering::Equal);
         assert_eq!(order(k, &f8(-0.0), &f8(0.0)), Ordering::Equal);
-        assert_eq!(order(k, &f8(f64::NEG_INFINITY), &f8(f64::MIN)), Ordering::Less);
+        assert_eq!(
+            order(k, &f8(f64::NEG_INFINITY), &f8(f64::MIN)),
+            Ordering::Less
+        );
         let f4 = |v: f32| v.to_be_bytes();
         let k = KeyKind::Float4;
-        assert_eq!(order(k, &f4(f32::NAN), &f4(f32::INFINITY)), Ordering::Greater);
-        assert_eq!(order(k, &f4(f32::MIN_POSITIVE / 2.0), &f4(0.0)), Ordering::Greater);
+        assert_eq!(
+            order(k, &f4(f32::NAN), &f4(f32::INFINITY)),
+            Ordering::Greater
+        );
+        assert_eq!(
+            order(k, &f4(f32::MIN_POSITIVE / 2.0), &f4(0.0)),
+            Ordering::Greater
+        );
     }
 
     #[test]
@@ -365,9 +375,18 @@ mod tests {
     fn intervals_count_a_month_as_thirty_days_of_twenty_four_hours() {
         let k = KeyKind::Interval;
         let day = 86_400_000_000i64;
-        assert_eq!(order(k, &interval(0, 0, 1), &interval(0, 30, 0)), Ordering::Equal);
-        assert_eq!(order(k, &interval(0, 30, 0), &interval(day, 29, 0)), Ordering::Equal);
-        assert_eq!(order(k, &interval(0, 0, 1), &interval(1, 30, 0)), Ordering::Less);
+        assert_eq!(
+            order(k, &interval(0, 0, 1), &interval(0, 30, 0)),
+            Ordering::Equal
+        );
+        assert_eq!(
+            order(k, &interval(0, 30, 0), &interval(day, 29, 0)),
+            Ordering::Equal
+        );
+        assert_eq!(
+            order(k, &interval(0, 0, 1), &interval(1, 30, 0)),
+            Ordering::Less
+        );
         // Extremes of every field still compare without overflow.
         let top = interval(i64::MAX, i32::MAX, i32::MAX);
         let bottom = interval(i64::MIN, i32::MIN, i32::MIN);
@@ -382,7 +401,10 @@ mod tests {
         let noon_utc = timetz(12 * hour, 0);
         let one_pm_plus_one = timetz(13 * hour, -3600);
         assert_eq!(order(k, &one_pm_plus_one, &noon_utc), Ordering::Less);
-        assert_eq!(order(k, &timetz(11 * hour, 0), &one_pm_plus_one), Ordering::Less);
+        assert_eq!(
+            order(k, &timetz(11 * hour, 0), &one_pm_plus_one),
+            Ordering::Less
+        );
     }
 
     #[test]
@@ -397,9 +419,18 @@ mod tests {
     #[test]
     fn bytes_compare_bytewise_then_shorter_first() {
         assert_eq!(order(KeyKind::Bytea, b"ab", b"abc"), Ordering::Less);
-        assert_eq!(order(KeyKind::Bytea, &[0xff], &[0x00, 0x00]), Ordering::Greater);
-        assert_eq!(order(KeyKind::Text, "é".as_bytes(), b"z"), Ordering::Greater);
-        assert_eq!(order(KeyKind::Uuid, &[0xff; 16], &[0; 16]), Ordering::Greater);
+        assert_eq!(
+            order(KeyKind::Bytea, &[0xff], &[0x00, 0x00]),
+            Ordering::Greater
+        );
+        assert_eq!(
+            order(KeyKind::Text, "é".as_bytes(), b"z"),
+            Ordering::Greater
+        );
+        assert_eq!(
+            order(KeyKind::Uuid, &[0xff; 16], &[0; 16]),
+            Ordering::Greater
+        );
     }
 
     #[test]
@@ -412,8 +443,18 @@ mod tests {
             nulls_first,
         };
         let cases = [
-            (spec(false, false), Some(&one[..]), Some(&two[..]), Ordering::Less),
-            (spec(true, false), Some(&one[..]), Some(&two[..]), Ordering::Greater),
+            (
+                spec(false, false),
+                Some(&one[..]),
+                Some(&two[..]),
+                Ordering::Less,
+            ),
+            (
+                spec(true, false),
+                Some(&one[..]),
+                Some(&two[..]),
+                Ordering::Greater,
+            ),
             (spec(false, false), None, Some(&two[..]), Ordering::Greater),
             (spec(false, true), None, Some(&two[..]), Ordering::Less),
             (spec(true, true), Some(&one[..]), None, Ordering::Greater),
@@ -453,12 +494,15 @@ mod tests {
             let good = vec![0u8; size];
             for bad_size in [0, size - 1, size + 1] {
                 let bad = vec![0u8; bad_size];
-                let error = compare(&spec, Some(&bad), None)
-                    .expect_err("a wrong length is refused");
+                let error =
+                    compare(&spec, Some(&bad), None).expect_err("a wrong length is refused");
                 assert!(error.0.contains(kind.sql_name()), "{error}");
                 assert!(compare(&spec, Some(&good), Some(&bad)).is_err(), "{kind:?}");
             }
-            assert_eq!(compare(&spec, Some(&good), Some(&good)), Ok(Ordering::Equal));
+            assert_eq!(
+                compare(&spec, Some(&good), Some(&good)),
+                Ok(Ordering::Equal)
+            );
         }
     }
 
