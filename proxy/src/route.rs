@@ -3,7 +3,10 @@
 //! held). Anything that cannot go to exactly one server is an error with a
 //! SQLSTATE and a hint — never a silent broadcast, never a guess.
 
-use shardmap::{ClusterMap, KeyType, TableKind};
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use shardmap::{ClusterMap, KeyType, KeyValue, TableKind};
 
 use crate::analyze::statement::{DataStatement, KeyExpr, TableUse};
 use crate::analyze::Literal;
@@ -379,6 +382,52 @@ fn route_table(
     }
 }
 
+/// For a read whose key comes as one array parameter (`key = ANY($n)`):
+/// the parameter's index and its value for each server, holding only the
+/// keys that server owns. `None` when the keys come any other way (the
+/// servers then get the statement's keys as they are).
+pub fn array_param_by_server(
+    statement: &DataStatement,
+    map: &ClusterMap,
+    bind: &Bind,
+) -> Option<(usize, BTreeMap<String, Bytes>)> {
+    let mut found: Option<(usize, &str, KeyType)> = None;
+    for table in &statement.tables {
+        let Some(TableKind::Sharded {
+            group,
+            key_column,
+            embedded_id,
+        }) = map.tables.get(&table.name).map(|t| &t.kind)
+        else {
+            continue;
+        };
+        let key_type = if *embedded_id {
+            KeyType::Bigint
+        } else {
+            map.groups.get(group).map_or(KeyType::Bigint, |g| g.key_type)
+        };
+        let exprs = key_exprs(statement, table, key_column, map).ok()?;
+        let [KeyExpr::Array(inner)] = exprs.as_slice() else {
+            return None;
+        };
+        let KeyExpr::Param(index) = inner.as_ref() else {
+            return None;
+        };
+        match found {
+            Some((seen, _, _)) if seen != *index => return None,
+            _ => found = Some((*index, table.name.as_str(), key_type)),
+        }
+    }
+    let (index, table, key_type) = found?;
+    let bytes = bind.params.get(index)?.as_ref()?;
+    let owner = |key: &KeyValue| {
+        let partition = map.partition_of(table, key).ok()?;
+        owner_of(map, partition).ok().map(str::to_string)
+    };
+    let split = keys::split_array(bytes, bind.is_binary(index), key_type, owner).ok()??;
+    Some((index, split))
+}
+
 fn owner_of(map: &ClusterMap, partition: u32) -> Result<&str, RouteError> {
     map.assignments
         .get(partition as usize)
@@ -464,7 +513,6 @@ fn key_exprs<'s>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shardmap::KeyValue;
     use crate::analyze::{Analyzer, Command};
     use shardmap::{Endpoint, Group, Server, Table};
 

@@ -3,6 +3,9 @@
 //! decoded for the key column's type. Bad values are errors with the
 //! SQLSTATE Postgres would give, never panics.
 
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
 use shardmap::{KeyType, KeyValue};
 
 use super::{Params, RouteError};
@@ -65,6 +68,14 @@ pub(super) fn evaluate_keys(
 /// The elements of an array in Postgres's text form (`{1,2,"x y"}`, with an
 /// optional `[1:2]=` prefix); NULL elements match no row and are left out.
 fn parse_text_keys(text: &str, key_type: KeyType) -> Result<Vec<KeyValue>, RouteError> {
+    text_array_elements(text)?
+        .iter()
+        .map(|element| key_type.parse_value(element).map_err(invalid_key))
+        .collect()
+}
+
+/// The non-NULL elements of a one-dimensional array in text form, unquoted.
+fn text_array_elements(text: &str) -> Result<Vec<String>, RouteError> {
     let text = text.trim();
     let text = match text.find("={") {
         Some(at) if text.starts_with('[') => &text[at + 1..],
@@ -74,7 +85,7 @@ fn parse_text_keys(text: &str, key_type: KeyType) -> Result<Vec<KeyValue>, Route
         .strip_prefix('{')
         .and_then(|t| t.strip_suffix('}'))
         .ok_or_else(|| invalid_key(format!("{text:?} is not an array")))?;
-    let mut keys = Vec::new();
+    let mut elements = Vec::new();
     let mut chars = body.chars().peekable();
     loop {
         while chars.peek().is_some_and(|c| c.is_whitespace()) {
@@ -109,18 +120,108 @@ fn parse_text_keys(text: &str, key_type: KeyType) -> Result<Vec<KeyValue>, Route
             }
         }
         chars.next();
-        let element = if quoted { element.as_str() } else { element.trim() };
+        let element = if quoted { element } else { element.trim().to_string() };
         if !quoted && element.eq_ignore_ascii_case("null") {
             continue;
         }
-        keys.push(key_type.parse_value(element).map_err(invalid_key)?);
+        elements.push(element);
     }
-    Ok(keys)
+    Ok(elements)
+}
+
+/// An array parameter's elements split by the server that owns each key,
+/// each part re-encoded in the parameter's own format (text or binary), so
+/// every server gets only its own keys. NULL elements are dropped (they
+/// match no row). `None` when a key has no owner.
+pub(super) fn split_array(
+    bytes: &[u8],
+    binary: bool,
+    key_type: KeyType,
+    owner: impl Fn(&KeyValue) -> Option<String>,
+) -> Result<Option<BTreeMap<String, Bytes>>, RouteError> {
+    let mut parts: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+    let element_type = if binary {
+        let (element_type, elements) = binary_array_elements(bytes)?;
+        for element in elements {
+            let key = decode_binary(element, key_type)?;
+            let Some(server) = owner(&key) else {
+                return Ok(None);
+            };
+            parts.entry(server).or_default().push(element.to_vec());
+        }
+        element_type
+    } else {
+        let text = std::str::from_utf8(bytes).map_err(|_| invalid_key("parameter is not valid UTF-8"))?;
+        for element in text_array_elements(text)? {
+            let key = key_type.parse_value(&element).map_err(invalid_key)?;
+            let Some(server) = owner(&key) else {
+                return Ok(None);
+            };
+            parts.entry(server).or_default().push(element.into_bytes());
+        }
+        0
+    };
+    Ok(Some(
+        parts
+            .into_iter()
+            .map(|(server, elements)| {
+                let encoded = if binary {
+                    encode_binary_array(element_type, &elements)
+                } else {
+                    encode_text_array(&elements)
+                };
+                (server, Bytes::from(encoded))
+            })
+            .collect(),
+    ))
+}
+
+fn encode_text_array(elements: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = vec![b'{'];
+    for (i, element) in elements.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'"');
+        for &b in element {
+            if b == b'"' || b == b'\\' {
+                out.push(b'\\');
+            }
+            out.push(b);
+        }
+        out.push(b'"');
+    }
+    out.push(b'}');
+    out
+}
+
+fn encode_binary_array(element_type: u32, elements: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for word in [1i32, 0] {
+        out.extend_from_slice(&word.to_be_bytes());
+    }
+    out.extend_from_slice(&element_type.to_be_bytes());
+    out.extend_from_slice(&(elements.len() as i32).to_be_bytes());
+    out.extend_from_slice(&1i32.to_be_bytes());
+    for element in elements {
+        out.extend_from_slice(&(element.len() as i32).to_be_bytes());
+        out.extend_from_slice(element);
+    }
+    out
 }
 
 /// The elements of an array in Postgres's binary form (one dimension);
 /// NULL elements are left out.
 fn binary_array_keys(bytes: &[u8], key_type: KeyType) -> Result<Vec<KeyValue>, RouteError> {
+    binary_array_elements(bytes)?
+        .1
+        .into_iter()
+        .map(|element| decode_binary(element, key_type))
+        .collect()
+}
+
+/// The element type and the non-NULL elements of a binary array.
+fn binary_array_elements(bytes: &[u8]) -> Result<(u32, Vec<&[u8]>), RouteError> {
     let malformed = || invalid_key("malformed binary array");
     let word = |at: usize| -> Result<i32, RouteError> {
         bytes
@@ -129,14 +230,15 @@ fn binary_array_keys(bytes: &[u8], key_type: KeyType) -> Result<Vec<KeyValue>, R
             .ok_or_else(malformed)
     };
     let dimensions = word(0)?;
+    let element_type = word(8)? as u32;
     match dimensions {
-        0 => return Ok(Vec::new()),
+        0 => return Ok((element_type, Vec::new())),
         1 => {}
         _ => return Err(invalid_key("a multidimensional array of keys")),
     }
     let count = usize::try_from(word(12)?).map_err(|_| malformed())?;
     let mut at = 20;
-    let mut keys = Vec::with_capacity(count.min(bytes.len() / 4));
+    let mut elements = Vec::with_capacity(count.min(bytes.len() / 4));
     for _ in 0..count {
         let len = word(at)?;
         at += 4;
@@ -144,11 +246,10 @@ fn binary_array_keys(bytes: &[u8], key_type: KeyType) -> Result<Vec<KeyValue>, R
             continue;
         }
         let end = at.checked_add(len as usize).ok_or_else(malformed)?;
-        let element = bytes.get(at..end).ok_or_else(malformed)?;
-        keys.push(decode_binary(element, key_type)?);
+        elements.push(bytes.get(at..end).ok_or_else(malformed)?);
         at = end;
     }
-    Ok(keys)
+    Ok((element_type, elements))
 }
 
 /// The value of a key expression; `None` for a parameter not bound yet.
@@ -247,6 +348,26 @@ fn uuid_from(bytes: &[u8]) -> Option<shardmap::keys::Uuid> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arrays_split_by_owner_in_their_own_format() {
+        let owner = |key: &KeyValue| match key {
+            KeyValue::Int(k) => Some(if k % 2 == 0 { "even" } else { "odd" }.to_string()),
+            _ => None,
+        };
+        let split = split_array(b"{1,2,3,NULL,4}", false, KeyType::Bigint, owner)
+            .expect("splits")
+            .expect("owned");
+        assert_eq!(split["even"], Bytes::from_static(b"{\"2\",\"4\"}"));
+        assert_eq!(split["odd"], Bytes::from_static(b"{\"1\",\"3\"}"));
+        let binary = encode_binary_array(20, &[5i64.to_be_bytes().to_vec(), 6i64.to_be_bytes().to_vec()]);
+        let split = split_array(&binary, true, KeyType::Bigint, owner)
+            .expect("splits")
+            .expect("owned");
+        assert_eq!(binary_array_keys(&split["odd"], KeyType::Bigint), Ok(vec![KeyValue::Int(5)]));
+        assert_eq!(binary_array_keys(&split["even"], KeyType::Bigint), Ok(vec![KeyValue::Int(6)]));
+        assert!(split_array(b"{x}", false, KeyType::Bigint, owner).is_err());
+    }
 
     #[test]
     fn arrays_of_keys_parse_in_text_and_binary() {

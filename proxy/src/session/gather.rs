@@ -354,6 +354,19 @@ impl Session {
                 nulls_first: key.nulls_first,
             });
         }
+        let encoding = self
+            .settings
+            .get("client_encoding")
+            .map(|e| {
+                // Kept as SQL text: `UTF8`, `'utf-8'` or `E'UTF8'`.
+                let e = e.strip_prefix(['E', 'e']).filter(|r| r.starts_with('\'')).unwrap_or(e);
+                e.trim_matches('\'').to_ascii_uppercase().replace(['-', '_'], "")
+            });
+        if specs.iter().any(|s| s.kind.collatable()) && encoding.is_some_and(|e| e != "UTF8") {
+            return self.refuse_merge(
+                "text keys are compared as UTF-8 bytes, and this session's client_encoding is not UTF8".into(),
+            );
+        }
         self.describe_for_client(&fields, visible, statement);
         let merge = KWayMerge::new(specs);
         for index in 0..streams.len() {

@@ -6,6 +6,7 @@
 //! (so a slow client slows the servers down instead of filling memory).
 //! How the rows are merged is `gather`'s business.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -20,7 +21,7 @@ use crate::wire::rows::{self, format_of, Field};
 use super::client::SessionError;
 use super::extended::Item;
 use super::statements::Prepared;
-use crate::route::RouteError;
+use crate::route::{array_param_by_server, RouteError};
 use crate::wire::messages::Bind;
 use super::settings::{replayed_settings, settings_sync_sql, RESET_ALL};
 use super::tx::Tx;
@@ -42,6 +43,8 @@ pub(super) struct ScatterStatement {
     pub(super) result_formats: Vec<i16>,
     /// Send a RowDescription (a simple Query, or a Describe of the portal).
     pub(super) describe: bool,
+    /// `key = ANY($n)`: parameter n's value per server, only that server's keys.
+    pub(super) keys_by_server: Option<(usize, BTreeMap<String, Bytes>)>,
 }
 
 /// What a server's task reports, in order: `Described` (or `Failed`), then
@@ -179,6 +182,7 @@ impl Session {
             params: bind.params.clone(),
             result_formats,
             describe,
+            keys_by_server: self.keys_by_server(statement, bind),
         };
         let failed = !self.scatter_request(servers, &statement.query, scatter).await?;
         if synced {
@@ -190,6 +194,19 @@ impl Session {
             }
             self.client.flush().await
         }
+    }
+
+    /// `key = ANY($n)`: the parameter's value for each server.
+    fn keys_by_server(
+        &self,
+        statement: &Prepared,
+        bind: &Bind,
+    ) -> Option<(usize, BTreeMap<String, Bytes>)> {
+        let Some(crate::analyze::Command::Data(data)) = statement.command() else {
+            return None;
+        };
+        let snapshot = self.shared.map.borrow().clone()?;
+        array_param_by_server(data, &snapshot.map, bind)
     }
 
     /// Takes a backend on every server of the scatter: the transaction's own
@@ -309,10 +326,21 @@ impl Session {
             let ask_collate = per_server && self.server_collate(server).is_none();
             let settings = self.settings_query(&mut lease);
             let job = job.clone();
+            let own_keys = job
+                .statement
+                .keys_by_server
+                .as_ref()
+                .map(|(param, values)| (*param, values.get(server).cloned()));
             tasks.push(ServerTask {
                 index,
                 handle: tokio::spawn(async move {
-                    run_on_server(index, lease, job, sender, settings, ask_collate).await
+                    let call = Call {
+                        server: index,
+                        settings,
+                        ask_collate,
+                        own_keys,
+                    };
+                    run_on_server(lease, job, sender, call).await
                 }),
             });
         }
@@ -356,6 +384,18 @@ impl Session {
     }
 }
 
+/// An empty array in the parameter's format, of the original's element
+/// type (Postgres checks it even for an empty array).
+fn empty_array(original: Option<&[u8]>, formats: &[i16], index: usize) -> Bytes {
+    if format_of(formats, index) == 1 {
+        let mut empty = vec![0u8; 8];
+        empty.extend_from_slice(original.and_then(|o| o.get(8..12)).unwrap_or(&[0; 4]));
+        Bytes::from(empty)
+    } else {
+        Bytes::from_static(b"{}")
+    }
+}
+
 /// The row limit of an Execute body (portal name, then the limit).
 fn execute_row_limit(body: &[u8]) -> i32 {
     let Some(end) = body.iter().position(|&b| b == 0) else {
@@ -371,17 +411,28 @@ pub(super) struct ServerTask {
     handle: tokio::task::JoinHandle<Lease>,
 }
 
+/// What differs between the servers of one scatter read.
+struct Call {
+    server: usize,
+    /// The Query bringing the backend's settings in line, if needed.
+    settings: Option<BytesMut>,
+    /// Ask for the database collation too.
+    ask_collate: bool,
+    /// The array parameter holding only this server's keys (`None`: it owns
+    /// none of them, so an empty array).
+    own_keys: Option<(usize, Option<Bytes>)>,
+}
+
 /// A server's part of a scatter read; returns its backend (marked broken if
 /// the connection cannot be reused).
 async fn run_on_server(
-    server: usize,
     mut lease: Lease,
     job: Arc<Job>,
     events: mpsc::Sender<Event>,
-    settings: Option<BytesMut>,
-    ask_collate: bool,
+    call: Call,
 ) -> Lease {
-    match serve(server, &mut lease, &job, &events, settings, ask_collate).await {
+    let server = call.server;
+    match serve(&mut lease, &job, &events, call).await {
         Ok(()) => {}
         Err(error) => {
             lease.backend().broken = true;
@@ -392,13 +443,17 @@ async fn run_on_server(
 }
 
 async fn serve(
-    server: usize,
     lease: &mut Lease,
     job: &Job,
     events: &mpsc::Sender<Event>,
-    settings: Option<BytesMut>,
-    ask_collate: bool,
+    call: Call,
 ) -> Result<(), String> {
+    let Call {
+        server,
+        settings,
+        ask_collate,
+        own_keys,
+    } = call;
     let backend = lease.backend();
     let mut out = BytesMut::new();
     let mut skip_ready = 0usize;
@@ -407,7 +462,13 @@ async fn serve(
         skip_ready += 1;
     }
     if ask_collate {
-        messages::query("SHOW lc_collate", &mut out);
+        // An ICU database's default collation is ICU's whatever lc_collate
+        // says: name it so that it is refused.
+        messages::query(
+            "SELECT CASE WHEN datlocprovider = 'c' THEN datcollate ELSE 'icu:' || coalesce(daticulocale, '') END \
+             FROM pg_database WHERE datname = current_database()",
+            &mut out,
+        );
         skip_ready += 1;
     }
     let statement = &job.statement;
@@ -465,10 +526,20 @@ async fn serve(
     };
     let mut receiving = events.send(described).await.is_ok();
     let mut out = BytesMut::new();
-    let param_formats = &statement.param_formats;
+    let own_params;
+    let params = match own_keys {
+        Some((index, value)) if index < statement.params.len() => {
+            let mut params = statement.params.clone();
+            let empty = || empty_array(params[index].as_deref(), &statement.param_formats, index);
+            params[index] = Some(value.unwrap_or_else(empty));
+            own_params = params;
+            &own_params
+        }
+        _ => &statement.params,
+    };
     rows::bind(
-        param_formats,
-        &statement.params,
+        &statement.param_formats,
+        params,
         &job.result_formats(columns),
         &mut out,
     );

@@ -323,6 +323,7 @@ impl Session {
                 params: Vec::new(),
                 result_formats: Vec::new(),
                 describe: true,
+                keys_by_server: None,
             };
             self.scatter_request(servers, &statement_text(&frame), statement)
                 .await?;
