@@ -101,7 +101,8 @@ pub enum Merge {
     /// Each server returns its rows sorted; the proxy k-way merges. For key
     /// i, partial_sql has two hidden columns after the visible ones: at
     /// `visible + 2*i` the key value `(expr) AS _sl_k{i}`, at
-    /// `visible + 2*i + 1` `pg_collation_for((expr)) AS _sl_c{i}`.
+    /// `visible + 2*i + 1` `pg_collation_for((expr)::TEXT) AS _sl_c{i}` (the
+    /// expression's collation if its type is text-like, else "default").
     Sorted { keys: Vec<SortKey> },
     /// Partial rows from every server are combined by running `final_sql`
     /// on one server, its FROM being `(VALUES __SL_ROWS__) AS _sl(c1, ..., cN)`
@@ -647,7 +648,11 @@ fn rows(
             alias: Ident::new(format!("_sl_k{i}")),
         });
         partial_select.projection.push(SelectItem::ExprWithAlias {
-            expr: generated(&format!("pg_collation_for({nested})"))?,
+            // pg_collation_for raises an error for types without collations
+            // (int, timestamptz); through text it answers for every type, with
+            // the expression's own collation for text-like types and
+            // "default" for the rest.
+            expr: generated(&format!("pg_collation_for({nested}::text)"))?,
             alias: Ident::new(format!("_sl_c{i}")),
         });
         let descending = matches!(by.options.sort, Some(OrderBySort::Desc));
