@@ -203,13 +203,9 @@ pub fn plan(sql: &str, tables: &dyn TableInfo) -> Result<ScatterPlan, Refusal> {
         .map(|(target, by)| (target.clone(), *by))
         .collect();
     let per_server_groups = groups.iter().any(|g| from.is_grouping_key(g));
-    let combined = if groups.is_empty() && !aggregated {
-        if !distinct {
-            return rows(&query, select, &order_refs, limit, offset);
-        }
-        combine::distinct(&query, select, &order_refs)?
-    } else if per_server_groups {
-        // Groups never span servers: each server's groups are final.
+    // Each server's rows are final rows when there are no groups, or when
+    // groups never span servers.
+    let combined = if (groups.is_empty() && !aggregated) || per_server_groups {
         if !distinct {
             return rows(&query, select, &order_refs, limit, offset);
         }
