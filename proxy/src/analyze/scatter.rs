@@ -33,7 +33,8 @@ use sqlparser::parser::Parser;
 
 pub use combine::ROWS_TOKEN;
 use exprs::{
-    contains_aggregate, generated, ident_name, position, volatile_function, walk, window_function,
+    contains_aggregate, generated, ident_name, outer_level_aggregate, position, volatile_function,
+    walk, window_function,
 };
 use from::FromInfo;
 use names::output_name;
@@ -177,9 +178,20 @@ pub fn plan(sql: &str, tables: &dyn TableInfo) -> Result<ScatterPlan, Refusal> {
             }
         }
     }
-    let aggregated = select_level_exprs(select, &order)
+    let level_exprs = select_level_exprs(select, &order);
+    if let Some(name) = level_exprs
         .iter()
-        .any(|e| contains_aggregate(e));
+        .find_map(|e| outer_level_aggregate(e, &from.labels))
+    {
+        return Err(refuse(
+            format!(
+                "cannot run {name}() over columns of the outer statement inside a subquery on \
+                 several servers: Postgres computes it over the rows of every server"
+            ),
+            "Move the aggregate out of the subquery.",
+        ));
+    }
+    let aggregated = level_exprs.iter().any(|e| contains_aggregate(e));
     if select.having.is_some() && groups.is_empty() && !aggregated {
         return Err(refuse(
             "cannot run HAVING without GROUP BY or aggregates on several servers".into(),
@@ -191,13 +203,9 @@ pub fn plan(sql: &str, tables: &dyn TableInfo) -> Result<ScatterPlan, Refusal> {
         .map(|(target, by)| (target.clone(), *by))
         .collect();
     let per_server_groups = groups.iter().any(|g| from.is_grouping_key(g));
-    let combined = if groups.is_empty() && !aggregated {
-        if !distinct {
-            return rows(&query, select, &order_refs, limit, offset);
-        }
-        combine::distinct(&query, select, &order_refs)?
-    } else if per_server_groups {
-        // Groups never span servers: each server's groups are final.
+    // Each server's rows are final rows when there are no groups, or when
+    // groups never span servers.
+    let combined = if (groups.is_empty() && !aggregated) || per_server_groups {
         if !distinct {
             return rows(&query, select, &order_refs, limit, offset);
         }

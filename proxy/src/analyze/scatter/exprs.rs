@@ -179,6 +179,61 @@ pub(super) fn volatile_function(expr: &Expr) -> Option<String> {
     find_function(expr, |f| VOLATILE.contains(&function_name(f).as_str()))
 }
 
+/// An aggregate inside a subquery of `expr` whose argument reads a column of
+/// the outer statement (qualified by one of `outer_labels`): Postgres
+/// computes such an aggregate at the outer level, over all outer rows.
+pub(super) fn outer_level_aggregate(
+    expr: &Expr,
+    outer_labels: &std::collections::BTreeSet<String>,
+) -> Option<String> {
+    struct Find<'a> {
+        depth: usize,
+        labels: &'a std::collections::BTreeSet<String>,
+    }
+    impl Visitor for Find<'_> {
+        type Break = String;
+        fn pre_visit_query(&mut self, _query: &Query) -> ControlFlow<String> {
+            self.depth += 1;
+            ControlFlow::Continue(())
+        }
+        fn post_visit_query(&mut self, _query: &Query) -> ControlFlow<String> {
+            self.depth -= 1;
+            ControlFlow::Continue(())
+        }
+        fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<String> {
+            let Expr::Function(call) = expr else {
+                return ControlFlow::Continue(());
+            };
+            if self.depth == 0 || !is_aggregate(call) {
+                return ControlFlow::Continue(());
+            }
+            let labels = self.labels;
+            let reads_outer = call.args.visit(&mut OuterColumn(labels)).is_break();
+            if reads_outer {
+                return ControlFlow::Break(function_name(call));
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    struct OuterColumn<'a>(&'a std::collections::BTreeSet<String>);
+    impl Visitor for OuterColumn<'_> {
+        type Break = ();
+        fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+            match column_ref(expr) {
+                Some((Some(qualifier), _)) if self.0.contains(&qualifier) => ControlFlow::Break(()),
+                _ => ControlFlow::Continue(()),
+            }
+        }
+    }
+    match expr.visit(&mut Find {
+        depth: 0,
+        labels: outer_labels,
+    }) {
+        ControlFlow::Break(name) => Some(name),
+        ControlFlow::Continue(()) => None,
+    }
+}
+
 /// Whether `expr` reads a column (outside subqueries).
 pub(super) fn mentions_column(expr: &Expr) -> bool {
     walk(expr, |e| match e {

@@ -33,6 +33,8 @@ pub(super) struct Instance {
 #[derive(Debug, Default)]
 pub(super) struct FromInfo {
     pub instances: Vec<Instance>,
+    /// The names columns of every FROM item are qualified with.
+    pub labels: BTreeSet<String>,
 }
 
 impl FromInfo {
@@ -150,6 +152,11 @@ impl Walk<'_> {
                 name, alias, args, ..
             } => {
                 let (schema, table) = table_name(name);
+                self.info.labels.insert(
+                    alias
+                        .as_ref()
+                        .map_or_else(|| table.clone(), |a| ident_name(&a.name)),
+                );
                 // Table functions and CTEs (over reference tables, checked
                 // elsewhere) give every server the same rows, like a reference table.
                 if args.is_some() || (schema.is_none() && self.ctes.contains(&table)) {
@@ -195,6 +202,21 @@ impl Walk<'_> {
                 ))
             }
             // Subqueries that read sharded tables are refused before this.
+            TableFactor::Derived {
+                alias: Some(alias), ..
+            }
+            | TableFactor::Function {
+                alias: Some(alias), ..
+            }
+            | TableFactor::UNNEST {
+                alias: Some(alias), ..
+            } => {
+                self.info.labels.insert(ident_name(&alias.name));
+                Ok(Side {
+                    sharded: Vec::new(),
+                    single: true,
+                })
+            }
             TableFactor::Derived { .. }
             | TableFactor::UNNEST { .. }
             | TableFactor::Function { .. } => Ok(Side {

@@ -251,6 +251,15 @@ fn grouped_shapes_that_cannot_be_combined() {
         "cannot compute a subquery over combined results",
     );
     refused(
+        "SELECT (SELECT max(p.likes) FROM countries LIMIT 1) FROM photos p",
+        "max() over columns of the outer statement",
+    );
+    refused(
+        "SELECT photo_id FROM photos p JOIN countries c ON c.code = p.country \
+         ORDER BY (SELECT count(c.code) FROM currencies)",
+        "count() over columns of the outer statement",
+    );
+    refused(
         "SELECT count(*) FROM photos GROUP BY ROLLUP (country)",
         "ROLLUP",
     );

@@ -219,6 +219,9 @@ fn co_located_joins_and_reference_tables_run_on_every_server() {
          SELECT photo_id FROM photos JOIN eu ON eu.code = photos.country",
         "SELECT photo_id, (SELECT name FROM countries c WHERE c.code = photos.country) FROM photos",
         "SELECT photo_id FROM public.photos",
+        // A subquery's own aggregate does not make the statement an aggregate.
+        "SELECT photo_id, (SELECT max(c.name) FROM countries c WHERE c.code = p.country) \
+         FROM photos p",
     ] {
         assert_eq!(plan_of(sql).merge, Merge::Concat, "{sql}");
     }
