@@ -581,7 +581,7 @@ async fn prometheus_metrics_count_requests_errors_and_pools() {
             .expect("insert");
     }
     let _ = client
-        .batch_execute("SELECT * FROM users")
+        .batch_execute("UPDATE users SET name = 'x'")
         .await
         .expect_err("no key");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

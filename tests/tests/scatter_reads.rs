@@ -154,6 +154,21 @@ async fn reads_across_servers_merge_like_one_postgres() {
         .get(0);
     assert_eq!(count, (1..=USERS).filter(|id| id % 50 > 10).count() as i64);
 
+    // A parameter only the combining query uses (HAVING), and `*` with ORDER BY.
+    let groups = client
+        .query(
+            "SELECT country, count(*) FROM users GROUP BY country HAVING count(*) > $1 AND min(user_id) < $2 ORDER BY country",
+            &[&99_i64, &3_i64],
+        )
+        .await
+        .expect("HAVING with parameters");
+    let groups: Vec<(String, i64)> = groups.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(groups, vec![("FR".to_string(), 100), ("US".to_string(), 100)]);
+    assert_eq!(
+        one("SELECT * FROM orders ORDER BY user_id DESC, order_id LIMIT 2").await,
+        vec![format!("{USERS}|1|{}", USERS % 50), format!("{USERS}|2|{}", USERS % 7)]
+    );
+
     // A transaction's scatter read sees its own uncommitted write.
     client.batch_execute("BEGIN").await.expect("begin");
     client

@@ -26,7 +26,7 @@ use crate::wire::rows::{self, format_of, Field};
 use super::client::SessionError;
 use super::hold::not_serving;
 use super::combine::Partials;
-use super::scatter::{Event, ScatterStatement};
+use super::scatter::{param_types, Event, ScatterStatement};
 use super::Session;
 
 /// Written to the client when this much is buffered.
@@ -116,7 +116,7 @@ impl Session {
             }
         };
         match planned {
-            Ok(plan) => self.scatter_read(servers, &plan, statement).await,
+            Ok(plan) => self.scatter_read(servers, &plan, sql, statement).await,
             Err(refusal) => {
                 self.route_error(&RouteError::new("0A000", refusal.message, refusal.hint));
                 Ok(false)
@@ -131,6 +131,7 @@ impl Session {
         &mut self,
         servers: &[String],
         plan: &ScatterPlan,
+        sql: &str,
         statement: ScatterStatement,
     ) -> Result<bool, SessionError> {
         let window = match self.window(plan, &statement) {
@@ -150,7 +151,7 @@ impl Session {
         }
         Metrics::add(&self.shared.metrics.scatter_reads, 1);
         let (receivers, tasks) =
-            self.start_scatter(servers, &mut backends, plan, statement.clone());
+            self.start_scatter(servers, &mut backends, plan, sql, statement.clone());
         let result = match &plan.merge {
             Merge::Concat => self.gather_concat(receivers, servers, &statement, window).await,
             Merge::Sorted { keys } => {
@@ -294,7 +295,7 @@ impl Session {
                 rows: VecDeque::new(),
                 done: false,
                 server: 0,
-                visible: plan.visible,
+                visible: 0,
                 head: None,
                 collate: None,
             };
@@ -335,7 +336,12 @@ impl Session {
             streams.push(stream);
         }
         let fields = fields.unwrap_or_default();
-        let visible = plan.visible;
+        // With `*` the planner cannot count the client's columns: they are
+        // whatever precedes the hidden ones.
+        let visible = fields.len().saturating_sub(plan.hidden);
+        for stream in &mut streams {
+            stream.visible = visible;
+        }
         let mut specs = Vec::with_capacity(keys.len());
         for (i, key) in keys.iter().enumerate() {
             let Some(field) = fields.get(visible + 2 * i) else {
@@ -446,7 +452,7 @@ impl Session {
                     if !described {
                         described = true;
                         partials.fields = fields.unwrap_or_default();
-                        partials.param_types = decode_param_types(&params);
+                        partials.param_types = param_types(&params);
                     }
                 }
                 Event::Rows(rows) => {
@@ -566,20 +572,6 @@ fn put_message(tag: u8, body: &[u8], out: &mut BytesMut) {
     out.put_slice(body);
 }
 
-fn decode_param_types(body: &Bytes) -> Vec<u32> {
-    let mut types = Vec::new();
-    let Some(count) = body.get(..2).map(|b| i16::from_be_bytes([b[0], b[1]])) else {
-        return types;
-    };
-    for i in 0..count.max(0) as usize {
-        let at = 2 + 4 * i;
-        match body.get(at..at + 4) {
-            Some(b) => types.push(u32::from_be_bytes([b[0], b[1], b[2], b[3]])),
-            None => break,
-        }
-    }
-    types
-}
 
 /// The value of LIMIT/OFFSET: a constant, or a parameter (text or binary
 /// integer); `None` for no bound (absent, or a NULL parameter).

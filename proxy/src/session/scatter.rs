@@ -75,8 +75,11 @@ pub(super) enum Event {
 /// Everything a server's task needs, shared by all of them.
 struct Job {
     sql: String,
+    /// The client's statement, prepared first when parameter types are open.
+    original_sql: String,
     statement: ScatterStatement,
-    visible: usize,
+    /// Columns after the client's: hidden sort keys and their collations.
+    hidden: usize,
     merge_kind: MergeKind,
     /// The server stops early only when a LIMIT was pushed down: the rest of
     /// its rows is then bounded and read away, keeping the connection.
@@ -91,6 +94,12 @@ enum MergeKind {
 }
 
 impl Job {
+    /// Whether a parameter has no declared type.
+    fn types_open(&self) -> bool {
+        let declared = &self.statement.param_types;
+        (0..self.statement.params.len()).any(|i| declared.get(i).copied().unwrap_or(0) == 0)
+    }
+
     /// Result formats for `columns` columns: the client's for the columns it
     /// sees; binary sort keys and text collation names for a sorted merge;
     /// text partial rows for a combine (they become text parameters).
@@ -100,9 +109,10 @@ impl Job {
             MergeKind::Combine => Vec::new(),
             MergeKind::Sorted => (0..columns)
                 .map(|i| {
-                    if i < self.visible {
+                    let visible = columns.saturating_sub(self.hidden);
+                    if i < visible {
                         format_of(&self.statement.result_formats, i)
-                    } else if (i - self.visible) % 2 == 0 {
+                    } else if (i - visible) % 2 == 0 {
                         1
                     } else {
                         0
@@ -287,6 +297,7 @@ impl Session {
         servers: &[String],
         backends: &mut Backends,
         plan: &ScatterPlan,
+        original_sql: &str,
         statement: ScatterStatement,
     ) -> (Vec<mpsc::Receiver<Event>>, Vec<ServerTask>) {
         let merge_kind = match plan.merge {
@@ -296,8 +307,9 @@ impl Session {
         };
         let job = Arc::new(Job {
             sql: plan.partial_sql.clone(),
+            original_sql: original_sql.to_string(),
             statement,
-            visible: plan.visible,
+            hidden: plan.hidden,
             merge_kind,
             drain_ok: plan.limit.is_some() && merge_kind != MergeKind::Combine,
         });
@@ -382,6 +394,17 @@ impl Session {
             }
         }
     }
+}
+
+/// The types of a ParameterDescription body.
+pub(super) fn param_types(body: &[u8]) -> Vec<u32> {
+    let count = body.get(..2).map_or(0, |b| i16::from_be_bytes([b[0], b[1]]).max(0) as usize);
+    (0..count)
+        .map_while(|i| {
+            body.get(2 + 4 * i..6 + 4 * i)
+                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        })
+        .collect()
 }
 
 /// An empty array in the parameter's format, of the original's element
@@ -472,7 +495,16 @@ async fn serve(
         skip_ready += 1;
     }
     let statement = &job.statement;
-    messages::parse("", &job.sql, &statement.param_types, &mut out);
+    // The server's statement may not mention every parameter (a HAVING
+    // moves to the final query): it is prepared with the types Postgres
+    // gives the client's own statement, learned from preparing that first
+    // when the client left any type open.
+    let mut inferring = job.types_open();
+    if inferring {
+        messages::parse("", &job.original_sql, &statement.param_types, &mut out);
+    } else {
+        messages::parse("", &job.sql, &statement.param_types, &mut out);
+    }
     rows::describe(b'S', &mut out);
     rows::flush(&mut out);
     backend.pending_sync = true;
@@ -501,6 +533,15 @@ async fn serve(
             _ if skip_ready > 0 => {}
             b'1' => {}
             b't' => param_description = frame.body(),
+            b'T' | b'n' if inferring => {
+                inferring = false;
+                let types = param_types(&param_description);
+                let mut out = BytesMut::new();
+                messages::parse("", &job.sql, &types, &mut out);
+                rows::describe(b'S', &mut out);
+                rows::flush(&mut out);
+                backend.write_all(&out).await.map_err(|e| e.to_string())?;
+            }
             b'T' => {
                 let fields = rows::decode_row_description(frame.body())
                     .map_err(|e| format!("malformed {}: {}", e.message, e.problem))?;
