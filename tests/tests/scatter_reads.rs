@@ -228,3 +228,78 @@ async fn one_postgres_average(cluster: &TestCluster) -> Vec<String> {
         .expect("reference average");
     vec![row.get::<_, String>(0)]
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scatter_reads_use_replicas_under_the_single_server_rules() {
+    let mut cluster = TestCluster::start(2);
+    let replica = tokio::task::block_in_place(|| cluster.cluster.add_replica(0)).expect("replica");
+    let primary_name = cluster.cluster.servers[0].name().to_string();
+    let (store, _) = cluster.init_map("scatter-replicas", PARTITIONS).await;
+    let saved = store
+        .update("test", |map| {
+            let server = map.servers.get_mut(&primary_name).ok_or("first server missing")?;
+            server
+                .replicas
+                .push(shardmap::Endpoint::parse(&replica.url()).map_err(|e| e.to_string())?);
+            map.declare(Group::hash("users", KeyType::Bigint).table("users", "user_id"));
+            Ok(shardmap::Change::new("replica", "the first server has a replica"))
+        })
+        .await
+        .expect("add the replica to the map");
+    create_table(&cluster, &saved.map, "users", "user_id bigint PRIMARY KEY, name text").await;
+    let proxy = TestProxy::start(&cluster, "scatter-replicas", |_| {}).await;
+    let client = proxy.connect().await;
+    for id in 1..=40_i64 {
+        client
+            .execute("INSERT INTO users (user_id, name) VALUES ($1, 'r')", &[&id])
+            .await
+            .expect("insert");
+    }
+    let on_primaries = read_with_recovery(&client).await.expect("scatter read");
+    assert_eq!(on_primaries.len(), 40);
+    assert!(on_primaries.iter().all(|(_, replica)| !replica), "by default reads use the primaries");
+    client
+        .batch_execute("SET shardline.read_replica = on")
+        .await
+        .expect("opt in");
+    let rows = eventually_all_rows(&client, &saved.map, &primary_name).await;
+    for (id, from_replica) in rows {
+        assert_eq!(
+            from_replica,
+            owner(&saved.map, id) == primary_name,
+            "user {id}: rows of the server with a replica come from the replica, the others from their primary"
+        );
+    }
+}
+
+/// Each row's key, and whether the server that answered for it is a replica.
+async fn read_with_recovery(client: &tokio_postgres::Client) -> Result<Vec<(i64, bool)>, tokio_postgres::Error> {
+    let rows = client
+        .query("SELECT user_id, pg_is_in_recovery() FROM users", &[])
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, bool>(1)))
+        .collect())
+}
+
+/// Reads until the replica has replayed every row (it lags the primary).
+async fn eventually_all_rows(
+    client: &tokio_postgres::Client,
+    map: &ClusterMap,
+    primary_name: &str,
+) -> Vec<(i64, bool)> {
+    let on_replica = (1..=40_i64).filter(|id| owner(map, *id) == primary_name).count();
+    assert!(on_replica > 0 && on_replica < 40, "keys on both servers");
+    for _ in 0..100 {
+        // Until the replica has replayed the table and its rows, it answers
+        // with an error or fewer rows.
+        if let Ok(rows) = read_with_recovery(client).await {
+            if rows.len() == 40 {
+                return rows;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the replica did not catch up with the primary's rows");
+}
