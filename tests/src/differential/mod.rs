@@ -1,0 +1,440 @@
+//! Differential testing of cross-shard reads: the same queries run through
+//! the proxy over three shard servers and on one plain Postgres holding all
+//! the rows (the reference), and their answers are compared.
+//!
+//! - [`data`]: the schema and its seeded rows.
+//! - [`generator`]: seeded random queries over that schema.
+//! - [`compare`]: results as text tables, order-aware comparison, diffs.
+//!
+//! [`DiffCluster::start`] builds the setup: a [`TestCluster`] of four servers
+//! where the map places the sharded tables on the first three and the fourth
+//! holds plain tables of the same names, so one etcd serves both sides.
+//! [`run_simple`] and [`run_extended`] run a list of [`DiffQuery`] on both
+//! sides and return every failure rather than stopping at the first.
+
+pub mod compare;
+pub mod data;
+pub mod generator;
+
+use std::fmt;
+use std::time::Duration;
+
+use shardmap::{Change, ClusterMap, Group, KeyType, KeyValue, Table as MapTable};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, NoTls};
+
+use crate::TestCluster;
+use compare::{compare, exactness, table_from_rows, table_from_simple, Order, Table};
+use data::Dataset;
+
+/// How long one query may take on one side before it counts as failed (a
+/// proxy that hangs must not hang the suite).
+const QUERY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A parameter of an extended-protocol query.
+#[derive(Debug, Clone)]
+pub enum Param {
+    Int2(i16),
+    Int4(i32),
+    Int8(i64),
+    Bool(bool),
+    Text(String),
+    Uuid(uuid::Uuid),
+    Int8Array(Vec<i64>),
+    TextArray(Vec<String>),
+}
+
+impl Param {
+    fn as_sql(&self) -> &(dyn ToSql + Sync) {
+        match self {
+            Param::Int2(v) => v,
+            Param::Int4(v) => v,
+            Param::Int8(v) => v,
+            Param::Bool(v) => v,
+            Param::Text(v) => v,
+            Param::Uuid(v) => v,
+            Param::Int8Array(v) => v,
+            Param::TextArray(v) => v,
+        }
+    }
+}
+
+/// One query of the suite.
+#[derive(Debug, Clone)]
+pub struct DiffQuery {
+    /// Where it comes from: `hand #12`, `generated #40`.
+    pub label: String,
+    pub sql: String,
+    pub order: Order,
+    /// Empty for queries that also run in the simple protocol.
+    pub params: Vec<Param>,
+}
+
+impl DiffQuery {
+    pub fn new(label: impl Into<String>, sql: &str, order: Order) -> DiffQuery {
+        DiffQuery {
+            label: label.into(),
+            sql: sql.to_string(),
+            order,
+            params: Vec::new(),
+        }
+    }
+
+    pub fn with_params(mut self, params: Vec<Param>) -> DiffQuery {
+        self.params = params;
+        self
+    }
+}
+
+/// A query whose answers differ, or that failed on one side.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub label: String,
+    pub protocol: &'static str,
+    pub sql: String,
+    pub params: String,
+    pub detail: String,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "── {} ({} protocol)", self.label, self.protocol)?;
+        writeln!(f, "   {}", self.sql)?;
+        if !self.params.is_empty() {
+            writeln!(f, "   parameters: {}", self.params)?;
+        }
+        for line in self.detail.lines() {
+            writeln!(f, "   {line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a run saw, to show the queries were not vacuous.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Coverage {
+    pub queries: usize,
+    /// Queries whose reference answer had at least one row.
+    pub with_rows: usize,
+    pub order_sensitive: usize,
+    pub reference_rows: usize,
+}
+
+/// The cluster of the suite: shard servers in the map, a reference server
+/// outside it, and the schema on both.
+pub struct DiffCluster {
+    pub cluster: TestCluster,
+    pub map: ClusterMap,
+    /// Index of the reference server in `cluster`.
+    pub reference: usize,
+    /// Indexes of the servers the map places partitions on.
+    pub shards: Vec<usize>,
+}
+
+const SHARD_SERVERS: usize = 3;
+
+/// The sharded and reference tables of the suite, with their columns.
+const TABLES: [(&str, &str); 3] = [
+    ("users", data::USERS_COLUMNS),
+    ("orders", data::ORDERS_COLUMNS),
+    ("countries", data::COUNTRIES_COLUMNS),
+];
+
+impl DiffCluster {
+    /// Starts etcd and four Postgres servers, initialises map `name` of
+    /// `partitions` partitions over the first three, declares `users` and
+    /// `orders` (group `users`, bigint hash) and the reference table
+    /// `countries`, and creates the tables on all four.
+    pub async fn start(name: &str, partitions: u32) -> DiffCluster {
+        let cluster = TestCluster::start(SHARD_SERVERS + 1);
+        let servers = cluster.map_servers();
+        let store = cluster.store(name).await;
+        let map = ClusterMap::new(name, partitions, servers[..SHARD_SERVERS].to_vec())
+            .expect("a valid map over the shard servers");
+        store.initialize(map, "test").await.expect("initialise the map");
+        let saved = store
+            .update("test", |map| {
+                map.declare(
+                    Group::hash("users", KeyType::Bigint)
+                        .table("users", "user_id")
+                        .table("orders", "user_id"),
+                );
+                map.declare_table(MapTable::reference("countries"));
+                Ok(Change::new("test-schema", "the differential suite's tables"))
+            })
+            .await
+            .expect("declare the schema");
+        let setup = DiffCluster {
+            map: saved.map,
+            reference: SHARD_SERVERS,
+            shards: (0..SHARD_SERVERS).collect(),
+            cluster,
+        };
+        for (table, columns) in TABLES {
+            for &index in &setup.shards {
+                let server = setup.cluster.cluster.servers[index].name().to_string();
+                let statements = shardmap::ddl::create_statements(&setup.map, table, columns, &server)
+                    .unwrap_or_else(|e| panic!("DDL of {table}: {e}"));
+                setup.execute(index, &statements.join(";\n")).await;
+            }
+            setup
+                .execute(setup.reference, &format!("CREATE TABLE {table} ({columns})"))
+                .await;
+        }
+        setup
+    }
+
+    async fn execute(&self, index: usize, sql: &str) {
+        self.cluster
+            .connect(index)
+            .await
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("on server {index}: {e}\n{sql}"));
+    }
+
+    /// The index of the server owning sharding key `key` of `users`.
+    pub fn owner(&self, key: i64) -> usize {
+        let partition = self
+            .map
+            .partition_of("users", &KeyValue::Int(key))
+            .expect("a partition for every bigint");
+        self.cluster
+            .server_index(&self.map.assignments[partition as usize].owner)
+    }
+
+    /// Inserts every row of `data` on the reference and each sharded row on
+    /// the server owning its key (the reference table on every server).
+    pub async fn load(&self, data: &Dataset) {
+        let mut statements: Vec<(usize, String)> = Vec::new();
+        for (table, rows) in [("users", &data.users), ("orders", &data.orders)] {
+            for &shard in &self.shards {
+                let owned = rows.iter().filter(|row| self.owner(row.key) == shard);
+                for insert in data::insert_statements(table, owned) {
+                    statements.push((shard, insert));
+                }
+            }
+            for insert in data::insert_statements(table, rows.iter()) {
+                statements.push((self.reference, insert));
+            }
+        }
+        for index in self.shards.iter().chain([&self.reference]) {
+            for insert in data::insert_statements("countries", data.countries.iter()) {
+                statements.push((*index, insert));
+            }
+        }
+        for (index, sql) in statements {
+            self.execute(index, &sql).await;
+        }
+        for index in self.shards.iter().chain([&self.reference]) {
+            self.execute(*index, "ANALYZE").await;
+        }
+    }
+
+    /// `count(*)` of `table` on each shard server, in shard order.
+    pub async fn counts_per_shard(&self, table: &str) -> Vec<i64> {
+        let mut counts = Vec::new();
+        for &index in &self.shards {
+            let row = self
+                .cluster
+                .connect(index)
+                .await
+                .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+                .await
+                .unwrap_or_else(|e| panic!("count {table} on server {index}: {e}"));
+            counts.push(row.get(0));
+        }
+        counts
+    }
+
+    /// Connection string of the reference server.
+    pub fn reference_conninfo(&self) -> String {
+        self.cluster.cluster.servers[self.reference].state().conninfo()
+    }
+}
+
+/// Connects to `conninfo`, or says why not.
+pub async fn connect(conninfo: &str) -> Result<Client, String> {
+    let (client, connection) = tokio_postgres::connect(conninfo, NoTls)
+        .await
+        .map_err(|e| format!("cannot connect to {conninfo}: {e}"))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// Both ends of a comparison, reconnected when a connection breaks so that
+/// one crashed session does not fail every later query.
+pub struct Sides {
+    reference_conninfo: String,
+    candidate_conninfo: String,
+    reference: Client,
+    candidate: Client,
+}
+
+impl Sides {
+    pub async fn connect(reference_conninfo: &str, candidate_conninfo: &str) -> Result<Sides, String> {
+        Ok(Sides {
+            reference: connect(reference_conninfo).await?,
+            candidate: connect(candidate_conninfo).await?,
+            reference_conninfo: reference_conninfo.to_string(),
+            candidate_conninfo: candidate_conninfo.to_string(),
+        })
+    }
+
+    async fn reconnect_closed(&mut self) -> Result<(), String> {
+        if self.reference.is_closed() {
+            self.reference = connect(&self.reference_conninfo).await?;
+        }
+        if self.candidate.is_closed() {
+            self.candidate = connect(&self.candidate_conninfo).await?;
+        }
+        Ok(())
+    }
+}
+
+fn describe_error(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!(
+            "{} {}{}",
+            db.code().code(),
+            db.message(),
+            db.hint().map(|h| format!(" (hint: {h})")).unwrap_or_default()
+        ),
+        None => error.to_string(),
+    }
+}
+
+async fn within<T>(
+    future: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(QUERY_TIMEOUT, future).await {
+        Ok(result) => result.map_err(|e| describe_error(&e)),
+        Err(_) => Err(format!("no answer within {QUERY_TIMEOUT:?}")),
+    }
+}
+
+/// The column types of `sql` as the reference describes them.
+async fn reference_types(client: &Client, sql: &str) -> Result<Vec<Type>, String> {
+    let statement = within(client.prepare(sql)).await?;
+    Ok(statement.columns().iter().map(|c| c.type_().clone()).collect())
+}
+
+/// Runs every parameterless query in the simple protocol (text results) on
+/// both sides; returns the failures and what the reference answered.
+pub async fn run_simple(sides: &mut Sides, queries: &[DiffQuery]) -> (Vec<Failure>, Coverage) {
+    let mut failures = Vec::new();
+    let mut coverage = Coverage::default();
+    for query in queries.iter().filter(|q| q.params.is_empty()) {
+        if let Err(e) = sides.reconnect_closed().await {
+            failures.push(failure(query, "simple", e));
+            continue;
+        }
+        coverage.queries += 1;
+        let outcome = async {
+            let types = reference_types(&sides.reference, &query.sql)
+                .await
+                .map_err(|e| format!("the reference refused the query (a bug in the suite): {e}"))?;
+            let expected = within(sides.reference.simple_query(&query.sql))
+                .await
+                .map(|messages| table_from_simple(&messages))
+                .map_err(|e| format!("the reference refused the query (a bug in the suite): {e}"))?;
+            let actual = within(sides.candidate.simple_query(&query.sql))
+                .await
+                .map(|messages| table_from_simple(&messages))
+                .map_err(|e| format!("the proxy failed: {e}"))?;
+            Ok::<_, String>((types, expected, actual))
+        }
+        .await;
+        match outcome {
+            Err(e) => failures.push(failure(query, "simple", e)),
+            Ok((types, expected, actual)) => {
+                tally(&mut coverage, query, &expected);
+                if let Err(diff) = compare(&expected, &actual, query.order, &exactness(&types, &query.sql)) {
+                    failures.push(failure(query, "simple", diff));
+                }
+            }
+        }
+    }
+    (failures, coverage)
+}
+
+/// Runs every query in the extended protocol (Parse/Describe, then Bind with
+/// its parameters and binary results) on both sides, comparing the column
+/// names and types each describes and then the rows.
+pub async fn run_extended(sides: &mut Sides, queries: &[DiffQuery]) -> (Vec<Failure>, Coverage) {
+    let mut failures = Vec::new();
+    let mut coverage = Coverage::default();
+    for query in queries {
+        if let Err(e) = sides.reconnect_closed().await {
+            failures.push(failure(query, "extended", e));
+            continue;
+        }
+        coverage.queries += 1;
+        let params: Vec<&(dyn ToSql + Sync)> = query.params.iter().map(Param::as_sql).collect();
+        let outcome = async {
+            let reference_statement = within(sides.reference.prepare(&query.sql))
+                .await
+                .map_err(|e| format!("the reference refused the query (a bug in the suite): {e}"))?;
+            let candidate_statement = within(sides.candidate.prepare(&query.sql))
+                .await
+                .map_err(|e| format!("the proxy failed to prepare: {e}"))?;
+            let describe = |s: &tokio_postgres::Statement| -> Vec<String> {
+                s.columns().iter().map(|c| format!("{} {}", c.name(), c.type_())).collect()
+            };
+            if describe(&reference_statement) != describe(&candidate_statement) {
+                return Err(format!(
+                    "described columns differ:\n  reference: {:?}\n  proxy:     {:?}",
+                    describe(&reference_statement),
+                    describe(&candidate_statement)
+                ));
+            }
+            let expected_rows = within(sides.reference.query(&reference_statement, &params))
+                .await
+                .map_err(|e| format!("the reference refused the query (a bug in the suite): {e}"))?;
+            let actual_rows = within(sides.candidate.query(&candidate_statement, &params))
+                .await
+                .map_err(|e| format!("the proxy failed: {e}"))?;
+            let expected = table_from_rows(reference_statement.columns(), &expected_rows)?;
+            let actual = table_from_rows(candidate_statement.columns(), &actual_rows)?;
+            let types: Vec<Type> = reference_statement.columns().iter().map(|c| c.type_().clone()).collect();
+            Ok::<_, String>((types, expected, actual))
+        }
+        .await;
+        match outcome {
+            Err(e) => failures.push(failure(query, "extended", e)),
+            Ok((types, expected, actual)) => {
+                tally(&mut coverage, query, &expected);
+                if let Err(diff) = compare(&expected, &actual, query.order, &exactness(&types, &query.sql)) {
+                    failures.push(failure(query, "extended", diff));
+                }
+            }
+        }
+    }
+    (failures, coverage)
+}
+
+fn tally(coverage: &mut Coverage, query: &DiffQuery, expected: &Table) {
+    if !expected.rows.is_empty() {
+        coverage.with_rows += 1;
+    }
+    if query.order == Order::Total {
+        coverage.order_sensitive += 1;
+    }
+    coverage.reference_rows += expected.rows.len();
+}
+
+fn failure(query: &DiffQuery, protocol: &'static str, detail: String) -> Failure {
+    Failure {
+        label: query.label.clone(),
+        protocol,
+        sql: query.sql.clone(),
+        params: if query.params.is_empty() {
+            String::new()
+        } else {
+            format!("{:?}", query.params)
+        },
+        detail,
+    }
+}
