@@ -7,13 +7,16 @@
 //! proxy must refuse (0A000, with the reason in the message).
 //!
 //! `SCATTER_DIFF_SEED=<n>` reproduces a run (`random` picks a new seed, which
-//! is printed); `SCATTER_DIFF_TARGET=reference` compares the reference with
-//! itself, to check the suite without a proxy.
+//! is printed); `SCATTER_DIFF_LIST=1` prints every query;
+//! `SCATTER_DIFF_TARGET=reference` compares the reference with itself and
+//! `SCATTER_DIFF_TARGET=shard0` one shard server with it (which must fail),
+//! to check the judge without a proxy.
 
 use shardline_tests::differential::compare::Order::{self, Total, Unordered};
 use shardline_tests::differential::data::{self, Dataset};
 use shardline_tests::differential::{
-    generator, run_extended, run_simple, Coverage, DiffCluster, DiffQuery, Failure, Param, Sides,
+    check_binary_decoding, describe_error, generator, run_extended, run_simple, Coverage,
+    DiffCluster, DiffQuery, Failure, Param, Sides,
 };
 use shardline_tests::TestProxy;
 
@@ -31,18 +34,28 @@ fn seed() -> u64 {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(DEFAULT_SEED),
         Ok(value) => value.parse().unwrap_or_else(|_| {
-            panic!("SCATTER_DIFF_SEED={value:?} is not a number: give an unsigned integer or `random`")
+            panic!(
+                "SCATTER_DIFF_SEED={value:?} is not a number: give an unsigned integer or `random`"
+            )
         }),
     }
 }
 
 /// Every `step`-th user id, `count` of them: keys spread over all servers.
 fn spread_ids(data: &Dataset, step: usize, count: usize) -> Vec<i64> {
-    data.user_ids.iter().step_by(step).take(count).copied().collect()
+    data.user_ids
+        .iter()
+        .step_by(step)
+        .take(count)
+        .copied()
+        .collect()
 }
 
 fn id_list(ids: &[i64]) -> String {
-    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+    ids.iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The hand-written queries: one or more of every shape the proxy merges.
@@ -200,11 +213,20 @@ async fn cross_shard_reads_answer_like_one_server() {
     for table in ["users", "orders"] {
         let counts = setup.counts_per_shard(table).await;
         println!("{table} rows per shard server: {counts:?}");
-        assert!(counts.iter().all(|c| *c > 0), "every shard server must hold {table} rows: {counts:?}");
+        assert!(
+            counts.iter().all(|c| *c > 0),
+            "every shard server must hold {table} rows: {counts:?}"
+        );
     }
-    let feed_owners: std::collections::BTreeSet<usize> =
-        spread_ids(&data, 37, 50).iter().map(|id| setup.owner(*id)).collect();
-    assert_eq!(feed_owners.len(), 3, "the feed's keys must span every shard server");
+    let feed_owners: std::collections::BTreeSet<usize> = spread_ids(&data, 37, 50)
+        .iter()
+        .map(|id| setup.owner(*id))
+        .collect();
+    assert_eq!(
+        feed_owners.len(),
+        3,
+        "the feed's keys must span every shard server"
+    );
 
     let proxy = TestProxy::start(&setup.cluster, CLUSTER, |_| {}).await;
     let candidate = match std::env::var("SCATTER_DIFF_TARGET").as_deref() {
@@ -212,17 +234,34 @@ async fn cross_shard_reads_answer_like_one_server() {
             println!("SCATTER_DIFF_TARGET=reference: comparing the reference with itself");
             setup.reference_conninfo()
         }
+        Ok("shard0") => {
+            println!("SCATTER_DIFF_TARGET=shard0: comparing one shard server with the reference (must fail)");
+            setup.cluster.cluster.servers[setup.shards[0]]
+                .state()
+                .conninfo()
+        }
         _ => proxy.conninfo(),
     };
     let mut sides = Sides::connect(&setup.reference_conninfo(), &candidate)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    let reference = shardline_tests::differential::connect(&setup.reference_conninfo())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    check_binary_decoding(&reference)
+        .await
+        .unwrap_or_else(|e| panic!("the suite's binary decoding is wrong: {e}"));
 
     let hand = hand_written(&data);
     let generated = generator::generate(seed, GENERATED, &data);
     let plain_hand = hand.iter().filter(|q| q.params.is_empty()).count();
     assert!(plain_hand >= 60, "only {plain_hand} hand-written queries");
     let everything: Vec<DiffQuery> = hand.iter().chain(&generated).cloned().collect();
+    if std::env::var_os("SCATTER_DIFF_LIST").is_some() {
+        for query in &everything {
+            println!("{} [{:?}] {}", query.label, query.order, query.sql);
+        }
+    }
     let started = std::time::Instant::now();
     let (simple_failures, simple) = run_simple(&mut sides, &everything).await;
     // Extended: the parameterised queries, the hand-written ones and every
@@ -237,8 +276,14 @@ async fn cross_shard_reads_answer_like_one_server() {
     print_coverage("simple", &simple, &simple_failures);
     print_coverage("extended", &extended, &extended_failures);
 
-    assert!(simple.queries >= 300, "the simple run must have at least 300 queries");
-    assert!(extended.queries >= 50, "the extended run must have at least 50 queries");
+    assert!(
+        simple.queries >= 300,
+        "the simple run must have at least 300 queries"
+    );
+    assert!(
+        extended.queries >= 50,
+        "the extended run must have at least 50 queries"
+    );
     // Queries that select nothing compare nothing: most must return rows.
     assert!(
         simple.with_rows * 10 >= simple.queries * 8,
@@ -246,7 +291,10 @@ async fn cross_shard_reads_answer_like_one_server() {
         simple.with_rows,
         simple.queries
     );
-    assert!(simple.order_sensitive * 5 >= simple.queries, "too few order-sensitive queries");
+    assert!(
+        simple.order_sensitive * 5 >= simple.queries,
+        "too few order-sensitive queries"
+    );
 
     let failures: Vec<&Failure> = simple_failures.iter().chain(&extended_failures).collect();
     if !failures.is_empty() {
@@ -262,20 +310,38 @@ async fn cross_shard_reads_answer_like_one_server() {
 }
 
 /// A refused statement: 0A000, and a message naming the reason.
-async fn assert_refused(client: &tokio_postgres::Client, sql: &str, reasons: &[&str]) -> Result<(), String> {
+async fn assert_refused(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    reasons: &[&str],
+) -> Result<(), String> {
     let error = match client.simple_query(sql).await {
-        Ok(_) => return Err(format!("{sql}\n   was answered; it must be refused with 0A000")),
+        Ok(_) => {
+            return Err(format!(
+                "{sql}\n   was answered; it must be refused with 0A000"
+            ))
+        }
         Err(error) => error,
     };
     let Some(db) = error.as_db_error() else {
-        return Err(format!("{sql}\n   failed without a server error: {error}"));
+        return Err(format!(
+            "{sql}\n   failed without a server error: {}",
+            describe_error(&error)
+        ));
     };
     let text = format!("{} {}", db.message(), db.hint().unwrap_or_default()).to_lowercase();
     if db.code().code() != "0A000" || db.message().trim().is_empty() {
-        return Err(format!("{sql}\n   refused with {} {:?}; want 0A000 with a message", db.code().code(), db.message()));
+        return Err(format!(
+            "{sql}\n   refused with {} {:?}; want 0A000 with a message",
+            db.code().code(),
+            db.message()
+        ));
     }
     if !reasons.iter().any(|reason| text.contains(reason)) {
-        return Err(format!("{sql}\n   refused with {:?}, which names none of {reasons:?}", db.message()));
+        return Err(format!(
+            "{sql}\n   refused with {:?}, which names none of {reasons:?}",
+            db.message()
+        ));
     }
     Ok(())
 }
@@ -288,16 +354,43 @@ async fn cross_shard_shapes_that_cannot_be_merged_exactly_are_refused() {
     let proxy = TestProxy::start(&setup.cluster, "scatter-refusals", |_| {}).await;
     let client = proxy.connect().await;
     let refusals: &[(&str, &[&str])] = &[
-        ("SELECT user_id, row_number() OVER (ORDER BY score) FROM users", &["window", "over"]),
-        ("SELECT country, rank() OVER (PARTITION BY country ORDER BY score) FROM users", &["window", "over"]),
+        (
+            "SELECT user_id, row_number() OVER (ORDER BY score) FROM users",
+            &["window", "over"],
+        ),
+        (
+            "SELECT country, rank() OVER (PARTITION BY country ORDER BY score) FROM users",
+            &["window", "over"],
+        ),
         ("SELECT count(DISTINCT country) FROM users", &["distinct"]),
-        ("SELECT user_id FROM users UNION SELECT user_id FROM orders", &["union", "set operation"]),
-        ("SELECT user_id FROM users INTERSECT SELECT user_id FROM orders", &["intersect", "set operation"]),
-        ("SELECT * FROM orders o JOIN users u ON o.order_id = u.user_id", &["join", "key"]),
-        ("SELECT * FROM users a JOIN users b ON a.country = b.country", &["join", "key"]),
-        ("SELECT * FROM users WHERE user_id IN (SELECT user_id FROM orders WHERE amount > 10)", &["subquer", "sub-quer", "sub-select", "subselect"]),
-        ("SELECT (SELECT count(*) FROM orders) FROM users", &["subquer", "sub-quer", "sub-select", "subselect"]),
-        ("SELECT user_id FROM users ORDER BY random() LIMIT 5", &["random", "volatile"]),
+        (
+            "SELECT user_id FROM users UNION SELECT user_id FROM orders",
+            &["union", "set operation"],
+        ),
+        (
+            "SELECT user_id FROM users INTERSECT SELECT user_id FROM orders",
+            &["intersect", "set operation"],
+        ),
+        (
+            "SELECT * FROM orders o JOIN users u ON o.order_id = u.user_id",
+            &["join", "key"],
+        ),
+        (
+            "SELECT * FROM users a JOIN users b ON a.country = b.country",
+            &["join", "key"],
+        ),
+        (
+            "SELECT * FROM users WHERE user_id IN (SELECT user_id FROM orders WHERE amount > 10)",
+            &["subquer", "sub-quer", "sub-select", "subselect"],
+        ),
+        (
+            "SELECT (SELECT count(*) FROM orders) FROM users",
+            &["subquer", "sub-quer", "sub-select", "subselect"],
+        ),
+        (
+            "SELECT user_id FROM users ORDER BY random() LIMIT 5",
+            &["random", "volatile"],
+        ),
     ];
     let mut problems = Vec::new();
     for (sql, reasons) in refusals {
@@ -307,26 +400,48 @@ async fn cross_shard_shapes_that_cannot_be_merged_exactly_are_refused() {
     }
     // The session survives the refusals.
     let alive = client.simple_query("SELECT 1").await;
-    assert!(alive.is_ok(), "the session must survive refusals: {alive:?}");
+    assert!(
+        alive.is_ok(),
+        "the session must survive refusals: {alive:?}"
+    );
 
     // With scatter reads switched off, a key-less SELECT is refused; back on, answered.
     let keyless = "SELECT count(*) FROM users";
     match client.simple_query("SET shardline.scatter = off").await {
-        Err(e) => problems.push(format!("SET shardline.scatter = off failed: {e}")),
+        Err(e) => problems.push(format!(
+            "SET shardline.scatter = off failed: {}",
+            describe_error(&e)
+        )),
         Ok(_) => {
-            if let Err(problem) = assert_refused(&client, keyless, &["scatter", "server", "shard"]).await {
+            if let Err(problem) =
+                assert_refused(&client, keyless, &["scatter", "server", "shard"]).await
+            {
                 problems.push(problem);
             }
             match client.simple_query("SET shardline.scatter = on").await {
-                Err(e) => problems.push(format!("SET shardline.scatter = on failed: {e}")),
+                Err(e) => problems.push(format!(
+                    "SET shardline.scatter = on failed: {}",
+                    describe_error(&e)
+                )),
                 Ok(_) => {
-                    let counted = client.query_one(keyless, &[]).await.map(|row| row.get::<_, i64>(0));
+                    let counted = client
+                        .query_one(keyless, &[])
+                        .await
+                        .map(|row| row.get::<_, i64>(0));
                     if counted.as_ref().ok() != Some(&(data.users.len() as i64)) {
-                        problems.push(format!("{keyless} with scatter back on: {counted:?}, want {}", data.users.len()));
+                        problems.push(format!(
+                            "{keyless} with scatter back on: {counted:?}, want {}",
+                            data.users.len()
+                        ));
                     }
                 }
             }
         }
     }
-    assert!(problems.is_empty(), "{} refusal checks failed:\n{}", problems.len(), problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "{} refusal checks failed:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
 }

@@ -13,11 +13,14 @@ use tokio_postgres::types::{FromSql, Type};
 /// (float sums, averages): 1e-9 of the larger magnitude.
 pub const RELATIVE_TOLERANCE: f64 = 1e-9;
 
+/// One row of values as text (`None` is NULL).
+pub type TextRow = Vec<Option<String>>;
+
 /// A result: column names, and rows of values as text (`None` is NULL).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Table {
     pub columns: Vec<String>,
-    pub rows: Vec<Vec<Option<String>>>,
+    pub rows: Vec<TextRow>,
 }
 
 /// Whether row order is part of the answer.
@@ -143,7 +146,10 @@ pub fn compare(
     match order {
         Order::Total => {
             let start = first_difference.unwrap_or(expected.len().min(actual.len()));
-            let _ = writeln!(report, "first difference at row {start} (ORDER BY is total):");
+            let _ = writeln!(
+                report,
+                "first difference at row {start} (ORDER BY is total):"
+            );
             for index in start..(start + SHOWN_ROWS) {
                 let (e, a) = (expected.get(index), actual.get(index));
                 if e.is_none() && a.is_none() {
@@ -153,51 +159,59 @@ pub fn compare(
                     (Some(e), Some(a)) if rows_equal(e, a, exactness) => " ",
                     _ => "≠",
                 };
-                let show = |row: Option<&Vec<Option<String>>>| row.map(|r| show_row(r)).unwrap_or_else(|| "(no row)".into());
-                let _ = writeln!(report, "  {mark} row {index}\n      reference: {}\n      proxy:     {}", show(e), show(a));
+                let show = |row: Option<&TextRow>| {
+                    row.map(|r| show_row(r))
+                        .unwrap_or_else(|| "(no row)".into())
+                };
+                let _ = writeln!(
+                    report,
+                    "  {mark} row {index}\n      reference: {}\n      proxy:     {}",
+                    show(e),
+                    show(a)
+                );
             }
         }
         Order::Unordered => {
             let (missing, extra) = multiset_difference(&expected, &actual, exactness);
             let _ = writeln!(report, "compared as multisets (no total ORDER BY):");
-            let _ = writeln!(report, "  {} rows only in the reference, e.g.:", missing.len());
-            for row in missing.iter().take(SHOWN_ROWS) {
-                let _ = writeln!(report, "      {}", show_row(row));
-            }
-            let _ = writeln!(report, "  {} rows only through the proxy, e.g.:", extra.len());
-            for row in extra.iter().take(SHOWN_ROWS) {
-                let _ = writeln!(report, "      {}", show_row(row));
+            for (rows, side) in [
+                (&missing, "only in the reference"),
+                (&extra, "only through the proxy"),
+            ] {
+                let _ = write!(report, "  {} rows {side}", rows.len());
+                let _ = writeln!(report, "{}", if rows.is_empty() { "" } else { ", e.g.:" });
+                for row in rows.iter().take(SHOWN_ROWS) {
+                    let _ = writeln!(report, "      {}", show_row(row));
+                }
             }
         }
     }
     Err(report)
 }
 
-/// Rows of `expected` with no equal row in `actual`, and the other way
-/// round (each row of one side matches at most one of the other).
+/// Rows of sorted `expected` with no equal row in sorted `actual`, and the
+/// other way round, by one merge walk (results can have many thousand rows).
 fn multiset_difference<'a>(
-    expected: &'a [Vec<Option<String>>],
-    actual: &'a [Vec<Option<String>>],
+    expected: &'a [TextRow],
+    actual: &'a [TextRow],
     exactness: &[Exactness],
-) -> (Vec<&'a Vec<Option<String>>>, Vec<&'a Vec<Option<String>>>) {
-    let mut matched = vec![false; actual.len()];
-    let mut missing = Vec::new();
-    for row in expected {
-        let found = actual
-            .iter()
-            .enumerate()
-            .find(|(i, candidate)| !matched[*i] && rows_equal(row, candidate, exactness));
-        match found {
-            Some((i, _)) => matched[i] = true,
-            None => missing.push(row),
+) -> (Vec<&'a TextRow>, Vec<&'a TextRow>) {
+    let (mut missing, mut extra) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while i < expected.len() && j < actual.len() {
+        if rows_equal(&expected[i], &actual[j], exactness) {
+            i += 1;
+            j += 1;
+        } else if compare_rows(&expected[i], &actual[j]) == Ordering::Less {
+            missing.push(&expected[i]);
+            i += 1;
+        } else {
+            extra.push(&actual[j]);
+            j += 1;
         }
     }
-    let extra = actual
-        .iter()
-        .zip(&matched)
-        .filter(|(_, m)| !**m)
-        .map(|(row, _)| row)
-        .collect();
+    missing.extend(&expected[i..]);
+    extra.extend(&actual[j..]);
     (missing, extra)
 }
 
@@ -214,9 +228,11 @@ pub fn table_from_simple(messages: &[tokio_postgres::SimpleQueryMessage]) -> Tab
                 table.columns = columns.iter().map(|c| c.name().to_string()).collect();
             }
             tokio_postgres::SimpleQueryMessage::Row(row) => {
-                table
-                    .rows
-                    .push((0..row.len()).map(|i| row.get(i).map(str::to_string)).collect());
+                table.rows.push(
+                    (0..row.len())
+                        .map(|i| row.get(i).map(str::to_string))
+                        .collect(),
+                );
             }
             _ => {}
         }
@@ -242,7 +258,10 @@ impl<'a> FromSql<'a> for RawValue {
 
 /// The rows of an extended-protocol query (binary results), each value
 /// decoded to a canonical text by [`binary_text`].
-pub fn table_from_rows(columns: &[tokio_postgres::Column], rows: &[tokio_postgres::Row]) -> Result<Table, String> {
+pub fn table_from_rows(
+    columns: &[tokio_postgres::Column],
+    rows: &[tokio_postgres::Row],
+) -> Result<Table, String> {
     let mut table = Table {
         columns: columns.iter().map(|c| c.name().to_string()).collect(),
         rows: Vec::new(),
@@ -279,14 +298,26 @@ pub fn binary_text(type_: &Type, bytes: &[u8]) -> String {
         })
     };
     let decoded = match type_ {
-        t if *t == Type::INT2 => fixed(2).map(|b| (i64::from_be_bytes(b) as u16 as i16).to_string()),
-        t if *t == Type::INT4 || *t == Type::DATE => fixed(4).map(|b| (i64::from_be_bytes(b) as u32 as i32).to_string()),
+        t if *t == Type::INT2 => {
+            fixed(2).map(|b| (i64::from_be_bytes(b) as u16 as i16).to_string())
+        }
+        t if *t == Type::INT4 || *t == Type::DATE => {
+            fixed(4).map(|b| (i64::from_be_bytes(b) as u32 as i32).to_string())
+        }
         t if *t == Type::INT8 || *t == Type::TIMESTAMPTZ || *t == Type::TIMESTAMP => {
             fixed(8).map(|b| i64::from_be_bytes(b).to_string())
         }
         t if *t == Type::FLOAT8 => fixed(8).map(|b| f64::from_be_bytes(b).to_string()),
-        t if *t == Type::FLOAT4 => fixed(4).map(|b| f32::from_bits(u64::from_be_bytes(b) as u32).to_string()),
-        t if *t == Type::BOOL => (bytes.len() == 1).then(|| (bytes[0] != 0).to_string()),
+        t if *t == Type::FLOAT4 => {
+            fixed(4).map(|b| f32::from_bits(u64::from_be_bytes(b) as u32).to_string())
+        }
+        t if *t == Type::BOOL => (bytes.len() == 1).then(|| {
+            if bytes[0] != 0 {
+                "t".to_string()
+            } else {
+                "f".to_string()
+            }
+        }),
         t if *t == Type::TEXT || *t == Type::VARCHAR || *t == Type::NAME || *t == Type::BPCHAR => {
             std::str::from_utf8(bytes).ok().map(str::to_string)
         }
@@ -321,7 +352,9 @@ pub fn numeric_text(bytes: &[u8]) -> Option<String> {
         0x0000 | 0x4000 => {}
         _ => return None,
     }
-    let digits: Vec<i16> = (0..digit_count).map(|i| word(4 + i)).collect::<Option<_>>()?;
+    let digits: Vec<i16> = (0..digit_count)
+        .map(|i| word(4 + i))
+        .collect::<Option<_>>()?;
     let digit_at = |position: i64| -> i16 {
         // position = weight of the base-10000 digit wanted
         let index = weight - position;
@@ -381,8 +414,12 @@ mod tests {
     fn unordered_results_match_in_any_order_but_ordered_ones_do_not() {
         let reference = table(&[&[Some("1"), None], &[Some("2"), Some("x")]]);
         let swapped = table(&[&[Some("2"), Some("x")], &[Some("1"), None]]);
-        assert_eq!(compare(&reference, &swapped, Order::Unordered, &EXACT), Ok(()));
-        let report = compare(&reference, &swapped, Order::Total, &EXACT).expect_err("order matters");
+        assert_eq!(
+            compare(&reference, &swapped, Order::Unordered, &EXACT),
+            Ok(())
+        );
+        let report =
+            compare(&reference, &swapped, Order::Total, &EXACT).expect_err("order matters");
         assert!(report.contains("first difference at row 0"), "{report}");
     }
 
@@ -390,8 +427,12 @@ mod tests {
     fn a_missing_duplicate_row_is_reported() {
         let reference = table(&[&[Some("1"), None], &[Some("1"), None]]);
         let candidate = table(&[&[Some("1"), None]]);
-        let report = compare(&reference, &candidate, Order::Unordered, &EXACT).expect_err("differs");
-        assert!(report.contains("reference 2 rows, proxy 1 rows"), "{report}");
+        let report =
+            compare(&reference, &candidate, Order::Unordered, &EXACT).expect_err("differs");
+        assert!(
+            report.contains("reference 2 rows, proxy 1 rows"),
+            "{report}"
+        );
         assert!(report.contains("1 rows only in the reference"), "{report}");
     }
 
@@ -440,7 +481,11 @@ mod tests {
                 words.extend_from_slice(&[12, 5000]);
             }
             let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
-            assert_eq!(numeric_text(&bytes).as_deref(), Some(*expected), "{words:?}");
+            assert_eq!(
+                numeric_text(&bytes).as_deref(),
+                Some(*expected),
+                "{words:?}"
+            );
         }
     }
 }

@@ -29,10 +29,36 @@ pub const COUNTRIES_COLUMNS: &str = "code text PRIMARY KEY, name text, region te
 /// Names with mixed case, accents, other scripts, spaces and quotes, few
 /// enough that many users share one.
 pub const NAMES: &[&str] = &[
-    "alice", "Alice", "ALICE", "bob", "Bob Smith", "bob smith", " leading space",
-    "trailing space ", "Zoë", "zoe", "Émile", "émile", "Ünal", "Ødegaard", "ÅSA",
-    "åsa", "李雷", "東京", "Мария", "o'brien", "O'Brien", "d\"quote", "a_b%c",
-    "Ångström", "zz top", "Zz Top", "123abc", "", "mixed CASE", "back\\slash",
+    "alice",
+    "Alice",
+    "ALICE",
+    "bob",
+    "Bob Smith",
+    "bob smith",
+    " leading space",
+    "trailing space ",
+    "Zoë",
+    "zoe",
+    "Émile",
+    "émile",
+    "Ünal",
+    "Ødegaard",
+    "ÅSA",
+    "åsa",
+    "李雷",
+    "東京",
+    "Мария",
+    "o'brien",
+    "O'Brien",
+    "d\"quote",
+    "a_b%c",
+    "Ångström",
+    "zz top",
+    "Zz Top",
+    "123abc",
+    "",
+    "mixed CASE",
+    "back\\slash",
 ];
 
 /// Country codes users have: some without a `countries` row, one in lower case.
@@ -84,7 +110,11 @@ pub fn quote(text: &str) -> String {
 }
 
 /// `value` in one row out of `1/p`, NULL otherwise.
-fn maybe(rng: &mut StdRng, null_probability: f64, value: impl FnOnce(&mut StdRng) -> String) -> String {
+fn maybe(
+    rng: &mut StdRng,
+    null_probability: f64,
+    value: impl FnOnce(&mut StdRng) -> String,
+) -> String {
     if rng.random_bool(null_probability) {
         "NULL".to_string()
     } else {
@@ -104,13 +134,20 @@ fn timestamp(rng: &mut StdRng) -> String {
     } else {
         rng.random_range(1_577_836_800..1_767_225_600)
     };
-    let micros: u32 = if rng.random_bool(0.5) { 0 } else { rng.random_range(0..1_000_000) };
+    let micros: u32 = if rng.random_bool(0.5) {
+        0
+    } else {
+        rng.random_range(0..1_000_000)
+    };
     format!("to_timestamp({seconds}) + interval '{micros} microseconds'")
 }
 
 fn uuid(rng: &mut StdRng) -> String {
     let bytes: [u8; 16] = rng.random();
-    uuid::Builder::from_random_bytes(bytes).into_uuid().hyphenated().to_string()
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .to_string()
 }
 
 fn prefs(rng: &mut StdRng) -> String {
@@ -125,7 +162,11 @@ fn prefs(rng: &mut StdRng) -> String {
         fields.push(format!("\"beta\": {}", rng.random_bool(0.5)));
     }
     if rng.random_bool(0.2) {
-        fields.push(format!("\"langs\": [\"{}\", \"{}\"]", pick(rng, TAGS), pick(rng, TAGS)));
+        fields.push(format!(
+            "\"langs\": [\"{}\", \"{}\"]",
+            pick(rng, TAGS),
+            pick(rng, TAGS)
+        ));
     }
     quote(&format!("{{{}}}", fields.join(", ")))
 }
@@ -146,9 +187,21 @@ fn text_array(rng: &mut StdRng) -> String {
 
 fn score(rng: &mut StdRng) -> String {
     match rng.random_range(0..4) {
-        0 => format!("{}.{}", rng.random_range(0..50), ["0", "5", "25", "125"].choose(rng).copied().unwrap_or("0")),
-        1 => format!("-{}.{:03}", rng.random_range(0..1000), rng.random_range(0..1000)),
-        _ => format!("{}.{:03}", rng.random_range(0..100_000), rng.random_range(0..1000)),
+        0 => format!(
+            "{}.{}",
+            rng.random_range(0..50),
+            ["0", "5", "25", "125"].choose(rng).copied().unwrap_or("0")
+        ),
+        1 => format!(
+            "-{}.{:03}",
+            rng.random_range(0..1000),
+            rng.random_range(0..1000)
+        ),
+        _ => format!(
+            "{}.{:03}",
+            rng.random_range(0..100_000),
+            rng.random_range(0..1000)
+        ),
     }
 }
 
@@ -158,7 +211,10 @@ fn rating(rng: &mut StdRng) -> String {
         1 => "'Infinity'".to_string(),
         2 => "'-Infinity'".to_string(),
         3..=12 => format!("{:.1}", rng.random_range(0..10) as f64 / 2.0),
-        _ => format!("{:e}", rng.random_range(-1.0e3..1.0e4) * rng.random::<f64>()),
+        _ => format!(
+            "{:e}",
+            rng.random_range(-1.0e3..1.0e4) * rng.random::<f64>()
+        ),
     }
 }
 
@@ -195,16 +251,22 @@ pub fn generate(seed: u64, users: usize) -> Dataset {
             score.clone(),
             maybe(&mut rng, 0.12, rating),
             maybe(&mut rng, 0.15, |r| r.random_bool(0.6).to_string()),
-            maybe(&mut rng, 0.1, |r| format!("date '1940-01-01' + {}", r.random_range(0..25_000))),
+            maybe(&mut rng, 0.1, |r| {
+                format!("date '1940-01-01' + {}", r.random_range(0..25_000))
+            }),
             created.clone(),
             maybe(&mut rng, 0.05, |_| quote(&uid)),
             maybe(&mut rng, 0.1, prefs),
             maybe(&mut rng, 0.12, text_array),
             maybe(&mut rng, 0.12, |r| r.random_range(-3i16..10).to_string()),
             maybe(&mut rng, 0.12, |r| r.random_range(0i32..50).to_string()),
-            maybe(&mut rng, 0.12, |r| (r.random_range(-1_000_000i64..1_000_000) * 1_000_003).to_string()),
+            maybe(&mut rng, 0.12, |r| {
+                (r.random_range(-1_000_000i64..1_000_000) * 1_000_003).to_string()
+            }),
             maybe(&mut rng, 0.2, |r| {
-                let numbers: Vec<String> = (0..r.random_range(0..4)).map(|_| r.random_range(0..9).to_string()).collect();
+                let numbers: Vec<String> = (0..r.random_range(0..4))
+                    .map(|_| r.random_range(0..9).to_string())
+                    .collect();
                 format!("ARRAY[{}]::int4[]", numbers.join(", "))
             }),
         ];
@@ -221,7 +283,9 @@ pub fn generate(seed: u64, users: usize) -> Dataset {
             data.created.push(created);
         }
         for _ in 0..rng.random_range(0..7) {
-            let amount = maybe(&mut rng, 0.08, |r| format!("{}.{:02}", r.random_range(0..500), r.random_range(0..100)));
+            let amount = maybe(&mut rng, 0.08, |r| {
+                format!("{}.{:02}", r.random_range(0..500), r.random_range(0..100))
+            });
             let values = [
                 user_id.to_string(),
                 next_order_id.to_string(),

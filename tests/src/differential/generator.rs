@@ -153,7 +153,10 @@ struct Source {
     items: &'static [(&'static str, Kind)],
 }
 
-const USERS: Source = Source { prefix: "", items: USER_ITEMS };
+const USERS: Source = Source {
+    prefix: "",
+    items: USER_ITEMS,
+};
 
 fn expand(template: &str, prefix: &str) -> String {
     template.replace("{p}", prefix)
@@ -170,16 +173,23 @@ impl Generator<'_> {
     }
 
     fn pick<T: Copy>(&mut self, values: &[T]) -> T {
-        *values.choose(&mut self.rng).expect("the generator's lists are not empty")
+        *values
+            .choose(&mut self.rng)
+            .expect("the generator's lists are not empty")
     }
 
     fn sample(&mut self, values: &[String]) -> String {
-        values.choose(&mut self.rng).cloned().unwrap_or_else(|| "NULL".into())
+        values
+            .choose(&mut self.rng)
+            .cloned()
+            .unwrap_or_else(|| "NULL".into())
     }
 
     fn user_ids(&mut self, count: usize) -> Vec<String> {
         let data = self.data;
-        (0..count).map(|_| self.pick(&data.user_ids).to_string()).collect()
+        (0..count)
+            .map(|_| self.pick(&data.user_ids).to_string())
+            .collect()
     }
 
     /// One predicate over `users` columns.
@@ -196,7 +206,10 @@ impl Generator<'_> {
             3 => format!("{{p}}country <> {}", quote(self.pick(USER_COUNTRIES))),
             4 => format!("{{p}}score > {}", self.sample(&data.scores)),
             5 => {
-                let (a, b) = (self.rng.random_range(-500..500), self.rng.random_range(500..60_000));
+                let (a, b) = (
+                    self.rng.random_range(-500..500),
+                    self.rng.random_range(500..60_000),
+                );
                 format!("{{p}}score BETWEEN {a} AND {b}.5")
             }
             6 => "{p}score IS NULL".into(),
@@ -205,24 +218,53 @@ impl Generator<'_> {
             9 => "{p}active".into(),
             10 => "NOT {p}active".into(),
             11 => "{p}active IS NULL".into(),
-            12 => format!("{{p}}born < date '{}-06-15'", self.rng.random_range(1945..2005)),
+            12 => format!(
+                "{{p}}born < date '{}-06-15'",
+                self.rng.random_range(1945..2005)
+            ),
             13 => format!("{{p}}created > {}", self.sample(&data.created)),
             14 => format!("{{p}}uid = {}", quote(&self.sample(&data.uids))),
             15 => format!("{{p}}uid < {}", quote(&self.sample(&data.uids))),
             16 => format!("{{p}}prefs @> '{{\"theme\": \"{}\"}}'", self.pick(THEMES)),
             17 => "{p}prefs ? 'beta'".into(),
-            18 => format!("({{p}}prefs->>'n')::int > {}", self.rng.random_range(-3..15)),
+            18 => format!(
+                "({{p}}prefs->>'n')::int > {}",
+                self.rng.random_range(-3..15)
+            ),
             19 => format!("{} = ANY({{p}}tags)", quote(self.pick(TAGS))),
-            20 => format!("{{p}}tags && ARRAY[{}, {}]", quote(self.pick(TAGS)), quote(self.pick(TAGS))),
+            20 => format!(
+                "{{p}}tags && ARRAY[{}, {}]",
+                quote(self.pick(TAGS)),
+                quote(self.pick(TAGS))
+            ),
             21 => "{p}tags IS NULL OR cardinality({p}tags) = 0".into(),
             22 => format!("{{p}}small = {}", self.rng.random_range(-3..10)),
-            23 => format!("{{p}}small IN ({}, {})", self.rng.random_range(-3..10), self.rng.random_range(-3..10)),
+            23 => format!(
+                "{{p}}small IN ({}, {})",
+                self.rng.random_range(-3..10),
+                self.rng.random_range(-3..10)
+            ),
             24 => format!("{{p}}medium % {} = 0", self.rng.random_range(2..7)),
-            25 => format!("{{p}}big > {}", self.rng.random_range(-500_000_000i64..500_000_000)),
-            26 => format!("{{p}}name LIKE {}", quote(&format!("{}%", self.pick(&["A", "a", "b", "Z", "É", "o'"])))),
-            27 => format!("{{p}}name ILIKE {}", quote(&format!("%{}%", self.pick(&["o", "ä", "e", " ", "_"])))),
-            28 => format!("{{p}}title >= {}", quote(self.pick(&["a", "B", "m", "Z", "é"]))),
-            29 => format!("{{p}}nick < {}", quote(self.pick(&["a", "B", "m", "Z", "é"]))),
+            25 => format!(
+                "{{p}}big > {}",
+                self.rng.random_range(-500_000_000i64..500_000_000)
+            ),
+            26 => format!(
+                "{{p}}name LIKE {}",
+                quote(&format!("{}%", self.pick(&["A", "a", "b", "Z", "É", "o'"])))
+            ),
+            27 => format!(
+                "{{p}}name ILIKE {}",
+                quote(&format!("%{}%", self.pick(&["o", "ä", "e", " ", "_"])))
+            ),
+            28 => format!(
+                "{{p}}title >= {}",
+                quote(self.pick(&["a", "B", "m", "Z", "é"]))
+            ),
+            29 => format!(
+                "{{p}}nick < {}",
+                quote(self.pick(&["a", "B", "m", "Z", "é"]))
+            ),
             30 => format!("{{p}}user_id < {}", self.rng.random_range(10..2000)),
             31 => {
                 let count = self.rng.random_range(2..40);
@@ -230,7 +272,10 @@ impl Generator<'_> {
             }
             32 => {
                 let count = self.rng.random_range(2..40);
-                format!("{{p}}user_id = ANY(ARRAY[{}]::int8[])", self.user_ids(count).join(", "))
+                format!(
+                    "{{p}}user_id = ANY(ARRAY[{}]::int8[])",
+                    self.user_ids(count).join(", ")
+                )
             }
             _ => format!("{{p}}lucky @> ARRAY[{}]", self.rng.random_range(0..9)),
         };
@@ -250,7 +295,11 @@ impl Generator<'_> {
                 let count = self.rng.random_range(2..30);
                 format!("{{p}}user_id IN ({})", self.user_ids(count).join(", "))
             }
-            _ => format!("{{p}}amount BETWEEN {} AND {}", self.rng.random_range(0..200), self.rng.random_range(200..500)),
+            _ => format!(
+                "{{p}}amount BETWEEN {} AND {}",
+                self.rng.random_range(0..200),
+                self.rng.random_range(200..500)
+            ),
         };
         expand(&text, p)
     }
@@ -344,26 +393,50 @@ impl Generator<'_> {
         let list = self.select_list(&[&USERS]);
         let filter = self.where_clause(|g| g.user_predicate(""));
         let (ordering, order) = self.ordering(&[&USERS], &["user_id"]);
-        (format!("SELECT {} FROM users{filter}{ordering}", list.join(", ")), order)
+        (
+            format!("SELECT {} FROM users{filter}{ordering}", list.join(", ")),
+            order,
+        )
     }
 
     fn plain_orders(&mut self) -> (String, Order) {
-        let orders = Source { prefix: "", items: ORDER_ITEMS };
+        let orders = Source {
+            prefix: "",
+            items: ORDER_ITEMS,
+        };
         let list = self.select_list(&[&orders]);
         let filter = self.where_clause(|g| g.order_predicate(""));
         let (ordering, order) = self.ordering(&[&orders], &["user_id", "order_id"]);
-        (format!("SELECT {} FROM orders{filter}{ordering}", list.join(", ")), order)
+        (
+            format!("SELECT {} FROM orders{filter}{ordering}", list.join(", ")),
+            order,
+        )
     }
 
     /// orders ⋈ users on the sharding key, inner or users LEFT JOIN orders.
     fn co_located_join(&mut self) -> (String, Order) {
-        let users = Source { prefix: "u.", items: USER_ITEMS };
-        let orders = Source { prefix: "o.", items: ORDER_ITEMS };
+        let users = Source {
+            prefix: "u.",
+            items: USER_ITEMS,
+        };
+        let orders = Source {
+            prefix: "o.",
+            items: ORDER_ITEMS,
+        };
         let list = self.select_list(&[&users, &orders]);
         let (from, unique): (&str, &[&str]) = match self.rng.random_range(0..3) {
-            0 => ("orders o JOIN users u ON o.user_id = u.user_id", &["o.user_id", "o.order_id"]),
-            1 => ("users u JOIN orders o ON u.user_id = o.user_id", &["o.user_id", "o.order_id"]),
-            _ => ("users u LEFT JOIN orders o ON o.user_id = u.user_id", &["u.user_id", "o.order_id"]),
+            0 => (
+                "orders o JOIN users u ON o.user_id = u.user_id",
+                &["o.user_id", "o.order_id"],
+            ),
+            1 => (
+                "users u JOIN orders o ON u.user_id = o.user_id",
+                &["o.user_id", "o.order_id"],
+            ),
+            _ => (
+                "users u LEFT JOIN orders o ON o.user_id = u.user_id",
+                &["u.user_id", "o.order_id"],
+            ),
         };
         let filter = self.where_clause(|g| {
             if g.chance(0.5) {
@@ -373,32 +446,49 @@ impl Generator<'_> {
             }
         });
         let (ordering, order) = self.ordering(&[&users, &orders], unique);
-        (format!("SELECT {} FROM {from}{filter}{ordering}", list.join(", ")), order)
+        (
+            format!("SELECT {} FROM {from}{filter}{ordering}", list.join(", ")),
+            order,
+        )
     }
 
     /// users joined with the reference table `countries`.
     fn reference_join(&mut self) -> (String, Order) {
-        let users = Source { prefix: "u.", items: USER_ITEMS };
-        let countries = Source { prefix: "c.", items: COUNTRY_ITEMS };
+        let users = Source {
+            prefix: "u.",
+            items: USER_ITEMS,
+        };
+        let countries = Source {
+            prefix: "c.",
+            items: COUNTRY_ITEMS,
+        };
         let list = self.select_list(&[&users, &countries]);
         let join = self.pick(&["JOIN", "LEFT JOIN"]);
         let filter = self.where_clause(|g| {
             if g.chance(0.2) {
-                format!("c.region = {}", quote(g.pick(&["EU", "NA", "APAC", "LATAM"])))
+                format!(
+                    "c.region = {}",
+                    quote(g.pick(&["EU", "NA", "APAC", "LATAM"]))
+                )
             } else {
                 g.user_predicate("u.")
             }
         });
         let (ordering, order) = self.ordering(&[&users, &countries], &["u.user_id"]);
         (
-            format!("SELECT {} FROM users u {join} countries c ON c.code = u.country{filter}{ordering}", list.join(", ")),
+            format!(
+                "SELECT {} FROM users u {join} countries c ON c.code = u.country{filter}{ordering}",
+                list.join(", ")
+            ),
             order,
         )
     }
 
     fn distinct(&mut self) -> (String, Order) {
         let count = self.rng.random_range(1..3);
-        let columns: Vec<String> = (0..count).map(|_| expand(self.pick(USER_GROUPS), "")).collect();
+        let columns: Vec<String> = (0..count)
+            .map(|_| expand(self.pick(USER_GROUPS), ""))
+            .collect();
         let filter = self.where_clause(|g| g.user_predicate(""));
         if self.chance(0.5) {
             let keys: Vec<String> = columns.iter().map(|c| self.sort_key(c)).collect();
@@ -408,23 +498,50 @@ impl Generator<'_> {
                 String::new()
             };
             (
-                format!("SELECT DISTINCT {} FROM users{filter} ORDER BY {}{limit}", columns.join(", "), keys.join(", ")),
+                format!(
+                    "SELECT DISTINCT {} FROM users{filter} ORDER BY {}{limit}",
+                    columns.join(", "),
+                    keys.join(", ")
+                ),
                 Order::Total,
             )
         } else {
-            (format!("SELECT DISTINCT {} FROM users{filter}", columns.join(", ")), Order::Unordered)
+            (
+                format!("SELECT DISTINCT {} FROM users{filter}", columns.join(", ")),
+                Order::Unordered,
+            )
         }
     }
 
     /// Aggregates over users, orders, or their join, with or without GROUP BY.
     fn aggregate(&mut self) -> (String, Order) {
-        let (from, groups, aggregates, filter): (&str, Vec<&str>, Vec<&str>, String) = match self.rng.random_range(0..4) {
-            0 | 1 => ("users", USER_GROUPS.to_vec(), USER_AGGREGATES.to_vec(), self.where_clause(|g| g.user_predicate(""))),
-            2 => ("orders", ORDER_GROUPS.to_vec(), ORDER_AGGREGATES.to_vec(), self.where_clause(|g| g.order_predicate(""))),
+        let (from, groups, aggregates, filter): (&str, Vec<&str>, Vec<&str>, String) = match self
+            .rng
+            .random_range(0..4)
+        {
+            0 | 1 => (
+                "users",
+                USER_GROUPS.to_vec(),
+                USER_AGGREGATES.to_vec(),
+                self.where_clause(|g| g.user_predicate("")),
+            ),
+            2 => (
+                "orders",
+                ORDER_GROUPS.to_vec(),
+                ORDER_AGGREGATES.to_vec(),
+                self.where_clause(|g| g.order_predicate("")),
+            ),
             _ => {
                 let mut groups = vec!["u.country", "o.status", "u.active"];
                 groups.push("c.region");
-                let aggregates = vec!["count(*)", "sum(o.amount)", "avg(o.amount)", "max(u.score)", "count(DISTINCT u.user_id)", "min(o.placed)"];
+                let aggregates = vec![
+                    "count(*)",
+                    "sum(o.amount)",
+                    "avg(o.amount)",
+                    "max(u.score)",
+                    "count(DISTINCT u.user_id)",
+                    "min(o.placed)",
+                ];
                 let filter = self.where_clause(|g| g.order_predicate("o."));
                 (
                     "orders o JOIN users u ON u.user_id = o.user_id LEFT JOIN countries c ON c.code = u.country",
@@ -443,7 +560,9 @@ impl Generator<'_> {
             }
         }
         let aggregate_count = self.rng.random_range(1..5);
-        let chosen: Vec<String> = (0..aggregate_count).map(|_| expand(self.pick(&aggregates), "")).collect();
+        let chosen: Vec<String> = (0..aggregate_count)
+            .map(|_| expand(self.pick(&aggregates), ""))
+            .collect();
         let mut list = group_by.clone();
         list.extend(chosen.iter().cloned());
         let mut sql = format!("SELECT {} FROM {from}{filter}", list.join(", "));

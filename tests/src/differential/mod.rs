@@ -151,7 +151,10 @@ impl DiffCluster {
         let store = cluster.store(name).await;
         let map = ClusterMap::new(name, partitions, servers[..SHARD_SERVERS].to_vec())
             .expect("a valid map over the shard servers");
-        store.initialize(map, "test").await.expect("initialise the map");
+        store
+            .initialize(map, "test")
+            .await
+            .expect("initialise the map");
         let saved = store
             .update("test", |map| {
                 map.declare(
@@ -160,7 +163,10 @@ impl DiffCluster {
                         .table("orders", "user_id"),
                 );
                 map.declare_table(MapTable::reference("countries"));
-                Ok(Change::new("test-schema", "the differential suite's tables"))
+                Ok(Change::new(
+                    "test-schema",
+                    "the differential suite's tables",
+                ))
             })
             .await
             .expect("declare the schema");
@@ -173,12 +179,16 @@ impl DiffCluster {
         for (table, columns) in TABLES {
             for &index in &setup.shards {
                 let server = setup.cluster.cluster.servers[index].name().to_string();
-                let statements = shardmap::ddl::create_statements(&setup.map, table, columns, &server)
-                    .unwrap_or_else(|e| panic!("DDL of {table}: {e}"));
+                let statements =
+                    shardmap::ddl::create_statements(&setup.map, table, columns, &server)
+                        .unwrap_or_else(|e| panic!("DDL of {table}: {e}"));
                 setup.execute(index, &statements.join(";\n")).await;
             }
             setup
-                .execute(setup.reference, &format!("CREATE TABLE {table} ({columns})"))
+                .execute(
+                    setup.reference,
+                    &format!("CREATE TABLE {table} ({columns})"),
+                )
                 .await;
         }
         setup
@@ -249,7 +259,9 @@ impl DiffCluster {
 
     /// Connection string of the reference server.
     pub fn reference_conninfo(&self) -> String {
-        self.cluster.cluster.servers[self.reference].state().conninfo()
+        self.cluster.cluster.servers[self.reference]
+            .state()
+            .conninfo()
     }
 }
 
@@ -274,7 +286,10 @@ pub struct Sides {
 }
 
 impl Sides {
-    pub async fn connect(reference_conninfo: &str, candidate_conninfo: &str) -> Result<Sides, String> {
+    pub async fn connect(
+        reference_conninfo: &str,
+        candidate_conninfo: &str,
+    ) -> Result<Sides, String> {
         Ok(Sides {
             reference: connect(reference_conninfo).await?,
             candidate: connect(candidate_conninfo).await?,
@@ -294,13 +309,16 @@ impl Sides {
     }
 }
 
-fn describe_error(error: &tokio_postgres::Error) -> String {
+/// SQLSTATE, message and hint of a server error; the error itself otherwise.
+pub fn describe_error(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => format!(
             "{} {}{}",
             db.code().code(),
             db.message(),
-            db.hint().map(|h| format!(" (hint: {h})")).unwrap_or_default()
+            db.hint()
+                .map(|h| format!(" (hint: {h})"))
+                .unwrap_or_default()
         ),
         None => error.to_string(),
     }
@@ -318,7 +336,11 @@ async fn within<T>(
 /// The column types of `sql` as the reference describes them.
 async fn reference_types(client: &Client, sql: &str) -> Result<Vec<Type>, String> {
     let statement = within(client.prepare(sql)).await?;
-    Ok(statement.columns().iter().map(|c| c.type_().clone()).collect())
+    Ok(statement
+        .columns()
+        .iter()
+        .map(|c| c.type_().clone())
+        .collect())
 }
 
 /// Runs every parameterless query in the simple protocol (text results) on
@@ -335,11 +357,15 @@ pub async fn run_simple(sides: &mut Sides, queries: &[DiffQuery]) -> (Vec<Failur
         let outcome = async {
             let types = reference_types(&sides.reference, &query.sql)
                 .await
-                .map_err(|e| format!("the reference refused the query (a bug in the suite): {e}"))?;
+                .map_err(|e| {
+                    format!("the reference refused the query (a bug in the suite): {e}")
+                })?;
             let expected = within(sides.reference.simple_query(&query.sql))
                 .await
                 .map(|messages| table_from_simple(&messages))
-                .map_err(|e| format!("the reference refused the query (a bug in the suite): {e}"))?;
+                .map_err(|e| {
+                    format!("the reference refused the query (a bug in the suite): {e}")
+                })?;
             let actual = within(sides.candidate.simple_query(&query.sql))
                 .await
                 .map(|messages| table_from_simple(&messages))
@@ -351,7 +377,12 @@ pub async fn run_simple(sides: &mut Sides, queries: &[DiffQuery]) -> (Vec<Failur
             Err(e) => failures.push(failure(query, "simple", e)),
             Ok((types, expected, actual)) => {
                 tally(&mut coverage, query, &expected);
-                if let Err(diff) = compare(&expected, &actual, query.order, &exactness(&types, &query.sql)) {
+                if let Err(diff) = compare(
+                    &expected,
+                    &actual,
+                    query.order,
+                    &exactness(&types, &query.sql),
+                ) {
                     failures.push(failure(query, "simple", diff));
                 }
             }
@@ -374,14 +405,20 @@ pub async fn run_extended(sides: &mut Sides, queries: &[DiffQuery]) -> (Vec<Fail
         coverage.queries += 1;
         let params: Vec<&(dyn ToSql + Sync)> = query.params.iter().map(Param::as_sql).collect();
         let outcome = async {
-            let reference_statement = within(sides.reference.prepare(&query.sql))
-                .await
-                .map_err(|e| format!("the reference refused the query (a bug in the suite): {e}"))?;
+            let reference_statement =
+                within(sides.reference.prepare(&query.sql))
+                    .await
+                    .map_err(|e| {
+                        format!("the reference refused the query (a bug in the suite): {e}")
+                    })?;
             let candidate_statement = within(sides.candidate.prepare(&query.sql))
                 .await
                 .map_err(|e| format!("the proxy failed to prepare: {e}"))?;
             let describe = |s: &tokio_postgres::Statement| -> Vec<String> {
-                s.columns().iter().map(|c| format!("{} {}", c.name(), c.type_())).collect()
+                s.columns()
+                    .iter()
+                    .map(|c| format!("{} {}", c.name(), c.type_()))
+                    .collect()
             };
             if describe(&reference_statement) != describe(&candidate_statement) {
                 return Err(format!(
@@ -392,13 +429,19 @@ pub async fn run_extended(sides: &mut Sides, queries: &[DiffQuery]) -> (Vec<Fail
             }
             let expected_rows = within(sides.reference.query(&reference_statement, &params))
                 .await
-                .map_err(|e| format!("the reference refused the query (a bug in the suite): {e}"))?;
+                .map_err(|e| {
+                    format!("the reference refused the query (a bug in the suite): {e}")
+                })?;
             let actual_rows = within(sides.candidate.query(&candidate_statement, &params))
                 .await
                 .map_err(|e| format!("the proxy failed: {e}"))?;
             let expected = table_from_rows(reference_statement.columns(), &expected_rows)?;
             let actual = table_from_rows(candidate_statement.columns(), &actual_rows)?;
-            let types: Vec<Type> = reference_statement.columns().iter().map(|c| c.type_().clone()).collect();
+            let types: Vec<Type> = reference_statement
+                .columns()
+                .iter()
+                .map(|c| c.type_().clone())
+                .collect();
             Ok::<_, String>((types, expected, actual))
         }
         .await;
@@ -406,7 +449,12 @@ pub async fn run_extended(sides: &mut Sides, queries: &[DiffQuery]) -> (Vec<Fail
             Err(e) => failures.push(failure(query, "extended", e)),
             Ok((types, expected, actual)) => {
                 tally(&mut coverage, query, &expected);
-                if let Err(diff) = compare(&expected, &actual, query.order, &exactness(&types, &query.sql)) {
+                if let Err(diff) = compare(
+                    &expected,
+                    &actual,
+                    query.order,
+                    &exactness(&types, &query.sql),
+                ) {
                     failures.push(failure(query, "extended", diff));
                 }
             }
@@ -436,5 +484,34 @@ fn failure(query: &DiffQuery, protocol: &'static str, detail: String) -> Failure
             format!("{:?}", query.params)
         },
         detail,
+    }
+}
+
+/// Values whose binary form [`compare::binary_text`] must decode to exactly
+/// the server's text form (numerics of every shape, integers at their
+/// limits, text, uuid, jsonb).
+const DECODING_PROBE: &str = "SELECT 0::numeric, 12.500::numeric, -0.00012::numeric, \
+     123456789.123456789::numeric, 'NaN'::numeric, 10000::numeric, 1e20::numeric, \
+     -99990000.0001::numeric, 1::numeric / 3, (-7)::int2, 2147483647::int4, \
+     (-9223372036854775808)::int8, true, 'Zoë d\"q'::text, \
+     'a13f0bff-1e68-4fba-91c9-1daa902ef7f3'::uuid, '{\"a\": [1, 2.50]}'::jsonb";
+
+/// Checks the binary decoding the extended comparison relies on against the
+/// server's own text output, so that a diff shows the values the server
+/// would print.
+pub async fn check_binary_decoding(client: &Client) -> Result<(), String> {
+    let text = within(client.simple_query(DECODING_PROBE))
+        .await
+        .map(|messages| table_from_simple(&messages))?;
+    let statement = within(client.prepare(DECODING_PROBE)).await?;
+    let rows = within(client.query(&statement, &[])).await?;
+    let binary = table_from_rows(statement.columns(), &rows)?;
+    if text.rows == binary.rows {
+        Ok(())
+    } else {
+        Err(format!(
+            "binary values decode differently from the server's text:\n  text:   {:?}\n  binary: {:?}",
+            text.rows, binary.rows
+        ))
     }
 }
