@@ -118,8 +118,11 @@ pub fn compare(
 ) -> Result<(), String> {
     if reference.columns != candidate.columns {
         return Err(format!(
-            "columns differ:\n  reference: {:?}\n  proxy:     {:?}",
-            reference.columns, candidate.columns
+            "columns differ:\n  reference: {:?} ({} rows)\n  proxy:     {:?} ({} rows)",
+            reference.columns,
+            reference.rows.len(),
+            candidate.columns,
+            candidate.rows.len()
         ));
     }
     let (mut expected, mut actual) = (reference.rows.clone(), candidate.rows.clone());

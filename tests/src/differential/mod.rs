@@ -68,6 +68,10 @@ pub struct DiffQuery {
     pub order: Order,
     /// Empty for queries that also run in the simple protocol.
     pub params: Vec<Param>,
+    /// The proxy may refuse this query (0A000) instead of answering it; a
+    /// wrong answer still fails. For shapes the proxy may not be able to
+    /// merge exactly, such as text under an ICU collation.
+    pub may_refuse: bool,
 }
 
 impl DiffQuery {
@@ -77,7 +81,13 @@ impl DiffQuery {
             sql: sql.to_string(),
             order,
             params: Vec::new(),
+            may_refuse: false,
         }
+    }
+
+    pub fn may_refuse(mut self) -> DiffQuery {
+        self.may_refuse = true;
+        self
     }
 
     pub fn with_params(mut self, params: Vec<Param>) -> DiffQuery {
@@ -118,6 +128,8 @@ pub struct Coverage {
     pub with_rows: usize,
     pub order_sensitive: usize,
     pub reference_rows: usize,
+    /// Queries marked [`DiffQuery::may_refuse`] that the proxy refused.
+    pub refused: usize,
 }
 
 /// The cluster of the suite: shard servers in the map, a reference server
@@ -324,153 +336,214 @@ pub fn describe_error(error: &tokio_postgres::Error) -> String {
     }
 }
 
-async fn within<T>(
-    future: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(QUERY_TIMEOUT, future).await {
-        Ok(result) => result.map_err(|e| describe_error(&e)),
-        Err(_) => Err(format!("no answer within {QUERY_TIMEOUT:?}")),
+/// Why one side gave no answer.
+#[derive(Debug)]
+struct SideError {
+    sqlstate: Option<String>,
+    text: String,
+}
+
+impl fmt::Display for SideError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
     }
 }
 
-/// The column types of `sql` as the reference describes them.
-async fn reference_types(client: &Client, sql: &str) -> Result<Vec<Type>, String> {
-    let statement = within(client.prepare(sql)).await?;
-    Ok(statement
-        .columns()
-        .iter()
-        .map(|c| c.type_().clone())
-        .collect())
+async fn within<T>(
+    future: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, SideError> {
+    match tokio::time::timeout(QUERY_TIMEOUT, future).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(SideError {
+            sqlstate: e.as_db_error().map(|db| db.code().code().to_string()),
+            text: describe_error(&e),
+        }),
+        Err(_) => Err(SideError {
+            sqlstate: None,
+            text: format!("no answer within {QUERY_TIMEOUT:?}"),
+        }),
+    }
+}
+
+/// What became of one query.
+enum Verdict {
+    Same,
+    /// The proxy refused (0A000) a query that may be refused.
+    AllowedRefusal,
+    Wrong(String),
+}
+
+/// The reference's answer (when it gave one) and the verdict.
+struct Judgement {
+    expected: Option<Table>,
+    verdict: Verdict,
+}
+
+impl Judgement {
+    fn suite_bug(error: SideError) -> Judgement {
+        Judgement {
+            expected: None,
+            verdict: Verdict::Wrong(format!(
+                "the reference refused the query (a bug in the suite): {error}"
+            )),
+        }
+    }
+}
+
+/// The verdict on a proxy error: allowed for a 0A000 refusal of a query
+/// marked [`DiffQuery::may_refuse`], wrong otherwise.
+fn proxy_error(query: &DiffQuery, stage: &str, error: SideError) -> Verdict {
+    if query.may_refuse && error.sqlstate.as_deref() == Some("0A000") {
+        Verdict::AllowedRefusal
+    } else {
+        Verdict::Wrong(format!("the proxy failed {stage}: {error}"))
+    }
+}
+
+fn compared(query: &DiffQuery, types: &[Type], expected: &Table, actual: &Table) -> Verdict {
+    match compare(expected, actual, query.order, &exactness(types, &query.sql)) {
+        Ok(()) => Verdict::Same,
+        Err(diff) => Verdict::Wrong(diff),
+    }
+}
+
+async fn judge_simple(sides: &Sides, query: &DiffQuery) -> Judgement {
+    let types = match within(sides.reference.prepare(&query.sql)).await {
+        Ok(statement) => statement
+            .columns()
+            .iter()
+            .map(|c| c.type_().clone())
+            .collect::<Vec<_>>(),
+        Err(e) => return Judgement::suite_bug(e),
+    };
+    let expected = match within(sides.reference.simple_query(&query.sql)).await {
+        Ok(messages) => table_from_simple(&messages),
+        Err(e) => return Judgement::suite_bug(e),
+    };
+    let verdict = match within(sides.candidate.simple_query(&query.sql)).await {
+        Ok(messages) => compared(query, &types, &expected, &table_from_simple(&messages)),
+        Err(e) => proxy_error(query, "to answer", e),
+    };
+    Judgement {
+        expected: Some(expected),
+        verdict,
+    }
+}
+
+async fn judge_extended(sides: &Sides, query: &DiffQuery) -> Judgement {
+    let params: Vec<&(dyn ToSql + Sync)> = query.params.iter().map(Param::as_sql).collect();
+    let reference_statement = match within(sides.reference.prepare(&query.sql)).await {
+        Ok(statement) => statement,
+        Err(e) => return Judgement::suite_bug(e),
+    };
+    let expected = match within(sides.reference.query(&reference_statement, &params)).await {
+        Ok(rows) => table_from_rows(reference_statement.columns(), &rows),
+        Err(e) => return Judgement::suite_bug(e),
+    };
+    let expected = match expected {
+        Ok(table) => table,
+        Err(e) => {
+            return Judgement::suite_bug(SideError {
+                sqlstate: None,
+                text: e,
+            })
+        }
+    };
+    let verdict = async {
+        let statement = match within(sides.candidate.prepare(&query.sql)).await {
+            Ok(statement) => statement,
+            Err(e) => return proxy_error(query, "to prepare (Parse/Describe)", e),
+        };
+        let describe = |s: &tokio_postgres::Statement| -> Vec<String> {
+            s.columns()
+                .iter()
+                .map(|c| format!("{} {}", c.name(), c.type_()))
+                .collect()
+        };
+        if describe(&reference_statement) != describe(&statement) {
+            return Verdict::Wrong(format!(
+                "described columns differ:\n  reference: {:?}\n  proxy:     {:?}",
+                describe(&reference_statement),
+                describe(&statement)
+            ));
+        }
+        let rows = match within(sides.candidate.query(&statement, &params)).await {
+            Ok(rows) => rows,
+            Err(e) => return proxy_error(query, "to answer", e),
+        };
+        match table_from_rows(statement.columns(), &rows) {
+            Ok(actual) => {
+                let types: Vec<Type> = reference_statement
+                    .columns()
+                    .iter()
+                    .map(|c| c.type_().clone())
+                    .collect();
+                compared(query, &types, &expected, &actual)
+            }
+            Err(e) => Verdict::Wrong(format!("the proxy's rows cannot be read: {e}")),
+        }
+    }
+    .await;
+    Judgement {
+        expected: Some(expected),
+        verdict,
+    }
 }
 
 /// Runs every parameterless query in the simple protocol (text results) on
 /// both sides; returns the failures and what the reference answered.
 pub async fn run_simple(sides: &mut Sides, queries: &[DiffQuery]) -> (Vec<Failure>, Coverage) {
-    let mut failures = Vec::new();
-    let mut coverage = Coverage::default();
+    let mut run = Run::default();
     for query in queries.iter().filter(|q| q.params.is_empty()) {
-        if let Err(e) = sides.reconnect_closed().await {
-            failures.push(failure(query, "simple", e));
-            continue;
-        }
-        coverage.queries += 1;
-        let outcome = async {
-            let types = reference_types(&sides.reference, &query.sql)
-                .await
-                .map_err(|e| {
-                    format!("the reference refused the query (a bug in the suite): {e}")
-                })?;
-            let expected = within(sides.reference.simple_query(&query.sql))
-                .await
-                .map(|messages| table_from_simple(&messages))
-                .map_err(|e| {
-                    format!("the reference refused the query (a bug in the suite): {e}")
-                })?;
-            let actual = within(sides.candidate.simple_query(&query.sql))
-                .await
-                .map(|messages| table_from_simple(&messages))
-                .map_err(|e| format!("the proxy failed: {e}"))?;
-            Ok::<_, String>((types, expected, actual))
-        }
-        .await;
-        match outcome {
-            Err(e) => failures.push(failure(query, "simple", e)),
-            Ok((types, expected, actual)) => {
-                tally(&mut coverage, query, &expected);
-                if let Err(diff) = compare(
-                    &expected,
-                    &actual,
-                    query.order,
-                    &exactness(&types, &query.sql),
-                ) {
-                    failures.push(failure(query, "simple", diff));
-                }
+        match sides.reconnect_closed().await {
+            Err(e) => run.failures.push(failure(query, "simple", e)),
+            Ok(()) => {
+                let judgement = judge_simple(sides, query).await;
+                run.record(query, "simple", judgement);
             }
         }
     }
-    (failures, coverage)
+    (run.failures, run.coverage)
 }
 
 /// Runs every query in the extended protocol (Parse/Describe, then Bind with
 /// its parameters and binary results) on both sides, comparing the column
 /// names and types each describes and then the rows.
 pub async fn run_extended(sides: &mut Sides, queries: &[DiffQuery]) -> (Vec<Failure>, Coverage) {
-    let mut failures = Vec::new();
-    let mut coverage = Coverage::default();
+    let mut run = Run::default();
     for query in queries {
-        if let Err(e) = sides.reconnect_closed().await {
-            failures.push(failure(query, "extended", e));
-            continue;
-        }
-        coverage.queries += 1;
-        let params: Vec<&(dyn ToSql + Sync)> = query.params.iter().map(Param::as_sql).collect();
-        let outcome = async {
-            let reference_statement =
-                within(sides.reference.prepare(&query.sql))
-                    .await
-                    .map_err(|e| {
-                        format!("the reference refused the query (a bug in the suite): {e}")
-                    })?;
-            let candidate_statement = within(sides.candidate.prepare(&query.sql))
-                .await
-                .map_err(|e| format!("the proxy failed to prepare: {e}"))?;
-            let describe = |s: &tokio_postgres::Statement| -> Vec<String> {
-                s.columns()
-                    .iter()
-                    .map(|c| format!("{} {}", c.name(), c.type_()))
-                    .collect()
-            };
-            if describe(&reference_statement) != describe(&candidate_statement) {
-                return Err(format!(
-                    "described columns differ:\n  reference: {:?}\n  proxy:     {:?}",
-                    describe(&reference_statement),
-                    describe(&candidate_statement)
-                ));
-            }
-            let expected_rows = within(sides.reference.query(&reference_statement, &params))
-                .await
-                .map_err(|e| {
-                    format!("the reference refused the query (a bug in the suite): {e}")
-                })?;
-            let actual_rows = within(sides.candidate.query(&candidate_statement, &params))
-                .await
-                .map_err(|e| format!("the proxy failed: {e}"))?;
-            let expected = table_from_rows(reference_statement.columns(), &expected_rows)?;
-            let actual = table_from_rows(candidate_statement.columns(), &actual_rows)?;
-            let types: Vec<Type> = reference_statement
-                .columns()
-                .iter()
-                .map(|c| c.type_().clone())
-                .collect();
-            Ok::<_, String>((types, expected, actual))
-        }
-        .await;
-        match outcome {
-            Err(e) => failures.push(failure(query, "extended", e)),
-            Ok((types, expected, actual)) => {
-                tally(&mut coverage, query, &expected);
-                if let Err(diff) = compare(
-                    &expected,
-                    &actual,
-                    query.order,
-                    &exactness(&types, &query.sql),
-                ) {
-                    failures.push(failure(query, "extended", diff));
-                }
+        match sides.reconnect_closed().await {
+            Err(e) => run.failures.push(failure(query, "extended", e)),
+            Ok(()) => {
+                let judgement = judge_extended(sides, query).await;
+                run.record(query, "extended", judgement);
             }
         }
     }
-    (failures, coverage)
+    (run.failures, run.coverage)
 }
 
-fn tally(coverage: &mut Coverage, query: &DiffQuery, expected: &Table) {
-    if !expected.rows.is_empty() {
-        coverage.with_rows += 1;
+#[derive(Default)]
+struct Run {
+    failures: Vec<Failure>,
+    coverage: Coverage,
+}
+
+impl Run {
+    fn record(&mut self, query: &DiffQuery, protocol: &'static str, judgement: Judgement) {
+        let coverage = &mut self.coverage;
+        coverage.queries += 1;
+        if let Some(expected) = &judgement.expected {
+            coverage.with_rows += usize::from(!expected.rows.is_empty());
+            coverage.reference_rows += expected.rows.len();
+        }
+        coverage.order_sensitive += usize::from(query.order == Order::Total);
+        match judgement.verdict {
+            Verdict::Same => {}
+            Verdict::AllowedRefusal => coverage.refused += 1,
+            Verdict::Wrong(detail) => self.failures.push(failure(query, protocol, detail)),
+        }
     }
-    if query.order == Order::Total {
-        coverage.order_sensitive += 1;
-    }
-    coverage.reference_rows += expected.rows.len();
 }
 
 fn failure(query: &DiffQuery, protocol: &'static str, detail: String) -> Failure {
@@ -502,9 +575,14 @@ const DECODING_PROBE: &str = "SELECT 0::numeric, 12.500::numeric, -0.00012::nume
 pub async fn check_binary_decoding(client: &Client) -> Result<(), String> {
     let text = within(client.simple_query(DECODING_PROBE))
         .await
-        .map(|messages| table_from_simple(&messages))?;
-    let statement = within(client.prepare(DECODING_PROBE)).await?;
-    let rows = within(client.query(&statement, &[])).await?;
+        .map(|messages| table_from_simple(&messages))
+        .map_err(|e| e.text)?;
+    let statement = within(client.prepare(DECODING_PROBE))
+        .await
+        .map_err(|e| e.text)?;
+    let rows = within(client.query(&statement, &[]))
+        .await
+        .map_err(|e| e.text)?;
     let binary = table_from_rows(statement.columns(), &rows)?;
     if text.rows == binary.rows {
         Ok(())
