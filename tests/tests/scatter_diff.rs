@@ -70,6 +70,9 @@ fn hand_written(data: &Dataset) -> Vec<DiffQuery> {
         ("SELECT * FROM users", Unordered),
         ("SELECT * FROM orders", Unordered),
         ("SELECT user_id, name FROM users WHERE name IS NULL", Unordered),
+        ("SELECT user_id, name FROM users WHERE name = 'nobody'", Unordered),
+        ("SELECT user_id, name FROM users WHERE name = 'nobody' ORDER BY user_id LIMIT 3", Total),
+        ("SELECT * FROM users WHERE name = 'nobody'", Unordered),
         ("SELECT user_id FROM users WHERE user_id = 42", Unordered),
         ("SELECT c.code, c.name FROM countries c ORDER BY c.code", Total),
         // ORDER BY merges, LIMIT/OFFSET
