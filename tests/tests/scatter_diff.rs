@@ -15,8 +15,8 @@
 use shardline_tests::differential::compare::Order::{self, Total, Unordered};
 use shardline_tests::differential::data::{self, Dataset};
 use shardline_tests::differential::{
-    check_binary_decoding, describe_error, generator, run_extended, run_simple, Coverage,
-    DiffCluster, DiffQuery, Failure, Param, Sides,
+    check_binary_decoding, describe_error, generator, run_extended, run_in_transaction, run_simple,
+    Coverage, DiffCluster, DiffQuery, Failure, Param, Sides,
 };
 use shardline_tests::TestProxy;
 
@@ -211,9 +211,9 @@ fn with_parameters(data: &Dataset) -> Vec<DiffQuery> {
         .collect()
 }
 
-fn print_coverage(protocol: &str, coverage: &Coverage, failures: &[Failure]) {
+fn print_coverage(label: &str, coverage: &Coverage, failures: &[Failure]) {
     println!(
-        "{protocol} protocol: {} queries, {} failed, {} refused where allowed; {} returned rows on the reference ({} rows in all), {} compared in order",
+        "{label}: {} queries, {} failed, {} refused where allowed; {} returned rows on the reference ({} rows in all), {} compared in order",
         coverage.queries,
         failures.len(),
         coverage.refused,
@@ -292,9 +292,45 @@ async fn cross_shard_reads_answer_like_one_server() {
         .chain(generated.iter().step_by(4).cloned())
         .collect();
     let (extended_failures, extended) = run_extended(&mut sides, &extended_queries).await;
+    // Writes on one server inside a transaction (a transaction stays on one
+    // server), then cross-shard reads in it that must see them.
+    let first = data.user_ids[0];
+    let written = setup.owner(first);
+    let second = data.user_ids[1..]
+        .iter()
+        .copied()
+        .find(|id| setup.owner(*id) == written)
+        .expect("two users on one server");
+    let new_user = (5_000_000..)
+        .find(|id| setup.owner(*id) == written)
+        .expect("a new key on the same server");
+    let writes = [
+        format!("INSERT INTO users (user_id, name, country, score) VALUES ({new_user}, 'in-tx', 'DE', 1.5)"),
+        format!("UPDATE orders SET amount = amount + 1000 WHERE user_id = {second}"),
+        format!("DELETE FROM orders WHERE user_id = {first}"),
+    ];
+    let writes: Vec<&str> = writes.iter().map(String::as_str).collect();
+    let in_transaction: Vec<DiffQuery> = [
+        ("SELECT count(*), max(score), min(name) FROM users WHERE country = 'DE'", Unordered),
+        ("SELECT user_id, name FROM users WHERE name = 'in-tx'", Unordered),
+        ("SELECT user_id, order_id, amount FROM orders ORDER BY amount DESC NULLS LAST, user_id, order_id LIMIT 10", Total),
+        ("SELECT count(*), sum(amount) FROM orders", Unordered),
+        ("SELECT u.country, count(o.order_id) FROM users u LEFT JOIN orders o ON o.user_id = u.user_id GROUP BY u.country ORDER BY u.country", Total),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(index, (sql, order))| DiffQuery::new(format!("in transaction #{index}"), sql, order))
+    .collect();
+    let (transaction_failures, transaction) =
+        run_in_transaction(&mut sides, &writes, &in_transaction).await;
     println!("ran in {:.1?}", started.elapsed());
-    print_coverage("simple", &simple, &simple_failures);
-    print_coverage("extended", &extended, &extended_failures);
+    print_coverage("simple protocol", &simple, &simple_failures);
+    print_coverage("extended protocol", &extended, &extended_failures);
+    print_coverage(
+        "simple protocol in a transaction",
+        &transaction,
+        &transaction_failures,
+    );
 
     assert!(
         simple.queries >= 300,
@@ -316,7 +352,11 @@ async fn cross_shard_reads_answer_like_one_server() {
         "too few order-sensitive queries"
     );
 
-    let failures: Vec<&Failure> = simple_failures.iter().chain(&extended_failures).collect();
+    let failures: Vec<&Failure> = simple_failures
+        .iter()
+        .chain(&extended_failures)
+        .chain(&transaction_failures)
+        .collect();
     if !failures.is_empty() {
         for failure in &failures {
             println!("{failure}");
@@ -324,7 +364,7 @@ async fn cross_shard_reads_answer_like_one_server() {
         panic!(
             "{} of {} query runs differ between the proxy and the reference (seed {seed}; rerun with SCATTER_DIFF_SEED={seed})",
             failures.len(),
-            simple.queries + extended.queries
+            simple.queries + extended.queries + transaction.queries
         );
     }
 }

@@ -108,7 +108,7 @@ pub struct Failure {
 
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "── {} ({} protocol)", self.label, self.protocol)?;
+        writeln!(f, "── {} ({})", self.label, self.protocol)?;
         writeln!(f, "   {}", self.sql)?;
         if !self.params.is_empty() {
             writeln!(f, "   parameters: {}", self.params)?;
@@ -496,10 +496,10 @@ pub async fn run_simple(sides: &mut Sides, queries: &[DiffQuery]) -> (Vec<Failur
     let mut run = Run::default();
     for query in queries.iter().filter(|q| q.params.is_empty()) {
         match sides.reconnect_closed().await {
-            Err(e) => run.failures.push(failure(query, "simple", e)),
+            Err(e) => run.failures.push(failure(query, "simple protocol", e)),
             Ok(()) => {
                 let judgement = judge_simple(sides, query).await;
-                run.record(query, "simple", judgement);
+                run.record(query, "simple protocol", judgement);
             }
         }
     }
@@ -513,10 +513,10 @@ pub async fn run_extended(sides: &mut Sides, queries: &[DiffQuery]) -> (Vec<Fail
     let mut run = Run::default();
     for query in queries {
         match sides.reconnect_closed().await {
-            Err(e) => run.failures.push(failure(query, "extended", e)),
+            Err(e) => run.failures.push(failure(query, "extended protocol", e)),
             Ok(()) => {
                 let judgement = judge_extended(sides, query).await;
-                run.record(query, "extended", judgement);
+                run.record(query, "extended protocol", judgement);
             }
         }
     }
@@ -592,4 +592,46 @@ pub async fn check_binary_decoding(client: &Client) -> Result<(), String> {
             text.rows, binary.rows
         ))
     }
+}
+
+/// Runs `writes` in a transaction on both sides, then `queries` (simple
+/// protocol) inside it, then rolls back: a cross-shard read must see the
+/// transaction's own uncommitted writes.
+pub async fn run_in_transaction(
+    sides: &mut Sides,
+    writes: &[&str],
+    queries: &[DiffQuery],
+) -> (Vec<Failure>, Coverage) {
+    let mut run = Run::default();
+    let begin = DiffQuery::new("transaction writes", &writes.join("; "), Order::Unordered);
+    let mut script = vec!["BEGIN"];
+    script.extend_from_slice(writes);
+    for statement in script {
+        for (side, client) in [("reference", &sides.reference), ("proxy", &sides.candidate)] {
+            if let Err(e) = within(client.simple_query(statement)).await {
+                run.failures.push(failure(
+                    &begin,
+                    "simple protocol, in a transaction",
+                    format!("{statement} failed on the {side}: {e}"),
+                ));
+                let _ = within(sides.reference.simple_query("ROLLBACK")).await;
+                let _ = within(sides.candidate.simple_query("ROLLBACK")).await;
+                return (run.failures, run.coverage);
+            }
+        }
+    }
+    for query in queries {
+        let judgement = judge_simple(sides, query).await;
+        run.record(query, "simple protocol, in a transaction", judgement);
+    }
+    for (side, client) in [("reference", &sides.reference), ("proxy", &sides.candidate)] {
+        if let Err(e) = within(client.simple_query("ROLLBACK")).await {
+            run.failures.push(failure(
+                &begin,
+                "simple protocol, in a transaction",
+                format!("ROLLBACK failed on the {side}: {e}"),
+            ));
+        }
+    }
+    (run.failures, run.coverage)
 }
