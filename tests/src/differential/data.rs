@@ -109,7 +109,7 @@ pub fn quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-/// `value` in one row out of `1/p`, NULL otherwise.
+/// NULL with probability `null_probability`, else `value`.
 fn maybe(
     rng: &mut StdRng,
     null_probability: f64,

@@ -5,16 +5,18 @@
 //! - [`data`]: the schema and its seeded rows.
 //! - [`generator`]: seeded random queries over that schema.
 //! - [`compare`]: results as text tables, order-aware comparison, diffs.
+//! - [`text_client`]: extended-protocol queries with text-format results.
 //!
 //! [`DiffCluster::start`] builds the setup: a [`TestCluster`] of four servers
 //! where the map places the sharded tables on the first three and the fourth
 //! holds plain tables of the same names, so one etcd serves both sides.
-//! [`run_simple`] and [`run_extended`] run a list of [`DiffQuery`] on both
+//! [`run_simple`], [`run_extended`] and [`run_extended_text`] run a list of [`DiffQuery`] on both
 //! sides and return every failure rather than stopping at the first.
 
 pub mod compare;
 pub mod data;
 pub mod generator;
+pub mod text_client;
 
 use std::fmt;
 use std::time::Duration;
@@ -631,6 +633,87 @@ pub async fn run_in_transaction(
                 "simple protocol, in a transaction",
                 format!("ROLLBACK failed on the {side}: {e}"),
             ));
+        }
+    }
+    (run.failures, run.coverage)
+}
+
+/// Runs every parameterless query in the extended protocol with text-format
+/// results on both sides (reconnecting after a broken connection), comparing
+/// the described column names and types and then the rows.
+pub async fn run_extended_text(
+    reference: std::net::SocketAddr,
+    candidate: std::net::SocketAddr,
+    queries: &[DiffQuery],
+) -> (Vec<Failure>, Coverage) {
+    use text_client::{TextClient, TextError};
+    const PROTOCOL: &str = "extended protocol, text results";
+    let mut run = Run::default();
+    let mut clients: Option<(TextClient, TextClient)> = None;
+    for query in queries.iter().filter(|q| q.params.is_empty()) {
+        let (reference_client, candidate_client) = match clients.as_mut() {
+            Some(pair) => pair,
+            None => match (
+                TextClient::connect(reference).await,
+                TextClient::connect(candidate).await,
+            ) {
+                (Ok(r), Ok(c)) => clients.insert((r, c)),
+                (Err(e), _) | (_, Err(e)) => {
+                    run.failures.push(failure(query, PROTOCOL, e.message));
+                    continue;
+                }
+            },
+        };
+        let side_error = |e: TextError| SideError {
+            sqlstate: e.sqlstate,
+            text: e.message,
+        };
+        let timed = |result: Result<
+            Result<text_client::TextResult, TextError>,
+            tokio::time::error::Elapsed,
+        >| {
+            result.unwrap_or_else(|_| {
+                Err(TextError {
+                    sqlstate: None,
+                    message: format!("no answer within {QUERY_TIMEOUT:?}"),
+                })
+            })
+        };
+        let expected =
+            timed(tokio::time::timeout(QUERY_TIMEOUT, reference_client.query(&query.sql)).await);
+        let actual =
+            timed(tokio::time::timeout(QUERY_TIMEOUT, candidate_client.query(&query.sql)).await);
+        let broken = matches!(&expected, Err(e) if e.sqlstate.is_none())
+            || matches!(&actual, Err(e) if e.sqlstate.is_none());
+        let judgement = match (expected, actual) {
+            (Err(e), _) => Judgement::suite_bug(side_error(e)),
+            (Ok(expected), Err(e)) => Judgement {
+                verdict: proxy_error(query, "to answer", side_error(e)),
+                expected: Some(expected.table),
+            },
+            (Ok(expected), Ok(actual)) => {
+                let verdict = if expected.type_oids != actual.type_oids {
+                    Verdict::Wrong(format!(
+                        "described column types differ:\n  reference: {:?}\n  proxy:     {:?}",
+                        expected.type_oids, actual.type_oids
+                    ))
+                } else {
+                    let types: Vec<Type> = expected
+                        .type_oids
+                        .iter()
+                        .map(|oid| Type::from_oid(*oid).unwrap_or(Type::UNKNOWN))
+                        .collect();
+                    compared(query, &types, &expected.table, &actual.table)
+                };
+                Judgement {
+                    expected: Some(expected.table),
+                    verdict,
+                }
+            }
+        };
+        run.record(query, PROTOCOL, judgement);
+        if broken {
+            clients = None;
         }
     }
     (run.failures, run.coverage)
