@@ -42,10 +42,13 @@ pub enum Exactness {
 
 /// Which columns compare with a tolerance: float4/float8 always (a merge
 /// adds partial float sums in another order), numeric only when the query
-/// computes averages (avg's scale comes from a division the proxy may do
-/// differently). Everything else must match as text.
+/// computes averages or deviations (their scale comes from a division the
+/// proxy may do differently). Everything else must match as text.
 pub fn exactness(types: &[Type], sql: &str) -> Vec<Exactness> {
-    let averages = sql.to_ascii_lowercase().contains("avg(");
+    let lower = sql.to_ascii_lowercase();
+    let averages = ["avg(", "stddev(", "variance(", "percentile_cont("]
+        .iter()
+        .any(|f| lower.contains(f));
     types
         .iter()
         .map(|t| {

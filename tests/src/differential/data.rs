@@ -21,7 +21,7 @@ pub const USERS_COLUMNS: &str = "user_id bigint PRIMARY KEY, name text, \
 
 /// Columns of `orders`, co-located with `users` by `user_id`.
 pub const ORDERS_COLUMNS: &str = "user_id bigint NOT NULL, order_id bigint NOT NULL, \
-     amount numeric(10,2), placed timestamptz, status text, PRIMARY KEY (user_id, order_id)";
+     amount numeric, placed timestamptz, status text, PRIMARY KEY (user_id, order_id)";
 
 /// Columns of the reference table `countries` (a copy on every server).
 pub const COUNTRIES_COLUMNS: &str = "code text PRIMARY KEY, name text, region text";
@@ -205,12 +205,29 @@ fn score(rng: &mut StdRng) -> String {
     }
 }
 
+/// An amount in 0–500 whose display scale depends on its value (0, 2 or 3
+/// digits), so that its text does not sort like its value ("100" < "99.50"
+/// as text) while equal amounts still print alike.
+fn amount(rng: &mut StdRng) -> String {
+    let cents: i64 = rng.random_range(0..50_000);
+    if cents % 100 == 0 {
+        (cents / 100).to_string()
+    } else if cents % 7 == 0 {
+        format!("{}.{:02}0", cents / 100, cents % 100)
+    } else {
+        format!("{}.{:02}", cents / 100, cents % 100)
+    }
+}
+
+/// Mostly ordinary floats, with the values a float comparison gets wrong:
+/// NaN (greatest in Postgres), infinities, and -0 (equal to 0).
 fn rating(rng: &mut StdRng) -> String {
     match rng.random_range(0..50) {
         0 => "'NaN'".to_string(),
         1 => "'Infinity'".to_string(),
         2 => "'-Infinity'".to_string(),
-        3..=12 => format!("{:.1}", rng.random_range(0..10) as f64 / 2.0),
+        3 => "'-0'".to_string(),
+        4..=12 => format!("{:.1}", rng.random_range(0..10) as f64 / 2.0),
         _ => format!(
             "{:e}",
             rng.random_range(-1.0e3..1.0e4) * rng.random::<f64>()
@@ -283,9 +300,7 @@ pub fn generate(seed: u64, users: usize) -> Dataset {
             data.created.push(created);
         }
         for _ in 0..rng.random_range(0..7) {
-            let amount = maybe(&mut rng, 0.08, |r| {
-                format!("{}.{:02}", r.random_range(0..500), r.random_range(0..100))
-            });
+            let amount = maybe(&mut rng, 0.08, amount);
             let values = [
                 user_id.to_string(),
                 next_order_id.to_string(),

@@ -111,7 +111,13 @@ const USER_GROUPS: &[&str] = &[
     "{p}score > 1000",
 ];
 
-const ORDER_GROUPS: &[&str] = &["{p}status", "{p}order_id % 4", "{p}amount > 250"];
+/// Grouping by the sharding key is here too: such groups never span servers.
+const ORDER_GROUPS: &[&str] = &[
+    "{p}status",
+    "{p}order_id % 4",
+    "{p}amount > 250",
+    "{p}user_id",
+];
 
 /// Aggregates of `users` columns.
 const USER_AGGREGATES: &[&str] = &[
@@ -139,6 +145,10 @@ const USER_AGGREGATES: &[&str] = &[
     "bool_and({p}active)",
     "bool_or({p}active)",
     "count(DISTINCT {p}user_id)",
+    "count(*) FILTER (WHERE {p}active)",
+    "sum({p}medium) FILTER (WHERE {p}small > 3)",
+    "sum({p}score * 2)",
+    "max(length({p}name))",
 ];
 
 const ORDER_AGGREGATES: &[&str] = &[
@@ -519,42 +529,44 @@ impl Generator<'_> {
 
     /// Aggregates over users, orders, or their join, with or without GROUP BY.
     fn aggregate(&mut self) -> (String, Order) {
-        let (from, groups, aggregates, filter): (&str, Vec<&str>, Vec<&str>, String) = match self
-            .rng
-            .random_range(0..4)
-        {
-            0 | 1 => (
-                "users",
-                USER_GROUPS.to_vec(),
-                USER_AGGREGATES.to_vec(),
-                self.where_clause(|g| g.user_predicate("")),
-            ),
-            2 => (
-                "orders",
-                ORDER_GROUPS.to_vec(),
-                ORDER_AGGREGATES.to_vec(),
-                self.where_clause(|g| g.order_predicate("")),
-            ),
-            _ => {
-                let mut groups = vec!["u.country", "o.status", "u.active"];
-                groups.push("c.region");
-                let aggregates = vec![
-                    "count(*)",
-                    "sum(o.amount)",
-                    "avg(o.amount)",
-                    "max(u.score)",
-                    "count(DISTINCT u.user_id)",
-                    "min(o.placed)",
-                ];
-                let filter = self.where_clause(|g| g.order_predicate("o."));
-                (
+        // `hidden`: an aggregate for HAVING and ORDER BY that the select list may lack.
+        let (from, groups, aggregates, filter, hidden): (&str, Vec<&str>, Vec<&str>, String, &str) =
+            match self.rng.random_range(0..4) {
+                0 | 1 => (
+                    "users",
+                    USER_GROUPS.to_vec(),
+                    USER_AGGREGATES.to_vec(),
+                    self.where_clause(|g| g.user_predicate("")),
+                    "max(score)",
+                ),
+                2 => (
+                    "orders",
+                    ORDER_GROUPS.to_vec(),
+                    ORDER_AGGREGATES.to_vec(),
+                    self.where_clause(|g| g.order_predicate("")),
+                    "sum(amount)",
+                ),
+                _ => {
+                    let mut groups = vec!["u.country", "o.status", "u.active"];
+                    groups.push("c.region");
+                    let aggregates = vec![
+                        "count(*)",
+                        "sum(o.amount)",
+                        "avg(o.amount)",
+                        "max(u.score)",
+                        "count(DISTINCT u.user_id)",
+                        "min(o.placed)",
+                    ];
+                    let filter = self.where_clause(|g| g.order_predicate("o."));
+                    (
                     "orders o JOIN users u ON u.user_id = o.user_id LEFT JOIN countries c ON c.code = u.country",
                     groups,
                     aggregates,
                     filter,
+                    "sum(o.amount)",
                 )
-            }
-        };
+                }
+            };
         let group_count = self.rng.random_range(0..3);
         let mut group_by: Vec<String> = Vec::new();
         while group_by.len() < group_count {
@@ -573,9 +585,10 @@ impl Generator<'_> {
         if !group_by.is_empty() {
             sql.push_str(&format!(" GROUP BY {}", group_by.join(", ")));
             if self.chance(0.3) {
-                let having = match self.rng.random_range(0..3) {
+                let having = match self.rng.random_range(0..4) {
                     0 => format!("count(*) > {}", self.rng.random_range(1..60)),
                     1 => format!("count(*) BETWEEN 2 AND {}", self.rng.random_range(10..400)),
+                    2 => format!("{hidden} > {}", self.rng.random_range(0..2000)),
                     _ => format!("{} IS NOT NULL", chosen[0]),
                 };
                 sql.push_str(&format!(" HAVING {having}"));
@@ -584,10 +597,17 @@ impl Generator<'_> {
         // Every group has its own grouping values, so ordering by all of them is total.
         if !group_by.is_empty() && self.chance(0.6) {
             let mut keys: Vec<String> = Vec::new();
-            if self.chance(0.3) {
-                keys.push(self.sort_key(&chosen[0]));
+            match self.rng.random_range(0..5) {
+                0 => keys.push(self.sort_key(&chosen[0])),
+                1 => keys.push(self.sort_key(hidden)),
+                _ => {}
             }
-            keys.extend(group_by.iter().map(|g| self.sort_key(g)));
+            if self.chance(0.25) {
+                // By position: the grouping expressions come first in the select list.
+                keys.extend((1..=group_by.len()).map(|p| self.sort_key(&p.to_string())));
+            } else {
+                keys.extend(group_by.iter().map(|g| self.sort_key(g)));
+            }
             sql.push_str(&format!(" ORDER BY {}", keys.join(", ")));
             if self.chance(0.4) {
                 sql.push_str(&format!(" LIMIT {}", self.rng.random_range(1..8)));

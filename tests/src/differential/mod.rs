@@ -123,15 +123,15 @@ impl fmt::Display for Failure {
 }
 
 /// What a run saw, to show the queries were not vacuous.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Coverage {
     pub queries: usize,
     /// Queries whose reference answer had at least one row.
     pub with_rows: usize,
     pub order_sensitive: usize,
     pub reference_rows: usize,
-    /// Queries marked [`DiffQuery::may_refuse`] that the proxy refused.
-    pub refused: usize,
+    /// Labels of the queries marked [`DiffQuery::may_refuse`] that the proxy refused.
+    pub refused: Vec<String>,
 }
 
 /// The cluster of the suite: shard servers in the map, a reference server
@@ -542,7 +542,7 @@ impl Run {
         coverage.order_sensitive += usize::from(query.order == Order::Total);
         match judgement.verdict {
             Verdict::Same => {}
-            Verdict::AllowedRefusal => coverage.refused += 1,
+            Verdict::AllowedRefusal => coverage.refused.push(query.label.clone()),
             Verdict::Wrong(detail) => self.failures.push(failure(query, protocol, detail)),
         }
     }
