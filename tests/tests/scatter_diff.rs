@@ -59,7 +59,7 @@ fn id_list(ids: &[i64]) -> String {
 }
 
 /// The hand-written queries: one or more of every shape the proxy merges.
-fn hand_written(data: &Dataset) -> Vec<DiffQuery> {
+fn hand_written(data: &Dataset, owner: &dyn Fn(i64) -> usize) -> Vec<DiffQuery> {
     let feed = id_list(&spread_ids(data, 37, 50));
     let many = id_list(&spread_ids(data, 19, 100));
     let some = id_list(&spread_ids(data, 97, 12));
@@ -162,6 +162,9 @@ fn hand_written(data: &Dataset) -> Vec<DiffQuery> {
             (format!("SELECT user_id, name, created FROM users WHERE user_id = ANY(ARRAY[{feed}]) ORDER BY created DESC, user_id DESC LIMIT 20"), Total),
             (format!("SELECT user_id, name, created FROM users WHERE user_id = ANY(ARRAY[{feed}]) ORDER BY created DESC NULLS LAST, user_id DESC LIMIT 20"), Total),
             (format!("SELECT user_id, name FROM users WHERE user_id IN ({many})"), Unordered),
+            (format!("SELECT user_id, name FROM users WHERE user_id IN ({many}, {many})"), Unordered),
+            ("SELECT user_id, name FROM users WHERE user_id = ANY('{}'::int8[])".to_string(), Unordered),
+            ("SELECT user_id, name FROM users WHERE user_id = ANY(ARRAY[1, NULL, 2, 2]::int8[]) ORDER BY user_id".to_string(), Total),
             (format!("SELECT user_id, score FROM users WHERE user_id IN ({many}) ORDER BY score DESC NULLS LAST, user_id LIMIT 10"), Total),
             (format!("SELECT user_id, name FROM users WHERE user_id = ANY('{{{some}}}'::int8[]) ORDER BY user_id"), Total),
             (format!("SELECT o.user_id, sum(o.amount), count(*) FROM orders o WHERE o.user_id IN ({many}) GROUP BY o.user_id ORDER BY o.user_id"), Total),
@@ -177,7 +180,7 @@ fn hand_written(data: &Dataset) -> Vec<DiffQuery> {
             }
         })
         .collect();
-    all.extend(with_parameters(data));
+    all.extend(with_parameters(data, owner));
     all.extend(may_be_refused());
     all
 }
@@ -215,10 +218,20 @@ fn may_be_refused() -> Vec<DiffQuery> {
 }
 
 /// Extended-protocol queries with parameters (binary results).
-fn with_parameters(data: &Dataset) -> Vec<DiffQuery> {
+fn with_parameters(data: &Dataset, owner: &dyn Fn(i64) -> usize) -> Vec<DiffQuery> {
     let feed = spread_ids(data, 37, 50);
     let five = spread_ids(data, 401, 5);
     let uid = data.uids[7].parse().expect("generated uuids parse");
+    // The feed's first ten ids, each twice.
+    let repeated: Vec<i64> = feed.iter().take(10).flat_map(|id| [*id, *id]).collect();
+    // Keys of the server owning the first id only.
+    let one_server: Vec<i64> = data
+        .user_ids
+        .iter()
+        .copied()
+        .filter(|id| owner(*id) == owner(data.user_ids[0]))
+        .take(15)
+        .collect();
     let queries = vec![
         ("SELECT user_id, name, created FROM users WHERE user_id = ANY($1) ORDER BY created DESC, user_id DESC LIMIT 20", Total, vec![Param::Int8Array(feed.clone())]),
         ("SELECT user_id, name, created FROM users WHERE user_id = ANY($1) ORDER BY created DESC, user_id DESC LIMIT $2", Total, vec![Param::Int8Array(feed.clone()), Param::Int8(15)]),
@@ -237,6 +250,14 @@ fn with_parameters(data: &Dataset) -> Vec<DiffQuery> {
         ("SELECT status, sum(amount), count(*) FROM orders WHERE user_id = ANY($1) GROUP BY status", Unordered, vec![Param::Int8Array(feed.clone())]),
         ("SELECT DISTINCT country FROM users WHERE user_id = ANY($1) ORDER BY country", Total, vec![Param::Int8Array(feed)]),
         ("SELECT user_id, name FROM users WHERE name = $1 ORDER BY user_id", Total, vec![Param::Text("Alice".into())]),
+        // Arrays of keys with duplicates, NULLs, one server's keys only, none.
+        ("SELECT user_id, name FROM users WHERE user_id = ANY($1) ORDER BY user_id", Total,
+            vec![Param::NullableInt8Array(repeated.iter().map(|id| Some(*id)).chain([None]).collect())]),
+        ("SELECT count(*), sum(score) FROM users WHERE user_id = ANY($1)", Unordered, vec![Param::Int8Array(repeated.clone())]),
+        ("SELECT user_id, name FROM users WHERE user_id = ANY($1)", Unordered, vec![Param::Int8Array(one_server.clone())]),
+        ("SELECT user_id, name FROM users WHERE user_id = ANY($1) ORDER BY name DESC, user_id LIMIT 3", Total, vec![Param::Int8Array(one_server)]),
+        ("SELECT user_id, name FROM users WHERE user_id = ANY($1)", Unordered, vec![Param::Int8Array(Vec::new())]),
+        ("SELECT o.user_id, count(*) FROM orders o WHERE o.user_id = ANY($1) GROUP BY o.user_id ORDER BY o.user_id", Total, vec![Param::Int8Array(repeated)]),
         ("SELECT user_id, rating, score FROM users ORDER BY rating DESC, user_id LIMIT $1 OFFSET $2", Total, vec![Param::Int8(12), Param::Int8(3)]),
     ];
     queries
@@ -321,7 +342,7 @@ async fn cross_shard_reads_answer_like_one_server() {
         .await
         .unwrap_or_else(|e| panic!("the suite's binary decoding is wrong: {e}"));
 
-    let hand = hand_written(&data);
+    let hand = hand_written(&data, &|id| setup.owner(id));
     let generated = generator::generate(seed, GENERATED, &data);
     let plain_hand = hand.iter().filter(|q| q.params.is_empty()).count();
     assert!(plain_hand >= 60, "only {plain_hand} hand-written queries");

@@ -44,6 +44,8 @@ pub enum Param {
     Text(String),
     Uuid(uuid::Uuid),
     Int8Array(Vec<i64>),
+    /// An int8[] with NULL elements.
+    NullableInt8Array(Vec<Option<i64>>),
     TextArray(Vec<String>),
 }
 
@@ -57,6 +59,7 @@ impl Param {
             Param::Text(v) => v,
             Param::Uuid(v) => v,
             Param::Int8Array(v) => v,
+            Param::NullableInt8Array(v) => v,
             Param::TextArray(v) => v,
         }
     }
