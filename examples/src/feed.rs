@@ -156,7 +156,9 @@ impl DemoData {
         })?;
         let (first, last) = (*users.start(), *users.end());
         if first < 1 || last < first {
-            return Err(format!("demo users {first}..={last}: give positive ids, first ≤ last"));
+            return Err(format!(
+                "demo users {first}..={last}: give positive ids, first ≤ last"
+            ));
         }
         let largest_low = (last + 1) * MAX_PHOTOS_PER_USER;
         if largest_low >= 1_i64 << layout.low_bits() {
@@ -246,16 +248,17 @@ impl DemoData {
             .collect()
     }
 
-    /// `viewer`'s whole feed, newest first, computed here without SQL.
-    pub fn feed(&self, viewer: i64) -> Vec<Photo> {
-        let followees: BTreeSet<i64> = self.followees(viewer).into_iter().collect();
+    /// The whole feed of someone following `followees`, newest first,
+    /// computed here without SQL.
+    pub fn feed(&self, followees: &[i64]) -> Vec<Photo> {
+        let followees: BTreeSet<i64> = followees.iter().copied().collect();
         let mut feed: Vec<Photo> = self
             .photos
             .iter()
             .filter(|p| followees.contains(&p.user_id))
             .cloned()
             .collect();
-        feed.sort_by(|a, b| (b.created, b.photo_id).cmp(&(a.created, a.photo_id)));
+        feed.sort_by_key(|photo| std::cmp::Reverse((photo.created, photo.photo_id)));
         feed
     }
 
@@ -268,14 +271,21 @@ impl DemoData {
         }
         let insert_follow = client.prepare(INSERT_FOLLOW).await?;
         for (follower, followee) in &self.follows {
-            client.execute(&insert_follow, &[follower, followee]).await?;
+            client
+                .execute(&insert_follow, &[follower, followee])
+                .await?;
         }
         let insert_photo = client.prepare(INSERT_PHOTO).await?;
         for photo in &self.photos {
             client
                 .execute(
                     &insert_photo,
-                    &[&photo.photo_id, &photo.user_id, &photo.created, &photo.caption],
+                    &[
+                        &photo.photo_id,
+                        &photo.user_id,
+                        &photo.created,
+                        &photo.caption,
+                    ],
                 )
                 .await?;
         }
@@ -321,18 +331,16 @@ impl FeedStatements {
             None => client.query(&self.first, &[&followees]).await?,
             Some(cursor) => {
                 client
-                    .query(
-                        &self.next,
-                        &[&followees, &cursor.created, &cursor.photo_id],
-                    )
+                    .query(&self.next, &[&followees, &cursor.created, &cursor.photo_id])
                     .await?
             }
         };
         rows.iter().map(Photo::from_row).collect()
     }
 
-    /// Every page in order until a short one, then the page after the last
-    /// row (empty when paging is right): the feed as a reader scrolls it.
+    /// Every page in order until a short one, and after a short page that is
+    /// not empty the page after its last row (empty when paging is right):
+    /// the feed as a reader scrolls it, one empty page at the end.
     pub async fn all_pages(
         &self,
         client: &Client,
@@ -342,19 +350,18 @@ impl FeedStatements {
         let mut after = None;
         loop {
             let page = self.page(client, followees, after).await?;
-            let short = page.len() < PAGE_SIZE;
+            let (short, empty) = (page.len() < PAGE_SIZE, page.is_empty());
             if let Some(last) = page.last() {
                 after = Some(last.cursor());
             }
             pages.push(page);
             if short {
-                break;
+                if !empty {
+                    pages.push(self.page(client, followees, after).await?);
+                }
+                return Ok(pages);
             }
         }
-        if after.is_some() {
-            pages.push(self.page(client, followees, after).await?);
-        }
-        Ok(pages)
     }
 }
 
@@ -390,7 +397,7 @@ pub async fn all_pages_simple(
     loop {
         let sql = simple_page_sql(followees, after.as_ref().map(|(c, id)| (c.as_str(), *id)));
         let page = simple_rows(client, &sql).await?;
-        let short = page.len() < PAGE_SIZE;
+        let (short, empty) = (page.len() < PAGE_SIZE, page.is_empty());
         if let Some(last) = page.last() {
             let field = |i: usize| {
                 last.get(i)
@@ -406,14 +413,13 @@ pub async fn all_pages_simple(
         }
         pages.push(page);
         if short {
-            break;
+            if let (false, Some((created, photo_id))) = (empty, &after) {
+                let sql = simple_page_sql(followees, Some((created, *photo_id)));
+                pages.push(simple_rows(client, &sql).await?);
+            }
+            return Ok(pages);
         }
     }
-    if let Some((created, photo_id)) = &after {
-        let sql = simple_page_sql(followees, Some((created, *photo_id)));
-        pages.push(simple_rows(client, &sql).await?);
-    }
-    Ok(pages)
 }
 
 /// The rows of one simple Query, as text.
@@ -501,7 +507,11 @@ mod tests {
         let data = DemoData::generate(&map, 1..=90, 16).expect("demo data");
         let mut ids = BTreeSet::new();
         for photo in &data.photos {
-            assert!(ids.insert(photo.photo_id), "duplicate id {}", photo.photo_id);
+            assert!(
+                ids.insert(photo.photo_id),
+                "duplicate id {}",
+                photo.photo_id
+            );
             assert_eq!(
                 map.partition_of("photos", &KeyValue::Int(photo.photo_id)),
                 map.partition_of("users", &KeyValue::Int(photo.user_id)),
@@ -514,14 +524,21 @@ mod tests {
             .keys()
             .map(|s| data.owned_by(&map, s).expect("split").photos.len())
             .sum();
-        assert_eq!(split, data.photos.len(), "every photo has exactly one server");
+        assert_eq!(
+            split,
+            data.photos.len(),
+            "every photo has exactly one server"
+        );
     }
 
     #[test]
     fn feed_is_newest_first_with_ties_broken_by_id() {
         let data = DemoData::generate(&map(), 1..=90, 16).expect("demo data");
-        let feed = data.feed(1);
-        assert!(feed.len() > 2 * PAGE_SIZE, "user 1's feed spans three pages");
+        let feed = data.feed(&data.followees(1));
+        assert!(
+            feed.len() > 2 * PAGE_SIZE,
+            "user 1's feed spans three pages"
+        );
         assert!(
             feed.windows(2).any(|w| w[0].created == w[1].created),
             "the demo data has photos taken at the same instant, so the tie-break is exercised"

@@ -13,7 +13,8 @@
 use std::collections::BTreeSet;
 
 use shardline_examples::feed::{
-    self, all_pages_simple, describe_error, DemoData, FeedStatements, Photo, TextRow, PAGE_SIZE,
+    self, all_pages_simple, describe_error, simple_rows, DemoData, FeedStatements, Photo, TextRow,
+    PAGE_SIZE,
 };
 use shardline_tests::{TestCluster, TestProxy};
 use shardmap::{Change, ClusterMap, KeyValue};
@@ -59,7 +60,10 @@ impl Feed {
         for index in 0..SHARD_SERVERS {
             let name = feed.server_name(index);
             let ddl = feed::shard_ddl(&feed.map, &name).expect("DDL of the feed's tables");
-            let rows = feed.data.owned_by(&feed.map, &name).expect("rows per server");
+            let rows = feed
+                .data
+                .owned_by(&feed.map, &name)
+                .expect("rows per server");
             feed.create_and_load(index, &ddl, &rows).await;
         }
         feed.create_and_load(REFERENCE, &feed::single_server_ddl(), &feed.data)
@@ -104,6 +108,11 @@ fn text_id(row: &TextRow) -> i64 {
         .expect("photo_id as text is a bigint")
 }
 
+fn sorted(mut rows: Vec<TextRow>) -> Vec<TextRow> {
+    rows.sort();
+    rows
+}
+
 /// Fails with each page's sizes and the first page that differs.
 fn assert_same_pages<T: PartialEq + std::fmt::Debug>(
     what: &str,
@@ -117,7 +126,12 @@ fn assert_same_pages<T: PartialEq + std::fmt::Debug>(
         "{what}: page sizes through the proxy differ from the reference"
     );
     for (number, (got, want)) in through_proxy.iter().zip(reference).enumerate() {
-        assert_eq!(got, want, "{what}: page {} differs from the reference", number + 1);
+        assert_eq!(
+            got,
+            want,
+            "{what}: page {} differs from the reference",
+            number + 1
+        );
     }
 }
 
@@ -177,22 +191,16 @@ async fn feed_through_the_proxy_equals_one_postgres() {
     let client = proxy.connect().await;
 
     let mut failures = Vec::new();
+    let mut cases = Vec::new();
     for viewer in VIEWERS {
-        let expected = feed.data.feed(viewer);
-        assert!(
-            expected.len() > 2 * PAGE_SIZE && expected.len() % PAGE_SIZE != 0,
-            "user {viewer}'s feed has {} photos: the demo data must give two full pages and a partial third",
-            expected.len()
-        );
-
-        // Step 1: one server through the proxy, and the reference.
-        let followees_reference = feed::followees(&reference, viewer)
+        // Step 1: one server through the proxy, in both protocols, and the reference.
+        let followees = feed::followees(&reference, viewer)
             .await
             .expect("followees on the reference");
-        assert_eq!(followees_reference, feed.data.followees(viewer));
+        assert_eq!(followees, feed.data.followees(viewer));
         match feed::followees(&client, viewer).await {
             Ok(through_proxy) => assert_eq!(
-                through_proxy, followees_reference,
+                through_proxy, followees,
                 "user {viewer}'s followees through the proxy"
             ),
             Err(e) => failures.push(format!(
@@ -201,11 +209,48 @@ async fn feed_through_the_proxy_equals_one_postgres() {
                 describe_error(&e)
             )),
         }
-        let followees = followees_reference;
+        let step_one = feed::FOLLOWEES.replace("$1", &viewer.to_string());
+        let reference_text = simple_rows(&reference, &step_one)
+            .await
+            .expect("step 1 on the reference");
+        match simple_rows(&client, &step_one).await {
+            Ok(rows) => assert_eq!(
+                sorted(rows),
+                sorted(reference_text),
+                "user {viewer}'s followees through the proxy, simple protocol"
+            ),
+            Err(e) => failures.push(format!("user {viewer}, step 1, simple protocol: {e}")),
+        }
+        let expected = feed.data.feed(&followees);
+        assert!(
+            expected.len() > 2 * PAGE_SIZE && expected.len() % PAGE_SIZE != 0,
+            "user {viewer}'s feed has {} photos: the demo data must give two full pages and a partial third",
+            expected.len()
+        );
+        cases.push((format!("user {viewer}"), followees));
+    }
+    // Edges: nobody followed (an empty array), and followees who all live on
+    // one server (the statement still reaches every server).
+    cases.push(("a user following nobody".to_string(), Vec::new()));
+    let first_server = feed.server_name(0);
+    let on_one_server: Vec<i64> = feed
+        .data
+        .followees(VIEWERS[0])
+        .into_iter()
+        .filter(|user| feed.owner(*user) == first_server)
+        .collect();
+    assert!(
+        !on_one_server.is_empty(),
+        "user {} follows someone on {first_server}",
+        VIEWERS[0]
+    );
+    cases.push((format!("followees all on {first_server}"), on_one_server));
 
+    for (case, followees) in &cases {
         // Step 2, extended protocol: the reference equals the feed computed here.
+        let expected = feed.data.feed(followees);
         let reference_pages = reference_statements
-            .all_pages(&reference, &followees)
+            .all_pages(&reference, followees)
             .await
             .expect("pages on the reference");
         let expected_pages: Vec<Vec<Photo>> = expected
@@ -215,48 +260,48 @@ async fn feed_through_the_proxy_equals_one_postgres() {
             .collect();
         assert_eq!(
             reference_pages, expected_pages,
-            "user {viewer}: the reference's pages are not the demo data's feed"
+            "{case}: the reference's pages are not the demo data's feed"
         );
+        let servers: BTreeSet<String> = followees.iter().map(|u| feed.owner(*u)).collect();
         println!(
-            "user {viewer}: {} followees on {SHARD_SERVERS} servers, {} photos in pages of {:?}",
+            "{case}: {} followees on {} servers, {} photos in pages of {:?}",
             followees.len(),
+            servers.len(),
             expected.len(),
             reference_pages.iter().map(Vec::len).collect::<Vec<_>>()
         );
         match FeedStatements::prepare(&client).await {
-            Ok(statements) => match statements.all_pages(&client, &followees).await {
+            Ok(statements) => match statements.all_pages(&client, followees).await {
                 Ok(pages) => assert_same_pages(
-                    &format!("user {viewer}, extended protocol"),
+                    &format!("{case}, extended protocol"),
                     &pages,
                     &reference_pages,
                 ),
                 Err(e) => failures.push(format!(
-                    "user {viewer}, pages with prepared statements: {}",
+                    "{case}, pages with prepared statements: {}",
                     describe_error(&e)
                 )),
             },
             Err(e) => failures.push(format!(
-                "user {viewer}, preparing the pages through the proxy: {}",
+                "{case}, preparing the pages through the proxy: {}",
                 describe_error(&e)
             )),
         }
 
         // Step 2, simple protocol with literal values.
-        let reference_text = all_pages_simple(&reference, &followees)
+        let reference_text = all_pages_simple(&reference, followees)
             .await
             .expect("simple-protocol pages on the reference");
         assert_eq!(
             ids(&reference_text, text_id),
             ids(&reference_pages, |p| p.photo_id),
-            "user {viewer}: the reference's simple-protocol pages hold other photos than its extended ones"
+            "{case}: the reference's simple-protocol pages hold other photos than its extended ones"
         );
-        match all_pages_simple(&client, &followees).await {
-            Ok(pages) => assert_same_pages(
-                &format!("user {viewer}, simple protocol"),
-                &pages,
-                &reference_text,
-            ),
-            Err(e) => failures.push(format!("user {viewer}, simple protocol: {e}")),
+        match all_pages_simple(&client, followees).await {
+            Ok(pages) => {
+                assert_same_pages(&format!("{case}, simple protocol"), &pages, &reference_text)
+            }
+            Err(e) => failures.push(format!("{case}, simple protocol: {e}")),
         }
     }
     assert!(
