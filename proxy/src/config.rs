@@ -37,9 +37,43 @@ pub struct ProxyConfig {
     pub limits: Limits,
     #[serde(default)]
     pub tls: TlsSettings,
+    #[serde(default)]
+    pub scatter: ScatterSettings,
     /// Where to serve Prometheus metrics (`GET /metrics`); off when unset.
     #[serde(default)]
     pub metrics_listen: Option<String>,
+}
+
+/// Reads across partitions on several servers (scatter-gather).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScatterSettings {
+    /// Whether a read-only SELECT without a single-server key runs on every
+    /// server concerned (on by default). Off: such statements are refused, as
+    /// before scatter reads existed; a session can still change it with
+    /// `SET shardline.scatter`.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Most partial rows the proxy gathers to combine aggregates, GROUP BY or
+    /// DISTINCT (each becomes parameters of the combining query on a server).
+    #[serde(default = "default_max_combine_rows")]
+    pub max_combine_rows: usize,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_max_combine_rows() -> usize {
+    100_000
+}
+
+impl Default for ScatterSettings {
+    fn default() -> ScatterSettings {
+        ScatterSettings {
+            enabled: true,
+            max_combine_rows: default_max_combine_rows(),
+        }
+    }
 }
 
 /// TLS for clients: off unless a certificate and key are given.
@@ -238,6 +272,7 @@ impl Default for ProxyConfig {
             pool: PoolSettings::default(),
             backend: Credentials::default(),
             limits: Limits::default(),
+            scatter: ScatterSettings::default(),
             tls: TlsSettings::default(),
             metrics_listen: None,
         }

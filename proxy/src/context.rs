@@ -35,6 +35,9 @@ pub struct Shared {
     /// ParameterStatus values reported to clients at login, learned from a
     /// backend (the first login that reaches one).
     pub server_parameters: Mutex<Option<Vec<(String, String)>>>,
+    /// Each server's database collation (`lc_collate`), learned by the
+    /// first sorted scatter read that needed it.
+    pub server_collations: Mutex<FxHashMap<String, String>>,
     pub active_clients: AtomicUsize,
     pub(crate) client_slots: Arc<Semaphore>,
     /// Set when TLS is configured.
@@ -79,6 +82,7 @@ impl Shared {
             pools,
             cancels,
             server_parameters: Mutex::new(None),
+            server_collations: Mutex::new(FxHashMap::default()),
             active_clients: AtomicUsize::new(0),
             client_slots: Arc::new(Semaphore::new(max_clients)),
             tls: None,

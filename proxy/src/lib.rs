@@ -9,6 +9,7 @@ pub mod cancel;
 pub mod config;
 pub mod context;
 pub mod liveness;
+pub mod merge;
 pub mod metrics;
 pub mod pool;
 pub mod registry;

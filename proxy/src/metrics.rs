@@ -19,6 +19,8 @@ pub struct Metrics {
     /// the server, and those sent again because its cached plan went stale.
     pub kept_prepared_runs: AtomicU64,
     pub stale_plan_retries: AtomicU64,
+    /// Reads that ran on several servers and were merged by the proxy.
+    pub scatter_reads: AtomicU64,
     /// Requests held because a partition was blocked, and for how long in total.
     pub held: AtomicU64,
     pub held_micros: AtomicU64,

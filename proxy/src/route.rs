@@ -22,27 +22,76 @@ pub enum Route {
     /// Touches no partitioned data (catalogs, reference-table reads, no
     /// tables at all): any server gives the same answer.
     Any,
+    /// A read of partitions on several servers: runs on each, and the proxy
+    /// merges the results (see `analyze::scatter`). Only ever made for a
+    /// read-only SELECT while scatter reads are allowed, never as a fallback.
+    Scatter {
+        /// Servers in map order, without repeats.
+        servers: Vec<String>,
+        partitions: Vec<u32>,
+    },
 }
 
 impl Route {
+    /// The one server that runs the statement; `None` for `Any` and for
+    /// `Scatter` (which never reaches a single backend).
     pub fn server(&self) -> Option<&str> {
         match self {
             Route::Partitions { server, .. } | Route::Server(server) => Some(server),
-            Route::Any => None,
+            Route::Any | Route::Scatter { .. } => None,
         }
     }
 
     pub fn partitions(&self) -> &[u32] {
         match self {
-            Route::Partitions { partitions, .. } => partitions,
+            Route::Partitions { partitions, .. } | Route::Scatter { partitions, .. } => partitions,
             _ => &[],
         }
     }
 
-    /// The route covering both, if one server can run both.
+    /// A route over `partitions`, given each one's owner: one server's
+    /// partitions, or a scatter over their owners (in the order first seen).
+    fn over_partitions(mut partitions: Vec<u32>, owners: Vec<String>) -> Route {
+        partitions.sort_unstable();
+        partitions.dedup();
+        let mut servers: Vec<String> = Vec::new();
+        for owner in owners {
+            if !servers.contains(&owner) {
+                servers.push(owner);
+            }
+        }
+        if servers.len() == 1 {
+            Route::Partitions {
+                server: servers.remove(0),
+                partitions,
+            }
+        } else {
+            Route::Scatter {
+                servers,
+                partitions,
+            }
+        }
+    }
+
+    /// The route covering both, if one server can run both, or both are
+    /// partitions a scatter read can cover.
     pub fn merge(self, other: Route) -> Result<Route, (String, String)> {
         match (self, other) {
             (Route::Any, r) | (r, Route::Any) => Ok(r),
+            (a @ (Route::Scatter { .. } | Route::Partitions { .. }), b @ (Route::Scatter { .. } | Route::Partitions { .. }))
+                if matches!(a, Route::Scatter { .. }) || matches!(b, Route::Scatter { .. }) =>
+            {
+                let (servers_a, partitions_a) = a.into_parts();
+                let (servers_b, partitions_b) = b.into_parts();
+                Ok(Route::over_partitions(
+                    partitions_a.into_iter().chain(partitions_b).collect(),
+                    servers_a.into_iter().chain(servers_b).collect(),
+                ))
+            }
+            (Route::Scatter { servers, .. }, other) | (other, Route::Scatter { servers, .. }) => Err((
+                servers.join(", "),
+                other.server().unwrap_or_default().to_string(),
+            )),
             (a, b) => {
                 let (sa, sb) = (
                     a.server().unwrap_or_default().to_string(),
@@ -68,6 +117,20 @@ impl Route {
                     }
                 })
             }
+        }
+    }
+}
+
+impl Route {
+    fn into_parts(self) -> (Vec<String>, Vec<u32>) {
+        match self {
+            Route::Scatter {
+                servers,
+                partitions,
+            } => (servers, partitions),
+            Route::Partitions { server, partitions } => (vec![server], partitions),
+            Route::Server(server) => (vec![server], Vec::new()),
+            Route::Any => (Vec::new(), Vec::new()),
         }
     }
 }
@@ -108,13 +171,17 @@ pub enum Resolution {
     NeedsParams,
 }
 
-/// Routes one data statement.
+/// Routes one data statement. With `scatter` allowed, a read-only
+/// statement whose sharded tables' keys are not fixed to one server routes
+/// to a `Scatter` over the servers that own the partitions it reads.
 pub fn route_data(
     statement: &DataStatement,
     map: &ClusterMap,
     literals: &[Literal],
     params: Option<&Params<'_>>,
+    scatter: bool,
 ) -> Result<Resolution, RouteError> {
+    let scatter = scatter && statement.read_only;
     if let Some(why) = &statement.unparsed {
         let mentioned: Vec<&str> = statement
             .words
@@ -142,7 +209,7 @@ pub fn route_data(
         if table.is_catalog() {
             continue;
         }
-        let table_route = match route_table(statement, table, map, literals, params)? {
+        let table_route = match route_table(statement, table, map, literals, params, scatter)? {
             Some(r) => r,
             None => {
                 needs_params = true;
@@ -150,11 +217,19 @@ pub fn route_data(
             }
         };
         route = route.merge(table_route).map_err(|(a, b)| {
-            RouteError::new(
-                "0A000",
-                format!("statement touches data on servers {a} and {b}; shardline runs each statement on one server"),
-                "split it into statements that each touch one key's data",
-            )
+            if scatter {
+                RouteError::new(
+                    "0A000",
+                    format!("statement reads partitions on servers {a} together with a table that lives only on server {b}"),
+                    "read the unsharded table in a statement of its own",
+                )
+            } else {
+                RouteError::new(
+                    "0A000",
+                    format!("statement touches data on servers {a} and {b}; shardline runs each statement on one server"),
+                    "split it into statements that each touch one key's data",
+                )
+            }
         })?;
     }
     if let Some(copy) = &statement.copy {
@@ -186,6 +261,7 @@ fn route_table(
     map: &ClusterMap,
     literals: &[Literal],
     params: Option<&Params<'_>>,
+    scatter: bool,
 ) -> Result<Option<Route>, RouteError> {
     let Some(def) = map
         .tables
@@ -228,6 +304,11 @@ fn route_table(
                     .map_or(KeyType::Bigint, |g| g.key_type)
             };
             let exprs = key_exprs(statement, table, key_column, map)?;
+            if exprs.is_empty() && scatter {
+                let partitions: Vec<u32> = (0..map.assignments.len() as u32).collect();
+                let owners = map.assignments.iter().map(|a| a.owner.clone()).collect();
+                return Ok(Some(Route::over_partitions(partitions, owners)));
+            }
             if exprs.is_empty() {
                 return Err(RouteError::new(
                     "0A000",
@@ -236,41 +317,44 @@ fn route_table(
                         table.name
                     ),
                     format!(
-                        "add `WHERE {key_column} = <value>` (or `= $1`, or `IN (...)` with values on one server); \
-                         queries across all partitions are not supported yet"
+                        "add `WHERE {key_column} = <value>` (or `= $1`, or `IN (...)`); \
+                         reads across partitions need `SET shardline.scatter = on` (this session or the proxy has it off)"
                     ),
                 ));
             }
             let mut partitions: Vec<u32> = Vec::with_capacity(exprs.len());
             for expr in exprs {
-                let Some(key) = evaluate(expr, key_type, literals, params)? else {
+                let Some(keys) = evaluate_keys(expr, key_type, literals, params)? else {
                     return Ok(None);
                 };
-                let partition = map.partition_of(&table.name, &key).map_err(|e| {
-                    RouteError::new(
-                        "22023",
-                        format!("cannot route key {key} of \"{}\": {e}", table.name),
-                        "check the key value",
-                    )
-                })?;
-                if !partitions.contains(&partition) {
-                    partitions.push(partition);
-                }
-            }
-            partitions.sort_unstable();
-            let mut server: Option<&str> = None;
-            for p in &partitions {
-                let owner = map
-                    .assignments
-                    .get(*p as usize)
-                    .map(|a| a.owner.as_str())
-                    .ok_or_else(|| {
+                for key in keys {
+                    let partition = map.partition_of(&table.name, &key).map_err(|e| {
                         RouteError::new(
-                            "XX000",
-                            format!("partition {p} has no owner in the map"),
-                            "check `shardctl map`",
+                            "22023",
+                            format!("cannot route key {key} of \"{}\": {e}", table.name),
+                            "check the key value",
                         )
                     })?;
+                    if !partitions.contains(&partition) {
+                        partitions.push(partition);
+                    }
+                }
+            }
+            if partitions.is_empty() {
+                // `key = ANY('{}')`: no row of this table can match, on any server.
+                return Ok(Some(Route::Any));
+            }
+            partitions.sort_unstable();
+            if scatter {
+                let mut owners = Vec::with_capacity(partitions.len());
+                for p in &partitions {
+                    owners.push(owner_of(map, *p)?.to_string());
+                }
+                return Ok(Some(Route::over_partitions(partitions, owners)));
+            }
+            let mut server: Option<&str> = None;
+            for p in &partitions {
+                let owner = owner_of(map, *p)?;
                 match server {
                     None => server = Some(owner),
                     Some(first) if first != owner => {
@@ -280,7 +364,7 @@ fn route_table(
                                 "the keys of \"{}\" in this statement live on servers {first} and {owner}; shardline runs each statement on one server",
                                 table.name
                             ),
-                            "send one statement per key, or per server",
+                            "send one statement per key, or per server (reads across servers need `SET shardline.scatter = on`)",
                         ))
                     }
                     Some(_) => {}
@@ -290,6 +374,19 @@ fn route_table(
             Ok(Some(Route::Partitions { server, partitions }))
         }
     }
+}
+
+fn owner_of(map: &ClusterMap, partition: u32) -> Result<&str, RouteError> {
+    map.assignments
+        .get(partition as usize)
+        .map(|a| a.owner.as_str())
+        .ok_or_else(|| {
+            RouteError::new(
+                "XX000",
+                format!("partition {partition} has no owner in the map"),
+                "check `shardctl map`",
+            )
+        })
 }
 
 /// The expressions giving `table`'s key in this statement.
@@ -369,6 +466,140 @@ fn invalid_key(text: impl std::fmt::Display) -> RouteError {
     )
 }
 
+/// The keys a key expression stands for (several for an array); `None`
+/// for a parameter not bound yet.
+fn evaluate_keys(
+    expr: &KeyExpr,
+    key_type: KeyType,
+    literals: &[Literal],
+    params: Option<&Params<'_>>,
+) -> Result<Option<Vec<KeyValue>>, RouteError> {
+    let KeyExpr::Array(inner) = expr else {
+        return Ok(evaluate(expr, key_type, literals, params)?.map(|key| vec![key]));
+    };
+    let elements: Vec<KeyValue> = match inner.as_ref() {
+        KeyExpr::Literal(i) => {
+            let literal = literals
+                .get(*i)
+                .ok_or_else(|| invalid_key(format!("literal {i} missing")))?;
+            parse_text_keys(literal.text(), key_type)?
+        }
+        KeyExpr::Const(text) => parse_text_keys(text, key_type)?,
+        KeyExpr::Param(i) => {
+            let Some(params) = params else {
+                return Ok(None);
+            };
+            let value = params
+                .bind
+                .params
+                .get(*i)
+                .ok_or_else(|| invalid_key(format!("parameter ${} was not bound", i + 1)))?;
+            let Some(bytes) = value else {
+                // `= ANY(NULL)` matches nothing.
+                return Ok(Some(Vec::new()));
+            };
+            if params.bind.is_binary(*i) {
+                binary_array_keys(bytes, key_type)?
+            } else {
+                let text = std::str::from_utf8(bytes)
+                    .map_err(|_| invalid_key("parameter is not valid UTF-8"))?;
+                parse_text_keys(text, key_type)?
+            }
+        }
+        other => return Err(invalid_key(format!("ANY over {other:?}"))),
+    };
+    Ok(Some(elements))
+}
+
+/// The elements of an array in Postgres's text form (`{1,2,"x y"}`, with an
+/// optional `[1:2]=` prefix); NULL elements match no row and are left out.
+fn parse_text_keys(text: &str, key_type: KeyType) -> Result<Vec<KeyValue>, RouteError> {
+    let text = text.trim();
+    let text = match text.find("={") {
+        Some(at) if text.starts_with('[') => &text[at + 1..],
+        _ => text,
+    };
+    let body = text
+        .strip_prefix('{')
+        .and_then(|t| t.strip_suffix('}'))
+        .ok_or_else(|| invalid_key(format!("{text:?} is not an array")))?;
+    let mut keys = Vec::new();
+    let mut chars = body.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let Some(&first) = chars.peek() else {
+            break;
+        };
+        let mut element = String::new();
+        let quoted = first == '"';
+        if first == '{' {
+            return Err(invalid_key("a multidimensional array of keys"));
+        }
+        if quoted {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('\\') => element.extend(chars.next()),
+                    Some('"') => break,
+                    Some(c) => element.push(c),
+                    None => return Err(invalid_key("unterminated quoted array element")),
+                }
+            }
+        }
+        while let Some(&c) = chars.peek() {
+            if c == ',' {
+                break;
+            }
+            chars.next();
+            if !quoted {
+                element.push(c);
+            }
+        }
+        chars.next();
+        let element = if quoted { element.as_str() } else { element.trim() };
+        if !quoted && element.eq_ignore_ascii_case("null") {
+            continue;
+        }
+        keys.push(key_type.parse_value(element).map_err(invalid_key)?);
+    }
+    Ok(keys)
+}
+
+/// The elements of an array in Postgres's binary form (one dimension);
+/// NULL elements are left out.
+fn binary_array_keys(bytes: &[u8], key_type: KeyType) -> Result<Vec<KeyValue>, RouteError> {
+    let malformed = || invalid_key("malformed binary array");
+    let word = |at: usize| -> Result<i32, RouteError> {
+        bytes
+            .get(at..at + 4)
+            .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or_else(malformed)
+    };
+    let dimensions = word(0)?;
+    match dimensions {
+        0 => return Ok(Vec::new()),
+        1 => {}
+        _ => return Err(invalid_key("a multidimensional array of keys")),
+    }
+    let count = usize::try_from(word(12)?).map_err(|_| malformed())?;
+    let mut at = 20;
+    let mut keys = Vec::with_capacity(count.min(bytes.len() / 4));
+    for _ in 0..count {
+        let len = word(at)?;
+        at += 4;
+        if len < 0 {
+            continue;
+        }
+        let end = at.checked_add(len as usize).ok_or_else(malformed)?;
+        let element = bytes.get(at..end).ok_or_else(malformed)?;
+        keys.push(decode_binary(element, key_type)?);
+        at = end;
+    }
+    Ok(keys)
+}
+
 /// The value of a key expression; `None` for a parameter not bound yet.
 fn evaluate(
     expr: &KeyExpr,
@@ -387,6 +618,7 @@ fn evaluate(
                 .map_err(invalid_key)
         }
         KeyExpr::Const(text) => key_type.parse_value(text).map(Some).map_err(invalid_key),
+        KeyExpr::Array(_) => Err(invalid_key("an array where one key was expected")),
         KeyExpr::Negate(inner) => match evaluate(inner, key_type, literals, params)? {
             None => Ok(None),
             Some(KeyValue::Int(v)) => v
@@ -485,7 +717,7 @@ mod tests {
         let Command::Data(data) = &analyzed.analysis.commands[0] else {
             panic!("not data: {sql}")
         };
-        route_data(data, &map(), &analyzed.literals, None)
+        route_data(data, &map(), &analyzed.literals, None, false)
     }
 
     fn owner_of(key: i64) -> String {
@@ -534,7 +766,7 @@ mod tests {
             "users".into(),
             "name text, user_id bigint PRIMARY KEY".into(),
         );
-        let r = route_data(data, &with_columns, &analyzed.literals, None).expect("routes");
+        let r = route_data(data, &with_columns, &analyzed.literals, None, false).expect("routes");
         let Resolution::Route(Route::Partitions { server, .. }) = r else {
             panic!("{r:?}")
         };
@@ -628,6 +860,57 @@ mod tests {
             other.expect("another server")
         );
         assert_eq!(route(&sql).expect_err("two servers").code, "0A000");
+    }
+
+    #[test]
+    fn arrays_of_keys_route_to_their_owners() {
+        let mut keys = Vec::new();
+        let mut owners = std::collections::BTreeSet::new();
+        for k in 0..40 {
+            if owners.insert(owner_of(k)) || keys.len() < 4 {
+                keys.push(k);
+            }
+        }
+        let list = keys.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        let analyzer = Analyzer::new(10);
+        let analyzed = analyzer.analyze(&format!("SELECT * FROM users WHERE user_id = ANY('{{{list}}}'::bigint[])"));
+        let Command::Data(data) = &analyzed.analysis.commands[0] else {
+            panic!("not data")
+        };
+        let strict = route_data(data, &map(), &analyzed.literals, None, false);
+        assert_eq!(strict.expect_err("two servers, scatter off").code, "0A000");
+        let scatter = route_data(data, &map(), &analyzed.literals, None, true).expect("routes");
+        let Resolution::Route(Route::Scatter { servers, .. }) = scatter else {
+            panic!("{scatter:?}")
+        };
+        assert_eq!(servers.len(), 2);
+        assert_eq!(
+            parse_text_keys("{1, \"2\",NULL}", KeyType::Bigint),
+            Ok(vec![KeyValue::Int(1), KeyValue::Int(2)])
+        );
+        assert!(parse_text_keys("{{1}}", KeyType::Bigint).is_err());
+        assert!(parse_text_keys("1,2", KeyType::Bigint).is_err());
+        let mut binary = Vec::new();
+        for word in [1i32, 0, 20, 2, 1] {
+            binary.extend_from_slice(&word.to_be_bytes());
+        }
+        for key in [7i64, -9] {
+            binary.extend_from_slice(&8i32.to_be_bytes());
+            binary.extend_from_slice(&key.to_be_bytes());
+        }
+        assert_eq!(
+            binary_array_keys(&binary, KeyType::Bigint),
+            Ok(vec![KeyValue::Int(7), KeyValue::Int(-9)])
+        );
+        assert!(binary_array_keys(&binary[..30], KeyType::Bigint).is_err());
+        let empty = analyzer.analyze("SELECT * FROM users WHERE user_id = ANY('{}')");
+        let Command::Data(data) = &empty.analysis.commands[0] else {
+            panic!("not data")
+        };
+        assert_eq!(
+            route_data(data, &map(), &empty.literals, None, true),
+            Ok(Resolution::Route(Route::Any))
+        );
     }
 
     #[test]

@@ -44,7 +44,7 @@ impl ProxyCollector {
 /// The per-thread counters, summed: name (the encoder adds `_total`), help,
 /// and where the counter is.
 type CounterOf = fn(&Metrics) -> &AtomicU64;
-const COUNTERS: [(&str, &str, CounterOf); 8] = [
+const COUNTERS: [(&str, &str, CounterOf); 9] = [
     ("shardline_logins", "Client logins that succeeded.", |m| &m.logins),
     ("shardline_login_failures", "Client logins refused.", |m| &m.login_failures),
     (
@@ -71,6 +71,11 @@ const COUNTERS: [(&str, &str, CounterOf); 8] = [
         "shardline_stale_plan_retries",
         "Requests sent again unprepared because a kept statement's plan no longer fit its tables.",
         |m| &m.stale_plan_retries,
+    ),
+    (
+        "shardline_scatter_reads",
+        "Reads that ran on several servers and were merged by the proxy.",
+        |m| &m.scatter_reads,
     ),
     (
         "shardline_blocked_holds",

@@ -375,6 +375,11 @@ async fn unroutable_statements_get_clear_errors_and_the_session_survives() {
     let (_store, _map) = setup(&cluster).await;
     let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
     let client = proxy.connect().await;
+    // Reads across partitions are refused too once the session opts out.
+    client
+        .batch_execute("SET shardline.scatter = off")
+        .await
+        .expect("opt out of scatter reads");
     let cases = [
         (
             "SELECT * FROM users",

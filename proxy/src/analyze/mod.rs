@@ -3,6 +3,7 @@
 //! is extracted.
 
 pub mod lexer;
+pub mod scatter;
 pub mod statement;
 
 use rustc_hash::FxHashMap;

@@ -28,6 +28,9 @@ pub enum KeyExpr {
     Const(String),
     /// `-expr`.
     Negate(Box<KeyExpr>),
+    /// An array of keys: `key = ANY($1)` or `= ANY('{1,2}')` (the inner
+    /// expression gives the array's text or its binary value).
+    Array(Box<KeyExpr>),
 }
 
 /// A column as written: `col` or `qualifier.col` (lowercased unless quoted).
@@ -335,6 +338,14 @@ fn key_expr(expr: &Expr) -> Option<KeyExpr> {
     }
 }
 
+/// The expression under any casts and parentheses.
+fn strip_casts(expr: &Expr) -> &Expr {
+    match expr {
+        Expr::Nested(inner) | Expr::Cast { expr: inner, .. } => strip_casts(inner),
+        other => other,
+    }
+}
+
 fn column_ref(expr: &Expr) -> Option<ColumnRef> {
     match expr {
         Expr::Nested(inner) => column_ref(inner),
@@ -396,6 +407,23 @@ impl Extractor {
                             column,
                             values: vec![value],
                         });
+                    }
+                }
+                Expr::AnyOp {
+                    left,
+                    compare_op: BinaryOperator::Eq,
+                    right,
+                    ..
+                } => {
+                    let Some(column) = column_ref(left) else {
+                        continue;
+                    };
+                    let values = match strip_casts(right) {
+                        Expr::Array(array) => array.elem.iter().map(key_expr).collect(),
+                        other => key_expr(other).map(|k| vec![KeyExpr::Array(Box::new(k))]),
+                    };
+                    if let Some(values) = values {
+                        self.equalities.push(Equality { column, values });
                     }
                 }
                 Expr::In {

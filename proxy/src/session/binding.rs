@@ -61,6 +61,13 @@ impl Session {
             ..
         } = request;
         let client_synced = synced && !request.flush_as_sync;
+        if matches!(route, Route::Scatter { .. }) {
+            // Scatter reads have their own path (`scatter`); never let one
+            // fall through to "any server".
+            self.client.error("XX000", "internal error: a read across servers reached the single-server path", Some("report this to the shardline developers"));
+            self.end_failed_request(client_synced).await?;
+            return Ok(false);
+        }
         let held = self.lease.as_ref().map(|l| l.server().to_string());
         let target = match (route.server(), &held) {
             (Some(server), Some(held)) if server != held => {

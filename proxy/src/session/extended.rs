@@ -165,9 +165,10 @@ impl Session {
             Err(error) => return self.refuse_extended(&error, synced).await,
         };
         for setting in settings {
-            match setting {
-                ProxySetting::ReadReplica(on) => self.read_replica = on,
-            }
+            self.apply_proxy_setting(setting);
+        }
+        if let Route::Scatter { servers, .. } = &route {
+            return self.scatter_extended(&items, servers, synced).await;
         }
         let forwards = portals.values().any(|u| matches!(u, PortalUse::Forward));
         let route = if route == Route::Any {
@@ -243,7 +244,7 @@ impl Session {
     }
 
     /// Answers a request that cannot run with `error`; nothing of it ran.
-    async fn refuse_extended(
+    pub(super) async fn refuse_extended(
         &mut self,
         error: &RouteError,
         synced: bool,
@@ -351,6 +352,7 @@ impl Session {
         let mut route = Route::Any;
         let mut tx = self.tx.clone();
         let mut before_forward: Option<Tx> = None;
+        let scatter = self.scatter_allowed();
         for item in items {
             let Item::Bind(_, bind, statement) = item else {
                 continue;
@@ -401,7 +403,7 @@ impl Session {
                                 bind,
                                 types: &prepared.param_types,
                             };
-                            match route_data(data, map, &literals, Some(&params))? {
+                            match route_data(data, map, &literals, Some(&params), scatter)? {
                                 Resolution::Route(r) => Ok(r),
                                 Resolution::NeedsParams => Ok(Route::Any),
                             }
@@ -460,7 +462,7 @@ impl Session {
                 continue;
             };
             if let Ok(Resolution::Route(r)) =
-                route_data(data, &snapshot.map, &prepared.analyzed.literals, None)
+                route_data(data, &snapshot.map, &prepared.analyzed.literals, None, false)
             {
                 match route.clone().merge(r) {
                     Ok(merged) => route = merged,

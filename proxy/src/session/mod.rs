@@ -22,9 +22,11 @@
 mod binding;
 mod client;
 mod extended;
+mod gather;
 mod hold;
 mod plan;
 mod relay;
+mod scatter;
 mod settings;
 mod simple;
 mod statements;
@@ -112,6 +114,8 @@ pub struct Session {
     plan_buffers: Plan,
     /// `SET shardline.read_replica = on`: reads outside transactions go to replicas.
     read_replica: bool,
+    /// `SET shardline.scatter`; `None` follows the proxy's `[scatter] enabled`.
+    scatter: Option<bool>,
     replica_turn: usize,
     cancel_slot: TargetSlot,
     /// The request being served, for the map acknowledgement (released while
@@ -139,6 +143,7 @@ impl Session {
             last_pool: None,
             plan_buffers: Plan::default(),
             read_replica: false,
+            scatter: None,
             replica_turn: 0,
             cancel_slot,
             flight: std::sync::Mutex::new(None),

@@ -24,24 +24,29 @@ pub(super) const RESET_ALL: &str = "\u{0}reset all";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum ProxySetting {
     ReadReplica(bool),
+    /// `shardline.scatter`: reads across servers allowed (`None`: the proxy's default).
+    Scatter(Option<bool>),
 }
 
 pub(super) fn parse_proxy_setting(setting: &str, value: &str) -> Result<ProxySetting, RouteError> {
     let value = value.trim().trim_matches('\'').to_ascii_lowercase();
+    let boolean = || match value.as_str() {
+        "on" | "true" | "1" | "yes" => Ok(Some(true)),
+        "off" | "false" | "0" | "no" => Ok(Some(false)),
+        "default" => Ok(None),
+        _ => Err(RouteError::new(
+            "22023",
+            format!("parameter \"shardline.{setting}\" requires a Boolean value, not \"{value}\""),
+            "use on or off",
+        )),
+    };
     match setting {
-        "read_replica" => match value.as_str() {
-            "on" | "true" | "1" | "yes" => Ok(ProxySetting::ReadReplica(true)),
-            "off" | "false" | "0" | "no" | "default" => Ok(ProxySetting::ReadReplica(false)),
-            _ => Err(RouteError::new(
-                "22023",
-                format!("parameter \"shardline.read_replica\" requires a Boolean value, not \"{value}\""),
-                "use on or off",
-            )),
-        },
+        "read_replica" => Ok(ProxySetting::ReadReplica(boolean()?.unwrap_or(false))),
+        "scatter" => Ok(ProxySetting::Scatter(boolean()?)),
         _ => Err(RouteError::new(
             "42704",
             format!("unrecognized configuration parameter \"shardline.{setting}\""),
-            "shardline's own settings: shardline.read_replica",
+            "shardline's own settings: shardline.read_replica, shardline.scatter",
         )),
     }
 }
@@ -182,13 +187,26 @@ impl Session {
         value: &str,
     ) -> Result<(), SessionError> {
         match parse_proxy_setting(setting, value) {
-            Ok(ProxySetting::ReadReplica(on)) => {
-                self.read_replica = on;
+            Ok(setting) => {
+                self.apply_proxy_setting(setting);
                 messages::command_complete("SET", &mut self.client.out);
             }
             Err(e) => self.route_error(&e),
         }
         self.ready().await
+    }
+
+    pub(super) fn apply_proxy_setting(&mut self, setting: ProxySetting) {
+        match setting {
+            ProxySetting::ReadReplica(on) => self.read_replica = on,
+            ProxySetting::Scatter(on) => self.scatter = on,
+        }
+    }
+
+    /// Whether reads across servers are allowed in this session now.
+    pub(super) fn scatter_allowed(&self) -> bool {
+        self.scatter
+            .unwrap_or(self.shared.config.scatter.enabled)
     }
 
     pub(super) async fn show_proxy_setting(&mut self, name: &str) -> Result<(), SessionError> {
@@ -197,6 +215,7 @@ impl Session {
             "shardline.read_replica" => {
                 Some(if self.read_replica { "on" } else { "off" }.to_string())
             }
+            "shardline.scatter" => Some(if self.scatter_allowed() { "on" } else { "off" }.to_string()),
             "shardline.map_version" => self
                 .shared
                 .map

@@ -11,6 +11,7 @@ use crate::wire::frame::Frame;
 use crate::wire::messages;
 
 use super::client::SessionError;
+use super::scatter::ScatterStatement;
 use super::plan::{End, Outcome, Plan};
 use super::settings::{changes_session, render};
 use super::statements::{can_keep, prepare_on_backend, KeptSimple};
@@ -62,7 +63,7 @@ impl Session {
                 let mut route = Route::Any;
                 for command in commands {
                     if let Command::Data(data) = command {
-                        if let Resolution::Route(r) = route_data(data, map, literals, None)? {
+                        if let Resolution::Route(r) = route_data(data, map, literals, None, false)? {
                             route = route.merge(r).map_err(|(a, b)| cross_server(&a, &b))?;
                         }
                     } else if let Command::Unsupported(what) = command {
@@ -300,8 +301,9 @@ impl Session {
         data: &DataStatement,
     ) -> Result<(), SessionError> {
         let literals = &analyzed.literals;
+        let scatter = self.scatter_allowed();
         let route = self
-            .route_holding(|map| match route_data(data, map, literals, None)? {
+            .route_holding(|map| match route_data(data, map, literals, None, scatter)? {
                 Resolution::Route(route) => Ok(route),
                 Resolution::NeedsParams => Err(RouteError::new(
                     "42P02",
@@ -314,6 +316,18 @@ impl Session {
             Ok(route) => route,
             Err(e) => return self.refuse(&e).await,
         };
+        if let Route::Scatter { servers, .. } = &route {
+            let statement = ScatterStatement {
+                param_types: Vec::new(),
+                param_formats: Vec::new(),
+                params: Vec::new(),
+                result_formats: Vec::new(),
+                describe: true,
+            };
+            self.scatter_request(servers, &statement_text(&frame), statement)
+                .await?;
+            return self.ready().await;
+        }
         match self.kept_simple(&frame, analyzed, data, &route) {
             Some(kept) => {
                 self.forward_kept_simple(frame, route, data.read_only, kept)

@@ -3,5 +3,6 @@
 
 pub mod frame;
 pub mod messages;
+pub mod rows;
 
 pub use frame::{next_frame, next_startup_packet, Frame, FrameError, Malformed, Reader};
