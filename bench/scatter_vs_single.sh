@@ -68,7 +68,7 @@ sql_at "$single_port" -c "CREATE TABLE bench_rows ($columns)"
 seed=$((0x7A5B22367996DCFD))
 offset=$((0x49a0f4dd15e5a8e3 & (partitions - 1)))
 partition_of_g="((hashint8extended(g, $seed) & $((partitions - 1))) + $offset) % $partitions"
-generated="SELECT g, (g % 1000)::int, (g * 7919) % 1000003, 'payload-' || g FROM generate_series(1, $rows) g"
+generated="SELECT g, (g % 1000)::int, (g * 7919) % 1000003, 'payload-' || g FROM generate_series(1::bigint, $rows) g"
 
 "$bin/shardctl" map --json > "$work/map.json"
 load_started=$(date +%s)
