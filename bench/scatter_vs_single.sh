@@ -182,13 +182,21 @@ stream_pgbench() { # port -> latency ms or "fail"
 stream_python() { # port -> "rows seconds" or "fail fail"
   python3 "$work/stream.py" "$(conninfo "$1")" "$stream_sql" 2> "$work/error" || echo "fail fail"
 }
+# The proxy's user + system CPU time in clock ticks (fields 14 and 15 of
+# /proc/PID/stat; the command name before them holds no spaces here).
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$proxy_pid/stat"; }
+cpu_seconds() { python3 -c "import os,sys; print('%.2f' % ((int(sys.argv[2]) - int(sys.argv[1])) / os.sysconf('SC_CLK_TCK')))" "$1" "$2"; }
 hwm_start=$(hwm_kb)
 single_ms=$(stream_pgbench "$single_port")
+cpu_before=$(cpu_ticks)
 proxy_ms=$(stream_pgbench "$proxy_port")
+proxy_cpu_fast=$(cpu_seconds "$cpu_before" "$(cpu_ticks)")
 [ "$proxy_ms" = fail ] && echo "  pgbench through the proxy: $(cat "$work/error")"
 hwm_fast=$(hwm_kb)
 read -r single_rows single_s <<<"$(stream_python "$single_port")"
+cpu_before=$(cpu_ticks)
 read -r proxy_rows proxy_s <<<"$(stream_python "$proxy_port")"
+proxy_cpu_slow=$(cpu_seconds "$cpu_before" "$(cpu_ticks)")
 [ "$proxy_rows" = fail ] && echo "  psycopg through the proxy: $(grep -m1 -E '^psycopg|Error' "$work/error" || tail -1 "$work/error")"
 hwm_slow=$(hwm_kb)
 format="%-32s %12s %12s %14s\n"
@@ -200,6 +208,7 @@ printf "$format" "pgbench -t 1 (ms)" "$single_ms" "$proxy_ms" "$(ratio "$proxy_m
 printf "$format" "psycopg row by row (s)" "$single_s" "$proxy_s" "$(ratio "$proxy_s" "$single_s")"
 # shellcheck disable=SC2059
 printf "$format" "psycopg rows received" "$single_rows" "$proxy_rows" ""
+echo "proxy CPU time (user + system): ${proxy_cpu_fast} s during the pgbench stream, ${proxy_cpu_slow} s during the row-by-row stream"
 echo "proxy peak RSS (VmHWM): $((hwm_idle / 1024)) MB when started, $((hwm_start / 1024)) MB before streaming, $((hwm_fast / 1024)) MB after the pgbench stream," \
   "$((hwm_slow / 1024)) MB after the row-by-row stream (now $(( $(rss_kb) / 1024 )) MB resident);" \
   "growth $(( (hwm_slow - hwm_start) / 1024 )) MB for a $((table_bytes / 1048576)) MB table"
