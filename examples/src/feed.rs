@@ -59,7 +59,7 @@ const DEMO_EPOCH_UNIX_S: u64 = 1_767_225_600;
 /// Distinct minutes the demo photos fall into.
 const DEMO_MINUTES: i64 = 60;
 /// At most this many photos per user; the low bits of a photo id hold
-/// `user_id * MAX_PHOTOS_PER_USER + n`, which keeps demo ids unique.
+/// `user_id * MAX_PHOTOS_PER_USER + n`, which keeps ids unique.
 const MAX_PHOTOS_PER_USER: i64 = 8;
 
 /// Declares the feed's tables in `map`: one co-location group `users` (bigint
@@ -103,6 +103,70 @@ pub struct Photo {
 }
 
 impl Photo {
+    /// Photo number `n` (0..8) of `user_id`, taken at `created` (after the
+    /// id epoch, 2025): its id is an embedded id of the user's partition in
+    /// `map` whose time field is `created`, and whose low bits hold
+    /// `user_id * 8 + n`, so ids are unique without a generator.
+    pub fn new(
+        map: &ClusterMap,
+        user_id: i64,
+        n: i64,
+        created: SystemTime,
+        caption: String,
+    ) -> Result<Photo, String> {
+        let layout = IdLayout::new(map.partitions).ok_or_else(|| {
+            format!(
+                "{} partitions is too many for embedded ids: use a cluster of at most {} partitions",
+                map.partitions,
+                shardmap::embedded::MAX_EMBEDDED_PARTITIONS
+            )
+        })?;
+        let low = user_id
+            .checked_mul(MAX_PHOTOS_PER_USER)
+            .and_then(|low| low.checked_add(n))
+            .filter(|low| (0..1_i64 << layout.low_bits()).contains(low) && (0..MAX_PHOTOS_PER_USER).contains(&n))
+            .ok_or_else(|| {
+                format!(
+                    "photo {n} of user {user_id} does not fit the {} low bits of photo ids with {} partitions: \
+                     use smaller user ids and at most {MAX_PHOTOS_PER_USER} photos per user",
+                    layout.low_bits(),
+                    map.partitions
+                )
+            })?;
+        let unix_ms = created
+            .duration_since(UNIX_EPOCH)
+            .map(|since| since.as_millis())
+            .unwrap_or(0);
+        let millis = u64::try_from(unix_ms)
+            .ok()
+            .and_then(|ms| ms.checked_sub(ID_EPOCH_UNIX_MS))
+            .ok_or_else(|| {
+                format!(
+                    "photo time {} is before the id epoch (2025-01-01)",
+                    utc_text(created)
+                )
+            })?;
+        let partition = map
+            .partition_of("users", &KeyValue::Int(user_id))
+            .map_err(|e| format!("partition of user {user_id}: {e}"))?;
+        Ok(Photo {
+            photo_id: layout.compose(partition, millis, low as u64),
+            user_id,
+            created,
+            caption,
+        })
+    }
+
+    /// Inserts this photo with `client` (kept if already there).
+    pub async fn insert(&self, client: &Client) -> Result<u64, tokio_postgres::Error> {
+        client
+            .execute(
+                INSERT_PHOTO,
+                &[&self.photo_id, &self.user_id, &self.created, &self.caption],
+            )
+            .await
+    }
+
     /// A row of [`FIRST_PAGE`] / [`NEXT_PAGE`].
     pub fn from_row(row: &Row) -> Result<Photo, tokio_postgres::Error> {
         Ok(Photo {
@@ -147,26 +211,10 @@ impl DemoData {
         users: RangeInclusive<i64>,
         follows_per_user: i64,
     ) -> Result<DemoData, String> {
-        let layout = IdLayout::new(map.partitions).ok_or_else(|| {
-            format!(
-                "{} partitions is too many for embedded ids: use a cluster of at most {} partitions",
-                map.partitions,
-                shardmap::embedded::MAX_EMBEDDED_PARTITIONS
-            )
-        })?;
         let (first, last) = (*users.start(), *users.end());
         if first < 1 || last < first {
             return Err(format!(
                 "demo users {first}..={last}: give positive ids, first ≤ last"
-            ));
-        }
-        let largest_low = (last + 1) * MAX_PHOTOS_PER_USER;
-        if largest_low >= 1_i64 << layout.low_bits() {
-            return Err(format!(
-                "user ids up to {last} do not fit the {} low bits of photo ids with {} partitions: \
-                 use fewer demo users",
-                layout.low_bits(),
-                map.partitions
             ));
         }
         let count = last - first + 1;
@@ -184,9 +232,6 @@ impl DemoData {
             }
             data.follows
                 .extend(followees.into_iter().map(|followee| (user_id, followee)));
-            let partition = map
-                .partition_of("users", &KeyValue::Int(user_id))
-                .map_err(|e| format!("partition of user {user_id}: {e}"))?;
             for n in 0..1 + user_id % 5 {
                 let minute = (user_id * 37 + n * 101) % DEMO_MINUTES;
                 // Odd photos get a sub-millisecond part so that timestamps
@@ -195,18 +240,9 @@ impl DemoData {
                 let created = UNIX_EPOCH
                     + Duration::from_secs(DEMO_EPOCH_UNIX_S + minute as u64 * 60)
                     + Duration::from_micros(micros as u64);
-                let unix_ms = DEMO_EPOCH_UNIX_S * 1000 + minute as u64 * 60_000;
-                let photo_id = layout.compose(
-                    partition,
-                    unix_ms - ID_EPOCH_UNIX_MS,
-                    (user_id * MAX_PHOTOS_PER_USER + n) as u64,
-                );
-                data.photos.push(Photo {
-                    photo_id,
-                    user_id,
-                    created,
-                    caption: format!("photo {n} of user {user_id}"),
-                });
+                let caption = format!("photo {n} of user {user_id}");
+                data.photos
+                    .push(Photo::new(map, user_id, n, created, caption)?);
             }
         }
         Ok(data)

@@ -310,3 +310,108 @@ async fn feed_through_the_proxy_equals_one_postgres() {
         failures.join("\n  ")
     );
 }
+
+/// Page 1 read inside a transaction that has just inserted `photo`, then
+/// page 1 again after ROLLBACK.
+async fn first_page_around_a_new_photo(
+    client: &tokio_postgres::Client,
+    followees: &[i64],
+    photo: &Photo,
+) -> Result<(Vec<Photo>, Vec<Photo>), String> {
+    let fail = |step: &str, e: tokio_postgres::Error| format!("{step}: {}", describe_error(&e));
+    let statements = FeedStatements::prepare(client)
+        .await
+        .map_err(|e| fail("prepare", e))?;
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(|e| fail("BEGIN", e))?;
+    photo
+        .insert(client)
+        .await
+        .map_err(|e| fail("insert the new photo", e))?;
+    let inside = statements
+        .page(client, followees, None)
+        .await
+        .map_err(|e| fail("page 1 inside the transaction", e))?;
+    client
+        .batch_execute("ROLLBACK")
+        .await
+        .map_err(|e| fail("ROLLBACK", e))?;
+    let after = statements
+        .page(client, followees, None)
+        .await
+        .map_err(|e| fail("page 1 after ROLLBACK", e))?;
+    Ok((inside, after))
+}
+
+/// A transaction that posts a photo and then reads the feed sees the new
+/// photo first — the scatter's part on the server the transaction wrote to
+/// runs on the transaction's own backend — and after ROLLBACK the photo is
+/// gone; as on the single-Postgres reference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feed_read_in_a_transaction_sees_its_own_new_photo() {
+    let feed = Feed::start().await;
+    let reference = feed.cluster.connect(REFERENCE).await;
+    let proxy = TestProxy::start(&feed.cluster, CLUSTER, |_| {}).await;
+    let client = proxy.connect().await;
+
+    let viewer = VIEWERS[0];
+    let followees = feed.data.followees(viewer);
+    let poster = followees[0];
+    let newest = feed
+        .data
+        .photos
+        .iter()
+        .map(|photo| photo.created)
+        .max()
+        .expect("the demo data has photos");
+    let photo = Photo::new(
+        &feed.map,
+        poster,
+        // The poster's photos so far are numbered 0..count.
+        feed.data
+            .photos
+            .iter()
+            .filter(|p| p.user_id == poster)
+            .count() as i64,
+        newest + std::time::Duration::from_secs(1),
+        "posted inside a transaction".to_string(),
+    )
+    .expect("a new photo id");
+
+    let (inside, after) = first_page_around_a_new_photo(&reference, &followees, &photo)
+        .await
+        .expect("the transaction on the reference");
+    assert_eq!(
+        inside.first(),
+        Some(&photo),
+        "the reference shows the new photo first"
+    );
+    assert_eq!(
+        inside[1..],
+        after[..PAGE_SIZE - 1],
+        "then the page as before"
+    );
+    assert!(
+        !after.contains(&photo),
+        "ROLLBACK removed the photo on the reference"
+    );
+
+    let through_proxy = first_page_around_a_new_photo(&client, &followees, &photo)
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "the transaction through the proxy, as user {poster} on {}: {e}",
+                feed.owner(poster)
+            )
+        });
+    assert_eq!(
+        through_proxy.0, inside,
+        "page 1 inside the transaction through the proxy differs from the reference"
+    );
+    assert_eq!(
+        through_proxy.1, after,
+        "page 1 after ROLLBACK through the proxy differs from the reference"
+    );
+}
