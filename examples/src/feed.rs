@@ -121,10 +121,12 @@ impl Photo {
                 shardmap::embedded::MAX_EMBEDDED_PARTITIONS
             )
         })?;
+        let n_fits = (0..MAX_PHOTOS_PER_USER).contains(&n);
+        let low_bits_range = 0..1_i64 << layout.low_bits();
         let low = user_id
             .checked_mul(MAX_PHOTOS_PER_USER)
             .and_then(|low| low.checked_add(n))
-            .filter(|low| (0..1_i64 << layout.low_bits()).contains(low) && (0..MAX_PHOTOS_PER_USER).contains(&n))
+            .filter(|low| n_fits && low_bits_range.contains(low))
             .ok_or_else(|| {
                 format!(
                     "photo {n} of user {user_id} does not fit the {} low bits of photo ids with {} partitions: \
@@ -582,6 +584,25 @@ mod tests {
         for pair in feed.windows(2) {
             assert!((pair[0].created, pair[0].photo_id) > (pair[1].created, pair[1].photo_id));
         }
+    }
+
+    #[test]
+    fn photo_ids_that_could_collide_are_refused() {
+        let map = map();
+        let at = UNIX_EPOCH + Duration::from_secs(DEMO_EPOCH_UNIX_S);
+        let made = |user_id, n, created| Photo::new(&map, user_id, n, created, String::new());
+        let first = made(5, 0, at).expect("photo 0 of user 5");
+        let second = made(5, 1, at).expect("photo 1 of user 5");
+        assert_ne!(first.photo_id, second.photo_id);
+        assert!(
+            made(5, MAX_PHOTOS_PER_USER, at).is_err(),
+            "n past the per-user room"
+        );
+        assert!(made(1 << 20, 0, at).is_err(), "a user id past the low bits");
+        assert!(
+            made(5, 0, UNIX_EPOCH).is_err(),
+            "a time before the id epoch"
+        );
     }
 
     #[test]
