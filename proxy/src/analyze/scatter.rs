@@ -31,7 +31,7 @@ use sqlparser::ast::{Ident, LimitClause};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
-pub use combine::ROWS_TOKEN;
+pub use combine::{COLLATED_TOKEN, ROWS_TOKEN};
 use exprs::{
     contains_aggregate, generated, ident_name, outer_level_aggregate, position, volatile_function,
     walk, window_function,
@@ -106,8 +106,11 @@ pub enum Merge {
     /// `pg_collation_for` prints it (`"default"` for non-text keys), `_sl_c{i}`.
     Sorted { keys: Vec<SortKey> },
     /// Partial rows from every server are combined by running `final_sql`
-    /// on one server, its FROM being `(VALUES __SL_ROWS__) AS _sl(c1, ..., cN)`
-    /// with N = partial_columns. Tokens for the proxy: `__SL_ROWS__`,
+    /// on one server, its FROM being `(SELECT __SL_COLLATED__ FROM (VALUES
+    /// __SL_ROWS__) AS _v(c1..cN)) AS _sl(c1..cN)` with N = partial_columns.
+    /// The partial query returns N more columns: each partial column's
+    /// collation name (as for sort keys). Tokens for the proxy:
+    /// `__SL_ROWS__`, `__SL_COLLATED__` (the columns with their collations),
     /// `__SL_TYPE_cK__` (type of partial column K), `__SL_AVG_cS_cC__`.
     Combine {
         final_sql: String,

@@ -5,7 +5,7 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::analyze::scatter::{Merge, ScatterPlan};
+use crate::analyze::scatter::{Merge, ScatterPlan, COLLATED_TOKEN, ROWS_TOKEN};
 use crate::wire::messages;
 use crate::wire::rows::{self, format_of, Field};
 
@@ -25,6 +25,8 @@ pub(super) struct Partials {
     /// The parameter types the servers inferred for the client's statement.
     pub(super) param_types: Vec<u32>,
     pub(super) rows: Vec<Bytes>,
+    /// Per partial column, the collation the servers gave it.
+    pub(super) collations: Vec<Option<String>>,
 }
 
 impl Session {
@@ -85,7 +87,10 @@ impl Session {
         }
         for row in &partials.rows {
             match rows::data_row_values(row) {
-                Ok(values) if values.len() == columns => params.extend(values),
+                Ok(mut values) if values.len() == 2 * columns => {
+                    values.truncate(columns);
+                    params.extend(values)
+                }
                 _ => return self.refuse_merge("a server sent a malformed partial row".into()),
             }
         }
@@ -169,7 +174,21 @@ fn final_statement(
         // No partial rows: one row of NULLs, skipped.
         values.push_str(" OFFSET 1");
     }
-    let mut sql = template.replace("__SL_ROWS__", &values);
+    let mut sql = template.replace(ROWS_TOKEN, &values);
+    let mut collated = Vec::with_capacity(columns);
+    for column in 0..columns {
+        let name = format!("c{}", column + 1);
+        match partials.collations.get(column).cloned().flatten() {
+            Some(collation) if collation != "\"default\"" => {
+                if !is_collation_name(&collation) {
+                    return Err(format!("a server reported the collation {collation:?}, which is not a collation name"));
+                }
+                collated.push(format!("{name} COLLATE {collation} AS {name}"));
+            }
+            _ => collated.push(name),
+        }
+    }
+    sql = sql.replace(COLLATED_TOKEN, &collated.join(", "));
     for (i, field) in partials.fields.iter().enumerate().rev() {
         let column = format!("c{}", i + 1);
         let token = format!("__SL_TYPE_{column}__");
@@ -210,6 +229,35 @@ fn final_statement(
     Ok(sql)
 }
 
+/// Whether `name` is a collation name as `pg_collation_for` prints it: a
+/// plain or double-quoted identifier, optionally schema-qualified (so it can
+/// go into the final query as it is).
+fn is_collation_name(name: &str) -> bool {
+    fn identifier(part: &str) -> bool {
+        if let Some(inner) = part.strip_prefix('"').and_then(|p| p.strip_suffix('"')) {
+            !inner.is_empty() && !inner.replace("\"\"", "").contains('"')
+        } else {
+            part.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+                && part.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$')
+        }
+    }
+    // A dot inside quotes belongs to the name.
+    let mut parts = Vec::new();
+    let (mut start, mut quoted) = (0, false);
+    for (i, c) in name.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            '.' if !quoted => {
+                parts.push(&name[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&name[start..]);
+    !quoted && parts.len() <= 2 && parts.iter().all(|p| identifier(p))
+}
+
 /// Names of the built-in types a combining query may cast to.
 fn builtin_type_name(oid: u32) -> Option<&'static str> {
     Some(match oid {
@@ -228,4 +276,19 @@ fn builtin_type_name(oid: u32) -> Option<&'static str> {
         1700 => "numeric",
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_collation_name;
+
+    #[test]
+    fn only_collation_names_go_into_the_final_query() {
+        for name in ["\"C\"", "\"en-x-icu\"", "pg_catalog.\"C\"", "\"a.b\"", "public.my_coll"] {
+            assert!(is_collation_name(name), "{name}");
+        }
+        for name in ["\"C\"; DROP TABLE t", "x\"", "\"\"", "a.b.c", "\"C\" COLLATE \"POSIX\"", ""] {
+            assert!(!is_collation_name(name), "{name}");
+        }
+    }
 }

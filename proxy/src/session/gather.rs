@@ -436,6 +436,7 @@ impl Session {
             fields: Vec::new(),
             param_types: Vec::new(),
             rows: Vec::new(),
+            collations: Vec::new(),
         };
         let Some(mut events) = receivers.pop() else {
             return Ok(partials);
@@ -451,11 +452,19 @@ impl Session {
                 Event::Described { fields, params, .. } => {
                     if !described {
                         described = true;
-                        partials.fields = fields.unwrap_or_default();
+                        let mut fields = fields.unwrap_or_default();
+                        // The second half: each column's collation name.
+                        fields.truncate(fields.len() / 2);
+                        partials.fields = fields;
                         partials.param_types = param_types(&params);
                     }
                 }
                 Event::Rows(rows) => {
+                    if partials.collations.is_empty() {
+                        if let Some(first) = rows.first() {
+                            partials.collations = collation_names(first, partials.fields.len());
+                        }
+                    }
                     partials.rows.extend(rows);
                     if partials.rows.len() > max_rows {
                         let message = format!(
@@ -554,6 +563,18 @@ impl Stream {
         }
         None
     }
+}
+
+/// The collation names at the end of a partial row (after `columns`).
+fn collation_names(row: &Bytes, columns: usize) -> Vec<Option<String>> {
+    let Ok(values) = rows::data_row_values(row) else {
+        return Vec::new();
+    };
+    values
+        .iter()
+        .skip(columns)
+        .map(|v| v.as_ref().map(|b| String::from_utf8_lossy(b).into_owned()))
+        .collect()
 }
 
 /// The hidden columns of a sorted row: after the `visible` ones, per key

@@ -20,6 +20,9 @@ use super::{refuse, OrderTarget, Refusal};
 
 /// The token the proxy replaces with the gathered partial rows.
 pub const ROWS_TOKEN: &str = "__SL_ROWS__";
+/// The token the proxy replaces with the partial columns under the
+/// collations the servers reported for them (`c1, c2 COLLATE "x", ...`).
+pub const COLLATED_TOKEN: &str = "__SL_COLLATED__";
 
 pub(super) struct Combined {
     pub partial_sql: String,
@@ -97,9 +100,26 @@ fn final_select_list(select: &Select, exprs: Vec<Expr>) -> String {
         .join(", ")
 }
 
+/// The final query's FROM: the gathered rows, each text column under the
+/// collation it had on the servers (parameters would take the default).
 fn values_source(columns: usize) -> String {
     let names: Vec<String> = (1..=columns).map(|n| format!("c{n}")).collect();
-    format!("(VALUES {ROWS_TOKEN}) AS _sl({})", names.join(", "))
+    let names = names.join(", ");
+    format!("(SELECT {COLLATED_TOKEN} FROM (VALUES {ROWS_TOKEN}) AS _v({names})) AS _sl({names})")
+}
+
+/// After the partial columns, one more per column: the name of its
+/// collation. The collation is fixed when the statement is parsed, so a
+/// never-evaluated argument carries it and costs nothing per row.
+fn collation_probes(exprs: &[Expr]) -> Result<Vec<SelectItem>, Refusal> {
+    exprs
+        .iter()
+        .map(|expr| {
+            let nested = Expr::Nested(Box::new(expr.clone()));
+            generated(&format!("pg_collation_for(CASE WHEN false THEN ({nested})::text END)"))
+                .map(SelectItem::UnnamedExpr)
+        })
+        .collect()
 }
 
 fn order_clause(items: Vec<String>) -> String {
@@ -156,7 +176,9 @@ pub(super) fn distinct(
         order_items.push(format!("{at}{}", direction(order_by)));
     }
     // As written: GROUP BY may name the select items' aliases.
-    let partial = select.clone();
+    let mut partial = select.clone();
+    let probes = collation_probes(&exprs.iter().map(|e| (*e).clone()).collect::<Vec<_>>())?;
+    partial.projection.extend(probes);
     let final_sql = format!(
         "SELECT DISTINCT {} FROM {}{}",
         final_select_list(select, (1..=visible).map(column).collect()),
@@ -256,6 +278,8 @@ pub(super) fn aggregate(
         .iter()
         .map(|(expr, _, _)| SelectItem::UnnamedExpr(expr.clone()))
         .collect();
+    let probes = collation_probes(&partials.columns.iter().map(|(e, _, _)| e.clone()).collect::<Vec<_>>())?;
+    partial.projection.extend(probes);
     if !group_exprs.is_empty() {
         partial.group_by = GroupByExpr::Expressions(group_exprs.to_vec(), Vec::new());
     }

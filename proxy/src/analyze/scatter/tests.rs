@@ -34,6 +34,8 @@ fn parses(sql: &str) {
 pub(super) fn substituted(final_sql: &str, partial_columns: usize) -> String {
     let row: Vec<String> = (1..=partial_columns).map(|n| n.to_string()).collect();
     let mut text = final_sql.replace(ROWS_TOKEN, &format!("({})", row.join(", ")));
+    let names: Vec<String> = (1..=partial_columns).map(|n| format!("c{n}")).collect();
+    text = text.replace(COLLATED_TOKEN, &names.join(", "));
     for k in 1..=partial_columns {
         text = text.replace(&format!("__SL_TYPE_c{k}__"), "numeric");
         for c in 1..=partial_columns {
@@ -45,6 +47,47 @@ pub(super) fn substituted(final_sql: &str, partial_columns: usize) -> String {
     }
     assert!(!text.contains("__SL_"), "a token is left: {text}");
     text
+}
+
+/// A combine's partial query without the collation probes that follow its
+/// columns (checked once, in `combined_columns_carry_their_collations`).
+pub(super) fn without_probes(partial_sql: &str) -> String {
+    const PROBE: &str = ", pg_collation_for(CASE WHEN false THEN ";
+    let mut text = partial_sql.to_string();
+    while let Some(start) = text.find(PROBE) {
+        let mut depth = 0usize;
+        let mut end = None;
+        for (i, c) in text[start + 2..].char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = Some(start + 2 + i + 1);
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let Some(end) = end else { break };
+        text.replace_range(start..end, "");
+    }
+    text
+}
+
+#[test]
+fn combined_columns_carry_their_collations() {
+    let p = plan_of("SELECT country, count(*) FROM photos GROUP BY country");
+    assert_eq!(
+        p.partial_sql,
+        "SELECT country, count(*), pg_collation_for(CASE WHEN false THEN ((country))::TEXT END), \
+         pg_collation_for(CASE WHEN false THEN ((count(*)))::TEXT END) FROM photos GROUP BY country"
+    );
+    let Merge::Combine { final_sql, .. } = &p.merge else {
+        panic!("combine expected")
+    };
+    assert!(final_sql.contains("FROM (SELECT __SL_COLLATED__ FROM (VALUES __SL_ROWS__) AS _v(c1, c2)) AS _sl(c1, c2)"), "{final_sql}");
 }
 
 /// Plans `sql`, checking what every plan must satisfy.
@@ -263,12 +306,12 @@ fn grouping_by_the_sharding_key_runs_any_aggregate_on_the_servers() {
 fn plain_aggregates_combine_partials() {
     let p = plan_of("SELECT count(*) FROM photos WHERE likes > $1");
     assert_eq!(
-        p.partial_sql,
+        without_probes(&p.partial_sql),
         "SELECT count(*) FROM photos WHERE likes > $1"
     );
     assert_eq!(
         final_sql(&p),
-        "SELECT CAST(sum(c1) AS INT8) AS \"count\" FROM (VALUES __SL_ROWS__) AS _sl(c1)"
+        "SELECT CAST(sum(c1) AS INT8) AS \"count\" FROM (SELECT __SL_COLLATED__ FROM (VALUES __SL_ROWS__) AS _v(c1)) AS _sl(c1)"
     );
     assert_eq!(p.visible, 1);
 }
@@ -281,7 +324,7 @@ fn grouped_aggregates_combine_by_kind() {
          FROM photos GROUP BY country ORDER BY 3 DESC LIMIT 10 OFFSET $1",
     );
     assert_eq!(
-        p.partial_sql,
+        without_probes(&p.partial_sql),
         "SELECT country, count(*), sum(likes), count(likes), min(taken), max(taken), \
          bool_and(public), every(public), bool_or(public) FROM photos GROUP BY country"
     );
@@ -291,7 +334,7 @@ fn grouped_aggregates_combine_by_kind() {
          CAST(sum(c3) AS __SL_TYPE_c3__) AS \"sum\", __SL_AVG_c3_c4__ AS \"avg\", \
          min(c5) AS \"min\", max(c6) AS \"max\", bool_and(c7) AS \"bool_and\", \
          bool_and(c8) AS \"every\", bool_or(c9) AS \"bool_or\" \
-         FROM (VALUES __SL_ROWS__) AS _sl(c1, c2, c3, c4, c5, c6, c7, c8, c9) \
+         FROM (SELECT __SL_COLLATED__ FROM (VALUES __SL_ROWS__) AS _v(c1, c2, c3, c4, c5, c6, c7, c8, c9)) AS _sl(c1, c2, c3, c4, c5, c6, c7, c8, c9) \
          GROUP BY c1 ORDER BY 3 DESC"
     );
     assert_eq!(
@@ -315,7 +358,7 @@ fn aggregates_inside_expressions_having_and_order_by() {
          FROM photos GROUP BY 1 HAVING sum(likes) > $1 AND country <> 'xx' ORDER BY a, count(*) DESC",
     );
     assert_eq!(
-        p.partial_sql,
+        without_probes(&p.partial_sql),
         "SELECT country, sum(likes), count(likes), count(*) FROM photos GROUP BY country"
     );
     let f = final_sql(&p);
@@ -344,7 +387,7 @@ fn filter_and_distinct_key_aggregates_stay_in_the_partial() {
          sum(DISTINCT photos.user_id), max(DISTINCT likes) FROM photos",
     );
     assert_eq!(
-        p.partial_sql,
+        without_probes(&p.partial_sql),
         "SELECT count(*) FILTER (WHERE likes > 10), count(DISTINCT user_id), \
          sum(DISTINCT photos.user_id), max(DISTINCT likes) FROM photos"
     );
@@ -362,7 +405,7 @@ fn group_by_aliases_positions_and_dependent_items() {
         "SELECT date_trunc('day', taken) AS day, count(*) FROM photos GROUP BY day ORDER BY day",
     );
     assert_eq!(
-        p.partial_sql,
+        without_probes(&p.partial_sql),
         "SELECT date_trunc('day', taken), count(*) FROM photos GROUP BY date_trunc('day', taken)"
     );
     assert!(
@@ -374,7 +417,7 @@ fn group_by_aliases_positions_and_dependent_items() {
     // `caption` is read as a column, so GROUP BY caption is the column, not the alias.
     let p = plan_of("SELECT lower(caption) AS caption, count(*) FROM photos GROUP BY caption");
     assert_eq!(
-        p.partial_sql,
+        without_probes(&p.partial_sql),
         "SELECT caption, lower(caption), count(*) FROM photos GROUP BY caption"
     );
     assert!(
@@ -387,7 +430,7 @@ fn group_by_aliases_positions_and_dependent_items() {
     // Items computed from the groups are partial columns grouped by too.
     let p = plan_of("SELECT country, upper(country), count(*) FROM photos GROUP BY country");
     assert_eq!(
-        p.partial_sql,
+        without_probes(&p.partial_sql),
         "SELECT country, upper(country), count(*) FROM photos GROUP BY country"
     );
     assert!(final_sql(&p).contains("GROUP BY c1, c2"));
@@ -395,7 +438,7 @@ fn group_by_aliases_positions_and_dependent_items() {
     // Case differences do not matter to Postgres, nor to the matching.
     let p = plan_of("SELECT LOWER(Country), COUNT(*) FROM photos GROUP BY lower(country)");
     assert_eq!(
-        p.partial_sql,
+        without_probes(&p.partial_sql),
         "SELECT lower(country), COUNT(*) FROM photos GROUP BY lower(country)"
     );
 }
@@ -403,11 +446,11 @@ fn group_by_aliases_positions_and_dependent_items() {
 #[test]
 fn constants_without_group_by_are_computed_once_by_the_final_query() {
     let p = plan_of("SELECT 'total' AS label, count(*), now(), $1::text FROM photos");
-    assert_eq!(p.partial_sql, "SELECT count(*) FROM photos");
+    assert_eq!(without_probes(&p.partial_sql), "SELECT count(*) FROM photos");
     assert_eq!(
         final_sql(&p),
         "SELECT 'total' AS \"label\", CAST(sum(c1) AS INT8) AS \"count\", now() AS \"now\", \
-         $1::TEXT AS \"text\" FROM (VALUES __SL_ROWS__) AS _sl(c1)"
+         $1::TEXT AS \"text\" FROM (SELECT __SL_COLLATED__ FROM (VALUES __SL_ROWS__) AS _v(c1)) AS _sl(c1)"
     );
 }
 
@@ -428,13 +471,13 @@ fn final_columns_keep_the_names_one_server_would_send() {
 fn distinct_is_combined_by_a_final_distinct() {
     let p = plan_of("SELECT DISTINCT country, city AS town FROM photos ORDER BY town DESC LIMIT 3");
     assert_eq!(
-        p.partial_sql,
+        without_probes(&p.partial_sql),
         "SELECT DISTINCT country, city AS town FROM photos"
     );
     assert_eq!(
         final_sql(&p),
         "SELECT DISTINCT c1 AS \"country\", c2 AS \"town\" \
-         FROM (VALUES __SL_ROWS__) AS _sl(c1, c2) ORDER BY 2 DESC"
+         FROM (SELECT __SL_COLLATED__ FROM (VALUES __SL_ROWS__) AS _v(c1, c2)) AS _sl(c1, c2) ORDER BY 2 DESC"
     );
     assert_eq!((p.visible, p.limit), (2, Some(Bound::Const(3))));
     let p = plan_of("SELECT DISTINCT country FROM photos ORDER BY country");
@@ -443,7 +486,7 @@ fn distinct_is_combined_by_a_final_distinct() {
     // Per-server groups, then DISTINCT across servers.
     let p = plan_of("SELECT DISTINCT count(*) AS n FROM photos GROUP BY user_id ORDER BY 1");
     assert_eq!(
-        p.partial_sql,
+        without_probes(&p.partial_sql),
         "SELECT DISTINCT count(*) AS n FROM photos GROUP BY user_id"
     );
     assert!(final_sql(&p).ends_with("ORDER BY 1"));
@@ -453,12 +496,12 @@ fn distinct_is_combined_by_a_final_distinct() {
 fn aggregates_only_in_order_by_still_combine() {
     let p = plan_of("SELECT country FROM photos GROUP BY country ORDER BY count(*) DESC LIMIT 3");
     assert_eq!(
-        p.partial_sql,
+        without_probes(&p.partial_sql),
         "SELECT country, count(*) FROM photos GROUP BY country"
     );
     assert_eq!(
         final_sql(&p),
-        "SELECT c1 AS \"country\" FROM (VALUES __SL_ROWS__) AS _sl(c1, c2) \
+        "SELECT c1 AS \"country\" FROM (SELECT __SL_COLLATED__ FROM (VALUES __SL_ROWS__) AS _v(c1, c2)) AS _sl(c1, c2) \
          GROUP BY c1 ORDER BY CAST(sum(c2) AS INT8) DESC"
     );
     assert_eq!((p.visible, p.limit), (1, Some(Bound::Const(3))));
