@@ -107,7 +107,8 @@ impl Session {
         if statement.describe {
             rows::describe(b'P', &mut out);
         }
-        rows::execute(&mut out);
+        let fetch = statement.fetch.map_or(0, |n| i32::try_from(n).unwrap_or(i32::MAX));
+        rows::execute(fetch, &mut out);
         rows::sync(&mut out);
         let backend = lease.backend();
         backend.pending_sync = true;
@@ -127,7 +128,7 @@ impl Session {
                 }
             };
             match frame.tag {
-                b'T' | b'D' | b'C' | b'E' | b'N' => {
+                b'T' | b'D' | b'C' | b'E' | b'N' | b's' => {
                     self.client.out.extend_from_slice(&frame.raw);
                     self.maybe_flush().await?;
                 }

@@ -168,7 +168,11 @@ impl Session {
             self.apply_proxy_setting(setting);
         }
         if let Route::Scatter { servers, .. } = &route {
-            return self.scatter_extended(&items, servers, synced).await;
+            // A read across servers binds no transaction to a server: the
+            // state is what the proxy's own answers made it.
+            return self
+                .scatter_extended(&items, &portals, tx_before_forward, servers, synced)
+                .await;
         }
         let forwards = portals.values().any(|u| matches!(u, PortalUse::Forward));
         let route = if route == Route::Any {
@@ -230,7 +234,7 @@ impl Session {
     /// ROLLBACK outside a server) lead to; a transaction a server holds
     /// changes only by what the server says. Settings made in a held-back
     /// transaction are kept if it committed.
-    fn enter_answered_state(&mut self, answered: Tx, portals: &Portals) {
+    pub(super) fn enter_answered_state(&mut self, answered: Tx, portals: &Portals) {
         if self.tx == Tx::Bound {
             return;
         }

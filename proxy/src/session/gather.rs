@@ -66,11 +66,17 @@ impl From<SessionError> for Stop {
     }
 }
 
-/// What is left of LIMIT/OFFSET while rows go out.
+/// What is left of LIMIT/OFFSET while rows go out, and of the client's
+/// Execute row limit.
 pub(super) struct Window {
     pub(super) skip: u64,
     pub(super) left: Option<u64>,
     pub(super) sent: u64,
+    /// The Execute's row limit (extended protocol), if any.
+    fetch: Option<u64>,
+    /// A row came past the Execute's row limit: the reply ends with
+    /// PortalSuspended instead of CommandComplete.
+    suspended: bool,
 }
 
 impl Window {
@@ -80,10 +86,14 @@ impl Window {
             self.skip -= 1;
             return false;
         }
+        if self.left == Some(0) || self.suspended {
+            return false;
+        }
+        if self.fetch == Some(self.sent) {
+            self.suspended = true;
+            return false;
+        }
         if let Some(left) = &mut self.left {
-            if *left == 0 {
-                return false;
-            }
             *left -= 1;
         }
         self.sent += 1;
@@ -91,7 +101,17 @@ impl Window {
     }
 
     fn full(&self) -> bool {
-        self.left == Some(0)
+        self.left == Some(0) || self.suspended
+    }
+
+    /// The end of a reply that sent its rows: CommandComplete, or
+    /// PortalSuspended when the Execute's row limit cut it short.
+    fn finish(&self, out: &mut BytesMut) {
+        if self.suspended {
+            messages::empty(b's', out);
+        } else {
+            messages::command_complete(&format!("SELECT {}", self.sent), out);
+        }
     }
 }
 
@@ -189,6 +209,8 @@ impl Session {
             skip: bound_value(plan.offset, statement)?.unwrap_or(0),
             left: bound_value(plan.limit, statement)?,
             sent: 0,
+            fetch: statement.fetch,
+            suspended: false,
         })
     }
 
@@ -274,7 +296,7 @@ impl Session {
                 }
             }
         }
-        messages::command_complete(&format!("SELECT {}", window.sent), &mut self.client.out);
+        window.finish(&mut self.client.out);
         Ok(())
     }
 
@@ -413,7 +435,7 @@ impl Session {
                 return Err(Stop::Failed);
             }
         }
-        messages::command_complete(&format!("SELECT {}", window.sent), &mut self.client.out);
+        window.finish(&mut self.client.out);
         Ok(())
     }
 

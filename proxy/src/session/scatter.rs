@@ -19,7 +19,8 @@ use crate::wire::messages;
 use crate::wire::rows::{self, format_of, Field};
 
 use super::client::SessionError;
-use super::extended::Item;
+use super::extended::{Item, PortalUse, Portals};
+use super::tx::is_tx_control;
 use super::statements::Prepared;
 use crate::route::{array_param_by_server, RouteError};
 use crate::wire::messages::Bind;
@@ -45,6 +46,8 @@ pub(super) struct ScatterStatement {
     pub(super) describe: bool,
     /// `key = ANY($n)`: parameter n's value per server, only that server's keys.
     pub(super) keys_by_server: Option<(usize, BTreeMap<String, Bytes>)>,
+    /// The Execute's row limit: past it the reply ends in PortalSuspended.
+    pub(super) fetch: Option<u64>,
 }
 
 /// What a server's task reports, in order: `Described` (or `Failed`), then
@@ -131,43 +134,49 @@ pub(super) struct Backends {
 }
 
 impl Session {
-    /// An extended-protocol request whose Bind reads across servers: answered
-    /// by the proxy (ParseComplete, BindComplete) and the scatter read (the
-    /// portal's description, rows, CommandComplete). Such a read must be the
-    /// request's only portal, fetched whole.
+    /// An extended-protocol request whose Bind reads across servers. The
+    /// read must be its only portal the proxy does not answer itself (it may
+    /// follow a BEGIN the proxy holds back, as pgjdbc sends it); Parse,
+    /// Bind, Close and the answered portals get the proxy's replies in
+    /// order, the read's Describe and Execute get the scatter's (with
+    /// PortalSuspended when an Execute row limit cuts it short).
     pub(super) async fn scatter_extended(
         &mut self,
         items: &[Item],
+        portals: &Portals,
+        tx_state: Tx,
         servers: &[String],
         synced: bool,
     ) -> Result<(), SessionError> {
-        let mut bound: Option<(&Bind, &Arc<Prepared>)> = None;
-        let mut describe = false;
-        let mut executed = false;
-        let mut refusal: Option<&str> = None;
-        for item in items {
-            match item {
-                Item::Parse(..) | Item::Sync(_) | Item::Flush(_) => {}
-                Item::Bind(_, bind, Some(statement)) if bound.is_none() => {
-                    bound = Some((bind, statement))
-                }
-                Item::Describe(_, target, _) if target.kind == b'P' && bound.is_some() && !executed => {
-                    describe = true
-                }
-                Item::Execute(frame, portal)
-                    if !executed && bound.is_some_and(|(b, _)| &b.portal == portal) =>
+        let forwarded: Vec<(&Bind, &Arc<Prepared>)> = items
+            .iter()
+            .filter_map(|item| match item {
+                Item::Bind(_, bind, Some(statement))
+                    if matches!(portals.get(&bind.portal), Some(PortalUse::Forward)) =>
                 {
-                    executed = true;
-                    if execute_row_limit(&frame.body()) != 0 {
-                        refusal = Some("fetching a read across servers in chunks (Execute with a row limit, a cursor's fetch size) is not supported: fetch all rows at once");
-                    }
+                    Some((bind, statement))
                 }
-                _ => {
-                    refusal = Some("a read across servers must be the only statement of its request (no pipelining with other statements)")
+                _ => None,
+            })
+            .collect();
+        let refusal = match forwarded.as_slice() {
+            [(bind, _)] => items.iter().find_map(|item| match item {
+                Item::Describe(_, target, Some(statement))
+                    if target.kind == b'S' && !is_tx_control(statement.command()) =>
+                {
+                    Some("describing a statement that reads across servers in the same request as running it is not supported")
                 }
-            }
-        }
-        let Some((bind, statement)) = bound.filter(|_| executed && refusal.is_none()) else {
+                _ => None,
+            }).or_else(|| {
+                let executes = items
+                    .iter()
+                    .filter(|item| matches!(item, Item::Execute(_, portal) if *portal == bind.portal))
+                    .count();
+                (executes != 1).then_some("a read across servers must be executed once in the request that binds it")
+            }),
+            _ => Some("a read across servers must be the only statement of its request that runs on a server (no pipelining with other statements)"),
+        };
+        let (Some((bind, statement)), None) = (forwarded.first(), refusal) else {
             let error = RouteError::new(
                 "0A000",
                 refusal.unwrap_or("a read across servers must be bound and executed in the same request"),
@@ -179,22 +188,51 @@ impl Session {
             Ok(formats) => formats,
             Err(e) => return Err(SessionError::ClientProtocol(e.to_string())),
         };
+        self.enter_answered_state(tx_state, portals);
+        let mut describe = false;
+        let mut failed = false;
         for item in items {
             match item {
                 Item::Parse(..) => messages::empty(b'1', &mut self.client.out),
                 Item::Bind(..) => messages::empty(b'2', &mut self.client.out),
-                _ => {}
+                Item::Close(..) => messages::empty(b'3', &mut self.client.out),
+                Item::Describe(_, target, _) if target.kind == b'P' => {
+                    if target.name == bind.portal {
+                        // Its RowDescription comes with the rows.
+                        describe = true;
+                    } else {
+                        messages::empty(b'n', &mut self.client.out);
+                    }
+                }
+                Item::Describe(..) => {
+                    // Transaction control: no parameters, no rows.
+                    rows::no_parameters(&mut self.client.out);
+                    messages::empty(b'n', &mut self.client.out);
+                }
+                Item::Execute(frame, portal) if *portal == bind.portal => {
+                    let limit = execute_row_limit(&frame.body());
+                    let scatter = ScatterStatement {
+                        param_types: statement.param_types.clone(),
+                        param_formats: bind.param_formats.clone(),
+                        params: bind.params.clone(),
+                        result_formats: result_formats.clone(),
+                        describe,
+                        keys_by_server: self.keys_by_server(statement, bind),
+                        fetch: u64::try_from(limit).ok().filter(|n| *n > 0),
+                    };
+                    if !self.scatter_request(servers, &statement.query, scatter).await? {
+                        failed = true;
+                        break;
+                    }
+                }
+                Item::Execute(_, portal) => {
+                    if let Some(PortalUse::Answer(tag)) = portals.get(portal) {
+                        messages::command_complete(tag, &mut self.client.out);
+                    }
+                }
+                Item::Sync(_) | Item::Flush(_) => {}
             }
         }
-        let scatter = ScatterStatement {
-            param_types: statement.param_types.clone(),
-            param_formats: bind.param_formats.clone(),
-            params: bind.params.clone(),
-            result_formats,
-            describe,
-            keys_by_server: self.keys_by_server(statement, bind),
-        };
-        let failed = !self.scatter_request(servers, &statement.query, scatter).await?;
         if synced {
             self.ready().await
         } else {
@@ -584,7 +622,7 @@ async fn serve(
         &job.result_formats(columns),
         &mut out,
     );
-    rows::execute(&mut out);
+    rows::execute(0, &mut out);
     rows::sync(&mut out);
     backend.write_all(&out).await.map_err(|e| e.to_string())?;
     let mut batch: Vec<Bytes> = Vec::new();

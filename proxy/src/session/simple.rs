@@ -324,6 +324,7 @@ impl Session {
                 result_formats: Vec::new(),
                 describe: true,
                 keys_by_server: None,
+                fetch: None,
             };
             self.scatter_request(servers, &statement_text(&frame), statement)
                 .await?;

@@ -194,12 +194,19 @@ pub fn describe(kind: u8, out: &mut BytesMut) {
     out.put_u8(0);
 }
 
-/// Execute of the unnamed portal, all rows.
-pub fn execute(out: &mut BytesMut) {
+/// Execute of the unnamed portal: at most `max_rows` rows (0: all).
+pub fn execute(max_rows: i32, out: &mut BytesMut) {
     out.put_u8(b'E');
     out.put_i32(9);
     out.put_u8(0);
-    out.put_i32(0);
+    out.put_i32(max_rows);
+}
+
+/// ParameterDescription of a statement without parameters.
+pub fn no_parameters(out: &mut BytesMut) {
+    out.put_u8(b't');
+    out.put_i32(6);
+    out.put_i16(0);
 }
 
 pub fn sync(out: &mut BytesMut) {
