@@ -3,7 +3,7 @@ asyncpg_cases.py; run by tests/tests/drivers.rs): their command line, the keys, 
 bookkeeping, and the lines they print. Importing it reads the program's command line:
 
 Usage: <program> HOST PORT KEYS [CASE...]
-  KEYS  user ids per server, e.g. "pg1=3,7;pg2=1,2;pg3=5,6" (every statement names one of them)
+  KEYS  user ids per server, e.g. "pg1=3,7;pg2=1,2;pg3=5,6" (every write names one of them; the scatter cases also read across servers)
   CASE  run only these cases (default: all)
 
 Table drv(user_id bigint, item_id bigint, note text NOT NULL, n int, doc jsonb, tag uuid,

@@ -1,7 +1,11 @@
 //! The driver matrix (issue 10): mainstream Postgres drivers, each used from
 //! the language its users use it from, against the real proxy over three real
-//! servers. Every statement names exactly one `user_id`, and the keys are
-//! spread over all three servers (a few per server, computed from the map).
+//! servers. Every write names exactly one `user_id`, and the keys are spread
+//! over all three servers (a few per server, computed from the map). Every
+//! driver also reads across servers (the `scatter_*` cases): keyless
+//! aggregates, `user_id = ANY(array)` with ORDER BY/LIMIT/OFFSET, and a
+//! transaction's read that sees its own insert until ROLLBACK; their rows are
+//! marked with the case's name, which their reads filter on.
 //!
 //! - psycopg 3, asyncpg (Python), node-postgres (Node.js), pgjdbc (Java): the
 //!   programs under `tests/drivers/` run as subprocesses and print one

@@ -1,7 +1,7 @@
 // pgjdbc cases of shardline's driver matrix (run by tests/tests/drivers.rs).
 //
 // Usage: java -cp /usr/share/java/postgresql.jar JdbcCases.java HOST PORT KEYS [CASE...]
-//   KEYS  user ids per server, e.g. "pg1=3,7;pg2=1,2;pg3=5,6" (every statement names one of them)
+//   KEYS  user ids per server, e.g. "pg1=3,7;pg2=1,2;pg3=5,6" (every write names one of them; the scatter cases also read across servers)
 //   CASE  run only these cases (default: all)
 //
 // pgjdbc uses the extended protocol for every statement: unnamed statements until a

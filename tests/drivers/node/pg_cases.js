@@ -2,7 +2,7 @@
 // node-postgres (pg) cases of shardline's driver matrix (run by tests/tests/drivers.rs).
 //
 // Usage: node pg_cases.js HOST PORT KEYS [CASE...]
-//   KEYS  user ids per server, e.g. "pg1=3,7;pg2=1,2;pg3=5,6" (every statement names one of them)
+//   KEYS  user ids per server, e.g. "pg1=3,7;pg2=1,2;pg3=5,6" (every write names one of them; the scatter cases also read across servers)
 //   CASE  run only these cases (default: all)
 //
 // node-postgres sends a query without values with the simple protocol; with values as one
