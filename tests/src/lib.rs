@@ -8,8 +8,11 @@
 //! - [`move_jobs`]: driving and observing partition moves.
 //! - [`binaries`]: `shardctl` and `shardline-rebalancer` as real processes.
 //! - [`latency`]: percentiles of measured latencies.
+//! - [`differential`]: the same queries through the proxy and on one plain
+//!   server, answers compared (the cross-shard read suite).
 
 pub mod binaries;
+pub mod differential;
 pub mod fixtures;
 pub mod latency;
 pub mod move_jobs;

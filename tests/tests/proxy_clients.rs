@@ -242,9 +242,12 @@ async fn psql_scripts_and_copy_through_the_proxy() {
         String::from_utf8_lossy(&described.stderr)
     );
     assert!(String::from_utf8_lossy(&described.stdout).contains("user_id"));
-    let failed = run_psql(vec!["-c".into(), "UPDATE users SET name = 'x'".into()], None)
-        .await
-        .expect("psql task");
+    let failed = run_psql(
+        vec!["-c".into(), "UPDATE users SET name = 'x'".into()],
+        None,
+    )
+    .await
+    .expect("psql task");
     assert!(!failed.status.success());
     assert!(String::from_utf8_lossy(&failed.stderr).contains("does not fix its key column"));
 }

@@ -37,7 +37,13 @@ async fn setup(cluster: &TestCluster) -> ClusterMap {
         "user_id bigint, order_id bigint, amount int4, PRIMARY KEY (user_id, order_id)",
     )
     .await;
-    create_table(cluster, &map, "countries", "code text PRIMARY KEY, name text").await;
+    create_table(
+        cluster,
+        &map,
+        "countries",
+        "code text PRIMARY KEY, name text",
+    )
+    .await;
     map
 }
 
@@ -85,12 +91,18 @@ async fn reads_across_servers_merge_like_one_postgres() {
     let one = |sql: &'static str| {
         let client = &client;
         async move {
-            let rows = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+            let rows = client
+                .simple_query(sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
             rows.into_iter()
                 .filter_map(|m| match m {
-                    tokio_postgres::SimpleQueryMessage::Row(row) => {
-                        Some((0..row.len()).map(|i| row.get(i).unwrap_or("NULL").to_string()).collect::<Vec<_>>().join("|"))
-                    }
+                    tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                        (0..row.len())
+                            .map(|i| row.get(i).unwrap_or("NULL").to_string())
+                            .collect::<Vec<_>>()
+                            .join("|"),
+                    ),
                     _ => None,
                 })
                 .collect::<Vec<String>>()
@@ -108,7 +120,10 @@ async fn reads_across_servers_merge_like_one_postgres() {
         vec!["user 003", "user 006"]
     );
     // Aggregates combined.
-    assert_eq!(one("SELECT count(*) FROM users").await, vec![USERS.to_string()]);
+    assert_eq!(
+        one("SELECT count(*) FROM users").await,
+        vec![USERS.to_string()]
+    );
     assert_eq!(
         one("SELECT country, count(*), sum(score), min(user_id), max(rating) FROM users GROUP BY country ORDER BY country").await,
         vec![
@@ -122,10 +137,14 @@ async fn reads_across_servers_merge_like_one_postgres() {
         one_postgres_average(&cluster).await
     );
     assert_eq!(
-        one("SELECT country FROM users GROUP BY country HAVING count(*) > 99 ORDER BY 1 DESC").await,
+        one("SELECT country FROM users GROUP BY country HAVING count(*) > 99 ORDER BY 1 DESC")
+            .await,
         vec!["US", "FR", "DE"]
     );
-    assert_eq!(one("SELECT DISTINCT country FROM users ORDER BY country").await, vec!["DE", "FR", "US"]);
+    assert_eq!(
+        one("SELECT DISTINCT country FROM users ORDER BY country").await,
+        vec!["DE", "FR", "US"]
+    );
     // Joins pushed down: co-located on the key, and with a reference table.
     assert_eq!(
         one("SELECT count(*) FROM users u JOIN orders o ON o.user_id = u.user_id WHERE o.amount = 0").await,
@@ -175,16 +194,30 @@ async fn reads_across_servers_merge_like_one_postgres() {
         .batch_execute("UPDATE users SET country = 'XX' WHERE user_id = 7")
         .await
         .expect("update in transaction");
-    assert_eq!(one("SELECT user_id FROM users WHERE country = 'XX'").await, vec!["7"]);
+    assert_eq!(
+        one("SELECT user_id FROM users WHERE country = 'XX'").await,
+        vec!["7"]
+    );
     client.batch_execute("ROLLBACK").await.expect("rollback");
-    assert!(one("SELECT user_id FROM users WHERE country = 'XX'").await.is_empty());
+    assert!(one("SELECT user_id FROM users WHERE country = 'XX'")
+        .await
+        .is_empty());
 
     // Shapes that cannot be merged exactly are refused, with the reason.
     for (sql, reason) in [
-        ("SELECT user_id, rank() OVER (ORDER BY score) FROM users", "window"),
+        (
+            "SELECT user_id, rank() OVER (ORDER BY score) FROM users",
+            "window",
+        ),
         ("SELECT count(DISTINCT country) FROM users", "DISTINCT"),
-        ("SELECT user_id FROM users ORDER BY random() LIMIT 3", "random"),
-        ("SELECT * FROM users u JOIN orders o ON o.order_id = u.user_id", "user_id"),
+        (
+            "SELECT user_id FROM users ORDER BY random() LIMIT 3",
+            "random",
+        ),
+        (
+            "SELECT * FROM users u JOIN orders o ON o.order_id = u.user_id",
+            "user_id",
+        ),
     ] {
         let err = client.simple_query(sql).await.expect_err(sql);
         let db = err.as_db_error().unwrap_or_else(|| panic!("{sql}: {err}"));
@@ -197,11 +230,23 @@ async fn reads_across_servers_merge_like_one_postgres() {
     }
 
     // The opt-out.
-    client.batch_execute("SET shardline.scatter = off").await.expect("opt out");
-    let err = client.simple_query("SELECT count(*) FROM users").await.expect_err("strict");
+    client
+        .batch_execute("SET shardline.scatter = off")
+        .await
+        .expect("opt out");
+    let err = client
+        .simple_query("SELECT count(*) FROM users")
+        .await
+        .expect_err("strict");
     assert_eq!(err.as_db_error().map(|e| e.code().code()), Some("0A000"));
-    client.batch_execute("SET shardline.scatter = on").await.expect("opt in");
-    assert_eq!(one("SELECT count(*) FROM users").await, vec![USERS.to_string()]);
+    client
+        .batch_execute("SET shardline.scatter = on")
+        .await
+        .expect("opt in");
+    assert_eq!(
+        one("SELECT count(*) FROM users").await,
+        vec![USERS.to_string()]
+    );
 }
 
 fn sum_scores(include: impl Fn(i64) -> bool) -> String {
@@ -219,7 +264,10 @@ async fn one_postgres_average(cluster: &TestCluster) -> Vec<String> {
         .flat_map(|id| [id % 50, id % 7])
         .map(|a| format!("({a})"))
         .collect();
-    let sql = format!("SELECT avg(a)::text FROM (VALUES {}) v(a)", values.join(","));
+    let sql = format!(
+        "SELECT avg(a)::text FROM (VALUES {}) v(a)",
+        values.join(",")
+    );
     let row = cluster
         .connect(0)
         .await
