@@ -944,8 +944,9 @@ async fn scatter_aggregate_all_servers<D: Driver>(m: &Matrix, c: &mut Ctx) -> Re
 }
 
 /// `user_id = ANY($1)` bound to keys on every server, ORDER BY user_id DESC
-/// LIMIT OFFSET: the proxy merges the servers' sorted rows. Twice: the second
-/// time the driver binds the statement it prepared the first time.
+/// LIMIT OFFSET: the proxy merges the servers' sorted rows. Twice: sqlx binds
+/// the statement in its cache the second time; tokio-postgres prepares the
+/// text again.
 async fn scatter_any_order_limit_offset<D: Driver>(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
     let mut db: D = connect(m, c).await?;
     let rows = page_rows(m, c);
@@ -1734,8 +1735,10 @@ async fn psql_scatter_any_order_limit_offset(m: &Matrix, c: &mut Ctx) -> Result<
         ));
         c.present(key, item);
     }
-    let mut keys: Vec<String> = rows.iter().map(|r| r.0.to_string()).collect();
-    keys.dedup();
+    let mut ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
+    ids.sort();
+    ids.dedup();
+    let keys: Vec<String> = ids.iter().map(i64::to_string).collect();
     let note = format!("'{}'", c.name);
     let array = format!("'{{{}}}'::bigint[]", keys.join(","));
     let any = with_literals(&page_sql(), &[array, note.clone()]);
