@@ -281,5 +281,88 @@ async def case_transaction_error_25p02_rollback(c, conn):
         c.present(key, after)
 
 
+INSERT_N = "INSERT INTO drv (user_id, item_id, note, n) VALUES ($1, $2, $3, $4)"
+# Keyless: every server answers.
+MARKED = "SELECT user_id, item_id FROM drv WHERE note = $1 ORDER BY user_id, item_id"
+
+
+async def case_scatter_aggregate_all_servers(c, conn):
+    """Aggregates with no key (count/sum/min/max, and GROUP BY/HAVING on a non-key): every
+    server answers and the proxy combines the partial results. fetch() first; then
+    fetchrow() and fetchval(), which ask for one row (Execute with a row limit of 1)."""
+    rows = cases.aggregate_rows(c)
+    for key, item, n in rows:
+        c.step = f"INSERT {where(key)}"
+        await conn.execute(INSERT_N, key, item, c.name, n)
+        c.present(key, item)
+    totals = "SELECT count(*), sum(n), min(n), max(n) FROM drv WHERE note = $1"
+    c.step = "fetch count/sum/min/max over all servers"
+    got = [tuple(r) for r in await conn.fetch(totals, c.name)]
+    c.check(got == [cases.totals(rows)], f"got {got}, expected {[cases.totals(rows)]}")
+    c.step = "fetch GROUP BY n % 3 HAVING over all servers"
+    got = await conn.fetch(
+        "SELECT n % 3, count(*), sum(n) FROM drv WHERE note = $1 GROUP BY n % 3 HAVING count(*) > 1 ORDER BY n % 3",
+        c.name,
+    )
+    got = [tuple(r) for r in got]
+    c.check(got == cases.groups(rows), f"got {got}, expected {cases.groups(rows)}")
+    c.step = "fetchrow count/sum/min/max over all servers"
+    got = await conn.fetchrow(totals, c.name)
+    c.check(got is not None and tuple(got) == cases.totals(rows), f"got {got}, expected {cases.totals(rows)}")
+    c.step = "fetchval count(*) over all servers"
+    count = await conn.fetchval("SELECT count(*) FROM drv WHERE note = $1", c.name)
+    c.check(count == len(rows), f"count {count}, expected {len(rows)}")
+
+
+async def case_scatter_any_order_limit_offset(c, conn):
+    """user_id = ANY($1) with a list of keys on every server, ORDER BY user_id DESC LIMIT
+    OFFSET: the proxy merges the servers' sorted rows (asyncpg: named statement, binary
+    results); run twice, the second time from asyncpg's statement cache."""
+    rows = cases.page_rows(c)
+    keys = sorted({key for key, _ in rows})
+    want = cases.page(rows)
+    for key, item in rows:
+        c.step = f"INSERT {where(key)}"
+        await conn.execute(INSERT, key, item, c.name)
+        c.present(key, item)
+    for attempt in ("prepared", "cached"):
+        c.step = f"ANY({keys}) ORDER BY LIMIT OFFSET, {attempt}"
+        got = await conn.fetch(
+            "SELECT user_id, item_id FROM drv WHERE user_id = ANY($1) AND note = $2 "
+            f"ORDER BY user_id DESC, item_id LIMIT {cases.PAGE_LIMIT} OFFSET {cases.PAGE_OFFSET}",
+            keys,
+            c.name,
+        )
+        got = [tuple(r) for r in got]
+        c.check(got == want, f"rows {got}, expected {want}")
+
+
+async def case_scatter_read_in_transaction(c, conn):
+    """In a transaction (one per server): INSERT, then a read across servers sees the
+    transaction's row beside the committed ones; after ROLLBACK it no longer does."""
+    committed = [(key, c.item()) for key in per_server()]
+    for key, item in committed:
+        c.step = f"committed INSERT {where(key)}"
+        await conn.execute(INSERT, key, item, c.name)
+        c.present(key, item)
+    for key in per_server():
+        item = c.item()
+        tr = conn.transaction()
+        c.step = f"BEGIN {where(key)}"
+        await tr.start()
+        c.step = f"INSERT in transaction {where(key)}"
+        await conn.execute(INSERT, key, item, c.name)
+        c.step = f"read across servers in the transaction of {where(key)}"
+        got = [tuple(r) for r in await conn.fetch(MARKED, c.name)]
+        want = sorted(committed + [(key, item)])
+        c.check(got == want, f"rows {got}, expected {want}")
+        c.step = f"ROLLBACK {where(key)}"
+        await tr.rollback()
+        c.step = f"read across servers after ROLLBACK {where(key)}"
+        got = [tuple(r) for r in await conn.fetch(MARKED, c.name)]
+        c.check(got == sorted(committed), f"rows {got}, expected {sorted(committed)}")
+        c.absent(key, item)
+
+
 if __name__ == "__main__":
     sys.exit(cases.main(f"asyncpg {asyncpg.__version__}", Case, globals()))

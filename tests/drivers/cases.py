@@ -3,7 +3,7 @@ asyncpg_cases.py; run by tests/tests/drivers.rs): their command line, the keys, 
 bookkeeping, and the lines they print. Importing it reads the program's command line:
 
 Usage: <program> HOST PORT KEYS [CASE...]
-  KEYS  user ids per server, e.g. "pg1=3,7;pg2=1,2;pg3=5,6" (every statement names one of them)
+  KEYS  user ids per server, e.g. "pg1=3,7;pg2=1,2;pg3=5,6" (every write names one of them; the scatter cases also read across servers)
   CASE  run only these cases (default: all)
 
 Table drv(user_id bigint, item_id bigint, note text NOT NULL, n int, doc jsonb, tag uuid,
@@ -163,3 +163,44 @@ def main(version, case_class, namespace):
         c.report(error)
     print("DONE", flush=True)
     return 1 if failed else 0
+
+
+# --- Reads across servers (scatter-gather): what the scatter cases write and expect. ---
+# Every row a scatter case writes carries the case's name as its note, and its reads filter
+# on that note: earlier cases' rows on the same keys are not part of its answers.
+
+# LIMIT and OFFSET of the paged read: the page starts inside one server's rows and ends in
+# another's (6 keys of 2 rows each, ordered by user_id DESC).
+PAGE_LIMIT = 5
+PAGE_OFFSET = 3
+
+
+def aggregate_rows(c):
+    """(user_id, item_id, n) on 3 keys of every server, with different n: the rows the
+    keyless aggregate case writes."""
+    return [(key, c.item(), 10 * i + key % 7) for i, key in enumerate(spread(9))]
+
+
+def totals(rows):
+    """count(*), sum(n), min(n), max(n) of `aggregate_rows`."""
+    ns = [n for _, _, n in rows]
+    return (len(ns), sum(ns), min(ns), max(ns))
+
+
+def groups(rows):
+    """n % 3, count(*), sum(n) GROUP BY n % 3 HAVING count(*) > 1 ORDER BY n % 3."""
+    by = {}
+    for _, _, n in rows:
+        by.setdefault(n % 3, []).append(n)
+    return [(r, len(ns), sum(ns)) for r, ns in sorted(by.items()) if len(ns) > 1]
+
+
+def page_rows(c):
+    """(user_id, item_id): 2 rows on each of 2 keys of every server, for the paged read."""
+    return [(key, c.item()) for key in spread(6) for _ in range(2)]
+
+
+def page(rows):
+    """`rows` ORDER BY user_id DESC, item_id LIMIT PAGE_LIMIT OFFSET PAGE_OFFSET."""
+    ordered = sorted(rows, key=lambda r: (-r[0], r[1]))
+    return ordered[PAGE_OFFSET:PAGE_OFFSET + PAGE_LIMIT]

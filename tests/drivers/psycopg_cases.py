@@ -279,6 +279,85 @@ def case_transaction_error_25p02_rollback(c):
             c.present(key, after)
 
 
+INSERT_N = "INSERT INTO drv (user_id, item_id, note, n) VALUES (%s, %s, %s, %s)"
+# Keyless: every server answers.
+MARKED = "SELECT user_id, item_id FROM drv WHERE note = %s ORDER BY user_id, item_id"
+
+
+def case_scatter_aggregate_all_servers(c):
+    """Aggregates with no key (count/sum/min/max, and GROUP BY/HAVING on a non-key): every
+    server answers and the proxy combines the partial results."""
+    rows = cases.aggregate_rows(c)
+    with connect(autocommit=True) as conn:
+        for key, item, n in rows:
+            c.step = f"INSERT {where(key)}"
+            conn.execute(INSERT_N, (key, item, c.name, n))
+            c.present(key, item)
+        c.step = "count/sum/min/max over all servers"
+        got = conn.execute("SELECT count(*), sum(n), min(n), max(n) FROM drv WHERE note = %s", (c.name,)).fetchone()
+        c.check(got == cases.totals(rows), f"got {got}, expected {cases.totals(rows)}")
+        c.step = "GROUP BY n % 3 HAVING over all servers"
+        got = conn.execute(
+            # (%% is a literal % for psycopg: the modulo operator)
+            "SELECT n %% 3, count(*), sum(n) FROM drv WHERE note = %s GROUP BY n %% 3 HAVING count(*) > 1 ORDER BY n %% 3",
+            (c.name,),
+        ).fetchall()
+        c.check(got == cases.groups(rows), f"got {got}, expected {cases.groups(rows)}")
+
+
+def case_scatter_any_order_limit_offset(c):
+    """user_id = ANY(%s) with a list of keys on every server, ORDER BY user_id DESC LIMIT
+    OFFSET: the proxy merges the servers' sorted rows. Text results from an unnamed
+    statement, then binary results from a prepared one."""
+    rows = cases.page_rows(c)
+    keys = sorted({key for key, _ in rows})
+    want = cases.page(rows)
+    with connect(autocommit=True) as conn:
+        for key, item in rows:
+            c.step = f"INSERT {where(key)}"
+            conn.execute(INSERT, (key, item, c.name))
+            c.present(key, item)
+        for binary, prepare in ((False, False), (True, True)):
+            c.step = f"ANY({keys}) ORDER BY LIMIT OFFSET, {'binary, prepared' if binary else 'text, unnamed'}"
+            cur = conn.cursor(binary=binary)
+            cur.execute(
+                "SELECT user_id, item_id FROM drv WHERE user_id = ANY(%s) AND note = %s "
+                f"ORDER BY user_id DESC, item_id LIMIT {cases.PAGE_LIMIT} OFFSET {cases.PAGE_OFFSET}",
+                (keys, c.name),
+                prepare=prepare,
+            )
+            c.check(cur.pgresult.fformat(0) == (1 if binary else 0), f"result format {cur.pgresult.fformat(0)}")
+            got = cur.fetchall()
+            c.check(got == want, f"rows {got}, expected {want}")
+
+
+def case_scatter_read_in_transaction(c):
+    """In a transaction (one per server): INSERT, then a read across servers sees the
+    transaction's row beside the committed ones; after ROLLBACK it no longer does."""
+    committed = [(key, c.item()) for key in per_server()]
+    with connect(autocommit=True) as conn:
+        for key, item in committed:
+            c.step = f"committed INSERT {where(key)}"
+            conn.execute(INSERT, (key, item, c.name))
+            c.present(key, item)
+    with connect() as conn:
+        for key in per_server():
+            item = c.item()
+            c.step = f"INSERT in transaction {where(key)}"
+            conn.execute(INSERT, (key, item, c.name))
+            c.step = f"read across servers in the transaction of {where(key)}"
+            got = conn.execute(MARKED, (c.name,)).fetchall()
+            want = sorted(committed + [(key, item)])
+            c.check(got == want, f"rows {got}, expected {want}")
+            c.step = f"ROLLBACK {where(key)}"
+            conn.rollback()
+            c.step = f"read across servers after ROLLBACK {where(key)}"
+            got = conn.execute(MARKED, (c.name,)).fetchall()
+            conn.commit()
+            c.check(got == sorted(committed), f"rows {got}, expected {sorted(committed)}")
+            c.absent(key, item)
+
+
 if __name__ == "__main__":
     signal.signal(signal.SIGALRM, on_alarm)
     version = f"psycopg {psycopg.__version__} ({psycopg.pq.__impl__} implementation, libpq {psycopg.pq.version()})"

@@ -1,7 +1,11 @@
 //! The driver matrix (issue 10): mainstream Postgres drivers, each used from
 //! the language its users use it from, against the real proxy over three real
-//! servers. Every statement names exactly one `user_id`, and the keys are
-//! spread over all three servers (a few per server, computed from the map).
+//! servers. Every write names exactly one `user_id`, and the keys are spread
+//! over all three servers (a few per server, computed from the map). Every
+//! driver also reads across servers (the `scatter_*` cases): keyless
+//! aggregates, `user_id = ANY(array)` with ORDER BY/LIMIT/OFFSET, and a
+//! transaction's read that sees its own insert until ROLLBACK; their rows are
+//! marked with the case's name, which their reads filter on.
 //!
 //! - psycopg 3, asyncpg (Python), node-postgres (Node.js), pgjdbc (Java): the
 //!   programs under `tests/drivers/` run as subprocesses and print one
@@ -52,6 +56,21 @@ const NOTE: &str = "SELECT note FROM drv WHERE user_id = $1 AND item_id = $2";
 const SET_NOTE: &str = "UPDATE drv SET note = $1, n = 1 WHERE user_id = $2 AND item_id = $3";
 const ROWS: &str =
     "SELECT item_id, note, n FROM drv WHERE user_id = $1 AND item_id = ANY($2) ORDER BY item_id";
+
+// Reads across servers (scatter-gather). Every row a scatter case writes
+// carries the case's name as its note, and its reads filter on that note:
+// earlier cases' rows on the same keys are not part of its answers.
+const INSERT_N: &str = "INSERT INTO drv (user_id, item_id, note, n) VALUES ($1, $2, $3, $4)";
+/// No key: every server answers, the proxy combines.
+const TOTALS: &str = "SELECT count(*), sum(n), min(n), max(n) FROM drv WHERE note = $1";
+const GROUPS: &str = "SELECT n % 3, count(*), sum(n) FROM drv WHERE note = $1 \
+     GROUP BY n % 3 HAVING count(*) > 1 ORDER BY n % 3";
+/// No key: every server answers, the proxy merges the sorted rows.
+const MARKED: &str = "SELECT user_id, item_id FROM drv WHERE note = $1 ORDER BY user_id, item_id";
+/// The paged read's LIMIT and OFFSET: the page starts inside one server's rows
+/// and ends in another's (6 keys of 2 rows each, by user_id DESC).
+const PAGE_LIMIT: usize = 5;
+const PAGE_OFFSET: usize = 3;
 
 /// Three servers, the sharded tables `drv` and `drv_counters` (bigint hash on
 /// `user_id`), and a proxy.
@@ -712,7 +731,34 @@ trait Statements {
 
     /// The user's rows among `items`, by item (`ROWS`).
     async fn rows(&mut self, user: i64, items: &[i64]) -> Result<Vec<DrvRow>, Self::Error>;
+
+    /// INSERT INTO drv with `n` (`INSERT_N`).
+    async fn insert_n(
+        &mut self,
+        user: i64,
+        item: i64,
+        note: &str,
+        n: i32,
+    ) -> Result<u64, Self::Error>;
+
+    /// count(*), sum(n), min(n), max(n) of the rows with `note`, no key (`TOTALS`).
+    async fn totals(&mut self, note: &str) -> Result<Totals, Self::Error>;
+
+    /// The groups of `GROUPS`.
+    async fn groups(&mut self, note: &str) -> Result<Vec<Group3>, Self::Error>;
+
+    /// `(user_id, item_id)` of `user_id = ANY(keys)` with `note`, by user_id
+    /// DESC, item_id, LIMIT `PAGE_LIMIT` OFFSET `PAGE_OFFSET` (`page_sql`).
+    async fn page(&mut self, keys: &[i64], note: &str) -> Result<Vec<(i64, i64)>, Self::Error>;
+
+    /// `(user_id, item_id)` of the rows with `note`, no key (`MARKED`).
+    async fn marked(&mut self, note: &str) -> Result<Vec<(i64, i64)>, Self::Error>;
 }
+
+/// count(*), sum(n), min(n), max(n).
+type Totals = (i64, Option<i64>, Option<i32>, Option<i32>);
+/// n % 3, count(*), sum(n).
+type Group3 = (Option<i32>, i64, Option<i64>);
 
 /// `(item_id, note, n)` of a row of drv.
 type DrvRow = (i64, String, Option<i32>);
@@ -813,6 +859,155 @@ async fn transaction_error_25p02_rollback<D: Driver>(
     Ok(())
 }
 
+/// The paged read across servers: `PAGE_LIMIT` and `PAGE_OFFSET` in its text.
+fn page_sql() -> String {
+    format!(
+        "SELECT user_id, item_id FROM drv WHERE user_id = ANY($1) AND note = $2 \
+         ORDER BY user_id DESC, item_id LIMIT {PAGE_LIMIT} OFFSET {PAGE_OFFSET}"
+    )
+}
+
+/// `(user_id, item_id, n)` on 3 keys of every server, with different n: the
+/// rows the keyless aggregate cases write.
+fn aggregate_rows(m: &Matrix, c: &Ctx) -> Vec<(i64, i64, i32)> {
+    m.spread(9)
+        .into_iter()
+        .enumerate()
+        .map(|(i, key)| (key, c.item(), 10 * i as i32 + (key % 7) as i32))
+        .collect()
+}
+
+/// What `TOTALS` must answer for `rows`.
+fn expected_totals(rows: &[(i64, i64, i32)]) -> Totals {
+    let ns = rows.iter().map(|r| r.2);
+    (
+        rows.len() as i64,
+        Some(ns.clone().map(i64::from).sum()),
+        ns.clone().min(),
+        ns.max(),
+    )
+}
+
+/// What `GROUPS` must answer for `rows`.
+fn expected_groups(rows: &[(i64, i64, i32)]) -> Vec<Group3> {
+    let mut groups: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
+    for &(_, _, n) in rows {
+        let group = groups.entry(n % 3).or_default();
+        group.0 += 1;
+        group.1 += i64::from(n);
+    }
+    groups
+        .into_iter()
+        .filter(|(_, (count, _))| *count > 1)
+        .map(|(rest, (count, sum))| (Some(rest), count, Some(sum)))
+        .collect()
+}
+
+/// `(user_id, item_id)`: 2 rows on each of 2 keys of every server, for the
+/// paged read.
+fn page_rows(m: &Matrix, c: &Ctx) -> Vec<(i64, i64)> {
+    m.spread(6)
+        .into_iter()
+        .flat_map(|key| [(key, c.item()), (key, c.item())])
+        .collect()
+}
+
+/// `rows` by user_id DESC, item_id, LIMIT `PAGE_LIMIT` OFFSET `PAGE_OFFSET`.
+fn expected_page(rows: &[(i64, i64)]) -> Vec<(i64, i64)> {
+    let mut ordered = rows.to_vec();
+    ordered.sort_by_key(|&(user, item)| (std::cmp::Reverse(user), item));
+    ordered
+        .into_iter()
+        .skip(PAGE_OFFSET)
+        .take(PAGE_LIMIT)
+        .collect()
+}
+
+/// Aggregates with no key (count/sum/min/max, and GROUP BY/HAVING on a
+/// non-key): every server answers and the proxy combines the partial results.
+async fn scatter_aggregate_all_servers<D: Driver>(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let mut db: D = connect(m, c).await?;
+    let rows = aggregate_rows(m, c);
+    for &(key, item, n) in &rows {
+        c.step = format!("INSERT {}", m.where_(key));
+        db.insert_n(key, item, c.name, n).await.at(c)?;
+        c.present(key, item);
+    }
+    c.step = "count/sum/min/max over all servers".into();
+    let got = db.totals(c.name).await.at(c)?;
+    let want = expected_totals(&rows);
+    c.check(got == want, format!("got {got:?}, expected {want:?}"))?;
+    c.step = "GROUP BY n % 3 HAVING over all servers".into();
+    let got = db.groups(c.name).await.at(c)?;
+    let want = expected_groups(&rows);
+    c.check(got == want, format!("got {got:?}, expected {want:?}"))
+}
+
+/// `user_id = ANY($1)` bound to keys on every server, ORDER BY user_id DESC
+/// LIMIT OFFSET: the proxy merges the servers' sorted rows. Twice: sqlx binds
+/// the statement in its cache the second time; tokio-postgres prepares the
+/// text again.
+async fn scatter_any_order_limit_offset<D: Driver>(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let mut db: D = connect(m, c).await?;
+    let rows = page_rows(m, c);
+    for &(key, item) in &rows {
+        c.step = format!("INSERT {}", m.where_(key));
+        db.insert(key, item, c.name).await.at(c)?;
+        c.present(key, item);
+    }
+    let mut keys: Vec<i64> = rows.iter().map(|r| r.0).collect();
+    keys.sort();
+    keys.dedup();
+    let want = expected_page(&rows);
+    for run in ["first", "second"] {
+        c.step = format!("ANY({keys:?}) ORDER BY LIMIT OFFSET, {run} run");
+        let got = db.page(&keys, c.name).await.at(c)?;
+        c.check(got == want, format!("rows {got:?}, expected {want:?}"))?;
+    }
+    Ok(())
+}
+
+/// In a transaction (one per server): INSERT, then a read across servers sees
+/// the transaction's row beside the committed ones; after ROLLBACK it no
+/// longer does.
+async fn scatter_read_in_transaction<D: Driver>(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let mut db: D = connect(m, c).await?;
+    let mut committed = Vec::new();
+    for key in m.per_server() {
+        let item = c.item();
+        c.step = format!("committed INSERT {}", m.where_(key));
+        db.insert(key, item, c.name).await.at(c)?;
+        c.present(key, item);
+        committed.push((key, item));
+    }
+    committed.sort();
+    for key in m.per_server() {
+        let item = c.item();
+        c.step = format!("BEGIN and INSERT {}", m.where_(key));
+        let mut tx = db.begin().await.at(c)?;
+        tx.insert(key, item, c.name).await.at(c)?;
+        c.step = format!(
+            "read across servers in the transaction of {}",
+            m.where_(key)
+        );
+        let got = tx.marked(c.name).await.at(c)?;
+        let mut want = committed.clone();
+        want.push((key, item));
+        want.sort();
+        c.check(got == want, format!("rows {got:?}, expected {want:?}"))?;
+        c.step = format!("ROLLBACK {}", m.where_(key));
+        D::rollback(tx).await.at(c)?;
+        c.step = format!("read across servers after ROLLBACK {}", m.where_(key));
+        let got = db.marked(c.name).await.at(c)?;
+        c.check(
+            got == committed,
+            format!("rows {got:?}, expected {committed:?}"),
+        )?;
+        c.absent(key, item);
+    }
+    Ok(())
+}
+
 /// The test of a Rust driver (crate `$driver`, connection `$conn`): a fresh
 /// matrix; the driver's own cases in order (each an `async fn(&Matrix, &mut
 /// Ctx)`), then the cases all Rust drivers share; the server check; the table.
@@ -830,6 +1025,12 @@ macro_rules! rust_driver_test {
                 c => duplicate_key_then_usable::<$conn>(&m, c));
             case!(report, "transaction_error_25p02_rollback",
                 c => transaction_error_25p02_rollback::<$conn>(&m, c));
+            case!(report, "scatter_aggregate_all_servers",
+                c => scatter_aggregate_all_servers::<$conn>(&m, c));
+            case!(report, "scatter_any_order_limit_offset",
+                c => scatter_any_order_limit_offset::<$conn>(&m, c));
+            case!(report, "scatter_read_in_transaction",
+                c => scatter_read_in_transaction::<$conn>(&m, c));
             m.verify(&mut report).await;
             report.finish();
         }
@@ -864,6 +1065,39 @@ impl<C: tokio_postgres::GenericClient + Sync> Statements for Tp<C> {
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect())
+    }
+
+    async fn insert_n(
+        &mut self,
+        user: i64,
+        item: i64,
+        note: &str,
+        n: i32,
+    ) -> Result<u64, Self::Error> {
+        self.0.execute(INSERT_N, &[&user, &item, &note, &n]).await
+    }
+
+    async fn totals(&mut self, note: &str) -> Result<Totals, Self::Error> {
+        let row = self.0.query_one(TOTALS, &[&note]).await?;
+        Ok((row.get(0), row.get(1), row.get(2), row.get(3)))
+    }
+
+    async fn groups(&mut self, note: &str) -> Result<Vec<Group3>, Self::Error> {
+        let rows = self.0.query(GROUPS, &[&note]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
+    }
+
+    async fn page(&mut self, keys: &[i64], note: &str) -> Result<Vec<(i64, i64)>, Self::Error> {
+        let rows = self.0.query(&page_sql(), &[&keys, &note]).await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn marked(&mut self, note: &str) -> Result<Vec<(i64, i64)>, Self::Error> {
+        let rows = self.0.query(MARKED, &[&note]).await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
     }
 }
 
@@ -1076,6 +1310,42 @@ impl<C: DerefMut<Target = sqlx::PgConnection>> Statements for C {
 
     async fn rows(&mut self, user: i64, items: &[i64]) -> Result<Vec<DrvRow>, Self::Error> {
         let query = sqlx::query_as(ROWS).bind(user).bind(items);
+        query.fetch_all(&mut **self).await
+    }
+
+    async fn insert_n(
+        &mut self,
+        user: i64,
+        item: i64,
+        note: &str,
+        n: i32,
+    ) -> Result<u64, Self::Error> {
+        let query = sqlx::query(INSERT_N)
+            .bind(user)
+            .bind(item)
+            .bind(note)
+            .bind(n);
+        Ok(query.execute(&mut **self).await?.rows_affected())
+    }
+
+    async fn totals(&mut self, note: &str) -> Result<Totals, Self::Error> {
+        let query = sqlx::query_as(TOTALS).bind(note);
+        query.fetch_one(&mut **self).await
+    }
+
+    async fn groups(&mut self, note: &str) -> Result<Vec<Group3>, Self::Error> {
+        let query = sqlx::query_as(GROUPS).bind(note);
+        query.fetch_all(&mut **self).await
+    }
+
+    async fn page(&mut self, keys: &[i64], note: &str) -> Result<Vec<(i64, i64)>, Self::Error> {
+        let sql = page_sql();
+        let query = sqlx::query_as(&sql).bind(keys).bind(note);
+        query.fetch_all(&mut **self).await
+    }
+
+    async fn marked(&mut self, note: &str) -> Result<Vec<(i64, i64)>, Self::Error> {
+        let query = sqlx::query_as(MARKED).bind(note);
         query.fetch_all(&mut **self).await
     }
 }
@@ -1308,6 +1578,12 @@ async fn psql_per_server<const N: usize>(
         }
     }
     c.step = format!("psql {what} over {:?}", m.per_server());
+    psql_expect(m, c, &want).await
+}
+
+/// Runs `want.script` through psql and checks that psql printed exactly
+/// `want.stdout` and the errors `want.errors`.
+async fn psql_expect(m: &Matrix, c: &Ctx, want: &PsqlPart) -> Result<(), String> {
     let run = psql(m, c, &want.script).await?;
     c.check(
         run.errors == want.errors,
@@ -1320,7 +1596,7 @@ async fn psql_per_server<const N: usize>(
     )?;
     c.check(
         run.ok && run.stdout == want.stdout,
-        format!("output {:?}", run.stdout),
+        format!("output {:?}, expected {:?}", run.stdout, want.stdout),
     )
 }
 
@@ -1391,6 +1667,135 @@ fn psql_transaction_error(name: &str, key: i64, [existing, inside, after]: [i64;
     }
 }
 
+/// A statement with parameters, for psql (15 has no `\bind`): each `$i`
+/// replaced by `literals[i - 1]`, from the last so that `$1` is not part of `$10`.
+fn with_literals(sql: &str, literals: &[String]) -> String {
+    let mut out = sql.to_string();
+    for (index, literal) in literals.iter().enumerate().rev() {
+        out = out.replace(&format!("${}", index + 1), literal);
+    }
+    out
+}
+
+/// `(user_id, item_id)` rows as psql -At prints them.
+fn psql_pairs(rows: &[(i64, i64)]) -> Vec<String> {
+    rows.iter()
+        .map(|(user, item)| format!("{user}|{item}"))
+        .collect()
+}
+
+/// A value as psql -At prints it (NULL: nothing).
+fn psql_value<T: std::fmt::Display>(value: Option<T>) -> String {
+    value.map(|v| v.to_string()).unwrap_or_default()
+}
+
+/// Aggregates with no key (count/sum/min/max, and GROUP BY/HAVING on a
+/// non-key) in the simple protocol: the proxy combines the servers' partial
+/// results.
+async fn psql_scatter_aggregate(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let rows = aggregate_rows(m, c);
+    let mut want = PsqlPart::default();
+    for &(key, item, n) in &rows {
+        want.script.push_str(&format!(
+            "INSERT INTO drv (user_id, item_id, note, n) VALUES ({key}, {item}, '{}', {n});\n",
+            c.name
+        ));
+        c.present(key, item);
+    }
+    let note = [format!("'{}'", c.name)];
+    want.script
+        .push_str(&format!("{};\n", with_literals(TOTALS, &note)));
+    let (count, sum, min, max) = expected_totals(&rows);
+    want.stdout.push(format!(
+        "{count}|{}|{}|{}",
+        psql_value(sum),
+        psql_value(min),
+        psql_value(max)
+    ));
+    want.script
+        .push_str(&format!("{};\n", with_literals(GROUPS, &note)));
+    for (rest, count, sum) in expected_groups(&rows) {
+        want.stdout
+            .push(format!("{}|{count}|{}", psql_value(rest), psql_value(sum)));
+    }
+    c.step = "psql: keyless aggregates over all servers".into();
+    psql_expect(m, c, &want).await
+}
+
+/// `user_id = ANY('{...}')` and `user_id IN (...)` with keys on every server,
+/// ORDER BY user_id DESC LIMIT OFFSET: the proxy merges the servers' sorted
+/// rows.
+async fn psql_scatter_any_order_limit_offset(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let rows = page_rows(m, c);
+    let mut want = PsqlPart::default();
+    for &(key, item) in &rows {
+        want.script.push_str(&format!(
+            "INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {item}, '{}');\n",
+            c.name
+        ));
+        c.present(key, item);
+    }
+    let mut ids: Vec<i64> = rows.iter().map(|r| r.0).collect();
+    ids.sort();
+    ids.dedup();
+    let keys: Vec<String> = ids.iter().map(i64::to_string).collect();
+    let note = format!("'{}'", c.name);
+    let array = format!("'{{{}}}'::bigint[]", keys.join(","));
+    let any = with_literals(&page_sql(), &[array, note.clone()]);
+    let in_list = with_literals(
+        &page_sql().replace("= ANY($1)", "IN ($1)"),
+        &[keys.join(", "), note],
+    );
+    let page = psql_pairs(&expected_page(&rows));
+    for sql in [any, in_list] {
+        want.script.push_str(&format!("{sql};\n"));
+        want.stdout.extend(page.iter().cloned());
+    }
+    c.step = format!("psql: ANY and IN over {keys:?}, ORDER BY LIMIT OFFSET");
+    psql_expect(m, c, &want).await
+}
+
+/// In a transaction (one per server): INSERT, then a read across servers sees
+/// the transaction's row beside the committed ones; after ROLLBACK it no
+/// longer does.
+async fn psql_scatter_read_in_transaction(m: &Matrix, c: &mut Ctx) -> Result<(), String> {
+    let mut want = PsqlPart::default();
+    let marked = with_literals(MARKED, &[format!("'{}'", c.name)]);
+    let mut committed = Vec::new();
+    for key in m.per_server() {
+        let item = c.item();
+        want.script.push_str(&format!(
+            "INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {item}, '{}');\n",
+            c.name
+        ));
+        c.present(key, item);
+        committed.push((key, item));
+    }
+    committed.sort();
+    for key in m.per_server() {
+        let item = c.item();
+        want.script.push_str(&format!(
+            "BEGIN;\n\
+             INSERT INTO drv (user_id, item_id, note) VALUES ({key}, {item}, '{}');\n\
+             {marked};\n\
+             ROLLBACK;\n\
+             {marked};\n",
+            c.name
+        ));
+        let mut inside = committed.clone();
+        inside.push((key, item));
+        inside.sort();
+        want.stdout.extend(psql_pairs(&inside));
+        want.stdout.extend(psql_pairs(&committed));
+        c.absent(key, item);
+    }
+    c.step = format!(
+        "psql: transactions with reads across servers over {:?}",
+        m.per_server()
+    );
+    psql_expect(m, c, &want).await
+}
+
 /// `\bind` (psql 16 and later): the extended protocol from psql.
 fn psql_bind(name: &str, key: i64, [item]: [i64; 1]) -> PsqlPart {
     PsqlPart {
@@ -1434,6 +1839,10 @@ async fn psql_cases() {
         c => psql_per_server(&m, c, "duplicate keys", psql_duplicate_key));
     case!(report, "transaction_error_25p02_rollback",
         c => psql_per_server(&m, c, "transaction errors", psql_transaction_error));
+    case!(report, "scatter_aggregate_all_servers", c => psql_scatter_aggregate(&m, c));
+    case!(report, "scatter_any_order_limit_offset",
+        c => psql_scatter_any_order_limit_offset(&m, c));
+    case!(report, "scatter_read_in_transaction", c => psql_scatter_read_in_transaction(&m, c));
     if major.unwrap_or(0) >= 16 {
         case!(report, "bind_extended_protocol", c => psql_per_server(&m, c, "\\bind", psql_bind));
     } else {

@@ -1,7 +1,7 @@
 // pgjdbc cases of shardline's driver matrix (run by tests/tests/drivers.rs).
 //
 // Usage: java -cp /usr/share/java/postgresql.jar JdbcCases.java HOST PORT KEYS [CASE...]
-//   KEYS  user ids per server, e.g. "pg1=3,7;pg2=1,2;pg3=5,6" (every statement names one of them)
+//   KEYS  user ids per server, e.g. "pg1=3,7;pg2=1,2;pg3=5,6" (every write names one of them; the scatter cases also read across servers)
 //   CASE  run only these cases (default: all)
 //
 // pgjdbc uses the extended protocol for every statement: unnamed statements until a
@@ -449,6 +449,165 @@ public class JdbcCases {
         }
     }
 
+    // --- Reads across servers (scatter-gather). Every row a scatter case writes carries the
+    // case's name as its note, and its reads filter on that note: earlier cases' rows on the
+    // same keys are not part of its answers.
+
+    // Keyless: every server answers.
+    static final String MARKED = "SELECT user_id, item_id FROM drv WHERE note = ? ORDER BY user_id, item_id";
+    // The page starts inside one server's rows and ends in another's (6 keys of 2 rows each).
+    static final int PAGE_LIMIT = 5;
+    static final int PAGE_OFFSET = 3;
+
+    static List<List<Long>> pairs(ResultSet rs) throws SQLException {
+        List<List<Long>> out = new ArrayList<>();
+        while (rs.next()) {
+            out.add(List.of(rs.getLong(1), rs.getLong(2)));
+        }
+        return out;
+    }
+
+    static List<List<Long>> marked(Connection conn, String note) throws SQLException {
+        try (PreparedStatement ps = conn.prepareStatement(MARKED)) {
+            ps.setString(1, note);
+            try (ResultSet rs = ps.executeQuery()) {
+                return pairs(rs);
+            }
+        }
+    }
+
+    static final java.util.Comparator<List<Long>> BY_KEY_THEN_ITEM =
+            java.util.Comparator.<List<Long>, Long>comparing(r -> r.get(0)).thenComparing(r -> r.get(1));
+
+    // Aggregates with no key (count/sum/min/max, and GROUP BY/HAVING on a non-key): every
+    // server answers and the proxy combines the partial results.
+    static void scatterAggregateAllServers(Case c, Connection conn) throws Exception {
+        List<Long> keys = spread(9);
+        long count = 0;
+        long sum = 0;
+        int min = Integer.MAX_VALUE;
+        int max = Integer.MIN_VALUE;
+        Map<Integer, long[]> groups = new java.util.TreeMap<>();
+        try (PreparedStatement ps = conn.prepareStatement("INSERT INTO drv (user_id, item_id, note, n) VALUES (?, ?, ?, ?)")) {
+            for (int i = 0; i < keys.size(); i++) {
+                long key = keys.get(i);
+                long item = c.item();
+                int n = 10 * i + (int) (key % 7);
+                c.step = "INSERT " + where(key);
+                ps.setLong(1, key);
+                ps.setLong(2, item);
+                ps.setString(3, c.name);
+                ps.setInt(4, n);
+                ps.executeUpdate();
+                c.present(key, item);
+                count++;
+                sum += n;
+                min = Math.min(min, n);
+                max = Math.max(max, n);
+                long[] group = groups.computeIfAbsent(n % 3, r -> new long[2]);
+                group[0]++;
+                group[1] += n;
+            }
+        }
+        c.step = "count/sum/min/max over all servers";
+        try (PreparedStatement ps = conn.prepareStatement("SELECT count(*), sum(n), min(n), max(n) FROM drv WHERE note = ?")) {
+            ps.setString(1, c.name);
+            try (ResultSet rs = ps.executeQuery()) {
+                c.check(rs.next(), "no row");
+                List<Long> got = List.of(rs.getLong(1), rs.getLong(2), rs.getLong(3), rs.getLong(4));
+                List<Long> want = List.of(count, sum, (long) min, (long) max);
+                c.check(got.equals(want), "got " + got + ", expected " + want);
+                c.check(!rs.next(), "more than one row");
+            }
+        }
+        List<List<Long>> wantGroups = new ArrayList<>();
+        for (Map.Entry<Integer, long[]> g : groups.entrySet()) {
+            if (g.getValue()[0] > 1) {
+                wantGroups.add(List.of((long) g.getKey(), g.getValue()[0], g.getValue()[1]));
+            }
+        }
+        c.step = "GROUP BY n % 3 HAVING over all servers";
+        try (PreparedStatement ps = conn.prepareStatement(
+                "SELECT n % 3, count(*), sum(n) FROM drv WHERE note = ? GROUP BY n % 3 HAVING count(*) > 1 ORDER BY n % 3")) {
+            ps.setString(1, c.name);
+            try (ResultSet rs = ps.executeQuery()) {
+                List<List<Long>> got = new ArrayList<>();
+                while (rs.next()) {
+                    got.add(List.of(rs.getLong(1), rs.getLong(2), rs.getLong(3)));
+                }
+                c.check(got.equals(wantGroups), "got " + got + ", expected " + wantGroups);
+            }
+        }
+    }
+
+    // user_id = ANY(?) with an array of keys on every server (createArrayOf), ORDER BY user_id
+    // DESC LIMIT OFFSET: the proxy merges the servers' sorted rows. The PreparedStatement runs
+    // 6 times: from the 5th run on (prepareThreshold) it is a named server-side statement.
+    static void scatterAnyOrderLimitOffset(Case c, Connection conn) throws Exception {
+        List<List<Long>> rows = new ArrayList<>();
+        for (long key : spread(6)) {
+            for (int i = 0; i < 2; i++) {
+                long item = c.item();
+                c.step = "INSERT " + where(key);
+                insert(conn, key, item, c.name);
+                c.present(key, item);
+                rows.add(List.of(key, item));
+            }
+        }
+        Long[] keys = rows.stream().map(r -> r.get(0)).distinct().sorted().toArray(Long[]::new);
+        List<List<Long>> sorted = new ArrayList<>(rows);
+        sorted.sort(java.util.Comparator.<List<Long>, Long>comparing(r -> -r.get(0)).thenComparing(r -> r.get(1)));
+        List<List<Long>> want = sorted.subList(PAGE_OFFSET, PAGE_OFFSET + PAGE_LIMIT);
+        try (PreparedStatement ps = conn.prepareStatement(
+                "SELECT user_id, item_id FROM drv WHERE user_id = ANY(?) AND note = ? "
+                        + "ORDER BY user_id DESC, item_id LIMIT " + PAGE_LIMIT + " OFFSET " + PAGE_OFFSET)) {
+            ps.setArray(1, conn.createArrayOf("bigint", keys));
+            ps.setString(2, c.name);
+            for (int run = 1; run <= 6; run++) {
+                c.step = "ANY(" + Arrays.toString(keys) + ") ORDER BY LIMIT OFFSET, run " + run;
+                try (ResultSet rs = ps.executeQuery()) {
+                    List<List<Long>> got = pairs(rs);
+                    c.check(got.equals(want), "rows " + got + ", expected " + want);
+                }
+            }
+            c.check(ps.unwrap(org.postgresql.PGStatement.class).isUseServerPrepare(), "the SELECT never became a server-side prepared statement");
+        }
+    }
+
+    // In a transaction (setAutoCommit(false), one per server): INSERT, then a read across
+    // servers sees the transaction's row beside the committed ones; after rollback it no
+    // longer does.
+    static void scatterReadInTransaction(Case c, Connection conn) throws Exception {
+        List<List<Long>> committed = new ArrayList<>();
+        for (long key : perServer()) {
+            long item = c.item();
+            c.step = "committed INSERT " + where(key);
+            insert(conn, key, item, c.name);
+            c.present(key, item);
+            committed.add(List.of(key, item));
+        }
+        committed.sort(BY_KEY_THEN_ITEM);
+        conn.setAutoCommit(false);
+        for (long key : perServer()) {
+            long item = c.item();
+            c.step = "INSERT in transaction " + where(key);
+            insert(conn, key, item, c.name);
+            c.step = "read across servers in the transaction of " + where(key);
+            List<List<Long>> want = new ArrayList<>(committed);
+            want.add(List.of(key, item));
+            want.sort(BY_KEY_THEN_ITEM);
+            List<List<Long>> got = marked(conn, c.name);
+            c.check(got.equals(want), "rows " + got + ", expected " + want);
+            c.step = "rollback " + where(key);
+            conn.rollback();
+            c.step = "read across servers after rollback " + where(key);
+            got = marked(conn, c.name);
+            conn.commit();
+            c.check(got.equals(committed), "rows " + got + ", expected " + committed);
+            c.absent(key, item);
+        }
+    }
+
     static final LinkedHashMap<String, Body> CASES = new LinkedHashMap<>();
 
     static {
@@ -462,6 +621,9 @@ public class JdbcCases {
         CASES.put("transaction_commit_and_rollback", JdbcCases::transactionCommitAndRollback);
         CASES.put("duplicate_key_then_usable", JdbcCases::duplicateKeyThenUsable);
         CASES.put("transaction_error_25p02_rollback", JdbcCases::transactionError25p02Rollback);
+        CASES.put("scatter_aggregate_all_servers", JdbcCases::scatterAggregateAllServers);
+        CASES.put("scatter_any_order_limit_offset", JdbcCases::scatterAnyOrderLimitOffset);
+        CASES.put("scatter_read_in_transaction", JdbcCases::scatterReadInTransaction);
     }
 
     public static void main(String[] args) throws Exception {

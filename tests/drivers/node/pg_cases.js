@@ -2,7 +2,7 @@
 // node-postgres (pg) cases of shardline's driver matrix (run by tests/tests/drivers.rs).
 //
 // Usage: node pg_cases.js HOST PORT KEYS [CASE...]
-//   KEYS  user ids per server, e.g. "pg1=3,7;pg2=1,2;pg3=5,6" (every statement names one of them)
+//   KEYS  user ids per server, e.g. "pg1=3,7;pg2=1,2;pg3=5,6" (every write names one of them; the scatter cases also read across servers)
 //   CASE  run only these cases (default: all)
 //
 // node-postgres sends a query without values with the simple protocol; with values as one
@@ -95,6 +95,20 @@ const NOTE = 'SELECT note FROM drv WHERE user_id = $1 AND item_id = $2';
 
 // int8 comes back as a string by default: compare numbers.
 const num = (v) => (v === null ? null : Number(v));
+
+// --- Reads across servers (scatter-gather). Every row a scatter case writes carries the
+// case's name as its note, and its reads filter on that note: earlier cases' rows on the
+// same keys are not part of its answers.
+const INSERT_N = 'INSERT INTO drv (user_id, item_id, note, n) VALUES ($1, $2, $3, $4)';
+// Keyless: every server answers.
+const MARKED = 'SELECT user_id, item_id FROM drv WHERE note = $1 ORDER BY user_id, item_id';
+// The page starts inside one server's rows and ends in another's (6 keys of 2 rows each).
+const PAGE_LIMIT = 5;
+const PAGE_OFFSET = 3;
+const PAGE = 'SELECT user_id, item_id FROM drv WHERE user_id = ANY($1) AND note = $2 '
+  + `ORDER BY user_id DESC, item_id LIMIT ${PAGE_LIMIT} OFFSET ${PAGE_OFFSET}`;
+const pairs = (r) => r.rows.map((x) => [num(x.user_id), num(x.item_id)]);
+const byKeyThenItem = (a, b) => a[0] - b[0] || a[1] - b[1];
 
 const cases = {
   // A query without values: the simple protocol.
@@ -246,6 +260,82 @@ const cases = {
       c.present(key, existing);
       c.absent(key, inside);
       c.present(key, after);
+    }
+  },
+  // Aggregates with no key (count/sum/min/max, and GROUP BY/HAVING on a non-key): every
+  // server answers and the proxy combines the partial results.
+  async scatter_aggregate_all_servers(c, client) {
+    const rows = spread(9).map((key, i) => [key, c.item(), 10 * i + (key % 7)]);
+    for (const [key, item, n] of rows) {
+      c.step = `INSERT ${where(key)}`;
+      await client.query(INSERT_N, [key, item, c.name, n]);
+      c.present(key, item);
+    }
+    const ns = rows.map((r) => r[2]);
+    const want = [ns.length, ns.reduce((a, b) => a + b, 0), Math.min(...ns), Math.max(...ns)];
+    c.step = 'count/sum/min/max over all servers';
+    const r = await client.query('SELECT count(*) AS count, sum(n) AS sum, min(n) AS min, max(n) AS max FROM drv WHERE note = $1', [c.name]);
+    const got = r.rows.map((x) => [num(x.count), num(x.sum), x.min, x.max]);
+    c.check(isDeepStrictEqual(got, [want]), `got ${JSON.stringify(got)}, expected ${JSON.stringify([want])}`);
+    const groups = new Map();
+    for (const n of ns) groups.set(n % 3, (groups.get(n % 3) || []).concat([n]));
+    const wantGroups = [...groups.entries()]
+      .filter(([, g]) => g.length > 1)
+      .sort((a, b) => a[0] - b[0])
+      .map(([rest, g]) => [rest, g.length, g.reduce((a, b) => a + b, 0)]);
+    c.step = 'GROUP BY n % 3 HAVING over all servers';
+    const g = await client.query(
+      'SELECT n % 3 AS rest, count(*) AS count, sum(n) AS sum FROM drv WHERE note = $1 GROUP BY n % 3 HAVING count(*) > 1 ORDER BY n % 3',
+      [c.name],
+    );
+    const gotGroups = g.rows.map((x) => [x.rest, num(x.count), num(x.sum)]);
+    c.check(isDeepStrictEqual(gotGroups, wantGroups), `got ${JSON.stringify(gotGroups)}, expected ${JSON.stringify(wantGroups)}`);
+  },
+
+  // user_id = ANY($1) with an array of keys on every server, ORDER BY user_id DESC LIMIT
+  // OFFSET: the proxy merges the servers' sorted rows. Unnamed, then a named statement
+  // (parsed once, bound twice).
+  async scatter_any_order_limit_offset(c, client) {
+    const rows = spread(6).flatMap((key) => [[key, c.item()], [key, c.item()]]);
+    const keys = [...new Set(rows.map((r) => r[0]))].sort((a, b) => a - b);
+    for (const [key, item] of rows) {
+      c.step = `INSERT ${where(key)}`;
+      await client.query(INSERT, [key, item, c.name]);
+      c.present(key, item);
+    }
+    const want = [...rows].sort((a, b) => b[0] - a[0] || a[1] - b[1]).slice(PAGE_OFFSET, PAGE_OFFSET + PAGE_LIMIT);
+    for (const name of [undefined, 'scatter_page', 'scatter_page']) {
+      c.step = `ANY(${JSON.stringify(keys)}) ORDER BY LIMIT OFFSET, ${name ? 'named' : 'unnamed'} statement`;
+      const got = pairs(await client.query({ name, text: PAGE, values: [keys, c.name] }));
+      c.check(isDeepStrictEqual(got, want), `rows ${JSON.stringify(got)}, expected ${JSON.stringify(want)}`);
+    }
+  },
+
+  // In a transaction (one per server): INSERT, then a read across servers sees the
+  // transaction's row beside the committed ones; after ROLLBACK it no longer does.
+  async scatter_read_in_transaction(c, client) {
+    const committed = perServer().map((key) => [key, c.item()]);
+    for (const [key, item] of committed) {
+      c.step = `committed INSERT ${where(key)}`;
+      await client.query(INSERT, [key, item, c.name]);
+      c.present(key, item);
+    }
+    const before = [...committed].sort(byKeyThenItem);
+    for (const key of perServer()) {
+      const item = c.item();
+      c.step = `BEGIN and INSERT ${where(key)}`;
+      await client.query('BEGIN');
+      await client.query(INSERT, [key, item, c.name]);
+      c.step = `read across servers in the transaction of ${where(key)}`;
+      const inside = pairs(await client.query(MARKED, [c.name]));
+      const want = [...committed, [key, item]].sort(byKeyThenItem);
+      c.check(isDeepStrictEqual(inside, want), `rows ${JSON.stringify(inside)}, expected ${JSON.stringify(want)}`);
+      c.step = `ROLLBACK ${where(key)}`;
+      await client.query('ROLLBACK');
+      c.step = `read across servers after ROLLBACK ${where(key)}`;
+      const after = pairs(await client.query(MARKED, [c.name]));
+      c.check(isDeepStrictEqual(after, before), `rows ${JSON.stringify(after)}, expected ${JSON.stringify(before)}`);
+      c.absent(key, item);
     }
   },
 };
