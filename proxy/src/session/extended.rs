@@ -71,8 +71,12 @@ pub(super) struct BindPlan {
 pub(super) struct Portals(Vec<(String, PortalUse)>);
 
 impl Portals {
-    pub(super) fn get(&self, name: &str) -> Option<&PortalUse> {
-        self.0.iter().rev().find(|(n, _)| n == name).map(|(_, u)| u)
+    /// A cursor to walk the request's items with, in order.
+    pub(super) fn cursor(&self) -> PortalCursor<'_> {
+        PortalCursor {
+            portals: self,
+            binds_seen: 0,
+        }
     }
 
     pub(super) fn insert(&mut self, name: String, usage: PortalUse) {
@@ -81,6 +85,36 @@ impl Portals {
 
     pub(super) fn values(&self) -> impl Iterator<Item = &PortalUse> {
         self.0.iter().map(|(_, u)| u)
+    }
+}
+
+/// Resolves each item's portal to the Bind before it that bound that name:
+/// a name may be bound twice in one request (pgjdbc binds its BEGIN and the
+/// statement after it both to the unnamed portal), so a lookup by name alone
+/// would give the BEGIN's Execute the statement's use.
+pub(super) struct PortalCursor<'a> {
+    portals: &'a Portals,
+    binds_seen: usize,
+}
+
+impl<'a> PortalCursor<'a> {
+    /// The use of the portal `item` binds, describes, executes or closes
+    /// (None for other items, and for a portal this request did not bind).
+    /// Call it for every item, in order.
+    pub(super) fn step(&mut self, item: &Item) -> Option<&'a PortalUse> {
+        let name = match item {
+            Item::Bind(_, bind, _) => {
+                self.binds_seen += 1;
+                &bind.portal
+            }
+            Item::Execute(_, portal) => portal,
+            Item::Describe(_, target, _) | Item::Close(_, target) if target.kind == b'P' => {
+                &target.name
+            }
+            _ => return None,
+        };
+        let bound = &self.portals.0[..self.binds_seen.min(self.portals.0.len())];
+        bound.iter().rev().find(|(n, _)| n == name).map(|(_, u)| u)
     }
 }
 
@@ -480,18 +514,20 @@ impl Session {
     /// Whether any message of the request must reach a server.
     pub(super) fn needs_backend(&self, items: &[Item], portals: &Portals) -> bool {
         let statement_runs = |statement: &Prepared| !is_tx_control(statement.command());
-        let portal_runs = |name: &str| !matches!(portals.get(name), Some(PortalUse::Answer(_)));
-        items.iter().any(|item| match item {
-            Item::Parse(_, _, statement) => statement_runs(statement),
-            Item::Bind(_, bind, _) => portal_runs(&bind.portal),
-            Item::Describe(_, target, statement) if target.kind == b'S' => {
-                statement.as_deref().is_some_and(statement_runs)
+        let mut cursor = portals.cursor();
+        items.iter().any(|item| {
+            let portal_runs = !matches!(cursor.step(item), Some(PortalUse::Answer(_)));
+            match item {
+                Item::Parse(_, _, statement) => statement_runs(statement),
+                Item::Describe(_, target, statement) if target.kind == b'S' => {
+                    statement.as_deref().is_some_and(statement_runs)
+                }
+                Item::Bind(..) | Item::Execute(..) => portal_runs,
+                Item::Describe(_, target, _) | Item::Close(_, target) => {
+                    target.kind == b'P' && portal_runs
+                }
+                Item::Sync(_) | Item::Flush(_) => false,
             }
-            Item::Describe(_, target, _) | Item::Close(_, target) if target.kind == b'P' => {
-                portal_runs(&target.name)
-            }
-            Item::Execute(_, portal) => portal_runs(portal),
-            _ => false,
         }) || (self.unsynced && self.lease.is_some())
     }
 
@@ -526,8 +562,10 @@ impl Session {
         if keep {
             Metrics::add(&self.shared.metrics.kept_prepared_runs, 1);
         }
+        let mut cursor = portals.cursor();
         for item in items {
             let live = prepared.is_some();
+            let portal = cursor.step(item);
             match item {
                 Item::Parse(frame, parse, statement) => {
                     let runs = !is_tx_control(statement.command());
@@ -548,7 +586,7 @@ impl Session {
                 }
                 Item::Bind(frame, bind, statement) => {
                     let forwarded =
-                        live && matches!(portals.get(&bind.portal), Some(PortalUse::Forward));
+                        live && matches!(portal, Some(PortalUse::Forward));
                     match (forwarded, statement, prepared.as_deref_mut()) {
                         (true, Some(statement), Some(set)) => {
                             if bind.statement.is_empty() && !keep {
@@ -568,7 +606,7 @@ impl Session {
                     }
                 }
                 Item::Describe(frame, target, _) if target.kind == b'P' => {
-                    match portals.get(&target.name) {
+                    match portal {
                         Some(PortalUse::Answer(_)) => plan.synthetic(simple_reply(b'n')),
                         _ if live => plan.send(&frame.raw, End::Describe),
                         _ => plan.synthetic(simple_reply(b'n')),
@@ -616,7 +654,7 @@ impl Session {
                         }
                     }
                 }
-                Item::Execute(frame, portal) => match portals.get(portal) {
+                Item::Execute(frame, name) => match portal {
                     Some(PortalUse::Answer(tag)) => {
                         let mut out = BytesMut::new();
                         messages::command_complete(tag, &mut out);
@@ -629,7 +667,7 @@ impl Session {
                             b'E',
                             "ERROR",
                             "34000",
-                            &format!("portal \"{portal}\" does not exist"),
+                            &format!("portal \"{name}\" does not exist"),
                             None,
                             &mut out,
                         );
@@ -641,7 +679,7 @@ impl Session {
                     // only forgets it for this client (done when decoded).
                     if target.kind == b'P'
                         && live
-                        && !matches!(portals.get(&target.name), Some(PortalUse::Answer(_)))
+                        && !matches!(portal, Some(PortalUse::Answer(_)))
                     {
                         plan.send(&frame.raw, End::CloseComplete);
                     } else {

@@ -148,19 +148,24 @@ impl Session {
         servers: &[String],
         synced: bool,
     ) -> Result<(), SessionError> {
+        let uses: Vec<Option<&PortalUse>> = {
+            let mut cursor = portals.cursor();
+            items.iter().map(|item| cursor.step(item)).collect()
+        };
+        let scatters = |item: &Item, usage: &Option<&PortalUse>| {
+            matches!(usage, Some(PortalUse::Forward)) && matches!(item, Item::Bind(..))
+        };
         let forwarded: Vec<(&Bind, &Arc<Prepared>)> = items
             .iter()
-            .filter_map(|item| match item {
-                Item::Bind(_, bind, Some(statement))
-                    if matches!(portals.get(&bind.portal), Some(PortalUse::Forward)) =>
-                {
-                    Some((bind, statement))
-                }
+            .zip(&uses)
+            .filter(|(item, usage)| scatters(item, usage))
+            .filter_map(|(item, _)| match item {
+                Item::Bind(_, bind, Some(statement)) => Some((bind, statement)),
                 _ => None,
             })
             .collect();
         let refusal = match forwarded.as_slice() {
-            [(bind, _)] => items.iter().find_map(|item| match item {
+            [_] => items.iter().find_map(|item| match item {
                 Item::Describe(_, target, Some(statement))
                     if target.kind == b'S' && !is_tx_control(statement.command()) =>
                 {
@@ -170,7 +175,10 @@ impl Session {
             }).or_else(|| {
                 let executes = items
                     .iter()
-                    .filter(|item| matches!(item, Item::Execute(_, portal) if *portal == bind.portal))
+                    .zip(&uses)
+                    .filter(|(item, usage)| {
+                        matches!(item, Item::Execute(..)) && matches!(usage, Some(PortalUse::Forward))
+                    })
                     .count();
                 (executes != 1).then_some("a read across servers must be executed once in the request that binds it")
             }),
@@ -191,13 +199,14 @@ impl Session {
         self.enter_answered_state(tx_state, portals);
         let mut describe = false;
         let mut failed = false;
-        for item in items {
+        for (item, usage) in items.iter().zip(&uses) {
+            let scatter_portal = matches!(usage, Some(PortalUse::Forward));
             match item {
                 Item::Parse(..) => messages::empty(b'1', &mut self.client.out),
                 Item::Bind(..) => messages::empty(b'2', &mut self.client.out),
                 Item::Close(..) => messages::empty(b'3', &mut self.client.out),
                 Item::Describe(_, target, _) if target.kind == b'P' => {
-                    if target.name == bind.portal {
+                    if scatter_portal {
                         // Its RowDescription comes with the rows.
                         describe = true;
                     } else {
@@ -209,7 +218,7 @@ impl Session {
                     rows::no_parameters(&mut self.client.out);
                     messages::empty(b'n', &mut self.client.out);
                 }
-                Item::Execute(frame, portal) if *portal == bind.portal => {
+                Item::Execute(frame, _) if scatter_portal => {
                     let limit = execute_row_limit(&frame.body());
                     let scatter = ScatterStatement {
                         param_types: statement.param_types.clone(),
@@ -225,8 +234,8 @@ impl Session {
                         break;
                     }
                 }
-                Item::Execute(_, portal) => {
-                    if let Some(PortalUse::Answer(tag)) = portals.get(portal) {
+                Item::Execute(..) => {
+                    if let Some(PortalUse::Answer(tag)) = usage {
                         messages::command_complete(tag, &mut self.client.out);
                     }
                 }
