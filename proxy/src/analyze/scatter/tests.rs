@@ -186,8 +186,8 @@ fn order_by_becomes_a_merge_on_hidden_key_columns() {
     let p = plan_of("SELECT photo_id, taken FROM photos ORDER BY taken DESC, photo_id LIMIT 20");
     assert_eq!(
         p.partial_sql,
-        "SELECT photo_id, taken, (taken) AS _sl_k0, pg_collation_for(CASE WHEN false THEN ((taken))::TEXT END) AS _sl_c0, \
-         (photo_id) AS _sl_k1, pg_collation_for(CASE WHEN false THEN ((photo_id))::TEXT END) AS _sl_c1 \
+        "SELECT photo_id, taken, (taken) AS _sl_k0, (SELECT pg_collation_for(CASE WHEN false THEN ((taken))::TEXT END)) AS _sl_c0, \
+         (photo_id) AS _sl_k1, (SELECT pg_collation_for(CASE WHEN false THEN ((photo_id))::TEXT END)) AS _sl_c1 \
          FROM photos ORDER BY taken DESC, photo_id LIMIT 20"
     );
     assert_eq!(keys(&p), vec![(true, true), (false, false)]);
@@ -238,7 +238,7 @@ fn order_by_aliases_positions_and_expressions_resolve_like_postgres() {
     let p = plan_of("SELECT * FROM photos ORDER BY taken COLLATE \"C\" DESC");
     assert!(p
         .partial_sql
-        .contains("pg_collation_for(CASE WHEN false THEN ((taken COLLATE \"C\"))::TEXT END) AS _sl_c0"));
+        .contains("(SELECT pg_collation_for(CASE WHEN false THEN ((taken COLLATE \"C\"))::TEXT END)) AS _sl_c0"));
     assert_eq!((p.visible, p.hidden), (0, 2));
 }
 
@@ -280,7 +280,7 @@ fn grouping_by_the_sharding_key_runs_any_aggregate_on_the_servers() {
     assert_eq!(
         p.partial_sql,
         "SELECT user_id, count(*), string_agg(caption, ',' ORDER BY taken), \
-         (count(*)) AS _sl_k0, pg_collation_for(CASE WHEN false THEN ((count(*)))::TEXT END) AS _sl_c0 FROM photos \
+         (count(*)) AS _sl_k0, (SELECT pg_collation_for(CASE WHEN false THEN ((count(*)))::TEXT END)) AS _sl_c0 FROM photos \
          GROUP BY user_id HAVING count(*) > $1 ORDER BY 2 DESC LIMIT 5"
     );
     assert_eq!((p.visible, p.hidden), (3, 2));
