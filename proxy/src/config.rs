@@ -39,6 +39,9 @@ pub struct ProxyConfig {
     pub tls: TlsSettings,
     #[serde(default)]
     pub scatter: ScatterSettings,
+    /// Transactions that write on several servers.
+    #[serde(default)]
+    pub transactions: TransactionSettings,
     /// Where to serve Prometheus metrics (`GET /metrics`); off when unset.
     #[serde(default)]
     pub metrics_listen: Option<String>,
@@ -73,6 +76,36 @@ impl Default for ScatterSettings {
             enabled: true,
             max_combine_rows: default_max_combine_rows(),
         }
+    }
+}
+
+/// Transactions that reach several servers.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransactionSettings {
+    /// `2pc` (default): a transaction may run statements on several servers
+    /// and commits on all of them with two-phase commit (the servers need
+    /// `max_prepared_transactions` > 0). `refuse`: the first statement for a
+    /// second server gets SQLSTATE 0A000, as before. A session can change
+    /// it with `SET shardline.cross_server`.
+    #[serde(default)]
+    pub cross_server: CrossServer,
+}
+
+/// See [`TransactionSettings::cross_server`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum CrossServer {
+    #[default]
+    #[serde(rename = "2pc")]
+    TwoPhase,
+    #[serde(rename = "refuse")]
+    Refuse,
+}
+
+impl TransactionSettings {
+    /// Whether transactions may extend to a second server.
+    pub fn two_phase(&self) -> bool {
+        self.cross_server == CrossServer::TwoPhase
     }
 }
 
@@ -273,6 +306,7 @@ impl Default for ProxyConfig {
             backend: Credentials::default(),
             limits: Limits::default(),
             scatter: ScatterSettings::default(),
+            transactions: TransactionSettings::default(),
             tls: TlsSettings::default(),
             metrics_listen: None,
         }

@@ -19,6 +19,7 @@ use crate::config::ProxyConfig;
 use crate::liveness::Liveness;
 use crate::metrics::Metrics;
 use crate::pool::Pools;
+use crate::two_phase::TwoPhase;
 
 /// The context of one serving thread: everything its sessions share.
 pub struct Shared {
@@ -46,6 +47,11 @@ pub struct Shared {
     /// Acknowledged map version and lease-based permission to serve, shared
     /// by every serving thread and the registry.
     pub liveness: Arc<Liveness>,
+    /// Decisions and ids of this process's two-phase commits (shared by
+    /// every serving thread).
+    pub two_phase: Arc<TwoPhase>,
+    /// Servers known to accept PREPARE TRANSACTION.
+    pub prepares: Mutex<rustc_hash::FxHashSet<String>>,
 }
 
 impl Shared {
@@ -88,6 +94,8 @@ impl Shared {
             tls: None,
             metrics: Metrics::default(),
             liveness: Liveness::new(true),
+            two_phase: Arc::new(TwoPhase::unconfigured()),
+            prepares: Mutex::new(Default::default()),
         }
     }
 }

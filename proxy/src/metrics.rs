@@ -21,6 +21,13 @@ pub struct Metrics {
     pub stale_plan_retries: AtomicU64,
     /// Reads that ran on several servers and were merged by the proxy.
     pub scatter_reads: AtomicU64,
+    /// Transactions that reached a second server.
+    pub cross_server_transactions: AtomicU64,
+    /// Two-phase commits: committed, rolled back (a PREPARE or the decision
+    /// failed), and ended with an unknown outcome (left to recovery).
+    pub two_phase_commits: AtomicU64,
+    pub two_phase_rollbacks: AtomicU64,
+    pub two_phase_unknown: AtomicU64,
     /// Requests held because a partition was blocked, and for how long in total.
     pub held: AtomicU64,
     pub held_micros: AtomicU64,

@@ -44,7 +44,7 @@ impl ProxyCollector {
 /// The per-thread counters, summed: name (the encoder adds `_total`), help,
 /// and where the counter is.
 type CounterOf = fn(&Metrics) -> &AtomicU64;
-const COUNTERS: [(&str, &str, CounterOf); 9] = [
+const COUNTERS: [(&str, &str, CounterOf); 13] = [
     ("shardline_logins", "Client logins that succeeded.", |m| &m.logins),
     ("shardline_login_failures", "Client logins refused.", |m| &m.login_failures),
     (
@@ -76,6 +76,26 @@ const COUNTERS: [(&str, &str, CounterOf); 9] = [
         "shardline_scatter_reads",
         "Reads that ran on several servers and were merged by the proxy.",
         |m| &m.scatter_reads,
+    ),
+    (
+        "shardline_cross_server_transactions",
+        "Transactions that reached a second server.",
+        |m| &m.cross_server_transactions,
+    ),
+    (
+        "shardline_two_phase_commits",
+        "Transactions over several servers committed with two-phase commit.",
+        |m| &m.two_phase_commits,
+    ),
+    (
+        "shardline_two_phase_rollbacks",
+        "Two-phase commits rolled back because a server could not prepare or the decision could not be recorded.",
+        |m| &m.two_phase_rollbacks,
+    ),
+    (
+        "shardline_two_phase_unknown",
+        "Two-phase commits whose decision write to etcd had an unknown outcome (finished by recovery).",
+        |m| &m.two_phase_unknown,
     ),
     (
         "shardline_blocked_holds",

@@ -114,3 +114,89 @@ impl Drop for RebalancerProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A `shardline-proxy` process on a free port (trust auth); killed
+/// (SIGKILL) when dropped. The crash tests arm a failpoint with it.
+pub struct ProxyProcess {
+    pub child: std::process::Child,
+    pub port: u16,
+}
+
+impl ProxyProcess {
+    /// Starts one registered as `id`, crashing at `failpoint` if given;
+    /// waits until it accepts connections.
+    pub async fn start(
+        cluster: &TestCluster,
+        cluster_name: &str,
+        id: &str,
+        failpoint: Option<&str>,
+    ) -> ProxyProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut command =
+            std::process::Command::new(workspace_binary("proxy", "shardline-proxy"));
+        command
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--etcd", &cluster.etcd_endpoints().join(",")])
+            .args(["--cluster", cluster_name])
+            .args(["--auth-method", "trust"])
+            .args(["--id", id])
+            .env("SHARDLINE_LOG", "warn")
+            .env_remove("SHARDLINE_PROXY_CONFIG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(point) = failpoint {
+            command.env("SHARDLINE_FAILPOINT", point);
+        }
+        let process = ProxyProcess {
+            child: command.spawn().expect("start shardline-proxy"),
+            port,
+        };
+        let conninfo = process.conninfo();
+        let up = crate::eventually(Duration::from_secs(20), || {
+            let conninfo = conninfo.clone();
+            async move {
+                match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
+                    Ok((client, connection)) => {
+                        tokio::spawn(connection);
+                        client.simple_query("SELECT 1").await.is_ok()
+                    }
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+        assert!(up, "shardline-proxy {id} never served");
+        process
+    }
+
+    pub fn conninfo(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
+    }
+
+    /// Waits for the process to end by itself; `None` on timeout.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

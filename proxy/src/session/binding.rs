@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 use crate::cancel::CancelTarget;
 use crate::metrics::Metrics;
 use crate::pool::{Lease, Pool};
-use crate::route::{Route, RouteError};
+use crate::route::Route;
 use crate::wire::messages;
 
 use super::client::SessionError;
@@ -71,15 +71,16 @@ impl Session {
         let held = self.lease.as_ref().map(|l| l.server().to_string());
         let target = match (route.server(), &held) {
             (Some(server), Some(held)) if server != held => {
-                let error = RouteError::new(
-                    "0A000",
-                    format!("this statement runs on server {server}, but the transaction is on server {held}"),
-                    "a transaction stays on one server: start a new transaction for the other key",
-                );
-                self.route_error(&error);
-                self.fail_transaction().await;
-                self.end_failed_request(client_synced).await?;
-                return Ok(false);
+                // The transaction extends to another server (or is refused).
+                if let Err(failure) = self.switch_leg(server).await {
+                    self.client
+                        .error(&failure.code, &failure.message, Some(failure.hint));
+                    Metrics::add(&self.shared.metrics.route_errors, 1);
+                    self.fail_transaction().await;
+                    self.end_failed_request(client_synced).await?;
+                    return Ok(false);
+                }
+                server.to_string()
             }
             (Some(server), _) => server.to_string(),
             (None, Some(held)) => held.clone(),
@@ -160,6 +161,7 @@ impl Session {
         }
         if binds_tx {
             if let Tx::Deferred { prelude, .. } = &self.tx {
+                self.leg_prelude = super::legs::leg_prelude(prelude);
                 let mut out = BytesMut::new();
                 messages::query(&prelude.join("; "), &mut out);
                 plan.inject(&out, End::Query);
@@ -229,6 +231,7 @@ impl Session {
                 );
                 self.tx = if was_in_tx { Tx::Aborted } else { Tx::Idle };
                 self.tx_settings.clear();
+                self.roll_back_legs().await;
                 self.set_cancel_target(None);
                 drop(lease);
                 self.end_failed_request(client_synced).await?;
@@ -236,10 +239,18 @@ impl Session {
             }
         }
         let status = lease.status();
+        if status == b'I' && !self.legs.is_empty() {
+            // The transaction ended on one server only: the proxy stops
+            // every statement that could do this before it is sent, so
+            // this is a bug; the other legs roll back rather than commit.
+            tracing::error!(server = %target, "a transaction over several servers ended on one of them; rolling back the others");
+            self.roll_back_legs().await;
+        }
         if status == b'I' {
             if self.tx == Tx::Bound {
                 self.apply_tx_settings(outcome.committed);
                 self.tx = Tx::Idle;
+                self.leg_prelude = None;
             }
         } else {
             self.tx = Tx::Bound;

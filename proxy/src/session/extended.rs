@@ -22,7 +22,7 @@ use super::statements::{
     prepare_statement, Prepared,
 };
 use super::tx::{is_tx_control, Tx};
-use super::{cross_server, unsupported, Request, Session};
+use super::{cross_server, spans_servers, unsupported, Request, Session};
 
 /// An extended-protocol message of a request. Messages that name a
 /// statement carry the statement that name meant at that point of the
@@ -61,6 +61,9 @@ pub(super) struct BindPlan {
     pub(super) settings: Vec<ProxySetting>,
     pub(super) changes_session_state: bool,
     pub(super) drops_statements: bool,
+    /// Runs SAVEPOINT, SET LOCAL or the like on a server: the transaction
+    /// can no longer extend to another server.
+    pub(super) tx_scoped: bool,
     /// Every Bind is of a read-only statement (and there is at least one).
     pub(super) read_only: bool,
 }
@@ -124,6 +127,9 @@ pub(super) enum PortalUse {
     Forward,
     /// Transaction control answered by the proxy: CommandComplete tag.
     Answer(&'static str),
+    /// COMMIT (true) or ROLLBACK of a transaction that spans servers: the
+    /// proxy ends it on every server (see `legs`).
+    EndLegs(bool),
 }
 
 impl Session {
@@ -193,11 +199,18 @@ impl Session {
             settings,
             changes_session_state,
             drops_statements,
+            tx_scoped,
             read_only,
         } = match decided {
             Ok(decision) => decision,
             Err(error) => return self.refuse_extended(&error, synced).await,
         };
+        if tx_scoped {
+            self.leg_prelude = None;
+        }
+        if portals.values().any(|u| matches!(u, PortalUse::EndLegs(_))) {
+            return self.end_legs_extended(&items, &portals, synced).await;
+        }
         for setting in settings {
             self.apply_proxy_setting(setting);
         }
@@ -387,6 +400,7 @@ impl Session {
         let mut drops_statements = false;
         let mut binds = 0usize;
         let mut read_only = true;
+        let mut tx_scoped = false;
         let mut route = Route::Any;
         let mut tx = self.tx.clone();
         let mut before_forward: Option<Tx> = None;
@@ -420,6 +434,12 @@ impl Session {
                         };
                     }
                     PortalUse::Answer("BEGIN")
+                }
+                Command::Commit | Command::Rollback if !self.legs.is_empty() => {
+                    PortalUse::EndLegs(*command == Command::Commit)
+                }
+                Command::TransactionScoped if !self.legs.is_empty() => {
+                    return Err(spans_servers("SAVEPOINT, RELEASE, ROLLBACK TO and SET LOCAL"))
                 }
                 Command::Commit | Command::Rollback if !on_backend => {
                     let tag = if *command == Command::Commit && tx != Tx::Aborted { "COMMIT" } else { "ROLLBACK" };
@@ -456,6 +476,7 @@ impl Session {
             read_only &= matches!(command, Command::Data(d) if d.read_only);
             if matches!(usage, PortalUse::Forward) {
                 changes_session_state |= changes_session(command);
+                tx_scoped |= matches!(command, Command::TransactionScoped);
                 drops_statements |=
                     matches!(command, Command::Discard | Command::Deallocate { .. });
                 if before_forward.is_none() {
@@ -476,6 +497,7 @@ impl Session {
             settings,
             changes_session_state,
             drops_statements,
+            tx_scoped,
             // Preparing (Parse/Describe without Bind) uses the primary: a
             // replica may not have replayed the newest schema yet.
             read_only: binds > 0 && read_only,

@@ -25,6 +25,7 @@ mod combine;
 mod extended;
 mod gather;
 mod hold;
+mod legs;
 mod plan;
 mod relay;
 mod scatter;
@@ -103,7 +104,16 @@ pub struct Session {
     /// SETs made inside the open transaction: kept only if it commits.
     tx_settings: Vec<(String, Option<String>)>,
     tx: Tx,
+    /// The backend the transaction (or the unsynced request) is on; with a
+    /// transaction over several servers, the one its last statement used.
     lease: Option<Lease>,
+    /// The other servers' backends of a transaction over several servers
+    /// (see `legs`); empty otherwise.
+    legs: Vec<Lease>,
+    /// How to begin the transaction on another server, if it can be.
+    leg_prelude: Option<String>,
+    /// `SET shardline.cross_server`; `None` follows `[transactions]`.
+    cross_server: Option<bool>,
     /// Set when a request ended with Flush: the backend is kept until Sync.
     unsynced: bool,
     /// Set when a request that did not end in Sync failed where no backend
@@ -139,6 +149,9 @@ impl Session {
             tx_settings: Vec::new(),
             tx: Tx::Idle,
             lease: None,
+            legs: Vec::new(),
+            leg_prelude: None,
+            cross_server: None,
             unsynced: false,
             skipping: false,
             last_pool: None,
@@ -281,6 +294,15 @@ pub(super) fn cross_server(a: &str, b: &str) -> RouteError {
             "this request touches data on servers {a} and {b}; shardline runs it on one server"
         ),
         "split it so that each request (and each transaction) touches one server",
+    )
+}
+
+/// A statement refused in a transaction that spans servers.
+pub(super) fn spans_servers(what: &str) -> RouteError {
+    RouteError::new(
+        "0A000",
+        format!("{what} cannot run in a transaction that spans servers this way"),
+        "send COMMIT or ROLLBACK on its own (not with other statements, not AND CHAIN), and use no savepoints once a transaction has reached a second server",
     )
 }
 

@@ -131,6 +131,9 @@ impl Job {
 pub(super) struct Backends {
     pub(super) leases: Vec<Option<Lease>>,
     pub(super) tx_index: Option<usize>,
+    /// Indexes of backends that are parked legs of the client's
+    /// transaction (it spans servers): they go back to the legs after.
+    pub(super) from_legs: Vec<usize>,
 }
 
 impl Session {
@@ -282,6 +285,7 @@ impl Session {
         let mut backends = Backends {
             leases: Vec::with_capacity(servers.len()),
             tx_index: None,
+            from_legs: Vec::new(),
         };
         for (index, server) in servers.iter().enumerate() {
             let held = self
@@ -291,6 +295,11 @@ impl Session {
             if held {
                 backends.leases.push(self.lease.take());
                 backends.tx_index = Some(index);
+                continue;
+            }
+            if let Some(leg) = self.legs.iter().position(|l| l.server().as_ref() == server.as_str()) {
+                backends.leases.push(Some(self.legs.swap_remove(leg)));
+                backends.from_legs.push(index);
                 continue;
             }
             match self.acquire(server, replica).await {
@@ -315,6 +324,11 @@ impl Session {
         if let Some(index) = backends.tx_index {
             if let Some(lease) = backends.leases.get_mut(index).and_then(Option::take) {
                 self.lease = Some(lease);
+            }
+        }
+        for index in std::mem::take(&mut backends.from_legs) {
+            if let Some(lease) = backends.leases.get_mut(index).and_then(Option::take) {
+                self.legs.push(lease);
             }
         }
     }

@@ -26,10 +26,19 @@ pub(super) enum ProxySetting {
     ReadReplica(bool),
     /// `shardline.scatter`: reads across servers allowed (`None`: the proxy's default).
     Scatter(Option<bool>),
+    /// `shardline.cross_server`: `2pc` (true) lets a transaction write on
+    /// several servers, `refuse` keeps it on one (`None`: the proxy's default).
+    CrossServer(Option<bool>),
 }
 
 pub(super) fn parse_proxy_setting(setting: &str, value: &str) -> Result<ProxySetting, RouteError> {
-    let value = value.trim().trim_matches('\'').to_ascii_lowercase();
+    // A quoted value comes back as an escape-string literal (E'...').
+    let value = value.trim();
+    let value = value
+        .strip_prefix(['E', 'e'])
+        .filter(|v| v.starts_with('\''))
+        .unwrap_or(value);
+    let value = value.trim_matches('\'').to_ascii_lowercase();
     let boolean = || match value.as_str() {
         "on" | "true" | "1" | "yes" => Ok(Some(true)),
         "off" | "false" | "0" | "no" => Ok(Some(false)),
@@ -43,10 +52,20 @@ pub(super) fn parse_proxy_setting(setting: &str, value: &str) -> Result<ProxySet
     match setting {
         "read_replica" => Ok(ProxySetting::ReadReplica(boolean()?.unwrap_or(false))),
         "scatter" => Ok(ProxySetting::Scatter(boolean()?)),
+        "cross_server" => match value.as_str() {
+            "2pc" => Ok(ProxySetting::CrossServer(Some(true))),
+            "refuse" => Ok(ProxySetting::CrossServer(Some(false))),
+            "default" => Ok(ProxySetting::CrossServer(None)),
+            _ => Err(RouteError::new(
+                "22023",
+                format!("invalid value for parameter \"shardline.cross_server\": \"{value}\""),
+                "use '2pc' (transactions may write on several servers, committed with two-phase commit) or 'refuse'",
+            )),
+        },
         _ => Err(RouteError::new(
             "42704",
             format!("unrecognized configuration parameter \"shardline.{setting}\""),
-            "shardline's own settings: shardline.read_replica, shardline.scatter",
+            "shardline's own settings: shardline.read_replica, shardline.scatter, shardline.cross_server",
         )),
     }
 }
@@ -200,6 +219,7 @@ impl Session {
         match setting {
             ProxySetting::ReadReplica(on) => self.read_replica = on,
             ProxySetting::Scatter(on) => self.scatter = on,
+            ProxySetting::CrossServer(on) => self.cross_server = on,
         }
     }
 
@@ -216,6 +236,9 @@ impl Session {
                 Some(if self.read_replica { "on" } else { "off" }.to_string())
             }
             "shardline.scatter" => Some(if self.scatter_allowed() { "on" } else { "off" }.to_string()),
+            "shardline.cross_server" => {
+                Some(if self.cross_server_allowed() { "2pc" } else { "refuse" }.to_string())
+            }
             "shardline.map_version" => self
                 .shared
                 .map

@@ -16,7 +16,7 @@ use super::plan::{End, Outcome, Plan};
 use super::settings::{changes_session, render};
 use super::statements::{can_keep, prepare_on_backend, KeptSimple};
 use super::tx::{transaction_scoped_tag, Tx};
-use super::{cross_server, unsupported, Request, Session};
+use super::{cross_server, spans_servers, unsupported, Request, Session};
 
 /// The text of the (single) statement of a Query message, as the client
 /// wrote it, for sending later (with a held-back BEGIN).
@@ -58,6 +58,16 @@ impl Session {
         }
         let commands = &analyzed.analysis.commands;
         let literals = &analyzed.literals;
+        if !self.legs.is_empty()
+            && commands.iter().any(|c| {
+                matches!(
+                    c,
+                    Command::Begin { .. } | Command::Commit | Command::Rollback | Command::TransactionScoped
+                )
+            })
+        {
+            return self.refuse(&spans_servers("COMMIT, ROLLBACK and SAVEPOINT")).await;
+        }
         let route = self
             .route_holding(|map| {
                 let mut route = Route::Any;
@@ -176,6 +186,12 @@ impl Session {
                 self.tx_settings.clear();
                 messages::command_complete("ROLLBACK", &mut self.client.out);
             }
+            Tx::Bound if !self.legs.is_empty() => {
+                if statement_text(&frame).to_ascii_lowercase().contains("chain") {
+                    return self.refuse(&spans_servers("COMMIT AND CHAIN")).await;
+                }
+                self.end_legs(commit).await;
+            }
             Tx::Bound => return self.forward_simple(frame, Route::Any, false).await,
         }
         self.ready().await
@@ -185,6 +201,12 @@ impl Session {
     /// they run with the BEGIN, once the transaction has a server.
     async fn transaction_scoped(&mut self, frame: Frame) -> Result<(), SessionError> {
         let Tx::Deferred { prelude, .. } = &mut self.tx else {
+            if !self.legs.is_empty() {
+                return self.refuse(&spans_servers("SAVEPOINT, RELEASE, ROLLBACK TO and SET LOCAL")).await;
+            }
+            // A savepoint would exist on this server only: the transaction
+            // can no longer extend to another.
+            self.leg_prelude = None;
             return self.forward_simple(frame, Route::Any, false).await;
         };
         let text = statement_text(&frame);

@@ -75,6 +75,9 @@ impl Session {
     }
 
     pub(super) async fn fail_transaction(&mut self) {
+        // Legs on other servers roll back now: nothing of a failed
+        // transaction may be committed anywhere.
+        self.roll_back_legs().await;
         match self.tx {
             Tx::Idle => {}
             Tx::Deferred { .. } | Tx::Aborted => self.tx = Tx::Aborted,

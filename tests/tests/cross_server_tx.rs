@@ -1,0 +1,259 @@
+//! Transactions that write on several servers, through the real proxy and 3
+//! real Postgres servers: COMMIT makes every server's rows visible (two-phase
+//! commit, nothing left prepared), ROLLBACK and any failure — a statement's
+//! error, a constraint checked only at commit — leave none anywhere; a read
+//! across servers inside the transaction sees all of its writes; COMMIT in
+//! the extended protocol (as pgjdbc sends it) works too; and
+//! `shardline.cross_server = refuse` keeps the old refusal.
+
+use shardline_tests::fixtures::{create_table, init_schema};
+use shardline_tests::{TestCluster, TestProxy};
+use shardmap::{ClusterMap, Group, KeyType, KeyValue};
+
+const CLUSTER: &str = "crosstx";
+const PARTITIONS: u32 = 16;
+
+async fn setup(cluster: &TestCluster) -> ClusterMap {
+    let (_store, map) = init_schema(cluster, CLUSTER, PARTITIONS, |map| {
+        map.declare(
+            Group::hash("users", KeyType::Bigint)
+                .table("accounts", "user_id")
+                .table("ledger", "user_id"),
+        );
+    })
+    .await;
+    create_table(cluster, &map, "accounts", "user_id bigint PRIMARY KEY, note text, balance int").await;
+    // Checked at COMMIT, so a duplicate fails at PREPARE TRANSACTION.
+    create_table(
+        cluster,
+        &map,
+        "ledger",
+        "user_id bigint, entry int, note text, CONSTRAINT ledger_once UNIQUE (user_id, entry) DEFERRABLE INITIALLY DEFERRED",
+    )
+    .await;
+    map
+}
+
+/// One key owned by each server, in server order.
+fn key_per_server(cluster: &TestCluster, map: &ClusterMap) -> Vec<(i64, usize)> {
+    let servers = cluster.map_servers();
+    let mut keys: Vec<Option<i64>> = vec![None; servers.len()];
+    for key in 1..10_000i64 {
+        let partition = map
+            .partition_of("accounts", &KeyValue::Int(key))
+            .expect("partition");
+        let owner = map.owner_of(partition).expect("owner").name.clone();
+        let index = cluster.server_index(&owner);
+        if keys[index].is_none() {
+            keys[index] = Some(key);
+        }
+        if keys.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    keys.into_iter()
+        .enumerate()
+        .map(|(index, key)| (key.expect("a key on every server"), index))
+        .collect()
+}
+
+/// Rows of `note` on each server, read there directly.
+async fn rows_on_servers(cluster: &TestCluster, table: &str, note: &str) -> Vec<i64> {
+    let mut counts = Vec::new();
+    for index in 0..3 {
+        let row = cluster
+            .connect(index)
+            .await
+            .query_one(&format!("SELECT count(*) FROM {table} WHERE note = $1"), &[&note])
+            .await
+            .expect("count on the server");
+        counts.push(row.get::<_, i64>(0));
+    }
+    counts
+}
+
+async fn prepared_left(cluster: &TestCluster) -> i64 {
+    let mut total = 0;
+    for index in 0..3 {
+        let row = cluster
+            .connect(index)
+            .await
+            .query_one("SELECT count(*) FROM pg_prepared_xacts", &[])
+            .await
+            .expect("pg_prepared_xacts");
+        total += row.get::<_, i64>(0);
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_on_three_servers_commits_everywhere_or_nowhere() {
+    let cluster = TestCluster::start(3);
+    let map = setup(&cluster).await;
+    let keys = key_per_server(&cluster, &map);
+    let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
+    let client = proxy.connect().await;
+
+    // COMMIT: simple-protocol statements on every server, then a read
+    // across servers that sees them all before they are committed.
+    client.batch_execute("BEGIN").await.expect("BEGIN");
+    for (key, _) in &keys {
+        client
+            .batch_execute(&format!("INSERT INTO accounts (user_id, note, balance) VALUES ({key}, 'committed', 10)"))
+            .await
+            .expect("INSERT in the transaction");
+    }
+    let seen: i64 = client
+        .query_one("SELECT count(*) FROM accounts WHERE note = 'committed'", &[])
+        .await
+        .expect("read across servers in the transaction")
+        .get(0);
+    assert_eq!(seen, 3, "the transaction's read across servers must see its writes on every server");
+    assert_eq!(rows_on_servers(&cluster, "accounts", "committed").await, vec![0, 0, 0], "nothing is visible before COMMIT");
+    client.batch_execute("COMMIT").await.expect("COMMIT over three servers");
+    assert_eq!(rows_on_servers(&cluster, "accounts", "committed").await, vec![1, 1, 1]);
+    assert_eq!(prepared_left(&cluster).await, 0, "no prepared transaction may be left behind");
+
+    // Extended protocol throughout, COMMIT included (as pgjdbc sends it),
+    // and back to an earlier server (its leg is reused).
+    client.execute("BEGIN", &[]).await.expect("BEGIN (extended)");
+    for (key, _) in keys.iter().chain(keys.first()) {
+        client
+            .execute(
+                "INSERT INTO ledger (user_id, entry, note) VALUES ($1, (SELECT count(*) FROM ledger WHERE user_id = $1)::int, 'extended')",
+                &[key],
+            )
+            .await
+            .expect("INSERT (extended) in the transaction");
+    }
+    client.execute("COMMIT", &[]).await.expect("COMMIT (extended)");
+    assert_eq!(rows_on_servers(&cluster, "ledger", "extended").await, {
+        let mut want = vec![1, 1, 1];
+        want[keys[0].1] = 2;
+        want
+    });
+
+    // ROLLBACK: nothing anywhere.
+    client.batch_execute("BEGIN").await.expect("BEGIN");
+    for (key, _) in &keys {
+        client
+            .execute("UPDATE accounts SET note = 'rolled back' WHERE user_id = $1", &[key])
+            .await
+            .expect("UPDATE in the transaction");
+    }
+    client.batch_execute("ROLLBACK").await.expect("ROLLBACK");
+    assert_eq!(rows_on_servers(&cluster, "accounts", "rolled back").await, vec![0, 0, 0]);
+    assert_eq!(rows_on_servers(&cluster, "accounts", "committed").await, vec![1, 1, 1]);
+
+    // A statement fails on the second server: the transaction is aborted,
+    // COMMIT answers ROLLBACK, the first server's write is gone too.
+    client.batch_execute("BEGIN").await.expect("BEGIN");
+    client
+        .execute("UPDATE accounts SET note = 'failed' WHERE user_id = $1", &[&keys[0].0])
+        .await
+        .expect("UPDATE on the first server");
+    let duplicate = client
+        .execute("INSERT INTO accounts (user_id, note, balance) VALUES ($1, 'failed', 0)", &[&keys[1].0])
+        .await
+        .expect_err("a duplicate key on the second server");
+    assert_eq!(duplicate.code().map(|c| c.code()), Some("23505"), "{duplicate:?}");
+    let aborted = client
+        .execute("UPDATE accounts SET note = 'failed' WHERE user_id = $1", &[&keys[2].0])
+        .await
+        .expect_err("an aborted transaction refuses more statements");
+    assert_eq!(aborted.code().map(|c| c.code()), Some("25P02"), "{aborted:?}");
+    client.batch_execute("COMMIT").await.expect("COMMIT of an aborted transaction");
+    assert_eq!(rows_on_servers(&cluster, "accounts", "failed").await, vec![0, 0, 0]);
+
+    // A constraint checked at commit fails PREPARE TRANSACTION on one
+    // server: the client gets its error and no server keeps anything.
+    client.batch_execute("BEGIN").await.expect("BEGIN");
+    for (key, _) in &keys {
+        client
+            .execute("INSERT INTO ledger (user_id, entry, note) VALUES ($1, 100, 'deferred')", &[key])
+            .await
+            .expect("INSERT in the transaction");
+    }
+    client
+        .execute("INSERT INTO ledger (user_id, entry, note) VALUES ($1, 100, 'deferred')", &[&keys[2].0])
+        .await
+        .expect("a duplicate is accepted until commit (deferred constraint)");
+    let at_commit = client
+        .batch_execute("COMMIT")
+        .await
+        .expect_err("the deferred unique constraint fails at commit");
+    assert_eq!(at_commit.code().map(|c| c.code()), Some("23505"), "{at_commit:?}");
+    assert_eq!(rows_on_servers(&cluster, "ledger", "deferred").await, vec![0, 0, 0]);
+    assert_eq!(prepared_left(&cluster).await, 0);
+
+    // The session is usable afterwards, and a savepoint cannot span servers.
+    client.batch_execute("BEGIN").await.expect("BEGIN");
+    client
+        .execute("UPDATE accounts SET balance = balance + 1 WHERE user_id = $1", &[&keys[0].0])
+        .await
+        .expect("UPDATE");
+    client
+        .execute("UPDATE accounts SET balance = balance + 1 WHERE user_id = $1", &[&keys[1].0])
+        .await
+        .expect("UPDATE on a second server");
+    let savepoint = client
+        .batch_execute("SAVEPOINT a")
+        .await
+        .expect_err("a savepoint in a transaction over two servers");
+    assert_eq!(savepoint.code().map(|c| c.code()), Some("0A000"), "{savepoint:?}");
+    client.batch_execute("ROLLBACK").await.expect("ROLLBACK");
+    let balances: i64 = client
+        .query_one("SELECT sum(balance)::int8 FROM accounts WHERE note = 'committed'", &[])
+        .await
+        .expect("sum across servers")
+        .get(0);
+    assert_eq!(balances, 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_server_refuse_keeps_a_transaction_on_one_server() {
+    let cluster = TestCluster::start(3);
+    let map = setup(&cluster).await;
+    let keys = key_per_server(&cluster, &map);
+    let proxy = TestProxy::start(&cluster, CLUSTER, |config| {
+        config.transactions.cross_server = proxy::config::CrossServer::Refuse;
+    })
+    .await;
+    let client = proxy.connect().await;
+    let shown = client
+        .simple_query("SHOW shardline.cross_server")
+        .await
+        .expect("SHOW");
+    let value = shown.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(value.as_deref(), Some("refuse"));
+    client.batch_execute("BEGIN").await.expect("BEGIN");
+    client
+        .execute("INSERT INTO accounts (user_id, note, balance) VALUES ($1, 'refused', 1)", &[&keys[0].0])
+        .await
+        .expect("INSERT on the first server");
+    let refused = client
+        .execute("INSERT INTO accounts (user_id, note, balance) VALUES ($1, 'refused', 1)", &[&keys[1].0])
+        .await
+        .expect_err("a second server is refused");
+    assert_eq!(refused.code().map(|c| c.code()), Some("0A000"), "{refused:?}");
+    client.batch_execute("ROLLBACK").await.expect("ROLLBACK");
+    assert_eq!(rows_on_servers(&cluster, "accounts", "refused").await, vec![0, 0, 0]);
+
+    // A session may opt in.
+    client
+        .batch_execute("SET shardline.cross_server = '2pc'")
+        .await
+        .expect("SET shardline.cross_server");
+    client.batch_execute("BEGIN").await.expect("BEGIN");
+    for (key, _) in &keys {
+        client
+            .execute("INSERT INTO accounts (user_id, note, balance) VALUES ($1, 'opted in', 1)", &[key])
+            .await
+            .expect("INSERT");
+    }
+    client.batch_execute("COMMIT").await.expect("COMMIT");
+    assert_eq!(rows_on_servers(&cluster, "accounts", "opted in").await, vec![1, 1, 1]);
+}
