@@ -21,6 +21,10 @@ pub struct Metrics {
     pub stale_plan_retries: AtomicU64,
     /// Reads that ran on several servers and were merged by the proxy.
     pub scatter_reads: AtomicU64,
+    /// Prepared transactions of an earlier life of this proxy that its
+    /// recovery at start committed or rolled back (main thread only).
+    pub recovered_commits: AtomicU64,
+    pub recovered_rollbacks: AtomicU64,
     /// Requests held because a partition was blocked, and for how long in total.
     pub held: AtomicU64,
     pub held_micros: AtomicU64,
