@@ -66,13 +66,15 @@ pub async fn lead(
     });
     // Prepared transactions of dead proxies hold locks (a cutover's DETACH
     // waits behind them): resolved on their own schedule, beside the jobs.
-    let recovery = tokio::spawn(crate::recovery::run_while_leading(
+    // Aborted when this function ends or its task is aborted, so its clone of
+    // the leadership never keeps the lease alive on its own.
+    let recovery = AbortOnDrop(tokio::spawn(crate::recovery::run_while_leading(
         context.etcd.clone(),
         config.clone(),
         leadership.clone(),
         id.to_string(),
         metrics.clone(),
-    ));
+    )));
     let mut running: HashMap<String, JoinHandle<Result<Phase, MoveError>>> = HashMap::new();
     // Servers each running job copies from or to, for the per-server limit.
     let mut servers_of: HashMap<String, [String; 2]> = HashMap::new();
@@ -133,8 +135,17 @@ pub async fn lead(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     warn!("lost leadership: stopping every job (the next leader resumes them)");
-    recovery.abort();
+    drop(recovery);
     for task in running.values() {
         task.abort();
+    }
+}
+
+/// A task that stops when its handle is dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -50,10 +50,14 @@ pub async fn run_while_leading(
                         Metrics::add(&metrics.twophase_committed, report.committed() as u64);
                         Metrics::add(&metrics.twophase_rolled_back, report.rolled_back() as u64);
                     }
-                    Err(e) => warn!(error = %e, "two-phase recovery failed; retrying next interval"),
+                    Err(e) => {
+                        warn!(error = %e, "two-phase recovery failed; retrying next interval")
+                    }
                 }
             }
-            Err(e) => warn!(error = %e, "two-phase recovery cannot read the map; retrying next interval"),
+            Err(e) => {
+                warn!(error = %e, "two-phase recovery cannot read the map; retrying next interval")
+            }
         }
         tokio::time::sleep(interval).await;
     }

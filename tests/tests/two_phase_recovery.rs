@@ -86,9 +86,15 @@ impl Setup {
             version: "test".into(),
             acked_map_version: 1,
         };
-        shardmap::proxies::register(&self.etcd, self.name, &record, lease, Duration::from_secs(5))
-            .await
-            .expect("register");
+        shardmap::proxies::register(
+            &self.etcd,
+            self.name,
+            &record,
+            lease,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("register");
         lease
     }
 
@@ -149,9 +155,7 @@ impl Setup {
             actor: "test".into(),
             server_timeout: Duration::from_secs(5),
         };
-        twophase::recover(&self.etcd, &run)
-            .await
-            .expect("recovery")
+        twophase::recover(&self.etcd, &run).await.expect("recovery")
     }
 
     async fn recorded(&self, gid: &Gid) -> Option<Decision> {
@@ -202,7 +206,9 @@ async fn recovery_follows_the_decisions_and_spares_live_proxies() {
     let late = Gid::new("p-dead", dead, 4).expect("gid");
     assert!(
         matches!(
-            s.decisions.record_commit(&late, &s.participants(&[0])).await,
+            s.decisions
+                .record_commit(&late, &s.participants(&[0]))
+                .await,
             Err(RecordError::NotRegistered { .. })
         ),
         "a proxy whose lease is gone must not be able to record a commit"
@@ -239,7 +245,11 @@ async fn recovery_follows_the_decisions_and_spares_live_proxies() {
 
     let a_row = vec![a.to_string()];
     for index in 0..3 {
-        assert_eq!(s.rows(index).await, a_row, "server {index}: only A is committed");
+        assert_eq!(
+            s.rows(index).await,
+            a_row,
+            "server {index}: only A is committed"
+        );
     }
     assert_eq!(
         s.prepared(0).await,
@@ -263,17 +273,27 @@ async fn recovery_follows_the_decisions_and_spares_live_proxies() {
 
     // The record is create-only: a second commit of C fails clearly, and a
     // transaction settled as aborted can no longer be committed.
-    match s.decisions.record_commit(&c, &s.participants(&[1, 2])).await {
+    match s
+        .decisions
+        .record_commit(&c, &s.participants(&[1, 2]))
+        .await
+    {
         Err(RecordError::AlreadyDecided { decision, .. }) => assert_eq!(decision, Decision::Commit),
         other => panic!("recording C twice: {other:?}"),
     }
     let g = Gid::new("p-live", live, 3).expect("gid");
-    assert_eq!(s.decisions.settle(&g, "test").await.expect("settle"), Decision::Abort);
+    assert_eq!(
+        s.decisions.settle(&g, "test").await.expect("settle"),
+        Decision::Abort
+    );
     match s.decisions.record_commit(&g, &s.participants(&[0])).await {
         Err(RecordError::AlreadyDecided { decision, .. }) => assert_eq!(decision, Decision::Abort),
         other => panic!("committing a settled transaction: {other:?}"),
     }
-    assert_eq!(s.decisions.settle(&c, "test").await.expect("settle"), Decision::Commit);
+    assert_eq!(
+        s.decisions.settle(&c, "test").await.expect("settle"),
+        Decision::Commit
+    );
 
     // The live proxy finishes C itself, then forgets it.
     for index in [1, 2] {
@@ -354,17 +374,20 @@ async fn a_restarting_proxy_and_the_rebalancer_leader_recover() {
         "a live proxy's transaction was touched"
     );
     s.kill(gone).await;
-    let setup = &s;
+    let (setup, w_ref, v_ref) = (&s, &w, &v);
     let finished = eventually(Duration::from_secs(30), || async move {
-        let s = setup;
+        let (s, w, v) = (setup, w_ref, v_ref);
         s.prepared(1).await.is_empty()
             && s.prepared(2).await.is_empty()
-            && s.recorded(&w).await.is_none()
-            && s.recorded(&v).await.is_none()
+            && s.recorded(w).await.is_none()
+            && s.recorded(v).await.is_none()
     })
     .await;
     daemon.abort();
-    assert!(finished, "the rebalancer leader did not recover p-gone's transactions");
+    assert!(
+        finished,
+        "the rebalancer leader did not recover p-gone's transactions"
+    );
     assert_eq!(s.rows(0).await, sorted(vec![w.to_string(), x.to_string()]));
     assert_eq!(s.rows(1).await, vec![x.to_string()]);
     assert_eq!(s.rows(2).await, vec![w.to_string()]);

@@ -107,7 +107,11 @@ impl DecisionStore {
     /// This write is the commit point: call it after every PREPARE
     /// TRANSACTION succeeded, and COMMIT PREPARED only after it returned
     /// `Ok`. See [`RecordError`] for what each failure means.
-    pub async fn record_commit(&self, gid: &Gid, participants: &[String]) -> Result<(), RecordError> {
+    pub async fn record_commit(
+        &self,
+        gid: &Gid,
+        participants: &[String],
+    ) -> Result<(), RecordError> {
         let key = self.keys.decision(gid.as_str());
         let registration = self.keys.proxy(gid.proxy());
         let record = DecisionRecord {

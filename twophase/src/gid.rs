@@ -75,9 +75,8 @@ impl Gid {
         };
         let digits = |s: &str, hex: bool| {
             !s.is_empty()
-                && s.bytes().all(|b| {
-                    b.is_ascii_digit() || (hex && (b'a'..=b'f').contains(&b))
-                })
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (hex && (b'a'..=b'f').contains(&b)))
         };
         if !digits(seq, false) || !digits(incarnation, true) || incarnation.len() > 16 {
             return Err(refuse());
@@ -239,7 +238,15 @@ mod tests {
 
     #[test]
     fn parse_gives_back_the_fields() {
-        for proxy in ["p1", "proxy_with_underscores", "a'b\\c", "名前", "x%y", "-", "a b"] {
+        for proxy in [
+            "p1",
+            "proxy_with_underscores",
+            "a'b\\c",
+            "名前",
+            "x%y",
+            "-",
+            "a b",
+        ] {
             let gid = Gid::new(proxy, 77, 12345).expect("valid");
             assert!(gid.as_str().starts_with(GID_PREFIX));
             assert!(

@@ -214,7 +214,11 @@ pub async fn recover(etcd: &Client, run: &Recovery<'_>) -> Result<RecoveryReport
 }
 
 /// The recorded decision of a dead writer's `gid`, or `abort`, recorded now.
-async fn final_decision(store: &DecisionStore, gid: &Gid, actor: &str) -> Result<Decision, StoreError> {
+async fn final_decision(
+    store: &DecisionStore,
+    gid: &Gid,
+    actor: &str,
+) -> Result<Decision, StoreError> {
     match store.decision(gid).await? {
         Some(record) => Ok(record.decision),
         None => store.settle(gid, actor).await,
@@ -256,7 +260,10 @@ async fn forget_finished(
 /// Connects to every server at once; each answers with its shardline gids.
 async fn list_servers(
     run: &Recovery<'_>,
-) -> Vec<(String, Result<(tokio_postgres::Client, Vec<String>), String>)> {
+) -> Vec<(
+    String,
+    Result<(tokio_postgres::Client, Vec<String>), String>,
+)> {
     let mut tasks = JoinSet::new();
     for server in run.map.servers.values() {
         let server = server.clone();
@@ -304,10 +311,13 @@ async fn list_one(
     if let Some(password) = password {
         config.password(password);
     }
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|err| format!("cannot connect to {}: {}", server.primary, error_chain(&err)))?;
+    let (client, connection) = config.connect(NoTls).await.map_err(|err| {
+        format!(
+            "cannot connect to {}: {}",
+            server.primary,
+            error_chain(&err)
+        )
+    })?;
     tokio::spawn(async move {
         // Ends when the client is dropped; an error then is of no interest.
         let _ = connection.await;
