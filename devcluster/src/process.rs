@@ -311,6 +311,9 @@ impl PgServer {
     ) -> Result<PgServer, DevError> {
         let port = free_port()?;
         // Appended last, so these win over what a template or base backup holds.
+        // max_prepared_transactions: two-phase commit of writes on several
+        // servers (0, the default, refuses PREPARE TRANSACTION; it needs a
+        // restart, so it is here from the start).
         let settings = format!(
             "\n# shardline dev cluster\n\
              port = {port}\n\
@@ -323,6 +326,7 @@ impl PgServer {
              wal_retrieve_retry_interval = 500ms\n\
              max_worker_processes = 24\n\
              max_connections = 300\n\
+             max_prepared_transactions = 64\n\
              shared_buffers = 64MB\n\
              fsync = {fsync}\n\
              synchronous_commit = {fsync}\n\

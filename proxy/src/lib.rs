@@ -1,6 +1,7 @@
 //! The shardline proxy: speaks the Postgres wire protocol to clients, routes
 //! each statement to the server owning its key's partition, pools backend
-//! connections. Depends on `shardmap` only; never on `rebalancer`.
+//! connections. Depends on `shardmap` (and `twophase`, shared with the
+//! rebalancer); never on `rebalancer`.
 
 pub mod analyze;
 pub mod auth;
@@ -13,6 +14,7 @@ pub mod merge;
 pub mod metrics;
 pub mod pool;
 pub mod failpoint;
+pub mod recovery;
 pub mod registry;
 pub mod two_phase;
 pub mod route;

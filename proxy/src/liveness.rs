@@ -5,12 +5,16 @@
 //!   "boards" when it starts and "lands" when its replies are relayed);
 //! - whether it may serve at all: only while its etcd registration lease is
 //!   provably alive. A proxy cut off from etcd stops serving before its lease
-//!   can expire, so a cutover that waited for that expiry is safe.
+//!   can expire, so a cutover that waited for that expiry is safe;
+//! - the generator of two-phase commit ids of the current registration: its
+//!   lease is the ids' incarnation (see [`twophase::gid`]), so a new
+//!   registration brings a new generator.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use tokio::sync::watch;
+use twophase::GidGenerator;
 
 #[derive(Debug, Default)]
 struct State {
@@ -29,6 +33,8 @@ pub struct Liveness {
     serving: AtomicBool,
     /// Bumped when the acknowledged version may have changed, or serving flipped.
     changed: watch::Sender<u64>,
+    /// Set while registered (the registry replaces it with each new lease).
+    gids: RwLock<Option<Arc<GidGenerator>>>,
 }
 
 impl Liveness {
@@ -39,6 +45,7 @@ impl Liveness {
             state: Mutex::new(State::default()),
             serving: AtomicBool::new(serving),
             changed: watch::Sender::new(0),
+            gids: RwLock::new(None),
         })
     }
 
@@ -95,6 +102,19 @@ impl Liveness {
 
     fn bump(&self) {
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// The generator of global transaction ids for two-phase commit; `None`
+    /// while the proxy holds no registration (it cannot commit across
+    /// servers then: its commit record could not be written).
+    pub fn gids(&self) -> Option<Arc<GidGenerator>> {
+        self.gids.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Called by the registry with each registration's generator, and with
+    /// `None` when a registration is lost.
+    pub fn set_gids(&self, gids: Option<GidGenerator>) {
+        *self.gids.write().unwrap_or_else(|e| e.into_inner()) = gids.map(Arc::new);
     }
 
     /// A receiver that sees every change after it was made.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use proxy::config::ProxyConfig;
+use proxy::metrics::Metrics;
 use proxy::pool::Pools;
 
 use proxy::context::Shared;
@@ -130,6 +131,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     let listen = address.to_string();
     let id = args.id.unwrap_or_else(|| listen.clone());
+    twophase::GidGenerator::check_proxy_id(&id)?;
+    // Before registering: the locks of transactions an earlier life of this
+    // proxy left prepared would block the clients about to be served.
+    let recovered = match cache.current() {
+        Some(snapshot) => {
+            proxy::recovery::at_start(
+                &config.etcd.endpoints,
+                &config.cluster,
+                &id,
+                &snapshot.map,
+                &config.backend,
+            )
+            .await
+        }
+        None => None,
+    };
     // Not serving until registered: the cutover must know about this proxy.
     let liveness = proxy::liveness::Liveness::new(false);
     tokio::spawn(proxy::registry::keep_registered(
@@ -143,6 +160,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         liveness.clone(),
     ));
     let cancels = Arc::new(proxy::cancel::CancelRegistry::default());
+    let two_phase = Arc::new(proxy::two_phase::TwoPhase::new(
+        config.etcd.endpoints.clone(),
+        config.cluster.clone(),
+    ));
     let new_shared = |pool_config: proxy::pool::PoolConfig| {
         let mut shared = Shared::with_cancels(
             config.clone(),
@@ -153,9 +174,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
         shared.tls = tls.clone();
         shared.liveness = liveness.clone();
+        shared.two_phase = two_phase.clone();
         Arc::new(shared)
     };
     let mut all_shared = vec![new_shared(pool_config.clone())];
+    if let Some(report) = recovered {
+        let metrics = &all_shared[0].metrics;
+        Metrics::add(&metrics.recovered_commits, report.committed() as u64);
+        Metrics::add(&metrics.recovered_rollbacks, report.rolled_back() as u64);
+    }
     let mut first_listener = Some(listener);
     if threads > 1 {
         // All threads, this one included, accept on SO_REUSEPORT sockets.

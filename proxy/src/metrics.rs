@@ -28,6 +28,10 @@ pub struct Metrics {
     pub two_phase_commits: AtomicU64,
     pub two_phase_rollbacks: AtomicU64,
     pub two_phase_unknown: AtomicU64,
+    /// Prepared transactions of an earlier life of this proxy that its
+    /// recovery at start committed or rolled back (main thread only).
+    pub recovered_commits: AtomicU64,
+    pub recovered_rollbacks: AtomicU64,
     /// Requests held because a partition was blocked, and for how long in total.
     pub held: AtomicU64,
     pub held_micros: AtomicU64,

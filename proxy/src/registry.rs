@@ -18,6 +18,7 @@ use shardmap::store::EtcdPaths;
 use shardmap::MapCache;
 use tokio::sync::watch;
 use tracing::{info, warn};
+use twophase::GidGenerator;
 
 use crate::liveness::Liveness;
 
@@ -77,6 +78,7 @@ async fn register_forever(
             deadline_tx,
         )
         .await;
+        liveness.set_gids(None);
         match attempt {
             Ok(()) => warn!(%key, "proxy registration lost; registering again"),
             Err(e) => warn!(%key, error = %e, "cannot keep the proxy registered in etcd; retrying"),
@@ -148,6 +150,12 @@ async fn register_once(
     let mut acked = liveness.acked();
     put(&client, &registration.cluster, &record(acked), lease_id).await?;
     info!(%key, lease = lease_id, "proxy registered");
+    // Ids of this registration: its lease is their incarnation, so commits
+    // of an earlier registration's transactions can no longer be recorded.
+    match GidGenerator::new(&registration.id, lease_id) {
+        Ok(gids) => liveness.set_gids(Some(gids)),
+        Err(e) => warn!(error = %e, "two-phase commit is unavailable"),
+    }
     if !liveness.serving() {
         // Serve again only with a map at least as new as the stored one after
         // registering: a cutover may have started while we were away.

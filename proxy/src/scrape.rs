@@ -44,7 +44,7 @@ impl ProxyCollector {
 /// The per-thread counters, summed: name (the encoder adds `_total`), help,
 /// and where the counter is.
 type CounterOf = fn(&Metrics) -> &AtomicU64;
-const COUNTERS: [(&str, &str, CounterOf); 13] = [
+const COUNTERS: [(&str, &str, CounterOf); 15] = [
     ("shardline_logins", "Client logins that succeeded.", |m| &m.logins),
     ("shardline_login_failures", "Client logins refused.", |m| &m.login_failures),
     (
@@ -96,6 +96,16 @@ const COUNTERS: [(&str, &str, CounterOf); 13] = [
         "shardline_two_phase_unknown",
         "Two-phase commits whose decision write to etcd had an unknown outcome (finished by recovery).",
         |m| &m.two_phase_unknown,
+    ),
+    (
+        "shardline_twophase_recovered_commits",
+        "Prepared transactions an earlier life of this proxy left, committed at start by their decision record.",
+        |m| &m.recovered_commits,
+    ),
+    (
+        "shardline_twophase_recovered_rollbacks",
+        "Prepared transactions an earlier life of this proxy left without a commit record, rolled back at start.",
+        |m| &m.recovered_rollbacks,
     ),
     (
         "shardline_blocked_holds",

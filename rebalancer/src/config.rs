@@ -39,6 +39,9 @@ pub struct RebalancerConfig {
     pub backend_password: Option<Password>,
     /// Where to serve Prometheus metrics (`host:port`), if anywhere.
     pub metrics_listen: Option<String>,
+    /// How often the leader resolves dead proxies' prepared transactions
+    /// (two-phase commit recovery); 0 turns it off.
+    pub twophase_recovery_interval_ms: u64,
 }
 
 impl Default for RebalancerConfig {
@@ -58,6 +61,7 @@ impl Default for RebalancerConfig {
             leader_ttl_seconds: 5,
             backend_password: None,
             metrics_listen: None,
+            twophase_recovery_interval_ms: 10_000,
         }
     }
 }

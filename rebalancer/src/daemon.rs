@@ -1,7 +1,8 @@
 //! The rebalancer daemon: campaign for leadership, then run jobs until
 //! leadership is lost. Jobs past `pending` are always resumed (one of them
 //! may hold a blocked partition); new jobs start while fewer than
-//! `max_concurrent_moves` are running.
+//! `max_concurrent_moves` are running. Beside the jobs, the leader runs
+//! two-phase commit recovery periodically.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -63,6 +64,17 @@ pub async fn lead(
         actor: format!("rebalancer:{id}"),
         metrics: metrics.clone(),
     });
+    // Prepared transactions of dead proxies hold locks (a cutover's DETACH
+    // waits behind them): resolved on their own schedule, beside the jobs.
+    // Aborted when this function ends or its task is aborted, so its clone of
+    // the leadership never keeps the lease alive on its own.
+    let recovery = AbortOnDrop(tokio::spawn(crate::recovery::run_while_leading(
+        context.etcd.clone(),
+        config.clone(),
+        leadership.clone(),
+        id.to_string(),
+        metrics.clone(),
+    )));
     let mut running: HashMap<String, JoinHandle<Result<Phase, MoveError>>> = HashMap::new();
     // Servers each running job copies from or to, for the per-server limit.
     let mut servers_of: HashMap<String, [String; 2]> = HashMap::new();
@@ -123,7 +135,17 @@ pub async fn lead(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     warn!("lost leadership: stopping every job (the next leader resumes them)");
+    drop(recovery);
     for task in running.values() {
         task.abort();
+    }
+}
+
+/// A task that stops when its handle is dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

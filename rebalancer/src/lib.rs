@@ -12,6 +12,8 @@
 //! - [`planner`]: which partitions to move for `rebalance` and `drain`.
 //! - [`failpoint`]: deterministic crash points for the crash tests.
 //! - [`metrics`]: Prometheus metrics of the daemon.
+//! - [`recovery`]: the leader's periodic two-phase commit recovery (the
+//!   `twophase` crate, shared with the proxy).
 
 pub mod config;
 pub mod daemon;
@@ -21,6 +23,7 @@ pub mod metrics;
 pub mod mover;
 pub mod pg;
 pub mod planner;
+pub mod recovery;
 
 /// How a step failed, which decides what the job does next.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -26,6 +26,9 @@ pub struct Metrics {
     pub bytes_moved: AtomicU64,
     /// How long the last cutover blocked its partition.
     pub last_blocked_ms: AtomicU64,
+    /// Dead proxies' prepared transactions committed / rolled back by recovery.
+    pub twophase_committed: AtomicU64,
+    pub twophase_rolled_back: AtomicU64,
 }
 
 impl Metrics {
@@ -65,7 +68,7 @@ const GAUGES: [(&str, &str, Field); 3] = [
 ];
 
 /// Name (the encoder adds `_total`), help and field of each counter.
-const COUNTERS: [(&str, &str, Field); 5] = [
+const COUNTERS: [(&str, &str, Field); 7] = [
     ("shardline_rebalancer_moves_done", "Moves finished.", |m| {
         &m.moves_done
     }),
@@ -88,6 +91,16 @@ const COUNTERS: [(&str, &str, Field); 5] = [
         "shardline_rebalancer_bytes_moved",
         "Bytes of the partitions moved.",
         |m| &m.bytes_moved,
+    ),
+    (
+        "shardline_rebalancer_twophase_committed",
+        "Prepared transactions of dead proxies committed by recovery (their decision record said commit).",
+        |m| &m.twophase_committed,
+    ),
+    (
+        "shardline_rebalancer_twophase_rolled_back",
+        "Prepared transactions of dead proxies rolled back by recovery (no commit record: presumed abort).",
+        |m| &m.twophase_rolled_back,
     ),
 ];
 
@@ -124,7 +137,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("shardline_rebalancer_leader 1"), "{text}");
-        assert_eq!(text.matches("# TYPE").count(), 8);
+        assert_eq!(text.matches("# TYPE").count(), 10);
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 }

@@ -614,6 +614,36 @@ impl Pg {
         }
         Ok(found)
     }
+
+    /// The server's `max_prepared_transactions`: at 0 it refuses PREPARE
+    /// TRANSACTION, so no transaction that writes on several servers can
+    /// include it.
+    pub async fn max_prepared_transactions(&self) -> Result<i64, MoveError> {
+        self.query_one_i64(
+            "reading max_prepared_transactions",
+            "SELECT current_setting('max_prepared_transactions')::bigint",
+        )
+        .await
+    }
+
+    /// Prepared transactions of shardline (gids `sl_...`) in this database
+    /// and the age in seconds of the oldest: recovery resolves those of
+    /// dead proxies within seconds, so an old one is in doubt.
+    pub async fn shardline_prepared(&self) -> Result<(i64, i64), MoveError> {
+        let what = "listing prepared transactions";
+        let row = self
+            .client
+            .query_one(
+                "SELECT count(*), coalesce(extract(epoch FROM now() - min(prepared))::bigint, 0) \
+                 FROM pg_prepared_xacts WHERE database = current_database() AND starts_with(gid, 'sl_')",
+                &[],
+            )
+            .await
+            .map_err(|e| self.fail(what, e))?;
+        let count = row.try_get::<_, i64>(0).map_err(|e| self.fail(what, e))?;
+        let age = row.try_get::<_, i64>(1).map_err(|e| self.fail(what, e))?;
+        Ok((count, age))
+    }
 }
 
 /// The leaves holding `partition`: `(parent table, leaf)` for every sharded

@@ -7,6 +7,9 @@
 //!   writer read, so two writers can never both win from the same revision.
 //! - `history/<version, 20 digits>`: one [`HistoryEntry`] per map version,
 //!   written in the same transaction as the map (append-only: never rewritten).
+//!
+//! Other records of the cluster live beside these (jobs, proxies, two-phase
+//! commit decisions): [`EtcdPaths`] names every key.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -54,6 +57,15 @@ impl EtcdPaths {
     /// The registration of the proxy named `id`.
     pub fn proxy(&self, id: &str) -> String {
         format!("{}proxies/{id}", self.prefix)
+    }
+    /// Two-phase commit decision records, one key per global transaction id
+    /// (written and read by the `twophase` crate).
+    pub fn decisions_prefix(&self) -> String {
+        format!("{}twophase/", self.prefix)
+    }
+    /// The decision record of global transaction `gid`.
+    pub fn decision(&self, gid: &str) -> String {
+        format!("{}twophase/{gid}", self.prefix)
     }
     /// The rebalancer leader election.
     pub fn election(&self) -> String {
@@ -138,14 +150,16 @@ pub async fn connect(endpoints: &[String]) -> Result<Client, StoreError> {
     with_timeout(Client::connect(endpoints, Some(options))).await
 }
 
-pub(crate) async fn with_timeout<T>(
+/// An etcd request that fails with [`StoreError::Timeout`] after the store's
+/// usual 10 s.
+pub async fn with_timeout<T>(
     future: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, StoreError> {
     with_deadline(REQUEST_TIMEOUT, future).await
 }
 
 /// An etcd request that fails with [`StoreError::Timeout`] after `deadline`.
-pub(crate) async fn with_deadline<T>(
+pub async fn with_deadline<T>(
     deadline: Duration,
     future: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, StoreError> {

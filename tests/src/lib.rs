@@ -196,9 +196,14 @@ impl TestProxy {
             cache.clone(),
             liveness.clone(),
         ));
+        let config_etcd = config.etcd.endpoints.clone();
         let mut shared = proxy::context::Shared::new(config, users, cache.subscribe(), pools);
         shared.tls = tls;
         shared.liveness = liveness.clone();
+        shared.two_phase = std::sync::Arc::new(proxy::two_phase::TwoPhase::new(
+            config_etcd,
+            cluster_name.into(),
+        ));
         let shared = std::sync::Arc::new(shared);
         let task = tokio::spawn(proxy::server::serve(listener, shared.clone()));
         let registered = eventually(Duration::from_secs(15), || {

@@ -4,7 +4,7 @@
 
 use anyhow::{anyhow, Context as _, Result};
 use clap::Subcommand;
-use rebalancer::pg::Credentials;
+use rebalancer::pg::{Credentials, Pg};
 use serde::Serialize;
 use shardmap::{Change, ClusterMap, Endpoint, Server, ServerState, TableKind};
 
@@ -84,11 +84,19 @@ pub async fn server(context: &Context, command: ServerCommand) -> Result<()> {
                     saved.map.version
                 )
             })?;
+            let prepared_max = match saved.map.servers.get(&name) {
+                Some(server) => max_prepared_transactions(server, &context.credentials).await,
+                None => None,
+            };
+            if prepared_max == Some(0) {
+                eprintln!("{}", two_phase_warning(&name));
+            }
             if context.json {
                 return print_json(&serde_json::json!({
                     "version": saved.map.version,
                     "revision": saved.revision,
                     "tables_created": tables,
+                    "max_prepared_transactions": prepared_max,
                 }));
             }
             println!(
@@ -203,4 +211,20 @@ async fn prepare_new_server(
         }
     }
     Ok(tables)
+}
+
+/// The server's `max_prepared_transactions`, or `None` if it cannot be read
+/// (the caller reports unreachable servers its own way).
+async fn max_prepared_transactions(server: &Server, credentials: &Credentials) -> Option<i64> {
+    let pg = Pg::connect(server, credentials, "shardctl").await.ok()?;
+    pg.max_prepared_transactions().await.ok()
+}
+
+/// What to tell a DBA whose server refuses two-phase commit.
+pub(crate) fn two_phase_warning(server: &str) -> String {
+    format!(
+        "warning: server {server} has max_prepared_transactions = 0, so transactions that write on several \
+         servers (two-phase commit) cannot include it: set it in its postgresql.conf (e.g. 64, at least as many \
+         as the proxies' connections that may commit at once) and restart it"
+    )
 }

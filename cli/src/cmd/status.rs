@@ -1,6 +1,8 @@
 //! `shardctl status`: move jobs (phase, bytes copied, lag, ETA), the
 //! rebalancer leader, and replication objects on the servers that no
-//! unfinished job owns (a leftover slot keeps WAL forever). Read-only:
+//! unfinished job owns (a leftover slot keeps WAL forever), servers that
+//! refuse two-phase commit, and prepared transactions of shardline still
+//! waiting on a server. Read-only:
 //! `shardctl prune` deletes finished jobs.
 
 use anyhow::{bail, Result};
@@ -11,6 +13,7 @@ use shardmap::jobs::Job;
 use shardmap::store::{now_unix_ms, EtcdPaths};
 use shardmap::{JobStore, Phase};
 
+use crate::cmd::servers::two_phase_warning;
 use crate::context::Context;
 use crate::output::{human_bytes, print_json, table as new_table};
 
@@ -31,6 +34,17 @@ struct StatusReport {
     /// Replication objects of shardline moves that no unfinished job owns.
     orphans: Vec<Orphan>,
     unreachable: Vec<String>,
+    /// Servers whose `max_prepared_transactions` is 0 (no two-phase commit).
+    two_phase_disabled: Vec<String>,
+    /// Servers holding prepared transactions of shardline.
+    prepared: Vec<Prepared>,
+}
+
+#[derive(Serialize)]
+struct Prepared {
+    server: String,
+    count: i64,
+    oldest_seconds: i64,
 }
 
 #[derive(Serialize)]
@@ -57,9 +71,22 @@ pub async fn status(context: &Context, args: StatusArgs) -> Result<()> {
     let map = context.store().await?.load().await?.map;
     let mut orphans = Vec::new();
     let mut unreachable = Vec::new();
+    let mut two_phase_disabled = Vec::new();
+    let mut prepared = Vec::new();
     for server in map.servers.values() {
         match Pg::connect(server, &context.credentials, "shardctl").await {
             Ok(pg) => {
+                if pg.max_prepared_transactions().await? == 0 {
+                    two_phase_disabled.push(server.name.clone());
+                }
+                let (count, oldest_seconds) = pg.shardline_prepared().await?;
+                if count > 0 {
+                    prepared.push(Prepared {
+                        server: server.name.clone(),
+                        count,
+                        oldest_seconds,
+                    });
+                }
                 for (kind, name) in pg.leftovers().await? {
                     if !active_names.iter().any(|n| name.starts_with(n.as_str())) {
                         orphans.push(Orphan {
@@ -84,6 +111,8 @@ pub async fn status(context: &Context, args: StatusArgs) -> Result<()> {
             jobs: shown,
             orphans,
             unreachable,
+            two_phase_disabled,
+            prepared,
         });
     }
     match &leader {
@@ -142,6 +171,22 @@ pub async fn status(context: &Context, args: StatusArgs) -> Result<()> {
             orphan.server,
             if orphan.kind == "slot" {
                 " (it keeps WAL on that server: drop it)"
+            } else {
+                ""
+            }
+        );
+    }
+    for server in &two_phase_disabled {
+        println!("{}", two_phase_warning(server));
+    }
+    for p in &prepared {
+        println!(
+            "{}: {} prepared transaction(s) of shardline, the oldest {}s old{}",
+            p.server,
+            p.count,
+            p.oldest_seconds,
+            if p.oldest_seconds > 60 {
+                " (in doubt: their proxy is still registered, or no rebalancer leader runs recovery)"
             } else {
                 ""
             }

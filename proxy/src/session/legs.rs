@@ -20,6 +20,7 @@ use crate::failpoint;
 use crate::metrics::Metrics;
 use crate::pool::{Lease, Pool};
 use crate::two_phase::TwoPhase;
+use twophase::Gid;
 use crate::wire::messages;
 
 use super::client::SessionError;
@@ -145,7 +146,7 @@ pub(super) async fn run_on_all(
 /// decision record goes. Recovery by other processes leaves a live proxy's
 /// transactions alone, so finishing them is this proxy's job; if the proxy
 /// dies first, they are no longer alive's and recovery finishes them.
-async fn finish_commit(two_phase: Arc<TwoPhase>, gid: String, mut pools: Vec<Arc<Pool>>) {
+async fn finish_commit(two_phase: Arc<TwoPhase>, gid: Gid, mut pools: Vec<Arc<Pool>>) {
     let sql = format!("COMMIT PREPARED '{gid}'");
     let mut delay = Duration::from_millis(200);
     while !pools.is_empty() {
@@ -417,7 +418,18 @@ impl Session {
     /// (what fails is finished by recovery).
     async fn two_phase_commit(&mut self, legs: Vec<Lease>) -> Ended {
         let two_phase = self.shared.two_phase.clone();
-        let gid = two_phase.next_gid();
+        let Some(gid) = two_phase.next_gid(&self.shared.liveness) else {
+            for (mut leg, reply) in run_on_all(legs, |_| "ROLLBACK".into()).await {
+                if !matches!(reply, Ok(Reply::Done(_))) {
+                    leg.backend().broken = true;
+                }
+            }
+            return Ended::Failed(Failure::new(
+                "57P03",
+                "this shardline proxy is not registered in etcd, so it cannot record a commit over several servers; the transaction was rolled back",
+                "retry shortly, or connect to another proxy; check that etcd is reachable from this proxy",
+            ));
+        };
         let servers: Vec<String> = legs.iter().map(|l| l.server().to_string()).collect();
         let prepare = format!("PREPARE TRANSACTION '{gid}'");
         let prepared = if failpoint::armed("2pc:after_first_prepare") {
