@@ -447,7 +447,7 @@ impl Session {
         let mut unprepared = Vec::new();
         for ((mut leg, reply), server) in prepared.into_iter().zip(&servers) {
             match reply {
-                Ok(Reply::Done(tag)) if tag == "PREPARE" => holding.push(leg),
+                Ok(Reply::Done(tag)) if tag == "PREPARE TRANSACTION" => holding.push(leg),
                 Ok(Reply::Done(_)) => {
                     // PREPARE of an aborted transaction answers ROLLBACK.
                     failure.get_or_insert_with(|| {
