@@ -143,10 +143,16 @@ impl ProxyProcess {
             .args(["--cluster", cluster_name])
             .args(["--auth-method", "trust"])
             .args(["--id", id])
-            .env("SHARDLINE_LOG", "warn")
+            .env("SHARDLINE_LOG", std::env::var("SHARDLINE_LOG").unwrap_or_else(|_| "warn".into()))
             .env_remove("SHARDLINE_PROXY_CONFIG")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
+        // SHARDLINE_TEST_PROXY_LOGS=DIR keeps each proxy's log there.
+        if let Some(dir) = std::env::var_os("SHARDLINE_TEST_PROXY_LOGS") {
+            if let Ok(file) = std::fs::File::create(std::path::Path::new(&dir).join(format!("{id}.log"))) {
+                command.stderr(file);
+            }
+        }
         if let Some(point) = failpoint {
             command.env("SHARDLINE_FAILPOINT", point);
         }

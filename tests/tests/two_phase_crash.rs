@@ -83,7 +83,7 @@ async fn crash_at(cluster: &TestCluster, keys: &[i64], id: &str, point: &str) {
     let status = proxy.wait_exit(Duration::from_secs(10)).await;
     assert!(
         status.is_some_and(|s| !s.success()),
-        "the proxy did not abort at {point}: {status:?}"
+        "the proxy did not abort at {point}: {status:?}; COMMIT answered {commit:?}"
     );
 }
 

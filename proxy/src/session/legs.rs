@@ -446,6 +446,7 @@ impl Session {
         let mut holding = Vec::new();
         let mut unprepared = Vec::new();
         for ((mut leg, reply), server) in prepared.into_iter().zip(&servers) {
+            tracing::debug!(%gid, %server, leg = %leg.server(), ?reply, "PREPARE TRANSACTION");
             match reply {
                 Ok(Reply::Done(tag)) if tag == "PREPARE TRANSACTION" => holding.push(leg),
                 Ok(Reply::Done(_)) => {
