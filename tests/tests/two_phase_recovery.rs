@@ -14,7 +14,7 @@ use std::time::Duration;
 use etcd_client::Client;
 use settings::Credentials;
 use shardline_tests::move_jobs::test_config;
-use shardline_tests::{eventually, TestCluster};
+use shardline_tests::{eventually, TestCluster, TestProxy};
 use shardmap::proxies::ProxyRecord;
 use shardmap::ClusterMap;
 use twophase::{Decision, DecisionStore, Gid, RecordError, Recovery, Scope, ServerReport};
@@ -310,6 +310,31 @@ async fn recovery_follows_the_decisions_and_spares_live_proxies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarting_proxy_and_the_rebalancer_leader_recover() {
     let s = setup("tpc_daemons").await;
+
+    // A real proxy's registry hands out ids of its current registration,
+    // which its commit records are guarded by.
+    let proxy = TestProxy::start(&s.cluster, s.name, |_| {}).await;
+    let gids = proxy
+        .shared
+        .liveness
+        .gids()
+        .expect("a registered proxy has a generator");
+    let registered = shardmap::proxies::list(&s.etcd, s.name)
+        .await
+        .expect("proxies");
+    let own = registered
+        .iter()
+        .find(|p| p.key.ends_with(&format!("/{}", gids.proxy_id())))
+        .expect("the proxy's registration");
+    assert_eq!(gids.incarnation(), own.lease);
+    let first = gids.next();
+    assert_eq!(Gid::parse(first.as_str()).expect("parses"), first);
+    s.decisions
+        .record_commit(&first, &s.participants(&[0, 1]))
+        .await
+        .expect("a live proxy records its commit");
+    s.decisions.forget(&first).await.expect("forget");
+    drop(proxy);
 
     // A proxy crashed and restarts at once: its old lease is still alive,
     // yet what it left is its own to finish.
