@@ -100,11 +100,7 @@ impl Route {
             // A write across servers is the request's only statement on a
             // server (its parts run in their own transaction).
             (Route::Writes { servers, .. }, other) | (other, Route::Writes { servers, .. }) => {
-                let other = match other.into_parts().0 {
-                    servers if servers.is_empty() => String::new(),
-                    servers => servers.join(", "),
-                };
-                Err((servers.join(", "), other))
+                Err((servers.join(", "), other.into_parts().0.join(", ")))
             }
             (a @ (Route::Scatter { .. } | Route::Partitions { .. }), b @ (Route::Scatter { .. } | Route::Partitions { .. }))
                 if matches!(a, Route::Scatter { .. }) || matches!(b, Route::Scatter { .. }) =>

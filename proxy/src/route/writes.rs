@@ -390,6 +390,9 @@ fn targets(
 ) -> Result<Option<Targets>, RouteError> {
     let mut sharded_uses: Vec<&TableUse> = Vec::new();
     let mut group: Option<&str> = None;
+    if let Some(insert) = &statement.insert {
+        insert_shape(insert)?;
+    }
     let target = statement.insert.as_ref().map(|i| i.table.as_str());
     for table in &statement.tables {
         if table.is_catalog() {
@@ -399,7 +402,7 @@ fn targets(
         match &def.kind {
             TableKind::Reference if Some(table.name.as_str()) != target => {}
             TableKind::Sharded { group: g, .. } if target.is_none_or(|t| t == table.name) => {
-                if group.is_some_and(|seen| seen != g) {
+                if group.is_some_and(|seen| seen != g.as_str()) {
                     return Err(RouteError::new(
                         "0A000",
                         format!(
@@ -409,15 +412,14 @@ fn targets(
                         "read the other table in a statement of its own",
                     ));
                 }
-                group = Some(g);
+                group = Some(g.as_str());
                 sharded_uses.push(table);
             }
             _ => {
                 return Err(RouteError::new(
                     "0A000",
                     format!(
-                        "a write on several servers cannot {} table \"{}\": its rows are not on every server that runs the write",
-                        if target.is_some() { "read" } else { "touch" },
+                        "a write on several servers cannot read table \"{}\": each server that runs the write has only part of its rows, or none",
                         table.name
                     ),
                     "read that table in a statement of its own",
@@ -432,6 +434,26 @@ fn targets(
             _ => Ok(Some(Targets::Partitions(all_partitions(map)))),
         },
     }
+}
+
+/// An INSERT whose rows the proxy can see: VALUES, not a query or DEFAULT VALUES.
+fn insert_shape(insert: &InsertRows) -> Result<(), RouteError> {
+    let table = &insert.table;
+    if insert.from_query {
+        return Err(RouteError::new(
+            "0A000",
+            format!("INSERT ... SELECT into sharded table \"{table}\" cannot be split by server: the proxy does not know the rows' keys"),
+            "insert with VALUES and the key as a literal or parameter, or run the INSERT ... SELECT on each server",
+        ));
+    }
+    if insert.rows.is_empty() {
+        return Err(RouteError::new(
+            "0A000",
+            format!("INSERT ... DEFAULT VALUES into sharded table \"{table}\" gives no key to route the row by"),
+            "insert with VALUES and a value for the sharding key",
+        ));
+    }
+    Ok(())
 }
 
 fn all_partitions(map: &ClusterMap) -> Vec<u32> {
@@ -452,20 +474,6 @@ fn insert_rows(
             "run the statement on the server that holds the table",
         ));
     };
-    if insert.from_query {
-        return Err(RouteError::new(
-            "0A000",
-            format!("INSERT ... SELECT into sharded table \"{table}\" cannot be split by server: the proxy does not know the rows' keys"),
-            "insert with VALUES and the key as a literal or parameter, or run the INSERT ... SELECT on each server",
-        ));
-    }
-    if insert.rows.is_empty() {
-        return Err(RouteError::new(
-            "0A000",
-            format!("INSERT ... DEFAULT VALUES into sharded table \"{table}\" gives no key to route the row by"),
-            "insert with VALUES and a value for the sharding key",
-        ));
-    }
     let index = insert_key_index(insert, key_column, map)?;
     let mut partitions = Vec::with_capacity(insert.rows.len());
     for (n, row) in insert.rows.iter().enumerate() {

@@ -335,14 +335,14 @@ fn updates_and_deletes_fan_out_to_the_owners() {
     };
     assert_eq!(partitions, (0..8).collect::<Vec<u32>>());
     assert_eq!(servers.len(), 2);
-    let plan = plan(sql, None).expect("plans");
-    assert_eq!(plan.parts.len(), 2);
-    assert!(plan.parts.iter().all(|p| p.sql == sql && p.rows.is_empty()));
+    let fanned = plan(sql, None).expect("plans");
+    assert_eq!(fanned.parts.len(), 2);
+    assert!(fanned.parts.iter().all(|p| p.sql == sql && p.rows.is_empty()));
     assert_eq!(
-        plan.returning_order(&[1, 2]),
+        fanned.returning_order(&[1, 2]),
         Some(vec![(0, 0), (1, 0), (1, 1)])
     );
-    assert_eq!(plan.command_tag(4), "UPDATE 4");
+    assert_eq!(fanned.command_tag(4), "UPDATE 4");
     let error = plan_write(
         "UPDATE users SET user_id = 5 WHERE name = 'y'",
         &analyze("UPDATE users SET user_id = 5 WHERE name = 'y'").1,
