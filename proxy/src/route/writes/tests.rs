@@ -61,7 +61,7 @@ fn bind(values: &[Option<&[u8]>], formats: &[i16]) -> Bind {
         param_formats: formats.to_vec(),
         params: values
             .iter()
-            .map(|v| v.map(|b| Bytes::copy_from_slice(b)))
+            .map(|v| v.map(Bytes::copy_from_slice))
             .collect(),
         result_formats: Bytes::from_static(&[0, 1, 0, 1]),
     }
