@@ -8,11 +8,12 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use shardmap::{ClusterMap, KeyType, KeyValue, TableKind};
 
-use crate::analyze::statement::{DataStatement, KeyExpr, TableUse};
+use crate::analyze::statement::{DataStatement, InsertRows, KeyExpr, TableUse};
 use crate::analyze::Literal;
 use crate::wire::messages::Bind;
 
 mod keys;
+pub mod writes;
 use keys::evaluate_keys;
 
 /// Where a statement runs.
@@ -36,21 +37,33 @@ pub enum Route {
         servers: Vec<String>,
         partitions: Vec<u32>,
     },
+    /// An INSERT ... VALUES, UPDATE or DELETE of a sharded table whose rows
+    /// may be on several servers: each server runs its part (see
+    /// `writes::plan_write`), in one transaction. Only made by `route_data`
+    /// with writes allowed, for statements one server cannot run, never as
+    /// a fallback for a statement it does not understand.
+    Writes {
+        /// Servers in the order their first row or partition was seen.
+        servers: Vec<String>,
+        partitions: Vec<u32>,
+    },
 }
 
 impl Route {
-    /// The one server that runs the statement; `None` for `Any` and for
-    /// `Scatter` (which never reaches a single backend).
+    /// The one server that runs the statement; `None` for `Any`, and for
+    /// `Scatter` and `Writes` (which never reach a single backend).
     pub fn server(&self) -> Option<&str> {
         match self {
             Route::Partitions { server, .. } | Route::Server(server) => Some(server),
-            Route::Any | Route::Scatter { .. } => None,
+            Route::Any | Route::Scatter { .. } | Route::Writes { .. } => None,
         }
     }
 
     pub fn partitions(&self) -> &[u32] {
         match self {
-            Route::Partitions { partitions, .. } | Route::Scatter { partitions, .. } => partitions,
+            Route::Partitions { partitions, .. }
+            | Route::Scatter { partitions, .. }
+            | Route::Writes { partitions, .. } => partitions,
             _ => &[],
         }
     }
@@ -84,6 +97,11 @@ impl Route {
     pub fn merge(self, other: Route) -> Result<Route, (String, String)> {
         match (self, other) {
             (Route::Any, r) | (r, Route::Any) => Ok(r),
+            // A write across servers is the request's only statement on a
+            // server (its parts run in their own transaction).
+            (Route::Writes { servers, .. }, other) | (other, Route::Writes { servers, .. }) => {
+                Err((servers.join(", "), other.into_parts().0.join(", ")))
+            }
             (a @ (Route::Scatter { .. } | Route::Partitions { .. }), b @ (Route::Scatter { .. } | Route::Partitions { .. }))
                 if matches!(a, Route::Scatter { .. }) || matches!(b, Route::Scatter { .. }) =>
             {
@@ -133,6 +151,10 @@ impl Route {
             Route::Scatter {
                 servers,
                 partitions,
+            }
+            | Route::Writes {
+                servers,
+                partitions,
             } => (servers, partitions),
             Route::Partitions { server, partitions } => (vec![server], partitions),
             Route::Server(server) => (vec![server], Vec::new()),
@@ -179,8 +201,27 @@ pub enum Resolution {
 
 /// Routes one data statement. With `scatter` allowed, a read-only
 /// statement whose sharded tables' keys are not fixed to one server routes
-/// to a `Scatter` over the servers that own the partitions it reads.
+/// to a `Scatter` over the servers that own the partitions it reads. With
+/// `writes` allowed, an INSERT ... VALUES, UPDATE or DELETE of a sharded
+/// table that one server cannot run routes to `Writes` (see `writes`);
+/// whatever one server can run routes as it does without.
 pub fn route_data(
+    statement: &DataStatement,
+    map: &ClusterMap,
+    literals: &[Literal],
+    params: Option<&Params<'_>>,
+    scatter: bool,
+    writes: bool,
+) -> Result<Resolution, RouteError> {
+    match route_one(statement, map, literals, params, scatter) {
+        Err(_) if writes && writes::applies(statement, map) => {
+            writes::route_write(statement, map, literals, params)
+        }
+        routed => routed,
+    }
+}
+
+fn route_one(
     statement: &DataStatement,
     map: &ClusterMap,
     literals: &[Literal],
@@ -269,21 +310,7 @@ fn route_table(
     params: Option<&Params<'_>>,
     scatter: bool,
 ) -> Result<Option<Route>, RouteError> {
-    let Some(def) = map
-        .tables
-        .get(&table.name)
-        .filter(|_| table.schema.is_none())
-    else {
-        let qualified = match &table.schema {
-            Some(schema) => format!("{schema}.{}", table.name),
-            None => table.name.clone(),
-        };
-        return Err(RouteError::new(
-            "42P01",
-            format!("relation \"{qualified}\" is not in the shardline map"),
-            "declare it with `shardctl table add`, or query it on a server directly",
-        ));
-    };
+    let def = known_table(map, table)?;
     match &def.kind {
         TableKind::Reference => {
             if statement.read_only {
@@ -428,6 +455,25 @@ pub fn array_param_by_server(
     Some((index, split))
 }
 
+/// The map's definition of `table`; 42P01 for a table it does not know
+/// (or one in another schema than `public`).
+fn known_table<'m>(map: &'m ClusterMap, table: &TableUse) -> Result<&'m shardmap::Table, RouteError> {
+    map.tables
+        .get(&table.name)
+        .filter(|_| table.schema.is_none())
+        .ok_or_else(|| {
+            let qualified = match &table.schema {
+                Some(schema) => format!("{schema}.{}", table.name),
+                None => table.name.clone(),
+            };
+            RouteError::new(
+                "42P01",
+                format!("relation \"{qualified}\" is not in the shardline map"),
+                "declare it with `shardctl table add`, or query it on a server directly",
+            )
+        })
+}
+
 fn owner_of(map: &ClusterMap, partition: u32) -> Result<&str, RouteError> {
     map.assignments
         .get(partition as usize)
@@ -469,29 +515,7 @@ fn key_exprs<'s>(
                 "insert with VALUES and the key as a literal or parameter",
             ));
         }
-        let index = if insert.columns.is_empty() {
-            // No column list: the values follow the table's columns, as the
-            // map recorded them when the table was created.
-            let recorded = map
-                .columns
-                .get(&table.name)
-                .and_then(|c| shardmap::ddl::column_names(c));
-            recorded.and_then(|names| names.iter().position(|c| c == key_column)).ok_or_else(|| {
-                RouteError::new(
-                    "0A000",
-                    format!("INSERT into sharded table \"{}\" names no columns, and the shard map does not record its columns", table.name),
-                    format!("list the columns: INSERT INTO {} ({key_column}, ...) VALUES (...), or create the table with `shardctl table create` so its columns are known", table.name),
-                )
-            })?
-        } else {
-            insert.columns.iter().position(|c| c == key_column).ok_or_else(|| {
-                RouteError::new(
-                    "0A000",
-                    format!("INSERT into sharded table \"{}\" must name its key column \"{key_column}\"", table.name),
-                    format!("list the columns: INSERT INTO {} ({key_column}, ...) VALUES (...)", table.name),
-                )
-            })?
-        };
+        let index = insert_key_index(insert, key_column, map)?;
         for row in &insert.rows {
             match row.get(index).and_then(Option::as_ref) {
                 Some(expr) => exprs.push(expr),
@@ -508,6 +532,38 @@ fn key_exprs<'s>(
         }
     }
     Ok(exprs)
+}
+
+/// Where the key column is among an INSERT's values.
+fn insert_key_index(
+    insert: &InsertRows,
+    key_column: &str,
+    map: &ClusterMap,
+) -> Result<usize, RouteError> {
+    let table = &insert.table;
+    if insert.columns.is_empty() {
+        // No column list: the values follow the table's columns, as the
+        // map recorded them when the table was created.
+        let recorded = map
+            .columns
+            .get(table)
+            .and_then(|c| shardmap::ddl::column_names(c));
+        recorded.and_then(|names| names.iter().position(|c| c == key_column)).ok_or_else(|| {
+            RouteError::new(
+                "0A000",
+                format!("INSERT into sharded table \"{table}\" names no columns, and the shard map does not record its columns"),
+                format!("list the columns: INSERT INTO {table} ({key_column}, ...) VALUES (...), or create the table with `shardctl table create` so its columns are known"),
+            )
+        })
+    } else {
+        insert.columns.iter().position(|c| c == key_column).ok_or_else(|| {
+            RouteError::new(
+                "0A000",
+                format!("INSERT into sharded table \"{table}\" must name its key column \"{key_column}\""),
+                format!("list the columns: INSERT INTO {table} ({key_column}, ...) VALUES (...)"),
+            )
+        })
+    }
 }
 
 #[cfg(test)]
@@ -534,7 +590,7 @@ mod tests {
         let Command::Data(data) = &analyzed.analysis.commands[0] else {
             panic!("not data: {sql}")
         };
-        route_data(data, &map(), &analyzed.literals, None, false)
+        route_data(data, &map(), &analyzed.literals, None, false, false)
     }
 
     fn owner_of(key: i64) -> String {
@@ -583,7 +639,7 @@ mod tests {
             "users".into(),
             "name text, user_id bigint PRIMARY KEY".into(),
         );
-        let r = route_data(data, &with_columns, &analyzed.literals, None, false).expect("routes");
+        let r = route_data(data, &with_columns, &analyzed.literals, None, false, false).expect("routes");
         let Resolution::Route(Route::Partitions { server, .. }) = r else {
             panic!("{r:?}")
         };
@@ -694,9 +750,9 @@ mod tests {
         let Command::Data(data) = &analyzed.analysis.commands[0] else {
             panic!("not data")
         };
-        let strict = route_data(data, &map(), &analyzed.literals, None, false);
+        let strict = route_data(data, &map(), &analyzed.literals, None, false, false);
         assert_eq!(strict.expect_err("two servers, scatter off").code, "0A000");
-        let scatter = route_data(data, &map(), &analyzed.literals, None, true).expect("routes");
+        let scatter = route_data(data, &map(), &analyzed.literals, None, true, false).expect("routes");
         let Resolution::Route(Route::Scatter { servers, .. }) = scatter else {
             panic!("{scatter:?}")
         };
@@ -706,7 +762,7 @@ mod tests {
             panic!("not data")
         };
         assert_eq!(
-            route_data(data, &map(), &empty.literals, None, true),
+            route_data(data, &map(), &empty.literals, None, true, false),
             Ok(Resolution::Route(Route::Any))
         );
     }

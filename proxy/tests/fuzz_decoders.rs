@@ -108,8 +108,10 @@ proptest! {
         let map = map();
         for command in &analyzed.analysis.commands {
             if let Command::Data(data) = command {
-                let _ = route_data(data, &map, &analyzed.literals, None, false);
-                let _ = route_data(data, &map, &analyzed.literals, None, true);
+                let _ = route_data(data, &map, &analyzed.literals, None, false, false);
+                let _ = route_data(data, &map, &analyzed.literals, None, true, true);
+                // The write planner sees the text as the client sent it, too.
+                let _ = proxy::route::writes::plan_write(&sql, data, &map, &analyzed.literals, None);
             }
         }
         // The scatter planner sees the text as the client sent it.
@@ -123,7 +125,7 @@ proptest! {
         let analyzer = Analyzer::new(64);
         let analyzed = analyzer.analyze(&sql);
         let Command::Data(data) = &analyzed.analysis.commands[0] else { panic!("data statement") };
-        let routed = route_data(data, &map(), &analyzed.literals, None, false);
+        let routed = route_data(data, &map(), &analyzed.literals, None, false, false);
         prop_assert!(routed.is_ok(), "{:?}", routed);
     }
 

@@ -5,6 +5,7 @@
 pub mod lexer;
 pub mod scatter;
 pub mod statement;
+pub mod writes;
 
 use rustc_hash::FxHashMap;
 use std::sync::{Arc, OnceLock, RwLock};

@@ -68,6 +68,24 @@ impl Session {
             self.end_failed_request(client_synced).await?;
             return Ok(false);
         }
+        if let Route::Writes { servers, .. } = &route {
+            // Writes across servers need their own path (one transaction
+            // over the servers, two-phase commit), not wired yet: refuse
+            // them as the router refuses other cross-server statements,
+            // never fall through to "any server".
+            let error = RouteError::new(
+                "0A000",
+                format!(
+                    "this statement writes rows on servers {}; writes across servers are not supported yet",
+                    servers.join(", ")
+                ),
+                "send one statement per server's keys",
+            );
+            self.route_error(&error);
+            self.fail_transaction().await;
+            self.end_failed_request(client_synced).await?;
+            return Ok(false);
+        }
         let held = self.lease.as_ref().map(|l| l.server().to_string());
         let target = match (route.server(), &held) {
             (Some(server), Some(held)) if server != held => {

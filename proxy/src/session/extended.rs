@@ -22,7 +22,7 @@ use super::statements::{
     prepare_statement, Prepared,
 };
 use super::tx::{is_tx_control, Tx};
-use super::{cross_server, spans_servers, unsupported, Request, Session};
+use super::{cross_server, spans_servers, unsupported, Request, Session, CROSS_SERVER_WRITES};
 
 /// An extended-protocol message of a request. Messages that name a
 /// statement carry the statement that name meant at that point of the
@@ -461,7 +461,7 @@ impl Session {
                                 bind,
                                 types: &prepared.param_types,
                             };
-                            match route_data(data, map, &literals, Some(&params), scatter)? {
+                            match route_data(data, map, &literals, Some(&params), scatter, CROSS_SERVER_WRITES)? {
                                 Resolution::Route(r) => Ok(r),
                                 Resolution::NeedsParams => Ok(Route::Any),
                             }
@@ -522,7 +522,7 @@ impl Session {
                 continue;
             };
             if let Ok(Resolution::Route(r)) =
-                route_data(data, &snapshot.map, &prepared.analyzed.literals, None, false)
+                route_data(data, &snapshot.map, &prepared.analyzed.literals, None, false, false)
             {
                 match route.clone().merge(r) {
                     Ok(merged) => route = merged,

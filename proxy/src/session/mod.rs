@@ -53,6 +53,12 @@ use plan::Plan;
 use statements::Statements;
 use tx::Tx;
 
+/// Whether statements that write on several servers route to
+/// `Route::Writes` (see `route::writes`). Off until the session runs them:
+/// until then such writes get the single-server router's refusal, as before,
+/// and `dispatch` refuses a `Writes` route should one ever reach it.
+const CROSS_SERVER_WRITES: bool = false;
+
 /// What one client request needs on its way to a backend and back. Made
 /// for each request (never kept on the `Session`), so nothing of one request
 /// can leak into the next, whichever way the request ends.

@@ -16,7 +16,7 @@ use super::plan::{End, Outcome, Plan};
 use super::settings::{changes_session, render};
 use super::statements::{can_keep, prepare_on_backend, KeptSimple};
 use super::tx::{transaction_scoped_tag, Tx};
-use super::{cross_server, spans_servers, unsupported, Request, Session};
+use super::{cross_server, spans_servers, unsupported, Request, Session, CROSS_SERVER_WRITES};
 
 /// The text of the (single) statement of a Query message, as the client
 /// wrote it, for sending later (with a held-back BEGIN).
@@ -73,7 +73,7 @@ impl Session {
                 let mut route = Route::Any;
                 for command in commands {
                     if let Command::Data(data) = command {
-                        if let Resolution::Route(r) = route_data(data, map, literals, None, false)? {
+                        if let Resolution::Route(r) = route_data(data, map, literals, None, false, false)? {
                             route = route.merge(r).map_err(|(a, b)| cross_server(&a, &b))?;
                         }
                     } else if let Command::Unsupported(what) = command {
@@ -325,7 +325,7 @@ impl Session {
         let literals = &analyzed.literals;
         let scatter = self.scatter_allowed();
         let route = self
-            .route_holding(|map| match route_data(data, map, literals, None, scatter)? {
+            .route_holding(|map| match route_data(data, map, literals, None, scatter, CROSS_SERVER_WRITES)? {
                 Resolution::Route(route) => Ok(route),
                 Resolution::NeedsParams => Err(RouteError::new(
                     "42P02",
