@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 use crate::cancel::CancelTarget;
 use crate::metrics::Metrics;
 use crate::pool::{Lease, Pool};
-use crate::route::Route;
+use crate::route::{Route, RouteError};
 use crate::wire::messages;
 
 use super::client::SessionError;
