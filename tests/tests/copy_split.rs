@@ -1,0 +1,296 @@
+//! The COPY splitter against real Postgres: tricky text, CSV and binary
+//! inputs are loaded with a real `COPY ... FROM STDIN` into a plain table,
+//! and the splitter must find the same rows with the same keys (Postgres's
+//! `SELECT k ORDER BY id`, ids from a serial in row order). Malformed inputs
+//! must fail in both, with the same SQLSTATE, message and line number; COPY
+//! statements Postgres rejects must be refused with its own words.
+
+use bytes::Bytes;
+use futures_util::SinkExt;
+use proxy::copy::{parse_copy_in, CopyError, CopySplitter};
+use shardline_tests::TestCluster;
+
+const COLUMNS: [&str; 2] = ["k", "v"];
+
+/// The splitter's keys (or its error) for `input`, fed in 5-byte messages.
+fn split(sql: &str, input: &[u8]) -> Result<Vec<Option<String>>, CopyError> {
+    let copy = parse_copy_in(sql).unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    let columns = copy
+        .row_columns(&COLUMNS.map(String::from))
+        .expect("columns");
+    let key = columns.iter().position(|c| c == "k").expect("k is copied");
+    let mut splitter = CopySplitter::new(&copy, columns, key)?;
+    let mut keys = Vec::new();
+    let mut drain = |s: &mut CopySplitter| -> Result<(), CopyError> {
+        while let Some(row) = s.next_row()? {
+            keys.push(
+                row.key
+                    .map(|k| String::from_utf8(k.to_vec()).expect("keys are UTF-8")),
+            );
+        }
+        Ok(())
+    };
+    for piece in input.chunks(5) {
+        splitter.push(Bytes::copy_from_slice(piece));
+        drain(&mut splitter)?;
+    }
+    splitter.finish();
+    drain(&mut splitter)?;
+    assert!(splitter.is_done());
+    Ok(keys)
+}
+
+/// Loads `input` with a real COPY; the row count or Postgres's error.
+async fn load(client: &tokio_postgres::Client, sql: &str, input: &[u8]) -> Result<u64, tokio_postgres::Error> {
+    client
+        .batch_execute("TRUNCATE t RESTART IDENTITY")
+        .await
+        .expect("truncate");
+    let sink = client.copy_in::<_, Bytes>(sql).await?;
+    futures_util::pin_mut!(sink);
+    for piece in input.chunks(64) {
+        sink.send(Bytes::copy_from_slice(piece)).await?;
+    }
+    sink.finish().await
+}
+
+fn binary_input(tuples: &[[Option<&[u8]>; 2]], extension: &[u8], trailer: bool) -> Vec<u8> {
+    let mut out = b"PGCOPY\n\xff\r\n\0".to_vec();
+    out.extend_from_slice(&0u32.to_be_bytes());
+    out.extend_from_slice(&(extension.len() as u32).to_be_bytes());
+    out.extend_from_slice(extension);
+    for tuple in tuples {
+        out.extend_from_slice(&2i16.to_be_bytes());
+        for field in tuple {
+            match field {
+                Some(bytes) => {
+                    out.extend_from_slice(&(bytes.len() as i32).to_be_bytes());
+                    out.extend_from_slice(bytes);
+                }
+                None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+    }
+    if trailer {
+        out.extend_from_slice(&(-1i16).to_be_bytes());
+    }
+    out
+}
+
+const TEXT: &str = "COPY t (k, v) FROM STDIN";
+const CSV: &str = "COPY t (k, v) FROM STDIN (FORMAT csv)";
+const BINARY: &str = "COPY t (k, v) FROM STDIN (FORMAT binary)";
+
+fn good_inputs() -> Vec<(&'static str, Vec<u8>)> {
+    let long = "x".repeat(70_000);
+    let mut inputs: Vec<(&str, Vec<u8>)> = vec![
+        (TEXT, b"1\ta\n2\tb\n\\N\tc\n".to_vec()),
+        (TEXT, b"a\\tb\tx\nc\\nd\tx\ne\\\\f\tx\n\\x41\\102\\7\tx\ng\\\th\tx\n\\\\N\tx\n\\q\tx\n".to_vec()),
+        (TEXT, b"1\tx\n2\ty\\.\n3\tz\n".to_vec()),
+        (TEXT, b"1\ta\r\n2\tb\r\n\\.\r\nignored\n".to_vec()),
+        (TEXT, b"1\ta\r2\tb\r3\tc".to_vec()),
+        (TEXT, b"1\ta\n2\tb\\".to_vec()),
+        (TEXT, b"a\\\nb\tx\n\\xc3\\xa9\t\xc3\xa9\n".to_vec()),
+        (TEXT, format!("{long}\tv\nshort\t{long}\n").into_bytes()),
+        (
+            "COPY t (v, k) FROM STDIN WITH (DELIMITER '|', NULL 'nil', HEADER)",
+            b"v|k\nx\\|y|nil\nnil|a\\|b\n".to_vec(),
+        ),
+        (CSV, b"1,\"a,b\"\n\"2\",\"x\"\"y\"\n\"k\"\"3\",z\n,x\n\"\",x\n".to_vec()),
+        (CSV, b"1,\"a\nb\"\n2,\"c\nd\ne\"\n3,x\n".to_vec()),
+        (CSV, b"1,\"a\r\nb\"\r\n2,\"c\r\nd\"\r\n".to_vec()),
+        (
+            "COPY t (k, v) FROM STDIN WITH (FORMAT csv, FORCE_NOT_NULL (k))",
+            b",x\n\"\",y\n".to_vec(),
+        ),
+        (
+            "COPY t (k, v) FROM STDIN WITH (FORMAT csv, FORCE_NULL (k), NULL 'N')",
+            b"N,x\n\"N\",y\n\"\",z\n".to_vec(),
+        ),
+        (
+            "COPY t (k, v) FROM STDIN WITH (FORMAT csv, DELIMITER ';', QUOTE '''', ESCAPE '\\')",
+            b"'a\\'b;c';x\n'd''e';y\nf\\g;z\n".to_vec(),
+        ),
+        (
+            "COPY t (k, v) FROM STDIN WITH CSV HEADER",
+            b"k,v\n1,a\n\\.x,b\n\\.\n9,z\n".to_vec(),
+        ),
+    ];
+    inputs.push((
+        BINARY,
+        binary_input(
+            &[
+                [Some(b"alice"), Some(b"x")],
+                [None, Some(b"y")],
+                [Some(b""), None],
+                [Some(long.as_bytes()), None],
+            ],
+            b"ext",
+            true,
+        ),
+    ));
+    inputs.push((BINARY, binary_input(&[[Some(b"no trailer"), None]], b"", false)));
+    inputs
+}
+
+fn bad_inputs() -> Vec<(&'static str, Vec<u8>)> {
+    let mut bad_count = binary_input(&[[Some(b"1"), None]], b"", false);
+    bad_count.extend_from_slice(&1i16.to_be_bytes());
+    bad_count.extend_from_slice(&1i32.to_be_bytes());
+    bad_count.push(b'2');
+    let mut bad_size = binary_input(&[], b"", false);
+    bad_size.extend_from_slice(&2i16.to_be_bytes());
+    bad_size.extend_from_slice(&(-7i32).to_be_bytes());
+    let mut short = binary_input(&[[Some(b"1"), None]], b"", false);
+    short.extend_from_slice(&2i16.to_be_bytes());
+    short.extend_from_slice(&9i32.to_be_bytes());
+    short.extend_from_slice(b"abc");
+    let mut after = binary_input(&[[Some(b"1"), None]], b"", true);
+    after.extend_from_slice(b"zz");
+    let mut oids = binary_input(&[], b"", true);
+    oids[11..15].copy_from_slice(&(1u32 << 16).to_be_bytes());
+    vec![
+        (TEXT, b"1\ta\n2\tb\tc\n".to_vec()),
+        (TEXT, b"1\ta\n2\tb\n3\n".to_vec()),
+        (TEXT, b"1\ta\n2\tb\rc\n".to_vec()),
+        (TEXT, b"1\ta\r\n2\tb\n".to_vec()),
+        (TEXT, b"1\ta\n\\.x\n".to_vec()),
+        (TEXT, b"1\ta\r\n\\.\n".to_vec()),
+        (TEXT, b"1\ta\n2\t\xff\n".to_vec()),
+        (TEXT, b"1\ta\n2\tb\\xc3\n".to_vec()),
+        (TEXT, b"1\ta\n2\t\\0\n".to_vec()),
+        (CSV, b"1,a\n2,\"abc\ndef\n".to_vec()),
+        (CSV, b"1,\"abc\ndef\n".to_vec()),
+        (CSV, b"1,a\n2,b,c\n".to_vec()),
+        (CSV, b"1,a\n2\n".to_vec()),
+        (CSV, b"1,a\n2,b\rc\n".to_vec()),
+        (CSV, b"1,\"a\nb\"\n2,b,c\n".to_vec()),
+        (CSV, b"1,\"a\nb\"\n2,\"c\nd\"\n3,b,c\n".to_vec()),
+        (BINARY, b"PGCOPY\n\xff\r\n\x01rest".to_vec()),
+        (BINARY, oids),
+        (BINARY, bad_count),
+        (BINARY, bad_size),
+        (BINARY, short),
+        (BINARY, after),
+    ]
+}
+
+/// The line number in Postgres's CONTEXT (`COPY t, line 3: "..."`).
+fn context_line(context: Option<&str>) -> Option<u64> {
+    let rest = &context?[context?.find(", line ")? + ", line ".len()..];
+    rest.chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splitter_agrees_with_postgres() {
+    let cluster = TestCluster::start(1);
+    let client = cluster.connect(0).await;
+    client
+        .batch_execute("CREATE TABLE t (id bigserial PRIMARY KEY, k text, v text)")
+        .await
+        .expect("create table");
+
+    for (sql, input) in good_inputs() {
+        let shown = String::from_utf8_lossy(&input[..input.len().min(60)]).into_owned();
+        let count = load(&client, sql, &input)
+            .await
+            .unwrap_or_else(|e| panic!("{sql} {shown:?}: Postgres refused: {e:?}"));
+        let stored: Vec<Option<String>> = client
+            .query("SELECT k FROM t ORDER BY id", &[])
+            .await
+            .expect("read back")
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let keys = split(sql, &input).unwrap_or_else(|e| panic!("{sql} {shown:?}: {e:?}"));
+        assert_eq!(count, stored.len() as u64);
+        assert_eq!(keys, stored, "{sql} {shown:?}");
+    }
+
+    for (sql, input) in bad_inputs() {
+        let shown = String::from_utf8_lossy(&input).into_owned();
+        let error = load(&client, sql, &input)
+            .await
+            .expect_err(&format!("Postgres accepted {sql} {shown:?}"));
+        let db = error.as_db_error().unwrap_or_else(|| panic!("{shown:?}: {error:?}"));
+        let ours = split(sql, &input).expect_err(&format!("the splitter accepted {shown:?}"));
+        assert_eq!(
+            (ours.code, ours.message.as_str(), ours.line),
+            (db.code().code(), db.message(), context_line(db.where_())),
+            "{sql} {shown:?} (Postgres: {:?})",
+            db.where_()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_postgres_rejects_are_refused_in_its_words() {
+    let cluster = TestCluster::start(1);
+    let client = cluster.connect(0).await;
+    client
+        .batch_execute("CREATE TABLE t (id bigserial PRIMARY KEY, k text, v text)")
+        .await
+        .expect("create table");
+    for sql in [
+        "COPY t (k, v) FROM STDIN (FORMAT csv, FORMAT text)",
+        "COPY BINARY t (k, v) FROM STDIN CSV",
+        "COPY t (k, v) FROM STDIN (FORMAT json)",
+        "COPY t (k, v) FROM STDIN (BOGUS 1)",
+        "COPY t (k, v) FROM STDIN (DELIMITER 'ab')",
+        "COPY t (k, v) FROM STDIN (DELIMITER E'\\n')",
+        "COPY t (k, v) FROM STDIN (NULL E'a\\rb')",
+        "COPY t (k, v) FROM STDIN (DELIMITER 'x')",
+        "COPY t (k, v) FROM STDIN (FORMAT binary, HEADER)",
+        "COPY t (k, v) FROM STDIN (FORMAT binary, DELIMITER ',')",
+        "COPY t (k, v) FROM STDIN (FORMAT binary, NULL 'x')",
+        "COPY t (k, v) FROM STDIN (QUOTE '\"')",
+        "COPY t (k, v) FROM STDIN (ESCAPE '\"')",
+        "COPY t (k, v) FROM STDIN (FORMAT csv, QUOTE 'ab')",
+        "COPY t (k, v) FROM STDIN (FORMAT csv, ESCAPE 'ab')",
+        "COPY t (k, v) FROM STDIN (FORMAT csv, QUOTE ',')",
+        "COPY t (k, v) FROM STDIN (FORCE_NOT_NULL (k))",
+        "COPY t (k, v) FROM STDIN (FORCE_NULL (k))",
+        "COPY t (k, v) FROM STDIN (FORMAT csv, FORCE_NOT_NULL k)",
+        "COPY t (k, v) FROM STDIN (FORMAT csv, FORCE_QUOTE *)",
+        "COPY t (k, v) FROM STDIN (NULL 'a\tb')",
+        "COPY t (k, v) FROM STDIN (FORMAT csv, NULL '\"')",
+        "COPY t (k, v) FROM STDIN (HEADER maybe)",
+        "COPY t (k, v) FROM STDIN (FREEZE maybe)",
+        "COPY t (k, v) FROM STDIN (DELIMITER)",
+        "COPY t (k, v) FROM STDIN WITH OIDS",
+    ] {
+        let error = client
+            .batch_execute(sql)
+            .await
+            .expect_err(&format!("Postgres accepted {sql}"));
+        let db = error.as_db_error().unwrap_or_else(|| panic!("{sql}: {error:?}"));
+        let ours = parse_copy_in(sql).expect_err(&format!("the proxy accepted {sql}"));
+        assert_eq!(ours.code, db.code().code(), "{sql}: Postgres says {}", db.message());
+        if ours.code != "42601" || !db.message().starts_with("syntax error") {
+            assert_eq!(ours.message, db.message(), "{sql}");
+        }
+    }
+    // Column checks happen once the table's columns are known.
+    for (sql, table_columns) in [
+        ("COPY t (k, nope) FROM STDIN", &["id", "k", "v"][..]),
+        ("COPY t (k, k) FROM STDIN", &["id", "k", "v"][..]),
+    ] {
+        let error = client.batch_execute(sql).await.expect_err("Postgres refuses");
+        let db = error.as_db_error().expect("a database error");
+        let copy = parse_copy_in(sql).expect("parses");
+        let ours = copy
+            .row_columns(&table_columns.iter().map(|c| c.to_string()).collect::<Vec<_>>())
+            .expect_err("refused");
+        assert_eq!((ours.code, ours.message.as_str()), (db.code().code(), db.message()), "{sql}");
+    }
+    let sql = "COPY t (k) FROM STDIN (FORMAT csv, FORCE_NOT_NULL (v))";
+    let error = client.batch_execute(sql).await.expect_err("Postgres refuses");
+    let db = error.as_db_error().expect("a database error");
+    let copy = parse_copy_in(sql).expect("parses");
+    let ours = CopySplitter::new(&copy, vec!["k".into()], 0).expect_err("refused");
+    assert_eq!((ours.code, ours.message.as_str()), (db.code().code(), db.message()));
+}
