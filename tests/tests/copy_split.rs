@@ -235,6 +235,7 @@ async fn statements_postgres_rejects_are_refused_in_its_words() {
         .batch_execute("CREATE TABLE t (id bigserial PRIMARY KEY, k text, v text)")
         .await
         .expect("create table");
+    let mut differences = Vec::new();
     for sql in [
         "COPY t (k, v) FROM STDIN (FORMAT csv, FORMAT text)",
         "COPY BINARY t (k, v) FROM STDIN CSV",
@@ -269,11 +270,18 @@ async fn statements_postgres_rejects_are_refused_in_its_words() {
             .expect_err(&format!("Postgres accepted {sql}"));
         let db = error.as_db_error().unwrap_or_else(|| panic!("{sql}: {error:?}"));
         let ours = parse_copy_in(sql).expect_err(&format!("the proxy accepted {sql}"));
-        assert_eq!(ours.code, db.code().code(), "{sql}: Postgres says {}", db.message());
-        if ours.code != "42601" || !db.message().starts_with("syntax error") {
-            assert_eq!(ours.message, db.message(), "{sql}");
+        let syntax = db.message().starts_with("syntax error");
+        if ours.code != db.code().code() || (!syntax && ours.message != db.message()) {
+            differences.push(format!(
+                "{sql}: ours {} {:?}, Postgres {} {:?}",
+                ours.code,
+                ours.message,
+                db.code().code(),
+                db.message()
+            ));
         }
     }
+    assert!(differences.is_empty(), "{differences:#?}");
     // Column checks happen once the table's columns are known.
     for (sql, table_columns) in [
         ("COPY t (k, nope) FROM STDIN", &["id", "k", "v"][..]),

@@ -5,7 +5,6 @@
 //! slice of it). Errors are Postgres's (`ReceiveCopyBinaryHeader`,
 //! `NextCopyFrom`, `CopyReadBinaryAttribute`).
 
-use bytes::Bytes;
 
 use super::input::Input;
 use super::{CopyError, CopyRow, BAD_COPY_FILE_FORMAT};

@@ -271,13 +271,13 @@ fn check(given: Given) -> Result<CopyOptions, CopyRefusal> {
     }
     if !binary && null.as_bytes().contains(&delim) {
         return Err(postgres(
-            "22023",
+            "0A000",
             "COPY delimiter must not appear in the NULL specification",
         ));
     }
     if csv && null.as_bytes().contains(&quote) {
         return Err(postgres(
-            "22023",
+            "0A000",
             "CSV quote character must not appear in the NULL specification",
         ));
     }

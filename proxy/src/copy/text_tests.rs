@@ -18,7 +18,7 @@ fn split_chunks(
     let columns = columns.iter().map(|c| c.to_string()).collect();
     let mut splitter = CopySplitter::new(&copy, columns, key).expect("a splitter");
     let mut rows = Vec::new();
-    let mut drain = |s: &mut CopySplitter, rows: &mut Vec<CopyRow>| loop {
+    let drain = |s: &mut CopySplitter, rows: &mut Vec<CopyRow>| loop {
         match s.next_row() {
             Ok(Some(row)) => rows.push(row),
             Ok(None) => return None,
@@ -59,7 +59,8 @@ pub(super) fn split_all(
     if error.is_none() {
         assert!(done, "the splitter is done after finish");
         let copy = parse_copy_in(sql).expect("parses");
-        let probe = CopySplitter::new(&copy, vec!["x".into()], 0).expect("a splitter");
+        let names = columns.iter().map(|c| c.to_string()).collect();
+        let probe = CopySplitter::new(&copy, names, key).expect("a splitter");
         let mut forwarded = prefix.to_vec();
         for row in &rows {
             forwarded.extend_from_slice(&row.data);
