@@ -18,6 +18,10 @@ pub(super) struct Input {
     carry: BytesMut,
     /// CopyDone was received.
     pub(super) eof: bool,
+    /// Text formats: `chunk[..valid_to]` is valid UTF-8; `bad`: the byte at
+    /// `valid_to` starts an invalid character.
+    pub(super) valid_to: usize,
+    pub(super) bad: Option<usize>,
     pub(super) max_row: usize,
 }
 
@@ -29,6 +33,8 @@ impl Input {
             row_start: 0,
             carry: BytesMut::new(),
             eof: false,
+            valid_to: 0,
+            bad: None,
             max_row: DEFAULT_MAX_ROW_BYTES,
         }
     }
@@ -54,6 +60,8 @@ impl Input {
         }
         self.pos = 0;
         self.row_start = 0;
+        self.valid_to = 0;
+        self.bad = None;
     }
 
     /// Bytes of the current row up to `pos` (of `chunk`).
@@ -82,6 +90,8 @@ impl Input {
         self.chunk = Bytes::new();
         self.pos = 0;
         self.row_start = 0;
+        self.valid_to = 0;
+        self.bad = None;
     }
 
     /// Stops at `pos` for more data; errs if the incomplete row is too long.

@@ -44,9 +44,6 @@ struct Line {
     raw: Bytes,
     content: usize,
     end: End,
-    /// The newline style when the line started (for line numbers inside it).
-    eol_at_start: Eol,
-    first_line: u64,
 }
 
 /// Reading state inside the current line.
@@ -56,8 +53,6 @@ struct Scan {
     first_char: bool,
     in_quote: bool,
     last_was_esc: bool,
-    eol_at_start: Eol,
-    first_line: u64,
 }
 
 impl Scan {
@@ -67,8 +62,6 @@ impl Scan {
             first_char: true,
             in_quote: false,
             last_was_esc: false,
-            eol_at_start: Eol::Unknown,
-            first_line: 0,
         }
     }
 }
@@ -173,7 +166,6 @@ impl TextSplitter {
             let Some(line) = self.read_line()? else {
                 return Ok(None);
             };
-            self.check_encoding(&line)?;
             if self.header {
                 // Postgres reads the header line and throws it away; at the
                 // end of the data there are no rows at all.
@@ -208,23 +200,30 @@ impl TextSplitter {
             self.lineno += 1;
             self.scan = Scan {
                 started: true,
-                eol_at_start: self.eol,
-                first_line: self.lineno,
                 ..Scan::idle()
             };
         }
+        let (limit, known_bad) = self.validity();
         let chunk = self.input.chunk.clone();
         let buf: &[u8] = &chunk;
         let len = buf.len();
         let eof = self.input.eof;
         let peek = |i: usize| buf.get(i).copied().unwrap_or(0);
+        // Postgres checks the encoding as it reads: touching (reading or
+        // looking ahead at) the first invalid byte is the error.
+        let touch = |i: usize, lineno: u64| -> Result<(), CopyError> {
+            if i < len && i >= limit {
+                return Err(invalid_encoding(&buf[limit..]).at(&self.relation, lineno));
+            }
+            Ok(())
+        };
         let mut pos = self.input.pos;
         let (content, end, kind) = loop {
-            if !self.csv && pos < len {
+            if !self.csv && pos < limit {
                 // Outside CSV only these three bytes mean anything.
-                match memchr::memchr3(b'\\', b'\r', b'\n', &buf[pos..]) {
+                match memchr::memchr3(b'\\', b'\r', b'\n', &buf[pos..limit]) {
                     Some(offset) => pos += offset,
-                    None => pos = len,
+                    None => pos = limit,
                 }
             }
             if pos >= len {
@@ -234,6 +233,12 @@ impl TextSplitter {
                 self.input.wait(pos, &self.relation, self.lineno)?;
                 return Ok(None);
             }
+            if pos >= limit && !known_bad {
+                // An incomplete character at the end of the message.
+                self.input.wait(pos, &self.relation, self.lineno)?;
+                return Ok(None);
+            }
+            touch(pos, self.lineno)?;
             let c = buf[pos];
             // Postgres looks ahead before acting on these; without the
             // next bytes (and more to come) stop here, state untouched.
@@ -243,10 +248,14 @@ impl TextSplitter {
                 } else {
                     1
                 };
-                if pos + need >= len {
+                if pos + need >= len || (pos + need >= limit && !known_bad) {
                     self.input.wait(pos, &self.relation, self.lineno)?;
                     return Ok(None);
                 }
+            }
+            if self.csv && (c == b'\r' || c == b'\\') {
+                // CSV fetches the next byte before anything else.
+                touch(pos + 1, self.lineno)?;
             }
             let at = pos;
             pos += 1;
@@ -272,6 +281,7 @@ impl TextSplitter {
             if c == b'\r' && !in_quote {
                 match self.eol {
                     Eol::Unknown | Eol::CrNl => {
+                        touch(pos, self.lineno)?;
                         if peek(pos) == b'\n' {
                             pos += 1;
                             self.eol = Eol::CrNl;
@@ -305,9 +315,10 @@ impl TextSplitter {
                     // Only at the end of the data: the backslash is data.
                     break (len, len, End::Eof { dangling: !self.csv });
                 }
+                touch(pos, self.lineno)?;
                 if buf[pos] == b'.' {
                     pos += 1;
-                    match self.end_marker(buf, &mut pos)? {
+                    match self.end_marker(buf, &mut pos, &touch)? {
                         true => break (at, pos.min(len), End::Marker),
                         // CSV: `\.` followed by more is data; go on after the backslash.
                         false => pos = at + 1,
@@ -319,7 +330,6 @@ impl TextSplitter {
             }
             self.scan.first_char = false;
         };
-        let scan = self.scan;
         self.scan = Scan::idle();
         let raw = self.input.take(end);
         // `raw` holds carried bytes too: the data ends as far before the
@@ -329,19 +339,25 @@ impl TextSplitter {
             raw,
             content,
             end: kind,
-            eol_at_start: scan.eol_at_start,
-            first_line: scan.first_line,
         }))
     }
 
     /// After `\.` (`pos` past the dot): whether this is the end marker.
     /// Text mode rejects a malformed one; CSV takes it as data.
-    fn end_marker(&self, buf: &[u8], pos: &mut usize) -> Result<bool, CopyError> {
-        let peek = |i: usize| buf.get(i).copied().unwrap_or(0);
+    fn end_marker(
+        &self,
+        buf: &[u8],
+        pos: &mut usize,
+        touch: &dyn Fn(usize, u64) -> Result<(), CopyError>,
+    ) -> Result<bool, CopyError> {
+        let peek = |i: usize| {
+            touch(i, self.lineno)?;
+            Ok::<u8, CopyError>(buf.get(i).copied().unwrap_or(0))
+        };
         let corrupt = || self.error("end-of-copy marker corrupt");
         let mismatch = || self.error("end-of-copy marker does not match previous newline style");
         if self.eol == Eol::CrNl {
-            let c = peek(*pos);
+            let c = peek(*pos)?;
             *pos += 1;
             if c == b'\n' {
                 return if self.csv { Ok(false) } else { Err(mismatch()) };
@@ -350,7 +366,7 @@ impl TextSplitter {
                 return if self.csv { Ok(false) } else { Err(corrupt()) };
             }
         }
-        let c = peek(*pos);
+        let c = peek(*pos)?;
         *pos += 1;
         if c != b'\r' && c != b'\n' {
             return if self.csv { Ok(false) } else { Err(corrupt()) };
@@ -376,42 +392,36 @@ impl TextSplitter {
         }
     }
 
-    /// Postgres checks that the data is valid in the client encoding
-    /// (UTF8) as it reads it: a line with an invalid byte or a zero byte
-    /// fails at the line the reader had reached.
-    fn check_encoding(&self, line: &Line) -> Result<(), CopyError> {
-        let data = &line.raw[..line.content];
-        let Some(at) = first_invalid(data) else {
-            return Ok(());
-        };
-        let lineno = if self.csv {
-            self.csv_line_at(&line.raw[..at], line.eol_at_start, line.first_line)
-        } else {
-            line.first_line
-        };
-        Err(invalid_encoding(&line.raw[at..]).at(&self.relation, lineno))
-    }
-
-    /// The line number Postgres has reached after reading `before` from the
-    /// start of a CSV line (it counts quoted newlines as it goes).
-    fn csv_line_at(&self, before: &[u8], eol: Eol, first_line: u64) -> u64 {
-        let counted = if eol == Eol::Nl { b'\n' } else { b'\r' };
-        let (mut in_quote, mut last_was_esc, mut line) = (false, false, first_line);
-        for &c in before {
-            if in_quote && Some(c) == self.line_escape {
-                last_was_esc = !last_was_esc;
-            }
-            if c == self.quote && !last_was_esc {
-                in_quote = !in_quote;
-            }
-            if Some(c) != self.line_escape {
-                last_was_esc = false;
-            }
-            if in_quote && c == counted {
-                line += 1;
+    /// How far the message is known to be valid UTF-8 (by Postgres's
+    /// rules, which also refuse a zero byte), checked once per message:
+    /// the first byte not known valid, and whether it is known invalid with
+    /// all the bytes Postgres names in its error (else more data is needed).
+    fn validity(&mut self) -> (usize, bool) {
+        let input = &mut self.input;
+        let len = input.chunk.len();
+        if input.bad.is_none() && input.valid_to < len {
+            let from = input.valid_to;
+            let rest = &input.chunk[from..];
+            let (valid, invalid) = match std::str::from_utf8(rest) {
+                Ok(_) => (rest.len(), false),
+                Err(e) => (e.valid_up_to(), e.error_len().is_some()),
+            };
+            match memchr::memchr(0, &rest[..valid]) {
+                Some(zero) => {
+                    input.valid_to = from + zero;
+                    input.bad = Some(from + zero);
+                }
+                None => {
+                    input.valid_to = from + valid;
+                    input.bad = invalid.then_some(from + valid);
+                }
             }
         }
-        line
+        let limit = input.valid_to;
+        let known_bad = limit < len
+            && (input.eof
+                || (input.bad.is_some() && len - limit >= utf8_char_len(input.chunk[limit])));
+        (limit, known_bad)
     }
 
     /// The row to forward for a complete line, with its key.
@@ -699,16 +709,21 @@ fn first_invalid(data: &[u8]) -> Option<usize> {
     memchr::memchr(0, &data[..scanned]).or(utf8)
 }
 
-/// Postgres's `report_invalid_encoding`: the bytes of the bad character.
-fn invalid_encoding(rest: &[u8]) -> CopyError {
-    let first = rest.first().copied().unwrap_or(0);
-    let len = match first {
+/// The length of a UTF-8 character by its first byte, as Postgres's
+/// `pg_utf_mblen` gives it.
+fn utf8_char_len(first: u8) -> usize {
+    match first {
         b if b & 0x80 == 0 => 1,
         b if b & 0xe0 == 0xc0 => 2,
         b if b & 0xf0 == 0xe0 => 3,
         b if b & 0xf8 == 0xf0 => 4,
         _ => 1,
-    };
+    }
+}
+
+/// Postgres's `report_invalid_encoding`: the bytes of the bad character.
+fn invalid_encoding(rest: &[u8]) -> CopyError {
+    let len = utf8_char_len(rest.first().copied().unwrap_or(0));
     let shown: Vec<String> = rest
         .iter()
         .take(len.min(rest.len()).max(1))

@@ -192,9 +192,15 @@ fn text_encoding_errors() {
     let e = err(TEXT, b"1\ta\n2\tb\\xc3\n");
     assert_eq!((e.code, e.line), ("22021", Some(2)));
     assert_eq!(e.message, "invalid byte sequence for encoding \"UTF8\": 0xc3");
-    // Escaped UTF-8 that is valid passes.
-    let rows = ok(TEXT, b"\\xc3\\xa9\tx\n");
-    assert_eq!(keys(&rows), vec![k("\u{e9}")]);
+    // Escaped UTF-8 that is valid passes; so does raw UTF-8 split anywhere.
+    let rows = ok(TEXT, b"\\xc3\\xa9\tx\n\xc3\xa9\xe2\x82\xac\tx\n");
+    assert_eq!(keys(&rows), vec![k("\u{e9}"), k("\u{e9}\u{20ac}")]);
+    // Postgres fails when its reader reaches the bad byte: here while
+    // looking past the carriage return that ends line 1.
+    let e = err(CSV, b"1,a\r\xff\r");
+    assert_eq!((e.code, e.line), ("22021", Some(1)));
+    let e = err(TEXT, b"1\ta\n2\t\xc3");
+    assert_eq!((e.message.as_str(), e.line), ("invalid byte sequence for encoding \"UTF8\": 0xc3", Some(2)));
 }
 
 #[test]
