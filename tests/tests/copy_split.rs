@@ -41,7 +41,11 @@ fn split(sql: &str, input: &[u8]) -> Result<Vec<Option<String>>, CopyError> {
 }
 
 /// Loads `input` with a real COPY; the row count or Postgres's error.
-async fn load(client: &tokio_postgres::Client, sql: &str, input: &[u8]) -> Result<u64, tokio_postgres::Error> {
+async fn load(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    input: &[u8],
+) -> Result<u64, tokio_postgres::Error> {
     client
         .batch_execute("TRUNCATE t RESTART IDENTITY")
         .await
@@ -85,7 +89,11 @@ fn good_inputs() -> Vec<(&'static str, Vec<u8>)> {
     let long = "x".repeat(70_000);
     let mut inputs: Vec<(&str, Vec<u8>)> = vec![
         (TEXT, b"1\ta\n2\tb\n\\N\tc\n".to_vec()),
-        (TEXT, b"a\\tb\tx\nc\\nd\tx\ne\\\\f\tx\n\\x41\\102\\7\tx\ng\\\th\tx\n\\\\N\tx\n\\q\tx\n".to_vec()),
+        (
+            TEXT,
+            b"a\\tb\tx\nc\\nd\tx\ne\\\\f\tx\n\\x41\\102\\7\tx\ng\\\th\tx\n\\\\N\tx\n\\q\tx\n"
+                .to_vec(),
+        ),
         (TEXT, b"1\tx\n2\ty\\.\n3\tz\n".to_vec()),
         (TEXT, b"1\ta\r\n2\tb\r\n\\.\r\nignored\n".to_vec()),
         (TEXT, b"1\ta\r2\tb\r3\tc".to_vec()),
@@ -96,7 +104,10 @@ fn good_inputs() -> Vec<(&'static str, Vec<u8>)> {
             "COPY t (v, k) FROM STDIN WITH (DELIMITER '|', NULL 'nil', HEADER)",
             b"v|k\nx\\|y|nil\nnil|a\\|b\n".to_vec(),
         ),
-        (CSV, b"1,\"a,b\"\n\"2\",\"x\"\"y\"\n\"k\"\"3\",z\n,x\n\"\",x\n".to_vec()),
+        (
+            CSV,
+            b"1,\"a,b\"\n\"2\",\"x\"\"y\"\n\"k\"\"3\",z\n,x\n\"\",x\n".to_vec(),
+        ),
         (CSV, b"1,\"a\nb\"\n2,\"c\nd\ne\"\n3,x\n".to_vec()),
         (CSV, b"1,\"a\r\nb\"\r\n2,\"c\r\nd\"\r\n".to_vec()),
         (
@@ -118,8 +129,14 @@ fn good_inputs() -> Vec<(&'static str, Vec<u8>)> {
     ];
     inputs.push((CSV, b"1,a\r2,\"x\ry\"\r".to_vec()));
     inputs.push((CSV, b"1,a\r\n\\.\r\n".to_vec()));
-    inputs.push(("COPY t (k, v) FROM STDIN (HEADER)", b"k\tv\n1\ta\n".to_vec()));
-    inputs.push(("COPY t (k, v) FROM STDIN (FORMAT csv, HEADER)", b"k,v\n".to_vec()));
+    inputs.push((
+        "COPY t (k, v) FROM STDIN (HEADER)",
+        b"k\tv\n1\ta\n".to_vec(),
+    ));
+    inputs.push((
+        "COPY t (k, v) FROM STDIN (FORMAT csv, HEADER)",
+        b"k,v\n".to_vec(),
+    ));
     inputs.push((TEXT, Vec::new()));
     inputs.push((
         BINARY,
@@ -134,7 +151,10 @@ fn good_inputs() -> Vec<(&'static str, Vec<u8>)> {
             true,
         ),
     ));
-    inputs.push((BINARY, binary_input(&[[Some(b"no trailer"), None]], b"", false)));
+    inputs.push((
+        BINARY,
+        binary_input(&[[Some(b"no trailer"), None]], b"", false),
+    ));
     inputs
 }
 
@@ -213,7 +233,11 @@ async fn postgres_outcome(client: &tokio_postgres::Client, sql: &str, input: &[u
                 .iter()
                 .map(|row| row.get(0))
                 .collect();
-            assert_eq!(count, stored.len() as u64, "COPY's count is the rows stored");
+            assert_eq!(
+                count,
+                stored.len() as u64,
+                "COPY's count is the rows stored"
+            );
             Outcome::Loaded(stored)
         }
         Err(error) => {
@@ -238,7 +262,10 @@ fn splitter_outcome(sql: &str, input: &[u8]) -> Outcome {
 
 /// Inputs, and whether each must load; every one must come out the same
 /// from Postgres and from the splitter.
-async fn compare_all(client: &tokio_postgres::Client, cases: Vec<(&str, Vec<u8>, Option<bool>)>) -> usize {
+async fn compare_all(
+    client: &tokio_postgres::Client,
+    cases: Vec<(&str, Vec<u8>, Option<bool>)>,
+) -> usize {
     let mut differences = Vec::new();
     let mut failed_with_line = 0;
     for (sql, input, loads) in cases {
@@ -256,7 +283,9 @@ async fn compare_all(client: &tokio_postgres::Client, cases: Vec<(&str, Vec<u8>,
             failed_with_line += 1;
         }
         if ours != postgres {
-            differences.push(format!("{sql} {shown:?}:\n  ours     {ours:?}\n  Postgres {postgres:?}"));
+            differences.push(format!(
+                "{sql} {shown:?}:\n  ours     {ours:?}\n  Postgres {postgres:?}"
+            ));
         }
     }
     assert!(differences.is_empty(), "{}", differences.join("\n"));
@@ -277,8 +306,16 @@ async fn splitter_agrees_with_postgres() {
     let cluster = TestCluster::start(1);
     let client = plain_table(&cluster).await;
     let mut cases: Vec<(&str, Vec<u8>, Option<bool>)> = Vec::new();
-    cases.extend(good_inputs().into_iter().map(|(sql, input)| (sql, input, Some(true))));
-    cases.extend(bad_inputs().into_iter().map(|(sql, input)| (sql, input, Some(false))));
+    cases.extend(
+        good_inputs()
+            .into_iter()
+            .map(|(sql, input)| (sql, input, Some(true))),
+    );
+    cases.extend(
+        bad_inputs()
+            .into_iter()
+            .map(|(sql, input)| (sql, input, Some(false))),
+    );
     let with_line = compare_all(&client, cases).await;
     assert!(with_line >= 15, "CONTEXT lines were read ({with_line})");
 }
@@ -372,7 +409,9 @@ async fn statements_postgres_rejects_are_refused_in_its_words() {
             .batch_execute(sql)
             .await
             .expect_err(&format!("Postgres accepted {sql}"));
-        let db = error.as_db_error().unwrap_or_else(|| panic!("{sql}: {error:?}"));
+        let db = error
+            .as_db_error()
+            .unwrap_or_else(|| panic!("{sql}: {error:?}"));
         let ours = parse_copy_in(sql).expect_err(&format!("the proxy accepted {sql}"));
         let syntax = db.message().starts_with("syntax error");
         if ours.code != db.code().code() || (!syntax && ours.message != db.message()) {
@@ -391,18 +430,36 @@ async fn statements_postgres_rejects_are_refused_in_its_words() {
         ("COPY t (k, nope) FROM STDIN", &["id", "k", "v"][..]),
         ("COPY t (k, k) FROM STDIN", &["id", "k", "v"][..]),
     ] {
-        let error = client.batch_execute(sql).await.expect_err("Postgres refuses");
+        let error = client
+            .batch_execute(sql)
+            .await
+            .expect_err("Postgres refuses");
         let db = error.as_db_error().expect("a database error");
         let copy = parse_copy_in(sql).expect("parses");
         let ours = copy
-            .row_columns(&table_columns.iter().map(|c| c.to_string()).collect::<Vec<_>>())
+            .row_columns(
+                &table_columns
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>(),
+            )
             .expect_err("refused");
-        assert_eq!((ours.code, ours.message.as_str()), (db.code().code(), db.message()), "{sql}");
+        assert_eq!(
+            (ours.code, ours.message.as_str()),
+            (db.code().code(), db.message()),
+            "{sql}"
+        );
     }
     let sql = "COPY t (k) FROM STDIN (FORMAT csv, FORCE_NOT_NULL (v))";
-    let error = client.batch_execute(sql).await.expect_err("Postgres refuses");
+    let error = client
+        .batch_execute(sql)
+        .await
+        .expect_err("Postgres refuses");
     let db = error.as_db_error().expect("a database error");
     let copy = parse_copy_in(sql).expect("parses");
     let ours = CopySplitter::new(&copy, vec!["k".into()], 0).expect_err("refused");
-    assert_eq!((ours.code, ours.message.as_str()), (db.code().code(), db.message()));
+    assert_eq!(
+        (ours.code, ours.message.as_str()),
+        (db.code().code(), db.message())
+    );
 }

@@ -5,7 +5,6 @@
 //! slice of it). Errors are Postgres's (`ReceiveCopyBinaryHeader`,
 //! `NextCopyFrom`, `CopyReadBinaryAttribute`).
 
-
 use super::input::Input;
 use super::{CopyError, CopyRow, BAD_COPY_FILE_FORMAT};
 
@@ -21,10 +20,17 @@ enum State {
     Signature,
     Flags,
     ExtensionLength,
-    Extension { left: u32 },
+    Extension {
+        left: u32,
+    },
     FieldCount,
-    FieldLength { field: usize },
-    FieldData { field: usize, left: usize },
+    FieldLength {
+        field: usize,
+    },
+    FieldData {
+        field: usize,
+        left: usize,
+    },
     /// The trailer was read: nothing may follow.
     Trailer,
     Done,
@@ -112,7 +118,12 @@ impl BinarySplitter {
 
     fn int32(&mut self) -> i32 {
         self.have = 0;
-        i32::from_be_bytes([self.number[0], self.number[1], self.number[2], self.number[3]])
+        i32::from_be_bytes([
+            self.number[0],
+            self.number[1],
+            self.number[2],
+            self.number[3],
+        ])
     }
 
     fn step(&mut self) -> Result<Option<CopyRow>, CopyError> {
@@ -163,7 +174,9 @@ impl BinarySplitter {
                     }
                     let length = self.int32();
                     let Ok(left) = u32::try_from(length) else {
-                        return Err(Self::header_error("invalid COPY file header (missing length)"));
+                        return Err(Self::header_error(
+                            "invalid COPY file header (missing length)",
+                        ));
                     };
                     self.state = State::Extension { left };
                 }
@@ -244,9 +257,9 @@ impl BinarySplitter {
                         continue;
                     }
                     let data = self.input.take(pos);
-                    let key = self
-                        .key_at
-                        .and_then(|(at, len)| data.get(at..at + len).map(|_| data.slice(at..at + len)));
+                    let key = self.key_at.and_then(|(at, len)| {
+                        data.get(at..at + len).map(|_| data.slice(at..at + len))
+                    });
                     let row = CopyRow {
                         data,
                         line: self.lineno,

@@ -44,9 +44,15 @@ fn rows_keys_nulls_and_extension() {
     let (rows, error) = split_all(SQL, &["k", "v"], 0, &input);
     assert_eq!(error, None);
     assert_eq!(rows.len(), 4);
-    assert_eq!(keys(&rows)[..3], [Some("alice".into()), None, Some(String::new())]);
+    assert_eq!(
+        keys(&rows)[..3],
+        [Some("alice".into()), None, Some(String::new())]
+    );
     assert_eq!(rows[3].key.as_deref(), Some(&long[..]));
-    assert_eq!(rows.iter().map(|r| r.line).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    assert_eq!(
+        rows.iter().map(|r| r.line).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
     // A row is the whole tuple, count included.
     assert_eq!(&rows[0].data[..2], &2i16.to_be_bytes());
     assert_eq!(rows[0].data.len(), 2 + 4 + 5 + 4 + 1);
@@ -67,7 +73,10 @@ fn key_in_second_column_and_no_trailer() {
 #[test]
 fn header_errors_name_no_line() {
     let e = err(b"PGCOPY\n\xff\r\n\x01");
-    assert_eq!((e.code, e.message.as_str()), ("22P04", "COPY file signature not recognized"));
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        ("22P04", "COPY file signature not recognized")
+    );
     assert_eq!((e.line, e.context), (None, None));
     let e = err(b"");
     assert_eq!(e.message, "COPY file signature not recognized");
@@ -93,14 +102,20 @@ fn tuple_errors_name_their_line() {
     tuple(&mut input, &[Some(b"1"), Some(b"a")]);
     tuple(&mut input, &[Some(b"2")]);
     let e = err(&input);
-    assert_eq!((e.message.as_str(), e.line), ("row field count is 1, expected 2", Some(2)));
+    assert_eq!(
+        (e.message.as_str(), e.line),
+        ("row field count is 1, expected 2", Some(2))
+    );
     assert_eq!(e.context.as_deref(), Some("COPY t, line 2"));
 
     let mut input = header(0, b"");
     input.extend_from_slice(&2i16.to_be_bytes());
     input.extend_from_slice(&(-2i32).to_be_bytes());
     let e = err(&input);
-    assert_eq!((e.message.as_str(), e.line), ("invalid field size", Some(1)));
+    assert_eq!(
+        (e.message.as_str(), e.line),
+        ("invalid field size", Some(1))
+    );
 
     let mut input = header(0, b"");
     tuple(&mut input, &[Some(b"1"), Some(b"a")]);
@@ -108,7 +123,10 @@ fn tuple_errors_name_their_line() {
     input.extend_from_slice(&10i32.to_be_bytes());
     input.extend_from_slice(b"short");
     let e = err(&input);
-    assert_eq!((e.message.as_str(), e.line), ("unexpected EOF in COPY data", Some(2)));
+    assert_eq!(
+        (e.message.as_str(), e.line),
+        ("unexpected EOF in COPY data", Some(2))
+    );
 
     let mut input = header(0, b"");
     input.extend_from_slice(&2i16.to_be_bytes());
@@ -121,5 +139,8 @@ fn tuple_errors_name_their_line() {
     input.extend_from_slice(&(-1i16).to_be_bytes());
     input.push(b'x');
     let e = err(&input);
-    assert_eq!((e.message.as_str(), e.line), ("received copy data after EOF marker", Some(2)));
+    assert_eq!(
+        (e.message.as_str(), e.line),
+        ("received copy data after EOF marker", Some(2))
+    );
 }

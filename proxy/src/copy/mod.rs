@@ -101,6 +101,19 @@ impl std::fmt::Display for CopyError {
 
 impl std::error::Error for CopyError {}
 
+/// The sharding key's position among the columns a COPY's rows carry. A
+/// COPY that leaves the key out cannot be split (the servers would fill it
+/// from a default, or leave it NULL).
+pub fn key_position(columns: &[String], key: &str, table: &str) -> Result<usize, CopyError> {
+    columns.iter().position(|c| c == key).ok_or_else(|| {
+        CopyError::new(
+            "0A000",
+            format!("COPY into sharded table \"{table}\" must include its sharding key column \"{key}\""),
+        )
+        .hint(format!("add \"{key}\" to the COPY column list, with each row's key value"))
+    })
+}
+
 /// Splits a COPY FROM STDIN data stream into rows. Feed it each CopyData
 /// payload with [`push`](Self::push), take rows with
 /// [`next_row`](Self::next_row) until it returns `Ok(None)`, and call

@@ -296,7 +296,10 @@ fn tokenize(sql: &str) -> Result<Vec<Tok>, CopyRefusal> {
                 i = end;
             }
             b'$' => {
-                let digits = bytes[i + 1..].iter().take_while(|b| b.is_ascii_digit()).count();
+                let digits = bytes[i + 1..]
+                    .iter()
+                    .take_while(|b| b.is_ascii_digit())
+                    .count();
                 if digits > 0 {
                     let n: usize = shape[i + 1..i + 1 + digits].parse().unwrap_or(0);
                     toks.push(match n.checked_sub(LITERAL_MARKER_BASE) {

@@ -161,7 +161,10 @@ pub(super) fn process(options: Vec<Opt>) -> Result<CopyOptions, CopyRefusal> {
             "encoding" => set(&mut given.encoding, string(opt)?)?,
             "default" | "on_error" | "log_verbosity" | "reject_limit" => {
                 return Err(unsupported(
-                    &format!("COPY option {} is not supported by shardline", opt.name.to_uppercase()),
+                    &format!(
+                        "COPY option {} is not supported by shardline",
+                        opt.name.to_uppercase()
+                    ),
                     "leave the option out (the servers run Postgres 15)",
                 ))
             }
@@ -232,12 +235,17 @@ fn check(given: Given) -> Result<CopyOptions, CopyRefusal> {
     }
     let quote = quote.as_bytes().first().copied().unwrap_or(b'"');
     if csv && delim == quote {
-        return Err(postgres("22023", "COPY delimiter and quote must be different"));
+        return Err(postgres(
+            "22023",
+            "COPY delimiter and quote must be different",
+        ));
     }
     if !csv && given.escape.is_some() {
         return Err(postgres("0A000", "COPY escape available only in CSV mode"));
     }
-    let escape = given.escape.unwrap_or_else(|| char::from(quote).to_string());
+    let escape = given
+        .escape
+        .unwrap_or_else(|| char::from(quote).to_string());
     if csv && escape.len() != 1 {
         return Err(postgres(
             "0A000",

@@ -17,10 +17,16 @@ fn refused(sql: &str) -> CopyRefusal {
 #[test]
 fn plain_text_defaults() {
     let copy = parse("COPY photos FROM STDIN");
-    assert_eq!((copy.schema, copy.table.as_str(), copy.columns), (None, "photos", None));
+    assert_eq!(
+        (copy.schema, copy.table.as_str(), copy.columns),
+        (None, "photos", None)
+    );
     let o = copy.options;
     assert_eq!(o.format, CopyFormat::Text);
-    assert_eq!((o.delimiter, o.null.as_str(), o.header), (b'\t', "\\N", false));
+    assert_eq!(
+        (o.delimiter, o.null.as_str(), o.header),
+        (b'\t', "\\N", false)
+    );
 }
 
 #[test]
@@ -48,10 +54,25 @@ fn parenthesised_options() {
 #[test]
 fn csv_defaults_and_header_values() {
     let o = parse("COPY t FROM STDIN (FORMAT csv)").options;
-    assert_eq!((o.delimiter, o.null.as_str(), o.quote, o.escape), (b',', "", b'"', b'"'));
-    assert!(parse("COPY t FROM STDIN (FORMAT csv, HEADER)").options.header);
-    assert!(parse("COPY t FROM STDIN (FORMAT csv, HEADER 1)").options.header);
-    assert!(!parse("COPY t FROM STDIN (FORMAT csv, HEADER off)").options.header);
+    assert_eq!(
+        (o.delimiter, o.null.as_str(), o.quote, o.escape),
+        (b',', "", b'"', b'"')
+    );
+    assert!(
+        parse("COPY t FROM STDIN (FORMAT csv, HEADER)")
+            .options
+            .header
+    );
+    assert!(
+        parse("COPY t FROM STDIN (FORMAT csv, HEADER 1)")
+            .options
+            .header
+    );
+    assert!(
+        !parse("COPY t FROM STDIN (FORMAT csv, HEADER off)")
+            .options
+            .header
+    );
     assert!(parse("COPY t FROM STDIN (HEADER 'ON')").options.header);
     let o = parse("COPY t FROM STDIN (FORMAT csv, QUOTE '|')").options;
     assert_eq!(o.escape, b'|', "the escape defaults to the quote");
@@ -66,18 +87,40 @@ fn old_syntax() {
     .options;
     assert_eq!(o.format, CopyFormat::Csv);
     assert!(o.header);
-    assert_eq!(o.force_not_null, ColumnSet::Columns(vec!["a".into(), "b".into()]));
-    assert_eq!(parse("COPY BINARY t FROM STDIN").options.format, CopyFormat::Binary);
-    assert_eq!(parse("COPY t FROM STDIN BINARY").options.format, CopyFormat::Binary);
-    assert_eq!(parse("COPY t FROM stdin USING DELIMITERS '|'").options.delimiter, b'|');
-    assert_eq!(parse("COPY t FROM STDIN DELIMITER E'\\t'").options.delimiter, b'\t');
+    assert_eq!(
+        o.force_not_null,
+        ColumnSet::Columns(vec!["a".into(), "b".into()])
+    );
+    assert_eq!(
+        parse("COPY BINARY t FROM STDIN").options.format,
+        CopyFormat::Binary
+    );
+    assert_eq!(
+        parse("COPY t FROM STDIN BINARY").options.format,
+        CopyFormat::Binary
+    );
+    assert_eq!(
+        parse("COPY t FROM stdin USING DELIMITERS '|'")
+            .options
+            .delimiter,
+        b'|'
+    );
+    assert_eq!(
+        parse("COPY t FROM STDIN DELIMITER E'\\t'")
+            .options
+            .delimiter,
+        b'\t'
+    );
     assert_eq!(parse("COPY t FROM STDIN NULL $$x$$").options.null, "x");
 }
 
 #[test]
 fn comments_and_case() {
     let copy = parse("/* load */ Copy T -- the table\n (A) From StdIn (Format 'binary')");
-    assert_eq!((copy.table.as_str(), copy.columns), ("t", Some(vec!["a".to_string()])));
+    assert_eq!(
+        (copy.table.as_str(), copy.columns),
+        ("t", Some(vec!["a".to_string()]))
+    );
     assert_eq!(copy.options.format, CopyFormat::Binary);
 }
 
@@ -108,43 +151,146 @@ fn what_the_proxy_will_not_split() {
 #[test]
 fn what_postgres_rejects() {
     for (sql, code, message) in [
-        ("COPY t FROM STDIN (FORMAT csv, FORMAT text)", "42601", "conflicting or redundant options"),
-        ("COPY BINARY t FROM STDIN CSV", "42601", "conflicting or redundant options"),
-        ("COPY t FROM STDIN (FORMAT json)", "22023", "COPY format \"json\" not recognized"),
-        ("COPY t FROM STDIN (BOGUS 1)", "42601", "option \"bogus\" not recognized"),
-        ("COPY t FROM STDIN (DELIMITER 'ab')", "0A000", "COPY delimiter must be a single one-byte character"),
-        ("COPY t FROM STDIN (DELIMITER E'\\n')", "22023", "COPY delimiter cannot be newline or carriage return"),
-        ("COPY t FROM STDIN (DELIMITER 'x')", "22023", "COPY delimiter cannot be \"x\""),
-        ("COPY t FROM STDIN (FORMAT binary, HEADER)", "0A000", "cannot specify HEADER in BINARY mode"),
-        ("COPY t FROM STDIN (FORMAT binary, DELIMITER ',')", "42601", "cannot specify DELIMITER in BINARY mode"),
-        ("COPY t FROM STDIN (QUOTE '\"')", "0A000", "COPY quote available only in CSV mode"),
-        ("COPY t FROM STDIN (FORMAT csv, QUOTE ',')", "22023", "COPY delimiter and quote must be different"),
-        ("COPY t FROM STDIN (FORCE_NOT_NULL (a))", "0A000", "COPY force not null available only in CSV mode"),
-        ("COPY t FROM STDIN (FORMAT csv, FORCE_NOT_NULL a)", "22023", "argument to option \"force_not_null\" must be a list of column names"),
-        ("COPY t FROM STDIN (FORMAT csv, FORCE_QUOTE *)", "0A000", "COPY force quote only available using COPY TO"),
-        ("COPY t FROM STDIN (NULL 'a\tb')", "0A000", "COPY delimiter must not appear in the NULL specification"),
-        ("COPY t FROM STDIN (HEADER maybe)", "42601", "header requires a Boolean value or \"match\""),
-        ("COPY t FROM STDIN (DELIMITER)", "42601", "delimiter requires a parameter"),
-        ("COPY t FROM STDIN (FORMAT csv, NULL '\"')", "0A000", "CSV quote character must not appear in the NULL specification"),
+        (
+            "COPY t FROM STDIN (FORMAT csv, FORMAT text)",
+            "42601",
+            "conflicting or redundant options",
+        ),
+        (
+            "COPY BINARY t FROM STDIN CSV",
+            "42601",
+            "conflicting or redundant options",
+        ),
+        (
+            "COPY t FROM STDIN (FORMAT json)",
+            "22023",
+            "COPY format \"json\" not recognized",
+        ),
+        (
+            "COPY t FROM STDIN (BOGUS 1)",
+            "42601",
+            "option \"bogus\" not recognized",
+        ),
+        (
+            "COPY t FROM STDIN (DELIMITER 'ab')",
+            "0A000",
+            "COPY delimiter must be a single one-byte character",
+        ),
+        (
+            "COPY t FROM STDIN (DELIMITER E'\\n')",
+            "22023",
+            "COPY delimiter cannot be newline or carriage return",
+        ),
+        (
+            "COPY t FROM STDIN (DELIMITER 'x')",
+            "22023",
+            "COPY delimiter cannot be \"x\"",
+        ),
+        (
+            "COPY t FROM STDIN (FORMAT binary, HEADER)",
+            "0A000",
+            "cannot specify HEADER in BINARY mode",
+        ),
+        (
+            "COPY t FROM STDIN (FORMAT binary, DELIMITER ',')",
+            "42601",
+            "cannot specify DELIMITER in BINARY mode",
+        ),
+        (
+            "COPY t FROM STDIN (QUOTE '\"')",
+            "0A000",
+            "COPY quote available only in CSV mode",
+        ),
+        (
+            "COPY t FROM STDIN (FORMAT csv, QUOTE ',')",
+            "22023",
+            "COPY delimiter and quote must be different",
+        ),
+        (
+            "COPY t FROM STDIN (FORCE_NOT_NULL (a))",
+            "0A000",
+            "COPY force not null available only in CSV mode",
+        ),
+        (
+            "COPY t FROM STDIN (FORMAT csv, FORCE_NOT_NULL a)",
+            "22023",
+            "argument to option \"force_not_null\" must be a list of column names",
+        ),
+        (
+            "COPY t FROM STDIN (FORMAT csv, FORCE_QUOTE *)",
+            "0A000",
+            "COPY force quote only available using COPY TO",
+        ),
+        (
+            "COPY t FROM STDIN (NULL 'a\tb')",
+            "0A000",
+            "COPY delimiter must not appear in the NULL specification",
+        ),
+        (
+            "COPY t FROM STDIN (HEADER maybe)",
+            "42601",
+            "header requires a Boolean value or \"match\"",
+        ),
+        (
+            "COPY t FROM STDIN (DELIMITER)",
+            "42601",
+            "delimiter requires a parameter",
+        ),
+        (
+            "COPY t FROM STDIN (FORMAT csv, NULL '\"')",
+            "0A000",
+            "CSV quote character must not appear in the NULL specification",
+        ),
     ] {
         let refusal = refused(sql);
-        assert_eq!((refusal.code, refusal.message.as_str()), (code, message), "{sql}");
+        assert_eq!(
+            (refusal.code, refusal.message.as_str()),
+            (code, message),
+            "{sql}"
+        );
     }
     let refusal = refused("COPY t FROM STDIN WITH OIDS");
     assert_eq!(refusal.code, "42601");
-    assert_eq!(refused("COPY t FROM STDIN (FORMAT csv").message, "syntax error at end of input");
+    assert_eq!(
+        refused("COPY t FROM STDIN (FORMAT csv").message,
+        "syntax error at end of input"
+    );
 }
 
 #[test]
 fn row_columns_are_checked_against_the_table() {
     let table = ["id".to_string(), "k".to_string(), "v".to_string()];
-    assert_eq!(parse("COPY t FROM STDIN").row_columns(&table).expect("all"), table.to_vec());
     assert_eq!(
-        parse("COPY t (v, k) FROM STDIN").row_columns(&table).expect("listed"),
+        parse("COPY t FROM STDIN").row_columns(&table).expect("all"),
+        table.to_vec()
+    );
+    assert_eq!(
+        parse("COPY t (v, k) FROM STDIN")
+            .row_columns(&table)
+            .expect("listed"),
         vec!["v".to_string(), "k".to_string()]
     );
-    let e = parse("COPY t (k, nope) FROM STDIN").row_columns(&table).expect_err("unknown");
-    assert_eq!((e.code, e.message.as_str()), ("42703", "column \"nope\" of relation \"t\" does not exist"));
-    let e = parse("COPY t (k, k) FROM STDIN").row_columns(&table).expect_err("twice");
-    assert_eq!((e.code, e.message.as_str()), ("42701", "column \"k\" specified more than once"));
+    let e = parse("COPY t (k, nope) FROM STDIN")
+        .row_columns(&table)
+        .expect_err("unknown");
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        ("42703", "column \"nope\" of relation \"t\" does not exist")
+    );
+    let e = parse("COPY t (k, k) FROM STDIN")
+        .row_columns(&table)
+        .expect_err("twice");
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        ("42701", "column \"k\" specified more than once")
+    );
+}
+
+#[test]
+fn the_key_must_be_copied() {
+    let columns = ["v".to_string(), "k".to_string()];
+    assert_eq!(super::key_position(&columns, "k", "t").expect("present"), 1);
+    let e = super::key_position(&columns, "user_id", "t").expect_err("absent");
+    assert_eq!(e.code, "0A000");
+    assert!(e.hint.is_some_and(|h| h.contains("user_id")));
 }

@@ -313,7 +313,13 @@ impl TextSplitter {
             if c == b'\\' && (!self.csv || self.scan.first_char) {
                 if pos >= len {
                     // Only at the end of the data: the backslash is data.
-                    break (len, len, End::Eof { dangling: !self.csv });
+                    break (
+                        len,
+                        len,
+                        End::Eof {
+                            dangling: !self.csv,
+                        },
+                    );
                 }
                 touch(pos, self.lineno)?;
                 if buf[pos] == b'.' {
@@ -473,8 +479,9 @@ impl TextSplitter {
                 text_field(b, start, self.delim, Some(&mut self.scratch));
                 if scan.non_ascii {
                     if let Some(at) = first_invalid(&self.scratch) {
-                        return Err(invalid_encoding(&self.scratch[at..])
-                            .at(&self.relation, self.lineno));
+                        return Err(
+                            invalid_encoding(&self.scratch[at..]).at(&self.relation, self.lineno)
+                        );
                     }
                 }
             }

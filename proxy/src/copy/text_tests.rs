@@ -77,7 +77,11 @@ pub(super) fn split_all(
 
 pub(super) fn keys(rows: &[CopyRow]) -> Vec<Option<String>> {
     rows.iter()
-        .map(|r| r.key.as_ref().map(|k| String::from_utf8_lossy(k).into_owned()))
+        .map(|r| {
+            r.key
+                .as_ref()
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+        })
         .collect()
 }
 
@@ -117,7 +121,15 @@ fn text_escapes_in_the_key() {
     let rows = ok(TEXT, input);
     assert_eq!(
         keys(&rows),
-        vec![k("a\tb"), k("c\nd"), k("e\\f"), k("AB\x07"), k("g\th"), k("\\N"), k("q")]
+        vec![
+            k("a\tb"),
+            k("c\nd"),
+            k("e\\f"),
+            k("AB\x07"),
+            k("g\th"),
+            k("\\N"),
+            k("q")
+        ]
     );
 }
 
@@ -168,30 +180,51 @@ fn text_field_count_errors() {
     assert_eq!(e.message, "missing data for column \"v\"");
     assert_eq!(e.line, Some(3));
     let e = err(TEXT, b"1\ta\n\n");
-    assert_eq!((e.message.as_str(), e.line), ("missing data for column \"v\"", Some(2)));
+    assert_eq!(
+        (e.message.as_str(), e.line),
+        ("missing data for column \"v\"", Some(2))
+    );
 }
 
 #[test]
 fn text_line_errors() {
     let e = err(TEXT, b"1\ta\n2\tb\rc\n");
-    assert_eq!((e.message.as_str(), e.line), ("literal carriage return found in data", Some(2)));
+    assert_eq!(
+        (e.message.as_str(), e.line),
+        ("literal carriage return found in data", Some(2))
+    );
     let e = err(TEXT, b"1\ta\r\n2\tb\n");
-    assert_eq!((e.message.as_str(), e.line), ("literal newline found in data", Some(2)));
+    assert_eq!(
+        (e.message.as_str(), e.line),
+        ("literal newline found in data", Some(2))
+    );
     let e = err(TEXT, b"1\ta\n\\.x\n");
-    assert_eq!((e.message.as_str(), e.line), ("end-of-copy marker corrupt", Some(2)));
+    assert_eq!(
+        (e.message.as_str(), e.line),
+        ("end-of-copy marker corrupt", Some(2))
+    );
     let e = err(TEXT, b"1\ta\r\n\\.\n");
-    assert_eq!(e.message, "end-of-copy marker does not match previous newline style");
+    assert_eq!(
+        e.message,
+        "end-of-copy marker does not match previous newline style"
+    );
 }
 
 #[test]
 fn text_encoding_errors() {
     let e = err(TEXT, b"1\ta\n2\t\xff\n");
     assert_eq!(e.code, "22021");
-    assert_eq!(e.message, "invalid byte sequence for encoding \"UTF8\": 0xff");
+    assert_eq!(
+        e.message,
+        "invalid byte sequence for encoding \"UTF8\": 0xff"
+    );
     assert_eq!(e.line, Some(2));
     let e = err(TEXT, b"1\ta\n2\tb\\xc3\n");
     assert_eq!((e.code, e.line), ("22021", Some(2)));
-    assert_eq!(e.message, "invalid byte sequence for encoding \"UTF8\": 0xc3");
+    assert_eq!(
+        e.message,
+        "invalid byte sequence for encoding \"UTF8\": 0xc3"
+    );
     // Escaped UTF-8 that is valid passes; so does raw UTF-8 split anywhere.
     let rows = ok(TEXT, b"\\xc3\\xa9\tx\n\xc3\xa9\xe2\x82\xac\tx\n");
     assert_eq!(keys(&rows), vec![k("\u{e9}"), k("\u{e9}\u{20ac}")]);
@@ -200,12 +233,18 @@ fn text_encoding_errors() {
     let e = err(CSV, b"1,a\r\xff\r");
     assert_eq!((e.code, e.line), ("22021", Some(1)));
     let e = err(TEXT, b"1\ta\n2\t\xc3");
-    assert_eq!((e.message.as_str(), e.line), ("invalid byte sequence for encoding \"UTF8\": 0xc3", Some(2)));
+    assert_eq!(
+        (e.message.as_str(), e.line),
+        ("invalid byte sequence for encoding \"UTF8\": 0xc3", Some(2))
+    );
 }
 
 #[test]
 fn csv_quotes_and_nulls() {
-    let rows = ok(CSV, b"1,\"a,b\"\n\"2\",\"x\"\"y\"\n\"k\"\"3\",z\n,x\n\"\",x\n");
+    let rows = ok(
+        CSV,
+        b"1,\"a,b\"\n\"2\",\"x\"\"y\"\n\"k\"\"3\",z\n,x\n\"\",x\n",
+    );
     assert_eq!(keys(&rows), vec![k("1"), k("2"), k("k\"3"), None, k("")]);
     let sql = "COPY t (k, v) FROM STDIN WITH (FORMAT csv, NULL 'NULL')";
     let (rows, error) = split_all(sql, &["k", "v"], 0, b"NULL,x\n\"NULL\",x\n,x\n");
@@ -265,11 +304,17 @@ fn csv_errors() {
     assert_eq!(e.message, "unterminated CSV quoted field");
     assert_eq!(e.line, Some(4));
     let e = err(CSV, b"1,a\n2,b,c\n");
-    assert_eq!((e.message.as_str(), e.line), ("extra data after last expected column", Some(2)));
+    assert_eq!(
+        (e.message.as_str(), e.line),
+        ("extra data after last expected column", Some(2))
+    );
     let e = err(CSV, b"1,a\n2\n");
     assert_eq!(e.message, "missing data for column \"v\"");
     let e = err(CSV, b"1,a\n2,b\rc\n");
-    assert_eq!((e.message.as_str(), e.line), ("unquoted carriage return found in data", Some(2)));
+    assert_eq!(
+        (e.message.as_str(), e.line),
+        ("unquoted carriage return found in data", Some(2))
+    );
 }
 
 #[test]
