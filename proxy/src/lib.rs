@@ -9,6 +9,7 @@ pub mod backend;
 pub mod cancel;
 pub mod config;
 pub mod context;
+pub mod copy;
 pub mod liveness;
 pub mod merge;
 pub mod metrics;

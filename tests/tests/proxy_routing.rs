@@ -273,10 +273,15 @@ async fn rows_land_on_their_owner_for_every_method() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transactions_stay_on_one_server_and_never_commit_partially() {
+async fn refused_cross_server_transactions_never_commit_partially() {
     let cluster = TestCluster::start(3);
     let (_store, map) = setup(&cluster).await;
-    let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
+    // With cross_server = refuse (transactions over several servers,
+    // the default, are tested in cross_server_tx.rs).
+    let proxy = TestProxy::start(&cluster, CLUSTER, |config| {
+        config.transactions.cross_server = proxy::config::CrossServer::Refuse;
+    })
+    .await;
     let mut client = proxy.connect().await;
 
     // Two keys on different servers.
@@ -742,7 +747,12 @@ async fn settings_never_leak_between_clients_sharing_a_backend() {
 async fn nothing_runs_in_a_failed_transaction() {
     let cluster = TestCluster::start(3);
     let (_store, map) = setup(&cluster).await;
-    let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
+    // With cross_server = refuse (transactions over several servers,
+    // the default, are tested in cross_server_tx.rs).
+    let proxy = TestProxy::start(&cluster, CLUSTER, |config| {
+        config.transactions.cross_server = proxy::config::CrossServer::Refuse;
+    })
+    .await;
     let client = proxy.connect().await;
     let a = 1_i64;
     let b = key_on_another_server(&map, a);

@@ -329,7 +329,7 @@ fn push_marker(shape: &mut String, n: usize) {
     }
 }
 /// A `'...'` string starting at `start` (the quote); returns its value and the end.
-fn quoted_string(sql: &str, start: usize, backslash_escapes: bool) -> (String, usize) {
+pub(crate) fn quoted_string(sql: &str, start: usize, backslash_escapes: bool) -> (String, usize) {
     let bytes = sql.as_bytes();
     let mut value = String::new();
     let mut i = start + 1;
@@ -372,7 +372,7 @@ fn quoted_string(sql: &str, start: usize, backslash_escapes: bool) -> (String, u
 }
 
 /// A `$tag$...$tag$` string starting at `start`, if one starts there.
-fn dollar_quoted(sql: &str, start: usize) -> Option<(String, usize)> {
+pub(crate) fn dollar_quoted(sql: &str, start: usize) -> Option<(String, usize)> {
     let bytes = sql.as_bytes();
     let mut i = start + 1;
     while i < bytes.len()
