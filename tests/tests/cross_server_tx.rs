@@ -4,7 +4,10 @@
 //! error, a constraint checked only at commit — leave none anywhere; a read
 //! across servers inside the transaction sees all of its writes; COMMIT in
 //! the extended protocol (as pgjdbc sends it) works too; and
-//! `shardline.cross_server = refuse` keeps the old refusal.
+//! `shardline.cross_server = refuse` keeps the old refusal. In the simple
+//! protocol, a multi-row INSERT over several servers (RETURNING in VALUES
+//! order) and UPDATE/DELETE without a key run on every server concerned,
+//! all or nothing, in and outside transactions.
 
 use shardline_tests::fixtures::{create_table, init_schema};
 use shardline_tests::{TestCluster, TestProxy};
@@ -241,6 +244,14 @@ async fn cross_server_refuse_keeps_a_transaction_on_one_server() {
     assert_eq!(refused.code().map(|c| c.code()), Some("0A000"), "{refused:?}");
     client.batch_execute("ROLLBACK").await.expect("ROLLBACK");
     assert_eq!(rows_on_servers(&cluster, "accounts", "refused").await, vec![0, 0, 0]);
+    let multi_row = client
+        .batch_execute(&format!(
+            "INSERT INTO accounts (user_id, note, balance) VALUES ({}, 'refused', 1), ({}, 'refused', 1)",
+            keys[0].0, keys[1].0
+        ))
+        .await
+        .expect_err("a multi-row INSERT over two servers is refused");
+    assert_eq!(multi_row.code().map(|c| c.code()), Some("0A000"), "{multi_row:?}");
 
     // A session may opt in.
     client
@@ -256,4 +267,111 @@ async fn cross_server_refuse_keeps_a_transaction_on_one_server() {
     }
     client.batch_execute("COMMIT").await.expect("COMMIT");
     assert_eq!(rows_on_servers(&cluster, "accounts", "opted in").await, vec![1, 1, 1]);
+}
+
+/// Rows of a simple Query's result: first column of each row, and the
+/// CommandComplete count.
+async fn simple(client: &tokio_postgres::Client, sql: &str) -> Result<(Vec<String>, u64), tokio_postgres::Error> {
+    let messages = client.simple_query(sql).await?;
+    let mut rows = Vec::new();
+    let mut count = 0;
+    for message in messages {
+        match message {
+            tokio_postgres::SimpleQueryMessage::Row(row) => {
+                rows.push(row.get(0).unwrap_or("NULL").to_string())
+            }
+            tokio_postgres::SimpleQueryMessage::CommandComplete(n) => count = n,
+            _ => {}
+        }
+    }
+    Ok((rows, count))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_across_servers_in_the_simple_protocol() {
+    let cluster = TestCluster::start(3);
+    let map = setup(&cluster).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
+    let client = proxy.connect().await;
+    let owner_index = |key: i64| {
+        let partition = map
+            .partition_of("accounts", &KeyValue::Int(key))
+            .expect("partition");
+        cluster.server_index(&map.owner_of(partition).expect("owner").name)
+    };
+    // 30 keys, in an order that interleaves servers.
+    let keys: Vec<i64> = (1..=30).map(|k| k * 7919 % 1000).collect();
+    let mut per_server = vec![0i64; 3];
+    for key in &keys {
+        per_server[owner_index(*key)] += 1;
+    }
+    assert!(per_server.iter().all(|n| *n > 0), "keys on every server: {per_server:?}");
+    let values = |note: &str, keys: &[i64]| {
+        keys.iter()
+            .map(|k| format!("({k}, '{note}', {k})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+
+    // Autocommit multi-row INSERT with RETURNING: each row on its owner,
+    // returned rows in VALUES order, one count.
+    let (returned, count) = simple(
+        &client,
+        &format!("INSERT INTO accounts (user_id, note, balance) VALUES {} RETURNING user_id", values("multi", &keys)),
+    )
+    .await
+    .expect("multi-row INSERT over three servers");
+    assert_eq!(count, 30);
+    assert_eq!(returned, keys.iter().map(|k| k.to_string()).collect::<Vec<_>>(), "RETURNING rows in VALUES order");
+    assert_eq!(rows_on_servers(&cluster, "accounts", "multi").await, per_server);
+    assert_eq!(prepared_left(&cluster).await, 0);
+
+    // UPDATE and DELETE without a key run on every server.
+    let (_, updated) = simple(&client, "UPDATE accounts SET balance = balance + 1000 WHERE note = 'multi'")
+        .await
+        .expect("UPDATE without a key");
+    assert_eq!(updated, 30);
+    let (sum, _) = simple(&client, "SELECT sum(balance) FROM accounts WHERE note = 'multi'")
+        .await
+        .expect("sum");
+    assert_eq!(sum, vec![(keys.iter().sum::<i64>() + 30_000).to_string()]);
+    let key_update = simple(&client, "UPDATE accounts SET user_id = user_id + 1 WHERE note = 'multi'")
+        .await
+        .expect_err("updating the sharding key");
+    assert_eq!(key_update.code().map(|c| c.code()), Some("0A000"), "{key_update:?}");
+
+    // A duplicate key on one server: nothing of the statement anywhere.
+    let mut clash = vec![5000, 5001, 5002, 5003, 5004, 5005];
+    clash.push(keys[0]);
+    let duplicate = simple(
+        &client,
+        &format!("INSERT INTO accounts (user_id, note, balance) VALUES {}", values("clash", &clash)),
+    )
+    .await
+    .expect_err("a duplicate key in a multi-row INSERT");
+    assert_eq!(duplicate.code().map(|c| c.code()), Some("23505"), "{duplicate:?}");
+    assert_eq!(rows_on_servers(&cluster, "accounts", "clash").await, vec![0, 0, 0]);
+
+    // Inside a transaction: rolled back, then committed.
+    let more: Vec<i64> = (31..=40).map(|k| k * 7919 % 1000 + 1000).collect();
+    client.batch_execute("BEGIN").await.expect("BEGIN");
+    simple(&client, &format!("INSERT INTO accounts (user_id, note, balance) VALUES {}", values("in tx", &more)))
+        .await
+        .expect("multi-row INSERT in a transaction");
+    let (seen, _) = simple(&client, "SELECT count(*) FROM accounts WHERE note = 'in tx'").await.expect("read");
+    assert_eq!(seen, vec!["10".to_string()]);
+    client.batch_execute("ROLLBACK").await.expect("ROLLBACK");
+    assert_eq!(rows_on_servers(&cluster, "accounts", "in tx").await, vec![0, 0, 0]);
+    client.batch_execute("BEGIN").await.expect("BEGIN");
+    simple(&client, &format!("INSERT INTO accounts (user_id, note, balance) VALUES {}", values("in tx", &more)))
+        .await
+        .expect("multi-row INSERT in a transaction");
+    let (deleted, count) = simple(&client, "DELETE FROM accounts WHERE note = 'multi' RETURNING user_id")
+        .await
+        .expect("DELETE without a key in the transaction");
+    assert_eq!((deleted.len(), count), (30, 30));
+    client.batch_execute("COMMIT").await.expect("COMMIT");
+    let (left, _) = simple(&client, "SELECT count(*) FROM accounts WHERE note IN ('multi', 'in tx')").await.expect("count");
+    assert_eq!(left, vec!["10".to_string()]);
+    assert_eq!(prepared_left(&cluster).await, 0);
 }

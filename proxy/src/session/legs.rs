@@ -253,7 +253,7 @@ impl Failure {
 }
 
 /// How a transaction over several servers ended, for the client.
-enum Ended {
+pub(super) enum Ended {
     Committed,
     RolledBack,
     Failed(Failure),
@@ -312,16 +312,30 @@ impl Session {
             }
             return Ok(());
         }
-        let mut leg = self
-            .acquire(server, false)
-            .await
-            .map_err(|(code, message)| Failure::new(code, message, "retry the transaction"))?;
         if self.legs.is_empty() {
             if let Some(active) = self.lease.as_mut() {
                 let shared = self.shared.clone();
                 check_prepares(&shared, active).await?;
             }
         }
+        let leg = self.open_leg(server, &prelude).await?;
+        if self.legs.is_empty() {
+            Metrics::add(&self.shared.metrics.cross_server_transactions, 1);
+        }
+        if let Some(parked) = self.lease.replace(leg) {
+            self.legs.push(parked);
+        }
+        Ok(())
+    }
+
+    /// A backend of `server` in a new transaction of this session: the
+    /// session's settings, then `prelude` (the client's BEGIN and what came
+    /// with it); refused if the server cannot take part in a two-phase commit.
+    pub(super) async fn open_leg(&mut self, server: &str, prelude: &str) -> Result<Lease, Failure> {
+        let mut leg = self
+            .acquire(server, false)
+            .await
+            .map_err(|(code, message)| Failure::new(code, message, "retry the transaction"))?;
         check_prepares(&self.shared.clone(), &mut leg).await?;
         let lost = |e: io::Error| {
             Failure::new(
@@ -339,7 +353,7 @@ impl Session {
             }
             leg.backend().settings = replayed_settings(&self.settings);
         }
-        match run_simple(&mut leg, &prelude).await.map_err(lost)? {
+        match run_simple(&mut leg, prelude).await.map_err(lost)? {
             Reply::Done(_) => {}
             Reply::Failed { code, message } => {
                 leg.backend().broken = true;
@@ -349,13 +363,7 @@ impl Session {
         if prelude.contains(';') {
             leg.backend().settings_unknown = true;
         }
-        if self.legs.is_empty() {
-            Metrics::add(&self.shared.metrics.cross_server_transactions, 1);
-        }
-        if let Some(parked) = self.lease.replace(leg) {
-            self.legs.push(parked);
-        }
-        Ok(())
+        Ok(leg)
     }
 
     /// Rolls back and releases the parked legs (the active one is the
@@ -376,6 +384,22 @@ impl Session {
     /// writes CommandComplete (or the error) for the client and leaves the
     /// session outside any transaction. The caller sends ReadyForQuery.
     pub(super) async fn end_legs(&mut self, commit: bool) -> bool {
+        match self.finish_legs(commit).await {
+            Ended::Committed => messages::command_complete("COMMIT", &mut self.client.out),
+            Ended::RolledBack => messages::command_complete("ROLLBACK", &mut self.client.out),
+            Ended::Failed(failure) => {
+                self.client
+                    .error(&failure.code, &failure.message, Some(failure.hint));
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Ends the transaction on every leg (two-phase commit, or ROLLBACK when
+    /// `commit` is false or a leg had failed) and leaves the session outside
+    /// any transaction; the caller answers the client.
+    pub(super) async fn finish_legs(&mut self, commit: bool) -> Ended {
         let mut all = std::mem::take(&mut self.legs);
         all.extend(self.lease.take());
         self.set_cancel_target(None);
@@ -392,23 +416,8 @@ impl Session {
         };
         self.tx = Tx::Idle;
         self.leg_prelude = None;
-        match ended {
-            Ended::Committed => {
-                self.apply_tx_settings(true);
-                messages::command_complete("COMMIT", &mut self.client.out);
-            }
-            Ended::RolledBack => {
-                self.apply_tx_settings(false);
-                messages::command_complete("ROLLBACK", &mut self.client.out);
-            }
-            Ended::Failed(failure) => {
-                self.apply_tx_settings(false);
-                self.client
-                    .error(&failure.code, &failure.message, Some(failure.hint));
-                return false;
-            }
-        }
-        true
+        self.apply_tx_settings(matches!(ended, Ended::Committed));
+        ended
     }
 
     /// PREPARE TRANSACTION on every leg, the decision in etcd, COMMIT

@@ -33,6 +33,7 @@ mod settings;
 mod simple;
 mod statements;
 mod tx;
+mod writes;
 
 pub use client::{ClientIo, SessionError};
 pub use settings::quote_literal;
@@ -54,9 +55,10 @@ use statements::Statements;
 use tx::Tx;
 
 /// Whether statements that write on several servers route to
-/// `Route::Writes` (see `route::writes`). Off until the session runs them:
-/// until then such writes get the single-server router's refusal, as before,
-/// and `dispatch` refuses a `Writes` route should one ever reach it.
+/// `Route::Writes` in the extended protocol. Off until the session runs
+/// them there: until then such writes get the single-server router's
+/// refusal, as before, and `dispatch` refuses a `Writes` route should one
+/// ever reach it. (The simple protocol runs them: `writes`.)
 const CROSS_SERVER_WRITES: bool = false;
 
 /// What one client request needs on its way to a backend and back. Made

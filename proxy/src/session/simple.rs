@@ -6,6 +6,7 @@ use crate::backend::PreparedStatements;
 
 use crate::analyze::{Analyzed, Command, DataStatement, Literal};
 use crate::metrics::Metrics;
+use crate::route::writes::plan_write;
 use crate::route::{route_data, Resolution, Route, RouteError};
 use crate::wire::frame::Frame;
 use crate::wire::messages;
@@ -16,7 +17,7 @@ use super::plan::{End, Outcome, Plan};
 use super::settings::{changes_session, render};
 use super::statements::{can_keep, prepare_on_backend, KeptSimple};
 use super::tx::{transaction_scoped_tag, Tx};
-use super::{cross_server, spans_servers, unsupported, Request, Session, CROSS_SERVER_WRITES};
+use super::{cross_server, spans_servers, unsupported, Request, Session};
 
 /// The text of the (single) statement of a Query message, as the client
 /// wrote it, for sending later (with a held-back BEGIN).
@@ -324,8 +325,11 @@ impl Session {
     ) -> Result<(), SessionError> {
         let literals = &analyzed.literals;
         let scatter = self.scatter_allowed();
+        // Writes across servers run here in the simple protocol (not yet
+        // in the extended one).
+        let writes = self.cross_server_allowed();
         let route = self
-            .route_holding(|map| match route_data(data, map, literals, None, scatter, CROSS_SERVER_WRITES)? {
+            .route_holding(|map| match route_data(data, map, literals, None, scatter, writes)? {
                 Resolution::Route(route) => Ok(route),
                 Resolution::NeedsParams => Err(RouteError::new(
                     "42P02",
@@ -338,6 +342,16 @@ impl Session {
             Ok(route) => route,
             Err(e) => return self.refuse(&e).await,
         };
+        if let Route::Writes { .. } = &route {
+            let planned = match self.shared.map.borrow().clone() {
+                Some(snapshot) => plan_write(&statement_text(&frame), data, &snapshot.map, literals, None),
+                None => Err(RouteError::new("57P03", "the shard map is not loaded yet", "retry shortly")),
+            };
+            return match planned {
+                Ok(plan) => self.write_across(plan).await,
+                Err(e) => self.refuse(&e).await,
+            };
+        }
         if let Route::Scatter { servers, .. } = &route {
             let statement = ScatterStatement {
                 param_types: Vec::new(),
