@@ -12,7 +12,7 @@ use crate::analyze::statement::{DataStatement, InsertRows, KeyExpr, TableUse};
 use crate::analyze::Literal;
 use crate::wire::messages::Bind;
 
-mod keys;
+pub(crate) mod keys;
 pub mod writes;
 use keys::evaluate_keys;
 

@@ -308,7 +308,7 @@ fn evaluate(
     }
 }
 
-fn decode_binary(bytes: &[u8], key_type: KeyType) -> Result<KeyValue, RouteError> {
+pub(crate) fn decode_binary(bytes: &[u8], key_type: KeyType) -> Result<KeyValue, RouteError> {
     let wrong = || {
         invalid_key(format!(
             "a {}-byte binary value for a {key_type} key",

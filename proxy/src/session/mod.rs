@@ -34,6 +34,7 @@ mod simple;
 mod statements;
 mod tx;
 mod writes;
+mod copy_in;
 
 pub use client::{ClientIo, SessionError};
 pub use settings::quote_literal;

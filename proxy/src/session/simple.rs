@@ -323,6 +323,11 @@ impl Session {
         analyzed: &Analyzed,
         data: &DataStatement,
     ) -> Result<(), SessionError> {
+        if let Some(copy) = data.copy.as_ref().filter(|c| c.from_stdin) {
+            if self.copies_across(copy.table.as_deref()) {
+                return self.copy_across(&statement_text(&frame)).await;
+            }
+        }
         let literals = &analyzed.literals;
         let scatter = self.scatter_allowed();
         // Writes across servers run here in the simple protocol (not yet

@@ -186,7 +186,7 @@ impl Session {
 
     /// Makes `server`'s leg the active backend of the transaction, opening
     /// the transaction there first if it is still held back.
-    async fn enter_leg(&mut self, server: &str) -> Result<(), Failure> {
+    pub(super) async fn enter_leg(&mut self, server: &str) -> Result<(), Failure> {
         match &self.tx {
             Tx::Deferred { prelude, .. } => {
                 let prelude = prelude.clone();
