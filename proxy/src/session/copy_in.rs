@@ -16,6 +16,7 @@ use crate::wire::messages;
 
 use super::client::SessionError;
 use super::legs::{Ended, Failure};
+use super::writes::tag_count;
 use super::tx::Tx;
 use super::Session;
 
@@ -450,15 +451,7 @@ impl Session {
             loop {
                 let frame = backend.read_frame().await.map_err(|e| lost(&server, e))?;
                 match frame.tag {
-                    b'C' => {
-                        let body = frame.body();
-                        let end = body.iter().position(|b| *b == 0).unwrap_or(body.len());
-                        total += std::str::from_utf8(&body[..end])
-                            .ok()
-                            .and_then(|t| t.rsplit(' ').next())
-                            .and_then(|n| n.parse::<u64>().ok())
-                            .unwrap_or(0);
-                    }
+                    b'C' => total += tag_count(&frame.body()),
                     b'E' if error.is_none() => error = Some(frame.raw),
                     b'Z' => {
                         backend.status = frame.body().first().copied().unwrap_or(b'I');

@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::pool::{Lease, Pool};
 use crate::two_phase::TwoPhase;
 use twophase::Gid;
+use crate::wire::frame::Frame;
 use crate::wire::messages;
 
 use super::client::SessionError;
@@ -41,76 +42,68 @@ pub(super) enum Reply {
     Failed { code: String, message: String },
 }
 
-/// Runs `sql` as one simple Query on a backend and reads up to its
-/// ReadyForQuery (notices are dropped: the client did not send it).
-pub(super) async fn run_simple(lease: &mut Lease, sql: &str) -> io::Result<Reply> {
+/// Sends `sql` as one simple Query on a backend and hands every reply
+/// message before ReadyForQuery to `each`; records the transaction status.
+/// A connection that fails is marked broken.
+pub(super) async fn query_replies(
+    lease: &mut Lease,
+    sql: &str,
+    mut each: impl FnMut(Frame),
+) -> io::Result<()> {
     let mut out = BytesMut::new();
     messages::query(sql, &mut out);
     let backend = lease.backend();
-    if let Err(e) = backend.write_all(&out).await {
-        backend.broken = true;
-        return Err(e);
-    }
-    let mut reply = Reply::Done(String::new());
-    loop {
-        let frame = match backend.read_frame().await {
-            Ok(frame) => frame,
-            Err(e) => {
-                backend.broken = true;
-                return Err(e);
-            }
-        };
-        match frame.tag {
-            b'C' if matches!(reply, Reply::Done(_)) => {
-                let body = frame.body();
-                let end = body.iter().position(|b| *b == 0).unwrap_or(body.len());
-                reply = Reply::Done(String::from_utf8_lossy(&body[..end]).into_owned());
-            }
-            b'E' if matches!(reply, Reply::Done(_)) => {
-                let (code, message) = messages::error_summary(&frame.body());
-                reply = Reply::Failed { code, message };
-            }
-            b'Z' => {
+    let result = async {
+        backend.write_all(&out).await?;
+        loop {
+            let frame = backend.read_frame().await?;
+            if frame.tag == b'Z' {
                 backend.status = frame.body().first().copied().unwrap_or(b'I');
-                return Ok(reply);
+                return Ok(());
             }
-            _ => {}
+            each(frame);
         }
     }
+    .await;
+    if result.is_err() {
+        backend.broken = true;
+    }
+    result
+}
+
+/// Runs `sql` as one simple Query on a backend: its last CommandComplete
+/// tag or its first error (notices are dropped: the client did not send it).
+pub(super) async fn run_simple(lease: &mut Lease, sql: &str) -> io::Result<Reply> {
+    let mut reply = Reply::Done(String::new());
+    query_replies(lease, sql, |frame| match frame.tag {
+        b'C' if matches!(reply, Reply::Done(_)) => {
+            let body = frame.body();
+            let end = body.iter().position(|b| *b == 0).unwrap_or(body.len());
+            reply = Reply::Done(String::from_utf8_lossy(&body[..end]).into_owned());
+        }
+        b'E' if matches!(reply, Reply::Done(_)) => {
+            let (code, message) = messages::error_summary(&frame.body());
+            reply = Reply::Failed { code, message };
+        }
+        _ => {}
+    })
+    .await?;
+    Ok(reply)
 }
 
 /// The first column of the first row `sql` returns, as text.
 async fn first_value(lease: &mut Lease, sql: &str) -> io::Result<Option<String>> {
-    let mut out = BytesMut::new();
-    messages::query(sql, &mut out);
-    let backend = lease.backend();
-    if let Err(e) = backend.write_all(&out).await {
-        backend.broken = true;
-        return Err(e);
-    }
     let mut value = None;
-    loop {
-        let frame = match backend.read_frame().await {
-            Ok(frame) => frame,
-            Err(e) => {
-                backend.broken = true;
-                return Err(e);
-            }
-        };
-        match frame.tag {
-            b'D' if value.is_none() => {
-                value = rows::data_row_values(&frame.body())
-                    .ok()
-                    .and_then(|values| values.into_iter().next().flatten())
-                    .map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
-            }
-            b'Z' => {
-                backend.status = frame.body().first().copied().unwrap_or(b'I');
-                return Ok(value);
-            }
-            _ => {}
+    query_replies(lease, sql, |frame| {
+        if frame.tag == b'D' && value.is_none() {
+            value = rows::data_row_values(&frame.body())
+                .ok()
+                .and_then(|values| values.into_iter().next().flatten())
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
         }
-    }
+    })
+    .await?;
+    Ok(value)
 }
 
 /// Runs a statement on every lease at once (`sql` gets the lease's index);

@@ -16,7 +16,7 @@ use crate::route::writes::WritePlan;
 use crate::wire::messages;
 
 use super::client::SessionError;
-use super::legs::{Ended, Failure};
+use super::legs::{query_replies, Ended, Failure};
 use super::tx::Tx;
 use super::Session;
 
@@ -36,49 +36,31 @@ enum PartReply {
 
 /// Runs one part as a simple Query on its leg and collects the reply.
 async fn run_part(lease: &mut Lease, sql: &str) -> io::Result<PartReply> {
-    let mut out = BytesMut::new();
-    messages::query(sql, &mut out);
-    let backend = lease.backend();
-    if let Err(e) = backend.write_all(&out).await {
-        backend.broken = true;
-        return Err(e);
-    }
     let mut description = None;
     let mut rows = Vec::new();
     let mut count = 0;
     let mut error = None;
-    loop {
-        let frame = match backend.read_frame().await {
-            Ok(frame) => frame,
-            Err(e) => {
-                backend.broken = true;
-                return Err(e);
-            }
-        };
-        match frame.tag {
-            b'T' => description = Some(frame.raw),
-            b'D' => rows.push(frame.raw),
-            b'C' => count = tag_count(&frame.body()),
-            b'E' if error.is_none() => error = Some(frame.raw),
-            b'Z' => {
-                backend.status = frame.body().first().copied().unwrap_or(b'I');
-                return Ok(match error {
-                    Some(error) => PartReply::Failed(error),
-                    None => PartReply::Done {
-                        description,
-                        rows,
-                        count,
-                    },
-                });
-            }
-            _ => {}
-        }
-    }
+    query_replies(lease, sql, |frame| match frame.tag {
+        b'T' => description = Some(frame.raw),
+        b'D' => rows.push(frame.raw),
+        b'C' => count = tag_count(&frame.body()),
+        b'E' if error.is_none() => error = Some(frame.raw),
+        _ => {}
+    })
+    .await?;
+    Ok(match error {
+        Some(error) => PartReply::Failed(error),
+        None => PartReply::Done {
+            description,
+            rows,
+            count,
+        },
+    })
 }
 
 /// The row count at the end of a CommandComplete tag (`INSERT 0 3`,
 /// `UPDATE 2`).
-fn tag_count(body: &[u8]) -> u64 {
+pub(super) fn tag_count(body: &[u8]) -> u64 {
     let end = body.iter().position(|b| *b == 0).unwrap_or(body.len());
     std::str::from_utf8(&body[..end])
         .ok()
