@@ -187,7 +187,11 @@ fn dev_cluster_and_map_commands_end_to_end() {
     let jobs = status["jobs"].as_array().expect("jobs");
     assert!(jobs.iter().any(|j| j["id"] == job.as_str()), "{status}");
     // The dev cluster's servers accept two-phase commit and hold nothing prepared.
-    assert_eq!(status["two_phase_disabled"], serde_json::json!([]), "{status}");
+    assert_eq!(
+        status["two_phase_disabled"],
+        serde_json::json!([]),
+        "{status}"
+    );
     assert_eq!(status["prepared"], serde_json::json!([]), "{status}");
     assert!(fails(&dir, &["status", "--prune"]).contains("`shardctl prune`"));
 

@@ -102,9 +102,10 @@ impl Route {
             (Route::Writes { servers, .. }, other) | (other, Route::Writes { servers, .. }) => {
                 Err((servers.join(", "), other.into_parts().0.join(", ")))
             }
-            (a @ (Route::Scatter { .. } | Route::Partitions { .. }), b @ (Route::Scatter { .. } | Route::Partitions { .. }))
-                if matches!(a, Route::Scatter { .. }) || matches!(b, Route::Scatter { .. }) =>
-            {
+            (
+                a @ (Route::Scatter { .. } | Route::Partitions { .. }),
+                b @ (Route::Scatter { .. } | Route::Partitions { .. }),
+            ) if matches!(a, Route::Scatter { .. }) || matches!(b, Route::Scatter { .. }) => {
                 let (servers_a, partitions_a) = a.into_parts();
                 let (servers_b, partitions_b) = b.into_parts();
                 Ok(Route::over_partitions(
@@ -112,10 +113,12 @@ impl Route {
                     servers_a.into_iter().chain(servers_b).collect(),
                 ))
             }
-            (Route::Scatter { servers, .. }, other) | (other, Route::Scatter { servers, .. }) => Err((
-                servers.join(", "),
-                other.server().unwrap_or_default().to_string(),
-            )),
+            (Route::Scatter { servers, .. }, other) | (other, Route::Scatter { servers, .. }) => {
+                Err((
+                    servers.join(", "),
+                    other.server().unwrap_or_default().to_string(),
+                ))
+            }
             (a, b) => {
                 let (sa, sb) = (
                     a.server().unwrap_or_default().to_string(),
@@ -431,7 +434,9 @@ pub fn array_param_by_server(
         let key_type = if *embedded_id {
             KeyType::Bigint
         } else {
-            map.groups.get(group).map_or(KeyType::Bigint, |g| g.key_type)
+            map.groups
+                .get(group)
+                .map_or(KeyType::Bigint, |g| g.key_type)
         };
         let exprs = key_exprs(statement, table, key_column, map).ok()?;
         let [KeyExpr::Array(inner)] = exprs.as_slice() else {
@@ -457,7 +462,10 @@ pub fn array_param_by_server(
 
 /// The map's definition of `table`; 42P01 for a table it does not know
 /// (or one in another schema than `public`).
-fn known_table<'m>(map: &'m ClusterMap, table: &TableUse) -> Result<&'m shardmap::Table, RouteError> {
+fn known_table<'m>(
+    map: &'m ClusterMap,
+    table: &TableUse,
+) -> Result<&'m shardmap::Table, RouteError> {
     map.tables
         .get(&table.name)
         .filter(|_| table.schema.is_none())
@@ -639,7 +647,8 @@ mod tests {
             "users".into(),
             "name text, user_id bigint PRIMARY KEY".into(),
         );
-        let r = route_data(data, &with_columns, &analyzed.literals, None, false, false).expect("routes");
+        let r = route_data(data, &with_columns, &analyzed.literals, None, false, false)
+            .expect("routes");
         let Resolution::Route(Route::Partitions { server, .. }) = r else {
             panic!("{r:?}")
         };
@@ -744,15 +753,22 @@ mod tests {
                 keys.push(k);
             }
         }
-        let list = keys.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        let list = keys
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
         let analyzer = Analyzer::new(10);
-        let analyzed = analyzer.analyze(&format!("SELECT * FROM users WHERE user_id = ANY('{{{list}}}'::bigint[])"));
+        let analyzed = analyzer.analyze(&format!(
+            "SELECT * FROM users WHERE user_id = ANY('{{{list}}}'::bigint[])"
+        ));
         let Command::Data(data) = &analyzed.analysis.commands[0] else {
             panic!("not data")
         };
         let strict = route_data(data, &map(), &analyzed.literals, None, false, false);
         assert_eq!(strict.expect_err("two servers, scatter off").code, "0A000");
-        let scatter = route_data(data, &map(), &analyzed.literals, None, true, false).expect("routes");
+        let scatter =
+            route_data(data, &map(), &analyzed.literals, None, true, false).expect("routes");
         let Resolution::Route(Route::Scatter { servers, .. }) = scatter else {
             panic!("{scatter:?}")
         };

@@ -99,7 +99,10 @@ impl TwoPhase {
         let store = self.store().await?;
         match store.record_commit(gid, servers).await {
             Ok(()) => Ok(()),
-            Err(RecordError::AlreadyDecided { decision: Decision::Commit, .. }) => Ok(()),
+            Err(RecordError::AlreadyDecided {
+                decision: Decision::Commit,
+                ..
+            }) => Ok(()),
             Err(e @ (RecordError::AlreadyDecided { .. } | RecordError::NotRegistered { .. })) => {
                 Err(DecisionError::definite(e.to_string()))
             }
@@ -111,7 +114,12 @@ impl TwoPhase {
     }
 
     /// Learns the final decision of a gid whose record write timed out.
-    async fn settle(&self, store: &DecisionStore, gid: &Gid, first: &str) -> Result<(), DecisionError> {
+    async fn settle(
+        &self,
+        store: &DecisionStore,
+        gid: &Gid,
+        first: &str,
+    ) -> Result<(), DecisionError> {
         let deadline = tokio::time::Instant::now() + SETTLE_FOR;
         let mut last = first.to_string();
         while tokio::time::Instant::now() < deadline {

@@ -126,21 +126,25 @@ impl ProxyProcess {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let mut command =
-            std::process::Command::new(workspace_binary("proxy", "shardline-proxy"));
+        let mut command = std::process::Command::new(workspace_binary("proxy", "shardline-proxy"));
         command
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--etcd", &cluster.etcd_endpoints().join(",")])
             .args(["--cluster", cluster_name])
             .args(["--auth-method", "trust"])
             .args(["--id", id])
-            .env("SHARDLINE_LOG", std::env::var("SHARDLINE_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "SHARDLINE_LOG",
+                std::env::var("SHARDLINE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env_remove("SHARDLINE_PROXY_CONFIG")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
         // SHARDLINE_TEST_PROXY_LOGS=DIR keeps each proxy's log there.
         if let Some(dir) = std::env::var_os("SHARDLINE_TEST_PROXY_LOGS") {
-            if let Ok(file) = std::fs::File::create(std::path::Path::new(&dir).join(format!("{id}.log"))) {
+            if let Ok(file) =
+                std::fs::File::create(std::path::Path::new(&dir).join(format!("{id}.log")))
+            {
                 command.stderr(file);
             }
         }

@@ -20,7 +20,13 @@ async fn setup(cluster: &TestCluster) -> ClusterMap {
         map.declare(Group::hash("users", KeyType::Bigint).table("events", "user_id"));
     })
     .await;
-    create_table(cluster, &map, "events", "user_id bigint, seq int, note text, PRIMARY KEY (user_id, seq)").await;
+    create_table(
+        cluster,
+        &map,
+        "events",
+        "user_id bigint, seq int, note text, PRIMARY KEY (user_id, seq)",
+    )
+    .await;
     map
 }
 
@@ -37,9 +43,15 @@ async fn check_placement(cluster: &TestCluster, map: &ClusterMap, note: &str, ke
             .expect("rows on the server");
         for row in rows {
             let key: i64 = row.get(0);
-            let partition = map.partition_of("events", &KeyValue::Int(key)).expect("partition");
+            let partition = map
+                .partition_of("events", &KeyValue::Int(key))
+                .expect("partition");
             let owner = map.owner_of(partition).expect("owner").name.clone();
-            assert_eq!(cluster.server_index(&owner), index, "{note}: key {key} is on the wrong server");
+            assert_eq!(
+                cluster.server_index(&owner),
+                index,
+                "{note}: key {key} is on the wrong server"
+            );
             found.push(key);
         }
     }
@@ -47,12 +59,28 @@ async fn check_placement(cluster: &TestCluster, map: &ClusterMap, note: &str, ke
     let mut want = keys.to_vec();
     want.sort_unstable();
     assert_eq!(found.len(), want.len(), "{note}: rows stored");
-    assert!(found == want, "{note}: the stored keys differ from the keys sent");
+    assert!(
+        found == want,
+        "{note}: the stored keys differ from the keys sent"
+    );
 }
 
 fn psql(port: u16, args: &[&str], stdin: Option<&str>) -> std::process::Output {
     let mut child = Command::new("psql")
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+        ])
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -68,7 +96,11 @@ fn psql(port: u16, args: &[&str], stdin: Option<&str>) -> std::process::Output {
 }
 
 fn python(program: &str) -> std::process::Output {
-    Command::new("python3").arg("-c").arg(program).output().expect("python3 runs")
+    Command::new("python3")
+        .arg("-c")
+        .arg(program)
+        .output()
+        .expect("python3 runs")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,11 +119,18 @@ async fn copy_from_stdin_splits_rows_by_owner() {
         csv.push_str(&format!("{key},1,\"psql, csv\"\n"));
     }
     std::fs::write(&path, csv).expect("write the CSV");
-    let copy = format!("\\copy events (user_id, seq, note) FROM '{}' WITH (FORMAT csv, HEADER true)", path.display());
+    let copy = format!(
+        "\\copy events (user_id, seq, note) FROM '{}' WITH (FORMAT csv, HEADER true)",
+        path.display()
+    );
     let loaded = tokio::task::spawn_blocking(move || psql(port, &["-c", &copy], None))
         .await
         .expect("psql task");
-    assert!(loaded.status.success(), "psql \\copy failed: {}", String::from_utf8_lossy(&loaded.stderr));
+    assert!(
+        loaded.status.success(),
+        "psql \\copy failed: {}",
+        String::from_utf8_lossy(&loaded.stderr)
+    );
     check_placement(&cluster, &map, "psql, csv", &keys).await;
 
     // A bad row in the middle: nothing anywhere, and its line reported.
@@ -105,20 +144,32 @@ async fn copy_from_stdin_splits_rows_by_owner() {
         }
     }
     std::fs::write(&bad, text).expect("write the bad CSV");
-    let copy = format!("\\copy events (user_id, seq, note) FROM '{}' WITH (FORMAT csv)", bad.display());
+    let copy = format!(
+        "\\copy events (user_id, seq, note) FROM '{}' WITH (FORMAT csv)",
+        bad.display()
+    );
     let failed = tokio::task::spawn_blocking(move || psql(port, &["-c", &copy], None))
         .await
         .expect("psql task");
     assert!(!failed.status.success(), "a bad row must fail the COPY");
     let stderr = String::from_utf8_lossy(&failed.stderr);
-    assert!(stderr.contains("invalid input syntax for type integer"), "{stderr}");
+    assert!(
+        stderr.contains("invalid input syntax for type integer"),
+        "{stderr}"
+    );
     check_placement(&cluster, &map, "bad", &[]).await;
 
     // A bad key: its line, as Postgres numbers it.
     let copy = "\\copy events (user_id, seq, note) FROM stdin WITH (FORMAT csv)".to_string();
-    let failed = tokio::task::spawn_blocking(move || psql(port, &["-c", &copy], Some("1,3,badkey\n2,3,badkey\nx,3,badkey\n\\.\n")))
-        .await
-        .expect("psql task");
+    let failed = tokio::task::spawn_blocking(move || {
+        psql(
+            port,
+            &["-c", &copy],
+            Some("1,3,badkey\n2,3,badkey\nx,3,badkey\n\\.\n"),
+        )
+    })
+    .await
+    .expect("psql task");
     assert!(!failed.status.success());
     let stderr = String::from_utf8_lossy(&failed.stderr);
     assert!(stderr.contains("line 3"), "{stderr}");
@@ -153,12 +204,28 @@ with psycopg.connect("{conninfo}", autocommit=True) as conn:
             print(cur.fetchone()[0])
 "#
     );
-    let output = tokio::task::spawn_blocking(move || python(&program)).await.expect("task");
-    assert!(output.status.success(), "psycopg copy failed:\n{}", String::from_utf8_lossy(&output.stderr));
-    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "300", "a read in the transaction sees its COPY");
+    let output = tokio::task::spawn_blocking(move || python(&program))
+        .await
+        .expect("task");
+    assert!(
+        output.status.success(),
+        "psycopg copy failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "300",
+        "a read in the transaction sees its COPY"
+    );
     check_placement(&cluster, &map, "psycopg", &(1..=2000).collect::<Vec<_>>()).await;
     check_placement(&cluster, &map, "psycopg rolled back", &[]).await;
-    check_placement(&cluster, &map, "psycopg in tx", &(1..=300).collect::<Vec<_>>()).await;
+    check_placement(
+        &cluster,
+        &map,
+        "psycopg in tx",
+        &(1..=300).collect::<Vec<_>>(),
+    )
+    .await;
 
     // asyncpg: copy_records_to_table sends binary COPY.
     let program = format!(
@@ -172,8 +239,14 @@ async def main():
 asyncio.run(main())
 "#
     );
-    let output = tokio::task::spawn_blocking(move || python(&program)).await.expect("task");
-    assert!(output.status.success(), "asyncpg copy failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    let output = tokio::task::spawn_blocking(move || python(&program))
+        .await
+        .expect("task");
+    assert!(
+        output.status.success(),
+        "asyncpg copy failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "COPY 3000");
     check_placement(&cluster, &map, "asyncpg", &(1..=3000).collect::<Vec<_>>()).await;
 

@@ -182,10 +182,16 @@ async fn reads_across_servers_merge_like_one_postgres() {
         .await
         .expect("HAVING with parameters");
     let groups: Vec<(String, i64)> = groups.iter().map(|r| (r.get(0), r.get(1))).collect();
-    assert_eq!(groups, vec![("FR".to_string(), 100), ("US".to_string(), 100)]);
+    assert_eq!(
+        groups,
+        vec![("FR".to_string(), 100), ("US".to_string(), 100)]
+    );
     assert_eq!(
         one("SELECT * FROM orders ORDER BY user_id DESC, order_id LIMIT 2").await,
-        vec![format!("{USERS}|1|{}", USERS % 50), format!("{USERS}|2|{}", USERS % 7)]
+        vec![
+            format!("{USERS}|1|{}", USERS % 50),
+            format!("{USERS}|2|{}", USERS % 7)
+        ]
     );
 
     // A transaction's scatter read sees its own uncommitted write.
@@ -285,16 +291,28 @@ async fn scatter_reads_use_replicas_under_the_single_server_rules() {
     let (store, _) = cluster.init_map("scatter-replicas", PARTITIONS).await;
     let saved = store
         .update("test", |map| {
-            let server = map.servers.get_mut(&primary_name).ok_or("first server missing")?;
+            let server = map
+                .servers
+                .get_mut(&primary_name)
+                .ok_or("first server missing")?;
             server
                 .replicas
                 .push(shardmap::Endpoint::parse(&replica.url()).map_err(|e| e.to_string())?);
             map.declare(Group::hash("users", KeyType::Bigint).table("users", "user_id"));
-            Ok(shardmap::Change::new("replica", "the first server has a replica"))
+            Ok(shardmap::Change::new(
+                "replica",
+                "the first server has a replica",
+            ))
         })
         .await
         .expect("add the replica to the map");
-    create_table(&cluster, &saved.map, "users", "user_id bigint PRIMARY KEY, name text").await;
+    create_table(
+        &cluster,
+        &saved.map,
+        "users",
+        "user_id bigint PRIMARY KEY, name text",
+    )
+    .await;
     let proxy = TestProxy::start(&cluster, "scatter-replicas", |_| {}).await;
     let client = proxy.connect().await;
     for id in 1..=40_i64 {
@@ -305,7 +323,10 @@ async fn scatter_reads_use_replicas_under_the_single_server_rules() {
     }
     let on_primaries = read_with_recovery(&client).await.expect("scatter read");
     assert_eq!(on_primaries.len(), 40);
-    assert!(on_primaries.iter().all(|(_, replica)| !replica), "by default reads use the primaries");
+    assert!(
+        on_primaries.iter().all(|(_, replica)| !replica),
+        "by default reads use the primaries"
+    );
     client
         .batch_execute("SET shardline.read_replica = on")
         .await
@@ -321,7 +342,9 @@ async fn scatter_reads_use_replicas_under_the_single_server_rules() {
 }
 
 /// Each row's key, and whether the server that answered for it is a replica.
-async fn read_with_recovery(client: &tokio_postgres::Client) -> Result<Vec<(i64, bool)>, tokio_postgres::Error> {
+async fn read_with_recovery(
+    client: &tokio_postgres::Client,
+) -> Result<Vec<(i64, bool)>, tokio_postgres::Error> {
     let rows = client
         .query("SELECT user_id, pg_is_in_recovery() FROM users", &[])
         .await?;
@@ -337,7 +360,9 @@ async fn eventually_all_rows(
     map: &ClusterMap,
     primary_name: &str,
 ) -> Vec<(i64, bool)> {
-    let on_replica = (1..=40_i64).filter(|id| owner(map, *id) == primary_name).count();
+    let on_replica = (1..=40_i64)
+        .filter(|id| owner(map, *id) == primary_name)
+        .count();
     assert!(on_replica > 0 && on_replica < 40, "keys on both servers");
     for _ in 0..100 {
         // Until the replica has replayed the table and its rows, it answers

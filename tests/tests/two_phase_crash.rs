@@ -40,7 +40,9 @@ fn key_per_server(cluster: &TestCluster, map: &ClusterMap) -> Vec<i64> {
             *slot = Some(key);
         }
     }
-    keys.into_iter().map(|k| k.expect("a key on every server")).collect()
+    keys.into_iter()
+        .map(|k| k.expect("a key on every server"))
+        .collect()
 }
 
 /// Per server: rows with `note`, and prepared transactions of any kind.
@@ -74,12 +76,18 @@ async fn crash_at(cluster: &TestCluster, keys: &[i64], id: &str, point: &str) {
     client.batch_execute("BEGIN").await.expect("BEGIN");
     for key in keys {
         client
-            .execute("INSERT INTO accounts (user_id, note) VALUES ($1, $2)", &[key, &point])
+            .execute(
+                "INSERT INTO accounts (user_id, note) VALUES ($1, $2)",
+                &[key, &point],
+            )
             .await
             .expect("INSERT in the transaction");
     }
     let commit = client.batch_execute("COMMIT").await;
-    assert!(commit.is_err(), "the proxy should have died during COMMIT at {point}");
+    assert!(
+        commit.is_err(),
+        "the proxy should have died during COMMIT at {point}"
+    );
     let status = proxy.wait_exit(Duration::from_secs(10)).await;
     assert!(
         status.is_some_and(|s| !s.success()),
@@ -100,12 +108,22 @@ async fn a_proxy_killed_at_each_point_of_a_commit_is_recovered() {
         crash_at(&cluster, &keys, &id, point).await;
         let (_, prepared) = state(&cluster, point).await;
         if *point != "2pc:after_first_prepare" {
-            assert!(prepared > 0, "the crash at {point} should leave prepared transactions");
+            assert!(
+                prepared > 0,
+                "the crash at {point} should leave prepared transactions"
+            );
         }
         let restarted = ProxyProcess::start(&cluster, CLUSTER, &id, None).await;
-        let want: Vec<i64> = if committed_points.contains(point) { vec![1, 1, 1] } else { vec![0, 0, 0] };
+        let want: Vec<i64> = if committed_points.contains(point) {
+            vec![1, 1, 1]
+        } else {
+            vec![0, 0, 0]
+        };
         let (rows, prepared) = state(&cluster, point).await;
-        assert_eq!(prepared, 0, "after the restart at {point}, prepared transactions are left");
+        assert_eq!(
+            prepared, 0,
+            "after the restart at {point}, prepared transactions are left"
+        );
         assert_eq!(rows, want, "after the restart at {point}: rows per server");
         drop(restarted);
         cluster
@@ -144,7 +162,10 @@ async fn a_proxy_killed_at_each_point_of_a_commit_is_recovered() {
         async move {
             let (aborted, prepared_a) = state(cluster, points[0]).await;
             let (committed, prepared_b) = state(cluster, points[1]).await;
-            prepared_a == 0 && prepared_b == 0 && aborted == vec![0, 0, 0] && committed == vec![1, 1, 1]
+            prepared_a == 0
+                && prepared_b == 0
+                && aborted == vec![0, 0, 0]
+                && committed == vec![1, 1, 1]
         }
     })
     .await;

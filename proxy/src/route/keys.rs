@@ -120,7 +120,11 @@ fn text_array_elements(text: &str) -> Result<Vec<String>, RouteError> {
             }
         }
         chars.next();
-        let element = if quoted { element } else { element.trim().to_string() };
+        let element = if quoted {
+            element
+        } else {
+            element.trim().to_string()
+        };
         if !quoted && element.eq_ignore_ascii_case("null") {
             continue;
         }
@@ -151,7 +155,8 @@ pub(super) fn split_array(
         }
         element_type
     } else {
-        let text = std::str::from_utf8(bytes).map_err(|_| invalid_key("parameter is not valid UTF-8"))?;
+        let text =
+            std::str::from_utf8(bytes).map_err(|_| invalid_key("parameter is not valid UTF-8"))?;
         for element in text_array_elements(text)? {
             let key = key_type.parse_value(&element).map_err(invalid_key)?;
             let Some(server) = owner(&key) else {
@@ -360,12 +365,21 @@ mod tests {
             .expect("owned");
         assert_eq!(split["even"], Bytes::from_static(b"{\"2\",\"4\"}"));
         assert_eq!(split["odd"], Bytes::from_static(b"{\"1\",\"3\"}"));
-        let binary = encode_binary_array(20, &[5i64.to_be_bytes().to_vec(), 6i64.to_be_bytes().to_vec()]);
+        let binary = encode_binary_array(
+            20,
+            &[5i64.to_be_bytes().to_vec(), 6i64.to_be_bytes().to_vec()],
+        );
         let split = split_array(&binary, true, KeyType::Bigint, owner)
             .expect("splits")
             .expect("owned");
-        assert_eq!(binary_array_keys(&split["odd"], KeyType::Bigint), Ok(vec![KeyValue::Int(5)]));
-        assert_eq!(binary_array_keys(&split["even"], KeyType::Bigint), Ok(vec![KeyValue::Int(6)]));
+        assert_eq!(
+            binary_array_keys(&split["odd"], KeyType::Bigint),
+            Ok(vec![KeyValue::Int(5)])
+        );
+        assert_eq!(
+            binary_array_keys(&split["even"], KeyType::Bigint),
+            Ok(vec![KeyValue::Int(6)])
+        );
         assert!(split_array(b"{x}", false, KeyType::Bigint, owner).is_err());
     }
 

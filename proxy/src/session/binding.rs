@@ -64,7 +64,11 @@ impl Session {
         if matches!(route, Route::Scatter { .. }) {
             // Scatter reads have their own path (`scatter`); never let one
             // fall through to "any server".
-            self.client.error("XX000", "internal error: a read across servers reached the single-server path", Some("report this to the shardline developers"));
+            self.client.error(
+                "XX000",
+                "internal error: a read across servers reached the single-server path",
+                Some("report this to the shardline developers"),
+            );
             self.end_failed_request(client_synced).await?;
             return Ok(false);
         }

@@ -44,7 +44,11 @@ impl Session {
         };
         let client_params = statement.params.len();
         let columns = partials.fields.len();
-        if let Some(field) = partials.fields.iter().find(|f| f.type_oid >= FIRST_USER_OID) {
+        if let Some(field) = partials
+            .fields
+            .iter()
+            .find(|f| f.type_oid >= FIRST_USER_OID)
+        {
             let name = String::from_utf8_lossy(&field.name).into_owned();
             return self.refuse_merge(format!(
                 "column \"{name}\" has a user-defined type, whose identity differs between servers"
@@ -97,8 +101,15 @@ impl Session {
         let index = backends
             .tx_index
             .or_else(|| backends.leases.iter().position(Option::is_some));
-        let Some(lease) = index.and_then(|i| backends.leases.get_mut(i)).and_then(Option::as_mut) else {
-            self.client.error("08006", "no server connection is left to combine the partial results", Some("retry the statement"));
+        let Some(lease) = index
+            .and_then(|i| backends.leases.get_mut(i))
+            .and_then(Option::as_mut)
+        else {
+            self.client.error(
+                "08006",
+                "no server connection is left to combine the partial results",
+                Some("retry the statement"),
+            );
             return Err(Stop::Failed);
         };
         let mut out = BytesMut::new();
@@ -107,14 +118,20 @@ impl Session {
         if statement.describe {
             rows::describe(b'P', &mut out);
         }
-        let fetch = statement.fetch.map_or(0, |n| i32::try_from(n).unwrap_or(i32::MAX));
+        let fetch = statement
+            .fetch
+            .map_or(0, |n| i32::try_from(n).unwrap_or(i32::MAX));
         rows::execute(fetch, &mut out);
         rows::sync(&mut out);
         let backend = lease.backend();
         backend.pending_sync = true;
         if let Err(e) = backend.write_all(&out).await {
             backend.broken = true;
-            self.client.error("08006", &format!("connection lost while combining partial results: {e}"), Some("retry the statement"));
+            self.client.error(
+                "08006",
+                &format!("connection lost while combining partial results: {e}"),
+                Some("retry the statement"),
+            );
             return Err(Stop::Failed);
         }
         loop {
@@ -123,7 +140,11 @@ impl Session {
                 Ok(frame) => frame,
                 Err(e) => {
                     backend.broken = true;
-                    self.client.error("08006", &format!("connection lost while combining partial results: {e}"), Some("retry the statement"));
+                    self.client.error(
+                        "08006",
+                        &format!("connection lost while combining partial results: {e}"),
+                        Some("retry the statement"),
+                    );
                     return Err(Stop::Failed);
                 }
             };
@@ -194,8 +215,12 @@ fn final_statement(
         let column = format!("c{}", i + 1);
         let token = format!("__SL_TYPE_{column}__");
         if sql.contains(&token) {
-            let name = builtin_type_name(field.type_oid)
-                .ok_or_else(|| format!("a partial sum has a type (oid {}) the proxy does not know", field.type_oid))?;
+            let name = builtin_type_name(field.type_oid).ok_or_else(|| {
+                format!(
+                    "a partial sum has a type (oid {}) the proxy does not know",
+                    field.type_oid
+                )
+            })?;
             sql = sql.replace(&token, name);
         }
     }
@@ -216,8 +241,14 @@ fn final_statement(
         let expression = match sum_type {
             700 | 701 => format!("(sum({sum})::float8 / NULLIF(sum({count}), 0)::float8)"),
             1186 => format!("(sum({sum}) / NULLIF(sum({count}), 0)::float8)"),
-            20 | 21 | 23 | 1700 => format!("(sum({sum})::numeric / NULLIF(sum({count}), 0)::numeric)"),
-            other => return Err(format!("an average over a type (oid {other}) the proxy does not know")),
+            20 | 21 | 23 | 1700 => {
+                format!("(sum({sum})::numeric / NULLIF(sum({count}), 0)::numeric)")
+            }
+            other => {
+                return Err(format!(
+                    "an average over a type (oid {other}) the proxy does not know"
+                ))
+            }
         };
         sql.replace_range(start..start + 9 + len + 2, &expression);
     }
@@ -238,8 +269,12 @@ fn is_collation_name(name: &str) -> bool {
         if let Some(inner) = part.strip_prefix('"').and_then(|p| p.strip_suffix('"')) {
             !inner.is_empty() && !inner.replace("\"\"", "").contains('"')
         } else {
-            part.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-                && part.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$')
+            part.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$')
         }
     }
     // A dot inside quotes belongs to the name.
@@ -285,10 +320,23 @@ mod tests {
 
     #[test]
     fn only_collation_names_go_into_the_final_query() {
-        for name in ["\"C\"", "\"en-x-icu\"", "pg_catalog.\"C\"", "\"a.b\"", "public.my_coll"] {
+        for name in [
+            "\"C\"",
+            "\"en-x-icu\"",
+            "pg_catalog.\"C\"",
+            "\"a.b\"",
+            "public.my_coll",
+        ] {
             assert!(is_collation_name(name), "{name}");
         }
-        for name in ["\"C\"; DROP TABLE t", "x\"", "\"\"", "a.b.c", "\"C\" COLLATE \"POSIX\"", ""] {
+        for name in [
+            "\"C\"; DROP TABLE t",
+            "x\"",
+            "\"\"",
+            "a.b.c",
+            "\"C\" COLLATE \"POSIX\"",
+            "",
+        ] {
             assert!(!is_collation_name(name), "{name}");
         }
     }

@@ -16,8 +16,8 @@ use crate::wire::messages;
 
 use super::client::SessionError;
 use super::legs::{Ended, Failure};
-use super::writes::tag_count;
 use super::tx::Tx;
+use super::writes::tag_count;
 use super::Session;
 
 /// Rows for one server are sent once this many bytes are waiting.
@@ -112,12 +112,18 @@ fn target(copy: &CopyIn, map: &ClusterMap) -> Result<Target, Stop> {
         embedded_id,
     }) = map.tables.get(&table).map(|t| &t.kind)
     else {
-        return Err(stop("XX000", format!("{table} is not a sharded table"), "report this to the shardline developers"));
+        return Err(stop(
+            "XX000",
+            format!("{table} is not a sharded table"),
+            "report this to the shardline developers",
+        ));
     };
     let key_type = if *embedded_id {
         KeyType::Bigint
     } else {
-        map.groups.get(group).map_or(KeyType::Bigint, |g| g.key_type)
+        map.groups
+            .get(group)
+            .map_or(KeyType::Bigint, |g| g.key_type)
     };
     let recorded = map
         .columns
@@ -135,11 +141,7 @@ fn target(copy: &CopyIn, map: &ClusterMap) -> Result<Target, Stop> {
         }
     };
     let key = key_position(&columns, key_column, &table)?;
-    let mut servers: Vec<String> = map
-        .assignments
-        .iter()
-        .map(|a| a.owner.clone())
-        .collect();
+    let mut servers: Vec<String> = map.assignments.iter().map(|a| a.owner.clone()).collect();
     servers.sort();
     servers.dedup();
     Ok(Target {
@@ -163,14 +165,18 @@ fn owner_of(
     let Some(field) = field else {
         return Err(Stop::Error {
             code: "22004".into(),
-            message: format!("the sharding key \"{}\" of a row is NULL", target.columns[target.key]),
+            message: format!(
+                "the sharding key \"{}\" of a row is NULL",
+                target.columns[target.key]
+            ),
             hint: Some("every row needs a key: its owner is found by it".into()),
             context,
         });
     };
     let value = match format {
-        CopyFormat::Binary => crate::route::keys::decode_binary(field, target.key_type)
-            .map_err(|e| e.message),
+        CopyFormat::Binary => {
+            crate::route::keys::decode_binary(field, target.key_type).map_err(|e| e.message)
+        }
         _ => std::str::from_utf8(field)
             .map_err(|_| "the key is not valid UTF-8".to_string())
             .and_then(|text| target.key_type.parse_value(text).map_err(|e| e.to_string())),
@@ -181,21 +187,40 @@ fn owner_of(
         hint: None,
         context: context.clone(),
     })?;
-    let partition = map.partition_of(&target.table, &value).map_err(|e| Stop::Error {
-        code: "22P02".into(),
-        message: format!("no partition for the sharding key: {e}"),
-        hint: None,
-        context: context.clone(),
-    })?;
+    let partition = map
+        .partition_of(&target.table, &value)
+        .map_err(|e| Stop::Error {
+            code: "22P02".into(),
+            message: format!("no partition for the sharding key: {e}"),
+            hint: None,
+            context: context.clone(),
+        })?;
     map.owner_of(partition)
         .map(|s| s.name.clone())
-        .ok_or_else(|| stop("XX000", format!("partition {partition} has no owner"), "check the shard map"))
+        .ok_or_else(|| {
+            stop(
+                "XX000",
+                format!("partition {partition} has no owner"),
+                "check the shard map",
+            )
+        })
 }
 
 /// An ErrorResponse with a CONTEXT line, as Postgres reports COPY errors.
-fn copy_error(code: &str, message: &str, hint: Option<&str>, context: Option<&str>, out: &mut BytesMut) {
+fn copy_error(
+    code: &str,
+    message: &str,
+    hint: Option<&str>,
+    context: Option<&str>,
+    out: &mut BytesMut,
+) {
     let mut fields = BytesMut::new();
-    for (field, value) in [(b'S', "ERROR"), (b'V', "ERROR"), (b'C', code), (b'M', message)] {
+    for (field, value) in [
+        (b'S', "ERROR"),
+        (b'V', "ERROR"),
+        (b'C', code),
+        (b'M', message),
+    ] {
         fields.put_u8(field);
         fields.extend_from_slice(value.as_bytes());
         fields.put_u8(0);
@@ -222,7 +247,10 @@ impl Session {
         };
         self.cross_server_allowed()
             && self.shared.map.borrow().as_ref().is_some_and(|s| {
-                matches!(s.map.tables.get(table).map(|t| &t.kind), Some(TableKind::Sharded { .. }))
+                matches!(
+                    s.map.tables.get(table).map(|t| &t.kind),
+                    Some(TableKind::Sharded { .. })
+                )
             })
     }
 
@@ -231,13 +259,18 @@ impl Session {
         let copy = match parse_copy_in(sql) {
             Ok(copy) => copy,
             Err(refusal) => {
-                self.client.error(refusal.code, &refusal.message, refusal.hint.as_deref());
+                self.client
+                    .error(refusal.code, &refusal.message, refusal.hint.as_deref());
                 self.fail_transaction().await;
                 return self.ready().await;
             }
         };
         let Some(snapshot) = self.shared.map.borrow().clone() else {
-            self.client.error("57P03", "the shard map is not loaded yet", Some("retry shortly"));
+            self.client.error(
+                "57P03",
+                "the shard map is not loaded yet",
+                Some("retry shortly"),
+            );
             return self.ready().await;
         };
         let map = &snapshot.map;
@@ -256,8 +289,15 @@ impl Session {
             Ok(rows) => {
                 if implicit {
                     match self.finish_legs(true).await {
-                        Ended::Committed => messages::command_complete(&format!("COPY {rows}"), &mut self.client.out),
-                        Ended::RolledBack => self.client.error("40P01", "the COPY was rolled back on a server before it could commit", Some("retry it")),
+                        Ended::Committed => messages::command_complete(
+                            &format!("COPY {rows}"),
+                            &mut self.client.out,
+                        ),
+                        Ended::RolledBack => self.client.error(
+                            "40P01",
+                            "the COPY was rolled back on a server before it could commit",
+                            Some("retry it"),
+                        ),
                         Ended::Failed(f) => self.client.error(&f.code, &f.message, Some(f.hint)),
                     }
                 } else {
@@ -266,7 +306,12 @@ impl Session {
             }
             Err(stop) => {
                 match stop {
-                    Stop::Error { code, message, hint, context } => copy_error(
+                    Stop::Error {
+                        code,
+                        message,
+                        hint,
+                        context,
+                    } => copy_error(
                         &code,
                         &message,
                         hint.as_deref(),
@@ -303,13 +348,26 @@ impl Session {
         let mut streams = Vec::with_capacity(target.servers.len());
         let mut leases: Vec<Lease> = std::mem::take(&mut self.legs);
         leases.extend(self.lease.take());
-        let result = self.stream(sql, copy, target, map, &mut splitter, &mut leases, &mut streams).await;
+        let result = self
+            .stream(
+                sql,
+                copy,
+                target,
+                map,
+                &mut splitter,
+                &mut leases,
+                &mut streams,
+            )
+            .await;
         // The leases go back to the transaction, whatever happened; a
         // server still in COPY mode is told the COPY failed first.
         for mut stream in streams {
             if stream.copying {
                 let mut out = BytesMut::new();
-                messages::copy_fail("the COPY failed on another server or in the proxy", &mut out);
+                messages::copy_fail(
+                    "the COPY failed on another server or in the proxy",
+                    &mut out,
+                );
                 let backend = stream.lease.backend();
                 let ended = async {
                     backend.write_all(&out).await?;
@@ -346,7 +404,11 @@ impl Session {
         streams: &mut Vec<Stream>,
     ) -> Result<u64, Stop> {
         let lost = |server: &str, e: std::io::Error| {
-            stop("08006", format!("connection to server {server} was lost during COPY: {e}"), "the COPY was rolled back; retry it")
+            stop(
+                "08006",
+                format!("connection to server {server} was lost during COPY: {e}"),
+                "the COPY was rolled back; retry it",
+            )
         };
         for lease in leases.drain(..) {
             let server = lease.server().to_string();
@@ -360,7 +422,10 @@ impl Session {
             let mut out = BytesMut::new();
             messages::query(sql, &mut out);
             let backend = stream.lease.backend();
-            backend.write_all(&out).await.map_err(|e| lost(&server, e))?;
+            backend
+                .write_all(&out)
+                .await
+                .map_err(|e| lost(&server, e))?;
             loop {
                 let frame = backend.read_frame().await.map_err(|e| lost(&server, e))?;
                 match frame.tag {
@@ -404,7 +469,11 @@ impl Session {
                 b'c' => splitter.finish(),
                 b'f' => {
                     let reason = messages::decode_query(frame.body()).unwrap_or_default();
-                    return Err(stop("57014", format!("COPY from stdin failed: {reason}"), "the COPY was rolled back on every server"));
+                    return Err(stop(
+                        "57014",
+                        format!("COPY from stdin failed: {reason}"),
+                        "the COPY was rolled back on every server",
+                    ));
                 }
                 // Flush and Sync are ignored during COPY, as in Postgres.
                 b'H' | b'S' => continue,
@@ -419,7 +488,11 @@ impl Session {
             while let Some(row) = splitter.next_row()? {
                 let server = owner_of(target, map, format, row.key.as_ref(), row.line)?;
                 let Some(stream) = streams.iter_mut().find(|s| s.server == server) else {
-                    return Err(stop("XX000", format!("no COPY stream for server {server}"), "report this to the shardline developers"));
+                    return Err(stop(
+                        "XX000",
+                        format!("no COPY stream for server {server}"),
+                        "report this to the shardline developers",
+                    ));
                 };
                 if !stream.started {
                     stream.pending.extend_from_slice(&splitter.prefix());
@@ -445,7 +518,10 @@ impl Session {
             stream.pending.extend_from_slice(splitter.trailer());
             stream.send_pending().await.map_err(|e| lost(&server, e))?;
             let backend = stream.lease.backend();
-            backend.write_all(&[b'c', 0, 0, 0, 4]).await.map_err(|e| lost(&server, e))?;
+            backend
+                .write_all(&[b'c', 0, 0, 0, 4])
+                .await
+                .map_err(|e| lost(&server, e))?;
             stream.copying = false;
             let mut error = None;
             loop {
@@ -473,7 +549,10 @@ impl Session {
         if total != splitter.rows() {
             return Err(stop(
                 "XX000",
-                format!("the servers stored {total} rows of the {} sent", splitter.rows()),
+                format!(
+                    "the servers stored {total} rows of the {} sent",
+                    splitter.rows()
+                ),
                 "the COPY was rolled back on every server; report this to the shardline developers",
             ));
         }
@@ -486,4 +565,3 @@ impl Session {
         self.enter_leg(server).await.map_err(Stop::from)
     }
 }
-

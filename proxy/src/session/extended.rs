@@ -521,9 +521,14 @@ impl Session {
             let Some(Command::Data(data)) = prepared.command() else {
                 continue;
             };
-            if let Ok(Resolution::Route(r)) =
-                route_data(data, &snapshot.map, &prepared.analyzed.literals, None, false, false)
-            {
+            if let Ok(Resolution::Route(r)) = route_data(
+                data,
+                &snapshot.map,
+                &prepared.analyzed.literals,
+                None,
+                false,
+                false,
+            ) {
                 match route.clone().merge(r) {
                     Ok(merged) => route = merged,
                     Err(_) => return route,
@@ -607,8 +612,7 @@ impl Session {
                     }
                 }
                 Item::Bind(frame, bind, statement) => {
-                    let forwarded =
-                        live && matches!(portal, Some(PortalUse::Forward));
+                    let forwarded = live && matches!(portal, Some(PortalUse::Forward));
                     match (forwarded, statement, prepared.as_deref_mut()) {
                         (true, Some(statement), Some(set)) => {
                             if bind.statement.is_empty() && !keep {
@@ -627,13 +631,11 @@ impl Session {
                         _ => plan.synthetic(simple_reply(b'2')),
                     }
                 }
-                Item::Describe(frame, target, _) if target.kind == b'P' => {
-                    match portal {
-                        Some(PortalUse::Answer(_)) => plan.synthetic(simple_reply(b'n')),
-                        _ if live => plan.send(&frame.raw, End::Describe),
-                        _ => plan.synthetic(simple_reply(b'n')),
-                    }
-                }
+                Item::Describe(frame, target, _) if target.kind == b'P' => match portal {
+                    Some(PortalUse::Answer(_)) => plan.synthetic(simple_reply(b'n')),
+                    _ if live => plan.send(&frame.raw, End::Describe),
+                    _ => plan.synthetic(simple_reply(b'n')),
+                },
                 Item::Describe(frame, target, statement) => {
                     match (prepared.as_deref_mut(), statement) {
                         (Some(set), Some(statement)) if !is_tx_control(statement.command()) => {
@@ -699,9 +701,7 @@ impl Session {
                 Item::Close(frame, target) => {
                     // Statements on backends are shared by clients: closing one
                     // only forgets it for this client (done when decoded).
-                    if target.kind == b'P'
-                        && live
-                        && !matches!(portal, Some(PortalUse::Answer(_)))
+                    if target.kind == b'P' && live && !matches!(portal, Some(PortalUse::Answer(_)))
                     {
                         plan.send(&frame.raw, End::CloseComplete);
                     } else {

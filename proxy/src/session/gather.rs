@@ -24,8 +24,8 @@ use crate::wire::messages;
 use crate::wire::rows::{self, format_of, Field};
 
 use super::client::SessionError;
-use super::hold::not_serving;
 use super::combine::Partials;
+use super::hold::not_serving;
 use super::scatter::{param_types, Event, ScatterStatement};
 use super::Session;
 
@@ -173,7 +173,10 @@ impl Session {
         let (receivers, tasks) =
             self.start_scatter(servers, &mut backends, plan, sql, statement.clone());
         let result = match &plan.merge {
-            Merge::Concat => self.gather_concat(receivers, servers, &statement, window).await,
+            Merge::Concat => {
+                self.gather_concat(receivers, servers, &statement, window)
+                    .await
+            }
             Merge::Sorted { keys } => {
                 self.gather_sorted(receivers, servers, plan, keys, &statement, window)
                     .await
@@ -204,7 +207,11 @@ impl Session {
     }
 
     /// LIMIT and OFFSET with their parameters' values.
-    fn window(&self, plan: &ScatterPlan, statement: &ScatterStatement) -> Result<Window, RouteError> {
+    fn window(
+        &self,
+        plan: &ScatterPlan,
+        statement: &ScatterStatement,
+    ) -> Result<Window, RouteError> {
         Ok(Window {
             skip: bound_value(plan.offset, statement)?.unwrap_or(0),
             left: bound_value(plan.limit, statement)?,
@@ -216,7 +223,12 @@ impl Session {
 
     /// Writes the RowDescription of the first `visible` fields, with the
     /// formats the client asked for.
-    fn describe_for_client(&mut self, fields: &[Field], visible: usize, statement: &ScatterStatement) {
+    fn describe_for_client(
+        &mut self,
+        fields: &[Field],
+        visible: usize,
+        statement: &ScatterStatement,
+    ) {
         if !statement.describe {
             return;
         }
@@ -353,7 +365,9 @@ impl Session {
                 }
             }
             if stream.collate.is_none() {
-                stream.collate = servers.get(stream.server).and_then(|s| self.server_collate(s));
+                stream.collate = servers
+                    .get(stream.server)
+                    .and_then(|s| self.server_collate(s));
             }
             streams.push(stream);
         }
@@ -367,7 +381,9 @@ impl Session {
         let mut specs = Vec::with_capacity(keys.len());
         for (i, key) in keys.iter().enumerate() {
             let Some(field) = fields.get(visible + 2 * i) else {
-                return self.refuse_merge("the servers returned fewer columns than the plan expects".into());
+                return self.refuse_merge(
+                    "the servers returned fewer columns than the plan expects".into(),
+                );
             };
             let Some(kind) = KeyKind::from_oid(field.type_oid) else {
                 return self.refuse_merge(format!(
@@ -382,14 +398,16 @@ impl Session {
                 nulls_first: key.nulls_first,
             });
         }
-        let encoding = self
-            .settings
-            .get("client_encoding")
-            .map(|e| {
-                // Kept as SQL text: `UTF8`, `'utf-8'` or `E'UTF8'`.
-                let e = e.strip_prefix(['E', 'e']).filter(|r| r.starts_with('\'')).unwrap_or(e);
-                e.trim_matches('\'').to_ascii_uppercase().replace(['-', '_'], "")
-            });
+        let encoding = self.settings.get("client_encoding").map(|e| {
+            // Kept as SQL text: `UTF8`, `'utf-8'` or `E'UTF8'`.
+            let e = e
+                .strip_prefix(['E', 'e'])
+                .filter(|r| r.starts_with('\''))
+                .unwrap_or(e);
+            e.trim_matches('\'')
+                .to_ascii_uppercase()
+                .replace(['-', '_'], "")
+        });
         if specs.iter().any(|s| s.kind.collatable()) && encoding.is_some_and(|e| e != "UTF8") {
             return self.refuse_merge(
                 "text keys are compared as UTF-8 bytes, and this session's client_encoding is not UTF8".into(),
@@ -410,12 +428,18 @@ impl Session {
         while !window.full() {
             let keys: Vec<Option<Vec<Option<&[u8]>>>> = streams
                 .iter()
-                .map(|s| s.head.as_ref().map(|h| h.keys.iter().map(|k| k.as_deref()).collect()))
+                .map(|s| {
+                    s.head
+                        .as_ref()
+                        .map(|h| h.keys.iter().map(|k| k.as_deref()).collect())
+                })
                 .collect();
             let heads: Vec<Option<&[Option<&[u8]>]>> = keys.iter().map(|k| k.as_deref()).collect();
             let first = match merge.first(&heads) {
                 Ok(first) => first,
-                Err(e) => return self.refuse_merge(format!("a sort key could not be decoded: {}", e.0)),
+                Err(e) => {
+                    return self.refuse_merge(format!("a sort key could not be decoded: {}", e.0))
+                }
             };
             let Some(index) = first else {
                 break;
@@ -615,10 +639,12 @@ fn put_message(tag: u8, body: &[u8], out: &mut BytesMut) {
     out.put_slice(body);
 }
 
-
 /// The value of LIMIT/OFFSET: a constant, or a parameter (text or binary
 /// integer); `None` for no bound (absent, or a NULL parameter).
-fn bound_value(bound: Option<Bound>, statement: &ScatterStatement) -> Result<Option<u64>, RouteError> {
+fn bound_value(
+    bound: Option<Bound>,
+    statement: &ScatterStatement,
+) -> Result<Option<u64>, RouteError> {
     let invalid = |what: &str| {
         RouteError::new(
             "22023",
@@ -638,7 +664,10 @@ fn bound_value(bound: Option<Bound>, statement: &ScatterStatement) -> Result<Opt
             };
             let n: i64 = if format_of(&statement.param_formats, i) == 1 {
                 match bytes.len() {
-                    8 => i64::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7]]),
+                    8 => i64::from_be_bytes([
+                        bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6],
+                        bytes[7],
+                    ]),
                     4 => i64::from(i32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])),
                     2 => i64::from(i16::from_be_bytes([bytes[0], bytes[1]])),
                     _ => return Err(invalid("binary value of unexpected width")),

@@ -20,18 +20,18 @@ use crate::failpoint;
 use crate::metrics::Metrics;
 use crate::pool::{Lease, Pool};
 use crate::two_phase::TwoPhase;
-use twophase::Gid;
 use crate::wire::frame::Frame;
 use crate::wire::messages;
+use twophase::Gid;
 
 use super::client::SessionError;
 use super::extended::{Item, PortalUse, Portals};
+use super::settings::{replayed_settings, settings_sync_sql};
 use super::spans_servers;
 use super::tx::is_tx_control;
-use crate::wire::rows;
-use super::settings::{replayed_settings, settings_sync_sql};
 use super::tx::Tx;
 use super::Session;
+use crate::wire::rows;
 
 /// What a server answered to a statement the proxy sent on its own.
 #[derive(Debug, Clone)]
@@ -236,7 +236,11 @@ pub(super) struct Failure {
 }
 
 impl Failure {
-    pub(super) fn new(code: impl Into<String>, message: impl Into<String>, hint: &'static str) -> Failure {
+    pub(super) fn new(
+        code: impl Into<String>,
+        message: impl Into<String>,
+        hint: &'static str,
+    ) -> Failure {
         Failure {
             code: code.into(),
             message: message.into(),
@@ -264,7 +268,11 @@ impl Session {
     /// one (settings, then the client's BEGIN). On failure the transaction
     /// is left as it was; the caller reports the error and fails it.
     pub(super) async fn switch_leg(&mut self, server: &str) -> Result<(), Failure> {
-        let active = self.lease.as_ref().map(|l| l.server().to_string()).unwrap_or_default();
+        let active = self
+            .lease
+            .as_ref()
+            .map(|l| l.server().to_string())
+            .unwrap_or_default();
         let refused = |why: &str, hint: &'static str| {
             Failure::new(
                 "0A000",
@@ -340,7 +348,9 @@ impl Session {
         if let Some(sql) = settings_sync_sql(&self.settings, &leg.backend().settings) {
             // Before BEGIN: settings made inside a transaction are undone
             // by its rollback, and the pool would not know.
-            if let Reply::Failed { code, message } = run_simple(&mut leg, &sql).await.map_err(lost)? {
+            if let Reply::Failed { code, message } =
+                run_simple(&mut leg, &sql).await.map_err(lost)?
+            {
                 leg.backend().broken = true;
                 return Err(Failure::new(code, message, "check the session's settings"));
             }
@@ -436,7 +446,8 @@ impl Session {
         let prepare = format!("PREPARE TRANSACTION '{gid}'");
         let prepared = if failpoint::armed("2pc:after_first_prepare") {
             let mut legs = legs.into_iter();
-            let mut prepared = run_on_all(legs.next().into_iter().collect(), |_| prepare.clone()).await;
+            let mut prepared =
+                run_on_all(legs.next().into_iter().collect(), |_| prepare.clone()).await;
             failpoint::hit("2pc:after_first_prepare");
             prepared.extend(run_on_all(legs.collect(), |_| prepare.clone()).await);
             prepared
@@ -525,7 +536,8 @@ impl Session {
         let commit = format!("COMMIT PREPARED '{gid}'");
         let committed = if failpoint::armed("2pc:after_first_commit") {
             let mut legs = holding.into_iter();
-            let mut committed = run_on_all(legs.next().into_iter().collect(), |_| commit.clone()).await;
+            let mut committed =
+                run_on_all(legs.next().into_iter().collect(), |_| commit.clone()).await;
             failpoint::hit("2pc:after_first_commit");
             committed.extend(run_on_all(legs.collect(), |_| commit.clone()).await);
             committed
@@ -569,7 +581,8 @@ impl Session {
                 if target.kind == b'S' && !is_tx_control(statement.command()))
         });
         if forwards || describes_data {
-            let error = spans_servers("COMMIT or ROLLBACK sent in one request with other statements");
+            let error =
+                spans_servers("COMMIT or ROLLBACK sent in one request with other statements");
             return self.refuse_extended(&error, synced).await;
         }
         let mut cursor = portals.cursor();
@@ -595,12 +608,17 @@ impl Session {
                         let commit = *commit;
                         if self.legs.is_empty() && self.lease.is_none() {
                             // Ended by an earlier Execute of this request.
-                            messages::command_complete(if commit { "COMMIT" } else { "ROLLBACK" }, &mut self.client.out);
+                            messages::command_complete(
+                                if commit { "COMMIT" } else { "ROLLBACK" },
+                                &mut self.client.out,
+                            );
                         } else {
                             failed = !self.end_legs(commit).await;
                         }
                     }
-                    Some(PortalUse::Answer(tag)) => messages::command_complete(tag, &mut self.client.out),
+                    Some(PortalUse::Answer(tag)) => {
+                        messages::command_complete(tag, &mut self.client.out)
+                    }
                     _ => {}
                 },
                 Item::Sync(_) | Item::Flush(_) => {}

@@ -22,6 +22,7 @@
 mod binding;
 mod client;
 mod combine;
+mod copy_in;
 mod extended;
 mod gather;
 mod hold;
@@ -34,7 +35,6 @@ mod simple;
 mod statements;
 mod tx;
 mod writes;
-mod copy_in;
 
 pub use client::{ClientIo, SessionError};
 pub use settings::quote_literal;

@@ -20,13 +20,13 @@ use crate::wire::rows::{self, format_of, Field};
 
 use super::client::SessionError;
 use super::extended::{Item, PortalUse, Portals};
-use super::tx::is_tx_control;
-use super::statements::Prepared;
-use crate::route::{array_param_by_server, RouteError};
-use crate::wire::messages::Bind;
 use super::settings::{replayed_settings, settings_sync_sql, RESET_ALL};
+use super::statements::Prepared;
+use super::tx::is_tx_control;
 use super::tx::Tx;
 use super::Session;
+use crate::route::{array_param_by_server, RouteError};
+use crate::wire::messages::Bind;
 
 /// Rows a server task sends in one message, at most.
 const ROWS_PER_BATCH: usize = 256;
@@ -232,7 +232,10 @@ impl Session {
                         keys_by_server: self.keys_by_server(statement, bind),
                         fetch: u64::try_from(limit).ok().filter(|n| *n > 0),
                     };
-                    if !self.scatter_request(servers, &statement.query, scatter).await? {
+                    if !self
+                        .scatter_request(servers, &statement.query, scatter)
+                        .await?
+                    {
                         failed = true;
                         break;
                     }
@@ -273,10 +276,7 @@ impl Session {
     /// for its server (so the read sees the transaction's writes), pooled
     /// ones (or replicas, under the same rules as single-server reads) for
     /// the others. On failure the error is written for the client.
-    pub(super) async fn scatter_backends(
-        &mut self,
-        servers: &[String],
-    ) -> Result<Backends, ()> {
+    pub(super) async fn scatter_backends(&mut self, servers: &[String]) -> Result<Backends, ()> {
         let replica = match &self.tx {
             Tx::Idle => self.read_replica,
             Tx::Deferred { read_only, .. } => *read_only,
@@ -297,7 +297,11 @@ impl Session {
                 backends.tx_index = Some(index);
                 continue;
             }
-            if let Some(leg) = self.legs.iter().position(|l| l.server().as_ref() == server.as_str()) {
+            if let Some(leg) = self
+                .legs
+                .iter()
+                .position(|l| l.server().as_ref() == server.as_str())
+            {
                 backends.leases.push(Some(self.legs.swap_remove(leg)));
                 backends.from_legs.push(index);
                 continue;
@@ -439,11 +443,7 @@ impl Session {
     }
 
     /// Waits for the server tasks and takes their backends back.
-    pub(super) async fn finish_scatter(
-        &mut self,
-        backends: &mut Backends,
-        tasks: Vec<ServerTask>,
-    ) {
+    pub(super) async fn finish_scatter(&mut self, backends: &mut Backends, tasks: Vec<ServerTask>) {
         for task in tasks {
             match task.handle.await {
                 Ok(lease) => {
@@ -459,7 +459,9 @@ impl Session {
 
 /// The types of a ParameterDescription body.
 pub(super) fn param_types(body: &[u8]) -> Vec<u32> {
-    let count = body.get(..2).map_or(0, |b| i16::from_be_bytes([b[0], b[1]]).max(0) as usize);
+    let count = body
+        .get(..2)
+        .map_or(0, |b| i16::from_be_bytes([b[0], b[1]]).max(0) as usize);
     (0..count)
         .map_while(|i| {
             body.get(2 + 4 * i..6 + 4 * i)

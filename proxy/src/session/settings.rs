@@ -225,8 +225,7 @@ impl Session {
 
     /// Whether reads across servers are allowed in this session now.
     pub(super) fn scatter_allowed(&self) -> bool {
-        self.scatter
-            .unwrap_or(self.shared.config.scatter.enabled)
+        self.scatter.unwrap_or(self.shared.config.scatter.enabled)
     }
 
     pub(super) async fn show_proxy_setting(&mut self, name: &str) -> Result<(), SessionError> {
@@ -235,10 +234,17 @@ impl Session {
             "shardline.read_replica" => {
                 Some(if self.read_replica { "on" } else { "off" }.to_string())
             }
-            "shardline.scatter" => Some(if self.scatter_allowed() { "on" } else { "off" }.to_string()),
-            "shardline.cross_server" => {
-                Some(if self.cross_server_allowed() { "2pc" } else { "refuse" }.to_string())
+            "shardline.scatter" => {
+                Some(if self.scatter_allowed() { "on" } else { "off" }.to_string())
             }
+            "shardline.cross_server" => Some(
+                if self.cross_server_allowed() {
+                    "2pc"
+                } else {
+                    "refuse"
+                }
+                .to_string(),
+            ),
             "shardline.map_version" => self
                 .shared
                 .map

@@ -12,8 +12,8 @@ use crate::wire::frame::Frame;
 use crate::wire::messages;
 
 use super::client::SessionError;
-use super::scatter::ScatterStatement;
 use super::plan::{End, Outcome, Plan};
+use super::scatter::ScatterStatement;
 use super::settings::{changes_session, render};
 use super::statements::{can_keep, prepare_on_backend, KeptSimple};
 use super::tx::{transaction_scoped_tag, Tx};
@@ -63,18 +63,25 @@ impl Session {
             && commands.iter().any(|c| {
                 matches!(
                     c,
-                    Command::Begin { .. } | Command::Commit | Command::Rollback | Command::TransactionScoped
+                    Command::Begin { .. }
+                        | Command::Commit
+                        | Command::Rollback
+                        | Command::TransactionScoped
                 )
             })
         {
-            return self.refuse(&spans_servers("COMMIT, ROLLBACK and SAVEPOINT")).await;
+            return self
+                .refuse(&spans_servers("COMMIT, ROLLBACK and SAVEPOINT"))
+                .await;
         }
         let route = self
             .route_holding(|map| {
                 let mut route = Route::Any;
                 for command in commands {
                     if let Command::Data(data) = command {
-                        if let Resolution::Route(r) = route_data(data, map, literals, None, false, false)? {
+                        if let Resolution::Route(r) =
+                            route_data(data, map, literals, None, false, false)?
+                        {
                             route = route.merge(r).map_err(|(a, b)| cross_server(&a, &b))?;
                         }
                     } else if let Command::Unsupported(what) = command {
@@ -188,7 +195,10 @@ impl Session {
                 messages::command_complete("ROLLBACK", &mut self.client.out);
             }
             Tx::Bound if !self.legs.is_empty() => {
-                if statement_text(&frame).to_ascii_lowercase().contains("chain") {
+                if statement_text(&frame)
+                    .to_ascii_lowercase()
+                    .contains("chain")
+                {
                     return self.refuse(&spans_servers("COMMIT AND CHAIN")).await;
                 }
                 self.end_legs(commit).await;
@@ -203,7 +213,11 @@ impl Session {
     async fn transaction_scoped(&mut self, frame: Frame) -> Result<(), SessionError> {
         let Tx::Deferred { prelude, .. } = &mut self.tx else {
             if !self.legs.is_empty() {
-                return self.refuse(&spans_servers("SAVEPOINT, RELEASE, ROLLBACK TO and SET LOCAL")).await;
+                return self
+                    .refuse(&spans_servers(
+                        "SAVEPOINT, RELEASE, ROLLBACK TO and SET LOCAL",
+                    ))
+                    .await;
             }
             // A savepoint would exist on this server only: the transaction
             // can no longer extend to another.
@@ -334,14 +348,16 @@ impl Session {
         // in the extended one).
         let writes = self.cross_server_allowed();
         let route = self
-            .route_holding(|map| match route_data(data, map, literals, None, scatter, writes)? {
-                Resolution::Route(route) => Ok(route),
-                Resolution::NeedsParams => Err(RouteError::new(
-                    "42P02",
-                    "there is no parameter $1",
-                    "a simple Query cannot have parameters",
-                )),
-            })
+            .route_holding(
+                |map| match route_data(data, map, literals, None, scatter, writes)? {
+                    Resolution::Route(route) => Ok(route),
+                    Resolution::NeedsParams => Err(RouteError::new(
+                        "42P02",
+                        "there is no parameter $1",
+                        "a simple Query cannot have parameters",
+                    )),
+                },
+            )
             .await;
         let route = match route {
             Ok(route) => route,
@@ -349,8 +365,14 @@ impl Session {
         };
         if let Route::Writes { .. } = &route {
             let planned = match self.shared.map.borrow().clone() {
-                Some(snapshot) => plan_write(&statement_text(&frame), data, &snapshot.map, literals, None),
-                None => Err(RouteError::new("57P03", "the shard map is not loaded yet", "retry shortly")),
+                Some(snapshot) => {
+                    plan_write(&statement_text(&frame), data, &snapshot.map, literals, None)
+                }
+                None => Err(RouteError::new(
+                    "57P03",
+                    "the shard map is not loaded yet",
+                    "retry shortly",
+                )),
             };
             return match planned {
                 Ok(plan) => self.write_across(plan).await,

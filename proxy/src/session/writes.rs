@@ -88,7 +88,11 @@ impl Session {
                 return self.abandon_write(implicit).await;
             }
             let Some(lease) = self.lease.as_mut() else {
-                self.client.error("XX000", "internal error: no leg for a part of a write", Some("report this to the shardline developers"));
+                self.client.error(
+                    "XX000",
+                    "internal error: no leg for a part of a write",
+                    Some("report this to the shardline developers"),
+                );
                 return self.abandon_write(implicit).await;
             };
             match run_part(lease, &part.sql).await {

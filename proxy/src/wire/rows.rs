@@ -235,7 +235,11 @@ mod tests {
         assert_eq!(out, expected);
         assert_eq!(
             data_row_values(&body).expect("values"),
-            vec![Some(Bytes::from_static(b"a")), None, Some(Bytes::from_static(b"ccc"))]
+            vec![
+                Some(Bytes::from_static(b"a")),
+                None,
+                Some(Bytes::from_static(b"ccc"))
+            ]
         );
         assert!(data_row_prefix(&body[..8], 3, &mut out).is_err());
         assert!(data_row_values(&body.slice(..8)).is_err());

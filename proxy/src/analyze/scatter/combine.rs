@@ -116,8 +116,10 @@ fn collation_probes(exprs: &[Expr]) -> Result<Vec<SelectItem>, Refusal> {
         .iter()
         .map(|expr| {
             let nested = Expr::Nested(Box::new(expr.clone()));
-            generated(&format!("pg_collation_for(CASE WHEN false THEN ({nested})::text END)"))
-                .map(SelectItem::UnnamedExpr)
+            generated(&format!(
+                "pg_collation_for(CASE WHEN false THEN ({nested})::text END)"
+            ))
+            .map(SelectItem::UnnamedExpr)
         })
         .collect()
 }
@@ -278,7 +280,13 @@ pub(super) fn aggregate(
         .iter()
         .map(|(expr, _, _)| SelectItem::UnnamedExpr(expr.clone()))
         .collect();
-    let probes = collation_probes(&partials.columns.iter().map(|(e, _, _)| e.clone()).collect::<Vec<_>>())?;
+    let probes = collation_probes(
+        &partials
+            .columns
+            .iter()
+            .map(|(e, _, _)| e.clone())
+            .collect::<Vec<_>>(),
+    )?;
     partial.projection.extend(probes);
     if !group_exprs.is_empty() {
         partial.group_by = GroupByExpr::Expressions(group_exprs.to_vec(), Vec::new());

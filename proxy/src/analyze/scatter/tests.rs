@@ -87,7 +87,12 @@ fn combined_columns_carry_their_collations() {
     let Merge::Combine { final_sql, .. } = &p.merge else {
         panic!("combine expected")
     };
-    assert!(final_sql.contains("FROM (SELECT __SL_COLLATED__ FROM (VALUES __SL_ROWS__) AS _v(c1, c2)) AS _sl(c1, c2)"), "{final_sql}");
+    assert!(
+        final_sql.contains(
+            "FROM (SELECT __SL_COLLATED__ FROM (VALUES __SL_ROWS__) AS _v(c1, c2)) AS _sl(c1, c2)"
+        ),
+        "{final_sql}"
+    );
 }
 
 /// Plans `sql`, checking what every plan must satisfy.
@@ -446,7 +451,10 @@ fn group_by_aliases_positions_and_dependent_items() {
 #[test]
 fn constants_without_group_by_are_computed_once_by_the_final_query() {
     let p = plan_of("SELECT 'total' AS label, count(*), now(), $1::text FROM photos");
-    assert_eq!(without_probes(&p.partial_sql), "SELECT count(*) FROM photos");
+    assert_eq!(
+        without_probes(&p.partial_sql),
+        "SELECT count(*) FROM photos"
+    );
     assert_eq!(
         final_sql(&p),
         "SELECT 'total' AS \"label\", CAST(sum(c1) AS INT8) AS \"count\", now() AS \"now\", \

@@ -337,7 +337,10 @@ fn updates_and_deletes_fan_out_to_the_owners() {
     assert_eq!(servers.len(), 2);
     let fanned = plan(sql, None).expect("plans");
     assert_eq!(fanned.parts.len(), 2);
-    assert!(fanned.parts.iter().all(|p| p.sql == sql && p.rows.is_empty()));
+    assert!(fanned
+        .parts
+        .iter()
+        .all(|p| p.sql == sql && p.rows.is_empty()));
     assert_eq!(
         fanned.returning_order(&[1, 2]),
         Some(vec![(0, 0), (1, 0), (1, 1)])
