@@ -362,7 +362,7 @@ fn column_ref(expr: &Expr) -> Option<ColumnRef> {
 }
 
 /// Splits `a AND (b AND c)` into [a, b, c].
-fn conjuncts<'e>(expr: &'e Expr, out: &mut Vec<&'e Expr>) {
+pub(crate) fn conjuncts<'e>(expr: &'e Expr, out: &mut Vec<&'e Expr>) {
     match expr {
         Expr::BinaryOp {
             left,

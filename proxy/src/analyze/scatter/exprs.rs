@@ -7,8 +7,7 @@
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    BinaryOperator, Expr, Function, Ident, ObjectNamePart, Query, Value, Visit, VisitMut, Visitor,
-    VisitorMut,
+    Expr, Function, Ident, ObjectNamePart, Query, Value, Visit, VisitMut, Visitor, VisitorMut,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -295,21 +294,7 @@ pub(super) fn column_ref(expr: &Expr) -> Option<(Option<String>, String)> {
     }
 }
 
-/// Splits `a AND (b AND c)` into [a, b, c].
-pub(super) fn conjuncts<'e>(expr: &'e Expr, out: &mut Vec<&'e Expr>) {
-    match expr {
-        Expr::BinaryOp {
-            left,
-            op: BinaryOperator::And,
-            right,
-        } => {
-            conjuncts(left, out);
-            conjuncts(right, out);
-        }
-        Expr::Nested(inner) => conjuncts(inner, out),
-        other => out.push(other),
-    }
-}
+pub(super) use crate::analyze::statement::conjuncts;
 
 /// A 1-based position (`ORDER BY 2`, `GROUP BY 1`), if `expr` is one.
 pub(super) fn position(expr: &Expr) -> Option<Result<usize, String>> {

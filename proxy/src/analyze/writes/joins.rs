@@ -7,6 +7,8 @@ use sqlparser::ast::{
     BinaryOperator, Expr, JoinConstraint, JoinOperator, TableFactor, TableWithJoins,
 };
 
+use crate::analyze::statement::conjuncts;
+
 use super::{ident_name, is_catalog, refuse, table_name, Refusal, TableInfo, WriteKind};
 
 /// One sharded table of an UPDATE/DELETE: the target, or one in FROM/USING.
@@ -204,20 +206,5 @@ fn column_ref(expr: &Expr) -> Option<(Option<String>, String)> {
             ident_name(&parts[parts.len() - 1]),
         )),
         _ => None,
-    }
-}
-
-fn conjuncts<'e>(expr: &'e Expr, out: &mut Vec<&'e Expr>) {
-    match expr {
-        Expr::BinaryOp {
-            left,
-            op: BinaryOperator::And,
-            right,
-        } => {
-            conjuncts(left, out);
-            conjuncts(right, out);
-        }
-        Expr::Nested(inner) => conjuncts(inner, out),
-        other => out.push(other),
     }
 }
