@@ -132,3 +132,86 @@ pub fn user_in_partition(map: &ClusterMap, partition: u32, limit: i64) -> i64 {
         .find(|id| map.partition_of("users", &KeyValue::Int(*id)).ok() == Some(partition))
         .expect("a user in the partition")
 }
+
+/// One key of `table` owned by each server, in the cluster's server order.
+pub fn key_per_server(cluster: &TestCluster, map: &ClusterMap, table: &str) -> Vec<i64> {
+    let servers = cluster.map_servers();
+    let mut keys: Vec<Option<i64>> = vec![None; servers.len()];
+    for key in 1..100_000i64 {
+        let partition = map
+            .partition_of(table, &KeyValue::Int(key))
+            .expect("partition");
+        let owner = map.owner_of(partition).expect("owner").name.clone();
+        let index = cluster.server_index(&owner);
+        if keys[index].is_none() {
+            keys[index] = Some(key);
+        }
+        if keys.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    keys.into_iter()
+        .map(|key| key.expect("a key on every server"))
+        .collect()
+}
+
+/// Prepared transactions left on all of the cluster's servers.
+pub async fn prepared_left(cluster: &TestCluster) -> i64 {
+    let mut total = 0;
+    for index in 0..cluster.cluster.servers.len() {
+        let row = cluster
+            .connect(index)
+            .await
+            .query_one("SELECT count(*) FROM pg_prepared_xacts", &[])
+            .await
+            .expect("pg_prepared_xacts");
+        total += row.get::<_, i64>(0);
+    }
+    total
+}
+
+/// Checks that the rows of `table` whose `note` column is `note` have
+/// exactly the keys `keys` in `key_column`, each once, each on its owner
+/// (read on every server directly).
+pub async fn check_placement(
+    cluster: &TestCluster,
+    map: &ClusterMap,
+    table: &str,
+    key_column: &str,
+    note: &str,
+    keys: &[i64],
+) {
+    let mut found = Vec::new();
+    for index in 0..cluster.cluster.servers.len() {
+        let rows = cluster
+            .connect(index)
+            .await
+            .query(
+                &format!("SELECT {key_column} FROM {table} WHERE note = $1"),
+                &[&note],
+            )
+            .await
+            .expect("rows on the server");
+        for row in rows {
+            let key: i64 = row.get(0);
+            let partition = map
+                .partition_of(table, &KeyValue::Int(key))
+                .expect("partition");
+            let owner = map.owner_of(partition).expect("owner").name.clone();
+            assert_eq!(
+                cluster.server_index(&owner),
+                index,
+                "{note}: key {key} is on the wrong server"
+            );
+            found.push(key);
+        }
+    }
+    found.sort_unstable();
+    let mut want = keys.to_vec();
+    want.sort_unstable();
+    assert_eq!(found.len(), want.len(), "{note}: rows stored");
+    assert!(
+        found == want,
+        "{note}: the stored keys differ from the keys sent"
+    );
+}

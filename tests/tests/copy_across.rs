@@ -9,9 +9,9 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use shardline_tests::fixtures::{create_table, init_schema};
+use shardline_tests::fixtures::{check_placement, create_table, init_schema};
 use shardline_tests::{TestCluster, TestProxy};
-use shardmap::{ClusterMap, Group, KeyType, KeyValue};
+use shardmap::{ClusterMap, Group, KeyType};
 
 const CLUSTER: &str = "copyacross";
 
@@ -28,41 +28,6 @@ async fn setup(cluster: &TestCluster) -> ClusterMap {
     )
     .await;
     map
-}
-
-/// Checks that the rows with `note` are exactly `keys`, each once, each on
-/// its owner.
-async fn check_placement(cluster: &TestCluster, map: &ClusterMap, note: &str, keys: &[i64]) {
-    let mut found = Vec::new();
-    for index in 0..3 {
-        let rows = cluster
-            .connect(index)
-            .await
-            .query("SELECT user_id FROM events WHERE note = $1", &[&note])
-            .await
-            .expect("rows on the server");
-        for row in rows {
-            let key: i64 = row.get(0);
-            let partition = map
-                .partition_of("events", &KeyValue::Int(key))
-                .expect("partition");
-            let owner = map.owner_of(partition).expect("owner").name.clone();
-            assert_eq!(
-                cluster.server_index(&owner),
-                index,
-                "{note}: key {key} is on the wrong server"
-            );
-            found.push(key);
-        }
-    }
-    found.sort_unstable();
-    let mut want = keys.to_vec();
-    want.sort_unstable();
-    assert_eq!(found.len(), want.len(), "{note}: rows stored");
-    assert!(
-        found == want,
-        "{note}: the stored keys differ from the keys sent"
-    );
 }
 
 fn psql(port: u16, args: &[&str], stdin: Option<&str>) -> std::process::Output {
@@ -131,7 +96,7 @@ async fn copy_from_stdin_splits_rows_by_owner() {
         "psql \\copy failed: {}",
         String::from_utf8_lossy(&loaded.stderr)
     );
-    check_placement(&cluster, &map, "psql, csv", &keys).await;
+    check_placement(&cluster, &map, "events", "user_id", "psql, csv", &keys).await;
 
     // A bad row in the middle: nothing anywhere, and its line reported.
     let bad = dir.path().join("bad.csv");
@@ -157,7 +122,7 @@ async fn copy_from_stdin_splits_rows_by_owner() {
         stderr.contains("invalid input syntax for type integer"),
         "{stderr}"
     );
-    check_placement(&cluster, &map, "bad", &[]).await;
+    check_placement(&cluster, &map, "events", "user_id", "bad", &[]).await;
 
     // A bad key: its line, as Postgres numbers it.
     let copy = "\\copy events (user_id, seq, note) FROM stdin WITH (FORMAT csv)".to_string();
@@ -173,7 +138,7 @@ async fn copy_from_stdin_splits_rows_by_owner() {
     assert!(!failed.status.success());
     let stderr = String::from_utf8_lossy(&failed.stderr);
     assert!(stderr.contains("line 3"), "{stderr}");
-    check_placement(&cluster, &map, "badkey", &[]).await;
+    check_placement(&cluster, &map, "events", "user_id", "badkey", &[]).await;
 
     // psycopg 3: cursor.copy() in text format, then inside a transaction
     // that rolls back, then one that commits.
@@ -217,11 +182,9 @@ with psycopg.connect("{conninfo}", autocommit=True) as conn:
         "300",
         "a read in the transaction sees its COPY"
     );
-    check_placement(&cluster, &map, "psycopg", &(1..=2000).collect::<Vec<_>>()).await;
-    check_placement(&cluster, &map, "psycopg rolled back", &[]).await;
-    check_placement(
-        &cluster,
-        &map,
+    check_placement(&cluster, &map, "events", "user_id", "psycopg", &(1..=2000).collect::<Vec<_>>()).await;
+    check_placement(&cluster, &map, "events", "user_id", "psycopg rolled back", &[]).await;
+    check_placement(&cluster, &map, "events", "user_id",
         "psycopg in tx",
         &(1..=300).collect::<Vec<_>>(),
     )
@@ -248,7 +211,7 @@ asyncio.run(main())
         String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "COPY 3000");
-    check_placement(&cluster, &map, "asyncpg", &(1..=3000).collect::<Vec<_>>()).await;
+    check_placement(&cluster, &map, "events", "user_id", "asyncpg", &(1..=3000).collect::<Vec<_>>()).await;
 
     let mut prepared = 0i64;
     for index in 0..3 {

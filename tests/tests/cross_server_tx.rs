@@ -9,7 +9,7 @@
 //! order) and UPDATE/DELETE without a key run on every server concerned,
 //! all or nothing, in and outside transactions.
 
-use shardline_tests::fixtures::{create_table, init_schema};
+use shardline_tests::fixtures::{create_table, init_schema, key_per_server, prepared_left};
 use shardline_tests::{TestCluster, TestProxy};
 use shardmap::{ClusterMap, Group, KeyType, KeyValue};
 
@@ -43,29 +43,6 @@ async fn setup(cluster: &TestCluster) -> ClusterMap {
     map
 }
 
-/// One key owned by each server, in server order.
-fn key_per_server(cluster: &TestCluster, map: &ClusterMap) -> Vec<(i64, usize)> {
-    let servers = cluster.map_servers();
-    let mut keys: Vec<Option<i64>> = vec![None; servers.len()];
-    for key in 1..10_000i64 {
-        let partition = map
-            .partition_of("accounts", &KeyValue::Int(key))
-            .expect("partition");
-        let owner = map.owner_of(partition).expect("owner").name.clone();
-        let index = cluster.server_index(&owner);
-        if keys[index].is_none() {
-            keys[index] = Some(key);
-        }
-        if keys.iter().all(Option::is_some) {
-            break;
-        }
-    }
-    keys.into_iter()
-        .enumerate()
-        .map(|(index, key)| (key.expect("a key on every server"), index))
-        .collect()
-}
-
 /// Rows of `note` on each server, read there directly.
 async fn rows_on_servers(cluster: &TestCluster, table: &str, note: &str) -> Vec<i64> {
     let mut counts = Vec::new();
@@ -84,25 +61,15 @@ async fn rows_on_servers(cluster: &TestCluster, table: &str, note: &str) -> Vec<
     counts
 }
 
-async fn prepared_left(cluster: &TestCluster) -> i64 {
-    let mut total = 0;
-    for index in 0..3 {
-        let row = cluster
-            .connect(index)
-            .await
-            .query_one("SELECT count(*) FROM pg_prepared_xacts", &[])
-            .await
-            .expect("pg_prepared_xacts");
-        total += row.get::<_, i64>(0);
-    }
-    total
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_on_three_servers_commits_everywhere_or_nowhere() {
     let cluster = TestCluster::start(3);
     let map = setup(&cluster).await;
-    let keys = key_per_server(&cluster, &map);
+    // (key, index of its server)
+    let keys: Vec<(i64, usize)> = key_per_server(&cluster, &map, "accounts")
+        .into_iter()
+        .zip(0..)
+        .collect();
     let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
     let client = proxy.connect().await;
 
@@ -312,7 +279,11 @@ async fn a_transaction_on_three_servers_commits_everywhere_or_nowhere() {
 async fn cross_server_refuse_keeps_a_transaction_on_one_server() {
     let cluster = TestCluster::start(3);
     let map = setup(&cluster).await;
-    let keys = key_per_server(&cluster, &map);
+    // (key, index of its server)
+    let keys: Vec<(i64, usize)> = key_per_server(&cluster, &map, "accounts")
+        .into_iter()
+        .zip(0..)
+        .collect();
     let proxy = TestProxy::start(&cluster, CLUSTER, |config| {
         config.transactions.cross_server = proxy::config::CrossServer::Refuse;
     })

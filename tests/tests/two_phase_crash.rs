@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use shardline_tests::binaries::ProxyProcess;
-use shardline_tests::fixtures::{create_table, init_schema};
+use shardline_tests::fixtures::{create_table, init_schema, key_per_server};
 use shardline_tests::move_jobs::test_config;
 use shardline_tests::{eventually, TestCluster};
-use shardmap::{ClusterMap, Group, KeyType, KeyValue};
+use shardmap::{ClusterMap, Group, KeyType};
 
 const CLUSTER: &str = "tpccrash";
 
@@ -25,24 +25,6 @@ async fn setup(cluster: &TestCluster) -> ClusterMap {
     .await;
     create_table(cluster, &map, "accounts", "user_id bigint, note text").await;
     map
-}
-
-/// One key owned by each server, in server order.
-fn key_per_server(cluster: &TestCluster, map: &ClusterMap) -> Vec<i64> {
-    let mut keys: Vec<Option<i64>> = vec![None; 3];
-    for key in 1..10_000i64 {
-        let partition = map
-            .partition_of("accounts", &KeyValue::Int(key))
-            .expect("partition");
-        let owner = map.owner_of(partition).expect("owner").name.clone();
-        let slot = &mut keys[cluster.server_index(&owner)];
-        if slot.is_none() {
-            *slot = Some(key);
-        }
-    }
-    keys.into_iter()
-        .map(|k| k.expect("a key on every server"))
-        .collect()
 }
 
 /// Per server: rows with `note`, and prepared transactions of any kind.
@@ -99,7 +81,7 @@ async fn crash_at(cluster: &TestCluster, keys: &[i64], id: &str, point: &str) {
 async fn a_proxy_killed_at_each_point_of_a_commit_is_recovered() {
     let cluster = TestCluster::start(3);
     let map = setup(&cluster).await;
-    let keys = key_per_server(&cluster, &map);
+    let keys = key_per_server(&cluster, &map, "accounts");
     let committed_points = ["2pc:after_decision", "2pc:after_first_commit"];
 
     // The same proxy restarts and finishes what its earlier life left.

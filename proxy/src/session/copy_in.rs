@@ -254,8 +254,15 @@ impl Session {
             })
     }
 
-    /// Runs the COPY and answers the client (then ReadyForQuery).
-    pub(super) async fn copy_across(&mut self, sql: &str) -> Result<(), SessionError> {
+    /// Runs the COPY and answers the client: then ReadyForQuery, or, for a
+    /// COPY started by an Execute (`extended`) that reached COPY mode, the
+    /// ReadyForQuery comes at the client's next Sync (the one it sent with
+    /// the Execute was ignored during the COPY, as Postgres ignores it).
+    pub(super) async fn copy_across(
+        &mut self,
+        sql: &str,
+        extended: bool,
+    ) -> Result<(), SessionError> {
         let copy = match parse_copy_in(sql) {
             Ok(copy) => copy,
             Err(refusal) => {
@@ -273,6 +280,7 @@ impl Session {
             );
             return self.ready().await;
         };
+        let mut copying = false;
         let map = &snapshot.map;
         let implicit = self.tx == Tx::Idle;
         if implicit {
@@ -282,7 +290,10 @@ impl Session {
             };
         }
         let result = match target(&copy, map) {
-            Ok(target) => self.copy_rows(sql, &copy, &target, map).await,
+            Ok(target) => {
+                self.copy_rows(sql, &copy, &target, map, &mut copying)
+                    .await
+            }
             Err(stop) => Err(stop),
         };
         match result {
@@ -327,6 +338,10 @@ impl Session {
                 }
             }
         }
+        if extended && copying {
+            self.skipping = true;
+            return self.client.flush().await;
+        }
         self.ready().await
     }
 
@@ -338,6 +353,7 @@ impl Session {
         copy: &CopyIn,
         target: &Target,
         map: &ClusterMap,
+        copying: &mut bool,
     ) -> Result<u64, Stop> {
         let mut splitter = CopySplitter::new(copy, target.columns.clone(), target.key)?;
         // Every leg first (opening one runs statements on the others), then
@@ -357,6 +373,7 @@ impl Session {
                 &mut splitter,
                 &mut leases,
                 &mut streams,
+                copying,
             )
             .await;
         // The leases go back to the transaction, whatever happened; a
@@ -402,6 +419,7 @@ impl Session {
         splitter: &mut CopySplitter,
         leases: &mut Vec<Lease>,
         streams: &mut Vec<Stream>,
+        copying: &mut bool,
     ) -> Result<u64, Stop> {
         let lost = |server: &str, e: std::io::Error| {
             stop(
@@ -455,6 +473,8 @@ impl Session {
             response.put_i16(i16::from(binary));
         }
         self.client.out.extend_from_slice(&response);
+        // From here the client is in COPY mode.
+        *copying = true;
         self.client
             .flush()
             .await

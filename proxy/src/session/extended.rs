@@ -22,7 +22,7 @@ use super::statements::{
     prepare_statement, Prepared,
 };
 use super::tx::{is_tx_control, Tx};
-use super::{cross_server, spans_servers, unsupported, Request, Session, CROSS_SERVER_WRITES};
+use super::{cross_server, spans_servers, unsupported, Request, Session};
 
 /// An extended-protocol message of a request. Messages that name a
 /// statement carry the statement that name meant at that point of the
@@ -189,6 +189,9 @@ impl Session {
         if let Some(error) = refused {
             return self.refuse_extended(&error, synced).await;
         }
+        if let Some(copy) = self.copy_across_bound(&items) {
+            return self.copy_extended(&items, &copy, synced).await;
+        }
 
         let decided = self.decide_binds(&items).await;
         let BindPlan {
@@ -213,6 +216,11 @@ impl Session {
         }
         for setting in settings {
             self.apply_proxy_setting(setting);
+        }
+        if let Route::Writes { .. } = &route {
+            return self
+                .writes_extended(&items, &portals, tx_before_forward, synced)
+                .await;
         }
         if let Route::Scatter { servers, .. } = &route {
             // A read across servers binds no transaction to a server: the
@@ -405,6 +413,7 @@ impl Session {
         let mut tx = self.tx.clone();
         let mut before_forward: Option<Tx> = None;
         let scatter = self.scatter_allowed();
+        let writes = self.cross_server_allowed();
         for item in items {
             let Item::Bind(_, bind, statement) = item else {
                 continue;
@@ -461,7 +470,7 @@ impl Session {
                                 bind,
                                 types: &prepared.param_types,
                             };
-                            match route_data(data, map, &literals, Some(&params), scatter, CROSS_SERVER_WRITES)? {
+                            match route_data(data, map, &literals, Some(&params), scatter, writes)? {
                                 Resolution::Route(r) => Ok(r),
                                 Resolution::NeedsParams => Ok(Route::Any),
                             }

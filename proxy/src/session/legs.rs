@@ -48,13 +48,24 @@ pub(super) enum Reply {
 pub(super) async fn query_replies(
     lease: &mut Lease,
     sql: &str,
-    mut each: impl FnMut(Frame),
+    each: impl FnMut(Frame),
 ) -> io::Result<()> {
     let mut out = BytesMut::new();
     messages::query(sql, &mut out);
+    send_replies(lease, &out, each).await
+}
+
+/// Sends `out` (a Query, or extended-protocol messages ending in Sync) on a
+/// backend and hands every reply message before ReadyForQuery to `each`;
+/// records the transaction status. A connection that fails is marked broken.
+pub(super) async fn send_replies(
+    lease: &mut Lease,
+    out: &[u8],
+    mut each: impl FnMut(Frame),
+) -> io::Result<()> {
     let backend = lease.backend();
     let result = async {
-        backend.write_all(&out).await?;
+        backend.write_all(out).await?;
         loop {
             let frame = backend.read_frame().await?;
             if frame.tag == b'Z' {

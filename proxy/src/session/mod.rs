@@ -24,6 +24,7 @@ mod client;
 mod combine;
 mod copy_in;
 mod extended;
+mod extended_writes;
 mod gather;
 mod hold;
 mod legs;
@@ -54,13 +55,6 @@ use crate::wire::messages;
 use plan::Plan;
 use statements::Statements;
 use tx::Tx;
-
-/// Whether statements that write on several servers route to
-/// `Route::Writes` in the extended protocol. Off until the session runs
-/// them there: until then such writes get the single-server router's
-/// refusal, as before, and `dispatch` refuses a `Writes` route should one
-/// ever reach it. (The simple protocol runs them: `writes`.)
-const CROSS_SERVER_WRITES: bool = false;
 
 /// What one client request needs on its way to a backend and back. Made
 /// for each request (never kept on the `Session`), so nothing of one request

@@ -483,7 +483,7 @@ fn empty_array(original: Option<&[u8]>, formats: &[i16], index: usize) -> Bytes 
 }
 
 /// The row limit of an Execute body (portal name, then the limit).
-fn execute_row_limit(body: &[u8]) -> i32 {
+pub(super) fn execute_row_limit(body: &[u8]) -> i32 {
     let Some(end) = body.iter().position(|&b| b == 0) else {
         return 0;
     };

@@ -339,13 +339,11 @@ impl Session {
     ) -> Result<(), SessionError> {
         if let Some(copy) = data.copy.as_ref().filter(|c| c.from_stdin) {
             if self.copies_across(copy.table.as_deref()) {
-                return self.copy_across(&statement_text(&frame)).await;
+                return self.copy_across(&statement_text(&frame), false).await;
             }
         }
         let literals = &analyzed.literals;
         let scatter = self.scatter_allowed();
-        // Writes across servers run here in the simple protocol (not yet
-        // in the extended one).
         let writes = self.cross_server_allowed();
         let route = self
             .route_holding(
