@@ -142,10 +142,10 @@ async def case_executemany_per_user(c, conn):
 
 async def case_executemany_across_servers_atomic(c, conn):
     """executemany whose rows live on every server: one implicit transaction (asyncpg's
-    executemany is atomic). All rows committed, or 0A000 and none — never part."""
+    executemany is atomic), which the proxy commits on every server (two-phase commit)."""
     rows = [(key, c.item(), c.name) for key in spread(6)]
     c.step = "executemany over all servers"
-    committed = c.check_all_or_none(await c.error_of(conn.executemany(INSERT, rows)))
+    committed = c.check_committed(await c.error_of(conn.executemany(INSERT, rows)))
     check = await connect()
     try:
         for key, item, _ in rows:
@@ -155,6 +155,19 @@ async def case_executemany_across_servers_atomic(c, conn):
             (c.present if committed else c.absent)(key, item)
     finally:
         await check.close()
+
+
+async def case_multi_row_insert_across_servers(c, conn):
+    """One INSERT with a VALUES row per server and parameters, RETURNING in VALUES order."""
+    rows = [(key, c.item()) for key in reversed(spread(6))]
+    values = ", ".join(f"(${2 * i + 1}, ${2 * i + 2}, '{c.name}')" for i in range(len(rows)))
+    args = [v for row in rows for v in row]
+    c.step = "INSERT ... VALUES over all servers RETURNING"
+    returned = await conn.fetch(f"INSERT INTO drv (user_id, item_id, note) VALUES {values} RETURNING user_id, item_id", *args)
+    got = [(r["user_id"], r["item_id"]) for r in returned]
+    c.check(got == rows, f"RETURNING {got}, expected {rows}")
+    for key, item in rows:
+        c.present(key, item)
 
 
 async def case_prepare_reused_20_keys(c, conn):

@@ -144,18 +144,40 @@ def case_executemany_per_user(c):
 
 
 def case_executemany_across_servers_atomic(c):
-    """executemany whose rows live on every server. It is one implicit transaction (one Sync):
-    the proxy must either commit all rows or refuse with 0A000 and commit none — never part."""
+    """executemany whose rows live on every server. It is one implicit transaction (one Sync),
+    which the proxy commits on every server (two-phase commit)."""
     rows = [(key, c.item(), c.name) for key in spread(6)]
     with connect(autocommit=True) as conn:
         c.step = "executemany over all servers"
-        committed = c.check_all_or_none(c.error_of(lambda: conn.cursor().executemany(INSERT, rows)))
+        committed = c.check_committed(c.error_of(lambda: conn.cursor().executemany(INSERT, rows)))
     with connect(autocommit=True) as conn:
         for key, item, _ in rows:
             c.step = f"SELECT {where(key)}"
             n = conn.execute("SELECT count(*) FROM drv WHERE user_id = %s AND item_id = %s", (key, item)).fetchone()[0]
             c.check(n == (1 if committed else 0), f"{n} rows of ({key}, {item}) after {'commit' if committed else 'refusal'}: partial commit")
             (c.present if committed else c.absent)(key, item)
+
+
+def case_multi_row_insert_across_servers(c):
+    """One INSERT with a VALUES row per server and parameters, RETURNING in VALUES order;
+    then the same in a transaction that is rolled back."""
+    rows = [(key, c.item()) for key in reversed(spread(6))]
+    values = ", ".join(f"(%s, %s, '{c.name}')" for _ in rows)
+    args = [v for row in rows for v in row]
+    with connect(autocommit=True) as conn:
+        c.step = "INSERT ... VALUES over all servers RETURNING"
+        got = conn.execute(f"INSERT INTO drv (user_id, item_id, note) VALUES {values} RETURNING user_id, item_id", args).fetchall()
+        c.check([tuple(r) for r in got] == rows, f"RETURNING {got}, expected {rows}")
+        for key, item in rows:
+            c.present(key, item)
+    undone = [(key, c.item()) for key in spread(6)]
+    with connect() as conn:
+        c.step = "INSERT ... VALUES over all servers in a transaction"
+        n = conn.execute(f"INSERT INTO drv (user_id, item_id, note) VALUES {values}", [v for row in undone for v in row]).rowcount
+        c.check(n == len(undone), f"rowcount {n}")
+        conn.rollback()
+        for key, item in undone:
+            c.absent(key, item)
 
 
 def case_prepared_reused_20_keys(c):

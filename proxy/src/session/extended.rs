@@ -66,6 +66,11 @@ pub(super) struct BindPlan {
     pub(super) tx_scoped: bool,
     /// Every Bind is of a read-only statement (and there is at least one).
     pub(super) read_only: bool,
+    /// The Binds route to different servers, each to one, and writes
+    /// across servers are allowed: the request runs as a pipeline over
+    /// legs of one transaction (see `pipeline`). `route` is then the first
+    /// Binds' route only.
+    pub(super) spans: bool,
 }
 
 /// The portals a request binds, in order (usually one: a map would cost
@@ -204,10 +209,22 @@ impl Session {
             drops_statements,
             tx_scoped,
             read_only,
+            spans,
         } = match decided {
             Ok(decision) => decision,
             Err(error) => return self.refuse_extended(&error, synced).await,
         };
+        if spans {
+            if !synced {
+                let error = RouteError::new(
+                    "0A000",
+                    "a pipeline whose statements run on several servers must end with Sync, not Flush",
+                    "send Sync after the statements",
+                );
+                return self.refuse_extended(&error, synced).await;
+            }
+            return self.pipeline_across(items).await;
+        }
         if tx_scoped {
             self.leg_prelude = None;
         }
@@ -414,6 +431,11 @@ impl Session {
         let mut before_forward: Option<Tx> = None;
         let scatter = self.scatter_allowed();
         let writes = self.cross_server_allowed();
+        // Set when two Binds route to different servers: the request can
+        // still run as a pipeline if every Bind runs a statement on one
+        // server, or is a BEGIN the proxy answers.
+        let mut spans: Option<RouteError> = None;
+        let mut pipelines = true;
         for item in items {
             let Item::Bind(_, bind, statement) = item else {
                 continue;
@@ -476,12 +498,29 @@ impl Session {
                             }
                         })
                         .await?;
-                    route = route.merge(resolved).map_err(|(a, b)| cross_server(&a, &b))?;
+                    pipelines &= matches!(
+                        resolved,
+                        Route::Partitions { .. } | Route::Server(_) | Route::Any
+                    );
+                    if spans.is_none() {
+                        let first = (route != Route::Any).then(|| route.clone());
+                        match route.merge(resolved) {
+                            Ok(merged) => route = merged,
+                            Err((a, b)) => {
+                                spans = Some(cross_server(&a, &b));
+                                route = first.unwrap_or(Route::Any);
+                            }
+                        }
+                    }
                     PortalUse::Forward
                 }
                 _ => PortalUse::Forward,
             };
             binds += 1;
+            pipelines &= matches!(
+                (command, &usage),
+                (Command::Data(_), _) | (Command::Begin { .. }, PortalUse::Answer(_))
+            );
             read_only &= matches!(command, Command::Data(d) if d.read_only);
             if matches!(usage, PortalUse::Forward) {
                 changes_session_state |= changes_session(command);
@@ -497,8 +536,12 @@ impl Session {
             }
             portals.insert(bind.portal.clone(), usage);
         }
+        if let Some(error) = spans.as_ref().filter(|_| !(writes && pipelines)) {
+            return Err(error.clone());
+        }
         let before = before_forward.unwrap_or_else(|| tx.clone());
         Ok(BindPlan {
+            spans: spans.is_some(),
             portals,
             route,
             tx_before_forward: before,

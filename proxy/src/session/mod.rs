@@ -28,6 +28,7 @@ mod extended_writes;
 mod gather;
 mod hold;
 mod legs;
+mod pipeline;
 mod plan;
 mod relay;
 mod scatter;

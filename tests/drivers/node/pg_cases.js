@@ -124,6 +124,17 @@ const cases = {
     }
   },
 
+  // One INSERT with a VALUES row per server and values, RETURNING in VALUES order.
+  async multi_row_insert_across_servers(c, client) {
+    const rows = spread(6).reverse().map((key) => [key, c.item()]);
+    const values = rows.map((_, i) => `($${2 * i + 1}, $${2 * i + 2}, '${c.name}')`).join(', ');
+    c.step = 'INSERT ... VALUES over all servers RETURNING';
+    const r = await client.query(`INSERT INTO drv (user_id, item_id, note) VALUES ${values} RETURNING user_id, item_id`, rows.flat());
+    const got = pairs(r);
+    c.check(isDeepStrictEqual(got, rows), `RETURNING ${JSON.stringify(got)}, expected ${JSON.stringify(rows)}`);
+    for (const [key, item] of rows) c.present(key, item);
+  },
+
   // Values: an unnamed statement, Parse/Bind/Describe/Execute/Sync in one request.
   async unnamed_params(c, client) {
     for (const key of spread(6)) {
