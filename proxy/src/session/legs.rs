@@ -567,7 +567,10 @@ impl Session {
         }
         Metrics::add(&self.shared.metrics.two_phase_commits, 1);
         if unfinished.is_empty() {
-            two_phase.forget(&gid).await;
+            // The record is no longer needed once every leg committed; its
+            // delete (an etcd round trip) need not delay the client's reply.
+            let gid = gid.clone();
+            tokio::spawn(async move { two_phase.forget(&gid).await });
         } else {
             tokio::spawn(finish_commit(two_phase, gid.clone(), unfinished));
         }
