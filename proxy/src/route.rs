@@ -13,6 +13,7 @@ use crate::analyze::Literal;
 use crate::wire::messages::Bind;
 
 pub(crate) mod keys;
+pub mod ddl;
 mod reference;
 pub mod writes;
 use keys::evaluate_keys;
@@ -225,6 +226,27 @@ pub fn route_data(
         } else {
             Err(reference::refused_here(table))
         };
+    }
+    if statement.unparsed.is_none() && crate::analyze::ddl::may_be_ddl(&statement.words) {
+        // DDL of a sharded or reference table must reach every server: the
+        // simple-protocol session runs it (`session::ddl`) before routing.
+        // Anywhere else it is refused, never sent to one server.
+        if let Some(table) = statement.tables.iter().find(|t| {
+            t.schema.is_none()
+                && matches!(
+                    map.tables.get(&t.name).map(|d| &d.kind),
+                    Some(TableKind::Sharded { .. } | TableKind::Reference)
+                )
+        }) {
+            return Err(RouteError::new(
+                "0A000",
+                format!(
+                    "this schema statement names \"{}\", a sharded or reference table, and must run on every server; shardline does that only for CREATE/DROP/ALTER INDEX, ALTER TABLE, TRUNCATE, COMMENT, GRANT/REVOKE and CREATE/DROP TRIGGER sent as a simple query of their own",
+                    table.name
+                ),
+                "send it on its own in the simple protocol (psql does), or run it on each server directly",
+            ));
+        }
     }
     match route_one(statement, map, literals, params, scatter) {
         Err(_) if writes && writes::applies(statement, map) => {

@@ -281,7 +281,7 @@ fn split_set(shape: &str) -> Option<(String, String)> {
     Some((name, value.trim().to_string()))
 }
 
-fn ident_name(ident: &sqlparser::ast::Ident) -> String {
+pub(crate) fn ident_name(ident: &sqlparser::ast::Ident) -> String {
     if ident.quote_style.is_some() {
         ident.value.clone()
     } else {
@@ -299,7 +299,7 @@ fn object_parts(name: &ObjectName) -> Vec<String> {
         .collect()
 }
 
-fn table_use(name: &ObjectName, alias: Option<String>) -> TableUse {
+pub(crate) fn table_use(name: &ObjectName, alias: Option<String>) -> TableUse {
     let mut parts = object_parts(name);
     let table = parts.pop().unwrap_or_default();
     let schema = parts.pop().filter(|s| s != "public");
