@@ -12,8 +12,8 @@ use crate::analyze::statement::{DataStatement, InsertRows, KeyExpr, TableUse};
 use crate::analyze::Literal;
 use crate::wire::messages::Bind;
 
-pub(crate) mod keys;
 pub mod ddl;
+pub(crate) mod keys;
 mod reference;
 pub mod writes;
 use keys::evaluate_keys;

@@ -231,7 +231,10 @@ pub fn column_names(columns: &str) -> Option<Vec<String>> {
 /// by this, so `INSERT` without a column list and `shardctl server add`
 /// follow the table. Indexes that are not constraints are not part of it.
 pub fn column_list_query(table: &str) -> String {
-    let relation = format!("'public.\"{}\"'::regclass", table.replace('\'', "''").replace('"', "\"\""));
+    let relation = format!(
+        "'public.\"{}\"'::regclass",
+        table.replace('\'', "''").replace('"', "\"\"")
+    );
     format!(
         "SELECT string_agg(def, ', ' ORDER BY kind, n) FROM (\
          SELECT 0 AS kind, a.attnum::int AS n, \
@@ -409,4 +412,3 @@ mod tests {
         assert_eq!(l[1].bound, "DEFAULT");
     }
 }
-

@@ -48,8 +48,7 @@ async fn setup(cluster: &TestCluster, name: &str, in_map: usize) -> ClusterMap {
         let mut sql = Vec::new();
         for (table, columns) in [("accounts", ACCOUNTS), ("countries", COUNTRIES)] {
             sql.extend(
-                shardmap::ddl::create_statements(&saved.map, table, columns, &server)
-                    .expect("DDL"),
+                shardmap::ddl::create_statements(&saved.map, table, columns, &server).expect("DDL"),
             );
         }
         cluster
@@ -78,7 +77,9 @@ fn key_per_server(cluster: &TestCluster, map: &ClusterMap, n: usize) -> Vec<i64>
             break;
         }
     }
-    keys.into_iter().map(|k| k.expect("a key per server")).collect()
+    keys.into_iter()
+        .map(|k| k.expect("a key per server"))
+        .collect()
 }
 
 /// `code=name` of every countries row on server `index`, sorted.
@@ -200,7 +201,11 @@ async fn reference_writes_reach_every_server_and_a_new_server_gets_the_rows() {
     assert_countries(&cluster, 3, &["de=Deutschland", "it=Italy"]).await;
 
     // A failing write changes no server and leaves nothing prepared.
-    let (code, _) = fails(&client, "INSERT INTO countries VALUES ('es', 'Spain'), ('de', 'again')").await;
+    let (code, _) = fails(
+        &client,
+        "INSERT INTO countries VALUES ('es', 'Spain'), ('de', 'again')",
+    )
+    .await;
     assert_eq!(code, "23505");
     assert_countries(&cluster, 3, &["de=Deutschland", "it=Italy"]).await;
     assert_eq!(prepared_left(&cluster, 3).await, 0);
@@ -229,7 +234,10 @@ async fn reference_writes_reach_every_server_and_a_new_server_gets_the_rows() {
         sharded += cluster
             .connect(index)
             .await
-            .query_one("SELECT count(*) FROM accounts WHERE note = 'rolled back'", &[])
+            .query_one(
+                "SELECT count(*) FROM accounts WHERE note = 'rolled back'",
+                &[],
+            )
             .await
             .expect("count")
             .get::<_, i64>(0);
@@ -247,7 +255,10 @@ async fn reference_writes_reach_every_server_and_a_new_server_gets_the_rows() {
         .expect("write one copy directly");
     let (code, message) = fails(&client, "DELETE FROM countries WHERE code = 'zz'").await;
     assert_eq!(code, "XX001", "{message}");
-    assert!(message.contains(cluster.cluster.servers[1].name()), "{message}");
+    assert!(
+        message.contains(cluster.cluster.servers[1].name()),
+        "{message}"
+    );
     assert_eq!(
         countries_on(&cluster, 1).await,
         ["co=x", "de=Deutschland", "it=Italy", "zz=only here"]
@@ -291,7 +302,9 @@ async fn reference_writes_reach_every_server_and_a_new_server_gets_the_rows() {
             while !stop.load(Ordering::SeqCst) {
                 let code = format!("w{n}");
                 if writer_client
-                    .batch_execute(&format!("INSERT INTO countries VALUES ('{code}', 'written')"))
+                    .batch_execute(&format!(
+                        "INSERT INTO countries VALUES ('{code}', 'written')"
+                    ))
                     .await
                     .is_ok()
                 {
@@ -310,9 +323,9 @@ async fn reference_writes_reach_every_server_and_a_new_server_gets_the_rows() {
         let url = fourth.primary.to_string();
         let endpoints = cluster_ref.etcd_endpoints();
         move || {
-            let output = std::process::Command::new(
-                shardline_tests::binaries::workspace_binary("shardctl", "shardctl"),
-            )
+            let output = std::process::Command::new(shardline_tests::binaries::workspace_binary(
+                "shardctl", "shardctl",
+            ))
             .args(["server", "add", &name, &url])
             .env("SHARDLINE_ETCD", endpoints.join(","))
             .env("SHARDLINE_CLUSTER", NAME)
@@ -367,7 +380,11 @@ async fn reference_writes_reach_every_server_and_a_new_server_gets_the_rows() {
     })
     .await;
     assert!(seen, "the proxy never saw the new server");
-    simple(&client, "INSERT INTO countries VALUES ('nl', 'Netherlands')").await;
+    simple(
+        &client,
+        "INSERT INTO countries VALUES ('nl', 'Netherlands')",
+    )
+    .await;
     assert!(countries_on(&cluster, 3)
         .await
         .contains(&"nl=Netherlands".to_string()));
@@ -412,7 +429,11 @@ async fn ddl_runs_on_every_server_and_the_map_follows() {
 
     // ADD COLUMN: every server, the map's column list, and an INSERT
     // without a column list routed by it.
-    simple(&client, "ALTER TABLE accounts ADD COLUMN email text DEFAULT 'none'").await;
+    simple(
+        &client,
+        "ALTER TABLE accounts ADD COLUMN email text DEFAULT 'none'",
+    )
+    .await;
     for index in 0..3 {
         let n: i64 = cluster
             .connect(index)
@@ -426,7 +447,15 @@ async fn ddl_runs_on_every_server_and_the_map_follows() {
             .get(0);
         assert_eq!(n, 1, "server {index}");
     }
-    let columns = cluster.store(NAME).await.load().await.expect("map").map.columns["accounts"].clone();
+    let columns = cluster
+        .store(NAME)
+        .await
+        .load()
+        .await
+        .expect("map")
+        .map
+        .columns["accounts"]
+        .clone();
     assert!(columns.contains("email text DEFAULT 'none'"), "{columns}");
     assert!(columns.contains("PRIMARY KEY (user_id)"), "{columns}");
     for key in &keys {
@@ -467,7 +496,11 @@ async fn ddl_runs_on_every_server_and_the_map_follows() {
 
     // CONCURRENTLY: server by server; refused in a transaction; a failure
     // part-way says which servers applied it.
-    simple(&client, "CREATE INDEX CONCURRENTLY countries_name ON countries (name)").await;
+    simple(
+        &client,
+        "CREATE INDEX CONCURRENTLY countries_name ON countries (name)",
+    )
+    .await;
     for index in 0..3 {
         let exists: bool = cluster
             .connect(index)
@@ -488,7 +521,11 @@ async fn ddl_runs_on_every_server_and_the_map_follows() {
         .batch_execute("CREATE INDEX conc_dup ON countries (code)")
         .await
         .expect("an index on one server only");
-    let (_, message) = fails(&client, "CREATE INDEX CONCURRENTLY conc_dup ON countries (name)").await;
+    let (_, message) = fails(
+        &client,
+        "CREATE INDEX CONCURRENTLY conc_dup ON countries (name)",
+    )
+    .await;
     assert!(
         message.contains(&format!("Applied on: {}", names[0]))
             && message.contains(&format!("not applied on: {}, {}", names[1], names[2])),

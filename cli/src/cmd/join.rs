@@ -132,11 +132,17 @@ async fn join_steps(context: &Context, map: &ClusterMap, name: &str) -> Result<J
     let source = map
         .serving_servers()
         .find(|s| s.name != name)
-        .ok_or_else(|| anyhow!("there is no other serving server to copy the reference tables from"))?;
+        .ok_or_else(|| {
+            anyhow!("there is no other serving server to copy the reference tables from")
+        })?;
     let mut copied = Vec::new();
     let source_pg = Pg::connect(source, credentials, "shardctl").await?;
     if !to_copy.is_empty() {
-        let list = to_copy.iter().map(|t| ident(t)).collect::<Vec<_>>().join(", ");
+        let list = to_copy
+            .iter()
+            .map(|t| ident(t))
+            .collect::<Vec<_>>()
+            .join(", ");
         source_pg
             .client
             .batch_execute(&format!(
@@ -256,18 +262,25 @@ async fn copy_table(source: &Pg, target: &Pg, table: &str) -> Result<u64> {
     bar.enable_steady_tick(Duration::from_millis(100));
     let out = source
         .client
-        .copy_out(&format!("COPY {} ({list}) TO STDOUT (FORMAT binary)", ident(table)))
+        .copy_out(&format!(
+            "COPY {} ({list}) TO STDOUT (FORMAT binary)",
+            ident(table)
+        ))
         .await
         .with_context(|| format!("reading {table} on server {}", source.server))?;
     let sink = target
         .client
-        .copy_in::<_, Bytes>(&format!("COPY {} ({list}) FROM STDIN (FORMAT binary)", ident(table)))
+        .copy_in::<_, Bytes>(&format!(
+            "COPY {} ({list}) FROM STDIN (FORMAT binary)",
+            ident(table)
+        ))
         .await
         .with_context(|| format!("writing {table} on server {}", target.server))?;
     pin_mut!(out);
     pin_mut!(sink);
     while let Some(chunk) = out.next().await {
-        let chunk = chunk.with_context(|| format!("reading {table} on server {}", source.server))?;
+        let chunk =
+            chunk.with_context(|| format!("reading {table} on server {}", source.server))?;
         bar.inc(chunk.len() as u64);
         sink.send(chunk)
             .await
@@ -278,6 +291,9 @@ async fn copy_table(source: &Pg, target: &Pg, table: &str) -> Result<u64> {
         .finish()
         .await
         .with_context(|| format!("writing {table} on server {}", target.server))?;
-    bar.finish_with_message(format!("{rows} rows {} -> {}", source.server, target.server));
+    bar.finish_with_message(format!(
+        "{rows} rows {} -> {}",
+        source.server, target.server
+    ));
     Ok(rows)
 }

@@ -10,8 +10,8 @@
 //! this module and is routed as before.
 
 use sqlparser::ast::{
-    AlterColumnOperation, AlterTableOperation, CommentObject, GrantObjects, ObjectName,
-    ObjectType, Statement,
+    AlterColumnOperation, AlterTableOperation, CommentObject, GrantObjects, ObjectName, ObjectType,
+    Statement,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -262,9 +262,11 @@ mod tests {
         assert!(ddl("ALTER TABLE users SET SCHEMA other")
             .map(|d| d.refusal.is_some())
             .unwrap_or(true));
-        assert!(!ddl("ALTER TABLE users ENABLE TRIGGER t")
-            .expect("ddl")
-            .changes_columns);
+        assert!(
+            !ddl("ALTER TABLE users ENABLE TRIGGER t")
+                .expect("ddl")
+                .changes_columns
+        );
     }
 
     #[test]

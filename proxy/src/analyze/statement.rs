@@ -8,9 +8,9 @@ use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    BinaryOperator, CopySource, Expr, FromTable, InTarget, JoinConstraint, JoinOperator, ObjectName,
-    ObjectNamePart, Query, Select, SetExpr, Statement, TableFactor, TableObject, UnaryOperator,
-    Value, Visit, Visitor,
+    BinaryOperator, CopySource, Expr, FromTable, InTarget, JoinConstraint, JoinOperator,
+    ObjectName, ObjectNamePart, Query, Select, SetExpr, Statement, TableFactor, TableObject,
+    UnaryOperator, Value, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -715,10 +715,12 @@ mod tests {
 
     #[test]
     fn written_tables_are_the_targets() {
-        let names = |sql: &str| -> Vec<String> {
-            data(sql).written.into_iter().map(|t| t.name).collect()
-        };
-        assert_eq!(names("INSERT INTO countries (code) VALUES ('de')"), ["countries"]);
+        let names =
+            |sql: &str| -> Vec<String> { data(sql).written.into_iter().map(|t| t.name).collect() };
+        assert_eq!(
+            names("INSERT INTO countries (code) VALUES ('de')"),
+            ["countries"]
+        );
         assert_eq!(
             names("UPDATE countries c SET name = u.name FROM users u WHERE u.id = 1"),
             ["countries"]

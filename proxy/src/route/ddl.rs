@@ -79,7 +79,11 @@ pub fn plan_ddl(ddl: &Ddl, map: &ClusterMap) -> Result<Option<DdlPlan>, RouteErr
     if let Some((what, hint)) = &ddl.refusal {
         return Err(RouteError::new(
             "0A000",
-            format!("{} is refused: {what} (\"{}\")", ddl.what, mapped.join("\", \"")),
+            format!(
+                "{} is refused: {what} (\"{}\")",
+                ddl.what,
+                mapped.join("\", \"")
+            ),
             hint.clone(),
         ));
     }
@@ -163,8 +167,10 @@ mod tests {
         map.declare(Group::hash("users", KeyType::Bigint).table("users", "user_id"));
         map.declare_table(Table::reference("countries"));
         map.declare_table(Table::unsharded("settings", "b"));
-        map.columns
-            .insert("users".into(), "user_id bigint PRIMARY KEY, name text".into());
+        map.columns.insert(
+            "users".into(),
+            "user_id bigint PRIMARY KEY, name text".into(),
+        );
         map
     }
 

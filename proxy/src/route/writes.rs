@@ -18,8 +18,8 @@ use shardmap::{ClusterMap, KeyType, TableKind};
 
 use super::keys::{evaluate_keys, invalid_key};
 use super::{
-    array_param_by_server, reference, insert_key_index, key_exprs, known_table, owner_of, Params, Resolution,
-    Route, RouteError,
+    array_param_by_server, insert_key_index, key_exprs, known_table, owner_of, reference, Params,
+    Resolution, Route, RouteError,
 };
 use crate::analyze::statement::{DataStatement, InsertRows, TableUse};
 use crate::analyze::writes::{analyze_write, Refusal, TableInfo, WriteText};

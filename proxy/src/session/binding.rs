@@ -351,7 +351,11 @@ impl Session {
         // The first serving server by name: a joining one may not have its
         // reference tables' rows yet. (The proxy has no notion of a local
         // or preferred server: every client sees the same catalog.)
-        let first = snapshot.map.serving_servers().next().map(|s| s.name.clone());
+        let first = snapshot
+            .map
+            .serving_servers()
+            .next()
+            .map(|s| s.name.clone());
         first
     }
 

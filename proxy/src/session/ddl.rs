@@ -212,8 +212,7 @@ impl Session {
             let reply = match self.acquire(server, false).await {
                 Ok(mut lease) => {
                     let mut result = Ok(DdlReply::Done(String::new()));
-                    if let Some(sync) =
-                        settings_sync_sql(&self.settings, &lease.backend().settings)
+                    if let Some(sync) = settings_sync_sql(&self.settings, &lease.backend().settings)
                     {
                         match run_simple(&mut lease, &sync).await {
                             Ok(Reply::Done(_)) => {

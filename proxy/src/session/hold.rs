@@ -106,7 +106,8 @@ impl Session {
                     versioned.map.assignments.get(*p as usize).map(|a| &a.state),
                     Some(PartitionState::Blocked { .. })
                 )
-            }) || (is_reference_write(&route) && versioned.map.joining_server().is_some());
+            }) || (is_reference_write(&route)
+                && versioned.map.joining_server().is_some());
             if !blocked {
                 if let Some(started) = started {
                     self.shared
