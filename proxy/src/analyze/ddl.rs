@@ -69,6 +69,14 @@ pub fn analyze_ddl(sql: &str, words: &[String]) -> Option<Ddl> {
     if !may_be_ddl(words) {
         return None;
     }
+    if words.len() > 3 && words[..3] == ["drop", "index", "concurrently"] {
+        // sqlparser does not parse this form; it names only indexes.
+        return Some(Ddl {
+            on_index: true,
+            concurrently: true,
+            ..Ddl::new("DROP INDEX", Vec::new())
+        });
+    }
     let mut statements = Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()?;
     if statements.len() != 1 {
         return None;
@@ -233,10 +241,8 @@ mod tests {
         assert!(d.concurrently);
         let d = ddl("DROP INDEX IF EXISTS users_name").expect("ddl");
         assert!(d.on_index && !d.concurrently);
-        let d = ddl("DROP INDEX CONCURRENTLY users_name");
-        if let Some(d) = d {
-            assert!(d.on_index && d.concurrently);
-        }
+        let d = ddl("DROP INDEX CONCURRENTLY IF EXISTS users_name").expect("ddl");
+        assert!(d.on_index && d.concurrently);
         assert!(ddl("ALTER INDEX a RENAME TO b").expect("ddl").on_index);
     }
 
