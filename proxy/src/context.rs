@@ -52,6 +52,9 @@ pub struct Shared {
     pub two_phase: Arc<TwoPhase>,
     /// Servers known to accept PREPARE TRANSACTION.
     pub prepares: Mutex<rustc_hash::FxHashSet<String>>,
+    /// The map in etcd, for the changes the proxy itself makes (a table's
+    /// column list after DDL through the proxy); connected on first use.
+    pub map_store: tokio::sync::OnceCell<shardmap::MapStore>,
 }
 
 impl Shared {
@@ -96,6 +99,7 @@ impl Shared {
             liveness: Liveness::new(true),
             two_phase: Arc::new(TwoPhase::unconfigured()),
             prepares: Mutex::new(Default::default()),
+            map_store: tokio::sync::OnceCell::new(),
         }
     }
 }

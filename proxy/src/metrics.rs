@@ -23,6 +23,10 @@ pub struct Metrics {
     pub scatter_reads: AtomicU64,
     /// Transactions that reached a second server.
     pub cross_server_transactions: AtomicU64,
+    /// DDL of sharded or reference tables run on every server (`session::ddl`).
+    pub ddl_across_servers: AtomicU64,
+    /// Writes to reference tables run on every server.
+    pub reference_writes: AtomicU64,
     /// Two-phase commits: committed, rolled back (a PREPARE or the decision
     /// failed), and ended with an unknown outcome (left to recovery).
     pub two_phase_commits: AtomicU64,

@@ -12,7 +12,9 @@ use crate::analyze::statement::{DataStatement, InsertRows, KeyExpr, TableUse};
 use crate::analyze::Literal;
 use crate::wire::messages::Bind;
 
+pub mod ddl;
 pub(crate) mod keys;
+mod reference;
 pub mod writes;
 use keys::evaluate_keys;
 
@@ -207,7 +209,9 @@ pub enum Resolution {
 /// to a `Scatter` over the servers that own the partitions it reads. With
 /// `writes` allowed, an INSERT ... VALUES, UPDATE or DELETE of a sharded
 /// table that one server cannot run routes to `Writes` (see `writes`);
-/// whatever one server can run routes as it does without.
+/// whatever one server can run routes as it does without. A write to a
+/// reference table routes to `Writes` over every serving server (see
+/// `reference`) with `writes` allowed, and is refused without.
 pub fn route_data(
     statement: &DataStatement,
     map: &ClusterMap,
@@ -216,6 +220,34 @@ pub fn route_data(
     scatter: bool,
     writes: bool,
 ) -> Result<Resolution, RouteError> {
+    if let Some(table) = reference::written_reference(statement, map) {
+        return if writes {
+            reference::route_reference_write(statement, map, table)
+        } else {
+            Err(reference::refused_here(table))
+        };
+    }
+    if statement.unparsed.is_none() && crate::analyze::ddl::may_be_ddl(&statement.words) {
+        // DDL of a sharded or reference table must reach every server: the
+        // simple-protocol session runs it (`session::ddl`) before routing.
+        // Anywhere else it is refused, never sent to one server.
+        if let Some(table) = statement.tables.iter().find(|t| {
+            t.schema.is_none()
+                && matches!(
+                    map.tables.get(&t.name).map(|d| &d.kind),
+                    Some(TableKind::Sharded { .. } | TableKind::Reference)
+                )
+        }) {
+            return Err(RouteError::new(
+                "0A000",
+                format!(
+                    "this schema statement names \"{}\", a sharded or reference table, and must run on every server; shardline does that only for CREATE/DROP/ALTER INDEX, ALTER TABLE, TRUNCATE, COMMENT, GRANT/REVOKE and CREATE/DROP TRIGGER sent as a simple query of their own",
+                    table.name
+                ),
+                "send it on its own in the simple protocol (psql does), or run it on each server directly",
+            ));
+        }
+    }
     match route_one(statement, map, literals, params, scatter) {
         Err(_) if writes && writes::applies(statement, map) => {
             writes::route_write(statement, map, literals, params)
@@ -315,17 +347,9 @@ fn route_table(
 ) -> Result<Option<Route>, RouteError> {
     let def = known_table(map, table)?;
     match &def.kind {
-        TableKind::Reference => {
-            if statement.read_only {
-                Ok(Some(Route::Any))
-            } else {
-                Err(RouteError::new(
-                    "0A000",
-                    format!("writes to reference table \"{}\" must reach every server; that is not supported yet", table.name),
-                    "write reference tables on each server directly for now",
-                ))
-            }
-        }
+        // Read (a write of one never gets here: see `route_data`), so any
+        // server's copy answers.
+        TableKind::Reference => Ok(Some(Route::Any)),
         TableKind::Unsharded { home } => Ok(Some(Route::Server(home.clone()))),
         TableKind::Sharded {
             group,

@@ -44,7 +44,7 @@ impl ProxyCollector {
 /// The per-thread counters, summed: name (the encoder adds `_total`), help,
 /// and where the counter is.
 type CounterOf = fn(&Metrics) -> &AtomicU64;
-const COUNTERS: [(&str, &str, CounterOf); 15] = [
+const COUNTERS: [(&str, &str, CounterOf); 17] = [
     ("shardline_logins", "Client logins that succeeded.", |m| &m.logins),
     ("shardline_login_failures", "Client logins refused.", |m| &m.login_failures),
     (
@@ -81,6 +81,16 @@ const COUNTERS: [(&str, &str, CounterOf); 15] = [
         "shardline_cross_server_transactions",
         "Transactions that reached a second server.",
         |m| &m.cross_server_transactions,
+    ),
+    (
+        "shardline_ddl_across_servers",
+        "DDL statements of sharded or reference tables run on every server.",
+        |m| &m.ddl_across_servers,
+    ),
+    (
+        "shardline_reference_writes",
+        "Writes to reference tables run on every server.",
+        |m| &m.reference_writes,
     ),
     (
         "shardline_two_phase_commits",

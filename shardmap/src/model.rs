@@ -132,6 +132,20 @@ pub enum ServerState {
     /// Keeps serving what it owns, but the planner moves everything off it and
     /// never places a partition on it.
     Draining,
+    /// Being added by `shardctl server add`: its tables are created and its
+    /// reference tables copied. It owns no partitions and serves nothing
+    /// (no reads, no reference writes, no DDL) until it turns active, and
+    /// while any server is joining, proxies hold reference-table writes and
+    /// refuse DDL, so the copy cannot miss a write.
+    Joining,
+}
+
+impl ServerState {
+    /// Holds copies of the reference tables and takes statements (active
+    /// or draining, not joining).
+    pub fn serves(self) -> bool {
+        self != ServerState::Joining
+    }
 }
 
 impl fmt::Display for ServerState {
@@ -139,6 +153,7 @@ impl fmt::Display for ServerState {
         f.write_str(match self {
             ServerState::Active => "active",
             ServerState::Draining => "draining",
+            ServerState::Joining => "joining",
         })
     }
 }
@@ -364,6 +379,12 @@ impl ClusterMap {
                     assignment.owner
                 )),
                 Some(server) => {
+                    if !server.state.serves() {
+                        problems.push(format!(
+                            "partition {partition} is owned by server {:?}, which is still joining",
+                            server.name
+                        ));
+                    }
                     if let Some(region) = &assignment.region {
                         if server.region.as_ref() != Some(region) {
                             problems.push(format!(
@@ -573,6 +594,20 @@ impl ClusterMap {
             return Err(KeyError::NotEmbeddedId { id: *id });
         }
         Ok(partition)
+    }
+
+    /// The servers that hold the reference tables and take statements
+    /// (every server but a joining one), in name order: where
+    /// reference-table writes and DDL run.
+    pub fn serving_servers(&self) -> impl Iterator<Item = &Server> {
+        self.servers.values().filter(|s| s.state.serves())
+    }
+
+    /// A server being added (`shardctl server add` has not finished), if any.
+    pub fn joining_server(&self) -> Option<&Server> {
+        self.servers
+            .values()
+            .find(|s| s.state == ServerState::Joining)
     }
 
     /// The server that owns `partition`.

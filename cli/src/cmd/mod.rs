@@ -13,6 +13,7 @@ pub mod dev;
 pub mod groups;
 pub mod history;
 pub mod init;
+pub mod join;
 pub mod map;
 pub mod moves;
 pub mod partitions;

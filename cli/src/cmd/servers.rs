@@ -1,20 +1,23 @@
 //! `shardctl server ...`: add, list, drain, activate and remove the
 //! Postgres servers of the map. Adding one also creates the map's tables
-//! there (no leaves: it owns no partitions until a move).
+//! there (no leaves: it owns no partitions until a move) and copies the
+//! reference tables' rows to it before it serves (see `join`).
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::Subcommand;
 use rebalancer::pg::{Credentials, Pg};
 use serde::Serialize;
-use shardmap::{Change, ClusterMap, Endpoint, Server, ServerState, TableKind};
+use shardmap::{Change, Endpoint, Server, ServerState, TableKind};
 
-use crate::cmd::tables::run_table_ddl;
+use crate::cmd::join::join;
 use crate::context::Context;
 use crate::output::{print_json, table as new_table};
 
 #[derive(Debug, Subcommand)]
 pub enum ServerCommand {
-    /// Add a server (it owns no partitions until a move or rebalance).
+    /// Add a server: create the tables there and copy the reference tables'
+    /// rows to it (it owns no partitions until a move or rebalance). Run it
+    /// again to resume an add that was interrupted.
     Add {
         name: String,
         /// postgres://user@host:port/dbname (no password).
@@ -59,31 +62,48 @@ pub async fn server(context: &Context, command: ServerCommand) -> Result<()> {
                 .map(|r| Endpoint::parse(r).map_err(|e| anyhow!("replica of {name}: {e}")))
                 .collect::<Result<Vec<_>>>()?;
             let store = context.store().await?;
-            let saved = store
-                .update(&context.actor, |map| {
-                    if map.servers.contains_key(&name) {
-                        return Err(format!("server {name:?} already exists"));
-                    }
-                    map.servers.insert(
-                        name.clone(),
-                        Server {
-                            name: name.clone(),
-                            primary: primary.clone(),
-                            replicas: replicas.clone(),
-                            region: region.clone(),
-                            state: ServerState::Active,
-                        },
-                    );
-                    Ok(Change::new("server add", format!("{name} at {primary}")))
-                })
-                .await?;
-            let tables = prepare_new_server(&saved.map, &name, &context.credentials).await.with_context(|| {
-                format!(
-                    "server {name} was added to the map (version {}), but creating the tables there failed; \
-                     fix the server and run `shardctl table create` for each table again",
-                    saved.map.version
-                )
-            })?;
+            let current = store.load().await?;
+            let map = match current.map.servers.get(&name) {
+                // An add that did not finish: resume it.
+                Some(server) if server.state == ServerState::Joining && server.primary == primary => {
+                    current.map
+                }
+                Some(server) if server.state == ServerState::Joining => bail!(
+                    "server {name:?} is joining at {}, not {primary}: finish that add, or `shardctl server remove {name}` first",
+                    server.primary
+                ),
+                Some(_) => bail!("server {name:?} already exists"),
+                None => {
+                    store
+                        .update(&context.actor, |map| {
+                            if map.servers.contains_key(&name) {
+                                return Err(format!("server {name:?} already exists"));
+                            }
+                            if let Some(other) = map.joining_server() {
+                                return Err(format!(
+                                    "server {:?} is still joining: finish its `shardctl server add` first (or remove it)",
+                                    other.name
+                                ));
+                            }
+                            map.servers.insert(
+                                name.clone(),
+                                Server {
+                                    name: name.clone(),
+                                    primary: primary.clone(),
+                                    replicas: replicas.clone(),
+                                    region: region.clone(),
+                                    state: ServerState::Joining,
+                                },
+                            );
+                            Ok(Change::new("server add", format!("{name} at {primary} (joining)")))
+                        })
+                        .await?
+                        .map
+                }
+            };
+            let joined = join(context, &map, &name).await?;
+            let saved = &joined;
+            let tables = joined.tables_created;
             let prepared_max = match saved.map.servers.get(&name) {
                 Some(server) => max_prepared_transactions(server, &context.credentials).await,
                 None => None,
@@ -96,6 +116,8 @@ pub async fn server(context: &Context, command: ServerCommand) -> Result<()> {
                     "version": saved.map.version,
                     "revision": saved.revision,
                     "tables_created": tables,
+                    "reference_rows_copied": saved.copied.iter().map(|(t, n)| (t.clone(), *n)).collect::<std::collections::BTreeMap<_, _>>(),
+                    "copied_from": saved.source,
                     "max_prepared_transactions": prepared_max,
                 }));
             }
@@ -103,6 +125,10 @@ pub async fn server(context: &Context, command: ServerCommand) -> Result<()> {
                 "map version {} saved; {tables} tables created on {name} (no leaves: it owns no partitions yet)",
                 saved.map.version
             );
+            if let Some(source) = &saved.source {
+                let copied: Vec<String> = saved.copied.iter().map(|(t, n)| format!("{t} ({n} rows)")).collect();
+                println!("reference tables copied from {source}: {}", copied.join(", "));
+            }
             Ok(())
         }
         ServerCommand::List => {
@@ -176,6 +202,11 @@ async fn set_server_state(context: &Context, name: String, state: ServerState) -
             if server.state == state {
                 return Err(format!("server {name:?} is already {state}"));
             }
+            if server.state == ServerState::Joining {
+                return Err(format!(
+                    "server {name:?} is still joining: run its `shardctl server add` again to finish, or `shardctl server remove {name}`"
+                ));
+            }
             server.state = state;
             let action = if state == ServerState::Draining {
                 "server drain"
@@ -185,32 +216,6 @@ async fn set_server_state(context: &Context, name: String, state: ServerState) -
             Ok(Change::new(action, name.clone()))
         })
         .await
-}
-
-/// Creates every table made with `table create` on a newly added server
-/// (partitioned parents with no leaves: it owns no partitions yet).
-async fn prepare_new_server(
-    map: &ClusterMap,
-    name: &str,
-    credentials: &Credentials,
-) -> Result<usize> {
-    let server = map
-        .servers
-        .get(name)
-        .ok_or_else(|| anyhow!("server {name} is not in the map"))?;
-    let mut tables = 0;
-    for (table, columns) in &map.columns {
-        if !map.tables.contains_key(table) {
-            continue;
-        }
-        if run_table_ddl(map, table, columns, server, credentials)
-            .await?
-            .is_some()
-        {
-            tables += 1;
-        }
-    }
-    Ok(tables)
 }
 
 /// The server's `max_prepared_transactions`, or `None` if it cannot be read

@@ -2,6 +2,7 @@
 //! sqlparser only on a miss. See `lexer` for shapes and `statement` for what
 //! is extracted.
 
+pub mod ddl;
 pub mod lexer;
 pub mod scatter;
 pub mod statement;

@@ -8,9 +8,9 @@ use std::collections::BTreeSet;
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    BinaryOperator, CopySource, Expr, InTarget, JoinConstraint, JoinOperator, ObjectName,
-    ObjectNamePart, Query, Select, SetExpr, Statement, TableFactor, TableObject, UnaryOperator,
-    Value, Visit, Visitor,
+    BinaryOperator, CopySource, Expr, FromTable, InTarget, JoinConstraint, JoinOperator,
+    ObjectName, ObjectNamePart, Query, Select, SetExpr, Statement, TableFactor, TableObject,
+    UnaryOperator, Value, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -85,6 +85,11 @@ pub struct DataStatement {
     pub insert: Option<InsertRows>,
     /// `COPY table FROM STDIN` / `TO STDOUT`.
     pub copy: Option<CopyInfo>,
+    /// The tables the statement writes: INSERT, UPDATE, DELETE and MERGE
+    /// targets (those of data-modifying CTEs too) and `COPY ... FROM`'s.
+    /// Every other table it names is only read (or locked, or the object
+    /// of DDL). A reference table written must be written on every server.
+    pub written: Vec<TableUse>,
     /// The statement could not be parsed: `words` holds its identifiers so
     /// routing can still tell whether it mentions a known table.
     pub unparsed: Option<String>,
@@ -276,7 +281,7 @@ fn split_set(shape: &str) -> Option<(String, String)> {
     Some((name, value.trim().to_string()))
 }
 
-fn ident_name(ident: &sqlparser::ast::Ident) -> String {
+pub(crate) fn ident_name(ident: &sqlparser::ast::Ident) -> String {
     if ident.quote_style.is_some() {
         ident.value.clone()
     } else {
@@ -294,7 +299,7 @@ fn object_parts(name: &ObjectName) -> Vec<String> {
         .collect()
 }
 
-fn table_use(name: &ObjectName, alias: Option<String>) -> TableUse {
+pub(crate) fn table_use(name: &ObjectName, alias: Option<String>) -> TableUse {
     let mut parts = object_parts(name);
     let table = parts.pop().unwrap_or_default();
     let schema = parts.pop().filter(|s| s != "public");
@@ -385,6 +390,7 @@ struct Extractor {
     ctes: BTreeSet<String>,
     equalities: Vec<Equality>,
     writes: bool,
+    written: BTreeSet<TableUse>,
 }
 
 impl Extractor {
@@ -507,17 +513,50 @@ impl Visitor for Extractor {
         match statement {
             Statement::Update(update) => {
                 self.writes = true;
+                if let TableFactor::Table { name, .. } = &update.table.relation {
+                    self.written.insert(table_use(name, None));
+                }
                 if let Some(selection) = &update.selection {
                     self.predicates(selection);
                 }
             }
             Statement::Delete(delete) => {
                 self.writes = true;
+                let (FromTable::WithFromKeyword(targets) | FromTable::WithoutKeyword(targets)) =
+                    &delete.from;
+                for target in targets {
+                    if let TableFactor::Table { name, .. } = &target.relation {
+                        self.written.insert(table_use(name, None));
+                    }
+                }
+                for name in &delete.tables {
+                    self.written.insert(table_use(name, None));
+                }
                 if let Some(selection) = &delete.selection {
                     self.predicates(selection);
                 }
             }
-            Statement::Insert(_) | Statement::Copy { .. } => self.writes = true,
+            Statement::Insert(insert) => {
+                self.writes = true;
+                if let TableObject::TableName(name) = &insert.table {
+                    self.written.insert(table_use(name, None));
+                }
+            }
+            Statement::Copy {
+                source: CopySource::Table { table_name, .. },
+                to: false,
+                ..
+            } => {
+                self.writes = true;
+                self.written.insert(table_use(table_name, None));
+            }
+            Statement::Copy { .. } => self.writes = true,
+            Statement::Merge(merge) => {
+                self.writes = true;
+                if let TableFactor::Table { name, .. } = &merge.table {
+                    self.written.insert(table_use(name, None));
+                }
+            }
             Statement::Query(_) => {}
             _ => self.writes = true,
         }
@@ -601,6 +640,7 @@ fn extract(statement: &Statement) -> DataStatement {
         equalities: extractor.equalities,
         insert,
         copy,
+        written: extractor.written.into_iter().collect(),
         unparsed: None,
         words: Vec::new(),
     }
@@ -671,6 +711,28 @@ mod tests {
         assert_eq!(u.equalities[0].values, vec![KeyExpr::Param(0)]);
         let l = data("SELECT * FROM users WHERE user_id = 1 FOR UPDATE");
         assert!(!l.read_only);
+    }
+
+    #[test]
+    fn written_tables_are_the_targets() {
+        let names =
+            |sql: &str| -> Vec<String> { data(sql).written.into_iter().map(|t| t.name).collect() };
+        assert_eq!(
+            names("INSERT INTO countries (code) VALUES ('de')"),
+            ["countries"]
+        );
+        assert_eq!(
+            names("UPDATE countries c SET name = u.name FROM users u WHERE u.id = 1"),
+            ["countries"]
+        );
+        assert_eq!(names("DELETE FROM countries USING users"), ["countries"]);
+        assert_eq!(
+            names("WITH x AS (DELETE FROM countries RETURNING *) SELECT * FROM x, users"),
+            ["countries"]
+        );
+        assert_eq!(names("COPY countries FROM STDIN"), ["countries"]);
+        assert!(names("COPY countries TO STDOUT").is_empty());
+        assert!(names("SELECT * FROM countries FOR UPDATE").is_empty());
     }
 
     #[test]

@@ -18,8 +18,8 @@ use shardmap::{ClusterMap, KeyType, TableKind};
 
 use super::keys::{evaluate_keys, invalid_key};
 use super::{
-    array_param_by_server, insert_key_index, key_exprs, known_table, owner_of, Params, Resolution,
-    Route, RouteError,
+    array_param_by_server, insert_key_index, key_exprs, known_table, owner_of, reference, Params,
+    Resolution, Route, RouteError,
 };
 use crate::analyze::statement::{DataStatement, InsertRows, TableUse};
 use crate::analyze::writes::{analyze_write, Refusal, TableInfo, WriteText};
@@ -42,6 +42,10 @@ pub struct WritePlan {
     pub partitions: Vec<u32>,
     /// One per server, in the route's server order.
     pub parts: Vec<WritePart>,
+    /// A reference-table write: every part is the same statement on a copy
+    /// of the same table, so the first part's reply stands for all and the
+    /// counts must agree (see `total`); `table` is the reference table.
+    pub replicated: bool,
 }
 
 /// One server's part of a write.
@@ -129,6 +133,10 @@ impl WritePlan {
         if returned.len() != self.parts.len() {
             return None;
         }
+        if self.replicated {
+            // One copy's rows (the counts are compared by `total`).
+            return Some((0..returned[0]).map(|k| (0, k)).collect());
+        }
         if self.kind != WriteKind::Insert {
             return Some(
                 returned
@@ -150,9 +158,52 @@ impl WritePlan {
         order.into_iter().collect()
     }
 
-    /// The CommandComplete tag for the client: the servers' counts summed.
+    /// The CommandComplete tag for the client, given `total`'s count.
     pub fn command_tag(&self, rows: u64) -> String {
         self.kind.command_tag(rows)
+    }
+
+    /// The row count for the client from each part's count (`counts[j]`
+    /// for `parts[j]`): their sum, or for a replicated (reference-table)
+    /// write the count every copy reported. Copies that report different
+    /// counts have diverged (someone wrote one server directly): the
+    /// error, sent instead of the write's reply, says which servers
+    /// disagree, and the session rolls the write back.
+    pub fn total(&self, counts: &[u64]) -> Result<u64, RouteError> {
+        if !self.replicated {
+            return Ok(counts.iter().sum());
+        }
+        let Some(&first) = counts.first() else {
+            return Ok(0);
+        };
+        if counts.iter().all(|&n| n == first) {
+            return Ok(first);
+        }
+        let mut by_count: Vec<(u64, Vec<&str>)> = Vec::new();
+        for (part, &n) in self.parts.iter().zip(counts) {
+            match by_count.iter_mut().find(|(count, _)| *count == n) {
+                Some((_, servers)) => servers.push(&part.server),
+                None => by_count.push((n, vec![&part.server])),
+            }
+        }
+        let counts = by_count
+            .iter()
+            .map(|(n, servers)| format!("{}: {n}", servers.join(", ")))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Err(RouteError::new(
+            "XX001",
+            format!(
+                "the copies of reference table \"{}\" differ between servers: this {} changed a different number of rows on each ({counts}); it was rolled back",
+                self.table,
+                self.kind.command_tag(0).split(' ').next().unwrap_or("write")
+            ),
+            format!(
+                "compare the table on those servers (e.g. SELECT count(*), sum(hashtext(t::text)) FROM {} t), make every copy equal to the right one \
+                 (on each server directly, or copy the right server's rows with COPY), then retry",
+                self.table
+            ),
+        ))
     }
 }
 
@@ -238,7 +289,9 @@ pub(super) fn route_write(
     }))
 }
 
-/// What each server runs for a write routed to [`Route::Writes`]. `sql` is
+/// What each server runs for a write routed to [`Route::Writes`] (a write to
+/// a reference table: the client's statement on every server, see
+/// `route::reference`). `sql` is
 /// the statement's own text (the Query's, or the Parse's), `statement` and
 /// `literals` its analysis, `params` the Bind (none in the simple protocol).
 pub fn plan_write(
@@ -248,6 +301,9 @@ pub fn plan_write(
     literals: &[Literal],
     params: Option<&Params<'_>>,
 ) -> Result<WritePlan, RouteError> {
+    if reference::written_reference(statement, map).is_some() {
+        return reference::plan_reference_write(sql, statement, map, params);
+    }
     let text = analyze_write(sql, &MapTables(map)).map_err(refused)?;
     let bound = params.map_or(0, |p| p.bind.params.len());
     if let Some((_, n)) = text.params.iter().find(|(_, n)| *n >= bound) {
@@ -293,6 +349,7 @@ pub fn plan_write(
         rows: text.rows.len(),
         partitions,
         parts,
+        replicated: false,
     })
 }
 

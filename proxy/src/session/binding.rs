@@ -348,7 +348,14 @@ impl Session {
     /// so that a client sees one consistent catalog.
     pub(super) fn any_server(&self) -> Option<String> {
         let snapshot = self.shared.map.borrow().clone()?;
-        let first = snapshot.map.servers.keys().next().cloned();
+        // The first serving server by name: a joining one may not have its
+        // reference tables' rows yet. (The proxy has no notion of a local
+        // or preferred server: every client sees the same catalog.)
+        let first = snapshot
+            .map
+            .serving_servers()
+            .next()
+            .map(|s| s.name.clone());
         first
     }
 

@@ -1,6 +1,7 @@
 //! Routing under the live map: a statement for a partition that is blocked
-//! for a cutover waits (it does not fail), and the request's flight is
-//! released while it waits so the cutover's acknowledgement is not stalled.
+//! for a cutover waits (it does not fail), and so does a reference-table
+//! write while a server is joining; the request's flight is released while
+//! it waits so the cutover's (or the join's) acknowledgement is not stalled.
 
 use std::time::{Duration, Instant};
 
@@ -9,6 +10,16 @@ use shardmap::PartitionState;
 use crate::route::{Route, RouteError};
 
 use super::Session;
+
+/// A write to a reference table: the only `Writes` route over no
+/// partitions (a sharded write always names the partitions it writes).
+/// While a server is joining, these are held: `shardctl server add` copies
+/// the reference tables to it once every proxy acknowledged the map that
+/// says so, so no write routed to the old servers alone can commit after
+/// the copy, and the held writes then go to the new server too.
+fn is_reference_write(route: &Route) -> bool {
+    matches!(route, Route::Writes { partitions, .. } if partitions.is_empty())
+}
 
 /// The error of a proxy that cannot prove its map is current.
 pub(super) fn not_serving() -> RouteError {
@@ -95,7 +106,8 @@ impl Session {
                     versioned.map.assignments.get(*p as usize).map(|a| &a.state),
                     Some(PartitionState::Blocked { .. })
                 )
-            });
+            }) || (is_reference_write(&route)
+                && versioned.map.joining_server().is_some());
             if !blocked {
                 if let Some(started) = started {
                     self.shared
@@ -111,6 +123,18 @@ impl Session {
                 remaining.is_zero() || tokio::time::timeout(remaining, rx.changed()).await.is_err();
             self.set_waiting(false);
             if expired {
+                if let Some(joining) = versioned.map.joining_server() {
+                    if is_reference_write(&route) {
+                        return Err(RouteError::new(
+                            "55006",
+                            format!(
+                                "server {} is joining (its reference tables are being copied), and reference-table writes waited for over {max_wait:?}",
+                                joining.name
+                            ),
+                            "retry the statement once `shardctl server add` has finished",
+                        ));
+                    }
+                }
                 return Err(RouteError::new(
                     "55006",
                     format!("partition is being moved and stayed blocked for over {max_wait:?}"),

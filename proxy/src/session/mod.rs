@@ -23,6 +23,7 @@ mod binding;
 mod client;
 mod combine;
 mod copy_in;
+mod ddl;
 mod extended;
 mod extended_writes;
 mod gather;

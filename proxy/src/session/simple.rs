@@ -342,6 +342,11 @@ impl Session {
                 return self.copy_across(&statement_text(&frame), false).await;
             }
         }
+        if crate::analyze::ddl::may_be_ddl(&data.words) {
+            if let Some(done) = self.ddl_across(&statement_text(&frame), &data.words).await {
+                return done;
+            }
+        }
         let literals = &analyzed.literals;
         let scatter = self.scatter_allowed();
         let writes = self.cross_server_allowed();
@@ -373,7 +378,12 @@ impl Session {
                 )),
             };
             return match planned {
-                Ok(plan) => self.write_across(plan).await,
+                Ok(plan) => {
+                    if plan.replicated {
+                        Metrics::add(&self.shared.metrics.reference_writes, 1);
+                    }
+                    self.write_across(plan).await
+                }
                 Err(e) => self.refuse(&e).await,
             };
         }

@@ -270,7 +270,14 @@ impl Session {
                 }
             }
         }
-        let total: u64 = replies.iter().map(|(_, _, count)| count).sum();
+        let counts: Vec<u64> = replies.iter().map(|(_, _, count)| *count).collect();
+        let total = match plan.total(&counts) {
+            Ok(total) => total,
+            Err(diverged) => {
+                self.route_error(&diverged);
+                return self.abandon_write(implicit).await;
+            }
+        };
         messages::command_complete(&plan.command_tag(total), &mut reply.complete);
         if !implicit {
             return Some(reply);
