@@ -182,9 +182,29 @@ with psycopg.connect("{conninfo}", autocommit=True) as conn:
         "300",
         "a read in the transaction sees its COPY"
     );
-    check_placement(&cluster, &map, "events", "user_id", "psycopg", &(1..=2000).collect::<Vec<_>>()).await;
-    check_placement(&cluster, &map, "events", "user_id", "psycopg rolled back", &[]).await;
-    check_placement(&cluster, &map, "events", "user_id",
+    check_placement(
+        &cluster,
+        &map,
+        "events",
+        "user_id",
+        "psycopg",
+        &(1..=2000).collect::<Vec<_>>(),
+    )
+    .await;
+    check_placement(
+        &cluster,
+        &map,
+        "events",
+        "user_id",
+        "psycopg rolled back",
+        &[],
+    )
+    .await;
+    check_placement(
+        &cluster,
+        &map,
+        "events",
+        "user_id",
         "psycopg in tx",
         &(1..=300).collect::<Vec<_>>(),
     )
@@ -211,7 +231,15 @@ asyncio.run(main())
         String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "COPY 3000");
-    check_placement(&cluster, &map, "events", "user_id", "asyncpg", &(1..=3000).collect::<Vec<_>>()).await;
+    check_placement(
+        &cluster,
+        &map,
+        "events",
+        "user_id",
+        "asyncpg",
+        &(1..=3000).collect::<Vec<_>>(),
+    )
+    .await;
 
     let mut prepared = 0i64;
     for index in 0..3 {

@@ -318,7 +318,10 @@ async fn driver_sequences_route_each_bind_by_its_own_statement() {
     // Statements of two servers in one implicit transaction (a pipeline):
     // each runs on its server, committed together (two-phase commit).
     let ((a, owner_a), (b, owner_b)) = (&users[0], &users[1]);
-    assert_ne!(owner_a, owner_b, "the first two users live on different servers");
+    assert_ne!(
+        owner_a, owner_b,
+        "the first two users live on different servers"
+    );
     c.parse("", insert)
         .bind("", &[&a.to_string(), "9"])
         .execute();

@@ -13,7 +13,7 @@ use shardline_tests::fixtures::{
     check_placement, create_table, init_schema, key_per_server, prepared_left,
 };
 use shardline_tests::{TestCluster, TestProxy};
-use shardmap::{ClusterMap, Group, KeyType};
+use shardmap::{ClusterMap, Group, KeyType, Table};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 
@@ -77,7 +77,9 @@ async fn extended_writes_across_servers() {
 
     // The same statement prepared once, executed twice (named statement).
     let statement = client
-        .prepare("INSERT INTO accounts (user_id, note, balance) VALUES ($1, 'prep', 1), ($2, 'prep', 2)")
+        .prepare(
+            "INSERT INTO accounts (user_id, note, balance) VALUES ($1, 'prep', 1), ($2, 'prep', 2)",
+        )
         .await
         .expect("prepare");
     let inserted = client
@@ -100,14 +102,24 @@ async fn extended_writes_across_servers() {
         .expect("UPDATE without a key");
     assert_eq!(updated, 3, "UPDATE count over all servers");
     assert_eq!(
-        count_everywhere(&cluster, "SELECT count(*) FROM accounts WHERE note = 'ext' AND balance > 10").await.iter().sum::<i64>(),
+        count_everywhere(
+            &cluster,
+            "SELECT count(*) FROM accounts WHERE note = 'ext' AND balance > 10"
+        )
+        .await
+        .iter()
+        .sum::<i64>(),
         3,
         "every server's rows were updated"
     );
     let deleted = client
         .execute(
             "DELETE FROM accounts WHERE user_id = ANY($1) AND note = 'prep'",
-            &[&vec![keys[0] + 100_000, keys[2] + 100_000, keys[0] + 200_000]],
+            &[&vec![
+                keys[0] + 100_000,
+                keys[2] + 100_000,
+                keys[0] + 200_000,
+            ]],
         )
         .await
         .expect("DELETE of keys on several servers");
@@ -240,8 +252,12 @@ async fn copy_in_started_by_execute_is_split_by_owner() {
         .await
         .expect("COPY in a transaction");
     pin_mut!(sink);
-    let data: String = (200_001..=200_300).map(|k| format!("{k},csv,1\n")).collect();
-    sink.send(bytes::Bytes::from(data)).await.expect("send rows");
+    let data: String = (200_001..=200_300)
+        .map(|k| format!("{k},csv,1\n"))
+        .collect();
+    sink.send(bytes::Bytes::from(data))
+        .await
+        .expect("send rows");
     assert_eq!(sink.finish().await.expect("COPY in a transaction"), 300);
     client.batch_execute("ROLLBACK").await.expect("ROLLBACK");
     check_placement(&cluster, &map, "accounts", "user_id", "csv", &[]).await;
@@ -286,10 +302,7 @@ async fn hundred_thousand_rows_by_multi_row_insert() {
 
     // The simple protocol proper (batch_execute: a Query message).
     for chunk in keys.chunks(25_000) {
-        let values: Vec<String> = chunk
-            .iter()
-            .map(|k| format!("({k}, 'query', 1)"))
-            .collect();
+        let values: Vec<String> = chunk.iter().map(|k| format!("({k}, 'query', 1)")).collect();
         client
             .batch_execute(&format!(
                 "INSERT INTO accounts (user_id, note, balance) VALUES {}",
@@ -331,5 +344,100 @@ async fn hundred_thousand_rows_by_multi_row_insert() {
         assert_eq!(inserted, 1000);
     }
     check_placement(&cluster, &map, "accounts", "user_id", "bound", &keys).await;
+    assert_eq!(prepared_left(&cluster).await, 0, "nothing left prepared");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_writes_and_ddl_in_the_extended_protocol() {
+    let cluster = TestCluster::start(3);
+    let (_store, map) = init_schema(&cluster, CLUSTER, 16, |map| {
+        map.declare(Group::hash("users", KeyType::Bigint).table("accounts", "user_id"));
+        map.declare_table(Table::reference("countries"));
+        // Recorded as `shardctl table create` records them.
+        map.columns.insert(
+            "accounts".into(),
+            "user_id bigint PRIMARY KEY, note text, balance int".into(),
+        );
+    })
+    .await;
+    create_table(
+        &cluster,
+        &map,
+        "accounts",
+        "user_id bigint PRIMARY KEY, note text, balance int",
+    )
+    .await;
+    create_table(
+        &cluster,
+        &map,
+        "countries",
+        "code text PRIMARY KEY, name text",
+    )
+    .await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
+    let client = proxy.connect().await;
+
+    // A reference write with parameters reaches every server; the client
+    // gets one server's count and RETURNING rows.
+    let rows = client
+        .query(
+            "INSERT INTO countries (code, name) VALUES ($1, $2), ($3, $4) RETURNING code",
+            &[&"fr", &"France", &"de", &"Germany"],
+        )
+        .await
+        .expect("reference INSERT with parameters");
+    let codes: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(codes, vec!["fr".to_string(), "de".to_string()]);
+    let updated = client
+        .execute(
+            "UPDATE countries SET name = upper(name) WHERE code = $1",
+            &[&"fr"],
+        )
+        .await
+        .expect("reference UPDATE");
+    assert_eq!(updated, 1, "one server's count, not the sum");
+    assert_eq!(
+        count_everywhere(
+            &cluster,
+            "SELECT count(*) FROM countries WHERE name IN ('FRANCE', 'Germany')"
+        )
+        .await,
+        vec![2, 2, 2],
+        "the same rows on every server"
+    );
+
+    // DDL sent through the extended protocol (as pgjdbc and tokio-postgres
+    // send it) runs on every server; the map's column list follows.
+    client
+        .execute("CREATE INDEX accounts_note ON accounts (note)", &[])
+        .await
+        .expect("CREATE INDEX through the extended protocol");
+    assert_eq!(
+        count_everywhere(
+            &cluster,
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 'accounts_note'"
+        )
+        .await,
+        vec![1, 1, 1],
+        "the index on every server's parent"
+    );
+    client
+        .execute("ALTER TABLE accounts ADD COLUMN region text", &[])
+        .await
+        .expect("ADD COLUMN through the extended protocol");
+    let keys = key_per_server(&cluster, &map, "accounts");
+    for key in &keys {
+        client
+            .execute("INSERT INTO accounts VALUES ($1, 'ddl', 1, 'eu')", &[key])
+            .await
+            .expect("INSERT without a column list after ADD COLUMN");
+    }
+    check_placement(&cluster, &map, "accounts", "user_id", "ddl", &keys).await;
+    // DDL that breaks sharding is refused, in this protocol too.
+    let error = client
+        .execute("ALTER TABLE accounts DROP COLUMN user_id", &[])
+        .await
+        .expect_err("dropping the key column");
+    assert_eq!(error.code().map(|c| c.code()), Some("0A000"), "{error}");
     assert_eq!(prepared_left(&cluster).await, 0, "nothing left prepared");
 }

@@ -290,10 +290,7 @@ impl Session {
             };
         }
         let result = match target(&copy, map) {
-            Ok(target) => {
-                self.copy_rows(sql, &copy, &target, map, &mut copying)
-                    .await
-            }
+            Ok(target) => self.copy_rows(sql, &copy, &target, map, &mut copying).await,
             Err(stop) => Err(stop),
         };
         match result {

@@ -51,6 +51,19 @@ impl Session {
         sql: &str,
         words: &[String],
     ) -> Option<Result<(), SessionError>> {
+        Some(match self.plan_ddl_across(sql, words).await? {
+            Ok(plan) => self.run_ddl(sql, plan).await,
+            Err(e) => self.refuse(&e).await,
+        })
+    }
+
+    /// The plan of `sql` if it is DDL of sharded or reference tables (or
+    /// why it cannot run); `None` when it is not such DDL.
+    pub(super) async fn plan_ddl_across(
+        &mut self,
+        sql: &str,
+        words: &[String],
+    ) -> Option<Result<DdlPlan, RouteError>> {
         let ddl = crate::analyze::ddl::analyze_ddl(sql, words)?;
         let mut planned: Option<DdlPlan> = None;
         let routed = self
@@ -60,13 +73,12 @@ impl Session {
             })
             .await;
         if let Err(e) = routed {
-            return Some(self.refuse(&e).await);
+            return Some(Err(e));
         }
-        let plan = planned?;
-        Some(self.run_ddl(sql, plan).await)
+        planned.map(Ok)
     }
 
-    async fn run_ddl(&mut self, sql: &str, plan: DdlPlan) -> Result<(), SessionError> {
+    pub(super) async fn run_ddl(&mut self, sql: &str, plan: DdlPlan) -> Result<(), SessionError> {
         Metrics::add(&self.shared.metrics.ddl_across_servers, 1);
         if !plan.transactional {
             return self.ddl_server_by_server(sql, &plan).await;

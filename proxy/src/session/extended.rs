@@ -197,6 +197,9 @@ impl Session {
         if let Some(copy) = self.copy_across_bound(&items) {
             return self.copy_extended(&items, &copy, synced).await;
         }
+        if let Some(done) = self.ddl_extended(&items, synced).await {
+            return done;
+        }
 
         let decided = self.decide_binds(&items).await;
         let BindPlan {

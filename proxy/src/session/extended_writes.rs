@@ -1,7 +1,8 @@
 //! Writes across servers sent in the extended protocol: a multi-row INSERT,
-//! an UPDATE or DELETE without one key (Parse/Bind/Describe/Execute), and
-//! `COPY ... FROM STDIN` into a sharded table started by an Execute
-//! (tokio-postgres `copy_in`). The servers run them as in the simple
+//! an UPDATE or DELETE without one key, a write of a reference table
+//! (Parse/Bind/Describe/Execute), `COPY ... FROM STDIN` into a sharded
+//! table started by an Execute (tokio-postgres `copy_in`), and DDL of
+//! sharded or reference tables. The servers run them as in the simple
 //! protocol (`writes`, `copy_in`); this module fits them into the client's
 //! request: every message gets the reply Postgres would send, in order.
 //!
@@ -22,10 +23,10 @@ use crate::wire::rows;
 
 use super::client::SessionError;
 use super::extended::{Item, PortalUse, Portals};
+use super::scatter::execute_row_limit;
 use super::statements::Prepared;
 use super::tx::{is_tx_control, Tx};
 use super::writes::{PartProtocol, WriteReply};
-use super::scatter::execute_row_limit;
 use super::Session;
 
 /// The write's own messages in its request.
@@ -36,10 +37,7 @@ struct WriteItems<'a> {
 
 /// The one Bind a request runs on a server, and the refusal if the request
 /// is not one the proxy can split (see the module doc).
-fn the_write<'a>(
-    items: &'a [Item],
-    portals: &Portals,
-) -> Result<WriteItems<'a>, &'static str> {
+fn the_write<'a>(items: &'a [Item], portals: &Portals) -> Result<WriteItems<'a>, &'static str> {
     let mut cursor = portals.cursor();
     let mut write = None;
     let mut executes = 0;
@@ -162,7 +160,11 @@ impl Session {
                         messages::empty(b'n', &mut self.client.out);
                         continue;
                     }
-                    if reply.is_none() && !self.run_extended_write(&write, &plan, describe, &mut reply).await {
+                    if reply.is_none()
+                        && !self
+                            .run_extended_write(&write, &plan, describe, &mut reply)
+                            .await
+                    {
                         failed = true;
                         break;
                     }
@@ -172,7 +174,11 @@ impl Session {
                     }
                 }
                 Item::Describe(..) if writes => {
-                    if reply.is_none() && !self.run_extended_write(&write, &plan, describe, &mut reply).await {
+                    if reply.is_none()
+                        && !self
+                            .run_extended_write(&write, &plan, describe, &mut reply)
+                            .await
+                    {
                         failed = true;
                         break;
                     }
@@ -183,7 +189,11 @@ impl Session {
                 }
                 Item::Describe(..) => messages::empty(b'n', &mut self.client.out),
                 Item::Execute(..) if writes => {
-                    if reply.is_none() && !self.run_extended_write(&write, &plan, describe, &mut reply).await {
+                    if reply.is_none()
+                        && !self
+                            .run_extended_write(&write, &plan, describe, &mut reply)
+                            .await
+                    {
                         failed = true;
                         break;
                     }
@@ -259,7 +269,10 @@ impl Session {
         synced: bool,
     ) -> Result<(), SessionError> {
         let binds = items.iter().filter(|i| matches!(i, Item::Bind(..))).count();
-        let executes = items.iter().filter(|i| matches!(i, Item::Execute(..))).count();
+        let executes = items
+            .iter()
+            .filter(|i| matches!(i, Item::Execute(..)))
+            .count();
         if binds != 1 || executes != 1 {
             let error = RouteError::new(
                 "0A000",
@@ -295,5 +308,58 @@ impl Session {
             }
         }
         Ok(())
+    }
+}
+
+impl Session {
+    /// Runs a synced request that binds one statement, DDL of sharded or
+    /// reference tables (pgjdbc and tokio-postgres send DDL this way: Parse,
+    /// Bind, Describe, Execute, Sync), on every server as the simple
+    /// protocol does (see `ddl`). `None` when the request is not that.
+    pub(super) async fn ddl_extended(
+        &mut self,
+        items: &[Item],
+        synced: bool,
+    ) -> Option<Result<(), SessionError>> {
+        let mut binds = items.iter().filter_map(|item| match item {
+            Item::Bind(_, _, statement) => Some(statement.as_ref()),
+            _ => None,
+        });
+        let (Some(Some(statement)), None) = (binds.next(), binds.next()) else {
+            return None;
+        };
+        let Some(Command::Data(data)) = statement.command() else {
+            return None;
+        };
+        let ends_with_execute = matches!(items, [.., Item::Execute(..), Item::Sync(_)]);
+        if !synced
+            || !ends_with_execute
+            || self.tx == Tx::Aborted
+            || !crate::analyze::ddl::may_be_ddl(&data.words)
+        {
+            return None;
+        }
+        let sql = statement.query.trim().trim_end_matches(';').to_string();
+        let planned = self.plan_ddl_across(&sql, &data.words).await?;
+        // Everything before the Execute succeeds, as in Postgres; the
+        // Execute's reply and ReadyForQuery come from the DDL's run.
+        for item in items {
+            match item {
+                Item::Parse(..) => messages::empty(b'1', &mut self.client.out),
+                Item::Bind(..) => messages::empty(b'2', &mut self.client.out),
+                Item::Close(..) => messages::empty(b'3', &mut self.client.out),
+                Item::Describe(_, target, _) => {
+                    if target.kind == b'S' {
+                        rows::no_parameters(&mut self.client.out);
+                    }
+                    messages::empty(b'n', &mut self.client.out);
+                }
+                Item::Execute(..) | Item::Sync(_) | Item::Flush(_) => {}
+            }
+        }
+        Some(match planned {
+            Ok(plan) => self.run_ddl(&sql, plan).await,
+            Err(error) => self.refuse_extended(&error, synced).await,
+        })
     }
 }

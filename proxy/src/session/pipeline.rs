@@ -78,7 +78,13 @@ impl Session {
                 // Transaction control the proxy answers (pgjdbc's BEGIN).
                 self.enter_answered_state(decided.tx_after, &decided.portals);
                 let mut plan = Plan::default();
-                self.build_extended(&piece, &decided.portals, &mut plan, None, &Request::default());
+                self.build_extended(
+                    &piece,
+                    &decided.portals,
+                    &mut plan,
+                    None,
+                    &Request::default(),
+                );
                 emit_leading_synthetic(&mut plan.expects, &mut self.client.out);
                 continue;
             }
@@ -86,7 +92,11 @@ impl Session {
                 || matches!(decided.route, Route::Scatter { .. } | Route::Writes { .. })
             {
                 // A statement of the pipeline that itself spans servers.
-                let servers = decided.route.server().unwrap_or("several servers").to_string();
+                let servers = decided
+                    .route
+                    .server()
+                    .unwrap_or("several servers")
+                    .to_string();
                 self.route_error(&cross_server(&servers, "others"));
                 failed = true;
                 break;

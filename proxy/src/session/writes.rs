@@ -19,9 +19,9 @@ use crate::wire::messages::{self, Bind};
 use crate::wire::rows;
 
 use super::client::SessionError;
+use super::legs::{query_replies, send_replies, Ended, Failure};
 use super::scatter::param_types;
 use super::statements::Prepared;
-use super::legs::{query_replies, send_replies, Ended, Failure};
 use super::tx::Tx;
 use super::Session;
 
@@ -199,7 +199,15 @@ impl Session {
                 );
                 return self.abandon_write(implicit).await;
             };
-            if let (None, PartProtocol::Extended { bind, statement, describe }) = (&types, protocol) {
+            if let (
+                None,
+                PartProtocol::Extended {
+                    bind,
+                    statement,
+                    describe,
+                },
+            ) = (&types, protocol)
+            {
                 let open = (0..bind.params.len())
                     .any(|i| statement.param_types.get(i).is_none_or(|t| *t == 0));
                 if !open && !describe {
