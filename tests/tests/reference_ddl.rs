@@ -290,6 +290,18 @@ async fn reference_writes_reach_every_server_and_a_new_server_gets_the_rows() {
         .await
         .expect("SET");
 
+    // Indexes made through the proxy (a unique one on the sharded table's
+    // parent, one on the reference table) must reach a server added later.
+    for index in [
+        "CREATE UNIQUE INDEX accounts_unique_note ON accounts (user_id, note)",
+        "CREATE INDEX countries_name ON countries (name)",
+    ] {
+        client
+            .batch_execute(index)
+            .await
+            .expect("CREATE INDEX through the proxy");
+    }
+
     // A fourth server joins while a writer keeps inserting reference rows:
     // it ends with every row the others have, and no write is lost.
     let stop = Arc::new(AtomicBool::new(false));
@@ -361,6 +373,17 @@ async fn reference_writes_reach_every_server_and_a_new_server_gets_the_rows() {
         &on_first.iter().map(String::as_str).collect::<Vec<_>>(),
     )
     .await;
+    let indexes: i64 = cluster
+        .connect(3)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_indexes WHERE indexname IN ('accounts_unique_note', 'countries_name')",
+            &[],
+        )
+        .await
+        .expect("indexes on the fourth server")
+        .get(0);
+    assert_eq!(indexes, 2, "the indexes made through the proxy are on the new server");
     let saved = cluster.store(NAME).await.load().await.expect("map").map;
     assert_eq!(
         saved.servers[&fourth.name].state,

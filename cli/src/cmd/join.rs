@@ -105,6 +105,21 @@ async fn join_steps(context: &Context, map: &ClusterMap, name: &str) -> Result<J
             tables_created += 1;
         }
     }
+    // 2b. Indexes made after the tables (CREATE INDEX through the proxy
+    // reaches the servers but not the map's column list): copied from a
+    // serving server's parents, so the leaves the new server gets later
+    // inherit them — a unique index missing there would let duplicates in.
+    let indexes_from = map.serving_servers().find(|s| s.name != name);
+    if let Some(source) = indexes_from {
+        let source_pg = Pg::connect(source, credentials, "shardctl").await?;
+        for table in map.tables.keys() {
+            if exists(&target, table).await? {
+                copy_indexes(&source_pg, &target, table).await.with_context(|| {
+                    format!("copying the indexes of {table} from server {}", source.name)
+                })?;
+            }
+        }
+    }
     // 3. Every proxy routes with the map that says "joining".
     wait_for_acknowledgements(context, map.version).await?;
     // 4. Copy the reference tables under a share lock on the source.
@@ -196,6 +211,34 @@ async fn join_steps(context: &Context, map: &ClusterMap, name: &str) -> Result<J
         map: saved.map,
         revision: saved.revision,
     })
+}
+
+/// The indexes of `table` on `source` that `target` lacks (by name), made
+/// there. A partitioned parent's index is defined `ON ONLY` the parent; on
+/// the target it is made on the whole table, so that its leaves get it.
+async fn copy_indexes(source: &Pg, target: &Pg, table: &str) -> Result<()> {
+    const INDEXES: &str = "SELECT indexname, indexdef FROM pg_indexes \
+         WHERE schemaname = current_schema() AND tablename = $1";
+    let have: Vec<String> = target
+        .client
+        .query(INDEXES, &[&table])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    for row in source.client.query(INDEXES, &[&table]).await? {
+        let (index, definition): (String, String) = (row.get(0), row.get(1));
+        if have.contains(&index) {
+            continue;
+        }
+        let definition = definition.replacen(" ON ONLY ", " ON ", 1);
+        target
+            .client
+            .batch_execute(&definition)
+            .await
+            .with_context(|| format!("creating index {index}"))?;
+    }
+    Ok(())
 }
 
 async fn exists(pg: &Pg, table: &str) -> Result<bool> {
