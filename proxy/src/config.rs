@@ -45,6 +45,11 @@ pub struct ProxyConfig {
     /// Where to serve Prometheus metrics (`GET /metrics`); off when unset.
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// The region this proxy runs in (a server's `region` in the map).
+    /// Statements any server can answer — reference-table reads, catalog
+    /// queries — go to a serving server of this region when there is one.
+    #[serde(default)]
+    pub region: Option<String>,
 }
 
 /// Reads across partitions on several servers (scatter-gather).
@@ -309,6 +314,7 @@ impl Default for ProxyConfig {
             transactions: TransactionSettings::default(),
             tls: TlsSettings::default(),
             metrics_listen: None,
+            region: None,
         }
     }
 }

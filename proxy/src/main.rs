@@ -50,6 +50,10 @@ struct Args {
     /// Serve Prometheus metrics here, e.g. 127.0.0.1:9930 (overrides the config).
     #[arg(long, env = "SHARDLINE_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+    /// This proxy's region: statements any server can answer (reference
+    /// reads) go to a server of this region when there is one.
+    #[arg(long, env = "SHARDLINE_REGION")]
+    region: Option<String>,
     /// Name this proxy registers under in etcd (default: host:port of --listen).
     #[arg(long, env = "SHARDLINE_PROXY_ID")]
     id: Option<String>,
@@ -98,6 +102,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .map_err(|_| {
                 anyhow::anyhow!("unknown auth method {method:?}: use scram-sha-256, md5 or trust")
             })?;
+    }
+    if let Some(region) = args.region {
+        config.region = Some(region);
     }
     if let Some(metrics) = args.metrics_listen {
         config.metrics_listen = Some(metrics);

@@ -353,6 +353,10 @@ async fn reference_writes_and_ddl_in_the_extended_protocol() {
     let (_store, map) = init_schema(&cluster, CLUSTER, 16, |map| {
         map.declare(Group::hash("users", KeyType::Bigint).table("accounts", "user_id"));
         map.declare_table(Table::reference("countries"));
+        // The last server by name is in this proxy's region.
+        if let Some(server) = map.servers.values_mut().last() {
+            server.region = Some("eu".into());
+        }
         // Recorded as `shardctl table create` records them.
         map.columns.insert(
             "accounts".into(),
@@ -374,8 +378,40 @@ async fn reference_writes_and_ddl_in_the_extended_protocol() {
         "code text PRIMARY KEY, name text",
     )
     .await;
-    let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |config| {
+        config.region = Some("eu".into());
+    })
+    .await;
     let client = proxy.connect().await;
+
+    // Reference reads go to a server of the proxy's region: a row put on
+    // that server only (behind the proxy's back) is what the proxy reads.
+    let local = map
+        .servers
+        .values()
+        .find(|s| s.region.as_deref() == Some("eu"))
+        .map(|s| cluster.server_index(&s.name))
+        .expect("a server in region eu");
+    cluster
+        .connect(local)
+        .await
+        .batch_execute("INSERT INTO countries VALUES ('zz', 'local only')")
+        .await
+        .expect("a row on the local server");
+    for _ in 0..3 {
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM countries WHERE code = $1", &[&"zz"])
+            .await
+            .expect("reference read")
+            .get(0);
+        assert_eq!(n, 1, "the reference read went to the proxy's region");
+    }
+    cluster
+        .connect(local)
+        .await
+        .batch_execute("DELETE FROM countries WHERE code = 'zz'")
+        .await
+        .expect("remove the local-only row");
 
     // A reference write with parameters reaches every server; the client
     // gets one server's count and RETURNING rows.

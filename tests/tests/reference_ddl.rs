@@ -383,7 +383,10 @@ async fn reference_writes_reach_every_server_and_a_new_server_gets_the_rows() {
         .await
         .expect("indexes on the fourth server")
         .get(0);
-    assert_eq!(indexes, 2, "the indexes made through the proxy are on the new server");
+    assert_eq!(
+        indexes, 2,
+        "the indexes made through the proxy are on the new server"
+    );
     let saved = cluster.store(NAME).await.load().await.expect("map").map;
     assert_eq!(
         saved.servers[&fourth.name].state,

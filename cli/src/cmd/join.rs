@@ -114,9 +114,11 @@ async fn join_steps(context: &Context, map: &ClusterMap, name: &str) -> Result<J
         let source_pg = Pg::connect(source, credentials, "shardctl").await?;
         for table in map.tables.keys() {
             if exists(&target, table).await? {
-                copy_indexes(&source_pg, &target, table).await.with_context(|| {
-                    format!("copying the indexes of {table} from server {}", source.name)
-                })?;
+                copy_indexes(&source_pg, &target, table)
+                    .await
+                    .with_context(|| {
+                        format!("copying the indexes of {table} from server {}", source.name)
+                    })?;
             }
         }
     }

@@ -348,15 +348,16 @@ impl Session {
     /// so that a client sees one consistent catalog.
     pub(super) fn any_server(&self) -> Option<String> {
         let snapshot = self.shared.map.borrow().clone()?;
-        // The first serving server by name: a joining one may not have its
-        // reference tables' rows yet. (The proxy has no notion of a local
-        // or preferred server: every client sees the same catalog.)
-        let first = snapshot
-            .map
-            .serving_servers()
-            .next()
-            .map(|s| s.name.clone());
-        first
+        // A serving server (a joining one may not have its reference
+        // tables' rows yet): the first of the proxy's region by name, else
+        // the first by name.
+        let region = self.shared.config.region.as_deref();
+        let mut serving = snapshot.map.serving_servers();
+        let first = serving.next()?;
+        let local = std::iter::once(first)
+            .chain(serving)
+            .find(|s| region.is_some() && s.region.as_deref() == region);
+        Some(local.unwrap_or(first).name.clone())
     }
 
     pub(super) fn set_cancel_target(&self, target: Option<CancelTarget>) {
