@@ -117,7 +117,9 @@ fn dev_cluster_and_map_commands_end_to_end() {
     let partition = lookup["partition"].as_u64().expect("partition");
     assert_eq!(lookup["server"], if partition < 8 { "pg1" } else { "pg2" });
 
-    ok(
+    // A server that cannot be reached cannot join (its tables and the
+    // reference rows must be copied first): refused, and out of the map again.
+    let unreachable = fails(
         &dir,
         &[
             "server",
@@ -127,6 +129,19 @@ fn dev_cluster_and_map_commands_end_to_end() {
             "--region",
             "eu",
         ],
+    );
+    assert!(
+        unreachable.contains("cannot connect to server pg9")
+            && unreachable.contains("taken out of the map again"),
+        "{unreachable}"
+    );
+    let servers: serde_json::Value =
+        serde_json::from_str(&ok(&dir, &["server", "list", "--json"])).expect("JSON");
+    assert!(
+        servers
+            .as_array()
+            .is_some_and(|a| a.iter().all(|s| s["name"] != "pg9")),
+        "{servers}"
     );
     ok(&dir, &["server", "drain", "pg1"]);
     let servers: serde_json::Value =
@@ -164,6 +179,7 @@ fn dev_cluster_and_map_commands_end_to_end() {
             "table add",
             "table add",
             "server add",
+            "server add failed",
             "server drain"
         ]
     );
