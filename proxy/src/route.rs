@@ -13,9 +13,11 @@ use crate::analyze::Literal;
 use crate::wire::messages::Bind;
 
 pub mod ddl;
+pub mod hint;
 pub(crate) mod keys;
 mod reference;
 pub mod writes;
+use hint::Hint;
 use keys::evaluate_keys;
 
 /// Where a statement runs.
@@ -220,6 +222,29 @@ pub fn route_data(
     scatter: bool,
     writes: bool,
 ) -> Result<Resolution, RouteError> {
+    route_hinted(
+        statement,
+        map,
+        literals,
+        params,
+        scatter,
+        writes,
+        &Hint::default(),
+    )
+}
+
+/// `route_data` with a routing hint (see `hint`): a sharded table whose
+/// key the statement does not fix routes to the hinted key's partition,
+/// and a statement without sharded tables to the hinted group's.
+pub fn route_hinted(
+    statement: &DataStatement,
+    map: &ClusterMap,
+    literals: &[Literal],
+    params: Option<&Params<'_>>,
+    scatter: bool,
+    writes: bool,
+    hint: &Hint,
+) -> Result<Resolution, RouteError> {
     if let Some(table) = reference::written_reference(statement, map) {
         return if writes {
             reference::route_reference_write(statement, map, table)
@@ -241,14 +266,14 @@ pub fn route_data(
             return Err(RouteError::new(
                 "0A000",
                 format!(
-                    "this schema statement names \"{}\", a sharded or reference table, and must run on every server; shardline does that only for CREATE/DROP/ALTER INDEX, ALTER TABLE, TRUNCATE, COMMENT, GRANT/REVOKE and CREATE/DROP TRIGGER sent as a simple query of their own",
+                    "this schema statement names \"{}\", a sharded or reference table, and must run on every server; shardline does that only for CREATE/DROP/ALTER INDEX, ALTER TABLE, TRUNCATE, COMMENT, GRANT/REVOKE and CREATE/DROP TRIGGER sent as a statement of their own",
                     table.name
                 ),
-                "send it on its own in the simple protocol (psql does), or run it on each server directly",
+                "send it on its own (one simple Query, or one statement bound in its extended-protocol request), or run it on each server directly",
             ));
         }
     }
-    match route_one(statement, map, literals, params, scatter) {
+    match route_one(statement, map, literals, params, scatter, hint) {
         Err(_) if writes && writes::applies(statement, map) => {
             writes::route_write(statement, map, literals, params)
         }
@@ -262,6 +287,7 @@ fn route_one(
     literals: &[Literal],
     params: Option<&Params<'_>>,
     scatter: bool,
+    hint: &Hint,
 ) -> Result<Resolution, RouteError> {
     let scatter = scatter && statement.read_only;
     if let Some(why) = &statement.unparsed {
@@ -273,8 +299,9 @@ fn route_one(
             .collect();
         if mentioned.is_empty() {
             // Touches no table shardline manages (utility statements, or SQL
-            // Postgres will reject itself): any server answers the same.
-            return Ok(Resolution::Route(Route::Any));
+            // Postgres will reject itself): any server answers the same,
+            // unless a hint names the partition (a procedure call).
+            return Ok(Resolution::Route(hinted_group(map, hint)?));
         }
         return Err(RouteError::new(
             "0A000",
@@ -291,7 +318,8 @@ fn route_one(
         if table.is_catalog() {
             continue;
         }
-        let table_route = match route_table(statement, table, map, literals, params, scatter)? {
+        let table_route = match route_table(statement, table, map, literals, params, scatter, hint)?
+        {
             Some(r) => r,
             None => {
                 needs_params = true;
@@ -333,7 +361,22 @@ fn route_one(
     if needs_params {
         return Ok(Resolution::NeedsParams);
     }
+    if route == Route::Any {
+        return Ok(Resolution::Route(hinted_group(map, hint)?));
+    }
     Ok(Resolution::Route(route))
+}
+
+/// Where a statement that touches no sharded table runs: the hinted
+/// group's partition of the hinted key, or any server.
+fn hinted_group(map: &ClusterMap, hint: &Hint) -> Result<Route, RouteError> {
+    Ok(match hint.group_partition(map)? {
+        Some(partition) => Route::Partitions {
+            server: owner_of(map, partition)?.to_string(),
+            partitions: vec![partition],
+        },
+        None => Route::Any,
+    })
 }
 
 /// The route for one table, or `None` when a Bind parameter is needed.
@@ -344,6 +387,7 @@ fn route_table(
     literals: &[Literal],
     params: Option<&Params<'_>>,
     scatter: bool,
+    hint: &Hint,
 ) -> Result<Option<Route>, RouteError> {
     let def = known_table(map, table)?;
     match &def.kind {
@@ -364,6 +408,13 @@ fn route_table(
                     .map_or(KeyType::Bigint, |g| g.key_type)
             };
             let exprs = key_exprs(statement, table, key_column, map)?;
+            let hinted = hint.partition(map, group)?;
+            if let (Some(partition), true) = (hinted, exprs.is_empty()) {
+                return Ok(Some(Route::Partitions {
+                    server: owner_of(map, partition)?.to_string(),
+                    partitions: vec![partition],
+                }));
+            }
             if exprs.is_empty() && scatter {
                 let partitions: Vec<u32> = (0..map.assignments.len() as u32).collect();
                 let owners = map.assignments.iter().map(|a| a.owner.clone()).collect();
@@ -405,6 +456,9 @@ fn route_table(
                 return Ok(Some(Route::Any));
             }
             partitions.sort_unstable();
+            if let Some(partition) = hinted.filter(|p| partitions != [*p]) {
+                return Err(hint::conflict(&table.name, partition, &partitions));
+            }
             if scatter {
                 let mut owners = Vec::with_capacity(partitions.len());
                 for p in &partitions {

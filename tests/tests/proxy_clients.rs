@@ -627,7 +627,9 @@ async fn prometheus_metrics_count_requests_errors_and_pools() {
 async fn idle_backends_close_after_their_idle_timeout_under_steady_load() {
     let cluster = TestCluster::start(1);
     let _ = setup(&cluster).await;
-    let proxy = TestProxy::start(&cluster, CLUSTER, |config| config.pool.idle_timeout_s = 1).await;
+    // 3 s: long enough that a loaded machine cannot close a connection
+    // between the COMMITs and the first count below.
+    let proxy = TestProxy::start(&cluster, CLUSTER, |config| config.pool.idle_timeout_s = 3).await;
     // Three transactions at once open three server connections.
     let clients = [
         proxy.connect().await,
@@ -653,7 +655,7 @@ async fn idle_backends_close_after_their_idle_timeout_under_steady_load() {
     assert_eq!(pool.idle_count(), 3);
     // Steady load reuses the newest connection; the two others idle on.
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(3) {
+    while started.elapsed() < Duration::from_secs(6) {
         clients[0].batch_execute("SELECT 1").await.expect("select");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

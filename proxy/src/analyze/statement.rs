@@ -218,8 +218,17 @@ fn classify_by_words(shape: &str, words: &[String]) -> Option<Command> {
         "reset" => match word(words, 1) {
             "all" => Command::Reset { name: None },
             "" => return None,
-            name => Command::Reset {
-                name: Some(name.to_string()),
+            // The whole name (`shardline.key`: the words split at dots).
+            _ => Command::Reset {
+                name: Some(
+                    strip_prefix_ci(shape.trim_start(), "reset")
+                        .unwrap_or_default()
+                        .trim()
+                        .trim_end_matches(';')
+                        .trim()
+                        .trim_matches('"')
+                        .to_lowercase(),
+                ),
             },
         },
         "show" => Command::Show {

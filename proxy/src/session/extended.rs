@@ -10,7 +10,7 @@ use bytes::BytesMut;
 
 use crate::analyze::Command;
 use crate::metrics::Metrics;
-use crate::route::{route_data, Params, Resolution, Route, RouteError};
+use crate::route::{route_data, route_hinted, Params, Resolution, Route, RouteError};
 use crate::wire::frame::Frame;
 use crate::wire::messages::{self, Bind, Parse, Target};
 
@@ -313,6 +313,10 @@ impl Session {
         if self.tx == Tx::Bound {
             return;
         }
+        if self.tx == Tx::Idle && matches!(answered, Tx::Deferred { .. }) {
+            // A new transaction: no SET LOCAL hint yet.
+            self.tx_hint = None;
+        }
         if matches!(self.tx, Tx::Deferred { .. } | Tx::Aborted) && answered == Tx::Idle {
             let committed = portals
                 .values()
@@ -489,13 +493,14 @@ impl Session {
                 }
                 Command::Data(data) => {
                     let literals = prepared.analyzed.literals.clone();
+                    let hint = self.hint_for(&prepared.query)?;
                     let resolved = self
                         .route_holding(|map| {
                             let params = Params {
                                 bind,
                                 types: &prepared.param_types,
                             };
-                            match route_data(data, map, &literals, Some(&params), scatter, writes)? {
+                            match route_hinted(data, map, &literals, Some(&params), scatter, writes, &hint)? {
                                 Resolution::Route(r) => Ok(r),
                                 Resolution::NeedsParams => Ok(Route::Any),
                             }

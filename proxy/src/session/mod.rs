@@ -50,6 +50,7 @@ use crate::context::Shared;
 use crate::liveness::Flight;
 use crate::metrics::Metrics;
 use crate::pool::{Lease, Pool};
+use crate::route::hint::Hint;
 use crate::route::RouteError;
 use crate::wire::frame::Frame;
 use crate::wire::messages;
@@ -119,6 +120,12 @@ pub struct Session {
     leg_prelude: Option<String>,
     /// `SET shardline.cross_server`; `None` follows `[transactions]`.
     cross_server: Option<bool>,
+    /// `SET shardline.key` / `shardline.group`: the routing hint of the
+    /// session (see `route::hint`).
+    hint: Hint,
+    /// `SET LOCAL shardline.key` / `shardline.group`: the current
+    /// transaction's hint (cleared when the next transaction begins).
+    tx_hint: Option<Hint>,
     /// Set when a request ended with Flush: the backend is kept until Sync.
     unsynced: bool,
     /// Set when a request that did not end in Sync failed where no backend
@@ -157,6 +164,8 @@ impl Session {
             legs: Vec::new(),
             leg_prelude: None,
             cross_server: None,
+            hint: Hint::default(),
+            tx_hint: None,
             unsynced: false,
             skipping: false,
             last_pool: None,

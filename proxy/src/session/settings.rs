@@ -8,6 +8,7 @@ use tracing::debug;
 
 use crate::analyze::lexer::LITERAL_MARKER_BASE;
 use crate::analyze::{Command, Literal};
+use crate::route::hint::{comment_hint, Hint};
 use crate::route::RouteError;
 use crate::wire::messages;
 
@@ -21,7 +22,7 @@ pub(super) const SETTING_NOT_REPLAYED: &[&str] = &["application_name"];
 pub(super) const RESET_ALL: &str = "\u{0}reset all";
 
 /// A setting of the proxy itself (`SET shardline.<name>`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum ProxySetting {
     ReadReplica(bool),
     /// `shardline.scatter`: reads across servers allowed (`None`: the proxy's default).
@@ -29,6 +30,10 @@ pub(super) enum ProxySetting {
     /// `shardline.cross_server`: `2pc` (true) lets a transaction write on
     /// several servers, `refuse` keeps it on one (`None`: the proxy's default).
     CrossServer(Option<bool>),
+    /// `shardline.key`: the routing hint's key, as text (`None`: no hint).
+    Key(Option<String>),
+    /// `shardline.group`: the routing hint's co-location group.
+    Group(Option<String>),
 }
 
 pub(super) fn parse_proxy_setting(setting: &str, value: &str) -> Result<ProxySetting, RouteError> {
@@ -38,7 +43,10 @@ pub(super) fn parse_proxy_setting(setting: &str, value: &str) -> Result<ProxySet
         .strip_prefix(['E', 'e'])
         .filter(|v| v.starts_with('\''))
         .unwrap_or(value);
-    let value = value.trim_matches('\'').to_ascii_lowercase();
+    // Keys keep their case (text keys); the other settings do not.
+    let raw = value.trim_matches('\'').to_string();
+    let value = raw.to_ascii_lowercase();
+    let hint_value = || (value != "default" && !raw.is_empty()).then(|| raw.clone());
     let boolean = || match value.as_str() {
         "on" | "true" | "1" | "yes" => Ok(Some(true)),
         "off" | "false" | "0" | "no" => Ok(Some(false)),
@@ -62,10 +70,12 @@ pub(super) fn parse_proxy_setting(setting: &str, value: &str) -> Result<ProxySet
                 "use '2pc' (transactions may write on several servers, committed with two-phase commit) or 'refuse'",
             )),
         },
+        "key" => Ok(ProxySetting::Key(hint_value())),
+        "group" => Ok(ProxySetting::Group(hint_value())),
         _ => Err(RouteError::new(
             "42704",
             format!("unrecognized configuration parameter \"shardline.{setting}\""),
-            "shardline's own settings: shardline.read_replica, shardline.scatter, shardline.cross_server",
+            "shardline's own settings: shardline.read_replica, shardline.scatter, shardline.cross_server, shardline.key, shardline.group",
         )),
     }
 }
@@ -220,7 +230,34 @@ impl Session {
             ProxySetting::ReadReplica(on) => self.read_replica = on,
             ProxySetting::Scatter(on) => self.scatter = on,
             ProxySetting::CrossServer(on) => self.cross_server = on,
+            ProxySetting::Key(key) => self.hint.key = key,
+            ProxySetting::Group(group) => self.hint.group = group,
         }
+    }
+
+    /// `SET LOCAL shardline.key | shardline.group`: for the rest of the
+    /// transaction (false for another setting, which is not local here).
+    pub(super) fn apply_local_hint(&mut self, setting: ProxySetting) -> bool {
+        let hint = self.tx_hint.get_or_insert_with(Hint::default);
+        match setting {
+            ProxySetting::Key(key) => hint.key = key,
+            ProxySetting::Group(group) => hint.group = group,
+            _ => return false,
+        }
+        true
+    }
+
+    /// The routing hint of a statement: its comment's, filled in by the
+    /// transaction's (`SET LOCAL`) and then the session's.
+    pub(super) fn hint_for(&self, sql: &str) -> Result<Hint, RouteError> {
+        let inherited = match (&self.tx_hint, &self.tx) {
+            (Some(local), tx) if *tx != Tx::Idle => local.or(&self.hint),
+            _ => self.hint.clone(),
+        };
+        Ok(match comment_hint(sql)? {
+            Some(comment) => comment.or(&inherited),
+            None => inherited,
+        })
     }
 
     /// Whether reads across servers are allowed in this session now.
@@ -245,6 +282,15 @@ impl Session {
                 }
                 .to_string(),
             ),
+            "shardline.key" | "shardline.group" => {
+                let hint = self.hint_for("").unwrap_or_default();
+                let value = if name == "shardline.key" {
+                    hint.key
+                } else {
+                    hint.group
+                };
+                Some(value.unwrap_or_default())
+            }
             "shardline.map_version" => self
                 .shared
                 .map

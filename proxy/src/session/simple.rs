@@ -6,15 +6,16 @@ use crate::backend::PreparedStatements;
 
 use crate::analyze::{Analyzed, Command, DataStatement, Literal};
 use crate::metrics::Metrics;
+use crate::route::hint::Hint;
 use crate::route::writes::plan_write;
-use crate::route::{route_data, Resolution, Route, RouteError};
+use crate::route::{route_hinted, Resolution, Route, RouteError};
 use crate::wire::frame::Frame;
 use crate::wire::messages;
 
 use super::client::SessionError;
 use super::plan::{End, Outcome, Plan};
 use super::scatter::ScatterStatement;
-use super::settings::{changes_session, render};
+use super::settings::{changes_session, parse_proxy_setting, render};
 use super::statements::{can_keep, prepare_on_backend, KeptSimple};
 use super::tx::{transaction_scoped_tag, Tx};
 use super::{cross_server, spans_servers, unsupported, Request, Session};
@@ -74,13 +75,17 @@ impl Session {
                 .refuse(&spans_servers("COMMIT, ROLLBACK and SAVEPOINT"))
                 .await;
         }
+        let hint = match self.hint_for(&statement_text(&frame)) {
+            Ok(hint) => hint,
+            Err(e) => return self.refuse(&e).await,
+        };
         let route = self
             .route_holding(|map| {
                 let mut route = Route::Any;
                 for command in commands {
                     if let Command::Data(data) = command {
                         if let Resolution::Route(r) =
-                            route_data(data, map, literals, None, false, false)?
+                            route_hinted(data, map, literals, None, false, false, &hint)?
                         {
                             route = route.merge(r).map_err(|(a, b)| cross_server(&a, &b))?;
                         }
@@ -151,6 +156,7 @@ impl Session {
                     prelude: vec![statement_text(&frame)],
                     read_only,
                 };
+                self.tx_hint = None;
             }
             Tx::Deferred { .. } => {
                 messages::error_fields(
@@ -211,6 +217,9 @@ impl Session {
     /// SAVEPOINT, SET TRANSACTION and the like: in a held-back transaction
     /// they run with the BEGIN, once the transaction has a server.
     async fn transaction_scoped(&mut self, frame: Frame) -> Result<(), SessionError> {
+        if let Some((name, value)) = local_proxy_setting(&statement_text(&frame)) {
+            return self.set_local_hint(&name, &value).await;
+        }
         let Tx::Deferred { prelude, .. } = &mut self.tx else {
             if !self.legs.is_empty() {
                 return self
@@ -251,6 +260,20 @@ impl Session {
 
     /// `RESET name` or `RESET ALL` (`name` None).
     async fn reset(&mut self, frame: Frame, name: Option<&str>) -> Result<(), SessionError> {
+        if let Some(setting) = name.and_then(|n| n.strip_prefix("shardline.")) {
+            match parse_proxy_setting(setting, "default") {
+                Ok(setting) => {
+                    self.apply_proxy_setting(setting);
+                    messages::command_complete("RESET", &mut self.client.out);
+                }
+                Err(e) => self.route_error(&e),
+            }
+            return self.ready().await;
+        }
+        if name.is_none() {
+            // RESET ALL ends the session's routing hint too.
+            self.hint = Hint::default();
+        }
         let names: Vec<String> = match name {
             Some(name) => vec![name.to_string()],
             None => self.settings.keys().cloned().collect(),
@@ -350,17 +373,22 @@ impl Session {
         let literals = &analyzed.literals;
         let scatter = self.scatter_allowed();
         let writes = self.cross_server_allowed();
+        let text = statement_text(&frame);
+        let hint = match self.hint_for(&text) {
+            Ok(hint) => hint,
+            Err(e) => return self.refuse(&e).await,
+        };
         let route = self
-            .route_holding(
-                |map| match route_data(data, map, literals, None, scatter, writes)? {
+            .route_holding(|map| {
+                match route_hinted(data, map, literals, None, scatter, writes, &hint)? {
                     Resolution::Route(route) => Ok(route),
                     Resolution::NeedsParams => Err(RouteError::new(
                         "42P02",
                         "there is no parameter $1",
                         "a simple Query cannot have parameters",
                     )),
-                },
-            )
+                }
+            })
             .await;
         let route = match route {
             Ok(route) => route,
@@ -484,5 +512,83 @@ impl Session {
             .dispatch_query(route, request, &frame.raw, &mut outcome)
             .await?;
         Ok(reached.then_some(outcome))
+    }
+}
+
+/// `SET LOCAL shardline.NAME = value` (or `TO value`): the name without
+/// its prefix and the value as written.
+fn local_proxy_setting(text: &str) -> Option<(String, String)> {
+    let rest = text.trim();
+    let lowered = rest.to_ascii_lowercase();
+    let after = lowered.strip_prefix("set")?.trim_start();
+    let after = after.strip_prefix("local")?.trim_start();
+    let name_start = rest.len() - after.len();
+    let name_end = name_start + after.find(|c: char| c == '=' || c.is_whitespace())?;
+    let name = rest[name_start..name_end].to_ascii_lowercase();
+    let setting = name.strip_prefix("shardline.")?.to_string();
+    let value = rest[name_end..].trim_start();
+    let value = value
+        .strip_prefix('=')
+        .or_else(|| {
+            value
+                .get(..2)
+                .filter(|to| to.eq_ignore_ascii_case("to"))
+                .map(|_| &value[2..])
+        })?
+        .trim();
+    Some((setting, value.to_string()))
+}
+
+impl Session {
+    /// `SET LOCAL shardline.key | shardline.group` (other `shardline.*`
+    /// settings are session-wide only).
+    async fn set_local_hint(&mut self, name: &str, value: &str) -> Result<(), SessionError> {
+        if self.tx == Tx::Idle {
+            // As Postgres: outside a transaction block it does nothing.
+            messages::error_fields(
+                b'N',
+                "WARNING",
+                "25P01",
+                "SET LOCAL can only be used in transaction blocks",
+                None,
+                &mut self.client.out,
+            );
+            messages::command_complete("SET", &mut self.client.out);
+            return self.ready().await;
+        }
+        match parse_proxy_setting(name, value) {
+            Ok(setting) => {
+                if self.apply_local_hint(setting) {
+                    messages::command_complete("SET", &mut self.client.out);
+                } else {
+                    self.route_error(&RouteError::new(
+                        "0A000",
+                        format!("shardline.{name} cannot be set LOCAL"),
+                        format!("SET shardline.{name} for the session"),
+                    ));
+                }
+            }
+            Err(e) => self.route_error(&e),
+        }
+        self.ready().await
+    }
+}
+
+#[cfg(test)]
+mod local_setting_tests {
+    use super::local_proxy_setting;
+
+    #[test]
+    fn set_local_of_shardline_settings() {
+        assert_eq!(
+            local_proxy_setting("SET LOCAL shardline.key = '42'"),
+            Some(("key".into(), "'42'".into()))
+        );
+        assert_eq!(
+            local_proxy_setting("set local Shardline.Group TO users"),
+            Some(("group".into(), "users".into()))
+        );
+        assert_eq!(local_proxy_setting("SET LOCAL work_mem = '1MB'"), None);
+        assert_eq!(local_proxy_setting("SET shardline.key = 1"), None);
     }
 }

@@ -146,6 +146,12 @@ fn session_commands_by_keyword() {
     );
     assert_eq!(cmd("RESET ALL"), Command::Reset { name: None });
     assert_eq!(
+        cmd("RESET shardline.key"),
+        Command::Reset {
+            name: Some("shardline.key".into())
+        }
+    );
+    assert_eq!(
         cmd("DEALLOCATE PREPARE s1"),
         Command::Deallocate {
             name: Some("s1".into())
