@@ -274,7 +274,8 @@ pub fn route_hinted(
         }
     }
     match route_one(statement, map, literals, params, scatter, hint) {
-        Err(_) if writes && writes::applies(statement, map) => {
+        // A hint's error stands: a hinted statement never fans out.
+        Err(_) if writes && hint.is_empty() && writes::applies(statement, map) => {
             writes::route_write(statement, map, literals, params)
         }
         routed => routed,
@@ -303,13 +304,24 @@ fn route_one(
             // unless a hint names the partition (a procedure call).
             return Ok(Resolution::Route(hinted_group(map, hint)?));
         }
+        if let Some(server) = hint.server(map)? {
+            // A maintenance statement (VACUUM of a sharded table) on the
+            // hinted server, held while any of its partitions is blocked.
+            let partitions = (0..map.assignments.len() as u32)
+                .filter(|p| owner_of(map, *p).is_ok_and(|o| o == server))
+                .collect();
+            return Ok(Resolution::Route(Route::Partitions {
+                server: server.to_string(),
+                partitions,
+            }));
+        }
         return Err(RouteError::new(
             "0A000",
             format!(
                 "shardline cannot analyse this statement, which mentions {}: {why}",
                 mentioned.join(", ")
             ),
-            "rewrite it in a simpler form, or run it on a server directly",
+            "rewrite it in a simpler form, run it on a server directly, or name the server with SET shardline.server",
         ));
     }
     let mut route = Route::Any;
@@ -370,6 +382,9 @@ fn route_one(
 /// Where a statement that touches no sharded table runs: the hinted
 /// group's partition of the hinted key, or any server.
 fn hinted_group(map: &ClusterMap, hint: &Hint) -> Result<Route, RouteError> {
+    if let Some(server) = hint.server(map)? {
+        return Ok(Route::Server(server.to_string()));
+    }
     Ok(match hint.group_partition(map)? {
         Some(partition) => Route::Partitions {
             server: owner_of(map, partition)?.to_string(),
@@ -409,10 +424,25 @@ fn route_table(
             };
             let exprs = key_exprs(statement, table, key_column, map)?;
             let hinted = hint.partition(map, group)?;
+            let hinted_server = hint.server(map)?;
             if let (Some(partition), true) = (hinted, exprs.is_empty()) {
+                let owner = owner_of(map, partition)?;
+                if let Some(server) = hinted_server.filter(|s| *s != owner) {
+                    return Err(hint::elsewhere(partition, owner, server));
+                }
                 return Ok(Some(Route::Partitions {
-                    server: owner_of(map, partition)?.to_string(),
+                    server: owner.to_string(),
                     partitions: vec![partition],
+                }));
+            }
+            if let (Some(server), true) = (hinted_server, exprs.is_empty()) {
+                // The server's own partitions (held like any while they move).
+                let partitions: Vec<u32> = (0..map.assignments.len() as u32)
+                    .filter(|p| owner_of(map, *p).is_ok_and(|o| o == server))
+                    .collect();
+                return Ok(Some(Route::Partitions {
+                    server: server.to_string(),
+                    partitions,
                 }));
             }
             if exprs.is_empty() && scatter {
@@ -458,6 +488,18 @@ fn route_table(
             partitions.sort_unstable();
             if let Some(partition) = hinted.filter(|p| partitions != [*p]) {
                 return Err(hint::conflict(&table.name, partition, &partitions));
+            }
+            if let Some(server) = hinted_server {
+                for p in &partitions {
+                    let owner = owner_of(map, *p)?;
+                    if owner != server {
+                        return Err(hint::elsewhere(*p, owner, server));
+                    }
+                }
+                return Ok(Some(Route::Partitions {
+                    server: server.to_string(),
+                    partitions,
+                }));
             }
             if scatter {
                 let mut owners = Vec::with_capacity(partitions.len());

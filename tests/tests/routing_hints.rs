@@ -250,3 +250,94 @@ async fn hints_route_keyless_statements_to_the_hinted_owner() {
         .expect_err("a text key for a bigint group");
     assert_eq!(code(&typed), "22P02", "{typed}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_and_server_hints_for_operators() {
+    let cluster = TestCluster::start(3);
+    let map = setup(&cluster).await;
+    let keys = key_per_server(&cluster, &map, "photos");
+    for (index, key) in keys.iter().enumerate() {
+        cluster
+            .connect(index)
+            .await
+            .batch_execute(&format!("INSERT INTO photos VALUES ({key}, 1, 0)"))
+            .await
+            .expect("a row on its owner");
+    }
+    let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
+    let client = proxy.connect().await;
+    let servers: Vec<String> = cluster.map_servers().into_iter().map(|s| s.name).collect();
+
+    // shardline.partition: the partition's owner.
+    let partition = map
+        .partition_of("photos", &shardmap::KeyValue::Int(keys[2]))
+        .expect("partition");
+    client
+        .batch_execute(&format!("SET shardline.partition = {partition}"))
+        .await
+        .expect("SET shardline.partition");
+    let rows = client
+        .query("SELECT user_id FROM photos WHERE photo_id = $1", &[&1i64])
+        .await
+        .expect("read by partition hint");
+    let found: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(found, vec![keys[2]], "only the partition's server answered");
+    let error = client
+        .query("SELECT * FROM photos WHERE user_id = $1", &[&keys[0]])
+        .await
+        .expect_err("a key outside the hinted partition");
+    assert_eq!(code(&error), "22023", "{error}");
+    client
+        .batch_execute("SET shardline.partition = 100000")
+        .await
+        .expect("SET takes any number");
+    let error = client
+        .query("SELECT * FROM photos WHERE likes = 0", &[])
+        .await
+        .expect_err("a partition the map does not have");
+    assert_eq!(code(&error), "22023", "{error}");
+    client
+        .batch_execute("RESET shardline.partition")
+        .await
+        .expect("RESET");
+
+    // shardline.server: maintenance on one server, its own rows and leaves.
+    client
+        .batch_execute(&format!("SET shardline.server = '{}'", servers[1]))
+        .await
+        .expect("SET shardline.server");
+    let updated = client
+        .execute("UPDATE photos SET likes = 5 WHERE likes = $1", &[&0i32])
+        .await
+        .expect("key-less write on the hinted server");
+    assert_eq!(updated, 1, "the hinted server's own row");
+    assert_eq!(likes_on_servers(&cluster).await, vec![0, 5, 0]);
+    client
+        .batch_execute("VACUUM photos")
+        .await
+        .expect("VACUUM of a sharded table on the hinted server");
+    let error = client
+        .execute(
+            "UPDATE photos SET likes = 6 WHERE user_id = $1",
+            &[&keys[0]],
+        )
+        .await
+        .expect_err("a write of a key served elsewhere");
+    assert_eq!(code(&error), "0A000", "{error}");
+    client
+        .batch_execute("SET shardline.server = 'nope'")
+        .await
+        .expect("SET takes any name");
+    let error = client
+        .query("SELECT 1", &[])
+        .await
+        .expect_err("an unknown server");
+    assert_eq!(code(&error), "42704", "{error}");
+    client.batch_execute("RESET ALL").await.expect("RESET ALL");
+    let all: i64 = client
+        .query_one("SELECT count(*) FROM photos", &[])
+        .await
+        .expect("read after RESET ALL")
+        .get(0);
+    assert_eq!(all, 3, "RESET ALL ended the hints");
+}

@@ -8,6 +8,10 @@
 //! group of the table it routes (or of `shardline.group` when the statement
 //! touches no sharded table) and routes like a key in the SQL; a key in the
 //! SQL that falls in another partition is an error, never a silent choice.
+//! For operators, `shardline.partition` names a partition directly and
+//! `shardline.server` a server (maintenance: VACUUM, inspecting a leaf):
+//! a sharded table without a key then means that server's partitions, and
+//! a key served elsewhere is refused.
 
 use shardmap::{model::group_partition, ClusterMap};
 
@@ -19,11 +23,16 @@ use super::RouteError;
 pub struct Hint {
     pub key: Option<String>,
     pub group: Option<String>,
+    pub partition: Option<u32>,
+    pub server: Option<String>,
 }
 
 impl Hint {
     pub fn is_empty(&self) -> bool {
-        self.key.is_none() && self.group.is_none()
+        self.key.is_none()
+            && self.group.is_none()
+            && self.partition.is_none()
+            && self.server.is_none()
     }
 
     /// `self`'s fields where it has them, else `fallback`'s.
@@ -31,15 +40,74 @@ impl Hint {
         Hint {
             key: self.key.clone().or_else(|| fallback.key.clone()),
             group: self.group.clone().or_else(|| fallback.group.clone()),
+            partition: self.partition.or(fallback.partition),
+            server: self.server.clone().or_else(|| fallback.server.clone()),
         }
     }
 
-    /// The hinted key's partition in `group`, if there is a hinted key.
+    /// The hinted partition of a table of `group`: `shardline.partition`,
+    /// or the hinted key's partition in `group` (both: they must agree).
     pub(super) fn partition(
         &self,
         map: &ClusterMap,
         group: &str,
     ) -> Result<Option<u32>, RouteError> {
+        let by_key = self.key_partition(map, group)?;
+        let Some(partition) = self.checked_partition(map)? else {
+            return Ok(by_key);
+        };
+        if by_key.is_some_and(|k| k != partition) {
+            return Err(RouteError::new(
+                "22023",
+                format!("routing hints disagree: shardline.partition = {partition}, but shardline.key is in another partition"),
+                "set only one of them",
+            ));
+        }
+        Ok(Some(partition))
+    }
+
+    /// `shardline.partition`, checked against the map.
+    fn checked_partition(&self, map: &ClusterMap) -> Result<Option<u32>, RouteError> {
+        match self.partition {
+            Some(p) if p >= map.partitions => Err(RouteError::new(
+                "22023",
+                format!(
+                    "routing hint shardline.partition = {p}, but the map has partitions 0 to {}",
+                    map.partitions.saturating_sub(1)
+                ),
+                "name a partition that `shardctl partition list` shows",
+            )),
+            other => Ok(other),
+        }
+    }
+
+    /// `shardline.server`, checked against the map: a server that serves.
+    pub(super) fn server<'h>(&'h self, map: &ClusterMap) -> Result<Option<&'h str>, RouteError> {
+        let Some(server) = self.server.as_deref() else {
+            return Ok(None);
+        };
+        match map.servers.get(server) {
+            Some(s) if s.state.serves() => Ok(Some(server)),
+            Some(s) => Err(RouteError::new(
+                "55000",
+                format!(
+                    "routing hint shardline.server = '{server}': that server is {}",
+                    s.state
+                ),
+                "name a serving server (`shardctl server list`)",
+            )),
+            None => Err(RouteError::new(
+                "42704",
+                format!(
+                    "routing hint shardline.server = '{server}': no server of that name in the map"
+                ),
+                "name a server that `shardctl server list` shows",
+            )),
+        }
+    }
+
+    /// The hinted key's partition in `group`, if there is a hinted key.
+    fn key_partition(&self, map: &ClusterMap, group: &str) -> Result<Option<u32>, RouteError> {
         let Some(key) = &self.key else {
             return Ok(None);
         };
@@ -73,13 +141,13 @@ impl Hint {
     /// The partition of a statement that touches no sharded table, when the
     /// hint names a group and a key.
     pub(super) fn group_partition(&self, map: &ClusterMap) -> Result<Option<u32>, RouteError> {
+        if let Some(partition) = self.checked_partition(map)? {
+            return Ok(Some(partition));
+        }
         match (&self.group, &self.key) {
             (Some(group), Some(_)) => self.partition(map, group),
-            (Some(group), None) => Err(RouteError::new(
-                "22023",
-                format!("routing hint shardline.group = '{group}' names no key"),
-                "also SET shardline.key (or add shardline.key to the comment)",
-            )),
+            // A group without a key routes nothing (yet): the key may be
+            // set next.
             _ => Ok(None),
         }
     }
@@ -99,6 +167,15 @@ pub(super) fn conflict(table: &str, hinted: u32, found: &[u32]) -> RouteError {
                 .join(", ")
         ),
         "drop the hint (RESET shardline.key) or make it name the statement's key",
+    )
+}
+
+/// The error for a partition served by another server than the hinted one.
+pub(super) fn elsewhere(partition: u32, owner: &str, server: &str) -> RouteError {
+    RouteError::new(
+        "0A000",
+        format!("partition {partition} is served by server {owner}, not by {server} (the routing hint shardline.server)"),
+        "RESET shardline.server to route by the key, or name the partition's server",
     )
 }
 
@@ -194,6 +271,7 @@ mod tests {
         Some(Hint {
             key: key.map(Into::into),
             group: group.map(Into::into),
+            ..Hint::default()
         })
     }
 
@@ -230,16 +308,18 @@ mod tests {
         let session = Hint {
             key: Some("1".into()),
             group: Some("users".into()),
+            ..Hint::default()
         };
         let comment = Hint {
             key: Some("2".into()),
-            group: None,
+            ..Hint::default()
         };
         assert_eq!(
             comment.or(&session),
             Hint {
                 key: Some("2".into()),
-                group: Some("users".into())
+                group: Some("users".into()),
+                ..Hint::default()
             }
         );
     }

@@ -34,6 +34,10 @@ pub(super) enum ProxySetting {
     Key(Option<String>),
     /// `shardline.group`: the routing hint's co-location group.
     Group(Option<String>),
+    /// `shardline.partition`: route to this partition's server.
+    Partition(Option<u32>),
+    /// `shardline.server`: route to this server (maintenance sessions).
+    Server(Option<String>),
 }
 
 pub(super) fn parse_proxy_setting(setting: &str, value: &str) -> Result<ProxySetting, RouteError> {
@@ -72,10 +76,21 @@ pub(super) fn parse_proxy_setting(setting: &str, value: &str) -> Result<ProxySet
         },
         "key" => Ok(ProxySetting::Key(hint_value())),
         "group" => Ok(ProxySetting::Group(hint_value())),
+        "server" => Ok(ProxySetting::Server(hint_value())),
+        "partition" => match hint_value() {
+            None => Ok(ProxySetting::Partition(None)),
+            Some(text) => text.trim().parse().map(|p| ProxySetting::Partition(Some(p))).map_err(|_| {
+                RouteError::new(
+                    "22023",
+                    format!("invalid value for parameter \"shardline.partition\": \"{text}\""),
+                    "give a partition number (`shardctl partition list`), or default",
+                )
+            }),
+        },
         _ => Err(RouteError::new(
             "42704",
             format!("unrecognized configuration parameter \"shardline.{setting}\""),
-            "shardline's own settings: shardline.read_replica, shardline.scatter, shardline.cross_server, shardline.key, shardline.group",
+            "shardline's own settings: shardline.read_replica, shardline.scatter, shardline.cross_server, shardline.key, shardline.group, shardline.partition, shardline.server",
         )),
     }
 }
@@ -232,6 +247,8 @@ impl Session {
             ProxySetting::CrossServer(on) => self.cross_server = on,
             ProxySetting::Key(key) => self.hint.key = key,
             ProxySetting::Group(group) => self.hint.group = group,
+            ProxySetting::Partition(partition) => self.hint.partition = partition,
+            ProxySetting::Server(server) => self.hint.server = server,
         }
     }
 
@@ -242,6 +259,8 @@ impl Session {
         match setting {
             ProxySetting::Key(key) => hint.key = key,
             ProxySetting::Group(group) => hint.group = group,
+            ProxySetting::Partition(partition) => hint.partition = partition,
+            ProxySetting::Server(server) => hint.server = server,
             _ => return false,
         }
         true
@@ -282,12 +301,13 @@ impl Session {
                 }
                 .to_string(),
             ),
-            "shardline.key" | "shardline.group" => {
+            "shardline.key" | "shardline.group" | "shardline.partition" | "shardline.server" => {
                 let hint = self.hint_for("").unwrap_or_default();
-                let value = if name == "shardline.key" {
-                    hint.key
-                } else {
-                    hint.group
+                let value = match name {
+                    "shardline.key" => hint.key,
+                    "shardline.group" => hint.group,
+                    "shardline.partition" => hint.partition.map(|p| p.to_string()),
+                    _ => hint.server,
                 };
                 Some(value.unwrap_or_default())
             }
