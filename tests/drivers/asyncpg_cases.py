@@ -170,6 +170,29 @@ async def case_multi_row_insert_across_servers(c, conn):
         c.present(key, item)
 
 
+async def case_routing_hints(c, conn):
+    """A row updated and read by its item id alone, routed by SET shardline.key, by a
+    comment hint, and by SET LOCAL in a transaction (issue 16)."""
+    for key in per_server():
+        item = c.item()
+        c.step = f"INSERT {where(key)}"
+        await conn.execute(INSERT, key, item, c.name)
+        c.step = f"SET shardline.key {where(key)}"
+        await conn.execute(f"SET shardline.key = '{key}'")
+        status = await conn.execute("UPDATE drv SET n = 1 WHERE item_id = $1 AND note = $2", item, c.name)
+        c.check(status == "UPDATE 1", f"UPDATE by item id: {status}")
+        await conn.execute("RESET shardline.key")
+        c.step = f"comment hint {where(key)}"
+        n = await conn.fetchval(f"/* shardline.key: {key} */ SELECT n FROM drv WHERE item_id = $1 AND note = $2", item, c.name)
+        c.check(n == 1, f"read by comment hint: {n}")
+        c.step = f"SET LOCAL shardline.key {where(key)}"
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL shardline.key = '{key}'")
+            n = await conn.fetchval("SELECT n FROM drv WHERE item_id = $1 AND note = $2 FOR UPDATE", item, c.name)
+            c.check(n == 1, f"SELECT ... FOR UPDATE by local hint: {n}")
+        c.present(key, item)
+
+
 async def case_prepare_reused_20_keys(c, conn):
     """conn.prepare() once, then the statement bound with 20 different keys."""
     insert = await conn.prepare(INSERT + " RETURNING item_id")

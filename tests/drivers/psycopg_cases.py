@@ -180,6 +180,30 @@ def case_multi_row_insert_across_servers(c):
             c.absent(key, item)
 
 
+def case_routing_hints(c):
+    """A row updated and read by its item id alone, routed by SET shardline.key, by a
+    comment hint, and by SET LOCAL in a transaction (issue 16)."""
+    with connect(autocommit=True) as conn:
+        for key in per_server():
+            item = c.item()
+            c.step = f"INSERT {where(key)}"
+            conn.execute(INSERT, (key, item, c.name))
+            c.step = f"SET shardline.key {where(key)}"
+            conn.execute(f"SET shardline.key = '{key}'")
+            n = conn.execute("UPDATE drv SET n = 1 WHERE item_id = %s AND note = %s", (item, c.name)).rowcount
+            c.check(n == 1, f"UPDATE by item id updated {n} rows")
+            conn.execute("RESET shardline.key")
+            c.step = f"comment hint {where(key)}"
+            row = conn.execute(f"/* shardline.key: {key} */ SELECT n FROM drv WHERE item_id = %s AND note = %s", (item, c.name)).fetchone()
+            c.check(row is not None and row[0] == 1, f"read by comment hint: {row}")
+            c.step = f"SET LOCAL shardline.key {where(key)}"
+            with conn.transaction():
+                conn.execute(f"SET LOCAL shardline.key = '{key}'")
+                row = conn.execute("SELECT n FROM drv WHERE item_id = %s AND note = %s FOR UPDATE", (item, c.name)).fetchone()
+                c.check(row is not None and row[0] == 1, f"SELECT ... FOR UPDATE by local hint: {row}")
+            c.present(key, item)
+
+
 def case_prepared_reused_20_keys(c):
     """prepare=True: one named server-side statement, bound with 20 different keys."""
     with connect(autocommit=True) as conn:

@@ -17,6 +17,7 @@ use crate::wire::messages::{self, Bind, Parse, Target};
 use super::client::SessionError;
 use super::plan::{emit_leading_synthetic, simple_reply, End, Outcome, Plan};
 use super::settings::{changes_session, parse_proxy_setting, render, ProxySetting};
+use super::simple::local_proxy_setting;
 use super::statements::{
     backend_statement_name, can_keep, ensure_prepared, ensure_unnamed_parsed, has_quoted_constant,
     prepare_statement, Prepared,
@@ -59,6 +60,10 @@ pub(super) struct BindPlan {
     pub(super) tx_after: Tx,
     /// `SET shardline.*` to apply.
     pub(super) settings: Vec<ProxySetting>,
+    /// `SET LOCAL shardline.*` to apply to the transaction.
+    pub(super) local_settings: Vec<ProxySetting>,
+    /// A BEGIN the proxy answers starts a new transaction in this request.
+    pub(super) begins: bool,
     pub(super) changes_session_state: bool,
     pub(super) drops_statements: bool,
     /// Runs SAVEPOINT, SET LOCAL or the like on a server: the transaction
@@ -208,6 +213,8 @@ impl Session {
             tx_before_forward,
             tx_after,
             settings,
+            local_settings,
+            begins,
             changes_session_state,
             drops_statements,
             tx_scoped,
@@ -236,6 +243,12 @@ impl Session {
         }
         for setting in settings {
             self.apply_proxy_setting(setting);
+        }
+        if begins {
+            self.tx_hint = None;
+        }
+        for setting in local_settings {
+            self.apply_local_hint(setting);
         }
         if let Route::Writes { .. } = &route {
             return self
@@ -271,6 +284,10 @@ impl Session {
 
         if forwards {
             self.enter_answered_state(tx_before_forward, &portals);
+        } else {
+            // Every Bind was answered by the proxy (BEGIN, SET shardline.*);
+            // only Parse/Describe reach the server.
+            self.enter_answered_state(tx_after.clone(), &portals);
         }
         let mut outcome = Outcome::default();
         let mut build = |session: &Session,
@@ -312,10 +329,6 @@ impl Session {
     pub(super) fn enter_answered_state(&mut self, answered: Tx, portals: &Portals) {
         if self.tx == Tx::Bound {
             return;
-        }
-        if self.tx == Tx::Idle && matches!(answered, Tx::Deferred { .. }) {
-            // A new transaction: no SET LOCAL hint yet.
-            self.tx_hint = None;
         }
         if matches!(self.tx, Tx::Deferred { .. } | Tx::Aborted) && answered == Tx::Idle {
             let committed = portals
@@ -428,6 +441,8 @@ impl Session {
     pub(super) async fn decide_binds(&self, items: &[Item]) -> Result<BindPlan, RouteError> {
         let mut portals = Portals::default();
         let mut settings = Vec::new();
+        let mut local_settings = Vec::new();
+        let mut begins = false;
         let mut changes_session_state = false;
         let mut drops_statements = false;
         let mut binds = 0usize;
@@ -470,11 +485,24 @@ impl Session {
                             prelude: vec![prepared.query.clone()],
                             read_only: *read_only,
                         };
+                        begins = true;
                     }
                     PortalUse::Answer("BEGIN")
                 }
                 Command::Commit | Command::Rollback if !self.legs.is_empty() => {
                     PortalUse::EndLegs(*command == Command::Commit)
+                }
+                Command::TransactionScoped
+                    if local_proxy_setting(&prepared.query).is_some() =>
+                {
+                    // SET LOCAL shardline.key: the proxy's, for this transaction
+                    // (outside one it does nothing, as in Postgres).
+                    if let Some((name, value)) = local_proxy_setting(&prepared.query) {
+                        if tx != Tx::Idle {
+                            local_settings.push(parse_proxy_setting(&name, &value)?);
+                        }
+                    }
+                    PortalUse::Answer("SET")
                 }
                 Command::TransactionScoped if !self.legs.is_empty() => {
                     return Err(spans_servers("SAVEPOINT, RELEASE, ROLLBACK TO and SET LOCAL"))
@@ -485,6 +513,18 @@ impl Session {
                     PortalUse::Answer(tag)
                 }
                 Command::Unsupported(what) => return Err(unsupported(what)),
+                Command::Reset { name: Some(name) } if name.starts_with("shardline.") => {
+                    let setting = name.trim_start_matches("shardline.");
+                    settings.push(parse_proxy_setting(setting, "default")?);
+                    PortalUse::Answer("RESET")
+                }
+                Command::Reset { name: None } => {
+                    // RESET ALL ends the routing hints too (and runs on the server).
+                    for setting in ["key", "group", "partition", "server"] {
+                        settings.push(parse_proxy_setting(setting, "default")?);
+                    }
+                    PortalUse::Forward
+                }
                 Command::Set { name, value } if name.starts_with("shardline.") => {
                     let value = render(value, &prepared.analyzed.literals);
                     let setting = name.trim_start_matches("shardline.");
@@ -550,6 +590,8 @@ impl Session {
         let before = before_forward.unwrap_or_else(|| tx.clone());
         Ok(BindPlan {
             spans: spans.is_some(),
+            local_settings,
+            begins,
             portals,
             route,
             tx_before_forward: before,

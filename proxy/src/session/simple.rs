@@ -517,7 +517,7 @@ impl Session {
 
 /// `SET LOCAL shardline.NAME = value` (or `TO value`): the name without
 /// its prefix and the value as written.
-fn local_proxy_setting(text: &str) -> Option<(String, String)> {
+pub(super) fn local_proxy_setting(text: &str) -> Option<(String, String)> {
     let rest = text.trim();
     let lowered = rest.to_ascii_lowercase();
     let after = lowered.strip_prefix("set")?.trim_start();

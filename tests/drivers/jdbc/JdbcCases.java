@@ -391,6 +391,52 @@ public class JdbcCases {
         }
     }
 
+    // A row updated and read by its item id alone, routed by SET shardline.key, by a comment
+    // hint, and by SET LOCAL in a transaction (issue 16).
+    static void routingHints(Case c, Connection conn) throws Exception {
+        for (long key : perServer()) {
+            long item = c.item();
+            c.step = "INSERT " + where(key);
+            insert(conn, key, item, c.name);
+            c.step = "SET shardline.key " + where(key);
+            try (Statement st = conn.createStatement()) {
+                st.execute("SET shardline.key = '" + key + "'");
+            }
+            try (PreparedStatement ps = conn.prepareStatement("UPDATE drv SET n = 1 WHERE item_id = ? AND note = ?")) {
+                ps.setLong(1, item);
+                ps.setString(2, c.name);
+                int n = ps.executeUpdate();
+                c.check(n == 1, "UPDATE by item id updated " + n + " rows");
+            }
+            try (Statement st = conn.createStatement()) {
+                st.execute("RESET shardline.key");
+            }
+            c.step = "comment hint " + where(key);
+            try (PreparedStatement ps = conn.prepareStatement("/* shardline.key: " + key + " */ SELECT n FROM drv WHERE item_id = ? AND note = ?")) {
+                ps.setLong(1, item);
+                ps.setString(2, c.name);
+                try (ResultSet rs = ps.executeQuery()) {
+                    c.check(rs.next() && rs.getInt(1) == 1, "read by comment hint");
+                }
+            }
+            c.step = "SET LOCAL shardline.key " + where(key);
+            conn.setAutoCommit(false);
+            try (Statement st = conn.createStatement()) {
+                st.execute("SET LOCAL shardline.key = '" + key + "'");
+            }
+            try (PreparedStatement ps = conn.prepareStatement("SELECT n FROM drv WHERE item_id = ? AND note = ? FOR UPDATE")) {
+                ps.setLong(1, item);
+                ps.setString(2, c.name);
+                try (ResultSet rs = ps.executeQuery()) {
+                    c.check(rs.next() && rs.getInt(1) == 1, "SELECT ... FOR UPDATE by local hint");
+                }
+            }
+            conn.commit();
+            conn.setAutoCommit(true);
+            c.present(key, item);
+        }
+    }
+
     static final OffsetDateTime AT = OffsetDateTime.of(2024, 5, 6, 7, 8, 9, 123456000, ZoneOffset.UTC);
 
     // INSERT with NULL, jsonb (setObject(.., Types.OTHER)), uuid, text[] (createArrayOf) and
@@ -692,6 +738,7 @@ public class JdbcCases {
         CASES.put("batch_across_servers_atomic", JdbcCases::batchAcrossServersAtomic);
         CASES.put("batch_across_servers_in_transaction", JdbcCases::batchAcrossServersInTransaction);
         CASES.put("multi_row_insert_across_servers", JdbcCases::multiRowInsertAcrossServers);
+        CASES.put("routing_hints", JdbcCases::routingHints);
         CASES.put("autocommit_null_jsonb_uuid_array", JdbcCases::autocommitNullJsonbUuidArray);
         CASES.put("transaction_null_jsonb_uuid_array", JdbcCases::transactionNullJsonbUuidArray);
         CASES.put("transaction_commit_and_rollback", JdbcCases::transactionCommitAndRollback);

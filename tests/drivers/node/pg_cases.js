@@ -135,6 +135,25 @@ const cases = {
     for (const [key, item] of rows) c.present(key, item);
   },
 
+  // A row updated and read by its item id alone, routed by SET shardline.key and by a
+  // comment hint (issue 16).
+  async routing_hints(c, client) {
+    for (const key of perServer()) {
+      const item = c.item();
+      c.step = `INSERT ${where(key)}`;
+      await client.query(INSERT, [key, item, c.name]);
+      c.step = `SET shardline.key ${where(key)}`;
+      await client.query(`SET shardline.key = '${key}'`);
+      const u = await client.query('UPDATE drv SET n = 1 WHERE item_id = $1 AND note = $2', [item, c.name]);
+      c.check(u.rowCount === 1, `UPDATE by item id updated ${u.rowCount} rows`);
+      await client.query('RESET shardline.key');
+      c.step = `comment hint ${where(key)}`;
+      const r = await client.query(`/* shardline.key: ${key} */ SELECT n FROM drv WHERE item_id = $1 AND note = $2`, [item, c.name]);
+      c.check(r.rows.length === 1 && r.rows[0].n === 1, `read by comment hint: ${JSON.stringify(r.rows)}`);
+      c.present(key, item);
+    }
+  },
+
   // Values: an unnamed statement, Parse/Bind/Describe/Execute/Sync in one request.
   async unnamed_params(c, client) {
     for (const key of spread(6)) {
