@@ -82,6 +82,28 @@ fn item_body(item: &Item) -> Bytes {
     }
 }
 
+/// The replies to a request's messages before its (only) Execute, for a
+/// statement that takes no parameters and returns no rows (COPY, DDL):
+/// ParseComplete, BindComplete, CloseComplete, and NoData for a Describe
+/// (after an empty ParameterDescription for a statement's).
+fn answer_until_execute(items: &[Item], out: &mut bytes::BytesMut) {
+    for item in items {
+        match item {
+            Item::Parse(..) => messages::empty(b'1', out),
+            Item::Bind(..) => messages::empty(b'2', out),
+            Item::Close(..) => messages::empty(b'3', out),
+            Item::Describe(_, target, _) => {
+                if target.kind == b'S' {
+                    rows::no_parameters(out);
+                }
+                messages::empty(b'n', out);
+            }
+            Item::Execute(..) => return,
+            Item::Sync(_) | Item::Flush(_) => {}
+        }
+    }
+}
+
 impl Session {
     /// Runs a request whose Bind routed to `Route::Writes`: the write on
     /// every server concerned, and the replies of the whole request.
@@ -210,15 +232,7 @@ impl Session {
                 Item::Sync(_) | Item::Flush(_) => {}
             }
         }
-        if synced {
-            self.ready().await
-        } else {
-            if failed {
-                // Postgres skips to the client's Sync after an error.
-                self.skipping = true;
-            }
-            self.client.flush().await
-        }
+        self.end_request(synced, failed).await
     }
 
     /// Runs the write (once); false when it failed (the error is written
@@ -289,25 +303,9 @@ impl Session {
             };
             return self.refuse_extended(&error, synced).await;
         }
-        for item in items {
-            match item {
-                Item::Parse(..) => messages::empty(b'1', &mut self.client.out),
-                Item::Bind(..) => messages::empty(b'2', &mut self.client.out),
-                Item::Close(..) => messages::empty(b'3', &mut self.client.out),
-                Item::Describe(_, target, _) => {
-                    if target.kind == b'S' {
-                        rows::no_parameters(&mut self.client.out);
-                    }
-                    messages::empty(b'n', &mut self.client.out);
-                }
-                Item::Execute(..) => {
-                    let sql = copy.query.trim().trim_end_matches(';').to_string();
-                    return self.copy_across(&sql, true).await;
-                }
-                Item::Sync(_) | Item::Flush(_) => {}
-            }
-        }
-        Ok(())
+        answer_until_execute(items, &mut self.client.out);
+        let sql = copy.query.trim().trim_end_matches(';').to_string();
+        self.copy_across(&sql, true).await
     }
 }
 
@@ -343,20 +341,7 @@ impl Session {
         let planned = self.plan_ddl_across(&sql, &data.words).await?;
         // Everything before the Execute succeeds, as in Postgres; the
         // Execute's reply and ReadyForQuery come from the DDL's run.
-        for item in items {
-            match item {
-                Item::Parse(..) => messages::empty(b'1', &mut self.client.out),
-                Item::Bind(..) => messages::empty(b'2', &mut self.client.out),
-                Item::Close(..) => messages::empty(b'3', &mut self.client.out),
-                Item::Describe(_, target, _) => {
-                    if target.kind == b'S' {
-                        rows::no_parameters(&mut self.client.out);
-                    }
-                    messages::empty(b'n', &mut self.client.out);
-                }
-                Item::Execute(..) | Item::Sync(_) | Item::Flush(_) => {}
-            }
-        }
+        answer_until_execute(items, &mut self.client.out);
         Some(match planned {
             Ok(plan) => self.run_ddl(&sql, plan).await,
             Err(error) => self.refuse_extended(&error, synced).await,

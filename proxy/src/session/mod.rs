@@ -31,6 +31,7 @@ mod hold;
 mod legs;
 mod pipeline;
 mod plan;
+mod portals;
 mod relay;
 mod scatter;
 mod settings;
@@ -290,6 +291,24 @@ impl Session {
         self.close_mid_sequence_backend();
         self.unsynced = false;
         self.skipping = true;
+        self.client.flush().await
+    }
+
+    /// Ends a request the proxy answered itself: ReadyForQuery if the
+    /// client sent Sync; after Flush, what is buffered — and after a
+    /// failure the client's messages are skipped up to its Sync, as
+    /// Postgres skips them.
+    pub(super) async fn end_request(
+        &mut self,
+        synced: bool,
+        failed: bool,
+    ) -> Result<(), SessionError> {
+        if synced {
+            return self.ready().await;
+        }
+        if failed {
+            self.skipping = true;
+        }
         self.client.flush().await
     }
 

@@ -248,15 +248,7 @@ impl Session {
                 Item::Sync(_) | Item::Flush(_) => {}
             }
         }
-        if synced {
-            self.ready().await
-        } else {
-            if failed {
-                // Postgres skips to the client's Sync after an error.
-                self.skipping = true;
-            }
-            self.client.flush().await
-        }
+        self.end_request(synced, failed).await
     }
 
     /// `key = ANY($n)`: the parameter's value for each server.

@@ -140,6 +140,41 @@ async fn run_part(
     })
 }
 
+/// Runs one part; before the first part of an extended-protocol write,
+/// works out the parameter types (and the client's Describe) on its leg.
+async fn describe_and_run(
+    lease: &mut Lease,
+    part: &WritePart,
+    protocol: &PartProtocol<'_>,
+    types: &mut Option<Vec<u32>>,
+    described: &mut Option<Described>,
+) -> io::Result<PartReply> {
+    if let (
+        None,
+        PartProtocol::Extended {
+            bind,
+            statement,
+            describe,
+        },
+    ) = (&types, protocol)
+    {
+        let open =
+            (0..bind.params.len()).any(|i| statement.param_types.get(i).is_none_or(|t| *t == 0));
+        if !open && !describe {
+            *types = Some(statement.param_types.clone());
+        } else {
+            match describe_on(lease, statement).await? {
+                Ok(d) => {
+                    *types = Some(param_types(d.parameters.get(5..).unwrap_or_default()));
+                    *described = Some(d);
+                }
+                Err(error) => return Ok(PartReply::Failed(error)),
+            }
+        }
+    }
+    run_part(lease, part, protocol, types.as_deref().unwrap_or_default()).await
+}
+
 /// The row count at the end of a CommandComplete tag (`INSERT 0 3`,
 /// `UPDATE 2`).
 pub(super) fn tag_count(body: &[u8]) -> u64 {
@@ -199,42 +234,7 @@ impl Session {
                 );
                 return self.abandon_write(implicit).await;
             };
-            if let (
-                None,
-                PartProtocol::Extended {
-                    bind,
-                    statement,
-                    describe,
-                },
-            ) = (&types, protocol)
-            {
-                let open = (0..bind.params.len())
-                    .any(|i| statement.param_types.get(i).is_none_or(|t| *t == 0));
-                if !open && !describe {
-                    types = Some(statement.param_types.clone());
-                } else {
-                    match describe_on(lease, statement).await {
-                        Ok(Ok(d)) => {
-                            types = Some(param_types(d.parameters.get(5..).unwrap_or_default()));
-                            described = Some(d);
-                        }
-                        Ok(Err(error)) => {
-                            self.client.out.extend_from_slice(&error);
-                            return self.abandon_write(implicit).await;
-                        }
-                        Err(e) => {
-                            self.client.error(
-                                "08006",
-                                &format!("connection to server {} was lost: {e}", part.server),
-                                Some("the transaction was rolled back; retry it"),
-                            );
-                            return self.abandon_write(implicit).await;
-                        }
-                    }
-                }
-            }
-            let types = types.as_deref().unwrap_or_default();
-            match run_part(lease, part, protocol, types).await {
+            match describe_and_run(lease, part, protocol, &mut types, &mut described).await {
                 Ok(PartReply::Done {
                     description,
                     rows,
