@@ -268,6 +268,38 @@ async fn partition_and_server_hints_for_operators() {
     let client = proxy.connect().await;
     let servers: Vec<String> = cluster.map_servers().into_iter().map(|s| s.name).collect();
 
+    // A comment hint is a value, not part of the shape: the same simple
+    // Query with other keys in its comment is cached and kept prepared once
+    // (after 5 runs), and each run still goes to its own key's owner.
+    for round in 0..8 {
+        for key in &keys {
+            let rows = client
+                .simple_query(&format!(
+                    "/* shardline.key: {key} */ SELECT user_id FROM photos WHERE photo_id > 0"
+                ))
+                .await
+                .expect("comment-hinted simple Query");
+            let users: Vec<String> = rows
+                .iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(
+                users,
+                vec![key.to_string()],
+                "round {round}: key {key}'s owner answered"
+            );
+        }
+    }
+    let kept = proxy
+        .shared
+        .metrics
+        .kept_prepared_runs
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(kept > 0, "the hinted Query ran as a kept statement");
+
     // shardline.partition: the partition's owner.
     let partition = map
         .partition_of("photos", &shardmap::KeyValue::Int(keys[2]))

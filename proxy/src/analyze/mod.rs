@@ -68,7 +68,11 @@ fn parameterize(shape: &str, markers: &[usize]) -> Option<Parameterized> {
         return None;
     }
     let lowered = statement.to_ascii_lowercase();
-    let first = lowered.split(|c: char| !c.is_ascii_alphabetic()).next()?;
+    // A leading comment leaves the shape starting with a space.
+    let first = lowered
+        .trim_start()
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .next()?;
     match first {
         "select" if !has_word(&lowered, "into") => {}
         "insert" | "update" | "delete" => {}
@@ -250,6 +254,12 @@ mod tests {
                 "SELECT abalance FROM pgbench_accounts WHERE aid = $1".into(),
                 1
             ))
+        );
+        // A leading comment (a routing hint) is not part of the shape.
+        let hinted = text("/* shardline.key: 42 */ SELECT u FROM t WHERE id > 0");
+        assert_eq!(
+            hinted.map(|(t, n)| (t.trim().to_string(), n)),
+            Some(("SELECT u FROM t WHERE id > $1".into(), 1))
         );
         assert_eq!(
             text("update t set v = 5 where k >= 7 and j <> 8"),

@@ -260,8 +260,15 @@ impl Session {
             || data.copy.is_some()
             || data.unparsed.is_some()
             // The shape has no comments: keep planner hints (pg_hint_plan's
-            // `/*+ ... */`) by sending such queries as they are.
-            || memchr::memchr_iter(b'/', &frame.raw).any(|at| frame.raw.get(at + 1) == Some(&b'*'))
+            // `/*+ ... */`) by sending such queries as they are. Routing
+            // hints (`/* shardline.key: 42 */`) are the proxy's alone.
+            || memchr::memchr_iter(b'/', &frame.raw).any(|at| {
+                frame.raw.get(at + 1) == Some(&b'*')
+                    && !frame
+                        .raw
+                        .get(at + 2..)
+                        .is_some_and(|rest| rest.trim_ascii_start().starts_with(b"shardline."))
+            })
         {
             return None;
         }
