@@ -694,5 +694,22 @@ fn insert_key_index(
     }
 }
 
+/// The map the routing unit tests start from: `servers` (8 partitions),
+/// `users` sharded by `user_id` (bigint hash), the reference table
+/// `countries`, and `settings` unsharded on `b`.
+#[cfg(test)]
+pub(crate) fn test_map(servers: &[&str]) -> ClusterMap {
+    use shardmap::{Endpoint, Group, Server, Table};
+    let servers = servers
+        .iter()
+        .map(|n| Server::active(n, Endpoint::parse("postgres://h:1/d").expect("url")))
+        .collect();
+    let mut map = ClusterMap::new("t", 8, servers).expect("map");
+    map.declare(Group::hash("users", KeyType::Bigint).table("users", "user_id"));
+    map.declare_table(Table::reference("countries"));
+    map.declare_table(Table::unsharded("settings", "b"));
+    map
+}
+
 #[cfg(test)]
 mod tests;

@@ -156,17 +156,10 @@ mod tests {
     use super::*;
     use crate::analyze::ddl::analyze_ddl;
     use crate::analyze::lexer::lex;
-    use shardmap::{Endpoint, Group, KeyType, Server, ServerState, Table};
+    use shardmap::ServerState;
 
     fn map() -> ClusterMap {
-        let servers = ["a", "b", "c"]
-            .iter()
-            .map(|n| Server::active(n, Endpoint::parse("postgres://h:1/d").expect("url")))
-            .collect();
-        let mut map = ClusterMap::new("t", 8, servers).expect("map");
-        map.declare(Group::hash("users", KeyType::Bigint).table("users", "user_id"));
-        map.declare_table(Table::reference("countries"));
-        map.declare_table(Table::unsharded("settings", "b"));
+        let mut map = crate::route::test_map(&["a", "b", "c"]);
         map.columns.insert(
             "users".into(),
             "user_id bigint PRIMARY KEY, name text".into(),

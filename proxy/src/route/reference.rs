@@ -191,18 +191,11 @@ mod tests {
     use super::*;
     use crate::analyze::{Analyzer, Command};
     use crate::route::route_data;
-    use shardmap::{Endpoint, Group, KeyType, Server, ServerState, Table};
+    use shardmap::{ServerState, Table};
 
     fn map() -> ClusterMap {
-        let servers = ["a", "b", "c"]
-            .iter()
-            .map(|n| Server::active(n, Endpoint::parse("postgres://h:1/d").expect("url")))
-            .collect();
-        let mut map = ClusterMap::new("t", 8, servers).expect("map");
-        map.declare(Group::hash("users", KeyType::Bigint).table("users", "user_id"));
-        map.declare_table(Table::reference("countries"));
+        let mut map = crate::route::test_map(&["a", "b", "c"]);
         map.declare_table(Table::reference("currencies"));
-        map.declare_table(Table::unsharded("settings", "b"));
         map
     }
 

@@ -1,17 +1,8 @@
 use super::*;
 use crate::analyze::{Analyzer, Command};
-use shardmap::{Endpoint, Group, Server, Table};
 
 fn map() -> ClusterMap {
-    let servers = ["a", "b"]
-        .iter()
-        .map(|n| Server::active(n, Endpoint::parse("postgres://h:1/d").expect("url")))
-        .collect();
-    let mut map = ClusterMap::new("t", 8, servers).expect("map");
-    map.declare(Group::hash("users", KeyType::Bigint).table("users", "user_id"));
-    map.declare_table(Table::reference("countries"));
-    map.declare_table(Table::unsharded("settings", "b"));
-    map
+    super::test_map(&["a", "b"])
 }
 
 fn route(sql: &str) -> Result<Resolution, RouteError> {
