@@ -463,29 +463,15 @@ fn route_table(
                     ),
                 ));
             }
-            let mut partitions: Vec<u32> = Vec::with_capacity(exprs.len());
-            for expr in exprs {
-                let Some(keys) = evaluate_keys(expr, key_type, literals, params)? else {
-                    return Ok(None);
-                };
-                for key in keys {
-                    let partition = map.partition_of(&table.name, &key).map_err(|e| {
-                        RouteError::new(
-                            "22023",
-                            format!("cannot route key {key} of \"{}\": {e}", table.name),
-                            "check the key value",
-                        )
-                    })?;
-                    if !partitions.contains(&partition) {
-                        partitions.push(partition);
-                    }
-                }
-            }
+            let Some(partitions) =
+                key_partitions(&exprs, key_type, &table.name, map, literals, params)?
+            else {
+                return Ok(None);
+            };
             if partitions.is_empty() {
                 // `key = ANY('{}')`: no row of this table can match, on any server.
                 return Ok(Some(Route::Any));
             }
-            partitions.sort_unstable();
             if let Some(partition) = hinted.filter(|p| partitions != [*p]) {
                 return Err(hint::conflict(&table.name, partition, &partitions));
             }
@@ -530,6 +516,37 @@ fn route_table(
             Ok(Some(Route::Partitions { server, partitions }))
         }
     }
+}
+
+/// The partitions (sorted, without repeats) of the keys `exprs` give
+/// `table`'s key column; `None` when a Bind parameter is needed.
+fn key_partitions(
+    exprs: &[&KeyExpr],
+    key_type: KeyType,
+    table: &str,
+    map: &ClusterMap,
+    literals: &[Literal],
+    params: Option<&Params<'_>>,
+) -> Result<Option<Vec<u32>>, RouteError> {
+    let mut partitions: Vec<u32> = Vec::with_capacity(exprs.len());
+    for expr in exprs {
+        let Some(keys) = evaluate_keys(expr, key_type, literals, params)? else {
+            return Ok(None);
+        };
+        for key in keys {
+            let partition = map.partition_of(table, &key).map_err(|e| {
+                RouteError::new(
+                    "22023",
+                    format!("cannot route key {key} of \"{table}\": {e}"),
+                    "check the key value",
+                )
+            })?;
+            partitions.push(partition);
+        }
+    }
+    partitions.sort_unstable();
+    partitions.dedup();
+    Ok(Some(partitions))
 }
 
 /// For a read whose key comes as one array parameter (`key = ANY($n)`):

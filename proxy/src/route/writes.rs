@@ -18,8 +18,8 @@ use shardmap::{ClusterMap, KeyType, TableKind};
 
 use super::keys::{evaluate_keys, invalid_key};
 use super::{
-    array_param_by_server, insert_key_index, key_exprs, known_table, owner_of, reference, Params,
-    Resolution, Route, RouteError,
+    array_param_by_server, insert_key_index, key_exprs, key_partitions, known_table, owner_of,
+    reference, Params, Resolution, Route, RouteError,
 };
 use crate::analyze::statement::{DataStatement, InsertRows, TableUse};
 use crate::analyze::writes::{analyze_write, Refusal, TableInfo, WriteText};
@@ -578,23 +578,8 @@ fn modify_partitions(
     if exprs.is_empty() {
         return Ok(Some(Targets::Partitions(all_partitions(map))));
     }
-    let mut partitions = Vec::new();
-    for expr in exprs {
-        let Some(keys) = evaluate_keys(expr, key_type, literals, params)? else {
-            return Ok(None);
-        };
-        for key in keys {
-            let partition = map.partition_of(&table.name, &key).map_err(|e| {
-                RouteError::new(
-                    "22023",
-                    format!("cannot route key {key} of \"{}\": {e}", table.name),
-                    "check the key value",
-                )
-            })?;
-            partitions.push(partition);
-        }
-    }
-    partitions.sort_unstable();
-    partitions.dedup();
-    Ok(Some(Targets::Partitions(partitions)))
+    Ok(
+        key_partitions(&exprs, key_type, &table.name, map, literals, params)?
+            .map(Targets::Partitions),
+    )
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::analyze::Command;
-use crate::route::writes::{plan_write, WritePlan};
+use crate::route::writes::plan_write;
 use crate::route::{Params, RouteError};
 use crate::wire::messages::{self, Bind};
 use crate::wire::rows;
@@ -161,6 +161,11 @@ impl Session {
             matches!(item, Item::Describe(_, target, Some(statement))
                 if target.kind == b'S' && Arc::ptr_eq(statement, write.statement))
         });
+        let protocol = PartProtocol::Extended {
+            bind: write.bind,
+            statement: write.statement,
+            describe,
+        };
         let mut reply: Option<WriteReply> = None;
         let mut failed = false;
         for item in items {
@@ -171,86 +176,53 @@ impl Session {
                     .as_ref()
                     .is_some_and(|s| Arc::ptr_eq(s, write.statement))
             };
-            match item {
-                Item::Parse(..) => messages::empty(b'1', &mut self.client.out),
-                Item::Bind(..) => messages::empty(b'2', &mut self.client.out),
-                Item::Close(..) => messages::empty(b'3', &mut self.client.out),
-                Item::Describe(_, target, statement) if target.kind == b'S' => {
-                    if !of_write(statement) {
-                        // Transaction control: no parameters, no rows.
-                        rows::no_parameters(&mut self.client.out);
-                        messages::empty(b'n', &mut self.client.out);
-                        continue;
-                    }
-                    if reply.is_none()
-                        && !self
-                            .run_extended_write(&write, &plan, describe, &mut reply)
-                            .await
-                    {
-                        failed = true;
-                        break;
-                    }
-                    if let Some(d) = reply.as_ref().and_then(|r| r.described.as_ref()) {
+            // The write runs (once) at the first message whose reply needs it.
+            let needs_write = match item {
+                Item::Describe(_, target, statement) if target.kind == b'S' => of_write(statement),
+                Item::Describe(..) | Item::Execute(..) => writes,
+                _ => false,
+            };
+            if needs_write && reply.is_none() {
+                reply = self.run_write(&plan, &protocol).await;
+                if reply.is_none() {
+                    failed = true;
+                    break;
+                }
+            }
+            let ran = reply.as_ref().filter(|_| needs_write);
+            match (item, ran) {
+                (Item::Parse(..), _) => messages::empty(b'1', &mut self.client.out),
+                (Item::Bind(..), _) => messages::empty(b'2', &mut self.client.out),
+                (Item::Close(..), _) => messages::empty(b'3', &mut self.client.out),
+                (Item::Describe(_, target, _), Some(ran)) if target.kind == b'S' => {
+                    if let Some(d) = &ran.described {
                         self.client.out.extend_from_slice(&d.parameters);
                         self.client.out.extend_from_slice(&d.result);
                     }
                 }
-                Item::Describe(..) if writes => {
-                    if reply.is_none()
-                        && !self
-                            .run_extended_write(&write, &plan, describe, &mut reply)
-                            .await
-                    {
-                        failed = true;
-                        break;
-                    }
-                    match reply.as_ref().and_then(|r| r.description.as_ref()) {
-                        Some(description) => self.client.out.extend_from_slice(description),
-                        None => messages::empty(b'n', &mut self.client.out),
-                    }
+                (Item::Describe(_, target, _), None) if target.kind == b'S' => {
+                    // Transaction control: no parameters, no rows.
+                    rows::no_parameters(&mut self.client.out);
+                    messages::empty(b'n', &mut self.client.out);
                 }
-                Item::Describe(..) => messages::empty(b'n', &mut self.client.out),
-                Item::Execute(..) if writes => {
-                    if reply.is_none()
-                        && !self
-                            .run_extended_write(&write, &plan, describe, &mut reply)
-                            .await
-                    {
-                        failed = true;
-                        break;
-                    }
-                    if let Some(reply) = &reply {
-                        self.client.out.extend_from_slice(&reply.rows);
-                        self.client.out.extend_from_slice(&reply.complete);
-                    }
+                (Item::Describe(..), Some(ran)) => match &ran.description {
+                    Some(description) => self.client.out.extend_from_slice(description),
+                    None => messages::empty(b'n', &mut self.client.out),
+                },
+                (Item::Describe(..), None) => messages::empty(b'n', &mut self.client.out),
+                (Item::Execute(..), Some(ran)) => {
+                    self.client.out.extend_from_slice(&ran.rows);
+                    self.client.out.extend_from_slice(&ran.complete);
                 }
-                Item::Execute(..) => {
+                (Item::Execute(..), None) => {
                     if let Some(PortalUse::Answer(tag)) = usage {
                         messages::command_complete(tag, &mut self.client.out);
                     }
                 }
-                Item::Sync(_) | Item::Flush(_) => {}
+                (Item::Sync(_) | Item::Flush(_), _) => {}
             }
         }
         self.end_request(synced, failed).await
-    }
-
-    /// Runs the write (once); false when it failed (the error is written
-    /// for the client, the transaction handled as after any failed write).
-    async fn run_extended_write(
-        &mut self,
-        write: &WriteItems<'_>,
-        plan: &WritePlan,
-        describe: bool,
-        reply: &mut Option<WriteReply>,
-    ) -> bool {
-        let protocol = PartProtocol::Extended {
-            bind: write.bind,
-            statement: write.statement,
-            describe,
-        };
-        *reply = self.run_write(plan, &protocol).await;
-        reply.is_some()
     }
 }
 
