@@ -298,7 +298,7 @@ pub(crate) fn ident_name(ident: &sqlparser::ast::Ident) -> String {
     }
 }
 
-fn object_parts(name: &ObjectName) -> Vec<String> {
+pub(crate) fn object_parts(name: &ObjectName) -> Vec<String> {
     name.0
         .iter()
         .map(|part| match part {

@@ -26,14 +26,14 @@ use std::collections::BTreeSet;
 use std::ops::{ControlFlow, Range};
 
 use sqlparser::ast::{
-    AssignmentTarget, FromTable, Ident, ObjectName, ObjectNamePart, OnConflictAction, OnInsert,
-    Query, SetExpr, Statement, TableFactor, TableObject, TableWithJoins, UpdateTableFromKind,
-    Visit, Visitor,
+    AssignmentTarget, FromTable, ObjectName, OnConflictAction, OnInsert, Query, SetExpr, Statement,
+    TableFactor, TableObject, TableWithJoins, UpdateTableFromKind, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Location, Token, TokenWithSpan, Tokenizer};
 
+use super::statement::{ident_name, object_parts};
 use joins::check_joined;
 
 pub use super::scatter::{Refusal, TableInfo};
@@ -510,24 +510,6 @@ fn check_nested(statement: &Statement, tables: &dyn TableInfo) -> Result<(), Ref
 fn is_catalog(schema: Option<&str>, table: &str) -> bool {
     matches!(schema, Some("pg_catalog" | "information_schema"))
         || (schema.is_none() && table.starts_with("pg_"))
-}
-
-fn ident_name(ident: &Ident) -> String {
-    if ident.quote_style.is_some() {
-        ident.value.clone()
-    } else {
-        ident.value.to_lowercase()
-    }
-}
-
-fn object_parts(name: &ObjectName) -> Vec<String> {
-    name.0
-        .iter()
-        .map(|part| match part {
-            ObjectNamePart::Identifier(ident) => ident_name(ident),
-            ObjectNamePart::Function(f) => ident_name(&f.name),
-        })
-        .collect()
 }
 
 /// (schema unless `public`, table).
