@@ -4,14 +4,17 @@
 
 pub mod ddl;
 pub mod lexer;
+mod parameterize;
 pub mod scatter;
 pub mod statement;
 pub mod writes;
 
 use rustc_hash::FxHashMap;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, RwLock};
 
 pub use lexer::{lex, Lexed, Literal};
+use parameterize::parameterize;
+pub use parameterize::Parameterized;
 pub use statement::{Command, DataStatement, KeyExpr};
 
 /// The analysis of a whole query string (one or more statements).
@@ -27,105 +30,6 @@ impl Analysis {
     pub fn parameterized(&self) -> Option<&Arc<Parameterized>> {
         self.parameterized.as_ref()
     }
-}
-
-/// A one-statement query whose literals can be sent as parameters instead:
-/// every literal is an integer right after a comparison (`k = 42`,
-/// `n >= 7`), where a parameter of the literal's own type (int4, or int8 if
-/// it does not fit) means exactly what the literal means. Ineligible:
-/// literals anywhere else (`LIMIT 5`, `ORDER BY 1`, `VALUES (1)`,
-/// `numeric(10,2)`, `-5`, `0x1F`); any quoted constant (valued when parsed:
-/// `DATE 'today'`, time zones); clauses that match expressions by their
-/// text or prove predicates (GROUP BY, HAVING, DISTINCT, WINDOW, PARTITION
-/// BY, ON CONFLICT); SELECT ... INTO; anything but SELECT/INSERT/UPDATE/DELETE.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Parameterized {
-    /// The shape with literal markers renumbered `$1..$n`.
-    pub text: String,
-    pub params: usize,
-    /// Its name on the servers when every parameter is an int4 (the usual
-    /// case), worked out once.
-    pub int4_name: OnceLock<Arc<str>>,
-}
-
-/// Most parameters a parameterized statement may have.
-const MAX_PARAMETERS: usize = 1000;
-
-/// Whether `word` occurs in `text` as a whole word.
-fn has_word(text: &str, word: &str) -> bool {
-    let is_ident = |b: u8| b == b'_' || b == b'$' || b.is_ascii_alphanumeric() || b >= 0x80;
-    let bytes = text.as_bytes();
-    text.match_indices(word).any(|(at, _)| {
-        let before = at.checked_sub(1).and_then(|i| bytes.get(i));
-        let after = bytes.get(at + word.len());
-        !before.is_some_and(|&b| is_ident(b)) && !after.is_some_and(|&b| is_ident(b))
-    })
-}
-
-fn parameterize(shape: &str, markers: &[usize]) -> Option<Parameterized> {
-    let statement = shape.trim_end().trim_end_matches(';').trim_end();
-    if statement.contains(';') || statement.contains('\'') || markers.len() > MAX_PARAMETERS {
-        return None;
-    }
-    let lowered = statement.to_ascii_lowercase();
-    // A leading comment leaves the shape starting with a space.
-    let first = lowered
-        .trim_start()
-        .split(|c: char| !c.is_ascii_alphabetic())
-        .next()?;
-    match first {
-        "select" if !has_word(&lowered, "into") => {}
-        "insert" | "update" | "delete" => {}
-        _ => return None,
-    }
-    let by_text = [
-        "group",
-        "having",
-        "distinct",
-        "window",
-        "partition",
-        "conflict",
-    ];
-    if by_text.iter().any(|word| has_word(&lowered, word)) {
-        return None;
-    }
-    let bytes = statement.as_bytes();
-    // Every `$` must be a literal marker (no dollar quotes, no `$n`).
-    if bytes.iter().filter(|&&b| b == b'$').count() != markers.len() {
-        return None;
-    }
-    let mut text = String::with_capacity(statement.len());
-    let mut copied = 0;
-    for (index, &at) in markers.iter().enumerate() {
-        let digits = statement.get(at + 1..)?;
-        let len = digits.bytes().take_while(u8::is_ascii_digit).count();
-        let number: usize = digits[..len].parse().ok()?;
-        if bytes.get(at) != Some(&b'$') || number != lexer::LITERAL_MARKER_BASE + index {
-            return None;
-        }
-        // `0x1F` lexes as 0 followed by a word: not an integer literal.
-        let after = bytes.get(at + 1 + len).copied();
-        if after.is_some_and(|b| b == b'_' || b == b'.' || b.is_ascii_alphanumeric() || b >= 0x80) {
-            return None;
-        }
-        let before = statement[..at].trim_end().as_bytes();
-        if !before
-            .last()
-            .is_some_and(|b| matches!(b, b'=' | b'<' | b'>'))
-        {
-            return None;
-        }
-        text.push_str(&statement[copied..at]);
-        text.push('$');
-        text.push_str(&(index + 1).to_string());
-        copied = at + 1 + len;
-    }
-    text.push_str(&statement[copied..]);
-    Some(Parameterized {
-        text,
-        params: markers.len(),
-        int4_name: OnceLock::new(),
-    })
 }
 
 /// The type Postgres gives an integer literal: int4 if it fits, else int8;
@@ -239,7 +143,7 @@ mod tests {
     }
 
     #[test]
-    fn only_literals_after_comparisons_become_parameters() {
+    fn only_literals_that_are_operands_become_parameters() {
         let analyzer = Analyzer::new(100);
         let text = |sql: &str| {
             analyzer
@@ -271,8 +175,16 @@ mod tests {
             "ORDER BY 1 is a column position"
         );
         assert_eq!(text("SELECT * FROM t WHERE k = 1 LIMIT 5"), None);
-        assert_eq!(text("SELECT * FROM t WHERE k = -1"), None);
-        assert_eq!(text("INSERT INTO t VALUES (1, 'x')"), None);
+        assert_eq!(
+            text("SELECT * FROM t WHERE k = -1"),
+            Some(("SELECT * FROM t WHERE k = -$1".into(), 1))
+        );
+        // The string's marker qualifies by its place; a string never gets
+        // an integer type, so the query is not kept (see below).
+        assert_eq!(
+            text("INSERT INTO t VALUES (1, 'x')"),
+            Some(("INSERT INTO t VALUES ($1, $2)".into(), 2))
+        );
         assert_eq!(text("SELECT 1 INTO t2 FROM t WHERE k = 1"), None);
         assert_eq!(text("EXPLAIN SELECT * FROM t WHERE k = 1"), None);
         assert_eq!(text("SELECT * FROM t WHERE k = 1; SELECT 2"), None);

@@ -94,6 +94,10 @@ pub struct DataStatement {
     /// routing can still tell whether it mentions a known table.
     pub unparsed: Option<String>,
     pub words: Vec<String>,
+    /// INSERT, UPDATE or DELETE without RETURNING: it returns no rows, so
+    /// its result cannot change type when its tables change, and a server's
+    /// cached plan of it never fails as stale (see `Request::retry_stale`).
+    pub no_result: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -652,6 +656,12 @@ fn extract(statement: &Statement) -> DataStatement {
         written: extractor.written.into_iter().collect(),
         unparsed: None,
         words: Vec::new(),
+        no_result: match statement {
+            Statement::Insert(insert) => insert.returning.is_none(),
+            Statement::Update(update) => update.returning.is_none(),
+            Statement::Delete(delete) => delete.returning.is_none(),
+            _ => false,
+        },
     }
 }
 

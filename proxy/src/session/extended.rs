@@ -248,6 +248,7 @@ impl Session {
             drops_statements,
             extended: true,
             keep_unnamed: self.keeps_unnamed_prepared(&items, synced),
+            retry_stale: self.in_implicit_transaction(),
         };
         let reached = self
             .dispatch(route, request, &mut build, &mut outcome)
@@ -338,12 +339,13 @@ impl Session {
 
     /// Whether this request's unnamed statement runs as a statement kept
     /// prepared on the server: the client parsed it often enough, and the
-    /// request is one statement in an implicit transaction (Parse, Bind,
-    /// Describe, Execute, Sync), so that if the server's cached plan went
-    /// stale the whole request can be sent again with nobody noticing.
+    /// request is one statement (Parse, Bind, Describe, Execute, Sync),
+    /// either in an implicit transaction, so that if the server's cached
+    /// plan went stale the whole request can be sent again with nobody
+    /// noticing, or one that cannot go stale (returns no rows).
     pub(super) fn keeps_unnamed_prepared(&self, items: &[Item], synced: bool) -> bool {
         let pool = &self.shared.config.pool;
-        if pool.prepare_unnamed_after == 0 || !synced || !self.in_implicit_transaction() {
+        if pool.prepare_unnamed_after == 0 || !synced {
             return false;
         }
         let (mut bound, mut binds, mut parses) = (None, 0, 0);
@@ -369,6 +371,7 @@ impl Session {
         binds == 1
             && parses <= 1
             && statement.keepable
+            && (self.in_implicit_transaction() || statement.returns_no_rows())
             && self.shared.statement_uses.get(&statement.backend_name) >= pool.prepare_unnamed_after
     }
 
@@ -664,7 +667,8 @@ impl Session {
                                 let kept = bind.statement.is_empty();
                                 plan.expect(
                                     End::BindComplete,
-                                    kept.then(|| statement.backend_name.clone()),
+                                    (kept && request.retry_stale)
+                                        .then(|| statement.backend_name.clone()),
                                 );
                             }
                         }

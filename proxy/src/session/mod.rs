@@ -87,6 +87,11 @@ pub(super) struct Request {
     /// The unnamed statement runs as a statement kept prepared on the server
     /// (see `keeps_unnamed_prepared`); cleared for the retry of a stale plan.
     pub(super) keep_unnamed: bool,
+    /// A kept statement whose plan went stale can be sent again unseen:
+    /// the request is alone in an implicit transaction. Inside a
+    /// transaction only statements that cannot go stale are kept
+    /// (`DataStatement::no_result`), since a failed Bind aborts it.
+    pub(super) retry_stale: bool,
 }
 
 impl Request {

@@ -122,6 +122,7 @@ impl Session {
                 drops_statements: decided.drops_statements,
                 extended: true,
                 keep_unnamed: false,
+                retry_stale: false,
             };
             let mut outcome = Outcome::default();
             let portals = &decided.portals;

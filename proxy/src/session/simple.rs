@@ -471,7 +471,10 @@ impl Session {
                 }
                 let values: Vec<&str> = kept.literals.iter().map(Literal::text).collect();
                 messages::bind_text(&kept.name, &values, &mut plan.out);
-                plan.expect(End::BindForQuery, Some(kept.name.clone()));
+                plan.expect(
+                    End::BindForQuery,
+                    request.retry_stale.then(|| kept.name.clone()),
+                );
                 messages::describe_execute_sync(&mut plan.out);
                 plan.expect(End::DescribeForQuery, None);
                 plan.expect(End::Execute, None);
@@ -479,6 +482,7 @@ impl Session {
             };
         let request = Request {
             keep_unnamed: true,
+            retry_stale: self.in_implicit_transaction(),
             ..Request::query(true, read_only)
         };
         let mut outcome = Outcome::default();

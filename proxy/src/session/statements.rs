@@ -41,6 +41,11 @@ impl Prepared {
             _ => None,
         }
     }
+
+    /// INSERT, UPDATE or DELETE without RETURNING (see `DataStatement::no_result`).
+    pub(super) fn returns_no_rows(&self) -> bool {
+        matches!(self.command(), Some(Command::Data(data)) if data.no_result)
+    }
 }
 
 pub(super) const INT4_OID: u32 = 23;
@@ -245,7 +250,8 @@ impl Session {
     /// Whether a simple Query runs as a statement kept prepared on the server,
     /// its integer literals sent as parameters: it is exactly equivalent (see
     /// `Parameterized`), the client sent it often enough, and it runs in an
-    /// implicit transaction, so that a stale plan can be retried unseen.
+    /// implicit transaction, so that a stale plan can be retried unseen, or
+    /// cannot go stale (it returns no rows) inside a transaction.
     pub(super) fn kept_simple(
         &mut self,
         frame: &Frame,
@@ -255,7 +261,7 @@ impl Session {
     ) -> Option<KeptSimple> {
         let after = self.shared.config.pool.prepare_simple_after;
         if after == 0
-            || !self.in_implicit_transaction()
+            || !(self.in_implicit_transaction() || data.no_result)
             || route.server().is_none()
             || data.copy.is_some()
             || data.unparsed.is_some()
@@ -279,6 +285,11 @@ impl Session {
         let mut types = Vec::with_capacity(parameterized.params);
         for literal in analyzed.literals.iter() {
             types.push(crate::analyze::integer_literal_type(literal)?);
+        }
+        // `-2147483648` is an int4 constant, `-$1` with an int8 2147483648 an int8.
+        let int4_min = |&i: &usize| matches!(analyzed.literals.get(i), Some(Literal::Number(n)) if n == "2147483648");
+        if parameterized.negated.iter().any(int4_min) {
+            return None;
         }
         // The text has no quoted constant: its name does not depend on settings.
         let name = if types.iter().all(|&t| t == INT4_OID) {

@@ -1,0 +1,325 @@
+//! Statements kept prepared on the servers inside transactions, through the
+//! real proxy to 3 real Postgres servers: the TPC-B-like transaction's
+//! statements in the simple protocol (literals sent as parameters, signed
+//! ones and VALUES rows included) and in the extended protocol run kept from
+//! the threshold on, with the same results as on the servers directly; a
+//! statement that returns rows is not kept mid-transaction (a stale plan
+//! could not be retried there); a failure inside a kept statement aborts
+//! the transaction exactly as Postgres would.
+
+use std::sync::atomic::Ordering;
+
+use shardline_tests::fixtures::{create_table, init_schema, key_per_server};
+use shardline_tests::{TestCluster, TestProxy};
+use shardmap::{Group, KeyType};
+use tokio_postgres::SimpleQueryMessage;
+
+const CLUSTER: &str = "kept";
+
+async fn setup(cluster: &TestCluster) -> shardmap::ClusterMap {
+    let (_store, map) = init_schema(cluster, CLUSTER, 16, |map| {
+        // History rows live with their account, so that each transaction
+        // stays on one server.
+        map.declare(
+            Group::hash("accounts", KeyType::Int)
+                .table("accounts", "aid")
+                .table("history", "aid"),
+        );
+    })
+    .await;
+    create_table(
+        cluster,
+        &map,
+        "accounts",
+        "aid int PRIMARY KEY, abalance int NOT NULL",
+    )
+    .await;
+    create_table(
+        cluster,
+        &map,
+        "history",
+        "aid int, delta int, big bigint, mtime timestamptz",
+    )
+    .await;
+    map
+}
+
+/// Rows of a simple Query as text.
+async fn text_rows(client: &tokio_postgres::Client, sql: &str) -> Vec<Vec<String>> {
+    let messages = client
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).unwrap_or("NULL").to_string())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Each key's balance, read on the servers directly.
+async fn balances(cluster: &TestCluster, keys: &[i64]) -> Vec<i64> {
+    let mut found = vec![None; keys.len()];
+    for index in 0..cluster.cluster.servers.len() {
+        let client = cluster.connect(index).await;
+        for (slot, key) in found.iter_mut().zip(keys) {
+            let rows = client
+                .query(
+                    "SELECT abalance::bigint FROM accounts WHERE aid = $1",
+                    &[&(*key as i32)],
+                )
+                .await
+                .expect("read a balance on a server");
+            if let Some(row) = rows.first() {
+                *slot = Some(row.get::<_, i64>(0));
+            }
+        }
+    }
+    found
+        .into_iter()
+        .map(|b| b.expect("every key has its row on some server"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpcb_statements_run_kept_inside_transactions_in_both_protocols() {
+    use tokio_postgres::types::Type;
+    let cluster = TestCluster::start(3);
+    let map = setup(&cluster).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 1).await;
+    let metrics = &proxy.shared.metrics;
+    let keys = key_per_server(&cluster, &map, "accounts");
+    let client = proxy.connect().await;
+    for key in &keys {
+        client
+            .batch_execute(&format!(
+                "INSERT INTO accounts (aid, abalance) VALUES ({key}, 0)"
+            ))
+            .await
+            .expect("insert an account");
+    }
+    let after = u64::from(proxy.shared.config.pool.prepare_simple_after);
+    let rounds = after + 3;
+    let before = metrics.kept_prepared_runs.load(Ordering::Relaxed);
+    // The simple protocol, as pgbench -M simple sends its transaction.
+    for round in 0..rounds {
+        for key in &keys {
+            let delta = -(round as i64) - 1;
+            client.batch_execute("BEGIN").await.expect("begin");
+            client
+                .batch_execute(&format!(
+                    "UPDATE accounts SET abalance = abalance + {delta} WHERE aid = {key}"
+                ))
+                .await
+                .expect("update");
+            let balance = text_rows(
+                &client,
+                &format!("SELECT abalance FROM accounts WHERE aid = {key}"),
+            )
+            .await;
+            assert_eq!(balance.len(), 1, "one row for {key}");
+            client
+                .batch_execute(&format!(
+                    "INSERT INTO history (aid, delta, big, mtime) VALUES ({key}, {delta}, -2147483648, CURRENT_TIMESTAMP)"
+                ))
+                .await
+                .expect("insert history");
+            client.batch_execute("END").await.expect("commit");
+        }
+    }
+    let simple_kept = metrics.kept_prepared_runs.load(Ordering::Relaxed) - before;
+    // UPDATE (one shape: the key is a parameter) and INSERT are kept from the
+    // threshold on; the SELECT returns rows and is not, mid-transaction; the
+    // INSERT's -2147483648 (an int4 constant, unlike -$1) is sent as written.
+    let runs = rounds * keys.len() as u64;
+    assert_eq!(
+        simple_kept,
+        runs - (after - 1),
+        "the UPDATE kept from its {after}th run on (and nothing else)"
+    );
+    let expected: i64 = (1..=rounds as i64).sum();
+    assert_eq!(
+        balances(&cluster, &keys).await,
+        vec![-expected; keys.len()],
+        "every delta applied once, on the owner"
+    );
+
+    // The extended protocol, as pgbench -M extended: unnamed statements
+    // (Parse/Bind/Describe/Execute/Sync each).
+    let before = metrics.kept_prepared_runs.load(Ordering::Relaxed);
+    let update = "UPDATE accounts SET abalance = abalance + $1 WHERE aid = $2";
+    let select = "SELECT abalance FROM accounts WHERE aid = $1";
+    let insert = "INSERT INTO history (aid, delta, mtime) VALUES ($1, $2, now())";
+    for _ in 0..rounds {
+        for key in &keys {
+            let key = *key as i32;
+            client.batch_execute("BEGIN").await.expect("begin");
+            client
+                .query_typed(update, &[(&1i32, Type::INT4), (&key, Type::INT4)])
+                .await
+                .expect("update");
+            let rows = client
+                .query_typed(select, &[(&key, Type::INT4)])
+                .await
+                .expect("select");
+            assert_eq!(rows.len(), 1);
+            client
+                .query_typed(insert, &[(&key, Type::INT4), (&1i32, Type::INT4)])
+                .await
+                .expect("insert");
+            client.batch_execute("END").await.expect("commit");
+        }
+    }
+    let extended_kept = metrics.kept_prepared_runs.load(Ordering::Relaxed) - before;
+    assert_eq!(
+        extended_kept,
+        2 * (runs - (after - 1)),
+        "the UPDATE and the INSERT kept from their {after}th parse on, the SELECT never"
+    );
+    assert_eq!(
+        balances(&cluster, &keys).await,
+        vec![-expected + rounds as i64; keys.len()]
+    );
+    let history = text_rows(&client, "SELECT count(*), min(big) FROM history").await;
+    assert_eq!(
+        history,
+        vec![vec![(2 * runs).to_string(), "-2147483648".to_string()]]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unnamed_writes_stay_prepared_in_transactions_and_fail_as_postgres_fails() {
+    use tokio_postgres::types::Type;
+    let cluster = TestCluster::start(3);
+    let map = setup(&cluster).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 1).await;
+    let metrics = &proxy.shared.metrics;
+    let keys = key_per_server(&cluster, &map, "accounts");
+    let client = proxy.connect().await;
+    for key in &keys {
+        client
+            .batch_execute(&format!(
+                "INSERT INTO accounts (aid, abalance) VALUES ({key}, 100)"
+            ))
+            .await
+            .expect("insert an account");
+    }
+    let after = u64::from(proxy.shared.config.pool.prepare_unnamed_after);
+    let update = "UPDATE accounts SET abalance = abalance / $1 WHERE aid = $2";
+    let select = "SELECT abalance FROM accounts WHERE aid = $1";
+    let before = metrics.kept_prepared_runs.load(Ordering::Relaxed);
+    let rounds = after + 2;
+    for _ in 0..rounds {
+        for key in &keys {
+            client.batch_execute("BEGIN").await.expect("begin");
+            // query_typed: Parse/Bind/Describe/Execute/Sync of the unnamed statement.
+            client
+                .query_typed(update, &[(&1i32, Type::INT4), (&(*key as i32), Type::INT4)])
+                .await
+                .expect("update");
+            let rows = client
+                .query_typed(select, &[(&(*key as i32), Type::INT4)])
+                .await
+                .expect("select");
+            assert_eq!(rows[0].get::<_, i32>(0), 100);
+            client.batch_execute("COMMIT").await.expect("commit");
+        }
+    }
+    let kept = metrics.kept_prepared_runs.load(Ordering::Relaxed) - before;
+    let runs = rounds * keys.len() as u64;
+    assert_eq!(
+        kept,
+        runs - (after - 1),
+        "the UPDATE kept from its {after}th parse on; the SELECT (rows) never mid-transaction"
+    );
+
+    // Division by zero inside a kept UPDATE: the transaction is aborted, the
+    // next statement is refused with 25P02, ROLLBACK ends it, nothing stays.
+    let key = keys[1] as i32;
+    client.batch_execute("BEGIN").await.expect("begin");
+    client
+        .batch_execute(&format!(
+            "UPDATE accounts SET abalance = 7 WHERE aid = {key}"
+        ))
+        .await
+        .expect("first update");
+    let kept_before = metrics.kept_prepared_runs.load(Ordering::Relaxed);
+    let error = client
+        .query_typed(update, &[(&0i32, Type::INT4), (&key, Type::INT4)])
+        .await
+        .expect_err("division by zero");
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO)
+    );
+    assert_eq!(
+        metrics.kept_prepared_runs.load(Ordering::Relaxed),
+        kept_before + 1,
+        "the failing UPDATE ran kept"
+    );
+    let refused = client
+        .query_typed(update, &[(&1i32, Type::INT4), (&key, Type::INT4)])
+        .await
+        .expect_err("the transaction is aborted");
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION)
+    );
+    client.batch_execute("ROLLBACK").await.expect("rollback");
+    assert_eq!(
+        balances(&cluster, &keys).await,
+        vec![100; keys.len()],
+        "nothing of the aborted transaction stayed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parameterized_literals_give_what_the_literals_give() {
+    let cluster = TestCluster::start(3);
+    let map = setup(&cluster).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 1).await;
+    let metrics = &proxy.shared.metrics;
+    let keys = key_per_server(&cluster, &map, "accounts");
+    let client = proxy.connect().await;
+    for key in &keys {
+        client
+            .batch_execute(&format!(
+                "INSERT INTO accounts (aid, abalance) VALUES ({key}, 5)"
+            ))
+            .await
+            .expect("insert an account");
+    }
+    // Types and values computed from signed and unsigned literals in
+    // operator places; each compared with the same text run on the owner.
+    let queries = |key: i64| {
+        vec![
+            format!("SELECT pg_typeof(abalance + -2147483648)::text, abalance + -2147483648 FROM accounts WHERE aid = {key}"),
+            format!("SELECT pg_typeof(abalance * 2147483648)::text, abalance - -3 FROM accounts WHERE aid = {key}"),
+            format!("SELECT abalance % 3, abalance / 2, -abalance FROM accounts WHERE aid = {key}"),
+        ]
+    };
+    let after = u64::from(proxy.shared.config.pool.prepare_simple_after);
+    let before = metrics.kept_prepared_runs.load(Ordering::Relaxed);
+    for _ in 0..after + 1 {
+        for (index, key) in keys.iter().enumerate() {
+            let direct = cluster.connect(index).await;
+            for sql in queries(*key) {
+                assert_eq!(
+                    text_rows(&client, &sql).await,
+                    text_rows(&direct, &sql).await,
+                    "{sql}"
+                );
+            }
+        }
+    }
+    assert!(
+        metrics.kept_prepared_runs.load(Ordering::Relaxed) > before,
+        "some of them ran kept"
+    );
+}
