@@ -323,3 +323,92 @@ async fn parameterized_literals_give_what_the_literals_give() {
         "some of them ran kept"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transactions_first_select_stays_prepared_and_survives_a_column_change() {
+    use tokio_postgres::types::Type;
+    let cluster = TestCluster::start(3);
+    let map = setup(&cluster).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 1).await;
+    let metrics = &proxy.shared.metrics;
+    let keys = key_per_server(&cluster, &map, "accounts");
+    let client = proxy.connect().await;
+    for key in &keys {
+        client
+            .batch_execute(&format!(
+                "INSERT INTO accounts (aid, abalance) VALUES ({key}, 3)"
+            ))
+            .await
+            .expect("insert an account");
+    }
+    let select = "SELECT * FROM accounts WHERE aid = $1";
+    // BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT (kept); UPDATE; COMMIT.
+    let transaction = |columns: usize| {
+        let client = &client;
+        let keys = &keys;
+        async move {
+            for key in keys {
+                let key = *key as i32;
+                client
+                    .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+                    .await
+                    .expect("begin");
+                let rows = client
+                    .query_typed(select, &[(&key, Type::INT4)])
+                    .await
+                    .expect("the first select");
+                assert_eq!(rows.len(), 1);
+                assert_eq!(rows[0].columns().len(), columns);
+                let isolation = client
+                    .simple_query("SHOW transaction_isolation")
+                    .await
+                    .expect("show");
+                assert!(
+                    isolation.iter().any(|m| matches!(m,
+                        SimpleQueryMessage::Row(r) if r.get(0) == Some("repeatable read"))),
+                    "the transaction kept its isolation level"
+                );
+                client
+                    .query_typed(
+                        "UPDATE accounts SET abalance = abalance + 1 WHERE aid = $1",
+                        &[(&key, Type::INT4)],
+                    )
+                    .await
+                    .expect("update");
+                client.batch_execute("COMMIT").await.expect("commit");
+            }
+        }
+    };
+    let after = u64::from(proxy.shared.config.pool.prepare_unnamed_after);
+    let before = metrics.kept_prepared_runs.load(Ordering::Relaxed);
+    for _ in 0..after {
+        transaction(2).await;
+    }
+    let runs = after * keys.len() as u64;
+    assert_eq!(
+        metrics.kept_prepared_runs.load(Ordering::Relaxed) - before,
+        2 * (runs - (after - 1)),
+        "the first SELECT and the UPDATE kept from their {after}th parse on"
+    );
+    // A column added on every server behind the proxy's back: the kept
+    // SELECT's plan is stale; the transaction it began is begun again.
+    for index in 0..cluster.cluster.servers.len() {
+        cluster
+            .connect(index)
+            .await
+            .batch_execute("ALTER TABLE accounts ADD COLUMN note text DEFAULT 'n'")
+            .await
+            .expect("alter on a server");
+    }
+    transaction(3).await;
+    assert_eq!(
+        metrics.stale_plan_retries.load(Ordering::Relaxed),
+        keys.len() as u64,
+        "one unseen retry per server's stale statement"
+    );
+    assert_eq!(
+        balances(&cluster, &keys).await,
+        vec![3 + after as i64 + 1; keys.len()],
+        "every transaction committed once"
+    );
+}

@@ -181,11 +181,16 @@ impl Session {
             plan.inject(&out, End::Query);
             lease.backend().settings = replayed_settings(&self.settings);
         }
+        // The held-back transaction this request begins on the server, to
+        // begin again should a stale kept statement have aborted it.
+        let mut began: Option<String> = None;
         if binds_tx {
             if let Tx::Deferred { prelude, .. } = &self.tx {
                 self.leg_prelude = super::legs::leg_prelude(prelude);
                 let mut out = BytesMut::new();
-                messages::query(&prelude.join("; "), &mut out);
+                let sql = prelude.join("; ");
+                messages::query(&sql, &mut out);
+                began = Some(sql);
                 plan.inject(&out, End::Query);
                 if prelude.len() > 1 {
                     // SET/SAVEPOINT sent with the BEGIN: not tracked exactly.
@@ -214,6 +219,16 @@ impl Session {
             lease.backend().prepared.remove(&stale);
             plan.out.clear();
             plan.expects.clear();
+            if let Some(sql) = &began {
+                // The failed Bind aborted the transaction the request
+                // began: roll it back and begin it again.
+                let mut out = BytesMut::new();
+                messages::query("ROLLBACK", &mut out);
+                plan.inject(&out, End::Query);
+                out.clear();
+                messages::query(sql, &mut out);
+                plan.inject(&out, End::Query);
+            }
             plan.close_statement(&stale);
             request.keep_unnamed = false;
             let mut prepared = std::mem::take(&mut lease.backend().prepared);

@@ -248,7 +248,7 @@ impl Session {
             drops_statements,
             extended: true,
             keep_unnamed: self.keeps_unnamed_prepared(&items, synced),
-            retry_stale: self.in_implicit_transaction(),
+            retry_stale: self.can_resend(),
         };
         let reached = self
             .dispatch(route, request, &mut build, &mut outcome)
@@ -340,9 +340,9 @@ impl Session {
     /// Whether this request's unnamed statement runs as a statement kept
     /// prepared on the server: the client parsed it often enough, and the
     /// request is one statement (Parse, Bind, Describe, Execute, Sync),
-    /// either in an implicit transaction, so that if the server's cached
-    /// plan went stale the whole request can be sent again with nobody
-    /// noticing, or one that cannot go stale (returns no rows).
+    /// either one that can be sent again with nobody noticing if the
+    /// server's cached plan went stale (`can_resend`), or one that cannot go
+    /// stale (returns no rows).
     pub(super) fn keeps_unnamed_prepared(&self, items: &[Item], synced: bool) -> bool {
         let pool = &self.shared.config.pool;
         if pool.prepare_unnamed_after == 0 || !synced {
@@ -371,7 +371,7 @@ impl Session {
         binds == 1
             && parses <= 1
             && statement.keepable
-            && (self.in_implicit_transaction() || statement.returns_no_rows())
+            && (self.can_resend() || statement.returns_no_rows())
             && self.shared.statement_uses.get(&statement.backend_name) >= pool.prepare_unnamed_after
     }
 

@@ -482,7 +482,7 @@ impl Session {
             };
         let request = Request {
             keep_unnamed: true,
-            retry_stale: self.in_implicit_transaction(),
+            retry_stale: self.can_resend(),
             ..Request::query(true, read_only)
         };
         let mut outcome = Outcome::default();

@@ -250,8 +250,9 @@ impl Session {
     /// Whether a simple Query runs as a statement kept prepared on the server,
     /// its integer literals sent as parameters: it is exactly equivalent (see
     /// `Parameterized`), the client sent it often enough, and it runs in an
-    /// implicit transaction, so that a stale plan can be retried unseen, or
-    /// cannot go stale (it returns no rows) inside a transaction.
+    /// implicit transaction or opens a held-back one, so that a stale plan
+    /// can be retried unseen (`can_resend`), or cannot go stale (it returns
+    /// no rows) inside a transaction.
     pub(super) fn kept_simple(
         &mut self,
         frame: &Frame,
@@ -261,7 +262,7 @@ impl Session {
     ) -> Option<KeptSimple> {
         let after = self.shared.config.pool.prepare_simple_after;
         if after == 0
-            || !(self.in_implicit_transaction() || data.no_result)
+            || !(self.can_resend() || data.no_result)
             || route.server().is_none()
             || data.copy.is_some()
             || data.unparsed.is_some()

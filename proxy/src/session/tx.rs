@@ -127,4 +127,13 @@ impl Session {
     pub(super) fn in_implicit_transaction(&self) -> bool {
         self.tx == Tx::Idle && self.lease.is_none() && !self.unsynced
     }
+
+    /// Whether a one-statement request can be sent a second time unseen if a
+    /// kept statement's plan went stale: it runs in an implicit transaction,
+    /// or it is the first statement of a held-back transaction — which is
+    /// then rolled back and begun again with it (nothing ran in it yet).
+    pub(super) fn can_resend(&self) -> bool {
+        self.in_implicit_transaction()
+            || (matches!(self.tx, Tx::Deferred { .. }) && self.lease.is_none() && !self.unsynced)
+    }
 }
