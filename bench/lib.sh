@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared setup of the bench scripts (sourced, not run): a one-server dev
 # cluster in a temp dir, the proxy and pgbouncer in front of it, and cleanup
 # of all of it on exit. Callers run from the repository root.
@@ -6,9 +7,19 @@ bin=target/release
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
+# cargo, serialized with other builds on the machine when flock exists
+# (shared build hosts: never two builds at once).
+bench_cargo() {
+  if command -v flock >/dev/null 2>&1; then
+    flock /tmp/shardline-cargo.lock cargo "$@"
+  else
+    cargo "$@"
+  fi
+}
+
 # Builds, starts the cluster; sets work, pg_port, etcd.
 bench_cluster() { # temp-dir-prefix [servers] [partitions]
-  cargo build --release --locked -q -p shardctl -p proxy -p rebalancer
+  bench_cargo build --release --locked -q -p shardctl -p proxy -p rebalancer
   work=$(mktemp -d "/tmp/$1.XXXXXX")
   chmod 755 "$work"
   trap bench_cleanup EXIT
@@ -19,9 +30,10 @@ bench_cluster() { # temp-dir-prefix [servers] [partitions]
 }
 
 bench_cleanup() {
-  [ -n "${proxy_pid:-}" ] && kill "$proxy_pid" 2>/dev/null || true
-  [ -n "${rebalancer_pid:-}" ] && kill "$rebalancer_pid" 2>/dev/null || true
-  [ -n "${bouncer_pid:-}" ] && kill "$bouncer_pid" 2>/dev/null || true
+  if [ -n "${proxy_pid:-}" ]; then kill "$proxy_pid" 2>/dev/null || true; fi
+  if [ -n "${rebalancer_pid:-}" ]; then kill "$rebalancer_pid" 2>/dev/null || true; fi
+  if [ -n "${bouncer_pid:-}" ]; then kill "$bouncer_pid" 2>/dev/null || true; fi
+  if [ -n "${pgcat_pid:-}" ]; then kill "$pgcat_pid" 2>/dev/null || true; fi
   "$bin/shardctl" dev down --dir "$work/cluster" >/dev/null 2>&1 || true
   rm -rf "$work"
 }
@@ -63,4 +75,67 @@ INI
   fi
   sleep 1
   bouncer_pid=$(pgrep -f "^pgbouncer $work/bouncer/pgbouncer.ini" | head -1)
+}
+
+# The PgCat binary to compare with: $PGCAT if set, else the build that
+# bench/pgcat.sh caches; empty (and a note on stderr) when there is none.
+pgcat_binary() {
+  local cached="${PGCAT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/shardline-bench/pgcat}/pgcat"
+  if [ -n "${PGCAT:-}" ]; then
+    [ -x "$PGCAT" ] && { echo "$PGCAT"; return; }
+    echo "PGCAT=$PGCAT is not an executable: no PgCat columns" >&2
+  elif [ -x "$cached" ]; then
+    echo "$cached"
+  else
+    echo "no PgCat (set PGCAT, or build it with bench/pgcat.sh): no PgCat columns" >&2
+  fi
+}
+
+# Starts PgCat (binary $1) as a plain pooler in front of the cluster's first
+# server: transaction pooling, trust auth, 20 server connections, the query
+# parser off, its prepared-statement cache on (so -M prepared works), as many
+# worker threads as cores (PGCAT_THREADS to change). Clients connect as
+# postgres to database postgres. Sets pgcat_port, pgcat_pid.
+start_pgcat() { # binary
+  pgcat_port=$(free_port)
+  mkdir -p "$work/pgcat"
+  cat > "$work/pgcat/pgcat.toml" <<TOML
+[general]
+host = "127.0.0.1"
+port = $pgcat_port
+enable_prometheus_exporter = false
+worker_threads = ${PGCAT_THREADS:-$(nproc)}
+connect_timeout = 5000
+log_client_connections = false
+log_client_disconnections = false
+admin_username = "pgcat_admin"
+admin_password = "pgcat_admin"
+
+[pools.postgres]
+pool_mode = "transaction"
+default_role = "primary"
+query_parser_enabled = false
+prepared_statements_cache_size = 500
+
+[pools.postgres.users.0]
+username = "postgres"
+password = "postgres"
+auth_type = "trust"
+pool_size = 20
+min_pool_size = 0
+statement_timeout = 0
+
+[pools.postgres.shards.0]
+servers = [["127.0.0.1", $pg_port, "primary"]]
+database = "postgres"
+TOML
+  "$1" --log-level warn --no-color "$work/pgcat/pgcat.toml" > "$work/pgcat/pgcat.log" 2>&1 &
+  pgcat_pid=$!
+  local _
+  for _ in $(seq 50); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$pgcat_port") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "PgCat did not start (log: $work/pgcat/pgcat.log)" >&2
+  return 1
 }

@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# An application-like workload, pgbench -c 16 -j 2 against one Postgres
+# directly, through pgbouncer (transaction pooling), through the shardline
+# proxy and through PgCat (transaction pooling, when a build is found), in one
+# run: interleaved rounds, each round running every target once per mode in
+# the same order. Prints one table per workload: per mode the median tps of
+# each target and the ratios proxy/direct, proxy/pgbouncer, proxy/pgcat.
+# Machines are shared and noisy: compare ratios within one run only.
+#
+# Workloads (pgbench_accounts sharded by aid over 16 partitions of a
+# one-server dev cluster, the other pgbench tables homed on pg1, scale 10):
+#   tpcb    pgbench's builtin TPC-B-like transaction (BEGIN; UPDATE accounts;
+#           SELECT accounts; UPDATE tellers; UPDATE branches; INSERT history;
+#           END)
+#   mix     a read/write mix of transactions of 2 to 5 statements, each
+#           touching one account (so one server on any cluster): 50% read an
+#           account and its branch (2), 30% read-modify-write an account and
+#           log it (3), 20% a purchase: lock the account, debit it, credit a
+#           teller, log it, read the new balance (5)
+#   select  pgbench -S (one SELECT by aid per transaction)
+# Modes: simple, extended, prepared (pgbench -M). A target that fails a mode
+# (pgbouncer 1.18 refuses -M prepared in transaction pooling) shows `fail`
+# and `n/a` ratios, with its first error below the table.
+#
+# PgCat: PGCAT=/path/to/pgcat, else the binary bench/pgcat.sh caches; without
+# either its columns are left out. BASELINE_PROXY=path runs another
+# shardline-proxy binary (say, built from an earlier commit) in the same
+# rounds, adding proxy/baseline. PROXY_THREADS=N passes --threads N to the
+# proxy (and the baseline). CLIENTS (default 16) sets pgbench -c.
+#
+# Usage: [PGCAT=path] [BASELINE_PROXY=path] [PROXY_THREADS=N] [CLIENTS=16] \
+#          bench/workload.sh [SECONDS_PER_RUN] [ROUNDS] [MODES] [WORKLOADS]
+#   defaults: 10 3 "simple extended prepared" "tpcb mix select"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-10}
+rounds=${2:-3}
+modes=${3:-"simple extended prepared"}
+workloads=${4:-"tpcb mix select"}
+clients=${CLIENTS:-16}
+scale=10
+for w in $workloads; do
+  case "$w" in tpcb|mix|select) ;; *) echo "unknown workload $w: tpcb, mix or select" >&2; exit 2 ;; esac
+done
+for m in $modes; do
+  case "$m" in simple|extended|prepared) ;; *) echo "unknown mode $m: simple, extended or prepared" >&2; exit 2 ;; esac
+done
+
+command -v pgbouncer >/dev/null 2>&1 || {
+  echo "installing pgbouncer (Debian package) for the comparison" >&2
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq pgbouncer >/dev/null
+}
+. bench/lib.sh
+pgcat_bin=$(pgcat_binary)
+bench_cluster shardline-workload
+pgbench -i -q -s $scale -h 127.0.0.1 -p "$pg_port" -U postgres postgres >/dev/null 2>&1
+"$bin/shardctl" table add pgbench_accounts --key aid --method hash --key-type int >/dev/null
+for t in branches tellers history; do "$bin/shardctl" table add "pgbench_$t" --home pg1 >/dev/null; done
+
+# The proxy reads its --threads from SHARDLINE_PROXY_THREADS (so does the baseline).
+if [ -n "${PROXY_THREADS:-}" ]; then export SHARDLINE_PROXY_THREADS="$PROXY_THREADS"; fi
+start_proxy
+start_pgbouncer 1000
+names=(direct pgbouncer proxy)
+ports=("$pg_port" "$bouncer_port" "$proxy_port")
+if [ -n "$pgcat_bin" ]; then
+  if start_pgcat "$pgcat_bin"; then
+    names+=(pgcat); ports+=("$pgcat_port")
+  else
+    echo "PgCat did not start: no PgCat columns" >&2
+  fi
+fi
+baseline_pid=""
+if [ -n "${BASELINE_PROXY:-}" ]; then
+  baseline_port=$(free_port)
+  SHARDLINE_LOG=warn "$BASELINE_PROXY" --etcd "$etcd" --listen "127.0.0.1:$baseline_port" \
+    --auth-method trust > "$work/baseline.log" 2>&1 &
+  baseline_pid=$!
+  names+=(baseline); ports+=("$baseline_port")
+fi
+trap 'if [ -n "$baseline_pid" ]; then kill "$baseline_pid" 2>/dev/null; fi; bench_cleanup' EXIT
+
+# The mix: one account per transaction, so its statements stay on one server.
+cat > "$work/mix_read.sql" <<'SQL'
+\set aid random(1, 100000 * :scale)
+\set bid random(1, :scale)
+BEGIN;
+SELECT aid, bid, abalance FROM pgbench_accounts WHERE aid = :aid;
+SELECT bid, bbalance FROM pgbench_branches WHERE bid = :bid;
+END;
+SQL
+cat > "$work/mix_rmw.sql" <<'SQL'
+\set aid random(1, 100000 * :scale)
+\set tid random(1, 10 * :scale)
+\set bid random(1, :scale)
+\set delta random(-5000, 5000)
+BEGIN;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid FOR UPDATE;
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
+END;
+SQL
+cat > "$work/mix_purchase.sql" <<'SQL'
+\set aid random(1, 100000 * :scale)
+\set tid random(1, 10 * :scale)
+\set bid random(1, :scale)
+\set delta random(1, 5000)
+\set debit -:delta
+BEGIN;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid FOR UPDATE;
+UPDATE pgbench_accounts SET abalance = abalance + :debit WHERE aid = :aid;
+UPDATE pgbench_tellers SET tbalance = tbalance + :delta WHERE tid = :tid;
+INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :debit, CURRENT_TIMESTAMP);
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+END;
+SQL
+
+flags() { # workload -> pgbench flags
+  case "$1" in
+    tpcb) echo "" ;;
+    select) echo "-S" ;;
+    mix) echo "-s $scale -f $work/mix_read.sql@50 -f $work/mix_rmw.sql@30 -f $work/mix_purchase.sql@20" ;;
+  esac
+}
+run() { # workload target port mode -> appends tps or "fail" to $work/<workload>.<mode>.<target>
+  local out file="$work/$1.$4.$2"
+  # shellcheck disable=SC2046
+  if out=$(PGPASSWORD=postgres pgbench -n $(flags "$1") -M "$4" -c "$clients" -j 2 -T "$secs" \
+             -h 127.0.0.1 -p "$3" -U postgres postgres 2>&1) && [[ "$out" == *$'\ntps = '* ]]; then
+    awk '/^tps = / && !done {print $3; done = 1}' <<< "$out" >> "$file"
+  else
+    echo fail >> "$file"
+    # the first errors pgbench printed (not its version line nor the abort notes)
+    [ -e "$file.err" ] || awk '/ERROR|FATAL|error/ && !/^pgbench \(|Run was aborted/ && n < 2 {sub(/client [0-9]+ script [0-9]+ aborted in command [0-9]+ query [0-9]+: /, ""); if (!seen[$0]++) {print; n++}}' <<< "$out" > "$file.err"
+  fi
+}
+median() { # file -> median of its numbers, or "fail"
+  { grep -v fail "$1" 2>/dev/null || true; } | sort -g | awk '{a[NR]=$1} END {if (NR==0) print "fail"; else printf "%.0f\n", a[int((NR+1)/2)]}'
+}
+ratio() { python3 -c "import sys; a,b=sys.argv[1],sys.argv[2]; print('n/a' if 'fail' in (a,b) else '%.2f' % (float(a)/float(b)))" "$1" "$2"; }
+
+echo "pgbench -c $clients -j 2, ${secs}s per run, $rounds interleaved rounds, median tps; scale $scale, $(nproc) cores" \
+  "(proxy threads: ${PROXY_THREADS:-default}${pgcat_bin:+, PgCat worker threads: ${PGCAT_THREADS:-$(nproc)}})"
+for w in $workloads; do
+  for _ in $(seq "$rounds"); do
+    for mode in $modes; do
+      for i in "${!names[@]}"; do run "$w" "${names[$i]}" "${ports[$i]}" "$mode"; done
+    done
+  done
+  echo
+  case "$w" in
+    tpcb) echo "tpcb: pgbench builtin TPC-B-like (5 statements in BEGIN..END)" ;;
+    mix) echo "mix: 50% read (2 statements), 30% read-modify-write (3), 20% purchase (5), each in BEGIN..END" ;;
+    select) echo "select: pgbench -S" ;;
+  esac
+  cols=(mode "${names[@]}")
+  for n in "${names[@]}"; do [ "$n" = proxy ] || cols+=("proxy/$n"); done
+  fmt="%-9s"; for _ in "${cols[@]:1}"; do fmt="$fmt %15s"; done
+  # shellcheck disable=SC2059
+  printf "$fmt\n" "${cols[@]}"
+  for mode in $modes; do
+    declare -A med=()
+    for n in "${names[@]}"; do med[$n]=$(median "$work/$w.$mode.$n"); done
+    row=("$mode")
+    for n in "${names[@]}"; do row+=("${med[$n]}"); done
+    for n in "${names[@]}"; do [ "$n" = proxy ] || row+=("$(ratio "${med[proxy]}" "${med[$n]}")"); done
+    # shellcheck disable=SC2059
+    printf "$fmt\n" "${row[@]}"
+    unset med
+  done
+  for mode in $modes; do
+    for n in "${names[@]}"; do
+      f="$work/$w.$mode.$n"
+      fails=$(grep -c fail "$f" || true)
+      if [ "$fails" -gt 0 ]; then echo "  $n $mode: $fails/$rounds runs failed: $(tr '\n' ' ' < "$f.err")"; fi
+    done
+  done
+done
