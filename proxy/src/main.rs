@@ -58,7 +58,8 @@ struct Args {
     #[arg(long, env = "SHARDLINE_PROXY_ID")]
     id: Option<String>,
     /// Serving threads, each with its own event loop, listener (SO_REUSEPORT)
-    /// and backend pools (default 1; use about one per core the proxy may use).
+    /// and backend pools (default: one per core the process may run on —
+    /// its CPU affinity and cgroup quota — see docs/PERFORMANCE.md).
     #[arg(long, env = "SHARDLINE_PROXY_THREADS")]
     threads: Option<usize>,
 }
@@ -130,7 +131,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     {
         tracing::warn!(cluster = %config.cluster, "no shard map yet; clients get an error until one is loaded");
     }
-    let threads = args.threads.unwrap_or(1).max(1);
+    // A proxy usually has its machine (or container) to itself: one event
+    // loop per core it may use. On a machine shared with Postgres and the
+    // clients, a second thread gains nothing but costs nothing measurable
+    // either (docs/PERFORMANCE.md).
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+        .max(1);
     let mut pool_config = config.pool.to_pool_config();
     // The configured pool size is per server for the whole proxy.
     pool_config.size = pool_config.size.div_ceil(threads).max(1);
