@@ -8,7 +8,12 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 # Builds, starts the cluster; sets work, pg_port, etcd.
 bench_cluster() { # temp-dir-prefix [servers] [partitions]
-  cargo build --release --locked -q -p shardctl -p proxy -p rebalancer
+  # Builds share one lock when flock is there: two cargo builds at once on a
+  # small machine each take far longer than one after the other.
+  local lock=""
+  command -v flock >/dev/null 2>&1 && lock="flock /tmp/shardline-cargo.lock"
+  # BENCH_NO_BUILD=1 runs the binaries as they are (say, a baseline's).
+  [ -n "${BENCH_NO_BUILD:-}" ] || $lock cargo build --release --locked -q -p shardctl -p proxy -p rebalancer
   work=$(mktemp -d "/tmp/$1.XXXXXX")
   chmod 755 "$work"
   trap bench_cleanup EXIT
@@ -26,10 +31,13 @@ bench_cleanup() {
   rm -rf "$work"
 }
 
-# Starts the proxy (trust auth); sets proxy_port, proxy_pid.
-start_proxy() {
+# Starts the proxy (trust auth), with a config file if given; sets
+# proxy_port, proxy_pid.
+start_proxy() { # [config-file]
   proxy_port=$(free_port)
-  SHARDLINE_LOG=warn "$bin/shardline-proxy" --etcd "$etcd" --listen "127.0.0.1:$proxy_port" --auth-method trust \
+  local config=()
+  [ -n "${1:-}" ] && config=(--config "$1")
+  SHARDLINE_LOG=warn "$bin/shardline-proxy" "${config[@]}" --etcd "$etcd" --listen "127.0.0.1:$proxy_port" --auth-method trust \
     > "$work/proxy.log" 2>&1 &
   proxy_pid=$!
 }
