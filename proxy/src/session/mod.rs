@@ -134,7 +134,8 @@ pub struct Session {
     hint: Hint,
     /// `SET LOCAL shardline.key` / `shardline.group`: the current
     /// transaction's hint (cleared when the next transaction begins).
-    tx_hint: Option<Hint>,
+    /// Boxed: rare, and every session would carry its size.
+    tx_hint: Option<Box<Hint>>,
     /// Set when a request ended with Flush: the backend is kept until Sync.
     unsynced: bool,
     /// Set when a request that did not end in Sync failed where no backend
