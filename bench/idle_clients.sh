@@ -45,8 +45,18 @@ def rss_kib():
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
+retries = 0
 def connect():
-    return psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres", autocommit=True)
+    # A burst of thousands of connects can overflow a listen backlog; a
+    # lost SYN is a timeout, not a refusal: try again, and say so.
+    global retries
+    for attempt in range(3):
+        try:
+            return psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=10", autocommit=True)
+        except psycopg.OperationalError:
+            if attempt == 2:
+                raise
+            retries += 1
 def per_client(kib, base):
     return (kib - base) * 1024 / n
 warm = connect()
@@ -56,7 +66,8 @@ before = rss_kib()
 conns = [connect() for _ in range(n)]
 time.sleep(1.0)
 idle = rss_kib()
-print(f"{name:10s} RSS before {before:8d} KiB  with {n} idle clients {idle:8d} KiB  per idle client {per_client(idle, before):6.0f} bytes", flush=True)
+print(f"{name:10s} RSS before {before:8d} KiB  with {n} idle clients {idle:8d} KiB  per idle client {per_client(idle, before):6.0f} bytes"
+      + (f"  ({retries} connects retried)" if retries else ""), flush=True)
 if active > 0:
     run = subprocess.Popen(
         ["pgbench", "-n", "-S", "-c", str(active), "-j", "2", "-T", str(secs),
@@ -77,7 +88,8 @@ if active > 0:
     print(f"{name:10s}   RSS during {active} active + {n} idle {peak:8d} KiB (peak)  after {after:8d} KiB  per idle client after {per_client(after, before):6.0f} bytes", flush=True)
 for c in conns:
     c.execute("SELECT 1")
-time.sleep(1.0)
+# Past the proxy's idle threshold (session::IDLE_AFTER, 500 ms) for all of them.
+time.sleep(3.0)
 queried = rss_kib()
 print(f"{name:10s}   RSS after each idle client ran one query {queried:8d} KiB  per idle client {per_client(queried, before):6.0f} bytes", flush=True)
 for c in conns:
