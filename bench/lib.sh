@@ -19,7 +19,8 @@ bench_cargo() {
 
 # Builds, starts the cluster; sets work, pg_port, etcd.
 bench_cluster() { # temp-dir-prefix [servers] [partitions]
-  bench_cargo build --release --locked -q -p shardctl -p proxy -p rebalancer
+  # BENCH_NO_BUILD=1 runs the binaries as they are (say, a baseline's).
+  [ -n "${BENCH_NO_BUILD:-}" ] || bench_cargo build --release --locked -q -p shardctl -p proxy -p rebalancer
   work=$(mktemp -d "/tmp/$1.XXXXXX")
   chmod 755 "$work"
   trap bench_cleanup EXIT
@@ -38,10 +39,13 @@ bench_cleanup() {
   rm -rf "$work"
 }
 
-# Starts the proxy (trust auth); sets proxy_port, proxy_pid.
-start_proxy() {
+# Starts the proxy (trust auth), with a config file if given; sets
+# proxy_port, proxy_pid.
+start_proxy() { # [config-file]
   proxy_port=$(free_port)
-  SHARDLINE_LOG=warn "$bin/shardline-proxy" --etcd "$etcd" --listen "127.0.0.1:$proxy_port" --auth-method trust \
+  local config=()
+  [ -n "${1:-}" ] && config=(--config "$1")
+  SHARDLINE_LOG=warn "$bin/shardline-proxy" "${config[@]}" --etcd "$etcd" --listen "127.0.0.1:$proxy_port" --auth-method trust \
     > "$work/proxy.log" 2>&1 &
   proxy_pid=$!
 }

@@ -65,7 +65,9 @@ pub struct Pool {
     pub server: Arc<str>,
     pub endpoint: Endpoint,
     password: Option<String>,
-    idle: Mutex<Vec<Backend>>,
+    /// Boxed, so that a lease (held in every session's state) is small
+    /// and moving a connection in and out of the pool copies a pointer.
+    idle: Mutex<Vec<Box<Backend>>>,
     permits: Arc<Semaphore>,
     config: PoolConfig,
     pub stats: PoolStats,
@@ -74,7 +76,7 @@ pub struct Pool {
 /// A connection checked out of a pool; it goes back when dropped, unless it
 /// is broken or still inside a transaction.
 pub struct Lease {
-    backend: Option<Backend>,
+    backend: Option<Box<Backend>>,
     pool: Arc<Pool>,
     _permit: OwnedSemaphorePermit,
 }
@@ -189,7 +191,7 @@ impl Pool {
         .await?;
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         Ok(Lease {
-            backend: Some(backend),
+            backend: Some(Box::new(backend)),
             pool: self.clone(),
             _permit: permit,
         })

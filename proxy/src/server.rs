@@ -102,8 +102,51 @@ async fn refuse<S: tokio::io::AsyncWrite + Unpin>(
 }
 
 async fn handle_client(stream: TcpStream, shared: Arc<Shared>) -> Result<(), LoginError> {
+    // The login's state (startup packet, parameters, authentication) is
+    // large and lives once: boxed, it is freed before the session starts, and
+    // the task of an idle client holds the session only.
+    let Some(login) = Box::pin(login(stream, &shared)).await? else {
+        return Ok(());
+    };
+    let LoggedIn {
+        stream,
+        buf,
+        settings,
+        pid,
+        cancel_slot,
+        client_slot: _client_slot,
+    } = login;
+    shared.active_clients.fetch_add(1, Ordering::Relaxed);
+    let client = ClientIo::new(stream, buf, shared.config.limits.max_message_bytes);
+    let mut session = Session::new(shared.clone(), client, settings, cancel_slot);
+    let result = session.serve().await;
+    session.finish();
+    if let Err(SessionError::ClientProtocol(message)) = &result {
+        session.fatal_and_close(message).await;
+    }
+    shared.cancels.unregister(pid);
+    shared.active_clients.fetch_sub(1, Ordering::Relaxed);
+    result.map_err(|e| LoginError::Protocol(e.to_string()))
+}
+
+/// A client that logged in, ready for its session.
+struct LoggedIn {
+    stream: ClientStream,
+    /// Bytes the client sent after its login messages.
+    buf: BytesMut,
+    settings: BTreeMap<String, String>,
+    /// The client's cancel key.
+    pid: i32,
+    cancel_slot: crate::cancel::TargetSlot,
+    /// Held for the session's life (`limits.max_clients`).
+    client_slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// The login phase; `None` when the connection ends there (a cancel
+/// request, too many clients).
+async fn login(stream: TcpStream, shared: &Arc<Shared>) -> Result<Option<LoggedIn>, LoginError> {
     let mut stream = ClientStream::Plain(stream);
-    let Ok(_slot) = shared.client_slots.clone().try_acquire_owned() else {
+    let Ok(client_slot) = shared.client_slots.clone().try_acquire_owned() else {
         refuse(
             &mut stream,
             "FATAL",
@@ -111,7 +154,7 @@ async fn handle_client(stream: TcpStream, shared: Arc<Shared>) -> Result<(), Log
             "sorry, too many clients already",
         )
         .await;
-        return Ok(());
+        return Ok(None);
     };
     let mut buf = BytesMut::with_capacity(1024);
     // Startup phase: SSL/GSSENC negotiation, cancel, or the startup message.
@@ -173,7 +216,7 @@ async fn handle_client(stream: TcpStream, shared: Arc<Shared>) -> Result<(), Log
                     .i32("cancel")
                     .map_err(|e| LoginError::Protocol(e.to_string()))?;
                 shared.cancels.cancel(pid, secret).await;
-                return Ok(());
+                return Ok(None);
             }
             PROTOCOL_3 => break reader.rest(),
             other => {
@@ -263,17 +306,14 @@ async fn handle_client(stream: TcpStream, shared: Arc<Shared>) -> Result<(), Log
         shared.cancels.unregister(pid);
         return Err(LoginError::Gone);
     }
-    shared.active_clients.fetch_add(1, Ordering::Relaxed);
-    let client = ClientIo::new(stream, buf, shared.config.limits.max_message_bytes);
-    let mut session = Session::new(shared.clone(), client, settings, slot);
-    let result = session.run().await;
-    session.finish();
-    if let Err(SessionError::ClientProtocol(message)) = &result {
-        session.fatal_and_close(message).await;
-    }
-    shared.cancels.unregister(pid);
-    shared.active_clients.fetch_sub(1, Ordering::Relaxed);
-    result.map_err(|e| LoginError::Protocol(e.to_string()))
+    Ok(Some(LoggedIn {
+        stream,
+        buf,
+        settings,
+        pid,
+        cancel_slot: slot,
+        client_slot,
+    }))
 }
 
 /// Startup parameters that are session settings to replay on backends.
@@ -479,4 +519,61 @@ pub fn bind_shared(address: std::net::SocketAddr) -> std::io::Result<TcpListener
     socket.set_nodelay(true)?;
     socket.bind(address)?;
     socket.listen(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Users;
+    use crate::config::ProxyConfig;
+    use crate::pool::{PoolConfig, Pools};
+
+    fn shared() -> Arc<Shared> {
+        let config = ProxyConfig::default();
+        let secrets = Arc::new(config.backend.clone());
+        let (_tx, map) = tokio::sync::watch::channel(None);
+        Arc::new(Shared::new(
+            config,
+            Users::default(),
+            map,
+            Pools::new(PoolConfig::default(), secrets),
+        ))
+    }
+
+    async fn socket_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let client = TcpStream::connect(address).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        (client, server)
+    }
+
+    /// The task of an idle client holds its session and the small future
+    /// waiting for its socket; a request's state is boxed while it runs
+    /// (see `Session::serve`). Sizes as built for tests (unoptimised:
+    /// release builds are smaller).
+    #[tokio::test]
+    async fn the_task_of_an_idle_client_is_small() {
+        let (_client, server) = socket_pair().await;
+        let task = handle_client(server, shared());
+        let task_bytes = std::mem::size_of_val(&task);
+        drop(task);
+        let (_client, server) = socket_pair().await;
+        let (_pid, _secret, slot) = shared().cancels.register();
+        let io = ClientIo::new(ClientStream::Plain(server), BytesMut::new(), 1 << 30);
+        let mut session = Session::new(shared(), io, BTreeMap::new(), slot);
+        let serve_bytes = std::mem::size_of_val(&session.serve());
+        eprintln!(
+            "handle_client future {task_bytes} bytes, Session {} bytes, Session::serve future {serve_bytes} bytes",
+            std::mem::size_of::<Session>()
+        );
+        assert!(
+            task_bytes <= 2048,
+            "handle_client future: {task_bytes} bytes"
+        );
+        assert!(
+            serve_bytes <= 512,
+            "Session::serve future: {serve_bytes} bytes"
+        );
+    }
 }

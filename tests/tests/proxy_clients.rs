@@ -432,6 +432,77 @@ async fn read_to_close(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
     all
 }
 
+/// A client that sends nothing for a while gives its buffers and its
+/// request state back (see `proxy::session::client`); what its session
+/// holds — prepared statements, settings, an open transaction, half a
+/// message sent before the pause — is all still there when it goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_go_idle_and_go_on_where_they_were() {
+    let cluster = TestCluster::start(1);
+    let _ = setup(&cluster).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |_| {}).await;
+    let idle = proxy::session::IDLE_AFTER + Duration::from_millis(300);
+    let client = proxy.connect().await;
+    let by_key = client
+        .prepare("SELECT abalance FROM pgbench_accounts WHERE aid = $1")
+        .await
+        .expect("prepare");
+    client
+        .batch_execute("SET statement_timeout = '12345'")
+        .await
+        .expect("set");
+    tokio::time::sleep(idle).await;
+    let row = client
+        .query_one(&by_key, &[&7_i32])
+        .await
+        .expect("run prepared");
+    assert_eq!(row.get::<_, i32>(0), 0);
+    let row = client
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .expect("show");
+    assert_eq!(row.get::<_, String>(0), "12345ms");
+    client.batch_execute("BEGIN").await.expect("begin");
+    client
+        .execute(
+            "UPDATE pgbench_accounts SET abalance = abalance + 5 WHERE aid = $1",
+            &[&7_i32],
+        )
+        .await
+        .expect("update");
+    tokio::time::sleep(idle).await;
+    client.batch_execute("COMMIT").await.expect("commit");
+    let row = client
+        .query_one(&by_key, &[&7_i32])
+        .await
+        .expect("read back");
+    assert_eq!(row.get::<_, i32>(0), 5);
+
+    // Half a Query, a pause, then the rest: one message.
+    let mut raw = raw_login(&proxy).await;
+    let query = b"SELECT 1\0";
+    let mut message = vec![b'Q'];
+    message.extend_from_slice(&((4 + query.len()) as i32).to_be_bytes());
+    message.extend_from_slice(query);
+    raw.write_all(&message[..7]).await.expect("first half");
+    tokio::time::sleep(idle).await;
+    raw.write_all(&message[7..]).await.expect("second half");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !seen.windows(6).any(|w| w == b"Z\0\0\0\x05I") {
+        let n = tokio::time::timeout(Duration::from_secs(5), raw.read(&mut buf))
+            .await
+            .expect("reply in time")
+            .expect("read reply");
+        assert!(n > 0, "proxy closed the connection");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        seen.windows(11).any(|w| w == b"C\0\0\0\x0dSELECT"),
+        "{seen:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_input_is_refused_without_disturbing_other_sessions() {
     let cluster = TestCluster::start(1);

@@ -1,5 +1,14 @@
 //! The client's side of a session: its socket with a read buffer (framed
 //! into messages) and a write buffer, and the errors that end a session.
+//!
+//! Most clients of a pooling proxy are idle most of the time, so a client
+//! that sent nothing for `IDLE_AFTER` gives its buffers back and waits for
+//! its socket to become readable without them; a busy client keeps them
+//! from one request to the next, so requests allocate no buffers. TLS
+//! clients keep their buffers (rustls buffers the socket's bytes itself, so
+//! the socket's readiness does not say whether a message is waiting).
+
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,7 +32,12 @@ impl ClientIo {
     pub fn new(stream: ClientStream, read_buf: BytesMut, max_message: usize) -> ClientIo {
         ClientIo {
             stream,
-            read_buf,
+            // The login's buffer is not kept for a client that waits.
+            read_buf: if read_buf.is_empty() {
+                BytesMut::new()
+            } else {
+                read_buf
+            },
             // Allocated on first use: idle clients cost only their task and socket.
             out: BytesMut::new(),
             max_message,
@@ -39,6 +53,9 @@ impl ClientIo {
                 Ok(None) => {}
                 Err(e) => return Err(SessionError::ClientProtocol(e.to_string())),
             }
+            if self.read_buf.capacity() == 0 {
+                self.read_buf.reserve(READ_BYTES);
+            }
             let n = self
                 .stream
                 .read_buf(&mut self.read_buf)
@@ -50,6 +67,57 @@ impl ClientIo {
                 }
                 return Err(SessionError::ClientGone);
             }
+        }
+    }
+
+    /// The first message of the next request; `Closed` when the client
+    /// closed the connection, `Idle` when it sent nothing for `IDLE_AFTER`
+    /// (its buffers are then released: see the module doc).
+    pub async fn read_request(&mut self) -> Result<Next, SessionError> {
+        loop {
+            match next_frame(&mut self.read_buf, self.max_message) {
+                Ok(Some(frame)) => return Ok(Next::Frame(frame)),
+                Ok(None) => {}
+                Err(e) => return Err(SessionError::ClientProtocol(e.to_string())),
+            }
+            let ClientStream::Plain(tcp) = &self.stream else {
+                return Ok(self.read_frame().await?.map_or(Next::Closed, Next::Frame));
+            };
+            if !self.read_buf.is_empty() || !self.out.is_empty() {
+                // Part of a message is in: the rest follows shortly.
+                return Ok(self.read_frame().await?.map_or(Next::Closed, Next::Frame));
+            }
+            match tokio::time::timeout(IDLE_AFTER, tcp.readable()).await {
+                Err(_) => {
+                    // Empty, so no partial message is lost; frames cut
+                    // from the read buffer keep their bytes.
+                    self.read_buf = BytesMut::new();
+                    self.out = BytesMut::new();
+                    return Ok(Next::Idle);
+                }
+                Ok(Err(_)) => return Err(SessionError::ClientGone),
+                Ok(Ok(())) => {}
+            }
+            if self.read_buf.capacity() == 0 {
+                self.read_buf.reserve(READ_BYTES);
+            }
+            // Readiness may be stale (the last read did not drain the
+            // socket): then this clears it and the loop waits again.
+            match tcp.try_read_buf(&mut self.read_buf) {
+                Ok(0) => return Ok(Next::Closed),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return Err(SessionError::ClientGone),
+            }
+        }
+    }
+
+    /// Waits until an idle client sends something (or closes).
+    pub async fn readable(&self) -> Result<(), SessionError> {
+        match &self.stream {
+            ClientStream::Plain(tcp) => tcp.readable().await.map_err(|_| SessionError::ClientGone),
+            // Never idle (see `read_request`).
+            ClientStream::Tls(_) => Ok(()),
         }
     }
 
@@ -85,10 +153,91 @@ impl ClientIo {
     }
 }
 
+/// How long a client may send nothing and keep its buffers: long enough
+/// that a client busy with a stream of requests never gives them back (a
+/// request then allocates none), short enough that the many idle clients of
+/// a pooling proxy hold none.
+pub const IDLE_AFTER: Duration = Duration::from_millis(500);
+
+/// The read buffer's size when a client starts a request after being idle:
+/// most requests fit, larger ones grow it.
+const READ_BYTES: usize = 4 * 1024;
+
+/// What `read_request` found.
+pub enum Next {
+    Frame(Frame),
+    Closed,
+    Idle,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("client disconnected")]
     ClientGone,
     #[error("protocol violation: {0}")]
     ClientProtocol(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+    use tokio::net::{TcpListener, TcpStream};
+
+    async fn connected() -> (TcpStream, ClientIo) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let peer = TcpStream::connect(address).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let io = ClientIo::new(ClientStream::Plain(server), BytesMut::new(), 1 << 20);
+        (peer, io)
+    }
+
+    fn query(sql: &str) -> Vec<u8> {
+        let mut message = vec![b'Q'];
+        message.extend_from_slice(&(4 + sql.len() as i32 + 1).to_be_bytes());
+        message.extend_from_slice(sql.as_bytes());
+        message.push(0);
+        message
+    }
+
+    async fn next_query(io: &mut ClientIo) -> Vec<u8> {
+        match io.read_request().await.expect("read") {
+            Next::Frame(frame) => {
+                assert_eq!(frame.tag, b'Q');
+                frame.body().to_vec()
+            }
+            Next::Closed => panic!("closed"),
+            Next::Idle => panic!("idle"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_client_holds_no_buffers_and_goes_on_when_it_sends() {
+        let (mut peer, mut io) = connected().await;
+        peer.write_all(&query("SELECT 1")).await.expect("send");
+        peer.write_all(&query("SELECT 2")).await.expect("send");
+        assert_eq!(next_query(&mut io).await, b"SELECT 1\0");
+        messages::ready_for_query(b'I', &mut io.out);
+        io.flush().await.expect("flush");
+        assert_eq!(next_query(&mut io).await, b"SELECT 2\0");
+        // Busy: the buffers stay from one request to the next.
+        assert!(io.read_buf.capacity() > 0 && io.out.capacity() > 0);
+        messages::ready_for_query(b'I', &mut io.out);
+        io.flush().await.expect("flush");
+
+        let started = Instant::now();
+        assert!(matches!(io.read_request().await, Ok(Next::Idle)));
+        assert!(started.elapsed() >= IDLE_AFTER);
+        assert_eq!((io.read_buf.capacity(), io.out.capacity()), (0, 0));
+        let mut replies = [0u8; 12];
+        peer.read_exact(&mut replies).await.expect("replies");
+        assert_eq!(&replies, b"Z\0\0\0\x05IZ\0\0\0\x05I");
+
+        peer.write_all(&query("SELECT 3")).await.expect("send");
+        io.readable().await.expect("readable");
+        assert_eq!(next_query(&mut io).await, b"SELECT 3\0");
+        drop(peer);
+        assert!(matches!(io.read_request().await, Ok(Next::Closed)));
+    }
 }

@@ -40,7 +40,7 @@ mod statements;
 mod tx;
 mod writes;
 
-pub use client::{ClientIo, SessionError};
+pub use client::{ClientIo, SessionError, IDLE_AFTER};
 pub use settings::quote_literal;
 
 use std::collections::BTreeMap;
@@ -56,6 +56,7 @@ use crate::route::RouteError;
 use crate::wire::frame::Frame;
 use crate::wire::messages;
 
+use client::Next;
 use plan::Plan;
 use statements::Statements;
 use tx::Tx;
@@ -106,6 +107,13 @@ impl Request {
     }
 }
 
+/// Why `Session::run` returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    Closed,
+    Idle,
+}
+
 /// One client's session after login.
 pub struct Session {
     shared: Arc<Shared>,
@@ -131,7 +139,8 @@ pub struct Session {
     hint: Hint,
     /// `SET LOCAL shardline.key` / `shardline.group`: the current
     /// transaction's hint (cleared when the next transaction begins).
-    tx_hint: Option<Hint>,
+    /// Boxed: rare, and every session would carry its size.
+    tx_hint: Option<Box<Hint>>,
     /// Set when a request ended with Flush: the backend is kept until Sync.
     unsynced: bool,
     /// Set when a request that did not end in Sync failed where no backend
@@ -194,12 +203,45 @@ impl Session {
         }
     }
 
-    pub async fn run(&mut self) -> Result<(), SessionError> {
+    /// Serves the client until it closes the connection.
+    pub async fn serve(&mut self) -> Result<(), SessionError> {
+        loop {
+            if self.client.read_buf.is_empty() {
+                self.client.readable().await?;
+            }
+            // Boxed, so that the large state of a request in flight exists
+            // only while the client is busy: the task of an idle client is
+            // a few hundred bytes. A busy client stays in `run` from one
+            // request to the next (one box per busy period, not per request).
+            if Box::pin(self.run()).await? == Ended::Closed {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Serves requests until the client closes the connection or goes idle.
+    async fn run(&mut self) -> Result<Ended, SessionError> {
         let mut batch: Vec<Frame> = Vec::new();
         let mut batch_bytes = 0usize;
         loop {
-            let Some(frame) = self.client.read_frame().await? else {
-                return Ok(());
+            // Inside an unsynced batch the rest follows shortly; between
+            // requests the client may go idle.
+            let next = if batch.is_empty() {
+                self.client.read_request().await?
+            } else {
+                match self.client.read_frame().await? {
+                    Some(frame) => Next::Frame(frame),
+                    None => Next::Closed,
+                }
+            };
+            let frame = match next {
+                Next::Frame(frame) => frame,
+                Next::Closed => return Ok(Ended::Closed),
+                Next::Idle => {
+                    // Reused while busy; an idle client keeps none.
+                    self.plan_buffers = Plan::default();
+                    return Ok(Ended::Idle);
+                }
             };
             if self.skipping {
                 match frame.tag {
@@ -207,7 +249,7 @@ impl Session {
                         self.skipping = false;
                         self.ready().await?;
                     }
-                    b'X' => return Ok(()),
+                    b'X' => return Ok(Ended::Closed),
                     // Ignored after an error until Sync, as in Postgres.
                     _ => {}
                 }
@@ -240,7 +282,7 @@ impl Session {
                     self.extended(&mut batch).await?;
                     self.land();
                 }
-                b'X' => return Ok(()),
+                b'X' => return Ok(Ended::Closed),
                 b'd' | b'c' | b'f' => {
                     // Stray COPY messages outside a COPY: Postgres ignores them.
                 }

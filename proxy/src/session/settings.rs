@@ -255,7 +255,7 @@ impl Session {
     /// `SET LOCAL shardline.key | shardline.group`: for the rest of the
     /// transaction (false for another setting, which is not local here).
     pub(super) fn apply_local_hint(&mut self, setting: ProxySetting) -> bool {
-        let hint = self.tx_hint.get_or_insert_with(Hint::default);
+        let hint = self.tx_hint.get_or_insert_with(Box::default);
         match setting {
             ProxySetting::Key(key) => hint.key = key,
             ProxySetting::Group(group) => hint.group = group,
