@@ -164,7 +164,7 @@ impl Session {
             }));
         }
         // Prefix: settings the backend lacks, then a held-back BEGIN.
-        let mut plan = std::mem::take(&mut self.plan_buffers);
+        let mut plan = self.plan_buffers.take().unwrap_or_default();
         plan.out.clear();
         plan.expects.clear();
         if lease.backend().settings_unknown {
@@ -244,7 +244,7 @@ impl Session {
         // Keep the buffers for the next request (bounded, so one huge request
         // does not pin memory for the session's life).
         if plan.out.capacity() <= 64 * 1024 {
-            self.plan_buffers = plan;
+            self.plan_buffers = Some(plan);
         }
         match result {
             Ok(()) => {}
@@ -323,7 +323,7 @@ impl Session {
     pub(super) fn pool_for(&mut self, target: &str) -> Result<Arc<Pool>, (&'static str, String)> {
         let snapshot = self.shared.map.borrow();
         let version = snapshot.as_ref().map_or(0, |v| v.revision);
-        if let Some((cached_version, name, pool)) = &self.last_pool {
+        if let Some((cached_version, name, pool)) = self.last_pool.as_deref() {
             if *cached_version == version && name.as_str() == target {
                 return Ok(pool.clone());
             }
@@ -334,7 +334,7 @@ impl Session {
             .ok_or_else(|| ("57P03", format!("server {target} is not in the shard map")))?;
         let pool = self.shared.pools.for_server(server);
         drop(snapshot);
-        self.last_pool = Some((version, target.to_string(), pool.clone()));
+        self.last_pool = Some(Box::new((version, target.to_string(), pool.clone())));
         Ok(pool)
     }
 

@@ -136,7 +136,7 @@ pub struct Session {
     cross_server: Option<bool>,
     /// `SET shardline.key` / `shardline.group`: the routing hint of the
     /// session (see `route::hint`).
-    hint: Hint,
+    hint: Option<Box<Hint>>,
     /// `SET LOCAL shardline.key` / `shardline.group`: the current
     /// transaction's hint (cleared when the next transaction begins).
     /// Boxed: rare, and every session would carry its size.
@@ -147,9 +147,9 @@ pub struct Session {
     /// skips for the client: messages are ignored up to the client's Sync.
     skipping: bool,
     /// The pool used last, with the map revision it was looked up in.
-    last_pool: Option<(i64, String, Arc<Pool>)>,
+    last_pool: Option<Box<(i64, String, Arc<Pool>)>>,
     /// Buffers of the request being sent, reused from one request to the next.
-    plan_buffers: Plan,
+    plan_buffers: Option<Box<Plan>>,
     /// `SET shardline.read_replica = on`: reads outside transactions go to replicas.
     read_replica: bool,
     /// `SET shardline.scatter`; `None` follows the proxy's `[scatter] enabled`.
@@ -179,12 +179,12 @@ impl Session {
             legs: Vec::new(),
             leg_prelude: None,
             cross_server: None,
-            hint: Hint::default(),
+            hint: None,
             tx_hint: None,
             unsynced: false,
             skipping: false,
             last_pool: None,
-            plan_buffers: Plan::default(),
+            plan_buffers: None,
             read_replica: false,
             scatter: None,
             replica_turn: 0,
@@ -239,7 +239,7 @@ impl Session {
                 Next::Closed => return Ok(Ended::Closed),
                 Next::Idle => {
                     // Reused while busy; an idle client keeps none.
-                    self.plan_buffers = Plan::default();
+                    self.plan_buffers = None;
                     return Ok(Ended::Idle);
                 }
             };

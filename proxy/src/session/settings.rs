@@ -245,11 +245,17 @@ impl Session {
             ProxySetting::ReadReplica(on) => self.read_replica = on,
             ProxySetting::Scatter(on) => self.scatter = on,
             ProxySetting::CrossServer(on) => self.cross_server = on,
-            ProxySetting::Key(key) => self.hint.key = key,
-            ProxySetting::Group(group) => self.hint.group = group,
-            ProxySetting::Partition(partition) => self.hint.partition = partition,
-            ProxySetting::Server(server) => self.hint.server = server,
+            ProxySetting::Key(key) => self.session_hint().key = key,
+            ProxySetting::Group(group) => self.session_hint().group = group,
+            ProxySetting::Partition(partition) => self.session_hint().partition = partition,
+            ProxySetting::Server(server) => self.session_hint().server = server,
         }
+    }
+
+    /// The session's routing hint, made on first use (most sessions never
+    /// set one, and an idle session should stay small).
+    fn session_hint(&mut self) -> &mut Hint {
+        self.hint.get_or_insert_with(Box::default)
     }
 
     /// `SET LOCAL shardline.key | shardline.group`: for the rest of the
@@ -269,9 +275,10 @@ impl Session {
     /// The routing hint of a statement: its comment's, filled in by the
     /// transaction's (`SET LOCAL`) and then the session's.
     pub(super) fn hint_for(&self, sql: &str) -> Result<Hint, RouteError> {
+        let session = self.hint.as_deref().cloned().unwrap_or_default();
         let inherited = match (&self.tx_hint, &self.tx) {
-            (Some(local), tx) if *tx != Tx::Idle => local.or(&self.hint),
-            _ => self.hint.clone(),
+            (Some(local), tx) if *tx != Tx::Idle => local.or(&session),
+            _ => session,
         };
         Ok(match comment_hint(sql)? {
             Some(comment) => comment.or(&inherited),

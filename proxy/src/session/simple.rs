@@ -6,7 +6,6 @@ use crate::backend::PreparedStatements;
 
 use crate::analyze::{Analyzed, Command, DataStatement, Literal};
 use crate::metrics::Metrics;
-use crate::route::hint::Hint;
 use crate::route::writes::plan_write;
 use crate::route::{route_hinted, Resolution, Route, RouteError};
 use crate::wire::frame::Frame;
@@ -272,7 +271,7 @@ impl Session {
         }
         if name.is_none() {
             // RESET ALL ends the session's routing hint too.
-            self.hint = Hint::default();
+            self.hint = None;
         }
         let names: Vec<String> = match name {
             Some(name) => vec![name.to_string()],
