@@ -143,3 +143,22 @@ TOML
   echo "PgCat did not start (log: $work/pgcat/pgcat.log)" >&2
   return 1
 }
+
+# Runs pgbench with ARGS; appends its tps to FILE, or "fail" (and, once, its
+# first errors — not its version line nor the abort notes — to FILE.err).
+pgbench_tps() { # file args...
+  local file=$1 out
+  shift
+  if out=$(pgbench "$@" 2>&1) && [[ "$out" == *$'\ntps = '* ]]; then
+    awk '/^tps = / && !done {print $3; done = 1}' <<< "$out" >> "$file"
+  else
+    echo fail >> "$file"
+    [ -e "$file.err" ] || awk '/ERROR|FATAL|error/ && !/^pgbench \(|Run was aborted/ && n < 2 {sub(/client [0-9]+ script [0-9]+ aborted in command [0-9]+ query [0-9]+: /, ""); if (!seen[$0]++) {print; n++}}' <<< "$out" > "$file.err"
+  fi
+}
+
+median_of() { # file -> median of its numbers, or "fail"
+  { grep -v fail "$1" 2>/dev/null || true; } | sort -g | awk '{a[NR]=$1} END {if (NR==0) print "fail"; else printf "%.0f\n", a[int((NR+1)/2)]}'
+}
+
+ratio() { python3 -c "import sys; a,b=sys.argv[1],sys.argv[2]; print('n/a' if 'fail' in (a,b) else '%.2f' % (float(a)/float(b)))" "$1" "$2"; }

@@ -46,21 +46,11 @@ trap 'kill "${pids[@]}" 2>/dev/null; bench_cleanup' EXIT
 sleep 1
 
 run() { # workload target port -> appends tps or "fail" to $work/<workload>.<target>
-  local out flag="" file="$work/$1.$2"
+  local flag=""
   [ "$1" = select ] && flag="-S"
   # shellcheck disable=SC2086
-  if out=$(pgbench -n $flag -M "$mode" -c "$clients" -j 2 -T "$secs" -h 127.0.0.1 -p "$3" -U postgres postgres 2>&1) \
-     && [[ "$out" == *$'\ntps = '* ]]; then
-    awk '/^tps = / && !done {print $3; done = 1}' <<< "$out" >> "$file"
-  else
-    echo fail >> "$file"
-    [ -e "$file.err" ] || awk '/ERROR|FATAL|error/ && !/^pgbench \(|Run was aborted/ && n < 2 {sub(/client [0-9]+ script [0-9]+ aborted in command [0-9]+ query [0-9]+: /, ""); if (!seen[$0]++) {print; n++}}' <<< "$out" > "$file.err"
-  fi
+  pgbench_tps "$work/$1.$2" -n $flag -M "$mode" -c "$clients" -j 2 -T "$secs" -h 127.0.0.1 -p "$3" -U postgres postgres
 }
-median() { # file -> median of its numbers, or "fail"
-  { grep -v fail "$1" 2>/dev/null || true; } | sort -g | awk '{a[NR]=$1} END {if (NR==0) print "fail"; else printf "%.0f\n", a[int((NR+1)/2)]}'
-}
-ratio() { python3 -c "import sys; a,b=sys.argv[1],sys.argv[2]; print('n/a' if 'fail' in (a,b) else '%.2f' % (float(a)/float(b)))" "$1" "$2"; }
 
 for _ in $(seq "$rounds"); do
   for w in $workloads; do
@@ -71,11 +61,11 @@ done
 echo "proxy --threads N: pgbench -M $mode -c $clients -j 2, ${secs}s per run, $rounds interleaved rounds, median tps, $(nproc) cores"
 printf "%-9s %8s %12s %12s %12s\n" workload threads tps "vs 1 thread" proxy/direct
 for w in $workloads; do
-  d=$(median "$work/$w.direct")
-  one=$(median "$work/$w.1")
+  d=$(median_of "$work/$w.direct")
+  one=$(median_of "$work/$w.1")
   printf "%-9s %8s %12s %12s %12s\n" "$w" direct "$d" "" ""
   for n in $counts; do
-    t=$(median "$work/$w.$n")
+    t=$(median_of "$work/$w.$n")
     printf "%-9s %8s %12s %12s %12s\n" "$w" "$n" "$t" "$(ratio "$t" "$one")" "$(ratio "$t" "$d")"
   done
   for n in direct $counts; do

@@ -60,6 +60,7 @@ for t in branches tellers history; do "$bin/shardctl" table add "pgbench_$t" --h
 
 # The proxy reads its --threads from SHARDLINE_PROXY_THREADS (so does the baseline).
 if [ -n "${PROXY_THREADS:-}" ]; then export SHARDLINE_PROXY_THREADS="$PROXY_THREADS"; fi
+# shellcheck disable=SC2119 # no config file: the defaults
 start_proxy
 start_pgbouncer 1000
 names=(direct pgbouncer proxy)
@@ -124,21 +125,10 @@ flags() { # workload -> pgbench flags
   esac
 }
 run() { # workload target port mode -> appends tps or "fail" to $work/<workload>.<mode>.<target>
-  local out file="$work/$1.$4.$2"
   # shellcheck disable=SC2046
-  if out=$(PGPASSWORD=postgres pgbench -n $(flags "$1") -M "$4" -c "$clients" -j 2 -T "$secs" \
-             -h 127.0.0.1 -p "$3" -U postgres postgres 2>&1) && [[ "$out" == *$'\ntps = '* ]]; then
-    awk '/^tps = / && !done {print $3; done = 1}' <<< "$out" >> "$file"
-  else
-    echo fail >> "$file"
-    # the first errors pgbench printed (not its version line nor the abort notes)
-    [ -e "$file.err" ] || awk '/ERROR|FATAL|error/ && !/^pgbench \(|Run was aborted/ && n < 2 {sub(/client [0-9]+ script [0-9]+ aborted in command [0-9]+ query [0-9]+: /, ""); if (!seen[$0]++) {print; n++}}' <<< "$out" > "$file.err"
-  fi
+  PGPASSWORD=postgres pgbench_tps "$work/$1.$4.$2" -n $(flags "$1") -M "$4" -c "$clients" -j 2 -T "$secs" \
+    -h 127.0.0.1 -p "$3" -U postgres postgres
 }
-median() { # file -> median of its numbers, or "fail"
-  { grep -v fail "$1" 2>/dev/null || true; } | sort -g | awk '{a[NR]=$1} END {if (NR==0) print "fail"; else printf "%.0f\n", a[int((NR+1)/2)]}'
-}
-ratio() { python3 -c "import sys; a,b=sys.argv[1],sys.argv[2]; print('n/a' if 'fail' in (a,b) else '%.2f' % (float(a)/float(b)))" "$1" "$2"; }
 
 echo "pgbench -c $clients -j 2, ${secs}s per run, $rounds interleaved rounds, median tps; scale $scale, $(nproc) cores" \
   "(proxy threads: ${PROXY_THREADS:-default}${pgcat_bin:+, PgCat worker threads: ${PGCAT_THREADS:-$(nproc)}})"
@@ -161,7 +151,7 @@ for w in $workloads; do
   printf "$fmt\n" "${cols[@]}"
   for mode in $modes; do
     declare -A med=()
-    for n in "${names[@]}"; do med[$n]=$(median "$work/$w.$mode.$n"); done
+    for n in "${names[@]}"; do med[$n]=$(median_of "$work/$w.$mode.$n"); done
     row=("$mode")
     for n in "${names[@]}"; do row+=("${med[$n]}"); done
     for n in "${names[@]}"; do [ "$n" = proxy ] || row+=("$(ratio "${med[proxy]}" "${med[$n]}")"); done

@@ -9,7 +9,7 @@
 
 use std::sync::atomic::Ordering;
 
-use shardline_tests::fixtures::{create_table, init_schema, key_per_server};
+use shardline_tests::fixtures::{create_table, init_schema, key_per_server, text_rows};
 use shardline_tests::{TestCluster, TestProxy};
 use shardmap::{Group, KeyType};
 use tokio_postgres::SimpleQueryMessage;
@@ -44,23 +44,16 @@ async fn setup(cluster: &TestCluster) -> shardmap::ClusterMap {
     map
 }
 
-/// Rows of a simple Query as text.
-async fn text_rows(client: &tokio_postgres::Client, sql: &str) -> Vec<Vec<String>> {
-    let messages = client
-        .simple_query(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    messages
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(
-                (0..row.len())
-                    .map(|i| row.get(i).unwrap_or("NULL").to_string())
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
+/// One account per key, with `balance`, inserted through the proxy.
+async fn open_accounts(client: &tokio_postgres::Client, keys: &[i64], balance: i32) {
+    for key in keys {
+        client
+            .batch_execute(&format!(
+                "INSERT INTO accounts (aid, abalance) VALUES ({key}, {balance})"
+            ))
+            .await
+            .expect("insert an account");
+    }
 }
 
 /// Each key's balance, read on the servers directly.
@@ -96,14 +89,7 @@ async fn tpcb_statements_run_kept_inside_transactions_in_both_protocols() {
     let metrics = &proxy.shared.metrics;
     let keys = key_per_server(&cluster, &map, "accounts");
     let client = proxy.connect().await;
-    for key in &keys {
-        client
-            .batch_execute(&format!(
-                "INSERT INTO accounts (aid, abalance) VALUES ({key}, 0)"
-            ))
-            .await
-            .expect("insert an account");
-    }
+    open_accounts(&client, &keys, 0).await;
     let after = u64::from(proxy.shared.config.pool.prepare_simple_after);
     let rounds = after + 3;
     let before = metrics.kept_prepared_runs.load(Ordering::Relaxed);
@@ -202,14 +188,7 @@ async fn unnamed_writes_stay_prepared_in_transactions_and_fail_as_postgres_fails
     let metrics = &proxy.shared.metrics;
     let keys = key_per_server(&cluster, &map, "accounts");
     let client = proxy.connect().await;
-    for key in &keys {
-        client
-            .batch_execute(&format!(
-                "INSERT INTO accounts (aid, abalance) VALUES ({key}, 100)"
-            ))
-            .await
-            .expect("insert an account");
-    }
+    open_accounts(&client, &keys, 100).await;
     let after = u64::from(proxy.shared.config.pool.prepare_unnamed_after);
     let update = "UPDATE accounts SET abalance = abalance / $1 WHERE aid = $2";
     let select = "SELECT abalance FROM accounts WHERE aid = $1";
@@ -287,14 +266,7 @@ async fn parameterized_literals_give_what_the_literals_give() {
     let metrics = &proxy.shared.metrics;
     let keys = key_per_server(&cluster, &map, "accounts");
     let client = proxy.connect().await;
-    for key in &keys {
-        client
-            .batch_execute(&format!(
-                "INSERT INTO accounts (aid, abalance) VALUES ({key}, 5)"
-            ))
-            .await
-            .expect("insert an account");
-    }
+    open_accounts(&client, &keys, 5).await;
     // Types and values computed from signed and unsigned literals in
     // operator places; each compared with the same text run on the owner.
     let queries = |key: i64| {
@@ -333,14 +305,7 @@ async fn a_transactions_first_select_stays_prepared_and_survives_a_column_change
     let metrics = &proxy.shared.metrics;
     let keys = key_per_server(&cluster, &map, "accounts");
     let client = proxy.connect().await;
-    for key in &keys {
-        client
-            .batch_execute(&format!(
-                "INSERT INTO accounts (aid, abalance) VALUES ({key}, 3)"
-            ))
-            .await
-            .expect("insert an account");
-    }
+    open_accounts(&client, &keys, 3).await;
     let select = "SELECT * FROM accounts WHERE aid = $1";
     // BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT (kept); UPDATE; COMMIT.
     let transaction = |columns: usize| {
