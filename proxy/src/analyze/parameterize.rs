@@ -16,7 +16,9 @@
 //!
 //! with an optional sign in front (`= -5`, `+ -4023`, `VALUES (-3)`) when
 //! the statement has no ORDER BY or FETCH (where `-2` can be a position or
-//! a constant only).
+//! a constant only); but not computed with a literal on its left (`1 + 2`,
+//! `10 / 0`), since the planner folds constants and raises their errors
+//! even where no row is read, where a generic plan's parameters do not.
 
 use std::sync::OnceLock;
 
@@ -147,26 +149,56 @@ fn place(statement: &str, at: usize, in_row: bool, signs: bool) -> Place {
         let rest = rest.trim_ascii_end();
         return match rest.last() {
             // After an operator, `(` or `,` the sign belongs to the literal.
-            Some(&b) if is_operator(b) || row_item(b) => {
-                if signs {
-                    Place::Operand {
-                        negated: last == b'-',
-                    }
-                } else {
-                    Place::Other
-                }
-            }
+            Some(&b) if row_item(b) && signs => Place::Operand {
+                negated: last == b'-',
+            },
+            Some(&b) if is_operator(b) && signs && !constant_operation(rest) => Place::Operand {
+                negated: last == b'-',
+            },
+            Some(&b) if is_operator(b) || row_item(b) => Place::Other,
             // `BY -2`, `LIMIT -1`, `SELECT -1`: a value starts here.
             Some(&b) if is_ident(b) && ends_with_keyword(rest) => Place::Other,
             // After an operand: a binary operator.
-            Some(&b) if is_ident(b) || b == b')' || b == b']' => Place::Operand { negated: false },
+            Some(&b) if is_ident(b) || b == b')' || b == b']' => {
+                if constant_operation(before) {
+                    Place::Other
+                } else {
+                    Place::Operand { negated: false }
+                }
+            }
             _ => Place::Other,
         };
     }
-    if is_operator(last) || row_item(last) {
+    if row_item(last) || (is_operator(last) && !constant_operation(before)) {
         return Place::Operand { negated: false };
     }
     Place::Other
+}
+
+/// Whether the operator ending `bytes` computes with a literal on its left
+/// (`1 + 2`, `10 / 0`, `5 * -3`): the planner folds such an expression of
+/// constants, and raises its errors (division by zero, overflow) even where
+/// no row is read, which an expression of parameters in a generic plan does
+/// not. Comparisons fold to a boolean and raise nothing.
+fn constant_operation(bytes: &[u8]) -> bool {
+    let operator_start = bytes
+        .iter()
+        .rposition(|&b| !is_operator(b))
+        .map_or(0, |i| i + 1);
+    let operator = &bytes[operator_start..];
+    if operator
+        .iter()
+        .all(|b| matches!(b, b'=' | b'<' | b'>' | b'!'))
+    {
+        return false;
+    }
+    let left = bytes[..operator_start].trim_ascii_end();
+    let word_start = left
+        .iter()
+        .rposition(|&b| !is_ident(b))
+        .map_or(0, |i| i + 1);
+    let word = &left[word_start..];
+    word.len() > 1 && word[0] == b'$' && word[1..].iter().all(u8::is_ascii_digit)
 }
 
 /// Whether the identifier-like text at the end of `bytes` is a keyword

@@ -34,8 +34,13 @@ fn pgbench_tpcb_statements_are_parameterized() {
 #[test]
 fn arithmetic_operands_and_values_rows_qualify() {
     assert_eq!(
+        text("update t set n = n * 2 + m - 1 where k = 3"),
+        Some("update t set n = n * $1 + m - $2 where k = $3".into())
+    );
+    assert_eq!(
         text("update t set n = n * 2 + 1 where k = 3"),
-        Some("update t set n = n * $1 + $2 where k = $3".into())
+        None,
+        "a literal's left neighbour is a literal: taken as constants (conservatively)"
     );
     assert_eq!(
         text("insert into t values (1, 2), (3, -4)"),
@@ -49,6 +54,11 @@ fn arithmetic_operands_and_values_rows_qualify() {
         text("select * from t where (a - 1) * 2 = b"),
         Some("select * from t where (a - $1) * $2 = b".into()),
         "a binary minus after an operand"
+    );
+    assert_eq!(
+        text("select * from t where k = 1 and -2 < j"),
+        None,
+        "after a keyword a sign starts a value"
     );
     assert_eq!(
         text("select * from t where j -> 2 = k"),
@@ -76,6 +86,10 @@ fn constants_read_as_written_stay() {
     assert_eq!(text("select * from t fetch first -1 rows only"), None);
     assert_eq!(text("select -1 from t"), None);
     assert_eq!(text("select * from t limit 5"), None);
+    // Expressions of constants are folded by the planner, errors included.
+    assert_eq!(text("select * from t where k = 1 + 2"), None);
+    assert_eq!(text("select k / 0 from t where j = 10 / 0"), None);
+    assert_eq!(text("update t set v = 5 * -3 where k = 1"), None);
     // An IN list is not a row.
     assert_eq!(text("select * from t where k in (1, 2)"), None);
 }
