@@ -46,13 +46,7 @@ printf '[pool]\nprepare_unnamed_after = 0\nprepare_simple_after = 0\n' > "$work/
 SHARDLINE_LOG=warn "$bin/shardline-proxy" --config "$work/unkept.toml" --etcd "$etcd" \
   --listen "127.0.0.1:$unkept_port" --auth-method trust > "$work/unkept.log" 2>&1 &
 unkept_pid=$!
-baseline_pid=""
-if [ -n "${BASELINE_PROXY:-}" ]; then
-  baseline_port=$(free_port)
-  SHARDLINE_LOG=warn "$BASELINE_PROXY" --etcd "$etcd" --listen "127.0.0.1:$baseline_port" \
-    --auth-method trust > "$work/baseline.log" 2>&1 &
-  baseline_pid=$!
-fi
+start_baseline
 trap 'kill $unkept_pid $baseline_pid 2>/dev/null; bench_cleanup' EXIT
 
 run() { # target port mode -> tps or "fail"

@@ -72,12 +72,8 @@ if [ -n "$pgcat_bin" ]; then
     echo "PgCat did not start: no PgCat columns" >&2
   fi
 fi
-baseline_pid=""
-if [ -n "${BASELINE_PROXY:-}" ]; then
-  baseline_port=$(free_port)
-  SHARDLINE_LOG=warn "$BASELINE_PROXY" --etcd "$etcd" --listen "127.0.0.1:$baseline_port" \
-    --auth-method trust > "$work/baseline.log" 2>&1 &
-  baseline_pid=$!
+start_baseline
+if [ -n "$baseline_pid" ]; then
   names+=(baseline); ports+=("$baseline_port")
 fi
 trap 'if [ -n "$baseline_pid" ]; then kill "$baseline_pid" 2>/dev/null; fi; bench_cleanup' EXIT

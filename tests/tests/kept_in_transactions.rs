@@ -44,15 +44,36 @@ async fn setup(cluster: &TestCluster) -> shardmap::ClusterMap {
     map
 }
 
-/// One account per key, with `balance`, inserted through the proxy.
-async fn open_accounts(client: &tokio_postgres::Client, keys: &[i64], balance: i32) {
-    for key in keys {
-        client
-            .batch_execute(&format!(
-                "INSERT INTO accounts (aid, abalance) VALUES ({key}, {balance})"
-            ))
-            .await
-            .expect("insert an account");
+/// Three servers, a proxy keeping one connection per server (so requests
+/// share it), and one account per server with `balance`.
+struct Accounts {
+    cluster: TestCluster,
+    proxy: TestProxy,
+    keys: Vec<i64>,
+    client: tokio_postgres::Client,
+}
+
+impl Accounts {
+    async fn open(balance: i32) -> Accounts {
+        let cluster = TestCluster::start(3);
+        let map = setup(&cluster).await;
+        let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 1).await;
+        let keys = key_per_server(&cluster, &map, "accounts");
+        let client = proxy.connect().await;
+        for key in &keys {
+            client
+                .batch_execute(&format!(
+                    "INSERT INTO accounts (aid, abalance) VALUES ({key}, {balance})"
+                ))
+                .await
+                .expect("insert an account");
+        }
+        Accounts {
+            cluster,
+            proxy,
+            keys,
+            client,
+        }
     }
 }
 
@@ -83,13 +104,13 @@ async fn balances(cluster: &TestCluster, keys: &[i64]) -> Vec<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tpcb_statements_run_kept_inside_transactions_in_both_protocols() {
     use tokio_postgres::types::Type;
-    let cluster = TestCluster::start(3);
-    let map = setup(&cluster).await;
-    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 1).await;
+    let Accounts {
+        cluster,
+        proxy,
+        keys,
+        client,
+    } = Accounts::open(0).await;
     let metrics = &proxy.shared.metrics;
-    let keys = key_per_server(&cluster, &map, "accounts");
-    let client = proxy.connect().await;
-    open_accounts(&client, &keys, 0).await;
     let after = u64::from(proxy.shared.config.pool.prepare_simple_after);
     let rounds = after + 3;
     let before = metrics.kept_prepared_runs.load(Ordering::Relaxed);
@@ -182,13 +203,13 @@ async fn tpcb_statements_run_kept_inside_transactions_in_both_protocols() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unnamed_writes_stay_prepared_in_transactions_and_fail_as_postgres_fails() {
     use tokio_postgres::types::Type;
-    let cluster = TestCluster::start(3);
-    let map = setup(&cluster).await;
-    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 1).await;
+    let Accounts {
+        cluster,
+        proxy,
+        keys,
+        client,
+    } = Accounts::open(100).await;
     let metrics = &proxy.shared.metrics;
-    let keys = key_per_server(&cluster, &map, "accounts");
-    let client = proxy.connect().await;
-    open_accounts(&client, &keys, 100).await;
     let after = u64::from(proxy.shared.config.pool.prepare_unnamed_after);
     let update = "UPDATE accounts SET abalance = abalance / $1 WHERE aid = $2";
     let select = "SELECT abalance FROM accounts WHERE aid = $1";
@@ -260,13 +281,13 @@ async fn unnamed_writes_stay_prepared_in_transactions_and_fail_as_postgres_fails
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parameterized_literals_give_what_the_literals_give() {
-    let cluster = TestCluster::start(3);
-    let map = setup(&cluster).await;
-    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 1).await;
+    let Accounts {
+        cluster,
+        proxy,
+        keys,
+        client,
+    } = Accounts::open(5).await;
     let metrics = &proxy.shared.metrics;
-    let keys = key_per_server(&cluster, &map, "accounts");
-    let client = proxy.connect().await;
-    open_accounts(&client, &keys, 5).await;
     // Types and values computed from signed and unsigned literals in
     // operator places; each compared with the same text run on the owner.
     let queries = |key: i64| {
@@ -299,13 +320,13 @@ async fn parameterized_literals_give_what_the_literals_give() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transactions_first_select_stays_prepared_and_survives_a_column_change() {
     use tokio_postgres::types::Type;
-    let cluster = TestCluster::start(3);
-    let map = setup(&cluster).await;
-    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 1).await;
+    let Accounts {
+        cluster,
+        proxy,
+        keys,
+        client,
+    } = Accounts::open(3).await;
     let metrics = &proxy.shared.metrics;
-    let keys = key_per_server(&cluster, &map, "accounts");
-    let client = proxy.connect().await;
-    open_accounts(&client, &keys, 3).await;
     let select = "SELECT * FROM accounts WHERE aid = $1";
     // BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT (kept); UPDATE; COMMIT.
     let transaction = |columns: usize| {
