@@ -534,19 +534,24 @@ fn key_partitions(
             return Ok(None);
         };
         for key in keys {
-            let partition = map.partition_of(table, &key).map_err(|e| {
-                RouteError::new(
-                    "22023",
-                    format!("cannot route key {key} of \"{table}\": {e}"),
-                    "check the key value",
-                )
-            })?;
-            partitions.push(partition);
+            partitions.push(key_partition(map, table, &key)?);
         }
     }
     partitions.sort_unstable();
     partitions.dedup();
     Ok(Some(partitions))
+}
+
+/// The partition of `table` that holds `key`; a key the map cannot place
+/// (out of a range, not in a list) is the client's error.
+fn key_partition(map: &ClusterMap, table: &str, key: &KeyValue) -> Result<u32, RouteError> {
+    map.partition_of(table, key).map_err(|e| {
+        RouteError::new(
+            "22023",
+            format!("cannot route key {key} of \"{table}\": {e}"),
+            "check the key value",
+        )
+    })
 }
 
 /// For a read whose key comes as one array parameter (`key = ANY($n)`):

@@ -18,8 +18,8 @@ use shardmap::{ClusterMap, KeyType, TableKind};
 
 use super::keys::{evaluate_keys, invalid_key};
 use super::{
-    array_param_by_server, insert_key_index, key_exprs, key_partitions, known_table, owner_of,
-    reference, Params, Resolution, Route, RouteError,
+    array_param_by_server, insert_key_index, key_exprs, key_partition, key_partitions, known_table,
+    owner_of, reference, Params, Resolution, Route, RouteError,
 };
 use crate::analyze::statement::{DataStatement, InsertRows, TableUse};
 use crate::analyze::writes::{analyze_write, Refusal, TableInfo, WriteText};
@@ -550,14 +550,7 @@ fn insert_rows(
                 n + 1
             )));
         };
-        let partition = map.partition_of(table, key).map_err(|e| {
-            RouteError::new(
-                "22023",
-                format!("cannot route key {key} of \"{table}\": {e}"),
-                "check the key value",
-            )
-        })?;
-        partitions.push(partition);
+        partitions.push(key_partition(map, table, key)?);
     }
     Ok(Some(Targets::Rows(partitions)))
 }
