@@ -19,9 +19,7 @@ ulimit -n $((total * 2 + 1024)) 2>/dev/null || true
 . bench/lib.sh
 bench_cluster shardline-idle
 if [ "$active" -gt 0 ]; then
-  pgbench -i -q -s 1 -h 127.0.0.1 -p "$pg_port" -U postgres postgres >/dev/null 2>&1
-  "$bin/shardctl" table add pgbench_accounts --key aid --method hash --key-type int >/dev/null
-  for t in branches tellers history; do "$bin/shardctl" table add "pgbench_$t" --home pg1 >/dev/null; done
+  bench_pgbench_schema 1
 fi
 # The default max_clients (10,000) would refuse the last clients of a
 # 10,000 + 1,000 run. The pool keeps its default size (20): ACTIVE clients

@@ -30,6 +30,15 @@ bench_cluster() { # temp-dir-prefix [servers] [partitions]
   etcd=$(python3 -c "import json,sys; print('http://127.0.0.1:%d' % json.load(open(sys.argv[1]))['etcd']['client_port'])" "$work/dev.json")
 }
 
+# pgbench's tables at SCALE on the cluster's first server, declared in the
+# map as a sharded application would: pgbench_accounts sharded by aid, the
+# other pgbench tables homed on pg1.
+bench_pgbench_schema() { # scale
+  pgbench -i -q -s "$1" -h 127.0.0.1 -p "$pg_port" -U postgres postgres >/dev/null 2>&1
+  "$bin/shardctl" table add pgbench_accounts --key aid --method hash --key-type int >/dev/null
+  for t in branches tellers history; do "$bin/shardctl" table add "pgbench_$t" --home pg1 >/dev/null; done
+}
+
 bench_cleanup() {
   if [ -n "${proxy_pid:-}" ]; then kill "$proxy_pid" 2>/dev/null || true; fi
   if [ -n "${rebalancer_pid:-}" ]; then kill "$rebalancer_pid" 2>/dev/null || true; fi

@@ -26,9 +26,7 @@ done
 
 . bench/lib.sh
 bench_cluster shardline-threads
-pgbench -i -q -s 10 -h 127.0.0.1 -p "$pg_port" -U postgres postgres >/dev/null 2>&1
-"$bin/shardctl" table add pgbench_accounts --key aid --method hash --key-type int >/dev/null
-for t in branches tellers history; do "$bin/shardctl" table add "pgbench_$t" --home pg1 >/dev/null; done
+bench_pgbench_schema 10
 
 counts=$(printf '%s\n' 1 2 "$(nproc)" | sort -nu)
 pids=()

@@ -54,9 +54,7 @@ command -v pgbouncer >/dev/null 2>&1 || {
 . bench/lib.sh
 pgcat_bin=$(pgcat_binary)
 bench_cluster shardline-workload
-pgbench -i -q -s $scale -h 127.0.0.1 -p "$pg_port" -U postgres postgres >/dev/null 2>&1
-"$bin/shardctl" table add pgbench_accounts --key aid --method hash --key-type int >/dev/null
-for t in branches tellers history; do "$bin/shardctl" table add "pgbench_$t" --home pg1 >/dev/null; done
+bench_pgbench_schema "$scale"
 
 # The proxy reads its --threads from SHARDLINE_PROXY_THREADS (so does the baseline).
 if [ -n "${PROXY_THREADS:-}" ]; then export SHARDLINE_PROXY_THREADS="$PROXY_THREADS"; fi
