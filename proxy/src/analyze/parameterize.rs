@@ -99,7 +99,7 @@ impl Parens {
         match b {
             b'(' => {
                 let before = text[..at].trim_end();
-                let row = ends_with_word(before, "values")
+                let row = last_word(before.as_bytes()).eq_ignore_ascii_case(b"values")
                     || (before.ends_with(',') && self.closed_row.last() == Some(&true));
                 self.open.push(row);
                 self.closed_row.push(false);
@@ -127,14 +127,14 @@ impl Parens {
     }
 }
 
-fn ends_with_word(text: &str, word: &str) -> bool {
-    let lowered = text.len() >= word.len()
-        && text.is_char_boundary(text.len() - word.len())
-        && text[text.len() - word.len()..].eq_ignore_ascii_case(word);
-    lowered
-        && !text.as_bytes()[..text.len() - word.len()]
-            .last()
-            .is_some_and(|&b| is_ident(b))
+/// The identifier-like word (a name, a keyword, a `$n` marker) that
+/// `bytes` ends with; empty if it ends with anything else.
+fn last_word(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .rposition(|&b| !is_ident(b))
+        .map_or(0, |i| i + 1);
+    &bytes[start..]
 }
 
 /// Where the literal whose marker starts at `at` stands; `signs` allows a
@@ -149,13 +149,15 @@ fn place(statement: &str, at: usize, in_row: bool, signs: bool) -> Place {
         let rest = rest.trim_ascii_end();
         return match rest.last() {
             // After an operator, `(` or `,` the sign belongs to the literal.
-            Some(&b) if row_item(b) && signs => Place::Operand {
-                negated: last == b'-',
-            },
-            Some(&b) if is_operator(b) && signs && !constant_operation(rest) => Place::Operand {
-                negated: last == b'-',
-            },
-            Some(&b) if is_operator(b) || row_item(b) => Place::Other,
+            Some(&b) if is_operator(b) || row_item(b) => {
+                if signs && (row_item(b) || !constant_operation(rest)) {
+                    Place::Operand {
+                        negated: last == b'-',
+                    }
+                } else {
+                    Place::Other
+                }
+            }
             // `BY -2`, `LIMIT -1`, `SELECT -1`: a value starts here.
             Some(&b) if is_ident(b) && ends_with_keyword(rest) => Place::Other,
             // After an operand: a binary operator.
@@ -192,12 +194,7 @@ fn constant_operation(bytes: &[u8]) -> bool {
     {
         return false;
     }
-    let left = bytes[..operator_start].trim_ascii_end();
-    let word_start = left
-        .iter()
-        .rposition(|&b| !is_ident(b))
-        .map_or(0, |i| i + 1);
-    let word = &left[word_start..];
+    let word = last_word(bytes[..operator_start].trim_ascii_end());
     word.len() > 1 && word[0] == b'$' && word[1..].iter().all(u8::is_ascii_digit)
 }
 
@@ -205,11 +202,7 @@ fn constant_operation(bytes: &[u8]) -> bool {
 /// after which a sign starts a value (`SELECT -1`, `BY -2`, `LIMIT -1`):
 /// then the sign is not a binary operator and the literal is no operand.
 fn ends_with_keyword(bytes: &[u8]) -> bool {
-    let start = bytes
-        .iter()
-        .rposition(|&b| !is_ident(b))
-        .map_or(0, |i| i + 1);
-    let word = &bytes[start..];
+    let word = last_word(bytes);
     if word
         .first()
         .is_some_and(|b| b.is_ascii_digit() || *b == b'$')
