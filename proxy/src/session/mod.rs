@@ -88,10 +88,11 @@ pub(super) struct Request {
     /// The unnamed statement runs as a statement kept prepared on the server
     /// (see `keeps_unnamed_prepared`); cleared for the retry of a stale plan.
     pub(super) keep_unnamed: bool,
-    /// A kept statement whose plan went stale can be sent again unseen:
-    /// the request is alone in an implicit transaction. Inside a
-    /// transaction only statements that cannot go stale are kept
-    /// (`DataStatement::no_result`), since a failed Bind aborts it.
+    /// A kept statement whose plan went stale can be sent again unseen
+    /// (`Session::can_resend`: alone in an implicit transaction, or the
+    /// first statement of a held-back one). Elsewhere in a transaction only
+    /// statements that cannot go stale are kept (`DataStatement::no_result`),
+    /// since a failed Bind aborts it.
     pub(super) retry_stale: bool,
 }
 
@@ -229,10 +230,10 @@ impl Session {
             let next = if batch.is_empty() {
                 self.client.read_request().await?
             } else {
-                match self.client.read_frame().await? {
-                    Some(frame) => Next::Frame(frame),
-                    None => Next::Closed,
-                }
+                self.client
+                    .read_frame()
+                    .await?
+                    .map_or(Next::Closed, Next::Frame)
             };
             let frame = match next {
                 Next::Frame(frame) => frame,

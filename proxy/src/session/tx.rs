@@ -133,7 +133,6 @@ impl Session {
     /// or it is the first statement of a held-back transaction — which is
     /// then rolled back and begun again with it (nothing ran in it yet).
     pub(super) fn can_resend(&self) -> bool {
-        self.in_implicit_transaction()
-            || (matches!(self.tx, Tx::Deferred { .. }) && self.lease.is_none() && !self.unsynced)
+        matches!(self.tx, Tx::Idle | Tx::Deferred { .. }) && self.lease.is_none() && !self.unsynced
     }
 }
