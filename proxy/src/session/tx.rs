@@ -121,17 +121,11 @@ impl Session {
         self.ready().await
     }
 
-    /// Whether the next request runs in an implicit transaction of its own:
-    /// no transaction open or held back, no backend kept from an unsynced
-    /// request. Only then can a request be sent a second time unseen.
-    pub(super) fn in_implicit_transaction(&self) -> bool {
-        self.tx == Tx::Idle && self.lease.is_none() && !self.unsynced
-    }
-
     /// Whether a one-statement request can be sent a second time unseen if a
-    /// kept statement's plan went stale: it runs in an implicit transaction,
-    /// or it is the first statement of a held-back transaction — which is
-    /// then rolled back and begun again with it (nothing ran in it yet).
+    /// kept statement's plan went stale: no backend is kept for the client
+    /// (no open transaction, no unsynced request), and it runs in an
+    /// implicit transaction or is the first statement of a held-back one —
+    /// which is then rolled back and begun again with it (nothing ran in it).
     pub(super) fn can_resend(&self) -> bool {
         matches!(self.tx, Tx::Idle | Tx::Deferred { .. }) && self.lease.is_none() && !self.unsynced
     }
