@@ -10,6 +10,7 @@
 //! The directory holds `cluster.json` (ports, pids, data directories), which
 //! lets another process (`shardctl dev down`) find and stop what this one started.
 
+pub mod certs;
 mod process;
 mod tools;
 
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+pub use certs::{DevCa, DevCertificates};
 pub use process::{EtcdProcess, PgServer};
 pub use tools::Tools;
 
@@ -58,6 +60,9 @@ pub struct DevOptions {
     pub servers: usize,
     /// Postgres `fsync`: off makes tests faster; data is disposable anyway.
     pub fsync: bool,
+    /// Create a dev CA ([`certs`]) in `<dir>/tls` and serve etcd and Postgres
+    /// over TLS with its certificates.
+    pub tls: bool,
 }
 
 /// What was started, as written to `cluster.json`.
@@ -66,6 +71,9 @@ pub struct ClusterState {
     pub dir: PathBuf,
     pub etcd: EtcdState,
     pub servers: Vec<PgState>,
+    /// The dev CA's files, when the cluster was started with TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certs: Option<DevCertificates>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,6 +119,8 @@ pub struct LocalCluster {
     pub servers: Vec<PgServer>,
     /// Streaming read replicas added with `add_replica`.
     pub replicas: Vec<PgServer>,
+    /// The dev CA's files, when started with [`DevOptions::tls`].
+    pub certs: Option<DevCertificates>,
     dir: PathBuf,
     stop_on_drop: bool,
 }
@@ -157,6 +167,12 @@ impl LocalCluster {
             .canonicalize()
             .map_err(DevError::io(format!("cannot resolve {}", dir.display())))?;
         tools.hand_to_postgres(dir)?;
+        let certs = if options.tls {
+            progress("creating a dev CA");
+            Some(DevCertificates::create(&dir.join("tls"))?)
+        } else {
+            None
+        };
 
         progress("starting etcd");
         let etcd = EtcdProcess::start(&tools, &dir.join("etcd"))?;
@@ -164,6 +180,7 @@ impl LocalCluster {
             etcd,
             servers: Vec::new(),
             replicas: Vec::new(),
+            certs,
             dir: dir.clone(),
             stop_on_drop: true, // until fully started, so a failure cleans up
         };
@@ -214,6 +231,7 @@ impl LocalCluster {
             dir: self.dir.clone(),
             etcd: self.etcd.state(),
             servers: self.servers.iter().map(|s| s.state()).collect(),
+            certs: self.certs.clone(),
         }
     }
 

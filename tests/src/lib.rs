@@ -31,6 +31,16 @@ pub struct TestCluster {
 impl TestCluster {
     /// Starts etcd and `servers` Postgres servers (fsync off).
     pub fn start(servers: usize) -> TestCluster {
+        TestCluster::start_with(servers, false)
+    }
+
+    /// A cluster whose etcd and Postgres servers speak TLS with the
+    /// certificates of a dev CA (`cluster.certs`).
+    pub fn start_tls(servers: usize) -> TestCluster {
+        TestCluster::start_with(servers, true)
+    }
+
+    fn start_with(servers: usize, tls: bool) -> TestCluster {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_env("SHARDLINE_LOG")
@@ -46,6 +56,7 @@ impl TestCluster {
             dir: dir.path().to_path_buf(),
             servers,
             fsync: false,
+            tls,
         };
         let cluster = match LocalCluster::start_owned(&options) {
             Ok(cluster) => cluster,

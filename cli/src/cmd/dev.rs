@@ -32,6 +32,10 @@ pub enum DevCommand {
         /// Run Postgres with fsync on (off by default: dev data is disposable).
         #[arg(long)]
         fsync: bool,
+        /// Serve etcd and Postgres over TLS with certificates of a dev CA
+        /// created in <dir>/tls (the cluster's config file points at them).
+        #[arg(long)]
+        tls: bool,
     },
     /// Stop everything `dev up` started, and delete its directory.
     Down {
@@ -55,6 +59,7 @@ pub async fn run(context: &Context, command: DevCommand) -> Result<()> {
             servers,
             partitions,
             fsync,
+            tls,
         } => {
             up(
                 context,
@@ -62,6 +67,7 @@ pub async fn run(context: &Context, command: DevCommand) -> Result<()> {
                 servers,
                 partitions,
                 fsync,
+                tls,
             )
             .await
         }
@@ -98,6 +104,7 @@ async fn up(
     servers: usize,
     partitions: u32,
     fsync: bool,
+    tls: bool,
 ) -> Result<()> {
     anyhow::ensure!(servers >= 1, "--servers must be at least 1");
     anyhow::ensure!(
@@ -106,11 +113,12 @@ async fn up(
         shardmap::model::MAX_PARTITIONS
     );
     let started = Instant::now();
-    let bar = progress::startup_bar(servers as u64 + 3);
+    let bar = progress::startup_bar(servers as u64 + 3 + u64::from(tls));
     let options = DevOptions {
         dir: dir.clone(),
         servers,
         fsync,
+        tls,
     };
     let progress_bar = bar.clone();
     let cluster = tokio::task::spawn_blocking(move || {
