@@ -50,6 +50,10 @@ pub struct ProxyConfig {
     /// queries — go to a serving server of this region when there is one.
     #[serde(default)]
     pub region: Option<String>,
+    /// `"strict"`: statements on partitions pinned to another region are
+    /// refused (see `residency`); needs `region`. `"off"` by default.
+    #[serde(default)]
+    pub residency: crate::residency::Residency,
 }
 
 /// Reads across partitions on several servers (scatter-gather).
@@ -315,6 +319,7 @@ impl Default for ProxyConfig {
             tls: TlsSettings::default(),
             metrics_listen: None,
             region: None,
+            residency: Default::default(),
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod pool;
 pub mod recovery;
 pub mod registry;
+pub mod residency;
 pub mod route;
 pub mod scrape;
 pub mod server;

@@ -54,6 +54,10 @@ struct Args {
     /// reads) go to a server of this region when there is one.
     #[arg(long, env = "SHARDLINE_REGION")]
     region: Option<String>,
+    /// `strict`: refuse statements on partitions pinned to another region
+    /// than --region (SQLSTATE 42501); `off` (default) only prefers it.
+    #[arg(long, env = "SHARDLINE_RESIDENCY")]
+    residency: Option<proxy::residency::Residency>,
     /// Name this proxy registers under in etcd (default: host:port of --listen).
     #[arg(long, env = "SHARDLINE_PROXY_ID")]
     id: Option<String>,
@@ -107,6 +111,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(region) = args.region {
         config.region = Some(region);
     }
+    if let Some(residency) = args.residency {
+        config.residency = residency;
+    }
+    anyhow::ensure!(
+        config.residency == proxy::residency::Residency::Off || config.region.is_some(),
+        "residency = \"strict\" needs the proxy's region: set region in the config, --region or SHARDLINE_REGION"
+    );
     if let Some(metrics) = args.metrics_listen {
         config.metrics_listen = Some(metrics);
     }

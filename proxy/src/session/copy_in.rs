@@ -31,6 +31,9 @@ struct Target {
     key: usize,
     /// Servers owning any partition, in name order.
     servers: Vec<String>,
+    /// The proxy's region, when it refuses rows of partitions pinned to
+    /// another one (`residency`).
+    region: Option<String>,
 }
 
 /// One server's COPY stream.
@@ -104,7 +107,7 @@ fn stop(code: &str, message: impl Into<String>, hint: &str) -> Stop {
 }
 
 /// The table's key, its type, the columns the COPY carries and the servers.
-fn target(copy: &CopyIn, map: &ClusterMap) -> Result<Target, Stop> {
+fn target(copy: &CopyIn, map: &ClusterMap, region: Option<&str>) -> Result<Target, Stop> {
     let table = copy.table.clone();
     let Some(TableKind::Sharded {
         group,
@@ -150,6 +153,7 @@ fn target(copy: &CopyIn, map: &ClusterMap) -> Result<Target, Stop> {
         columns,
         key,
         servers,
+        region: region.map(String::from),
     })
 }
 
@@ -195,6 +199,14 @@ fn owner_of(
             hint: None,
             context: context.clone(),
         })?;
+    crate::residency::check(target.region.as_deref(), map, &[partition]).map_err(|e| {
+        Stop::Error {
+            code: e.code.into(),
+            message: e.message,
+            hint: e.hint,
+            context: context.clone(),
+        }
+    })?;
     map.owner_of(partition)
         .map(|s| s.name.clone())
         .ok_or_else(|| {
@@ -289,7 +301,9 @@ impl Session {
                 read_only: false,
             };
         }
-        let result = match target(&copy, map) {
+        let config = &self.shared.config;
+        let region = crate::residency::enforced(config.region.as_deref(), config.residency);
+        let result = match target(&copy, map, region) {
             Ok(target) => self.copy_rows(sql, &copy, &target, map, &mut copying).await,
             Err(stop) => Err(stop),
         };

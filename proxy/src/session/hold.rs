@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use shardmap::PartitionState;
 
+use crate::residency;
 use crate::route::{Route, RouteError};
 
 use super::Session;
@@ -101,6 +102,12 @@ impl Session {
                 ));
             };
             let route = compute(&versioned.map)?;
+            let config = &self.shared.config;
+            residency::check(
+                residency::enforced(config.region.as_deref(), config.residency),
+                &versioned.map,
+                route.partitions(),
+            )?;
             let blocked = route.partitions().iter().any(|p| {
                 matches!(
                     versioned.map.assignments.get(*p as usize).map(|a| &a.state),
