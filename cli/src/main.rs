@@ -18,7 +18,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use cmd::{dev, groups, history, init, map, moves, partitions, prune, servers, status, tables};
+use cmd::{
+    dev, erase, groups, history, init, map, moves, partitions, prune, servers, status, tables,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -69,6 +71,9 @@ enum Command {
     Lookup(map::LookupArgs),
     /// Show the history of map changes.
     History(history::HistoryArgs),
+    /// Delete every row of one key in every table of its group (GDPR
+    /// erasure), recorded in the history without the key in clear.
+    Erase(erase::EraseArgs),
     /// Move one partition to another server (a job the rebalancer runs).
     Move(moves::MoveArgs),
     /// Plan moves that even out the servers, and submit them (or --dry-run).
@@ -119,6 +124,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Map(args) => map::map(&context, args).await,
         Command::Lookup(args) => map::lookup(&context, args).await,
         Command::History(args) => history::history(&context, args).await,
+        Command::Erase(args) => erase::erase(&context, args).await,
         Command::Move(args) => moves::move_partition(&context, args).await,
         Command::Rebalance(args) => moves::rebalance(&context, args).await,
         Command::Drain(args) => moves::drain(&context, args).await,

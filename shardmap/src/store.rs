@@ -71,6 +71,11 @@ impl EtcdPaths {
     pub fn election(&self) -> String {
         format!("{}rebalancer/leader", self.prefix)
     }
+    /// The random salt that erasure records hash keys with (see
+    /// [`MapStore::audit_salt`]).
+    pub fn audit_salt(&self) -> String {
+        format!("{}audit/salt", self.prefix)
+    }
 }
 
 /// A map together with the etcd mod-revision it was read at.
@@ -204,6 +209,33 @@ impl MapStore {
 
     pub fn cluster(&self) -> &str {
         &self.cluster
+    }
+
+    /// This cluster's audit salt: 32 random bytes, made by the first caller
+    /// and the same for every later one. Records that must show *that*
+    /// something happened to a key without showing the key (`shardctl
+    /// erase`) keep a keyed hash of it, so an auditor with the salt can
+    /// check a given key, while the history alone does not name it.
+    pub async fn audit_salt(&self) -> Result<Vec<u8>, StoreError> {
+        let key = self.keys.audit_salt();
+        let fresh: Vec<u8> = [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()]
+            .iter()
+            .flat_map(|u| u.as_bytes().to_vec())
+            .collect();
+        // Written only if absent: concurrent first callers agree on one.
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), fresh, None)]);
+        let mut kv = self.client.kv_client();
+        with_timeout(kv.txn(txn)).await?;
+        let response = with_timeout(kv.get(key.clone(), None)).await?;
+        match response.kvs().first() {
+            Some(stored) if stored.value().len() == 32 => Ok(stored.value().to_vec()),
+            _ => Err(StoreError::Corrupt {
+                cluster: self.cluster.clone(),
+                why: format!("{key} does not hold a 32-byte salt"),
+            }),
+        }
     }
 
     /// The current map, or `None` if the cluster was never initialised.

@@ -3,6 +3,7 @@
 //! - [`init`]: create the map;
 //! - [`servers`], [`groups`], [`tables`], [`partitions`]: change the map;
 //! - [`map`], [`history`]: read it;
+//! - [`erase`]: delete every row of one key (an erasure request);
 //! - [`moves`]: move, rebalance, drain, cancel (jobs for the rebalancer);
 //! - [`status`], [`prune`]: read and clean up the job records;
 //! - [`dev`]: a local cluster for development.
@@ -10,6 +11,7 @@
 //! Each takes the [`crate::context::Context`] and its own arguments.
 
 pub mod dev;
+pub mod erase;
 pub mod groups;
 pub mod history;
 pub mod init;

@@ -105,7 +105,7 @@ fn check_move(map: &ClusterMap, partition: u32, to: &str) -> Result<String> {
 }
 
 /// Partitions that already have an unfinished job.
-async fn busy_partitions(jobs: &JobStore) -> Result<Vec<(u32, String)>> {
+pub(crate) async fn busy_partitions(jobs: &JobStore) -> Result<Vec<(u32, String)>> {
     Ok(jobs
         .list()
         .await?
