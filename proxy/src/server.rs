@@ -417,7 +417,9 @@ async fn admit(
     peer: std::net::IpAddr,
 ) -> Result<UserSlot, LoginError> {
     let limiter = &shared.logins.failures;
-    if shared.config.auth.method != AuthMethod::Trust {
+    // Trust logins cannot fail: nothing to count, no lock to take.
+    let counted = shared.config.auth.method != AuthMethod::Trust;
+    if counted {
         if let Admission::LockedOut { retry_after } = limiter.check(peer, std::time::Instant::now())
         {
             Metrics::add(&shared.metrics.auth_throttled, 1);
@@ -430,7 +432,8 @@ async fn admit(
         }
     }
     match authenticate(stream, buf, shared, user).await {
-        Ok(()) => limiter.record_success(peer),
+        Ok(()) if counted => limiter.record_success(peer),
+        Ok(()) => {}
         Err(LoginError::WrongPassword) => {
             Metrics::add(&shared.metrics.auth_failures, 1);
             let failure = limiter.record_failure(peer, std::time::Instant::now());

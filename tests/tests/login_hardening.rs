@@ -69,7 +69,7 @@ async fn timed_login(
 }
 
 fn metric(proxy: &TestProxy, name: &str) -> f64 {
-    let body = proxy::scrape::render(&[proxy.shared.clone()]);
+    let body = proxy::scrape::render(std::slice::from_ref(&proxy.shared));
     body.lines()
         .find_map(|l| {
             l.strip_prefix(name)
@@ -107,7 +107,7 @@ async fn wrong_passwords_from_one_address_are_delayed_then_refused_without_slowi
 
     // First failure: the base delay before the error.
     let (elapsed, result) = timed_login(&proxy, "127.0.0.2", "app", "guess1").await;
-    let err = result.err().expect("a wrong password is refused");
+    let err = result.expect_err("a wrong password is refused");
     assert_eq!(err.0, "28P01", "{err:?}");
     assert_eq!(err.1, "password authentication failed for user \"app\"");
     assert!(elapsed >= Duration::from_millis(400), "{elapsed:?}");
@@ -141,7 +141,7 @@ async fn wrong_passwords_from_one_address_are_delayed_then_refused_without_slowi
     // Locked out: refused at once, before authenticating, even with the
     // right password.
     let (elapsed, result) = timed_login(&proxy, "127.0.0.2", "app", "s3cret").await;
-    let err = result.err().expect("a locked-out address is refused");
+    let err = result.expect_err("a locked-out address is refused");
     assert_eq!(err.0, "28000", "{err:?}");
     assert!(
         err.1.contains("too many failed logins") && err.1.contains("try again in"),
@@ -466,8 +466,7 @@ async fn max_clients_per_user_is_enforced_and_a_slot_frees_on_disconnect() {
         .expect("app's second client");
     let err = login(&proxy, "127.0.0.1", "app", "s3cret")
         .await
-        .err()
-        .expect("app's third client is refused");
+        .expect_err("app's third client is refused");
     assert_eq!(
         err,
         (
@@ -479,8 +478,7 @@ async fn max_clients_per_user_is_enforced_and_a_slot_frees_on_disconnect() {
     // checked only after authenticating.
     let err = login(&proxy, "127.0.0.1", "app", "wrong")
         .await
-        .err()
-        .expect("wrong password");
+        .expect_err("wrong password");
     assert_eq!(err.0, "28P01");
     // The default limit for other users is 3.
     let mut others = Vec::new();
@@ -493,8 +491,7 @@ async fn max_clients_per_user_is_enforced_and_a_slot_frees_on_disconnect() {
     }
     let err = login(&proxy, "127.0.0.1", "other", "0ther")
         .await
-        .err()
-        .expect("other's fourth client is refused");
+        .expect_err("other's fourth client is refused");
     assert_eq!(err.0, "53300");
     for client in &others {
         client.simple_query("SELECT 1").await.expect("still served");
