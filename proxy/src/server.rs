@@ -516,9 +516,9 @@ async fn authenticate(
             // the whole exchange with a mock secret, so the messages, the
             // work and the error are those of a wrong password.
             let (secret, mock) = users.scram_secret(user);
-            let Ok((exchange, server_first)) = ScramServer::start(secret, &client_first) else {
-                refuse(stream, "FATAL", "08P01", "malformed SCRAM message").await;
-                return Err(LoginError::Auth);
+            let (exchange, server_first) = match ScramServer::start(secret, &client_first) {
+                Ok(started) => started,
+                Err(e) => return Err(refuse_scram(stream, e).await),
             };
             messages::auth(&mut out, 11, server_first.as_bytes());
             write(stream, &mut out).await?;
@@ -530,13 +530,26 @@ async fn authenticate(
                     Ok(())
                 }
                 Ok(_) | Err(ScramError::WrongProof) => Err(LoginError::WrongPassword),
-                Err(e) => {
-                    refuse(stream, "FATAL", "08P01", &e.to_string()).await;
-                    Err(LoginError::Auth)
-                }
+                Err(e) => Err(refuse_scram(stream, e).await),
             }
         }
     }
+}
+
+/// Tells the client why its SCRAM messages were refused (not a password verdict).
+async fn refuse_scram(stream: &mut ClientStream, error: ScramError) -> LoginError {
+    let (code, message) = match error {
+        ScramError::ChannelBinding => (
+            "28000",
+            "SCRAM channel binding is not supported by this proxy: connect with channel_binding=prefer or disable",
+        ),
+        ScramError::Malformed | ScramError::WrongProof => (
+            "08P01",
+            "malformed SCRAM message: the client's SCRAM-SHA-256 implementation is broken",
+        ),
+    };
+    refuse(stream, "FATAL", code, message).await;
+    LoginError::Auth
 }
 
 /// Reads a PasswordMessage / SASL response (tag `p`) and returns its body.
