@@ -467,6 +467,29 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_slot_is_given_back_when_its_task_panics_or_is_aborted() {
+        let mut config = ProxyConfig::default();
+        config.auth.max_clients_per_user = Some(2);
+        let limits = Arc::new(LoginLimits::new(&config));
+        let slot = limits.user_slot("app").expect("slot");
+        let panicking = tokio::spawn(async move {
+            let _slot = slot;
+            panic!("a session that crashes");
+        });
+        assert!(panicking.await.is_err());
+        let slot = limits.user_slot("app").expect("slot");
+        let hanging = tokio::spawn(async move {
+            let _slot = slot;
+            std::future::pending::<()>().await;
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(limits.user_clients("app"), 1);
+        hanging.abort();
+        assert!(hanging.await.is_err());
+        assert_eq!(limits.user_clients("app"), 0);
+    }
+
     #[test]
     fn users_without_a_limit_are_not_counted() {
         let limits = LoginLimits::new(&ProxyConfig::default());
