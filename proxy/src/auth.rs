@@ -2,6 +2,12 @@
 //! users from the proxy's config. Passwords may be given in clear or as the
 //! verifiers Postgres stores (`SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`,
 //! `md5<hex>`), and are never logged.
+//!
+//! A user name that is not configured gets the same exchange as a known one
+//! with a wrong password: a mock SCRAM secret (salt and keys derived from the
+//! name and a per-process key, so every try for the name sees the same salt,
+//! as Postgres' mock authentication does) or a mock md5 verifier, the same
+//! work, and the same error. Secrets are compared in constant time (`subtle`).
 
 use std::collections::HashMap;
 
@@ -9,6 +15,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -130,10 +137,97 @@ pub fn md5_expected(verifier: &str, salt: [u8; 4]) -> Option<String> {
     Some(format!("md5{}", hex(&hasher.finalize())))
 }
 
-/// The users the proxy accepts, by name.
-#[derive(Debug, Clone, Default)]
+/// Whether `given` is what a client must send to answer an md5 challenge
+/// with `salt` for `verifier`, compared in constant time.
+pub fn md5_matches(verifier: &str, salt: [u8; 4], given: &[u8]) -> bool {
+    md5_expected(verifier, salt)
+        .is_some_and(|expected| bool::from(expected.as_bytes().ct_eq(given)))
+}
+
+/// SCRAM's default iteration count (Postgres' `scram_iterations`).
+pub const DEFAULT_ITERATIONS: u32 = 4096;
+
+/// The users the proxy accepts, by name, and the key of this process's mock
+/// secrets for the names it does not know.
+#[derive(Clone)]
 pub struct Users {
     pub by_name: HashMap<String, User>,
+    /// The iteration count mock SCRAM secrets advertise: the one most
+    /// configured users have, so a mock salt does not stand out.
+    pub mock_iterations: u32,
+    mock_key: [u8; 32],
+}
+
+impl Default for Users {
+    fn default() -> Users {
+        Users {
+            by_name: HashMap::new(),
+            mock_iterations: DEFAULT_ITERATIONS,
+            mock_key: rand::random(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Users {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Users")
+            .field("by_name", &self.by_name)
+            .field("mock_iterations", &self.mock_iterations)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Users {
+    /// The SCRAM iteration count most configured users have.
+    pub fn usual_iterations(&self) -> u32 {
+        let mut counts: HashMap<u32, usize> = HashMap::new();
+        for secret in self.by_name.values().filter_map(|u| u.scram.as_ref()) {
+            *counts.entry(secret.iterations).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .max_by_key(|&(iterations, count)| (count, iterations))
+            .map_or(DEFAULT_ITERATIONS, |(iterations, _)| iterations)
+    }
+
+    fn mock_part(&self, purpose: &[u8], user: &str) -> [u8; 32] {
+        let mut data = purpose.to_vec();
+        data.push(0);
+        data.extend_from_slice(user.as_bytes());
+        hmac(&self.mock_key, &data)
+    }
+
+    /// A SCRAM secret for a name that has none: stable per name for this
+    /// process, matching no password anyone knows.
+    pub fn mock_scram(&self, user: &str) -> ScramSecret {
+        ScramSecret {
+            iterations: self.mock_iterations,
+            salt: self.mock_part(b"salt", user)[..16].to_vec(),
+            stored_key: self.mock_part(b"stored key", user),
+            server_key: self.mock_part(b"server key", user),
+        }
+    }
+
+    /// An md5 verifier for a name that has none.
+    pub fn mock_md5(&self, user: &str) -> String {
+        format!("md5{}", hex(&self.mock_part(b"md5", user)[..16]))
+    }
+
+    /// `user`'s SCRAM secret, or a mock one (`true`) when it has none.
+    pub fn scram_secret(&self, user: &str) -> (ScramSecret, bool) {
+        match self.by_name.get(user).and_then(|u| u.scram.clone()) {
+            Some(secret) => (secret, false),
+            None => (self.mock_scram(user), true),
+        }
+    }
+
+    /// `user`'s md5 verifier, or a mock one (`true`) when it has none.
+    pub fn md5_verifier(&self, user: &str) -> (String, bool) {
+        match self.by_name.get(user).and_then(|u| u.md5.clone()) {
+            Some(verifier) => (verifier, false),
+            None => (self.mock_md5(user), true),
+        }
+    }
 }
 
 /// A SCRAM exchange in progress, server side.
@@ -230,12 +324,7 @@ impl ScramServer {
             .map(|(p, s)| p ^ s)
             .collect();
         let stored: [u8; 32] = Sha256::digest(&client_key).into();
-        // Constant-time comparison of the derived key.
-        let diff = stored
-            .iter()
-            .zip(self.secret.stored_key.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if diff != 0 {
+        if !bool::from(stored.ct_eq(&self.secret.stored_key)) {
             return Err(ScramError::WrongProof);
         }
         let server_signature = hmac(&self.secret.server_key, auth_message.as_bytes());
@@ -294,6 +383,66 @@ mod tests {
             md5_expected(&md5_verifier("alice", "pw"), salt),
             Some(client)
         );
+    }
+
+    #[test]
+    fn md5_comparison_accepts_only_the_right_answer() {
+        let verifier = md5_verifier("alice", "pw");
+        let salt = [9, 8, 7, 6];
+        let right = postgres_protocol::authentication::md5_hash(b"alice", b"pw", salt);
+        let wrong = postgres_protocol::authentication::md5_hash(b"alice", b"pX", salt);
+        assert!(md5_matches(&verifier, salt, right.as_bytes()));
+        assert!(!md5_matches(&verifier, salt, wrong.as_bytes()));
+        assert!(!md5_matches(&verifier, salt, &right.as_bytes()[..10]));
+        assert!(!md5_matches("not a verifier", salt, right.as_bytes()));
+    }
+
+    #[test]
+    fn unknown_users_get_a_stable_mock_exchange_that_fails_like_a_wrong_password() {
+        let mut users = Users::default();
+        users
+            .by_name
+            .insert("app".into(), User::from_password("app", "pw"));
+        users.mock_iterations = users.usual_iterations();
+        let (mock, is_mock) = users.scram_secret("ghost");
+        assert!(is_mock);
+        assert_eq!(mock, users.mock_scram("ghost"), "same salt on every try");
+        assert_ne!(mock.salt, users.mock_scram("ghost2").salt);
+        assert_eq!(mock.salt.len(), 16, "as long as a real salt");
+        let (real, _) = users.scram_secret("app");
+        assert_eq!(mock.iterations, real.iterations);
+        let other_process = Users::default();
+        assert_ne!(other_process.mock_scram("ghost").salt, mock.salt);
+
+        let mut client = ScramSha256::new(b"pw", ChannelBinding::unsupported());
+        let (server, server_first) = ScramServer::start(mock, client.message()).expect("start");
+        client
+            .update(server_first.as_bytes())
+            .expect("a real client accepts the mock server-first");
+        assert_eq!(server.finish(client.message()), Err(ScramError::WrongProof));
+
+        let (md5, is_mock) = users.md5_verifier("ghost");
+        assert!(is_mock && md5.starts_with("md5") && md5.len() == 35);
+        assert_eq!(md5, users.mock_md5("ghost"));
+        let debug = format!("{users:?}");
+        assert!(!debug.contains("mock_key"), "{debug}");
+    }
+
+    #[test]
+    fn the_mock_iteration_count_follows_the_configured_users() {
+        let mut users = Users::default();
+        assert_eq!(users.usual_iterations(), DEFAULT_ITERATIONS);
+        for (name, iterations) in [("a", 10_000), ("b", 10_000), ("c", 4096)] {
+            let secret = ScramSecret::derive("pw", b"salt", iterations);
+            users.by_name.insert(
+                name.into(),
+                User {
+                    scram: Some(secret),
+                    md5: None,
+                },
+            );
+        }
+        assert_eq!(users.usual_iterations(), 10_000);
     }
 
     #[test]

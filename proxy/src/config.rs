@@ -144,6 +144,30 @@ pub struct AuthSettings {
     pub method: AuthMethod,
     #[serde(default)]
     pub users: Vec<UserEntry>,
+    /// Delay before the error of a failed login, doubled for each further
+    /// recent failure from the same address (like Postgres' `auth_delay`,
+    /// growing); 0: none. Only the failing client waits.
+    #[serde(default = "default_failure_delay_ms")]
+    pub failure_delay_ms: u64,
+    /// The most that delay grows to.
+    #[serde(default = "default_failure_delay_max_ms")]
+    pub failure_delay_max_ms: u64,
+    /// Recent failed logins after which an address is refused (28000)
+    /// before authenticating, until it has had no failure for
+    /// `failure_window_s`; 0: never.
+    #[serde(default = "default_max_failures")]
+    pub max_failures: u32,
+    /// A failed login stays recent until its address has had no other
+    /// failure for this long.
+    #[serde(default = "default_failure_window_s")]
+    pub failure_window_s: u64,
+    /// Most addresses with recent failures remembered (IPv6 counted per /64).
+    #[serde(default = "default_tracked_addresses")]
+    pub tracked_addresses: usize,
+    /// Most clients each user may have at once, unless its `[[auth.users]]`
+    /// entry says otherwise; unset: only `limits.max_clients` applies.
+    #[serde(default)]
+    pub max_clients_per_user: Option<usize>,
 }
 
 impl std::fmt::Debug for AuthSettings {
@@ -152,6 +176,12 @@ impl std::fmt::Debug for AuthSettings {
         f.debug_struct("AuthSettings")
             .field("method", &self.method)
             .field("users", &names)
+            .field("failure_delay_ms", &self.failure_delay_ms)
+            .field("failure_delay_max_ms", &self.failure_delay_max_ms)
+            .field("max_failures", &self.max_failures)
+            .field("failure_window_s", &self.failure_window_s)
+            .field("tracked_addresses", &self.tracked_addresses)
+            .field("max_clients_per_user", &self.max_clients_per_user)
             .finish()
     }
 }
@@ -159,18 +189,39 @@ impl std::fmt::Debug for AuthSettings {
 fn default_method() -> AuthMethod {
     AuthMethod::ScramSha256
 }
+fn default_failure_delay_ms() -> u64 {
+    250
+}
+fn default_failure_delay_max_ms() -> u64 {
+    5000
+}
+fn default_max_failures() -> u32 {
+    20
+}
+fn default_failure_window_s() -> u64 {
+    60
+}
+fn default_tracked_addresses() -> usize {
+    10_000
+}
 
 impl Default for AuthSettings {
     fn default() -> AuthSettings {
         AuthSettings {
             method: default_method(),
             users: Vec::new(),
+            failure_delay_ms: default_failure_delay_ms(),
+            failure_delay_max_ms: default_failure_delay_max_ms(),
+            max_failures: default_max_failures(),
+            failure_window_s: default_failure_window_s(),
+            tracked_addresses: default_tracked_addresses(),
+            max_clients_per_user: None,
         }
     }
 }
 
 /// One client user: a clear password, or Postgres-style verifiers.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserEntry {
     pub name: String,
@@ -182,6 +233,10 @@ pub struct UserEntry {
     /// `md5...` as in `pg_authid`.
     #[serde(default)]
     pub md5_verifier: Option<String>,
+    /// Most clients this user may have at once (Postgres' `CONNECTION
+    /// LIMIT` of a role); unset: `auth.max_clients_per_user`.
+    #[serde(default)]
+    pub max_clients: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -279,7 +334,8 @@ pub struct Limits {
     /// Longest a statement for a blocked partition is held before it fails.
     #[serde(default = "default_blocked_wait_ms")]
     pub blocked_wait_ms: u64,
-    /// Most client connections at once.
+    /// Most client connections at once, for the whole proxy (every serving
+    /// thread); per user: `auth.max_clients_per_user`.
     #[serde(default = "default_max_clients")]
     pub max_clients: usize,
 }
@@ -363,6 +419,7 @@ impl ProxyConfig {
             }
             users.by_name.insert(entry.name.clone(), user);
         }
+        users.mock_iterations = users.usual_iterations();
         let needs_secrets = self.auth.method != AuthMethod::Trust;
         if needs_secrets && users.by_name.is_empty() {
             return Err(format!(
@@ -417,6 +474,41 @@ mod tests {
             "{debug}"
         );
         assert!(config.users().expect("users").by_name.contains_key("app"));
+    }
+
+    #[test]
+    fn login_limits_parse_with_defaults_a_dba_expects() {
+        let defaults = ProxyConfig::from_toml("").expect("defaults");
+        assert_eq!(
+            (
+                defaults.auth.failure_delay_ms,
+                defaults.auth.max_failures,
+                defaults.auth.max_clients_per_user
+            ),
+            (250, 20, None)
+        );
+        let config = ProxyConfig::from_toml(
+            r#"
+            [auth]
+            failure_delay_ms = 0
+            failure_delay_max_ms = 1000
+            max_failures = 5
+            failure_window_s = 300
+            tracked_addresses = 100
+            max_clients_per_user = 50
+            [[auth.users]]
+            name = "batch"
+            password = "pw"
+            max_clients = 2
+            "#,
+        )
+        .expect("parses");
+        assert_eq!(config.auth.max_failures, 5);
+        assert_eq!(config.auth.failure_window_s, 300);
+        assert_eq!(config.auth.max_clients_per_user, Some(50));
+        assert_eq!(config.auth.users[0].max_clients, Some(2));
+        let typo = ProxyConfig::from_toml("[auth]\nmax_failure = 3").expect_err("unknown key");
+        assert!(typo.contains("max_failure"), "{typo}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use rustc_hash::FxHashMap;
 use shardmap::cache::Snapshot;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::analyze::Analyzer;
@@ -17,6 +17,7 @@ use crate::auth::Users;
 use crate::cancel::CancelRegistry;
 use crate::config::ProxyConfig;
 use crate::liveness::Liveness;
+use crate::login_limits::LoginLimits;
 use crate::metrics::Metrics;
 use crate::pool::Pools;
 use crate::two_phase::TwoPhase;
@@ -40,7 +41,9 @@ pub struct Shared {
     /// first sorted scatter read that needed it.
     pub server_collations: Mutex<FxHashMap<String, String>>,
     pub active_clients: AtomicUsize,
-    pub(crate) client_slots: Arc<Semaphore>,
+    /// Clients in total and per user, failed logins per address: shared by
+    /// every serving thread, so the limits hold for the whole proxy.
+    pub logins: Arc<LoginLimits>,
     /// Set when TLS is configured.
     pub tls: Option<TlsAcceptor>,
     pub metrics: Metrics,
@@ -81,7 +84,7 @@ impl Shared {
         pools: Pools,
         cancels: Arc<CancelRegistry>,
     ) -> Shared {
-        let max_clients = config.limits.max_clients;
+        let logins = Arc::new(LoginLimits::new(&config));
         Shared {
             config,
             users,
@@ -93,7 +96,7 @@ impl Shared {
             server_parameters: Mutex::new(None),
             server_collations: Mutex::new(FxHashMap::default()),
             active_clients: AtomicUsize::new(0),
-            client_slots: Arc::new(Semaphore::new(max_clients)),
+            logins,
             tls: None,
             metrics: Metrics::default(),
             liveness: Liveness::new(true),

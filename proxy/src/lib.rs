@@ -12,6 +12,7 @@ pub mod context;
 pub mod copy;
 pub mod failpoint;
 pub mod liveness;
+pub mod login_limits;
 pub mod merge;
 pub mod metrics;
 pub mod pool;

@@ -190,6 +190,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         config.etcd.endpoints.clone(),
         config.cluster.clone(),
     ));
+    let logins = Arc::new(proxy::login_limits::LoginLimits::new(&config));
     let new_shared = |pool_config: proxy::pool::PoolConfig| {
         let mut shared = Shared::with_cancels(
             config.clone(),
@@ -201,6 +202,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         shared.tls = tls.clone();
         shared.liveness = liveness.clone();
         shared.two_phase = two_phase.clone();
+        shared.logins = logins.clone();
         Arc::new(shared)
     };
     let mut all_shared = vec![new_shared(pool_config.clone())];

@@ -9,6 +9,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Metrics {
     pub logins: AtomicU64,
     pub login_failures: AtomicU64,
+    /// Logins refused for a wrong password or an unknown user.
+    pub auth_failures: AtomicU64,
+    /// Logins refused before authenticating: too many recent failures from
+    /// their address.
+    pub auth_throttled: AtomicU64,
     /// Client requests (a Query, or extended messages up to Sync/Flush).
     pub requests: AtomicU64,
     /// Requests refused by routing (no key, two servers, unknown table...).

@@ -44,9 +44,19 @@ impl ProxyCollector {
 /// The per-thread counters, summed: name (the encoder adds `_total`), help,
 /// and where the counter is.
 type CounterOf = fn(&Metrics) -> &AtomicU64;
-const COUNTERS: [(&str, &str, CounterOf); 17] = [
+const COUNTERS: [(&str, &str, CounterOf); 19] = [
     ("shardline_logins", "Client logins that succeeded.", |m| &m.logins),
     ("shardline_login_failures", "Client logins refused.", |m| &m.login_failures),
+    (
+        "shardline_auth_failures",
+        "Client logins refused for a wrong password or an unknown user.",
+        |m| &m.auth_failures,
+    ),
+    (
+        "shardline_auth_throttled",
+        "Client logins refused before authenticating: too many recent failures from their address.",
+        |m| &m.auth_throttled,
+    ),
     (
         "shardline_requests",
         "Client requests (Query, or extended messages up to Sync).",
@@ -158,6 +168,14 @@ impl Collector for ProxyCollector {
             clients as f64,
         )?;
         if let Some(first) = self.threads.first() {
+            // Shared by every serving thread: read once.
+            gauge(
+                e,
+                "shardline_auth_tracked_addresses",
+                "Client addresses with recent failed logins remembered (IPv6 per /64).",
+                None,
+                first.logins.failures.tracked() as f64,
+            )?;
             let version = first.map.borrow().as_ref().map_or(0, |v| v.map.version);
             gauge(
                 e,

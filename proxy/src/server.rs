@@ -13,8 +13,10 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::tls::ClientStream;
 use tracing::{debug, info, warn};
 
-use crate::auth::{md5_expected, AuthMethod, ScramServer};
+use crate::auth::{md5_matches, AuthMethod, ScramError, ScramServer};
 use crate::context::Shared;
+use crate::login_limits::{Admission, UserSlot};
+use crate::metrics::Metrics;
 use crate::session::{ClientIo, Session, SessionError};
 use crate::wire::frame::{next_frame, next_startup_packet, Reader};
 use crate::wire::messages;
@@ -74,6 +76,9 @@ pub enum LoginError {
     Protocol(String),
     #[error("authentication failed")]
     Auth,
+    /// A wrong password or unknown user; the client is not told yet.
+    #[error("password authentication failed")]
+    WrongPassword,
 }
 
 async fn read_more(stream: &mut ClientStream, buf: &mut BytesMut) -> Result<(), LoginError> {
@@ -115,6 +120,7 @@ async fn handle_client(stream: TcpStream, shared: Arc<Shared>) -> Result<(), Log
         pid,
         cancel_slot,
         client_slot: _client_slot,
+        user_slot: _user_slot,
     } = login;
     shared.active_clients.fetch_add(1, Ordering::Relaxed);
     let client = ClientIo::new(stream, buf, shared.config.limits.max_message_bytes);
@@ -140,13 +146,16 @@ struct LoggedIn {
     cancel_slot: crate::cancel::TargetSlot,
     /// Held for the session's life (`limits.max_clients`).
     client_slot: tokio::sync::OwnedSemaphorePermit,
+    /// Held for the session's life (the user's `max_clients`).
+    user_slot: UserSlot,
 }
 
 /// The login phase; `None` when the connection ends there (a cancel
 /// request, too many clients).
 async fn login(stream: TcpStream, shared: &Arc<Shared>) -> Result<Option<LoggedIn>, LoginError> {
+    let peer = stream.peer_addr().map_err(|_| LoginError::Gone)?.ip();
     let mut stream = ClientStream::Plain(stream);
-    let Ok(client_slot) = shared.client_slots.clone().try_acquire_owned() else {
+    let Some(client_slot) = shared.logins.client_slot() else {
         refuse(
             &mut stream,
             "FATAL",
@@ -270,11 +279,14 @@ async fn login(stream: TcpStream, shared: &Arc<Shared>) -> Result<Option<LoggedI
         .await;
         return Err(LoginError::Protocol("no user".into()));
     };
-    if let Err(e) = authenticate(&mut stream, &mut buf, &shared, &user).await {
-        crate::metrics::Metrics::add(&shared.metrics.login_failures, 1);
-        return Err(e);
-    }
-    crate::metrics::Metrics::add(&shared.metrics.logins, 1);
+    let user_slot = match admit(&mut stream, &mut buf, shared, &user, peer).await {
+        Ok(slot) => slot,
+        Err(e) => {
+            Metrics::add(&shared.metrics.login_failures, 1);
+            return Err(e);
+        }
+    };
+    Metrics::add(&shared.metrics.logins, 1);
 
     // Logged in: parameters, cancel key, ready.
     let (pid, secret, slot) = shared.cancels.register();
@@ -313,6 +325,7 @@ async fn login(stream: TcpStream, shared: &Arc<Shared>) -> Result<Option<LoggedI
         pid,
         cancel_slot: slot,
         client_slot,
+        user_slot,
     }))
 }
 
@@ -391,6 +404,64 @@ async fn server_parameters(shared: &Shared) -> Vec<(String, String)> {
     .collect()
 }
 
+/// Authenticates `user` under the login limits: an address with too many
+/// recent failures is refused first; a wrong password is counted against its
+/// address and told after the address's delay (this task waits, no other);
+/// a user at its most clients is refused after authenticating, as Postgres
+/// does, so the refusal tells nothing to whoever does not know the password.
+async fn admit(
+    stream: &mut ClientStream,
+    buf: &mut BytesMut,
+    shared: &Shared,
+    user: &str,
+    peer: std::net::IpAddr,
+) -> Result<UserSlot, LoginError> {
+    let limiter = &shared.logins.failures;
+    // Trust logins cannot fail: nothing to count, no lock to take.
+    let counted = shared.config.auth.method != AuthMethod::Trust;
+    if counted {
+        if let Admission::LockedOut { retry_after } = limiter.check(peer, std::time::Instant::now())
+        {
+            Metrics::add(&shared.metrics.auth_throttled, 1);
+            let message = format!(
+                "too many failed logins from this address: try again in {} s",
+                retry_after.as_secs().max(1)
+            );
+            refuse(stream, "FATAL", "28000", &message).await;
+            return Err(LoginError::Auth);
+        }
+    }
+    match authenticate(stream, buf, shared, user).await {
+        Ok(()) if counted => limiter.record_success(peer),
+        Ok(()) => {}
+        Err(LoginError::WrongPassword) => {
+            Metrics::add(&shared.metrics.auth_failures, 1);
+            let failure = limiter.record_failure(peer, std::time::Instant::now());
+            if failure.locked_now {
+                warn!(
+                    %peer,
+                    failures = failure.recent,
+                    window_s = limiter.policy().window.as_secs(),
+                    "too many failed logins: refusing this address until it has had none for a window"
+                );
+            }
+            tokio::time::sleep(failure.delay).await;
+            let failed = format!("password authentication failed for user \"{user}\"");
+            refuse(stream, "FATAL", "28P01", &failed).await;
+            return Err(LoginError::Auth);
+        }
+        Err(e) => return Err(e),
+    }
+    let Some(slot) = shared.logins.user_slot(user) else {
+        let message = format!("too many connections for role \"{user}\"");
+        refuse(stream, "FATAL", "53300", &message).await;
+        return Err(LoginError::Auth);
+    };
+    Ok(slot)
+}
+
+/// Runs the configured exchange; a wrong password (or unknown user) is
+/// `WrongPassword`, left to the caller to tell.
 async fn authenticate(
     stream: &mut ClientStream,
     buf: &mut BytesMut,
@@ -401,8 +472,7 @@ async fn authenticate(
     if method == AuthMethod::Trust {
         return Ok(());
     }
-    let failed = format!("password authentication failed for user \"{user}\"");
-    let entry = shared.users.by_name.get(user);
+    let users = &shared.users;
     let mut out = BytesMut::new();
     match method {
         AuthMethod::Trust => Ok(()),
@@ -411,15 +481,13 @@ async fn authenticate(
             messages::auth(&mut out, 5, &salt);
             write(stream, &mut out).await?;
             let response = read_password(stream, buf).await?;
-            let expected = entry
-                .and_then(|u| u.md5.as_deref())
-                .and_then(|v| md5_expected(v, salt));
+            // An unknown user is checked against a mock verifier: the same work.
+            let (verifier, mock) = users.md5_verifier(user);
             let given = response.split(|&b| b == 0).next().unwrap_or_default();
-            if expected.is_some_and(|e| e.as_bytes() == given) {
+            if md5_matches(&verifier, salt, given) && !mock {
                 Ok(())
             } else {
-                refuse(stream, "FATAL", "28P01", &failed).await;
-                Err(LoginError::Auth)
+                Err(LoginError::WrongPassword)
             }
         }
         AuthMethod::ScramSha256 => {
@@ -444,30 +512,44 @@ async fn authenticate(
                 return Err(LoginError::Auth);
             }
             let client_first = reader.rest();
-            let Some(secret) = entry.and_then(|u| u.scram.clone()) else {
-                refuse(stream, "FATAL", "28P01", &failed).await;
-                return Err(LoginError::Auth);
-            };
-            let Ok((exchange, server_first)) = ScramServer::start(secret, &client_first) else {
-                refuse(stream, "FATAL", "08P01", "malformed SCRAM message").await;
-                return Err(LoginError::Auth);
+            // An unknown user (or one without a SCRAM secret) goes through
+            // the whole exchange with a mock secret, so the messages, the
+            // work and the error are those of a wrong password.
+            let (secret, mock) = users.scram_secret(user);
+            let (exchange, server_first) = match ScramServer::start(secret, &client_first) {
+                Ok(started) => started,
+                Err(e) => return Err(refuse_scram(stream, e).await),
             };
             messages::auth(&mut out, 11, server_first.as_bytes());
             write(stream, &mut out).await?;
             let client_final = read_password(stream, buf).await?;
             match exchange.finish(&client_final) {
-                Ok(server_final) => {
+                Ok(server_final) if !mock => {
                     messages::auth(&mut out, 12, server_final.as_bytes());
                     write(stream, &mut out).await?;
                     Ok(())
                 }
-                Err(_) => {
-                    refuse(stream, "FATAL", "28P01", &failed).await;
-                    Err(LoginError::Auth)
-                }
+                Ok(_) | Err(ScramError::WrongProof) => Err(LoginError::WrongPassword),
+                Err(e) => Err(refuse_scram(stream, e).await),
             }
         }
     }
+}
+
+/// Tells the client why its SCRAM messages were refused (not a password verdict).
+async fn refuse_scram(stream: &mut ClientStream, error: ScramError) -> LoginError {
+    let (code, message) = match error {
+        ScramError::ChannelBinding => (
+            "28000",
+            "SCRAM channel binding is not supported by this proxy: connect with channel_binding=prefer or disable",
+        ),
+        ScramError::Malformed | ScramError::WrongProof => (
+            "08P01",
+            "malformed SCRAM message: the client's SCRAM-SHA-256 implementation is broken",
+        ),
+    };
+    refuse(stream, "FATAL", code, message).await;
+    LoginError::Auth
 }
 
 /// Reads a PasswordMessage / SASL response (tag `p`) and returns its body.

@@ -330,8 +330,7 @@ async fn scram_and_md5_logins() {
             c.auth.users = vec![proxy::config::UserEntry {
                 name: "app".into(),
                 password: Some("s3cret".into()),
-                scram_verifier: None,
-                md5_verifier: None,
+                ..Default::default()
             }];
         })
         .await;
