@@ -128,8 +128,10 @@ impl Credentials {
             Some(own) => own.tls.over(&self.tls),
             None => self.tls.clone(),
         };
-        keys.resolve()
-            .map_err(|e| format!("TLS settings for server {server}: {e}"))
+        keys.resolve().map_err(|e| match server {
+            "" => format!("[backend] TLS settings: {e}"),
+            _ => format!("TLS settings for server {server}: {e}"),
+        })
     }
 
     /// Checks the TLS settings of every server named in the config (and
