@@ -51,7 +51,9 @@ pub fn resolve(overrides: &Overrides, config: Option<&Path>) -> Result<Settings>
     }
     let backend = file.backend.or_from_env();
     backend.check_tls().map_err(|e| {
-        anyhow::anyhow!("{e}: fix [backend] in the config file or the SHARDLINE_BACKEND_SSL* variables")
+        anyhow::anyhow!(
+            "{e}: fix [backend] in the config file or the SHARDLINE_BACKEND_SSL* variables"
+        )
     })?;
     Ok(Settings {
         endpoints: etcd.endpoints,

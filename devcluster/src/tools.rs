@@ -101,7 +101,11 @@ impl Tools {
             return Ok(());
         }
         run(
-            Command::new("chown").args([OsStr::new("-R"), OsStr::new("postgres:postgres"), dir.as_os_str()]),
+            Command::new("chown").args([
+                OsStr::new("-R"),
+                OsStr::new("postgres:postgres"),
+                dir.as_os_str(),
+            ]),
             "chown -R",
         )
     }

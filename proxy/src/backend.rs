@@ -12,12 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
+use pgtls::{Connector, PgStream};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use rustc_hash::FxHashMap;
 use shardmap::Endpoint;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use pgtls::{Connector, PgStream};
 use tokio::net::TcpStream;
 
 use crate::wire::frame::{next_frame, Frame, DEFAULT_MAX_MESSAGE};

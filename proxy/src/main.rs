@@ -118,7 +118,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // file, verify-full without sslrootcert) rather than fail every query.
     for server in std::iter::once("").chain(config.backend.servers.keys().map(String::as_str)) {
         proxy::pool::Secrets::tls_for(&config.backend, server).map_err(|e| {
-            anyhow::anyhow!("{e}: fix [backend] in the config or the SHARDLINE_BACKEND_SSL* variables")
+            anyhow::anyhow!(
+                "{e}: fix [backend] in the config or the SHARDLINE_BACKEND_SSL* variables"
+            )
         })?;
     }
     anyhow::ensure!(

@@ -194,7 +194,10 @@ impl Pool {
                 _permit: permit,
             });
         }
-        let tls = self.tls.as_ref().map_err(|e| PoolError::TlsSettings(e.clone()))?;
+        let tls = self
+            .tls
+            .as_ref()
+            .map_err(|e| PoolError::TlsSettings(e.clone()))?;
         let backend = Backend::connect(
             self.server.clone(),
             &self.endpoint,
