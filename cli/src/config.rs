@@ -50,7 +50,7 @@ pub fn resolve(overrides: &Overrides, config: Option<&Path>) -> Result<Settings>
         );
     }
     let backend = file.backend.or_from_env();
-    backend.check_tls().map_err(|e| {
+    pgtls::check(&backend).map_err(|e| {
         anyhow::anyhow!(
             "{e}: fix [backend] in the config file or the SHARDLINE_BACKEND_SSL* variables"
         )

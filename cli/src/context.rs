@@ -38,8 +38,15 @@ impl Context {
 
     /// How to log in to the servers and secure the connections: the config
     /// file's `[backend]`, then the environment (etcd never holds them).
+    /// Checked only by the commands that connect to servers.
     pub fn credentials(&self) -> Result<Credentials> {
-        Ok(self.settings()?.backend)
+        let backend = self.settings()?.backend;
+        pgtls::check(&backend).map_err(|e| {
+            anyhow::anyhow!(
+                "{e}: fix [backend] in the config file or the SHARDLINE_BACKEND_SSL* variables"
+            )
+        })?;
+        Ok(backend)
     }
 
     /// The cluster named by the environment or `--cluster`, before any

@@ -110,6 +110,20 @@ impl Connector {
     }
 }
 
+/// Checks that a connection could be secured to every server as
+/// `credentials` say (the settings for all servers, and each server's own):
+/// modes complete, files readable and well-formed. For binaries to refuse
+/// to start on a mistake rather than fail every connection.
+pub fn check(credentials: &settings::Credentials) -> Result<(), String> {
+    for server in std::iter::once("").chain(credentials.servers.keys().map(String::as_str)) {
+        Connector::new(&credentials.tls_for_server(server)?).map_err(|e| match server {
+            "" => format!("[backend] TLS settings: {e}"),
+            _ => format!("TLS settings for server {server}: {e}"),
+        })?;
+    }
+    Ok(())
+}
+
 /// What a rustls handshake error means for the operator, for a server
 /// reached as `host` with `mode`.
 pub fn describe_handshake_error(error: &io::Error, host: &str, mode: SslMode) -> String {

@@ -116,13 +116,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.backend = config.backend.or_from_env();
     // Refuse to start on TLS settings no connection could use (a missing
     // file, verify-full without sslrootcert) rather than fail every query.
-    for server in std::iter::once("").chain(config.backend.servers.keys().map(String::as_str)) {
-        proxy::pool::Secrets::tls_for(&config.backend, server).map_err(|e| {
-            anyhow::anyhow!(
-                "{e}: fix [backend] in the config or the SHARDLINE_BACKEND_SSL* variables"
-            )
-        })?;
-    }
+    pgtls::check(&config.backend).map_err(|e| {
+        anyhow::anyhow!("{e}: fix [backend] in the config or the SHARDLINE_BACKEND_SSL* variables")
+    })?;
     anyhow::ensure!(
         !config.etcd.endpoints.is_empty(),
         "no etcd endpoints: set [etcd] endpoints in the config, --etcd, or SHARDLINE_ETCD"

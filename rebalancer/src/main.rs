@@ -58,7 +58,7 @@ fn main() -> ExitCode {
     if let Some(address) = &args.metrics_listen {
         config.metrics_listen = Some(address.clone());
     }
-    if let Err(e) = config.credentials().check_tls() {
+    if let Err(e) = pgtls::check(&config.credentials()) {
         eprintln!(
             "shardline-rebalancer: {e}: fix [backend] in the config or the SHARDLINE_BACKEND_SSL* variables"
         );
