@@ -145,6 +145,21 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_table_holds_tls_and_backend_password_stays_the_password_for_all() {
+        let config = RebalancerConfig::from_toml(
+            "backend_password = \"pw\"\n[backend]\nsslmode = \"verify-ca\"\n\
+             sslrootcert = \"/tls/ca.crt\"\n[backend.servers.pg2]\nsslmode = \"disable\"\n",
+        )
+        .expect("parse");
+        let credentials = config.credentials();
+        assert_eq!(credentials.password_for_server("pg1"), Some("pw"));
+        let pg1 = credentials.tls_for_server("pg1").expect("valid");
+        assert_eq!(pg1.mode, settings::SslMode::VerifyCa);
+        let pg2 = credentials.tls_for_server("pg2").expect("valid");
+        assert_eq!(pg2.mode, settings::SslMode::Disable);
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let error = RebalancerConfig::from_toml("max_moves = 3\n").expect_err("unknown key");
         assert!(error.contains("max_moves"), "{error}");
