@@ -3,7 +3,9 @@
 //! `SHARDLINE_ETCD` / `SHARDLINE_CLUSTER`, then `--etcd` / `--cluster`. The
 //! file is `--config` / `SHARDLINE_CONFIG`; without one, and with no
 //! endpoints from the environment or flags, it is the default dev cluster's
-//! file if `shardctl dev up` started one.
+//! file if `shardctl dev up` started one. The file's `[backend]` table
+//! (passwords, TLS to the servers) is laid under the environment's
+//! `SHARDLINE_BACKEND_*` / `PG*` variables as in the other binaries.
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +22,8 @@ pub fn default_dev_dir() -> PathBuf {
 pub struct Settings {
     pub endpoints: Vec<String>,
     pub cluster: String,
+    /// How to log in to the servers and secure the connections.
+    pub backend: settings::Credentials,
 }
 
 /// Resolves settings: the file (`config`, else the dev cluster's), with
@@ -45,9 +49,16 @@ pub fn resolve(overrides: &Overrides, config: Option<&Path>) -> Result<Settings>
              give --config FILE, or start a local cluster with `shardctl dev up`"
         );
     }
+    let backend = file.backend.or_from_env();
+    pgtls::check(&backend).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}: fix [backend] in the config file or the SHARDLINE_BACKEND_SSL* variables"
+        )
+    })?;
     Ok(Settings {
         endpoints: etcd.endpoints,
         cluster,
+        backend,
     })
 }
 
@@ -117,6 +128,7 @@ mod tests {
             etcd: settings::EtcdSettings {
                 endpoints: vec!["http://127.0.0.1:2379".into()],
             },
+            backend: settings::Credentials::default(),
         };
         write(&file, &path).expect("writes");
         let settings = resolve(&Overrides::default(), Some(&path)).expect("resolves");

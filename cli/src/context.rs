@@ -17,9 +17,6 @@ pub struct Context {
     config: Option<PathBuf>,
     /// The environment and flags over the config file's etcd and cluster.
     overrides: Overrides,
-    /// Passwords for the servers: from the environment only (shardctl's
-    /// config file has none, and etcd never holds them).
-    pub credentials: Credentials,
     pub json: bool,
     /// Recorded in the history as making each change.
     pub actor: String,
@@ -30,7 +27,6 @@ impl Context {
         Context {
             config: cli.config.clone(),
             overrides: Overrides::env_then_flags(&cli.etcd, cli.cluster.as_deref()),
-            credentials: Credentials::from_env(),
             json: cli.json,
             actor: cli.actor.clone().unwrap_or_else(config::default_actor),
         }
@@ -38,6 +34,19 @@ impl Context {
 
     pub fn settings(&self) -> Result<Settings> {
         config::resolve(&self.overrides, self.config.as_deref())
+    }
+
+    /// How to log in to the servers and secure the connections: the config
+    /// file's `[backend]`, then the environment (etcd never holds them).
+    /// Checked only by the commands that connect to servers.
+    pub fn credentials(&self) -> Result<Credentials> {
+        let backend = self.settings()?.backend;
+        pgtls::check(&backend).map_err(|e| {
+            anyhow::anyhow!(
+                "{e}: fix [backend] in the config file or the SHARDLINE_BACKEND_SSL* variables"
+            )
+        })?;
+        Ok(backend)
     }
 
     /// The cluster named by the environment or `--cluster`, before any

@@ -61,7 +61,8 @@ pub struct DevOptions {
     /// Postgres `fsync`: off makes tests faster; data is disposable anyway.
     pub fsync: bool,
     /// Create a dev CA ([`certs`]) in `<dir>/tls` and serve etcd and Postgres
-    /// over TLS with its certificates.
+    /// over TLS with its certificates. Postgres then takes TCP connections
+    /// over TLS only (`hostssl` in pg_hba.conf).
     pub tls: bool,
 }
 
@@ -169,7 +170,9 @@ impl LocalCluster {
         tools.hand_to_postgres(dir)?;
         let certs = if options.tls {
             progress("creating a dev CA");
-            Some(DevCertificates::create(&dir.join("tls"))?)
+            let certs = DevCertificates::create(&dir.join("tls"))?;
+            tools.hand_tree_to_postgres(&dir.join("tls"))?;
+            Some(certs)
         } else {
             None
         };
@@ -194,8 +197,14 @@ impl LocalCluster {
         for i in 1..=options.servers {
             let name = format!("pg{i}");
             progress(&format!("starting Postgres {name}"));
-            let server =
-                PgServer::start(&tools, &template, &dir.join(&name), &name, options.fsync)?;
+            let server = PgServer::start(
+                &tools,
+                &template,
+                &dir.join(&name),
+                &name,
+                options.fsync,
+                cluster.certs.as_ref(),
+            )?;
             cluster.servers.push(server);
             cluster.write_state()?;
         }

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::tools::{run, Tools};
-use crate::{wait_until, DevError, EtcdState, PgState};
+use crate::{wait_until, DevCertificates, DevError, EtcdState, PgState};
 
 /// Ports handed out by this process, so two clusters started side by side in
 /// one test binary never get the same one.
@@ -267,13 +267,14 @@ impl PgServer {
         data_dir: &Path,
         name: &str,
         fsync: bool,
+        tls: Option<&DevCertificates>,
     ) -> Result<PgServer, DevError> {
         if !data_dir.join("PG_VERSION").exists() {
             let mut copy = tools.as_pg_user("cp");
             copy.arg("-a").arg(template).arg(data_dir);
             run(&mut copy, "copying the template data directory")?;
         }
-        PgServer::configure_and_launch(tools, data_dir, name, fsync)
+        PgServer::configure_and_launch(tools, data_dir, name, fsync, tls)
     }
 
     /// Starts a streaming read replica of `primary` in `data_dir`
@@ -300,7 +301,8 @@ impl PgServer {
                 .args(["-R", "-X", "stream", "--no-sync"]);
             run(&mut backup, &format!("pg_basebackup of {}", primary.name))?;
         }
-        PgServer::configure_and_launch(tools, data_dir, name, false)
+        // The base backup holds the primary's TLS settings and pg_hba.conf.
+        PgServer::configure_and_launch(tools, data_dir, name, false, None)
     }
 
     fn configure_and_launch(
@@ -308,6 +310,7 @@ impl PgServer {
         data_dir: &Path,
         name: &str,
         fsync: bool,
+        tls: Option<&DevCertificates>,
     ) -> Result<PgServer, DevError> {
         let port = free_port()?;
         // Appended last, so these win over what a template or base backup holds.
@@ -335,26 +338,40 @@ impl PgServer {
             socket = data_dir.display(),
             fsync = if fsync { "on" } else { "off" },
         );
-        let mut append = tools.as_pg_user("tee");
-        append
-            .arg("-a")
-            .arg(data_dir.join("postgresql.auto.conf"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null());
-        let mut child = append.spawn().map_err(DevError::io("cannot run tee"))?;
-        if let Some(stdin) = child.stdin.as_mut() {
-            stdin
-                .write_all(settings.as_bytes())
-                .map_err(DevError::io("cannot write postgresql.auto.conf"))?;
+        let mut settings = settings;
+        if let Some(certs) = tls {
+            // The files stay in <dir>/tls (handed to the postgres user);
+            // ssl_ca_file makes the server ask for a client certificate and
+            // check the one shardline shows.
+            settings.push_str(&format!(
+                "ssl = on
+ssl_cert_file = '{}'
+ssl_key_file = '{}'
+ssl_ca_file = '{}'
+",
+                certs.server_cert.display(),
+                certs.server_key.display(),
+                certs.ca_cert.display(),
+            ));
+            // TCP only over TLS: a clear-text connection finds no hba line.
+            write_as_pg_user(
+                tools,
+                &data_dir.join("pg_hba.conf"),
+                "# shardline dev cluster with TLS: TCP connections over TLS only
+                 local all all trust
+                 local replication all trust
+                 hostssl all all 127.0.0.1/32 trust
+                 hostssl replication all 127.0.0.1/32 trust
+",
+                false,
+            )?;
         }
-        drop(child.stdin.take());
-        let status = child.wait().map_err(DevError::io("cannot wait for tee"))?;
-        if !status.success() {
-            return Err(DevError::Failed(format!(
-                "cannot configure {}",
-                data_dir.display()
-            )));
-        }
+        write_as_pg_user(
+            tools,
+            &data_dir.join("postgresql.auto.conf"),
+            &settings,
+            true,
+        )?;
         let mut server = PgServer {
             name: name.to_string(),
             port,
@@ -430,6 +447,28 @@ impl PgServer {
     pub fn restart(&mut self) -> Result<(), DevError> {
         self.launch()
     }
+}
+
+/// Writes (or appends) `text` to `path` as the user Postgres runs as, so
+/// the file stays that user's.
+fn write_as_pg_user(tools: &Tools, path: &Path, text: &str, append: bool) -> Result<(), DevError> {
+    let mut tee = tools.as_pg_user("tee");
+    if append {
+        tee.arg("-a");
+    }
+    tee.arg(path).stdin(Stdio::piped()).stdout(Stdio::null());
+    let mut child = tee.spawn().map_err(DevError::io("cannot run tee"))?;
+    if let Some(stdin) = child.stdin.as_mut() {
+        stdin
+            .write_all(text.as_bytes())
+            .map_err(DevError::io(format!("cannot write {}", path.display())))?;
+    }
+    drop(child.stdin.take());
+    let status = child.wait().map_err(DevError::io("cannot wait for tee"))?;
+    if !status.success() {
+        return Err(DevError::Failed(format!("cannot write {}", path.display())));
+    }
+    Ok(())
 }
 
 /// Stops the Postgres server of `data_dir` if it runs.

@@ -93,6 +93,23 @@ impl Tools {
         }
     }
 
+    /// Gives `dir` and everything in it to the user Postgres runs as (the
+    /// dev certificates: Postgres wants its key owned by itself, and a
+    /// subscription's libpq reads the client key as that user).
+    pub fn hand_tree_to_postgres(&self, dir: &Path) -> Result<(), DevError> {
+        if !self.run_as_postgres {
+            return Ok(());
+        }
+        run(
+            Command::new("chown").args([
+                OsStr::new("-R"),
+                OsStr::new("postgres:postgres"),
+                dir.as_os_str(),
+            ]),
+            "chown -R",
+        )
+    }
+
     /// Makes `dir` usable by the user Postgres runs as.
     pub fn hand_to_postgres(&self, dir: &Path) -> Result<(), DevError> {
         if !self.run_as_postgres {

@@ -1,5 +1,6 @@
-//! One connection from the proxy to a Postgres server: connect and
-//! authenticate (trust, cleartext, md5, SCRAM-SHA-256), then read and write
+//! One connection from the proxy to a Postgres server: connect, secure it
+//! as the server's sslmode says (see the `pgtls` crate), authenticate
+//! (trust, cleartext, md5, SCRAM-SHA-256), then read and write
 //! protocol frames. It remembers what the session layer needs to reuse it:
 //! which statements are prepared on it, which settings it carries, and the
 //! transaction status of its last ReadyForQuery.
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
+use pgtls::{Connector, PgStream};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use rustc_hash::FxHashMap;
@@ -29,10 +31,17 @@ pub enum BackendError {
         addr: String,
         source: io::Error,
     },
-    #[error("server {server} refused the login: {message} (SQLSTATE {code})")]
+    #[error("server {server} refused the login: {message} (SQLSTATE {code}){}",
+        pgtls::refusal_hint(code, message).map(|h| format!("; {h}")).unwrap_or_default())]
     Refused {
         server: String,
         code: String,
+        message: String,
+    },
+    #[error("cannot secure the connection to server {server} at {addr}: {message}")]
+    Tls {
+        server: String,
+        addr: String,
         message: String,
     },
     #[error("server {server}: {0}", server = .1)]
@@ -47,7 +56,7 @@ pub enum BackendError {
 
 /// A live, authenticated backend connection.
 pub struct Backend {
-    stream: TcpStream,
+    stream: PgStream,
     read_buf: BytesMut,
     pub server: Arc<str>,
     pub addr: SocketAddr,
@@ -77,16 +86,17 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Connects and logs in to `endpoint` as its user.
+    /// Connects and logs in to `endpoint` as its user, over TLS as `tls` says.
     pub async fn connect(
         server: Arc<str>,
         endpoint: &Endpoint,
         password: Option<&str>,
+        tls: &Connector,
         timeout: Duration,
     ) -> Result<Backend, BackendError> {
         match tokio::time::timeout(
             timeout,
-            Backend::connect_inner(server.clone(), endpoint, password),
+            Backend::connect_inner(server.clone(), endpoint, password, tls),
         )
         .await
         {
@@ -102,6 +112,7 @@ impl Backend {
         server: Arc<str>,
         endpoint: &Endpoint,
         password: Option<&str>,
+        tls: &Connector,
     ) -> Result<Backend, BackendError> {
         let addr_text = format!("{}:{}", endpoint.host, endpoint.port);
         let stream =
@@ -118,6 +129,17 @@ impl Backend {
         };
         stream.set_nodelay(true).map_err(io_err)?;
         let addr = stream.peer_addr().map_err(io_err)?;
+        let stream = tls
+            .negotiate(stream, &endpoint.host)
+            .await
+            .map_err(|e| match e {
+                pgtls::TlsError::Io(source) => io_err(source),
+                other => BackendError::Tls {
+                    server: server.to_string(),
+                    addr: addr_text.clone(),
+                    message: other.to_string(),
+                },
+            })?;
         let now = Instant::now();
         let mut backend = Backend {
             stream,
@@ -342,7 +364,14 @@ impl Backend {
     }
 
     pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.stream.write_all(bytes).await
+        self.stream.write_all(bytes).await?;
+        // TLS may hold the bytes in its buffer; on plain TCP this is a no-op.
+        self.stream.flush().await
+    }
+
+    /// Whether the connection runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.stream.is_tls()
     }
 
     /// Whether the server closed the connection (or sent something unasked)
@@ -351,8 +380,7 @@ impl Backend {
         if !self.read_buf.is_empty() {
             return true;
         }
-        let mut probe = [0u8; 1];
-        !matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        self.stream.closed_while_idle()
     }
 }
 

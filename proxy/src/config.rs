@@ -30,7 +30,8 @@ pub struct ProxyConfig {
     pub auth: AuthSettings,
     #[serde(default)]
     pub pool: PoolSettings,
-    /// Passwords the proxy uses to log in to the servers (per server, or one for all).
+    /// Passwords the proxy uses to log in to the servers (per server, or one
+    /// for all), and TLS to them (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`).
     #[serde(default)]
     pub backend: Credentials,
     #[serde(default)]
@@ -322,6 +323,13 @@ impl PoolSettings {
 impl Secrets for Credentials {
     fn password_for(&self, server: &str, _user: &str) -> Option<String> {
         self.password_for_server(server).map(String::from)
+    }
+
+    fn tls_for(&self, server: &str) -> Result<pgtls::Connector, String> {
+        pgtls::Connector::new(&self.tls_for_server(server)?).map_err(|e| match server {
+            "" => format!("[backend] TLS settings: {e}"),
+            _ => format!("TLS settings for server {server}: {e}"),
+        })
     }
 }
 

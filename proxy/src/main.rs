@@ -125,6 +125,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         config.backend.password = Some(Password::new(password));
     }
     config.backend = config.backend.or_from_env();
+    // Refuse to start on TLS settings no connection could use (a missing
+    // file, verify-full without sslrootcert) rather than fail every query.
+    pgtls::check(&config.backend).map_err(|e| {
+        anyhow::anyhow!("{e}: fix [backend] in the config or the SHARDLINE_BACKEND_SSL* variables")
+    })?;
     anyhow::ensure!(
         !config.etcd.endpoints.is_empty(),
         "no etcd endpoints: set [etcd] endpoints in the config, --etcd, or SHARDLINE_ETCD"

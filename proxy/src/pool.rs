@@ -49,6 +49,10 @@ pub enum PoolError {
     },
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// The server's TLS settings cannot be used (a file missing, a mode
+    /// without its root certificate): fix the proxy's `[backend]` config.
+    #[error("{0}")]
+    TlsSettings(String),
 }
 
 /// Counters for metrics.
@@ -65,6 +69,9 @@ pub struct Pool {
     pub server: Arc<str>,
     pub endpoint: Endpoint,
     password: Option<String>,
+    /// Built once per pool (it reads the certificate files); an error is
+    /// reported to every client that needs this server.
+    tls: Result<pgtls::Connector, String>,
     /// Boxed, so that a lease (held in every session's state) is small
     /// and moving a connection in and out of the pool copies a pointer.
     idle: Mutex<Vec<Box<Backend>>>,
@@ -128,12 +135,17 @@ impl Pool {
         server: Arc<str>,
         endpoint: Endpoint,
         password: Option<String>,
+        tls: Result<pgtls::Connector, String>,
         config: PoolConfig,
     ) -> Pool {
+        if let Err(e) = &tls {
+            tracing::error!(server = %server, error = %e, "no connection to this server can be made");
+        }
         Pool {
             server,
             endpoint,
             password,
+            tls,
             idle: Mutex::new(Vec::new()),
             permits: Arc::new(Semaphore::new(config.size)),
             config,
@@ -182,10 +194,15 @@ impl Pool {
                 _permit: permit,
             });
         }
+        let tls = self
+            .tls
+            .as_ref()
+            .map_err(|e| PoolError::TlsSettings(e.clone()))?;
         let backend = Backend::connect(
             self.server.clone(),
             &self.endpoint,
             self.password.as_deref(),
+            tls,
             self.config.connect_timeout,
         )
         .await?;
@@ -220,9 +237,16 @@ impl Pool {
     }
 }
 
-/// Where backend passwords come from: never from etcd.
+/// Where backend passwords and TLS settings come from: never from etcd.
 pub trait Secrets: Send + Sync {
     fn password_for(&self, server: &str, user: &str) -> Option<String>;
+
+    /// How to secure connections to `server` (libpq's default, `prefer`,
+    /// unless configured).
+    fn tls_for(&self, server: &str) -> Result<pgtls::Connector, String> {
+        let _ = server;
+        pgtls::Connector::new(&settings::BackendTls::default())
+    }
 }
 
 /// The pools of every server in the map, created on first use and replaced
@@ -263,6 +287,7 @@ impl Pools {
                     server.primary.clone(),
                     self.secrets
                         .password_for(&server.name, &server.primary.user),
+                    self.secrets.tls_for(&server.name),
                     self.config.clone(),
                 ));
                 pools.insert(server.name.clone(), pool.clone());
@@ -296,6 +321,7 @@ impl Pools {
                     server.name.as_str().into(),
                     endpoint.clone(),
                     self.secrets.password_for(&server.name, &endpoint.user),
+                    self.secrets.tls_for(&server.name),
                     self.config.clone(),
                 ));
                 pools.insert(key, pool.clone());

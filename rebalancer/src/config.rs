@@ -1,6 +1,6 @@
 //! The rebalancer daemon's settings: its TOML file, with the environment
 //! and flags over the shared parts (etcd, cluster; see [`settings::etcd`]).
-//! The backend password is found as [`settings::credentials`] says.
+//! The backend password and TLS are found as [`settings::credentials`] says.
 
 use std::path::Path;
 use std::time::Duration;
@@ -37,6 +37,9 @@ pub struct RebalancerConfig {
     /// Password for the servers' users; never stored in etcd. When unset,
     /// `SHARDLINE_BACKEND_PASSWORD` or `PGPASSWORD` (see [`RebalancerConfig::credentials`]).
     pub backend_password: Option<Password>,
+    /// `[backend]`: per-server passwords and TLS to the servers (`sslmode`,
+    /// `sslrootcert`, `sslcert`, `sslkey`), as in the proxy's config.
+    pub backend: Credentials,
     /// Where to serve Prometheus metrics (`host:port`), if anywhere.
     pub metrics_listen: Option<String>,
     /// How often the leader resolves dead proxies' prepared transactions
@@ -60,6 +63,7 @@ impl Default for RebalancerConfig {
             max_cutover_attempts: 5,
             leader_ttl_seconds: 5,
             backend_password: None,
+            backend: Credentials::default(),
             metrics_listen: None,
             twophase_recovery_interval_ms: 10_000,
         }
@@ -86,10 +90,15 @@ impl RebalancerConfig {
         self
     }
 
-    /// How the daemon logs in to the servers: `backend_password`, else the
+    /// How the daemon logs in to the servers: `[backend]`, with
+    /// `backend_password` as its password for all servers, else the
     /// environment (read each time a daemon starts leading).
     pub fn credentials(&self) -> Credentials {
-        Credentials::with_password(self.backend_password.clone()).or_from_env()
+        let mut credentials = self.backend.clone();
+        if credentials.password.is_none() {
+            credentials.password = self.backend_password.clone();
+        }
+        credentials.or_from_env()
     }
 
     pub fn lock_timeout(&self) -> Duration {
@@ -133,6 +142,21 @@ mod tests {
             config.etcd.endpoints,
             vec![settings::LOCAL_ETCD.to_string()]
         );
+    }
+
+    #[test]
+    fn a_backend_table_holds_tls_and_backend_password_stays_the_password_for_all() {
+        let config = RebalancerConfig::from_toml(
+            "backend_password = \"pw\"\n[backend]\nsslmode = \"verify-ca\"\n\
+             sslrootcert = \"/tls/ca.crt\"\n[backend.servers.pg2]\nsslmode = \"disable\"\n",
+        )
+        .expect("parse");
+        let credentials = config.credentials();
+        assert_eq!(credentials.password_for_server("pg1"), Some("pw"));
+        let pg1 = credentials.tls_for_server("pg1").expect("valid");
+        assert_eq!(pg1.mode, settings::SslMode::VerifyCa);
+        let pg2 = credentials.tls_for_server("pg2").expect("valid");
+        assert_eq!(pg2.mode, settings::SslMode::Disable);
     }
 
     #[test]

@@ -58,6 +58,12 @@ fn main() -> ExitCode {
     if let Some(address) = &args.metrics_listen {
         config.metrics_listen = Some(address.clone());
     }
+    if let Err(e) = pgtls::check(&config.credentials()) {
+        eprintln!(
+            "shardline-rebalancer: {e}: fix [backend] in the config or the SHARDLINE_BACKEND_SSL* variables"
+        );
+        return ExitCode::FAILURE;
+    }
     let id = args.id.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())

@@ -401,7 +401,7 @@ impl Mover {
             let source_server = map.servers.get(&self.job.job.from).ok_or_else(|| {
                 MoveError::Fatal(format!("server {} is not in the map", self.job.job.from))
             })?;
-            let conninfo = pg::conninfo(source_server, &self.ctx().credentials);
+            let conninfo = pg::conninfo(source_server, &self.ctx().credentials)?;
             if !target.subscription_exists(&name).await? {
                 // A slot left by an attempt that died between creating the
                 // slot and committing the subscription.

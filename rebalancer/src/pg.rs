@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use shardmap::ddl::Leaf;
 use shardmap::{ClusterMap, Server, TableKind};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::MoveError;
 
@@ -16,12 +16,16 @@ pub struct Pg {
     pub client: Client,
 }
 
-/// The passwords every connection the rebalancer (and shardctl) opens uses
-/// (never from etcd).
+/// The passwords and TLS settings every connection the rebalancer (and
+/// shardctl) opens uses (never from etcd).
 pub use settings::Credentials;
 
 /// libpq conninfo for `server`, as a subscription on another server uses it.
-pub fn conninfo(server: &Server, credentials: &Credentials) -> String {
+/// It carries the same TLS settings as our own connections to `server`;
+/// their file paths are opened by the *subscribing* server's Postgres, so
+/// the CA and client certificate must be at those paths on its machine,
+/// readable by the user it runs as.
+pub fn conninfo(server: &Server, credentials: &Credentials) -> Result<String, MoveError> {
     let e = &server.primary;
     let mut info = format!(
         "host={} port={} user={} dbname={} application_name=shardline_move",
@@ -30,10 +34,14 @@ pub fn conninfo(server: &Server, credentials: &Credentials) -> String {
         quote_conninfo(&e.user),
         quote_conninfo(&e.dbname)
     );
+    let tls = credentials
+        .tls_for_server(&server.name)
+        .map_err(MoveError::Unreachable)?;
+    info.push_str(&tls.conninfo_keywords(quote_conninfo));
     if let Some(password) = credentials.password_for_server(&server.name) {
         info.push_str(&format!(" password={}", quote_conninfo(password)));
     }
-    info
+    Ok(info)
 }
 
 fn quote_conninfo(value: &str) -> String {
@@ -80,12 +88,13 @@ impl Pg {
         if let Some(password) = credentials.password_for_server(&server.name) {
             config.password(password);
         }
-        let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+        let tls = credentials
+            .tls_for_server(&server.name)
+            .map_err(MoveError::Unreachable)?;
+        let (client, connection) = pgtls::connect(config, &tls).await.map_err(|e| {
             MoveError::Unreachable(format!(
-                "cannot connect to server {} at {}: {}",
-                server.name,
-                server.primary,
-                crate::error_chain(&e)
+                "cannot connect to server {} at {}: {e}",
+                server.name, server.primary,
             ))
         })?;
         let name = server.name.clone();
@@ -730,8 +739,16 @@ mod tests {
         };
         let credentials = Credentials::with_password(Some(settings::Password::new("p'w d")));
         assert_eq!(
-            conninfo(&server, &credentials),
-            "host='db.example' port=5433 user='app' dbname='main' application_name=shardline_move password='p\\'w d'"
+            conninfo(&server, &credentials).expect("valid"),
+            "host='db.example' port=5433 user='app' dbname='main' application_name=shardline_move sslmode=prefer password='p\\'w d'"
+        );
+        let mut credentials = credentials;
+        credentials.tls.sslmode = Some(settings::SslMode::VerifyFull);
+        credentials.tls.sslrootcert = Some("/etc/ssl/shard ca.crt".into());
+        let info = conninfo(&server, &credentials).expect("valid");
+        assert!(
+            info.contains(" sslmode=verify-full sslrootcert='/etc/ssl/shard ca.crt' password="),
+            "{info}"
         );
     }
 }

@@ -9,12 +9,16 @@
 //! 4. `PGPASSWORD`,
 //!
 //! and none at all (trust authentication) when all four are unset.
+//! The same tables hold the TLS keys (`sslmode`, `sslrootcert`, `sslcert`,
+//! `sslkey`), layered the same way: see [`crate::backend_tls`].
 //! Passwords are held as [`Password`], whose `Debug` never shows them, so a
 //! config that holds one can be logged.
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+use crate::backend_tls::{BackendTls, TlsKeys};
 
 /// The variable shardline reads a backend password from.
 pub const PASSWORD_VAR: &str = "SHARDLINE_BACKEND_PASSWORD";
@@ -46,23 +50,33 @@ impl std::fmt::Debug for Password {
 
 /// Passwords for the servers: one for all, and per server. As a TOML table:
 /// `[backend] password = "..."` and `[backend.servers.NAME] password = "..."`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+/// Serialized (for the config `shardctl dev up` writes) without passwords.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Credentials {
     /// For every server without its own.
-    #[serde(default)]
+    #[serde(default, skip_serializing)]
     pub password: Option<Password>,
+    /// TLS for every server, key by key unless a server sets its own.
+    #[serde(flatten)]
+    pub tls: TlsKeys,
     /// By server name.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub servers: BTreeMap<String, ServerCredentials>,
+    /// A TLS variable of the environment that cannot be used: reported by
+    /// [`Credentials::tls_for_server`] (and so by every connection).
+    #[serde(skip)]
+    tls_env_error: Option<String>,
 }
 
 /// One server's own login.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerCredentials {
-    #[serde(default)]
+    #[serde(default, skip_serializing)]
     pub password: Option<Password>,
+    #[serde(flatten)]
+    pub tls: TlsKeys,
 }
 
 impl Credentials {
@@ -70,8 +84,13 @@ impl Credentials {
     pub fn with_password(password: Option<Password>) -> Credentials {
         Credentials {
             password,
-            servers: BTreeMap::new(),
+            ..Credentials::default()
         }
+    }
+
+    /// Whether nothing is configured (what a written config file leaves out).
+    pub fn is_unset(&self) -> bool {
+        self == &Credentials::default()
     }
 
     /// Only what the environment gives, for a program without a config file.
@@ -92,7 +111,37 @@ impl Credentials {
                 .or_else(|| var(PGPASSWORD_VAR))
                 .map(Password);
         }
+        match self.tls.or_from_vars(&var) {
+            Ok(tls) => self.tls = tls,
+            Err(e) => self.tls_env_error = Some(e),
+        }
         self
+    }
+
+    /// The TLS settings for the server named `server`: its own keys, then
+    /// `[backend]`'s, then the environment's (see [`crate::backend_tls`]).
+    pub fn tls_for_server(&self, server: &str) -> Result<BackendTls, String> {
+        if let Some(error) = &self.tls_env_error {
+            return Err(error.clone());
+        }
+        let keys = match self.servers.get(server) {
+            Some(own) => own.tls.over(&self.tls),
+            None => self.tls.clone(),
+        };
+        keys.resolve().map_err(|e| match server {
+            "" => format!("[backend] TLS settings: {e}"),
+            _ => format!("TLS settings for server {server}: {e}"),
+        })
+    }
+
+    /// Checks the TLS settings of every server named in the config (and
+    /// those for all others), so a binary can refuse to start on a mistake.
+    pub fn check_tls(&self) -> Result<(), String> {
+        self.tls_for_server("")?;
+        for server in self.servers.keys() {
+            self.tls_for_server(server)?;
+        }
+        Ok(())
     }
 
     /// The password to log in to the server named `server`, if any.
@@ -158,5 +207,37 @@ mod tests {
     fn unknown_keys_are_refused() {
         let error = crate::parse_toml::<Credentials>("pasword = \"x\"\n").expect_err("typo");
         assert!(error.contains("pasword"), "{error}");
+    }
+
+    #[test]
+    fn tls_keys_sit_beside_the_passwords_and_a_server_overrides_key_by_key() {
+        let credentials: Credentials = crate::parse_toml(
+            "sslmode = \"verify-full\"\nsslrootcert = \"/tls/ca.crt\"\n\
+             [servers.pg2]\nsslmode = \"verify-ca\"\npassword = \"x\"\n",
+        )
+        .expect("parses");
+        let credentials = credentials.or_from_vars(vars(&[("PGSSLMODE", "disable")]));
+        let pg1 = credentials.tls_for_server("pg1").expect("valid");
+        assert_eq!(pg1.mode, crate::SslMode::VerifyFull);
+        let pg2 = credentials.tls_for_server("pg2").expect("valid");
+        assert_eq!(pg2.mode, crate::SslMode::VerifyCa);
+        assert_eq!(pg2.root_cert, Some("/tls/ca.crt".into()));
+        let error = crate::parse_toml::<Credentials>("sslmod = \"require\"\n").expect_err("typo");
+        assert!(error.contains("sslmod"), "{error}");
+        let error = crate::parse_toml::<Credentials>("[servers.pg1]\nsslrootcrt = \"x\"\n")
+            .expect_err("typo");
+        assert!(error.contains("sslrootcrt"), "{error}");
+        let error = crate::parse_toml::<Credentials>("sslmode = \"on\"\n").expect_err("bad mode");
+        assert!(error.contains("verify-full"), "{error}");
+    }
+
+    #[test]
+    fn a_bad_sslmode_variable_fails_every_server_and_passwords_are_never_written() {
+        let credentials = Credentials::with_password(Some(Password::new("secret")))
+            .or_from_vars(vars(&[("SHARDLINE_BACKEND_SSLMODE", "yes")]));
+        let error = credentials.check_tls().expect_err("bad variable");
+        assert!(error.contains("SHARDLINE_BACKEND_SSLMODE"), "{error}");
+        let text = toml::to_string(&credentials).expect("encodes");
+        assert!(!text.contains("secret"), "{text}");
     }
 }

@@ -47,6 +47,9 @@ pub struct SharedFile {
     pub cluster: Option<String>,
     #[serde(default)]
     pub etcd: EtcdSettings,
+    /// `[backend]`: passwords (never written back) and TLS to the servers.
+    #[serde(default, skip_serializing_if = "crate::Credentials::is_unset")]
+    pub backend: crate::Credentials,
 }
 
 /// etcd endpoints and a cluster name given on top of a config file, by the
@@ -184,6 +187,7 @@ mod tests {
             etcd: EtcdSettings {
                 endpoints: vec!["http://127.0.0.1:2379".into()],
             },
+            backend: crate::Credentials::default(),
         };
         let text = toml::to_string(&file).expect("encodes");
         assert_eq!(crate::parse_toml::<SharedFile>(&text), Ok(file));

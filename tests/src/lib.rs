@@ -111,10 +111,35 @@ impl TestCluster {
             .unwrap_or_else(|| panic!("no server {name} in the test cluster"))
     }
 
-    /// A client connected straight to Postgres server `index` (no proxy).
+    /// How shardline reaches this cluster's servers: nothing to set for a
+    /// plain cluster; for one started with TLS, what `shardctl dev up --tls`
+    /// writes (verify-full against the dev CA, the dev client certificate).
+    pub fn backend_credentials(&self) -> settings::Credentials {
+        let mut credentials = settings::Credentials::default();
+        if let Some(certs) = &self.cluster.certs {
+            credentials.tls = settings::TlsKeys {
+                sslmode: Some(settings::SslMode::VerifyFull),
+                sslrootcert: Some(certs.ca_cert.clone()),
+                sslcert: Some(certs.client_cert.clone()),
+                sslkey: Some(certs.client_key.clone()),
+            };
+        }
+        credentials
+    }
+
+    /// A client connected straight to Postgres server `index` (no proxy),
+    /// over TLS when the cluster has it.
     pub async fn connect(&self, index: usize) -> tokio_postgres::Client {
         let conninfo = self.cluster.servers[index].state().conninfo();
-        let (client, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        let config: tokio_postgres::Config = conninfo.parse().expect("dev conninfo parses");
+        let tls = match self.cluster.certs {
+            Some(_) => self
+                .backend_credentials()
+                .tls_for_server("")
+                .expect("dev TLS settings"),
+            None => settings::BackendTls::disabled(),
+        };
+        let (client, connection) = pgtls::connect(config, &tls)
             .await
             .unwrap_or_else(|e| panic!("cannot connect to {conninfo}: {e}"));
         tokio::spawn(async move {
@@ -159,8 +184,9 @@ impl Drop for TestProxy {
 }
 
 impl TestProxy {
-    /// Starts a proxy for `cluster_name` on a free port, with trust auth
-    /// unless `configure` changes it.
+    /// Starts a proxy for `cluster_name` on a free port, with trust auth and
+    /// the cluster's backend TLS (see [`TestCluster::backend_credentials`])
+    /// unless `configure` changes them.
     pub async fn start(
         cluster: &TestCluster,
         cluster_name: &str,
@@ -173,6 +199,7 @@ impl TestProxy {
         };
         config.etcd.endpoints = cluster.etcd_endpoints();
         config.auth.method = proxy::auth::AuthMethod::Trust;
+        config.backend = cluster.backend_credentials();
         configure(&mut config);
         let users = config.users().expect("users");
         let cache = std::sync::Arc::new(shardmap::MapCache::spawn(

@@ -19,6 +19,7 @@ pub fn test_config(cluster: &TestCluster, name: &str) -> RebalancerConfig {
     };
     config.etcd.endpoints = cluster.etcd_endpoints();
     config.leader_ttl_seconds = 3;
+    config.backend = cluster.backend_credentials();
     config
 }
 

@@ -20,7 +20,6 @@ use shardmap::store::{EtcdPaths, StoreError};
 use shardmap::{ClusterMap, Server};
 use tokio::task::JoinSet;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::NoTls;
 use tracing::{debug, info, warn};
 
 use crate::decisions::{Decision, DecisionStore};
@@ -271,9 +270,10 @@ async fn list_servers(
             .credentials
             .password_for_server(&server.name)
             .map(str::to_string);
+        let tls = run.credentials.tls_for_server(&server.name);
         let timeout = run.server_timeout;
         tasks.spawn(async move {
-            let listed = tokio::time::timeout(timeout, list_one(&server, password, timeout))
+            let listed = tokio::time::timeout(timeout, list_one(&server, password, tls, timeout))
                 .await
                 .unwrap_or_else(|_| {
                     Err(format!(
@@ -297,8 +297,10 @@ async fn list_servers(
 async fn list_one(
     server: &Server,
     password: Option<String>,
+    tls: Result<settings::BackendTls, String>,
     timeout: Duration,
 ) -> Result<(tokio_postgres::Client, Vec<String>), String> {
+    let tls = tls?;
     let e = &server.primary;
     let mut config = tokio_postgres::Config::new();
     config
@@ -311,13 +313,9 @@ async fn list_one(
     if let Some(password) = password {
         config.password(password);
     }
-    let (client, connection) = config.connect(NoTls).await.map_err(|err| {
-        format!(
-            "cannot connect to {}: {}",
-            server.primary,
-            error_chain(&err)
-        )
-    })?;
+    let (client, connection) = pgtls::connect(config, &tls)
+        .await
+        .map_err(|err| format!("cannot connect to {}: {err}", server.primary))?;
     tokio::spawn(async move {
         // Ends when the client is dropped; an error then is of no interest.
         let _ = connection.await;

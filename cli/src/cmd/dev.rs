@@ -9,7 +9,7 @@ use clap::Subcommand;
 use devcluster::{DevOptions, LocalCluster};
 use shardmap::{Change, ClusterMap, Endpoint, MapStore, Server, ServerState};
 
-use settings::{EtcdSettings, SharedFile};
+use settings::{Credentials, EtcdSettings, SharedFile, SslMode, TlsKeys};
 
 use crate::config::default_dev_dir;
 use crate::context::Context;
@@ -189,10 +189,28 @@ async fn init_map(
         etcd: EtcdSettings {
             endpoints: vec![state.etcd.endpoint()],
         },
+        backend: backend_settings(state),
     };
     let config_path = dir.join("shardline.toml");
     crate::config::write(&config, &config_path).context("cannot write the dev cluster's config")?;
     Ok(config_path)
+}
+
+/// The `[backend]` table of the dev cluster's config: with `--tls`, every
+/// server is checked against the dev CA (`verify-full`: its certificate names
+/// 127.0.0.1) and shown the dev client certificate. The same paths serve
+/// the subscriptions of moves, which the servers open on this same machine.
+fn backend_settings(state: &devcluster::ClusterState) -> Credentials {
+    let mut backend = Credentials::default();
+    if let Some(certs) = &state.certs {
+        backend.tls = TlsKeys {
+            sslmode: Some(SslMode::VerifyFull),
+            sslrootcert: Some(certs.ca_cert.clone()),
+            sslcert: Some(certs.client_cert.clone()),
+            sslkey: Some(certs.client_key.clone()),
+        };
+    }
+    backend
 }
 
 fn print_state(

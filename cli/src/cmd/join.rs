@@ -86,7 +86,7 @@ pub async fn join(context: &Context, map: &ClusterMap, name: &str) -> Result<Joi
 }
 
 async fn join_steps(context: &Context, map: &ClusterMap, name: &str) -> Result<Joined> {
-    let credentials = &context.credentials;
+    let credentials = &context.credentials()?;
     let server = map
         .servers
         .get(name)

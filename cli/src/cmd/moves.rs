@@ -147,7 +147,7 @@ pub async fn rebalance(context: &Context, args: RebalanceArgs) -> Result<()> {
         By::Count => Balance::Count,
     };
     let sizes = match balance {
-        Balance::Bytes => partition_sizes(&map, &context.credentials).await?,
+        Balance::Bytes => partition_sizes(&map, &context.credentials()?).await?,
         Balance::Count => vec![0; map.partitions as usize],
     };
     let moves = planner::plan(&map, &sizes, balance, args.tolerance).map_err(anyhow::Error::msg)?;
@@ -181,7 +181,7 @@ pub async fn drain(context: &Context, args: DrainArgs) -> Result<()> {
                 .map;
         }
     }
-    let sizes = partition_sizes(&map, &context.credentials).await?;
+    let sizes = partition_sizes(&map, &context.credentials()?).await?;
     let moves: Vec<PlannedMove> = planner::plan(&map, &sizes, Balance::Bytes, 1.0)
         .map_err(anyhow::Error::msg)?
         .into_iter()

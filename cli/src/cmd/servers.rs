@@ -105,7 +105,7 @@ pub async fn server(context: &Context, command: ServerCommand) -> Result<()> {
             let saved = &joined;
             let tables = joined.tables_created;
             let prepared_max = match saved.map.servers.get(&name) {
-                Some(server) => max_prepared_transactions(server, &context.credentials).await,
+                Some(server) => max_prepared_transactions(server, &context.credentials()?).await,
                 None => None,
             };
             if prepared_max == Some(0) {

@@ -73,8 +73,9 @@ pub async fn status(context: &Context, args: StatusArgs) -> Result<()> {
     let mut unreachable = Vec::new();
     let mut two_phase_disabled = Vec::new();
     let mut prepared = Vec::new();
+    let credentials = context.credentials()?;
     for server in map.servers.values() {
-        match Pg::connect(server, &context.credentials, "shardctl").await {
+        match Pg::connect(server, &credentials, "shardctl").await {
             Ok(pg) => {
                 if pg.max_prepared_transactions().await? == 0 {
                     two_phase_disabled.push(server.name.clone());

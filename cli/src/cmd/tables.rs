@@ -236,7 +236,7 @@ async fn create_table(context: &Context, name: &str, columns: &str) -> Result<()
     let map = saved.map;
     let mut created = Vec::new();
     for server in map.servers.values() {
-        let leaves = run_table_ddl(&map, name, columns, server, &context.credentials).await?;
+        let leaves = run_table_ddl(&map, name, columns, server, &context.credentials()?).await?;
         if let Some(leaves) = leaves {
             created.push((server.name.clone(), leaves));
         }
