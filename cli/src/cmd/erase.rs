@@ -207,7 +207,7 @@ pub async fn erase(context: &Context, args: EraseArgs) -> Result<()> {
         );
     }
     let key_hash = key_hash(&store.audit_salt().await?, &args.group, &key)?;
-    let mut pg = Pg::connect(&owner, &context.credentials, "shardctl erase").await?;
+    let mut pg = Pg::connect(&owner, &context.credentials()?, "shardctl erase").await?;
     let value = literal(&key.to_string());
     let mut tables = Vec::with_capacity(targets.len());
     let transaction = pg
