@@ -15,10 +15,10 @@ pub fn default_dev_dir() -> PathBuf {
     std::env::temp_dir().join("shardline-dev")
 }
 
-/// The settings a command runs with.
+/// The settings a command runs with (`Debug` shows no password).
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub endpoints: Vec<String>,
+    pub etcd: settings::EtcdSettings,
     pub cluster: String,
 }
 
@@ -45,10 +45,7 @@ pub fn resolve(overrides: &Overrides, config: Option<&Path>) -> Result<Settings>
              give --config FILE, or start a local cluster with `shardctl dev up`"
         );
     }
-    Ok(Settings {
-        endpoints: etcd.endpoints,
-        cluster,
-    })
+    Ok(Settings { etcd, cluster })
 }
 
 /// Writes the file `shardctl dev up` leaves for its cluster.
@@ -90,13 +87,13 @@ mod tests {
         let from_file = resolve(&Overrides::default(), Some(&path)).expect("resolves");
         assert_eq!(from_file.cluster, "prod");
         assert_eq!(
-            from_file.endpoints,
+            from_file.etcd.endpoints,
             vec!["http://10.0.0.1:2379".to_string()]
         );
         let flags = Overrides::given(&["http://127.0.0.1:1".into()], Some("x"));
         let flags = resolve(&flags, Some(&path)).expect("resolves");
         assert_eq!(flags.cluster, "x");
-        assert_eq!(flags.endpoints, vec!["http://127.0.0.1:1".to_string()]);
+        assert_eq!(flags.etcd.endpoints, vec!["http://127.0.0.1:1".to_string()]);
     }
 
     #[test]
@@ -114,9 +111,7 @@ mod tests {
         let path = dir.path().join("shardline.toml");
         let file = SharedFile {
             cluster: Some("dev".into()),
-            etcd: settings::EtcdSettings {
-                endpoints: vec!["http://127.0.0.1:2379".into()],
-            },
+            etcd: settings::EtcdSettings::at(vec!["http://127.0.0.1:2379".into()]),
         };
         write(&file, &path).expect("writes");
         let settings = resolve(&Overrides::default(), Some(&path)).expect("resolves");

@@ -2,7 +2,7 @@
 //! and flags over the shared parts (etcd, cluster; see [`settings::etcd`]).
 //! The backend password is found as [`settings::credentials`] says.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -37,6 +37,8 @@ pub struct RebalancerConfig {
     /// Password for the servers' users; never stored in etcd. When unset,
     /// `SHARDLINE_BACKEND_PASSWORD` or `PGPASSWORD` (see [`RebalancerConfig::credentials`]).
     pub backend_password: Option<Password>,
+    /// A file whose first line is the backend password (read at startup).
+    pub backend_password_file: Option<PathBuf>,
     /// Where to serve Prometheus metrics (`host:port`), if anywhere.
     pub metrics_listen: Option<String>,
     /// How often the leader resolves dead proxies' prepared transactions
@@ -48,9 +50,7 @@ impl Default for RebalancerConfig {
     fn default() -> Self {
         RebalancerConfig {
             cluster: settings::default_cluster(),
-            etcd: EtcdSettings {
-                endpoints: vec![settings::LOCAL_ETCD.into()],
-            },
+            etcd: EtcdSettings::at(vec![settings::LOCAL_ETCD.into()]),
             max_concurrent_moves: 2,
             max_moves_per_server: 1,
             catch_up_lag_bytes: 1 << 20,
@@ -60,6 +60,7 @@ impl Default for RebalancerConfig {
             max_cutover_attempts: 5,
             leader_ttl_seconds: 5,
             backend_password: None,
+            backend_password_file: None,
             metrics_listen: None,
             twophase_recovery_interval_ms: 10_000,
         }
@@ -84,6 +85,16 @@ impl RebalancerConfig {
             self.etcd.endpoints = RebalancerConfig::default().etcd.endpoints;
         }
         self
+    }
+
+    /// Reads `backend_password_file` (unless `backend_password` is set) and
+    /// checks the etcd settings: what a daemon must have before it starts.
+    pub fn read_secrets(mut self) -> Result<RebalancerConfig, String> {
+        if let (None, Some(path)) = (&self.backend_password, &self.backend_password_file) {
+            self.backend_password = Some(Password::from_file(path).map_err(|e| e.to_string())?);
+        }
+        shardmap::store::check_settings(&self.etcd).map_err(|e| e.to_string())?;
+        Ok(self)
     }
 
     /// How the daemon logs in to the servers: `backend_password`, else the
