@@ -270,7 +270,10 @@ fn etcd_hint(error: &etcd_client::Error) -> &'static str {
     {
         "check etcd's TLS settings: https:// endpoints, [etcd] ca_file, cert_file and key_file"
     } else {
-        "is etcd running at the configured endpoints?"
+        // An etcd that wants a client certificate and gets none closes the
+        // connection after the TLS 1.3 handshake: the client sees only that.
+        "is etcd running at the configured endpoints? If it wants TLS, check https:// \
+         endpoints and [etcd] ca_file, cert_file and key_file (a client certificate)"
     }
 }
 
