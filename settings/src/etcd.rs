@@ -86,6 +86,7 @@ impl EtcdSettings {
         self.endpoints.iter().any(|e| e.starts_with("https://"))
             || self.ca_file.is_some()
             || self.cert_file.is_some()
+            || self.key_file.is_some()
     }
 
     /// The etcd password: `password`, else the first line of `password_file`.

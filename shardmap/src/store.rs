@@ -549,6 +549,47 @@ mod tests {
     use super::*;
 
     #[test]
+    fn etcd_settings_that_cannot_work_are_refused_before_connecting() {
+        let refused = |etcd: EtcdSettings| match check_settings(&etcd) {
+            Err(e) => e.to_string(),
+            Ok(()) => panic!("{etcd:?} accepted"),
+        };
+        let plain = EtcdSettings::at(vec!["http://e:2379".into()]);
+        assert!(check_settings(&plain).is_ok());
+        let user_only = refused(EtcdSettings {
+            user: Some("u".into()),
+            ..plain.clone()
+        });
+        assert!(user_only.contains("password_file"), "{user_only}");
+        let password_only = refused(EtcdSettings {
+            password: Some(settings::Password::new("hunter2")),
+            ..plain.clone()
+        });
+        assert!(password_only.contains("no user") && !password_only.contains("hunter2"));
+        let dir = std::env::temp_dir().join(format!("shardmap-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let pem = dir.join("ca.crt");
+        std::fs::write(&pem, "not checked before connecting").expect("write");
+        let mixed = refused(EtcdSettings {
+            ca_file: Some(pem.clone()),
+            ..plain.clone()
+        });
+        assert!(mixed.contains("https://"), "{mixed}");
+        let tls = EtcdSettings::at(vec!["https://e:2379".into()]);
+        let half = refused(EtcdSettings {
+            cert_file: Some(pem.clone()),
+            ..tls.clone()
+        });
+        assert!(half.contains("key_file"), "{half}");
+        let missing = refused(EtcdSettings {
+            ca_file: Some(dir.join("missing.crt")),
+            ..tls.clone()
+        });
+        assert!(missing.contains("missing.crt"), "{missing}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn every_path_of_a_cluster_is_under_its_prefix() {
         let paths = EtcdPaths::new("prod");
         assert_eq!(paths.map(), "/shardline/prod/map");
