@@ -17,10 +17,10 @@ pub fn default_dev_dir() -> PathBuf {
     std::env::temp_dir().join("shardline-dev")
 }
 
-/// The settings a command runs with.
+/// The settings a command runs with (`Debug` shows no password).
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub endpoints: Vec<String>,
+    pub etcd: settings::EtcdSettings,
     pub cluster: String,
     /// How to log in to the servers and secure the connections.
     pub backend: settings::Credentials,
@@ -49,14 +49,15 @@ pub fn resolve(overrides: &Overrides, config: Option<&Path>) -> Result<Settings>
              give --config FILE, or start a local cluster with `shardctl dev up`"
         );
     }
-    let backend = file.backend.or_from_env();
-    pgtls::check(&backend).map_err(|e| {
-        anyhow::anyhow!(
-            "{e}: fix [backend] in the config file or the SHARDLINE_BACKEND_SSL* variables"
-        )
-    })?;
+    // TLS settings are checked by the commands that connect to servers
+    // (`Context::credentials`), so a map command works whatever they say.
+    let backend = file
+        .backend
+        .read_files()
+        .map_err(|e| anyhow::anyhow!("{e}: fix [backend] in the config file"))?
+        .or_from_env();
     Ok(Settings {
-        endpoints: etcd.endpoints,
+        etcd,
         cluster,
         backend,
     })
@@ -101,13 +102,13 @@ mod tests {
         let from_file = resolve(&Overrides::default(), Some(&path)).expect("resolves");
         assert_eq!(from_file.cluster, "prod");
         assert_eq!(
-            from_file.endpoints,
+            from_file.etcd.endpoints,
             vec!["http://10.0.0.1:2379".to_string()]
         );
         let flags = Overrides::given(&["http://127.0.0.1:1".into()], Some("x"));
         let flags = resolve(&flags, Some(&path)).expect("resolves");
         assert_eq!(flags.cluster, "x");
-        assert_eq!(flags.endpoints, vec!["http://127.0.0.1:1".to_string()]);
+        assert_eq!(flags.etcd.endpoints, vec!["http://127.0.0.1:1".to_string()]);
     }
 
     #[test]
@@ -125,9 +126,7 @@ mod tests {
         let path = dir.path().join("shardline.toml");
         let file = SharedFile {
             cluster: Some("dev".into()),
-            etcd: settings::EtcdSettings {
-                endpoints: vec!["http://127.0.0.1:2379".into()],
-            },
+            etcd: settings::EtcdSettings::at(vec!["http://127.0.0.1:2379".into()]),
             backend: settings::Credentials::default(),
         };
         write(&file, &path).expect("writes");

@@ -61,10 +61,13 @@ impl Context {
     /// A connection to etcd, and the cluster it is for.
     pub async fn etcd(&self) -> Result<(etcd_client::Client, Settings)> {
         let settings = self.settings()?;
-        let client = shardmap::store::connect(&settings.endpoints)
+        let client = shardmap::store::connect(&settings.etcd)
             .await
             .with_context(|| {
-                format!("cannot connect to etcd at {}", settings.endpoints.join(","))
+                format!(
+                    "cannot connect to etcd at {}",
+                    settings.etcd.endpoints.join(",")
+                )
             })?;
         Ok((client, settings))
     }

@@ -64,6 +64,13 @@ pub struct DevOptions {
     /// over TLS with its certificates. Postgres then takes TCP connections
     /// over TLS only (`hostssl` in pg_hba.conf).
     pub tls: bool,
+    /// Make password files for etcd's `root` and `shardline` users
+    /// ([`EtcdLogin`]); whoever has an etcd client then creates the users and
+    /// enables auth (`shardmap::access::enable_auth`).
+    pub etcd_auth: bool,
+    /// etcd's `--auth-token-ttl` in seconds (etcd's default, 300, when unset):
+    /// tests make tokens expire quickly to exercise re-authentication.
+    pub etcd_token_ttl: Option<u32>,
 }
 
 /// What was started, as written to `cluster.json`.
@@ -75,6 +82,67 @@ pub struct ClusterState {
     /// The dev CA's files, when the cluster was started with TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certs: Option<DevCertificates>,
+    /// etcd's users, when the cluster was started with [`DevOptions::etcd_auth`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etcd_login: Option<EtcdLogin>,
+}
+
+impl ClusterState {
+    /// How shardline reaches this cluster's etcd: its endpoint, the dev CA
+    /// and client certificate with TLS, the `shardline` user with auth.
+    pub fn etcd_settings(&self) -> settings::EtcdSettings {
+        let mut etcd = settings::EtcdSettings::at(vec![self.etcd.endpoint()]);
+        if let (true, Some(certs)) = (self.etcd.tls, &self.certs) {
+            etcd.ca_file = Some(certs.ca_cert.clone());
+            etcd.cert_file = Some(certs.client_cert.clone());
+            etcd.key_file = Some(certs.client_key.clone());
+        }
+        if let Some(login) = &self.etcd_login {
+            etcd.user = Some(login.user.clone());
+            etcd.password_file = Some(login.password_file.clone());
+        }
+        etcd
+    }
+}
+
+/// etcd's users in a dev cluster: `root`, and one for shardline limited to
+/// the cluster's keys. Their passwords are random, in 0600 files of the
+/// cluster directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EtcdLogin {
+    pub user: String,
+    pub password_file: PathBuf,
+    pub root_password_file: PathBuf,
+}
+
+/// The etcd user shardline's programs log in as in a dev cluster.
+pub const ETCD_USER: &str = "shardline";
+
+impl EtcdLogin {
+    /// The password files in `dir`, made with random passwords if missing.
+    fn create(dir: &Path) -> Result<EtcdLogin, DevError> {
+        let login = EtcdLogin {
+            user: ETCD_USER.into(),
+            password_file: dir.join("etcd.password"),
+            root_password_file: dir.join("etcd-root.password"),
+        };
+        for path in [&login.password_file, &login.root_password_file] {
+            if !path.exists() {
+                certs::write(path, &format!("{}\n", random_password()?), 0o600)?;
+            }
+        }
+        Ok(login)
+    }
+}
+
+/// 32 hex digits from the kernel's random source.
+fn random_password() -> Result<String, DevError> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(DevError::io("cannot read /dev/urandom"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,11 +151,19 @@ pub struct EtcdState {
     pub client_port: u16,
     pub peer_port: u16,
     pub data_dir: PathBuf,
+    /// Whether clients speak TLS to it (with a client certificate).
+    #[serde(default)]
+    pub tls: bool,
+    /// Plain-HTTP `/health` and `/metrics` (`--listen-metrics-urls`), which
+    /// need no client certificate.
+    #[serde(default)]
+    pub metrics_port: Option<u16>,
 }
 
 impl EtcdState {
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 }
 
@@ -122,6 +198,8 @@ pub struct LocalCluster {
     pub replicas: Vec<PgServer>,
     /// The dev CA's files, when started with [`DevOptions::tls`].
     pub certs: Option<DevCertificates>,
+    /// etcd's users, when started with [`DevOptions::etcd_auth`].
+    pub etcd_login: Option<EtcdLogin>,
     dir: PathBuf,
     stop_on_drop: bool,
 }
@@ -177,13 +255,24 @@ impl LocalCluster {
             None
         };
 
+        let etcd_login = if options.etcd_auth {
+            Some(EtcdLogin::create(dir)?)
+        } else {
+            None
+        };
         progress("starting etcd");
-        let etcd = EtcdProcess::start(&tools, &dir.join("etcd"))?;
+        let etcd = EtcdProcess::start(
+            &tools,
+            &dir.join("etcd"),
+            certs.as_ref(),
+            options.etcd_token_ttl,
+        )?;
         let mut cluster = LocalCluster {
             etcd,
             servers: Vec::new(),
             replicas: Vec::new(),
             certs,
+            etcd_login,
             dir: dir.clone(),
             stop_on_drop: true, // until fully started, so a failure cleans up
         };
@@ -235,12 +324,18 @@ impl LocalCluster {
         self.etcd.state().endpoint()
     }
 
+    /// See [`ClusterState::etcd_settings`].
+    pub fn etcd_settings(&self) -> settings::EtcdSettings {
+        self.state().etcd_settings()
+    }
+
     pub fn state(&self) -> ClusterState {
         ClusterState {
             dir: self.dir.clone(),
             etcd: self.etcd.state(),
             servers: self.servers.iter().map(|s| s.state()).collect(),
             certs: self.certs.clone(),
+            etcd_login: self.etcd_login.clone(),
         }
     }
 

@@ -68,20 +68,33 @@ pub struct EtcdProcess {
     pid: u32,
     client_port: u16,
     peer_port: u16,
+    metrics_port: u16,
     data_dir: PathBuf,
     etcd_bin: PathBuf,
+    /// Serve clients over TLS with these, requiring a client certificate.
+    certs: Option<DevCertificates>,
+    token_ttl: Option<u32>,
 }
 
 impl EtcdProcess {
-    /// Starts etcd on two free ports with its data in `data_dir`.
-    pub fn start(tools: &Tools, data_dir: &Path) -> Result<EtcdProcess, DevError> {
+    /// Starts etcd on free ports with its data in `data_dir`; with `certs`,
+    /// clients must speak TLS and present a certificate of that CA.
+    pub fn start(
+        tools: &Tools,
+        data_dir: &Path,
+        certs: Option<&DevCertificates>,
+        token_ttl: Option<u32>,
+    ) -> Result<EtcdProcess, DevError> {
         let mut etcd = EtcdProcess {
             child: None,
             pid: 0,
             client_port: free_port()?,
             peer_port: free_port()?,
+            metrics_port: free_port()?,
             data_dir: data_dir.to_path_buf(),
             etcd_bin: tools.etcd.clone(),
+            certs: certs.cloned(),
+            token_ttl,
         };
         etcd.launch()?;
         Ok(etcd)
@@ -97,9 +110,19 @@ impl EtcdProcess {
         let err_log = log
             .try_clone()
             .map_err(DevError::io("cannot clone log handle"))?;
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.state().endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let mut command = Command::new(&self.etcd_bin);
+        if let Some(certs) = &self.certs {
+            command
+                .arg(format!("--cert-file={}", certs.server_cert.display()))
+                .arg(format!("--key-file={}", certs.server_key.display()))
+                .arg("--client-cert-auth")
+                .arg(format!("--trusted-ca-file={}", certs.ca_cert.display()));
+        }
+        if let Some(ttl) = self.token_ttl {
+            command.arg(format!("--auth-token-ttl={ttl}"));
+        }
         command
             .arg("--name=shardline-dev")
             .arg(format!(
@@ -111,6 +134,11 @@ impl EtcdProcess {
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=shardline-dev={peer}"))
+            // /health without TLS or a client certificate, for the checks here.
+            .arg(format!(
+                "--listen-metrics-urls=http://127.0.0.1:{}",
+                self.metrics_port
+            ))
             .arg("--logger=zap")
             .arg("--log-level=warn")
             .stdin(Stdio::null())
@@ -131,7 +159,7 @@ impl EtcdProcess {
         self.pid = child.id();
         self.child = Some(child);
         let state = self.state();
-        if !wait_until(Duration::from_secs(20), || etcd_healthy(state.client_port)) {
+        if !wait_until(Duration::from_secs(20), || etcd_healthy(&state)) {
             let _ = self.kill();
             return Err(DevError::Failed(format!(
                 "etcd did not become healthy on port {}; its log says:\n{}",
@@ -148,6 +176,8 @@ impl EtcdProcess {
             client_port: self.client_port,
             peer_port: self.peer_port,
             data_dir: self.data_dir.clone(),
+            tls: self.certs.is_some(),
+            metrics_port: Some(self.metrics_port),
         }
     }
 
@@ -187,8 +217,10 @@ impl EtcdProcess {
     }
 }
 
-/// Asks etcd's `/health` endpoint whether it is serving.
-fn etcd_healthy(port: u16) -> bool {
+/// Asks etcd's `/health` endpoint whether it is serving (on the plain-HTTP
+/// metrics port: the client port may want TLS and a client certificate).
+fn etcd_healthy(state: &EtcdState) -> bool {
+    let port = state.metrics_port.unwrap_or(state.client_port);
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;
     };

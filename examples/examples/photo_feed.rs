@@ -71,7 +71,7 @@ async fn run() -> Result<()> {
         .ok()
         .filter(|name| !name.is_empty())
         .unwrap_or_else(|| settings::DEFAULT_CLUSTER.to_string());
-    let store = MapStore::connect(&[state.etcd.endpoint()], &cluster)
+    let store = MapStore::connect(&state.etcd_settings(), &cluster)
         .await
         .map_err(|e| format!("cannot read the map of cluster {cluster:?} from etcd: {e}"))?;
     let map = ensure_tables(&store).await?;

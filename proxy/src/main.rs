@@ -124,7 +124,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(password) = args.backend_password {
         config.backend.password = Some(Password::new(password));
     }
-    config.backend = config.backend.or_from_env();
+    config.backend = config.backend.read_files()?.or_from_env();
     // Refuse to start on TLS settings no connection could use (a missing
     // file, verify-full without sslrootcert) rather than fail every query.
     pgtls::check(&config.backend).map_err(|e| {
@@ -134,12 +134,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         !config.etcd.endpoints.is_empty(),
         "no etcd endpoints: set [etcd] endpoints in the config, --etcd, or SHARDLINE_ETCD"
     );
+    shardmap::store::check_settings(&config.etcd)?;
     let users = config.users().map_err(anyhow::Error::msg)?;
     let tls = proxy::tls::from_config(&config.tls).map_err(anyhow::Error::msg)?;
-    let cache = Arc::new(MapCache::spawn(
-        config.etcd.endpoints.clone(),
-        &config.cluster,
-    ));
+    let cache = Arc::new(MapCache::spawn(config.etcd.clone(), &config.cluster));
     if cache
         .wait_for_version(1, Duration::from_secs(10))
         .await
@@ -168,7 +166,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let recovered = match cache.current() {
         Some(snapshot) => {
             proxy::recovery::at_start(
-                &config.etcd.endpoints,
+                &config.etcd,
                 &config.cluster,
                 &id,
                 &snapshot.map,
@@ -182,7 +180,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let liveness = proxy::liveness::Liveness::new(false);
     tokio::spawn(proxy::registry::keep_registered(
         proxy::registry::Registration {
-            endpoints: config.etcd.endpoints.clone(),
+            etcd: config.etcd.clone(),
             cluster: config.cluster.clone(),
             id,
             listen,
@@ -192,7 +190,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ));
     let cancels = Arc::new(proxy::cancel::CancelRegistry::default());
     let two_phase = Arc::new(proxy::two_phase::TwoPhase::new(
-        config.etcd.endpoints.clone(),
+        config.etcd.clone(),
         config.cluster.clone(),
     ));
     let logins = Arc::new(proxy::login_limits::LoginLimits::new(&config));

@@ -21,7 +21,7 @@ const TOTAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Resolves the prepared transactions of earlier incarnations of proxy
 /// `proxy_id`; `None` when it could not run (logged).
 pub async fn at_start(
-    endpoints: &[String],
+    etcd: &settings::EtcdSettings,
     cluster: &str,
     proxy_id: &str,
     map: &ClusterMap,
@@ -38,7 +38,7 @@ pub async fn at_start(
         server_timeout: SERVER_TIMEOUT,
     };
     let attempt = async {
-        let etcd = shardmap::store::connect(endpoints)
+        let etcd = shardmap::store::connect(etcd)
             .await
             .map_err(|e| e.to_string())?;
         twophase::recover(&etcd, &run)

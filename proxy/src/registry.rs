@@ -34,7 +34,7 @@ const ETCD_DEADLINE: Duration = Duration::from_secs(2);
 /// How the registry reaches etcd and what it registers.
 #[derive(Clone)]
 pub struct Registration {
-    pub endpoints: Vec<String>,
+    pub etcd: settings::EtcdSettings,
     pub cluster: String,
     pub id: String,
     pub listen: String,
@@ -133,7 +133,7 @@ async fn register_once(
     liveness: &Arc<Liveness>,
     deadline: &watch::Sender<Option<Instant>>,
 ) -> Result<(), String> {
-    let mut client: Client = shardmap::store::connect(&registration.endpoints)
+    let mut client: Client = shardmap::store::connect(&registration.etcd)
         .await
         .map_err(|e| e.to_string())?;
     let sent = Instant::now();

@@ -49,16 +49,16 @@ impl fmt::Display for DecisionError {
 
 /// This process's two-phase commits: shared by every serving thread.
 pub struct TwoPhase {
-    etcd: Option<(Vec<String>, String)>,
+    etcd: Option<(settings::EtcdSettings, String)>,
     store: OnceCell<DecisionStore>,
 }
 
 impl TwoPhase {
-    /// Decisions go to the cluster `cluster` of the etcd at `endpoints`
+    /// Decisions go to the cluster `cluster` of the etcd `etcd` says
     /// (connected on first use).
-    pub fn new(endpoints: Vec<String>, cluster: String) -> TwoPhase {
+    pub fn new(etcd: settings::EtcdSettings, cluster: String) -> TwoPhase {
         TwoPhase {
-            etcd: Some((endpoints, cluster)),
+            etcd: Some((etcd, cluster)),
             store: OnceCell::new(),
         }
     }
@@ -79,14 +79,14 @@ impl TwoPhase {
     }
 
     async fn store(&self) -> Result<&DecisionStore, DecisionError> {
-        let Some((endpoints, cluster)) = &self.etcd else {
+        let Some((etcd, cluster)) = &self.etcd else {
             return Err(DecisionError::definite(
                 "this proxy has no etcd to record two-phase commit decisions in",
             ));
         };
         self.store
             .get_or_try_init(|| async {
-                shardmap::store::connect(endpoints)
+                shardmap::store::connect(etcd)
                     .await
                     .map(|client| DecisionStore::new(client, cluster))
                     .map_err(|e| DecisionError::definite(format!("cannot reach etcd: {e}")))

@@ -2,7 +2,7 @@
 //! and flags over the shared parts (etcd, cluster; see [`settings::etcd`]).
 //! The backend password and TLS are found as [`settings::credentials`] says.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -40,6 +40,8 @@ pub struct RebalancerConfig {
     /// `[backend]`: per-server passwords and TLS to the servers (`sslmode`,
     /// `sslrootcert`, `sslcert`, `sslkey`), as in the proxy's config.
     pub backend: Credentials,
+    /// A file whose first line is the backend password (read at startup).
+    pub backend_password_file: Option<PathBuf>,
     /// Where to serve Prometheus metrics (`host:port`), if anywhere.
     pub metrics_listen: Option<String>,
     /// How often the leader resolves dead proxies' prepared transactions
@@ -51,9 +53,7 @@ impl Default for RebalancerConfig {
     fn default() -> Self {
         RebalancerConfig {
             cluster: settings::default_cluster(),
-            etcd: EtcdSettings {
-                endpoints: vec![settings::LOCAL_ETCD.into()],
-            },
+            etcd: EtcdSettings::at(vec![settings::LOCAL_ETCD.into()]),
             max_concurrent_moves: 2,
             max_moves_per_server: 1,
             catch_up_lag_bytes: 1 << 20,
@@ -64,6 +64,7 @@ impl Default for RebalancerConfig {
             leader_ttl_seconds: 5,
             backend_password: None,
             backend: Credentials::default(),
+            backend_password_file: None,
             metrics_listen: None,
             twophase_recovery_interval_ms: 10_000,
         }
@@ -88,6 +89,18 @@ impl RebalancerConfig {
             self.etcd.endpoints = RebalancerConfig::default().etcd.endpoints;
         }
         self
+    }
+
+    /// Reads `backend_password_file` (unless `backend_password` is set) and
+    /// the `[backend]` table's password files, and checks the etcd
+    /// settings: what a daemon must have before it starts.
+    pub fn read_secrets(mut self) -> Result<RebalancerConfig, String> {
+        if let (None, Some(path)) = (&self.backend_password, &self.backend_password_file) {
+            self.backend_password = Some(Password::from_file(path).map_err(|e| e.to_string())?);
+        }
+        self.backend = self.backend.read_files().map_err(|e| e.to_string())?;
+        shardmap::store::check_settings(&self.etcd).map_err(|e| e.to_string())?;
+        Ok(self)
     }
 
     /// How the daemon logs in to the servers: `[backend]`, with

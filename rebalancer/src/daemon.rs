@@ -26,7 +26,7 @@ pub async fn run(config: RebalancerConfig, id: String) {
 /// [`run`], counting into `metrics`.
 pub async fn run_with_metrics(config: RebalancerConfig, id: String, metrics: Arc<Metrics>) {
     loop {
-        match shardmap::store::connect(&config.etcd.endpoints).await {
+        match shardmap::store::connect(&config.etcd).await {
             Ok(client) => {
                 let election = shardmap::store::EtcdPaths::new(&config.cluster).election();
                 match leader::campaign(&client, &election, &id, config.leader_ttl_seconds).await {

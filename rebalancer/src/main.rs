@@ -43,10 +43,19 @@ fn main() -> ExitCode {
         None => Ok(RebalancerConfig::default()),
     };
     let mut config = match config {
-        Ok(config) => config.layered(&Overrides::env_then_flags(
-            &args.etcd,
-            args.cluster.as_deref(),
-        )),
+        Ok(config) => match config
+            .layered(&Overrides::env_then_flags(
+                &args.etcd,
+                args.cluster.as_deref(),
+            ))
+            .read_secrets()
+        {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("shardline-rebalancer: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
         Err(e) => {
             eprintln!("shardline-rebalancer: {e}");
             return ExitCode::FAILURE;

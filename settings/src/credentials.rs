@@ -2,9 +2,10 @@
 //! holds host, port, user and database only: passwords come from the machine
 //! a binary runs on. For a server named `pg1` the password is the first of
 //!
-//! 1. the configured password of that server (`[backend.servers.pg1] password`),
-//! 2. the configured password for all servers (`[backend] password`, or
-//!    `--backend-password`),
+//! 1. the configured password of that server (`[backend.servers.pg1] password`
+//!    or `password_file`),
+//! 2. the configured password for all servers (`[backend] password` or
+//!    `password_file`, or `--backend-password`),
 //! 3. `SHARDLINE_BACKEND_PASSWORD`,
 //! 4. `PGPASSWORD`,
 //!
@@ -12,9 +13,11 @@
 //! The same tables hold the TLS keys (`sslmode`, `sslrootcert`, `sslcert`,
 //! `sslkey`), layered the same way: see [`crate::backend_tls`].
 //! Passwords are held as [`Password`], whose `Debug` never shows them, so a
-//! config that holds one can be logged.
+//! config that holds one can be logged. A `password_file` holds the password
+//! on its first line; [`Credentials::read_files`] reads them at startup.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -36,10 +39,33 @@ impl Password {
         Password(password.into())
     }
 
-    /// The secret itself: only for handing to a Postgres connection.
+    /// The secret itself: only for handing to a Postgres or etcd connection.
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// The first line of the file at `path`, without its line ending.
+    pub fn from_file(path: &Path) -> Result<Password, SecretError> {
+        let failed = |why: String| SecretError {
+            path: path.to_path_buf(),
+            why,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| failed(e.to_string()))?;
+        let line = text.lines().next().unwrap_or("");
+        if line.is_empty() {
+            return Err(failed("its first line is empty".into()));
+        }
+        Ok(Password(line.to_string()))
+    }
+}
+
+/// A password file that cannot be used. Says which file and why, never
+/// anything of what it holds.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot use password file {}: {why}", path.display())]
+pub struct SecretError {
+    pub path: PathBuf,
+    pub why: String,
 }
 
 impl std::fmt::Debug for Password {
@@ -60,6 +86,10 @@ pub struct Credentials {
     /// TLS for every server, key by key unless a server sets its own.
     #[serde(flatten)]
     pub tls: TlsKeys,
+    /// A file whose first line is the password for every server without
+    /// its own (read at startup by [`Credentials::read_files`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
     /// By server name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub servers: BTreeMap<String, ServerCredentials>,
@@ -77,6 +107,9 @@ pub struct ServerCredentials {
     pub password: Option<Password>,
     #[serde(flatten)]
     pub tls: TlsKeys,
+    /// A file whose first line is this server's password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
 }
 
 impl Credentials {
@@ -86,6 +119,22 @@ impl Credentials {
             password,
             ..Credentials::default()
         }
+    }
+
+    /// Reads every `password_file` into its `password` (a configured
+    /// password wins over a file beside it).
+    pub fn read_files(mut self) -> Result<Credentials, SecretError> {
+        let read = |password: &mut Option<Password>, file: &Option<PathBuf>| {
+            if let (None, Some(path)) = (&password, file) {
+                *password = Some(Password::from_file(path)?);
+            }
+            Ok(())
+        };
+        read(&mut self.password, &self.password_file)?;
+        for server in self.servers.values_mut() {
+            read(&mut server.password, &server.password_file)?;
+        }
+        Ok(self)
     }
 
     /// Whether nothing is configured (what a written config file leaves out).
@@ -239,5 +288,26 @@ mod tests {
         assert!(error.contains("SHARDLINE_BACKEND_SSLMODE"), "{error}");
         let text = toml::to_string(&credentials).expect("encodes");
         assert!(!text.contains("secret"), "{text}");
+    }
+
+    #[test]
+    fn password_files_are_read_at_startup() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let all = dir.path().join("all");
+        std::fs::write(&all, "for-all\r\n").expect("write");
+        let text = format!(
+            "password_file = {all:?}\n[servers.pg2]\npassword_file = {:?}\n",
+            dir.path().join("nope")
+        );
+        let credentials: Credentials = crate::parse_toml(&text).expect("parses");
+        let error = credentials.clone().read_files().expect_err("missing file");
+        assert!(error.to_string().contains("nope"), "{error}");
+        let mut credentials = credentials;
+        credentials.servers.clear();
+        let credentials = credentials.read_files().expect("reads");
+        assert_eq!(credentials.password_for_server("pg1"), Some("for-all"));
+        std::fs::write(&all, "\n").expect("write");
+        let error = Password::from_file(&all).expect_err("empty");
+        assert!(error.to_string().contains("empty"), "{error}");
     }
 }

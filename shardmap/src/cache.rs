@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{EventType, WatchOptions};
+use settings::EtcdSettings;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info};
@@ -44,23 +45,23 @@ pub struct MapCache {
 }
 
 impl MapCache {
-    /// Starts following the map of `cluster` at `endpoints`.
-    pub fn spawn(endpoints: Vec<String>, cluster: &str) -> MapCache {
-        MapCache::spawn_observed(endpoints, cluster, None)
+    /// Starts following the map of `cluster` in the etcd of `etcd`.
+    pub fn spawn(etcd: EtcdSettings, cluster: &str) -> MapCache {
+        MapCache::spawn_observed(etcd, cluster, None)
     }
 
     /// Like [`MapCache::spawn`], and also sends every map it applies, in order,
     /// to `observer` (used to measure propagation and to prove no update is lost).
     pub fn spawn_observed(
-        endpoints: Vec<String>,
+        etcd: EtcdSettings,
         cluster: &str,
         observer: Option<mpsc::UnboundedSender<Arc<Versioned>>>,
     ) -> MapCache {
-        MapCache::spawn_inner(endpoints, cluster, observer, None, 0)
+        MapCache::spawn_inner(etcd, cluster, observer, None, 0)
     }
 
     fn spawn_inner(
-        endpoints: Vec<String>,
+        etcd: EtcdSettings,
         cluster: &str,
         observer: Option<mpsc::UnboundedSender<Arc<Versioned>>>,
         known: Snapshot,
@@ -73,7 +74,7 @@ impl MapCache {
             map_current: true,
         });
         let follower = Follower {
-            endpoints,
+            etcd,
             cluster: cluster.to_string(),
             keys: EtcdPaths::new(cluster),
             snapshot: snapshot_tx,
@@ -94,23 +95,23 @@ impl MapCache {
     /// after it (or reloads if etcd compacted it). Used to resume from a saved
     /// state, and by tests of the compaction path.
     pub fn spawn_resuming(
-        endpoints: Vec<String>,
+        etcd: EtcdSettings,
         cluster: &str,
         known: Arc<Versioned>,
         synced_revision: i64,
     ) -> MapCache {
-        MapCache::spawn_inner(endpoints, cluster, None, Some(known), synced_revision)
+        MapCache::spawn_inner(etcd, cluster, None, Some(known), synced_revision)
     }
 
     /// [`MapCache::spawn_resuming`] with an observer (see [`MapCache::spawn_observed`]).
     pub fn spawn_resuming_observed(
-        endpoints: Vec<String>,
+        etcd: EtcdSettings,
         cluster: &str,
         known: Arc<Versioned>,
         synced_revision: i64,
         observer: Option<mpsc::UnboundedSender<Arc<Versioned>>>,
     ) -> MapCache {
-        MapCache::spawn_inner(endpoints, cluster, observer, Some(known), synced_revision)
+        MapCache::spawn_inner(etcd, cluster, observer, Some(known), synced_revision)
     }
     /// The newest map applied.
     pub fn current(&self) -> Snapshot {
@@ -150,7 +151,7 @@ impl Drop for MapCache {
 }
 
 struct Follower {
-    endpoints: Vec<String>,
+    etcd: EtcdSettings,
     cluster: String,
     keys: EtcdPaths,
     snapshot: watch::Sender<Snapshot>,
@@ -204,7 +205,7 @@ impl Follower {
     }
 
     async fn watch_session(&mut self, established: &mut bool) -> SessionEnd {
-        let client = match connect(&self.endpoints).await {
+        let client = match connect(&self.etcd).await {
             Ok(client) => client,
             Err(e) => return SessionEnd::Disconnected(e.to_string()),
         };

@@ -10,9 +10,11 @@
 //! - [`cache`]: an in-memory map that follows etcd's watch.
 //! - [`jobs`]: partition moves as durable job records.
 //! - [`proxies`]: proxy registrations and their acknowledgements.
+//! - [`access`]: turning on etcd authentication for a cluster (dev, tests).
 //!
 //! Nothing here talks to Postgres.
 
+pub mod access;
 pub mod builder;
 pub mod cache;
 pub mod ddl;

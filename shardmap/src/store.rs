@@ -14,9 +14,11 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, SortOrder, SortTarget, Txn, TxnOp,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, SortOrder,
+    SortTarget, TlsOptions, Txn, TxnOp,
 };
 use serde::{Deserialize, Serialize};
+use settings::EtcdSettings;
 
 use crate::model::{ClusterMap, InvalidMap};
 
@@ -117,8 +119,10 @@ impl Change {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("etcd request failed: {0} (is etcd running at the configured endpoints?)")]
+    #[error("etcd request failed: {} ({})", etcd_detail(.0), etcd_hint(.0))]
     Etcd(#[from] etcd_client::Error),
+    #[error("etcd settings: {0}")]
+    Settings(String),
     #[error("etcd did not answer within {0:?}: check that etcd is running and reachable")]
     Timeout(Duration),
     #[error("cluster {0:?} is not initialised in etcd: run `shardctl init` first")]
@@ -141,18 +145,141 @@ const MAX_MAP_BYTES: usize = 1_400_000;
 /// How long one etcd request may take before the store gives up.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connects to etcd with keep-alives, so that a dead etcd is noticed on idle
-/// watch streams too.
-pub async fn connect(endpoints: &[String]) -> Result<Client, StoreError> {
+/// Connects to etcd as `etcd` says: its endpoints, TLS (`https://`, a CA,
+/// a client certificate) and login. Keep-alives make a dead etcd noticed on
+/// idle watch streams too. Files (certificates, the password file) are read
+/// on every call, so a reconnect picks up rotated ones.
+pub async fn connect(etcd: &EtcdSettings) -> Result<Client, StoreError> {
+    let options = connect_options(etcd)?;
+    with_timeout(Client::connect(&etcd.endpoints, Some(options))).await
+}
+
+/// Checks what [`connect`] would check before connecting (files readable,
+/// user and password together, TLS and endpoints agreeing), so that a
+/// daemon whose watchers retry forever stops at startup instead.
+pub fn check_settings(etcd: &EtcdSettings) -> Result<(), StoreError> {
+    connect_options(etcd).map(drop)
+}
+
+fn connect_options(etcd: &EtcdSettings) -> Result<ConnectOptions, StoreError> {
     // etcd refuses pings more often than every 5 s (GOAWAY "too_many_pings");
     // require_leader makes a member cut off from its cluster fail requests and
-    // watches instead of serving stale data.
-    let options = ConnectOptions::new()
+    // watches instead of serving stale data. etcd's tokens expire (simple
+    // tokens after 5 idle minutes): requests refused for that log in again
+    // and are retried; streams opened before keep going (etcd checks a
+    // token when a watch or keep-alive stream opens), and the watchers
+    // reconnect with a fresh client when a stream ends.
+    let mut options = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(3))
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         .with_keep_alive_while_idle(true)
-        .with_require_leader(true);
-    with_timeout(Client::connect(endpoints, Some(options))).await
+        .with_require_leader(true)
+        .with_auto_token_refresh(true);
+    if let Some(tls) = tls_options(etcd)? {
+        options = options.with_tls(tls);
+    }
+    match (
+        &etcd.user,
+        etcd.password()
+            .map_err(|e| StoreError::Settings(e.to_string()))?,
+    ) {
+        (Some(user), Some(password)) => options = options.with_user(user, password.expose()),
+        (Some(user), None) => {
+            return Err(StoreError::Settings(format!(
+                "etcd user {user:?} has no password: set [etcd] password_file or \
+                 SHARDLINE_ETCD_PASSWORD_FILE"
+            )))
+        }
+        (None, Some(_)) => {
+            return Err(StoreError::Settings(
+                "an etcd password is set but no user: set [etcd] user or SHARDLINE_ETCD_USER"
+                    .into(),
+            ))
+        }
+        (None, None) => {}
+    }
+    Ok(options)
+}
+
+/// TLS as `etcd` asks for it, or `None` for plain `http://` endpoints.
+fn tls_options(etcd: &EtcdSettings) -> Result<Option<TlsOptions>, StoreError> {
+    if !etcd.uses_tls() {
+        return Ok(None);
+    }
+    if let Some(plain) = etcd.endpoints.iter().find(|e| !e.starts_with("https://")) {
+        return Err(StoreError::Settings(format!(
+            "endpoint {plain} is not https:// but TLS is configured (ca_file, cert_file or \
+             another https:// endpoint): use https:// for every etcd endpoint"
+        )));
+    }
+    let read = |what: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            StoreError::Settings(format!("cannot read etcd {what} {}: {e}", path.display()))
+        })
+    };
+    let mut tls = TlsOptions::new();
+    tls = match &etcd.ca_file {
+        Some(path) => tls.ca_certificate(Certificate::from_pem(read("ca_file", path)?)),
+        None => tls.with_native_roots(),
+    };
+    match (&etcd.cert_file, &etcd.key_file) {
+        (Some(cert), Some(key)) => {
+            tls = tls.identity(Identity::from_pem(
+                read("cert_file", cert)?,
+                read("key_file", key)?,
+            ))
+        }
+        (None, None) => {}
+        _ => {
+            return Err(StoreError::Settings(
+                "a client certificate needs both [etcd] cert_file and key_file \
+                 (SHARDLINE_ETCD_CERT_FILE, SHARDLINE_ETCD_KEY_FILE)"
+                    .into(),
+            ))
+        }
+    }
+    Ok(Some(tls))
+}
+
+/// What went wrong in an etcd request, with the transport's causes (a TLS
+/// handshake refused says so only in the error's sources).
+fn etcd_detail(error: &etcd_client::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// What to check for an etcd error.
+fn etcd_hint(error: &etcd_client::Error) -> &'static str {
+    let text = etcd_detail(error).to_lowercase();
+    if text.contains("authentication failed")
+        || text.contains("user name is empty")
+        || text.contains("permission denied")
+        || text.contains("invalid auth token")
+        || text.contains("unauthenticated")
+    {
+        "check the etcd user and password: [etcd] user and password_file, or \
+         SHARDLINE_ETCD_USER and SHARDLINE_ETCD_PASSWORD_FILE"
+    } else if text.contains("certificate")
+        || text.contains("tls")
+        || text.contains("handshake")
+        || text.contains("alert")
+    {
+        "check etcd's TLS settings: https:// endpoints, [etcd] ca_file, cert_file and key_file"
+    } else {
+        // An etcd that wants a client certificate and gets none closes the
+        // connection after the TLS 1.3 handshake: the client sees only that.
+        "is etcd running at the configured endpoints? If it wants TLS, check https:// \
+         endpoints and [etcd] ca_file, cert_file and key_file (a client certificate)"
+    }
 }
 
 /// An etcd request that fails with [`StoreError::Timeout`] after the store's
@@ -191,8 +318,8 @@ pub struct MapStore {
 }
 
 impl MapStore {
-    pub async fn connect(endpoints: &[String], cluster: &str) -> Result<MapStore, StoreError> {
-        Ok(MapStore::with_client(connect(endpoints).await?, cluster))
+    pub async fn connect(etcd: &EtcdSettings, cluster: &str) -> Result<MapStore, StoreError> {
+        Ok(MapStore::with_client(connect(etcd).await?, cluster))
     }
 
     pub fn with_client(client: Client, cluster: &str) -> MapStore {
@@ -452,6 +579,47 @@ pub fn decode_map(cluster: &str, bytes: &[u8]) -> Result<ClusterMap, StoreError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn etcd_settings_that_cannot_work_are_refused_before_connecting() {
+        let refused = |etcd: EtcdSettings| match check_settings(&etcd) {
+            Err(e) => e.to_string(),
+            Ok(()) => panic!("{etcd:?} accepted"),
+        };
+        let plain = EtcdSettings::at(vec!["http://e:2379".into()]);
+        assert!(check_settings(&plain).is_ok());
+        let user_only = refused(EtcdSettings {
+            user: Some("u".into()),
+            ..plain.clone()
+        });
+        assert!(user_only.contains("password_file"), "{user_only}");
+        let password_only = refused(EtcdSettings {
+            password: Some(settings::Password::new("hunter2")),
+            ..plain.clone()
+        });
+        assert!(password_only.contains("no user") && !password_only.contains("hunter2"));
+        let dir = std::env::temp_dir().join(format!("shardmap-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let pem = dir.join("ca.crt");
+        std::fs::write(&pem, "not checked before connecting").expect("write");
+        let mixed = refused(EtcdSettings {
+            ca_file: Some(pem.clone()),
+            ..plain.clone()
+        });
+        assert!(mixed.contains("https://"), "{mixed}");
+        let tls = EtcdSettings::at(vec!["https://e:2379".into()]);
+        let half = refused(EtcdSettings {
+            cert_file: Some(pem.clone()),
+            ..tls.clone()
+        });
+        assert!(half.contains("key_file"), "{half}");
+        let missing = refused(EtcdSettings {
+            ca_file: Some(dir.join("missing.crt")),
+            ..tls.clone()
+        });
+        assert!(missing.contains("missing.crt"), "{missing}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn every_path_of_a_cluster_is_under_its_prefix() {

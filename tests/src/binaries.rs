@@ -40,7 +40,7 @@ pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
 pub fn shardctl(cluster: &TestCluster, name: &str, args: &[&str]) -> String {
     let output = std::process::Command::new(workspace_binary("shardctl", "shardctl"))
         .args(args)
-        .env("SHARDLINE_ETCD", cluster.etcd_endpoints().join(","))
+        .envs(cluster.etcd_env())
         .env("SHARDLINE_CLUSTER", name)
         .env("SHARDLINE_ACTOR", "test")
         .env_remove("SHARDLINE_CONFIG")
@@ -70,10 +70,10 @@ impl RebalancerProcess {
     ) -> RebalancerProcess {
         let path = dir.join(format!("{id}.toml"));
         let text = format!(
-            "cluster = {:?}\nleader_ttl_seconds = {}\n[etcd]\nendpoints = [{:?}]\n",
+            "cluster = {:?}\nleader_ttl_seconds = {}\n[etcd]\n{}",
             config.cluster,
             config.leader_ttl_seconds,
-            config.etcd.endpoints.join(",")
+            toml::to_string(&config.etcd).expect("etcd settings encode")
         );
         std::fs::write(&path, text).expect("write rebalancer config");
         let mut command = std::process::Command::new(rebalancer_binary());
@@ -129,7 +129,7 @@ impl ProxyProcess {
         let mut command = std::process::Command::new(workspace_binary("proxy", "shardline-proxy"));
         command
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--etcd", &cluster.etcd_endpoints().join(",")])
+            .envs(cluster.etcd_env())
             .args(["--cluster", cluster_name])
             .args(["--auth-method", "trust"])
             .args(["--id", id])

@@ -40,7 +40,60 @@ impl TestCluster {
         TestCluster::start_with(servers, true)
     }
 
+    /// A cluster whose etcd wants TLS with a client certificate and
+    /// authentication: the `shardline` user may use only cluster `name`'s
+    /// keys ([`TestCluster::etcd`] logs in as it). `token_ttl`: etcd's
+    /// token lifetime in seconds (tests of re-authentication make it short).
+    pub async fn start_secure(servers: usize, name: &str, token_ttl: Option<u32>) -> TestCluster {
+        let options = |dir: &std::path::Path| DevOptions {
+            dir: dir.to_path_buf(),
+            servers,
+            fsync: false,
+            tls: true,
+            etcd_auth: true,
+            etcd_token_ttl: token_ttl,
+        };
+        let cluster = tokio::task::block_in_place(|| TestCluster::start_options(options));
+        let login = cluster
+            .cluster
+            .etcd_login
+            .clone()
+            .expect("started with auth");
+        let read = |path: &std::path::Path| {
+            settings::Password::from_file(path)
+                .expect("dev password file")
+                .expose()
+                .to_string()
+        };
+        let anonymous = settings::EtcdSettings {
+            user: None,
+            password_file: None,
+            ..cluster.etcd()
+        };
+        shardmap::access::enable_auth(
+            &anonymous,
+            &read(&login.root_password_file),
+            &login.user,
+            &read(&login.password_file),
+            name,
+        )
+        .await
+        .expect("turn on etcd auth");
+        cluster
+    }
+
     fn start_with(servers: usize, tls: bool) -> TestCluster {
+        TestCluster::start_options(|dir| DevOptions {
+            dir: dir.to_path_buf(),
+            servers,
+            fsync: false,
+            tls,
+            etcd_auth: false,
+            etcd_token_ttl: None,
+        })
+    }
+
+    fn start_options(options: impl FnOnce(&std::path::Path) -> DevOptions) -> TestCluster {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_env("SHARDLINE_LOG")
@@ -52,12 +105,7 @@ impl TestCluster {
             .prefix("shardline-test-")
             .tempdir()
             .expect("cannot create a temp dir for the test cluster");
-        let options = DevOptions {
-            dir: dir.path().to_path_buf(),
-            servers,
-            fsync: false,
-            tls,
-        };
+        let options = options(dir.path());
         let cluster = match LocalCluster::start_owned(&options) {
             Ok(cluster) => cluster,
             Err(e) => panic!("cannot start the test cluster: {e}"),
@@ -69,9 +117,32 @@ impl TestCluster {
         vec![self.cluster.etcd_endpoint()]
     }
 
+    /// How shardline reaches this etcd (TLS files and login when it wants them).
+    pub fn etcd(&self) -> settings::EtcdSettings {
+        self.cluster.etcd_settings()
+    }
+
+    /// [`TestCluster::etcd`] as the environment variables of a shardline program.
+    pub fn etcd_env(&self) -> Vec<(&'static str, String)> {
+        use settings::etcd::*;
+        let etcd = self.etcd();
+        let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        [
+            (ETCD_VAR, Some(etcd.endpoints.join(","))),
+            (CA_FILE_VAR, path(&etcd.ca_file)),
+            (CERT_FILE_VAR, path(&etcd.cert_file)),
+            (KEY_FILE_VAR, path(&etcd.key_file)),
+            (USER_VAR, etcd.user.clone()),
+            (PASSWORD_FILE_VAR, path(&etcd.password_file)),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value?)))
+        .collect()
+    }
+
     /// A map store for `cluster` on this etcd.
     pub async fn store(&self, cluster: &str) -> MapStore {
-        MapStore::connect(&self.etcd_endpoints(), cluster)
+        MapStore::connect(&self.etcd(), cluster)
             .await
             .expect("cannot connect to the test etcd")
     }
@@ -197,15 +268,13 @@ impl TestProxy {
             cluster: cluster_name.into(),
             ..Default::default()
         };
-        config.etcd.endpoints = cluster.etcd_endpoints();
+        config.etcd = cluster.etcd();
         config.auth.method = proxy::auth::AuthMethod::Trust;
         config.backend = cluster.backend_credentials();
         configure(&mut config);
         let users = config.users().expect("users");
-        let cache = std::sync::Arc::new(shardmap::MapCache::spawn(
-            config.etcd.endpoints.clone(),
-            cluster_name,
-        ));
+        let cache =
+            std::sync::Arc::new(shardmap::MapCache::spawn(config.etcd.clone(), cluster_name));
         assert!(
             cache
                 .wait_for_version(1, Duration::from_secs(10))
@@ -226,7 +295,7 @@ impl TestProxy {
         let liveness = proxy::liveness::Liveness::new(false);
         let registry = tokio::spawn(proxy::registry::keep_registered(
             proxy::registry::Registration {
-                endpoints: config.etcd.endpoints.clone(),
+                etcd: config.etcd.clone(),
                 cluster: cluster_name.into(),
                 id: format!("test-{}", addr.port()),
                 listen: addr.to_string(),
@@ -234,7 +303,7 @@ impl TestProxy {
             cache.clone(),
             liveness.clone(),
         ));
-        let config_etcd = config.etcd.endpoints.clone();
+        let config_etcd = config.etcd.clone();
         let mut shared = proxy::context::Shared::new(config, users, cache.subscribe(), pools);
         shared.tls = tls;
         shared.liveness = liveness.clone();

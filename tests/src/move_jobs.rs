@@ -17,7 +17,7 @@ pub fn test_config(cluster: &TestCluster, name: &str) -> RebalancerConfig {
         cluster: name.into(),
         ..RebalancerConfig::default()
     };
-    config.etcd.endpoints = cluster.etcd_endpoints();
+    config.etcd = cluster.etcd();
     config.leader_ttl_seconds = 3;
     config.backend = cluster.backend_credentials();
     config
@@ -44,7 +44,7 @@ impl Drop for InProcessRebalancer {
 
 /// Waits until `id` leads the cluster's rebalancers.
 pub async fn wait_leader(cluster: &TestCluster, name: &str, id: &str, timeout: Duration) -> bool {
-    let client = shardmap::store::connect(&cluster.etcd_endpoints())
+    let client = shardmap::store::connect(&cluster.etcd())
         .await
         .expect("etcd");
     let election = shardmap::store::EtcdPaths::new(name).election();
@@ -65,7 +65,7 @@ pub async fn wait_leader(cluster: &TestCluster, name: &str, id: &str, timeout: D
 
 /// The job store of cluster `name` on the test etcd.
 pub async fn jobs(cluster: &TestCluster, name: &str) -> JobStore {
-    let client = shardmap::store::connect(&cluster.etcd_endpoints())
+    let client = shardmap::store::connect(&cluster.etcd())
         .await
         .expect("etcd");
     JobStore::new(client, name)

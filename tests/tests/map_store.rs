@@ -118,7 +118,7 @@ async fn invalid_changes_are_refused_and_leave_the_map_alone() {
         .expect_err("second init refused");
     assert!(matches!(err, StoreError::AlreadyInitialized(_)), "{err}");
 
-    let missing = MapStore::connect(&cluster.etcd_endpoints(), "nothing-here")
+    let missing = MapStore::connect(&cluster.etcd(), "nothing-here")
         .await
         .expect("connect");
     assert!(matches!(

@@ -400,7 +400,7 @@ async fn a_proxy_cut_off_from_etcd_stops_serving_and_the_cutover_waits_for_its_l
     let waited = cut_at.elapsed();
     let blocked_ms = job.blocked_ms.unwrap_or(0);
     let proxies = shardmap::proxies::list(
-        &shardmap::store::connect(&cluster.etcd_endpoints())
+        &shardmap::store::connect(&cluster.etcd())
             .await
             .expect("etcd"),
         NAME,

@@ -54,7 +54,7 @@ async fn setup(name: &'static str) -> Setup {
         assert_ne!(max, "0", "the dev cluster must allow prepared transactions");
         clients.push(client);
     }
-    let etcd = shardmap::store::connect(&cluster.etcd_endpoints())
+    let etcd = shardmap::store::connect(&cluster.etcd())
         .await
         .expect("etcd");
     let decisions = DecisionStore::new(etcd.clone(), name);
@@ -353,7 +353,7 @@ async fn a_restarting_proxy_and_the_rebalancer_leader_recover() {
     s.prepare(z.as_str(), &[0]).await;
 
     let at_start = proxy::recovery::at_start(
-        &s.cluster.etcd_endpoints(),
+        &s.cluster.etcd(),
         s.name,
         "p-restart",
         &s.map,

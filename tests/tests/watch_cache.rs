@@ -38,7 +38,7 @@ async fn no_update_is_lost_across_an_etcd_restart() {
     let mut cluster = TestCluster::start(0);
     let (store, first) = cluster.init_map("watched", 8).await;
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let cache = MapCache::spawn_observed(cluster.etcd_endpoints(), "watched", Some(tx));
+    let cache = MapCache::spawn_observed(cluster.etcd(), "watched", Some(tx));
     let mut seen = Vec::new();
     collect_until(
         &mut rx,
@@ -86,7 +86,7 @@ async fn a_compacted_resume_point_triggers_a_full_reload() {
 
     // A cache that last saw version 1 must not try to replay from there.
     let cache = MapCache::spawn_resuming(
-        cluster.etcd_endpoints(),
+        cluster.etcd(),
         "compacted",
         Arc::new(first.clone()),
         first.revision,
@@ -109,7 +109,7 @@ async fn a_compacted_resume_point_triggers_a_full_reload() {
 async fn changes_reach_a_watching_process_quickly() {
     let cluster = TestCluster::start(0);
     let (store, first) = cluster.init_map("fast", 8).await;
-    let cache = MapCache::spawn(cluster.etcd_endpoints(), "fast");
+    let cache = MapCache::spawn(cluster.etcd(), "fast");
     assert!(cache
         .wait_for_version(first.map.version, Duration::from_secs(10))
         .await
@@ -141,7 +141,7 @@ async fn a_resumed_cache_replays_every_missed_change_in_order() {
     bump(&store, 30).await;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let cache = MapCache::spawn_resuming_observed(
-        cluster.etcd_endpoints(),
+        cluster.etcd(),
         "replay",
         Arc::new(first.clone()),
         first.revision,
@@ -157,7 +157,7 @@ async fn a_resumed_cache_replays_every_missed_change_in_order() {
 async fn an_undecodable_map_keeps_the_last_good_one_and_says_so() {
     let cluster = TestCluster::start(0);
     let (store, first) = cluster.init_map("corrupt", 8).await;
-    let cache = MapCache::spawn(cluster.etcd_endpoints(), "corrupt");
+    let cache = MapCache::spawn(cluster.etcd(), "corrupt");
     assert!(cache
         .wait_for_version(first.map.version, Duration::from_secs(10))
         .await

@@ -9,7 +9,7 @@ use clap::Subcommand;
 use devcluster::{DevOptions, LocalCluster};
 use shardmap::{Change, ClusterMap, Endpoint, MapStore, Server, ServerState};
 
-use settings::{Credentials, EtcdSettings, SharedFile, SslMode, TlsKeys};
+use settings::{Credentials, SharedFile, SslMode, TlsKeys};
 
 use crate::config::default_dev_dir;
 use crate::context::Context;
@@ -36,6 +36,11 @@ pub enum DevCommand {
         /// created in <dir>/tls (the cluster's config file points at them).
         #[arg(long)]
         tls: bool,
+        /// Turn on etcd authentication: users `root` and `shardline` (limited
+        /// to the cluster's keys) with random passwords in 0600 files of the
+        /// cluster directory; the config file names the `shardline` one.
+        #[arg(long)]
+        etcd_auth: bool,
     },
     /// Stop everything `dev up` started, and delete its directory.
     Down {
@@ -60,16 +65,17 @@ pub async fn run(context: &Context, command: DevCommand) -> Result<()> {
             partitions,
             fsync,
             tls,
+            etcd_auth,
         } => {
-            up(
-                context,
-                dir.unwrap_or_else(default_dev_dir),
+            let options = DevOptions {
+                dir: dir.unwrap_or_else(default_dev_dir),
                 servers,
-                partitions,
                 fsync,
                 tls,
-            )
-            .await
+                etcd_auth,
+                etcd_token_ttl: None,
+            };
+            up(context, options, partitions).await
         }
         DevCommand::Down { dir, keep_data } => {
             let dir = dir.unwrap_or_else(default_dev_dir);
@@ -98,14 +104,8 @@ pub async fn run(context: &Context, command: DevCommand) -> Result<()> {
     }
 }
 
-async fn up(
-    context: &Context,
-    dir: PathBuf,
-    servers: usize,
-    partitions: u32,
-    fsync: bool,
-    tls: bool,
-) -> Result<()> {
+async fn up(context: &Context, options: DevOptions, partitions: u32) -> Result<()> {
+    let (dir, servers, tls) = (options.dir.clone(), options.servers, options.tls);
     anyhow::ensure!(servers >= 1, "--servers must be at least 1");
     anyhow::ensure!(
         partitions.is_power_of_two() && partitions <= shardmap::model::MAX_PARTITIONS,
@@ -114,12 +114,6 @@ async fn up(
     );
     let started = Instant::now();
     let bar = progress::startup_bar(servers as u64 + 3 + u64::from(tls));
-    let options = DevOptions {
-        dir: dir.clone(),
-        servers,
-        fsync,
-        tls,
-    };
     let progress_bar = bar.clone();
     let cluster = tokio::task::spawn_blocking(move || {
         LocalCluster::start_with_progress(&options, &mut |step| {
@@ -168,7 +162,26 @@ async fn init_map(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let store = MapStore::connect(&[state.etcd.endpoint()], &cluster_name).await?;
+    let etcd = state.etcd_settings();
+    if let Some(login) = &state.etcd_login {
+        let read =
+            |path: &Path| settings::Password::from_file(path).map_err(|e| anyhow::anyhow!("{e}"));
+        let anonymous = settings::EtcdSettings {
+            user: None,
+            password_file: None,
+            ..etcd.clone()
+        };
+        shardmap::access::enable_auth(
+            &anonymous,
+            read(&login.root_password_file)?.expose(),
+            &login.user,
+            read(&login.password_file)?.expose(),
+            &cluster_name,
+        )
+        .await
+        .context("cannot turn on etcd authentication")?;
+    }
+    let store = MapStore::connect(&etcd, &cluster_name).await?;
     if store.try_load().await?.is_some() {
         store
             .update(&context.actor, |map| {
@@ -186,9 +199,7 @@ async fn init_map(
     }
     let config = SharedFile {
         cluster: Some(cluster_name),
-        etcd: EtcdSettings {
-            endpoints: vec![state.etcd.endpoint()],
-        },
+        etcd,
         backend: backend_settings(state),
     };
     let config_path = dir.join("shardline.toml");

@@ -351,8 +351,7 @@ impl Session {
         let store = shared
             .map_store
             .get_or_try_init(|| async {
-                shardmap::MapStore::connect(&shared.config.etcd.endpoints, &shared.config.cluster)
-                    .await
+                shardmap::MapStore::connect(&shared.config.etcd, &shared.config.cluster).await
             })
             .await
             .map_err(|e| format!("cannot reach etcd: {e}"))?;

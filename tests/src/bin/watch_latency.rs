@@ -25,7 +25,7 @@ async fn main() -> anyhow::Result<()> {
     let cluster = TestCluster::start(0);
     let (store, first) = cluster.init_map("latency", 1024).await;
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let cache = MapCache::spawn_observed(cluster.etcd_endpoints(), "latency", Some(tx));
+    let cache = MapCache::spawn_observed(cluster.etcd(), "latency", Some(tx));
     anyhow::ensure!(
         cache
             .wait_for_version(first.map.version, Duration::from_secs(10))
