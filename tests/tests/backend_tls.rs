@@ -168,7 +168,7 @@ fn shardctl(
     let mut command = std::process::Command::new(workspace_binary("shardctl", "shardctl"));
     command
         .args(args)
-        .env("SHARDLINE_ETCD", cluster.etcd_endpoints().join(","))
+        .envs(cluster.etcd_env())
         .env("SHARDLINE_CLUSTER", name)
         .env("SHARDLINE_ACTOR", "test")
         .env_remove("SHARDLINE_CONFIG")
