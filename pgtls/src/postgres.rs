@@ -143,16 +143,7 @@ pub async fn connect(
         .connect(connector.make_tls_connect())
         .await
         .map_err(|e| {
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                let cause_text = cause.to_string();
-                if !text.contains(&cause_text) {
-                    text.push_str(": ");
-                    text.push_str(&cause_text);
-                }
-                source = cause.source();
-            }
+            let mut text = settings::error_chain(&e);
             if let Some(db) = e.as_db_error() {
                 if let Some(hint) = refusal_hint(db.code().code(), db.message()) {
                     text.push_str("; ");

@@ -70,16 +70,7 @@ impl MoveError {
 }
 
 /// An error with its causes (tokio-postgres puts the useful part in the source).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use settings::error_chain;
 
 impl From<shardmap::StoreError> for MoveError {
     fn from(e: shardmap::StoreError) -> MoveError {

@@ -207,13 +207,7 @@ impl BackendTls {
 mod tests {
     use super::*;
 
-    fn vars<'a>(set: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |name| {
-            set.iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, v)| v.to_string())
-        }
-    }
+    use crate::test_vars as vars;
 
     #[test]
     fn modes_parse_as_libpq_spells_them() {

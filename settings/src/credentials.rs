@@ -207,13 +207,7 @@ impl Credentials {
 mod tests {
     use super::*;
 
-    fn vars<'a>(set: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |name| {
-            set.iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, v)| v.to_string())
-        }
-    }
+    use crate::test_vars as vars;
 
     #[test]
     fn configured_then_shardline_variable_then_pgpassword() {

@@ -25,3 +25,30 @@ pub use backend_tls::{BackendTls, SslMode, TlsKeys};
 pub use credentials::{Credentials, Password, SecretError, ServerCredentials};
 pub use etcd::{default_cluster, EtcdSettings, Overrides, SharedFile, DEFAULT_CLUSTER, LOCAL_ETCD};
 pub use file::{parse_toml, read_toml, FileError};
+
+/// An error with its causes on one line, each cause once (transport errors
+/// often repeat their source in their own text): how every shardline
+/// program reports an error from a library to a person.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// A stand-in for the environment in tests: the variables `set` names.
+#[cfg(test)]
+pub(crate) fn test_vars<'a>(set: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+    move |name| {
+        set.iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.to_string())
+    }
+}

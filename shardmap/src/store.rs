@@ -244,17 +244,7 @@ fn tls_options(etcd: &EtcdSettings) -> Result<Option<TlsOptions>, StoreError> {
 /// What went wrong in an etcd request, with the transport's causes (a TLS
 /// handshake refused says so only in the error's sources).
 fn etcd_detail(error: &etcd_client::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
+    settings::error_chain(error)
 }
 
 /// What to check for an etcd error.

@@ -36,16 +36,22 @@ pub fn workspace_binary(package: &str, name: &str) -> PathBuf {
     binary
 }
 
-/// Runs `shardctl` against `cluster`/`name`; returns stdout, panics on failure.
-pub fn shardctl(cluster: &TestCluster, name: &str, args: &[&str]) -> String {
-    let output = std::process::Command::new(workspace_binary("shardctl", "shardctl"))
+/// Runs `shardctl` against `cluster`/`name` as actor `test`, whatever it
+/// exits with.
+pub fn shardctl_output(cluster: &TestCluster, name: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(workspace_binary("shardctl", "shardctl"))
         .args(args)
         .envs(cluster.etcd_env())
         .env("SHARDLINE_CLUSTER", name)
         .env("SHARDLINE_ACTOR", "test")
         .env_remove("SHARDLINE_CONFIG")
         .output()
-        .expect("run shardctl");
+        .expect("run shardctl")
+}
+
+/// Runs `shardctl` against `cluster`/`name`; returns stdout, panics on failure.
+pub fn shardctl(cluster: &TestCluster, name: &str, args: &[&str]) -> String {
+    let output = shardctl_output(cluster, name, args);
     assert!(
         output.status.success(),
         "shardctl {args:?} failed: {}",
@@ -155,20 +161,7 @@ impl ProxyProcess {
             child: command.spawn().expect("start shardline-proxy"),
             port,
         };
-        let conninfo = process.conninfo();
-        let up = crate::eventually(Duration::from_secs(20), || {
-            let conninfo = conninfo.clone();
-            async move {
-                match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
-                    Ok((client, connection)) => {
-                        tokio::spawn(connection);
-                        client.simple_query("SELECT 1").await.is_ok()
-                    }
-                    Err(_) => false,
-                }
-            }
-        })
-        .await;
+        let up = serves_within(&process.conninfo(), Duration::from_secs(20)).await;
         assert!(up, "shardline-proxy {id} never served");
         process
     }
@@ -208,4 +201,22 @@ async fn wait_exit(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Whether a proxy (or server) at `conninfo` answers `SELECT 1` within
+/// `timeout`: for a process that was just started.
+pub async fn serves_within(conninfo: &str, timeout: Duration) -> bool {
+    crate::eventually(timeout, || {
+        let conninfo = conninfo.to_string();
+        async move {
+            match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
+                Ok((client, connection)) => {
+                    tokio::spawn(connection);
+                    client.simple_query("SELECT 1").await.is_ok()
+                }
+                Err(_) => false,
+            }
+        }
+    })
+    .await
 }

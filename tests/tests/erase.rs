@@ -5,7 +5,7 @@
 //! writes a history entry with the actor and a keyed hash of the key — not
 //! the key. A moving partition is refused.
 
-use shardline_tests::binaries::{shardctl, workspace_binary};
+use shardline_tests::binaries::{shardctl, shardctl_output};
 use shardline_tests::fixtures::{create_table, init_schema};
 use shardline_tests::{TestCluster, TestProxy};
 use shardmap::embedded::{IdGenerator, IdLayout};
@@ -56,14 +56,7 @@ async fn rows_of(client: &tokio_postgres::Client, key: i64) -> [i64; 3] {
 }
 
 fn shardctl_fails(cluster: &TestCluster, args: &[&str]) -> String {
-    let output = std::process::Command::new(workspace_binary("shardctl", "shardctl"))
-        .args(args)
-        .env("SHARDLINE_ETCD", cluster.etcd_endpoints().join(","))
-        .env("SHARDLINE_CLUSTER", CLUSTER)
-        .env("SHARDLINE_ACTOR", "test")
-        .env_remove("SHARDLINE_CONFIG")
-        .output()
-        .expect("run shardctl");
+    let output = shardctl_output(cluster, CLUSTER, args);
     assert!(!output.status.success(), "shardctl {args:?} should fail");
     String::from_utf8_lossy(&output.stderr).into_owned()
 }

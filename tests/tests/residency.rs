@@ -9,7 +9,7 @@
 //! `rebalancer::planner`.)
 
 use futures_util::SinkExt;
-use shardline_tests::binaries::workspace_binary;
+use shardline_tests::binaries::{shardctl_output, workspace_binary};
 use shardline_tests::fixtures::{create_table, init_schema, key_per_server};
 use shardline_tests::{TestCluster, TestProxy};
 use shardmap::{ClusterMap, Group, KeyType, KeyValue};
@@ -211,14 +211,8 @@ async fn a_strict_proxy_serves_only_its_regions_partitions() {
     let us_partition = map
         .partition_of("accounts", &KeyValue::Int(us))
         .expect("partition");
-    let output = std::process::Command::new(workspace_binary("shardctl", "shardctl"))
-        .args(["move", &us_partition.to_string(), "--to", "pg1"])
-        .env("SHARDLINE_ETCD", cluster.etcd_endpoints().join(","))
-        .env("SHARDLINE_CLUSTER", CLUSTER)
-        .env("SHARDLINE_ACTOR", "test")
-        .env_remove("SHARDLINE_CONFIG")
-        .output()
-        .expect("run shardctl");
+    let partition = us_partition.to_string();
+    let output = shardctl_output(&cluster, CLUSTER, &["move", &partition, "--to", "pg1"]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         !output.status.success() && stderr.contains("pinned to region us"),

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use shardline_tests::binaries::workspace_binary;
+use shardline_tests::binaries::{serves_within, workspace_binary};
 use shardline_tests::fixtures::{create_table, key_per_server, owner_of};
 use shardline_tests::move_jobs::{jobs, other_server, submit, wait_terminal};
-use shardline_tests::{eventually, TestCluster};
+use shardline_tests::TestCluster;
 use shardmap::{Change, ClusterMap, Endpoint, Group, KeyType, Phase, Server};
 
 const NAME: &str = "secrets";
@@ -211,19 +211,7 @@ async fn no_password_reaches_logs_metrics_or_shardctl_output() {
 
     // Statements through the proxy, on every server: the proxy logged in.
     let conninfo = format!("host=127.0.0.1 port={proxy_port} user=postgres dbname=postgres");
-    let connected = eventually(Duration::from_secs(20), || {
-        let conninfo = conninfo.clone();
-        async move {
-            match tokio_postgres::connect(&conninfo, tokio_postgres::NoTls).await {
-                Ok((client, connection)) => {
-                    tokio::spawn(connection);
-                    client.simple_query("SELECT 1").await.is_ok()
-                }
-                Err(_) => false,
-            }
-        }
-    })
-    .await;
+    let connected = serves_within(&conninfo, Duration::from_secs(20)).await;
     assert!(connected, "the proxy never served: see {}", dir.display());
     let (client, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
         .await
