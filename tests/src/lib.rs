@@ -220,6 +220,18 @@ impl TestCluster {
     }
 }
 
+/// The value of the unlabelled metric `name` in a `/metrics` body; panics
+/// (showing the body) when it is missing.
+pub fn metric_value(body: &str, name: &str) -> f64 {
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("{name} missing in:\n{body}"))
+}
+
 /// Polls `check` until it holds or `timeout` passes; returns whether it held.
 pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
 where

@@ -70,13 +70,7 @@ async fn timed_login(
 
 fn metric(proxy: &TestProxy, name: &str) -> f64 {
     let body = proxy::scrape::render(std::slice::from_ref(&proxy.shared));
-    body.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("{name} missing in:\n{body}"))
+    shardline_tests::metric_value(&body, name)
 }
 
 async fn start_proxy(

@@ -673,15 +673,7 @@ async fn prometheus_metrics_count_requests_errors_and_pools() {
     stream.read_to_string(&mut body).await.expect("response");
     server.abort();
     assert!(body.starts_with("HTTP/1.0 200 OK"), "{body}");
-    let value = |name: &str| -> f64 {
-        body.lines()
-            .find_map(|l| {
-                l.strip_prefix(name)
-                    .and_then(|rest| rest.strip_prefix(' '))
-                    .and_then(|v| v.trim().parse().ok())
-            })
-            .unwrap_or_else(|| panic!("{name} missing in:\n{body}"))
-    };
+    let value = |name: &str| shardline_tests::metric_value(&body, name);
     assert!(value("shardline_requests_total") >= 6.0);
     assert_eq!(value("shardline_route_errors_total"), 1.0);
     assert_eq!(value("shardline_logins_total"), 1.0);
