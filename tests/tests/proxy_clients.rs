@@ -698,27 +698,38 @@ async fn idle_backends_close_after_their_idle_timeout_under_steady_load() {
         proxy.connect().await,
         proxy.connect().await,
     ];
+    let mut pids = std::collections::BTreeSet::new();
     for client in &clients {
-        client
-            .batch_execute("BEGIN; SELECT 1")
+        client.batch_execute("BEGIN").await.expect("begin");
+        let row = client
+            .query_one("SELECT pg_backend_pid()", &[])
             .await
-            .expect("begin");
+            .expect("backend pid");
+        pids.insert(row.get::<_, i32>(0));
     }
     for client in &clients {
         client.batch_execute("COMMIT").await.expect("commit");
     }
-    let pool = proxy
-        .shared
-        .pools
-        .all()
-        .into_iter()
+    let pools = proxy.shared.pools.all();
+    let pool = pools
+        .iter()
         .find(|p| &*p.server == "pg1")
         .expect("pg1's pool");
-    // All three were opened and went back to the pool; on a machine loaded
-    // enough to stall for 3 s, one may already have been closed as idle.
     let stat =
         |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(stat(&pool.stats.connects), 3);
+    // Each transaction held its own server connection.
+    assert_eq!(pids.len(), 3, "three open transactions on {pids:?}");
+    assert_eq!(
+        stat(&pool.stats.connects),
+        3,
+        "connections opened for three open transactions ({} pools, {} checkouts, {} closed unhealthy, {} idle)",
+        pools.len(),
+        stat(&pool.stats.checkouts),
+        stat(&pool.stats.closed_unhealthy),
+        pool.idle_count(),
+    );
+    // All three went back to the pool; on a machine loaded enough to stall
+    // for 3 s, one may already have been closed as idle.
     assert_eq!(pool.idle_count() as u64 + stat(&pool.stats.closed_idle), 3);
     // Steady load reuses the newest connection; the two others idle on.
     let started = Instant::now();
