@@ -3,15 +3,20 @@
 //! - the map version it *acknowledges*: the newest version such that no
 //!   request that started under an older map is still running (a request
 //!   "boards" when it starts and "lands" when its replies are relayed);
-//! - whether it may serve at all: only while its etcd registration lease is
-//!   provably alive. A proxy cut off from etcd stops serving before its lease
-//!   can expire, so a cutover that waited for that expiry is safe;
+//! - whether it serves normally: only while its etcd registration lease is
+//!   provably alive. A proxy cut off from etcd leaves normal mode before its
+//!   lease can expire, and enters *degraded mode*: it keeps routing from its
+//!   cached map, but every request that touches partitions first proves on
+//!   its server that the server still owns them (`session::owner_check`),
+//!   so a cutover that did not wait for this proxy cannot make it read a
+//!   stale copy or write to a detached one;
 //! - the generator of two-phase commit ids of the current registration: its
 //!   lease is the ids' incarnation (see [`twophase::gid`]), so a new
 //!   registration brings a new generator.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use twophase::GidGenerator;
@@ -31,6 +36,11 @@ struct State {
 pub struct Liveness {
     state: Mutex<State>,
     serving: AtomicBool,
+    /// Set before `serving` is cleared (so a request never sees neither)
+    /// and cleared after it is set again.
+    degraded: AtomicBool,
+    /// Time spent in degraded mode: finished spells, and the current one's start.
+    degraded_time: Mutex<(Duration, Option<Instant>)>,
     /// Bumped when the acknowledged version may have changed, or serving flipped.
     changed: watch::Sender<u64>,
     /// Set while registered (the registry replaces it with each new lease).
@@ -44,6 +54,8 @@ impl Liveness {
         Arc::new(Liveness {
             state: Mutex::new(State::default()),
             serving: AtomicBool::new(serving),
+            degraded: AtomicBool::new(false),
+            degraded_time: Mutex::new((Duration::ZERO, None)),
             changed: watch::Sender::new(0),
             gids: RwLock::new(None),
         })
@@ -98,6 +110,42 @@ impl Liveness {
         if self.serving.swap(serving, Ordering::AcqRel) != serving {
             self.bump();
         }
+    }
+
+    /// Whether requests are served with ownership checks (the lease is not
+    /// provably alive, but this proxy served before with the cached map).
+    pub fn degraded(&self) -> bool {
+        self.degraded.load(Ordering::Acquire)
+    }
+
+    /// Enters or leaves degraded mode, logging the change and its length.
+    pub fn set_degraded(&self, degraded: bool) {
+        if self.degraded.swap(degraded, Ordering::AcqRel) == degraded {
+            return;
+        }
+        let mut time = self.degraded_time.lock().unwrap_or_else(|e| e.into_inner());
+        if degraded {
+            time.1 = Some(Instant::now());
+            tracing::warn!("entering degraded mode: serving from the cached map, each request proving on its server that the server owns its partitions");
+        } else {
+            let lasted = time
+                .1
+                .take()
+                .map_or(Duration::ZERO, |since| since.elapsed());
+            time.0 += lasted;
+            tracing::info!(
+                lasted_s = lasted.as_secs_f64(),
+                "leaving degraded mode: the map is known again"
+            );
+        }
+        drop(time);
+        self.bump();
+    }
+
+    /// Total time spent in degraded mode, the current spell included.
+    pub fn degraded_time(&self) -> Duration {
+        let time = self.degraded_time.lock().unwrap_or_else(|e| e.into_inner());
+        time.0 + time.1.map_or(Duration::ZERO, |since| since.elapsed())
     }
 
     fn bump(&self) {
@@ -178,6 +226,23 @@ mod tests {
         assert!(!liveness.serving());
         liveness.set_serving(true);
         assert!(liveness.serving());
+    }
+
+    #[test]
+    fn degraded_time_adds_up_over_spells() {
+        let liveness = Liveness::new(true);
+        assert_eq!(liveness.degraded_time(), Duration::ZERO);
+        liveness.set_degraded(true);
+        std::thread::sleep(Duration::from_millis(20));
+        liveness.set_degraded(false);
+        let first = liveness.degraded_time();
+        assert!(first >= Duration::from_millis(20), "{first:?}");
+        std::thread::sleep(Duration::from_millis(10));
+        assert_eq!(liveness.degraded_time(), first, "not counted while normal");
+        liveness.set_degraded(true);
+        assert!(liveness.degraded());
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(liveness.degraded_time() >= first + Duration::from_millis(20));
     }
 
     #[tokio::test]

@@ -41,6 +41,11 @@ pub struct Metrics {
     /// recovery at start committed or rolled back (main thread only).
     pub recovered_commits: AtomicU64,
     pub recovered_rollbacks: AtomicU64,
+    /// Degraded mode: ownership checks run (one per request that touched
+    /// partitions), and those that failed (a partition was not attached on
+    /// the server the cached map named).
+    pub owner_checks: AtomicU64,
+    pub owner_check_failures: AtomicU64,
     /// Requests held because a partition was blocked, and for how long in total.
     pub held: AtomicU64,
     pub held_micros: AtomicU64,

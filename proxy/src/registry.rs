@@ -2,12 +2,13 @@
 //! bound to a lease the proxy keeps alive, holding the map version the proxy
 //! acknowledges (see [`crate::liveness`] and [`shardmap::proxies`]).
 //!
-//! Serving depends on the lease: the proxy serves only until
+//! Normal mode depends on the lease: the proxy serves normally only until
 //! `time the last answered keep-alive was sent + TTL - SAFETY_MARGIN`. etcd
 //! cannot expire the lease before `send time + TTL`, so when the rebalancer
-//! sees the key vanish, this proxy has already stopped serving. After an
-//! outage it serves again only once it holds a new lease and its map cache
-//! has caught up with etcd past the moment of registering.
+//! sees the key vanish, this proxy has already entered degraded mode (each
+//! request proves ownership on its server). After an outage it serves
+//! normally again only once it holds a new lease and its map cache has
+//! caught up with etcd past the moment of registering.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -114,7 +115,9 @@ async fn enforce_deadline(mut deadline: watch::Receiver<Option<Instant>>, livene
             }
             _ => {
                 if liveness.serving() {
-                    warn!("the proxy's etcd lease can no longer be proven alive: not serving until it re-registers");
+                    warn!("the proxy's etcd lease can no longer be proven alive: checking ownership on the servers until it re-registers");
+                    // Degraded first: a request never finds the proxy in neither mode.
+                    liveness.set_degraded(true);
                     liveness.set_serving(false);
                 }
                 if deadline.changed().await.is_err() {
@@ -179,6 +182,7 @@ async fn register_once(
     }
     deadline.send_replace(Some(valid_until.checked_sub(SAFETY_MARGIN).unwrap_or(sent)));
     liveness.set_serving(true);
+    liveness.set_degraded(false);
 
     let (mut keeper, mut responses) = timed(client.lease_keep_alive(lease_id)).await?;
     let mut changes = liveness.watch();

@@ -44,7 +44,7 @@ impl ProxyCollector {
 /// The per-thread counters, summed: name (the encoder adds `_total`), help,
 /// and where the counter is.
 type CounterOf = fn(&Metrics) -> &AtomicU64;
-const COUNTERS: [(&str, &str, CounterOf); 19] = [
+const COUNTERS: [(&str, &str, CounterOf); 21] = [
     ("shardline_logins", "Client logins that succeeded.", |m| &m.logins),
     ("shardline_login_failures", "Client logins refused.", |m| &m.login_failures),
     (
@@ -128,6 +128,16 @@ const COUNTERS: [(&str, &str, CounterOf); 19] = [
         |m| &m.recovered_rollbacks,
     ),
     (
+        "shardline_owner_checks",
+        "Requests that proved on their server that it owns their partitions (degraded mode).",
+        |m| &m.owner_checks,
+    ),
+    (
+        "shardline_owner_check_failures",
+        "Ownership checks that failed: the server named by the cached map no longer had the partition attached (degraded mode).",
+        |m| &m.owner_check_failures,
+    ),
+    (
         "shardline_blocked_holds",
         "Requests held while a partition was blocked for a move.",
         |m| &m.held,
@@ -176,6 +186,20 @@ impl Collector for ProxyCollector {
                 None,
                 first.logins.failures.tracked() as f64,
             )?;
+            gauge(
+                e,
+                "shardline_degraded",
+                "1 while the proxy cannot prove its etcd lease alive and serves from its cached map, checking ownership on the servers.",
+                None,
+                if first.liveness.degraded() { 1.0 } else { 0.0 },
+            )?;
+            let degraded = ConstCounter::new(first.liveness.degraded_time().as_secs_f64());
+            degraded.encode(e.encode_descriptor(
+                "shardline_degraded",
+                "Time spent in degraded mode.",
+                Some(&Unit::Seconds),
+                degraded.metric_type(),
+            )?)?;
             let version = first.map.borrow().as_ref().map_or(0, |v| v.map.version);
             gauge(
                 e,

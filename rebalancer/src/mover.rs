@@ -384,6 +384,9 @@ impl Mover {
             self.save().await?;
         }
         let name = self.job.job.object_name();
+        // A proxy cut off from etcd checks ownership on the target once it
+        // owns the partition (a server that joined may lack the function).
+        target.ensure_owner_check().await?;
         if !self.job.job.leaves.is_empty() {
             for (table, leaf) in self.leaves() {
                 if target.attached(&table, &leaf.name).await? {

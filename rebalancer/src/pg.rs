@@ -120,6 +120,34 @@ impl Pg {
             .map_err(|e| self.fail(what, e))
     }
 
+    /// Installs `shardline.check_owner` unless present (see
+    /// [`shardmap::ddl::OWNER_CHECK_FUNCTION`]). Two moves installing it at
+    /// once may collide: the loser retries its step.
+    pub async fn ensure_owner_check(&self) -> Result<(), MoveError> {
+        let present = self
+            .client
+            .query_one(
+                "SELECT to_regprocedure('shardline.check_owner(text[], text[])') IS NOT NULL",
+                &[],
+            )
+            .await
+            .and_then(|row| row.try_get::<_, bool>(0))
+            .map_err(|e| self.fail("looking for the ownership check function", e))?;
+        if present {
+            return Ok(());
+        }
+        self.client
+            .batch_execute(shardmap::ddl::OWNER_CHECK_FUNCTION)
+            .await
+            .map_err(|e| {
+                MoveError::Retry(format!(
+                    "installing the ownership check function on {}: {}",
+                    self.server,
+                    settings::error_chain(&e)
+                ))
+            })
+    }
+
     async fn query_one_i64(&self, what: &str, sql: &str) -> Result<i64, MoveError> {
         let row = self
             .client

@@ -301,6 +301,58 @@ fn split_top_level(text: &str) -> Option<Vec<&str>> {
 /// `server`: for a sharded table the partitioned parent and the leaves of the
 /// partitions `server` owns; a reference table everywhere; an unsharded table
 /// on its home only (elsewhere: nothing).
+/// The function a proxy in degraded mode calls before a request's first
+/// statement on each partition (`check_owner(parents, leaves)`): it locks
+/// each parent in ACCESS SHARE mode, which a DETACH PARTITION waits for
+/// until the transaction ends, then checks that each leaf is attached to
+/// its parent, reading the catalog with the transaction's snapshot. A leaf
+/// detached (or attached only after a REPEATABLE READ snapshot was taken)
+/// raises an error, and the proxy holds the request instead of reading a
+/// stale copy. Installed with every sharded table (`create_statements`),
+/// so every server that can own a partition has it.
+pub const OWNER_CHECK_FUNCTION: &str = r#"CREATE SCHEMA IF NOT EXISTS shardline;
+GRANT USAGE ON SCHEMA shardline TO PUBLIC;
+CREATE OR REPLACE FUNCTION shardline.check_owner(parents text[], leaves text[]) RETURNS void
+LANGUAGE plpgsql AS $shardline$
+DECLARE
+  i int;
+  parent regclass;
+BEGIN
+  FOR i IN 1 .. coalesce(array_length(parents, 1), 0) LOOP
+    parent := to_regclass(parents[i]);
+    IF parent IS NULL THEN
+      RAISE EXCEPTION 'shardline: table % does not exist on this server', parents[i] USING ERRCODE = '55006';
+    END IF;
+    EXECUTE format('LOCK TABLE %s IN ACCESS SHARE MODE', parent);
+  END LOOP;
+  FOR i IN 1 .. coalesce(array_length(parents, 1), 0) LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_inherits
+                   WHERE inhparent = to_regclass(parents[i]) AND inhrelid = to_regclass(leaves[i])) THEN
+      RAISE EXCEPTION 'shardline: partition % of % is not attached on this server', leaves[i], parents[i] USING ERRCODE = '55006';
+    END IF;
+  END LOOP;
+END
+$shardline$"#;
+
+/// The leaf that stands for `partition` in an ownership check: the first
+/// sharded table's (by name) that has one. A move detaches and attaches all
+/// of a partition's leaves in one transaction each, so one leaf attached
+/// means all are, and a lock on its parent holds off that transaction.
+/// `None` when no table has a leaf for it (no key maps to it: any server
+/// gives the same empty answer).
+pub fn owner_leaf(map: &ClusterMap, partition: u32) -> Option<(String, String)> {
+    map.tables
+        .iter()
+        .find_map(|(name, table)| match table.kind {
+            TableKind::Sharded { .. } => leaves(map, name, partition)
+                .ok()?
+                .into_iter()
+                .next()
+                .map(|leaf| (name.clone(), leaf.name)),
+            _ => None,
+        })
+}
+
 pub fn create_statements(
     map: &ClusterMap,
     table: &str,
@@ -314,6 +366,7 @@ pub fn create_statements(
     let mut statements = Vec::new();
     match &def.kind {
         TableKind::Sharded { .. } => {
+            statements.push(OWNER_CHECK_FUNCTION.to_string());
             statements.push(format!(
                 "CREATE TABLE {table} ({columns}) {}",
                 partition_clause(map, table)?

@@ -12,6 +12,7 @@
 //!   server, answers compared (the cross-shard read suite).
 
 pub mod binaries;
+pub mod counters;
 pub mod differential;
 pub mod fixtures;
 pub mod latency;

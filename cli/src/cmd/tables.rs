@@ -270,5 +270,10 @@ pub(crate) async fn run_table_ddl(
         .batch_execute(&script)
         .await
         .with_context(|| format!("creating {table} on server {}", server.name))?;
-    Ok(Some(statements.len().saturating_sub(1)))
+    // The leaves: every CREATE TABLE but the parent's.
+    let tables = statements
+        .iter()
+        .filter(|s| s.starts_with("CREATE TABLE"))
+        .count();
+    Ok(Some(tables.saturating_sub(1)))
 }

@@ -3,7 +3,9 @@
 //! the cancel target, the session's settings and held-back BEGIN, then
 //! sending the request and retrying once a stale kept statement is dropped.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::backend::PreparedStatements;
 use bytes::{Bytes, BytesMut};
@@ -17,6 +19,7 @@ use crate::wire::messages;
 
 use super::client::SessionError;
 use super::hold::not_serving;
+use super::owner_check;
 use super::plan::{End, Outcome, Plan};
 use super::relay::RelayError;
 use super::settings::{replayed_settings, settings_sync_sql, RESET_ALL};
@@ -26,6 +29,21 @@ use super::{Request, Session};
 /// Writes a request into the plan, given the backend's prepared statements.
 pub(super) type BuildRequest<'a> =
     dyn FnMut(&Session, &Request, &mut Plan, &mut PreparedStatements) + Send + 'a;
+
+/// `build`, then degraded mode's ownership check for `checks` (if any) in
+/// front of what it wrote.
+fn build_checked(
+    build: &mut BuildRequest<'_>,
+    session: &Session,
+    request: &Request,
+    plan: &mut Plan,
+    prepared: &mut PreparedStatements,
+    checks: &[(String, String)],
+) -> Result<(), owner_check::Unplaceable> {
+    let (out_mark, expects_mark) = (plan.out.len(), plan.expects.len());
+    build(session, request, plan, prepared);
+    owner_check::place(plan, out_mark, expects_mark, checks, prepared)
+}
 
 impl Session {
     /// Sends a simple Query message as it came from the client.
@@ -47,9 +65,106 @@ impl Session {
     /// request `build` produces and relays the replies. Returns false if no
     /// backend could be used (an error went to the client instead). A request
     /// that is not `synced` (it ended in Flush) keeps the backend for the Sync.
+    ///
+    /// In degraded mode the request proves ownership first (`owner_check`);
+    /// if the server no longer owns a partition and nothing reached the
+    /// client, the request is held and sent again (the partition may come
+    /// back, as when a move is undone) until `blocked_wait_ms`.
     pub(super) async fn dispatch(
         &mut self,
         route: Route,
+        mut request: Request,
+        build: &mut BuildRequest<'_>,
+        outcome: &mut Outcome,
+    ) -> Result<bool, SessionError> {
+        let checking = self.checks_ownership(&route);
+        request.retry_check = checking && request.synced && self.can_resend();
+        // What a failed check must undo: the held-back transaction it began.
+        let saved = request
+            .retry_check
+            .then(|| (self.tx.clone(), self.leg_prelude.clone()));
+        let mut held: Option<Instant> = None;
+        loop {
+            let reached = self.dispatch_once(&route, request, build, outcome).await?;
+            if !outcome.recheck {
+                if let Some(started) = held {
+                    self.shared
+                        .metrics
+                        .record_hold(started.elapsed().as_micros() as u64);
+                }
+                return Ok(reached);
+            }
+            if let Some((tx, leg_prelude)) = &saved {
+                self.tx = tx.clone();
+                self.leg_prelude = leg_prelude.clone();
+            }
+            let started = *held.get_or_insert_with(Instant::now);
+            let max_wait = Duration::from_millis(self.shared.config.limits.blocked_wait_ms);
+            let remaining = max_wait.saturating_sub(started.elapsed());
+            if !remaining.is_zero() && !self.shared.liveness.serving() {
+                // Still cut off: look again shortly, or as soon as etcd is back.
+                self.set_waiting(true);
+                let mut changes = self.shared.liveness.watch();
+                let _ = tokio::time::timeout(
+                    remaining.min(Duration::from_millis(100)),
+                    changes.changed(),
+                )
+                .await;
+                self.set_waiting(false);
+            }
+            let still_cut_off = !self.shared.liveness.serving();
+            if !still_cut_off || started.elapsed() >= max_wait {
+                let message = if still_cut_off {
+                    format!("a partition this statement needs is not on the server this proxy's cached map names, and this proxy has been cut off from etcd for over {max_wait:?}: it cannot learn where the partition went")
+                } else {
+                    "a partition this statement needs moved while this proxy was cut off from etcd; the proxy now has the current map".to_string()
+                };
+                self.client.error(
+                    "55006",
+                    &message,
+                    Some("retry the statement (or connect to another proxy); nothing of it ran"),
+                );
+                Metrics::add(&self.shared.metrics.route_errors, 1);
+                self.fail_transaction().await;
+                self.end_failed_request(request.synced && !request.flush_as_sync)
+                    .await?;
+                return Ok(false);
+            }
+            *outcome = Outcome::default();
+        }
+    }
+
+    /// Whether a request on `route` must prove ownership: it touches
+    /// partitions, and its route came from a map that may be stale.
+    fn checks_ownership(&self, route: &Route) -> bool {
+        !route.partitions().is_empty()
+            && (self.routed_degraded.load(Ordering::Relaxed) || !self.shared.liveness.serving())
+    }
+
+    /// The `(parent, leaf)` pairs to check for `route` and the partitions
+    /// they stand for: those the open transaction has not checked yet.
+    fn owner_checks(&mut self, route: &Route) -> (Vec<(String, String)>, Vec<u32>) {
+        if self.tx != Tx::Bound {
+            self.owner_checked.clear();
+        }
+        if !self.checks_ownership(route) {
+            return (Vec::new(), Vec::new());
+        }
+        let fresh: Vec<u32> = route
+            .partitions()
+            .iter()
+            .copied()
+            .filter(|p| !self.owner_checked.contains(p))
+            .collect();
+        let snapshot = self.shared.map.borrow().clone();
+        let pairs =
+            snapshot.map_or_else(Vec::new, |s| owner_check::leaves_to_check(&s.map, &fresh));
+        (pairs, fresh)
+    }
+
+    async fn dispatch_once(
+        &mut self,
+        route: &Route,
         mut request: Request,
         build: &mut BuildRequest<'_>,
         outcome: &mut Outcome,
@@ -61,7 +176,7 @@ impl Session {
             ..
         } = request;
         let client_synced = synced && !request.flush_as_sync;
-        if matches!(route, Route::Scatter { .. }) {
+        if matches!(route, &Route::Scatter { .. }) {
             // Scatter reads have their own path (`scatter`); never let one
             // fall through to "any server".
             self.client.error(
@@ -72,7 +187,7 @@ impl Session {
             self.end_failed_request(client_synced).await?;
             return Ok(false);
         }
-        if let Route::Writes { servers, .. } = &route {
+        if let Route::Writes { servers, .. } = route {
             // Writes across servers need their own path (one transaction
             // over the servers, two-phase commit), not wired yet: refuse
             // them as the router refuses other cross-server statements,
@@ -142,11 +257,12 @@ impl Session {
                 }
             },
         };
-        if !self.shared.liveness.serving() && !matches!(route, Route::Any) {
-            // Routed while the lease was alive, but it lapsed while this
-            // request waited for a backend: the route may be stale now.
-            // (Requests that touch no partition, such as a Parse/Describe
-            // or a catalog query, do not depend on the map.)
+        let liveness = &self.shared.liveness;
+        if !liveness.serving() && !liveness.degraded() && !matches!(route, &Route::Any) {
+            // Not registered (yet): the route may be stale. (Requests that
+            // touch no partition, such as a Parse/Describe or a catalog
+            // query, do not depend on the map; in degraded mode the
+            // ownership check below covers the rest.)
             if self.tx == Tx::Bound {
                 self.lease = Some(lease);
             }
@@ -205,10 +321,24 @@ impl Session {
         if !synced {
             lease.backend().pending_sync = true;
         }
-        {
-            let mut prepared = std::mem::take(&mut lease.backend().prepared);
-            build(self, &request, &mut plan, &mut prepared);
-            lease.backend().prepared = prepared;
+        let (checks, checked) = self.owner_checks(route);
+        if !checks.is_empty() {
+            Metrics::add(&self.shared.metrics.owner_checks, 1);
+        }
+        let mut prepared = std::mem::take(&mut lease.backend().prepared);
+        let built = build_checked(build, self, &request, &mut plan, &mut prepared, &checks);
+        lease.backend().prepared = prepared;
+        if built.is_err() {
+            // Never send a degraded-mode request unchecked.
+            lease.backend().broken = true;
+            self.client.error(
+                "XX000",
+                "internal error: the ownership check could not be placed in this request",
+                Some("report this to the shardline developers; retry once the proxy reaches etcd"),
+            );
+            self.fail_transaction().await;
+            self.end_failed_request(client_synced).await?;
+            return Ok(false);
         }
         let mut result = self.relay(&mut lease, &mut plan, &request, outcome).await;
         if let (Ok(()), Some(stale)) = (&result, outcome.stale.take()) {
@@ -232,9 +362,14 @@ impl Session {
             plan.close_statement(&stale);
             request.keep_unnamed = false;
             let mut prepared = std::mem::take(&mut lease.backend().prepared);
-            build(self, &request, &mut plan, &mut prepared);
+            let built = build_checked(build, self, &request, &mut plan, &mut prepared, &checks);
             lease.backend().prepared = prepared;
-            result = self.relay(&mut lease, &mut plan, &request, outcome).await;
+            result = match built {
+                Ok(()) => self.relay(&mut lease, &mut plan, &request, outcome).await,
+                Err(_) => Err(RelayError::Backend(std::io::Error::other(
+                    "the ownership check could not be placed in the request sent again",
+                ))),
+            };
         }
         if request.drops_statements {
             // DISCARD/DEALLOCATE on a shared connection: its prepared
@@ -275,7 +410,19 @@ impl Session {
                 return Ok(true);
             }
         }
+        if outcome.recheck {
+            // The server undid the request; a transaction it began there is
+            // aborted: that connection is not reused.
+            if lease.status() != b'I' {
+                lease.backend().broken = true;
+            }
+            self.set_cancel_target(None);
+            return Ok(true);
+        }
         let status = lease.status();
+        if status != b'I' {
+            self.owner_checked.extend(checked);
+        }
         if status == b'I' && !self.legs.is_empty() {
             // The transaction ended on one server only: the proxy stops
             // every statement that could do this before it is sent, so

@@ -249,6 +249,7 @@ impl Session {
             extended: true,
             keep_unnamed: self.keeps_unnamed_prepared(&items, synced),
             retry_stale: self.can_resend(),
+            retry_check: false,
         };
         let reached = self
             .dispatch(route, request, &mut build, &mut outcome)

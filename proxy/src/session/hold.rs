@@ -2,6 +2,8 @@
 //! for a cutover waits (it does not fail), and so does a reference-table
 //! write while a server is joining; the request's flight is released while
 //! it waits so the cutover's (or the join's) acknowledgement is not stalled.
+//! In degraded mode (etcd unreachable) single-server routes are served from
+//! the cached map with an ownership check (`owner_check`); the rest wait.
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +22,27 @@ use super::Session;
 /// the copy, and the held writes then go to the new server too.
 fn is_reference_write(route: &Route) -> bool {
     matches!(route, Route::Writes { partitions, .. } if partitions.is_empty())
+}
+
+/// Routes degraded mode serves with ownership checks: one server's
+/// partitions, an unsharded table's home, or no partition at all. Reads
+/// and writes over several servers wait for etcd: a scatter read would need
+/// a check on every server, and reference-table writes could miss a server
+/// joining unseen (and cross-server commits need etcd for their decision).
+fn servable_degraded(route: &Route) -> bool {
+    matches!(
+        route,
+        Route::Partitions { .. } | Route::Server(_) | Route::Any
+    )
+}
+
+/// The error of a request that waited in degraded mode for etcd.
+fn needs_etcd() -> RouteError {
+    RouteError::new(
+        "57P03",
+        "this shardline proxy cannot reach etcd, and this statement spans servers (or writes a reference table): it needs the current map",
+        "retry shortly, or connect to another proxy; statements on one server's keys are still served",
+    )
 }
 
 /// The error of a proxy that cannot prove its map is current.
@@ -57,6 +80,28 @@ impl Session {
         }
     }
 
+    /// Waits until the proxy serves normally (registered, map caught up),
+    /// at most until `max_wait` after `started`; true if it does.
+    async fn wait_for_normal(&self, started: &mut Option<Instant>, max_wait: Duration) -> bool {
+        let liveness = &self.shared.liveness;
+        let remaining = max_wait.saturating_sub(started.get_or_insert_with(Instant::now).elapsed());
+        self.set_waiting(true);
+        let mut changes = liveness.watch();
+        let resumed = remaining > Duration::ZERO
+            && tokio::time::timeout(remaining, async {
+                while !liveness.serving() {
+                    if changes.changed().await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await
+            .is_ok()
+            && liveness.serving();
+        self.set_waiting(false);
+        resumed
+    }
+
     /// Routes with the current map, holding (not failing) while a partition
     /// it needs is blocked for a cutover, up to the configured wait.
     pub(super) async fn route_holding<F>(&self, mut compute: F) -> Result<Route, RouteError>
@@ -69,26 +114,11 @@ impl Session {
         let mut rx = self.shared.map.clone();
         let liveness = &self.shared.liveness;
         loop {
-            if !liveness.serving() {
-                // Cut off from etcd: the map may be stale. Hold like a blocked
-                // partition until the registry re-syncs, up to the same wait.
-                let remaining =
-                    max_wait.saturating_sub(started.get_or_insert_with(Instant::now).elapsed());
-                self.set_waiting(true);
-                let mut changes = liveness.watch();
-                let resumed = remaining > Duration::ZERO
-                    && tokio::time::timeout(remaining, async {
-                        while !liveness.serving() {
-                            if changes.changed().await.is_err() {
-                                break;
-                            }
-                        }
-                    })
-                    .await
-                    .is_ok()
-                    && liveness.serving();
-                self.set_waiting(false);
-                if !resumed {
+            let normal = liveness.serving();
+            if !normal && !liveness.degraded() {
+                // Not registered yet: hold like a blocked partition until
+                // the registry has synced, up to the same wait.
+                if !self.wait_for_normal(&mut started, max_wait).await {
                     return Err(not_serving());
                 }
                 continue;
@@ -108,6 +138,25 @@ impl Session {
                 &versioned.map,
                 route.partitions(),
             )?;
+            self.routed_degraded
+                .store(!normal, std::sync::atomic::Ordering::Relaxed);
+            if !normal {
+                // Degraded: the cached map may be stale, and a partition it
+                // shows blocked may have moved or been given back. The
+                // ownership check on the server decides, not the map.
+                if servable_degraded(&route) {
+                    if let Some(started) = started {
+                        self.shared
+                            .metrics
+                            .record_hold(started.elapsed().as_micros() as u64);
+                    }
+                    return Ok(route);
+                }
+                if !self.wait_for_normal(&mut started, max_wait).await {
+                    return Err(needs_etcd());
+                }
+                continue;
+            }
             let blocked = route.partitions().iter().any(|p| {
                 matches!(
                     versioned.map.assignments.get(*p as usize).map(|a| &a.state),

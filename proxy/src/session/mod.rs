@@ -29,6 +29,7 @@ mod extended_writes;
 mod gather;
 mod hold;
 mod legs;
+mod owner_check;
 mod pipeline;
 mod plan;
 mod portals;
@@ -88,6 +89,9 @@ pub(super) struct Request {
     /// The unnamed statement runs as a statement kept prepared on the server
     /// (see `keeps_unnamed_prepared`); cleared for the retry of a stale plan.
     pub(super) keep_unnamed: bool,
+    /// The request can be held and sent again after a failed ownership
+    /// check (set by `dispatch`: nothing of a transaction ran before it).
+    pub(super) retry_check: bool,
     /// A kept statement whose plan went stale can be sent again unseen
     /// (`Session::can_resend`: alone in an implicit transaction, or the
     /// first statement of a held-back one). Elsewhere in a transaction only
@@ -160,6 +164,12 @@ pub struct Session {
     /// The request being served, for the map acknowledgement (released while
     /// a statement is held for a blocked partition).
     flight: std::sync::Mutex<Option<Flight>>,
+    /// The last route was computed in degraded mode (from a map that may be
+    /// stale): its request gets the ownership check even if the proxy has
+    /// left degraded mode since.
+    routed_degraded: std::sync::atomic::AtomicBool,
+    /// Partitions whose ownership the open transaction checked already.
+    owner_checked: Vec<u32>,
 }
 
 impl Session {
@@ -191,6 +201,8 @@ impl Session {
             replica_turn: 0,
             cancel_slot,
             flight: std::sync::Mutex::new(None),
+            routed_degraded: std::sync::atomic::AtomicBool::new(false),
+            owner_checked: Vec::new(),
         }
     }
 

@@ -123,6 +123,7 @@ impl Session {
                 extended: true,
                 keep_unnamed: false,
                 retry_stale: false,
+                retry_check: false,
             };
             let mut outcome = Outcome::default();
             let portals = &decided.portals;

@@ -25,6 +25,9 @@ pub(super) enum End {
     Execute,
     Sync,
     Query,
+    /// The ownership check the proxy put first in a Query's string (see
+    /// `owner_check`): its replies end with its CommandComplete.
+    OwnerCheck,
 }
 
 impl End {
@@ -37,6 +40,7 @@ impl End {
             End::ParseForQuery => tag == b'1',
             End::BindForQuery => tag == b'2',
             End::Execute => matches!(tag, b'C' | b'I' | b's'),
+            End::OwnerCheck => tag == b'C',
             End::Sync | End::Query => tag == b'Z',
         }
     }
@@ -64,6 +68,9 @@ pub(super) enum Expect {
         /// prepared under this name: if the server's cached plan went stale
         /// (a table's columns changed), the request is sent again unprepared.
         stale_retry: Option<Arc<str>>,
+        /// Part of degraded mode's ownership check: an error here means
+        /// the server does not own a partition the request touches.
+        check: bool,
     },
     /// Bytes the proxy answers itself, at this point of the reply stream.
     Synthetic(Bytes),
@@ -78,6 +85,9 @@ pub(super) struct Outcome {
     /// The kept-prepared statement whose plan went stale: its replies were
     /// taken back, and the request must be sent again without it.
     pub(super) stale: Option<Arc<str>>,
+    /// The ownership check failed before the client saw anything: the
+    /// server undid the request, which is to be held and sent again.
+    pub(super) recheck: bool,
 }
 
 /// A request ready to send: bytes for the backend and the replies expected.
@@ -111,6 +121,7 @@ impl Plan {
             forward: false,
             unprepare: None,
             stale_retry: None,
+            check: false,
         });
     }
 
@@ -122,6 +133,7 @@ impl Plan {
             forward: true,
             unprepare: None,
             stale_retry,
+            check: false,
         });
     }
 

@@ -4,7 +4,9 @@
 use std::io;
 
 use bytes::BytesMut;
+use tracing::{debug, warn};
 
+use crate::metrics::Metrics;
 use crate::pool::Lease;
 use crate::wire::messages;
 
@@ -58,6 +60,66 @@ impl Session {
                         continue;
                     }
                     b'E' => {
+                        if let Some(Expect::Reply {
+                            check: true, end, ..
+                        }) = expects.front()
+                        {
+                            let in_query = *end == End::OwnerCheck;
+                            let (_, detail) = messages::error_summary(&backend.buffered()[5..len]);
+                            backend.consume(len);
+                            Metrics::add(&self.shared.metrics.owner_check_failures, 1);
+                            if in_query {
+                                // The server skips the rest of the string; the
+                                // Query's ReadyForQuery follows.
+                                expects.pop_front();
+                            } else {
+                                // Postgres skips everything up to Sync.
+                                while let Some(front) = expects.front() {
+                                    match front {
+                                        Expect::Reply { end: End::Sync, .. } => break,
+                                        Expect::Reply {
+                                            unprepare: Some(name),
+                                            ..
+                                        } => {
+                                            backend.prepared.remove(name);
+                                            expects.pop_front();
+                                        }
+                                        _ => {
+                                            expects.pop_front();
+                                        }
+                                    }
+                                }
+                            }
+                            let server = backend.server.clone();
+                            if request.retry_check && self.client.flushes == flushes {
+                                // Nothing of the request reached the client:
+                                // take it back whole, to be sent again.
+                                debug!(%server, %detail, "ownership check failed; holding the request");
+                                outcome.recheck = true;
+                                self.client.out.truncate(out_mark);
+                                expects.retain(|e| matches!(e, Expect::Reply { .. }));
+                                for expect in expects.iter_mut() {
+                                    if let Expect::Reply { forward, .. } = expect {
+                                        *forward = false;
+                                    }
+                                }
+                            } else {
+                                warn!(%server, %detail, "ownership check failed inside a transaction");
+                                outcome.errored = true;
+                                self.client.error(
+                                    "40001",
+                                    &format!(
+                                        "a partition this statement needs is no longer on server {server}: it moved while this proxy was cut off from etcd ({detail}); the transaction is aborted"
+                                    ),
+                                    Some("retry the transaction: once this proxy reaches etcd again it routes it to the new owner, or connect to another proxy"),
+                                );
+                            }
+                            if expects.is_empty() {
+                                self.client.flush().await.map_err(RelayError::Client)?;
+                                return Ok(());
+                            }
+                            continue;
+                        }
                         if let Some(Expect::Reply {
                             stale_retry: Some(name),
                             ..

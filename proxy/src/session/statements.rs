@@ -201,6 +201,7 @@ pub(super) fn prepare_on_backend(
         forward,
         unprepare: Some(name.clone()),
         stale_retry: None,
+        check: false,
     });
     prepared.insert(name.clone(), query);
 }

@@ -252,8 +252,13 @@ pub fn parse(name: &str, query: &str, param_types: &[u32], out: &mut BytesMut) {
 /// Bind of the unnamed portal to `statement`, parameters in text format,
 /// results in text format (what a simple Query returns).
 pub fn bind_text(statement: &str, values: &[&str], out: &mut BytesMut) {
+    bind_portal_text("", statement, values, out);
+}
+
+/// Bind of `statement` to portal `portal`, parameters and results in text.
+pub fn bind_portal_text(portal: &str, statement: &str, values: &[&str], out: &mut BytesMut) {
     let start = begin(out, b'B');
-    put_cstr(out, "");
+    put_cstr(out, portal);
     put_cstr(out, statement);
     out.put_i16(0);
     out.put_i16(values.len() as i16);
@@ -262,6 +267,14 @@ pub fn bind_text(statement: &str, values: &[&str], out: &mut BytesMut) {
         out.put_slice(value.as_bytes());
     }
     out.put_i16(0);
+    finish(out, start);
+}
+
+/// Execute of `portal`, all rows.
+pub fn execute(portal: &str, out: &mut BytesMut) {
+    let start = begin(out, b'E');
+    put_cstr(out, portal);
+    out.put_i32(0);
     finish(out, start);
 }
 
