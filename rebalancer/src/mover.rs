@@ -579,11 +579,15 @@ impl Mover {
         let flipped = is_switched(&map, &self.job.job);
         if !flipped {
             let target = self.connect(&self.job.job.to.clone()).await?;
-            target
-                .attach(&self.leaves(), self.ctx().config.lock_timeout())
-                .await?;
-            failpoint::hit("switching:after_attach");
-            if !self.job.job.leaves.is_empty() {
+            let attached_before = match self.leaves().first() {
+                Some((table, leaf)) => target.attached(table, &leaf.name).await?,
+                None => true,
+            };
+            if !attached_before {
+                // The snapshot to verify against is taken before the attach:
+                // once attached, a proxy cut off from etcd whose cached map
+                // names the target may write there (its ownership check
+                // passes), and those writes are not the source's.
                 let snapshot = self.connect(&self.job.job.to.clone()).await?;
                 snapshot
                     .execute(
@@ -593,6 +597,10 @@ impl Mover {
                     .await?;
                 self.snapshot = Some(snapshot);
             }
+            target
+                .attach(&self.leaves(), self.ctx().config.lock_timeout())
+                .await?;
+            failpoint::hit("switching:after_attach");
             let job = self.job.job.clone();
             self.update_map(|map| {
                 let assignment = assignment_mut(map, job.partition)?;
@@ -785,6 +793,24 @@ impl Mover {
             return self.advance(Phase::Verifying).await;
         }
         let name = job.object_name();
+        if !job.leaves.is_empty() && job.final_lsn.is_some() {
+            // Past the fence: the switch may have attached the target's
+            // leaves, and from then on a proxy cut off from etcd may have
+            // written there (its ownership check passes). Going back would
+            // lose those writes, so finish the move instead; and while the
+            // target cannot be asked, wait.
+            let target = self.connect(&job.to).await.map_err(|e| {
+                MoveError::Retry(format!(
+                    "cannot roll back before knowing whether the target's leaves are attached: {e}"
+                ))
+            })?;
+            let (table, leaf) = &self.leaf_pairs()[0];
+            if target.attached(table, leaf).await? {
+                warn!(job = %job.id, "the target's leaves are attached already: finishing the move instead of rolling it back");
+                self.job.job.rollback_to = None;
+                return self.advance(Phase::Switching).await;
+            }
+        }
         if !job.leaves.is_empty() {
             let source = self.connect(&job.from).await?;
             // The source must serve again before the partition is released.

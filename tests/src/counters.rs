@@ -5,7 +5,7 @@
 //! transaction in the simple protocol; the others are single statements in
 //! the extended protocol.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,9 +25,17 @@ pub struct CounterReport {
     pub latencies: Vec<(Instant, f64)>,
 }
 
+/// Running totals over all workers, readable while they run.
+#[derive(Debug, Default)]
+struct Progress {
+    acked: AtomicU64,
+    refused: AtomicU64,
+}
+
 /// Workers running until `stop`.
 pub struct CounterLoad {
     stop: Arc<AtomicBool>,
+    progress: Arc<Progress>,
     tasks: Vec<tokio::task::JoinHandle<CounterReport>>,
 }
 
@@ -40,14 +48,29 @@ impl CounterLoad {
         allowed: &'static [&'static str],
     ) -> CounterLoad {
         let stop = Arc::new(AtomicBool::new(false));
+        let progress = Arc::new(Progress::default());
         let tasks = workers
             .into_iter()
             .map(|(client, user)| {
-                let stop = stop.clone();
-                tokio::spawn(async move { run(client, user, allowed, stop).await })
+                let (stop, progress) = (stop.clone(), progress.clone());
+                tokio::spawn(async move { run(client, user, allowed, stop, progress).await })
             })
             .collect();
-        CounterLoad { stop, tasks }
+        CounterLoad {
+            stop,
+            progress,
+            tasks,
+        }
+    }
+
+    /// Increments acknowledged so far, over all workers.
+    pub fn acked(&self) -> u64 {
+        self.progress.acked.load(Ordering::SeqCst)
+    }
+
+    /// Statements refused so far (with an allowed SQLSTATE).
+    pub fn refused(&self) -> u64 {
+        self.progress.refused.load(Ordering::SeqCst)
     }
 
     pub async fn stop(self) -> Vec<CounterReport> {
@@ -65,6 +88,7 @@ async fn run(
     user: i64,
     allowed: &'static [&'static str],
     stop: Arc<AtomicBool>,
+    progress: Arc<Progress>,
 ) -> CounterReport {
     let mut report = CounterReport {
         user,
@@ -73,6 +97,7 @@ async fn run(
     let mut round = 0u64;
     while !stop.load(Ordering::SeqCst) {
         round += 1;
+        let acked = report.acked;
         let result = if round % 4 == 0 {
             transaction(&client, user, &mut report).await
         } else {
@@ -80,12 +105,18 @@ async fn run(
         };
         if let Err(e) = result {
             match e.code().map(|c| c.code()) {
-                Some(code) if allowed.contains(&code) => report.refused += 1,
+                Some(code) if allowed.contains(&code) => {
+                    report.refused += 1;
+                    progress.refused.fetch_add(1, Ordering::SeqCst);
+                }
                 _ => report.problems.push(format!("user {user}: {e}")),
             }
             // Leave no transaction open after a failure.
             let _ = client.batch_execute("ROLLBACK").await;
         }
+        progress
+            .acked
+            .fetch_add((report.acked - acked) as u64, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     report

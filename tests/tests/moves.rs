@@ -9,13 +9,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shardline_tests::binaries::shardctl;
+use shardline_tests::counters::CounterLoad;
 use shardline_tests::fixtures::{all_events, all_users, owner_of, setup_schema, user_in_partition};
 use shardline_tests::latency::percentile;
 use shardline_tests::move_jobs::{
     assert_phase, jobs, leftovers, other_server, submit, test_config, wait_job, wait_terminal,
     InProcessRebalancer,
 };
-use shardline_tests::{TestCluster, TestProxy};
+use shardline_tests::{metric_value, TestCluster, TestProxy};
 use shardmap::{Group, KeyType, Phase};
 
 /// What the clients saw.
@@ -301,11 +302,16 @@ async fn partitions_move_back_and_forth_under_load_without_client_errors() {
     );
 }
 
-/// A proxy cut off from etcd during a cutover: the cutover waits for its
-/// lease to expire, the proxy stops serving before that (no stale read, no
-/// lost write), and serves again once it has re-synced.
+/// A proxy cut off from etcd while a partition moves away from the server
+/// its cached map names, and back. The cutovers still wait for its lease to
+/// expire (that keeps holds short for proxies that are in touch), but the
+/// proxy keeps serving in degraded mode: on the moving partition each
+/// statement is held or refused with a clear error while its server does not
+/// own the partition — never answered from a stale or missing copy — and
+/// served again once the partition is back, still cut off; statements on
+/// the other partitions succeed throughout; no acknowledged write is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_proxy_cut_off_from_etcd_stops_serving_and_the_cutover_waits_for_its_lease() {
+async fn a_proxy_cut_off_from_etcd_serves_degraded_while_a_partition_moves_away_and_back() {
     const NAME: &str = "cutoff";
     let cluster = TestCluster::start(3);
     let (store, map) = setup_schema(&cluster, NAME, 8).await;
@@ -327,74 +333,52 @@ async fn a_proxy_cut_off_from_etcd_stops_serving_and_the_cutover_waits_for_its_l
     let partition = map
         .partition_of("users", &shardmap::KeyValue::Int(user))
         .expect("partition");
-    let client_b = proxy_b.connect().await;
-    client_b
-        .execute("INSERT INTO users (id, n) VALUES ($1, 0)", &[&user])
-        .await
-        .expect("insert through proxy b");
-
-    // Through proxy B: increment, then read back; a read must show every
-    // acknowledged increment (a stale copy would not).
-    let acked = Arc::new(AtomicU64::new(0));
-    let refused = Arc::new(AtomicU64::new(0));
-    let problems = Arc::new(Mutex::new(Vec::<String>::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let loop_task = {
-        let (acked, refused, problems, stop) = (
-            acked.clone(),
-            refused.clone(),
-            problems.clone(),
-            stop.clone(),
-        );
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                match client_b
-                    .execute("UPDATE users SET n = n + 1 WHERE id = $1", &[&user])
-                    .await
-                {
-                    Ok(1) => {
-                        acked.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Ok(n) => problems
-                        .lock()
-                        .expect("lock")
-                        .push(format!("update hit {n} rows")),
-                    Err(e) if e.code().map(|c| c.code()) == Some("57P03") => {
-                        refused.fetch_add(1, Ordering::SeqCst);
-                        continue;
-                    }
-                    Err(e) => problems.lock().expect("lock").push(format!("update: {e}")),
-                }
-                match client_b
-                    .query_one("SELECT n FROM users WHERE id = $1", &[&user])
-                    .await
-                {
-                    Ok(row) => {
-                        let n: i64 = row.get(0);
-                        let want = acked.load(Ordering::SeqCst) as i64;
-                        if n != want {
-                            problems
-                                .lock()
-                                .expect("lock")
-                                .push(format!("stale read: n = {n}, acknowledged {want}"));
-                        }
-                    }
-                    Err(e) if e.code().map(|c| c.code()) == Some("57P03") => {
-                        refused.fetch_add(1, Ordering::SeqCst);
-                    }
-                    Err(e) => problems.lock().expect("lock").push(format!("select: {e}")),
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+    let owner = map.assignments[partition as usize].owner.clone();
+    // A user on each server, none in the moving partition (one shares its server).
+    let others: Vec<i64> = map
+        .servers
+        .keys()
+        .map(|server| {
+            (0..10_000i64)
+                .find(|id| {
+                    owner_of(&map, *id) == *server
+                        && map
+                            .partition_of("users", &shardmap::KeyValue::Int(*id))
+                            .ok()
+                            != Some(partition)
+                })
+                .expect("a user on every server outside the moving partition")
         })
-    };
+        .collect();
+    let setup = proxy_b.connect().await;
+    for id in others.iter().chain([&user]) {
+        setup
+            .execute("INSERT INTO users (id, n) VALUES ($1, 0)", &[id])
+            .await
+            .expect("insert through proxy b");
+    }
+    let moving = CounterLoad::start(
+        vec![(proxy_b.connect().await, user)],
+        &["55006", "40001", "57P03"],
+    );
+    let mut steady_workers = Vec::new();
+    for id in &others {
+        steady_workers.push((proxy_b.connect().await, *id));
+    }
+    let steady = CounterLoad::start(steady_workers, &[]);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     cutter.cut();
     let cut_at = Instant::now();
-    let owner = map.assignments[partition as usize].owner.clone();
+    // Away: the cutover waits for B's lease, not for B to stop.
     let to = other_server(&map, &owner);
     let id = submit(&jobs, &map, partition, &to).await;
+    let degraded = shardline_tests::eventually(Duration::from_secs(20), || {
+        let liveness = proxy_b.shared.liveness.clone();
+        async move { liveness.degraded() }
+    })
+    .await;
+    assert!(degraded, "proxy B never entered degraded mode");
     let job = wait_terminal(&jobs, &id, Duration::from_secs(90)).await;
     assert_phase(&job, Phase::Done);
     let waited = cut_at.elapsed();
@@ -416,49 +400,91 @@ async fn a_proxy_cut_off_from_etcd_stops_serving_and_the_cutover_waits_for_its_l
         blocked_ms >= 3_000,
         "the cutover did not wait for the cut-off proxy's lease (blocked {blocked_ms} ms)"
     );
+    let away_acked = moving.acked();
+
+    // Back, while B is still cut off.
+    let current = store.load().await.expect("map").map;
+    let id = submit(&jobs, &current, partition, &owner).await;
+    let job = wait_terminal(&jobs, &id, Duration::from_secs(90)).await;
+    assert_phase(&job, Phase::Done);
+    let back_acked = moving.acked();
+    let served_again = shardline_tests::eventually(Duration::from_secs(30), || {
+        let acked = moving.acked();
+        async move { acked >= back_acked + 20 }
+    })
+    .await;
     assert!(
-        !proxy_b.shared.liveness.serving(),
-        "proxy B still serves without its lease"
+        served_again,
+        "proxy B did not serve the partition again once its server owned it"
     );
-    let refused_while_cut = refused.load(Ordering::SeqCst);
-    assert!(refused_while_cut > 0, "proxy B never refused while cut off");
+    assert!(
+        proxy_b.shared.liveness.degraded(),
+        "proxy B was not cut off for the whole test"
+    );
+    let metrics = proxy::scrape::render(std::slice::from_ref(&proxy_b.shared));
+    let failed_checks = metric_value(&metrics, "shardline_owner_check_failures_total");
+    assert!(
+        failed_checks > 0.0,
+        "no ownership check failed while the partition was away"
+    );
 
-    // Back in touch: B re-registers, catches up, and serves from the new owner.
+    // In touch again: B leaves degraded mode by itself.
     cutter.restore();
-    let serving = shardline_tests::eventually(Duration::from_secs(30), || {
-        let shared = proxy_b.shared.clone();
-        async move { shared.liveness.serving() }
+    let normal = shardline_tests::eventually(Duration::from_secs(30), || {
+        let liveness = proxy_b.shared.liveness.clone();
+        async move { liveness.serving() && !liveness.degraded() }
     })
     .await;
-    assert!(serving, "proxy B did not serve again after etcd came back");
-    let before = acked.load(Ordering::SeqCst);
-    let resumed = shardline_tests::eventually(Duration::from_secs(30), || {
-        let acked = acked.clone();
-        async move { acked.load(Ordering::SeqCst) >= before + 20 }
-    })
-    .await;
-    assert!(resumed, "writes through proxy B did not resume");
-    stop.store(true, Ordering::Relaxed);
-    loop_task.await.expect("loop");
-
-    let problems = problems.lock().expect("lock").clone();
-    assert!(problems.is_empty(), "through proxy B: {problems:?}");
-    let final_map = store.load().await.expect("map").map;
-    assert_eq!(final_map.assignments[partition as usize].owner, to);
-    let users = all_users(&cluster).await;
-    let copies = &users[&user];
-    assert_eq!(copies.len(), 1, "user stored {} times", copies.len());
-    assert_eq!(
-        copies[0].0,
-        acked.load(Ordering::SeqCst) as i64,
-        "acknowledged increments lost"
+    assert!(
+        normal,
+        "proxy B did not serve normally after etcd came back"
     );
-    assert_eq!(copies[0].1, to, "the user is not on the new owner");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refused = moving.refused();
+    let moving = moving.stop().await;
+    let steady = steady.stop().await;
+
+    let problems: Vec<&String> = moving
+        .iter()
+        .chain(&steady)
+        .flat_map(|r| &r.problems)
+        .collect();
+    assert!(problems.is_empty(), "through proxy B: {problems:?}");
+    assert_eq!(
+        steady.iter().map(|r| r.refused).sum::<u64>(),
+        0,
+        "statements on other partitions were refused"
+    );
+    let final_map = store.load().await.expect("map").map;
+    assert_eq!(final_map.assignments[partition as usize].owner, owner);
+    let users = all_users(&cluster).await;
+    for report in moving.iter().chain(&steady) {
+        let copies = &users[&report.user];
+        assert_eq!(
+            copies.len(),
+            1,
+            "user {} stored {} times",
+            report.user,
+            copies.len()
+        );
+        assert_eq!(
+            copies[0].0, report.acked,
+            "user {}: acknowledged increments lost",
+            report.user
+        );
+    }
+    assert_eq!(
+        users[&user][0].1, owner,
+        "the user is not back on its owner"
+    );
     println!(
-        "cut-off proxy: cutover held the partition {blocked_ms} ms waiting for the lease (job done {:.1} s after the cut); \
-         proxy B refused {refused_while_cut} statements while cut off; {} increments, none lost, no stale read",
+        "cut-off proxy: first cutover held the partition {blocked_ms} ms waiting for B's lease (move done {:.1} s after the cut); \
+         moving partition: {} increments between the ends of the two moves (after the move back attached it), {} after, {refused} statements refused, {failed_checks} failed ownership checks; \
+         other partitions: {} increments, none refused; nothing lost, no stale read",
         waited.as_secs_f64(),
-        acked.load(Ordering::SeqCst)
+        back_acked.saturating_sub(away_acked),
+        moving[0].acked as u64 - back_acked,
+        steady.iter().map(|r| r.acked).sum::<i64>(),
     );
 }
 
