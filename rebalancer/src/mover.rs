@@ -597,6 +597,10 @@ impl Mover {
                     .await?;
                 self.snapshot = Some(snapshot);
             }
+            if !self.job.job.attach_started {
+                self.job.job.attach_started = true;
+                self.save().await?;
+            }
             target
                 .attach(&self.leaves(), self.ctx().config.lock_timeout())
                 .await?;
@@ -714,6 +718,23 @@ impl Mover {
         let mut round = 0u32;
         loop {
             self.ctx().leader.check()?;
+            match self.target_attached().await {
+                Ok(true) => {
+                    // Past the attach: only forward (see `target_attached`).
+                    warn!(job = %self.job.job.id, "the cutover failed after the target's leaves were attached: switching again instead of giving the partition back");
+                    self.job.job.last_error.take();
+                    return self.advance(Phase::Switching).await;
+                }
+                Ok(false) => {}
+                Err(MoveError::NotLeader) => return Err(MoveError::NotLeader),
+                Err(e) => {
+                    round += 1;
+                    warn!(job = %self.job.job.id, error = %e, "cannot give the partition back yet; retrying");
+                    let backoff = Duration::from_millis((100u64 << round.min(6)).min(5_000));
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+            }
             match self.give_back().await {
                 Ok(()) => break,
                 Err(MoveError::NotLeader) => return Err(MoveError::NotLeader),
@@ -729,6 +750,7 @@ impl Mover {
         Metrics::add(&self.ctx().metrics.cutovers_given_back, 1);
         self.job.job.cutover_attempts += 1;
         self.job.job.final_lsn = None;
+        self.job.job.attach_started = false;
         self.job.job.blocked_unix_ms = None;
         let error = self.job.job.last_error.take();
         if fatal || self.job.job.cutover_attempts >= self.ctx().config.max_cutover_attempts {
@@ -739,6 +761,27 @@ impl Mover {
             tokio::time::sleep(Duration::from_millis(500)).await;
             Ok(())
         }
+    }
+
+    /// Whether the switch attached the target's leaves. From the attach on,
+    /// a proxy cut off from etcd whose cached map names the target may
+    /// write there (its ownership check passes): giving the partition back
+    /// would lose those writes, so a cutover past that point only goes
+    /// forward. Before the switch recorded `attach_started` the answer is
+    /// no without asking; after, the target must answer (an unreachable
+    /// target makes the caller retry, never guess).
+    async fn target_attached(&self) -> Result<bool, MoveError> {
+        let job = &self.job.job;
+        if !job.attach_started || job.leaves.is_empty() {
+            return Ok(false);
+        }
+        let target = self.connect(&job.to).await.map_err(|e| {
+            MoveError::Retry(format!(
+                "cannot give the partition back before knowing whether the target's leaves are attached: {e}"
+            ))
+        })?;
+        let leaf = &job.leaves[0];
+        target.attached(&leaf.table, &leaf.name).await
     }
 
     /// Undoes a cutover that has not flipped: source leaves attached again,
@@ -793,23 +836,10 @@ impl Mover {
             return self.advance(Phase::Verifying).await;
         }
         let name = job.object_name();
-        if !job.leaves.is_empty() && job.final_lsn.is_some() {
-            // Past the fence: the switch may have attached the target's
-            // leaves, and from then on a proxy cut off from etcd may have
-            // written there (its ownership check passes). Going back would
-            // lose those writes, so finish the move instead; and while the
-            // target cannot be asked, wait.
-            let target = self.connect(&job.to).await.map_err(|e| {
-                MoveError::Retry(format!(
-                    "cannot roll back before knowing whether the target's leaves are attached: {e}"
-                ))
-            })?;
-            let (table, leaf) = &self.leaf_pairs()[0];
-            if target.attached(table, leaf).await? {
-                warn!(job = %job.id, "the target's leaves are attached already: finishing the move instead of rolling it back");
-                self.job.job.rollback_to = None;
-                return self.advance(Phase::Switching).await;
-            }
+        if self.target_attached().await? {
+            warn!(job = %job.id, "the target's leaves are attached already: finishing the move instead of rolling it back");
+            self.job.job.rollback_to = None;
+            return self.advance(Phase::Switching).await;
         }
         if !job.leaves.is_empty() {
             let source = self.connect(&job.from).await?;

@@ -190,6 +190,11 @@ pub struct Job {
     /// The source's WAL position after the fence, as `X/Y`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_lsn: Option<String>,
+    /// Set (and saved) before the switch attaches the target's leaves: from
+    /// the attach on, a proxy cut off from etcd may write there, so a
+    /// cutover may no longer be given back without asking the target.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub attach_started: bool,
     /// When the partition was blocked (for the hold time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocked_unix_ms: Option<u64>,
@@ -225,6 +230,7 @@ impl Job {
             leaves: Vec::new(),
             cutover_attempts: 0,
             final_lsn: None,
+            attach_started: false,
             blocked_unix_ms: None,
             blocked_ms: None,
             checks: Vec::new(),

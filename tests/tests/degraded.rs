@@ -145,6 +145,12 @@ async fn etcd_stopped_for_a_minute_fails_no_statement() {
     );
 }
 
+fn db_message(err: &tokio_postgres::Error) -> String {
+    err.as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_else(|| err.to_string())
+}
+
 fn latencies(reports: &[CounterReport], when: impl Fn(Instant) -> bool) -> Vec<f64> {
     reports
         .iter()
@@ -164,4 +170,157 @@ async fn assert_stored(client: &tokio_postgres::Client, reports: &[CounterReport
             .get(0);
         assert_eq!(n, report.acked, "user {}: stored n", report.user);
     }
+}
+
+/// The ownership check itself, with the proxy put in degraded mode by hand
+/// and a partition's leaves detached behind its back (as a cutover it did
+/// not see would): reads and writes there are held, served again once the
+/// leaves are back, and refused with a clear error if they stay away;
+/// never an empty answer or an UPDATE of 0 rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_server_decides_ownership_in_degraded_mode() {
+    const NAME: &str = "ownercheck";
+    let cluster = TestCluster::start(2);
+    let (_store, map) = setup_schema(&cluster, NAME, 8).await;
+    let proxy = TestProxy::start(&cluster, NAME, |c| c.limits.blocked_wait_ms = 1_000).await;
+    let client = proxy.connect().await;
+    // Two users on pg1, in different partitions.
+    let partition_of = |id: i64| {
+        map.partition_of("users", &shardmap::KeyValue::Int(id))
+            .expect("partition")
+    };
+    let moved = (0..10_000i64)
+        .find(|id| owner_of(&map, *id) == "pg1")
+        .expect("a user on pg1");
+    let stays = (0..10_000i64)
+        .find(|id| owner_of(&map, *id) == "pg1" && partition_of(*id) != partition_of(moved))
+        .expect("another partition on pg1");
+    for id in [moved, stays] {
+        client
+            .execute("INSERT INTO users (id, n) VALUES ($1, 5)", &[&id])
+            .await
+            .expect("insert");
+    }
+    let checks = |shared: &std::sync::Arc<proxy::context::Shared>| {
+        let text = proxy::scrape::render(std::slice::from_ref(shared));
+        (
+            metric_value(&text, "shardline_owner_checks_total"),
+            metric_value(&text, "shardline_owner_check_failures_total"),
+        )
+    };
+    assert_eq!(
+        checks(&proxy.shared),
+        (0.0, 0.0),
+        "no checks in normal mode"
+    );
+
+    let liveness = proxy.shared.liveness.clone();
+    liveness.set_degraded(true);
+    liveness.set_serving(false);
+    let read = "SELECT n FROM users WHERE id = $1";
+    let n: i64 = client
+        .query_one(read, &[&moved])
+        .await
+        .expect("read")
+        .get(0);
+    assert_eq!(n, 5);
+    let simple = client
+        .simple_query(&format!("UPDATE users SET n = n + 1 WHERE id = {stays}"))
+        .await
+        .expect("simple update");
+    assert!(matches!(
+        simple.last(),
+        Some(tokio_postgres::SimpleQueryMessage::CommandComplete(1))
+    ));
+    assert_eq!(checks(&proxy.shared), (2.0, 0.0));
+
+    // The partition's leaves leave pg1 (all of them, in one transaction, as
+    // a cutover's fence does).
+    let pg1 = cluster.connect(0).await;
+    let p = partition_of(moved);
+    pg1.batch_execute(&format!(
+        "BEGIN; ALTER TABLE events DETACH PARTITION events_p{p}; ALTER TABLE users DETACH PARTITION users_p{p}; COMMIT"
+    ))
+    .await
+    .expect("detach");
+    let started = Instant::now();
+    let err = client
+        .query_one(read, &[&moved])
+        .await
+        .expect_err("a read of a partition pg1 no longer has");
+    assert_eq!(err.code().map(|c| c.code()), Some("55006"), "{err}");
+    assert!(db_message(&err).contains("not attached"), "{err:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "held first"
+    );
+    let err = client
+        .execute("UPDATE users SET n = n + 1 WHERE id = $1", &[&moved])
+        .await
+        .expect_err("an UPDATE of 0 rows would be a silent lost write");
+    assert_eq!(err.code().map(|c| c.code()), Some("55006"), "{err}");
+    // Other partitions of the same server are unaffected.
+    let n: i64 = client
+        .query_one(read, &[&stays])
+        .await
+        .expect("read")
+        .get(0);
+    assert_eq!(n, 6);
+
+    // Inside a transaction the check comes with the partition's first statement.
+    client.batch_execute("BEGIN").await.expect("begin");
+    client
+        .query_one(read, &[&stays])
+        .await
+        .expect("first partition");
+    let err = client
+        .query_one(read, &[&moved])
+        .await
+        .expect_err("the moved partition in a bound transaction");
+    assert_eq!(err.code().map(|c| c.code()), Some("40001"), "{err}");
+    client.batch_execute("ROLLBACK").await.expect("rollback");
+
+    // A held statement is served as soon as the server owns the partition again.
+    let held = {
+        let client = proxy.connect().await;
+        tokio::spawn(async move {
+            client
+                .query_one("SELECT n FROM users WHERE id = $1", &[&moved])
+                .await
+                .map(|row| row.get::<_, i64>(0))
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let bound = format!(
+        "FOR VALUES WITH (MODULUS {}, REMAINDER {p})",
+        map.partitions
+    );
+    pg1.batch_execute(&format!(
+        "BEGIN; ALTER TABLE events ATTACH PARTITION events_p{p} {bound}; ALTER TABLE users ATTACH PARTITION users_p{p} {bound}; COMMIT"
+    ))
+    .await
+    .expect("attach again");
+    assert_eq!(held.await.expect("task").expect("held read"), 5);
+    let (_, failures) = checks(&proxy.shared);
+    assert!(failures >= 3.0, "failed checks counted: {failures}");
+
+    // Without the function the check cannot pass: statements are held, then
+    // refused, saying why.
+    pg1.batch_execute("DROP FUNCTION shardline.check_owner(text[], text[])")
+        .await
+        .expect("drop the function");
+    let fresh = proxy.connect().await;
+    let err = fresh
+        .query_one(read, &[&moved])
+        .await
+        .expect_err("no function, no check");
+    assert!(db_message(&err).contains("does not exist"), "{err:?}");
+
+    // Back to normal: no checks.
+    liveness.set_serving(true);
+    liveness.set_degraded(false);
+    let before = checks(&proxy.shared);
+    let n: i64 = fresh.query_one(read, &[&moved]).await.expect("read").get(0);
+    assert_eq!(n, 5);
+    assert_eq!(checks(&proxy.shared), before);
 }

@@ -114,10 +114,11 @@ impl Session {
             }
             let still_cut_off = !self.shared.liveness.serving();
             if !still_cut_off || started.elapsed() >= max_wait {
+                let said = outcome.check_detail.take().unwrap_or_default();
                 let message = if still_cut_off {
-                    format!("a partition this statement needs is not on the server this proxy's cached map names, and this proxy has been cut off from etcd for over {max_wait:?}: it cannot learn where the partition went")
+                    format!("a partition this statement needs is not on the server this proxy's cached map names (the server said: {said}), and this proxy has been cut off from etcd for over {max_wait:?}: it cannot learn where the partition went")
                 } else {
-                    "a partition this statement needs moved while this proxy was cut off from etcd; the proxy now has the current map".to_string()
+                    format!("a partition this statement needs moved while this proxy was cut off from etcd (the server said: {said}); the proxy now has the current map")
                 };
                 self.client.error(
                     "55006",

@@ -88,6 +88,8 @@ pub(super) struct Outcome {
     /// The ownership check failed before the client saw anything: the
     /// server undid the request, which is to be held and sent again.
     pub(super) recheck: bool,
+    /// What the server said when the ownership check failed.
+    pub(super) check_detail: Option<String>,
 }
 
 /// A request ready to send: bytes for the backend and the replies expected.

@@ -65,7 +65,14 @@ impl Session {
                         }) = expects.front()
                         {
                             let in_query = *end == End::OwnerCheck;
-                            let (_, detail) = messages::error_summary(&backend.buffered()[5..len]);
+                            let (code, detail) =
+                                messages::error_summary(&backend.buffered()[5..len]);
+                            if code != "55006" {
+                                // Not an answer about ownership: the function is
+                                // missing, or the user may not run or lock it.
+                                warn!(server = %backend.server, %code, %detail, "the ownership check could not run; install it with `shardctl` (it comes with every sharded table) and let the proxy's user execute it");
+                            }
+                            outcome.check_detail = Some(detail.clone());
                             backend.consume(len);
                             Metrics::add(&self.shared.metrics.owner_check_failures, 1);
                             if in_query {
