@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What degraded mode costs: two proxies in front of the same one-server dev
-# cluster (pgbench_accounts sharded by aid, the other pgbench tables on pg1,
-# scale 10); one reaches etcd directly (normal mode), the other through a
+# cluster (pgbench_accounts sharded by aid into 16 leaves, the other pgbench
+# tables on pg1, scale 10); one reaches etcd directly (normal mode), the other through a
 # TCP forwarder that is then stopped (SIGSTOP), so it serves in degraded
 # mode, every request proving ownership on the server first. pgbench -c 16
 # -j 2 in simple, extended and prepared modes, interleaved rounds (each
@@ -26,6 +26,15 @@ clients=16
 . bench/lib.sh
 bench_cluster shardline-degraded
 bench_pgbench_schema 10
+# The check looks for a partition's leaf: pgbench_accounts becomes a
+# partitioned table with one leaf per partition, as `shardctl table create`
+# makes it (which also installs the check function).
+psql_pg() { psql -q -h 127.0.0.1 -p "$pg_port" -U postgres -d postgres -v ON_ERROR_STOP=1 "$@" >/dev/null; }
+psql_pg -c "ALTER TABLE pgbench_accounts RENAME TO pgbench_accounts_plain"
+"$bin/shardctl" table create pgbench_accounts \
+  --columns "aid int NOT NULL PRIMARY KEY, bid int, abalance int, filler char(84)" >/dev/null
+psql_pg -c "INSERT INTO pgbench_accounts SELECT * FROM pgbench_accounts_plain" \
+  -c "DROP TABLE pgbench_accounts_plain" -c "VACUUM ANALYZE pgbench_accounts"
 
 # A forwarder to etcd for the degraded proxy.
 forward_port=$(free_port)

@@ -2,7 +2,8 @@
 //! leadership is lost. Jobs past `pending` are always resumed (one of them
 //! may hold a blocked partition); new jobs start while fewer than
 //! `max_concurrent_moves` are running. Beside the jobs, the leader runs
-//! two-phase commit recovery periodically.
+//! two-phase commit recovery periodically, and keeps degraded mode's
+//! ownership check function on every server (`owner_check`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -75,6 +76,9 @@ pub async fn lead(
         id.to_string(),
         metrics.clone(),
     )));
+    let owner_checks = AbortOnDrop(tokio::spawn(crate::owner_check::run_while_leading(
+        context.clone(),
+    )));
     let mut running: HashMap<String, JoinHandle<Result<Phase, MoveError>>> = HashMap::new();
     // Servers each running job copies from or to, for the per-server limit.
     let mut servers_of: HashMap<String, [String; 2]> = HashMap::new();
@@ -136,6 +140,7 @@ pub async fn lead(
     }
     warn!("lost leadership: stopping every job (the next leader resumes them)");
     drop(recovery);
+    drop(owner_checks);
     for task in running.values() {
         task.abort();
     }

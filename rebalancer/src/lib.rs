@@ -21,6 +21,7 @@ pub mod failpoint;
 pub mod leader;
 pub mod metrics;
 pub mod mover;
+pub mod owner_check;
 pub mod pg;
 pub mod planner;
 pub mod recovery;

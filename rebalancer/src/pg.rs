@@ -123,7 +123,8 @@ impl Pg {
     /// Installs `shardline.check_owner` unless present (see
     /// [`shardmap::ddl::OWNER_CHECK_FUNCTION`]). Two moves installing it at
     /// once may collide: the loser retries its step.
-    pub async fn ensure_owner_check(&self) -> Result<(), MoveError> {
+    /// True if it installed it.
+    pub async fn ensure_owner_check(&self) -> Result<bool, MoveError> {
         let present = self
             .client
             .query_one(
@@ -134,11 +135,12 @@ impl Pg {
             .and_then(|row| row.try_get::<_, bool>(0))
             .map_err(|e| self.fail("looking for the ownership check function", e))?;
         if present {
-            return Ok(());
+            return Ok(false);
         }
         self.client
             .batch_execute(shardmap::ddl::OWNER_CHECK_FUNCTION)
             .await
+            .map(|()| true)
             .map_err(|e| {
                 MoveError::Retry(format!(
                     "installing the ownership check function on {}: {}",

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use shardline_tests::counters::{CounterLoad, CounterReport};
 use shardline_tests::fixtures::{owner_of, setup_schema};
 use shardline_tests::latency::percentile;
+use shardline_tests::move_jobs::{test_config, InProcessRebalancer};
 use shardline_tests::{eventually, metric_value, TestCluster, TestProxy};
 
 /// Sends SIGSTOP to a process, and SIGCONT when dropped (so a failing test
@@ -315,6 +316,30 @@ async fn the_server_decides_ownership_in_degraded_mode() {
         .await
         .expect_err("no function, no check");
     assert!(db_message(&err).contains("does not exist"), "{err:?}");
+    // The rebalancer's leader puts it back where it is missing.
+    let _rebalancer = InProcessRebalancer::start(test_config(&cluster, NAME), "r1");
+    let installed = eventually(Duration::from_secs(30), || {
+        let pg1 = &pg1;
+        async move {
+            pg1.query_one(
+                "SELECT to_regprocedure('shardline.check_owner(text[], text[])') IS NOT NULL",
+                &[],
+            )
+            .await
+            .is_ok_and(|row| row.get::<_, bool>(0))
+        }
+    })
+    .await;
+    assert!(
+        installed,
+        "the rebalancer did not install the check function"
+    );
+    let n: i64 = fresh
+        .query_one(read, &[&moved])
+        .await
+        .expect("checked read")
+        .get(0);
+    assert_eq!(n, 5);
 
     // Back to normal: no checks.
     liveness.set_serving(true);
