@@ -718,24 +718,17 @@ impl Mover {
         let mut round = 0u32;
         loop {
             self.ctx().leader.check()?;
-            match self.target_attached().await {
+            let attempt = match self.target_attached().await {
                 Ok(true) => {
                     // Past the attach: only forward (see `target_attached`).
                     warn!(job = %self.job.job.id, "the cutover failed after the target's leaves were attached: switching again instead of giving the partition back");
                     self.job.job.last_error.take();
                     return self.advance(Phase::Switching).await;
                 }
-                Ok(false) => {}
-                Err(MoveError::NotLeader) => return Err(MoveError::NotLeader),
-                Err(e) => {
-                    round += 1;
-                    warn!(job = %self.job.job.id, error = %e, "cannot give the partition back yet; retrying");
-                    let backoff = Duration::from_millis((100u64 << round.min(6)).min(5_000));
-                    tokio::time::sleep(backoff).await;
-                    continue;
-                }
-            }
-            match self.give_back().await {
+                Ok(false) => self.give_back().await,
+                Err(e) => Err(e),
+            };
+            match attempt {
                 Ok(()) => break,
                 Err(MoveError::NotLeader) => return Err(MoveError::NotLeader),
                 Err(e) => {

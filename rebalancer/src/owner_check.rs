@@ -1,4 +1,4 @@
-//! Keeps degraded mode's ownership check (`shardline.check_owner`, see
+//! Keeps degraded mode's ownership check (`public.shardline_check_owner`, see
 //! [`shardmap::ddl::OWNER_CHECK_FUNCTION`]) on every server of the map: it
 //! comes with every table `shardctl` creates and with every move's target,
 //! but tables made otherwise (declared with `shardctl table add`, or older

@@ -120,7 +120,7 @@ impl Pg {
             .map_err(|e| self.fail(what, e))
     }
 
-    /// Installs `shardline.check_owner` unless present (see
+    /// Installs `public.shardline_check_owner` unless present (see
     /// [`shardmap::ddl::OWNER_CHECK_FUNCTION`]). Two moves installing it at
     /// once may collide: the loser retries its step.
     /// True if it installed it.
@@ -128,7 +128,7 @@ impl Pg {
         let present = self
             .client
             .query_one(
-                "SELECT to_regprocedure('shardline.check_owner(text[], text[])') IS NOT NULL",
+                "SELECT to_regprocedure('public.shardline_check_owner(text[], text[])') IS NOT NULL",
                 &[],
             )
             .await

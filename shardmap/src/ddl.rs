@@ -297,10 +297,6 @@ fn split_top_level(text: &str) -> Option<Vec<&str>> {
     Some(parts)
 }
 
-/// The statements creating `table` (with `columns`, the SQL column list) on
-/// `server`: for a sharded table the partitioned parent and the leaves of the
-/// partitions `server` owns; a reference table everywhere; an unsharded table
-/// on its home only (elsewhere: nothing).
 /// The function a proxy in degraded mode calls before a request's first
 /// statement on each partition (`check_owner(parents, leaves)`): it locks
 /// each parent in ACCESS SHARE mode, which a DETACH PARTITION waits for
@@ -310,9 +306,11 @@ fn split_top_level(text: &str) -> Option<Vec<&str>> {
 /// raises an error, and the proxy holds the request instead of reading a
 /// stale copy. Installed with every sharded table (`create_statements`),
 /// so every server that can own a partition has it.
-pub const OWNER_CHECK_FUNCTION: &str = r#"CREATE SCHEMA IF NOT EXISTS shardline;
-GRANT USAGE ON SCHEMA shardline TO PUBLIC;
-CREATE OR REPLACE FUNCTION shardline.check_owner(parents text[], leaves text[]) RETURNS void
+///
+/// It lives in `public` under a prefixed name rather than in a schema of its
+/// own: a schema named like a role (say `shardline`) would come first in that
+/// role's default `search_path` and catch its unqualified CREATE TABLEs.
+pub const OWNER_CHECK_FUNCTION: &str = r#"CREATE OR REPLACE FUNCTION public.shardline_check_owner(parents text[], leaves text[]) RETURNS void
 LANGUAGE plpgsql AS $shardline$
 DECLARE
   i int;
@@ -353,6 +351,11 @@ pub fn owner_leaf(map: &ClusterMap, partition: u32) -> Option<(String, String)> 
         })
 }
 
+/// The statements creating `table` (with `columns`, the SQL column list) on
+/// `server`: for a sharded table the ownership check function
+/// (`OWNER_CHECK_FUNCTION`), the partitioned parent and the leaves of the
+/// partitions `server` owns; a reference table everywhere; an unsharded table
+/// on its home only (elsewhere: nothing).
 pub fn create_statements(
     map: &ClusterMap,
     table: &str,

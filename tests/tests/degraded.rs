@@ -307,7 +307,7 @@ async fn the_server_decides_ownership_in_degraded_mode() {
 
     // Without the function the check cannot pass: statements are held, then
     // refused, saying why.
-    pg1.batch_execute("DROP FUNCTION shardline.check_owner(text[], text[])")
+    pg1.batch_execute("DROP FUNCTION public.shardline_check_owner(text[], text[])")
         .await
         .expect("drop the function");
     let fresh = proxy.connect().await;
@@ -322,7 +322,7 @@ async fn the_server_decides_ownership_in_degraded_mode() {
         let pg1 = &pg1;
         async move {
             pg1.query_one(
-                "SELECT to_regprocedure('shardline.check_owner(text[], text[])') IS NOT NULL",
+                "SELECT to_regprocedure('public.shardline_check_owner(text[], text[])') IS NOT NULL",
                 &[],
             )
             .await

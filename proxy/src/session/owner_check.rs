@@ -3,7 +3,7 @@
 //! may name a server that no longer owns a partition (there, the leaf is
 //! detached: a read would find no rows, an UPDATE would change none). So a
 //! request that touches partitions first runs
-//! `shardline.check_owner(parents, leaves)` (see
+//! `public.shardline_check_owner(parents, leaves)` (see
 //! [`shardmap::ddl::OWNER_CHECK_FUNCTION`]) in the same transaction: it locks
 //! each partition's parent against DETACH until the transaction ends and
 //! fails unless the leaf is attached. A failed check is taken back before
@@ -30,7 +30,7 @@ use super::settings::quote_literal;
 
 /// The server-side statement of the extended form.
 pub(super) const CHECK_STATEMENT: &str = "shardline_owner_check";
-const CHECK_SQL: &str = "SELECT shardline.check_owner($1::text[], $2::text[])";
+const CHECK_SQL: &str = "SELECT public.shardline_check_owner($1::text[], $2::text[])";
 
 /// `(parent, leaf)` of each of `partitions` (see [`shardmap::ddl::owner_leaf`]).
 pub(super) fn leaves_to_check(map: &ClusterMap, partitions: &[u32]) -> Vec<(String, String)> {
@@ -102,7 +102,7 @@ pub(super) fn place(
             return Err(Unplaceable);
         };
         let sql = format!(
-            "SELECT shardline.check_owner({}::text[], {}::text[]); {text}",
+            "SELECT public.shardline_check_owner({}::text[], {}::text[]); {text}",
             quote_literal(&parents),
             quote_literal(&leaves)
         );
@@ -184,7 +184,7 @@ mod tests {
         let text = messages::query_text(&plan.out[out_mark + 5..]).expect("query");
         assert_eq!(
             text,
-            r#"SELECT shardline.check_owner(E'{"users"}'::text[], E'{"users_p3"}'::text[]); SELECT n FROM users WHERE id = 7"#
+            r#"SELECT public.shardline_check_owner(E'{"users"}'::text[], E'{"users_p3"}'::text[]); SELECT n FROM users WHERE id = 7"#
         );
         let ends: Vec<(End, bool)> = plan
             .expects

@@ -1,11 +1,13 @@
 //! Relaying a backend's replies to the client in the order the `Plan`
 //! expects, and COPY FROM STDIN data from the client to the backend.
 
+use std::collections::VecDeque;
 use std::io;
 
 use bytes::BytesMut;
 use tracing::{debug, warn};
 
+use crate::backend::Backend;
 use crate::metrics::Metrics;
 use crate::pool::Lease;
 use crate::wire::messages;
@@ -80,22 +82,7 @@ impl Session {
                                 // Query's ReadyForQuery follows.
                                 expects.pop_front();
                             } else {
-                                // Postgres skips everything up to Sync.
-                                while let Some(front) = expects.front() {
-                                    match front {
-                                        Expect::Reply { end: End::Sync, .. } => break,
-                                        Expect::Reply {
-                                            unprepare: Some(name),
-                                            ..
-                                        } => {
-                                            backend.prepared.remove(name);
-                                            expects.pop_front();
-                                        }
-                                        _ => {
-                                            expects.pop_front();
-                                        }
-                                    }
-                                }
+                                skip_to_sync(expects, backend);
                             }
                             let server = backend.server.clone();
                             if request.retry_check && self.client.flushes == flushes {
@@ -175,23 +162,8 @@ impl Session {
                             })
                         );
                         if !in_query {
-                            // Postgres skips everything up to Sync after an error
-                            // (with none expected, after Flush: the request is done).
-                            while let Some(front) = expects.front() {
-                                match front {
-                                    Expect::Reply { end: End::Sync, .. } => break,
-                                    Expect::Reply {
-                                        unprepare: Some(name),
-                                        ..
-                                    } => {
-                                        backend.prepared.remove(name);
-                                        expects.pop_front();
-                                    }
-                                    _ => {
-                                        expects.pop_front();
-                                    }
-                                }
-                            }
+                            // With none expected (after Flush) the request is done.
+                            skip_to_sync(expects, backend);
                         }
                         if expects.is_empty() {
                             self.client.flush().await.map_err(RelayError::Client)?;
@@ -329,6 +301,27 @@ impl Session {
                     backend.write_all(&out).await.map_err(RelayError::Backend)?;
                     return Ok(());
                 }
+            }
+        }
+    }
+}
+
+/// Drops the replies Postgres will not send after an error: it skips the
+/// client's messages up to Sync. Statements those messages would have
+/// prepared are not prepared after all.
+fn skip_to_sync(expects: &mut VecDeque<Expect>, backend: &mut Backend) {
+    while let Some(front) = expects.front() {
+        match front {
+            Expect::Reply { end: End::Sync, .. } => break,
+            Expect::Reply {
+                unprepare: Some(name),
+                ..
+            } => {
+                backend.prepared.remove(name);
+                expects.pop_front();
+            }
+            _ => {
+                expects.pop_front();
             }
         }
     }
