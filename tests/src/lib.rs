@@ -348,6 +348,23 @@ impl TestProxy {
         )
     }
 
+    /// Waits at most `timeout` until the proxy is in degraded mode
+    /// (`degraded`), or serves normally (not); whether it got there.
+    pub async fn reaches_degraded(&self, degraded: bool, timeout: Duration) -> bool {
+        let liveness = self.shared.liveness.clone();
+        eventually(timeout, || {
+            let liveness = liveness.clone();
+            async move {
+                if degraded {
+                    liveness.degraded()
+                } else {
+                    liveness.serving() && !liveness.degraded()
+                }
+            }
+        })
+        .await
+    }
+
     /// A tokio-postgres client connected through the proxy.
     pub async fn connect(&self) -> tokio_postgres::Client {
         let (client, connection) = tokio_postgres::connect(&self.conninfo(), tokio_postgres::NoTls)

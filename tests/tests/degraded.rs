@@ -69,11 +69,7 @@ async fn etcd_stopped_for_a_minute_fails_no_statement() {
 
     let stopped_at = Instant::now();
     let etcd = Stopped::stop(cluster.cluster.etcd.state().pid);
-    let degraded = eventually(Duration::from_secs(20), || {
-        let liveness = proxy.shared.liveness.clone();
-        async move { liveness.degraded() }
-    })
-    .await;
+    let degraded = proxy.reaches_degraded(true, Duration::from_secs(20)).await;
     assert!(degraded, "the proxy never entered degraded mode");
     let degraded_at = Instant::now();
     let stopped_for = Duration::from_secs(60);
@@ -82,11 +78,7 @@ async fn etcd_stopped_for_a_minute_fails_no_statement() {
     drop(etcd);
     let resumed_at = Instant::now();
 
-    let normal = eventually(Duration::from_secs(30), || {
-        let liveness = proxy.shared.liveness.clone();
-        async move { liveness.serving() && !liveness.degraded() }
-    })
-    .await;
+    let normal = proxy.reaches_degraded(false, Duration::from_secs(30)).await;
     assert!(
         normal,
         "the proxy did not leave degraded mode after etcd came back"

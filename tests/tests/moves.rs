@@ -373,11 +373,9 @@ async fn a_proxy_cut_off_from_etcd_serves_degraded_while_a_partition_moves_away_
     // Away: the cutover waits for B's lease, not for B to stop.
     let to = other_server(&map, &owner);
     let id = submit(&jobs, &map, partition, &to).await;
-    let degraded = shardline_tests::eventually(Duration::from_secs(20), || {
-        let liveness = proxy_b.shared.liveness.clone();
-        async move { liveness.degraded() }
-    })
-    .await;
+    let degraded = proxy_b
+        .reaches_degraded(true, Duration::from_secs(20))
+        .await;
     assert!(degraded, "proxy B never entered degraded mode");
     let job = wait_terminal(&jobs, &id, Duration::from_secs(90)).await;
     assert_phase(&job, Phase::Done);
@@ -430,11 +428,9 @@ async fn a_proxy_cut_off_from_etcd_serves_degraded_while_a_partition_moves_away_
 
     // In touch again: B leaves degraded mode by itself.
     cutter.restore();
-    let normal = shardline_tests::eventually(Duration::from_secs(30), || {
-        let liveness = proxy_b.shared.liveness.clone();
-        async move { liveness.serving() && !liveness.degraded() }
-    })
-    .await;
+    let normal = proxy_b
+        .reaches_degraded(false, Duration::from_secs(30))
+        .await;
     assert!(
         normal,
         "proxy B did not serve normally after etcd came back"
