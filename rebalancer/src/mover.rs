@@ -579,8 +579,8 @@ impl Mover {
         let flipped = is_switched(&map, &self.job.job);
         if !flipped {
             let target = self.connect(&self.job.job.to.clone()).await?;
-            let attached_before = match self.leaves().first() {
-                Some((table, leaf)) => target.attached(table, &leaf.name).await?,
+            let attached_before = match self.job.job.leaves.first() {
+                Some(leaf) => target.attached(&leaf.table, &leaf.name).await?,
                 None => true,
             };
             if !attached_before {

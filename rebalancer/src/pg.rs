@@ -121,9 +121,9 @@ impl Pg {
     }
 
     /// Installs `public.shardline_check_owner` unless present (see
-    /// [`shardmap::ddl::OWNER_CHECK_FUNCTION`]). Two moves installing it at
-    /// once may collide: the loser retries its step.
-    /// True if it installed it.
+    /// [`shardmap::ddl::OWNER_CHECK_FUNCTION`]); true if it installed it.
+    /// Two moves installing it at once may collide: the loser retries its
+    /// step.
     pub async fn ensure_owner_check(&self) -> Result<bool, MoveError> {
         let present = self
             .client

@@ -87,11 +87,7 @@ impl Session {
         loop {
             let reached = self.dispatch_once(&route, request, build, outcome).await?;
             if !outcome.recheck {
-                if let Some(started) = held {
-                    self.shared
-                        .metrics
-                        .record_hold(started.elapsed().as_micros() as u64);
-                }
+                self.record_held(held);
                 return Ok(reached);
             }
             if let Some((tx, leg_prelude)) = &saved {

@@ -80,6 +80,15 @@ impl Session {
         }
     }
 
+    /// Counts a request that was held since `started` (if it was held).
+    pub(super) fn record_held(&self, started: Option<Instant>) {
+        if let Some(started) = started {
+            self.shared
+                .metrics
+                .record_hold(started.elapsed().as_micros() as u64);
+        }
+    }
+
     /// Waits until the proxy serves normally (registered, map caught up),
     /// at most until `max_wait` after `started`; true if it does.
     async fn wait_for_normal(&self, started: &mut Option<Instant>, max_wait: Duration) -> bool {
@@ -145,11 +154,7 @@ impl Session {
                 // shows blocked may have moved or been given back. The
                 // ownership check on the server decides, not the map.
                 if servable_degraded(&route) {
-                    if let Some(started) = started {
-                        self.shared
-                            .metrics
-                            .record_hold(started.elapsed().as_micros() as u64);
-                    }
+                    self.record_held(started);
                     return Ok(route);
                 }
                 if !self.wait_for_normal(&mut started, max_wait).await {
@@ -165,11 +170,7 @@ impl Session {
             }) || (is_reference_write(&route)
                 && versioned.map.joining_server().is_some());
             if !blocked {
-                if let Some(started) = started {
-                    self.shared
-                        .metrics
-                        .record_hold(started.elapsed().as_micros() as u64);
-                }
+                self.record_held(started);
                 return Ok(route);
             }
             let remaining =

@@ -91,12 +91,7 @@ impl Session {
                                 debug!(%server, %detail, "ownership check failed; holding the request");
                                 outcome.recheck = true;
                                 self.client.out.truncate(out_mark);
-                                expects.retain(|e| matches!(e, Expect::Reply { .. }));
-                                for expect in expects.iter_mut() {
-                                    if let Expect::Reply { forward, .. } = expect {
-                                        *forward = false;
-                                    }
-                                }
+                                swallow_rest(expects);
                             } else {
                                 warn!(%server, %detail, "ownership check failed inside a transaction");
                                 outcome.errored = true;
@@ -133,11 +128,7 @@ impl Session {
                                 backend.consume(len);
                                 expects
                                     .retain(|e| matches!(e, Expect::Reply { end: End::Sync, .. }));
-                                for expect in expects.iter_mut() {
-                                    if let Expect::Reply { forward, .. } = expect {
-                                        *forward = false;
-                                    }
-                                }
+                                swallow_rest(expects);
                                 continue;
                             }
                         }
@@ -323,6 +314,18 @@ fn skip_to_sync(expects: &mut VecDeque<Expect>, backend: &mut Backend) {
             _ => {
                 expects.pop_front();
             }
+        }
+    }
+}
+
+/// For a request whose replies were taken back: the replies still to come
+/// are read and dropped, and nothing the proxy would have answered itself
+/// is sent (the request is sent again whole).
+fn swallow_rest(expects: &mut VecDeque<Expect>) {
+    expects.retain(|e| matches!(e, Expect::Reply { .. }));
+    for expect in expects.iter_mut() {
+        if let Expect::Reply { forward, .. } = expect {
+            *forward = false;
         }
     }
 }
