@@ -17,6 +17,23 @@ bench_cargo() {
   fi
 }
 
+# Exits with 2 unless every word of MODES is a pgbench -M mode.
+check_modes() { # modes
+  local m
+  for m in $1; do
+    case "$m" in simple|extended|prepared) ;; *) echo "unknown mode $m: simple, extended or prepared" >&2; exit 2 ;; esac
+  done
+}
+
+# Installs pgbouncer (the Debian package) when it is missing.
+ensure_pgbouncer() {
+  command -v pgbouncer >/dev/null 2>&1 && return 0
+  echo "installing pgbouncer (Debian package) for the comparison" >&2
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq pgbouncer >/dev/null
+}
+
 # Builds, starts the cluster; sets work, pg_port, etcd.
 bench_cluster() { # temp-dir-prefix [servers] [partitions]
   # BENCH_NO_BUILD=1 runs the binaries as they are (say, a baseline's).

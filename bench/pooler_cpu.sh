@@ -16,15 +16,9 @@ cd "$(dirname "$0")/.."
 secs=${1:-8}
 rounds=${2:-3}
 modes=${3:-"simple extended prepared"}
-for m in $modes; do
-  case "$m" in simple|extended|prepared) ;; *) echo "unknown mode $m: simple, extended or prepared" >&2; exit 2 ;; esac
-done
-command -v pgbouncer >/dev/null 2>&1 || {
-  echo "installing pgbouncer (Debian package) for the comparison" >&2
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq pgbouncer >/dev/null
-}
 . bench/lib.sh
+check_modes "$modes"
+ensure_pgbouncer
 pgcat_bin=$(pgcat_binary)
 bench_cluster shardline-pooler-cpu
 bench_pgbench_schema 10

@@ -28,12 +28,8 @@ case "$workload" in
 esac
 clients=16
 
-command -v pgbouncer >/dev/null 2>&1 || {
-  echo "installing pgbouncer (Debian package) for the comparison" >&2
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq pgbouncer >/dev/null
-}
 . bench/lib.sh
+ensure_pgbouncer
 bench_cluster shardline-bench
 bench_pgbench_schema 10
 start_proxy

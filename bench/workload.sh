@@ -42,16 +42,10 @@ scale=10
 for w in $workloads; do
   case "$w" in tpcb|mix|select) ;; *) echo "unknown workload $w: tpcb, mix or select" >&2; exit 2 ;; esac
 done
-for m in $modes; do
-  case "$m" in simple|extended|prepared) ;; *) echo "unknown mode $m: simple, extended or prepared" >&2; exit 2 ;; esac
-done
 
-command -v pgbouncer >/dev/null 2>&1 || {
-  echo "installing pgbouncer (Debian package) for the comparison" >&2
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq pgbouncer >/dev/null
-}
 . bench/lib.sh
+check_modes "$modes"
+ensure_pgbouncer
 pgcat_bin=$(pgcat_binary)
 bench_cluster shardline-workload
 bench_pgbench_schema "$scale"
