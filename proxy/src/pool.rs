@@ -41,7 +41,7 @@ impl Default for PoolConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    #[error("no connection to server {server} became free within {timeout:?} (pool size {size})")]
+    #[error("no connection to server {server} became free within {timeout:?}: all {size} connections of this serving thread's share of the pool stayed in use; look for long or blocked transactions on {server} (pg_stat_activity), or raise [pool] size or checkout_timeout_ms")]
     Exhausted {
         server: String,
         timeout: Duration,

@@ -744,3 +744,49 @@ async fn idle_backends_close_after_their_idle_timeout_under_steady_load() {
     );
     assert_eq!(stat(&pool.stats.closed_idle), 2);
 }
+
+/// A client that finds every pooled connection busy for the whole checkout
+/// timeout gets 53300 with what to do, not a connection failure, and its
+/// session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_refuses_with_53300_and_the_session_goes_on() {
+    let cluster = TestCluster::start(1);
+    let _ = setup(&cluster).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |config| {
+        config.pool.size = 1;
+        config.pool.checkout_timeout_ms = 300;
+    })
+    .await;
+    let holder = proxy.connect().await;
+    let waiter = proxy.connect().await;
+    holder.batch_execute("BEGIN").await.expect("begin");
+    let held_pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("the holder's statement")
+        .get(0);
+    let error = waiter
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect_err("the only connection is in the holder's transaction");
+    let db = error.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "53300", "{db:?}");
+    for says in [
+        "became free within",
+        "pg_stat_activity",
+        "checkout_timeout_ms",
+    ] {
+        assert!(
+            db.message().contains(says),
+            "{says:?} in {:?}",
+            db.message()
+        );
+    }
+    holder.batch_execute("COMMIT").await.expect("commit");
+    let pid: i32 = waiter
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("the waiter's statement once the connection is free")
+        .get(0);
+    assert_eq!(pid, held_pid, "the pool's one connection serves the waiter");
+}

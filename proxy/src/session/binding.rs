@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 
 use crate::cancel::CancelTarget;
 use crate::metrics::Metrics;
-use crate::pool::{Lease, Pool};
+use crate::pool::{Lease, Pool, PoolError};
 use crate::route::{Route, RouteError};
 use crate::wire::messages;
 
@@ -456,9 +456,26 @@ impl Session {
         } else {
             self.pool_for(target)?
         };
-        pool.acquire().await.map_err(|e| {
-            warn!(server = %target, error = %e, "no backend connection");
-            ("08006", format!("cannot reach server {target}: {e}"))
+        pool.acquire().await.map_err(|e| match e {
+            // The server is reachable: every connection is busy. Not a
+            // connection failure, so that drivers do not reconnect for it.
+            PoolError::Exhausted { .. } => {
+                let stats = &pool.stats;
+                warn!(
+                    server = %target,
+                    idle = pool.idle_count(),
+                    checkouts = stats.checkouts.load(Ordering::Relaxed),
+                    connects = stats.connects.load(Ordering::Relaxed),
+                    closed_unhealthy = stats.closed_unhealthy.load(Ordering::Relaxed),
+                    error = %e,
+                    "pool exhausted"
+                );
+                ("53300", e.to_string())
+            }
+            e => {
+                warn!(server = %target, error = %e, "no backend connection");
+                ("08006", format!("cannot reach server {target}: {e}"))
+            }
         })
     }
 
