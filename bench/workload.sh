@@ -155,3 +155,9 @@ for w in $workloads; do
     done
   done
 done
+# The work dir goes with the cluster: keep the proxy's log when it failed a run.
+if grep -qs fail "$work"/*.proxy; then
+  kept="/tmp/shardline-workload-proxy.$(date +%s).log"
+  cp "$work/proxy.log" "$kept"
+  echo "  the proxy failed a run: its log is kept in $kept"
+fi
