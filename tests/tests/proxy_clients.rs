@@ -701,11 +701,7 @@ async fn idle_backends_close_after_their_idle_timeout_under_steady_load() {
     let mut pids = std::collections::BTreeSet::new();
     for client in &clients {
         client.batch_execute("BEGIN").await.expect("begin");
-        let row = client
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .expect("backend pid");
-        pids.insert(row.get::<_, i32>(0));
+        pids.insert(backend_pid(client, "an open transaction's").await);
     }
     for client in &clients {
         client.batch_execute("COMMIT").await.expect("commit");
@@ -760,11 +756,7 @@ async fn a_full_pool_refuses_with_53300_and_the_session_goes_on() {
     let holder = proxy.connect().await;
     let waiter = proxy.connect().await;
     holder.batch_execute("BEGIN").await.expect("begin");
-    let held_pid: i32 = holder
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .expect("the holder's statement")
-        .get(0);
+    let held_pid = backend_pid(&holder, "the holder's").await;
     let error = waiter
         .query_one("SELECT pg_backend_pid()", &[])
         .await
@@ -783,10 +775,16 @@ async fn a_full_pool_refuses_with_53300_and_the_session_goes_on() {
         );
     }
     holder.batch_execute("COMMIT").await.expect("commit");
-    let pid: i32 = waiter
+    let pid = backend_pid(&waiter, "the waiter's, once the connection is free,").await;
+    assert_eq!(pid, held_pid, "the pool's one connection serves the waiter");
+}
+
+/// The pid of the server connection the proxy runs `client`'s statement on;
+/// `whose` names the statement in a failure.
+async fn backend_pid(client: &tokio_postgres::Client, whose: &str) -> i32 {
+    client
         .query_one("SELECT pg_backend_pid()", &[])
         .await
-        .expect("the waiter's statement once the connection is free")
-        .get(0);
-    assert_eq!(pid, held_pid, "the pool's one connection serves the waiter");
+        .unwrap_or_else(|e| panic!("{whose} SELECT pg_backend_pid(): {e}"))
+        .get(0)
 }
