@@ -153,9 +153,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
         .max(1);
-    let mut pool_config = config.pool.to_pool_config();
-    // The configured pool size is per server for the whole proxy.
-    pool_config.size = pool_config.size.div_ceil(threads).max(1);
+    let pool_config = config.pool.to_pool_config();
+    // The configured pool size is per server for the whole proxy: the
+    // threads' pools draw on one budget per server.
+    let budgets = Arc::new(proxy::pool::Budgets::default());
     let listener = server::bind(&config.listen).await?;
     let address = listener.local_addr()?;
     let listen = address.to_string();
@@ -199,7 +200,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             config.clone(),
             users.clone(),
             cache.subscribe(),
-            Pools::new(pool_config, Arc::new(config.backend.clone())),
+            Pools::sharing(
+                pool_config,
+                Arc::new(config.backend.clone()),
+                budgets.clone(),
+            ),
             cancels.clone(),
         );
         shared.tls = tls.clone();

@@ -1,14 +1,20 @@
 //! Backend connection pools, one per server, for transaction pooling: a
 //! client holds a connection only for the duration of a transaction (or a
 //! single statement outside one), then it goes back for others to use.
+//!
+//! Each serving thread has its own pools, since a socket belongs to the
+//! event loop that opened it; the threads' pools of one server draw on one
+//! [`Budget`] of `pool.size` connections, so that a thread that happens to
+//! get more clients than the others can use the whole pool.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use shardmap::{Endpoint, Server};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use std::collections::VecDeque;
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
 use crate::backend::{Backend, BackendError};
@@ -16,7 +22,7 @@ use crate::backend::{Backend, BackendError};
 /// Pool settings (see `config::PoolSettings` for the TOML side).
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
-    /// Most connections open to one server.
+    /// Most connections open to one server, over all serving threads.
     pub size: usize,
     pub connect_timeout: Duration,
     /// How long a client waits for a free connection before an error.
@@ -41,7 +47,7 @@ impl Default for PoolConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    #[error("no connection to server {server} became free within {timeout:?}: all {size} connections of this serving thread's share of the pool stayed in use; look for long or blocked transactions on {server} (pg_stat_activity), or raise [pool] size or checkout_timeout_ms")]
+    #[error("no connection to server {server} became free within {timeout:?}: all {size} connections of the pool stayed in use; look for long or blocked transactions on {server} (pg_stat_activity), or raise [pool] size or checkout_timeout_ms")]
     Exhausted {
         server: String,
         timeout: Duration,
@@ -61,8 +67,83 @@ pub struct PoolStats {
     pub connects: AtomicU64,
     pub checkouts: AtomicU64,
     pub closed_unhealthy: AtomicU64,
-    /// Idle connections closed by `prune` (idle timeout or lifetime).
+    /// Idle connections closed: past their idle timeout or lifetime (see
+    /// `prune`), or to make room for a client of another serving thread.
     pub closed_idle: AtomicU64,
+}
+
+/// The connections one server may have open, shared by the pools of all
+/// serving threads: a permit is one open connection, idle or leased.
+pub struct Budget {
+    endpoint: Endpoint,
+    permits: Arc<Semaphore>,
+    /// Clients waiting for a connection to this server, on any thread.
+    waiting: AtomicUsize,
+    /// The pools drawing on this budget (one per thread), whose idle
+    /// connections a thread may close to open its own when the budget is
+    /// spent.
+    members: Mutex<Vec<Weak<Pool>>>,
+}
+
+impl Budget {
+    fn new(endpoint: Endpoint, size: usize) -> Budget {
+        Budget {
+            endpoint,
+            permits: Arc::new(Semaphore::new(size)),
+            waiting: AtomicUsize::new(0),
+            members: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Closes the longest-idle connection of another thread's pool and
+    /// hands over its permit.
+    fn take_idle_elsewhere(&self, from: &Pool) -> Option<OwnedSemaphorePermit> {
+        let members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        for member in members.iter().filter_map(Weak::upgrade) {
+            if std::ptr::eq(Arc::as_ptr(&member), from) {
+                continue;
+            }
+            let mut idle = member.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.is_empty() {
+                continue;
+            }
+            // Oldest first: the newest ones are the owner's to reuse.
+            let taken = idle.remove(0);
+            drop(idle);
+            member.stats.closed_idle.fetch_add(1, Ordering::Relaxed);
+            return Some(taken.permit);
+        }
+        None
+    }
+}
+
+/// The budgets of every server, shared by the serving threads.
+#[derive(Default)]
+pub struct Budgets {
+    budgets: Mutex<HashMap<String, Arc<Budget>>>,
+}
+
+impl Budgets {
+    /// The budget of the pool `key` at `endpoint`; a new one when the
+    /// endpoint changed (the old connections keep the old budget until
+    /// they close).
+    fn for_pool(&self, key: &str, endpoint: &Endpoint, size: usize) -> Arc<Budget> {
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        match budgets.get(key) {
+            Some(budget) if budget.endpoint == *endpoint => budget.clone(),
+            _ => {
+                let budget = Arc::new(Budget::new(endpoint.clone(), size));
+                budgets.insert(key.to_string(), budget.clone());
+                budget
+            }
+        }
+    }
+}
+
+/// An idle connection, with the budget permit it holds while open.
+struct Idle {
+    backend: Box<Backend>,
+    permit: OwnedSemaphorePermit,
 }
 
 pub struct Pool {
@@ -74,8 +155,14 @@ pub struct Pool {
     tls: Result<pgtls::Connector, String>,
     /// Boxed, so that a lease (held in every session's state) is small
     /// and moving a connection in and out of the pool copies a pointer.
-    idle: Mutex<Vec<Box<Backend>>>,
-    permits: Arc<Semaphore>,
+    idle: Mutex<Vec<Idle>>,
+    budget: Arc<Budget>,
+    /// Clients of this thread waiting for a connection, first come first:
+    /// a returned lease is handed to the first of them.
+    waiters: Mutex<VecDeque<oneshot::Sender<Idle>>>,
+    /// How many of `waiters` still wait.
+    waiting: AtomicUsize,
+    leased: AtomicUsize,
     config: PoolConfig,
     pub stats: PoolStats,
 }
@@ -85,7 +172,7 @@ pub struct Pool {
 pub struct Lease {
     backend: Option<Box<Backend>>,
     pool: Arc<Pool>,
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Lease {
@@ -108,92 +195,124 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        if let Some(mut backend) = self.backend.take() {
-            let reusable = !backend.broken
-                && !backend.pending_sync
-                && backend.status == b'I'
-                && backend.created.elapsed() < self.pool.config.max_lifetime;
-            if reusable {
-                backend.last_used = Instant::now();
-                self.pool
-                    .idle
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(backend);
-            } else {
-                self.pool
-                    .stats
-                    .closed_unhealthy
-                    .fetch_add(1, Ordering::Relaxed);
+        let pool = &self.pool;
+        pool.leased.fetch_sub(1, Ordering::Relaxed);
+        let (Some(mut backend), Some(permit)) = (self.backend.take(), self.permit.take()) else {
+            return;
+        };
+        let reusable = !backend.broken
+            && !backend.pending_sync
+            && backend.status == b'I'
+            && backend.created.elapsed() < pool.config.max_lifetime;
+        if !reusable {
+            pool.stats.closed_unhealthy.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        backend.last_used = Instant::now();
+        let mut idle = Idle { backend, permit };
+        if pool.waiting.load(Ordering::Relaxed) > 0 {
+            let mut waiters = pool.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            while let Some(waiter) = waiters.pop_front() {
+                match waiter.send(idle) {
+                    Ok(()) => return,
+                    // That client stopped waiting (timed out, found room, left).
+                    Err(back) => idle = back,
+                }
             }
         }
+        let mut list = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+        // Read under the lock that a waiter of another thread takes to
+        // look for idle connections after counting itself: either it sees
+        // this connection or this sees it waiting.
+        if pool.budget.waiting.load(Ordering::SeqCst) > 0 {
+            // The connection cannot move to that thread's event loop; its
+            // room in the budget can.
+            drop(list);
+            pool.stats.closed_idle.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        list.push(idle);
+    }
+}
+
+/// How `Pool::take` found a connection: an idle one, or room to open one.
+enum Found {
+    Idle(Idle),
+    Room(OwnedSemaphorePermit),
+}
+
+/// Counts a waiting client in its pool and in the budget while it lives.
+struct Waiting<'a>(&'a Pool);
+
+impl<'a> Waiting<'a> {
+    fn new(pool: &'a Pool) -> Waiting<'a> {
+        pool.waiting.fetch_add(1, Ordering::Relaxed);
+        pool.budget.waiting.fetch_add(1, Ordering::SeqCst);
+        Waiting(pool)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.0.budget.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 impl Pool {
-    pub fn new(
+    fn in_budget(
         server: Arc<str>,
         endpoint: Endpoint,
         password: Option<String>,
         tls: Result<pgtls::Connector, String>,
         config: PoolConfig,
-    ) -> Pool {
+        budget: Arc<Budget>,
+    ) -> Arc<Pool> {
         if let Err(e) = &tls {
             tracing::error!(server = %server, error = %e, "no connection to this server can be made");
         }
-        Pool {
+        let pool = Arc::new(Pool {
             server,
             endpoint,
             password,
             tls,
             idle: Mutex::new(Vec::new()),
-            permits: Arc::new(Semaphore::new(config.size)),
+            budget,
+            waiters: Mutex::new(VecDeque::new()),
+            waiting: AtomicUsize::new(0),
+            leased: AtomicUsize::new(0),
             config,
             stats: PoolStats::default(),
-        }
+        });
+        let mut members = pool
+            .budget
+            .members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        members.retain(|m| m.strong_count() > 0);
+        members.push(Arc::downgrade(&pool));
+        drop(members);
+        pool
     }
 
     /// A connection: an idle one if a healthy one exists, else a new one.
+    /// A client waits (up to the checkout timeout) only when the budget is
+    /// spent and no thread has an idle connection.
     pub async fn acquire(self: &Arc<Self>) -> Result<Lease, PoolError> {
-        // Fast path without a timer; wait (bounded) only when the pool is full.
-        let permit = match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => match tokio::time::timeout(
-                self.config.checkout_timeout,
-                self.permits.clone().acquire_owned(),
-            )
-            .await
-            {
-                Ok(Ok(permit)) => permit,
-                _ => {
-                    return Err(PoolError::Exhausted {
-                        server: self.server.to_string(),
-                        timeout: self.config.checkout_timeout,
-                        size: self.config.size,
-                    })
-                }
-            },
+        // Clients already waiting here go first.
+        let found = match self.waiting.load(Ordering::Relaxed) {
+            0 => self.take(),
+            _ => None,
+        };
+        let found = match found {
+            Some(found) => found,
+            None => self.wait().await?,
         };
         self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
-        loop {
-            let candidate = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            let Some(mut backend) = candidate else { break };
-            let idle_for = backend.last_used.elapsed();
-            // Probing the socket costs a syscall; a connection used within the
-            // last second is trusted (a failure then surfaces as an I/O error).
-            let stale = idle_for > self.config.idle_timeout
-                || (idle_for > Duration::from_secs(1) && backend.closed_while_idle());
-            if stale {
-                self.stats.closed_unhealthy.fetch_add(1, Ordering::Relaxed);
-                debug!(server = %self.server, "dropping a stale idle connection");
-                continue;
-            }
-            return Ok(Lease {
-                backend: Some(backend),
-                pool: self.clone(),
-                _permit: permit,
-            });
-        }
+        let permit = match found {
+            Found::Idle(Idle { backend, permit }) => return Ok(self.lease(backend, permit)),
+            Found::Room(permit) => permit,
+        };
         let tls = self
             .tls
             .as_ref()
@@ -207,11 +326,88 @@ impl Pool {
         )
         .await?;
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
-        Ok(Lease {
-            backend: Some(Box::new(backend)),
+        Ok(self.lease(Box::new(backend), permit))
+    }
+
+    fn lease(self: &Arc<Self>, backend: Box<Backend>, permit: OwnedSemaphorePermit) -> Lease {
+        self.leased.fetch_add(1, Ordering::Relaxed);
+        Lease {
+            backend: Some(backend),
             pool: self.clone(),
-            _permit: permit,
-        })
+            permit: Some(permit),
+        }
+    }
+
+    /// An idle connection of this pool, else room in the budget, else the
+    /// room of another thread's idle connection.
+    fn take(&self) -> Option<Found> {
+        let newest = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        if let Some(mut idle) = newest {
+            let idle_for = idle.backend.last_used.elapsed();
+            // Probing the socket costs a syscall; a connection used within the
+            // last second is trusted (a failure then surfaces as an I/O error).
+            let stale = idle_for > self.config.idle_timeout
+                || (idle_for > Duration::from_secs(1) && idle.backend.closed_while_idle());
+            if !stale {
+                return Some(Found::Idle(idle));
+            }
+            self.stats.closed_unhealthy.fetch_add(1, Ordering::Relaxed);
+            debug!(server = %self.server, "dropping a stale idle connection");
+            return Some(Found::Room(idle.permit));
+        }
+        if let Ok(permit) = self.budget.permits.clone().try_acquire_owned() {
+            return Some(Found::Room(permit));
+        }
+        self.budget.take_idle_elsewhere(self).map(Found::Room)
+    }
+
+    /// Waits, first come first served, for a lease returned to this pool,
+    /// or for room freed in the budget by any thread.
+    async fn wait(&self) -> Result<Found, PoolError> {
+        let (handoff, mut handed) = oneshot::channel();
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(handoff);
+        let waiting = Waiting::new(self);
+        // Counted as waiting now, so an idle connection another thread
+        // returns from here on is closed for this client (see `Lease::drop`);
+        // one returned before is found here.
+        if let Some(permit) = self.budget.take_idle_elsewhere(self) {
+            drop(handed);
+            drop(waiting);
+            self.forget_closed_waiters();
+            return Ok(Found::Room(permit));
+        }
+        let deadline = tokio::time::Instant::now() + self.config.checkout_timeout;
+        let room = tokio::select! {
+            biased;
+            idle = &mut handed => match idle {
+                Ok(idle) => return Ok(Found::Idle(idle)),
+                Err(_) => None,
+            },
+            room = self.budget.permits.clone().acquire_owned() => room.ok(),
+            _ = tokio::time::sleep_until(deadline) => None,
+        };
+        // Not handed anything: this client's place in the queue goes.
+        drop(handed);
+        drop(waiting);
+        self.forget_closed_waiters();
+        match room {
+            Some(permit) => Ok(Found::Room(permit)),
+            None => Err(PoolError::Exhausted {
+                server: self.server.to_string(),
+                timeout: self.config.checkout_timeout,
+                size: self.config.size,
+            }),
+        }
+    }
+
+    fn forget_closed_waiters(&self) {
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|waiter| !waiter.is_closed());
     }
 
     /// Closes idle connections past their idle timeout or their lifetime.
@@ -220,9 +416,9 @@ impl Pool {
     pub fn prune(&self) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let before = idle.len();
-        idle.retain(|b| {
-            b.last_used.elapsed() < self.config.idle_timeout
-                && b.created.elapsed() < self.config.max_lifetime
+        idle.retain(|i| {
+            i.backend.last_used.elapsed() < self.config.idle_timeout
+                && i.backend.created.elapsed() < self.config.max_lifetime
         });
         let closed = (before - idle.len()) as u64;
         self.stats.closed_idle.fetch_add(closed, Ordering::Relaxed);
@@ -232,8 +428,9 @@ impl Pool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
+    /// Connections of this pool leased to clients.
     pub fn in_use(&self) -> usize {
-        self.config.size - self.permits.available_permits()
+        self.leased.load(Ordering::Relaxed)
     }
 }
 
@@ -255,14 +452,22 @@ pub struct Pools {
     pools: RwLock<HashMap<String, Arc<Pool>>>,
     config: PoolConfig,
     secrets: Arc<dyn Secrets>,
+    budgets: Arc<Budgets>,
 }
 
 impl Pools {
+    /// The pools of a proxy with one serving thread.
     pub fn new(config: PoolConfig, secrets: Arc<dyn Secrets>) -> Pools {
+        Pools::sharing(config, secrets, Arc::default())
+    }
+
+    /// The pools of one serving thread; `budgets` is shared by all threads.
+    pub fn sharing(config: PoolConfig, secrets: Arc<dyn Secrets>, budgets: Arc<Budgets>) -> Pools {
         Pools {
             pools: RwLock::new(HashMap::new()),
             config,
             secrets,
+            budgets,
         }
     }
 
@@ -282,14 +487,16 @@ impl Pools {
         match pools.get(&server.name) {
             Some(pool) if pool.endpoint == server.primary => pool.clone(),
             _ => {
-                let pool = Arc::new(Pool::new(
+                let pool = Pool::in_budget(
                     server.name.as_str().into(),
                     server.primary.clone(),
                     self.secrets
                         .password_for(&server.name, &server.primary.user),
                     self.secrets.tls_for(&server.name),
                     self.config.clone(),
-                ));
+                    self.budgets
+                        .for_pool(&server.name, &server.primary, self.config.size),
+                );
                 pools.insert(server.name.clone(), pool.clone());
                 pool
             }
@@ -317,13 +524,14 @@ impl Pools {
         match pools.get(&key) {
             Some(pool) if pool.endpoint == *endpoint => pool.clone(),
             _ => {
-                let pool = Arc::new(Pool::new(
+                let pool = Pool::in_budget(
                     server.name.as_str().into(),
                     endpoint.clone(),
                     self.secrets.password_for(&server.name, &endpoint.user),
                     self.secrets.tls_for(&server.name),
                     self.config.clone(),
-                ));
+                    self.budgets.for_pool(&key, endpoint, self.config.size),
+                );
                 pools.insert(key, pool.clone());
                 pool
             }

@@ -128,6 +128,18 @@ impl ProxyProcess {
         id: &str,
         failpoint: Option<&str>,
     ) -> ProxyProcess {
+        ProxyProcess::start_with(cluster, cluster_name, id, failpoint, &[]).await
+    }
+
+    /// As `start`, with more environment (`SHARDLINE_PROXY_THREADS`,
+    /// `SHARDLINE_PROXY_CONFIG`, ...).
+    pub async fn start_with(
+        cluster: &TestCluster,
+        cluster_name: &str,
+        id: &str,
+        failpoint: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> ProxyProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
@@ -157,6 +169,7 @@ impl ProxyProcess {
         if let Some(point) = failpoint {
             command.env("SHARDLINE_FAILPOINT", point);
         }
+        command.envs(env.iter().copied());
         let process = ProxyProcess {
             child: command.spawn().expect("start shardline-proxy"),
             port,

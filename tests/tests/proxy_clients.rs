@@ -779,6 +779,91 @@ async fn a_full_pool_refuses_with_53300_and_the_session_goes_on() {
     assert_eq!(pid, held_pid, "the pool's one connection serves the waiter");
 }
 
+/// `pool.size` is the whole proxy's, not each serving thread's: with two
+/// threads and a pool of 4, four clients hold a transaction each however the
+/// kernel spread them over the threads, the server sees 4 connections at
+/// most, and a fifth client waits and gets 53300.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_serving_threads_share_one_pool() {
+    const SIZE: usize = 4;
+    let cluster = TestCluster::start(1);
+    let _ = setup(&cluster).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!("[pool]\nsize = {SIZE}\ncheckout_timeout_ms = 500\n"),
+    )
+    .expect("write the proxy's config");
+    let config = config.to_str().expect("a UTF-8 temp path");
+    let proxy = shardline_tests::binaries::ProxyProcess::start_with(
+        &cluster,
+        CLUSTER,
+        "threads-share",
+        None,
+        &[
+            ("SHARDLINE_PROXY_THREADS", "2"),
+            ("SHARDLINE_PROXY_CONFIG", config),
+        ],
+    )
+    .await;
+    let connect = || async {
+        let (client, connection) =
+            tokio_postgres::connect(&proxy.conninfo(), tokio_postgres::NoTls)
+                .await
+                .expect("connect to the proxy");
+        tokio::spawn(connection);
+        client
+    };
+    // Several rounds: each round's clients land on the threads anew.
+    for round in 0..3 {
+        let mut holders = Vec::new();
+        let mut pids = std::collections::BTreeSet::new();
+        for _ in 0..SIZE {
+            let client = connect().await;
+            client.batch_execute("BEGIN").await.expect("begin");
+            let pid = backend_pid(&client, &format!("round {round}: a holder's")).await;
+            assert!(
+                pids.insert(pid),
+                "round {round}: two transactions on server connection {pid}"
+            );
+            holders.push(client);
+        }
+        let opened: i64 = cluster
+            .connect(0)
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'shardline'",
+                &[],
+            )
+            .await
+            .expect("count the proxy's connections")
+            .get(0);
+        assert!(
+            opened as usize <= SIZE,
+            "round {round}: the proxy has {opened} connections open to the server, more than its pool of {SIZE}"
+        );
+        let extra = connect().await;
+        let error = extra
+            .query_one("SELECT 1", &[])
+            .await
+            .expect_err("every connection of the pool is in a transaction");
+        let db = error.as_db_error().expect("an ErrorResponse");
+        assert_eq!(db.code().code(), "53300", "round {round}: {db:?}");
+        assert!(
+            db.message().contains(&format!("all {SIZE} connections")),
+            "round {round}: {:?}",
+            db.message()
+        );
+        holders[0].batch_execute("COMMIT").await.expect("commit");
+        let row = extra
+            .query_one("SELECT 1", &[])
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: once a holder committed: {e}"));
+        assert_eq!(row.get::<_, i32>(0), 1);
+    }
+}
+
 /// The pid of the server connection the proxy runs `client`'s statement on;
 /// `whose` names the statement in a failure.
 async fn backend_pid(client: &tokio_postgres::Client, whose: &str) -> i32 {
