@@ -2,7 +2,8 @@
 //! statement analyser, the live map, backend pools, cancel keys, counters
 //! and liveness, shared by every session the thread serves. The listener
 //! (`server`) and the sessions read it; the metrics endpoint (`scrape`)
-//! reads it from above. It depends on none of them.
+//! reads it from above. It depends on none of them, but for the type of
+//! the sessions' parse cache.
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
@@ -29,6 +30,8 @@ pub struct Shared {
     pub analyzer: Analyzer,
     /// Uses of statements that could be kept prepared on the servers.
     pub statement_uses: StatementUses,
+    /// Statements this thread's clients parsed lately, by text.
+    pub parsed: crate::session::ParseCache,
     /// The map, as the watch cache last applied it.
     pub map: watch::Receiver<Snapshot>,
     pub pools: Pools,
@@ -90,6 +93,7 @@ impl Shared {
             users,
             analyzer: Analyzer::new(10_000),
             statement_uses: Default::default(),
+            parsed: Default::default(),
             map,
             pools,
             cancels,

@@ -308,13 +308,14 @@ impl Session {
         let reused = self.statements.get(&parse.name).filter(|existing| {
             parse.same_text(&existing.query) && existing.param_types == parse.param_types
         });
-        let statement = match reused {
-            Some(existing) => existing.clone(),
+        let cached = || self.shared.parsed.get(parse.query(), &parse.param_types);
+        let statement = match reused.cloned().or_else(cached) {
+            Some(existing) => existing,
             None => {
                 let analyzed = self.shared.analyzer.analyze(parse.query());
                 let keepable = matches!(analyzed.analysis.commands.as_slice(), [Command::Data(_)])
                     && !has_quoted_constant(parse.query());
-                Arc::new(Prepared {
+                let statement = Arc::new(Prepared {
                     backend_name: backend_statement_name(
                         parse.query(),
                         &parse.param_types,
@@ -324,7 +325,9 @@ impl Session {
                     param_types: parse.param_types.clone(),
                     analyzed,
                     keepable,
-                })
+                });
+                self.shared.parsed.keep(&statement);
+                statement
             }
         };
         if takes_effect {

@@ -100,6 +100,53 @@ pub(super) fn backend_statement_name(
     format!("sl_{:016x}_{}", hasher.finish(), query.len()).into()
 }
 
+/// Statements parsed lately on one serving thread, by text, shared by its
+/// sessions. Drivers parse the same few texts as the unnamed statement
+/// again and again, alternating between them (pgbench's five TPC-B
+/// statements), so a session's last statement rarely matches; a hit here
+/// skips lexing, analysis and naming. Only texts without quoted constants
+/// are kept: what the proxy makes of the others also depends on settings.
+/// Bounded: when full it starts over.
+#[derive(Default)]
+pub struct ParseCache {
+    texts: std::sync::Mutex<FxHashMap<Box<str>, Arc<Prepared>>>,
+}
+
+/// Bound on `ParseCache`.
+const PARSE_CACHE_TEXTS: usize = 1024;
+
+impl ParseCache {
+    pub(super) fn get(&self, query: &str, param_types: &[u32]) -> Option<Arc<Prepared>> {
+        self.texts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(query)
+            .filter(|hit| hit.param_types == param_types)
+            .cloned()
+    }
+
+    /// Keeps `statement` if what the proxy made of it depends on its text
+    /// and parameter types alone.
+    pub(super) fn keep(&self, statement: &Arc<Prepared>) {
+        if has_quoted_constant(&statement.query) {
+            return;
+        }
+        let mut texts = self.texts.lock().unwrap_or_else(|e| e.into_inner());
+        if texts.len() >= PARSE_CACHE_TEXTS {
+            texts.clear();
+        }
+        texts.insert(statement.query.as_str().into(), statement.clone());
+    }
+
+    pub fn len(&self) -> usize {
+        self.texts.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A simple Query to run as a statement kept prepared on the server.
 pub(super) struct KeptSimple {
     pub(super) name: Arc<str>,
@@ -317,6 +364,62 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn prepared(query: &str, param_types: &[u32]) -> Arc<Prepared> {
+        let analyzer = crate::analyze::Analyzer::new(16);
+        Arc::new(Prepared {
+            query: query.into(),
+            param_types: param_types.to_vec(),
+            backend_name: backend_statement_name(query, param_types, &BTreeMap::new()),
+            analyzed: analyzer.analyze(query),
+            keepable: true,
+        })
+    }
+
+    #[test]
+    fn the_parse_cache_answers_the_same_text_and_types_only() {
+        let cache = ParseCache::default();
+        let select = prepared(
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+            &[23],
+        );
+        cache.keep(&select);
+        let hit = cache
+            .get(
+                "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+                &[23],
+            )
+            .expect("the same text and types");
+        assert!(Arc::ptr_eq(&hit, &select));
+        assert!(cache
+            .get(
+                "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+                &[20]
+            )
+            .is_none());
+        assert!(cache
+            .get(
+                "SELECT abalance FROM pgbench_accounts WHERE aid = $2",
+                &[23]
+            )
+            .is_none());
+    }
+
+    #[test]
+    fn the_parse_cache_skips_quoted_constants_and_stays_bounded() {
+        let cache = ParseCache::default();
+        // Its value depends on the session's TimeZone when Postgres parses it.
+        cache.keep(&prepared("SELECT TIMESTAMPTZ '2024-06-01 00:00'", &[]));
+        cache.keep(&prepared("SELECT $tag$x$tag$", &[]));
+        assert!(cache.is_empty());
+        for i in 0..PARSE_CACHE_TEXTS + 1 {
+            cache.keep(&prepared(&format!("SELECT {i}"), &[]));
+        }
+        assert!(cache.len() <= PARSE_CACHE_TEXTS, "{} texts", cache.len());
+        assert!(cache
+            .get(&format!("SELECT {PARSE_CACHE_TEXTS}"), &[])
+            .is_some());
+    }
 
     #[test]
     fn a_name_taken_by_another_text_is_closed_before_it_is_prepared_again() {
