@@ -83,6 +83,15 @@ pub struct Budget {
     /// connections a thread may close to open its own when the budget is
     /// spent.
     members: Mutex<Vec<Weak<Pool>>>,
+    /// Waiting clients by arrival, each with the pool it waits in: room a
+    /// thread gives up for the others goes to the first of another pool.
+    rooms: Mutex<VecDeque<RoomWaiter>>,
+}
+
+struct RoomWaiter {
+    /// The address of the pool the client waits in, to tell pools apart.
+    pool: usize,
+    handoff: oneshot::Sender<OwnedSemaphorePermit>,
 }
 
 impl Budget {
@@ -92,6 +101,24 @@ impl Budget {
             permits: Arc::new(Semaphore::new(size)),
             waiting: AtomicUsize::new(0),
             members: Mutex::new(Vec::new()),
+            rooms: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Hands `room` to the longest-waiting client of another pool than
+    /// `from`; with none, it goes back to the budget for anyone.
+    fn give_room_elsewhere(&self, from: &Pool, mut room: OwnedSemaphorePermit) {
+        let from = from as *const Pool as usize;
+        let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        rooms.retain(|waiter| !waiter.handoff.is_closed());
+        while let Some(at) = rooms.iter().position(|waiter| waiter.pool != from) {
+            let Some(waiter) = rooms.remove(at) else {
+                break;
+            };
+            match waiter.handoff.send(room) {
+                Ok(()) => return,
+                Err(back) => room = back,
+            }
         }
     }
 
@@ -208,6 +235,17 @@ impl Drop for Lease {
             pool.stats.closed_unhealthy.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        let others_wait =
+            pool.budget.waiting.load(Ordering::SeqCst) > pool.waiting.load(Ordering::Relaxed);
+        if others_wait && pool.holds_more_than_an_even_share() {
+            // Clients of another thread wait too: without this, a thread that
+            // got the whole budget first would keep it while its own clients
+            // queue, and the other thread's clients would time out.
+            drop(backend);
+            pool.stats.closed_idle.fetch_add(1, Ordering::Relaxed);
+            pool.budget.give_room_elsewhere(pool, permit);
+            return;
+        }
         backend.last_used = Instant::now();
         let mut idle = Idle { backend, permit };
         if pool.waiting.load(Ordering::Relaxed) > 0 {
@@ -228,7 +266,10 @@ impl Drop for Lease {
             // The connection cannot move to that thread's event loop; its
             // room in the budget can.
             drop(list);
+            let Idle { backend, permit } = idle;
+            drop(backend);
             pool.stats.closed_idle.fetch_add(1, Ordering::Relaxed);
+            pool.budget.give_room_elsewhere(pool, permit);
             return;
         }
         list.push(idle);
@@ -369,38 +410,55 @@ impl Pool {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push_back(handoff);
+        let (handoff, mut given) = oneshot::channel();
+        self.budget
+            .rooms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back(RoomWaiter {
+                pool: self as *const Pool as usize,
+                handoff,
+            });
         let waiting = Waiting::new(self);
         // Counted as waiting now, so an idle connection another thread
         // returns from here on is closed for this client (see `Lease::drop`);
         // one returned before is found here.
         if let Some(permit) = self.budget.take_idle_elsewhere(self) {
-            drop(handed);
-            drop(waiting);
+            drop((handed, given, waiting));
             self.forget_closed_waiters();
             return Ok(Found::Room(permit));
         }
         let deadline = tokio::time::Instant::now() + self.config.checkout_timeout;
-        let room = tokio::select! {
+        let found = tokio::select! {
             biased;
-            idle = &mut handed => match idle {
-                Ok(idle) => return Ok(Found::Idle(idle)),
-                Err(_) => None,
-            },
-            room = self.budget.permits.clone().acquire_owned() => room.ok(),
+            idle = &mut handed => idle.ok().map(Found::Idle),
+            room = &mut given => room.ok().map(Found::Room),
+            room = self.budget.permits.clone().acquire_owned() => room.ok().map(Found::Room),
             _ = tokio::time::sleep_until(deadline) => None,
         };
-        // Not handed anything: this client's place in the queue goes.
-        drop(handed);
-        drop(waiting);
+        // This client's places in the queues go (the one it was served
+        // from is gone already).
+        drop((handed, given, waiting));
         self.forget_closed_waiters();
-        match room {
-            Some(permit) => Ok(Found::Room(permit)),
-            None => Err(PoolError::Exhausted {
-                server: self.server.to_string(),
-                timeout: self.config.checkout_timeout,
-                size: self.config.size,
-            }),
-        }
+        found.ok_or_else(|| PoolError::Exhausted {
+            server: self.server.to_string(),
+            timeout: self.config.checkout_timeout,
+            size: self.config.size,
+        })
+    }
+
+    /// Whether this pool's open connections (the one being returned
+    /// included) are more than the budget split evenly between the threads.
+    fn holds_more_than_an_even_share(&self) -> bool {
+        let threads = self
+            .budget
+            .members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+            .max(1);
+        let open = self.leased.load(Ordering::Relaxed) + self.idle_count() + 1;
+        open > self.config.size.div_ceil(threads)
     }
 
     fn forget_closed_waiters(&self) {
@@ -408,6 +466,11 @@ impl Pool {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|waiter| !waiter.is_closed());
+        self.budget
+            .rooms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|waiter| !waiter.handoff.is_closed());
     }
 
     /// Closes idle connections past their idle timeout or their lifetime.

@@ -864,6 +864,109 @@ async fn the_serving_threads_share_one_pool() {
     }
 }
 
+/// The pools of two serving threads for one server, sharing its budget of
+/// `size` connections (what `main` builds for `--threads 2`).
+fn two_threads_pools(
+    cluster: &TestCluster,
+    map: &ClusterMap,
+    size: usize,
+) -> (
+    std::sync::Arc<proxy::pool::Pool>,
+    std::sync::Arc<proxy::pool::Pool>,
+) {
+    use proxy::pool::{Budgets, PoolConfig, Pools};
+    let config = PoolConfig {
+        size,
+        checkout_timeout: Duration::from_secs(3),
+        ..PoolConfig::default()
+    };
+    let secrets = std::sync::Arc::new(cluster.backend_credentials());
+    let budgets = std::sync::Arc::new(Budgets::default());
+    let server = map.servers.get("pg1").expect("server pg1 in the map");
+    let first = Pools::sharing(config.clone(), secrets.clone(), budgets.clone());
+    let second = Pools::sharing(config, secrets, budgets);
+    (first.for_server(server), second.for_server(server))
+}
+
+/// A thread whose clients find the budget spent takes the room of another
+/// thread's idle connection at once, rather than waiting for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thread_takes_the_room_of_another_threads_idle_connection() {
+    let cluster = TestCluster::start(1);
+    let (_, map) = setup(&cluster).await;
+    let (first, second) = two_threads_pools(&cluster, &map, 2);
+    let leases = [
+        first.acquire().await.expect("a first connection"),
+        first.acquire().await.expect("a second connection"),
+    ];
+    drop(leases);
+    assert_eq!(first.idle_count(), 2);
+    let started = Instant::now();
+    let lease = second
+        .acquire()
+        .await
+        .expect("room taken from the other thread's idle connection");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "it waited {:?}, as if for the checkout timeout",
+        started.elapsed()
+    );
+    assert_eq!(first.idle_count(), 1, "one idle connection gave its room");
+    assert_eq!(second.in_use(), 1);
+    drop(lease);
+}
+
+/// A thread that took the whole budget while clients of another thread wait
+/// gives up what it holds beyond an even split, even though its own clients
+/// wait too: otherwise the other thread's clients would time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thread_holding_the_whole_pool_makes_room_for_another_threads_clients() {
+    let cluster = TestCluster::start(1);
+    let (_, map) = setup(&cluster).await;
+    let (first, second) = two_threads_pools(&cluster, &map, 2);
+    let held = first.acquire().await.expect("a first connection");
+    let kept = first.acquire().await.expect("a second connection");
+    let first_waiter = tokio::spawn({
+        let first = first.clone();
+        async move { first.acquire().await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let second_waiter = tokio::spawn({
+        let second = second.clone();
+        async move { second.acquire().await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!first_waiter.is_finished() && !second_waiter.is_finished());
+    drop(held);
+    let second_lease = tokio::time::timeout(Duration::from_secs(2), second_waiter)
+        .await
+        .expect("the other thread's client got a connection before its timeout")
+        .expect("join")
+        .expect("a connection for the other thread's client");
+    assert!(
+        !first_waiter.is_finished(),
+        "the returned connection was handed to the thread holding more than its share"
+    );
+    let opened: i64 = cluster
+        .connect(0)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'shardline'",
+            &[],
+        )
+        .await
+        .expect("count the pools' connections")
+        .get(0);
+    assert!(opened <= 2, "{opened} connections open for a budget of 2");
+    drop(kept);
+    let first_lease = tokio::time::timeout(Duration::from_secs(2), first_waiter)
+        .await
+        .expect("the first thread's waiting client got the connection returned there")
+        .expect("join")
+        .expect("a connection for the first thread's client");
+    drop((first_lease, second_lease));
+}
+
 /// The pid of the server connection the proxy runs `client`'s statement on;
 /// `whose` names the statement in a failure.
 async fn backend_pid(client: &tokio_postgres::Client, whose: &str) -> i32 {
