@@ -154,6 +154,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
         .max(1);
     let pool_config = config.pool.to_pool_config();
+    if pool_config.size < threads {
+        tracing::warn!(
+            size = pool_config.size,
+            threads,
+            "[pool] size is smaller than the number of serving threads: busy connections go round the threads, closed on one and opened on another; raise [pool] size or lower --threads"
+        );
+    }
     // The configured pool size is per server for the whole proxy: the
     // threads' pools draw on one budget per server.
     let budgets = Arc::new(proxy::pool::Budgets::default());

@@ -8,7 +8,7 @@
 //! get more clients than the others can use the whole pool.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -75,7 +75,6 @@ pub struct PoolStats {
 /// The connections one server may have open, shared by the pools of all
 /// serving threads: a permit is one open connection, idle or leased.
 pub struct Budget {
-    endpoint: Endpoint,
     permits: Arc<Semaphore>,
     /// Clients waiting for a connection to this server, on any thread.
     waiting: AtomicUsize,
@@ -91,13 +90,49 @@ pub struct Budget {
 struct RoomWaiter {
     /// The address of the pool the client waits in, to tell pools apart.
     pool: usize,
+    claim: Arc<Claim>,
     handoff: oneshot::Sender<OwnedSemaphorePermit>,
 }
 
+/// A waiting client's claim to be served once: by whoever settles it first,
+/// a pool handing it a connection or room, or the client itself when it
+/// stops waiting. Settling takes the client off the waiting counts, so
+/// that a client already handed something no longer counts as waiting.
+struct Claim {
+    settled: AtomicBool,
+    /// The waiting count of the client's pool.
+    pool_waiting: Arc<AtomicUsize>,
+}
+
+impl Claim {
+    /// Counts the client as waiting in its pool and in `budget`.
+    fn new(pool_waiting: &Arc<AtomicUsize>, budget: &Budget) -> Arc<Claim> {
+        pool_waiting.fetch_add(1, Ordering::SeqCst);
+        budget.waiting.fetch_add(1, Ordering::SeqCst);
+        Arc::new(Claim {
+            settled: AtomicBool::new(false),
+            pool_waiting: pool_waiting.clone(),
+        })
+    }
+
+    /// Whether this call settled it (false: it was already).
+    fn settle(&self, budget: &Budget) -> bool {
+        if self.settled.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        self.pool_waiting.fetch_sub(1, Ordering::SeqCst);
+        budget.waiting.fetch_sub(1, Ordering::SeqCst);
+        true
+    }
+
+    fn is_settled(&self) -> bool {
+        self.settled.load(Ordering::SeqCst)
+    }
+}
+
 impl Budget {
-    fn new(endpoint: Endpoint, size: usize) -> Budget {
+    fn new(size: usize) -> Budget {
         Budget {
-            endpoint,
             permits: Arc::new(Semaphore::new(size)),
             waiting: AtomicUsize::new(0),
             members: Mutex::new(Vec::new()),
@@ -110,13 +145,23 @@ impl Budget {
     fn give_room_elsewhere(&self, from: &Pool, mut room: OwnedSemaphorePermit) {
         let from = from as *const Pool as usize;
         let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
-        rooms.retain(|waiter| !waiter.handoff.is_closed());
-        while let Some(at) = rooms.iter().position(|waiter| waiter.pool != from) {
+        forget_settled_front(&mut rooms, |waiter| &waiter.claim);
+        let mut at = 0;
+        while at < rooms.len() {
+            let Some(waiter) = rooms.get(at) else { break };
+            if waiter.pool == from || waiter.claim.is_settled() {
+                at += 1;
+                continue;
+            }
             let Some(waiter) = rooms.remove(at) else {
                 break;
             };
+            if !waiter.claim.settle(self) {
+                continue;
+            }
             match waiter.handoff.send(room) {
                 Ok(()) => return,
+                // It stopped waiting meanwhile.
                 Err(back) => room = back,
             }
         }
@@ -144,26 +189,38 @@ impl Budget {
     }
 }
 
+/// Drops the entries at the front of a waiter queue whose claims are
+/// settled: served entries leave from the front, and the others reach it
+/// within a checkout timeout, so the queue stays as long as the clients
+/// waiting within one timeout.
+fn forget_settled_front<T>(queue: &mut VecDeque<T>, claim: impl Fn(&T) -> &Arc<Claim>) {
+    while queue.front().is_some_and(|entry| claim(entry).is_settled()) {
+        queue.pop_front();
+    }
+}
+
 /// The budgets of every server, shared by the serving threads.
 #[derive(Default)]
 pub struct Budgets {
-    budgets: Mutex<HashMap<String, Arc<Budget>>>,
+    /// By pool key and endpoint; held by the pools, so a budget no pool
+    /// uses any more goes.
+    budgets: Mutex<HashMap<String, Weak<Budget>>>,
 }
 
 impl Budgets {
-    /// The budget of the pool `key` at `endpoint`; a new one when the
-    /// endpoint changed (the old connections keep the old budget until
-    /// they close).
+    /// The budget of the pool `key` at `endpoint`: one per endpoint, so
+    /// that threads that see a server's address change at different times
+    /// never draw on two budgets for one address.
     fn for_pool(&self, key: &str, endpoint: &Endpoint, size: usize) -> Arc<Budget> {
         let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
-        match budgets.get(key) {
-            Some(budget) if budget.endpoint == *endpoint => budget.clone(),
-            _ => {
-                let budget = Arc::new(Budget::new(endpoint.clone(), size));
-                budgets.insert(key.to_string(), budget.clone());
-                budget
-            }
+        let id = format!("{key} {endpoint:?}");
+        if let Some(budget) = budgets.get(&id).and_then(Weak::upgrade) {
+            return budget;
         }
+        budgets.retain(|_, budget| budget.strong_count() > 0);
+        let budget = Arc::new(Budget::new(size));
+        budgets.insert(id, Arc::downgrade(&budget));
+        budget
     }
 }
 
@@ -186,9 +243,9 @@ pub struct Pool {
     budget: Arc<Budget>,
     /// Clients of this thread waiting for a connection, first come first:
     /// a returned lease is handed to the first of them.
-    waiters: Mutex<VecDeque<oneshot::Sender<Idle>>>,
-    /// How many of `waiters` still wait.
-    waiting: AtomicUsize,
+    waiters: Mutex<VecDeque<LocalWaiter>>,
+    /// How many of `waiters` still wait (their claims not settled).
+    waiting: Arc<AtomicUsize>,
     leased: AtomicUsize,
     config: PoolConfig,
     pub stats: PoolStats,
@@ -236,8 +293,8 @@ impl Drop for Lease {
             return;
         }
         let others_wait =
-            pool.budget.waiting.load(Ordering::SeqCst) > pool.waiting.load(Ordering::Relaxed);
-        if others_wait && pool.holds_more_than_an_even_share() {
+            pool.budget.waiting.load(Ordering::SeqCst) > pool.waiting.load(Ordering::SeqCst);
+        if others_wait && pool.holds_more_than_its_share() {
             // Clients of another thread wait too: without this, a thread that
             // got the whole budget first would keep it while its own clients
             // queue, and the other thread's clients would time out.
@@ -248,12 +305,15 @@ impl Drop for Lease {
         }
         backend.last_used = Instant::now();
         let mut idle = Idle { backend, permit };
-        if pool.waiting.load(Ordering::Relaxed) > 0 {
+        if pool.waiting.load(Ordering::SeqCst) > 0 {
             let mut waiters = pool.waiters.lock().unwrap_or_else(|e| e.into_inner());
             while let Some(waiter) = waiters.pop_front() {
-                match waiter.send(idle) {
+                if !waiter.claim.settle(&pool.budget) {
+                    continue;
+                }
+                match waiter.handoff.send(idle) {
                     Ok(()) => return,
-                    // That client stopped waiting (timed out, found room, left).
+                    // That client stopped waiting meanwhile.
                     Err(back) => idle = back,
                 }
             }
@@ -276,27 +336,27 @@ impl Drop for Lease {
     }
 }
 
+struct LocalWaiter {
+    claim: Arc<Claim>,
+    handoff: oneshot::Sender<Idle>,
+}
+
 /// How `Pool::take` found a connection: an idle one, or room to open one.
 enum Found {
     Idle(Idle),
     Room(OwnedSemaphorePermit),
 }
 
-/// Counts a waiting client in its pool and in the budget while it lives.
-struct Waiting<'a>(&'a Pool);
-
-impl<'a> Waiting<'a> {
-    fn new(pool: &'a Pool) -> Waiting<'a> {
-        pool.waiting.fetch_add(1, Ordering::Relaxed);
-        pool.budget.waiting.fetch_add(1, Ordering::SeqCst);
-        Waiting(pool)
-    }
+/// Settles a waiting client's claim when it stops waiting, served or
+/// not, or when its `acquire` is dropped.
+struct Settle<'a> {
+    claim: Arc<Claim>,
+    budget: &'a Budget,
 }
 
-impl Drop for Waiting<'_> {
+impl Drop for Settle<'_> {
     fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
-        self.0.budget.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.claim.settle(self.budget);
     }
 }
 
@@ -320,7 +380,7 @@ impl Pool {
             idle: Mutex::new(Vec::new()),
             budget,
             waiters: Mutex::new(VecDeque::new()),
-            waiting: AtomicUsize::new(0),
+            waiting: Arc::new(AtomicUsize::new(0)),
             leased: AtomicUsize::new(0),
             config,
             stats: PoolStats::default(),
@@ -341,7 +401,7 @@ impl Pool {
     /// spent and no thread has an idle connection.
     pub async fn acquire(self: &Arc<Self>) -> Result<Lease, PoolError> {
         // Clients already waiting here go first.
-        let found = match self.waiting.load(Ordering::Relaxed) {
+        let found = match self.waiting.load(Ordering::SeqCst) {
             0 => self.take(),
             _ => None,
         };
@@ -382,8 +442,10 @@ impl Pool {
     /// An idle connection of this pool, else room in the budget, else the
     /// room of another thread's idle connection.
     fn take(&self) -> Option<Found> {
-        let newest = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        if let Some(mut idle) = newest {
+        let mut room = None;
+        loop {
+            let newest = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let Some(mut idle) = newest else { break };
             let idle_for = idle.backend.last_used.elapsed();
             // Probing the socket costs a syscall; a connection used within the
             // last second is trusted (a failure then surfaces as an I/O error).
@@ -394,7 +456,10 @@ impl Pool {
             }
             self.stats.closed_unhealthy.fetch_add(1, Ordering::Relaxed);
             debug!(server = %self.server, "dropping a stale idle connection");
-            return Some(Found::Room(idle.permit));
+            room.get_or_insert(idle.permit);
+        }
+        if let Some(permit) = room {
+            return Some(Found::Room(permit));
         }
         if let Ok(permit) = self.budget.permits.clone().try_acquire_owned() {
             return Some(Found::Room(permit));
@@ -403,13 +468,17 @@ impl Pool {
     }
 
     /// Waits, first come first served, for a lease returned to this pool,
-    /// or for room freed in the budget by any thread.
+    /// for room another thread gives up, or for room freed in the budget.
     async fn wait(&self) -> Result<Found, PoolError> {
+        let claim = Claim::new(&self.waiting, &self.budget);
         let (handoff, mut handed) = oneshot::channel();
         self.waiters
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push_back(handoff);
+            .push_back(LocalWaiter {
+                claim: claim.clone(),
+                handoff,
+            });
         let (handoff, mut given) = oneshot::channel();
         self.budget
             .rooms
@@ -417,29 +486,38 @@ impl Pool {
             .unwrap_or_else(|e| e.into_inner())
             .push_back(RoomWaiter {
                 pool: self as *const Pool as usize,
+                claim: claim.clone(),
                 handoff,
             });
-        let waiting = Waiting::new(self);
+        // Dropped first of the locals: settled before the receivers go.
+        let settle = Settle {
+            claim,
+            budget: &self.budget,
+        };
         // Counted as waiting now, so an idle connection another thread
         // returns from here on is closed for this client (see `Lease::drop`);
         // one returned before is found here.
-        if let Some(permit) = self.budget.take_idle_elsewhere(self) {
-            drop((handed, given, waiting));
-            self.forget_closed_waiters();
-            return Ok(Found::Room(permit));
-        }
-        let deadline = tokio::time::Instant::now() + self.config.checkout_timeout;
-        let found = tokio::select! {
-            biased;
-            idle = &mut handed => idle.ok().map(Found::Idle),
-            room = &mut given => room.ok().map(Found::Room),
-            room = self.budget.permits.clone().acquire_owned() => room.ok().map(Found::Room),
-            _ = tokio::time::sleep_until(deadline) => None,
+        let found = match self.budget.take_idle_elsewhere(self) {
+            Some(permit) => Some(Found::Room(permit)),
+            None => {
+                let deadline = tokio::time::Instant::now() + self.config.checkout_timeout;
+                tokio::select! {
+                    biased;
+                    idle = &mut handed => idle.ok().map(Found::Idle),
+                    room = &mut given => room.ok().map(Found::Room),
+                    room = self.budget.permits.clone().acquire_owned() => room.ok().map(Found::Room),
+                    _ = tokio::time::sleep_until(deadline) => None,
+                }
+            }
         };
-        // This client's places in the queues go (the one it was served
-        // from is gone already).
-        drop((handed, given, waiting));
-        self.forget_closed_waiters();
+        drop(settle);
+        // Whatever was handed over in the meantime goes back: a connection
+        // closes, its room returns to the budget.
+        handed.close();
+        given.close();
+        let late = (handed.try_recv().ok(), given.try_recv().ok());
+        drop(late);
+        self.forget_settled_waiters();
         found.ok_or_else(|| PoolError::Exhausted {
             server: self.server.to_string(),
             timeout: self.config.checkout_timeout,
@@ -448,8 +526,10 @@ impl Pool {
     }
 
     /// Whether this pool's open connections (the one being returned
-    /// included) are more than the budget split evenly between the threads.
-    fn holds_more_than_an_even_share(&self) -> bool {
+    /// included) are more than its share of the budget: an even split
+    /// between the threads, or nothing when the budget is smaller than the
+    /// number of threads (then connections go round the threads).
+    fn holds_more_than_its_share(&self) -> bool {
         let threads = self
             .budget
             .members
@@ -457,20 +537,25 @@ impl Pool {
             .unwrap_or_else(|e| e.into_inner())
             .len()
             .max(1);
+        let size = self.config.size;
+        let share = if size >= threads {
+            size.div_ceil(threads)
+        } else {
+            0
+        };
         let open = self.leased.load(Ordering::Relaxed) + self.idle_count() + 1;
-        open > self.config.size.div_ceil(threads)
+        open > share
     }
 
-    fn forget_closed_waiters(&self) {
-        self.waiters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|waiter| !waiter.is_closed());
-        self.budget
-            .rooms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|waiter| !waiter.handoff.is_closed());
+    fn forget_settled_waiters(&self) {
+        forget_settled_front(
+            &mut self.waiters.lock().unwrap_or_else(|e| e.into_inner()),
+            |waiter| &waiter.claim,
+        );
+        forget_settled_front(
+            &mut self.budget.rooms.lock().unwrap_or_else(|e| e.into_inner()),
+            |waiter| &waiter.claim,
+        );
     }
 
     /// Closes idle connections past their idle timeout or their lifetime.

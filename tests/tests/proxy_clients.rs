@@ -724,9 +724,26 @@ async fn idle_backends_close_after_their_idle_timeout_under_steady_load() {
         stat(&pool.stats.closed_unhealthy),
         pool.idle_count(),
     );
-    // All three went back to the pool; on a machine loaded enough to stall
-    // for 3 s, one may already have been closed as idle.
-    assert_eq!(pool.idle_count() as u64 + stat(&pool.stats.closed_idle), 3);
+    // All three go back to the pool: the client may read COMMIT's reply on
+    // one worker thread before its session, on the other, has returned its
+    // connection. On a machine loaded enough to stall for 3 s, one may
+    // already have been closed as idle.
+    let returned =
+        shardline_tests::eventually(Duration::from_secs(2), || async { pool.in_use() == 0 }).await;
+    assert!(
+        returned,
+        "{} connections still leased after COMMIT",
+        pool.in_use()
+    );
+    assert_eq!(
+        pool.idle_count() as u64 + stat(&pool.stats.closed_idle),
+        3,
+        "idle {}, closed idle {}, in use {}, closed unhealthy {}",
+        pool.idle_count(),
+        stat(&pool.stats.closed_idle),
+        pool.in_use(),
+        stat(&pool.stats.closed_unhealthy),
+    );
     // Steady load reuses the newest connection; the two others idle on.
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(6) {
@@ -965,6 +982,50 @@ async fn a_thread_holding_the_whole_pool_makes_room_for_another_threads_clients(
         .expect("join")
         .expect("a connection for the first thread's client");
     drop((first_lease, second_lease));
+}
+
+/// Clients already handed a connection no longer count as waiting: a third
+/// connection returned in the same tick, before those two clients ran, goes
+/// idle rather than being closed for clients that are served already.
+#[tokio::test]
+async fn a_served_client_no_longer_counts_as_waiting() {
+    let cluster = TestCluster::start(1);
+    let (_, map) = setup(&cluster).await;
+    let server = map.servers.get("pg1").expect("server pg1 in the map");
+    let pools = proxy::pool::Pools::new(
+        proxy::pool::PoolConfig {
+            size: 3,
+            checkout_timeout: Duration::from_secs(3),
+            ..proxy::pool::PoolConfig::default()
+        },
+        std::sync::Arc::new(cluster.backend_credentials()),
+    );
+    let pool = pools.for_server(server);
+    let mut leases = Vec::new();
+    for _ in 0..3 {
+        leases.push(pool.acquire().await.expect("a connection"));
+    }
+    let waiters: Vec<_> = (0..2)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire().await.map(drop) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // All three go back before either waiter runs (one thread, no await).
+    drop(leases);
+    for waiter in waiters {
+        waiter
+            .await
+            .expect("join")
+            .expect("each waiter was handed a connection");
+    }
+    let closed = pool
+        .stats
+        .closed_idle
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(closed, 0, "a healthy connection was closed");
+    assert_eq!(pool.idle_count(), 3, "all three connections are idle again");
 }
 
 /// The pid of the server connection the proxy runs `client`'s statement on;
