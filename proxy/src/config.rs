@@ -243,6 +243,8 @@ pub struct UserEntry {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolSettings {
+    /// Most connections open to each server (and each replica) for the
+    /// whole proxy, whatever the number of serving threads.
     #[serde(default = "default_pool_size")]
     pub size: usize,
     #[serde(default = "default_connect_ms")]
