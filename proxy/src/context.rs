@@ -2,8 +2,7 @@
 //! statement analyser, the live map, backend pools, cancel keys, counters
 //! and liveness, shared by every session the thread serves. The listener
 //! (`server`) and the sessions read it; the metrics endpoint (`scrape`)
-//! reads it from above. It depends on none of them, but for the type of
-//! the sessions' parse cache.
+//! reads it from above. It depends on none of them.
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
@@ -31,7 +30,7 @@ pub struct Shared {
     /// Uses of statements that could be kept prepared on the servers.
     pub statement_uses: StatementUses,
     /// Statements this thread's clients parsed lately, by text.
-    pub parsed: crate::session::ParseCache,
+    pub parsed: crate::analyze::prepared::ParseCache,
     /// The map, as the watch cache last applied it.
     pub map: watch::Receiver<Snapshot>,
     pub pools: Pools,

@@ -5,6 +5,7 @@
 pub mod ddl;
 pub mod lexer;
 mod parameterize;
+pub mod prepared;
 pub mod scatter;
 pub mod statement;
 pub mod writes;

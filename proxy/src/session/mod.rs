@@ -43,7 +43,6 @@ mod writes;
 
 pub use client::{ClientIo, SessionError, IDLE_AFTER};
 pub use settings::quote_literal;
-pub use statements::ParseCache;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

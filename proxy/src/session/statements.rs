@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use rustc_hash::FxHashMap;
 
-use crate::analyze::{Analyzed, Command, DataStatement, Literal};
+use crate::analyze::{Analyzed, DataStatement, Literal};
 use crate::backend::PreparedStatements;
 use crate::route::Route;
 use crate::wire::frame::Frame;
@@ -19,34 +19,8 @@ use crate::wire::messages;
 use super::plan::{End, Expect, Plan};
 use super::Session;
 
-/// A statement the client prepared (extended protocol Parse).
-#[derive(Debug)]
-pub struct Prepared {
-    pub query: String,
-    pub param_types: Vec<u32>,
-    /// Name on the backends: the same for every client preparing the same text
-    /// with the same parameter types.
-    pub backend_name: Arc<str>,
-    pub analyzed: Analyzed,
-    /// As the unnamed statement, it may be kept prepared on the servers: it
-    /// reads or writes tables, and has no quoted constant (those are valued
-    /// when parsed: 'now', time zones).
-    pub keepable: bool,
-}
-
-impl Prepared {
-    pub(super) fn command(&self) -> Option<&Command> {
-        match self.analyzed.analysis.commands.as_slice() {
-            [one] => Some(one),
-            _ => None,
-        }
-    }
-
-    /// INSERT, UPDATE or DELETE without RETURNING (see `DataStatement::no_result`).
-    pub(super) fn returns_no_rows(&self) -> bool {
-        matches!(self.command(), Some(Command::Data(data)) if data.no_result)
-    }
-}
+pub(super) use crate::analyze::prepared::has_quoted_constant;
+pub use crate::analyze::prepared::Prepared;
 
 pub(super) const INT4_OID: u32 = 23;
 
@@ -58,15 +32,6 @@ pub(super) const PARSE_SETTINGS: [&str; 4] = [
     "intervalstyle",
     "standard_conforming_strings",
 ];
-
-/// Whether `query` has a quoted constant (a string or a dollar-quoted
-/// string): Postgres turns those into values when it parses the statement.
-pub(super) fn has_quoted_constant(query: &str) -> bool {
-    let bytes = query.as_bytes();
-    memchr::memchr(b'\'', bytes).is_some()
-        || memchr::memchr_iter(b'$', bytes)
-            .any(|at| !bytes.get(at + 1).is_some_and(u8::is_ascii_digit))
-}
 
 /// The name of a statement on the backends: the same for every client
 /// preparing the same text with the same parameter types, so they share it.
@@ -98,53 +63,6 @@ pub(super) fn backend_statement_name(
         }
     }
     format!("sl_{:016x}_{}", hasher.finish(), query.len()).into()
-}
-
-/// Statements parsed lately on one serving thread, by text, shared by its
-/// sessions. Drivers parse the same few texts as the unnamed statement
-/// again and again, alternating between them (pgbench's five TPC-B
-/// statements), so a session's last statement rarely matches; a hit here
-/// skips lexing, analysis and naming. Only texts without quoted constants
-/// are kept: what the proxy makes of the others also depends on settings.
-/// Bounded: when full it starts over.
-#[derive(Default)]
-pub struct ParseCache {
-    texts: std::sync::Mutex<FxHashMap<Box<str>, Arc<Prepared>>>,
-}
-
-/// Bound on `ParseCache`.
-const PARSE_CACHE_TEXTS: usize = 1024;
-
-impl ParseCache {
-    pub(super) fn get(&self, query: &str, param_types: &[u32]) -> Option<Arc<Prepared>> {
-        self.texts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(query)
-            .filter(|hit| hit.param_types == param_types)
-            .cloned()
-    }
-
-    /// Keeps `statement` if what the proxy made of it depends on its text
-    /// and parameter types alone.
-    pub(super) fn keep(&self, statement: &Arc<Prepared>) {
-        if has_quoted_constant(&statement.query) {
-            return;
-        }
-        let mut texts = self.texts.lock().unwrap_or_else(|e| e.into_inner());
-        if texts.len() >= PARSE_CACHE_TEXTS {
-            texts.clear();
-        }
-        texts.insert(statement.query.as_str().into(), statement.clone());
-    }
-
-    pub fn len(&self) -> usize {
-        self.texts.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// A simple Query to run as a statement kept prepared on the server.
@@ -364,62 +282,6 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn prepared(query: &str, param_types: &[u32]) -> Arc<Prepared> {
-        let analyzer = crate::analyze::Analyzer::new(16);
-        Arc::new(Prepared {
-            query: query.into(),
-            param_types: param_types.to_vec(),
-            backend_name: backend_statement_name(query, param_types, &BTreeMap::new()),
-            analyzed: analyzer.analyze(query),
-            keepable: true,
-        })
-    }
-
-    #[test]
-    fn the_parse_cache_answers_the_same_text_and_types_only() {
-        let cache = ParseCache::default();
-        let select = prepared(
-            "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
-            &[23],
-        );
-        cache.keep(&select);
-        let hit = cache
-            .get(
-                "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
-                &[23],
-            )
-            .expect("the same text and types");
-        assert!(Arc::ptr_eq(&hit, &select));
-        assert!(cache
-            .get(
-                "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
-                &[20]
-            )
-            .is_none());
-        assert!(cache
-            .get(
-                "SELECT abalance FROM pgbench_accounts WHERE aid = $2",
-                &[23]
-            )
-            .is_none());
-    }
-
-    #[test]
-    fn the_parse_cache_skips_quoted_constants_and_stays_bounded() {
-        let cache = ParseCache::default();
-        // Its value depends on the session's TimeZone when Postgres parses it.
-        cache.keep(&prepared("SELECT TIMESTAMPTZ '2024-06-01 00:00'", &[]));
-        cache.keep(&prepared("SELECT $tag$x$tag$", &[]));
-        assert!(cache.is_empty());
-        for i in 0..PARSE_CACHE_TEXTS + 1 {
-            cache.keep(&prepared(&format!("SELECT {i}"), &[]));
-        }
-        assert!(cache.len() <= PARSE_CACHE_TEXTS, "{} texts", cache.len());
-        assert!(cache
-            .get(&format!("SELECT {PARSE_CACHE_TEXTS}"), &[])
-            .is_some());
-    }
 
     #[test]
     fn a_name_taken_by_another_text_is_closed_before_it_is_prepared_again() {
