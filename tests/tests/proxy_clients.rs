@@ -778,19 +778,15 @@ async fn a_full_pool_refuses_with_53300_and_the_session_goes_on() {
         .query_one("SELECT pg_backend_pid()", &[])
         .await
         .expect_err("the only connection is in the holder's transaction");
-    let db = error.as_db_error().expect("an ErrorResponse");
-    assert_eq!(db.code().code(), "53300", "{db:?}");
-    for says in [
-        "became free within",
-        "pg_stat_activity",
-        "checkout_timeout_ms",
-    ] {
-        assert!(
-            db.message().contains(says),
-            "{says:?} in {:?}",
-            db.message()
-        );
-    }
+    assert_pool_full(
+        &error,
+        &[
+            "became free within",
+            "pg_stat_activity",
+            "checkout_timeout_ms",
+        ],
+        "",
+    );
     holder.batch_execute("COMMIT").await.expect("commit");
     let pid = backend_pid(&waiter, "the waiter's, once the connection is free,").await;
     assert_eq!(pid, held_pid, "the pool's one connection serves the waiter");
@@ -846,16 +842,7 @@ async fn the_serving_threads_share_one_pool() {
             );
             holders.push(client);
         }
-        let opened: i64 = cluster
-            .connect(0)
-            .await
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'shardline'",
-                &[],
-            )
-            .await
-            .expect("count the proxy's connections")
-            .get(0);
+        let opened = proxy_connections(&cluster).await;
         assert!(
             opened as usize <= SIZE,
             "round {round}: the proxy has {opened} connections open to the server, more than its pool of {SIZE}"
@@ -865,12 +852,10 @@ async fn the_serving_threads_share_one_pool() {
             .query_one("SELECT 1", &[])
             .await
             .expect_err("every connection of the pool is in a transaction");
-        let db = error.as_db_error().expect("an ErrorResponse");
-        assert_eq!(db.code().code(), "53300", "round {round}: {db:?}");
-        assert!(
-            db.message().contains(&format!("all {SIZE} connections")),
-            "round {round}: {:?}",
-            db.message()
+        assert_pool_full(
+            &error,
+            &[&format!("all {SIZE} connections")],
+            &format!("round {round}: "),
         );
         holders[0].batch_execute("COMMIT").await.expect("commit");
         let row = extra
@@ -964,16 +949,7 @@ async fn a_thread_holding_the_whole_pool_makes_room_for_another_threads_clients(
         !first_waiter.is_finished(),
         "the returned connection was handed to the thread holding more than its share"
     );
-    let opened: i64 = cluster
-        .connect(0)
-        .await
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'shardline'",
-            &[],
-        )
-        .await
-        .expect("count the pools' connections")
-        .get(0);
+    let opened = proxy_connections(&cluster).await;
     assert!(opened <= 2, "{opened} connections open for a budget of 2");
     drop(kept);
     let first_lease = tokio::time::timeout(Duration::from_secs(2), first_waiter)
@@ -1026,6 +1002,35 @@ async fn a_served_client_no_longer_counts_as_waiting() {
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(closed, 0, "a healthy connection was closed");
     assert_eq!(pool.idle_count(), 3, "all three connections are idle again");
+}
+
+/// `error` is the 53300 of a pool whose connections all stayed in use, and
+/// its message says each of `says`; `context` starts a failure's message.
+fn assert_pool_full(error: &tokio_postgres::Error, says: &[&str], context: &str) {
+    let db = error.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "53300", "{context}{db:?}");
+    for says in says {
+        assert!(
+            db.message().contains(says),
+            "{context}{says:?} in {:?}",
+            db.message()
+        );
+    }
+}
+
+/// How many connections the proxy (or a test's pools) holds open to the
+/// first server: they log in with application_name `shardline`.
+async fn proxy_connections(cluster: &TestCluster) -> i64 {
+    cluster
+        .connect(0)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'shardline'",
+            &[],
+        )
+        .await
+        .expect("count the proxy's connections to the server")
+        .get(0)
 }
 
 /// The pid of the server connection the proxy runs `client`'s statement on;
