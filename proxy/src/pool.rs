@@ -501,11 +501,15 @@ impl Pool {
             Some(permit) => Some(Found::Room(permit)),
             None => {
                 let deadline = tokio::time::Instant::now() + self.config.checkout_timeout;
+                // A channel whose sender is gone only disables its branch:
+                // a pool drops this client's entry in one queue once its
+                // claim is settled, possibly by room handed over through
+                // the other queue that this task has not read yet.
                 tokio::select! {
                     biased;
-                    idle = &mut handed => idle.ok().map(Found::Idle),
-                    room = &mut given => room.ok().map(Found::Room),
-                    room = self.budget.permits.clone().acquire_owned() => room.ok().map(Found::Room),
+                    Ok(idle) = &mut handed => Some(Found::Idle(idle)),
+                    Ok(room) = &mut given => Some(Found::Room(room)),
+                    Ok(room) = self.budget.permits.clone().acquire_owned() => Some(Found::Room(room)),
                     _ = tokio::time::sleep_until(deadline) => None,
                 }
             }
@@ -574,6 +578,48 @@ impl Pool {
 
     pub fn idle_count(&self) -> usize {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Clients of this pool's thread waiting for a connection.
+    pub fn waiting_here(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Clients of every serving thread waiting for a connection to this
+    /// pool's server.
+    pub fn waiting_in_all_threads(&self) -> usize {
+        self.budget.waiting.load(Ordering::SeqCst)
+    }
+
+    /// Each thread's pool of this server: connections in use, idle,
+    /// clients waiting, idle connections closed, connections opened.
+    pub fn threads_summary(&self) -> String {
+        let members = self
+            .budget
+            .members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let threads = members.len();
+        let pools: Vec<String> = members
+            .iter()
+            .filter_map(Weak::upgrade)
+            .map(|pool| {
+                format!(
+                    "{}in use {}, idle {}, waiting {}, closed idle {}, opened {}",
+                    if std::ptr::eq(Arc::as_ptr(&pool), self) {
+                        "this thread: "
+                    } else {
+                        ""
+                    },
+                    pool.in_use(),
+                    pool.idle_count(),
+                    pool.waiting_here(),
+                    pool.stats.closed_idle.load(Ordering::Relaxed),
+                    pool.stats.connects.load(Ordering::Relaxed)
+                )
+            })
+            .collect();
+        format!("{threads} serving threads: {}", pools.join("; "))
     }
 
     /// Connections of this pool leased to clients.
@@ -708,3 +754,6 @@ impl Pools {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests;

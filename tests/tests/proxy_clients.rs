@@ -801,25 +801,7 @@ async fn the_serving_threads_share_one_pool() {
     const SIZE: usize = 4;
     let cluster = TestCluster::start(1);
     let _ = setup(&cluster).await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("proxy.toml");
-    std::fs::write(
-        &config,
-        format!("[pool]\nsize = {SIZE}\ncheckout_timeout_ms = 500\n"),
-    )
-    .expect("write the proxy's config");
-    let config = config.to_str().expect("a UTF-8 temp path");
-    let proxy = shardline_tests::binaries::ProxyProcess::start_with(
-        &cluster,
-        CLUSTER,
-        "threads-share",
-        None,
-        &[
-            ("SHARDLINE_PROXY_THREADS", "2"),
-            ("SHARDLINE_PROXY_CONFIG", config),
-        ],
-    )
-    .await;
+    let (proxy, _dir) = two_threads_proxy(&cluster, "threads-share", SIZE, 500).await;
     let connect = || async {
         let (client, connection) =
             tokio_postgres::connect(&proxy.conninfo(), tokio_postgres::NoTls)
@@ -863,6 +845,72 @@ async fn the_serving_threads_share_one_pool() {
             .await
             .unwrap_or_else(|e| panic!("round {round}: once a holder committed: {e}"));
         assert_eq!(row.get::<_, i32>(0), 1);
+    }
+}
+
+/// The proxy binary with two serving threads and a pool of `size`
+/// connections per server; keep the returned dir while the proxy runs.
+async fn two_threads_proxy(
+    cluster: &TestCluster,
+    name: &str,
+    size: usize,
+    checkout_timeout_ms: u64,
+) -> (shardline_tests::binaries::ProxyProcess, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!("[pool]\nsize = {size}\ncheckout_timeout_ms = {checkout_timeout_ms}\n"),
+    )
+    .expect("write the proxy's config");
+    let config = config.to_str().expect("a UTF-8 temp path");
+    let proxy = shardline_tests::binaries::ProxyProcess::start_with(
+        cluster,
+        CLUSTER,
+        name,
+        None,
+        &[
+            ("SHARDLINE_PROXY_THREADS", "2"),
+            ("SHARDLINE_PROXY_CONFIG", config),
+        ],
+    )
+    .await;
+    (proxy, dir)
+}
+
+/// Far more clients than connections, on two serving threads: every
+/// statement waits its turn and runs. Before a fix, a client handed room
+/// by the other thread could report the pool exhausted at once (most of
+/// 100 `pgbench -S` clients over a pool of 20 did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_more_clients_than_connections_on_two_threads_are_all_served() {
+    const CLIENTS: usize = 64;
+    const STATEMENTS: usize = 40;
+    let cluster = TestCluster::start(1);
+    let _ = setup(&cluster).await;
+    let (proxy, _dir) = two_threads_proxy(&cluster, "many-clients", 4, 10_000).await;
+    let mut clients = tokio::task::JoinSet::new();
+    for client in 0..CLIENTS {
+        let conninfo = proxy.conninfo();
+        clients.spawn(async move {
+            let (db, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("client {client}: connect: {e}"));
+            tokio::spawn(connection);
+            let mut sum = 0i64;
+            for statement in 0..STATEMENTS {
+                let row = db
+                    .query_one("SELECT $1::int8 + 1", &[&(statement as i64)])
+                    .await
+                    .unwrap_or_else(|e| panic!("client {client}, statement {statement}: {e:?}"));
+                sum += row.get::<_, i64>(0);
+            }
+            sum
+        });
+    }
+    let expected: i64 = (1..=STATEMENTS as i64).sum();
+    while let Some(sum) = clients.join_next().await {
+        assert_eq!(sum.expect("a client's task"), expected);
     }
 }
 

@@ -464,6 +464,8 @@ impl Session {
                 warn!(
                     server = %target,
                     idle = pool.idle_count(),
+                    waiting_in_all_threads = pool.waiting_in_all_threads(),
+                    pools = %pool.threads_summary(),
                     checkouts = stats.checkouts.load(Ordering::Relaxed),
                     connects = stats.connects.load(Ordering::Relaxed),
                     closed_unhealthy = stats.closed_unhealthy.load(Ordering::Relaxed),
