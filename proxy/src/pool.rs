@@ -599,7 +599,6 @@ impl Pool {
             .members
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let threads = members.len();
         let pools: Vec<String> = members
             .iter()
             .filter_map(Weak::upgrade)
@@ -619,7 +618,7 @@ impl Pool {
                 )
             })
             .collect();
-        format!("{threads} serving threads: {}", pools.join("; "))
+        format!("{} serving threads: {}", pools.len(), pools.join("; "))
     }
 
     /// Connections of this pool leased to clients.

@@ -21,7 +21,7 @@ fn pool_in(budget: &Arc<Budget>, config: &PoolConfig) -> Arc<Pool> {
 }
 
 /// A budget of one connection, its permit held by the test, and a pool
-/// of it whose `wait` runs in a task, spawned once the client is queued.
+/// of it whose `wait` runs in a task; returns once that client is queued.
 /// The task tells what the wait ended with.
 async fn a_client_waiting_for_the_only_permit() -> (
     Arc<Budget>,
@@ -88,5 +88,5 @@ async fn a_permit_returned_to_the_budget_reaches_a_waiting_client() {
     let got = waiter.await.expect("the waiting task ends");
     assert_eq!(got, "room", "room from the budget");
     assert_eq!(here.waiting_here(), 0);
-    assert_eq!(budget.waiting.load(Ordering::SeqCst), 0);
+    assert_eq!(here.waiting_in_all_threads(), 0);
 }
