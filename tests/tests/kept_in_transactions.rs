@@ -398,3 +398,79 @@ async fn a_transactions_first_select_stays_prepared_and_survives_a_column_change
         "every transaction committed once"
     );
 }
+
+/// A BEGIN the proxy held back goes in front of the transaction's first
+/// extended-protocol statement as a statement kept prepared on the
+/// connection (parsed once per connection, then only bound and executed),
+/// without a Sync of its own; the transaction it opens is a real one, with
+/// the client's options: a ROLLBACK undoes the statement, a COMMIT keeps it,
+/// and BEGIN READ ONLY refuses the write as Postgres does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_back_begin_travels_kept_with_the_first_extended_statement() {
+    use tokio_postgres::types::Type;
+    let Accounts {
+        cluster,
+        proxy: _proxy,
+        keys,
+        client,
+    } = Accounts::open(10).await;
+    let update = "UPDATE accounts SET abalance = abalance + $1 WHERE aid = $2";
+    let kept_begins = "SELECT count(*)::int FROM pg_prepared_statements WHERE statement = 'BEGIN'";
+    for round in 0..3 {
+        for key in &keys {
+            let key = *key as i32;
+            client.batch_execute("BEGIN").await.expect("begin");
+            client
+                .query_typed(update, &[(&5i32, Type::INT4), (&key, Type::INT4)])
+                .await
+                .expect("update");
+            // Read on the connection the transaction holds.
+            let kept: i32 = client
+                .query_one(kept_begins, &[])
+                .await
+                .expect("read the connection's prepared statements")
+                .get(0);
+            assert_eq!(
+                kept, 1,
+                "round {round}, key {key}: BEGIN kept once on its connection"
+            );
+            let end = if round == 0 { "ROLLBACK" } else { "COMMIT" };
+            client
+                .batch_execute(end)
+                .await
+                .expect("end the transaction");
+        }
+    }
+    assert_eq!(
+        balances(&cluster, &keys).await,
+        vec![10 + 2 * 5; keys.len()],
+        "the rolled-back round left nothing, the two committed ones applied once"
+    );
+
+    for key in &keys {
+        let key = *key as i32;
+        client
+            .batch_execute("BEGIN READ ONLY")
+            .await
+            .expect("begin read only");
+        let refused = client
+            .query_typed(update, &[(&5i32, Type::INT4), (&key, Type::INT4)])
+            .await
+            .expect_err("a write in a read-only transaction");
+        assert_eq!(
+            refused.code().map(|c| c.code()),
+            Some("25006"),
+            "the server's refusal: {refused}"
+        );
+        let aborted = client
+            .query_typed(
+                "SELECT abalance FROM accounts WHERE aid = $1",
+                &[(&key, Type::INT4)],
+            )
+            .await
+            .expect_err("the transaction is aborted");
+        assert_eq!(aborted.code().map(|c| c.code()), Some("25P02"), "{aborted}");
+        client.batch_execute("ROLLBACK").await.expect("rollback");
+    }
+    assert_eq!(balances(&cluster, &keys).await, vec![20; keys.len()]);
+}

@@ -17,6 +17,7 @@ use crate::pool::{Lease, Pool, PoolError};
 use crate::route::{Route, RouteError};
 use crate::wire::messages;
 
+use super::begin::place_begin;
 use super::client::SessionError;
 use super::hold::not_serving;
 use super::owner_check;
@@ -300,11 +301,8 @@ impl Session {
         if binds_tx {
             if let Tx::Deferred { prelude, .. } = &self.tx {
                 self.leg_prelude = super::legs::leg_prelude(prelude);
-                let mut out = BytesMut::new();
-                let sql = prelude.join("; ");
-                messages::query(&sql, &mut out);
-                began = Some(sql);
-                plan.inject(&out, End::Query);
+                // Put in front of the request once it is written (`place_begin`).
+                began = Some(prelude.join("; "));
                 if prelude.len() > 1 {
                     // SET/SAVEPOINT sent with the BEGIN: not tracked exactly.
                     lease.backend().settings_unknown = true;
@@ -323,7 +321,12 @@ impl Session {
             Metrics::add(&self.shared.metrics.owner_checks, 1);
         }
         let mut prepared = std::mem::take(&mut lease.backend().prepared);
+        let request_at = (plan.out.len(), plan.expects.len());
         let built = build_checked(build, self, &request, &mut plan, &mut prepared, &checks);
+        if let Some(sql) = &began {
+            let max_kept = self.shared.config.pool.max_prepared_unnamed;
+            place_begin(&mut plan, request_at, sql, &mut prepared, max_kept);
+        }
         lease.backend().prepared = prepared;
         if built.is_err() {
             // Never send a degraded-mode request unchecked.

@@ -19,6 +19,7 @@
 //! some messages itself (synthetic replies) while keeping the client's reply
 //! order exactly as Postgres would produce it.
 
+mod begin;
 mod binding;
 mod client;
 mod combine;

@@ -1,0 +1,210 @@
+//! Sending a held-back BEGIN in front of the request that opens the
+//! transaction on a server.
+//!
+//! Sent as a simple Query, BEGIN has its own ReadyForQuery, and Postgres
+//! writes its replies out at every ReadyForQuery: one more send by the
+//! server and one more wake-up and read by the proxy in every transaction.
+//! In front of an extended-protocol request, BEGIN goes instead as a Bind
+//! and Execute of a statement kept prepared on the connection, without a
+//! Sync of its own, the way pgjdbc sends it: the request's Sync then ends
+//! both, and the server answers in one write. Its replies (ParseComplete
+//! once, BindComplete, CommandComplete) are dropped like the Query's.
+
+use std::collections::BTreeMap;
+
+use bytes::BytesMut;
+
+use crate::backend::PreparedStatements;
+use crate::wire::messages;
+
+use super::plan::{End, Plan};
+use super::statements::{backend_statement_name, can_keep, prepare_on_backend};
+
+/// Puts `sql` (the transaction's BEGIN) in front of the request that was
+/// written into `plan` from `at` (the lengths of its bytes and of its
+/// expected replies before the request). `max_kept` bounds the statements
+/// kept prepared on the backend, as for the client's unnamed statements.
+pub(super) fn place_begin(
+    plan: &mut Plan,
+    at: (usize, usize),
+    sql: &str,
+    prepared: &mut PreparedStatements,
+    max_kept: usize,
+) {
+    let (out_at, expects_at) = at;
+    let mut front = Plan::default();
+    let name = backend_statement_name(sql, &[], &BTreeMap::new());
+    let batched = plan.out.get(out_at..).is_some_and(only_extended_messages)
+        && can_keep(prepared, &name, max_kept);
+    if batched {
+        if !prepared.has(&name, sql) {
+            prepare_on_backend(
+                &mut front,
+                prepared,
+                &name,
+                sql,
+                &[],
+                End::ParseComplete,
+                false,
+            );
+        }
+        let mut out = BytesMut::new();
+        messages::bind_text(&name, &[], &mut out);
+        front.inject(&out, End::BindComplete);
+        out.clear();
+        messages::execute("", &mut out);
+        front.inject(&out, End::Execute);
+    } else {
+        let mut out = BytesMut::new();
+        messages::query(sql, &mut out);
+        front.inject(&out, End::Query);
+    }
+    // Into place: the request's bytes move up behind the BEGIN's.
+    plan.out.extend_from_slice(&front.out);
+    plan.out[out_at..].rotate_right(front.out.len());
+    for (i, expect) in front.expects.into_iter().enumerate() {
+        plan.expects.insert(expects_at + i, expect);
+    }
+}
+
+/// Whether `bytes` hold whole messages of the extended protocol (the
+/// request starts with one and carries no simple Query), so that a BEGIN
+/// without a Sync may go in front of them.
+fn only_extended_messages(mut bytes: &[u8]) -> bool {
+    let Some(first) = bytes.first() else {
+        return false;
+    };
+    if !matches!(first, b'P' | b'B') {
+        return false;
+    }
+    while !bytes.is_empty() {
+        let Some(&[tag, a, b, c, d]) = bytes.get(..5) else {
+            return false;
+        };
+        if !matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H') {
+            return false;
+        }
+        let Ok(length) = usize::try_from(i32::from_be_bytes([a, b, c, d])) else {
+            return false;
+        };
+        let Some(rest) = bytes.get(length + 1..) else {
+            return false;
+        };
+        if length < 4 {
+            return false;
+        }
+        bytes = rest;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::plan::Expect;
+
+    fn tags(bytes: &[u8]) -> Vec<char> {
+        let mut tags = Vec::new();
+        let mut at = 0;
+        while at + 5 <= bytes.len() {
+            tags.push(char::from(bytes[at]));
+            let length =
+                i32::from_be_bytes([bytes[at + 1], bytes[at + 2], bytes[at + 3], bytes[at + 4]]);
+            at += length as usize + 1;
+        }
+        assert_eq!(at, bytes.len(), "the messages fill the buffer exactly");
+        tags
+    }
+
+    fn ends(plan: &Plan) -> Vec<(End, bool)> {
+        plan.expects
+            .iter()
+            .map(|e| match e {
+                Expect::Reply { end, forward, .. } => (*end, *forward),
+                Expect::Synthetic(_) => panic!("no synthetic replies here"),
+            })
+            .collect()
+    }
+
+    /// A plan holding `prefix` (say, a settings Query), then a client's
+    /// Bind/Execute/Sync; returns it with the marks where the request starts.
+    fn request_after(prefix: &[u8]) -> (Plan, (usize, usize)) {
+        let mut plan = Plan::default();
+        if !prefix.is_empty() {
+            plan.inject(prefix, End::Query);
+        }
+        let at = (plan.out.len(), plan.expects.len());
+        let mut out = BytesMut::new();
+        messages::bind_text("s1", &["7"], &mut out);
+        plan.send(&out, End::BindComplete);
+        out.clear();
+        messages::execute("", &mut out);
+        plan.send(&out, End::Execute);
+        out.clear();
+        out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        plan.send(&out, End::Sync);
+        (plan, at)
+    }
+
+    #[test]
+    fn an_extended_request_gets_a_prepared_begin_without_a_sync_of_its_own() {
+        let mut settings = BytesMut::new();
+        messages::query("SET x = 1", &mut settings);
+        let (mut plan, at) = request_after(&settings);
+        let mut prepared = PreparedStatements::default();
+        place_begin(&mut plan, at, "BEGIN", &mut prepared, 100);
+        assert_eq!(tags(&plan.out), ['Q', 'P', 'B', 'E', 'B', 'E', 'S']);
+        assert_eq!(
+            ends(&plan),
+            [
+                (End::Query, false),
+                (End::ParseComplete, false),
+                (End::BindComplete, false),
+                (End::Execute, false),
+                (End::BindComplete, true),
+                (End::Execute, true),
+                (End::Sync, true),
+            ]
+        );
+        assert_eq!(prepared.len(), 1);
+        // The settings Query is untouched, and the request's bytes follow the BEGIN's.
+        assert_eq!(&plan.out[..settings.len()], &settings[..]);
+        let (again, _) = request_after(&[]);
+        assert!(plan.out.ends_with(&again.out));
+
+        // The next transaction on this connection only binds it.
+        let (mut plan, at) = request_after(&[]);
+        place_begin(&mut plan, at, "BEGIN", &mut prepared, 100);
+        assert_eq!(tags(&plan.out), ['B', 'E', 'B', 'E', 'S']);
+    }
+
+    #[test]
+    fn a_simple_query_or_a_full_connection_gets_begin_as_a_query() {
+        let mut plan = Plan::default();
+        let mut query = BytesMut::new();
+        messages::query("UPDATE t SET v = 1", &mut query);
+        plan.send(&query, End::Query);
+        let mut prepared = PreparedStatements::default();
+        place_begin(&mut plan, (0, 0), "BEGIN", &mut prepared, 100);
+        assert_eq!(tags(&plan.out), ['Q', 'Q']);
+        assert_eq!(ends(&plan), [(End::Query, false), (End::Query, true)]);
+        assert!(prepared.is_empty());
+
+        // No room left for another kept statement.
+        let (mut plan, at) = request_after(&[]);
+        place_begin(&mut plan, at, "BEGIN", &mut prepared, 0);
+        assert_eq!(tags(&plan.out), ['Q', 'B', 'E', 'S']);
+    }
+
+    #[test]
+    fn only_whole_extended_messages_count_as_extended() {
+        let (plan, _) = request_after(&[]);
+        assert!(only_extended_messages(&plan.out));
+        assert!(!only_extended_messages(&plan.out[..plan.out.len() - 1]));
+        assert!(!only_extended_messages(&[]));
+        assert!(!only_extended_messages(&[b'B', 0, 0, 0, 2]));
+        let mut mixed = plan.out.clone();
+        messages::query("SELECT 1", &mut mixed);
+        assert!(!only_extended_messages(&mixed));
+    }
+}
