@@ -87,12 +87,16 @@ impl ClientIo {
                 // Part of a message is in: the rest follows shortly.
                 return Ok(self.read_frame().await?.map_or(Next::Closed, Next::Frame));
             }
-            if self.read_buf.capacity() > 0 {
+            if self.read_buf.capacity() > 0 || self.out.capacity() > 0 {
                 // A busy client: read into the buffer it keeps. A read that
                 // leaves room in the buffer tells tokio the socket is
                 // drained, so the next request's read waits for epoll
                 // instead of trying the socket first (`try_read_buf` below
                 // keeps the readiness and costs a recv that finds nothing).
+                if self.read_buf.capacity() < READ_BYTES / 4 {
+                    // Reclaimed in place once the frames cut from it are gone.
+                    self.read_buf.reserve(READ_BYTES);
+                }
                 match tokio::time::timeout(IDLE_AFTER, tcp.read_buf(&mut self.read_buf)).await {
                     Err(_) => return Ok(self.release_buffers()),
                     Ok(Ok(0)) => return Ok(Next::Closed),
@@ -255,5 +259,24 @@ mod tests {
         assert_eq!(next_query(&mut io).await, b"SELECT 3\0");
         drop(peer);
         assert!(matches!(io.read_request().await, Ok(Next::Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_busy_client_is_read_request_after_request_past_its_buffers_size() {
+        let (mut peer, mut io) = connected().await;
+        // One at a time, as a client waiting for each reply sends them:
+        // together many times the read buffer's size.
+        for i in 0..(8 * READ_BYTES / 20) {
+            let text = format!("SELECT {i:08}");
+            peer.write_all(&query(&text)).await.expect("send");
+            let mut expected = text.into_bytes();
+            expected.push(0);
+            assert_eq!(next_query(&mut io).await, expected);
+            messages::ready_for_query(b'I', &mut io.out);
+            io.flush().await.expect("flush");
+            let mut reply = [0u8; 6];
+            peer.read_exact(&mut reply).await.expect("reply");
+            assert!(io.read_buf.capacity() > 0, "request {i}: busy, the buffer stays");
+        }
     }
 }

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# System calls and context switches a pooler makes per transaction:
+# pgbench's TPC-B-like transaction (-c 16 -j 2, scale 10, one Postgres)
+# through the proxy, BASELINE_PROXY (another shardline-proxy binary, if
+# set), pgbouncer (not in prepared mode, which it cannot run in transaction
+# pooling) and PgCat (when a build is found), interleaved round by round.
+# `perf stat` counts the pooler process's sendto, recvfrom and epoll_wait
+# calls and its context switches over each run; each count is divided by the
+# transactions pgbench completed, and the medians are printed. On loopback,
+# a pooler's work per transaction is mostly these calls (see
+# docs/PERFORMANCE.md, "Where a transaction's time goes").
+#
+# Needs perf (Debian package linux-perf) and the right to trace (root, or
+# kernel.perf_event_paranoid <= 1 with access to the tracepoints).
+#
+# Usage: [BASELINE_PROXY=path] bench/syscalls.sh [SECONDS_PER_RUN] [ROUNDS] [MODE]
+#   defaults: 8 3 prepared
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-8}
+rounds=${2:-3}
+mode=${3:-prepared}
+if ! command -v perf >/dev/null 2>&1; then
+  echo "bench/syscalls.sh needs perf: apt-get install linux-perf" >&2
+  exit 2
+fi
+. bench/lib.sh
+check_modes "$mode"
+ensure_pgbouncer
+pgcat_bin=$(pgcat_binary)
+bench_cluster shardline-syscalls
+bench_pgbench_schema 10
+# shellcheck disable=SC2119 # no config file: the defaults
+start_proxy
+start_baseline
+names=(proxy)
+ports=("$proxy_port")
+pids=("$proxy_pid")
+if [ -n "$baseline_port" ]; then
+  names+=(baseline); ports+=("$baseline_port"); pids+=("$baseline_pid")
+fi
+if [ "$mode" != prepared ]; then
+  start_pgbouncer 1000
+  names+=(pgbouncer); ports+=("$bouncer_port"); pids+=("$bouncer_pid")
+fi
+if [ -n "$pgcat_bin" ] && start_pgcat "$pgcat_bin"; then
+  names+=(pgcat); ports+=("$pgcat_port"); pids+=("$pgcat_pid")
+fi
+sleep 1
+events=syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait,context-switches
+if ! perf stat -e "$events" -p "$proxy_pid" -o /dev/null -- sleep 0.1 2>"$work/perf.err"; then
+  echo "perf cannot count system calls here: $(head -1 "$work/perf.err")" >&2
+  exit 2
+fi
+
+run() { # name port pid -> appends "sendto recvfrom epoll_wait switches" per transaction
+  local out tx
+  perf stat -x, -e "$events" -p "$3" -o "$work/$1.stat" -- sleep $((secs + 1)) &
+  local perf_pid=$!
+  sleep 0.5
+  if ! out=$(pgbench -n -M "$mode" -c 16 -j 2 -T "$secs" -h 127.0.0.1 -p "$2" -U postgres postgres 2>&1) \
+    || [[ "$out" == *"aborted"* ]]; then
+    wait "$perf_pid" || true
+    echo fail >> "$work/$1.counts"
+    return
+  fi
+  wait "$perf_pid"
+  tx=$(awk -F': ' '/number of transactions actually processed/ {split($2, a, "/"); print a[1]}' <<< "$out")
+  python3 - "$work/$1.stat" "$tx" >> "$work/$1.counts" <<'PY'
+import sys
+counts = {}
+for line in open(sys.argv[1]):
+    fields = line.strip().split(",")
+    if len(fields) > 2 and fields[0].isdigit():
+        counts[fields[2]] = int(fields[0])
+tx = float(sys.argv[2])
+names = ["syscalls:sys_enter_sendto", "syscalls:sys_enter_recvfrom", "syscalls:sys_enter_epoll_wait", "context-switches"]
+print(" ".join("%.2f" % (counts.get(n, 0) / tx) for n in names))
+PY
+}
+
+for _ in $(seq "$rounds"); do
+  for i in "${!names[@]}"; do run "${names[$i]}" "${ports[$i]}" "${pids[$i]}"; done
+done
+
+echo "pooler system calls per TPC-B-like transaction: pgbench -M $mode -c 16 -j 2, ${secs}s per run, $rounds interleaved rounds, medians; $(nproc) cores"
+printf "%-10s %10s %10s %12s %12s\n" pooler sendto recvfrom epoll_wait switches
+for n in "${names[@]}"; do
+  python3 - "$work/$n.counts" "$n" <<'PY'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip() and l.strip() != "fail"]
+if not rows:
+    print(f"{sys.argv[2]:10s} {'fail':>10s}")
+    sys.exit()
+cols = [statistics.median(float(r[i]) for r in rows) for i in range(4)]
+print(f"{sys.argv[2]:10s} {cols[0]:10.2f} {cols[1]:10.2f} {cols[2]:12.2f} {cols[3]:12.2f}")
+PY
+done
