@@ -119,12 +119,17 @@ async fn tpcb_statements_run_kept_inside_transactions_in_both_protocols() {
         for key in &keys {
             let delta = -(round as i64) - 1;
             client.batch_execute("BEGIN").await.expect("begin");
-            client
-                .batch_execute(&format!(
+            let updated = client
+                .simple_query(&format!(
                     "UPDATE accounts SET abalance = abalance + {delta} WHERE aid = {key}"
                 ))
                 .await
                 .expect("update");
+            // Kept or not, the Query's replies are Postgres's: the tag alone.
+            assert!(
+                matches!(updated.as_slice(), [SimpleQueryMessage::CommandComplete(1)]),
+                "round {round}: {updated:?}"
+            );
             let balance = text_rows(
                 &client,
                 &format!("SELECT abalance FROM accounts WHERE aid = {key}"),

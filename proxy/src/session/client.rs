@@ -276,7 +276,10 @@ mod tests {
             io.flush().await.expect("flush");
             let mut reply = [0u8; 6];
             peer.read_exact(&mut reply).await.expect("reply");
-            assert!(io.read_buf.capacity() > 0, "request {i}: busy, the buffer stays");
+            assert!(
+                io.read_buf.capacity() > 0,
+                "request {i}: busy, the buffer stays"
+            );
         }
     }
 }

@@ -429,24 +429,23 @@ impl Session {
             return self.ready().await;
         }
         match self.kept_simple(&frame, analyzed, data, &route) {
-            Some(kept) => {
-                self.forward_kept_simple(frame, route, data.read_only, kept)
-                    .await
-            }
+            Some(kept) => self.forward_kept_simple(frame, route, data, kept).await,
             None => self.forward_simple(frame, route, data.read_only).await,
         }
     }
 
     /// Sends a simple Query as Bind/Describe/Execute/Sync of a statement kept
-    /// prepared on the backend, and relays the replies as the Query's would
-    /// be (no BindComplete, no NoData).
+    /// prepared on the backend (Bind/Execute/Sync for a write without
+    /// RETURNING, which has no rows to describe), and relays the replies as
+    /// the Query's would be (no BindComplete, no NoData).
     async fn forward_kept_simple(
         &mut self,
         frame: Frame,
         route: Route,
-        read_only: bool,
+        data: &DataStatement,
         kept: KeptSimple,
     ) -> Result<(), SessionError> {
+        let (read_only, no_result) = (data.read_only, data.no_result);
         let max_kept = self.shared.config.pool.max_prepared_unnamed;
         let shared = self.shared.clone();
         let mut build =
@@ -474,8 +473,14 @@ impl Session {
                     End::BindForQuery,
                     request.retry_stale.then(|| kept.name.clone()),
                 );
-                messages::describe_execute_sync(&mut plan.out);
-                plan.expect(End::DescribeForQuery, None);
+                if no_result {
+                    // No rows, so no RowDescription to ask for: a Query of
+                    // it answers CommandComplete alone, as Execute does.
+                    messages::execute_sync(&mut plan.out);
+                } else {
+                    messages::describe_execute_sync(&mut plan.out);
+                    plan.expect(End::DescribeForQuery, None);
+                }
                 plan.expect(End::Execute, None);
                 plan.expect(End::Sync, None);
             };

@@ -285,6 +285,12 @@ pub fn describe_execute_sync(out: &mut BytesMut) {
     out.put_slice(&[b'S', 0, 0, 0, 4]);
 }
 
+/// Execute of the unnamed portal (all rows), and Sync.
+pub fn execute_sync(out: &mut BytesMut) {
+    out.put_slice(&[b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0]);
+    out.put_slice(&[b'S', 0, 0, 0, 4]);
+}
+
 pub fn copy_fail(reason: &str, out: &mut BytesMut) {
     let start = begin(out, b'f');
     put_cstr(out, reason);
