@@ -61,6 +61,7 @@ bench_cleanup() {
   if [ -n "${rebalancer_pid:-}" ]; then kill "$rebalancer_pid" 2>/dev/null || true; fi
   if [ -n "${bouncer_pid:-}" ]; then kill "$bouncer_pid" 2>/dev/null || true; fi
   if [ -n "${pgcat_pid:-}" ]; then kill "$pgcat_pid" 2>/dev/null || true; fi
+  if [ -n "${baseline_pid:-}" ]; then kill "$baseline_pid" 2>/dev/null || true; fi
   "$bin/shardctl" dev down --dir "$work/cluster" >/dev/null 2>&1 || true
   rm -rf "$work"
 }

@@ -9,7 +9,10 @@
 # server's and pgbench's (see docs/PERFORMANCE.md). pgbouncer 1.18 cannot run
 # -M prepared in transaction pooling: its cells then read `fail`.
 #
-# Usage: [PGCAT=path] bench/pooler_cpu.sh [SECONDS_PER_RUN] [ROUNDS] [MODES]
+# BASELINE_PROXY=path adds another shardline-proxy binary (say, an earlier
+# commit's build) to the rounds.
+#
+# Usage: [PGCAT=path] [BASELINE_PROXY=path] bench/pooler_cpu.sh [SECONDS_PER_RUN] [ROUNDS] [MODES]
 #   defaults: 8 3 "simple extended prepared"
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,9 +28,13 @@ bench_pgbench_schema 10
 # shellcheck disable=SC2119 # no config file: the defaults
 start_proxy
 start_pgbouncer 1000
+start_baseline
 names=(proxy pgbouncer)
 ports=("$proxy_port" "$bouncer_port")
 pids=("$proxy_pid" "$bouncer_pid")
+if [ -n "$baseline_port" ]; then
+  names+=(baseline); ports+=("$baseline_port"); pids+=("$baseline_pid")
+fi
 if [ -n "$pgcat_bin" ] && start_pgcat "$pgcat_bin"; then
   names+=(pgcat); ports+=("$pgcat_port"); pids+=("$pgcat_pid")
 fi
