@@ -31,10 +31,9 @@ pub(super) fn place_begin(
     prepared: &mut PreparedStatements,
     max_kept: usize,
 ) {
-    let (out_at, expects_at) = at;
     let mut front = Plan::default();
     let name = backend_statement_name(sql, &[], &BTreeMap::new());
-    let batched = plan.out.get(out_at..).is_some_and(only_extended_messages)
+    let batched = plan.out.get(at.0..).is_some_and(only_extended_messages)
         && can_keep(prepared, &name, max_kept);
     if batched {
         if !prepared.has(&name, sql) {
@@ -59,12 +58,7 @@ pub(super) fn place_begin(
         messages::query(sql, &mut out);
         front.inject(&out, End::Query);
     }
-    // Into place: the request's bytes move up behind the BEGIN's.
-    plan.out.extend_from_slice(&front.out);
-    plan.out[out_at..].rotate_right(front.out.len());
-    for (i, expect) in front.expects.into_iter().enumerate() {
-        plan.expects.insert(expects_at + i, expect);
-    }
+    plan.insert_front(at, front);
 }
 
 /// Whether `bytes` hold whole messages of the extended protocol (the

@@ -19,7 +19,7 @@
 
 use std::sync::Arc;
 
-use bytes::{Buf, BytesMut};
+use bytes::Buf;
 use shardmap::ClusterMap;
 
 use crate::backend::PreparedStatements;
@@ -87,10 +87,9 @@ pub(super) fn place(
         return Ok(());
     }
     let (parents, leaves) = arrays(pairs);
-    let tail = plan.out.split_off(out_mark);
-    let mut checks = Vec::new();
-    if tail.first() == Some(&b'Q') {
+    if plan.out.get(out_mark) == Some(&b'Q') {
         // One Query: the check becomes its first statement.
+        let tail = plan.out.split_off(out_mark);
         let Some(len) = tail.get(1..5).map(|mut b| b.get_i32()) else {
             return Err(Unplaceable);
         };
@@ -108,38 +107,41 @@ pub(super) fn place(
         );
         messages::query(&sql, &mut plan.out);
         plan.out.extend_from_slice(&tail[end..]);
-        checks.push(check_reply(End::OwnerCheck, None));
-    } else {
-        let name: Arc<str> = Arc::from(CHECK_STATEMENT);
-        if !prepared.has(CHECK_STATEMENT, CHECK_SQL) {
-            messages::parse(CHECK_STATEMENT, CHECK_SQL, &[], &mut plan.out);
-            prepared.insert(name.clone(), CHECK_SQL);
-            checks.push(check_reply(End::ParseComplete, Some(name)));
-        }
-        messages::bind_portal_text(
-            CHECK_STATEMENT,
-            CHECK_STATEMENT,
-            &[&parents, &leaves],
-            &mut plan.out,
-        );
-        checks.push(check_reply(End::BindComplete, None));
-        messages::execute(CHECK_STATEMENT, &mut plan.out);
-        checks.push(check_reply(End::Execute, None));
-        // Closed at once: a portal of that name must not exist at the next
-        // check of the same transaction.
-        let mut close = BytesMut::new();
-        Target {
-            kind: b'P',
-            name: CHECK_STATEMENT.to_string(),
-        }
-        .encode(b'C', &mut close);
-        plan.out.extend_from_slice(&close);
-        checks.push(check_reply(End::CloseComplete, None));
-        plan.out.unsplit(tail);
+        plan.expects
+            .insert(expects_mark, check_reply(End::OwnerCheck, None));
+        return Ok(());
     }
-    for (i, check) in checks.into_iter().enumerate() {
-        plan.expects.insert(expects_mark + i, check);
+    let mut front = Plan::default();
+    let name: Arc<str> = Arc::from(CHECK_STATEMENT);
+    if !prepared.has(CHECK_STATEMENT, CHECK_SQL) {
+        messages::parse(CHECK_STATEMENT, CHECK_SQL, &[], &mut front.out);
+        prepared.insert(name.clone(), CHECK_SQL);
+        front
+            .expects
+            .push_back(check_reply(End::ParseComplete, Some(name)));
     }
+    messages::bind_portal_text(
+        CHECK_STATEMENT,
+        CHECK_STATEMENT,
+        &[&parents, &leaves],
+        &mut front.out,
+    );
+    front
+        .expects
+        .push_back(check_reply(End::BindComplete, None));
+    messages::execute(CHECK_STATEMENT, &mut front.out);
+    front.expects.push_back(check_reply(End::Execute, None));
+    // Closed at once: a portal of that name must not exist at the next
+    // check of the same transaction.
+    Target {
+        kind: b'P',
+        name: CHECK_STATEMENT.to_string(),
+    }
+    .encode(b'C', &mut front.out);
+    front
+        .expects
+        .push_back(check_reply(End::CloseComplete, None));
+    plan.insert_front((out_mark, expects_mark), front);
     Ok(())
 }
 
@@ -156,6 +158,7 @@ fn check_reply(end: End, unprepare: Option<Arc<str>>) -> Expect {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BytesMut;
 
     fn pairs() -> Vec<(String, String)> {
         vec![("users".into(), "users_p3".into())]

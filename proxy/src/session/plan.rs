@@ -139,6 +139,18 @@ impl Plan {
         });
     }
 
+    /// Puts `front`'s messages and expected replies before what was written
+    /// from `at` on (the lengths of `out` and `expects` then): what the
+    /// proxy sends ahead of a request `build` already wrote.
+    pub(super) fn insert_front(&mut self, at: (usize, usize), front: Plan) {
+        let (out_at, expects_at) = at;
+        self.out.extend_from_slice(&front.out);
+        self.out[out_at..].rotate_right(front.out.len());
+        for (i, expect) in front.expects.into_iter().enumerate() {
+            self.expects.insert(expects_at + i, expect);
+        }
+    }
+
     pub(super) fn synthetic(&mut self, bytes: BytesMut) {
         self.expects.push_back(Expect::Synthetic(bytes.freeze()));
     }

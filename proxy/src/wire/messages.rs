@@ -281,8 +281,7 @@ pub fn execute(portal: &str, out: &mut BytesMut) {
 /// Describe of the unnamed portal, Execute of it (all rows), and Sync.
 pub fn describe_execute_sync(out: &mut BytesMut) {
     out.put_slice(&[b'D', 0, 0, 0, 6, b'P', 0]);
-    out.put_slice(&[b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0]);
-    out.put_slice(&[b'S', 0, 0, 0, 4]);
+    execute_sync(out);
 }
 
 /// Execute of the unnamed portal (all rows), and Sync.
