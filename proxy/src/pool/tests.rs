@@ -83,7 +83,7 @@ async fn room_handed_over_is_taken_after_the_local_entry_is_dropped() {
 /// connection of its own pool to come back.
 #[tokio::test(flavor = "current_thread")]
 async fn a_permit_returned_to_the_budget_reaches_a_waiting_client() {
-    let (budget, here, held, waiter) = a_client_waiting_for_the_only_permit().await;
+    let (_budget, here, held, waiter) = a_client_waiting_for_the_only_permit().await;
     drop(held);
     let got = waiter.await.expect("the waiting task ends");
     assert_eq!(got, "room", "room from the budget");
