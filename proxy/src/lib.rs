@@ -3,6 +3,7 @@
 //! connections. Depends on `shardmap` (and `twophase`, shared with the
 //! rebalancer); never on `rebalancer`.
 
+pub mod allocator;
 pub mod analyze;
 pub mod auth;
 pub mod backend;

@@ -70,6 +70,15 @@ struct Args {
 
 fn main() -> ExitCode {
     telemetry::init_logging("info");
+    if let proxy::allocator::PurgeDelay::UnknownLayout(value) =
+        proxy::allocator::purge_freed_memory_promptly()
+    {
+        tracing::warn!(
+            value,
+            "mimalloc's purge delay option did not read its known default: left as it is, \
+             so memory freed after a burst of clients may stay resident longer"
+        );
+    }
     let args = Args::parse();
     // The main thread's runtime follows etcd and serves clients; `--threads`
     // adds serving threads, each with its own runtime, listener and pools.
