@@ -534,12 +534,16 @@ impl Pool {
     /// between the threads, or nothing when the budget is smaller than the
     /// number of threads (then connections go round the threads).
     fn holds_more_than_its_share(&self) -> bool {
+        // A pool that was dropped (its server left the map) stays in the
+        // list until the next pool joins: it holds no share.
         let threads = self
             .budget
             .members
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .len()
+            .iter()
+            .filter(|member| member.strong_count() > 0)
+            .count()
             .max(1);
         let size = self.config.size;
         let share = if size >= threads {

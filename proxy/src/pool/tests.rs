@@ -90,3 +90,38 @@ async fn a_permit_returned_to_the_budget_reaches_a_waiting_client() {
     assert_eq!(here.waiting_here(), 0);
     assert_eq!(here.waiting_in_all_threads(), 0);
 }
+
+/// A pool whose server left the map is dropped, but stays in the budget's
+/// list of members until another pool joins: it must not count as a thread
+/// with a share, or the live pools' shares shrink and they give their
+/// connections away to waiting clients too early.
+#[tokio::test(flavor = "current_thread")]
+async fn a_dropped_pool_holds_no_share_of_the_budget() {
+    let config = PoolConfig {
+        size: 4,
+        ..PoolConfig::default()
+    };
+    let budget = Arc::new(Budget::new(config.size));
+    let here = pool_in(&budget, &config);
+    let there = pool_in(&budget, &config);
+    // Two live pools: a share of 2 each. With one connection leased,
+    // returning a second one leaves `here` within its share.
+    here.leased.fetch_add(1, Ordering::Relaxed);
+    assert!(!here.holds_more_than_its_share());
+    // A third returned connection is more than an even split of 4 by 2.
+    here.leased.fetch_add(1, Ordering::Relaxed);
+    assert!(here.holds_more_than_its_share());
+    here.leased.fetch_sub(1, Ordering::Relaxed);
+    // `there` goes away, and no pool joins after it: `here` is alone, its
+    // share the whole budget.
+    drop(there);
+    assert_eq!(budget.members.lock().map(|m| m.len()).unwrap_or(0), 2);
+    here.leased.fetch_add(2, Ordering::Relaxed);
+    assert!(
+        !here.holds_more_than_its_share(),
+        "4 of 4 for the only live pool"
+    );
+    here.leased.fetch_add(1, Ordering::Relaxed);
+    assert!(here.holds_more_than_its_share(), "5 of 4");
+    here.leased.fetch_sub(4, Ordering::Relaxed);
+}
