@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use bytes::BytesMut;
 
 use crate::backend::PreparedStatements;
-use crate::wire::messages;
+use crate::wire::{frame, messages};
 
 use super::plan::{End, Plan};
 use super::statements::{backend_statement_name, can_keep, prepare_on_backend};
@@ -65,28 +65,20 @@ pub(super) fn place_begin(
 /// request starts with one and carries no simple Query), so that a BEGIN
 /// without a Sync may go in front of them.
 fn only_extended_messages(mut bytes: &[u8]) -> bool {
-    let Some(first) = bytes.first() else {
-        return false;
-    };
-    if !matches!(first, b'P' | b'B') {
+    if !matches!(bytes.first(), Some(b'P' | b'B')) {
         return false;
     }
     while !bytes.is_empty() {
-        let Some(&[tag, a, b, c, d]) = bytes.get(..5) else {
+        // The messages were framed (and their lengths bounded) when read.
+        let Ok(Some((tag, size))) = frame::peek_header(bytes, usize::MAX) else {
             return false;
         };
         if !matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H') {
             return false;
         }
-        let Ok(length) = usize::try_from(i32::from_be_bytes([a, b, c, d])) else {
+        let Some(rest) = bytes.get(size..) else {
             return false;
         };
-        let Some(rest) = bytes.get(length + 1..) else {
-            return false;
-        };
-        if length < 4 {
-            return false;
-        }
         bytes = rest;
     }
     true
@@ -100,11 +92,11 @@ mod tests {
     fn tags(bytes: &[u8]) -> Vec<char> {
         let mut tags = Vec::new();
         let mut at = 0;
-        while at + 5 <= bytes.len() {
-            tags.push(char::from(bytes[at]));
-            let length =
-                i32::from_be_bytes([bytes[at + 1], bytes[at + 2], bytes[at + 3], bytes[at + 4]]);
-            at += length as usize + 1;
+        while let Ok(Some((tag, size))) =
+            frame::peek_header(bytes.get(at..).unwrap_or_default(), usize::MAX)
+        {
+            tags.push(char::from(tag));
+            at += size;
         }
         assert_eq!(at, bytes.len(), "the messages fill the buffer exactly");
         tags

@@ -158,6 +158,7 @@ fn check_reply(end: End, unprepare: Option<Arc<str>>) -> Expect {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::frame::peek_header;
     use bytes::BytesMut;
 
     fn pairs() -> Vec<(String, String)> {
@@ -255,12 +256,12 @@ mod tests {
         assert!(place(&mut plan, 0, 0, &pairs(), &mut prepared).is_err());
     }
 
+    /// Each message's tag and length field (the size less the tag).
     fn frames(mut bytes: &[u8]) -> Vec<(u8, usize)> {
         let mut frames = Vec::new();
-        while bytes.len() >= 5 {
-            let len = i32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
-            frames.push((bytes[0], len));
-            bytes = &bytes[1 + len..];
+        while let Ok(Some((tag, size))) = peek_header(bytes, usize::MAX) {
+            frames.push((tag, size - 1));
+            bytes = &bytes[size..];
         }
         frames
     }

@@ -33,14 +33,15 @@ pub enum FrameError {
     TooLarge { length: usize, limit: usize },
 }
 
-/// Cuts the next complete tagged message off `buf`, or `None` if more bytes
-/// are needed. `max` bounds the accepted message length.
-pub fn next_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameError> {
-    if buf.len() < 5 {
+/// The tag of the tagged message at the start of `buf` and its size with
+/// the tag (`length + 1`), its length checked; `None` if the header is not
+/// all in. The message itself may not be all in yet. `max` bounds the
+/// accepted message length.
+pub fn peek_header(buf: &[u8], max: usize) -> Result<Option<(u8, usize)>, FrameError> {
+    let Some(&[tag, a, b, c, d]) = buf.get(..5) else {
         return Ok(None);
-    }
-    let tag = buf[0];
-    let length = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    };
+    let length = i32::from_be_bytes([a, b, c, d]);
     if length < 4 {
         return Err(FrameError::BadLength {
             tag: char::from(tag),
@@ -51,13 +52,22 @@ pub fn next_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, Frame
     if length > max {
         return Err(FrameError::TooLarge { length, limit: max });
     }
-    if buf.len() < length + 1 {
-        buf.reserve(length + 1 - buf.len());
+    Ok(Some((tag, length + 1)))
+}
+
+/// Cuts the next complete tagged message off `buf`, or `None` if more bytes
+/// are needed. `max` bounds the accepted message length.
+pub fn next_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameError> {
+    let Some((tag, size)) = peek_header(buf, max)? else {
+        return Ok(None);
+    };
+    if buf.len() < size {
+        buf.reserve(size - buf.len());
         return Ok(None);
     }
     Ok(Some(Frame {
         tag,
-        raw: buf.split_to(length + 1).freeze(),
+        raw: buf.split_to(size).freeze(),
     }))
 }
 
