@@ -203,3 +203,28 @@ start_baseline() {
     --auth-method trust > "$work/baseline.log" 2>&1 &
   baseline_pid=$!
 }
+
+# The targets a pooler-comparing script runs pgbench against, in order:
+# names, ports and the pooler process of each ("-": none, pgbench talks to
+# Postgres). Scripts append with add_target.
+names=()
+ports=()
+pids=()
+add_target() { # name port pid
+  names+=("$1")
+  ports+=("$2")
+  pids+=("$3")
+}
+
+# Appends the optional targets: the baseline proxy when start_baseline
+# started one, then PgCat when its binary is given and it starts.
+add_optional_targets() { # pgcat-binary (may be empty)
+  if [ -n "$baseline_port" ]; then add_target baseline "$baseline_port" "$baseline_pid"; fi
+  if [ -n "$1" ] && start_pgcat "$1"; then add_target pgcat "$pgcat_port" "$pgcat_pid"; fi
+  return 0
+}
+
+# The number of transactions pgbench's output says it processed.
+pgbench_transactions() { # pgbench-output
+  awk -F': ' '/number of transactions actually processed/ {split($2, a, "/"); print a[1]}' <<< "$1"
+}

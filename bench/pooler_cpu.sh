@@ -33,16 +33,10 @@ bench_pgbench_schema 10
 start_proxy
 start_pgbouncer 1000
 start_baseline
-# "-": no pooler process (pgbench talks to Postgres directly)
-names=(direct proxy pgbouncer)
-ports=("$pg_port" "$proxy_port" "$bouncer_port")
-pids=(- "$proxy_pid" "$bouncer_pid")
-if [ -n "$baseline_port" ]; then
-  names+=(baseline); ports+=("$baseline_port"); pids+=("$baseline_pid")
-fi
-if [ -n "$pgcat_bin" ] && start_pgcat "$pgcat_bin"; then
-  names+=(pgcat); ports+=("$pgcat_port"); pids+=("$pgcat_pid")
-fi
+add_target direct "$pg_port" -
+add_target proxy "$proxy_port" "$proxy_pid"
+add_target pgbouncer "$bouncer_port" "$bouncer_pid"
+add_optional_targets "$pgcat_bin"
 sleep 1
 
 # user and system clock ticks of PID, all threads ("-": none)
@@ -79,7 +73,7 @@ sys.exit(r.returncode)' pgbench -n -M "$4" -c 16 -j 2 -T "$secs" -h 127.0.0.1 -p
   read -r u1 s1 < <(ticks "$3")
   g1=$(pg_ticks)
   read -r q1 i1 m1 < <(machine_ticks)
-  tx=$(awk -F': ' '/number of transactions actually processed/ {split($2, a, "/"); print a[1]}' <<< "$out")
+  tx=$(pgbench_transactions "$out")
   tps=$(awk '/^tps = / {print $3; exit}' <<< "$out")
   cpu=$(awk '/^pgbench cpu = / {print $4}' <<< "$out")
   python3 -c "import sys

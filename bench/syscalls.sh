@@ -33,19 +33,13 @@ bench_pgbench_schema 10
 # shellcheck disable=SC2119 # no config file: the defaults
 start_proxy
 start_baseline
-names=(proxy)
-ports=("$proxy_port")
-pids=("$proxy_pid")
-if [ -n "$baseline_port" ]; then
-  names+=(baseline); ports+=("$baseline_port"); pids+=("$baseline_pid")
-fi
+add_target proxy "$proxy_port" "$proxy_pid"
+# pgbouncer cannot run pgbench's prepared mode in transaction pooling.
 if [ "$mode" != prepared ]; then
   start_pgbouncer 1000
-  names+=(pgbouncer); ports+=("$bouncer_port"); pids+=("$bouncer_pid")
+  add_target pgbouncer "$bouncer_port" "$bouncer_pid"
 fi
-if [ -n "$pgcat_bin" ] && start_pgcat "$pgcat_bin"; then
-  names+=(pgcat); ports+=("$pgcat_port"); pids+=("$pgcat_pid")
-fi
+add_optional_targets "$pgcat_bin"
 sleep 1
 events=syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait,context-switches
 if ! perf stat -e "$events" -p "$proxy_pid" -o /dev/null -- sleep 0.1 2>"$work/perf.err"; then
@@ -65,7 +59,7 @@ run() { # name port pid -> appends "sendto recvfrom epoll_wait switches" per tra
     return
   fi
   wait "$perf_pid"
-  tx=$(awk -F': ' '/number of transactions actually processed/ {split($2, a, "/"); print a[1]}' <<< "$out")
+  tx=$(pgbench_transactions "$out")
   python3 - "$work/$1.stat" "$tx" >> "$work/$1.counts" <<'PY'
 import sys
 counts = {}

@@ -19,9 +19,11 @@ use rustc_hash::FxHashMap;
 use shardmap::Endpoint;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tracing::warn;
 
-use crate::wire::frame::{next_frame, Frame, DEFAULT_MAX_MESSAGE};
-use crate::wire::messages::error_summary;
+use crate::wire::frame::{next_frame, peek_header, Frame, DEFAULT_MAX_MESSAGE};
+use crate::wire::messages::{self, error_summary};
+use crate::wire::rows::data_row_values;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -171,7 +173,43 @@ impl Backend {
         .map_err(io_err)?;
         backend.write_all(&out).await.map_err(io_err)?;
         backend.authenticate(&endpoint.user, password).await?;
+        backend.prepared.rules_return_rows = backend.rules_return_rows().await.map_err(io_err)?;
         Ok(backend)
+    }
+
+    /// Whether a rule of this database may make an INSERT, UPDATE or DELETE
+    /// return rows (a SELECT among its actions). A simple Query returns
+    /// such rows; Execute in the extended protocol does not. So where such
+    /// a rule exists, simple-protocol writes are not run as kept statements
+    /// on this connection. Checked once per connection: a rule created
+    /// later is seen by connections opened after it. If the check itself
+    /// fails, the answer is yes.
+    async fn rules_return_rows(&mut self) -> io::Result<bool> {
+        let mut out = BytesMut::new();
+        messages::query(RULES_THAT_RETURN_ROWS, &mut out);
+        self.write_all(&out).await?;
+        let mut answer = None;
+        loop {
+            let frame = self.read_frame().await?;
+            match frame.tag {
+                b'D' => {
+                    let values = data_row_values(&frame.body()).map_err(|e| {
+                        io::Error::new(io::ErrorKind::InvalidData, format!("{e} from the server"))
+                    })?;
+                    answer = Some(!matches!(values.first(), Some(Some(v)) if &v[..] == b"f"));
+                }
+                b'E' => {
+                    let (code, detail) = error_summary(&frame.body());
+                    warn!(server = %self.server, %code, %detail, "cannot read the database's rules; simple-protocol writes are not kept prepared on this connection");
+                    answer = Some(true);
+                }
+                b'Z' => {
+                    self.status = frame.raw.get(5).copied().unwrap_or(b'I');
+                    return Ok(answer.unwrap_or(true));
+                }
+                _ => {}
+            }
+        }
     }
 
     fn protocol(&self, what: impl Into<String>) -> BackendError {
@@ -323,19 +361,10 @@ impl Backend {
     /// Tag and total length (tag included) of the next message if it is
     /// completely buffered. Lengths are checked as in `next_frame`.
     pub fn peek_message(&self) -> io::Result<Option<(u8, usize)>> {
-        let buf = &self.read_buf;
-        if buf.len() < 5 {
-            return Ok(None);
-        }
-        let length = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
-        if length < 4 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("invalid message length {length} from the server"),
-            ));
-        }
-        let total = length as usize + 1;
-        Ok((buf.len() >= total).then_some((buf[0], total)))
+        let header = peek_header(&self.read_buf, DEFAULT_MAX_MESSAGE).map_err(|e| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("{e} from the server"))
+        })?;
+        Ok(header.filter(|&(_, size)| self.read_buf.len() >= size))
     }
 
     /// The bytes read but not consumed yet.
@@ -389,32 +418,49 @@ impl Backend {
 /// a name is reused only for the same text: two texts that happen to share
 /// a name never run one for the other.
 #[derive(Debug, Default)]
-pub struct PreparedStatements(FxHashMap<Arc<str>, Box<str>>);
+pub struct PreparedStatements {
+    texts: FxHashMap<Arc<str>, Box<str>>,
+    /// A rule of the database may make a write return rows: see
+    /// `Backend::rules_return_rows`.
+    pub rules_return_rows: bool,
+}
+
+/// Rules on INSERT, UPDATE or DELETE (`ev_type` other than SELECT's `1`)
+/// of tables outside `pg_catalog` (whose `pg_settings` has one; its
+/// updates take quoted names, which are never kept) with a SELECT action: `DO [INSTEAD|ALSO] SELECT`, or a SELECT in a
+/// parenthesized list of actions. A SELECT nested in another action may
+/// match too, which only costs the keeping of simple-protocol writes.
+const RULES_THAT_RETURN_ROWS: &str = r"SELECT EXISTS (SELECT FROM pg_catalog.pg_rewrite r
+     JOIN pg_catalog.pg_class c ON c.oid = r.ev_class
+     WHERE r.ev_type <> '1' AND c.relnamespace <> 'pg_catalog'::pg_catalog.regnamespace
+     AND pg_catalog.pg_get_ruledef(r.oid) ~* E'(\\mDO|\\mINSTEAD|\\mALSO|[(;])\\s*SELECT\\M')";
 
 impl PreparedStatements {
     /// Whether `name` is prepared here with exactly `text`.
     pub fn has(&self, name: &str, text: &str) -> bool {
-        self.0.get(name).is_some_and(|prepared| &**prepared == text)
+        self.texts
+            .get(name)
+            .is_some_and(|prepared| &**prepared == text)
     }
 
     /// Whether `name` is prepared here, with whatever text.
     pub fn contains(&self, name: &str) -> bool {
-        self.0.contains_key(name)
+        self.texts.contains_key(name)
     }
 
     pub fn insert(&mut self, name: Arc<str>, text: &str) {
-        self.0.insert(name, text.into());
+        self.texts.insert(name, text.into());
     }
 
     pub fn remove(&mut self, name: &str) {
-        self.0.remove(name);
+        self.texts.remove(name);
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.texts.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.texts.is_empty()
     }
 }

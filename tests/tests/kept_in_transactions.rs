@@ -5,7 +5,8 @@
 //! the threshold on, with the same results as on the servers directly; a
 //! statement that returns rows is not kept mid-transaction (a stale plan
 //! could not be retried there); a failure inside a kept statement aborts
-//! the transaction exactly as Postgres would.
+//! the transaction exactly as Postgres would; a write that a rule turns into
+//! a SELECT is described, kept or not.
 
 use std::sync::atomic::Ordering;
 
@@ -478,4 +479,66 @@ async fn a_held_back_begin_travels_kept_with_the_first_extended_statement() {
         client.batch_execute("ROLLBACK").await.expect("rollback");
     }
     assert_eq!(balances(&cluster, &keys).await, vec![20; keys.len()]);
+}
+
+/// A rule can make an INSERT return rows (`DO INSTEAD SELECT`): a simple
+/// Query returns them, Execute in the extended protocol does not. On a
+/// database with such a rule, simple-protocol writes are not kept, so each
+/// run through the proxy answers what the server answers directly, in and
+/// out of transactions; reads are still kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_a_rule_turns_into_selects_are_not_kept_and_return_their_rows() {
+    let cluster = TestCluster::start(3);
+    let map = setup(&cluster).await;
+    for index in 0..cluster.cluster.servers.len() {
+        cluster
+            .connect(index)
+            .await
+            .batch_execute(
+                "CREATE RULE history_echo AS ON INSERT TO history \
+                 DO INSTEAD SELECT NEW.aid AS aid, NEW.delta * 2 AS doubled",
+            )
+            .await
+            .expect("create the rule on a server");
+    }
+    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 1).await;
+    let keys = key_per_server(&cluster, &map, "accounts");
+    let client = proxy.connect().await;
+    let metrics = &proxy.shared.metrics;
+    let after = u64::from(proxy.shared.config.pool.prepare_simple_after);
+    let before = metrics.kept_prepared_runs.load(Ordering::Relaxed);
+    for round in 0..after + 2 {
+        for (index, key) in keys.iter().enumerate() {
+            let direct = cluster.connect(index).await;
+            let sql = format!("INSERT INTO history (aid, delta) VALUES ({key}, {round})");
+            let expected = text_rows(&direct, &sql).await;
+            assert_eq!(
+                expected,
+                vec![vec![key.to_string(), (2 * round).to_string()]]
+            );
+            assert_eq!(text_rows(&client, &sql).await, expected, "{sql}");
+            client.batch_execute("BEGIN").await.expect("begin");
+            assert_eq!(
+                text_rows(&client, &sql).await,
+                expected,
+                "{sql} inside a transaction"
+            );
+            client.batch_execute("COMMIT").await.expect("commit");
+        }
+    }
+    assert_eq!(
+        metrics.kept_prepared_runs.load(Ordering::Relaxed),
+        before,
+        "no write ran kept"
+    );
+    for _ in 0..after + 1 {
+        for key in &keys {
+            let sql = format!("SELECT count(*) FROM history WHERE aid = {key}");
+            assert_eq!(text_rows(&client, &sql).await, vec![vec!["0".to_string()]]);
+        }
+    }
+    assert!(
+        metrics.kept_prepared_runs.load(Ordering::Relaxed) > before,
+        "reads still run kept"
+    );
 }

@@ -446,11 +446,17 @@ impl Session {
         kept: KeptSimple,
     ) -> Result<(), SessionError> {
         let (read_only, no_result) = (data.read_only, data.no_result);
+        let writes = !data.written.is_empty();
         let max_kept = self.shared.config.pool.max_prepared_unnamed;
         let shared = self.shared.clone();
         let mut build =
             |_: &Session, request: &Request, plan: &mut Plan, set: &mut PreparedStatements| {
-                if !request.keep_unnamed || !can_keep(set, &kept.name, max_kept) {
+                // Where a rule may turn a write into a SELECT, only a Query
+                // returns its rows (Execute drops them).
+                if !request.keep_unnamed
+                    || !can_keep(set, &kept.name, max_kept)
+                    || (writes && set.rules_return_rows)
+                {
                     plan.send(&frame.raw, End::Query);
                     return;
                 }
