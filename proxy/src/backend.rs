@@ -19,7 +19,7 @@ use rustc_hash::FxHashMap;
 use shardmap::Endpoint;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::wire::frame::{next_frame, peek_header, Frame, DEFAULT_MAX_MESSAGE};
 use crate::wire::messages::{self, error_summary};
@@ -178,12 +178,12 @@ impl Backend {
     }
 
     /// Whether a rule of this database may make an INSERT, UPDATE or DELETE
-    /// return rows (a SELECT among its actions). A simple Query returns
-    /// such rows; Execute in the extended protocol does not. So where such
-    /// a rule exists, simple-protocol writes are not run as kept statements
-    /// on this connection. Checked once per connection: a rule created
-    /// later is seen by connections opened after it. If the check itself
-    /// fails, the answer is yes.
+    /// return rows (a SELECT or VALUES among its actions). A simple Query
+    /// returns such rows; Execute in the extended protocol does not. So
+    /// where such a rule exists, simple-protocol writes are not run as kept
+    /// statements on this connection. Checked once per connection: a rule
+    /// created later is seen by connections opened after it (within
+    /// `pool.max_lifetime`). If the check itself fails, the answer is yes.
     async fn rules_return_rows(&mut self) -> io::Result<bool> {
         let mut out = BytesMut::new();
         messages::query(RULES_THAT_RETURN_ROWS, &mut out);
@@ -200,15 +200,31 @@ impl Backend {
                 }
                 b'E' => {
                     let (code, detail) = error_summary(&frame.body());
-                    warn!(server = %self.server, %code, %detail, "cannot read the database's rules; simple-protocol writes are not kept prepared on this connection");
+                    warn!(server = %self.server, %code, %detail, "cannot read the database's rules (pg_rewrite): simple-protocol writes are not kept prepared on this connection; let the proxy's user read pg_catalog.pg_rewrite");
                     answer = Some(true);
                 }
+                b'S' => self.record_parameter(&frame.body()),
                 b'Z' => {
                     self.status = frame.raw.get(5).copied().unwrap_or(b'I');
-                    return Ok(answer.unwrap_or(true));
+                    let found = answer.unwrap_or(true);
+                    if found {
+                        debug!(server = %self.server, "a rule may turn writes into SELECTs: simple-protocol writes are not kept prepared on this connection");
+                    }
+                    return Ok(found);
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// Records a ParameterStatus (its body): a new value replaces the old.
+    fn record_parameter(&mut self, body: &[u8]) {
+        let mut fields = body.split(|&b| b == 0);
+        let name = String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
+        let value = String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
+        match self.parameters.iter_mut().find(|(known, _)| *known == name) {
+            Some((_, old)) => *old = value,
+            None => self.parameters.push((name, value)),
         }
     }
 
@@ -310,14 +326,7 @@ impl Backend {
                         message,
                     });
                 }
-                b'S' => {
-                    let mut fields = body.split(|&b| b == 0);
-                    let name =
-                        String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
-                    let value =
-                        String::from_utf8_lossy(fields.next().unwrap_or_default()).into_owned();
-                    self.parameters.push((name, value));
-                }
+                b'S' => self.record_parameter(&body),
                 b'K' => {
                     if body.len() < 8 {
                         return Err(self.protocol("short BackendKeyData"));
@@ -427,13 +436,20 @@ pub struct PreparedStatements {
 
 /// Rules on INSERT, UPDATE or DELETE (`ev_type` other than SELECT's `1`)
 /// of tables outside `pg_catalog` (whose `pg_settings` has one; its
-/// updates take quoted names, which are never kept) with a SELECT action: `DO [INSTEAD|ALSO] SELECT`, or a SELECT in a
-/// parenthesized list of actions. A SELECT nested in another action may
-/// match too, which only costs the keeping of simple-protocol writes.
-const RULES_THAT_RETURN_ROWS: &str = r"SELECT EXISTS (SELECT FROM pg_catalog.pg_rewrite r
-     JOIN pg_catalog.pg_class c ON c.oid = r.ev_class
-     WHERE r.ev_type <> '1' AND c.relnamespace <> 'pg_catalog'::pg_catalog.regnamespace
-     AND pg_catalog.pg_get_ruledef(r.oid) ~* E'(\\mDO|\\mINSTEAD|\\mALSO|[(;])\\s*SELECT\\M')";
+/// updates take quoted names, which are never kept) with an action that
+/// returns rows: as `pg_get_ruledef` prints them, a SELECT, VALUES or WITH
+/// after `DO`, `INSTEAD`, or the opening bracket or a semicolon of a list
+/// of actions (not after a column list's closing bracket: `INSERT INTO log
+/// (a) VALUES (new.a)` returns nothing). A query nested in brackets in
+/// another action may match too, which only costs the keeping of
+/// simple-protocol writes. Operators are
+/// qualified: the proxy's user may have another schema first on its path.
+pub const RULES_THAT_RETURN_ROWS: &str = r"SELECT EXISTS (SELECT FROM pg_catalog.pg_rewrite r
+     JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) r.ev_class
+     WHERE r.ev_type OPERATOR(pg_catalog.<>) '1'
+     AND c.relnamespace OPERATOR(pg_catalog.<>) 'pg_catalog'::pg_catalog.regnamespace
+     AND pg_catalog.pg_get_ruledef(r.oid)
+         OPERATOR(pg_catalog.~*) E'(\\mDO|\\mINSTEAD|[(;])\\s*(SELECT|VALUES|WITH)\\M')";
 
 impl PreparedStatements {
     /// Whether `name` is prepared here with exactly `text`.

@@ -5,8 +5,9 @@
 //! the threshold on, with the same results as on the servers directly; a
 //! statement that returns rows is not kept mid-transaction (a stale plan
 //! could not be retried there); a failure inside a kept statement aborts
-//! the transaction exactly as Postgres would; a write that a rule turns into
-//! a SELECT is described, kept or not.
+//! the transaction exactly as Postgres would; on a database where a rule
+//! turns a write into a SELECT, such writes are not kept and return the
+//! rule's rows, as a Query of them does on the server.
 
 use std::sync::atomic::Ordering;
 
@@ -541,4 +542,67 @@ async fn writes_a_rule_turns_into_selects_are_not_kept_and_return_their_rows() {
         metrics.kept_prepared_runs.load(Ordering::Relaxed) > before,
         "reads still run kept"
     );
+}
+
+/// The query that finds rules returning rows, on a real server, against
+/// how `pg_get_ruledef` prints each kind of rule action.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rule_check_finds_actions_that_return_rows_and_only_those() {
+    let cluster = TestCluster::start(1);
+    let server = cluster.connect(0).await;
+    server
+        .batch_execute("CREATE TABLE t (a int); CREATE TABLE log (a int)")
+        .await
+        .expect("create the tables");
+    let cases = [
+        ("none", None, false),
+        ("a SELECT", Some("DO INSTEAD SELECT NEW.a"), true),
+        (
+            "a SELECT also",
+            Some("DO ALSO SELECT NEW.a * 2 AS doubled"),
+            true,
+        ),
+        ("VALUES", Some("DO INSTEAD VALUES (NEW.a)"), true),
+        (
+            "a list with a SELECT",
+            Some("DO ALSO (INSERT INTO log VALUES (NEW.a); SELECT NEW.a)"),
+            true,
+        ),
+        (
+            "an audit INSERT",
+            Some("DO ALSO INSERT INTO log (a) VALUES (NEW.a)"),
+            false,
+        ),
+        (
+            "an INSERT from a query",
+            Some("DO ALSO INSERT INTO log SELECT NEW.a"),
+            false,
+        ),
+        ("NOTHING", Some("DO INSTEAD NOTHING"), false),
+        (
+            "a WITH",
+            Some("DO INSTEAD WITH w AS (SELECT 1 AS one) SELECT NEW.a, one FROM w"),
+            true,
+        ),
+    ];
+    for (what, action, expected) in cases {
+        if let Some(action) = action {
+            server
+                .batch_execute(&format!("CREATE RULE r AS ON INSERT TO t {action}"))
+                .await
+                .unwrap_or_else(|e| panic!("create the rule ({what}): {e:?}"));
+        }
+        let found: bool = server
+            .query_one(proxy::backend::RULES_THAT_RETURN_ROWS, &[])
+            .await
+            .expect("run the rule check")
+            .get(0);
+        assert_eq!(found, expected, "{what}");
+        if action.is_some() {
+            server
+                .batch_execute("DROP RULE r ON t")
+                .await
+                .expect("drop the rule");
+        }
+    }
 }
