@@ -24,6 +24,9 @@ pub struct Metrics {
     /// the server, and those sent again because its cached plan went stale.
     pub kept_prepared_runs: AtomicU64,
     pub stale_plan_retries: AtomicU64,
+    /// Simple-protocol writes sent as they are, not kept, because a rule of
+    /// their database may turn writes into SELECTs (`Backend::rules_return_rows`).
+    pub writes_unkept_for_rules: AtomicU64,
     /// Reads that ran on several servers and were merged by the proxy.
     pub scatter_reads: AtomicU64,
     /// Transactions that reached a second server.

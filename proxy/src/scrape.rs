@@ -44,7 +44,7 @@ impl ProxyCollector {
 /// The per-thread counters, summed: name (the encoder adds `_total`), help,
 /// and where the counter is.
 type CounterOf = fn(&Metrics) -> &AtomicU64;
-const COUNTERS: [(&str, &str, CounterOf); 21] = [
+const COUNTERS: [(&str, &str, CounterOf); 22] = [
     ("shardline_logins", "Client logins that succeeded.", |m| &m.logins),
     ("shardline_login_failures", "Client logins refused.", |m| &m.login_failures),
     (
@@ -81,6 +81,11 @@ const COUNTERS: [(&str, &str, CounterOf); 21] = [
         "shardline_stale_plan_retries",
         "Requests sent again unprepared because a kept statement's plan no longer fit its tables.",
         |m| &m.stale_plan_retries,
+    ),
+    (
+        "shardline_writes_unkept_for_rules",
+        "Simple-protocol writes not kept prepared because a rule of their database may turn writes into SELECTs (whose rows only a Query returns).",
+        |m| &m.writes_unkept_for_rules,
     ),
     (
         "shardline_scatter_reads",

@@ -532,6 +532,10 @@ async fn writes_a_rule_turns_into_selects_are_not_kept_and_return_their_rows() {
         before,
         "no write ran kept"
     );
+    assert!(
+        metrics.writes_unkept_for_rules.load(Ordering::Relaxed) > 0,
+        "the writes past the threshold are counted as unkept for the rule"
+    );
     for _ in 0..after + 1 {
         for key in &keys {
             let sql = format!("SELECT count(*) FROM history WHERE aid = {key}");

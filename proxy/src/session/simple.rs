@@ -451,12 +451,14 @@ impl Session {
         let shared = self.shared.clone();
         let mut build =
             |_: &Session, request: &Request, plan: &mut Plan, set: &mut PreparedStatements| {
+                if !request.keep_unnamed || !can_keep(set, &kept.name, max_kept) {
+                    plan.send(&frame.raw, End::Query);
+                    return;
+                }
                 // Where a rule may turn a write into a SELECT, only a Query
                 // returns its rows (Execute drops them).
-                if !request.keep_unnamed
-                    || !can_keep(set, &kept.name, max_kept)
-                    || (writes && set.rules_return_rows)
-                {
+                if writes && set.rules_return_rows {
+                    Metrics::add(&shared.metrics.writes_unkept_for_rules, 1);
                     plan.send(&frame.raw, End::Query);
                     return;
                 }
