@@ -187,33 +187,52 @@ impl Backend {
     async fn rules_return_rows(&mut self) -> io::Result<bool> {
         let mut out = BytesMut::new();
         messages::query(RULES_THAT_RETURN_ROWS, &mut out);
-        self.write_all(&out).await?;
-        let mut answer = None;
-        loop {
-            let frame = self.read_frame().await?;
-            match frame.tag {
-                b'D' => {
-                    let values = data_row_values(&frame.body()).map_err(|e| {
-                        io::Error::new(io::ErrorKind::InvalidData, format!("{e} from the server"))
-                    })?;
+        let server = self.server.clone();
+        let (mut answer, mut malformed, mut parameters) = (None, None, Vec::new());
+        self.exchange(&out, |frame| match frame.tag {
+            b'D' => match data_row_values(&frame.body()) {
+                Ok(values) => {
                     answer = Some(!matches!(values.first(), Some(Some(v)) if &v[..] == b"f"));
                 }
-                b'E' => {
-                    let (code, detail) = error_summary(&frame.body());
-                    warn!(server = %self.server, %code, %detail, "cannot read the database's rules (pg_rewrite): simple-protocol writes are not kept prepared on this connection; let the proxy's user read pg_catalog.pg_rewrite");
-                    answer = Some(true);
-                }
-                b'S' => self.record_parameter(&frame.body()),
-                b'Z' => {
-                    self.status = frame.raw.get(5).copied().unwrap_or(b'I');
-                    let found = answer.unwrap_or(true);
-                    if found {
-                        debug!(server = %self.server, "a rule may turn writes into SELECTs: simple-protocol writes are not kept prepared on this connection");
-                    }
-                    return Ok(found);
-                }
-                _ => {}
+                Err(e) => malformed = Some(e),
+            },
+            b'E' => {
+                let (code, detail) = error_summary(&frame.body());
+                warn!(server = %server, %code, %detail, "cannot read the database's rules (pg_rewrite): simple-protocol writes are not kept prepared on this connection; let the proxy's user read pg_catalog.pg_rewrite");
+                answer = Some(true);
             }
+            b'S' => parameters.push(frame.body()),
+            _ => {}
+        })
+        .await?;
+        if let Some(e) = malformed {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{e} from the server"),
+            ));
+        }
+        for body in parameters {
+            self.record_parameter(&body);
+        }
+        let found = answer.unwrap_or(true);
+        if found {
+            debug!(server = %self.server, "a rule may turn writes into SELECTs: simple-protocol writes are not kept prepared on this connection");
+        }
+        Ok(found)
+    }
+
+    /// Sends `out` (a Query, or extended-protocol messages ending in Sync)
+    /// and hands every reply before ReadyForQuery to `each`; records the
+    /// transaction status.
+    pub async fn exchange(&mut self, out: &[u8], mut each: impl FnMut(Frame)) -> io::Result<()> {
+        self.write_all(out).await?;
+        loop {
+            let frame = self.read_frame().await?;
+            if frame.tag == b'Z' {
+                self.status = frame.body().first().copied().unwrap_or(b'I');
+                return Ok(());
+            }
+            each(frame);
         }
     }
 

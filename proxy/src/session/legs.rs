@@ -61,21 +61,10 @@ pub(super) async fn query_replies(
 pub(super) async fn send_replies(
     lease: &mut Lease,
     out: &[u8],
-    mut each: impl FnMut(Frame),
+    each: impl FnMut(Frame),
 ) -> io::Result<()> {
     let backend = lease.backend();
-    let result = async {
-        backend.write_all(out).await?;
-        loop {
-            let frame = backend.read_frame().await?;
-            if frame.tag == b'Z' {
-                backend.status = frame.body().first().copied().unwrap_or(b'I');
-                return Ok(());
-            }
-            each(frame);
-        }
-    }
-    .await;
+    let result = backend.exchange(out, each).await;
     if result.is_err() {
         backend.broken = true;
     }

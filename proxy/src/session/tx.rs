@@ -1,8 +1,5 @@
 //! The client's transaction as the proxy sees it: held back until its first
 //! routed statement, bound to one backend, or aborted by a routing error.
-
-use std::io;
-
 use bytes::BytesMut;
 
 use crate::analyze::Command;
@@ -89,20 +86,9 @@ impl Session {
                 if let Some(mut lease) = self.lease.take() {
                     let mut out = BytesMut::new();
                     messages::query("ROLLBACK", &mut out);
-                    let ok = async {
-                        let backend = lease.backend();
-                        backend.write_all(&out).await?;
-                        loop {
-                            let frame = backend.read_frame().await?;
-                            if frame.tag == b'Z' {
-                                backend.status = frame.body().first().copied().unwrap_or(b'I');
-                                return Ok::<_, io::Error>(());
-                            }
-                        }
-                    }
-                    .await;
-                    if ok.is_err() {
-                        lease.backend().broken = true;
+                    let backend = lease.backend();
+                    if backend.exchange(&out, |_| {}).await.is_err() {
+                        backend.broken = true;
                     }
                 }
                 self.set_cancel_target(None);
