@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -83,6 +84,10 @@ pub struct Backend {
     /// did not record exactly (SET inside a transaction or a multi-statement
     /// query, RESET): reset everything before the next client uses it.
     pub settings_unknown: bool,
+    /// A rule was created, replaced, altered or dropped on this connection
+    /// during its lease: the server's other connections read their rules
+    /// again when it ends (see `Lease` drop).
+    pub rules_changed: bool,
     pub created: Instant,
     pub last_used: Instant,
 }
@@ -157,6 +162,7 @@ impl Backend {
             broken: false,
             pending_sync: false,
             settings_unknown: false,
+            rules_changed: false,
             created: now,
             last_used: now,
         };
@@ -177,13 +183,42 @@ impl Backend {
         Ok(backend)
     }
 
+    /// Reads the rules again if one was created, replaced or dropped through
+    /// the proxy since they were last read (on any connection to this
+    /// server): called at checkout, so a pooled connection does not wait
+    /// for `pool.max_lifetime` to see a rule that makes writes return rows.
+    pub async fn refresh_rules(&mut self) -> io::Result<()> {
+        if !self.prepared.rules_stale() {
+            return Ok(());
+        }
+        // Counted before reading: a change made meanwhile reads them again.
+        let seen = self.prepared.rule_changes.load(Ordering::Acquire);
+        self.prepared.rules_return_rows = self.rules_return_rows().await?;
+        self.prepared.rules_seen = seen;
+        Ok(())
+    }
+
+    /// Notes a rule changed by this connection's statement: after a CREATE
+    /// RULE (or CREATE OR REPLACE) its writes may return rows at once; the
+    /// server's other connections read their rules again once the lease
+    /// ends (`rules_changed`), when the change is committed and they see it.
+    pub fn note_rule_change(&mut self, change: RuleChange) {
+        if change == RuleChange::Created {
+            self.prepared.rules_return_rows = true;
+        }
+        self.rules_changed = true;
+    }
+
     /// Whether a rule of this database may make an INSERT, UPDATE or DELETE
     /// return rows (a SELECT or VALUES among its actions). A simple Query
     /// returns such rows; Execute in the extended protocol does not. So
     /// where such a rule exists, simple-protocol writes are not run as kept
-    /// statements on this connection. Checked once per connection: a rule
-    /// created later is seen by connections opened after it (within
-    /// `pool.max_lifetime`). If the check itself fails, the answer is yes.
+    /// statements on this connection. Checked when the connection opens,
+    /// and at checkout after a rule changed through the proxy
+    /// (`refresh_rules`); a rule created otherwise (on the server directly,
+    /// through another proxy, by a function) is seen by connections opened
+    /// after it, within `pool.max_lifetime`. If the check itself fails, the
+    /// answer is yes.
     async fn rules_return_rows(&mut self) -> io::Result<bool> {
         let mut out = BytesMut::new();
         messages::query(RULES_THAT_RETURN_ROWS, &mut out);
@@ -450,7 +485,32 @@ pub struct PreparedStatements {
     texts: FxHashMap<Arc<str>, Box<str>>,
     /// A rule of the database may make a write return rows: see
     /// `Backend::rules_return_rows`.
-    pub rules_return_rows: bool,
+    rules_return_rows: bool,
+    /// Rule changes seen through the proxy on this server, counted by every
+    /// connection's lease (`Lease` drop): shared by the server's pools on
+    /// every serving thread.
+    rule_changes: Arc<AtomicU64>,
+    /// The count of `rule_changes` when `rules_return_rows` was last found.
+    rules_seen: u64,
+}
+
+/// A statement that changed the database's rules, by its CommandComplete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleChange {
+    /// CREATE RULE, CREATE OR REPLACE RULE.
+    Created,
+    /// ALTER RULE, DROP RULE.
+    Other,
+}
+
+/// What a CommandComplete's tag (with or without its zero byte) says of
+/// the rules.
+pub fn rule_change(tag: &[u8]) -> Option<RuleChange> {
+    match tag.strip_suffix(b"\0").unwrap_or(tag) {
+        b"CREATE RULE" => Some(RuleChange::Created),
+        b"ALTER RULE" | b"DROP RULE" => Some(RuleChange::Other),
+        _ => None,
+    }
 }
 
 /// Rules on INSERT, UPDATE or DELETE (`ev_type` other than SELECT's `1`)
@@ -471,6 +531,26 @@ pub const RULES_THAT_RETURN_ROWS: &str = r"SELECT EXISTS (SELECT FROM pg_catalog
          OPERATOR(pg_catalog.~*) E'(\\mDO|\\mINSTEAD|[(;])\\s*(SELECT|VALUES|WITH)\\M')";
 
 impl PreparedStatements {
+    /// Whether a rule may make a write return rows here: one was found when
+    /// the rules were last read, or a rule was created, replaced or dropped
+    /// through the proxy since (answered again at the next checkout, see
+    /// `Backend::refresh_rules`).
+    pub fn rules_may_return_rows(&self) -> bool {
+        self.rules_return_rows || self.rules_stale()
+    }
+
+    /// Whether a rule changed through the proxy since the rules were read.
+    pub fn rules_stale(&self) -> bool {
+        self.rules_seen != self.rule_changes.load(Ordering::Acquire)
+    }
+
+    /// Follows `changes`, the server's count of rule changes, from `seen`
+    /// (its value before the rules were read) on.
+    pub fn follow_rule_changes(&mut self, changes: Arc<AtomicU64>, seen: u64) {
+        self.rule_changes = changes;
+        self.rules_seen = seen;
+    }
+
     /// Whether `name` is prepared here with exactly `text`.
     pub fn has(&self, name: &str, text: &str) -> bool {
         self.texts
@@ -497,5 +577,32 @@ impl PreparedStatements {
 
     pub fn is_empty(&self) -> bool {
         self.texts.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_changes_are_read_from_command_tags() {
+        assert_eq!(rule_change(b"CREATE RULE\0"), Some(RuleChange::Created));
+        assert_eq!(rule_change(b"CREATE RULE"), Some(RuleChange::Created));
+        assert_eq!(rule_change(b"DROP RULE\0"), Some(RuleChange::Other));
+        assert_eq!(rule_change(b"ALTER RULE"), Some(RuleChange::Other));
+        for other in [&b"CREATE TRIGGER\0"[..], b"INSERT 0 1\0", b"RULE\0", b""] {
+            assert_eq!(rule_change(other), None);
+        }
+    }
+
+    #[test]
+    fn a_rule_change_makes_the_rules_stale_until_read_again() {
+        let mut set = PreparedStatements::default();
+        assert!(!set.rules_may_return_rows());
+        let changes = Arc::new(AtomicU64::new(7));
+        set.follow_rule_changes(changes.clone(), 7);
+        assert!(!set.rules_may_return_rows());
+        changes.fetch_add(1, Ordering::AcqRel);
+        assert!(set.rules_stale() && set.rules_may_return_rows());
     }
 }

@@ -85,6 +85,11 @@ pub struct Budget {
     /// Waiting clients by arrival, each with the pool it waits in: room a
     /// thread gives up for the others goes to the first of another pool.
     rooms: Mutex<VecDeque<RoomWaiter>>,
+    /// Rules created, replaced, altered or dropped through this proxy on the
+    /// server, counted when the lease that ran the statement ends: every
+    /// connection to the server reads its rules again at its next checkout
+    /// (see `PreparedStatements::rules_may_return_rows`).
+    rule_changes: Arc<AtomicU64>,
 }
 
 struct RoomWaiter {
@@ -137,6 +142,7 @@ impl Budget {
             waiting: AtomicUsize::new(0),
             members: Mutex::new(Vec::new()),
             rooms: Mutex::new(VecDeque::new()),
+            rule_changes: Arc::default(),
         }
     }
 
@@ -284,6 +290,11 @@ impl Drop for Lease {
         let (Some(mut backend), Some(permit)) = (self.backend.take(), self.permit.take()) else {
             return;
         };
+        if std::mem::take(&mut backend.rules_changed) {
+            // The transaction that changed a rule has ended: committed, the
+            // change is visible to the other connections now.
+            pool.budget.rule_changes.fetch_add(1, Ordering::AcqRel);
+        }
         let reusable = !backend.broken
             && !backend.pending_sync
             && backend.status == b'I'
@@ -411,14 +422,28 @@ impl Pool {
         };
         self.stats.checkouts.fetch_add(1, Ordering::Relaxed);
         let permit = match found {
-            Found::Idle(Idle { backend, permit }) => return Ok(self.lease(backend, permit)),
+            Found::Idle(Idle {
+                mut backend,
+                permit,
+            }) => match backend.refresh_rules().await {
+                Ok(()) => return Ok(self.lease(backend, permit)),
+                Err(e) => {
+                    // Its room opens a new connection, which reads the rules.
+                    debug!(server = %self.server, error = %e, "a pooled connection failed reading the rules again; opening another");
+                    self.stats.closed_unhealthy.fetch_add(1, Ordering::Relaxed);
+                    permit
+                }
+            },
             Found::Room(permit) => permit,
         };
         let tls = self
             .tls
             .as_ref()
             .map_err(|e| PoolError::TlsSettings(e.clone()))?;
-        let backend = Backend::connect(
+        // Counted before the new connection reads the rules: a change made
+        // meanwhile has it read them again at its next checkout.
+        let rules_seen = self.budget.rule_changes.load(Ordering::Acquire);
+        let mut backend = Backend::connect(
             self.server.clone(),
             &self.endpoint,
             self.password.as_deref(),
@@ -426,6 +451,9 @@ impl Pool {
             self.config.connect_timeout,
         )
         .await?;
+        backend
+            .prepared
+            .follow_rule_changes(self.budget.rule_changes.clone(), rules_seen);
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         Ok(self.lease(Box::new(backend), permit))
     }

@@ -266,7 +266,7 @@ pub fn route_hinted(
             return Err(RouteError::new(
                 "0A000",
                 format!(
-                    "this schema statement names \"{}\", a sharded or reference table, and must run on every server; shardline does that only for CREATE/DROP/ALTER INDEX, ALTER TABLE, TRUNCATE, COMMENT, GRANT/REVOKE and CREATE/DROP TRIGGER sent as a statement of their own",
+                    "this schema statement names \"{}\", a sharded or reference table, and must run on every server; shardline does that only for CREATE/DROP/ALTER INDEX, ALTER TABLE, TRUNCATE, COMMENT, GRANT/REVOKE, CREATE/DROP TRIGGER and CREATE/DROP RULE sent as a statement of their own",
                     table.name
                 ),
                 "send it on its own (one simple Query, or one statement bound in its extended-protocol request), or run it on each server directly",

@@ -7,19 +7,22 @@
 //! could not be retried there); a failure inside a kept statement aborts
 //! the transaction exactly as Postgres would; on a database where a rule
 //! turns a write into a SELECT, such writes are not kept and return the
-//! rule's rows, as a Query of them does on the server.
+//! rule's rows, as a Query of them does on the server, also when the rule
+//! is created through the proxy while its connections are pooled.
 
 use std::sync::atomic::Ordering;
 
 use shardline_tests::fixtures::{create_table, init_schema, key_per_server, text_rows};
 use shardline_tests::{TestCluster, TestProxy};
-use shardmap::{Group, KeyType};
+use shardmap::{Group, KeyType, Table};
 use tokio_postgres::SimpleQueryMessage;
 
 const CLUSTER: &str = "kept";
 
 async fn setup(cluster: &TestCluster) -> shardmap::ClusterMap {
+    let second = cluster.map_servers()[1].name.clone();
     let (_store, map) = init_schema(cluster, CLUSTER, 16, |map| {
+        map.declare_table(Table::unsharded("notes", &second));
         // History rows live with their account, so that each transaction
         // stays on one server.
         map.declare(
@@ -43,6 +46,7 @@ async fn setup(cluster: &TestCluster) -> shardmap::ClusterMap {
         "aid int, delta int, big bigint, mtime timestamptz",
     )
     .await;
+    create_table(cluster, &map, "notes", "aid int, delta int").await;
     map
 }
 
@@ -546,6 +550,108 @@ async fn writes_a_rule_turns_into_selects_are_not_kept_and_return_their_rows() {
         metrics.kept_prepared_runs.load(Ordering::Relaxed) > before,
         "reads still run kept"
     );
+}
+
+/// A rule created through the proxy is seen by the servers' pooled
+/// connections without waiting for them to be replaced: by one inside a
+/// transaction that began before it (its next write is not kept), and by
+/// every connection at its next checkout; after DROP RULE through the proxy,
+/// writes are kept again. Two connections per server, so that the rule is
+/// created on one while the other is held. Both ways a rule goes through the
+/// proxy: on a sharded table (run on every server), and on a table of one
+/// server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_created_through_the_proxy_reaches_the_pooled_connections() {
+    let cluster = TestCluster::start(3);
+    let map = setup(&cluster).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 2).await;
+    let keys = key_per_server(&cluster, &map, "accounts");
+    let (holder, other) = (proxy.connect().await, proxy.connect().await);
+    let metrics = &proxy.shared.metrics;
+    let after = u64::from(proxy.shared.config.pool.prepare_simple_after);
+    let none = Vec::<Vec<String>>::new;
+    for key in &keys {
+        holder
+            .batch_execute(&format!(
+                "INSERT INTO accounts (aid, abalance) VALUES ({key}, 0)"
+            ))
+            .await
+            .expect("insert an account");
+    }
+    // A sharded table (the rule runs on every server) and one homed on the
+    // second server (it runs there): (table, the server its writes go to).
+    for (table, index) in [("history", 0), ("notes", 1)] {
+        let key = keys[index];
+        let direct = cluster.connect(index).await;
+        let insert =
+            |delta: u64| format!("INSERT INTO {table} (aid, delta) VALUES ({key}, {delta})");
+        // Without a rule the writes run kept, on both clients' connections.
+        let before = metrics.kept_prepared_runs.load(Ordering::Relaxed);
+        for round in 0..after + 2 {
+            for client in [&holder, &other] {
+                assert_eq!(text_rows(client, &insert(round)).await, none());
+            }
+        }
+        assert!(
+            metrics.kept_prepared_runs.load(Ordering::Relaxed) > before,
+            "writes to {table} run kept before any rule"
+        );
+        // One connection to the server is held in a transaction (on
+        // accounts: CREATE RULE waits for the transactions using the table).
+        holder.batch_execute("BEGIN").await.expect("begin");
+        holder
+            .batch_execute(&format!(
+                "UPDATE accounts SET abalance = abalance + 1 WHERE aid = {key}"
+            ))
+            .await
+            .expect("update in the transaction");
+        // The rule is created through the proxy, on the other connection.
+        other
+            .batch_execute(&format!(
+                "CREATE RULE echo AS ON INSERT TO {table} \
+                 DO INSTEAD SELECT NEW.aid AS aid, NEW.delta * 2 AS doubled"
+            ))
+            .await
+            .expect("create the rule through the proxy");
+        let expected = |delta: u64| vec![vec![key.to_string(), (2 * delta).to_string()]];
+        let on_server = format!("INSERT INTO {table} (aid, delta) VALUES ({key}, 1)");
+        assert_eq!(
+            text_rows(&direct, &on_server).await,
+            expected(1),
+            "on the server"
+        );
+        assert_eq!(
+            text_rows(&holder, &insert(2)).await,
+            expected(2),
+            "a write to {table} in the transaction that began before the rule"
+        );
+        holder.batch_execute("COMMIT").await.expect("commit");
+        for round in 0..after + 1 {
+            for client in [&holder, &other] {
+                assert_eq!(
+                    text_rows(client, &insert(round)).await,
+                    expected(round),
+                    "a write to {table} after the rule"
+                );
+            }
+        }
+        // Dropped through the proxy: the writes are kept again.
+        other
+            .batch_execute(&format!("DROP RULE echo ON {table}"))
+            .await
+            .expect("drop the rule through the proxy");
+        let kept = metrics.kept_prepared_runs.load(Ordering::Relaxed);
+        for round in 0..2 {
+            for client in [&holder, &other] {
+                assert_eq!(text_rows(client, &insert(round)).await, none());
+            }
+        }
+        assert_eq!(
+            metrics.kept_prepared_runs.load(Ordering::Relaxed),
+            kept + 4,
+            "writes to {table} run kept again once the rule is dropped"
+        );
+    }
 }
 
 /// The query that finds rules returning rows, on a real server, against

@@ -6,7 +6,7 @@
 //!
 //! Recognised: CREATE [UNIQUE] INDEX [CONCURRENTLY], DROP INDEX, ALTER
 //! INDEX, ALTER TABLE, TRUNCATE, COMMENT ON TABLE/COLUMN, GRANT/REVOKE on
-//! tables, CREATE/DROP TRIGGER, DROP TABLE. Anything else is not DDL to
+//! tables, CREATE/DROP TRIGGER, CREATE/DROP RULE, DROP TABLE. Anything else is not DDL to
 //! this module and is routed as before.
 
 use sqlparser::ast::{
@@ -152,6 +152,14 @@ pub fn analyze_ddl(sql: &str, words: &[String]) -> Option<Ddl> {
                 .map(|n| table_use(n, None))
                 .collect(),
         ),
+        // Run on every server like a trigger: the rule's actions run where
+        // the rows are.
+        Statement::CreateRule(rule) => {
+            Ddl::new("CREATE RULE", vec![table_use(&rule.table_name, None)])
+        }
+        Statement::DropRule(rule) => {
+            Ddl::new("DROP RULE", vec![table_use(&rule.table_name, None)])
+        }
         _ => return None,
     };
     Some(ddl)
@@ -289,6 +297,13 @@ mod tests {
             names(&ddl("GRANT SELECT ON users TO app").expect("ddl")),
             ["users"]
         );
+        let d = ddl("CREATE OR REPLACE RULE echo AS ON INSERT TO public.users \
+                     DO INSTEAD SELECT NEW.id, 2")
+        .expect("ddl");
+        assert_eq!((d.what.as_str(), names(&d)), ("CREATE RULE", vec!["users"]));
+        let d = ddl("DROP RULE IF EXISTS echo ON users CASCADE").expect("ddl");
+        assert_eq!((d.what.as_str(), names(&d)), ("DROP RULE", vec!["users"]));
+        assert!(d.refusal.is_none() && !d.changes_columns);
         assert!(ddl("DROP TABLE users").expect("ddl").refusal.is_some());
         assert!(ddl("SELECT 1").is_none());
         assert!(ddl("CREATE TABLE x (a int)").is_none());

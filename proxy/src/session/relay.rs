@@ -7,7 +7,7 @@ use std::io;
 use bytes::BytesMut;
 use tracing::{debug, warn};
 
-use crate::backend::Backend;
+use crate::backend::{rule_change, Backend};
 use crate::metrics::Metrics;
 use crate::pool::Lease;
 use crate::wire::messages;
@@ -186,6 +186,9 @@ impl Session {
                         backend.pending_sync = false;
                     } else if tag == b'C' {
                         outcome.committed = message.get(5..12) == Some(&b"COMMIT\0"[..]);
+                        if let Some(change) = rule_change(message.get(5..).unwrap_or_default()) {
+                            backend.note_rule_change(change);
+                        }
                     }
                 }
                 match expects.front() {

@@ -457,7 +457,7 @@ impl Session {
                 }
                 // Where a rule may turn a write into a SELECT, only a Query
                 // returns its rows (Execute drops them).
-                if writes && set.rules_return_rows {
+                if writes && set.rules_may_return_rows() {
                     Metrics::add(&shared.metrics.writes_unkept_for_rules, 1);
                     plan.send(&frame.raw, End::Query);
                     return;
