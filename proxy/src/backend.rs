@@ -179,29 +179,41 @@ impl Backend {
         .map_err(io_err)?;
         backend.write_all(&out).await.map_err(io_err)?;
         backend.authenticate(&endpoint.user, password).await?;
-        backend.prepared.rules_return_rows = backend.rules_return_rows().await.map_err(io_err)?;
         Ok(backend)
     }
 
-    /// Reads the rules again if one was created, replaced or dropped through
-    /// the proxy since they were last read (on any connection to this
-    /// server): called at checkout, so a pooled connection does not wait
-    /// for `pool.max_lifetime` to see a rule that makes writes return rows.
-    pub async fn refresh_rules(&mut self) -> io::Result<()> {
-        if !self.prepared.rules_stale() {
+    /// Reads the database's rules (`read_rules`) if this connection has not
+    /// yet, or could not, or if a rule was changed through the proxy since
+    /// (on any connection to this server), within `limit`: the pool calls it
+    /// at checkout, so a pooled connection does not wait for
+    /// `pool.max_lifetime` to see a rule that makes writes return rows. An
+    /// error means the connection is no longer usable.
+    pub async fn refresh_rules(&mut self, limit: Duration) -> io::Result<()> {
+        // Counted before reading: a change made meanwhile reads them again.
+        let Some(seen) = (self.prepared.rule_changes.as_ref()).map(|c| c.load(Ordering::Acquire))
+        else {
+            return Ok(());
+        };
+        if self.prepared.rules_seen == Some(seen) {
             return Ok(());
         }
-        // Counted before reading: a change made meanwhile reads them again.
-        let seen = self.prepared.rule_changes.load(Ordering::Acquire);
-        self.prepared.rules_return_rows = self.rules_return_rows().await?;
-        self.prepared.rules_seen = seen;
+        let read = tokio::time::timeout(limit, self.read_rules()).await;
+        let read = read.map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("reading the rules took longer than {limit:?}"),
+            )
+        })??;
+        self.prepared.rules_return_rows = read != RulesRead::None;
+        // Busy: read them again at the next checkout.
+        self.prepared.rules_seen = (read != RulesRead::Busy).then_some(seen);
         Ok(())
     }
 
     /// Notes a rule changed by this connection's statement: after a CREATE
     /// RULE (or CREATE OR REPLACE) its writes may return rows at once; the
-    /// server's other connections read their rules again once the lease
-    /// ends (`rules_changed`), when the change is committed and they see it.
+    /// server's other connections hear of it when the transaction ends
+    /// (`publish_rule_changes`).
     pub fn note_rule_change(&mut self, change: RuleChange) {
         if change == RuleChange::Created {
             self.prepared.rules_return_rows = true;
@@ -209,32 +221,55 @@ impl Backend {
         self.rules_changed = true;
     }
 
+    /// Once the transaction that changed a rule has ended (committed, the
+    /// change is visible to the other connections), has every connection to
+    /// the server read its rules again.
+    pub fn publish_rule_changes(&mut self) {
+        if std::mem::take(&mut self.rules_changed) {
+            if let Some(changes) = &self.prepared.rule_changes {
+                changes.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
     /// Whether a rule of this database may make an INSERT, UPDATE or DELETE
     /// return rows (a SELECT or VALUES among its actions). A simple Query
     /// returns such rows; Execute in the extended protocol does not. So
     /// where such a rule exists, simple-protocol writes are not run as kept
-    /// statements on this connection. Checked when the connection opens,
-    /// and at checkout after a rule changed through the proxy
-    /// (`refresh_rules`); a rule created otherwise (on the server directly,
-    /// through another proxy, by a function) is seen by connections opened
-    /// after it, within `pool.max_lifetime`. If the check itself fails, the
-    /// answer is yes.
-    async fn rules_return_rows(&mut self) -> io::Result<bool> {
+    /// statements on this connection. Read at the first checkout, and at
+    /// checkout after a rule changed through the proxy (`refresh_rules`); a
+    /// rule created otherwise (on the server directly, through another
+    /// proxy, by a function) is seen by connections opened after it, within
+    /// `pool.max_lifetime`. The read waits for no lock (`pg_get_ruledef`
+    /// locks the rule's table): a table locked by DDL makes it Busy.
+    async fn read_rules(&mut self) -> io::Result<RulesRead> {
         let mut out = BytesMut::new();
-        messages::query(RULES_THAT_RETURN_ROWS, &mut out);
+        messages::query(
+            &format!("{RULES_READ_LIMITS} {RULES_THAT_RETURN_ROWS}"),
+            &mut out,
+        );
         let server = self.server.clone();
         let (mut answer, mut malformed, mut parameters) = (None, None, Vec::new());
         self.exchange(&out, |frame| match frame.tag {
+            // The last row is the answer (the limits' row comes first).
             b'D' => match data_row_values(&frame.body()) {
                 Ok(values) => {
-                    answer = Some(!matches!(values.first(), Some(Some(v)) if &v[..] == b"f"));
+                    answer = Some(match values.first() {
+                        Some(Some(v)) if &v[..] == b"f" => RulesRead::None,
+                        _ => RulesRead::ReturnRows,
+                    });
                 }
                 Err(e) => malformed = Some(e),
             },
             b'E' => {
                 let (code, detail) = error_summary(&frame.body());
-                warn!(server = %server, %code, %detail, "cannot read the database's rules (pg_rewrite): simple-protocol writes are not kept prepared on this connection; let the proxy's user read pg_catalog.pg_rewrite");
-                answer = Some(true);
+                answer = Some(if code == "55P03" || code == "57014" {
+                    debug!(server = %server, %code, %detail, "the rules could not be read now (a table is locked): simple-protocol writes are not kept prepared on this connection until they are");
+                    RulesRead::Busy
+                } else {
+                    warn!(server = %server, %code, %detail, "cannot read the database's rules (pg_rewrite): simple-protocol writes are not kept prepared on this connection; let the proxy's user read pg_catalog.pg_rewrite");
+                    RulesRead::ReturnRows
+                });
             }
             b'S' => parameters.push(frame.body()),
             _ => {}
@@ -249,11 +284,11 @@ impl Backend {
         for body in parameters {
             self.record_parameter(&body);
         }
-        let found = answer.unwrap_or(true);
-        if found {
+        let read = answer.unwrap_or(RulesRead::ReturnRows);
+        if read != RulesRead::None {
             debug!(server = %self.server, "a rule may turn writes into SELECTs: simple-protocol writes are not kept prepared on this connection");
         }
-        Ok(found)
+        Ok(read)
     }
 
     /// Sends `out` (a Query, or extended-protocol messages ending in Sync)
@@ -484,15 +519,33 @@ impl Backend {
 pub struct PreparedStatements {
     texts: FxHashMap<Arc<str>, Box<str>>,
     /// A rule of the database may make a write return rows: see
-    /// `Backend::rules_return_rows`.
+    /// `Backend::read_rules`.
     rules_return_rows: bool,
-    /// Rule changes seen through the proxy on this server, counted by every
-    /// connection's lease (`Lease` drop): shared by the server's pools on
-    /// every serving thread.
-    rule_changes: Arc<AtomicU64>,
-    /// The count of `rule_changes` when `rules_return_rows` was last found.
-    rules_seen: u64,
+    /// The server's count of rule changes made through the proxy (see
+    /// `Backend::publish_rule_changes`), shared by its pools on every
+    /// serving thread; `None` only in the empty set a request takes out.
+    rule_changes: Option<Arc<AtomicU64>>,
+    /// The count when `rules_return_rows` was last read; `None` before the
+    /// first read, or when it could not be done.
+    rules_seen: Option<u64>,
 }
+
+/// What reading the rules found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RulesRead {
+    /// No rule makes a write return rows.
+    None,
+    /// One may (or the rules cannot be read: the safe answer).
+    ReturnRows,
+    /// A table was locked: to be read again.
+    Busy,
+}
+
+/// Limits for reading the rules, in the same implicit transaction: never
+/// wait for a lock (`pg_get_ruledef` takes the rule's table's), nor longer
+/// than a statement should, whatever the last client left set.
+const RULES_READ_LIMITS: &str = "SELECT pg_catalog.set_config('lock_timeout', '100', true), \
+     pg_catalog.set_config('statement_timeout', '2000', true);";
 
 /// A statement that changed the database's rules, by its CommandComplete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -539,16 +592,19 @@ impl PreparedStatements {
         self.rules_return_rows || self.rules_stale()
     }
 
-    /// Whether a rule changed through the proxy since the rules were read.
+    /// Whether the rules are to be read (again): not read yet, or a rule
+    /// changed through the proxy since.
     pub fn rules_stale(&self) -> bool {
-        self.rules_seen != self.rule_changes.load(Ordering::Acquire)
+        self.rule_changes
+            .as_ref()
+            .is_some_and(|changes| self.rules_seen != Some(changes.load(Ordering::Acquire)))
     }
 
-    /// Follows `changes`, the server's count of rule changes, from `seen`
-    /// (its value before the rules were read) on.
-    pub fn follow_rule_changes(&mut self, changes: Arc<AtomicU64>, seen: u64) {
-        self.rule_changes = changes;
-        self.rules_seen = seen;
+    /// Follows `changes`, the server's count of rule changes; the rules are
+    /// read at the next checkout.
+    pub fn follow_rule_changes(&mut self, changes: Arc<AtomicU64>) {
+        self.rule_changes = Some(changes);
+        self.rules_seen = None;
     }
 
     /// Whether `name` is prepared here with exactly `text`.
@@ -598,9 +654,14 @@ mod tests {
     #[test]
     fn a_rule_change_makes_the_rules_stale_until_read_again() {
         let mut set = PreparedStatements::default();
-        assert!(!set.rules_may_return_rows());
+        assert!(!set.rules_may_return_rows(), "a request's empty set");
         let changes = Arc::new(AtomicU64::new(7));
-        set.follow_rule_changes(changes.clone(), 7);
+        set.follow_rule_changes(changes.clone());
+        assert!(
+            set.rules_stale() && set.rules_may_return_rows(),
+            "not read yet"
+        );
+        set.rules_seen = Some(7);
         assert!(!set.rules_may_return_rows());
         changes.fetch_add(1, Ordering::AcqRel);
         assert!(set.rules_stale() && set.rules_may_return_rows());

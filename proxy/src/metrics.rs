@@ -25,7 +25,8 @@ pub struct Metrics {
     pub kept_prepared_runs: AtomicU64,
     pub stale_plan_retries: AtomicU64,
     /// Simple-protocol writes sent as they are, not kept, because a rule of
-    /// their database may turn writes into SELECTs (`Backend::rules_return_rows`).
+    /// their database may turn writes into SELECTs (`Backend::read_rules`),
+    /// or may have since the rules were read.
     pub writes_unkept_for_rules: AtomicU64,
     /// Reads that ran on several servers and were merged by the proxy.
     pub scatter_reads: AtomicU64,

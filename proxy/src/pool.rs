@@ -86,9 +86,8 @@ pub struct Budget {
     /// thread gives up for the others goes to the first of another pool.
     rooms: Mutex<VecDeque<RoomWaiter>>,
     /// Rules created, replaced, altered or dropped through this proxy on the
-    /// server, counted when the lease that ran the statement ends: every
-    /// connection to the server reads its rules again at its next checkout
-    /// (see `PreparedStatements::rules_may_return_rows`).
+    /// server, counted when their transaction ends: every connection to the
+    /// server reads its rules again at its next checkout.
     rule_changes: Arc<AtomicU64>,
 }
 
@@ -290,11 +289,7 @@ impl Drop for Lease {
         let (Some(mut backend), Some(permit)) = (self.backend.take(), self.permit.take()) else {
             return;
         };
-        if std::mem::take(&mut backend.rules_changed) {
-            // The transaction that changed a rule has ended: committed, the
-            // change is visible to the other connections now.
-            pool.budget.rule_changes.fetch_add(1, Ordering::AcqRel);
-        }
+        backend.publish_rule_changes();
         let reusable = !backend.broken
             && !backend.pending_sync
             && backend.status == b'I'
@@ -425,7 +420,7 @@ impl Pool {
             Found::Idle(Idle {
                 mut backend,
                 permit,
-            }) => match backend.refresh_rules().await {
+            }) => match backend.refresh_rules(self.config.connect_timeout).await {
                 Ok(()) => return Ok(self.lease(backend, permit)),
                 Err(e) => {
                     // Its room opens a new connection, which reads the rules.
@@ -440,9 +435,6 @@ impl Pool {
             .tls
             .as_ref()
             .map_err(|e| PoolError::TlsSettings(e.clone()))?;
-        // Counted before the new connection reads the rules: a change made
-        // meanwhile has it read them again at its next checkout.
-        let rules_seen = self.budget.rule_changes.load(Ordering::Acquire);
         let mut backend = Backend::connect(
             self.server.clone(),
             &self.endpoint,
@@ -451,9 +443,16 @@ impl Pool {
             self.config.connect_timeout,
         )
         .await?;
+        let changes = self.budget.rule_changes.clone();
+        backend.prepared.follow_rule_changes(changes);
+        let limit = self.config.connect_timeout;
         backend
-            .prepared
-            .follow_rule_changes(self.budget.rule_changes.clone(), rules_seen);
+            .refresh_rules(limit)
+            .await
+            .map_err(|source| BackendError::Io {
+                server: self.server.to_string(),
+                source,
+            })?;
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         Ok(self.lease(Box::new(backend), permit))
     }
@@ -651,6 +650,13 @@ impl Pool {
             })
             .collect();
         format!("{} serving threads: {}", pools.len(), pools.join("; "))
+    }
+
+    /// Has every connection to the server read its rules again: a rule
+    /// change became visible without a lease ending (a COMMIT PREPARED
+    /// finished in the background).
+    pub fn count_rule_change(&self) {
+        self.budget.rule_changes.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Connections of this pool leased to clients.

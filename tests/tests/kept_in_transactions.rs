@@ -8,7 +8,8 @@
 //! the transaction exactly as Postgres would; on a database where a rule
 //! turns a write into a SELECT, such writes are not kept and return the
 //! rule's rows, as a Query of them does on the server, also when the rule
-//! is created through the proxy while its connections are pooled.
+//! is created through the proxy while its connections are pooled; reading
+//! the rules waits for no lock.
 
 use std::sync::atomic::Ordering;
 
@@ -559,7 +560,7 @@ async fn writes_a_rule_turns_into_selects_are_not_kept_and_return_their_rows() {
 /// writes are kept again. Two connections per server, so that the rule is
 /// created on one while the other is held. Both ways a rule goes through the
 /// proxy: on a sharded table (run on every server), and on a table of one
-/// server.
+/// server, there in a transaction that writes after creating it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rule_created_through_the_proxy_reaches_the_pooled_connections() {
     let cluster = TestCluster::start(3);
@@ -605,7 +606,14 @@ async fn a_rule_created_through_the_proxy_reaches_the_pooled_connections() {
             ))
             .await
             .expect("update in the transaction");
-        // The rule is created through the proxy, on the other connection.
+        // The rule is created through the proxy, on the other connection:
+        // on its own (history), or in a transaction that writes after it
+        // (notes), where Postgres applies it at once.
+        let expected = |delta: u64| vec![vec![key.to_string(), (2 * delta).to_string()]];
+        let in_transaction = table == "notes";
+        if in_transaction {
+            other.batch_execute("BEGIN").await.expect("begin");
+        }
         other
             .batch_execute(&format!(
                 "CREATE RULE echo AS ON INSERT TO {table} \
@@ -613,7 +621,14 @@ async fn a_rule_created_through_the_proxy_reaches_the_pooled_connections() {
             ))
             .await
             .expect("create the rule through the proxy");
-        let expected = |delta: u64| vec![vec![key.to_string(), (2 * delta).to_string()]];
+        if in_transaction {
+            assert_eq!(
+                text_rows(&other, &insert(3)).await,
+                expected(3),
+                "a write to {table} after the rule in the transaction that created it"
+            );
+            other.batch_execute("COMMIT").await.expect("commit");
+        }
         let on_server = format!("INSERT INTO {table} (aid, delta) VALUES ({key}, 1)");
         assert_eq!(
             text_rows(&direct, &on_server).await,
@@ -652,6 +667,61 @@ async fn a_rule_created_through_the_proxy_reaches_the_pooled_connections() {
             "writes to {table} run kept again once the rule is dropped"
         );
     }
+}
+
+/// Reading the rules waits for no lock (`pg_get_ruledef` locks the rule's
+/// table): while DDL holds a table with a rule, a client of any other table
+/// is served at once, writes are not kept meanwhile, and the rules are read
+/// again at a later checkout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_the_rules_waits_for_no_lock() {
+    let cluster = TestCluster::start(3);
+    let map = setup(&cluster).await;
+    let keys = key_per_server(&cluster, &map, "accounts");
+    let locker = cluster.connect(0).await;
+    locker
+        .batch_execute(
+            "CREATE RULE history_echo AS ON INSERT TO history \
+             DO INSTEAD SELECT NEW.aid AS aid, NEW.delta * 2 AS doubled",
+        )
+        .await
+        .expect("a rule");
+    locker
+        .batch_execute("BEGIN; LOCK TABLE history IN ACCESS EXCLUSIVE MODE")
+        .await
+        .expect("DDL's lock on the rule's table");
+    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 1).await;
+    let client = proxy.connect().await;
+    let read = format!("SELECT count(*) FROM accounts WHERE aid = {}", keys[0]);
+    // Without the lock timeout, the rule read waits for the lock until the
+    // connect timeout fails the checkout.
+    let served = tokio::time::timeout(std::time::Duration::from_secs(3), text_rows(&client, &read))
+        .await
+        .expect("a read of another table is served while history is locked");
+    assert_eq!(served, vec![vec!["0".to_string()]]);
+    locker
+        .batch_execute("COMMIT")
+        .await
+        .expect("release the lock");
+    let metrics = &proxy.shared.metrics;
+    let after = u64::from(proxy.shared.config.pool.prepare_simple_after);
+    let before = metrics.kept_prepared_runs.load(Ordering::Relaxed);
+    for round in 0..after + 2 {
+        let sql = format!(
+            "INSERT INTO history (aid, delta) VALUES ({}, {round})",
+            keys[0]
+        );
+        assert_eq!(
+            text_rows(&client, &sql).await,
+            vec![vec![keys[0].to_string(), (2 * round).to_string()]],
+            "{sql}"
+        );
+    }
+    assert_eq!(
+        metrics.kept_prepared_runs.load(Ordering::Relaxed),
+        before,
+        "no write ran kept"
+    );
 }
 
 /// The query that finds rules returning rows, on a real server, against

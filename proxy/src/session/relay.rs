@@ -184,6 +184,10 @@ impl Session {
                     if tag == b'Z' {
                         backend.status = message.get(5).copied().unwrap_or(b'I');
                         backend.pending_sync = false;
+                        if backend.status == b'I' {
+                            // Before the client hears the change is done.
+                            backend.publish_rule_changes();
+                        }
                     } else if tag == b'C' {
                         outcome.committed = message.get(5..12) == Some(&b"COMMIT\0"[..]);
                         if let Some(change) = rule_change(message.get(5..).unwrap_or_default()) {
