@@ -149,12 +149,7 @@ async fn finish_commit(two_phase: Arc<TwoPhase>, gid: Gid, mut pools: Vec<Arc<Po
         for pool in pools {
             let done = match pool.acquire().await {
                 Ok(mut lease) => match run_simple(&mut lease, &sql).await {
-                    Ok(Reply::Done(_)) => {
-                        // What it committed may have changed a rule: its
-                        // leg's lease ended before this commit.
-                        pool.count_rule_change();
-                        true
-                    }
+                    Ok(Reply::Done(_)) => true,
                     // Already committed (by an earlier try whose reply was lost).
                     Ok(Reply::Failed { code, .. }) if code == "42704" => true,
                     Ok(Reply::Failed { code, message }) => {
@@ -165,7 +160,11 @@ async fn finish_commit(two_phase: Arc<TwoPhase>, gid: Gid, mut pools: Vec<Arc<Po
                 },
                 Err(_) => false,
             };
-            if !done {
+            if done {
+                // What it committed may have changed a rule: its leg's
+                // lease ended before the commit.
+                pool.count_rule_change();
+            } else {
                 left.push(pool);
             }
         }
