@@ -224,6 +224,32 @@ add_optional_targets() { # pgcat-binary (may be empty)
   return 0
 }
 
+# The setup of the benches that compare poolers on pgbench's TPC-B-like
+# transaction: the cluster (temp dir PREFIX) with pgbench's tables at scale
+# 10, then the targets in this order: `direct` when asked, the proxy, pgbouncer
+# unless MODES is prepared alone (it cannot run pgbench's prepared mode in
+# transaction pooling), the baseline proxy when BASELINE_PROXY is set, PgCat
+# when a build is found.
+start_tpcb_targets() { # prefix modes [direct]
+  check_modes "$2"
+  ensure_pgbouncer
+  local pgcat
+  pgcat=$(pgcat_binary)
+  bench_cluster "$1"
+  bench_pgbench_schema 10
+  # shellcheck disable=SC2119 # no config file: the defaults
+  start_proxy
+  start_baseline
+  if [ "${3:-}" = direct ]; then add_target direct "$pg_port" -; fi
+  add_target proxy "$proxy_port" "$proxy_pid"
+  if [ "$2" != prepared ]; then
+    start_pgbouncer 1000
+    add_target pgbouncer "$bouncer_port" "$bouncer_pid"
+  fi
+  add_optional_targets "$pgcat"
+  sleep 1
+}
+
 # The number of transactions pgbench's output says it processed.
 pgbench_transactions() { # pgbench-output
   awk -F': ' '/number of transactions actually processed/ {split($2, a, "/"); print a[1]}' <<< "$1"

@@ -24,20 +24,7 @@ secs=${1:-8}
 rounds=${2:-3}
 modes=${3:-"simple extended prepared"}
 . bench/lib.sh
-check_modes "$modes"
-ensure_pgbouncer
-pgcat_bin=$(pgcat_binary)
-bench_cluster shardline-pooler-cpu
-bench_pgbench_schema 10
-# shellcheck disable=SC2119 # no config file: the defaults
-start_proxy
-start_pgbouncer 1000
-start_baseline
-add_target direct "$pg_port" -
-add_target proxy "$proxy_port" "$proxy_pid"
-add_target pgbouncer "$bouncer_port" "$bouncer_pid"
-add_optional_targets "$pgcat_bin"
-sleep 1
+start_tpcb_targets shardline-pooler-cpu "$modes" direct
 
 # user and system clock ticks of PID, all threads ("-": none)
 ticks() { if [ "$1" = - ]; then echo 0 0; else awk '{print $14, $15}' "/proc/$1/stat"; fi; }

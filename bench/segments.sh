@@ -22,22 +22,7 @@ if ! command -v nstat >/dev/null 2>&1; then
   exit 2
 fi
 . bench/lib.sh
-check_modes "$mode"
-ensure_pgbouncer
-pgcat_bin=$(pgcat_binary)
-bench_cluster shardline-segments
-bench_pgbench_schema 10
-# shellcheck disable=SC2119 # no config file: the defaults
-start_proxy
-start_baseline
-add_target direct "$pg_port" ""
-add_target proxy "$proxy_port" "$proxy_pid"
-if [ "$mode" != prepared ]; then
-  start_pgbouncer 1000
-  add_target pgbouncer "$bouncer_port" "$bouncer_pid"
-fi
-add_optional_targets "$pgcat_bin"
-sleep 1
+start_tpcb_targets shardline-segments "$mode" direct
 
 echo "TCP segments per TPC-B-like transaction: pgbench -M $mode -c 16 -j 2, ${secs}s per run, the whole machine"
 printf "%-10s %8s %10s %10s %10s\n" target tps "out segs" "in segs" "pure acks"

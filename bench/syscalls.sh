@@ -25,22 +25,7 @@ if ! command -v perf >/dev/null 2>&1; then
   exit 2
 fi
 . bench/lib.sh
-check_modes "$mode"
-ensure_pgbouncer
-pgcat_bin=$(pgcat_binary)
-bench_cluster shardline-syscalls
-bench_pgbench_schema 10
-# shellcheck disable=SC2119 # no config file: the defaults
-start_proxy
-start_baseline
-add_target proxy "$proxy_port" "$proxy_pid"
-# pgbouncer cannot run pgbench's prepared mode in transaction pooling.
-if [ "$mode" != prepared ]; then
-  start_pgbouncer 1000
-  add_target pgbouncer "$bouncer_port" "$bouncer_pid"
-fi
-add_optional_targets "$pgcat_bin"
-sleep 1
+start_tpcb_targets shardline-syscalls "$mode"
 events=syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait,context-switches
 if ! perf stat -e "$events" -p "$proxy_pid" -o /dev/null -- sleep 0.1 2>"$work/perf.err"; then
   echo "perf cannot count system calls here: $(head -1 "$work/perf.err")" >&2
