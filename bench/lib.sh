@@ -17,6 +17,13 @@ bench_cargo() {
   fi
 }
 
+# Exits with 2, saying which Debian package has it, unless COMMAND exists.
+need_command() { # command package
+  command -v "$1" >/dev/null 2>&1 && return 0
+  echo "$(basename "$0") needs $1: apt-get install $2" >&2
+  exit 2
+}
+
 # Exits with 2 unless every word of MODES is a pgbench -M mode.
 check_modes() { # modes
   local m

@@ -17,11 +17,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-8}
 mode=${2:-prepared}
-if ! command -v nstat >/dev/null 2>&1; then
-  echo "bench/segments.sh needs nstat: apt-get install iproute2" >&2
-  exit 2
-fi
 . bench/lib.sh
+need_command nstat iproute2
 start_tpcb_targets shardline-segments "$mode" direct
 
 echo "TCP segments per TPC-B-like transaction: pgbench -M $mode -c 16 -j 2, ${secs}s per run, the whole machine"

@@ -20,11 +20,8 @@ cd "$(dirname "$0")/.."
 secs=${1:-8}
 rounds=${2:-3}
 mode=${3:-prepared}
-if ! command -v perf >/dev/null 2>&1; then
-  echo "bench/syscalls.sh needs perf: apt-get install linux-perf" >&2
-  exit 2
-fi
 . bench/lib.sh
+need_command perf linux-perf
 start_tpcb_targets shardline-syscalls "$mode"
 events=syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait,context-switches
 if ! perf stat -e "$events" -p "$proxy_pid" -o /dev/null -- sleep 0.1 2>"$work/perf.err"; then
