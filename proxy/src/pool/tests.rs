@@ -3,16 +3,19 @@
 
 use super::*;
 
-fn pool_in(budget: &Arc<Budget>, config: &PoolConfig) -> Arc<Pool> {
-    let endpoint = Endpoint {
+fn endpoint(port: u16) -> Endpoint {
+    Endpoint {
         host: "127.0.0.1".into(),
-        port: 9,
+        port,
         dbname: "postgres".into(),
         user: "postgres".into(),
-    };
+    }
+}
+
+fn pool_in(budget: &Arc<Budget>, config: &PoolConfig) -> Arc<Pool> {
     Pool::in_budget(
         "pg1".into(),
-        endpoint,
+        endpoint(9),
         None,
         Err("no server in this test".into()),
         config.clone(),
@@ -124,4 +127,27 @@ async fn a_dropped_pool_holds_no_share_of_the_budget() {
     here.leased.fetch_add(1, Ordering::Relaxed);
     assert!(here.holds_more_than_its_share(), "5 of 4");
     here.leased.fetch_sub(4, Ordering::Relaxed);
+}
+
+/// A rule change counted by one serving thread's pool of a server reaches
+/// the other threads' pools of it (one budget per server holds the count),
+/// and no other server's.
+#[test]
+fn a_rule_change_is_counted_for_every_thread_of_its_server_only() {
+    let config = PoolConfig::default();
+    let budgets = Budgets::default();
+    let of_thread = |server: &str, port: u16| {
+        pool_in(
+            &budgets.for_pool(server, &endpoint(port), config.size),
+            &config,
+        )
+    };
+    let (here, there, elsewhere) = (
+        of_thread("pg1", 9),
+        of_thread("pg1", 9),
+        of_thread("pg2", 10),
+    );
+    here.count_rule_change();
+    let count = |pool: &Pool| pool.budget.rule_changes.load(Ordering::Acquire);
+    assert_eq!((count(&here), count(&there), count(&elsewhere)), (1, 1, 0));
 }
