@@ -189,14 +189,11 @@ impl Backend {
     /// `pool.max_lifetime` to see a rule that makes writes return rows. An
     /// error means the connection is no longer usable.
     pub async fn refresh_rules(&mut self, limit: Duration) -> io::Result<()> {
-        // Counted before reading: a change made meanwhile reads them again.
-        let Some(seen) = (self.prepared.rule_changes.as_ref()).map(|c| c.load(Ordering::Acquire))
-        else {
-            return Ok(());
-        };
-        if self.prepared.rules_seen == Some(seen) {
+        if !self.prepared.rules_stale() {
             return Ok(());
         }
+        // Counted before reading: a change made meanwhile reads them again.
+        let seen = self.prepared.rule_count();
         let read = tokio::time::timeout(limit, self.read_rules()).await;
         let read = read.map_err(|_| {
             io::Error::new(
@@ -206,7 +203,7 @@ impl Backend {
         })??;
         self.prepared.rules_return_rows = read != RulesRead::None;
         // Busy: read them again at the next checkout.
-        self.prepared.rules_seen = (read != RulesRead::Busy).then_some(seen);
+        self.prepared.rules_seen = seen.filter(|_| read != RulesRead::Busy);
         Ok(())
     }
 
@@ -285,7 +282,7 @@ impl Backend {
             self.record_parameter(&body);
         }
         let read = answer.unwrap_or(RulesRead::ReturnRows);
-        if read != RulesRead::None {
+        if answer.is_some_and(|found| found == RulesRead::ReturnRows) {
             debug!(server = %self.server, "a rule may turn writes into SELECTs: simple-protocol writes are not kept prepared on this connection");
         }
         Ok(read)
@@ -293,17 +290,33 @@ impl Backend {
 
     /// Sends `out` (a Query, or extended-protocol messages ending in Sync)
     /// and hands every reply before ReadyForQuery to `each`; records the
-    /// transaction status.
+    /// transaction status and the rule changes its statements made. A
+    /// connection that fails is marked broken.
     pub async fn exchange(&mut self, out: &[u8], mut each: impl FnMut(Frame)) -> io::Result<()> {
-        self.write_all(out).await?;
-        loop {
-            let frame = self.read_frame().await?;
-            if frame.tag == b'Z' {
-                self.status = frame.body().first().copied().unwrap_or(b'I');
-                return Ok(());
+        let result = async {
+            self.write_all(out).await?;
+            loop {
+                let frame = self.read_frame().await?;
+                match frame.tag {
+                    b'Z' => {
+                        self.status = frame.body().first().copied().unwrap_or(b'I');
+                        return Ok(());
+                    }
+                    b'C' => {
+                        if let Some(change) = rule_change(&frame.body()) {
+                            self.note_rule_change(change);
+                        }
+                    }
+                    _ => {}
+                }
+                each(frame);
             }
-            each(frame);
         }
+        .await;
+        if result.is_err() {
+            self.broken = true;
+        }
+        result
     }
 
     /// Records a ParameterStatus (its body): a new value replaces the old.
@@ -595,9 +608,13 @@ impl PreparedStatements {
     /// Whether the rules are to be read (again): not read yet, or a rule
     /// changed through the proxy since.
     pub fn rules_stale(&self) -> bool {
-        self.rule_changes
-            .as_ref()
-            .is_some_and(|changes| self.rules_seen != Some(changes.load(Ordering::Acquire)))
+        self.rule_count()
+            .is_some_and(|count| self.rules_seen != Some(count))
+    }
+
+    /// The server's count of rule changes now, if this set follows it.
+    fn rule_count(&self) -> Option<u64> {
+        (self.rule_changes.as_ref()).map(|changes| changes.load(Ordering::Acquire))
     }
 
     /// Follows `changes`, the server's count of rule changes; the rules are

@@ -23,7 +23,6 @@ use bytes::Bytes;
 use shardmap::Change;
 use tracing::{info, warn};
 
-use crate::backend::rule_change;
 use crate::metrics::Metrics;
 use crate::route::ddl::{plan_ddl, DdlPlan};
 use crate::route::{Route, RouteError};
@@ -140,12 +139,7 @@ impl Session {
             })
             .await;
             match (replied, error) {
-                (Ok(()), None) => {
-                    if let Some(change) = rule_change(done.as_bytes()) {
-                        lease.backend().note_rule_change(change);
-                    }
-                    tag = done;
-                }
+                (Ok(()), None) => tag = done,
                 (Ok(()), Some(error)) => {
                     let (code, message) = messages::error_summary(&error);
                     let undone = if implicit {

@@ -63,12 +63,7 @@ pub(super) async fn send_replies(
     out: &[u8],
     each: impl FnMut(Frame),
 ) -> io::Result<()> {
-    let backend = lease.backend();
-    let result = backend.exchange(out, each).await;
-    if result.is_err() {
-        backend.broken = true;
-    }
-    result
+    lease.backend().exchange(out, each).await
 }
 
 /// Runs `sql` as one simple Query on a backend: its last CommandComplete

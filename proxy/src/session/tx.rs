@@ -86,10 +86,8 @@ impl Session {
                 if let Some(mut lease) = self.lease.take() {
                     let mut out = BytesMut::new();
                     messages::query("ROLLBACK", &mut out);
-                    let backend = lease.backend();
-                    if backend.exchange(&out, |_| {}).await.is_err() {
-                        backend.broken = true;
-                    }
+                    // A failure marks the connection broken: it is closed.
+                    let _ = lease.backend().exchange(&out, |_| {}).await;
                 }
                 self.set_cancel_target(None);
                 self.tx = Tx::Aborted;
