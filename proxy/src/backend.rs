@@ -84,10 +84,12 @@ pub struct Backend {
     /// did not record exactly (SET inside a transaction or a multi-statement
     /// query, RESET): reset everything before the next client uses it.
     pub settings_unknown: bool,
-    /// A rule was created, replaced, altered or dropped on this connection
-    /// during its lease: the server's other connections read their rules
-    /// again when it ends (see `Lease` drop).
-    pub rules_changed: bool,
+    /// This connection's statements changed what a kept statement's plan or
+    /// a write's rows depend on (a rule, a table's columns: see
+    /// `catalog_change`) during its lease, or a kept statement's plan went
+    /// stale on it: the server's other connections catch up when the lease
+    /// ends (see `Lease` drop).
+    pub catalog_changed: bool,
     pub created: Instant,
     pub last_used: Instant,
 }
@@ -162,7 +164,7 @@ impl Backend {
             broken: false,
             pending_sync: false,
             settings_unknown: false,
-            rules_changed: false,
+            catalog_changed: false,
             created: now,
             last_used: now,
         };
@@ -182,48 +184,60 @@ impl Backend {
         Ok(backend)
     }
 
-    /// Reads the database's rules (`read_rules`) if this connection has not
-    /// yet, or could not, or if a rule was changed through the proxy since
-    /// (on any connection to this server), within `limit`: the pool calls it
-    /// at checkout, so a pooled connection does not wait for
-    /// `pool.max_lifetime` to see a rule that makes writes return rows. An
-    /// error means the connection is no longer usable.
-    pub async fn refresh_rules(&mut self, limit: Duration) -> io::Result<()> {
-        if !self.prepared.rules_stale() {
+    /// Catches up with the catalog changes made through the proxy on this
+    /// server (on any of its connections), within `limit`: drops the
+    /// statements kept prepared here (`DEALLOCATE ALL`: their plans may no
+    /// longer fit, and inside a transaction a stale plan cannot be retried
+    /// unseen) and reads the database's rules (`read_rules`), which it also
+    /// does when this connection has not read them yet, or could not. The
+    /// pool calls it at checkout, so a pooled connection does not wait for
+    /// `pool.max_lifetime` to see a rule that makes writes return rows or a
+    /// column whose type changed. An error means the connection is no
+    /// longer usable.
+    pub async fn refresh_catalog(&mut self, limit: Duration) -> io::Result<()> {
+        let deallocate = self.prepared.statements_stale();
+        if !self.prepared.rules_stale() && !deallocate {
             return Ok(());
         }
         // Counted before reading: a change made meanwhile reads them again.
-        let seen = self.prepared.rule_count();
-        let read = tokio::time::timeout(limit, self.read_rules()).await;
+        let seen = self.prepared.catalog_count();
+        let read = tokio::time::timeout(limit, self.read_rules(deallocate)).await;
         let read = read.map_err(|_| {
             io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("reading the rules took longer than {limit:?}"),
             )
         })??;
+        if deallocate {
+            // Done whatever the rules read found: DEALLOCATE is not
+            // undone by the error that ends the implicit transaction.
+            self.prepared.texts.clear();
+            self.prepared.statements_seen = seen.unwrap_or_default();
+        }
         self.prepared.rules_return_rows = read != RulesRead::None;
         // Busy: read them again at the next checkout.
         self.prepared.rules_seen = seen.filter(|_| read != RulesRead::Busy);
         Ok(())
     }
 
-    /// Notes a rule changed by this connection's statement: after a CREATE
-    /// RULE (or CREATE OR REPLACE) its writes may return rows at once; the
-    /// server's other connections hear of it when the transaction ends
-    /// (`publish_rule_changes`).
-    pub fn note_rule_change(&mut self, change: RuleChange) {
-        if change == RuleChange::Created {
+    /// Notes a catalog change made by this connection's statement: after a
+    /// CREATE RULE (or CREATE OR REPLACE) its writes may return rows at
+    /// once; the server's other connections hear of it when the
+    /// transaction ends (`publish_catalog_changes`).
+    pub fn note_catalog_change(&mut self, change: CatalogChange) {
+        if change == CatalogChange::RuleCreated {
             self.prepared.rules_return_rows = true;
         }
-        self.rules_changed = true;
+        self.catalog_changed = true;
     }
 
-    /// Once the transaction that changed a rule has ended (committed, the
-    /// change is visible to the other connections), has every connection to
-    /// the server read its rules again.
-    pub fn publish_rule_changes(&mut self) {
-        if std::mem::take(&mut self.rules_changed) {
-            if let Some(changes) = &self.prepared.rule_changes {
+    /// Once the transaction that changed the catalog has ended (committed,
+    /// the change is visible to the other connections), has every
+    /// connection to the server catch up at its next checkout
+    /// (`refresh_catalog`).
+    pub fn publish_catalog_changes(&mut self) {
+        if std::mem::take(&mut self.catalog_changed) {
+            if let Some(changes) = &self.prepared.catalog_changes {
                 changes.fetch_add(1, Ordering::AcqRel);
             }
         }
@@ -234,15 +248,18 @@ impl Backend {
     /// returns such rows; Execute in the extended protocol does not. So
     /// where such a rule exists, simple-protocol writes are not run as kept
     /// statements on this connection. Read at the first checkout, and at
-    /// checkout after a rule changed through the proxy (`refresh_rules`); a
+    /// checkout after a rule changed through the proxy (`refresh_catalog`); a
     /// rule created otherwise (on the server directly, through another
     /// proxy, by a function) is seen by connections opened after it, within
     /// `pool.max_lifetime`. The read waits for no lock (`pg_get_ruledef`
     /// locks the rule's table): a table locked by DDL makes it Busy.
-    async fn read_rules(&mut self) -> io::Result<RulesRead> {
+    /// With `deallocate`, the same Query drops the connection's prepared
+    /// statements first.
+    async fn read_rules(&mut self, deallocate: bool) -> io::Result<RulesRead> {
         let mut out = BytesMut::new();
+        let drop_statements = if deallocate { "DEALLOCATE ALL; " } else { "" };
         messages::query(
-            &format!("{RULES_READ_LIMITS} {RULES_THAT_RETURN_ROWS}"),
+            &format!("{drop_statements}{RULES_READ_LIMITS} {RULES_THAT_RETURN_ROWS}"),
             &mut out,
         );
         let server = self.server.clone();
@@ -303,8 +320,8 @@ impl Backend {
                         return Ok(());
                     }
                     b'C' => {
-                        if let Some(change) = rule_change(&frame.body()) {
-                            self.note_rule_change(change);
+                        if let Some(change) = catalog_change(&frame.body()) {
+                            self.note_catalog_change(change);
                         }
                     }
                     _ => {}
@@ -534,13 +551,17 @@ pub struct PreparedStatements {
     /// A rule of the database may make a write return rows: see
     /// `Backend::read_rules`.
     rules_return_rows: bool,
-    /// The server's count of rule changes made through the proxy (see
-    /// `Backend::publish_rule_changes`), shared by its pools on every
+    /// The server's count of catalog changes made through the proxy (see
+    /// `Backend::publish_catalog_changes`), shared by its pools on every
     /// serving thread; `None` only in the empty set a request takes out.
-    rule_changes: Option<Arc<AtomicU64>>,
+    catalog_changes: Option<Arc<AtomicU64>>,
     /// The count when `rules_return_rows` was last read; `None` before the
     /// first read, or when it could not be done.
     rules_seen: Option<u64>,
+    /// The count when the statements prepared here were last known to fit
+    /// the catalog: when the connection began following the count (nothing
+    /// prepared yet), or when they were dropped (`refresh_catalog`).
+    statements_seen: u64,
 }
 
 /// What reading the rules found.
@@ -560,21 +581,50 @@ enum RulesRead {
 const RULES_READ_LIMITS: &str = "SELECT pg_catalog.set_config('lock_timeout', '100', true), \
      pg_catalog.set_config('statement_timeout', '2000', true);";
 
-/// A statement that changed the database's rules, by its CommandComplete.
+/// A statement that changed what kept statements or the rules check
+/// depend on, by its CommandComplete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RuleChange {
-    /// CREATE RULE, CREATE OR REPLACE RULE.
-    Created,
-    /// ALTER RULE, DROP RULE.
+pub enum CatalogChange {
+    /// CREATE RULE, CREATE OR REPLACE RULE: writes may return rows.
+    RuleCreated,
+    /// ALTER RULE, DROP RULE, or a change that may alter the columns a
+    /// statement returns.
     Other,
 }
 
 /// What a CommandComplete's tag (with or without its zero byte) says of
-/// the rules.
-pub fn rule_change(tag: &[u8]) -> Option<RuleChange> {
+/// the catalog: rule changes, and the statements that may change the
+/// columns a prepared statement returns (a column's type, a view's
+/// columns, a table dropped and made again, a type, a domain, a function
+/// dropped and made again, a schema renamed or dropped). Postgres refuses
+/// to run a prepared statement whose result columns changed ("cached plan
+/// must not change result type"). CREATE TABLE is not counted: a table that
+/// shadows another through `search_path` is the one case it misses, and
+/// transactions that create temporary tables would otherwise have every
+/// connection drop its statements.
+pub fn catalog_change(tag: &[u8]) -> Option<CatalogChange> {
     match tag.strip_suffix(b"\0").unwrap_or(tag) {
-        b"CREATE RULE" => Some(RuleChange::Created),
-        b"ALTER RULE" | b"DROP RULE" => Some(RuleChange::Other),
+        b"CREATE RULE" => Some(CatalogChange::RuleCreated),
+        b"ALTER RULE"
+        | b"DROP RULE"
+        | b"ALTER TABLE"
+        | b"DROP TABLE"
+        | b"ALTER VIEW"
+        | b"CREATE VIEW"
+        | b"DROP VIEW"
+        | b"ALTER MATERIALIZED VIEW"
+        | b"DROP MATERIALIZED VIEW"
+        | b"ALTER FOREIGN TABLE"
+        | b"DROP FOREIGN TABLE"
+        | b"ALTER TYPE"
+        | b"DROP TYPE"
+        | b"ALTER DOMAIN"
+        | b"DROP DOMAIN"
+        | b"DROP FUNCTION"
+        | b"ALTER SCHEMA"
+        | b"DROP SCHEMA"
+        | b"ALTER EXTENSION"
+        | b"DROP EXTENSION" => Some(CatalogChange::Other),
         _ => None,
     }
 }
@@ -600,27 +650,39 @@ impl PreparedStatements {
     /// Whether a rule may make a write return rows here: one was found when
     /// the rules were last read, or a rule was created, replaced or dropped
     /// through the proxy since (answered again at the next checkout, see
-    /// `Backend::refresh_rules`).
+    /// `Backend::refresh_catalog`).
     pub fn rules_may_return_rows(&self) -> bool {
         self.rules_return_rows || self.rules_stale()
     }
 
-    /// Whether the rules are to be read (again): not read yet, or a rule
-    /// changed through the proxy since.
+    /// Whether the rules are to be read (again): not read yet, or the
+    /// catalog changed through the proxy since.
     pub fn rules_stale(&self) -> bool {
-        self.rule_count()
+        self.catalog_count()
             .is_some_and(|count| self.rules_seen != Some(count))
     }
 
-    /// The server's count of rule changes now, if this set follows it.
-    fn rule_count(&self) -> Option<u64> {
-        (self.rule_changes.as_ref()).map(|changes| changes.load(Ordering::Acquire))
+    /// Whether the catalog changed through the proxy since the statements
+    /// prepared here were last known to fit it: they are dropped at the
+    /// next checkout, and until then, inside a transaction, statements that
+    /// return rows are not kept here (a stale plan could not be retried
+    /// unseen). False for a set that follows no count.
+    pub fn statements_stale(&self) -> bool {
+        self.catalog_count()
+            .is_some_and(|count| count != self.statements_seen)
     }
 
-    /// Follows `changes`, the server's count of rule changes; the rules are
-    /// read at the next checkout.
-    pub fn follow_rule_changes(&mut self, changes: Arc<AtomicU64>) {
-        self.rule_changes = Some(changes);
+    /// The server's count of catalog changes now, if this set follows it.
+    fn catalog_count(&self) -> Option<u64> {
+        (self.catalog_changes.as_ref()).map(|changes| changes.load(Ordering::Acquire))
+    }
+
+    /// Follows `changes`, the server's count of catalog changes, from a
+    /// connection's first checkout (nothing is prepared on it yet); the
+    /// rules are read at once.
+    pub fn follow_catalog_changes(&mut self, changes: Arc<AtomicU64>) {
+        self.statements_seen = changes.load(Ordering::Acquire);
+        self.catalog_changes = Some(changes);
         self.rules_seen = None;
     }
 
@@ -658,14 +720,54 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rule_changes_are_read_from_command_tags() {
-        assert_eq!(rule_change(b"CREATE RULE\0"), Some(RuleChange::Created));
-        assert_eq!(rule_change(b"CREATE RULE"), Some(RuleChange::Created));
-        assert_eq!(rule_change(b"DROP RULE\0"), Some(RuleChange::Other));
-        assert_eq!(rule_change(b"ALTER RULE"), Some(RuleChange::Other));
-        for other in [&b"CREATE TRIGGER\0"[..], b"INSERT 0 1\0", b"RULE\0", b""] {
-            assert_eq!(rule_change(other), None);
+    fn catalog_changes_are_read_from_command_tags() {
+        assert_eq!(
+            catalog_change(b"CREATE RULE\0"),
+            Some(CatalogChange::RuleCreated)
+        );
+        assert_eq!(
+            catalog_change(b"CREATE RULE"),
+            Some(CatalogChange::RuleCreated)
+        );
+        for change in [
+            &b"DROP RULE\0"[..],
+            b"ALTER RULE",
+            b"ALTER TABLE\0",
+            b"CREATE VIEW\0",
+            b"DROP TABLE\0",
+            b"ALTER TYPE\0",
+        ] {
+            assert_eq!(catalog_change(change), Some(CatalogChange::Other));
         }
+        for other in [
+            &b"CREATE TRIGGER\0"[..],
+            b"CREATE TABLE\0",
+            b"INSERT 0 1\0",
+            b"SELECT 1\0",
+            b"RULE\0",
+            b"",
+        ] {
+            assert_eq!(catalog_change(other), None);
+        }
+    }
+
+    #[test]
+    fn a_catalog_change_makes_the_statements_stale_until_dropped() {
+        let mut set = PreparedStatements::default();
+        assert!(
+            !set.statements_stale(),
+            "a request's empty set follows no count"
+        );
+        let changes = Arc::new(AtomicU64::new(3));
+        set.follow_catalog_changes(changes.clone());
+        assert!(
+            !set.statements_stale(),
+            "nothing prepared on a new connection"
+        );
+        changes.fetch_add(1, Ordering::AcqRel);
+        assert!(set.statements_stale());
+        set.statements_seen = 4;
+        assert!(!set.statements_stale());
     }
 
     #[test]
@@ -673,7 +775,7 @@ mod tests {
         let mut set = PreparedStatements::default();
         assert!(!set.rules_may_return_rows(), "a request's empty set");
         let changes = Arc::new(AtomicU64::new(7));
-        set.follow_rule_changes(changes.clone());
+        set.follow_catalog_changes(changes.clone());
         assert!(
             set.rules_stale() && set.rules_may_return_rows(),
             "not read yet"

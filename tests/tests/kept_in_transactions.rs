@@ -3,9 +3,11 @@
 //! statements in the simple protocol (literals sent as parameters, signed
 //! ones and VALUES rows included) and in the extended protocol run kept from
 //! the threshold on, with the same results as on the servers directly; a
-//! statement that returns rows is not kept mid-transaction (a stale plan
-//! could not be retried there); a failure inside a kept statement aborts
-//! the transaction exactly as Postgres would; on a database where a rule
+//! statement that returns rows is kept mid-transaction too, dropped from
+//! the pooled connections when a column type changes through the proxy,
+//! and fails once per connection (as a client's own prepared statement
+//! would) when it changes behind the proxy's back; a failure inside a kept
+//! statement aborts the transaction exactly as Postgres would; on a database where a rule
 //! turns a write into a SELECT, such writes are not kept and return the
 //! rule's rows, as a Query of them does on the server, also when the rule
 //! is created through the proxy while its connections are pooled; reading
@@ -153,14 +155,14 @@ async fn tpcb_statements_run_kept_inside_transactions_in_both_protocols() {
         }
     }
     let simple_kept = metrics.kept_prepared_runs.load(Ordering::Relaxed) - before;
-    // UPDATE (one shape: the key is a parameter) and INSERT are kept from the
-    // threshold on; the SELECT returns rows and is not, mid-transaction; the
-    // INSERT's -2147483648 (an int4 constant, unlike -$1) is sent as written.
+    // UPDATE (one shape: the key is a parameter) and SELECT are kept from
+    // the threshold on; the INSERT's -2147483648 (an int4 constant, unlike
+    // -$1) is sent as written.
     let runs = rounds * keys.len() as u64;
     assert_eq!(
         simple_kept,
-        runs - (after - 1),
-        "the UPDATE kept from its {after}th run on (and nothing else)"
+        2 * (runs - (after - 1)),
+        "the UPDATE and the SELECT kept from their {after}th run on (and nothing else)"
     );
     let expected: i64 = (1..=rounds as i64).sum();
     assert_eq!(
@@ -196,10 +198,12 @@ async fn tpcb_statements_run_kept_inside_transactions_in_both_protocols() {
         }
     }
     let extended_kept = metrics.kept_prepared_runs.load(Ordering::Relaxed) - before;
+    // The SELECT's text is the simple one's with its literal as $1: the
+    // same statement, past the threshold already.
     assert_eq!(
         extended_kept,
-        2 * (runs - (after - 1)),
-        "the UPDATE and the INSERT kept from their {after}th parse on, the SELECT never"
+        2 * (runs - (after - 1)) + runs,
+        "the UPDATE and the INSERT kept from their {after}th parse on, the SELECT always"
     );
     assert_eq!(
         balances(&cluster, &keys).await,
@@ -247,8 +251,8 @@ async fn unnamed_writes_stay_prepared_in_transactions_and_fail_as_postgres_fails
     let runs = rounds * keys.len() as u64;
     assert_eq!(
         kept,
-        runs - (after - 1),
-        "the UPDATE kept from its {after}th parse on; the SELECT (rows) never mid-transaction"
+        2 * (runs - (after - 1)),
+        "the UPDATE and the SELECT kept from their {after}th parse on"
     );
 
     // Division by zero inside a kept UPDATE: the transaction is aborted, the
@@ -408,6 +412,151 @@ async fn a_transactions_first_select_stays_prepared_and_survives_a_column_change
         balances(&cluster, &keys).await,
         vec![3 + after as i64 + 1; keys.len()],
         "every transaction committed once"
+    );
+}
+
+/// BEGIN; UPDATE; SELECT; COMMIT on every key, in the extended protocol:
+/// the SELECT runs mid-transaction. Returns the SELECT's column type per
+/// key, or the first error.
+async fn update_then_select(
+    client: &tokio_postgres::Client,
+    keys: &[i64],
+) -> Result<Vec<tokio_postgres::types::Type>, tokio_postgres::Error> {
+    use tokio_postgres::types::Type;
+    let mut types = Vec::new();
+    for key in keys {
+        let key = *key as i32;
+        client.batch_execute("BEGIN").await?;
+        client
+            .query_typed(
+                "UPDATE accounts SET abalance = abalance + 1 WHERE aid = $1",
+                &[(&key, Type::INT4)],
+            )
+            .await?;
+        let rows = client
+            .query_typed(
+                "SELECT abalance FROM accounts WHERE aid = $1",
+                &[(&key, Type::INT4)],
+            )
+            .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                client.batch_execute("ROLLBACK").await?;
+                return Err(e);
+            }
+        };
+        assert_eq!(rows.len(), 1, "one row for {key}");
+        types.push(rows[0].columns()[0].type_().clone());
+        client.batch_execute("COMMIT").await?;
+    }
+    Ok(types)
+}
+
+/// A SELECT inside transactions runs kept prepared; a column type changed
+/// through the proxy has every pooled connection drop its kept statements
+/// before its next transaction, so the SELECT returns the new type without
+/// an error, as it does on the servers directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_type_changed_through_the_proxy_never_fails_a_kept_select() {
+    use tokio_postgres::types::Type;
+    let Accounts {
+        cluster,
+        proxy,
+        keys,
+        client,
+    } = Accounts::open(10).await;
+    let metrics = &proxy.shared.metrics;
+    let after = u64::from(proxy.shared.config.pool.prepare_unnamed_after);
+    let before = metrics.kept_prepared_runs.load(Ordering::Relaxed);
+    for _ in 0..after + 1 {
+        let types = update_then_select(&client, &keys)
+            .await
+            .expect("transactions");
+        assert_eq!(types, vec![Type::INT4; keys.len()]);
+    }
+    let runs = (after + 1) * keys.len() as u64;
+    assert_eq!(
+        metrics.kept_prepared_runs.load(Ordering::Relaxed) - before,
+        2 * (runs - (after - 1)),
+        "the UPDATE and the mid-transaction SELECT kept from their {after}th parse on"
+    );
+    client
+        .batch_execute("ALTER TABLE accounts ALTER COLUMN abalance TYPE bigint")
+        .await
+        .expect("alter through the proxy");
+    let kept = metrics.kept_prepared_runs.load(Ordering::Relaxed);
+    let types = update_then_select(&client, &keys)
+        .await
+        .expect("no transaction fails after the change");
+    assert_eq!(
+        types,
+        vec![Type::INT8; keys.len()],
+        "the new type, on every server"
+    );
+    assert_eq!(
+        metrics.kept_prepared_runs.load(Ordering::Relaxed) - kept,
+        2 * keys.len() as u64,
+        "prepared again on every connection, and kept"
+    );
+    assert_eq!(
+        balances(&cluster, &keys).await,
+        vec![10 + after as i64 + 2; keys.len()],
+        "every transaction committed once"
+    );
+}
+
+/// A column type changed on the servers directly, behind the proxy's back:
+/// the kept SELECT fails with Postgres's own error (0A000, as a client's
+/// prepared statement would) once per connection, the transaction is
+/// rolled back, and the same transaction then succeeds with the new type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_type_changed_behind_the_proxys_back_fails_a_kept_select_once() {
+    use tokio_postgres::types::Type;
+    let Accounts {
+        cluster,
+        proxy,
+        keys,
+        client,
+    } = Accounts::open(10).await;
+    let after = proxy.shared.config.pool.prepare_unnamed_after;
+    for _ in 0..after + 1 {
+        update_then_select(&client, &keys)
+            .await
+            .expect("transactions");
+    }
+    for index in 0..cluster.cluster.servers.len() {
+        cluster
+            .connect(index)
+            .await
+            .batch_execute("ALTER TABLE accounts ALTER COLUMN abalance TYPE bigint")
+            .await
+            .expect("alter on a server");
+    }
+    let mut failures = 0;
+    for key in &keys {
+        let one = std::slice::from_ref(key);
+        match update_then_select(&client, one).await {
+            Ok(types) => panic!("the stale statement ran on the connection of {key}: {types:?}"),
+            Err(e) => {
+                assert_eq!(
+                    e.code(),
+                    Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED),
+                    "{e:?}"
+                );
+                failures += 1;
+            }
+        }
+        let types = update_then_select(&client, one)
+            .await
+            .expect("the transaction again, on a new connection");
+        assert_eq!(types, vec![Type::INT8]);
+    }
+    assert_eq!(failures, keys.len(), "one failure per server's connection");
+    assert_eq!(
+        balances(&cluster, &keys).await,
+        vec![10 + i64::from(after) + 2; keys.len()],
+        "the failed transactions left nothing"
     );
 }
 

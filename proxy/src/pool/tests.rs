@@ -147,7 +147,7 @@ fn a_rule_change_is_counted_for_every_thread_of_its_server_only() {
         of_thread("pg1", 9),
         of_thread("pg2", 10),
     );
-    here.count_rule_change();
-    let count = |pool: &Pool| pool.budget.rule_changes.load(Ordering::Acquire);
+    here.count_catalog_change();
+    let count = |pool: &Pool| pool.budget.catalog_changes.load(Ordering::Acquire);
     assert_eq!((count(&here), count(&there), count(&elsewhere)), (1, 1, 0));
 }

@@ -22,7 +22,7 @@ use super::statements::{
     backend_statement_name, can_keep, ensure_prepared, ensure_unnamed_parsed, has_quoted_constant,
     prepare_statement, Prepared,
 };
-use super::tx::{is_tx_control, Tx};
+use super::tx::{ends_transaction, is_tx_control, Tx};
 use super::{cross_server, spans_servers, unsupported, Request, Session};
 
 pub(super) use super::portals::{PortalUse, Portals};
@@ -346,7 +346,10 @@ impl Session {
     /// request is one statement (Parse, Bind, Describe, Execute, Sync),
     /// either one that can be sent again with nobody noticing if the
     /// server's cached plan went stale (`can_resend`), or one that cannot go
-    /// stale (returns no rows).
+    /// stale (returns no rows, or ends the transaction: Postgres never
+    /// revalidates COMMIT or ROLLBACK), or one that returns rows inside a
+    /// transaction on a connection whose kept statements fit the catalog
+    /// (`keeps_rows_in_transaction`).
     pub(super) fn keeps_unnamed_prepared(&self, items: &[Item], synced: bool) -> bool {
         let pool = &self.shared.config.pool;
         if pool.prepare_unnamed_after == 0 || !synced {
@@ -375,7 +378,12 @@ impl Session {
         binds == 1
             && parses <= 1
             && statement.keepable
-            && (self.can_resend() || statement.returns_no_rows())
+            && (self.can_resend()
+                || statement.returns_no_rows()
+                || (ends_transaction(statement.command())
+                    && self.tx == Tx::Bound
+                    && self.legs.is_empty())
+                || self.keeps_rows_in_transaction())
             && self.shared.statement_uses.get(&statement.backend_name) >= pool.prepare_unnamed_after
     }
 

@@ -7,7 +7,7 @@ use std::io;
 use bytes::BytesMut;
 use tracing::{debug, warn};
 
-use crate::backend::{rule_change, Backend};
+use crate::backend::{catalog_change, Backend, CatalogChange};
 use crate::metrics::Metrics;
 use crate::pool::Lease;
 use crate::wire::messages;
@@ -114,13 +114,10 @@ impl Session {
                             ..
                         }) = expects.front()
                         {
+                            // Once replies reached the client it is too late to
+                            // take them back: the client sees the error (below).
                             let stale = is_stale_plan_error(&backend.buffered()[..len]);
-                            if stale && self.client.flushes != flushes {
-                                // Too late to take the replies back: the client
-                                // sees the error, and the connection with the
-                                // stale statement is closed after this request.
-                                backend.broken = true;
-                            } else if stale {
+                            if stale && self.client.flushes == flushes {
                                 // Nothing of the request ran: take its replies
                                 // back; the server now skips to ReadyForQuery.
                                 outcome.stale = Some(name.clone());
@@ -133,6 +130,18 @@ impl Session {
                             }
                         }
                         outcome.errored = true;
+                        if is_stale_plan_error(&backend.buffered()[..len]) {
+                            // A statement kept prepared here no longer fits its
+                            // tables (changed behind the proxy's back) and this
+                            // request cannot be sent again unseen: the client
+                            // sees Postgres's error, as it would for its own
+                            // prepared statement. The connection, which would
+                            // fail the same way again, is closed when its
+                            // lease ends, and the server's other connections
+                            // drop their kept statements at their next checkout.
+                            backend.broken = true;
+                            backend.note_catalog_change(CatalogChange::Other);
+                        }
                         self.client
                             .out
                             .extend_from_slice(&backend.buffered()[..len]);
@@ -186,12 +195,12 @@ impl Session {
                         backend.pending_sync = false;
                         if backend.status == b'I' {
                             // Before the client hears the change is done.
-                            backend.publish_rule_changes();
+                            backend.publish_catalog_changes();
                         }
                     } else if tag == b'C' {
                         outcome.committed = message.get(5..12) == Some(&b"COMMIT\0"[..]);
-                        if let Some(change) = rule_change(message.get(5..).unwrap_or_default()) {
-                            backend.note_rule_change(change);
+                        if let Some(change) = catalog_change(message.get(5..).unwrap_or_default()) {
+                            backend.note_catalog_change(change);
                         }
                     }
                 }

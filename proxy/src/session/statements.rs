@@ -218,7 +218,8 @@ impl Session {
     /// `Parameterized`), the client sent it often enough, and it runs in an
     /// implicit transaction or opens a held-back one, so that a stale plan
     /// can be retried unseen (`can_resend`), or cannot go stale (it returns
-    /// no rows) inside a transaction.
+    /// no rows), or runs inside a transaction on a connection whose kept
+    /// statements fit the catalog (`keeps_rows_in_transaction`).
     pub(super) fn kept_simple(
         &mut self,
         frame: &Frame,
@@ -228,7 +229,7 @@ impl Session {
     ) -> Option<KeptSimple> {
         let after = self.shared.config.pool.prepare_simple_after;
         if after == 0
-            || !(self.can_resend() || data.no_result)
+            || !(self.can_resend() || data.no_result || self.keeps_rows_in_transaction())
             || route.server().is_none()
             || data.copy.is_some()
             || data.unparsed.is_some()

@@ -33,6 +33,11 @@ pub(super) fn is_tx_control(command: Option<&Command>) -> bool {
     )
 }
 
+/// COMMIT (END) or ROLLBACK (ABORT).
+pub(super) fn ends_transaction(command: Option<&Command>) -> bool {
+    matches!(command, Some(Command::Commit | Command::Rollback))
+}
+
 /// The CommandComplete tag Postgres gives a transaction-scoped statement.
 pub(super) fn transaction_scoped_tag(sql: &str) -> String {
     let mut words = sql.split_whitespace().map(|w| w.to_uppercase());
@@ -112,5 +117,22 @@ impl Session {
     /// which is then rolled back and begun again with it (nothing ran in it).
     pub(super) fn can_resend(&self) -> bool {
         matches!(self.tx, Tx::Idle | Tx::Deferred { .. }) && self.lease.is_none() && !self.unsynced
+    }
+
+    /// Whether a statement that returns rows may run kept prepared inside
+    /// the session's open transaction, where a stale plan could not be
+    /// retried unseen: on the held connection, whose kept statements fit
+    /// every catalog change made through the proxy so far (a change drops
+    /// them at the connection's next checkout; until then such statements
+    /// are parsed as sent). A change made behind the proxy's back fails the
+    /// statement as Postgres fails a client's own prepared statement, once
+    /// per connection (see `relay`).
+    pub(super) fn keeps_rows_in_transaction(&self) -> bool {
+        self.tx == Tx::Bound
+            && self.legs.is_empty()
+            && self
+                .lease
+                .as_ref()
+                .is_some_and(|lease| lease.statements_fresh())
     }
 }
