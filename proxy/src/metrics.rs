@@ -20,8 +20,10 @@ pub struct Metrics {
     pub route_errors: AtomicU64,
     /// Requests that lost their backend connection.
     pub backend_errors: AtomicU64,
-    /// Requests whose unnamed statement ran as a statement kept prepared on
-    /// the server, and those sent again because its cached plan went stale.
+    /// Requests whose unnamed statement (or simple Query) ran as a statement
+    /// kept prepared on the server, transaction control aside (BEGIN,
+    /// COMMIT and ROLLBACK run kept once a transaction holds a server), and
+    /// those sent again because its cached plan went stale.
     pub kept_prepared_runs: AtomicU64,
     pub stale_plan_retries: AtomicU64,
     /// Simple-protocol writes sent as they are, not kept, because a rule of

@@ -560,6 +560,94 @@ async fn a_column_type_changed_behind_the_proxys_back_fails_a_kept_select_once()
     );
 }
 
+/// psql's output (stdout then stderr) for `script` on 127.0.0.1:`port`, run
+/// to its end whatever fails.
+fn psql_output(port: u16, script: &str) -> String {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("psql")
+        .args(["-X", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-U", "postgres", "-d", "postgres"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("psql runs");
+    if let Some(mut pipe) = child.stdin.take() {
+        pipe.write_all(script.as_bytes()).expect("psql stdin");
+    }
+    let output = child.wait_with_output().expect("psql ends");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// COMMIT, END, ROLLBACK and ABORT in the simple protocol run kept prepared
+/// once a transaction holds a server, and answer exactly as Postgres
+/// does: the same tags (ROLLBACK for a COMMIT of a failed transaction), the
+/// same warnings, the same data, compared with psql's output on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_ends_run_kept_and_answer_as_postgres_does() {
+    let Accounts {
+        cluster,
+        proxy,
+        keys,
+        client,
+    } = Accounts::open(50).await;
+    let key = keys[1];
+    let mut script = String::new();
+    for round in 0..3 {
+        script.push_str(&format!(
+            "BEGIN;\nUPDATE accounts SET abalance = abalance + 1 WHERE aid = {key};\nCOMMIT;\n\
+             BEGIN;\nUPDATE accounts SET abalance = abalance + 10 WHERE aid = {key};\nROLLBACK;\n\
+             BEGIN;\nUPDATE accounts SET abalance = abalance + 100 WHERE aid = {key};\nSELECT 1 / 0;\nCOMMIT;\n\
+             BEGIN;\nUPDATE accounts SET abalance = abalance + 2 WHERE aid = {key};\nEND;\n\
+             BEGIN;\nUPDATE accounts SET abalance = abalance + 20 WHERE aid = {key};\nABORT;\n\
+             BEGIN;\nUPDATE accounts SET abalance = abalance + 200 WHERE aid = {key};\nSELECT 1 / 0;\nROLLBACK;\n\
+             COMMIT;\nSELECT {round} AS round, abalance FROM accounts WHERE aid = {key};\n"
+        ));
+    }
+    let through_proxy = psql_output(proxy.addr.port(), &script);
+    assert_eq!(
+        balances(&cluster, &keys).await[1],
+        59,
+        "three rounds of +1 and +2, nothing of the rest: {through_proxy}"
+    );
+    // The server's one pooled connection holds them as prepared statements.
+    client.batch_execute("BEGIN").await.expect("begin");
+    client
+        .batch_execute(&format!(
+            "UPDATE accounts SET abalance = abalance WHERE aid = {key}"
+        ))
+        .await
+        .expect("open the transaction on the key's server");
+    let prepared = text_rows(&client, "SELECT statement FROM pg_prepared_statements").await;
+    client.batch_execute("COMMIT").await.expect("commit");
+    for end in ["COMMIT", "END", "ROLLBACK", "ABORT"] {
+        assert!(
+            prepared
+                .iter()
+                .any(|row| row[0].trim_end_matches(';') == end),
+            "{end} kept on the connection: {prepared:?}"
+        );
+    }
+    client
+        .batch_execute(&format!(
+            "UPDATE accounts SET abalance = 50 WHERE aid = {key}"
+        ))
+        .await
+        .expect("reset the balance");
+    let server = &cluster.cluster.servers[1];
+    let on_server = psql_output(server.state().port, &script);
+    assert_eq!(through_proxy, on_server);
+    assert!(
+        through_proxy.matches("ROLLBACK").count() >= 9,
+        "a COMMIT of a failed transaction answers ROLLBACK: {through_proxy}"
+    );
+}
+
 /// A BEGIN the proxy held back goes in front of the transaction's first
 /// extended-protocol statement as a statement kept prepared on the
 /// connection (parsed once per connection, then only bound and executed),

@@ -44,6 +44,18 @@ pub struct Parameterized {
     pub int4_name: OnceLock<std::sync::Arc<str>>,
 }
 
+impl Parameterized {
+    /// A statement without parameters, sent as it is.
+    pub fn constant(text: String) -> Parameterized {
+        Parameterized {
+            text,
+            params: 0,
+            negated: Vec::new(),
+            int4_name: OnceLock::new(),
+        }
+    }
+}
+
 /// Most parameters a parameterized statement may have.
 const MAX_PARAMETERS: usize = 1000;
 

@@ -19,8 +19,8 @@ pub struct Prepared {
     pub backend_name: Arc<str>,
     pub analyzed: Analyzed,
     /// As the unnamed statement, it may be kept prepared on the servers: it
-    /// reads or writes tables, and has no quoted constant (those are valued
-    /// when parsed: 'now', time zones).
+    /// reads or writes tables, or ends a transaction, and has no quoted
+    /// constant (those are valued when parsed: 'now', time zones).
     pub keepable: bool,
 }
 

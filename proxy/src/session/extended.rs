@@ -313,8 +313,10 @@ impl Session {
             Some(existing) => existing,
             None => {
                 let analyzed = self.shared.analyzer.analyze(parse.query());
-                let keepable = matches!(analyzed.analysis.commands.as_slice(), [Command::Data(_)])
-                    && !has_quoted_constant(parse.query());
+                let keepable = matches!(
+                    analyzed.analysis.commands.as_slice(),
+                    [Command::Data(_) | Command::Commit | Command::Rollback]
+                ) && !has_quoted_constant(parse.query());
                 let statement = Arc::new(Prepared {
                     backend_name: backend_statement_name(
                         parse.query(),
@@ -641,7 +643,7 @@ impl Session {
                 ),
                 _ => false,
             };
-        if keep {
+        if keep && bound_unnamed.is_some_and(|statement| !ends_transaction(statement.command())) {
             Metrics::add(&self.shared.metrics.kept_prepared_runs, 1);
         }
         let mut cursor = portals.cursor();

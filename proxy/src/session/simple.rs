@@ -2,9 +2,12 @@
 //! (transaction control, SET/RESET, SHOW, DISCARD, DEALLOCATE, data), and
 //! repeated queries run as statements kept prepared on the server.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use crate::backend::PreparedStatements;
 
-use crate::analyze::{Analyzed, Command, DataStatement, Literal};
+use crate::analyze::{Analyzed, Command, DataStatement, Literal, Parameterized};
 use crate::metrics::Metrics;
 use crate::route::writes::plan_write;
 use crate::route::{route_hinted, Resolution, Route, RouteError};
@@ -15,7 +18,7 @@ use super::client::SessionError;
 use super::plan::{End, Outcome, Plan};
 use super::scatter::ScatterStatement;
 use super::settings::{changes_session, parse_proxy_setting, render};
-use super::statements::{can_keep, prepare_on_backend, KeptSimple};
+use super::statements::{backend_statement_name, can_keep, prepare_on_backend, KeptSimple};
 use super::tx::{transaction_scoped_tag, Tx};
 use super::{cross_server, spans_servers, unsupported, Request, Session};
 
@@ -208,7 +211,26 @@ impl Session {
                 }
                 self.end_legs(commit).await;
             }
-            Tx::Bound => return self.forward_simple(frame, Route::Any, false).await,
+            Tx::Bound => {
+                // As a statement kept prepared: Postgres never revalidates
+                // COMMIT or ROLLBACK, so it cannot go stale.
+                let text = statement_text(&frame);
+                let kept = KeptSimple {
+                    name: backend_statement_name(&text, &[], &BTreeMap::new()),
+                    parameterized: Arc::new(Parameterized::constant(text)),
+                    types: Vec::new(),
+                    literals: Arc::default(),
+                };
+                let shape = KeptShape {
+                    read_only: false,
+                    no_result: true,
+                    writes: false,
+                    ends_transaction: true,
+                };
+                return self
+                    .forward_kept_simple(frame, Route::Any, shape, kept)
+                    .await;
+            }
         }
         self.ready().await
     }
@@ -429,7 +451,15 @@ impl Session {
             return self.ready().await;
         }
         match self.kept_simple(&frame, analyzed, data, &route) {
-            Some(kept) => self.forward_kept_simple(frame, route, data, kept).await,
+            Some(kept) => {
+                let shape = KeptShape {
+                    read_only: data.read_only,
+                    no_result: data.no_result,
+                    writes: !data.written.is_empty(),
+                    ends_transaction: false,
+                };
+                self.forward_kept_simple(frame, route, shape, kept).await
+            }
             None => self.forward_simple(frame, route, data.read_only).await,
         }
     }
@@ -442,11 +472,15 @@ impl Session {
         &mut self,
         frame: Frame,
         route: Route,
-        data: &DataStatement,
+        shape: KeptShape,
         kept: KeptSimple,
     ) -> Result<(), SessionError> {
-        let (read_only, no_result) = (data.read_only, data.no_result);
-        let writes = !data.written.is_empty();
+        let KeptShape {
+            read_only,
+            no_result,
+            writes,
+            ends_transaction,
+        } = shape;
         let max_kept = self.shared.config.pool.max_prepared_unnamed;
         let shared = self.shared.clone();
         let mut build =
@@ -462,7 +496,9 @@ impl Session {
                     plan.send(&frame.raw, End::Query);
                     return;
                 }
-                Metrics::add(&shared.metrics.kept_prepared_runs, 1);
+                if !ends_transaction {
+                    Metrics::add(&shared.metrics.kept_prepared_runs, 1);
+                }
                 if !set.has(&kept.name, &kept.parameterized.text) {
                     let text = &kept.parameterized.text;
                     prepare_on_backend(
@@ -529,6 +565,17 @@ impl Session {
             .await?;
         Ok(reached.then_some(outcome))
     }
+}
+
+/// What a kept simple Query is, for sending it.
+struct KeptShape {
+    read_only: bool,
+    /// It returns no rows, so there is no RowDescription to ask for.
+    no_result: bool,
+    /// It writes tables (a rule may make it return rows).
+    writes: bool,
+    /// COMMIT or ROLLBACK.
+    ends_transaction: bool,
 }
 
 /// `SET LOCAL shardline.NAME = value` (or `TO value`): the name without
