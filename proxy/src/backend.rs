@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,6 @@ use bytes::{Buf, BytesMut};
 use pgtls::{Connector, PgStream};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
-use rustc_hash::FxHashMap;
 use shardmap::Endpoint;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -25,6 +24,11 @@ use tracing::{debug, warn};
 use crate::wire::frame::{next_frame, peek_header, Frame, DEFAULT_MAX_MESSAGE};
 use crate::wire::messages::{self, error_summary};
 use crate::wire::rows::data_row_values;
+
+mod prepared;
+pub use prepared::{
+    changes_result_columns, rule_change, PreparedStatements, RuleChange, RULES_THAT_RETURN_ROWS,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -84,11 +88,13 @@ pub struct Backend {
     /// did not record exactly (SET inside a transaction or a multi-statement
     /// query, RESET): reset everything before the next client uses it.
     pub settings_unknown: bool,
-    /// This connection's statements changed what a kept statement's plan or
-    /// a write's rows depend on (a rule, a table's columns: see
-    /// `catalog_change`) during its lease, or a kept statement's plan went
-    /// stale on it: the server's other connections catch up when the lease
-    /// ends (see `Lease` drop).
+    /// A rule was created, replaced, altered or dropped on this connection
+    /// during its lease: the server's other connections read their rules
+    /// again when it ends (see `Lease` drop).
+    pub rules_changed: bool,
+    /// A statement that may change the columns a prepared statement
+    /// returns ran on this connection during its lease: counted again when
+    /// its transaction ends (`publish_changes`), as it was when sent.
     pub catalog_changed: bool,
     pub created: Instant,
     pub last_used: Instant,
@@ -164,6 +170,7 @@ impl Backend {
             broken: false,
             pending_sync: false,
             settings_unknown: false,
+            rules_changed: false,
             catalog_changed: false,
             created: now,
             last_used: now,
@@ -184,62 +191,76 @@ impl Backend {
         Ok(backend)
     }
 
-    /// Catches up with the catalog changes made through the proxy on this
-    /// server (on any of its connections), within `limit`: drops the
-    /// statements kept prepared here (`DEALLOCATE ALL`: their plans may no
-    /// longer fit, and inside a transaction a stale plan cannot be retried
-    /// unseen) and reads the database's rules (`read_rules`), which it also
-    /// does when this connection has not read them yet, or could not. The
-    /// pool calls it at checkout, so a pooled connection does not wait for
-    /// `pool.max_lifetime` to see a rule that makes writes return rows or a
-    /// column whose type changed. An error means the connection is no
-    /// longer usable.
-    pub async fn refresh_catalog(&mut self, limit: Duration) -> io::Result<()> {
-        let deallocate = self.prepared.statements_stale();
-        if !self.prepared.rules_stale() && !deallocate {
+    /// Reads the database's rules (`read_rules`) if this connection has not
+    /// yet, or could not, or if a rule was changed through the proxy since
+    /// (on any connection to this server), within `limit`: the pool calls it
+    /// at checkout, so a pooled connection does not wait for
+    /// `pool.max_lifetime` to see a rule that makes writes return rows. An
+    /// error means the connection is no longer usable.
+    pub async fn refresh_rules(&mut self, limit: Duration) -> io::Result<()> {
+        if !self.prepared.rules_stale() {
             return Ok(());
         }
         // Counted before reading: a change made meanwhile reads them again.
-        let seen = self.prepared.catalog_count();
-        let read = tokio::time::timeout(limit, self.read_rules(deallocate)).await;
+        let seen = self.prepared.rule_count();
+        let read = tokio::time::timeout(limit, self.read_rules()).await;
         let read = read.map_err(|_| {
             io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!("reading the rules took longer than {limit:?}"),
             )
         })??;
-        if deallocate {
-            // Done whatever the rules read found: DEALLOCATE is not
-            // undone by the error that ends the implicit transaction.
-            self.prepared.texts.clear();
-            self.prepared.statements_seen = seen.unwrap_or_default();
-        }
         self.prepared.rules_return_rows = read != RulesRead::None;
         // Busy: read them again at the next checkout.
         self.prepared.rules_seen = seen.filter(|_| read != RulesRead::Busy);
         Ok(())
     }
 
-    /// Notes a catalog change made by this connection's statement: after a
-    /// CREATE RULE (or CREATE OR REPLACE) its writes may return rows at
-    /// once; the server's other connections hear of it when the
-    /// transaction ends (`publish_catalog_changes`).
-    pub fn note_catalog_change(&mut self, change: CatalogChange) {
-        if change == CatalogChange::RuleCreated {
+    /// Notes a rule changed by this connection's statement: after a CREATE
+    /// RULE (or CREATE OR REPLACE) its writes may return rows at once; the
+    /// server's other connections hear of it when the transaction ends
+    /// (`publish_rule_changes`).
+    pub fn note_rule_change(&mut self, change: RuleChange) {
+        if change == RuleChange::Created {
             self.prepared.rules_return_rows = true;
         }
+        self.rules_changed = true;
+    }
+
+    /// The statements prepared here, taken out to build a request, told the
+    /// connection's `search_path` as the proxy set it (unknown after a
+    /// client changed session state in a way not recorded exactly).
+    pub fn take_prepared(&mut self) -> PreparedStatements {
+        use std::hash::{Hash, Hasher};
+        let search_path = (!self.settings_unknown).then(|| {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            self.settings.get("search_path").hash(&mut hasher);
+            hasher.finish()
+        });
+        self.prepared.set_search_path(search_path);
+        std::mem::take(&mut self.prepared)
+    }
+
+    /// Notes a statement that may have changed the columns a prepared
+    /// statement returns (`changes_result_columns`).
+    pub fn note_catalog_change(&mut self) {
         self.catalog_changed = true;
     }
 
-    /// Once the transaction that changed the catalog has ended (committed,
-    /// the change is visible to the other connections), has every
-    /// connection to the server catch up at its next checkout
-    /// (`refresh_catalog`).
-    pub fn publish_catalog_changes(&mut self) {
-        if std::mem::take(&mut self.catalog_changed) {
-            if let Some(changes) = &self.prepared.catalog_changes {
+    /// Once the transaction that changed a rule has ended (committed, the
+    /// change is visible to the other connections), has every connection to
+    /// the server read its rules again; once the one that changed the
+    /// catalog has, counts that change again (the session counted it when
+    /// it sent the statement): a statement kept prepared meanwhile, under
+    /// the old columns, is prepared again before it runs in a transaction.
+    pub fn publish_changes(&mut self) {
+        if std::mem::take(&mut self.rules_changed) {
+            if let Some(changes) = &self.prepared.rule_changes {
                 changes.fetch_add(1, Ordering::AcqRel);
             }
+        }
+        if std::mem::take(&mut self.catalog_changed) {
+            self.prepared.count_catalog_change();
         }
     }
 
@@ -248,18 +269,15 @@ impl Backend {
     /// returns such rows; Execute in the extended protocol does not. So
     /// where such a rule exists, simple-protocol writes are not run as kept
     /// statements on this connection. Read at the first checkout, and at
-    /// checkout after a rule changed through the proxy (`refresh_catalog`); a
+    /// checkout after a rule changed through the proxy (`refresh_rules`); a
     /// rule created otherwise (on the server directly, through another
     /// proxy, by a function) is seen by connections opened after it, within
     /// `pool.max_lifetime`. The read waits for no lock (`pg_get_ruledef`
     /// locks the rule's table): a table locked by DDL makes it Busy.
-    /// With `deallocate`, the same Query drops the connection's prepared
-    /// statements first.
-    async fn read_rules(&mut self, deallocate: bool) -> io::Result<RulesRead> {
+    async fn read_rules(&mut self) -> io::Result<RulesRead> {
         let mut out = BytesMut::new();
-        let drop_statements = if deallocate { "DEALLOCATE ALL; " } else { "" };
         messages::query(
-            &format!("{drop_statements}{RULES_READ_LIMITS} {RULES_THAT_RETURN_ROWS}"),
+            &format!("{RULES_READ_LIMITS} {RULES_THAT_RETURN_ROWS}"),
             &mut out,
         );
         let server = self.server.clone();
@@ -320,8 +338,12 @@ impl Backend {
                         return Ok(());
                     }
                     b'C' => {
-                        if let Some(change) = catalog_change(&frame.body()) {
-                            self.note_catalog_change(change);
+                        let tag = frame.body();
+                        if let Some(change) = rule_change(&tag) {
+                            self.note_rule_change(change);
+                        }
+                        if changes_result_columns(&tag) {
+                            self.note_catalog_change();
                         }
                     }
                     _ => {}
@@ -541,29 +563,6 @@ impl Backend {
     }
 }
 
-/// The statements prepared on one server connection, by name, with their
-/// text. Names are derived from texts by a hash (shared by every client), so
-/// a name is reused only for the same text: two texts that happen to share
-/// a name never run one for the other.
-#[derive(Debug, Default)]
-pub struct PreparedStatements {
-    texts: FxHashMap<Arc<str>, Box<str>>,
-    /// A rule of the database may make a write return rows: see
-    /// `Backend::read_rules`.
-    rules_return_rows: bool,
-    /// The server's count of catalog changes made through the proxy (see
-    /// `Backend::publish_catalog_changes`), shared by its pools on every
-    /// serving thread; `None` only in the empty set a request takes out.
-    catalog_changes: Option<Arc<AtomicU64>>,
-    /// The count when `rules_return_rows` was last read; `None` before the
-    /// first read, or when it could not be done.
-    rules_seen: Option<u64>,
-    /// The count when the statements prepared here were last known to fit
-    /// the catalog: when the connection began following the count (nothing
-    /// prepared yet), or when they were dropped (`refresh_catalog`).
-    statements_seen: u64,
-}
-
 /// What reading the rules found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RulesRead {
@@ -580,209 +579,3 @@ enum RulesRead {
 /// than a statement should, whatever the last client left set.
 const RULES_READ_LIMITS: &str = "SELECT pg_catalog.set_config('lock_timeout', '100', true), \
      pg_catalog.set_config('statement_timeout', '2000', true);";
-
-/// A statement that changed what kept statements or the rules check
-/// depend on, by its CommandComplete.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CatalogChange {
-    /// CREATE RULE, CREATE OR REPLACE RULE: writes may return rows.
-    RuleCreated,
-    /// ALTER RULE, DROP RULE, or a change that may alter the columns a
-    /// statement returns.
-    Other,
-}
-
-/// What a CommandComplete's tag (with or without its zero byte) says of
-/// the catalog: rule changes, and the statements that may change the
-/// columns a prepared statement returns (a column's type, a view's
-/// columns, a table dropped and made again, a type, a domain, a function
-/// dropped and made again, a schema renamed or dropped). Postgres refuses
-/// to run a prepared statement whose result columns changed ("cached plan
-/// must not change result type"). CREATE TABLE is not counted: a table that
-/// shadows another through `search_path` is the one case it misses, and
-/// transactions that create temporary tables would otherwise have every
-/// connection drop its statements.
-pub fn catalog_change(tag: &[u8]) -> Option<CatalogChange> {
-    match tag.strip_suffix(b"\0").unwrap_or(tag) {
-        b"CREATE RULE" => Some(CatalogChange::RuleCreated),
-        b"ALTER RULE"
-        | b"DROP RULE"
-        | b"ALTER TABLE"
-        | b"DROP TABLE"
-        | b"ALTER VIEW"
-        | b"CREATE VIEW"
-        | b"DROP VIEW"
-        | b"ALTER MATERIALIZED VIEW"
-        | b"DROP MATERIALIZED VIEW"
-        | b"ALTER FOREIGN TABLE"
-        | b"DROP FOREIGN TABLE"
-        | b"ALTER TYPE"
-        | b"DROP TYPE"
-        | b"ALTER DOMAIN"
-        | b"DROP DOMAIN"
-        | b"DROP FUNCTION"
-        | b"ALTER SCHEMA"
-        | b"DROP SCHEMA"
-        | b"ALTER EXTENSION"
-        | b"DROP EXTENSION" => Some(CatalogChange::Other),
-        _ => None,
-    }
-}
-
-/// Rules on INSERT, UPDATE or DELETE (`ev_type` other than SELECT's `1`)
-/// of tables outside `pg_catalog` (whose `pg_settings` has one; its
-/// updates take quoted names, which are never kept) with an action that
-/// returns rows: as `pg_get_ruledef` prints them, a SELECT, VALUES or WITH
-/// after `DO`, `INSTEAD`, or the opening bracket or a semicolon of a list
-/// of actions (not after a column list's closing bracket: `INSERT INTO log
-/// (a) VALUES (new.a)` returns nothing). A query nested in brackets in
-/// another action may match too, which only costs the keeping of
-/// simple-protocol writes. Operators are
-/// qualified: the proxy's user may have another schema first on its path.
-pub const RULES_THAT_RETURN_ROWS: &str = r"SELECT EXISTS (SELECT FROM pg_catalog.pg_rewrite r
-     JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) r.ev_class
-     WHERE r.ev_type OPERATOR(pg_catalog.<>) '1'
-     AND c.relnamespace OPERATOR(pg_catalog.<>) 'pg_catalog'::pg_catalog.regnamespace
-     AND pg_catalog.pg_get_ruledef(r.oid)
-         OPERATOR(pg_catalog.~*) E'(\\mDO|\\mINSTEAD|[(;])\\s*(SELECT|VALUES|WITH)\\M')";
-
-impl PreparedStatements {
-    /// Whether a rule may make a write return rows here: one was found when
-    /// the rules were last read, or a rule was created, replaced or dropped
-    /// through the proxy since (answered again at the next checkout, see
-    /// `Backend::refresh_catalog`).
-    pub fn rules_may_return_rows(&self) -> bool {
-        self.rules_return_rows || self.rules_stale()
-    }
-
-    /// Whether the rules are to be read (again): not read yet, or the
-    /// catalog changed through the proxy since.
-    pub fn rules_stale(&self) -> bool {
-        self.catalog_count()
-            .is_some_and(|count| self.rules_seen != Some(count))
-    }
-
-    /// Whether the catalog changed through the proxy since the statements
-    /// prepared here were last known to fit it: they are dropped at the
-    /// next checkout, and until then, inside a transaction, statements that
-    /// return rows are not kept here (a stale plan could not be retried
-    /// unseen). False for a set that follows no count.
-    pub fn statements_stale(&self) -> bool {
-        self.catalog_count()
-            .is_some_and(|count| count != self.statements_seen)
-    }
-
-    /// The server's count of catalog changes now, if this set follows it.
-    fn catalog_count(&self) -> Option<u64> {
-        (self.catalog_changes.as_ref()).map(|changes| changes.load(Ordering::Acquire))
-    }
-
-    /// Follows `changes`, the server's count of catalog changes, from a
-    /// connection's first checkout (nothing is prepared on it yet); the
-    /// rules are read at once.
-    pub fn follow_catalog_changes(&mut self, changes: Arc<AtomicU64>) {
-        self.statements_seen = changes.load(Ordering::Acquire);
-        self.catalog_changes = Some(changes);
-        self.rules_seen = None;
-    }
-
-    /// Whether `name` is prepared here with exactly `text`.
-    pub fn has(&self, name: &str, text: &str) -> bool {
-        self.texts
-            .get(name)
-            .is_some_and(|prepared| &**prepared == text)
-    }
-
-    /// Whether `name` is prepared here, with whatever text.
-    pub fn contains(&self, name: &str) -> bool {
-        self.texts.contains_key(name)
-    }
-
-    pub fn insert(&mut self, name: Arc<str>, text: &str) {
-        self.texts.insert(name, text.into());
-    }
-
-    pub fn remove(&mut self, name: &str) {
-        self.texts.remove(name);
-    }
-
-    pub fn len(&self) -> usize {
-        self.texts.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.texts.is_empty()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn catalog_changes_are_read_from_command_tags() {
-        assert_eq!(
-            catalog_change(b"CREATE RULE\0"),
-            Some(CatalogChange::RuleCreated)
-        );
-        assert_eq!(
-            catalog_change(b"CREATE RULE"),
-            Some(CatalogChange::RuleCreated)
-        );
-        for change in [
-            &b"DROP RULE\0"[..],
-            b"ALTER RULE",
-            b"ALTER TABLE\0",
-            b"CREATE VIEW\0",
-            b"DROP TABLE\0",
-            b"ALTER TYPE\0",
-        ] {
-            assert_eq!(catalog_change(change), Some(CatalogChange::Other));
-        }
-        for other in [
-            &b"CREATE TRIGGER\0"[..],
-            b"CREATE TABLE\0",
-            b"INSERT 0 1\0",
-            b"SELECT 1\0",
-            b"RULE\0",
-            b"",
-        ] {
-            assert_eq!(catalog_change(other), None);
-        }
-    }
-
-    #[test]
-    fn a_catalog_change_makes_the_statements_stale_until_dropped() {
-        let mut set = PreparedStatements::default();
-        assert!(
-            !set.statements_stale(),
-            "a request's empty set follows no count"
-        );
-        let changes = Arc::new(AtomicU64::new(3));
-        set.follow_catalog_changes(changes.clone());
-        assert!(
-            !set.statements_stale(),
-            "nothing prepared on a new connection"
-        );
-        changes.fetch_add(1, Ordering::AcqRel);
-        assert!(set.statements_stale());
-        set.statements_seen = 4;
-        assert!(!set.statements_stale());
-    }
-
-    #[test]
-    fn a_rule_change_makes_the_rules_stale_until_read_again() {
-        let mut set = PreparedStatements::default();
-        assert!(!set.rules_may_return_rows(), "a request's empty set");
-        let changes = Arc::new(AtomicU64::new(7));
-        set.follow_catalog_changes(changes.clone());
-        assert!(
-            set.rules_stale() && set.rules_may_return_rows(),
-            "not read yet"
-        );
-        set.rules_seen = Some(7);
-        assert!(!set.rules_may_return_rows());
-        changes.fetch_add(1, Ordering::AcqRel);
-        assert!(set.rules_stale() && set.rules_may_return_rows());
-    }
-}

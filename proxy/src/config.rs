@@ -262,10 +262,11 @@ pub struct PoolSettings {
     #[serde(default = "default_prepare_unnamed_after")]
     pub prepare_unnamed_after: u32,
     /// A simple Query the proxy can parameterize exactly (one SELECT, INSERT,
-    /// UPDATE or DELETE whose literals are all integers right after a
-    /// comparison, outside a transaction), sent this many times by clients,
-    /// runs the same way: kept prepared, the integers sent as parameters of
-    /// their own type. 0 turns it off.
+    /// UPDATE or DELETE whose literals are integers as comparison or
+    /// arithmetic operands or VALUES items), sent this many times by
+    /// clients, runs the same way: kept prepared, the integers sent as
+    /// parameters of their own type. COMMIT and ROLLBACK inside a
+    /// transaction run kept at once. 0 turns it all off.
     #[serde(default = "default_prepare_unnamed_after")]
     pub prepare_simple_after: u32,
     /// At most this many such statements are kept on one server connection.

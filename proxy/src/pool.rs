@@ -112,13 +112,14 @@ pub struct Lease {
 }
 
 impl Lease {
-    /// Whether the statements kept prepared on the connection still fit
-    /// the catalog as far as the proxy knows (see
-    /// `PreparedStatements::statements_stale`).
-    pub fn statements_fresh(&self) -> bool {
+    /// Whether statements that return rows may run kept prepared on this
+    /// connection inside a transaction: it follows the catalog count (a
+    /// primary's; see `PreparedStatements::has_current`) and is not broken
+    /// (a stale plan met on it).
+    pub fn keeps_rows(&self) -> bool {
         self.backend
             .as_ref()
-            .is_some_and(|backend| !backend.prepared.statements_stale())
+            .is_some_and(|backend| !backend.broken && backend.prepared.follows_catalog())
     }
 
     pub fn backend(&mut self) -> &mut Backend {
@@ -145,7 +146,7 @@ impl Drop for Lease {
         let (Some(mut backend), Some(permit)) = (self.backend.take(), self.permit.take()) else {
             return;
         };
-        backend.publish_catalog_changes();
+        backend.publish_changes();
         let reusable = !backend.broken
             && !backend.pending_sync
             && backend.status == b'I'
@@ -276,11 +277,11 @@ impl Pool {
             Found::Idle(Idle {
                 mut backend,
                 permit,
-            }) => match backend.refresh_catalog(self.config.connect_timeout).await {
+            }) => match backend.refresh_rules(self.config.connect_timeout).await {
                 Ok(()) => return Ok(self.lease(backend, permit)),
                 Err(e) => {
                     // Its room opens a new connection, which reads the rules.
-                    debug!(server = %self.server, error = %e, "a pooled connection failed catching up with the catalog; opening another");
+                    debug!(server = %self.server, error = %e, "a pooled connection failed reading the rules again; opening another");
                     self.stats.closed_unhealthy.fetch_add(1, Ordering::Relaxed);
                     permit
                 }
@@ -299,11 +300,12 @@ impl Pool {
             self.config.connect_timeout,
         )
         .await?;
-        let changes = self.budget.catalog_changes.clone();
-        backend.prepared.follow_catalog_changes(changes);
+        let rules = self.budget.rule_changes.clone();
+        let catalog = self.budget.catalog_changes.clone();
+        backend.prepared.follow_changes(rules, catalog);
         let limit = self.config.connect_timeout;
         backend
-            .refresh_catalog(limit)
+            .refresh_rules(limit)
             .await
             .map_err(|source| BackendError::Io {
                 server: self.server.to_string(),
@@ -508,11 +510,14 @@ impl Pool {
         format!("{} serving threads: {}", pools.len(), pools.join("; "))
     }
 
-    /// Has every connection to the server catch up with the catalog (drop
-    /// its kept statements, read the rules again): a change became visible
-    /// without a lease ending (a COMMIT PREPARED finished in the background).
-    pub fn count_catalog_change(&self) {
-        self.budget.catalog_changes.fetch_add(1, Ordering::AcqRel);
+    /// Has every connection to the server read its rules again, and counts
+    /// a catalog change: what a COMMIT PREPARED finished in the background
+    /// committed became visible without a lease ending.
+    pub fn count_committed_changes(&self) {
+        self.budget.rule_changes.fetch_add(1, Ordering::AcqRel);
+        if let Some(catalog) = &self.budget.catalog_changes {
+            catalog.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// Connections of this pool leased to clients.
@@ -558,6 +563,12 @@ impl Pools {
         }
     }
 
+    /// Counts a catalog change, for every server's connections (see
+    /// `Budgets::count_catalog_change`).
+    pub fn count_catalog_change(&self) {
+        self.budgets.count_catalog_change();
+    }
+
     /// The pool for `server` (its primary).
     pub fn for_server(&self, server: &Server) -> Arc<Pool> {
         if let Some(pool) = self
@@ -582,7 +593,7 @@ impl Pools {
                     self.secrets.tls_for(&server.name),
                     self.config.clone(),
                     self.budgets
-                        .for_pool(&server.name, &server.primary, self.config.size),
+                        .for_pool(&server.name, &server.primary, self.config.size, true),
                 );
                 pools.insert(server.name.clone(), pool.clone());
                 pool
@@ -617,7 +628,8 @@ impl Pools {
                     self.secrets.password_for(&server.name, &endpoint.user),
                     self.secrets.tls_for(&server.name),
                     self.config.clone(),
-                    self.budgets.for_pool(&key, endpoint, self.config.size),
+                    self.budgets
+                        .for_pool(&key, endpoint, self.config.size, false),
                 );
                 pools.insert(key, pool.clone());
                 pool

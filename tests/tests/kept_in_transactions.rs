@@ -453,10 +453,10 @@ async fn update_then_select(
     Ok(types)
 }
 
-/// A SELECT inside transactions runs kept prepared; a column type changed
-/// through the proxy has every pooled connection drop its kept statements
-/// before its next transaction, so the SELECT returns the new type without
-/// an error, as it does on the servers directly.
+/// A SELECT inside transactions runs kept prepared; after a column type
+/// changed through the proxy every pooled connection prepares it again
+/// before it runs in a transaction, so it returns the new type without an
+/// error, as it does on the servers directly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_column_type_changed_through_the_proxy_never_fails_a_kept_select() {
     use tokio_postgres::types::Type;
@@ -507,9 +507,11 @@ async fn a_column_type_changed_through_the_proxy_never_fails_a_kept_select() {
 }
 
 /// A column type changed on the servers directly, behind the proxy's back:
-/// the kept SELECT fails with Postgres's own error (0A000, as a client's
-/// prepared statement would) once per connection, the transaction is
-/// rolled back, and the same transaction then succeeds with the new type.
+/// the first kept SELECT to meet it fails with Postgres's own error
+/// (0A000, as a client's prepared statement would), and its transaction is
+/// rolled back; the proxy counts the change, so the same transaction then
+/// succeeds with the new type, and so do those on the other servers'
+/// connections, which prepare the SELECT again first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_column_type_changed_behind_the_proxys_back_fails_a_kept_select_once() {
     use tokio_postgres::types::Type;
@@ -533,31 +535,93 @@ async fn a_column_type_changed_behind_the_proxys_back_fails_a_kept_select_once()
             .await
             .expect("alter on a server");
     }
-    let mut failures = 0;
-    for key in &keys {
-        let one = std::slice::from_ref(key);
-        match update_then_select(&client, one).await {
-            Ok(types) => panic!("the stale statement ran on the connection of {key}: {types:?}"),
-            Err(e) => {
-                assert_eq!(
-                    e.code(),
-                    Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED),
-                    "{e:?}"
-                );
-                failures += 1;
-            }
-        }
-        let types = update_then_select(&client, one)
-            .await
-            .expect("the transaction again, on a new connection");
-        assert_eq!(types, vec![Type::INT8]);
-    }
-    assert_eq!(failures, keys.len(), "one failure per server's connection");
+    let first = std::slice::from_ref(&keys[0]);
+    let error = update_then_select(&client, first)
+        .await
+        .expect_err("the stale statement fails");
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED),
+        "{error:?}"
+    );
+    let types = update_then_select(&client, &keys)
+        .await
+        .expect("every transaction after it, on every server");
+    assert_eq!(types, vec![Type::INT8; keys.len()]);
     assert_eq!(
         balances(&cluster, &keys).await,
         vec![10 + i64::from(after) + 2; keys.len()],
-        "the failed transactions left nothing"
+        "the failed transaction left nothing"
     );
+}
+
+/// A column type changed through the proxy inside a transaction that holds
+/// its lock while another transaction's kept SELECT of the table waits for
+/// it: the proxy counted the change when it sent the ALTER, so the waiting
+/// SELECT is prepared again (its Parse waits for the lock) and returns the
+/// new type once the ALTER commits, as on the server directly, instead of
+/// failing as a stale plan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_select_waiting_for_an_alter_through_the_proxy_gets_the_new_columns() {
+    use tokio_postgres::types::Type;
+    let cluster = TestCluster::start(3);
+    let map = setup(&cluster).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 2).await;
+    let after = proxy.shared.config.pool.prepare_unnamed_after;
+    // `notes` lives on the second server, with this account.
+    let key = key_per_server(&cluster, &map, "accounts")[1] as i32;
+    let (alterer, reader) = (proxy.connect().await, proxy.connect().await);
+    alterer
+        .batch_execute(&format!(
+            "INSERT INTO accounts (aid, abalance) VALUES ({key}, 1); INSERT INTO notes (aid, delta) VALUES ({key}, 5)"
+        ))
+        .await
+        .expect("rows");
+    let account = "SELECT abalance FROM accounts WHERE aid = $1";
+    let note = "SELECT delta FROM notes WHERE aid = $1";
+    // Both clients in a transaction at once, so that both connections
+    // keep the notes SELECT.
+    for _ in 0..after + 1 {
+        for client in [&alterer, &reader] {
+            client.batch_execute("BEGIN").await.expect("begin");
+            client
+                .query_typed(account, &[(&key, Type::INT4)])
+                .await
+                .expect("first statement");
+            let rows = client
+                .query_typed(note, &[(&key, Type::INT4)])
+                .await
+                .expect("note");
+            assert_eq!(rows[0].columns()[0].type_(), &Type::INT4);
+        }
+        for client in [&alterer, &reader] {
+            client.batch_execute("COMMIT").await.expect("commit");
+        }
+    }
+    alterer.batch_execute("BEGIN").await.expect("begin");
+    alterer
+        .batch_execute("ALTER TABLE notes ALTER COLUMN delta TYPE bigint")
+        .await
+        .expect("alter, holding the table's lock");
+    reader.batch_execute("BEGIN").await.expect("begin");
+    reader
+        .query_typed(account, &[(&key, Type::INT4)])
+        .await
+        .expect("first statement, another table");
+    let waiting = {
+        let reader = &reader;
+        async move { reader.query_typed(note, &[(&key, Type::INT4)]).await }
+    };
+    let commit = async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        alterer.batch_execute("COMMIT").await
+    };
+    let (rows, committed) = tokio::join!(waiting, commit);
+    committed.expect("the ALTER commits");
+    let rows = rows.expect("the waiting SELECT runs once the ALTER commits");
+    assert_eq!(rows[0].columns()[0].type_(), &Type::INT8);
+    assert_eq!(rows[0].get::<_, i64>(0), 5);
+    reader.batch_execute("COMMIT").await.expect("commit");
 }
 
 /// psql's output (stdout then stderr) for `script` on 127.0.0.1:`port`, run

@@ -63,6 +63,21 @@ pub fn may_be_ddl(words: &[String]) -> bool {
     )
 }
 
+/// Whether a statement with these words (lower case) may change the
+/// columns a prepared statement returns: ALTER and DROP of anything, and
+/// CREATE OR REPLACE, CREATE VIEW and CREATE RULE (not CREATE TABLE, which
+/// transactions that use temporary tables run all the time). The session
+/// counts such a statement as a catalog change before it sends it
+/// (`pool::Budgets::count_catalog_change`).
+pub fn may_change_result_columns(words: &[String]) -> bool {
+    let word = |at: usize| words.get(at).map(String::as_str);
+    match word(0) {
+        Some("alter" | "drop") => true,
+        Some("create") => matches!(word(1), Some("or" | "view" | "rule" | "recursive")),
+        _ => false,
+    }
+}
+
 /// The DDL in `sql` (one statement), if it is DDL this module knows.
 /// `words` are the statement's words as the lexer gives them (lower case).
 pub fn analyze_ddl(sql: &str, words: &[String]) -> Option<Ddl> {
@@ -227,6 +242,32 @@ fn alter_table(name: &ObjectName, operations: &[AlterTableOperation], words: &[S
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn statements_that_may_change_result_columns() {
+        let words =
+            |sql: &str| -> Vec<String> { sql.split_whitespace().map(str::to_string).collect() };
+        for sql in [
+            "alter table t alter column a type bigint",
+            "drop table t",
+            "drop view v",
+            "create or replace view v as select 1",
+            "create view v as select 1",
+            "create rule r as on insert to t do nothing",
+        ] {
+            assert!(may_change_result_columns(&words(sql)), "{sql}");
+        }
+        for sql in [
+            "create table t (a int)",
+            "create temp table t (a int)",
+            "create index on t (a)",
+            "select 1",
+            "truncate t",
+            "",
+        ] {
+            assert!(!may_change_result_columns(&words(sql)), "{sql}");
+        }
+    }
+
     use super::*;
     use crate::analyze::lexer::lex;
 

@@ -27,7 +27,11 @@ pub struct Budget {
     /// Rules created, replaced, altered or dropped through this proxy on the
     /// server, counted when their transaction ends: every connection to the
     /// server reads its rules again at its next checkout.
-    pub(super) catalog_changes: Arc<AtomicU64>,
+    pub(super) rule_changes: Arc<AtomicU64>,
+    /// The proxy's count of catalog changes (`Budgets::catalog_changes`),
+    /// which the server's connections follow; `None` for a read replica's
+    /// pool, whose connections see a change only once it is replayed.
+    pub(super) catalog_changes: Option<Arc<AtomicU64>>,
 }
 
 pub(super) struct RoomWaiter {
@@ -74,13 +78,14 @@ impl Claim {
 }
 
 impl Budget {
-    pub(super) fn new(size: usize) -> Budget {
+    pub(super) fn new(size: usize, catalog_changes: Option<Arc<AtomicU64>>) -> Budget {
         Budget {
             permits: Arc::new(Semaphore::new(size)),
             waiting: AtomicUsize::new(0),
             members: Mutex::new(Vec::new()),
             rooms: Mutex::new(VecDeque::new()),
-            catalog_changes: Arc::default(),
+            rule_changes: Arc::default(),
+            catalog_changes,
         }
     }
 
@@ -149,20 +154,41 @@ pub struct Budgets {
     /// By pool key and endpoint; held by the pools, so a budget no pool
     /// uses any more goes.
     budgets: Mutex<HashMap<String, Weak<Budget>>>,
+    /// Statements that may change the columns a prepared statement returns
+    /// (ALTER TABLE, views, types: `backend::changes_result_columns`),
+    /// counted when the proxy sends one (on any server, through any
+    /// serving thread) and again when its transaction ends, and stale plans
+    /// met: a statement kept prepared before the count last moved is
+    /// prepared again before it runs inside a transaction
+    /// (`PreparedStatements::has_current`).
+    catalog_changes: Arc<AtomicU64>,
 }
 
 impl Budgets {
+    /// Counts a catalog change (see `catalog_changes`).
+    pub fn count_catalog_change(&self) {
+        self.catalog_changes.fetch_add(1, Ordering::AcqRel);
+    }
+
     /// The budget of the pool `key` at `endpoint`: one per endpoint, so
     /// that threads that see a server's address change at different times
-    /// never draw on two budgets for one address.
-    pub(super) fn for_pool(&self, key: &str, endpoint: &Endpoint, size: usize) -> Arc<Budget> {
+    /// never draw on two budgets for one address. Its connections follow
+    /// the catalog count if `follows_catalog` (a primary's pool).
+    pub(super) fn for_pool(
+        &self,
+        key: &str,
+        endpoint: &Endpoint,
+        size: usize,
+        follows_catalog: bool,
+    ) -> Arc<Budget> {
         let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
         let id = format!("{key} {endpoint:?}");
         if let Some(budget) = budgets.get(&id).and_then(Weak::upgrade) {
             return budget;
         }
         budgets.retain(|_, budget| budget.strong_count() > 0);
-        let budget = Arc::new(Budget::new(size));
+        let catalog = follows_catalog.then(|| self.catalog_changes.clone());
+        let budget = Arc::new(Budget::new(size, catalog));
         budgets.insert(id, Arc::downgrade(&budget));
         budget
     }

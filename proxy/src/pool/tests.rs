@@ -37,7 +37,7 @@ async fn a_client_waiting_for_the_only_permit() -> (
         checkout_timeout: Duration::from_secs(5),
         ..PoolConfig::default()
     };
-    let budget = Arc::new(Budget::new(config.size));
+    let budget = Arc::new(Budget::new(config.size, None));
     let here = pool_in(&budget, &config);
     let held = budget
         .permits
@@ -104,7 +104,7 @@ async fn a_dropped_pool_holds_no_share_of_the_budget() {
         size: 4,
         ..PoolConfig::default()
     };
-    let budget = Arc::new(Budget::new(config.size));
+    let budget = Arc::new(Budget::new(config.size, None));
     let here = pool_in(&budget, &config);
     let there = pool_in(&budget, &config);
     // Two live pools: a share of 2 each. With one connection leased,
@@ -129,25 +129,48 @@ async fn a_dropped_pool_holds_no_share_of_the_budget() {
     here.leased.fetch_sub(4, Ordering::Relaxed);
 }
 
-/// A rule change counted by one serving thread's pool of a server reaches
-/// the other threads' pools of it (one budget per server holds the count),
-/// and no other server's.
+/// Changes committed in the background on a server, counted by one serving
+/// thread's pool of it: the rule change reaches the other threads' pools
+/// of that server (one budget per server holds the count) and no other
+/// server's; the catalog change reaches every primary's pool (one count
+/// for the proxy), and no replica's.
 #[test]
-fn a_rule_change_is_counted_for_every_thread_of_its_server_only() {
+fn committed_changes_are_counted_for_their_server_and_the_whole_catalog() {
     let config = PoolConfig::default();
     let budgets = Budgets::default();
-    let of_thread = |server: &str, port: u16| {
+    let of_thread = |server: &str, port: u16, primary: bool| {
         pool_in(
-            &budgets.for_pool(server, &endpoint(port), config.size),
+            &budgets.for_pool(server, &endpoint(port), config.size, primary),
             &config,
         )
     };
-    let (here, there, elsewhere) = (
-        of_thread("pg1", 9),
-        of_thread("pg1", 9),
-        of_thread("pg2", 10),
+    let (here, there, elsewhere, replica) = (
+        of_thread("pg1", 9, true),
+        of_thread("pg1", 9, true),
+        of_thread("pg2", 10, true),
+        of_thread("pg1/replica0", 11, false),
     );
-    here.count_catalog_change();
-    let count = |pool: &Pool| pool.budget.catalog_changes.load(Ordering::Acquire);
-    assert_eq!((count(&here), count(&there), count(&elsewhere)), (1, 1, 0));
+    here.count_committed_changes();
+    let rules = |pool: &Pool| pool.budget.rule_changes.load(Ordering::Acquire);
+    assert_eq!(
+        (
+            rules(&here),
+            rules(&there),
+            rules(&elsewhere),
+            rules(&replica)
+        ),
+        (1, 1, 0, 0)
+    );
+    let catalog = |pool: &Pool| {
+        (pool.budget.catalog_changes.as_ref()).map(|count| count.load(Ordering::Acquire))
+    };
+    assert_eq!(
+        (
+            catalog(&here),
+            catalog(&there),
+            catalog(&elsewhere),
+            catalog(&replica)
+        ),
+        (Some(1), Some(1), Some(1), None)
+    );
 }

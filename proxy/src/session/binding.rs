@@ -320,7 +320,7 @@ impl Session {
         if !checks.is_empty() {
             Metrics::add(&self.shared.metrics.owner_checks, 1);
         }
-        let mut prepared = std::mem::take(&mut lease.backend().prepared);
+        let mut prepared = lease.backend().take_prepared();
         let request_at = (plan.out.len(), plan.expects.len());
         let built = build_checked(build, self, &request, &mut plan, &mut prepared, &checks);
         if let Some(sql) = &began {
@@ -361,7 +361,7 @@ impl Session {
             }
             plan.close_statement(&stale);
             request.keep_unnamed = false;
-            let mut prepared = std::mem::take(&mut lease.backend().prepared);
+            let mut prepared = lease.backend().take_prepared();
             let built = build_checked(build, self, &request, &mut plan, &mut prepared, &checks);
             lease.backend().prepared = prepared;
             result = match built {

@@ -19,8 +19,8 @@ use super::plan::{emit_leading_synthetic, simple_reply, End, Outcome, Plan};
 use super::settings::{changes_session, parse_proxy_setting, render, ProxySetting};
 use super::simple::local_proxy_setting;
 use super::statements::{
-    backend_statement_name, can_keep, ensure_prepared, ensure_unnamed_parsed, has_quoted_constant,
-    prepare_statement, Prepared,
+    backend_statement_name, can_keep, ensure_prepared, ensure_unnamed_parsed, is_prepared,
+    keepable, prepare_statement, Prepared,
 };
 use super::tx::{ends_transaction, is_tx_control, Tx};
 use super::{cross_server, spans_servers, unsupported, Request, Session};
@@ -313,10 +313,7 @@ impl Session {
             Some(existing) => existing,
             None => {
                 let analyzed = self.shared.analyzer.analyze(parse.query());
-                let keepable = matches!(
-                    analyzed.analysis.commands.as_slice(),
-                    [Command::Data(_) | Command::Commit | Command::Rollback]
-                ) && !has_quoted_constant(parse.query());
+                let keepable = keepable(&analyzed.analysis.commands, parse.query());
                 let statement = Arc::new(Prepared {
                     backend_name: backend_statement_name(
                         parse.query(),
@@ -423,6 +420,7 @@ impl Session {
                 hint: None,
             })?;
             let command = prepared.command().unwrap_or(&Command::Empty);
+            self.count_catalog_change_sent(Some(command));
             // Once something in this request runs on a backend, transaction
             // control runs there too.
             let on_backend = before_forward.is_some() || tx == Tx::Bound;
@@ -646,6 +644,14 @@ impl Session {
         if keep && bound_unnamed.is_some_and(|statement| !ends_transaction(statement.command())) {
             Metrics::add(&self.shared.metrics.kept_prepared_runs, 1);
         }
+        // Kept inside a transaction, a statement that returns rows runs only
+        // as prepared under the catalog and search_path of now: a stale plan
+        // could not be retried unseen there (`has_current`).
+        let current = keep
+            && !request.retry_stale
+            && bound_unnamed.is_some_and(|statement| {
+                !statement.returns_no_rows() && !is_tx_control(statement.command())
+            });
         let mut cursor = portals.cursor();
         for item in items {
             let live = prepared.is_some();
@@ -658,7 +664,8 @@ impl Session {
                             if parse.name.is_empty() && !keep {
                                 plan.send(&frame.raw, End::ParseComplete);
                                 backend_unnamed = Some(statement);
-                            } else if set.has(&statement.backend_name, &statement.query) {
+                            } else if is_prepared(set, statement, current && parse.name.is_empty())
+                            {
                                 plan.synthetic(simple_reply(b'1'));
                             } else {
                                 // The client's own Parse: its reply goes to the client.
@@ -676,9 +683,9 @@ impl Session {
                                 ensure_unnamed_parsed(plan, statement, &mut backend_unnamed);
                                 plan.send(&frame.raw, End::BindComplete);
                             } else {
-                                ensure_prepared(plan, set, statement);
-                                bind.encode_with_statement(&statement.backend_name, &mut plan.out);
                                 let kept = bind.statement.is_empty();
+                                ensure_prepared(plan, set, statement, current && kept);
+                                bind.encode_with_statement(&statement.backend_name, &mut plan.out);
                                 plan.expect(
                                     End::BindComplete,
                                     (kept && request.retry_stale)
@@ -701,17 +708,18 @@ impl Session {
                                 ensure_unnamed_parsed(plan, statement, &mut backend_unnamed);
                                 plan.send(&frame.raw, End::Describe);
                             } else {
-                                ensure_prepared(plan, set, statement);
+                                let kept = target.name.is_empty();
+                                ensure_prepared(plan, set, statement, current && kept);
                                 Target {
                                     kind: b'S',
                                     name: statement.backend_name.to_string(),
                                 }
                                 .encode(b'D', &mut plan.out);
                                 // Postgres revalidates the plan here too.
-                                let kept = target.name.is_empty();
                                 plan.expect(
                                     End::Describe,
-                                    kept.then(|| statement.backend_name.clone()),
+                                    (kept && request.retry_stale)
+                                        .then(|| statement.backend_name.clone()),
                                 );
                             }
                         }

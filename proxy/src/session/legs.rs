@@ -158,7 +158,7 @@ async fn finish_commit(two_phase: Arc<TwoPhase>, gid: Gid, mut pools: Vec<Arc<Po
             if done {
                 // What it committed may have changed a rule: its leg's
                 // lease ended before the commit.
-                pool.count_catalog_change();
+                pool.count_committed_changes();
             } else {
                 left.push(pool);
             }

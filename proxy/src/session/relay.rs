@@ -7,7 +7,7 @@ use std::io;
 use bytes::BytesMut;
 use tracing::{debug, warn};
 
-use crate::backend::{catalog_change, Backend, CatalogChange};
+use crate::backend::{changes_result_columns, rule_change, Backend};
 use crate::metrics::Metrics;
 use crate::pool::Lease;
 use crate::wire::messages;
@@ -131,16 +131,17 @@ impl Session {
                         }
                         outcome.errored = true;
                         if is_stale_plan_error(&backend.buffered()[..len]) {
-                            // A statement kept prepared here no longer fits its
-                            // tables (changed behind the proxy's back) and this
-                            // request cannot be sent again unseen: the client
-                            // sees Postgres's error, as it would for its own
-                            // prepared statement. The connection, which would
-                            // fail the same way again, is closed when its
-                            // lease ends, and the server's other connections
-                            // drop their kept statements at their next checkout.
+                            // A statement prepared here no longer fits its
+                            // tables (changed behind the proxy's back), and
+                            // this request cannot be sent again unseen: the
+                            // client sees Postgres's error, as it would for its
+                            // own prepared statement. Counted at once, so that
+                            // kept statements are prepared again before they
+                            // run in a transaction (a savepoint's retry too);
+                            // the connection, whose other statements may be
+                            // stale too, is closed when its lease ends.
                             backend.broken = true;
-                            backend.note_catalog_change(CatalogChange::Other);
+                            backend.prepared.count_catalog_change();
                         }
                         self.client
                             .out
@@ -195,12 +196,17 @@ impl Session {
                         backend.pending_sync = false;
                         if backend.status == b'I' {
                             // Before the client hears the change is done.
-                            backend.publish_catalog_changes();
+                            backend.publish_changes();
                         }
                     } else if tag == b'C' {
                         outcome.committed = message.get(5..12) == Some(&b"COMMIT\0"[..]);
-                        if let Some(change) = catalog_change(message.get(5..).unwrap_or_default()) {
-                            backend.note_catalog_change(change);
+                        let tag = message.get(5..).unwrap_or_default();
+                        let (rules, columns) = (rule_change(tag), changes_result_columns(tag));
+                        if let Some(change) = rules {
+                            backend.note_rule_change(change);
+                        }
+                        if columns {
+                            backend.note_catalog_change();
                         }
                     }
                 }

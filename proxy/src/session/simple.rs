@@ -39,6 +39,9 @@ impl Session {
             Err(e) => return Err(SessionError::ClientProtocol(e.to_string())),
         };
         let analyzed = self.shared.analyzer.analyze(text);
+        for command in &analyzed.analysis.commands {
+            self.count_catalog_change_sent(Some(command));
+        }
         match analyzed.analysis.commands.as_slice() {
             [] => {
                 messages::empty(b'I', &mut self.client.out);
@@ -210,6 +213,9 @@ impl Session {
                     return self.refuse(&spans_servers("COMMIT AND CHAIN")).await;
                 }
                 self.end_legs(commit).await;
+            }
+            Tx::Bound if self.shared.config.pool.prepare_simple_after == 0 => {
+                return self.forward_simple(frame, Route::Any, false).await
             }
             Tx::Bound => {
                 // As a statement kept prepared: Postgres never revalidates
@@ -499,8 +505,16 @@ impl Session {
                 if !ends_transaction {
                     Metrics::add(&shared.metrics.kept_prepared_runs, 1);
                 }
-                if !set.has(&kept.name, &kept.parameterized.text) {
-                    let text = &kept.parameterized.text;
+                // Kept inside a transaction, a statement that returns rows
+                // runs only as prepared under the catalog and search_path of
+                // now: a stale plan could not be retried unseen there.
+                let text = &kept.parameterized.text;
+                let prepared = if no_result || request.retry_stale {
+                    set.has(&kept.name, text)
+                } else {
+                    set.has_current(&kept.name, text)
+                };
+                if !prepared {
                     prepare_on_backend(
                         plan,
                         set,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use rustc_hash::FxHashMap;
 
-use crate::analyze::{Analyzed, DataStatement, Literal};
+use crate::analyze::{Analyzed, Command, DataStatement, Literal};
 use crate::backend::PreparedStatements;
 use crate::route::Route;
 use crate::wire::frame::Frame;
@@ -113,14 +113,31 @@ impl Statements {
 }
 
 /// Adds a Parse of `statement` under its backend name if the backend lacks
-/// it; its ParseComplete is dropped (the client did not ask for it).
+/// it (with `current`: or has it from before the last catalog change or
+/// under another search_path); its ParseComplete is dropped (the client did
+/// not ask for it).
 pub(super) fn ensure_prepared(
     plan: &mut Plan,
     prepared: &mut PreparedStatements,
     statement: &Prepared,
+    current: bool,
 ) {
-    if !prepared.has(&statement.backend_name, &statement.query) {
+    if !is_prepared(prepared, statement, current) {
         prepare_statement(plan, prepared, statement, false);
+    }
+}
+
+/// Whether `statement` is prepared on the backend; with `current`, under
+/// the catalog and search_path of now (see `PreparedStatements::has_current`).
+pub(super) fn is_prepared(
+    prepared: &PreparedStatements,
+    statement: &Prepared,
+    current: bool,
+) -> bool {
+    if current {
+        prepared.has_current(&statement.backend_name, &statement.query)
+    } else {
+        prepared.has(&statement.backend_name, &statement.query)
     }
 }
 
@@ -169,6 +186,22 @@ pub(super) fn prepare_on_backend(
         check: false,
     });
     prepared.insert(name.clone(), query);
+}
+
+/// Whether a client's unnamed statement of these commands may be kept
+/// prepared on the servers: one query Postgres plans (not FETCH or another
+/// utility statement, which it never revalidates), or a transaction's end,
+/// without a quoted constant (valued when parsed: 'now', time zones).
+pub(super) fn keepable(commands: &[Command], query: &str) -> bool {
+    let planned = match commands {
+        [Command::Data(data)] => matches!(
+            data.words.first().map(String::as_str),
+            Some("select" | "insert" | "update" | "delete" | "with" | "values" | "table")
+        ),
+        [Command::Commit | Command::Rollback] => true,
+        _ => false,
+    };
+    planned && !has_quoted_constant(query)
 }
 
 /// Whether a backend with statements `prepared` may keep statement `name`:

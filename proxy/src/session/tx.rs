@@ -119,20 +119,30 @@ impl Session {
         matches!(self.tx, Tx::Idle | Tx::Deferred { .. }) && self.lease.is_none() && !self.unsynced
     }
 
+    /// Counts a catalog change before a statement that may change the
+    /// columns prepared statements return is sent (it is counted again
+    /// when its transaction ends): a transaction that reads the table after
+    /// it, even while the DDL waits for its lock, prepares its statements
+    /// again rather than running a plan the DDL is about to make stale.
+    pub(super) fn count_catalog_change_sent(&self, command: Option<&Command>) {
+        if let Some(Command::Data(data)) = command {
+            if crate::analyze::ddl::may_change_result_columns(&data.words) {
+                self.shared.pools.count_catalog_change();
+            }
+        }
+    }
+
     /// Whether a statement that returns rows may run kept prepared inside
     /// the session's open transaction, where a stale plan could not be
-    /// retried unseen: on the held connection, whose kept statements fit
-    /// every catalog change made through the proxy so far (a change drops
-    /// them at the connection's next checkout; until then such statements
-    /// are parsed as sent). A change made behind the proxy's back fails the
-    /// statement as Postgres fails a client's own prepared statement, once
-    /// per connection (see `relay`).
+    /// retried unseen: on the held connection of a primary, not broken, and
+    /// then only as prepared under the catalog and search_path of now
+    /// (`PreparedStatements::has_current`: prepared again otherwise, in the
+    /// same request). A change made behind the proxy's back fails the
+    /// statement as Postgres fails a client's own prepared statement (see
+    /// `relay`).
     pub(super) fn keeps_rows_in_transaction(&self) -> bool {
         self.tx == Tx::Bound
             && self.legs.is_empty()
-            && self
-                .lease
-                .as_ref()
-                .is_some_and(|lease| lease.statements_fresh())
+            && self.lease.as_ref().is_some_and(|lease| lease.keeps_rows())
     }
 }
