@@ -346,6 +346,9 @@ impl Session {
             // drop the statement and run the request as the client sent it.
             debug!(statement = %stale, "kept-prepared statement went stale; sending the request again");
             Metrics::add(&self.shared.metrics.stale_plan_retries, 1);
+            // A change behind the proxy's back: other connections prepare
+            // their statements again before they run in a transaction.
+            lease.backend().prepared.count_catalog_change();
             lease.backend().prepared.remove(&stale);
             plan.out.clear();
             plan.expects.clear();
