@@ -19,7 +19,7 @@ pub struct PreparedStatements {
     /// `Backend::read_rules`.
     pub(super) rules_return_rows: bool,
     /// The server's count of rule changes made through the proxy (see
-    /// `Backend::publish_rule_changes`), shared by its pools on every
+    /// `Backend::publish_changes`), shared by its pools on every
     /// serving thread; `None` only in the empty set a request takes out.
     pub(super) rule_changes: Option<Arc<AtomicU64>>,
     /// The count when `rules_return_rows` was last read; `None` before the
@@ -71,37 +71,36 @@ pub fn rule_change(tag: &[u8]) -> Option<RuleChange> {
 /// statement that may change the columns a prepared statement returns: a
 /// column's type, a view's columns, a table or function dropped and made
 /// again, a type or domain, a schema renamed or dropped (CREATE TABLE is
-/// not: see ARCHITECTURE.md on tables that shadow others). The session
-/// counts such statements when it sends them too (`analyze::ddl::may_be_ddl`);
-/// this counts them once more when their transaction ends.
+/// not: see ARCHITECTURE.md on tables that shadow others), and the rule
+/// changes (`rule_change`). The session counts such statements when it
+/// sends them too (`analyze::ddl::may_change_result_columns`); this counts
+/// them once more when their transaction ends.
 pub fn changes_result_columns(tag: &[u8]) -> bool {
-    matches!(
-        tag.strip_suffix(b"\0").unwrap_or(tag),
-        b"ALTER TABLE"
-            | b"DROP TABLE"
-            | b"ALTER VIEW"
-            | b"CREATE VIEW"
-            | b"DROP VIEW"
-            | b"ALTER MATERIALIZED VIEW"
-            | b"DROP MATERIALIZED VIEW"
-            | b"ALTER FOREIGN TABLE"
-            | b"DROP FOREIGN TABLE"
-            | b"ALTER TYPE"
-            | b"DROP TYPE"
-            | b"ALTER DOMAIN"
-            | b"DROP DOMAIN"
-            | b"DROP FUNCTION"
-            | b"DROP PROCEDURE"
-            | b"DROP ROUTINE"
-            | b"ALTER SCHEMA"
-            | b"DROP SCHEMA"
-            | b"DROP OWNED"
-            | b"ALTER EXTENSION"
-            | b"DROP EXTENSION"
-            | b"CREATE RULE"
-            | b"ALTER RULE"
-            | b"DROP RULE"
-    )
+    rule_change(tag).is_some()
+        || matches!(
+            tag.strip_suffix(b"\0").unwrap_or(tag),
+            b"ALTER TABLE"
+                | b"DROP TABLE"
+                | b"ALTER VIEW"
+                | b"CREATE VIEW"
+                | b"DROP VIEW"
+                | b"ALTER MATERIALIZED VIEW"
+                | b"DROP MATERIALIZED VIEW"
+                | b"ALTER FOREIGN TABLE"
+                | b"DROP FOREIGN TABLE"
+                | b"ALTER TYPE"
+                | b"DROP TYPE"
+                | b"ALTER DOMAIN"
+                | b"DROP DOMAIN"
+                | b"DROP FUNCTION"
+                | b"DROP PROCEDURE"
+                | b"DROP ROUTINE"
+                | b"ALTER SCHEMA"
+                | b"DROP SCHEMA"
+                | b"DROP OWNED"
+                | b"ALTER EXTENSION"
+                | b"DROP EXTENSION"
+        )
 }
 
 /// Rules on INSERT, UPDATE or DELETE (`ev_type` other than SELECT's `1`)
@@ -142,19 +141,13 @@ impl PreparedStatements {
         (self.rule_changes.as_ref()).map(|changes| changes.load(Ordering::Acquire))
     }
 
-    /// Follows `changes`, the server's count of rule changes; the rules are
-    /// read at the next checkout.
-    pub fn follow_rule_changes(&mut self, changes: Arc<AtomicU64>) {
-        self.rule_changes = Some(changes);
-        self.rules_seen = None;
-    }
-
     /// Follows the server's count of rule changes (the rules are read at
     /// the next checkout) and, on a primary's connection, the proxy's count
     /// of catalog changes; from a connection's first checkout, with nothing
     /// prepared on it yet.
     pub fn follow_changes(&mut self, rules: Arc<AtomicU64>, catalog: Option<Arc<AtomicU64>>) {
-        self.follow_rule_changes(rules);
+        self.rule_changes = Some(rules);
+        self.rules_seen = None;
         self.catalog_changes = catalog;
     }
 
@@ -307,7 +300,7 @@ mod tests {
         let mut set = PreparedStatements::default();
         assert!(!set.rules_may_return_rows(), "a request's empty set");
         let changes = Arc::new(AtomicU64::new(7));
-        set.follow_rule_changes(changes.clone());
+        set.follow_changes(changes.clone(), None);
         assert!(
             set.rules_stale() && set.rules_may_return_rows(),
             "not read yet"

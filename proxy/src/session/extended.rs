@@ -420,7 +420,7 @@ impl Session {
                 hint: None,
             })?;
             let command = prepared.command().unwrap_or(&Command::Empty);
-            self.count_catalog_change_sent(Some(command));
+            self.count_catalog_change_sent(command);
             // Once something in this request runs on a backend, transaction
             // control runs there too.
             let on_backend = before_forward.is_some() || tx == Tx::Bound;
@@ -664,8 +664,12 @@ impl Session {
                             if parse.name.is_empty() && !keep {
                                 plan.send(&frame.raw, End::ParseComplete);
                                 backend_unnamed = Some(statement);
-                            } else if is_prepared(set, statement, current && parse.name.is_empty())
-                            {
+                            } else if is_prepared(
+                                set,
+                                &statement.backend_name,
+                                &statement.query,
+                                current && parse.name.is_empty(),
+                            ) {
                                 plan.synthetic(simple_reply(b'1'));
                             } else {
                                 // The client's own Parse: its reply goes to the client.

@@ -18,7 +18,9 @@ use super::client::SessionError;
 use super::plan::{End, Outcome, Plan};
 use super::scatter::ScatterStatement;
 use super::settings::{changes_session, parse_proxy_setting, render};
-use super::statements::{backend_statement_name, can_keep, prepare_on_backend, KeptSimple};
+use super::statements::{
+    backend_statement_name, can_keep, is_prepared, prepare_on_backend, KeptSimple,
+};
 use super::tx::{transaction_scoped_tag, Tx};
 use super::{cross_server, spans_servers, unsupported, Request, Session};
 
@@ -40,7 +42,7 @@ impl Session {
         };
         let analyzed = self.shared.analyzer.analyze(text);
         for command in &analyzed.analysis.commands {
-            self.count_catalog_change_sent(Some(command));
+            self.count_catalog_change_sent(command);
         }
         match analyzed.analysis.commands.as_slice() {
             [] => {
@@ -509,12 +511,8 @@ impl Session {
                 // runs only as prepared under the catalog and search_path of
                 // now: a stale plan could not be retried unseen there.
                 let text = &kept.parameterized.text;
-                let prepared = if no_result || request.retry_stale {
-                    set.has(&kept.name, text)
-                } else {
-                    set.has_current(&kept.name, text)
-                };
-                if !prepared {
+                let current = !no_result && !request.retry_stale;
+                if !is_prepared(set, &kept.name, text, current) {
                     prepare_on_backend(
                         plan,
                         set,

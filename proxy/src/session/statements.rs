@@ -122,22 +122,24 @@ pub(super) fn ensure_prepared(
     statement: &Prepared,
     current: bool,
 ) {
-    if !is_prepared(prepared, statement, current) {
+    if !is_prepared(prepared, &statement.backend_name, &statement.query, current) {
         prepare_statement(plan, prepared, statement, false);
     }
 }
 
-/// Whether `statement` is prepared on the backend; with `current`, under
-/// the catalog and search_path of now (see `PreparedStatements::has_current`).
+/// Whether statement `name` is prepared on the backend with `text`; with
+/// `current`, under the catalog and search_path of now (see
+/// `PreparedStatements::has_current`).
 pub(super) fn is_prepared(
     prepared: &PreparedStatements,
-    statement: &Prepared,
+    name: &str,
+    text: &str,
     current: bool,
 ) -> bool {
     if current {
-        prepared.has_current(&statement.backend_name, &statement.query)
+        prepared.has_current(name, text)
     } else {
-        prepared.has(&statement.backend_name, &statement.query)
+        prepared.has(name, text)
     }
 }
 

@@ -124,8 +124,8 @@ impl Session {
     /// when its transaction ends): a transaction that reads the table after
     /// it, even while the DDL waits for its lock, prepares its statements
     /// again rather than running a plan the DDL is about to make stale.
-    pub(super) fn count_catalog_change_sent(&self, command: Option<&Command>) {
-        if let Some(Command::Data(data)) = command {
+    pub(super) fn count_catalog_change_sent(&self, command: &Command) {
+        if let Command::Data(data) = command {
             if crate::analyze::ddl::may_change_result_columns(&data.words) {
                 self.shared.pools.count_catalog_change();
             }
