@@ -53,8 +53,8 @@ async fn setup(cluster: &TestCluster) -> shardmap::ClusterMap {
     map
 }
 
-/// Three servers, a proxy keeping one connection per server (so requests
-/// share it), and one account per server with `balance`.
+/// Three servers, a proxy keeping `pool_size` connections per server (one:
+/// requests share it), and one account per server with `balance`.
 struct Accounts {
     cluster: TestCluster,
     proxy: TestProxy,
@@ -64,9 +64,13 @@ struct Accounts {
 
 impl Accounts {
     async fn open(balance: i32) -> Accounts {
+        Accounts::with_pool(balance, 1).await
+    }
+
+    async fn with_pool(balance: i32, pool_size: usize) -> Accounts {
         let cluster = TestCluster::start(3);
         let map = setup(&cluster).await;
-        let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 1).await;
+        let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = pool_size).await;
         let keys = key_per_server(&cluster, &map, "accounts");
         let client = proxy.connect().await;
         for key in &keys {
@@ -564,19 +568,20 @@ async fn a_column_type_changed_behind_the_proxys_back_fails_a_kept_select_once()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_select_waiting_for_an_alter_through_the_proxy_gets_the_new_columns() {
     use tokio_postgres::types::Type;
-    let cluster = TestCluster::start(3);
-    let map = setup(&cluster).await;
-    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 2).await;
+    let Accounts {
+        cluster: _cluster,
+        proxy,
+        keys,
+        client: alterer,
+    } = Accounts::with_pool(1, 2).await;
+    let reader = proxy.connect().await;
     let after = proxy.shared.config.pool.prepare_unnamed_after;
     // `notes` lives on the second server, with this account.
-    let key = key_per_server(&cluster, &map, "accounts")[1] as i32;
-    let (alterer, reader) = (proxy.connect().await, proxy.connect().await);
+    let key = keys[1] as i32;
     alterer
-        .batch_execute(&format!(
-            "INSERT INTO accounts (aid, abalance) VALUES ({key}, 1); INSERT INTO notes (aid, delta) VALUES ({key}, 5)"
-        ))
+        .batch_execute(&format!("INSERT INTO notes (aid, delta) VALUES ({key}, 5)"))
         .await
-        .expect("rows");
+        .expect("a note");
     let account = "SELECT abalance FROM accounts WHERE aid = $1";
     let note = "SELECT delta FROM notes WHERE aid = $1";
     // Both clients in a transaction at once, so that both connections
@@ -864,22 +869,16 @@ async fn writes_a_rule_turns_into_selects_are_not_kept_and_return_their_rows() {
 /// server, there in a transaction that writes after creating it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rule_created_through_the_proxy_reaches_the_pooled_connections() {
-    let cluster = TestCluster::start(3);
-    let map = setup(&cluster).await;
-    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 2).await;
-    let keys = key_per_server(&cluster, &map, "accounts");
-    let (holder, other) = (proxy.connect().await, proxy.connect().await);
+    let Accounts {
+        cluster,
+        proxy,
+        keys,
+        client: holder,
+    } = Accounts::with_pool(0, 2).await;
+    let other = proxy.connect().await;
     let metrics = &proxy.shared.metrics;
     let after = u64::from(proxy.shared.config.pool.prepare_simple_after);
     let none = Vec::<Vec<String>>::new;
-    for key in &keys {
-        holder
-            .batch_execute(&format!(
-                "INSERT INTO accounts (aid, abalance) VALUES ({key}, 0)"
-            ))
-            .await
-            .expect("insert an account");
-    }
     // A sharded table (the rule runs on every server) and one homed on the
     // second server (it runs there): (table, the server its writes go to).
     for (table, index) in [("history", 0), ("notes", 1)] {
