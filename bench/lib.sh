@@ -195,6 +195,22 @@ median_of() { # file -> median of its numbers, or "fail"
   { grep -v fail "$1" 2>/dev/null || true; } | sort -g | awk '{a[NR]=$1} END {if (NR==0) print "fail"; else printf "%.0f\n", a[int((NR+1)/2)]}'
 }
 
+# One line: LABEL, then the per-round ratios of two files of per-round tps
+# (same order of rounds), with their median and range; rounds where either
+# failed are left out.
+paired_ratios() { # numerator-file denominator-file label
+  python3 - "$@" <<'PY'
+import statistics, sys
+def read(path):
+    with open(path) as f:
+        return [line.strip() for line in f]
+top, bottom, label = read(sys.argv[1]), read(sys.argv[2]), sys.argv[3]
+ratios = [float(a) / float(b) for a, b in zip(top, bottom) if "fail" not in (a, b) and float(b) > 0]
+if ratios:
+    rounds = " ".join("%.2f" % r for r in ratios)
+    print("%s per round: %s (median %.2f, range %.2f-%.2f)" % (label, rounds, statistics.median(ratios), min(ratios), max(ratios)))
+PY
+}
 ratio() { python3 -c "import sys; a,b=sys.argv[1],sys.argv[2]; print('n/a' if 'fail' in (a,b) else '%.2f' % (float(a)/float(b)))" "$1" "$2"; }
 
 # Starts BASELINE_PROXY (another shardline-proxy binary, say an earlier

@@ -4,7 +4,9 @@
 # proxy and through PgCat (transaction pooling, when a build is found), in one
 # run: interleaved rounds, each round running every target once per mode in
 # the same order. Prints one table per workload: per mode the median tps of
-# each target and the ratios proxy/direct, proxy/pgbouncer, proxy/pgcat.
+# each target and the ratios proxy/direct, proxy/pgbouncer, proxy/pgcat;
+# under it, each round's own ratio of the proxy to every other pooler (the
+# two ran seconds apart), with their median and range.
 # Machines are shared and noisy: compare ratios within one run only.
 #
 # Workloads (pgbench_accounts sharded by aid over 16 partitions of a
@@ -146,6 +148,14 @@ for w in $workloads; do
     # shellcheck disable=SC2059
     printf "$fmt\n" "${row[@]}"
     unset med
+  done
+  # Round by round (each pair ran within seconds of each other): how far
+  # the ratio of medians above is from what single rounds say.
+  for mode in $modes; do
+    for n in "${names[@]}"; do
+      case "$n" in direct|proxy) continue ;; esac
+      paired_ratios "$work/$w.$mode.proxy" "$work/$w.$mode.$n" "  $mode proxy/$n"
+    done
   done
   for mode in $modes; do
     for n in "${names[@]}"; do
