@@ -61,6 +61,14 @@ pub enum BackendError {
     Timeout { server: String, timeout: Duration },
 }
 
+/// What a statement kept prepared under `search_path` was prepared under.
+fn search_path_token(search_path: Option<&String>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    search_path.hash(&mut hasher);
+    hasher.finish()
+}
+
 /// A live, authenticated backend connection.
 pub struct Backend {
     stream: PgStream,
@@ -73,8 +81,10 @@ pub struct Backend {
     pub parameters: Vec<(String, String)>,
     /// The statements prepared on this connection.
     pub prepared: PreparedStatements,
-    /// Session settings applied with SET (name → value text).
-    pub settings: BTreeMap<String, String>,
+    /// Session settings applied with SET (name → value text); written only
+    /// through `record_settings` and `mark_settings_unknown`, which keep
+    /// `search_path` in step.
+    settings: BTreeMap<String, String>,
     /// Transaction status of the last ReadyForQuery: `I`, `T` or `E`.
     pub status: u8,
     /// Set when the connection can no longer be trusted (I/O error, protocol
@@ -87,7 +97,11 @@ pub struct Backend {
     /// A client changed session state on this connection in a way the proxy
     /// did not record exactly (SET inside a transaction or a multi-statement
     /// query, RESET): reset everything before the next client uses it.
-    pub settings_unknown: bool,
+    settings_unknown: bool,
+    /// A hash of the `search_path` in `settings`, None while they are
+    /// unknown: statements are kept prepared under it (`take_prepared`).
+    /// Computed when the settings change, not on every request.
+    search_path: Option<u64>,
     /// A rule was created, replaced, altered or dropped on this connection
     /// during its lease: the server's other connections read their rules
     /// again when it ends (see `Lease` drop).
@@ -170,6 +184,7 @@ impl Backend {
             broken: false,
             pending_sync: false,
             settings_unknown: false,
+            search_path: Some(search_path_token(None)),
             rules_changed: false,
             catalog_changed: false,
             created: now,
@@ -231,14 +246,36 @@ impl Backend {
     /// connection's `search_path` as the proxy set it (unknown after a
     /// client changed session state in a way not recorded exactly).
     pub fn take_prepared(&mut self) -> PreparedStatements {
-        use std::hash::{Hash, Hasher};
-        let search_path = (!self.settings_unknown).then(|| {
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            self.settings.get("search_path").hash(&mut hasher);
-            hasher.finish()
-        });
-        self.prepared.set_search_path(search_path);
+        self.prepared.set_search_path(self.search_path);
         std::mem::take(&mut self.prepared)
+    }
+
+    /// Session settings applied with SET, as far as the proxy knows them
+    /// (see `settings_unknown`).
+    pub fn settings(&self) -> &BTreeMap<String, String> {
+        &self.settings
+    }
+
+    /// Whether a client changed this connection's session state in a way
+    /// the proxy did not record exactly.
+    pub fn settings_unknown(&self) -> bool {
+        self.settings_unknown
+    }
+
+    /// Notes that a client changed session state here in a way the proxy
+    /// did not record exactly: the next user starts from RESET ALL, and no
+    /// statement counts as prepared under the `search_path` of now.
+    pub fn mark_settings_unknown(&mut self) {
+        self.settings_unknown = true;
+        self.search_path = None;
+    }
+
+    /// Records the settings this connection now carries (and so that they
+    /// are known).
+    pub fn record_settings(&mut self, settings: BTreeMap<String, String>) {
+        self.search_path = Some(search_path_token(settings.get("search_path")));
+        self.settings = settings;
+        self.settings_unknown = false;
     }
 
     /// Notes a statement that may have changed the columns a prepared

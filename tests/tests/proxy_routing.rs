@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use shardline_tests::fixtures::{create_table, init_schema, text_rows};
+use shardline_tests::fixtures::{create_table, init_schema, key_per_server, text_rows};
 use shardline_tests::{eventually, TestCluster, TestProxy};
 use shardmap::embedded::{IdGenerator, IdLayout};
 use shardmap::{
@@ -723,6 +723,51 @@ async fn settings_never_leak_between_clients_sharing_a_backend() {
         value, "1234ms",
         "untracked changes are reset; tracked ones replayed"
     );
+}
+
+/// DDL runs on every server over pooled connections too: one whose session
+/// state a client changed untracked (a SET inside a multi-statement Query)
+/// is reset first, as for any statement, so the DDL alters the table its
+/// own client's search_path names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ddl_on_a_connection_with_untracked_settings_runs_under_the_clients_own() {
+    let cluster = TestCluster::start(3);
+    let (_store, map) = setup(&cluster).await;
+    for index in 0..3 {
+        cluster
+            .connect(index)
+            .await
+            .batch_execute("CREATE SCHEMA elsewhere; CREATE TABLE elsewhere.users (user_id bigint)")
+            .await
+            .expect("a second users table on the server");
+    }
+    // One connection per server: the DDL gets the ones the SETs were on.
+    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 1).await;
+    let a = proxy.connect().await;
+    for key in key_per_server(&cluster, &map, "users") {
+        a.batch_execute(&format!(
+            "SET search_path TO elsewhere, public; SELECT * FROM users WHERE user_id = {key}"
+        ))
+        .await
+        .expect("a SET the proxy does not track exactly");
+    }
+    let b = proxy.connect().await;
+    b.batch_execute("ALTER TABLE users ADD COLUMN nickname text")
+        .await
+        .expect("DDL through the proxy");
+    for index in 0..3 {
+        let altered = text_rows(
+            &cluster.connect(index).await,
+            "SELECT table_schema FROM information_schema.columns \
+             WHERE table_name = 'users' AND column_name = 'nickname'",
+        )
+        .await;
+        assert_eq!(
+            altered,
+            vec![vec!["public".to_string()]],
+            "server {index}: client B's search_path names public.users"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

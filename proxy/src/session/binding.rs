@@ -23,7 +23,7 @@ use super::hold::not_serving;
 use super::owner_check;
 use super::plan::{End, Outcome, Plan};
 use super::relay::RelayError;
-use super::settings::{replayed_settings, settings_sync_sql, RESET_ALL};
+use super::settings::{backend_settings_sql, replayed_settings};
 use super::tx::Tx;
 use super::{Request, Session};
 
@@ -281,19 +281,13 @@ impl Session {
         let mut plan = self.plan_buffers.take().unwrap_or_default();
         plan.out.clear();
         plan.expects.clear();
-        if lease.backend().settings_unknown {
-            // Someone changed this connection's session state in a way not
-            // recorded exactly: start from the server defaults.
-            let backend = lease.backend();
-            backend.settings.clear();
-            backend.settings.insert(RESET_ALL.into(), String::new());
-            backend.settings_unknown = false;
-        }
-        if let Some(sql) = settings_sync_sql(&self.settings, &lease.backend().settings) {
+        if let Some(sql) = backend_settings_sql(&self.settings, lease.backend()) {
             let mut out = BytesMut::new();
             messages::query(&sql, &mut out);
             plan.inject(&out, End::Query);
-            lease.backend().settings = replayed_settings(&self.settings);
+            lease
+                .backend()
+                .record_settings(replayed_settings(&self.settings));
         }
         // The held-back transaction this request begins on the server, to
         // begin again should a stale kept statement have aborted it.
@@ -305,13 +299,13 @@ impl Session {
                 began = Some(prelude.join("; "));
                 if prelude.len() > 1 {
                     // SET/SAVEPOINT sent with the BEGIN: not tracked exactly.
-                    lease.backend().settings_unknown = true;
+                    lease.backend().mark_settings_unknown();
                 }
                 self.tx = Tx::Bound;
             }
         }
         if request.changes_session_state {
-            lease.backend().settings_unknown = true;
+            lease.backend().mark_settings_unknown();
         }
         if !synced {
             lease.backend().pending_sync = true;

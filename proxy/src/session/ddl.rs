@@ -30,7 +30,7 @@ use crate::wire::{messages, rows};
 
 use super::client::SessionError;
 use super::legs::{query_replies, run_simple, Ended, Reply};
-use super::settings::{replayed_settings, settings_sync_sql};
+use super::settings::{backend_settings_sql, replayed_settings};
 use super::tx::Tx;
 use super::Session;
 
@@ -224,12 +224,11 @@ impl Session {
             let reply = match self.acquire(server, false).await {
                 Ok(mut lease) => {
                     let mut result = Ok(DdlReply::Done(String::new()));
-                    if let Some(sync) = settings_sync_sql(&self.settings, &lease.backend().settings)
-                    {
+                    if let Some(sync) = backend_settings_sql(&self.settings, lease.backend()) {
                         match run_simple(&mut lease, &sync).await {
-                            Ok(Reply::Done(_)) => {
-                                lease.backend().settings = replayed_settings(&self.settings)
-                            }
+                            Ok(Reply::Done(_)) => lease
+                                .backend()
+                                .record_settings(replayed_settings(&self.settings)),
                             Ok(Reply::Failed { code, message }) => {
                                 lease.backend().broken = true;
                                 result = Err((code, message));

@@ -26,7 +26,7 @@ use twophase::Gid;
 
 use super::client::SessionError;
 use super::extended::{Item, PortalUse, Portals};
-use super::settings::{replayed_settings, settings_sync_sql};
+use super::settings::{backend_settings_sql, replayed_settings};
 use super::spans_servers;
 use super::tx::is_tx_control;
 use super::tx::Tx;
@@ -344,7 +344,7 @@ impl Session {
                 "retry the transaction",
             )
         };
-        if let Some(sql) = settings_sync_sql(&self.settings, &leg.backend().settings) {
+        if let Some(sql) = backend_settings_sql(&self.settings, leg.backend()) {
             // Before BEGIN: settings made inside a transaction are undone
             // by its rollback, and the pool would not know.
             if let Reply::Failed { code, message } =
@@ -353,7 +353,8 @@ impl Session {
                 leg.backend().broken = true;
                 return Err(Failure::new(code, message, "check the session's settings"));
             }
-            leg.backend().settings = replayed_settings(&self.settings);
+            leg.backend()
+                .record_settings(replayed_settings(&self.settings));
         }
         match run_simple(&mut leg, prelude).await.map_err(lost)? {
             Reply::Done(_) => {}
@@ -363,7 +364,7 @@ impl Session {
             }
         }
         if prelude.contains(';') {
-            leg.backend().settings_unknown = true;
+            leg.backend().mark_settings_unknown();
         }
         Ok(leg)
     }

@@ -20,7 +20,7 @@ use crate::wire::rows::{self, format_of, Field};
 
 use super::client::SessionError;
 use super::extended::{Item, PortalUse, Portals};
-use super::settings::{replayed_settings, settings_sync_sql, RESET_ALL};
+use super::settings::{backend_settings_sql, replayed_settings};
 use super::statements::Prepared;
 use super::tx::is_tx_control;
 use super::tx::Tx;
@@ -333,17 +333,10 @@ impl Session {
     /// client's, if they differ (and records them as applied).
     pub(super) fn settings_query(&self, lease: &mut Lease) -> Option<BytesMut> {
         let backend = lease.backend();
-        if backend.settings_unknown {
-            // Someone changed this connection's session state in a way not
-            // recorded exactly: start from the server defaults.
-            backend.settings.clear();
-            backend.settings.insert(RESET_ALL.into(), String::new());
-            backend.settings_unknown = false;
-        }
-        let sql = settings_sync_sql(&self.settings, &backend.settings)?;
+        let sql = backend_settings_sql(&self.settings, backend)?;
         let mut out = BytesMut::new();
         messages::query(&sql, &mut out);
-        backend.settings = replayed_settings(&self.settings);
+        backend.record_settings(replayed_settings(&self.settings));
         Some(out)
     }
 

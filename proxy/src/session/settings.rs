@@ -8,6 +8,7 @@ use tracing::debug;
 
 use crate::analyze::lexer::LITERAL_MARKER_BASE;
 use crate::analyze::{Command, Literal};
+use crate::backend::Backend;
 use crate::route::hint::{comment_hint, Hint};
 use crate::route::RouteError;
 use crate::wire::messages;
@@ -19,7 +20,7 @@ use super::Session;
 pub(super) const SETTING_NOT_REPLAYED: &[&str] = &["application_name"];
 
 /// Marker in a backend's settings: its state is unknown, reset it first.
-pub(super) const RESET_ALL: &str = "\u{0}reset all";
+const RESET_ALL: &str = "\u{0}reset all";
 
 /// A setting of the proxy itself (`SET shardline.<name>`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,6 +165,21 @@ pub(super) fn settings_sync_sql(
         debug!(count = statements.len(), "replaying session settings");
         Some(statements.join("; "))
     }
+}
+
+/// SQL bringing `backend`'s settings to the client's, if they differ. A
+/// connection whose settings are unknown (see `Backend::settings_unknown`)
+/// starts from the server defaults: RESET ALL, then the client's settings.
+/// The caller records `replayed_settings` once the SQL is applied, or sent
+/// ahead of the request it precedes.
+pub(super) fn backend_settings_sql(
+    client: &BTreeMap<String, String>,
+    backend: &mut Backend,
+) -> Option<String> {
+    if backend.settings_unknown() {
+        backend.record_settings(BTreeMap::from([(RESET_ALL.to_string(), String::new())]));
+    }
+    settings_sync_sql(client, backend.settings())
 }
 
 /// The settings a backend carries after a replay.
