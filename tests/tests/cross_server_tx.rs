@@ -7,7 +7,8 @@
 //! `shardline.cross_server = refuse` keeps the old refusal. In the simple
 //! protocol, a multi-row INSERT over several servers (RETURNING in VALUES
 //! order) and UPDATE/DELETE without a key run on every server concerned,
-//! all or nothing, in and outside transactions.
+//! all or nothing, in and outside transactions. A rolled-back transaction's
+//! later servers keep no session state another client left on them.
 
 use shardline_tests::fixtures::{create_table, init_schema, key_per_server, prepared_left};
 use shardline_tests::{TestCluster, TestProxy};
@@ -273,6 +274,74 @@ async fn a_transaction_on_three_servers_commits_everywhere_or_nowhere() {
         .expect("sum across servers")
         .get(0);
     assert_eq!(balances, 30);
+}
+
+/// A transaction reaches its second and third servers through legs
+/// (`session/legs.rs`): a pooled connection on which another client changed
+/// session state untracked (a SET inside a multi-statement Query) is reset
+/// before the leg's BEGIN, so that a rollback cannot bring that state back
+/// under settings the proxy believes it replayed for the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_transaction_leaves_no_other_clients_settings_behind() {
+    let cluster = TestCluster::start(3);
+    let map = setup(&cluster).await;
+    for index in 0..3 {
+        cluster
+            .connect(index)
+            .await
+            .batch_execute(
+                "CREATE SCHEMA elsewhere; \
+                 CREATE TABLE elsewhere.accounts (user_id bigint, note text, balance int)",
+            )
+            .await
+            .expect("a second accounts table on the server");
+    }
+    // One connection per server: every client gets the ones the SETs were on.
+    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 1).await;
+    let keys = key_per_server(&cluster, &map, "accounts");
+    let other = proxy.connect().await;
+    for key in &keys {
+        other
+            .batch_execute(&format!(
+                "SET search_path TO elsewhere, public; SELECT * FROM accounts WHERE user_id = {key}"
+            ))
+            .await
+            .expect("a SET the proxy does not track exactly");
+    }
+    let client = proxy.connect().await;
+    client.batch_execute("BEGIN").await.expect("BEGIN");
+    for key in &keys {
+        client
+            .batch_execute(&format!(
+                "INSERT INTO accounts (user_id, note, balance) VALUES ({key}, 'rolled back', 1)"
+            ))
+            .await
+            .expect("a write on each server");
+    }
+    client.batch_execute("ROLLBACK").await.expect("ROLLBACK");
+    let next = proxy.connect().await;
+    for key in &keys {
+        next.batch_execute(&format!(
+            "INSERT INTO accounts (user_id, note, balance) VALUES ({key}, 'after', 1)"
+        ))
+        .await
+        .expect("a write after the rollback");
+    }
+    assert_eq!(
+        rows_on_servers(&cluster, "public.accounts", "after").await,
+        vec![1, 1, 1]
+    );
+    assert_eq!(
+        rows_on_servers(&cluster, "elsewhere.accounts", "after").await,
+        vec![0, 0, 0],
+        "no write may follow another client's search_path"
+    );
+    for table in ["public.accounts", "elsewhere.accounts"] {
+        assert_eq!(
+            rows_on_servers(&cluster, table, "rolled back").await,
+            vec![0, 0, 0]
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
