@@ -85,34 +85,38 @@ start_proxy() { # [config-file]
 }
 
 # Starts pgbouncer in transaction pooling (trust auth, 20 server connections)
-# for up to MAX_CLIENTS clients; sets bouncer_port, bouncer_pid (pgbouncer's own pid).
-start_pgbouncer() { # max-clients
+# for up to MAX_CLIENTS clients on TCP; sets bouncer_port, bouncer_pid
+# (pgbouncer's own pid). SERVER_HOST (default 127.0.0.1) is where it reaches
+# Postgres: a directory means Postgres's Unix socket in it. NAME (default
+# bouncer) is its directory in $work, to run two side by side.
+start_pgbouncer() { # max-clients [server-host] [name]
   bouncer_port=$(free_port)
-  mkdir -p "$work/bouncer"
-  cat > "$work/bouncer/pgbouncer.ini" <<INI
+  local dir="$work/${3:-bouncer}"
+  mkdir -p "$dir"
+  cat > "$dir/pgbouncer.ini" <<INI
 [databases]
-postgres = host=127.0.0.1 port=$pg_port dbname=postgres user=postgres
+postgres = host=${2:-127.0.0.1} port=$pg_port dbname=postgres user=postgres
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $bouncer_port
 unix_socket_dir =
 auth_type = trust
-auth_file = $work/bouncer/userlist.txt
+auth_file = $dir/userlist.txt
 pool_mode = transaction
 default_pool_size = 20
 max_client_conn = $1
-logfile = $work/bouncer/pgbouncer.log
+logfile = $dir/pgbouncer.log
 INI
-  echo '"postgres" ""' > "$work/bouncer/userlist.txt"
-  chown -R postgres "$work/bouncer" 2>/dev/null || true
-  local start="ulimit -n $(($1 * 2 + 256)) 2>/dev/null; exec pgbouncer $work/bouncer/pgbouncer.ini"
+  echo '"postgres" ""' > "$dir/userlist.txt"
+  chown -R postgres "$dir" 2>/dev/null || true
+  local start="ulimit -n $(($1 * 2 + 256)) 2>/dev/null; exec pgbouncer $dir/pgbouncer.ini"
   if [ "$(id -u)" -eq 0 ]; then
     runuser -u postgres -- bash -c "$start" >/dev/null 2>&1 &
   else
     bash -c "$start" >/dev/null 2>&1 &
   fi
   sleep 1
-  bouncer_pid=$(pgrep -f "^pgbouncer $work/bouncer/pgbouncer.ini" | head -1)
+  bouncer_pid=$(pgrep -f "^pgbouncer $dir/pgbouncer.ini" | head -1)
 }
 
 # The PgCat binary to compare with: $PGCAT if set, else the build that
