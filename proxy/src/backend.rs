@@ -26,9 +26,7 @@ use crate::wire::messages::{self, error_summary};
 use crate::wire::rows::data_row_values;
 
 mod prepared;
-pub use prepared::{
-    changes_result_columns, rule_change, PreparedStatements, RuleChange, RULES_THAT_RETURN_ROWS,
-};
+pub use prepared::{PreparedStatements, RuleChange, StatementChanges, RULES_THAT_RETURN_ROWS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -231,15 +229,21 @@ impl Backend {
         Ok(())
     }
 
-    /// Notes a rule changed by this connection's statement: after a CREATE
-    /// RULE (or CREATE OR REPLACE) its writes may return rows at once; the
-    /// server's other connections hear of it when the transaction ends
-    /// (`publish_rule_changes`).
-    pub fn note_rule_change(&mut self, change: RuleChange) {
-        if change == RuleChange::Created {
-            self.prepared.rules_return_rows = true;
+    /// Notes what a statement that ran on this connection changed: a rule
+    /// (after a CREATE RULE or CREATE OR REPLACE its writes may return rows
+    /// at once), or what may change the columns a prepared statement
+    /// returns. The server's other connections hear of it when the
+    /// transaction ends (`publish_changes`).
+    pub fn note_changes(&mut self, changes: StatementChanges) {
+        if let Some(change) = changes.rule {
+            if change == RuleChange::Created {
+                self.prepared.rules_return_rows = true;
+            }
+            self.rules_changed = true;
         }
-        self.rules_changed = true;
+        if changes.result_columns {
+            self.catalog_changed = true;
+        }
     }
 
     /// The statements prepared here, taken out to build a request, told the
@@ -276,12 +280,6 @@ impl Backend {
         self.search_path = Some(search_path_token(settings.get("search_path")));
         self.settings = settings;
         self.settings_unknown = false;
-    }
-
-    /// Notes a statement that may have changed the columns a prepared
-    /// statement returns (`changes_result_columns`).
-    pub fn note_catalog_change(&mut self) {
-        self.catalog_changed = true;
     }
 
     /// Once the transaction that changed a rule has ended (committed, the
@@ -374,15 +372,7 @@ impl Backend {
                         self.status = frame.body().first().copied().unwrap_or(b'I');
                         return Ok(());
                     }
-                    b'C' => {
-                        let tag = frame.body();
-                        if let Some(change) = rule_change(&tag) {
-                            self.note_rule_change(change);
-                        }
-                        if changes_result_columns(&tag) {
-                            self.note_catalog_change();
-                        }
-                    }
+                    b'C' => self.note_changes(StatementChanges::of(&frame.body())),
                     _ => {}
                 }
                 each(frame);

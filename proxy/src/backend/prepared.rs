@@ -67,6 +67,25 @@ pub fn rule_change(tag: &[u8]) -> Option<RuleChange> {
     }
 }
 
+/// What a statement changed that the proxy follows, by its CommandComplete
+/// (`Backend::note_changes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatementChanges {
+    pub rule: Option<RuleChange>,
+    /// `changes_result_columns`.
+    pub result_columns: bool,
+}
+
+impl StatementChanges {
+    /// Read from a CommandComplete's tag (with or without its zero byte).
+    pub fn of(tag: &[u8]) -> StatementChanges {
+        StatementChanges {
+            rule: rule_change(tag),
+            result_columns: changes_result_columns(tag),
+        }
+    }
+}
+
 /// Whether a CommandComplete's tag (with or without its zero byte) is of a
 /// statement that may change the columns a prepared statement returns: a
 /// column's type, a view's columns, a table or function dropped and made

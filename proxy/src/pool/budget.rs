@@ -155,7 +155,7 @@ pub struct Budgets {
     /// uses any more goes.
     budgets: Mutex<HashMap<String, Weak<Budget>>>,
     /// Statements that may change the columns a prepared statement returns
-    /// (ALTER TABLE, views, types: `backend::changes_result_columns`),
+    /// (ALTER TABLE, views, types: `backend::StatementChanges`),
     /// counted when the proxy sends one (on any server, through any
     /// serving thread) and again when its transaction ends, and stale plans
     /// met: a statement kept prepared before the count last moved is

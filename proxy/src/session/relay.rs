@@ -7,7 +7,7 @@ use std::io;
 use bytes::BytesMut;
 use tracing::{debug, warn};
 
-use crate::backend::{changes_result_columns, rule_change, Backend};
+use crate::backend::{Backend, StatementChanges};
 use crate::metrics::Metrics;
 use crate::pool::Lease;
 use crate::wire::messages;
@@ -200,14 +200,8 @@ impl Session {
                         }
                     } else if tag == b'C' {
                         outcome.committed = message.get(5..12) == Some(&b"COMMIT\0"[..]);
-                        let tag = message.get(5..).unwrap_or_default();
-                        let (rules, columns) = (rule_change(tag), changes_result_columns(tag));
-                        if let Some(change) = rules {
-                            backend.note_rule_change(change);
-                        }
-                        if columns {
-                            backend.note_catalog_change();
-                        }
+                        let changes = StatementChanges::of(message.get(5..).unwrap_or_default());
+                        backend.note_changes(changes);
                     }
                 }
                 match expects.front() {
