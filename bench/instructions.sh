@@ -37,18 +37,14 @@ flags() { case "$1" in tpcb) echo "" ;; select) echo "-S" ;; esac; }
 
 # Instructions per transaction of one binary in one workload and mode.
 count() { # name binary workload mode
-  local port out total i
+  local port out total
   port=$(free_port)
   out="$work/callgrind.$1.$3.$4"
   SHARDLINE_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
     "$2" --etcd "$etcd" --listen "127.0.0.1:$port" --auth-method trust --threads 1 \
     > "$out.log" 2>&1 &
   counted_pid=$!
-  for i in $(seq 120); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-    [ "$i" -eq 120 ] && { echo "$1 did not start under valgrind (log: $out.log)" >&2; exit 1; }
-    sleep 0.5
-  done
+  wait_for_port "$port" 60 || { echo "$1 did not start under valgrind (log: $out.log)" >&2; exit 1; }
   # shellcheck disable=SC2046
   pgbench -n $(flags "$3") -M "$4" -c 4 -j 1 -t 20 -h 127.0.0.1 -p "$port" -U postgres postgres >/dev/null 2>&1
   callgrind_control -z "$counted_pid" >/dev/null 2>&1

@@ -173,12 +173,19 @@ database = "postgres"
 TOML
   "$1" --log-level warn --no-color "$work/pgcat/pgcat.toml" > "$work/pgcat/pgcat.log" 2>&1 &
   pgcat_pid=$!
+  wait_for_port "$pgcat_port" 5 && return 0
+  echo "PgCat did not start (log: $work/pgcat/pgcat.log)" >&2
+  return 1
+}
+
+# Succeeds once something accepts connections on 127.0.0.1:PORT; fails
+# after SECONDS.
+wait_for_port() { # port seconds
   local _
-  for _ in $(seq 50); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$pgcat_port") 2>/dev/null && return 0
+  for _ in $(seq $(($2 * 10))); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
     sleep 0.1
   done
-  echo "PgCat did not start (log: $work/pgcat/pgcat.log)" >&2
   return 1
 }
 
