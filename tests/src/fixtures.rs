@@ -234,3 +234,36 @@ pub async fn text_rows(client: &tokio_postgres::Client, sql: &str) -> Vec<Vec<St
         })
         .collect()
 }
+
+/// Leaves another client's session state on every server's pooled
+/// connection (for a proxy with one connection per server), in a way the
+/// proxy does not track exactly: a table `elsewhere.<table>` (`columns`)
+/// made on each server directly, then, through `client`, a SET of
+/// `search_path = elsewhere, public` inside a multi-statement Query that
+/// reads `table` by each of `keys` of `key_column` (one per server).
+pub async fn leave_untracked_search_path(
+    cluster: &TestCluster,
+    client: &tokio_postgres::Client,
+    (table, columns): (&str, &str),
+    key_column: &str,
+    keys: &[i64],
+) {
+    for index in 0..cluster.cluster.servers.len() {
+        cluster
+            .connect(index)
+            .await
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS elsewhere; CREATE TABLE elsewhere.{table} ({columns})"
+            ))
+            .await
+            .expect("a second table of that name on the server");
+    }
+    for key in keys {
+        client
+            .batch_execute(&format!(
+                "SET search_path TO elsewhere, public; SELECT * FROM {table} WHERE {key_column} = {key}"
+            ))
+            .await
+            .expect("a SET the proxy does not track exactly");
+    }
+}

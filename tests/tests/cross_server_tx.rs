@@ -10,7 +10,9 @@
 //! all or nothing, in and outside transactions. A rolled-back transaction's
 //! later servers keep no session state another client left on them.
 
-use shardline_tests::fixtures::{create_table, init_schema, key_per_server, prepared_left};
+use shardline_tests::fixtures::{
+    create_table, init_schema, key_per_server, leave_untracked_search_path, prepared_left,
+};
 use shardline_tests::{TestCluster, TestProxy};
 use shardmap::{ClusterMap, Group, KeyType, KeyValue};
 
@@ -285,29 +287,12 @@ async fn a_transaction_on_three_servers_commits_everywhere_or_nowhere() {
 async fn a_rolled_back_transaction_leaves_no_other_clients_settings_behind() {
     let cluster = TestCluster::start(3);
     let map = setup(&cluster).await;
-    for index in 0..3 {
-        cluster
-            .connect(index)
-            .await
-            .batch_execute(
-                "CREATE SCHEMA elsewhere; \
-                 CREATE TABLE elsewhere.accounts (user_id bigint, note text, balance int)",
-            )
-            .await
-            .expect("a second accounts table on the server");
-    }
     // One connection per server: every client gets the ones the SETs were on.
     let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 1).await;
     let keys = key_per_server(&cluster, &map, "accounts");
     let other = proxy.connect().await;
-    for key in &keys {
-        other
-            .batch_execute(&format!(
-                "SET search_path TO elsewhere, public; SELECT * FROM accounts WHERE user_id = {key}"
-            ))
-            .await
-            .expect("a SET the proxy does not track exactly");
-    }
+    let shadow = ("accounts", "user_id bigint, note text, balance int");
+    leave_untracked_search_path(&cluster, &other, shadow, "user_id", &keys).await;
     let client = proxy.connect().await;
     client.batch_execute("BEGIN").await.expect("BEGIN");
     for key in &keys {

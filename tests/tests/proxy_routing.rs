@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use shardline_tests::fixtures::{create_table, init_schema, key_per_server, text_rows};
+use shardline_tests::fixtures::{
+    create_table, init_schema, key_per_server, leave_untracked_search_path, text_rows,
+};
 use shardline_tests::{eventually, TestCluster, TestProxy};
 use shardmap::embedded::{IdGenerator, IdLayout};
 use shardmap::{
@@ -733,24 +735,11 @@ async fn settings_never_leak_between_clients_sharing_a_backend() {
 async fn ddl_on_a_connection_with_untracked_settings_runs_under_the_clients_own() {
     let cluster = TestCluster::start(3);
     let (_store, map) = setup(&cluster).await;
-    for index in 0..3 {
-        cluster
-            .connect(index)
-            .await
-            .batch_execute("CREATE SCHEMA elsewhere; CREATE TABLE elsewhere.users (user_id bigint)")
-            .await
-            .expect("a second users table on the server");
-    }
     // One connection per server: the DDL gets the ones the SETs were on.
     let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 1).await;
     let a = proxy.connect().await;
-    for key in key_per_server(&cluster, &map, "users") {
-        a.batch_execute(&format!(
-            "SET search_path TO elsewhere, public; SELECT * FROM users WHERE user_id = {key}"
-        ))
-        .await
-        .expect("a SET the proxy does not track exactly");
-    }
+    let keys = key_per_server(&cluster, &map, "users");
+    leave_untracked_search_path(&cluster, &a, ("users", "user_id bigint"), "user_id", &keys).await;
     let b = proxy.connect().await;
     b.batch_execute("ALTER TABLE users ADD COLUMN nickname text")
         .await
