@@ -8,10 +8,13 @@
 //! clients keep their buffers (rustls buffers the socket's bytes itself, so
 //! the socket's readiness does not say whether a message is waiting).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::{Instant, Sleep};
 
 use crate::tls::ClientStream;
 use crate::wire::frame::{next_frame, Frame};
@@ -26,6 +29,9 @@ pub struct ClientIo {
     /// How many times `out` was written: a request whose replies are to be
     /// taken back must not have been flushed in part.
     pub(super) flushes: u64,
+    /// The `IDLE_AFTER` timer of a busy client, pushed back at each wait for
+    /// its next request (see [`unless_idle`]); dropped with the buffers.
+    idle_timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl ClientIo {
@@ -42,6 +48,7 @@ impl ClientIo {
             out: BytesMut::new(),
             max_message,
             flushes: 0,
+            idle_timer: None,
         }
     }
 
@@ -97,17 +104,17 @@ impl ClientIo {
                     // Reclaimed in place once the frames cut from it are gone.
                     self.read_buf.reserve(READ_BYTES);
                 }
-                match tokio::time::timeout(IDLE_AFTER, tcp.read_buf(&mut self.read_buf)).await {
-                    Err(_) => return Ok(self.release_buffers()),
-                    Ok(Ok(0)) => return Ok(Next::Closed),
-                    Ok(Ok(_)) => continue,
-                    Ok(Err(_)) => return Err(SessionError::ClientGone),
+                match unless_idle(&mut self.idle_timer, tcp.read_buf(&mut self.read_buf)).await {
+                    None => return Ok(self.release_buffers()),
+                    Some(Ok(0)) => return Ok(Next::Closed),
+                    Some(Ok(_)) => continue,
+                    Some(Err(_)) => return Err(SessionError::ClientGone),
                 }
             }
-            match tokio::time::timeout(IDLE_AFTER, tcp.readable()).await {
-                Err(_) => return Ok(self.release_buffers()),
-                Ok(Err(_)) => return Err(SessionError::ClientGone),
-                Ok(Ok(())) => {}
+            match unless_idle(&mut self.idle_timer, tcp.readable()).await {
+                None => return Ok(self.release_buffers()),
+                Some(Err(_)) => return Err(SessionError::ClientGone),
+                Some(Ok(())) => {}
             }
             if self.read_buf.capacity() == 0 {
                 self.read_buf.reserve(READ_BYTES);
@@ -129,6 +136,7 @@ impl ClientIo {
     fn release_buffers(&mut self) -> Next {
         self.read_buf = BytesMut::new();
         self.out = BytesMut::new();
+        self.idle_timer = None;
         Next::Idle
     }
 
@@ -178,6 +186,30 @@ impl ClientIo {
 /// request then allocates none), short enough that the many idle clients of
 /// a pooling proxy hold none.
 pub const IDLE_AFTER: Duration = Duration::from_millis(500);
+
+/// `io`'s output, or `None` when it took `IDLE_AFTER`.
+///
+/// One timer serves a busy client's every wait: pushing a registered timer
+/// later only updates its deadline, while a fresh `tokio::time::timeout` per
+/// wait put a new timer in the runtime's wheel, and woke the event loop
+/// through its eventfd whenever that timer was the earliest one (a `write`
+/// and an extra `epoll_wait` in a third of pgbench's transactions: see
+/// docs/PERFORMANCE.md, "Wake-ups nobody needed").
+async fn unless_idle<F: Future>(timer: &mut Option<Pin<Box<Sleep>>>, io: F) -> Option<F::Output> {
+    let deadline = Instant::now() + IDLE_AFTER;
+    let timer = match timer {
+        Some(timer) => {
+            timer.as_mut().reset(deadline);
+            timer
+        }
+        None => timer.insert(Box::pin(tokio::time::sleep_until(deadline))),
+    };
+    tokio::select! {
+        biased;
+        output = io => Some(output),
+        () = timer.as_mut() => None,
+    }
+}
 
 /// The read buffer's size when a client starts a request after being idle:
 /// most requests fit, larger ones grow it.
@@ -250,6 +282,7 @@ mod tests {
         assert!(matches!(io.read_request().await, Ok(Next::Idle)));
         assert!(started.elapsed() >= IDLE_AFTER);
         assert_eq!((io.read_buf.capacity(), io.out.capacity()), (0, 0));
+        assert!(io.idle_timer.is_none(), "an idle client holds no timer");
         let mut replies = [0u8; 12];
         peer.read_exact(&mut replies).await.expect("replies");
         assert_eq!(&replies, b"Z\0\0\0\x05IZ\0\0\0\x05I");
@@ -276,6 +309,33 @@ mod tests {
             io.flush().await.expect("flush");
             let mut reply = [0u8; 6];
             peer.read_exact(&mut reply).await.expect("reply");
+            assert!(
+                io.read_buf.capacity() > 0,
+                "request {i}: busy, the buffer stays"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_keeps_sending_within_idle_after_stays_busy() {
+        let (mut peer, mut io) = connected().await;
+        peer.write_all(&query("SELECT 0")).await.expect("send");
+        assert_eq!(next_query(&mut io).await, b"SELECT 0\0");
+        // Each wait is shorter than IDLE_AFTER, all of them together longer:
+        // the one timer is pushed back at every wait, not left to fire.
+        let gap = IDLE_AFTER * 3 / 5;
+        for i in 1..=3 {
+            let text = format!("SELECT {i}");
+            let sender = async {
+                tokio::time::sleep(gap).await;
+                peer.write_all(&query(&text)).await.expect("send");
+            };
+            let (next, ()) = tokio::join!(io.read_request(), sender);
+            match next.expect("read") {
+                Next::Frame(frame) => assert_eq!(&frame.body()[..8], text.as_bytes()),
+                Next::Closed => panic!("request {i}: closed"),
+                Next::Idle => panic!("request {i}: went idle after {gap:?}"),
+            }
             assert!(
                 io.read_buf.capacity() > 0,
                 "request {i}: busy, the buffer stays"
