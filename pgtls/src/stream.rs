@@ -1,6 +1,7 @@
-//! The proxy's connection to a server after the SSLRequest: plain TCP or
-//! TLS over it. An enum rather than a trait object, so the plain path costs
-//! one branch per read and nothing is boxed per call.
+//! The proxy's connection to a server after the SSLRequest: plain TCP, TLS
+//! over it, or the server's Unix-domain socket (a server on the same host;
+//! like libpq, no TLS there). An enum rather than a trait object, so the
+//! plain path costs one branch per read and nothing is boxed per call.
 
 use std::io;
 use std::pin::Pin;
@@ -8,7 +9,7 @@ use std::task::{Context, Poll};
 
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
@@ -20,6 +21,7 @@ const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 pub enum PgStream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    Unix(UnixStream),
 }
 
 impl Connector {
@@ -64,21 +66,18 @@ impl PgStream {
         matches!(self, PgStream::Tls(_))
     }
 
-    /// The TCP connection under it.
-    pub fn tcp(&self) -> &TcpStream {
-        match self {
-            PgStream::Plain(s) => s,
-            PgStream::Tls(s) => s.get_ref().0,
-        }
-    }
-
     /// Whether the server closed the connection or sent something while it
     /// sat idle, without blocking. Under TLS this reads the raw socket: any
     /// byte there means the connection is dropped anyway, so taking it from
     /// under rustls does no harm.
     pub fn closed_while_idle(&self) -> bool {
         let mut probe = [0u8; 1];
-        !matches!(self.tcp().try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        let read = match self {
+            PgStream::Plain(s) => s.try_read(&mut probe),
+            PgStream::Tls(s) => s.get_ref().0.try_read(&mut probe),
+            PgStream::Unix(s) => s.try_read(&mut probe),
+        };
+        !matches!(read, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 }
 
@@ -91,6 +90,7 @@ impl AsyncRead for PgStream {
         match self.get_mut() {
             PgStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             PgStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            PgStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -104,6 +104,7 @@ impl AsyncWrite for PgStream {
         match self.get_mut() {
             PgStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             PgStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            PgStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -115,6 +116,7 @@ impl AsyncWrite for PgStream {
         match self.get_mut() {
             PgStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             PgStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            PgStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -122,6 +124,7 @@ impl AsyncWrite for PgStream {
         match self {
             PgStream::Plain(s) => s.is_write_vectored(),
             PgStream::Tls(s) => s.is_write_vectored(),
+            PgStream::Unix(s) => s.is_write_vectored(),
         }
     }
 
@@ -129,6 +132,7 @@ impl AsyncWrite for PgStream {
         match self.get_mut() {
             PgStream::Plain(s) => Pin::new(s).poll_flush(cx),
             PgStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            PgStream::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -136,6 +140,7 @@ impl AsyncWrite for PgStream {
         match self.get_mut() {
             PgStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             PgStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            PgStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

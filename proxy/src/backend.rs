@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,9 +18,10 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::frontend;
 use shardmap::Endpoint;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tracing::{debug, warn};
 
+use crate::cancel::ServerAddr;
 use crate::wire::frame::{next_frame, peek_header, Frame, DEFAULT_MAX_MESSAGE};
 use crate::wire::messages::{self, error_summary};
 use crate::wire::rows::data_row_values;
@@ -72,7 +73,7 @@ pub struct Backend {
     stream: PgStream,
     read_buf: BytesMut,
     pub server: Arc<str>,
-    pub addr: SocketAddr,
+    pub addr: ServerAddr,
     pub process_id: i32,
     pub secret_key: i32,
     /// ParameterStatus values the server reported at startup.
@@ -113,17 +114,20 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// Connects and logs in to `endpoint` as its user, over TLS as `tls` says.
+    /// Connects and logs in to `endpoint` as its user, over TLS as `tls` says;
+    /// through the server's Unix-domain socket in `socket_dir` instead of
+    /// TCP when one is given (then without TLS, as libpq does).
     pub async fn connect(
         server: Arc<str>,
         endpoint: &Endpoint,
+        socket_dir: Option<&Path>,
         password: Option<&str>,
         tls: &Connector,
         timeout: Duration,
     ) -> Result<Backend, BackendError> {
         match tokio::time::timeout(
             timeout,
-            Backend::connect_inner(server.clone(), endpoint, password, tls),
+            Backend::connect_inner(server.clone(), endpoint, socket_dir, password, tls),
         )
         .await
         {
@@ -138,35 +142,52 @@ impl Backend {
     async fn connect_inner(
         server: Arc<str>,
         endpoint: &Endpoint,
+        socket_dir: Option<&Path>,
         password: Option<&str>,
         tls: &Connector,
     ) -> Result<Backend, BackendError> {
-        let addr_text = format!("{}:{}", endpoint.host, endpoint.port);
-        let stream =
-            TcpStream::connect(&addr_text)
-                .await
-                .map_err(|source| BackendError::Connect {
-                    server: server.to_string(),
-                    addr: addr_text.clone(),
-                    source,
-                })?;
         let io_err = |source| BackendError::Io {
             server: server.to_string(),
             source,
         };
-        stream.set_nodelay(true).map_err(io_err)?;
-        let addr = stream.peer_addr().map_err(io_err)?;
-        let stream = tls
-            .negotiate(stream, &endpoint.host)
-            .await
-            .map_err(|e| match e {
-                pgtls::TlsError::Io(source) => io_err(source),
-                other => BackendError::Tls {
-                    server: server.to_string(),
-                    addr: addr_text.clone(),
-                    message: other.to_string(),
-                },
-            })?;
+        let (stream, addr) = match socket_dir {
+            Some(dir) => {
+                let path: Arc<Path> = dir.join(format!(".s.PGSQL.{}", endpoint.port)).into();
+                let stream =
+                    UnixStream::connect(&path)
+                        .await
+                        .map_err(|source| BackendError::Connect {
+                            server: server.to_string(),
+                            addr: path.display().to_string(),
+                            source,
+                        })?;
+                (PgStream::Unix(stream), ServerAddr::Unix(path))
+            }
+            None => {
+                let addr_text = format!("{}:{}", endpoint.host, endpoint.port);
+                let stream = TcpStream::connect(&addr_text).await.map_err(|source| {
+                    BackendError::Connect {
+                        server: server.to_string(),
+                        addr: addr_text.clone(),
+                        source,
+                    }
+                })?;
+                stream.set_nodelay(true).map_err(io_err)?;
+                let addr = stream.peer_addr().map_err(io_err)?;
+                let stream = tls
+                    .negotiate(stream, &endpoint.host)
+                    .await
+                    .map_err(|e| match e {
+                        pgtls::TlsError::Io(source) => io_err(source),
+                        other => BackendError::Tls {
+                            server: server.to_string(),
+                            addr: addr_text.clone(),
+                            message: other.to_string(),
+                        },
+                    })?;
+                (stream, ServerAddr::Tcp(addr))
+            }
+        };
         let now = Instant::now();
         let mut backend = Backend {
             stream,

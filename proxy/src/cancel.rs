@@ -4,16 +4,34 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, BytesMut};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+
+/// Where a server connection goes, and so where its CancelRequest must go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerAddr {
+    Tcp(SocketAddr),
+    /// The socket file (`<dir>/.s.PGSQL.<port>`) of a server on this host.
+    Unix(Arc<Path>),
+}
+
+impl std::fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerAddr::Tcp(addr) => addr.fmt(f),
+            ServerAddr::Unix(path) => path.display().fmt(f),
+        }
+    }
+}
 
 /// The backend a client is currently running statements on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelTarget {
-    pub addr: SocketAddr,
+    pub addr: ServerAddr,
     pub process_id: i32,
     pub secret_key: i32,
 }
@@ -56,7 +74,7 @@ impl CancelRegistry {
             let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
             match sessions.get(&pid) {
                 Some((expected, slot)) if *expected == secret => {
-                    *slot.lock().unwrap_or_else(|e| e.into_inner())
+                    slot.lock().unwrap_or_else(|e| e.into_inner()).clone()
                 }
                 _ => None,
             }
@@ -67,9 +85,17 @@ impl CancelRegistry {
         request.put_i32(80_877_102);
         request.put_i32(target.process_id);
         request.put_i32(target.secret_key);
-        if let Ok(mut stream) = TcpStream::connect(target.addr).await {
-            let _ = stream.write_all(&request).await;
-            let _ = stream.shutdown().await;
+        match &target.addr {
+            ServerAddr::Tcp(addr) => {
+                if let Ok(stream) = TcpStream::connect(addr).await {
+                    send_and_close(stream, &request).await;
+                }
+            }
+            ServerAddr::Unix(path) => {
+                if let Ok(stream) = UnixStream::connect(path).await {
+                    send_and_close(stream, &request).await;
+                }
+            }
         }
     }
 
@@ -79,4 +105,10 @@ impl CancelRegistry {
             .unwrap_or_else(|e| e.into_inner())
             .len()
     }
+}
+
+/// Writes a CancelRequest and closes: the server answers nothing.
+async fn send_and_close<S: AsyncWrite + Unpin>(mut stream: S, request: &[u8]) {
+    let _ = stream.write_all(request).await;
+    let _ = stream.shutdown().await;
 }

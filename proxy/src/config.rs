@@ -6,7 +6,9 @@
 //! is here. Secrets (user passwords, backend passwords) live only here,
 //! never in etcd, and are never logged.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -272,6 +274,15 @@ pub struct PoolSettings {
     /// At most this many such statements are kept on one server connection.
     #[serde(default = "default_max_prepared_unnamed")]
     pub max_prepared_unnamed: usize,
+    /// By server name (as in the map): the directory of the Unix-domain
+    /// socket of that server's primary when it runs on this proxy's host
+    /// (Postgres's `unix_socket_directories`; the socket is
+    /// `<dir>/.s.PGSQL.<port>`, with the port from the map). The proxy then
+    /// connects there instead of over TCP, and without TLS, as libpq does.
+    /// Other proxies, the rebalancer and replication still use the map's
+    /// address.
+    #[serde(default)]
+    pub socket_dirs: BTreeMap<String, PathBuf>,
 }
 
 fn default_pool_size() -> usize {
@@ -307,6 +318,7 @@ impl Default for PoolSettings {
             prepare_unnamed_after: default_prepare_unnamed_after(),
             prepare_simple_after: default_prepare_unnamed_after(),
             max_prepared_unnamed: default_max_prepared_unnamed(),
+            socket_dirs: BTreeMap::new(),
         }
     }
 }
@@ -319,6 +331,7 @@ impl PoolSettings {
             checkout_timeout: Duration::from_millis(self.checkout_timeout_ms),
             idle_timeout: Duration::from_secs(self.idle_timeout_s),
             max_lifetime: Duration::from_secs(self.max_lifetime_s),
+            socket_dirs: Arc::new(self.socket_dirs.clone()),
         }
     }
 }

@@ -7,7 +7,8 @@
 //! [`Budget`] of `pool.size` connections, so that a thread that happens to
 //! get more clients than the others can use the whole pool.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
@@ -35,6 +36,9 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     /// Connections are replaced after this long, even if busy-ish.
     pub max_lifetime: Duration,
+    /// By server name: the directory of the Unix-domain socket through which
+    /// this proxy reaches that server's primary, on the same host.
+    pub socket_dirs: Arc<BTreeMap<String, PathBuf>>,
 }
 
 impl Default for PoolConfig {
@@ -45,6 +49,7 @@ impl Default for PoolConfig {
             checkout_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             max_lifetime: Duration::from_secs(3600),
+            socket_dirs: Arc::default(),
         }
     }
 }
@@ -85,6 +90,8 @@ struct Idle {
 pub struct Pool {
     pub server: Arc<str>,
     pub endpoint: Endpoint,
+    /// Set when the server is reached through its Unix-domain socket.
+    socket_dir: Option<PathBuf>,
     password: Option<String>,
     /// Built once per pool (it reads the certificate files); an error is
     /// reported to every client that needs this server.
@@ -227,6 +234,7 @@ impl Pool {
     fn in_budget(
         server: Arc<str>,
         endpoint: Endpoint,
+        socket_dir: Option<PathBuf>,
         password: Option<String>,
         tls: Result<pgtls::Connector, String>,
         config: PoolConfig,
@@ -238,6 +246,7 @@ impl Pool {
         let pool = Arc::new(Pool {
             server,
             endpoint,
+            socket_dir,
             password,
             tls,
             idle: Mutex::new(Vec::new()),
@@ -295,6 +304,7 @@ impl Pool {
         let mut backend = Backend::connect(
             self.server.clone(),
             &self.endpoint,
+            self.socket_dir.as_deref(),
             self.password.as_deref(),
             tls,
             self.config.connect_timeout,
@@ -588,6 +598,7 @@ impl Pools {
                 let pool = Pool::in_budget(
                     server.name.as_str().into(),
                     server.primary.clone(),
+                    self.config.socket_dirs.get(&server.name).cloned(),
                     self.secrets
                         .password_for(&server.name, &server.primary.user),
                     self.secrets.tls_for(&server.name),
@@ -625,6 +636,8 @@ impl Pools {
                 let pool = Pool::in_budget(
                     server.name.as_str().into(),
                     endpoint.clone(),
+                    // A replica is another host's server: TCP.
+                    None,
                     self.secrets.password_for(&server.name, &endpoint.user),
                     self.secrets.tls_for(&server.name),
                     self.config.clone(),

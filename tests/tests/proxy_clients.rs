@@ -1090,3 +1090,80 @@ async fn backend_pid(client: &tokio_postgres::Client, whose: &str) -> i32 {
         .unwrap_or_else(|e| panic!("{whose} SELECT pg_backend_pid(): {e}"))
         .get(0)
 }
+
+/// A server on the proxy's host, named in `[pool] socket_dirs`, is reached
+/// through its Unix-domain socket: statements for its keys run there
+/// (Postgres sees no client address) while the other server's run over
+/// TCP, writes land on the owner, and a CancelRequest reaches a statement
+/// running over the socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_named_in_socket_dirs_is_reached_through_its_unix_socket() {
+    let cluster = TestCluster::start(2);
+    let (_, map) = setup(&cluster).await;
+    let local = cluster.cluster.servers[0].state();
+    let proxy = TestProxy::start(&cluster, CLUSTER, |config| {
+        config
+            .pool
+            .socket_dirs
+            .insert(local.name.clone(), local.data_dir.clone());
+    })
+    .await;
+    let keys = shardline_tests::fixtures::key_per_server(&cluster, &map, "pgbench_accounts");
+    let client = proxy.connect().await;
+    for (index, &key) in keys.iter().enumerate() {
+        let key = i32::try_from(key).expect("a small key");
+        let row = client
+            .query_one(
+                "SELECT inet_client_addr() IS NULL FROM pgbench_accounts WHERE aid = $1",
+                &[&key],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("server {index}: {e}"));
+        assert_eq!(
+            row.get::<_, bool>(0),
+            index == 0,
+            "server {index}: over the Unix socket only when named in socket_dirs"
+        );
+        client
+            .execute(
+                "UPDATE pgbench_accounts SET abalance = abalance + 7 WHERE aid = $1",
+                &[&key],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("server {index}: update: {e}"));
+        let balance: i32 = cluster
+            .connect(index)
+            .await
+            .query_one(
+                "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+                &[&key],
+            )
+            .await
+            .expect("read the owner directly")
+            .get(0);
+        assert_eq!(balance, 7, "server {index}: the write landed on the owner");
+    }
+
+    let token = client.cancel_token();
+    let local_key = i32::try_from(keys[0]).expect("a small key");
+    let started = Instant::now();
+    let sleeper = tokio::spawn(async move {
+        client
+            .query(
+                "SELECT pg_sleep(20) FROM pgbench_accounts WHERE aid = $1",
+                &[&local_key],
+            )
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel sent");
+    let err = sleeper
+        .await
+        .expect("task")
+        .expect_err("the statement was cancelled");
+    assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}

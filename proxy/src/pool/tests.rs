@@ -17,6 +17,7 @@ fn pool_in(budget: &Arc<Budget>, config: &PoolConfig) -> Arc<Pool> {
         "pg1".into(),
         endpoint(9),
         None,
+        None,
         Err("no server in this test".into()),
         config.clone(),
         budget.clone(),

@@ -272,7 +272,7 @@ impl Session {
         {
             let backend = lease.backend();
             self.set_cancel_target(Some(CancelTarget {
-                addr: backend.addr,
+                addr: backend.addr.clone(),
                 process_id: backend.process_id,
                 secret_key: backend.secret_key,
             }));
