@@ -324,6 +324,16 @@ impl Default for PoolSettings {
 }
 
 impl PoolSettings {
+    /// The names in `socket_dirs` that are no server of `map`: most likely
+    /// a typo, which would leave that server on TCP without a word.
+    pub fn unknown_socket_servers<'a>(&'a self, map: &shardmap::ClusterMap) -> Vec<&'a str> {
+        self.socket_dirs
+            .keys()
+            .filter(|name| !map.servers.contains_key(*name))
+            .map(String::as_str)
+            .collect()
+    }
+
     pub fn to_pool_config(&self) -> PoolConfig {
         PoolConfig {
             size: self.size.max(1),
@@ -458,6 +468,31 @@ impl ProxyConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_dirs_parse_and_names_the_map_lacks_are_found() {
+        let config = ProxyConfig::from_toml(
+            r#"
+            [pool.socket_dirs]
+            pg1 = "/var/run/postgresql"
+            pg9 = "/tmp"
+            "#,
+        )
+        .expect("parses");
+        assert_eq!(
+            config.pool.to_pool_config().socket_dirs.get("pg1"),
+            Some(&PathBuf::from("/var/run/postgresql"))
+        );
+        let server = |name: &str| {
+            shardmap::Server::active(
+                name,
+                shardmap::Endpoint::parse("postgres://h:1/d").expect("url"),
+            )
+        };
+        let map =
+            shardmap::ClusterMap::new("t", 4, vec![server("pg1"), server("pg2")]).expect("map");
+        assert_eq!(config.pool.unknown_socket_servers(&map), vec!["pg9"]);
+    }
 
     #[test]
     fn full_config_parses_and_hides_secrets() {

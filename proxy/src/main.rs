@@ -205,6 +205,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         cache.clone(),
         liveness.clone(),
     ));
+    if !config.pool.socket_dirs.is_empty() {
+        tokio::spawn(warn_of_unknown_socket_servers(
+            config.pool.clone(),
+            cache.subscribe(),
+        ));
+    }
     let cancels = Arc::new(proxy::cancel::CancelRegistry::default());
     let two_phase = Arc::new(proxy::two_phase::TwoPhase::new(
         config.etcd.clone(),
@@ -277,4 +283,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     drop(cache);
     Ok(())
+}
+
+/// Warns, whenever the map changes which they are, of the names in
+/// `[pool.socket_dirs]` that are no server of the map.
+async fn warn_of_unknown_socket_servers(
+    pool: proxy::config::PoolSettings,
+    mut maps: tokio::sync::watch::Receiver<shardmap::cache::Snapshot>,
+) {
+    let mut reported: Vec<String> = Vec::new();
+    loop {
+        let unknown: Vec<String> = match maps.borrow_and_update().as_ref() {
+            Some(snapshot) => pool
+                .unknown_socket_servers(&snapshot.map)
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            None => Vec::new(),
+        };
+        if !unknown.is_empty() && unknown != reported {
+            tracing::warn!(
+                servers = ?unknown,
+                "[pool.socket_dirs] names servers the map does not have: they are not used; check the names against `shardctl server list`"
+            );
+        }
+        reported = unknown;
+        if maps.changed().await.is_err() {
+            return;
+        }
+    }
 }
