@@ -19,15 +19,6 @@ pub enum ServerAddr {
     Unix(Arc<Path>),
 }
 
-impl std::fmt::Display for ServerAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ServerAddr::Tcp(addr) => addr.fmt(f),
-            ServerAddr::Unix(path) => path.display().fmt(f),
-        }
-    }
-}
-
 /// The backend a client is currently running statements on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CancelTarget {
