@@ -158,7 +158,8 @@ impl Backend {
                         .await
                         .map_err(|source| BackendError::Connect {
                             server: server.to_string(),
-                            addr: path.display().to_string(),
+                            // Not the map's address: say where it comes from.
+                            addr: format!("{} (from [pool.socket_dirs])", path.display()),
                             source,
                         })?;
                 (PgStream::Unix(stream), ServerAddr::Unix(path))
@@ -627,3 +628,30 @@ enum RulesRead {
 /// than a statement should, whatever the last client left set.
 const RULES_READ_LIMITS: &str = "SELECT pg_catalog.set_config('lock_timeout', '100', true), \
      pg_catalog.set_config('statement_timeout', '2000', true);";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_socket_dir_without_the_server_says_where_the_path_came_from() {
+        let dir = std::env::temp_dir().join(format!("shardline-no-socket-{}", std::process::id()));
+        let endpoint = Endpoint::parse("postgres://postgres@127.0.0.1:6543/postgres").expect("url");
+        let tls = Connector::new(&settings::BackendTls::default()).expect("default TLS settings");
+        let error = Backend::connect(
+            "pg1".into(),
+            &endpoint,
+            Some(&dir),
+            None,
+            &tls,
+            Duration::from_secs(5),
+        )
+        .await
+        .err()
+        .expect("no server listens there");
+        let message = error.to_string();
+        let expected = format!("{}/.s.PGSQL.6543 (from [pool.socket_dirs])", dir.display());
+        assert!(matches!(error, BackendError::Connect { .. }), "{message}");
+        assert!(message.contains(&expected), "{message}");
+    }
+}
