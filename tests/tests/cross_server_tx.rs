@@ -64,6 +64,24 @@ async fn rows_on_servers(cluster: &TestCluster, table: &str, note: &str) -> Vec<
     counts
 }
 
+/// Through `client`, one `accounts` row per key with `note` and `balance`,
+/// each a simple-protocol INSERT of its own.
+async fn insert_accounts(
+    client: &tokio_postgres::Client,
+    keys: impl IntoIterator<Item = i64>,
+    note: &str,
+    balance: i32,
+) {
+    for key in keys {
+        client
+            .batch_execute(&format!(
+                "INSERT INTO accounts (user_id, note, balance) VALUES ({key}, '{note}', {balance})"
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("INSERT of {key} ({note}): {e}"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_on_three_servers_commits_everywhere_or_nowhere() {
     let cluster = TestCluster::start(3);
@@ -79,14 +97,7 @@ async fn a_transaction_on_three_servers_commits_everywhere_or_nowhere() {
     // COMMIT: simple-protocol statements on every server, then a read
     // across servers that sees them all before they are committed.
     client.batch_execute("BEGIN").await.expect("BEGIN");
-    for (key, _) in &keys {
-        client
-            .batch_execute(&format!(
-                "INSERT INTO accounts (user_id, note, balance) VALUES ({key}, 'committed', 10)"
-            ))
-            .await
-            .expect("INSERT in the transaction");
-    }
+    insert_accounts(&client, keys.iter().map(|&(key, _)| key), "committed", 10).await;
     let seen: i64 = client
         .query_one(
             "SELECT count(*) FROM accounts WHERE note = 'committed'",
@@ -295,23 +306,10 @@ async fn a_rolled_back_transaction_leaves_no_other_clients_settings_behind() {
     leave_untracked_search_path(&cluster, &other, shadow, "user_id", &keys).await;
     let client = proxy.connect().await;
     client.batch_execute("BEGIN").await.expect("BEGIN");
-    for key in &keys {
-        client
-            .batch_execute(&format!(
-                "INSERT INTO accounts (user_id, note, balance) VALUES ({key}, 'rolled back', 1)"
-            ))
-            .await
-            .expect("a write on each server");
-    }
+    insert_accounts(&client, keys.iter().copied(), "rolled back", 1).await;
     client.batch_execute("ROLLBACK").await.expect("ROLLBACK");
     let next = proxy.connect().await;
-    for key in &keys {
-        next.batch_execute(&format!(
-            "INSERT INTO accounts (user_id, note, balance) VALUES ({key}, 'after', 1)"
-        ))
-        .await
-        .expect("a write after the rollback");
-    }
+    insert_accounts(&next, keys.iter().copied(), "after", 1).await;
     assert_eq!(
         rows_on_servers(&cluster, "public.accounts", "after").await,
         vec![1, 1, 1]
