@@ -62,6 +62,17 @@ impl Connector {
 }
 
 impl PgStream {
+    /// The socket under a plain or Unix-socket stream; none under TLS,
+    /// whose bytes only rustls may write.
+    pub fn plain_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        match self {
+            PgStream::Plain(s) => Some(s.as_fd()),
+            PgStream::Unix(s) => Some(s.as_fd()),
+            PgStream::Tls(_) => None,
+        }
+    }
+
     pub fn is_tls(&self) -> bool {
         matches!(self, PgStream::Tls(_))
     }

@@ -22,6 +22,7 @@ use tokio::net::{TcpStream, UnixStream};
 use tracing::{debug, warn};
 
 use crate::cancel::ServerAddr;
+use crate::outbox::Outbox;
 use crate::wire::frame::{next_frame, peek_header, Frame, DEFAULT_MAX_MESSAGE};
 use crate::wire::messages::{self, error_summary};
 use crate::wire::rows::data_row_values;
@@ -111,6 +112,9 @@ pub struct Backend {
     pub catalog_changed: bool,
     pub created: Instant,
     pub last_used: Instant,
+    /// Sends gathered with the thread's others (see `outbox`); none over
+    /// TLS or where sends are not gathered.
+    outbox: Option<Outbox>,
 }
 
 impl Backend {
@@ -209,6 +213,7 @@ impl Backend {
             catalog_changed: false,
             created: now,
             last_used: now,
+            outbox: None,
         };
         let mut out = BytesMut::new();
         frontend::startup_message(
@@ -591,7 +596,18 @@ impl Backend {
         Ok(())
     }
 
+    /// From now on, sends go out with the thread's others at the end of
+    /// each pass of its event loop (see `outbox`), where that can be done.
+    pub fn gather_sends(&mut self) {
+        if self.outbox.is_none() {
+            self.outbox = self.stream.plain_fd().and_then(Outbox::new);
+        }
+    }
+
     pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if let Some(outbox) = &self.outbox {
+            return outbox.send(bytes).await;
+        }
         self.stream.write_all(bytes).await?;
         // TLS may hold the bytes in its buffer; on plain TCP this is a no-op.
         self.stream.flush().await

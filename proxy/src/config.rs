@@ -57,6 +57,12 @@ pub struct ProxyConfig {
     /// refused (see `residency`); needs `region`. `"off"` by default.
     #[serde(default)]
     pub residency: crate::residency::Residency,
+    /// Each serving thread sends what one pass of its event loop produced
+    /// in one system call (io_uring), where the kernel allows it: fewer
+    /// context switches where the proxy shares its cores (see `outbox`).
+    /// `false`: every send is its own system call.
+    #[serde(default = "default_true")]
+    pub gather_sends: bool,
 }
 
 /// Reads across partitions on several servers (scatter-gather).
@@ -342,6 +348,7 @@ impl PoolSettings {
             idle_timeout: Duration::from_secs(self.idle_timeout_s),
             max_lifetime: Duration::from_secs(self.max_lifetime_s),
             socket_dirs: Arc::new(self.socket_dirs.clone()),
+            gather_sends: true,
         }
     }
 }
@@ -410,6 +417,7 @@ impl Default for ProxyConfig {
             metrics_listen: None,
             region: None,
             residency: Default::default(),
+            gather_sends: true,
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod liveness;
 pub mod login_limits;
 pub mod merge;
 pub mod metrics;
+pub mod outbox;
 pub mod pool;
 pub mod recovery;
 pub mod registry;

@@ -39,6 +39,8 @@ pub struct PoolConfig {
     /// By server name: the directory of the Unix-domain socket through which
     /// this proxy reaches that server's primary, on the same host.
     pub socket_dirs: Arc<BTreeMap<String, PathBuf>>,
+    /// Whether connections send through their thread's gather (`outbox`).
+    pub gather_sends: bool,
 }
 
 impl Default for PoolConfig {
@@ -50,6 +52,7 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(300),
             max_lifetime: Duration::from_secs(3600),
             socket_dirs: Arc::default(),
+            gather_sends: true,
         }
     }
 }
@@ -310,6 +313,9 @@ impl Pool {
             self.config.connect_timeout,
         )
         .await?;
+        if self.config.gather_sends {
+            backend.gather_sends();
+        }
         let rules = self.budget.rule_changes.clone();
         let catalog = self.budget.catalog_changes.clone();
         backend.prepared.follow_changes(rules, catalog);

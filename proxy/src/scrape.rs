@@ -156,6 +156,12 @@ impl Collector for ProxyCollector {
         for (name, help, value) in COUNTERS {
             counter(e, name, help, self.sum(value))?;
         }
+        counter(
+            e,
+            "shardline_sends_gathered",
+            "Sends made together with the others of one pass of a serving thread's event loop (one io_uring_enter per pass); stays 0 where io_uring is not available or gather_sends is off.",
+            crate::outbox::sends_gathered(),
+        )?;
         let longest = self
             .threads
             .iter()

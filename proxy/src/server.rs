@@ -143,7 +143,8 @@ fn start_session(
         user_slot,
     } = login;
     shared.active_clients.fetch_add(1, Ordering::Relaxed);
-    let client = ClientIo::new(stream, buf, shared.config.limits.max_message_bytes);
+    let mut client = ClientIo::new(stream, buf, shared.config.limits.max_message_bytes);
+    client.gather_sends = shared.config.gather_sends;
     let session = Session::new(shared.clone(), client, settings, cancel_slot);
     (session, pid, (client_slot, user_slot))
 }

@@ -408,10 +408,8 @@ async fn cancel_while_running<T: Send + 'static>(
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
-async fn raw_login(proxy: &TestProxy) -> tokio::net::TcpStream {
-    let mut stream = tokio::net::TcpStream::connect(proxy.addr)
-        .await
-        .expect("connect");
+async fn raw_login(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let mut startup = Vec::new();
     let params = b"user\0postgres\0database\0postgres\0\0";
     startup.extend_from_slice(&((8 + params.len()) as i32).to_be_bytes());
@@ -491,7 +489,7 @@ async fn sessions_go_idle_and_go_on_where_they_were() {
     assert_eq!(row.get::<_, i32>(0), 5);
 
     // Half a Query, a pause, then the rest: one message.
-    let mut raw = raw_login(&proxy).await;
+    let mut raw = raw_login(proxy.addr).await;
     let query = b"SELECT 1\0";
     let mut message = vec![b'Q'];
     message.extend_from_slice(&((4 + query.len()) as i32).to_be_bytes());
@@ -537,7 +535,7 @@ async fn malformed_input_is_refused_without_disturbing_other_sessions() {
         ("invalid UTF-8", b"Q\0\0\0\x07\xff\xfe\0".to_vec()),
     ];
     for (name, bytes) in cases {
-        let mut stream = raw_login(&proxy).await;
+        let mut stream = raw_login(proxy.addr).await;
         stream.write_all(&bytes).await.expect("send");
         // A Sync so a Bind-style message is processed.
         let _ = stream.write_all(b"S\0\0\0\x04").await;
@@ -553,7 +551,7 @@ async fn malformed_input_is_refused_without_disturbing_other_sessions() {
         assert_eq!(row.get::<_, i32>(0), 1);
     }
     // A client vanishing mid-query does not hurt the pool either.
-    let mut stream = raw_login(&proxy).await;
+    let mut stream = raw_login(proxy.addr).await;
     let query = b"SELECT pg_sleep(0.5)\0";
     let mut message = b"Q".to_vec();
     message.extend_from_slice(&((4 + query.len()) as i32).to_be_bytes());
@@ -1168,4 +1166,183 @@ async fn a_server_named_in_socket_dirs_is_reached_through_its_unix_socket() {
             .await
     })
     .await;
+}
+
+/// Runs pgbench's script `script` through `port` with 16 clients in `mode`,
+/// `transactions` each; fails the test unless all of them commit.
+async fn pgbench_script(
+    port: u16,
+    mode: &'static str,
+    script: &std::path::Path,
+    transactions: u32,
+) {
+    let output = tokio::task::spawn_blocking({
+        let script = script.to_path_buf();
+        move || {
+            Command::new("pgbench")
+                .args([
+                    "-n",
+                    "-M",
+                    mode,
+                    "-c",
+                    "16",
+                    "-j",
+                    "2",
+                    "-t",
+                    &transactions.to_string(),
+                ])
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-f",
+                ])
+                .arg(&script)
+                .arg("postgres")
+                .output()
+                .expect("pgbench runs")
+        }
+    })
+    .await
+    .expect("pgbench task");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let processed = 16 * transactions;
+    assert!(
+        output.status.success()
+            && stdout.contains(&format!(
+                "number of transactions actually processed: {processed}/{processed}"
+            )),
+        "pgbench -M {mode}:\n{stdout}\n{stderr}"
+    );
+}
+
+/// The `shardline_sends_gathered_total` a proxy's metrics endpoint reports.
+async fn sends_gathered(metrics: u16) -> u64 {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", metrics))
+        .await
+        .expect("connect to metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+        .await
+        .expect("ask for metrics");
+    let mut text = String::new();
+    stream
+        .read_to_string(&mut text)
+        .await
+        .expect("read metrics");
+    text.lines()
+        .find_map(|line| line.strip_prefix("shardline_sends_gathered_total "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no shardline_sends_gathered_total in:\n{text}"))
+}
+
+/// The real proxy, two serving threads, sends what each pass of an event
+/// loop produced in one io_uring_enter (`proxy::outbox`). Nothing may be
+/// lost or reordered: pgbench in prepared mode commits every update on the
+/// key's server, and a result far larger than the socket buffers reaches a
+/// client that reads it slowly (the backlog path), byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_gathered_per_pass_lose_and_reorder_nothing() {
+    let cluster = TestCluster::start(3);
+    let _ = setup(&cluster).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!("metrics_listen = \"127.0.0.1:{metrics}\"\n"),
+    )
+    .expect("write the proxy's config");
+    let config = config.to_str().expect("a UTF-8 temp path");
+    let proxy = shardline_tests::binaries::ProxyProcess::start_with(
+        &cluster,
+        CLUSTER,
+        "gathering",
+        None,
+        &[
+            ("SHARDLINE_PROXY_THREADS", "2"),
+            ("SHARDLINE_PROXY_CONFIG", config),
+        ],
+    )
+    .await;
+
+    let script = tempfile::NamedTempFile::new().expect("script file");
+    std::fs::write(
+        script.path(),
+        format!(
+            "\\set aid random(1, {ACCOUNTS})\n\
+             BEGIN;\n\
+             UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n\
+             SELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n\
+             END;\n"
+        ),
+    )
+    .expect("write script");
+    pgbench_script(proxy.port, "prepared", script.path(), 50).await;
+    assert_eq!(
+        total_balance(&cluster).await,
+        16 * 50,
+        "every committed update is on its server"
+    );
+    let gathered = sends_gathered(metrics).await;
+    assert!(
+        gathered >= 16 * 50 * 4,
+        "sends were not gathered: {gathered}"
+    );
+
+    // 32 MB of rows, read 64 KB at a time with pauses: the proxy's sends
+    // find the socket full and queue behind what the kernel did not take.
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], proxy.port));
+    let mut raw = raw_login(addr).await;
+    let rows: usize = 4000;
+    let width: usize = 8000;
+    let sql =
+        format!("SELECT g, repeat(chr(65 + g % 26), {width}) FROM generate_series(1, {rows}) g\0");
+    let mut query = vec![b'Q'];
+    query.extend_from_slice(&((4 + sql.len()) as i32).to_be_bytes());
+    query.extend_from_slice(sql.as_bytes());
+    raw.write_all(&query).await.expect("send the query");
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !got.ends_with(b"Z\0\0\0\x05I") {
+        assert!(
+            Instant::now() < deadline,
+            "the result did not arrive within 60 s"
+        );
+        let n = raw.read(&mut buf).await.expect("read the result");
+        assert!(n > 0, "the proxy closed the connection mid-result");
+        got.extend_from_slice(&buf[..n]);
+        if got.len() < 4 << 20 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    // Each DataRow: 'D', length, 2 columns, then the number and the letters.
+    let mut at = got.iter().position(|&b| b == b'D').expect("rows");
+    for g in 1..=rows {
+        assert_eq!(got[at], b'D', "row {g}: a DataRow where one is due");
+        let len = i32::from_be_bytes(got[at + 1..at + 5].try_into().expect("4 bytes")) as usize;
+        let row = &got[at + 5..at + 1 + len];
+        let number_len = i32::from_be_bytes(row[2..6].try_into().expect("4 bytes")) as usize;
+        assert_eq!(
+            &row[6..6 + number_len],
+            g.to_string().as_bytes(),
+            "row {g} in its place"
+        );
+        let letters = &row[6 + number_len + 4..];
+        let letter = b'A' + (g % 26) as u8;
+        assert!(
+            letters.len() == width && letters.iter().all(|&b| b == letter),
+            "row {g}'s bytes"
+        );
+        at += 1 + len;
+    }
+    assert_eq!(got[at], b'C', "CommandComplete after the last row");
 }

@@ -9,6 +9,7 @@
 //! the socket's readiness does not say whether a message is waiting).
 
 use std::future::Future;
+use std::os::fd::AsFd;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
+use crate::outbox::Outbox;
 use crate::tls::ClientStream;
 use crate::wire::frame::{next_frame, Frame};
 use crate::wire::messages;
@@ -32,6 +34,12 @@ pub struct ClientIo {
     /// The `IDLE_AFTER` timer of a busy client, pushed back at each wait for
     /// its next request (see [`unless_idle`]); dropped with the buffers.
     idle_timer: Option<Pin<Box<Sleep>>>,
+    /// Whether a busy client's sends go out with its thread's others (see
+    /// `outbox`).
+    pub gather_sends: bool,
+    /// A busy client's outbox; an idle client holds none (nor its
+    /// duplicate descriptor).
+    outbox: Option<Outbox>,
 }
 
 impl ClientIo {
@@ -49,6 +57,8 @@ impl ClientIo {
             max_message,
             flushes: 0,
             idle_timer: None,
+            gather_sends: false,
+            outbox: None,
         }
     }
 
@@ -137,6 +147,9 @@ impl ClientIo {
         self.read_buf = BytesMut::new();
         self.out = BytesMut::new();
         self.idle_timer = None;
+        if self.outbox.as_ref().is_some_and(Outbox::settled) {
+            self.outbox = None;
+        }
         Next::Idle
     }
 
@@ -163,13 +176,26 @@ impl ClientIo {
             return Ok(());
         }
         self.flushes += 1;
-        let result = self.stream.write_all(&self.out).await;
+        self.open_outbox();
+        let result = match &self.outbox {
+            Some(outbox) => outbox.send(&self.out).await,
+            None => self.stream.write_all(&self.out).await,
+        };
         self.out.clear();
         if self.out.capacity() > 64 * 1024 {
             // Do not keep a large result's buffer for the session's life.
             self.out = BytesMut::new();
         }
         result.map_err(|_| SessionError::ClientGone)
+    }
+
+    /// Makes the outbox to send through when a client starts sending again.
+    fn open_outbox(&mut self) {
+        if self.outbox.is_none() && self.gather_sends {
+            if let ClientStream::Plain(tcp) = &self.stream {
+                self.outbox = Outbox::new(tcp.as_fd());
+            }
+        }
     }
 
     pub fn error(&mut self, code: &str, message: &str, hint: Option<&str>) {
