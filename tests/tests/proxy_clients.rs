@@ -1291,11 +1291,17 @@ async fn sends_gathered_per_pass_lose_and_reorder_nothing() {
         16 * 50,
         "every committed update is on its server"
     );
+    // Where the kernel refuses io_uring (a container's seccomp profile),
+    // the proxy writes directly: the rest checks that path instead.
     let gathered = sends_gathered(metrics).await;
-    assert!(
-        gathered >= 16 * 50 * 4,
-        "sends were not gathered: {gathered}"
-    );
+    if proxy::outbox::available() {
+        assert!(
+            gathered >= 16 * 50 * 4,
+            "sends were not gathered: {gathered}"
+        );
+    } else {
+        assert_eq!(gathered, 0);
+    }
 
     // 32 MB of rows, read 64 KB at a time with pauses: the proxy's sends
     // find the socket full and queue behind what the kernel did not take.
