@@ -225,15 +225,18 @@ PY
 ratio() { python3 -c "import sys; a,b=sys.argv[1],sys.argv[2]; print('n/a' if 'fail' in (a,b) else '%.2f' % (float(a)/float(b)))" "$1" "$2"; }
 
 # Starts BASELINE_PROXY (another shardline-proxy binary, say an earlier
-# commit's) beside the proxy, if it is set; sets baseline_port, baseline_pid
-# (empty when it is not set).
+# commit's) beside the proxy, if it is set, with BASELINE_CONFIG as its
+# config file if that is set (the same binary with a setting changed); sets
+# baseline_port, baseline_pid (empty when it is not set).
 # shellcheck disable=SC2034 # baseline_port and baseline_pid are for the caller
 start_baseline() {
   baseline_pid=""
   baseline_port=""
   [ -n "${BASELINE_PROXY:-}" ] || return 0
   baseline_port=$(free_port)
-  SHARDLINE_LOG=warn "$BASELINE_PROXY" --etcd "$etcd" --listen "127.0.0.1:$baseline_port" \
+  local config=()
+  [ -n "${BASELINE_CONFIG:-}" ] && config=(--config "$BASELINE_CONFIG")
+  SHARDLINE_LOG=warn "$BASELINE_PROXY" "${config[@]}" --etcd "$etcd" --listen "127.0.0.1:$baseline_port" \
     --auth-method trust > "$work/baseline.log" 2>&1 &
   baseline_pid=$!
 }

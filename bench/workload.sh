@@ -30,7 +30,7 @@
 # rounds, adding proxy/baseline. PROXY_THREADS=N passes --threads N to the
 # proxy (and the baseline). CLIENTS (default 16) sets pgbench -c.
 #
-# Usage: [PGCAT=path] [BASELINE_PROXY=path] [PROXY_THREADS=N] [CLIENTS=16] \
+# Usage: [PGCAT=path] [BASELINE_PROXY=path [BASELINE_CONFIG=file]] [PROXY_THREADS=N] [CLIENTS=16] \
 #          bench/workload.sh [SECONDS_PER_RUN] [ROUNDS] [MODES] [WORKLOADS]
 #   defaults: 10 3 "simple extended prepared" "tpcb mix select"
 set -euo pipefail
