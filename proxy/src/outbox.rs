@@ -33,7 +33,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring};
 use tokio::io::unix::AsyncFd;
@@ -55,6 +55,9 @@ const SPARE_BUFFERS: usize = 64;
 /// How long bytes left behind by a dropped connection may wait for a
 /// receiver that does not read before the socket is shut down.
 const ABANDONED_DRAIN: Duration = Duration::from_secs(10);
+/// How often a drain task waiting for room looks whether its connection
+/// was dropped meanwhile.
+const DRAIN_CHECK: Duration = Duration::from_secs(1);
 
 /// Sends made by gathers, all threads: an operator can see that sends are
 /// gathered (`shardline_sends_gathered_total`).
@@ -145,7 +148,14 @@ impl Outbox {
                     return Err(io::Error::from_raw_os_error(code));
                 }
                 if state.backlog.is_empty() {
-                    GATHER.with(|gather| gather.borrow_mut().push(&self.socket, &mut state, bytes));
+                    let full = GATHER
+                        .with(|gather| gather.borrow_mut().push(&self.socket, &mut state, bytes));
+                    drop(state);
+                    if full {
+                        // A pass relaying a large result sends as it goes
+                        // rather than holding it all until the pass ends.
+                        GATHER.with(|gather| gather.borrow_mut().flush());
+                    }
                     return Ok(());
                 }
                 if state.backlog.len() < BACKLOG_LIMIT {
@@ -221,7 +231,9 @@ impl Gather {
         true
     }
 
-    fn push(&mut self, socket: &Arc<Socket>, state: &mut State, bytes: &[u8]) {
+    /// Adds `bytes` to the pass's sends; true when this socket's gathered
+    /// bytes reached `BACKLOG_LIMIT`, so the pass should send now.
+    fn push(&mut self, socket: &Arc<Socket>, state: &mut State, bytes: &[u8]) -> bool {
         if state.gathered {
             if let Some(entry) = self
                 .entries
@@ -230,7 +242,7 @@ impl Gather {
                 .find(|entry| Arc::ptr_eq(&entry.socket, socket))
             {
                 entry.bytes.extend_from_slice(bytes);
-                return;
+                return entry.bytes.len() >= BACKLOG_LIMIT;
             }
         }
         let mut buffer = self.spare.pop().unwrap_or_default();
@@ -243,6 +255,7 @@ impl Gather {
         if self.entries.len() == 1 {
             self.wake.notify_one();
         }
+        bytes.len() >= BACKLOG_LIMIT
     }
 
     /// Sends every entry, up to `RING_ENTRIES` per system call.
@@ -254,13 +267,20 @@ impl Gather {
             self.results.resize(chunk.len(), None);
             let mut lost = false;
             if let Some(ring) = self.ring.as_mut() {
-                if let Err(e) = send_all(ring, chunk, &mut self.results) {
-                    // Sends may have been made or not: rather a broken
-                    // connection than bytes sent twice. The thread's later
-                    // sends go one by one, through the drain task.
-                    tracing::warn!(error = %e, "io_uring_enter failed: connections with sends in flight are closed");
+                if let Err(SendAllError { error, none_taken }) =
+                    send_all(ring, chunk, &mut self.results)
+                {
+                    // The ring goes (with any sends it still holds); the
+                    // thread's later sends go one by one, through the drain
+                    // task. Sends that may have been made are not made
+                    // again: rather a broken connection than bytes twice.
+                    if none_taken {
+                        tracing::warn!(%error, "io_uring_enter failed: sending one by one from now on");
+                    } else {
+                        tracing::warn!(%error, "io_uring_enter failed: connections with sends in flight are closed");
+                        lost = true;
+                    }
                     self.ring = None;
-                    lost = true;
                 }
             }
             for (entry, result) in chunk.iter().zip(&self.results) {
@@ -304,7 +324,17 @@ fn new_ring() -> io::Result<IoUring> {
 /// Submits one send per entry and waits for all of them. MSG_DONTWAIT makes
 /// each complete at once, with what the kernel took or EAGAIN. An entry
 /// whose result stays None was not submitted, unless this fails.
-fn send_all(ring: &mut IoUring, chunk: &[Entry], results: &mut [Option<i32>]) -> io::Result<()> {
+struct SendAllError {
+    error: io::Error,
+    /// No send reached the kernel: the entries may go the slow way.
+    none_taken: bool,
+}
+
+fn send_all(
+    ring: &mut IoUring,
+    chunk: &[Entry],
+    results: &mut [Option<i32>],
+) -> Result<(), SendAllError> {
     let mut queued = 0;
     {
         let mut submission = ring.submission();
@@ -335,7 +365,15 @@ fn send_all(ring: &mut IoUring, chunk: &[Entry], results: &mut [Option<i32>]) ->
                     e.raw_os_error(),
                     Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
                 ) => {}
-            Err(e) => return Err(e),
+            Err(e) => {
+                // The kernel fails a call only when it took none of the
+                // queued sends; if none was ever taken, nothing is in flight.
+                let none_taken = completed == 0 && ring.submission().len() == queued;
+                return Err(SendAllError {
+                    error: e,
+                    none_taken,
+                });
+            }
         }
         for completion in ring.completion() {
             if let Some(slot) = results.get_mut(completion.user_data() as usize) {
@@ -398,21 +436,21 @@ async fn drain(socket: Arc<Socket>) {
             return;
         }
     };
+    let mut abandoned_at: Option<Instant> = None;
     loop {
-        // Once the connection is gone, only this task holds the socket:
-        // a receiver that does not read does not keep it forever.
-        let abandoned = Arc::strong_count(&socket) <= 2;
-        let guard = if abandoned {
-            match tokio::time::timeout(ABANDONED_DRAIN, ready.writable()).await {
-                Ok(guard) => guard,
-                Err(_) => {
-                    let mut state = socket.lock();
-                    socket.fail(&mut state, libc::ETIMEDOUT);
-                    return;
-                }
+        // Once the connection is gone, only this task holds the socket
+        // (twice: here and in `ready`): a receiver that does not read does
+        // not keep it longer than ABANDONED_DRAIN.
+        if Arc::strong_count(&socket) <= 2 {
+            let since = *abandoned_at.get_or_insert_with(Instant::now);
+            if since.elapsed() >= ABANDONED_DRAIN {
+                let mut state = socket.lock();
+                socket.fail(&mut state, libc::ETIMEDOUT);
+                return;
             }
-        } else {
-            ready.writable().await
+        }
+        let Ok(guard) = tokio::time::timeout(DRAIN_CHECK, ready.writable()).await else {
+            continue;
         };
         let mut guard = match guard {
             Ok(guard) => guard,
