@@ -58,10 +58,12 @@ pub struct ProxyConfig {
     #[serde(default)]
     pub residency: crate::residency::Residency,
     /// Each serving thread sends what one pass of its event loop produced
-    /// in one system call (io_uring), where the kernel allows it: fewer
-    /// context switches where the proxy shares its cores (see `outbox`).
-    /// `false`: every send is its own system call.
-    #[serde(default = "default_true")]
+    /// in one system call (io_uring), where the kernel allows it (see
+    /// `outbox`): half the context switches where the proxy shares its
+    /// cores, a few per cent more single statements, but on this project's
+    /// bench contended transactions ran slower (docs/PERFORMANCE.md, "Sends
+    /// gathered per pass"). Off by default.
+    #[serde(default)]
     pub gather_sends: bool,
 }
 
@@ -348,7 +350,7 @@ impl PoolSettings {
             idle_timeout: Duration::from_secs(self.idle_timeout_s),
             max_lifetime: Duration::from_secs(self.max_lifetime_s),
             socket_dirs: Arc::new(self.socket_dirs.clone()),
-            gather_sends: true,
+            gather_sends: false,
         }
     }
 }
@@ -417,7 +419,7 @@ impl Default for ProxyConfig {
             metrics_listen: None,
             region: None,
             residency: Default::default(),
-            gather_sends: true,
+            gather_sends: false,
         }
     }
 }
@@ -476,6 +478,14 @@ impl ProxyConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sends_are_gathered_only_when_asked() {
+        let unset = ProxyConfig::from_toml("").expect("parse");
+        assert!(!unset.gather_sends);
+        let set = ProxyConfig::from_toml("gather_sends = true").expect("parse");
+        assert!(set.gather_sends);
+    }
 
     #[test]
     fn socket_dirs_parse_and_names_the_map_lacks_are_found() {

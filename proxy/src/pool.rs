@@ -52,7 +52,7 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(300),
             max_lifetime: Duration::from_secs(3600),
             socket_dirs: Arc::default(),
-            gather_sends: true,
+            gather_sends: false,
         }
     }
 }

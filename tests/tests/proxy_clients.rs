@@ -1257,7 +1257,7 @@ async fn sends_gathered_per_pass_lose_and_reorder_nothing() {
     let config = dir.path().join("proxy.toml");
     std::fs::write(
         &config,
-        format!("metrics_listen = \"127.0.0.1:{metrics}\"\n"),
+        format!("gather_sends = true\nmetrics_listen = \"127.0.0.1:{metrics}\"\n"),
     )
     .expect("write the proxy's config");
     let config = config.to_str().expect("a UTF-8 temp path");
