@@ -98,44 +98,14 @@ async fn pgbench_in_every_protocol_mode_with_16_clients() {
     let transactions_per_client = 50;
     let mut expected = 0;
     for mode in ["simple", "extended", "prepared"] {
-        let output = tokio::task::spawn_blocking({
-            let port = proxy.addr.port().to_string();
-            let script = script.path().to_path_buf();
-            move || {
-                Command::new("pgbench")
-                    .args([
-                        "-n",
-                        "-M",
-                        mode,
-                        "-c",
-                        "16",
-                        "-j",
-                        "2",
-                        "-t",
-                        &transactions_per_client.to_string(),
-                    ])
-                    .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-f"])
-                    .arg(&script)
-                    .arg("postgres")
-                    .output()
-                    .expect("pgbench runs")
-            }
-        })
-        .await
-        .expect("pgbench task");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(
-            output.status.success(),
-            "pgbench -M {mode} failed:\n{stdout}\n{stderr}"
-        );
+        pgbench_script(
+            proxy.addr.port(),
+            mode,
+            script.path(),
+            transactions_per_client,
+        )
+        .await;
         let processed = 16 * transactions_per_client;
-        assert!(
-            stdout.contains(&format!(
-                "number of transactions actually processed: {processed}/{processed}"
-            )),
-            "pgbench -M {mode}:\n{stdout}\n{stderr}"
-        );
         expected += i64::from(processed);
         assert_eq!(
             total_balance(&cluster).await,
