@@ -77,11 +77,9 @@ async fn total_balance(cluster: &TestCluster) -> i64 {
     total
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pgbench_in_every_protocol_mode_with_16_clients() {
-    let cluster = TestCluster::start(3);
-    let (_store, _map) = setup(&cluster).await;
-    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 20).await;
+/// A pgbench script: one account's balance raised by 1 in a transaction
+/// (and read in it and after it), the account drawn at random.
+fn accounts_script() -> tempfile::NamedTempFile {
     let script = tempfile::NamedTempFile::new().expect("script file");
     std::fs::write(
         script.path(),
@@ -95,6 +93,15 @@ async fn pgbench_in_every_protocol_mode_with_16_clients() {
         ),
     )
     .expect("write script");
+    script
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_in_every_protocol_mode_with_16_clients() {
+    let cluster = TestCluster::start(3);
+    let (_store, _map) = setup(&cluster).await;
+    let proxy = TestProxy::start(&cluster, CLUSTER, |c| c.pool.size = 20).await;
+    let script = accounts_script();
     let transactions_per_client = 50;
     let mut expected = 0;
     for mode in ["simple", "extended", "prepared"] {
@@ -837,14 +844,20 @@ async fn two_threads_proxy(
     size: usize,
     checkout_timeout_ms: u64,
 ) -> (shardline_tests::binaries::ProxyProcess, tempfile::TempDir) {
+    let config = format!("[pool]\nsize = {size}\ncheckout_timeout_ms = {checkout_timeout_ms}\n");
+    two_threads_proxy_with(cluster, name, &config).await
+}
+
+/// The real proxy on two serving threads with `config` as its config file.
+async fn two_threads_proxy_with(
+    cluster: &TestCluster,
+    name: &str,
+    config: &str,
+) -> (shardline_tests::binaries::ProxyProcess, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("proxy.toml");
-    std::fs::write(
-        &config,
-        format!("[pool]\nsize = {size}\ncheckout_timeout_ms = {checkout_timeout_ms}\n"),
-    )
-    .expect("write the proxy's config");
-    let config = config.to_str().expect("a UTF-8 temp path");
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config).expect("write the proxy's config");
+    let config = path.to_str().expect("a UTF-8 temp path");
     let proxy = shardline_tests::binaries::ProxyProcess::start_with(
         cluster,
         CLUSTER,
@@ -1219,42 +1232,18 @@ async fn sends_gathered(metrics: u16) -> u64 {
 async fn sends_gathered_per_pass_lose_and_reorder_nothing() {
     let cluster = TestCluster::start(3);
     let _ = setup(&cluster).await;
-    let dir = tempfile::tempdir().expect("temp dir");
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port();
-    let config = dir.path().join("proxy.toml");
-    std::fs::write(
-        &config,
-        format!("gather_sends = true\nmetrics_listen = \"127.0.0.1:{metrics}\"\n"),
-    )
-    .expect("write the proxy's config");
-    let config = config.to_str().expect("a UTF-8 temp path");
-    let proxy = shardline_tests::binaries::ProxyProcess::start_with(
+    let (proxy, _dir) = two_threads_proxy_with(
         &cluster,
-        CLUSTER,
         "gathering",
-        None,
-        &[
-            ("SHARDLINE_PROXY_THREADS", "2"),
-            ("SHARDLINE_PROXY_CONFIG", config),
-        ],
+        &format!("gather_sends = true\nmetrics_listen = \"127.0.0.1:{metrics}\"\n"),
     )
     .await;
 
-    let script = tempfile::NamedTempFile::new().expect("script file");
-    std::fs::write(
-        script.path(),
-        format!(
-            "\\set aid random(1, {ACCOUNTS})\n\
-             BEGIN;\n\
-             UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n\
-             SELECT abalance FROM pgbench_accounts WHERE aid = :aid;\n\
-             END;\n"
-        ),
-    )
-    .expect("write script");
+    let script = accounts_script();
     pgbench_script(proxy.port, "prepared", script.path(), 50).await;
     assert_eq!(
         total_balance(&cluster).await,
