@@ -425,6 +425,15 @@ impl Default for ProxyConfig {
 }
 
 impl ProxyConfig {
+    /// The pools' settings: `[pool]`, and whether their connections gather
+    /// their sends (a top-level key, since it covers client sockets too).
+    pub fn pool_config(&self) -> PoolConfig {
+        PoolConfig {
+            gather_sends: self.gather_sends,
+            ..self.pool.to_pool_config()
+        }
+    }
+
     pub fn from_toml(text: &str) -> Result<ProxyConfig, String> {
         settings::parse_toml(text)
     }
@@ -485,6 +494,8 @@ mod tests {
         assert!(!unset.gather_sends);
         let set = ProxyConfig::from_toml("gather_sends = true").expect("parse");
         assert!(set.gather_sends);
+        assert!(set.pool_config().gather_sends);
+        assert!(!unset.pool_config().gather_sends);
     }
 
     #[test]

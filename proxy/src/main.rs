@@ -162,8 +162,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
         .max(1);
-    let mut pool_config = config.pool.to_pool_config();
-    pool_config.gather_sends = config.gather_sends;
+    let pool_config = config.pool_config();
     if pool_config.size < threads {
         tracing::warn!(
             size = pool_config.size,

@@ -139,32 +139,44 @@ impl Outbox {
         if bytes.is_empty() {
             return Ok(());
         }
+        // Registering as a waiter takes the Notify's lock: only a writer
+        // that found the backlog full does it.
+        if let Some(sent) = self.try_send(bytes) {
+            return sent;
+        }
         loop {
             let mut drained = pin!(self.socket.drained.notified());
             drained.as_mut().enable();
-            {
-                let mut state = self.socket.lock();
-                if let Some(code) = state.failed {
-                    return Err(io::Error::from_raw_os_error(code));
-                }
-                if state.backlog.is_empty() {
-                    let full = GATHER
-                        .with(|gather| gather.borrow_mut().push(&self.socket, &mut state, bytes));
-                    drop(state);
-                    if full {
-                        // A pass relaying a large result sends as it goes
-                        // rather than holding it all until the pass ends.
-                        GATHER.with(|gather| gather.borrow_mut().flush());
-                    }
-                    return Ok(());
-                }
-                if state.backlog.len() < BACKLOG_LIMIT {
-                    state.backlog.extend_from_slice(bytes);
-                    return Ok(());
-                }
+            if let Some(sent) = self.try_send(bytes) {
+                return sent;
             }
             drained.await;
         }
+    }
+
+    /// Queues `bytes` unless the backlog is full (`None`: wait for it to
+    /// drain); the error of an earlier failed send.
+    fn try_send(&self, bytes: &[u8]) -> Option<io::Result<()>> {
+        let mut state = self.socket.lock();
+        if let Some(code) = state.failed {
+            return Some(Err(io::Error::from_raw_os_error(code)));
+        }
+        if state.backlog.is_empty() {
+            let full =
+                GATHER.with(|gather| gather.borrow_mut().push(&self.socket, &mut state, bytes));
+            drop(state);
+            if full {
+                // A pass relaying a large result sends as it goes rather
+                // than holding it all until the pass ends.
+                GATHER.with(|gather| gather.borrow_mut().flush());
+            }
+            return Some(Ok(()));
+        }
+        if state.backlog.len() < BACKLOG_LIMIT {
+            state.backlog.extend_from_slice(bytes);
+            return Some(Ok(()));
+        }
+        None
     }
 
     /// Whether everything sent through this outbox has left it, so that

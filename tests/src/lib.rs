@@ -295,10 +295,10 @@ impl TestProxy {
                 .is_some(),
             "the proxy's map cache never loaded the map"
         );
-        let mut pool_config = config.pool.to_pool_config();
-        pool_config.gather_sends = config.gather_sends;
-        let pools =
-            proxy::pool::Pools::new(pool_config, std::sync::Arc::new(config.backend.clone()));
+        let pools = proxy::pool::Pools::new(
+            config.pool_config(),
+            std::sync::Arc::new(config.backend.clone()),
+        );
         let listener = proxy::server::bind(&config.listen)
             .await
             .expect("bind proxy");
