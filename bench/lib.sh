@@ -202,6 +202,15 @@ pgbench_tps() { # file args...
   fi
 }
 
+# The indexes 0..COUNT-1 in the order round ROUND (from 0) runs its targets:
+# each round starts one target later than the round before. A run leaves
+# Postgres dead rows, WAL and autovacuum work to whatever runs next; in a
+# fixed order the same target would inherit them every round.
+round_order() { # round count
+  local k
+  for k in $(seq 0 $(($2 - 1))); do echo $((($1 + k) % $2)); done
+}
+
 median_of() { # file -> median of its numbers, or "fail"
   { grep -v fail "$1" 2>/dev/null || true; } | sort -g | awk '{a[NR]=$1} END {if (NR==0) print "fail"; else printf "%.0f\n", a[int((NR+1)/2)]}'
 }

@@ -70,9 +70,9 @@ print(sys.argv[16], us(u1-u0), us(s1-s0), us(g1-g0), cpu * 1e6 / tx, us(q1-q0), 
     "$u0" "$s0" "$u1" "$s1" "$g0" "$g1" "$q0" "$q1" "$i0" "$i1" "$m0" "$m1" "$tx" "$hz" "$cpu" "$tps" >> "$work/$1.$4"
 }
 
-for _ in $(seq "$rounds"); do
+for round in $(seq 0 $((rounds - 1))); do
   for mode in $modes; do
-    for i in "${!names[@]}"; do run "${names[$i]}" "${ports[$i]}" "${pids[$i]}" "$mode"; done
+    for i in $(round_order "$round" "${#names[@]}"); do run "${names[$i]}" "${ports[$i]}" "${pids[$i]}" "$mode"; done
   done
 done
 

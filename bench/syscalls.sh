@@ -63,8 +63,8 @@ print(" ".join("%.2f" % (counts.get(n, 0) / tx) for n in names))
 PY
 }
 
-for _ in $(seq "$rounds"); do
-  for i in "${!names[@]}"; do run "${names[$i]}" "${ports[$i]}" "${pids[$i]}"; done
+for round in $(seq 0 $((rounds - 1))); do
+  for i in $(round_order "$round" "${#names[@]}"); do run "${names[$i]}" "${ports[$i]}" "${pids[$i]}"; done
 done
 
 echo "pooler system calls per $workload_name: pgbench${workload_flag[*]:+ ${workload_flag[*]}} -M $mode -c 16 -j 2, ${secs}s per run, $rounds interleaved rounds, medians; $(nproc) cores"

@@ -3,8 +3,8 @@
 # --threads 1, 2 and $(nproc) (the same counts once), in front of a one-server
 # dev cluster (pgbench_accounts sharded by aid, the other pgbench tables on
 # pg1, scale 10), pgbench -c 16 -j 2 in extended mode, interleaved rounds
-# (each round runs every proxy once per workload, in the same order), with
-# Postgres directly as a reference. Prints the median tps per thread count
+# (each round runs every proxy once per workload, starting one later than
+# the round before), with Postgres directly as a reference. Prints the median tps per thread count
 # and its ratio to 1 thread. Workloads: `select` (pgbench -S) and `tpcb`
 # (pgbench's builtin TPC-B-like transaction). Machines are shared and noisy:
 # compare ratios within one run only.
@@ -50,9 +50,9 @@ run() { # workload target port -> appends tps or "fail" to $work/<workload>.<tar
   pgbench_tps "$work/$1.$2" -n $flag -M "$mode" -c "$clients" -j 2 -T "$secs" -h 127.0.0.1 -p "$3" -U postgres postgres
 }
 
-for _ in $(seq "$rounds"); do
+for round in $(seq 0 $((rounds - 1))); do
   for w in $workloads; do
-    for i in "${!names[@]}"; do run "$w" "${names[$i]}" "${ports[$i]}"; done
+    for i in $(round_order "$round" "${#names[@]}"); do run "$w" "${names[$i]}" "${ports[$i]}"; done
   done
 done
 

@@ -48,8 +48,8 @@ if [ -n "$pgcat" ] && start_pgcat "$pgcat"; then add_target pgcat-tcp "$pgcat_po
 sleep 1
 
 for mode in $modes; do
-  for _ in $(seq "$rounds"); do
-    for i in "${!names[@]}"; do
+  for round in $(seq 0 $((rounds - 1))); do
+    for i in $(round_order "$round" "${#names[@]}"); do
       if [ "$mode" = prepared ] && [[ "${names[$i]}" == bouncer-* ]]; then
         echo fail >> "$work/$mode.${names[$i]}"
         continue

@@ -2,11 +2,12 @@
 # An application-like workload, pgbench -c 16 -j 2 against one Postgres
 # directly, through pgbouncer (transaction pooling), through the shardline
 # proxy and through PgCat (transaction pooling, when a build is found), in one
-# run: interleaved rounds, each round running every target once per mode in
-# the same order. Prints one table per workload: per mode the median tps of
-# each target and the ratios proxy/direct, proxy/pgbouncer, proxy/pgcat;
-# under it, each round's own ratio of the proxy to every other pooler (the
-# two ran seconds apart), with their median and range.
+# run: interleaved rounds, each round running every target once per mode,
+# starting one target later than the round before (`round_order` in lib.sh).
+# Prints one table per workload: per mode the median tps of each target and
+# the ratios proxy/direct, proxy/pgbouncer, proxy/pgcat; under it, each
+# round's own ratio of the proxy to every other pooler (the two ran seconds
+# apart), with their median and range.
 # Machines are shared and noisy: compare ratios within one run only.
 #
 # Workloads (pgbench_accounts sharded by aid over 16 partitions of a
@@ -123,9 +124,9 @@ run() { # workload target port mode -> appends tps or "fail" to $work/<workload>
 echo "pgbench -c $clients -j 2, ${secs}s per run, $rounds interleaved rounds, median tps; scale $scale, $(nproc) cores" \
   "(proxy threads: ${PROXY_THREADS:-default}${pgcat_bin:+, PgCat worker threads: ${PGCAT_THREADS:-$(nproc)}})"
 for w in $workloads; do
-  for _ in $(seq "$rounds"); do
+  for round in $(seq 0 $((rounds - 1))); do
     for mode in $modes; do
-      for i in "${!names[@]}"; do run "$w" "${names[$i]}" "${ports[$i]}" "$mode"; done
+      for i in $(round_order "$round" "${#names[@]}"); do run "$w" "${names[$i]}" "${ports[$i]}" "$mode"; done
     done
   done
   echo
