@@ -10,7 +10,9 @@
 //! both, and the server answers in one write. Its replies (ParseComplete
 //! once, BindComplete, CommandComplete) are dropped like the Query's.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::BytesMut;
 
@@ -32,7 +34,7 @@ pub(super) fn place_begin(
     max_kept: usize,
 ) {
     let mut front = Plan::default();
-    let name = backend_statement_name(sql, &[], &BTreeMap::new());
+    let name = begin_statement_name(sql);
     let batched = plan.out.get(at.0..).is_some_and(only_extended_messages)
         && can_keep(prepared, &name, max_kept);
     if batched {
@@ -59,6 +61,29 @@ pub(super) fn place_begin(
         front.inject(&out, End::Query);
     }
     plan.insert_front(at, front);
+}
+
+thread_local! {
+    /// The BEGIN text this thread placed last, and its name on the
+    /// backends: a client sends the same BEGIN in every transaction, and
+    /// naming it hashes the text and formats a string.
+    static LAST_BEGIN: RefCell<Option<(Box<str>, Arc<str>)>> = const { RefCell::new(None) };
+}
+
+/// `backend_statement_name` of a BEGIN text (no parameters, no quoted
+/// constant that settings could shape: a BEGIN's options are keywords).
+fn begin_statement_name(sql: &str) -> Arc<str> {
+    LAST_BEGIN.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((text, name)) if **text == *sql => name.clone(),
+            _ => {
+                let name = backend_statement_name(sql, &[], &BTreeMap::new());
+                *last = Some((sql.into(), name.clone()));
+                name
+            }
+        }
+    })
 }
 
 /// Whether `bytes` hold whole messages of the extended protocol (the
@@ -162,6 +187,23 @@ mod tests {
         let (mut plan, at) = request_after(&[]);
         place_begin(&mut plan, at, "BEGIN", &mut prepared, 100);
         assert_eq!(tags(&plan.out), ['B', 'E', 'B', 'E', 'S']);
+    }
+
+    #[test]
+    fn a_begin_text_named_again_gets_the_name_of_its_own_text() {
+        // The same text twice (from the cache), then another, then the first.
+        for sql in [
+            "BEGIN",
+            "BEGIN",
+            "begin isolation level serializable",
+            "BEGIN",
+        ] {
+            assert_eq!(
+                begin_statement_name(sql),
+                backend_statement_name(sql, &[], &BTreeMap::new()),
+                "{sql}"
+            );
+        }
     }
 
     #[test]
