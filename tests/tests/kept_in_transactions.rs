@@ -7,7 +7,9 @@
 //! the pooled connections when a column type changes through the proxy,
 //! and fails once per connection (as a client's own prepared statement
 //! would) when it changes behind the proxy's back; a failure inside a kept
-//! statement aborts the transaction exactly as Postgres would; on a database where a rule
+//! statement aborts the transaction exactly as Postgres would; a held-back
+//! BEGIN with a SAVEPOINT or SET LOCAL after it opens the transaction in
+//! front of an extended-protocol statement; on a database where a rule
 //! turns a write into a SELECT, such writes are not kept and return the
 //! rule's rows, as a Query of them does on the server, also when the rule
 //! is created through the proxy while its connections are pooled; reading
@@ -791,6 +793,75 @@ async fn a_held_back_begin_travels_kept_with_the_first_extended_statement() {
         client.batch_execute("ROLLBACK").await.expect("rollback");
     }
     assert_eq!(balances(&cluster, &keys).await, vec![20; keys.len()]);
+}
+
+/// A SAVEPOINT or SET LOCAL sent right after BEGIN is held back with it,
+/// and the first statement finds them all in front of it. A prepared
+/// statement holds one command, so they go as one Query even before an
+/// extended-protocol statement (Django's and SQLAlchemy's nested
+/// transactions open a savepoint right after BEGIN).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_savepoint_or_set_local_after_begin_opens_with_it_before_an_extended_statement() {
+    use tokio_postgres::types::Type;
+    let Accounts {
+        cluster,
+        proxy: _proxy,
+        keys,
+        client,
+    } = Accounts::open(10).await;
+    let update = "UPDATE accounts SET abalance = abalance + $1 WHERE aid = $2";
+    for key in &keys {
+        let key = *key as i32;
+        client.batch_execute("BEGIN").await.expect("begin");
+        client
+            .batch_execute("SAVEPOINT a")
+            .await
+            .expect("savepoint");
+        client
+            .query_typed(update, &[(&5i32, Type::INT4), (&key, Type::INT4)])
+            .await
+            .expect("the first statement, after the savepoint");
+        client
+            .batch_execute("ROLLBACK TO SAVEPOINT a")
+            .await
+            .expect("back to the savepoint");
+        client
+            .query_typed(update, &[(&1i32, Type::INT4), (&key, Type::INT4)])
+            .await
+            .expect("an update after it");
+        client.batch_execute("COMMIT").await.expect("commit");
+    }
+    assert_eq!(
+        balances(&cluster, &keys).await,
+        vec![11; keys.len()],
+        "the savepoint undid the first update and the commit kept the second"
+    );
+
+    for key in &keys {
+        let key = *key as i32;
+        client.batch_execute("BEGIN").await.expect("begin");
+        client
+            .batch_execute("SET LOCAL lock_timeout = '1234ms'")
+            .await
+            .expect("set local");
+        let row = client
+            .query_typed(
+                "SELECT current_setting('lock_timeout'), abalance FROM accounts WHERE aid = $1",
+                &[(&key, Type::INT4)],
+            )
+            .await
+            .expect("the first statement, after SET LOCAL");
+        let (timeout, balance): (String, i32) = match row.first() {
+            Some(row) => (row.get(0), row.get(1)),
+            None => panic!("key {key}: its account row"),
+        };
+        assert_eq!(
+            (timeout.as_str(), balance),
+            ("1234ms", 11),
+            "key {key}: the transaction's setting"
+        );
+        client.batch_execute("COMMIT").await.expect("commit");
+    }
 }
 
 /// A rule can make an INSERT return rows (`DO INSTEAD SELECT`): a simple

@@ -22,22 +22,27 @@ use crate::wire::{frame, messages};
 use super::plan::{End, Plan};
 use super::statements::{backend_statement_name, can_keep, prepare_on_backend};
 
-/// Puts `sql` (the transaction's BEGIN) in front of the request that was
+/// Puts `sql` (the transaction's BEGIN, with the SAVEPOINTs and SET LOCALs
+/// the client sent right after it) in front of the request that was
 /// written into `plan` from `at` (the lengths of its bytes and of its
-/// expected replies before the request). `max_kept` bounds the statements
-/// kept prepared on the backend, as for the client's unnamed statements.
+/// expected replies before the request). `one_statement`: `sql` is the
+/// BEGIN alone, which may travel kept prepared (a prepared statement holds
+/// one command; the others go as a Query). `max_kept` bounds the
+/// statements kept prepared on the backend, as for the client's unnamed
+/// statements.
 pub(super) fn place_begin(
     plan: &mut Plan,
     at: (usize, usize),
     sql: &str,
+    one_statement: bool,
     prepared: &mut PreparedStatements,
     max_kept: usize,
 ) {
     let mut front = Plan::default();
-    let name = begin_statement_name(sql);
-    let batched = plan.out.get(at.0..).is_some_and(only_extended_messages)
-        && can_keep(prepared, &name, max_kept);
-    if batched {
+    let kept_name = (one_statement && plan.out.get(at.0..).is_some_and(only_extended_messages))
+        .then(|| begin_statement_name(sql))
+        .filter(|name| can_keep(prepared, name, max_kept));
+    if let Some(name) = kept_name {
         if !prepared.has(&name, sql) {
             prepare_on_backend(
                 &mut front,
@@ -163,7 +168,7 @@ mod tests {
         messages::query("SET x = 1", &mut settings);
         let (mut plan, at) = request_after(&settings);
         let mut prepared = PreparedStatements::default();
-        place_begin(&mut plan, at, "BEGIN", &mut prepared, 100);
+        place_begin(&mut plan, at, "BEGIN", true, &mut prepared, 100);
         assert_eq!(tags(&plan.out), ['Q', 'P', 'B', 'E', 'B', 'E', 'S']);
         assert_eq!(
             ends(&plan),
@@ -185,8 +190,24 @@ mod tests {
 
         // The next transaction on this connection only binds it.
         let (mut plan, at) = request_after(&[]);
-        place_begin(&mut plan, at, "BEGIN", &mut prepared, 100);
+        place_begin(&mut plan, at, "BEGIN", true, &mut prepared, 100);
         assert_eq!(tags(&plan.out), ['B', 'E', 'B', 'E', 'S']);
+    }
+
+    #[test]
+    fn a_begin_with_a_savepoint_goes_as_a_query_even_before_an_extended_request() {
+        let (mut plan, at) = request_after(&[]);
+        let mut prepared = PreparedStatements::default();
+        place_begin(
+            &mut plan,
+            at,
+            "BEGIN; SAVEPOINT a",
+            false,
+            &mut prepared,
+            100,
+        );
+        assert_eq!(tags(&plan.out), ['Q', 'B', 'E', 'S']);
+        assert_eq!(prepared.len(), 0, "nothing prepared: it holds two commands");
     }
 
     #[test]
@@ -213,14 +234,14 @@ mod tests {
         messages::query("UPDATE t SET v = 1", &mut query);
         plan.send(&query, End::Query);
         let mut prepared = PreparedStatements::default();
-        place_begin(&mut plan, (0, 0), "BEGIN", &mut prepared, 100);
+        place_begin(&mut plan, (0, 0), "BEGIN", true, &mut prepared, 100);
         assert_eq!(tags(&plan.out), ['Q', 'Q']);
         assert_eq!(ends(&plan), [(End::Query, false), (End::Query, true)]);
         assert!(prepared.is_empty());
 
         // No room left for another kept statement.
         let (mut plan, at) = request_after(&[]);
-        place_begin(&mut plan, at, "BEGIN", &mut prepared, 0);
+        place_begin(&mut plan, at, "BEGIN", true, &mut prepared, 0);
         assert_eq!(tags(&plan.out), ['Q', 'B', 'E', 'S']);
     }
 

@@ -292,11 +292,13 @@ impl Session {
         // The held-back transaction this request begins on the server, to
         // begin again should a stale kept statement have aborted it.
         let mut began: Option<String> = None;
+        let mut began_alone = false;
         if binds_tx {
             if let Tx::Deferred { prelude, .. } = &self.tx {
                 self.leg_prelude = super::legs::leg_prelude(prelude);
                 // Put in front of the request once it is written (`place_begin`).
                 began = Some(prelude.join("; "));
+                began_alone = prelude.len() == 1;
                 if prelude.len() > 1 {
                     // SET/SAVEPOINT sent with the BEGIN: not tracked exactly.
                     lease.backend().mark_settings_unknown();
@@ -319,7 +321,14 @@ impl Session {
         let built = build_checked(build, self, &request, &mut plan, &mut prepared, &checks);
         if let Some(sql) = &began {
             let max_kept = self.shared.config.pool.max_prepared_unnamed;
-            place_begin(&mut plan, request_at, sql, &mut prepared, max_kept);
+            place_begin(
+                &mut plan,
+                request_at,
+                sql,
+                began_alone,
+                &mut prepared,
+                max_kept,
+            );
         }
         lease.backend().prepared = prepared;
         if built.is_err() {
