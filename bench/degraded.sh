@@ -5,7 +5,8 @@
 # TCP forwarder that is then stopped (SIGSTOP), so it serves in degraded
 # mode, every request proving ownership on the server first. pgbench -c 16
 # -j 2 in simple, extended and prepared modes, interleaved rounds (each
-# round runs both proxies once per workload and mode, in the same order).
+# round runs both proxies once per workload and mode, the first of the two
+# taking turns: `round_order` in lib.sh).
 # Prints the median tps of each and the ratio degraded/normal, plus the
 # extra time per transaction that ratio means (16 clients / tps).
 # Workloads: `select` (pgbench -S: one checked statement) and `tpcb`
@@ -91,11 +92,12 @@ run() { # workload mode name port
   pgbench_tps "$work/$1.$2.$3" -n $flag -M "$2" -c "$clients" -j 2 -T "$secs" -h 127.0.0.1 -p "$4" -U postgres postgres
 }
 
-for _ in $(seq "$rounds"); do
+targets=(normal degraded)
+target_ports=("$normal_port" "$degraded_port")
+for round in $(seq 0 $((rounds - 1))); do
   for w in $workloads; do
     for m in $modes; do
-      run "$w" "$m" normal "$normal_port"
-      run "$w" "$m" degraded "$degraded_port"
+      for i in $(round_order "$round" 2); do run "$w" "$m" "${targets[$i]}" "${target_ports[$i]}"; done
     done
   done
 done

@@ -56,16 +56,18 @@ median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print "fail"; else print a[
 printf "pgbench %s -c %d -j 2, %ss per run, %d interleaved rounds, median tps\n" "$pgbench_flags" $clients "$secs" "$rounds"
 header="%-9s %10s %10s %10s %13s %16s %14s %17s"
 [ -n "$baseline_pid" ] && header="$header %10s %15s"
+columns=(mode direct pgbouncer proxy proxy/direct proxy/pgbouncer "proxy(unkept)" unkept/pgbouncer)
+[ -n "$baseline_pid" ] && columns+=(baseline proxy/baseline)
 # shellcheck disable=SC2059
-printf "$header\n" mode direct pgbouncer proxy proxy/direct proxy/pgbouncer "proxy(unkept)" unkept/pgbouncer baseline proxy/baseline
+printf "$header\n" "${columns[@]}"
 for mode in $modes; do
   : > "$work/direct"; : > "$work/bouncer.tps"; : > "$work/proxy.tps"; : > "$work/unkept.tps"; : > "$work/baseline.tps"
-  for _ in $(seq "$rounds"); do
-    run direct "$pg_port" "$mode" >> "$work/direct"
-    run pgbouncer "$bouncer_port" "$mode" >> "$work/bouncer.tps"
-    run proxy "$proxy_port" "$mode" >> "$work/proxy.tps"
-    run proxy "$unkept_port" "$mode" >> "$work/unkept.tps"
-    [ -n "$baseline_pid" ] && run baseline "$baseline_port" "$mode" >> "$work/baseline.tps"
+  # Each round starts one target later than the round before (`round_order`).
+  files=(direct bouncer.tps proxy.tps unkept.tps)
+  ports=("$pg_port" "$bouncer_port" "$proxy_port" "$unkept_port")
+  if [ -n "$baseline_pid" ]; then files+=(baseline.tps); ports+=("$baseline_port"); fi
+  for round in $(seq 0 $((rounds - 1))); do
+    for i in $(round_order "$round" "${#files[@]}"); do run "${files[$i]}" "${ports[$i]}" "$mode" >> "$work/${files[$i]}"; done
   done
   d=$({ grep -v fail "$work/direct" || true; } | median)
   b=$({ grep -v fail "$work/bouncer.tps" || true; } | median)
