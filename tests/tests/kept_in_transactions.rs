@@ -803,41 +803,40 @@ async fn a_held_back_begin_travels_kept_with_the_first_extended_statement() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_savepoint_or_set_local_after_begin_opens_with_it_before_an_extended_statement() {
     use tokio_postgres::types::Type;
-    let Accounts {
-        cluster,
-        proxy: _proxy,
-        keys,
-        client,
-    } = Accounts::open(10).await;
+    let accounts = Accounts::open(10).await;
+    let (client, keys) = (&accounts.client, &accounts.keys);
     let update = "UPDATE accounts SET abalance = abalance + $1 WHERE aid = $2";
-    for key in &keys {
+    // Simple-protocol statements, and the update (extended) by its delta.
+    let steps = [
+        ("BEGIN", None),
+        ("SAVEPOINT a", None),
+        (update, Some(5i32)),
+        ("ROLLBACK TO SAVEPOINT a", None),
+        (update, Some(1i32)),
+        ("COMMIT", None),
+    ];
+    for key in keys {
         let key = *key as i32;
-        client.batch_execute("BEGIN").await.expect("begin");
-        client
-            .batch_execute("SAVEPOINT a")
-            .await
-            .expect("savepoint");
-        client
-            .query_typed(update, &[(&5i32, Type::INT4), (&key, Type::INT4)])
-            .await
-            .expect("the first statement, after the savepoint");
-        client
-            .batch_execute("ROLLBACK TO SAVEPOINT a")
-            .await
-            .expect("back to the savepoint");
-        client
-            .query_typed(update, &[(&1i32, Type::INT4), (&key, Type::INT4)])
-            .await
-            .expect("an update after it");
-        client.batch_execute("COMMIT").await.expect("commit");
+        for (sql, delta) in &steps {
+            let done = match delta {
+                None => client.batch_execute(sql).await,
+                Some(delta) => client
+                    .query_typed(sql, &[(delta, Type::INT4), (&key, Type::INT4)])
+                    .await
+                    .map(drop),
+            };
+            if let Err(error) = done {
+                panic!("key {key}, {sql}: {error}");
+            }
+        }
     }
     assert_eq!(
-        balances(&cluster, &keys).await,
+        balances(&accounts.cluster, keys).await,
         vec![11; keys.len()],
         "the savepoint undid the first update and the commit kept the second"
     );
 
-    for key in &keys {
+    for key in keys {
         let key = *key as i32;
         client.batch_execute("BEGIN").await.expect("begin");
         client
