@@ -5,7 +5,8 @@
 # per run, how many clients pgbench aborted (each prints one error line) and
 # the tps. A pooled client must wait its turn, never fail: any aborted
 # client is a bug. BASELINE_PROXY=path adds the same runs through another
-# proxy binary, interleaved.
+# proxy binary, interleaved (the first of the two taking turns: `round_order`
+# in lib.sh).
 #
 # Usage: bench/many_clients.sh [CLIENTS] [RUNS] [SECONDS]    # defaults 100 3 10
 set -euo pipefail
@@ -22,8 +23,10 @@ start_proxy "$work/many.toml"
 start_baseline
 sleep 1
 echo "pgbench -n -S -c $clients -j 2 -T $secs through a pool of 20, proxy threads: ${SHARDLINE_PROXY_THREADS:-default}"
+targets=(proxy ${baseline_port:+baseline})
 for run in $(seq "$runs"); do
-  for target in proxy ${baseline_port:+baseline}; do
+  for i in $(round_order $((run - 1)) "${#targets[@]}"); do
+    target=${targets[$i]}
     port=$proxy_port
     [ "$target" = baseline ] && port=$baseline_port
     out=$(pgbench -n -S -c "$clients" -j 2 -T "$secs" -h 127.0.0.1 -p "$port" -U postgres postgres 2>&1 || true)
