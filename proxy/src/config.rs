@@ -342,7 +342,9 @@ impl PoolSettings {
             .collect()
     }
 
-    pub fn to_pool_config(&self) -> PoolConfig {
+    /// The pools' settings; `gather_sends` is the top-level key (it covers
+    /// client sockets too).
+    fn to_pool_config(&self, gather_sends: bool) -> PoolConfig {
         PoolConfig {
             size: self.size.max(1),
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
@@ -350,7 +352,7 @@ impl PoolSettings {
             idle_timeout: Duration::from_secs(self.idle_timeout_s),
             max_lifetime: Duration::from_secs(self.max_lifetime_s),
             socket_dirs: Arc::new(self.socket_dirs.clone()),
-            gather_sends: false,
+            gather_sends,
         }
     }
 }
@@ -428,10 +430,7 @@ impl ProxyConfig {
     /// The pools' settings: `[pool]`, and whether their connections gather
     /// their sends (a top-level key, since it covers client sockets too).
     pub fn pool_config(&self) -> PoolConfig {
-        PoolConfig {
-            gather_sends: self.gather_sends,
-            ..self.pool.to_pool_config()
-        }
+        self.pool.to_pool_config(self.gather_sends)
     }
 
     pub fn from_toml(text: &str) -> Result<ProxyConfig, String> {
@@ -510,7 +509,7 @@ mod tests {
         )
         .expect("parses");
         assert_eq!(
-            config.pool.to_pool_config().socket_dirs.get("pg1"),
+            config.pool_config().socket_dirs.get("pg1"),
             Some(&PathBuf::from("/var/run/postgresql"))
         );
         let server = |name: &str| {
