@@ -299,7 +299,7 @@ impl Session {
                 // Put in front of the request once it is written (`place_begin`).
                 began = Some(prelude.join("; "));
                 began_alone = prelude.len() == 1;
-                if prelude.len() > 1 {
+                if !began_alone {
                     // SET/SAVEPOINT sent with the BEGIN: not tracked exactly.
                     lease.backend().mark_settings_unknown();
                 }
