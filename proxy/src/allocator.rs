@@ -43,6 +43,7 @@ pub fn purge_freed_memory_promptly() -> PurgeDelay {
     }
     // SAFETY: mi_option_get and mi_option_set read and write one integer
     // option of the allocator; mimalloc allows both at any time, from any thread.
+    #[allow(clippy::useless_conversion)] // c_long is i32 on some targets
     let current = i64::from(unsafe { mi_option_get(PURGE_DELAY) });
     if current != MIMALLOC_DEFAULT_PURGE_DELAY_MS && current != PURGE_DELAY_MS {
         return PurgeDelay::UnknownLayout(current);
@@ -66,6 +67,7 @@ mod tests {
         }
         assert_eq!(purge_freed_memory_promptly(), PurgeDelay::Set);
         // SAFETY: reads one integer option.
+        #[allow(clippy::useless_conversion)] // c_long is i32 on some targets
         let now = i64::from(unsafe { mi_option_get(PURGE_DELAY) });
         assert_eq!(now, PURGE_DELAY_MS);
         // A second call finds its own value and keeps it.

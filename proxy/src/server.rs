@@ -307,7 +307,7 @@ async fn login(stream: TcpStream, shared: &Arc<Shared>) -> Result<Option<LoggedI
     let mut out = BytesMut::with_capacity(512);
     messages::auth_ok(&mut out);
     let settings = session_settings(&params);
-    for (name, value) in server_parameters(&shared).await {
+    for (name, value) in server_parameters(shared).await {
         let value = match name.as_str() {
             "application_name" => params.get("application_name").cloned().unwrap_or_default(),
             "client_encoding" => params.get("client_encoding").cloned().unwrap_or(value),

@@ -83,6 +83,8 @@ impl CounterLoad {
     }
 }
 
+// `is_multiple_of` is newer than the workspace's rust-version (1.80).
+#[allow(clippy::manual_is_multiple_of)]
 async fn run(
     client: tokio_postgres::Client,
     user: i64,

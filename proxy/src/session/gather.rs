@@ -415,12 +415,12 @@ impl Session {
         }
         self.describe_for_client(&fields, visible, statement);
         let merge = KWayMerge::new(specs);
-        for index in 0..streams.len() {
-            if let Err(failure) = streams[index].advance().await {
+        for stream in streams.iter_mut() {
+            if let Err(failure) = stream.advance().await {
                 self.server_failed(failure, servers);
                 return Err(Stop::Failed);
             }
-            if let Some(problem) = streams[index].collation_problem(merge.specs()) {
+            if let Some(problem) = stream.collation_problem(merge.specs()) {
                 return self.refuse_merge(problem);
             }
         }
@@ -623,9 +623,12 @@ fn collation_names(row: &Bytes, columns: usize) -> Vec<Option<String>> {
         .collect()
 }
 
+/// Column values of a DataRow, `None` for NULL.
+type Values = Vec<Option<Bytes>>;
+
 /// The hidden columns of a sorted row: after the `visible` ones, per key
 /// its value and its collation's name.
-fn key_values(row: &Bytes, visible: usize) -> Option<(Vec<Option<Bytes>>, Vec<Option<Bytes>>)> {
+fn key_values(row: &Bytes, visible: usize) -> Option<(Values, Values)> {
     let values = rows::data_row_values(row).ok()?;
     let hidden = values.get(visible..)?;
     let keys = hidden.iter().step_by(2).cloned().collect();

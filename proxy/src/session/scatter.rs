@@ -106,6 +106,8 @@ impl Job {
     /// Result formats for `columns` columns: the client's for the columns it
     /// sees; binary sort keys and text collation names for a sorted merge;
     /// text partial rows for a combine (they become text parameters).
+    // `is_multiple_of` is newer than the workspace's rust-version (1.80).
+    #[allow(clippy::manual_is_multiple_of)]
     fn result_formats(&self, columns: usize) -> Vec<i16> {
         match self.merge_kind {
             MergeKind::Concat => self.statement.result_formats.clone(),
@@ -639,17 +641,15 @@ async fn serve(
     loop {
         let frame = backend.read_frame().await.map_err(|e| e.to_string())?;
         match frame.tag {
-            b'D' => {
-                if receiving {
-                    batch.push(frame.body());
-                    if batch.len() >= ROWS_PER_BATCH || backend.buffered().is_empty() {
-                        let rows = std::mem::take(&mut batch);
-                        receiving = events.send(Event::Rows(rows)).await.is_ok();
-                        if !receiving && !job.drain_ok {
-                            // Nobody reads the rows any more (the client went
-                            // away): the rest may be endless, so close.
-                            return Err("the scatter read was abandoned".into());
-                        }
+            b'D' if receiving => {
+                batch.push(frame.body());
+                if batch.len() >= ROWS_PER_BATCH || backend.buffered().is_empty() {
+                    let rows = std::mem::take(&mut batch);
+                    receiving = events.send(Event::Rows(rows)).await.is_ok();
+                    if !receiving && !job.drain_ok {
+                        // Nobody reads the rows any more (the client went
+                        // away): the rest may be endless, so close.
+                        return Err("the scatter read was abandoned".into());
                     }
                 }
             }
@@ -662,11 +662,9 @@ async fn serve(
                     receiving = events.send(Event::Done).await.is_ok();
                 }
             }
-            b'E' => {
-                if receiving {
-                    let _ = events.send(Event::Failed(frame.raw.clone())).await;
-                    receiving = false;
-                }
+            b'E' if receiving => {
+                let _ = events.send(Event::Failed(frame.raw.clone())).await;
+                receiving = false;
             }
             b'N' if receiving => {
                 let _ = events.send(Event::Notice(frame.raw.clone())).await;
