@@ -11,7 +11,8 @@
 # Machines are shared and noisy: compare ratios within one run only.
 #
 # Workloads (pgbench_accounts sharded by aid over 16 partitions of a
-# one-server dev cluster, the other pgbench tables homed on pg1, scale 10):
+# one-server dev cluster, the other pgbench tables homed on pg1, scale
+# SCALE):
 #   tpcb    pgbench's builtin TPC-B-like transaction (BEGIN; UPDATE accounts;
 #           SELECT accounts; UPDATE tellers; UPDATE branches; INSERT history;
 #           END)
@@ -30,8 +31,14 @@
 # shardline-proxy binary (say, built from an earlier commit) in the same
 # rounds, adding proxy/baseline. PROXY_THREADS=N passes --threads N to the
 # proxy (and the baseline). CLIENTS (default 16) sets pgbench -c.
+# SCALE sets pgbench -i -s; by default the number of clients, and 10 at
+# least. pgbench's documentation asks for a scale at least the number of
+# clients for TPC-B, "else you'll mostly be measuring update contention":
+# each transaction updates one of SCALE branch rows, and 16 clients on 10
+# rows queue on each other's row locks (docs/PERFORMANCE.md, "Scale"). Runs
+# before 2026-12-05 (run R) used scale 10; SCALE=10 repeats them.
 #
-# Usage: [PGCAT=path] [BASELINE_PROXY=path [BASELINE_CONFIG=file]] [PROXY_THREADS=N] [CLIENTS=16] \
+# Usage: [PGCAT=path] [BASELINE_PROXY=path [BASELINE_CONFIG=file]] [PROXY_THREADS=N] [CLIENTS=16] [SCALE=16] \
 #          bench/workload.sh [SECONDS_PER_RUN] [ROUNDS] [MODES] [WORKLOADS]
 #   defaults: 10 3 "simple extended prepared" "tpcb mix select"
 set -euo pipefail
@@ -41,7 +48,9 @@ rounds=${2:-3}
 modes=${3:-"simple extended prepared"}
 workloads=${4:-"tpcb mix select"}
 clients=${CLIENTS:-16}
-scale=10
+case "$clients" in ''|*[!0-9]*|0) echo "CLIENTS=$clients: a positive whole number (pgbench -c)" >&2; exit 2 ;; esac
+scale=${SCALE:-$((clients > 10 ? clients : 10))}
+case "$scale" in ''|*[!0-9]*|0) echo "SCALE=$scale: a positive whole number (pgbench -i -s)" >&2; exit 2 ;; esac
 for w in $workloads; do
   case "$w" in tpcb|mix|select) ;; *) echo "unknown workload $w: tpcb, mix or select" >&2; exit 2 ;; esac
 done
