@@ -24,11 +24,11 @@ start_baseline
 sleep 1
 echo "pgbench -n -S -c $clients -j 2 -T $secs through a pool of 20, proxy threads: ${SHARDLINE_PROXY_THREADS:-default}"
 targets=(proxy ${baseline_port:+baseline})
+ports=("$proxy_port" ${baseline_port:+"$baseline_port"})
 for run in $(seq "$runs"); do
   for i in $(round_order $((run - 1)) "${#targets[@]}"); do
     target=${targets[$i]}
-    port=$proxy_port
-    [ "$target" = baseline ] && port=$baseline_port
+    port=${ports[$i]}
     out=$(pgbench -n -S -c "$clients" -j 2 -T "$secs" -h 127.0.0.1 -p "$port" -U postgres postgres 2>&1 || true)
     aborted=$(grep -c 'aborted' <<<"$out" || true)
     tps=$(grep -o 'tps = [0-9]*' <<<"$out" | grep -o '[0-9]*' || echo fail)

@@ -51,32 +51,33 @@ run() { # target port mode -> tps or "fail"
     echo "fail"
   fi
 }
-median() { sort -g | awk '{a[NR]=$1} END {if (NR==0) print "fail"; else print a[int((NR+1)/2)]}'; }
 
 printf "pgbench %s -c %d -j 2, %ss per run, %d interleaved rounds, median tps\n" "$pgbench_flags" $clients "$secs" "$rounds"
 header="%-9s %10s %10s %10s %13s %16s %14s %17s"
-[ -n "$baseline_pid" ] && header="$header %10s %15s"
 columns=(mode direct pgbouncer proxy proxy/direct proxy/pgbouncer "proxy(unkept)" unkept/pgbouncer)
-[ -n "$baseline_pid" ] && columns+=(baseline proxy/baseline)
+files=(direct bouncer.tps proxy.tps unkept.tps)
+ports=("$pg_port" "$bouncer_port" "$proxy_port" "$unkept_port")
+if [ -n "$baseline_pid" ]; then
+  header="$header %10s %15s"
+  columns+=(baseline proxy/baseline)
+  files+=(baseline.tps)
+  ports+=("$baseline_port")
+fi
 # shellcheck disable=SC2059
 printf "$header\n" "${columns[@]}"
 for mode in $modes; do
-  : > "$work/direct"; : > "$work/bouncer.tps"; : > "$work/proxy.tps"; : > "$work/unkept.tps"; : > "$work/baseline.tps"
+  for f in "${files[@]}"; do : > "$work/$f"; done
   # Each round starts one target later than the round before (`round_order`).
-  files=(direct bouncer.tps proxy.tps unkept.tps)
-  ports=("$pg_port" "$bouncer_port" "$proxy_port" "$unkept_port")
-  if [ -n "$baseline_pid" ]; then files+=(baseline.tps); ports+=("$baseline_port"); fi
   for round in $(seq 0 $((rounds - 1))); do
     for i in $(round_order "$round" "${#files[@]}"); do run "${files[$i]}" "${ports[$i]}" "$mode" >> "$work/${files[$i]}"; done
   done
-  d=$({ grep -v fail "$work/direct" || true; } | median)
-  b=$({ grep -v fail "$work/bouncer.tps" || true; } | median)
-  p=$({ grep -v fail "$work/proxy.tps" || true; } | median)
-  u=$({ grep -v fail "$work/unkept.tps" || true; } | median)
-  ratio() { python3 -c "import sys; a,b=sys.argv[1],sys.argv[2]; print('n/a' if 'fail' in (a,b) else '%.2f' % (float(a)/float(b)))" "$1" "$2"; }
+  d=$(median_of "$work/direct")
+  b=$(median_of "$work/bouncer.tps")
+  p=$(median_of "$work/proxy.tps")
+  u=$(median_of "$work/unkept.tps")
   row=("$mode" "$d" "$b" "$p" "$(ratio "$p" "$d")" "$(ratio "$p" "$b")" "$u" "$(ratio "$u" "$b")")
   if [ -n "$baseline_pid" ]; then
-    l=$({ grep -v fail "$work/baseline.tps" || true; } | median)
+    l=$(median_of "$work/baseline.tps")
     row+=("$l" "$(ratio "$p" "$l")")
   fi
   # shellcheck disable=SC2059
